@@ -1,0 +1,114 @@
+//! A demo workload with a known CPU profile, for TOE's README run, tests and benchmarks.
+//!
+//! `toe-demo spin [SECONDS]`: one thread repeats a 10 ms cycle that spends 70% of its CPU time in
+//! `hot_loop`, 25% in `warm_loop` and 5% in `cold_loop`, split by the thread's own CPU clock, so the
+//! shares hold whatever the machine's speed or load.
+//! `toe-demo fork [SECONDS]`: starts a child that runs `spin` too (for "children are followed").
+//! `toe-demo work N`: a fixed amount of work (N million rounds of `hot_loop`'s arithmetic), then
+//! prints how long it took; the benchmark's workload.
+//! `toe-demo sleep [SECONDS]`: an idle process (a target that never runs).
+
+use std::{
+    hint::black_box,
+    time::{Duration, Instant},
+};
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Busy arithmetic that the optimizer cannot remove, in rounds of a fixed size.
+#[inline(never)]
+fn mix(mut x: u64, rounds: u32) -> u64 {
+    for i in 0..rounds {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(u64::from(i))
+            ^ (x >> 29);
+    }
+    x
+}
+
+/// Burns `budget_ns` of this thread's CPU time in `f`'s frame.
+#[inline(always)]
+fn burn(budget_ns: u64, seed: u64) -> u64 {
+    let end = thread_cpu_ns() + budget_ns;
+    let mut x = seed;
+    while thread_cpu_ns() < end {
+        x = mix(x, 2_000);
+    }
+    x
+}
+
+#[inline(never)]
+fn hot_loop(seed: u64) -> u64 {
+    black_box(burn(7_000_000, seed))
+}
+
+#[inline(never)]
+fn warm_loop(seed: u64) -> u64 {
+    black_box(burn(2_500_000, seed))
+}
+
+#[inline(never)]
+fn cold_loop(seed: u64) -> u64 {
+    black_box(burn(500_000, seed))
+}
+
+fn spin(secs: f64) {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut x = 1;
+    while Instant::now() < end {
+        x = hot_loop(x);
+        x = warm_loop(x);
+        x = cold_loop(x);
+    }
+    black_box(x);
+}
+
+#[inline(never)]
+fn fixed_work(million_rounds: u64) -> u64 {
+    let mut x = 1;
+    for _ in 0..million_rounds * 500 {
+        x = mix(x, 2_000);
+    }
+    x
+}
+
+fn arg_secs(args: &[String], default: f64) -> f64 {
+    args.get(2).and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("spin") | None => spin(arg_secs(&args, 10.0)),
+        Some("fork") => {
+            let secs = arg_secs(&args, 10.0);
+            let me = std::env::current_exe().expect("own path");
+            let mut child = std::process::Command::new(me)
+                .args(["spin", &secs.to_string()])
+                .spawn()
+                .expect("spawn child");
+            spin(secs);
+            child.wait().expect("wait child");
+        }
+        Some("work") => {
+            let n = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
+            let t = Instant::now();
+            black_box(fixed_work(n));
+            println!("{:.6}", t.elapsed().as_secs_f64());
+        }
+        Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
+        Some(other) => {
+            eprintln!("toe-demo: unknown mode {other}; use spin|fork|work|sleep [SECONDS|N]");
+            std::process::exit(2);
+        }
+    }
+}

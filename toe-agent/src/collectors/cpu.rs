@@ -1,0 +1,232 @@
+//! CPU sampler: a perf_event program on the software cpu-clock of every online CPU. Samples
+//! arrive through a ring buffer and are aggregated by (process, thread name, stacks).
+
+use std::{collections::HashMap, ptr};
+
+use aya::{
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{
+        PerfEvent,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+    util::online_cpus,
+};
+use toe_common::{
+    api::CpuProfileOptions,
+    cpu::{
+        CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACKS, COUNTERS_MAP, Counter, CpuConfig,
+        FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED,
+        PROGRAM, SAMPLES_RING, Sample,
+    },
+};
+
+use crate::ebpf::{LoadError, Loaded};
+
+/// Samples with identical process, thread name and stacks, merged.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RawKey {
+    pub pid: u32,
+    pub thread: [u8; toe_common::TASK_COMM_LEN],
+    /// Leaf first, as the kernel reports them.
+    pub kstack: Box<[u64]>,
+    pub ustack: Box<[u64]>,
+}
+
+/// What the collector received, before symbolization.
+#[derive(Debug, Default)]
+pub struct RawProfile {
+    pub counts: HashMap<RawKey, u64>,
+    /// Keys first seen since the last [`RawProfile::take_new`]: their user addresses still need
+    /// symbolizing while the process lives.
+    new_keys: Vec<RawKey>,
+    pub received: u64,
+    pub kstack_truncated: u64,
+    pub ustack_truncated: u64,
+    pub kstack_errors: u64,
+    pub ustack_errors: u64,
+    pub first_ns: Option<u64>,
+    pub last_ns: Option<u64>,
+}
+
+impl RawProfile {
+    pub fn add(&mut self, s: &Sample) {
+        self.received += 1;
+        let flag = |f: u32| u64::from(s.flags & f != 0);
+        self.kstack_truncated += flag(FLAG_KSTACK_TRUNCATED);
+        self.ustack_truncated += flag(FLAG_USTACK_TRUNCATED);
+        self.kstack_errors += flag(FLAG_KSTACK_ERROR);
+        self.ustack_errors += flag(FLAG_USTACK_ERROR);
+        self.first_ns.get_or_insert(s.time_ns);
+        self.last_ns = Some(s.time_ns);
+        let klen = (s.kstack_len as usize).min(s.kstack.len());
+        let ulen = (s.ustack_len as usize).min(s.ustack.len());
+        let key = RawKey {
+            pid: s.pid,
+            thread: s.comm,
+            kstack: s.kstack[..klen].into(),
+            ustack: s.ustack[..ulen].into(),
+        };
+        match self.counts.get_mut(&key) {
+            Some(c) => *c += 1,
+            None => {
+                self.new_keys.push(key.clone());
+                self.counts.insert(key, 1);
+            }
+        }
+    }
+
+    pub fn take_new(&mut self) -> Vec<RawKey> {
+        std::mem::take(&mut self.new_keys)
+    }
+}
+
+/// Kernel-side counts: every sample that hit a target, and those the ring buffer had no room for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuCounters {
+    pub sampled: u64,
+    pub ring_full: u64,
+}
+
+pub struct CpuCollector {
+    ring: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    pub cpus: Vec<u32>,
+}
+
+impl CpuCollector {
+    /// Loads the sampler and attaches it to every online CPU. Target maps must already be set.
+    pub fn attach(loaded: &mut Loaded, opts: &CpuProfileOptions) -> Result<Self, LoadError> {
+        let map_err = |name| move |source| LoadError::Map { name, source };
+        {
+            let mut config: Array<&mut MapData, CpuConfig> =
+                Array::try_from(loaded.map_mut(CONFIG_MAP)?).map_err(map_err(CONFIG_MAP))?;
+            let mut flags = 0;
+            if opts.kernel_stacks {
+                flags |= CONFIG_KERNEL_STACKS;
+            }
+            if opts.user_stacks {
+                flags |= CONFIG_USER_STACKS;
+            }
+            config
+                .set(
+                    0,
+                    CpuConfig {
+                        flags,
+                        _reserved: 0,
+                    },
+                    0,
+                )
+                .map_err(map_err(CONFIG_MAP))?;
+        }
+        let ring =
+            RingBuf::try_from(loaded.take_map(SAMPLES_RING)?).map_err(map_err(SAMPLES_RING))?;
+        let counters =
+            PerCpuArray::try_from(loaded.take_map(COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
+        let cpus = online_cpus().map_err(|(path, e)| LoadError::Program {
+            name: PROGRAM,
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: path,
+                io_error: e,
+            }),
+        })?;
+        let prog: &mut PerfEvent =
+            loaded
+                .program_mut(PROGRAM)?
+                .try_into()
+                .map_err(|source| LoadError::Program {
+                    name: PROGRAM,
+                    source,
+                })?;
+        prog.load().map_err(|source| LoadError::Program {
+            name: PROGRAM,
+            source,
+        })?;
+        for &cpu in &cpus {
+            prog.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(opts.frequency_hz),
+                false,
+            )
+            .map_err(|source| LoadError::Program {
+                name: PROGRAM,
+                source,
+            })?;
+        }
+        Ok(Self {
+            ring,
+            counters,
+            cpus,
+        })
+    }
+
+    /// Moves every record waiting in the ring buffer into `profile`; returns how many.
+    pub fn drain(&mut self, profile: &mut RawProfile) -> usize {
+        drain_ring(&mut self.ring, profile)
+    }
+
+    pub fn counters(&self) -> CpuCounters {
+        let sum = |c: Counter| {
+            self.counters
+                .get(&(c as u32), 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
+        CpuCounters {
+            sampled: sum(Counter::Sampled),
+            ring_full: sum(Counter::RingFull),
+        }
+    }
+}
+
+pub fn drain_ring(ring: &mut RingBuf<MapData>, profile: &mut RawProfile) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<Sample>() {
+            // SAFETY: the kernel wrote a whole `Sample` (same repr(C) layout via toe-common);
+            // ring records are only 8-byte aligned, hence read_unaligned.
+            let sample = unsafe { ptr::read_unaligned(item.as_ptr().cast::<Sample>()) };
+            profile.add(&sample);
+            n += 1;
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(pid: u32, k: &[u64], u: &[u64], flags: u32) -> Sample {
+        let mut s = Sample {
+            time_ns: 1,
+            tid: pid,
+            pid,
+            cpu: 0,
+            flags,
+            kstack_len: u32::try_from(k.len()).unwrap(),
+            ustack_len: u32::try_from(u.len()).unwrap(),
+            comm: *b"demo\0\0\0\0\0\0\0\0\0\0\0\0",
+            kstack: [0; toe_common::cpu::MAX_STACK_DEPTH],
+            ustack: [0; toe_common::cpu::MAX_STACK_DEPTH],
+        };
+        s.kstack[..k.len()].copy_from_slice(k);
+        s.ustack[..u.len()].copy_from_slice(u);
+        s
+    }
+
+    #[test]
+    fn identical_stacks_merge_and_flags_count() {
+        let mut p = RawProfile::default();
+        p.add(&sample(1, &[10], &[20, 21], 0));
+        p.add(&sample(1, &[10], &[20, 21], FLAG_USTACK_TRUNCATED));
+        p.add(&sample(2, &[10], &[20, 21], FLAG_KSTACK_ERROR));
+        assert_eq!(p.received, 3);
+        assert_eq!(p.counts.len(), 2);
+        assert_eq!(p.ustack_truncated, 1);
+        assert_eq!(p.kstack_errors, 1);
+        assert_eq!(p.take_new().len(), 2);
+        assert!(p.take_new().is_empty());
+        assert_eq!(p.counts.values().sum::<u64>(), 3);
+    }
+}

@@ -1,0 +1,3 @@
+//! Collectors: user-space halves of the eBPF program families in toe-ebpf, one module each.
+
+pub mod cpu;

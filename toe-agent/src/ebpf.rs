@@ -1,0 +1,206 @@
+//! The embedded eBPF object: loading it, finding its programs and maps, and turning kernel refusals
+//! into messages that say what is missing.
+
+use std::io;
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError},
+    programs::{ProgramError, TracePoint},
+};
+use toe_common::targets::{
+    FILTER_BY_CGROUP, FILTER_BY_TGID, FILTER_CONFIG_MAP, FilterConfig, TARGET_CGROUPS_MAP,
+    TARGET_TGIDS_MAP,
+};
+
+use crate::targets::ResolvedTarget;
+
+/// The object built from toe-ebpf by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/toe"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "loading eBPF programs needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); run toe with sudo"
+    )]
+    NotPermitted,
+    #[error("loading the eBPF object: {0}")]
+    Object(#[source] EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("eBPF map {name} is missing from the object")]
+    MissingMap { name: &'static str },
+    #[error("eBPF program {name} is missing from the object")]
+    MissingProgram { name: &'static str },
+    #[error(
+        "{0} (tracefs is needed for tracepoints: `mount -t tracefs tracefs /sys/kernel/tracing`)"
+    )]
+    Tracefs(#[source] ProgramError),
+}
+
+fn is_eperm(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// One loaded copy of TOE's eBPF object. Dropping it detaches every program and frees every map.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+}
+
+impl Loaded {
+    pub fn load() -> Result<Self, LoadError> {
+        if !nix::unistd::geteuid().is_root() {
+            // Checked up front so the user gets one clear line instead of a verifier log.
+            return Err(LoadError::NotPermitted);
+        }
+        let ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+            if is_eperm(&e) {
+                LoadError::NotPermitted
+            } else {
+                LoadError::Object(e)
+            }
+        })?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, LoadError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(LoadError::MissingMap { name })
+    }
+
+    pub fn take_map(&mut self, name: &'static str) -> Result<aya::maps::Map, LoadError> {
+        self.ebpf
+            .take_map(name)
+            .ok_or(LoadError::MissingMap { name })
+    }
+
+    pub fn program_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut aya::programs::Program, LoadError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })
+    }
+
+    /// Writes the target set into the kernel maps and starts following the target's children.
+    pub fn install_targets(&mut self, target: &ResolvedTarget) -> Result<(), LoadError> {
+        let map_err = |name| move |source| LoadError::Map { name, source };
+        let mut mode = 0;
+        let mut level_mask = 0u32;
+        {
+            let mut cgroups: HashMap<&mut MapData, u64, u32> =
+                HashMap::try_from(self.map_mut(TARGET_CGROUPS_MAP)?)
+                    .map_err(map_err(TARGET_CGROUPS_MAP))?;
+            for cg in &target.cgroups {
+                cgroups
+                    .insert(cg.id, 0, 0)
+                    .map_err(map_err(TARGET_CGROUPS_MAP))?;
+                level_mask |= 1 << cg.level.min(toe_common::targets::MAX_CGROUP_LEVEL);
+                mode |= FILTER_BY_CGROUP;
+            }
+        }
+        if !target.tgids.is_empty() {
+            mode |= FILTER_BY_TGID;
+            self.follow_children()?;
+            let mut tgids: HashMap<&mut MapData, u32, u32> =
+                HashMap::try_from(self.map_mut(TARGET_TGIDS_MAP)?)
+                    .map_err(map_err(TARGET_TGIDS_MAP))?;
+            for &pid in &target.tgids {
+                tgids.insert(pid, 0, 0).map_err(map_err(TARGET_TGIDS_MAP))?;
+            }
+        }
+        let mut config: Array<&mut MapData, FilterConfig> =
+            Array::try_from(self.map_mut(FILTER_CONFIG_MAP)?)
+                .map_err(map_err(FILTER_CONFIG_MAP))?;
+        config
+            .set(
+                0,
+                FilterConfig {
+                    mode,
+                    cgroup_level_mask: level_mask,
+                },
+                0,
+            )
+            .map_err(map_err(FILTER_CONFIG_MAP))
+    }
+
+    /// Adds a process to the target set while the collectors run (used for a command started
+    /// by TOE).
+    pub fn add_tgid(&mut self, pid: u32) -> Result<(), LoadError> {
+        let mut tgids: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(self.map_mut(TARGET_TGIDS_MAP)?).map_err(|source| {
+                LoadError::Map {
+                    name: TARGET_TGIDS_MAP,
+                    source,
+                }
+            })?;
+        tgids.insert(pid, 0, 0).map_err(|source| LoadError::Map {
+            name: TARGET_TGIDS_MAP,
+            source,
+        })
+    }
+
+    /// Number of target processes the kernel still tracks (0 once they have all exited).
+    pub fn live_tgids(&mut self) -> Result<usize, LoadError> {
+        let tgids: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(self.map_mut(TARGET_TGIDS_MAP)?).map_err(|source| {
+                LoadError::Map {
+                    name: TARGET_TGIDS_MAP,
+                    source,
+                }
+            })?;
+        Ok(tgids.keys().filter(Result::is_ok).count())
+    }
+
+    /// (children followed, children missed because the map was full), summed over CPUs.
+    pub fn child_counters(&mut self) -> Result<(u64, u64), LoadError> {
+        use toe_common::targets::{Counter, TARGET_COUNTERS_MAP};
+        let name = TARGET_COUNTERS_MAP;
+        let map: aya::maps::PerCpuArray<&mut MapData, u64> =
+            aya::maps::PerCpuArray::try_from(self.map_mut(name)?)
+                .map_err(|source| LoadError::Map { name, source })?;
+        let sum = |c: Counter| {
+            map.get(&(c as u32), 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
+        Ok((sum(Counter::ChildrenFollowed), sum(Counter::TgidMapFull)))
+    }
+
+    fn follow_children(&mut self) -> Result<(), LoadError> {
+        for (name, category, event) in [
+            ("toe_task_newtask", "task", "task_newtask"),
+            ("toe_process_exit", "sched", "sched_process_exit"),
+        ] {
+            let prog: &mut TracePoint = self
+                .program_mut(name)?
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| LoadError::Program { name, source })?;
+            prog.attach(category, event).map_err(LoadError::Tracefs)?;
+        }
+        Ok(())
+    }
+}

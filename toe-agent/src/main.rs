@@ -1,0 +1,205 @@
+//! `toe`: the Temporary Observability Engine command line.
+
+use std::{
+    ffi::OsString,
+    io::{IsTerminal as _, Read as _},
+    path::PathBuf,
+    process::ExitCode,
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use toe_agent::{
+    plan::{self, RunRequest},
+    profile::summary,
+    run::{self, Ui},
+    sink::ObjectStoreSink,
+    targets::TargetSpec,
+};
+use toe_common::api::{ArgKind, catalogue, format_duration};
+
+#[derive(Parser)]
+#[command(
+    name = "toe",
+    version,
+    about = "Temporary Observability Engine: short, targeted, safe deep-dives into running workloads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a PowerTool on this machine against a process, a cgroup or a command.
+    Run(RunArgs),
+    /// Validate a PowerTool without running it.
+    Validate {
+        /// PowerTool YAML (`-` for stdin).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List the built-in tools and their arguments.
+    Tools,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["pid", "cgroup", "command"])))]
+struct RunArgs {
+    /// PowerTool YAML (`-` for stdin).
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Target this process, its threads and every process it starts.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Target this cgroup directory and its descendants.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Directory or object store URL (file://, s3://, gs://, az://) for the artifacts; a
+    /// directory per run is created inside. Overrides the spec's output URL.
+    #[arg(short = 'o', long)]
+    output: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print the summary as JSON on stdout instead of the readable one on stderr.
+    #[arg(long)]
+    json: bool,
+    /// Start this command and profile it from its first instruction until it exits.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+fn read_spec(file: &PathBuf) -> Result<(String, String)> {
+    if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the PowerTool from stdin")?;
+        return Ok(("<stdin>".into(), s));
+    }
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("-f {}: cannot read", file.display()))?;
+    Ok((file.display().to_string(), text))
+}
+
+fn request(args: &RunArgs) -> Result<RunRequest> {
+    let (source_name, spec_yaml) = read_spec(&args.file)?;
+    let target = match (&args.pid, &args.cgroup) {
+        (Some(pid), _) => TargetSpec::Pid(*pid),
+        (_, Some(dir)) => TargetSpec::Cgroup(dir.clone()),
+        _ => TargetSpec::Command(args.command.clone()),
+    };
+    Ok(RunRequest {
+        source_name,
+        spec_yaml,
+        target,
+        output: args.output.clone(),
+        cwd: std::env::current_dir().context("current directory")?,
+        now: SystemTime::now(),
+        nonce: std::process::id(),
+    })
+}
+
+fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
+    let plan = plan::plan(&request(args)?)?;
+    for w in &plan.warnings {
+        eprintln!("toe: warning: {w}");
+    }
+    if plan.dry_run {
+        eprintln!(
+            "toe: dry run: would run {} for {} on {:?}, writing to {}",
+            plan.tool.name,
+            format_duration(plan.tool.duration),
+            plan.target,
+            plan.output
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sink = ObjectStoreSink::new(&plan.output)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let ui = Ui {
+        progress: !args.no_progress && std::io::stderr().is_terminal(),
+    };
+    let outcome = runtime.block_on(run::execute(&plan, &sink, ui))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome.summary)?);
+    } else {
+        eprint!("{}", summary::render(&outcome.summary));
+    }
+    Ok(ExitCode::from(
+        u8::try_from(outcome.exit_code.clamp(0, 255)).unwrap_or(1),
+    ))
+}
+
+fn tools() {
+    for t in catalogue() {
+        println!(
+            "{}  ({:?}; default duration {}, max {})",
+            t.name,
+            t.kind,
+            format_duration(t.default_duration),
+            format_duration(t.max_duration)
+        );
+        println!("    {}", t.summary);
+        for a in t.args {
+            let kind = match &a.kind {
+                ArgKind::Integer { min, max } => format!("integer {min}..={max}"),
+                ArgKind::Bool => "true|false".into(),
+                ArgKind::Duration { min, max } => format!(
+                    "duration {}..={}",
+                    format_duration(*min),
+                    format_duration(*max)
+                ),
+                ArgKind::Enum(v) => v.join("|"),
+            };
+            println!(
+                "    --{}=<{kind}>  {} (default {})",
+                a.name,
+                a.help,
+                a.default.unwrap_or("none")
+            );
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(args) => run_cmd(args),
+        Command::Validate { file } => read_spec(file).and_then(|(name, yaml)| {
+            let (tool, warnings) = plan::parse_spec(&name, &yaml)?;
+            for w in warnings {
+                eprintln!("toe: warning: {w}");
+            }
+            let v = toe_common::api::validate(&tool).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            eprintln!(
+                "{name}: valid: {} for {} with {:?}",
+                v.name,
+                format_duration(v.duration),
+                v.options
+            );
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Tools => {
+            tools();
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("toe: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}

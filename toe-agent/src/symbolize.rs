@@ -1,0 +1,400 @@
+//! Symbolization. User addresses are resolved through blazesym while their process lives (it reads
+//! `/proc/<pid>/maps` and the mapped files through `/proc/<pid>/map_files`, so containers work
+//! without entering their mount namespace); kernel addresses through kallsyms. An address that
+//! does not resolve keeps `module+0xoffset` and is counted as unresolved.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+};
+
+use blazesym::{
+    MaybeDefault, Pid,
+    normalize::{NormalizeOpts, Normalizer, UserMeta},
+    symbolize::{
+        CodeInfo, Symbolized, Symbolizer as Blaze,
+        source::{Kernel, Process, Source},
+    },
+};
+use toe_common::comm_to_string;
+
+use crate::{
+    collectors::cpu::{RawKey, RawProfile},
+    profile::{Frame, FrameId, Profile, Stack},
+};
+
+/// Frames for one address: the function first, then functions inlined into it, innermost last.
+type Chain = Box<[FrameId]>;
+
+#[derive(Default)]
+struct Interner {
+    frames: Vec<Frame>,
+    ids: HashMap<Frame, FrameId>,
+}
+
+impl Interner {
+    fn id(&mut self, f: Frame) -> FrameId {
+        if let Some(&id) = self.ids.get(&f) {
+            return id;
+        }
+        let id = FrameId::try_from(self.frames.len()).expect("fewer than 2^32 distinct frames");
+        self.frames.push(f.clone());
+        self.ids.insert(f, id);
+        id
+    }
+}
+
+/// Call sites are return addresses: the byte before them is inside the call instruction, which is
+/// what belongs to the caller's line (and function, when the call is the last instruction).
+fn lookup_addr(addr: u64, leaf: bool) -> u64 {
+    if leaf { addr } else { addr.saturating_sub(1) }
+}
+
+fn file_of(ci: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
+    match ci {
+        Some(ci) => {
+            let file = match &ci.dir {
+                Some(dir) => dir.join(&ci.file).to_string_lossy().into_owned(),
+                None => Path::new(&ci.file).to_string_lossy().into_owned(),
+            };
+            (Some(file), ci.line)
+        }
+        None => (None, None),
+    }
+}
+
+/// Resolves addresses incrementally and turns a [`RawProfile`] into a [`Profile`].
+pub struct Symbolizer {
+    blaze: Blaze,
+    normalizer: Normalizer,
+    frames: Interner,
+    user: HashMap<(u32, u64), Chain>,
+    kernel: HashMap<u64, Chain>,
+    process_names: HashMap<u32, String>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            blaze: Blaze::builder()
+                .enable_inlined_fns(true)
+                .enable_code_info(true)
+                .build(),
+            normalizer: Normalizer::new(),
+            frames: Interner::default(),
+            user: HashMap::new(),
+            kernel: HashMap::new(),
+            process_names: HashMap::new(),
+        }
+    }
+}
+
+fn chain_from(
+    frames: &mut Interner,
+    sym: &Symbolized<'_>,
+    kernel: bool,
+    module: Option<String>,
+) -> Option<Chain> {
+    let sym = sym.as_sym()?;
+    let module = sym
+        .module
+        .as_ref()
+        .map(|m| m.to_string_lossy().into_owned())
+        .or(module);
+    let mut out = Vec::with_capacity(1 + sym.inlined.len());
+    let (file, line) = file_of(sym.code_info.as_deref());
+    out.push(frames.id(Frame {
+        function: sym.name.clone().into_owned(),
+        module: module.clone(),
+        file,
+        line,
+        kernel,
+        resolved: true,
+        inlined: false,
+    }));
+    for inl in &sym.inlined {
+        let (file, line) = file_of(inl.code_info.as_ref());
+        out.push(frames.id(Frame {
+            function: inl.name.clone().into_owned(),
+            module: module.clone(),
+            file,
+            line,
+            kernel,
+            resolved: true,
+            inlined: true,
+        }));
+    }
+    Some(out.into_boxed_slice())
+}
+
+fn unresolved(
+    frames: &mut Interner,
+    function: String,
+    module: Option<String>,
+    kernel: bool,
+) -> Chain {
+    Box::new([frames.id(Frame {
+        function,
+        module,
+        file: None,
+        line: None,
+        kernel,
+        resolved: false,
+        inlined: false,
+    })])
+}
+
+impl Symbolizer {
+    /// Resolves the user addresses of `pid` not seen before. Must run while the process lives.
+    fn resolve_user(&mut self, pid: u32, addrs: &[u64]) {
+        let todo: Vec<u64> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !self.user.contains_key(&(pid, *a)))
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        let src = Source::Process(Process::new(Pid::from(pid)));
+        let Self {
+            blaze,
+            frames,
+            user,
+            normalizer,
+            ..
+        } = self;
+        let syms = blaze
+            .symbolize(&src, blazesym::symbolize::Input::AbsAddr(&todo))
+            .ok();
+        let mut failed = Vec::new();
+        for (i, &addr) in todo.iter().enumerate() {
+            let chain = syms
+                .as_ref()
+                .and_then(|s| s.get(i))
+                .and_then(|s| chain_from(frames, s, false, None));
+            match chain {
+                Some(c) => {
+                    user.insert((pid, addr), c);
+                }
+                None => failed.push(addr),
+            }
+        }
+        if failed.is_empty() {
+            return;
+        }
+        // Keep the module and file offset of what did not resolve, so it can be symbolized
+        // later from the same binary (stripped binaries, JIT code without a perf map, ...).
+        let opts = NormalizeOpts {
+            sorted_addrs: false,
+            ..NormalizeOpts::default()
+        };
+        let normalized = normalizer
+            .normalize_user_addrs_opts(Pid::from(pid), &failed, &opts)
+            .ok();
+        for (i, &addr) in failed.iter().enumerate() {
+            let (name, module) = match normalized.as_ref().and_then(|n| {
+                let (off, meta) = *n.outputs.get(i)?;
+                match n.meta.get(meta)? {
+                    UserMeta::Elf(elf) => Some((off, elf.path.to_string_lossy().into_owned())),
+                    _ => None,
+                }
+            }) {
+                Some((off, path)) => {
+                    let base = Path::new(&path)
+                        .file_name()
+                        .map_or(path.clone(), |b| b.to_string_lossy().into_owned());
+                    (format!("{base}+{off:#x}"), Some(path))
+                }
+                None => (format!("[unknown] {addr:#x}"), None),
+            };
+            let chain = unresolved(frames, name, module, false);
+            user.insert((pid, addr), chain);
+        }
+    }
+
+    fn resolve_kernel(&mut self, addrs: &[u64]) {
+        let todo: Vec<u64> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !self.kernel.contains_key(a))
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        // kallsyms only: addresses are already KASLR-adjusted and no vmlinux search is needed.
+        let src = Source::Kernel(Kernel {
+            vmlinux: MaybeDefault::None,
+            debug_syms: false,
+            ..Kernel::default()
+        });
+        let Self {
+            blaze,
+            frames,
+            kernel,
+            ..
+        } = self;
+        let syms = blaze
+            .symbolize(&src, blazesym::symbolize::Input::AbsAddr(&todo))
+            .ok();
+        for (i, &addr) in todo.iter().enumerate() {
+            let chain = syms
+                .as_ref()
+                .and_then(|s| s.get(i))
+                .and_then(|s| chain_from(frames, s, true, Some("[kernel]".into())))
+                .unwrap_or_else(|| {
+                    unresolved(
+                        frames,
+                        format!("[kernel] {addr:#x}"),
+                        Some("[kernel]".into()),
+                        true,
+                    )
+                });
+            kernel.insert(addr, chain);
+        }
+    }
+
+    /// Resolves everything `keys` reference that is not known yet. Called for new stacks while
+    /// the run goes on, so processes that exit early are still symbolized.
+    pub fn resolve(&mut self, keys: &[RawKey]) {
+        let mut per_pid: HashMap<u32, HashSet<u64>> = HashMap::new();
+        let mut kernel: HashSet<u64> = HashSet::new();
+        for k in keys {
+            let set = per_pid.entry(k.pid).or_default();
+            for (i, &a) in k.ustack.iter().enumerate() {
+                set.insert(lookup_addr(a, i == 0));
+            }
+            for (i, &a) in k.kstack.iter().enumerate() {
+                kernel.insert(lookup_addr(a, i == 0));
+            }
+        }
+        for (pid, addrs) in per_pid {
+            if let Some(name) = crate::targets::process_name(pid) {
+                self.process_names.insert(pid, name);
+            }
+            let addrs: Vec<u64> = addrs.into_iter().collect();
+            self.resolve_user(pid, &addrs);
+        }
+        let kernel: Vec<u64> = kernel.into_iter().collect();
+        self.resolve_kernel(&kernel);
+    }
+
+    /// The symbolized profile. Addresses never resolved (the process was gone before its first
+    /// resolve) become `[unknown]` frames and count as unresolved.
+    pub fn build(
+        &mut self,
+        raw: &RawProfile,
+        frequency_hz: u64,
+        start_unix_ns: u64,
+        duration_ns: u64,
+    ) -> Profile {
+        let mut merged: HashMap<(u32, String, Vec<FrameId>), u64> = HashMap::new();
+        for (key, &count) in &raw.counts {
+            let mut frames = Vec::with_capacity(key.ustack.len() + key.kstack.len());
+            for (i, &a) in key.ustack.iter().enumerate().rev() {
+                let addr = lookup_addr(a, i == 0);
+                let chain = match self.user.get(&(key.pid, addr)) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = unresolved(
+                            &mut self.frames,
+                            format!("[unknown] {addr:#x}"),
+                            None,
+                            false,
+                        );
+                        self.user.insert((key.pid, addr), c.clone());
+                        c
+                    }
+                };
+                frames.extend_from_slice(&chain);
+            }
+            for (i, &a) in key.kstack.iter().enumerate().rev() {
+                let addr = lookup_addr(a, i == 0);
+                if let Some(c) = self.kernel.get(&addr) {
+                    frames.extend_from_slice(c);
+                } else {
+                    let c = unresolved(
+                        &mut self.frames,
+                        format!("[kernel] {addr:#x}"),
+                        Some("[kernel]".into()),
+                        true,
+                    );
+                    frames.extend_from_slice(&c);
+                }
+            }
+            *merged
+                .entry((key.pid, comm_to_string(&key.thread), frames))
+                .or_insert(0) += count;
+        }
+        let mut stacks: Vec<Stack> = merged
+            .into_iter()
+            .map(|((pid, thread, frames), count)| Stack {
+                pid,
+                process: self
+                    .process_names
+                    .get(&pid)
+                    .cloned()
+                    .unwrap_or_else(|| thread.clone()),
+                thread,
+                frames,
+                count,
+            })
+            .collect();
+        stacks.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.frames.cmp(&b.frames)));
+        Profile {
+            frames: self.frames.frames.clone(),
+            stacks,
+            frequency_hz,
+            start_unix_ns,
+            duration_ns,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn marker_function_for_symbolization() -> u64 {
+        std::hint::black_box(7)
+    }
+
+    #[test]
+    fn resolves_own_functions_and_keeps_unknowns_honest() {
+        let me = std::process::id();
+        let addr = marker_function_for_symbolization as *const () as u64;
+        let key = RawKey {
+            pid: me,
+            thread: [0; 16],
+            kstack: Box::new([]),
+            ustack: vec![addr + 1, 0x10].into(),
+        };
+        let mut raw = RawProfile::default();
+        raw.counts.insert(key.clone(), 3);
+        let mut s = Symbolizer::new();
+        s.resolve(&[key]);
+        let p = s.build(&raw, 99, 0, 0);
+        assert_eq!(p.total_samples(), 3);
+        let names: Vec<&str> = p.stacks[0]
+            .frames
+            .iter()
+            .map(|&f| p.frames[f as usize].function.as_str())
+            .collect();
+        assert!(
+            names
+                .last()
+                .unwrap()
+                .contains("marker_function_for_symbolization"),
+            "{names:?}"
+        );
+        assert!(names[0].starts_with("[unknown]"), "{names:?}");
+        assert_eq!(p.frame_counts(), (6, 3));
+    }
+}

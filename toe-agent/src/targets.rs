@@ -1,0 +1,464 @@
+//! What "the target" is: a process (and the children it starts), a cgroup (and its descendants),
+//! or a command TOE starts itself. Resolution turns user input into cgroup v2 ids and tgids the
+//! kernel side filters on, and rejects anything that does not exist before anything is attached.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    ffi::{CString, OsString},
+    fs,
+    io::{self, Read as _},
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    },
+    path::{Path, PathBuf},
+};
+
+use nix::{
+    sys::wait::{WaitStatus, waitpid},
+    unistd::{ForkResult, Pid, fork, pipe},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetSpec {
+    /// A process, its threads and every process it starts during the run.
+    Pid(u32),
+    /// A cgroup directory (v2, or a v1 directory mirrored in the v2 hierarchy) and its descendants.
+    Cgroup(PathBuf),
+    /// A command TOE starts and profiles from its first instruction.
+    Command(Vec<OsString>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("--pid: 0 is not a process id")]
+    PidZero,
+    #[error("--pid {0}: no such process")]
+    NoSuchPid(u32),
+    #[error("--pid {tid}: that is a thread of process {tgid}; pass --pid {tgid}")]
+    ThreadNotProcess { tid: u32, tgid: u32 },
+    #[error("--cgroup {0}: no such directory")]
+    NoSuchCgroup(PathBuf),
+    #[error("--cgroup {0}: not a cgroup directory (it has no cgroup.procs)")]
+    NotACgroup(PathBuf),
+    #[error("--cgroup {path}: not under a mounted cgroup hierarchy ({mounts})")]
+    NotUnderCgroupfs { path: PathBuf, mounts: String },
+    #[error(
+        "--cgroup {path}: cgroup v1 directory has no cgroup v2 counterpart at {v2}; TOE filters in the kernel by cgroup v2 id"
+    )]
+    NoV2Counterpart { path: PathBuf, v2: PathBuf },
+    #[error("no cgroup v2 hierarchy is mounted (needed to filter by cgroup in the kernel)")]
+    NoCgroup2,
+    #[error("--: no command given")]
+    EmptyCommand,
+    #[error("{0}: command not found")]
+    CommandNotFound(String),
+    #[error("starting {cmd}: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupTarget {
+    /// The directory in the cgroup v2 hierarchy.
+    pub path: PathBuf,
+    /// `bpf_get_current_cgroup_id()` value: the inode of the v2 directory.
+    pub id: u64,
+    /// Depth below the v2 root (the root is level 0).
+    pub level: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResolvedTarget {
+    pub description: String,
+    pub cgroups: Vec<CgroupTarget>,
+    /// Processes followed with their future children.
+    pub tgids: Vec<u32>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TargetError + '_ {
+    move |source| TargetError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The tgid of `/proc/<pid>`, which also exists (hidden) for thread ids.
+fn tgid_of(pid: u32) -> Result<Option<u32>, TargetError> {
+    let path = PathBuf::from(format!("/proc/{pid}/status"));
+    let status = match fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok()))
+}
+
+pub fn resolve_pid(pid: u32) -> Result<ResolvedTarget, TargetError> {
+    if pid == 0 {
+        return Err(TargetError::PidZero);
+    }
+    match tgid_of(pid)? {
+        None => Err(TargetError::NoSuchPid(pid)),
+        Some(tgid) if tgid != pid => Err(TargetError::ThreadNotProcess { tid: pid, tgid }),
+        Some(_) => Ok(ResolvedTarget {
+            description: format!("pid {pid} ({})", process_name(pid).unwrap_or_default()),
+            cgroups: Vec::new(),
+            tgids: vec![pid],
+        }),
+    }
+}
+
+#[derive(Debug)]
+struct Mount {
+    point: PathBuf,
+    fstype: String,
+}
+
+fn cgroup_mounts() -> Result<Vec<Mount>, TargetError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    Ok(text
+        .lines()
+        .filter_map(parse_mountinfo_line)
+        .filter(|m| m.fstype.starts_with("cgroup"))
+        .collect())
+}
+
+/// `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw` (proc(5)); octal escapes
+/// (`\040`) in the mount point are decoded.
+fn parse_mountinfo_line(line: &str) -> Option<Mount> {
+    let (pre, post) = line.split_once(" - ")?;
+    let point = pre.split(' ').nth(4)?;
+    let fstype = post.split(' ').next()?;
+    Some(Mount {
+        point: PathBuf::from(unescape_octal(point)),
+        fstype: fstype.to_owned(),
+    })
+}
+
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() + 1 && b.len() >= i + 4 {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn resolve_cgroup(path: &Path) -> Result<ResolvedTarget, TargetError> {
+    if !path.is_dir() {
+        return Err(TargetError::NoSuchCgroup(path.to_owned()));
+    }
+    let path = path.canonicalize().map_err(io_err(path))?;
+    if !path.join("cgroup.procs").is_file() {
+        return Err(TargetError::NotACgroup(path));
+    }
+    let mounts = cgroup_mounts()?;
+    let v2 = mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup2")
+        .ok_or(TargetError::NoCgroup2)?;
+    // The most specific mount containing the path decides which hierarchy it belongs to.
+    let owner = mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.point))
+        .max_by_key(|m| m.point.as_os_str().len())
+        .ok_or_else(|| TargetError::NotUnderCgroupfs {
+            path: path.clone(),
+            mounts: mounts
+                .iter()
+                .map(|m| m.point.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let rel = path
+        .strip_prefix(&owner.point)
+        .expect("filtered by starts_with")
+        .to_owned();
+    let v2_path = v2.point.join(&rel);
+    if owner.fstype != "cgroup2" && !v2_path.join("cgroup.procs").is_file() {
+        return Err(TargetError::NoV2Counterpart { path, v2: v2_path });
+    }
+    let meta = fs::metadata(&v2_path).map_err(io_err(&v2_path))?;
+    let level = u32::try_from(rel.components().count()).unwrap_or(u32::MAX);
+    Ok(ResolvedTarget {
+        description: format!("cgroup {}", path.display()),
+        cgroups: vec![CgroupTarget {
+            path: v2_path,
+            id: meta.ino(),
+            level,
+        }],
+        tgids: Vec::new(),
+    })
+}
+
+/// `/proc/<pid>/comm`, if the process still exists.
+#[must_use]
+pub fn process_name(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_owned())
+}
+
+/// Every live descendant of `roots` (not including the roots), from `/proc/*/stat`.
+#[must_use]
+pub fn descendants(roots: &[u32]) -> BTreeSet<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return BTreeSet::new();
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Field 4 is the ppid; `comm` (field 2) may contain spaces and parentheses, so parse
+        // after its closing parenthesis.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        if let Some(ppid) = after.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = BTreeSet::new();
+    let mut stack: Vec<u32> = roots.to_vec();
+    while let Some(p) = stack.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
+            if out.insert(c) {
+                stack.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Finds `cmd` the way a shell would (a path with `/` is used as is).
+fn find_program(cmd: &OsString) -> Option<PathBuf> {
+    let p = Path::new(cmd);
+    if cmd.as_bytes().contains(&b'/') {
+        return p.is_file().then(|| p.to_owned());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(p))
+        .find(|c| fs::metadata(c).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0))
+}
+
+/// A command forked and held just before `execv`, so it can be made a target before its first
+/// instruction runs. Dropping it unreleased makes the child exit without running the command.
+pub struct HeldChild {
+    pub pid: u32,
+    go: Option<OwnedFd>,
+    exec_status: OwnedFd,
+    display: String,
+}
+
+impl HeldChild {
+    pub fn spawn(argv: &[OsString]) -> Result<Self, TargetError> {
+        let first = argv.first().ok_or(TargetError::EmptyCommand)?;
+        let display = first.to_string_lossy().into_owned();
+        let program =
+            find_program(first).ok_or_else(|| TargetError::CommandNotFound(display.clone()))?;
+        let to_c = |s: &[u8]| {
+            CString::new(s).map_err(|e| TargetError::Spawn {
+                cmd: display.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, e),
+            })
+        };
+        let c_program = to_c(program.as_os_str().as_bytes())?;
+        let c_args = argv
+            .iter()
+            .map(|a| to_c(a.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
+        c_argv.push(std::ptr::null());
+        let spawn_err = |e: nix::Error| TargetError::Spawn {
+            cmd: display.clone(),
+            source: e.into(),
+        };
+        let (go_rx, go_tx) = pipe().map_err(spawn_err)?;
+        let (st_rx, st_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(spawn_err)?;
+        // SAFETY: the child only calls async-signal-safe functions (close, read, write, execv,
+        // _exit) on data prepared before the fork.
+        match unsafe { fork() }.map_err(spawn_err)? {
+            ForkResult::Child => unsafe {
+                libc::close(go_tx.as_raw_fd());
+                libc::close(st_rx.as_raw_fd());
+                let mut byte = 0u8;
+                if libc::read(go_rx.as_raw_fd(), (&raw mut byte).cast(), 1) != 1 {
+                    libc::_exit(127);
+                }
+                libc::close(go_rx.as_raw_fd());
+                libc::execv(c_program.as_ptr(), c_argv.as_ptr());
+                let errno = *libc::__errno_location();
+                libc::write(
+                    st_tx.as_raw_fd(),
+                    (&raw const errno).cast(),
+                    size_of::<i32>(),
+                );
+                libc::_exit(127);
+            },
+            ForkResult::Parent { child } => {
+                drop(go_rx);
+                drop(st_tx);
+                Ok(Self {
+                    pid: child.as_raw().unsigned_abs(),
+                    go: Some(go_tx),
+                    exec_status: st_rx,
+                    display,
+                })
+            }
+        }
+    }
+
+    /// Lets the child exec; returns once the exec has happened (or failed).
+    pub fn release(&mut self) -> Result<(), TargetError> {
+        let go = self.go.take().expect("released once");
+        nix::unistd::write(&go, &[1]).map_err(|e| TargetError::Spawn {
+            cmd: self.display.clone(),
+            source: e.into(),
+        })?;
+        drop(go);
+        let mut buf = [0u8; 4];
+        let mut file =
+            fs::File::from(
+                self.exec_status
+                    .try_clone()
+                    .map_err(|source| TargetError::Spawn {
+                        cmd: self.display.clone(),
+                        source,
+                    })?,
+            );
+        match file.read(&mut buf) {
+            Ok(4) => {
+                let _ = waitpid(Pid::from_raw(self.pid.cast_signed()), None);
+                Err(TargetError::Spawn {
+                    cmd: self.display.clone(),
+                    source: io::Error::from_raw_os_error(i32::from_ne_bytes(buf)),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Blocks until the command exits; returns its exit code (128 + signal if killed).
+    pub fn wait(&self) -> i32 {
+        loop {
+            match waitpid(Pid::from_raw(self.pid.cast_signed()), None) {
+                Ok(WaitStatus::Exited(_, code)) => return code,
+                Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(_) => return 127,
+            }
+        }
+    }
+}
+
+impl Drop for HeldChild {
+    fn drop(&mut self) {
+        if self.go.take().is_some() {
+            // Never released: closing the pipe makes the child _exit(127); reap it.
+            let _ = waitpid(Pid::from_raw(self.pid.cast_signed()), None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_parsing() {
+        let m = parse_mountinfo_line(
+            "35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw",
+        )
+        .unwrap();
+        assert_eq!(m.point, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(m.fstype, "cgroup2");
+        let m = parse_mountinfo_line("1 2 0:1 / /a\\040b rw - cgroup cgroup rw,cpu").unwrap();
+        assert_eq!(m.point, PathBuf::from("/a b"));
+    }
+
+    #[test]
+    fn bad_pids_are_named() {
+        assert!(matches!(resolve_pid(0), Err(TargetError::PidZero)));
+        // pid_max is at most 2^22, so this can never exist.
+        assert!(matches!(
+            resolve_pid(4_194_305),
+            Err(TargetError::NoSuchPid(4_194_305))
+        ));
+        let me = std::process::id();
+        assert_eq!(resolve_pid(me).unwrap().tgids, vec![me]);
+    }
+
+    #[test]
+    fn thread_ids_are_redirected_to_their_process() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            tx.send(nix::unistd::gettid().as_raw().unsigned_abs())
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+        let tid = rx.recv().unwrap();
+        let err = resolve_pid(tid).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("pass --pid {}", std::process::id())),
+            "{err}"
+        );
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn bad_cgroups_are_named() {
+        let err = resolve_cgroup(Path::new("/sys/fs/cgroup/does-not-exist")).unwrap_err();
+        assert!(err.to_string().contains("no such directory"), "{err}");
+        let err = resolve_cgroup(Path::new("/tmp")).unwrap_err();
+        assert!(err.to_string().contains("not a cgroup directory"), "{err}");
+    }
+
+    #[test]
+    fn held_child_runs_only_when_released() {
+        let mut child = HeldChild::spawn(&["sh".into(), "-c".into(), "exit 7".into()]).unwrap();
+        child.release().unwrap();
+        assert_eq!(child.wait(), 7);
+        let err = HeldChild::spawn(&["definitely-not-a-command-xyz".into()])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("command not found"));
+        // Dropped unreleased: the child must not run the command (it would create the file).
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let cmd = format!("touch {}", marker.display());
+        drop(HeldChild::spawn(&["sh".into(), "-c".into(), cmd.into()]).unwrap());
+        assert!(!marker.exists());
+    }
+}

@@ -1,0 +1,241 @@
+//! Typed tool arguments. A tool declares a schema; `commandLineArguments` from a spec are parsed
+//! against it into typed values. Nothing is ever handed to a shell, and anything the schema does
+//! not name is rejected rather than passed through.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use super::duration::parse_duration;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ArgKind {
+    Integer { min: i64, max: i64 },
+    Bool,
+    Duration { min: Duration, max: Duration },
+    Enum(&'static [&'static str]),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArgSpec {
+    /// Without the leading `--`.
+    pub name: &'static str,
+    pub kind: ArgKind,
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ArgValue {
+    Integer(i64),
+    Bool(bool),
+    Duration(Duration),
+    Enum(&'static str),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{what}")]
+pub struct ArgError {
+    what: String,
+}
+
+impl ArgError {
+    fn new(what: impl Into<String>) -> Self {
+        Self { what: what.into() }
+    }
+}
+
+/// Arguments after parsing, defaults filled in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParsedArgs(BTreeMap<&'static str, ArgValue>);
+
+impl ParsedArgs {
+    /// # Panics
+    /// If `name` is not an integer argument of the schema: a bug in the tool definition.
+    #[must_use]
+    pub fn integer(&self, name: &str) -> i64 {
+        match self.0.get(name) {
+            Some(ArgValue::Integer(v)) => *v,
+            other => panic!("schema has no integer argument {name}: {other:?}"),
+        }
+    }
+
+    /// # Panics
+    /// If `name` is not a boolean argument of the schema: a bug in the tool definition.
+    #[must_use]
+    pub fn bool(&self, name: &str) -> bool {
+        match self.0.get(name) {
+            Some(ArgValue::Bool(v)) => *v,
+            other => panic!("schema has no bool argument {name}: {other:?}"),
+        }
+    }
+
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&ArgValue> {
+        self.0.get(name)
+    }
+}
+
+fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
+    let name = spec.name;
+    match &spec.kind {
+        ArgKind::Integer { min, max } => {
+            let v: i64 = raw
+                .parse()
+                .map_err(|_| ArgError::new(format!("--{name}: \"{raw}\" is not an integer")))?;
+            if v < *min || v > *max {
+                return Err(ArgError::new(format!(
+                    "--{name}: {v} is out of range {min}..={max}"
+                )));
+            }
+            Ok(ArgValue::Integer(v))
+        }
+        ArgKind::Bool => match raw {
+            "true" => Ok(ArgValue::Bool(true)),
+            "false" => Ok(ArgValue::Bool(false)),
+            _ => Err(ArgError::new(format!(
+                "--{name}: \"{raw}\" is not true or false"
+            ))),
+        },
+        ArgKind::Duration { min, max } => {
+            let d = parse_duration(raw).map_err(|e| ArgError::new(format!("--{name}: {e}")))?;
+            if d < *min || d > *max {
+                return Err(ArgError::new(format!(
+                    "--{name}: {raw} is out of range {}..={}",
+                    super::format_duration(*min),
+                    super::format_duration(*max)
+                )));
+            }
+            Ok(ArgValue::Duration(d))
+        }
+        ArgKind::Enum(values) => values
+            .iter()
+            .find(|v| **v == raw)
+            .map(|v| ArgValue::Enum(v))
+            .ok_or_else(|| {
+                ArgError::new(format!(
+                    "--{name}: \"{raw}\" is not one of {}",
+                    values.join(", ")
+                ))
+            }),
+    }
+}
+
+/// Parses `args` against `schema`. Accepts `--name=value`, `--name value` and, for booleans,
+/// a bare `--name`. Repeating an argument is an error: a silent last-one-wins hides mistakes.
+pub fn parse(schema: &[ArgSpec], args: &[String]) -> Result<ParsedArgs, ArgError> {
+    let mut out = BTreeMap::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let Some(body) = arg.strip_prefix("--") else {
+            return Err(ArgError::new(format!(
+                "\"{arg}\" is not an argument (expected --name=value)"
+            )));
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (body, None),
+        };
+        let spec = schema.iter().find(|s| s.name == name).ok_or_else(|| {
+            let known: Vec<String> = schema.iter().map(|s| format!("--{}", s.name)).collect();
+            ArgError::new(format!(
+                "unknown argument --{name} (allowed: {})",
+                known.join(", ")
+            ))
+        })?;
+        let raw = match (inline, &spec.kind) {
+            (Some(v), _) => v,
+            (None, ArgKind::Bool) => "true",
+            (None, _) => iter
+                .next()
+                .map(String::as_str)
+                .ok_or_else(|| ArgError::new(format!("--{name}: missing value")))?,
+        };
+        let value = parse_value(spec, raw)?;
+        if out.insert(spec.name, value).is_some() {
+            return Err(ArgError::new(format!("--{name}: given more than once")));
+        }
+    }
+    for spec in schema {
+        if !out.contains_key(spec.name) {
+            if let Some(default) = spec.default {
+                out.insert(spec.name, parse_value(spec, default)?);
+            }
+        }
+    }
+    Ok(ParsedArgs(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCHEMA: &[ArgSpec] = &[
+        ArgSpec {
+            name: "n",
+            kind: ArgKind::Integer { min: 1, max: 10 },
+            default: Some("5"),
+            help: "",
+        },
+        ArgSpec {
+            name: "on",
+            kind: ArgKind::Bool,
+            default: Some("false"),
+            help: "",
+        },
+        ArgSpec {
+            name: "mode",
+            kind: ArgKind::Enum(&["a", "b"]),
+            default: None,
+            help: "",
+        },
+        ArgSpec {
+            name: "wait",
+            kind: ArgKind::Duration {
+                min: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
+            default: None,
+            help: "",
+        },
+    ];
+
+    fn p(args: &[&str]) -> Result<ParsedArgs, ArgError> {
+        parse(
+            SCHEMA,
+            &args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn forms_and_defaults() {
+        let a = p(&["--n", "7", "--on", "--mode=b", "--wait=2s"]).unwrap();
+        assert_eq!(a.integer("n"), 7);
+        assert!(a.bool("on"));
+        assert_eq!(a.get("mode"), Some(&ArgValue::Enum("b")));
+        assert_eq!(
+            a.get("wait"),
+            Some(&ArgValue::Duration(Duration::from_secs(2)))
+        );
+        let d = p(&[]).unwrap();
+        assert_eq!(d.integer("n"), 5);
+        assert!(!d.bool("on"));
+        assert_eq!(d.get("mode"), None);
+    }
+
+    #[test]
+    fn rejections() {
+        for (args, want) in [
+            (&["--n=0"][..], "out of range"),
+            (&["--n"], "missing value"),
+            (&["--n=1", "--n=2"], "more than once"),
+            (&["--mode=c"], "not one of a, b"),
+            (&["--on=yes"], "not true or false"),
+            (&["--wait=2m"], "out of range"),
+            (&["n=1"], "is not an argument"),
+            (&["--n=1;rm -rf /"], "not an integer"),
+            (&["--x"], "unknown argument --x"),
+        ] {
+            let e = p(args).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+    }
+}

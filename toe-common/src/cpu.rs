@@ -1,0 +1,86 @@
+//! CPU sampler: one ring-buffer record per sample taken in a target task.
+//!
+//! Each record carries its own stacks (copied with `bpf_get_stack`) instead of a stack-trace map
+//! id: stack-map ids are hash buckets that collide and get reused once drained, which either loses
+//! stacks or mislabels them. A record is self-contained, so draining can never race the sampler.
+
+use crate::TASK_COMM_LEN;
+
+pub const SAMPLES_RING: &str = "TOE_CPU_SAMPLES";
+/// `PerCpuArray<u64>` indexed by [`Counter`].
+pub const COUNTERS_MAP: &str = "TOE_CPU_COUNTERS";
+pub const PROGRAM: &str = "toe_cpu_sample";
+
+/// `PERF_MAX_STACK_DEPTH`, the kernel's default `kernel.perf_event_max_stack`.
+pub const MAX_STACK_DEPTH: usize = 127;
+/// 32 MiB: ~16k records, several seconds of 1000 Hz on 8 busy CPUs between drains (which run
+/// every few milliseconds), so only a stalled agent loses samples, and then it is counted.
+pub const RING_BYTES: u32 = 32 << 20;
+pub const MIN_FREQUENCY_HZ: u64 = 1;
+pub const MAX_FREQUENCY_HZ: u64 = 1000;
+pub const DEFAULT_FREQUENCY_HZ: u64 = 99;
+
+/// `Sample::flags`: the kernel stack filled all [`MAX_STACK_DEPTH`] slots and may be cut short.
+pub const FLAG_KSTACK_TRUNCATED: u32 = 1 << 0;
+/// `Sample::flags`: the user stack filled all slots and may be cut short.
+pub const FLAG_USTACK_TRUNCATED: u32 = 1 << 1;
+/// `Sample::flags`: `bpf_get_stack` failed for the user stack (e.g. a kernel thread).
+pub const FLAG_USTACK_ERROR: u32 = 1 << 2;
+/// `Sample::flags`: `bpf_get_stack` failed for the kernel stack.
+pub const FLAG_KSTACK_ERROR: u32 = 1 << 3;
+
+/// `CpuConfig::flags`: collect kernel stacks.
+pub const CONFIG_KERNEL_STACKS: u32 = 1 << 0;
+/// `CpuConfig::flags`: collect user stacks.
+pub const CONFIG_USER_STACKS: u32 = 1 << 1;
+/// `Array<CpuConfig>` with one entry.
+pub const CONFIG_MAP: &str = "TOE_CPU_CONFIG";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuConfig {
+    pub flags: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<CpuConfig>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub time_ns: u64,
+    /// Thread id (kernel `pid`).
+    pub tid: u32,
+    /// Process id (kernel `tgid`).
+    pub pid: u32,
+    pub cpu: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Number of valid entries in `kstack`.
+    pub kstack_len: u32,
+    /// Number of valid entries in `ustack`.
+    pub ustack_len: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    /// Leaf first.
+    pub kstack: [u64; MAX_STACK_DEPTH],
+    /// Leaf first.
+    pub ustack: [u64; MAX_STACK_DEPTH],
+}
+const _: () = assert!(size_of::<Sample>() == 48 + 2 * 8 * MAX_STACK_DEPTH);
+
+/// Indices into [`COUNTERS_MAP`]. Together they account for every sample taken in a target:
+/// `Sampled = delivered records + RingFull`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Samples that hit a target task.
+    Sampled = 0,
+    /// Samples lost because the ring buffer was full.
+    RingFull = 1,
+}
+pub const COUNTER_COUNT: u32 = 2;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: repr(C), Copy, no padding (sizes asserted above), every bit pattern valid.
+    unsafe impl aya::Pod for super::CpuConfig {}
+}

@@ -1,0 +1,51 @@
+//! TOE's eBPF programs. Entry points are thin: each calls a `try_*` function in the module of its
+//! program family, mirrored by a module of the same name in toe-common and toe-agent.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
+
+#[cfg(target_arch = "bpf")]
+mod cpu;
+#[cfg(target_arch = "bpf")]
+mod targets;
+
+#[cfg(target_arch = "bpf")]
+mod entries {
+    use aya_ebpf::{
+        macros::{perf_event, tracepoint},
+        programs::{PerfEventContext, TracePointContext},
+    };
+
+    #[perf_event]
+    pub fn toe_cpu_sample(ctx: PerfEventContext) -> u32 {
+        crate::cpu::try_sample(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_task_newtask(ctx: TracePointContext) -> u32 {
+        crate::targets::try_task_newtask(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_process_exit(ctx: TracePointContext) -> u32 {
+        crate::targets::try_process_exit(&ctx);
+        0
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach a real panic, so this is unreachable.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
