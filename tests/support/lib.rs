@@ -1,1 +1,254 @@
+//! Helpers for TOE's integration tests: real processes, real cgroups, real eBPF.
+//!
+//! Tests that need root skip with a stated reason when not root, unless
+//! `TOE_REQUIRE_ROOT_TESTS=1` (set by `cargo xtask test` as root, so CI never skips silently).
 
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::SystemTime,
+};
+
+use toe_agent::{
+    plan::{self, RunRequest},
+    run::{self, Outcome, Ui},
+    sink::MemorySink,
+    targets::TargetSpec,
+};
+
+/// True when the test may proceed; prints why and returns false when it must skip.
+#[must_use]
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
+        "{test}: needs root, and TOE_REQUIRE_ROOT_TESTS forbids skipping"
+    );
+    eprintln!("SKIP {test}: loading eBPF programs and creating cgroups needs root");
+    false
+}
+
+/// A binary of this workspace (`toe`, `toe-demo`), from `TOE_BIN_DIR` or the target directory.
+#[must_use]
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("TOE_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} not built: run `cargo build --release -p toe-agent -p toe-demo` (cargo xtask test does)"
+    );
+}
+
+/// A child process killed and reaped on drop, so a failing test leaves nothing running.
+pub struct TestProcess(pub Child);
+
+impl TestProcess {
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for TestProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the demo workload, optionally inside `cgroup` (joined before exec, so no instruction
+/// of it runs elsewhere).
+#[must_use]
+pub fn demo(args: &[&str], cgroup: Option<&TestCgroup>) -> TestProcess {
+    let mut cmd = Command::new(bin("toe-demo"));
+    cmd.args(args).stdin(Stdio::null());
+    if let Some(cg) = cgroup {
+        let procs: Vec<PathBuf> = cg.dirs.iter().map(|d| d.join("cgroup.procs")).collect();
+        // SAFETY: only writes to files between fork and exec (open/write/close).
+        unsafe {
+            cmd.pre_exec(move || {
+                for p in &procs {
+                    std::fs::write(p, b"0")?;
+                }
+                Ok(())
+            });
+        }
+    }
+    TestProcess(cmd.spawn().expect("start toe-demo"))
+}
+
+/// A cgroup created for one test in the v2 hierarchy (and the v1 cpu hierarchy when mounted, so
+/// a hybrid machine behaves like production), removed on drop after killing its processes.
+pub struct TestCgroup {
+    /// The v2 directory first.
+    pub dirs: Vec<PathBuf>,
+}
+
+fn cgroup2_root() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    for line in mountinfo.lines() {
+        if let Some((pre, post)) = line.split_once(" - ") {
+            if post.starts_with("cgroup2 ") {
+                return PathBuf::from(pre.split(' ').nth(4).expect("mount point"));
+            }
+        }
+    }
+    panic!("no cgroup2 mount");
+}
+
+impl TestCgroup {
+    #[must_use]
+    pub fn new(name: &str) -> Self {
+        let unique = format!("toe-test-{}-{name}", std::process::id());
+        let dir = cgroup2_root().join(&unique);
+        std::fs::create_dir_all(&dir).expect("create v2 cgroup");
+        Self { dirs: vec![dir] }
+    }
+
+    /// A child cgroup inside this one.
+    #[must_use]
+    pub fn child(&self, name: &str) -> Self {
+        let dir = self.dirs[0].join(name);
+        std::fs::create_dir_all(&dir).expect("create child cgroup");
+        Self { dirs: vec![dir] }
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.dirs[0]
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            // Children first (a nested TestCgroup is dropped before its parent in normal
+            // order; this handles the rest).
+            if let Ok(entries) = std::fs::read_dir(d) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+            if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::SIGKILL,
+                    );
+                }
+            }
+            for _ in 0..50 {
+                if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A PowerTool for the CPU profiler.
+#[must_use]
+pub fn cpu_spec(duration: &str, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{name: test}}\nspec:\n  tool:\n    name: cpu-profile\n    duration: {duration}\n    commandLineArguments: [{}]\n",
+        args.join(", ")
+    )
+}
+
+/// Runs the engine in-process against `target`, collecting artifacts in memory.
+pub fn profile(spec: &str, target: TargetSpec) -> (Outcome, MemorySink) {
+    let req = RunRequest {
+        source_name: "test.yaml".into(),
+        spec_yaml: spec.into(),
+        target,
+        output: Some("memory-unused".into()),
+        cwd: std::env::temp_dir(),
+        now: SystemTime::now(),
+        nonce: 0,
+    };
+    let plan = plan::plan(&req).expect("valid plan");
+    let sink = MemorySink::default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let outcome = rt
+        .block_on(run::execute(&plan, &sink, Ui::default()))
+        .expect("run succeeds");
+    (outcome, sink)
+}
+
+/// Folded stacks artifact parsed into (line, count).
+#[must_use]
+pub fn folded(sink: &MemorySink) -> Vec<(String, u64)> {
+    let map = sink.artifacts.lock().expect("lock");
+    let text = std::str::from_utf8(&map["stacks.folded"])
+        .expect("utf-8")
+        .to_owned();
+    text.lines()
+        .map(|l| {
+            let (stack, n) = l.rsplit_once(' ').expect("count");
+            (stack.to_owned(), n.parse().expect("number"))
+        })
+        .collect()
+}
+
+/// Samples per pid, from the folded root frames `name (pid)`.
+#[must_use]
+pub fn samples_by_pid(folded: &[(String, u64)]) -> std::collections::BTreeMap<u32, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (stack, n) in folded {
+        let root = stack.split(';').next().expect("root");
+        let pid = root
+            .rsplit_once('(')
+            .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
+            .expect("pid in root");
+        *out.entry(pid).or_insert(0) += n;
+    }
+    out
+}
+
+/// CPU seconds (user + system) a live process has used, from /proc/<pid>/stat.
+#[must_use]
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the comm.
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "clock ticks per second is small"
+    )]
+    let hz = hz as f64;
+    ticks / hz
+}
+
+/// Names of TOE's programs currently loaded in the kernel.
+#[must_use]
+pub fn loaded_toe_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .filter(|n| n.starts_with("toe_"))
+        .collect()
+}

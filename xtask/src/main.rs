@@ -1,1 +1,148 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's build, bootstrap, demo, test and benchmark entry points.
+
+mod bench;
+mod bootstrap;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing TOE needs (idempotent; fast when done).
+    Bootstrap {
+        /// Also install the packages the test suite uses (go for `go tool pprof`).
+        #[arg(long)]
+        tests: bool,
+    },
+    /// Build the eBPF object alone (the agent's build does this automatically).
+    BuildEbpf,
+    /// Build everything and profile the bundled demo workload (the README's first command).
+    Demo,
+    /// Formatting, lints and the whole test suite, as CI runs it (the README's second command).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks; ratios are measured side by side, interleaved, in one run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Runs `cmd`, failing with the command line when it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build_release() -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "toe-agent", "-p", "toe-demo"]))
+}
+
+fn demo() -> Result<()> {
+    bootstrap::toolchain()?;
+    bootstrap::tracefs()?;
+    build_release()?;
+    if !is_root() {
+        bail!("profiling loads eBPF programs, which needs root: run `sudo -E cargo xtask demo`");
+    }
+    let r = root();
+    eprintln!(
+        "xtask: profiling the demo workload for 10 s (its hot function takes 70% of its CPU time)"
+    );
+    run(Command::new(r.join("target/release/toe"))
+        .current_dir(&r)
+        .args(["run", "-f", "examples/cpu-profile.yaml", "--"])
+        .arg(r.join("target/release/toe-demo"))
+        .args(["spin", "10"]))?;
+    eprintln!(
+        "xtask: open flamegraph.svg in a browser; `go tool pprof -top cpu.pb.gz` reads the pprof"
+    );
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    bootstrap::toolchain()?;
+    bootstrap::tracefs()?;
+    bootstrap::test_packages()?;
+    run(cargo().args(["+nightly", "fmt", "--all", "--check"]))
+        .context("formatting differs: run `cargo +nightly fmt --all`")?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build_release()?;
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--release"]);
+    // Root-only tests must not skip in CI: a skip there would hide a broken kernel path.
+    if is_root() {
+        c.env("TOE_REQUIRE_ROOT_TESTS", "1");
+    } else {
+        eprintln!("xtask: not root: tests that load eBPF programs will skip (CI runs as root)");
+    }
+    c.env("TOE_BIN_DIR", root().join("target/release"));
+    c.args(extra);
+    run(&mut c)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Bootstrap { tests } => {
+            bootstrap::toolchain()?;
+            bootstrap::tracefs()?;
+            if tests {
+                bootstrap::test_packages()?;
+            }
+            Ok(())
+        }
+        Task::BuildEbpf => bootstrap::toolchain().and_then(|()| bootstrap::build_ebpf()),
+        Task::Demo => demo(),
+        Task::Test { args } => test(&args),
+        Task::Bench { which } => {
+            bootstrap::toolchain()?;
+            bootstrap::tracefs()?;
+            build_release()?;
+            bench::run(&which)
+        }
+    }
+}

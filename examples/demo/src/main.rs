@@ -4,8 +4,8 @@
 //! `hot_loop`, 25% in `warm_loop` and 5% in `cold_loop`, split by the thread's own CPU clock, so the
 //! shares hold whatever the machine's speed or load.
 //! `toe-demo fork [SECONDS]`: starts a child that runs `spin` too (for "children are followed").
-//! `toe-demo work N`: a fixed amount of work (N million rounds of `hot_loop`'s arithmetic), then
-//! prints how long it took; the benchmark's workload.
+//! `toe-demo work N [wait]`: a fixed amount of work (N units of `mix`), then prints how long it
+//! took; with `wait`, starts after a line on stdin. The benchmark's workload.
 //! `toe-demo sleep [SECONDS]`: an idle process (a target that never runs).
 
 use std::{
@@ -101,6 +101,11 @@ fn main() {
         }
         Some("work") => {
             let n = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
+            if args.get(3).is_some_and(|a| a == "wait") {
+                // Start only when told, so a profiler can attach first (benchmarks).
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).expect("stdin");
+            }
             let t = Instant::now();
             black_box(fixed_work(n));
             println!("{:.6}", t.elapsed().as_secs_f64());

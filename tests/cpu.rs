@@ -1,0 +1,260 @@
+//! The CPU sampler against the real kernel: in-kernel filtering, attribution, sample counts and
+//! artifact consistency.
+
+use std::{io::Read as _, process::Command, time::Duration};
+
+use toe_agent::{run::Ended, targets::TargetSpec};
+use toe_tests::{
+    TestCgroup, cpu_seconds, cpu_spec, demo, folded, profile, require_root, samples_by_pid,
+};
+
+#[test]
+fn only_the_target_cgroup_and_its_descendants_are_sampled() {
+    if !require_root("only_the_target_cgroup_and_its_descendants_are_sampled") {
+        return;
+    }
+    let target = TestCgroup::new("target");
+    let nested = target.child("nested");
+    let bystander_cg = TestCgroup::new("bystander");
+    let inside = demo(&["spin", "30"], Some(&target));
+    let deeper = demo(&["spin", "30"], Some(&nested));
+    let bystander = demo(&["spin", "30"], Some(&bystander_cg));
+    let outside = demo(&["spin", "30"], None);
+    let (outcome, sink) = profile(
+        &cpu_spec("3s", &["--frequency=199"]),
+        TargetSpec::Cgroup(target.path().to_owned()),
+    );
+    let by_pid = samples_by_pid(&folded(&sink));
+    assert!(
+        by_pid.get(&inside.pid()).copied().unwrap_or(0) > 100,
+        "target barely sampled: {by_pid:?}"
+    );
+    assert!(
+        by_pid.get(&deeper.pid()).copied().unwrap_or(0) > 100,
+        "descendant cgroup not sampled: {by_pid:?}"
+    );
+    assert_eq!(
+        by_pid.get(&bystander.pid()),
+        None,
+        "bystander in another cgroup was sampled"
+    );
+    assert_eq!(
+        by_pid.get(&outside.pid()),
+        None,
+        "process outside any target cgroup was sampled"
+    );
+    assert_eq!(
+        by_pid.keys().copied().collect::<Vec<_>>().len(),
+        2,
+        "{by_pid:?}"
+    );
+    assert_eq!(outcome.ended, Ended::Duration);
+    let s = &outcome.summary.samples;
+    assert_eq!(s.taken, s.recorded + s.lost_ring_full + s.unaccounted);
+    assert_eq!(s.lost_ring_full, 0);
+}
+
+#[test]
+fn pid_target_follows_its_children_but_not_its_cgroup_siblings() {
+    if !require_root("pid_target_follows_its_children_but_not_its_cgroup_siblings") {
+        return;
+    }
+    // Same cgroup as the target (this test's own), so only the tgid filter can tell them apart.
+    let sibling = demo(&["spin", "30"], None);
+    let parent = demo(&["fork", "30"], None);
+    std::thread::sleep(Duration::from_millis(300));
+    let (outcome, sink) = profile(
+        &cpu_spec("2s", &["--frequency=199"]),
+        TargetSpec::Pid(parent.pid()),
+    );
+    let by_pid = samples_by_pid(&folded(&sink));
+    assert!(
+        by_pid.get(&parent.pid()).copied().unwrap_or(0) > 50,
+        "{by_pid:?}"
+    );
+    assert_eq!(
+        by_pid.len(),
+        2,
+        "expected the parent and its child only: {by_pid:?}"
+    );
+    assert_eq!(
+        by_pid.get(&sibling.pid()),
+        None,
+        "a cgroup sibling of the target was sampled"
+    );
+    let _ = outcome;
+}
+
+#[test]
+fn a_child_started_during_the_run_is_followed() {
+    if !require_root("a_child_started_during_the_run_is_followed") {
+        return;
+    }
+    // `sh` starts the demo only after sampling has begun.
+    let spec = cpu_spec("3s", &["--frequency=199"]);
+    let demo_bin = toe_tests::bin("toe-demo");
+    let cmd = format!("sleep 1; exec {} spin 1.5", demo_bin.display());
+    let (outcome, sink) = profile(
+        &spec,
+        TargetSpec::Command(vec!["sh".into(), "-c".into(), cmd.into()]),
+    );
+    let lines = folded(&sink);
+    let demo_samples: u64 = lines
+        .iter()
+        .filter(|(l, _)| l.contains("hot_loop"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(demo_samples > 50, "exec'd demo not followed: {lines:?}");
+    assert!(
+        matches!(outcome.ended, Ended::CommandExited(0)),
+        "{:?}",
+        outcome.ended
+    );
+}
+
+/// The demo spends 70% / 25% / 5% of its thread CPU time in hot/warm/cold, by construction (it
+/// splits each 10 ms cycle by CLOCK_THREAD_CPUTIME_ID). Each share is checked within four binomial
+/// standard errors for the number of samples actually taken (other tests compete for the two
+/// cores), plus 3 points for the cycle boundaries' clock-read jitter.
+#[test]
+fn hot_function_carries_its_share() {
+    if !require_root("hot_function_carries_its_share") {
+        return;
+    }
+    let target = demo(&["spin", "30"], None);
+    let (_, sink) = profile(
+        &cpu_spec("3s", &["--frequency=399"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let lines = folded(&sink);
+    let total: u64 = lines.iter().map(|(_, n)| n).sum();
+    let share = |f: &str| {
+        #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
+        let n = lines
+            .iter()
+            .filter(|(l, _)| l.contains(f))
+            .map(|(_, n)| n)
+            .sum::<u64>() as f64;
+        #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
+        let t = total as f64;
+        n / t
+    };
+    assert!(total >= 300, "too few samples for a share test: {total}");
+    #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
+    let n = total as f64;
+    for (function, expected) in [
+        ("toe_demo::hot_loop", 0.70),
+        ("toe_demo::warm_loop", 0.25),
+        ("toe_demo::cold_loop", 0.05),
+    ] {
+        let got = share(function);
+        let tolerance = 4.0 * (expected * (1.0 - expected) / n).sqrt() + 0.03;
+        assert!(
+            (got - expected).abs() <= tolerance,
+            "{function}: share {got:.3}, expected {expected} ± {tolerance:.3} ({total} samples)"
+        );
+    }
+}
+
+/// Samples = frequency x CPU time of the target. CPU time (not wall time) is the right basis on a
+/// shared 2-core machine: the cpu-clock event only fires while the target runs. 10% tolerance
+/// covers the kernel's frequency-mode period adjustment during the first ticks and the 10 ms
+/// granularity of /proc CPU times.
+#[test]
+fn sample_count_matches_frequency_times_busy_cpu_time() {
+    if !require_root("sample_count_matches_frequency_times_busy_cpu_time") {
+        return;
+    }
+    let parent = demo(&["fork", "30"], None);
+    std::thread::sleep(Duration::from_millis(300));
+    let child = toe_agent::targets::descendants(&[parent.pid()])
+        .into_iter()
+        .next()
+        .expect("demo child");
+    let before = cpu_seconds(parent.pid()) + cpu_seconds(child);
+    let freq = 199.0;
+    let (outcome, _) = profile(
+        &cpu_spec("4s", &["--frequency=199"]),
+        TargetSpec::Pid(parent.pid()),
+    );
+    let after = cpu_seconds(parent.pid()) + cpu_seconds(child);
+    let busy = after - before;
+    #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
+    let got = outcome.summary.samples.taken as f64;
+    let expected = freq * busy;
+    assert!(
+        busy > 2.0,
+        "the two demo processes hardly ran: {busy:.2} CPU s"
+    );
+    assert!(
+        (got / expected - 1.0).abs() < 0.10,
+        "{got} samples, expected {expected:.0} (199 Hz x {busy:.2} CPU s)"
+    );
+}
+
+#[test]
+fn artifacts_agree_and_go_pprof_reads_them() {
+    if !require_root("artifacts_agree_and_go_pprof_reads_them") {
+        return;
+    }
+    let target = demo(&["spin", "30"], None);
+    let (outcome, sink) = profile(
+        &cpu_spec("2s", &["--frequency=199"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let folded_total: u64 = folded(&sink).iter().map(|(_, n)| n).sum();
+    let map = sink.artifacts.lock().unwrap();
+    let svg = std::str::from_utf8(&map["flamegraph.svg"]).unwrap();
+    let needle = format!("all ({folded_total} samples, 100%)");
+    assert!(
+        svg.contains(&needle),
+        "SVG total differs from folded total {folded_total}"
+    );
+    assert_eq!(folded_total, outcome.summary.samples.recorded);
+    let summary: serde_json::Value = serde_json::from_slice(&map["summary.json"]).unwrap();
+    assert_eq!(summary["samples"]["recorded"], folded_total);
+
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(&map["cpu.pb.gz"][..])
+        .read_to_end(&mut raw)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cpu.pb.gz");
+    std::fs::write(&path, &map["cpu.pb.gz"]).unwrap();
+    let out = Command::new("go")
+        .args(["tool", "pprof", "-top", "-sample_index=samples"])
+        .arg(&path)
+        .env("HOME", dir.path())
+        .output()
+        .expect("go is installed by `cargo xtask bootstrap --tests` (Debian golang-go)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("toe_demo::mix"),
+        "pprof -top lacks the hot leaf:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("of {folded_total} total")),
+        "pprof total differs:\n{text}"
+    );
+}
+
+#[test]
+fn a_target_that_exits_mid_run_keeps_its_samples() {
+    if !require_root("a_target_that_exits_mid_run_keeps_its_samples") {
+        return;
+    }
+    let target = demo(&["spin", "1"], None);
+    let (outcome, sink) = profile(
+        &cpu_spec("20s", &["--frequency=199"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    assert_eq!(outcome.ended, Ended::TargetExited);
+    assert!(outcome.summary.complete);
+    assert!(folded(&sink).iter().map(|(_, n)| n).sum::<u64>() > 50);
+    drop(target);
+}

@@ -1,0 +1,207 @@
+//! Idempotent set-up: each step checks first and does nothing when already done. A step that
+//! cannot be done says so in one line with what to do instead.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{is_root, root, run};
+
+const NIGHTLY: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13";
+
+fn cache_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/toe")
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    match output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"])) {
+        Ok(s) => Ok(PathBuf::from(s)),
+        Err(_) => {
+            eprintln!(
+                "bootstrap: installing the nightly toolchain (the eBPF crate needs build-std)"
+            );
+            run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))
+                .context("the eBPF programs build only with a nightly toolchain and rustup could not install one")?;
+            Ok(PathBuf::from(output(Command::new("rustc").args([
+                &format!("+{NIGHTLY}"),
+                "--print",
+                "sysroot",
+            ]))?))
+        }
+    }
+}
+
+/// The nightly toolchain's own libLLVM (bpf-linker must link the same LLVM rustc emits for).
+fn nightly_llvm(sysroot: &Path) -> Result<PathBuf> {
+    let lib = sysroot.join("lib");
+    let found = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        });
+    found.with_context(|| {
+        format!(
+            "no libLLVM.so.* in {}: the nightly toolchain lacks its LLVM library",
+            lib.display()
+        )
+    })
+}
+
+/// rust-src for nightly and a bpf-linker built against nightly's LLVM.
+pub fn toolchain() -> Result<()> {
+    let sysroot = nightly_sysroot()?;
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        eprintln!("bootstrap: adding rust-src to nightly (for -Z build-std=core)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+            .context("rust-src is needed to build core for the BPF target")?;
+    }
+    let llvm = nightly_llvm(&sysroot)?;
+    let llvm_name = llvm.file_name().expect("file").to_owned();
+    let prefix = cache_dir().join("llvm-nightly");
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib)?;
+    // bpf-linker's build looks for libLLVM.so; at run time it loads the versioned name.
+    for name in [std::ffi::OsString::from("libLLVM.so"), llvm_name] {
+        let link = lib.join(&name);
+        if fs::read_link(&link).ok().as_deref() != Some(llvm.as_path()) {
+            let _ = fs::remove_file(&link);
+            symlink(&llvm, &link).with_context(|| format!("linking {}", link.display()))?;
+        }
+    }
+    let tools = cache_dir().join("tools");
+    let linker = tools.join("bin/bpf-linker");
+    let works = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !works {
+        eprintln!(
+            "bootstrap: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (about 3 minutes, once)"
+        );
+        run(Command::new("cargo")
+            .args(["install", "--locked", "--root"])
+            .arg(&tools)
+            .args([
+                "bpf-linker",
+                "--version",
+                &format!("^{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", &prefix))
+        .context(
+            "building bpf-linker failed; it needs crates.io and the nightly toolchain's libLLVM",
+        )?;
+    }
+    Ok(())
+}
+
+/// Tracepoints attach through tracefs.
+pub fn tracefs() -> Result<()> {
+    let dir = Path::new("/sys/kernel/tracing");
+    if dir.join("events").is_dir() {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!(
+            "bootstrap: tracefs is not mounted and mounting needs root: `sudo mount -t tracefs tracefs {}`",
+            dir.display()
+        );
+        return Ok(());
+    }
+    run(Command::new("mount")
+        .args(["-t", "tracefs", "tracefs"])
+        .arg(dir))
+    .context(
+        "mounting tracefs failed: the kernel may lack CONFIG_TRACING, which TOE's tracepoints need",
+    )
+}
+
+/// Debian packages the tests use: go (for `go tool pprof` reading TOE's pprof output).
+pub fn test_packages() -> Result<()> {
+    let missing: Vec<&str> = [("go", "golang-go")]
+        .into_iter()
+        .filter(|(bin, _)| {
+            Command::new("which")
+                .arg(bin)
+                .output()
+                .map_or(true, |o| !o.status.success())
+        })
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the tests need Debian packages {}: run `sudo apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("bootstrap: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update failed (is a Debian mirror reachable?)")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("apt-get install {} failed", missing.join(" ")))
+}
+
+/// Builds the eBPF object directly (what toe-agent's build script does), for inspection.
+pub fn build_ebpf() -> Result<()> {
+    let tools = cache_dir().join("tools/bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![tools];
+    dirs.extend(std::env::split_paths(&path));
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args([
+            &format!("+{NIGHTLY}"),
+            "build",
+            "-p",
+            "toe-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env("PATH", std::env::join_paths(dirs)?)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        ))?;
+    eprintln!(
+        "xtask: eBPF object at {}",
+        root()
+            .join("target/bpfel-unknown-none/release/toe")
+            .display()
+    );
+    Ok(())
+}
