@@ -99,10 +99,10 @@ pub struct TestCgroup {
 fn cgroup2_root() -> PathBuf {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     for line in mountinfo.lines() {
-        if let Some((pre, post)) = line.split_once(" - ") {
-            if post.starts_with("cgroup2 ") {
-                return PathBuf::from(pre.split(' ').nth(4).expect("mount point"));
-            }
+        if let Some((pre, post)) = line.split_once(" - ")
+            && post.starts_with("cgroup2 ")
+        {
+            return PathBuf::from(pre.split(' ').nth(4).expect("mount point"));
         }
     }
     panic!("no cgroup2 mount");
@@ -172,6 +172,7 @@ pub fn cpu_spec(duration: &str, args: &[&str]) -> String {
 }
 
 /// Runs the engine in-process against `target`, collecting artifacts in memory.
+#[must_use]
 pub fn profile(spec: &str, target: TargetSpec) -> (Outcome, MemorySink) {
     let req = RunRequest {
         source_name: "test.yaml".into(),

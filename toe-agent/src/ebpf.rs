@@ -51,10 +51,10 @@ pub enum LoadError {
 fn is_eperm(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
-                return true;
-            }
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
         }
         cur = e.source();
     }
@@ -170,7 +170,7 @@ impl Loaded {
                     source,
                 }
             })?;
-        Ok(tgids.keys().filter(Result::is_ok).count())
+        Ok(tgids.keys().flatten().count())
     }
 
     /// (children followed, children missed because the map was full), summed over CPUs.
@@ -180,11 +180,7 @@ impl Loaded {
         let map: aya::maps::PerCpuArray<&mut MapData, u64> =
             aya::maps::PerCpuArray::try_from(self.map_mut(name)?)
                 .map_err(|source| LoadError::Map { name, source })?;
-        let sum = |c: Counter| {
-            map.get(&(c as u32), 0)
-                .map(|v| v.iter().sum::<u64>())
-                .unwrap_or(0)
-        };
+        let sum = |c: Counter| map.get(&(c as u32), 0).map_or(0, |v| v.iter().sum::<u64>());
         Ok((sum(Counter::ChildrenFollowed), sum(Counter::TgidMapFull)))
     }
 

@@ -173,7 +173,7 @@ mod tests {
             target: TargetSpec::Pid(1),
             output: output.map(Into::into),
             cwd: "/work".into(),
-            now: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            now: SystemTime::UNIX_EPOCH + Duration::from_hours(500_000),
             nonce: 0xbeef,
         }
     }

@@ -2,14 +2,11 @@
 //! the target is gone or the user interrupts, then detach and write every artifact, including on
 //! an interruption (marked partial).
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use toe_common::api::{ToolOptions, format_duration};
+use toe_common::api::{CpuProfileOptions, ToolOptions, format_duration};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::oneshot,
@@ -20,7 +17,7 @@ use crate::{
     ebpf::{LoadError, Loaded},
     plan::RunPlan,
     profile::{
-        folded, pprof,
+        Profile, folded, pprof,
         summary::{self, SampleAccounting, Summary},
         svg,
     },
@@ -121,11 +118,21 @@ fn progress_bar(ui: Ui, total: Duration) -> ProgressBar {
     bar
 }
 
-/// Runs the plan to the end and writes its artifacts to `sink`.
-pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<Outcome, RunError> {
-    let ToolOptions::CpuProfile(opts) = plan.tool.options;
+/// A run between attach and detach.
+struct Session {
+    target: ResolvedTarget,
+    loaded: Loaded,
+    collector: CpuCollector,
+    /// Exit status of a command TOE started, delivered by a thread that waits for it.
+    command_exit: Option<oneshot::Receiver<i32>>,
+    started_at: SystemTime,
+    started: Instant,
+}
+
+/// Resolves the target and attaches; the command (if any) runs from here on.
+fn start(plan: &RunPlan, opts: &CpuProfileOptions) -> Result<Session, RunError> {
     // Everything that can be rejected is checked before anything is loaded or attached.
-    let (target, mut child) = resolve_target(&plan.target)?;
+    let (target, child) = resolve_target(&plan.target)?;
     let mut loaded = Loaded::load()?;
     loaded.install_targets(&target)?;
     if matches!(plan.target, TargetSpec::Pid(_)) {
@@ -134,68 +141,139 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
             loaded.add_tgid(pid)?;
         }
     }
-    let mut collector = CpuCollector::attach(&mut loaded, &opts)?;
-    let started_at = SystemTime::now();
-    let started = Instant::now();
-    let (exit_tx, mut exit_rx) = oneshot::channel::<i32>();
-    let child_pid = child.as_ref().map(|c| c.pid);
-    if let Some(c) = child.as_mut() {
-        c.release()?;
-        let waiter = child.take().expect("present");
-        std::thread::spawn(move || {
-            let _ = exit_tx.send(waiter.wait());
-        });
-    } else {
-        drop(exit_tx);
-    }
+    let collector = CpuCollector::attach(&mut loaded, opts)?;
+    let command_exit = match child {
+        Some(mut c) => {
+            c.release()?;
+            let (tx, rx) = oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(c.wait());
+            });
+            Some(rx)
+        }
+        None => None,
+    };
+    Ok(Session {
+        target,
+        loaded,
+        collector,
+        command_exit,
+        started_at: SystemTime::now(),
+        started: Instant::now(),
+    })
+}
 
-    let bar = progress_bar(ui, plan.tool.duration);
-    let mut raw = RawProfile::default();
-    let mut symbolizer = Symbolizer::new();
+/// Drains and symbolizes until the duration ends, the target is gone, or a signal arrives.
+/// Returns why it stopped and the command's exit status if it already exited.
+async fn sample(
+    s: &mut Session,
+    raw: &mut RawProfile,
+    symbolizer: &mut Symbolizer,
+    duration: Duration,
+    ui: Ui,
+) -> Result<(Ended, Option<i32>), RunError> {
+    let bar = progress_bar(ui, duration);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let deadline = tokio::time::sleep(plan.tool.duration);
+    let deadline = tokio::time::sleep(duration);
     tokio::pin!(deadline);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     let mut resolve = tokio::time::interval(RESOLVE_EVERY);
     let mut command_status = None;
-    let cgroup_paths: Vec<PathBuf> = target.cgroups.iter().map(|c| c.path.clone()).collect();
+    let by_pid = !s.target.tgids.is_empty() && s.target.cgroups.is_empty();
     let ended = loop {
         tokio::select! {
             () = &mut deadline => break Ended::Duration,
             _ = sigint.recv() => break Ended::Interrupted("SIGINT"),
             _ = sigterm.recv() => break Ended::Interrupted("SIGTERM"),
-            code = &mut exit_rx, if child_pid.is_some() && command_status.is_none() => {
+            code = async { s.command_exit.as_mut().expect("guarded").await }, if s.command_exit.is_some() && command_status.is_none() => {
                 let code = code.unwrap_or(127);
                 command_status = Some(code);
                 // Children it left behind are still targets; stop only when none is left.
-                if loaded.live_tgids()? == 0 {
+                if s.loaded.live_tgids()? == 0 {
                     break Ended::CommandExited(code);
                 }
             }
             _ = drain.tick() => {
-                collector.drain(&mut raw);
+                s.collector.drain(raw);
             }
             _ = resolve.tick() => {
                 symbolizer.resolve(&raw.take_new());
-                let c = collector.counters();
-                bar.set_position(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-                bar.set_message(format!("{} samples, {} lost", raw.received, c.ring_full));
-                if !target.tgids.is_empty() && target.cgroups.is_empty() && loaded.live_tgids()? == 0 {
+                bar.set_position(u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+                bar.set_message(format!("{} samples, {} lost", raw.received, s.collector.counters().ring_full));
+                if by_pid && s.loaded.live_tgids()? == 0 {
                     break command_status.map_or(Ended::TargetExited, Ended::CommandExited);
                 }
-                if !cgroup_paths.is_empty() && cgroup_paths.iter().all(|p| !p.exists()) {
+                if !s.target.cgroups.is_empty() && s.target.cgroups.iter().all(|c| !c.path.exists()) {
                     break Ended::CgroupRemoved;
                 }
             }
         }
     };
-    let children = loaded.child_counters()?;
+    bar.finish_and_clear();
+    Ok((ended, command_status))
+}
+
+/// Encodes the profile and writes every artifact, the summary last (it lists the others).
+async fn write_artifacts(
+    plan: &RunPlan,
+    profile: &Profile,
+    summary: &mut Summary,
+    sink: &dyn ArtifactSink,
+    stopped: Instant,
+) -> Result<(), RunError> {
+    let title = format!(
+        "{} — {}",
+        plan.name.as_deref().unwrap_or(&plan.tool.name),
+        summary.target
+    );
+    let svg = svg::encode(profile, &title).map_err(|e| RunError::Svg(e.to_string()))?;
+    for (kind, file, data) in [
+        ("flamegraph", "flamegraph.svg", Bytes::from(svg)),
+        ("pprof", "cpu.pb.gz", Bytes::from(pprof::encode(profile))),
+        (
+            "folded",
+            "stacks.folded",
+            Bytes::from(folded::encode(profile)),
+        ),
+    ] {
+        let url = sink.put(file, data).await?;
+        summary.artifacts.push((kind.to_owned(), url));
+    }
+    summary.finalize_ms = u64::try_from(stopped.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let json = serde_json::to_vec_pretty(&summary).expect("summary serializes");
+    let url = sink.put("summary.json", Bytes::from(json)).await?;
+    summary.artifacts.push(("summary".into(), url));
+    Ok(())
+}
+
+/// Runs the plan to the end and writes its artifacts to `sink`.
+pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<Outcome, RunError> {
+    let ToolOptions::CpuProfile(opts) = plan.tool.options;
+    let mut session = start(plan, &opts)?;
+    let mut raw = RawProfile::default();
+    let mut symbolizer = Symbolizer::new();
+    let (ended, command_status) = sample(
+        &mut session,
+        &mut raw,
+        &mut symbolizer,
+        plan.tool.duration,
+        ui,
+    )
+    .await?;
+    let children = session.loaded.child_counters()?;
+    let Session {
+        target,
+        loaded,
+        mut collector,
+        command_exit,
+        started_at,
+        started,
+    } = session;
     // Stop sampling: dropping the object detaches every program and closes the perf events.
     drop(loaded);
     let stopped = Instant::now();
     let sampled_for = started.elapsed();
-    bar.finish_and_clear();
     collector.drain(&mut raw);
     let counters = collector.counters();
     symbolizer.resolve(&raw.take_new());
@@ -231,50 +309,22 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
                 .into(),
         );
     }
-    let title = format!(
-        "{} — {}",
-        plan.name.as_deref().unwrap_or(&plan.tool.name),
-        target.description
-    );
-    let svg = svg::encode(&profile, &title).map_err(|e| RunError::Svg(e.to_string()))?;
-    for (name, data) in [
-        ("flamegraph", "flamegraph.svg", Bytes::from(svg)),
-        ("pprof", "cpu.pb.gz", Bytes::from(pprof::encode(&profile))),
-        (
-            "folded",
-            "stacks.folded",
-            Bytes::from(folded::encode(&profile)),
-        ),
-    ]
-    .map(|(kind, file, data)| ((kind, file), data))
-    {
-        let url = sink.put(name.1, data).await?;
-        summary.artifacts.push((name.0.to_owned(), url));
-    }
-    let summary_url_name = "summary.json";
-    summary.artifacts.push(("summary".into(), String::new()));
-    summary.finalize_ms = u64::try_from(stopped.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let json = serde_json::to_vec_pretty(&summary).expect("summary serializes");
-    let url = sink.put(summary_url_name, Bytes::from(json)).await?;
-    summary.artifacts.last_mut().expect("pushed above").1 = url;
+    write_artifacts(plan, &profile, &mut summary, sink, stopped).await?;
 
-    let exit_code = match &ended {
-        Ended::Interrupted("SIGINT") => 130,
-        Ended::Interrupted(_) => 143,
-        _ => 0,
-    };
-    let exit_code = match (exit_code, command_status, child_pid) {
-        (0, Some(code), _) => code,
-        (0, None, Some(_)) => {
+    let exit_code = match (&ended, command_status, command_exit) {
+        (Ended::Interrupted("SIGINT"), _, _) => 130,
+        (Ended::Interrupted(_), _, _) => 143,
+        (_, Some(code), _) => code,
+        (_, None, Some(rx)) => {
             // Duration ended first: the command keeps running and keeps its terminal; TOE
             // waits for it so scripts still get its exit status.
             eprintln!(
                 "toe: sampling stopped ({}); waiting for the command to exit",
                 ended.describe()
             );
-            exit_rx.await.unwrap_or(127)
+            rx.await.unwrap_or(127)
         }
-        (code, _, _) => code,
+        (_, None, None) => 0,
     };
     Ok(Outcome {
         summary,

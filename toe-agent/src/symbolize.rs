@@ -299,18 +299,17 @@ impl Symbolizer {
             let mut frames = Vec::with_capacity(key.ustack.len() + key.kstack.len());
             for (i, &a) in key.ustack.iter().enumerate().rev() {
                 let addr = lookup_addr(a, i == 0);
-                let chain = match self.user.get(&(key.pid, addr)) {
-                    Some(c) => c.clone(),
-                    None => {
-                        let c = unresolved(
-                            &mut self.frames,
-                            format!("[unknown] {addr:#x}"),
-                            None,
-                            false,
-                        );
-                        self.user.insert((key.pid, addr), c.clone());
-                        c
-                    }
+                let chain = if let Some(c) = self.user.get(&(key.pid, addr)) {
+                    c.clone()
+                } else {
+                    let c = unresolved(
+                        &mut self.frames,
+                        format!("[unknown] {addr:#x}"),
+                        None,
+                        false,
+                    );
+                    self.user.insert((key.pid, addr), c.clone());
+                    c
                 };
                 frames.extend_from_slice(&chain);
             }

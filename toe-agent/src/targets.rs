@@ -154,12 +154,14 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 1 && b.len() >= i + 4 {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if b[i] == b'\\'
+            && i + 3 < b.len() + 1
+            && b.len() >= i + 4
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -371,6 +373,7 @@ impl HeldChild {
     }
 
     /// Blocks until the command exits; returns its exit code (128 + signal if killed).
+    #[must_use]
     pub fn wait(&self) -> i32 {
         loop {
             match waitpid(Pid::from_raw(self.pid.cast_signed()), None) {

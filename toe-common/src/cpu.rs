@@ -40,7 +40,7 @@ pub const CONFIG_MAP: &str = "TOE_CPU_CONFIG";
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuConfig {
     pub flags: u32,
-    pub _reserved: u32,
+    pub reserved: u32,
 }
 const _: () = assert!(size_of::<CpuConfig>() == 8);
 

@@ -120,7 +120,7 @@ fn once(mode: Mode, work: u64, tmp: &Path) -> Result<Measured> {
         ),
     };
     // Same settle time for every mode, so attach cost never lands inside the measured work.
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(1));
     demo.stdin.take().expect("piped").write_all(b"go\n")?;
     let mut line = String::new();
     BufReader::new(demo.stdout.take().expect("piped")).read_line(&mut line)?;

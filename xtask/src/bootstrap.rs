@@ -32,20 +32,19 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    match output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"])) {
-        Ok(s) => Ok(PathBuf::from(s)),
-        Err(_) => {
-            eprintln!(
-                "bootstrap: installing the nightly toolchain (the eBPF crate needs build-std)"
-            );
-            run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))
-                .context("the eBPF programs build only with a nightly toolchain and rustup could not install one")?;
-            Ok(PathBuf::from(output(Command::new("rustc").args([
-                &format!("+{NIGHTLY}"),
-                "--print",
-                "sysroot",
-            ]))?))
-        }
+    if let Ok(s) =
+        output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))
+    {
+        Ok(PathBuf::from(s))
+    } else {
+        eprintln!("bootstrap: installing the nightly toolchain (the eBPF crate needs build-std)");
+        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))
+            .context("the eBPF programs build only with a nightly toolchain and rustup could not install one")?;
+        Ok(PathBuf::from(output(Command::new("rustc").args([
+            &format!("+{NIGHTLY}"),
+            "--print",
+            "sysroot",
+        ]))?))
     }
 }
 

@@ -43,6 +43,7 @@ enum Task {
     },
 }
 
+#[must_use]
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -59,6 +60,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+#[must_use]
 pub fn is_root() -> bool {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() == 0 }

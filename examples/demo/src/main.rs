@@ -35,8 +35,8 @@ fn mix(mut x: u64, rounds: u32) -> u64 {
     x
 }
 
-/// Burns `budget_ns` of this thread's CPU time in `f`'s frame.
-#[inline(always)]
+/// Burns `budget_ns` of this thread's CPU time (attributed to whichever loop calls it).
+#[inline(never)]
 fn burn(budget_ns: u64, seed: u64) -> u64 {
     let end = thread_cpu_ns() + budget_ns;
     let mut x = seed;

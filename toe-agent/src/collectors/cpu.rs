@@ -66,12 +66,11 @@ impl RawProfile {
             kstack: s.kstack[..klen].into(),
             ustack: s.ustack[..ulen].into(),
         };
-        match self.counts.get_mut(&key) {
-            Some(c) => *c += 1,
-            None => {
-                self.new_keys.push(key.clone());
-                self.counts.insert(key, 1);
-            }
+        if let Some(c) = self.counts.get_mut(&key) {
+            *c += 1;
+        } else {
+            self.new_keys.push(key.clone());
+            self.counts.insert(key, 1);
         }
     }
 
@@ -108,14 +107,7 @@ impl CpuCollector {
                 flags |= CONFIG_USER_STACKS;
             }
             config
-                .set(
-                    0,
-                    CpuConfig {
-                        flags,
-                        _reserved: 0,
-                    },
-                    0,
-                )
+                .set(0, CpuConfig { flags, reserved: 0 }, 0)
                 .map_err(map_err(CONFIG_MAP))?;
         }
         let ring =
@@ -165,12 +157,12 @@ impl CpuCollector {
         drain_ring(&mut self.ring, profile)
     }
 
+    #[must_use]
     pub fn counters(&self) -> CpuCounters {
         let sum = |c: Counter| {
             self.counters
                 .get(&(c as u32), 0)
-                .map(|v| v.iter().sum::<u64>())
-                .unwrap_or(0)
+                .map_or(0, |v| v.iter().sum::<u64>())
         };
         CpuCounters {
             sampled: sum(Counter::Sampled),

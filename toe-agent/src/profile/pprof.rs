@@ -40,71 +40,88 @@ fn as_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Builds the uncompressed message.
+/// Deduplicated mappings (one per module) and functions (one per name + file).
+#[derive(Default)]
+struct Tables {
+    strings: Strings,
+    mappings: Vec<Mapping>,
+    mapping_ids: HashMap<String, u64>,
+    functions: Vec<Function>,
+    function_ids: HashMap<(String, String), u64>,
+}
+
+impl Tables {
+    fn mapping(&mut self, module: &str) -> u64 {
+        if let Some(&id) = self.mapping_ids.get(module) {
+            return id;
+        }
+        let id = self.mappings.len() as u64 + 1;
+        let filename = self.strings.get(module);
+        self.mappings.push(Mapping {
+            id,
+            filename,
+            has_functions: true,
+            has_filenames: true,
+            has_line_numbers: true,
+            has_inline_frames: true,
+            ..Mapping::default()
+        });
+        self.mapping_ids.insert(module.to_owned(), id);
+        id
+    }
+
+    fn function(&mut self, name: &str, file: &str) -> u64 {
+        let key = (name.to_owned(), file.to_owned());
+        if let Some(&id) = self.function_ids.get(&key) {
+            return id;
+        }
+        let id = self.functions.len() as u64 + 1;
+        let name = self.strings.get(name);
+        let filename = self.strings.get(file);
+        self.functions.push(Function {
+            id,
+            name,
+            system_name: name,
+            filename,
+            start_line: 0,
+        });
+        self.function_ids.insert(key, id);
+        id
+    }
+}
+
+/// Builds the uncompressed message: one location per distinct frame, samples leaf first,
+/// labelled with pid, process and thread.
 #[must_use]
 pub fn build(profile: &Profile) -> proto::Profile {
-    let mut strings = Strings::new();
-    let mut mappings: Vec<Mapping> = Vec::new();
-    let mut mapping_ids: HashMap<String, u64> = HashMap::new();
-    let mut functions: Vec<Function> = Vec::new();
-    let mut function_ids: HashMap<(String, String), u64> = HashMap::new();
-    let mut locations = Vec::with_capacity(profile.frames.len());
-
-    for (i, f) in profile.frames.iter().enumerate() {
-        let module = f.module.clone().unwrap_or_else(|| "[unknown]".into());
-        let mapping_id = if let Some(&id) = mapping_ids.get(&module) {
-            id
-        } else {
-            let id = mappings.len() as u64 + 1;
-            mappings.push(Mapping {
-                id,
-                filename: strings.get(&module),
-                has_functions: true,
-                has_filenames: true,
-                has_line_numbers: true,
-                has_inline_frames: true,
-                ..Mapping::default()
-            });
-            mapping_ids.insert(module.clone(), id);
-            id
-        };
-        let file = f.file.clone().unwrap_or_default();
-        let key = (f.function.clone(), file.clone());
-        let function_id = if let Some(&id) = function_ids.get(&key) {
-            id
-        } else {
-            let id = functions.len() as u64 + 1;
-            let name = strings.get(&f.function);
-            functions.push(Function {
-                id,
-                name,
-                system_name: name,
-                filename: strings.get(&file),
-                start_line: 0,
-            });
-            function_ids.insert(key, id);
-            id
-        };
-        locations.push(Location {
+    let mut t = Tables {
+        strings: Strings::new(),
+        ..Tables::default()
+    };
+    let locations = profile
+        .frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Location {
             id: i as u64 + 1,
-            mapping_id,
+            mapping_id: t.mapping(f.module.as_deref().unwrap_or("[unknown]")),
             address: 0,
             line: vec![Line {
-                function_id,
+                function_id: t.function(&f.function, f.file.as_deref().unwrap_or_default()),
                 line: i64::from(f.line.unwrap_or(0)),
                 column: 0,
             }],
             is_folded: false,
-        });
-    }
-
+        })
+        .collect();
     let period = as_i64(profile.period_ns());
+    let strings = &mut t.strings;
     let (pid_key, process_key, thread_key) = (
         strings.get("pid"),
         strings.get("process"),
         strings.get("thread"),
     );
-    let samples = profile
+    let sample = profile
         .stacks
         .iter()
         .map(|s| Sample {
@@ -129,31 +146,28 @@ pub fn build(profile: &Profile) -> proto::Profile {
             ],
         })
         .collect();
+    let cpu_ns = ValueType {
+        r#type: strings.get("cpu"),
+        unit: strings.get("nanoseconds"),
+    };
     let sample_type = vec![
         ValueType {
             r#type: strings.get("samples"),
             unit: strings.get("count"),
         },
-        ValueType {
-            r#type: strings.get("cpu"),
-            unit: strings.get("nanoseconds"),
-        },
+        cpu_ns,
     ];
-    let period_type = ValueType {
-        r#type: strings.get("cpu"),
-        unit: strings.get("nanoseconds"),
-    };
     let comment = vec![strings.get(&format!("toe cpu-profile at {} Hz", profile.frequency_hz))];
     proto::Profile {
         sample_type,
-        sample: samples,
-        mapping: mappings,
+        sample,
+        mapping: t.mappings,
         location: locations,
-        function: functions,
-        string_table: strings.table,
+        function: t.functions,
+        string_table: t.strings.table,
         time_nanos: as_i64(profile.start_unix_ns),
         duration_nanos: as_i64(profile.duration_ns),
-        period_type: Some(period_type),
+        period_type: Some(cpu_ns),
         period,
         comment,
         default_sample_type: 1,

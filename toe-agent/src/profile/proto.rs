@@ -2,6 +2,12 @@
 //! with prost's derive. Declaring them here (11 small messages, stable since 2016) avoids a
 //! protoc build dependency; the field numbers and types mirror the upstream file exactly.
 
+#![expect(
+    clippy::struct_excessive_bools,
+    clippy::struct_field_names,
+    reason = "field names and types mirror profile.proto exactly"
+)]
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Profile {
     #[prost(message, repeated, tag = "1")]

@@ -155,10 +155,10 @@ pub fn parse(schema: &[ArgSpec], args: &[String]) -> Result<ParsedArgs, ArgError
         }
     }
     for spec in schema {
-        if !out.contains_key(spec.name) {
-            if let Some(default) = spec.default {
-                out.insert(spec.name, parse_value(spec, default)?);
-            }
+        if !out.contains_key(spec.name)
+            && let Some(default) = spec.default
+        {
+            out.insert(spec.name, parse_value(spec, default)?);
         }
     }
     Ok(ParsedArgs(out))
@@ -191,7 +191,7 @@ mod tests {
             name: "wait",
             kind: ArgKind::Duration {
                 min: Duration::from_secs(1),
-                max: Duration::from_secs(60),
+                max: Duration::from_mins(1),
             },
             default: None,
             help: "",

@@ -66,11 +66,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         rest = after;
     }
     let secs = u64::try_from(total_ns / 1_000_000_000).map_err(|_| err("too large"))?;
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "remainder of a division by 1e9"
-    )]
-    let nanos = (total_ns % 1_000_000_000) as u32;
+    let nanos = u32::try_from(total_ns % 1_000_000_000).expect("remainder of a division by 1e9");
     Ok(Duration::new(secs, nanos))
 }
 
@@ -82,9 +78,9 @@ pub fn format_duration(d: Duration) -> String {
     }
     if d < Duration::from_secs(1) {
         let ns = d.as_nanos();
-        return if ns % 1_000_000 == 0 {
+        return if ns.is_multiple_of(1_000_000) {
             format!("{}ms", ns / 1_000_000)
-        } else if ns % 1_000 == 0 {
+        } else if ns.is_multiple_of(1_000) {
             format!("{}us", ns / 1_000)
         } else {
             format!("{ns}ns")
@@ -116,7 +112,7 @@ mod tests {
         let ok = [
             ("30s", Duration::from_secs(30)),
             ("1m30s", Duration::from_secs(90)),
-            ("1.5h", Duration::from_secs(5400)),
+            ("1.5h", Duration::from_mins(90)),
             ("250ms", Duration::from_millis(250)),
             ("0", Duration::ZERO),
             ("1h0m0.5s", Duration::from_millis(3_600_500)),

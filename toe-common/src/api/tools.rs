@@ -73,7 +73,7 @@ static CATALOGUE: [ToolDef; 1] = [ToolDef {
     summary: "sample on-CPU stacks of the target into a flamegraph, pprof and folded stacks",
     args: CPU_ARGS,
     default_duration: Duration::from_secs(30),
-    max_duration: Duration::from_secs(3600),
+    max_duration: Duration::from_hours(1),
     build: build_cpu,
 }];
 
