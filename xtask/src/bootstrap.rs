@@ -76,6 +76,17 @@ pub fn toolchain() -> Result<()> {
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
             .context("rust-src is needed to build core for the BPF target")?;
     }
+    let has_rustfmt = Command::new("rustup")
+        .args(["run", NIGHTLY, "rustfmt", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_rustfmt {
+        eprintln!(
+            "bootstrap: adding rustfmt to nightly (the formatting check uses nightly options)"
+        );
+        run(Command::new("rustup").args(["component", "add", "rustfmt", "--toolchain", NIGHTLY]))
+            .context("rustfmt for nightly is needed by the formatting check")?;
+    }
     let llvm = nightly_llvm(&sysroot)?;
     let llvm_name = llvm.file_name().expect("file").to_owned();
     let prefix = cache_dir().join("llvm-nightly");
