@@ -258,3 +258,23 @@ fn a_target_that_exits_mid_run_keeps_its_samples() {
     assert!(folded(&sink).iter().map(|(_, n)| n).sum::<u64>() > 50);
     drop(target);
 }
+
+/// At the maximum frequency on every CPU, the ring buffer (drained every 25 ms) keeps up: nothing
+/// is lost, and the kernel's count of samples equals what user space received.
+#[test]
+fn maximum_frequency_on_all_cpus_loses_nothing() {
+    if !require_root("maximum_frequency_on_all_cpus_loses_nothing") {
+        return;
+    }
+    let cg = TestCgroup::new("maxfreq");
+    let busy: Vec<_> = (0..2).map(|_| demo(&["spin", "30"], Some(&cg))).collect();
+    let (outcome, _) = profile(
+        &cpu_spec("5s", &["--frequency=1000"]),
+        TargetSpec::Cgroup(cg.path().to_owned()),
+    );
+    let s = &outcome.summary.samples;
+    assert!(s.taken > 2_000, "{s:?}");
+    assert_eq!(s.lost_ring_full, 0, "{s:?}");
+    assert_eq!(s.taken, s.recorded, "{s:?}");
+    drop(busy);
+}

@@ -67,18 +67,23 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    pub fn load() -> Result<Self, LoadError> {
+    /// Loads the object with the CPU sample ring sized for `ring_bytes` (see
+    /// [`toe_common::cpu::ring_bytes`]).
+    pub fn load(ring_bytes: u32) -> Result<Self, LoadError> {
         if !nix::unistd::geteuid().is_root() {
             // Checked up front so the user gets one clear line instead of a verifier log.
             return Err(LoadError::NotPermitted);
         }
-        let ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
-            if is_eperm(&e) {
-                LoadError::NotPermitted
-            } else {
-                LoadError::Object(e)
-            }
-        })?;
+        let ebpf = EbpfLoader::new()
+            .map_max_entries(toe_common::cpu::SAMPLES_RING, ring_bytes)
+            .load(OBJECT)
+            .map_err(|e| {
+                if is_eperm(&e) {
+                    LoadError::NotPermitted
+                } else {
+                    LoadError::Object(e)
+                }
+            })?;
         Ok(Self { ebpf })
     }
 
@@ -123,11 +128,8 @@ impl Loaded {
         if !target.tgids.is_empty() {
             mode |= FILTER_BY_TGID;
             self.follow_children()?;
-            let mut tgids: HashMap<&mut MapData, u32, u32> =
-                HashMap::try_from(self.map_mut(TARGET_TGIDS_MAP)?)
-                    .map_err(map_err(TARGET_TGIDS_MAP))?;
             for &pid in &target.tgids {
-                tgids.insert(pid, 0, 0).map_err(map_err(TARGET_TGIDS_MAP))?;
+                self.add_tgid(pid)?;
             }
         }
         let mut config: Array<&mut MapData, FilterConfig> =

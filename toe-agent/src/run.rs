@@ -75,7 +75,9 @@ pub struct Ui {
     pub progress: bool,
 }
 
-const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// The ring holds a second of worst-case samples (`toe_common::cpu::ring_bytes`); draining 40
+/// times a second keeps it nearly empty while waking the agent rarely.
+const DRAIN_EVERY: Duration = Duration::from_millis(25);
 const RESOLVE_EVERY: Duration = Duration::from_millis(250);
 
 fn resolve_target(spec: &TargetSpec) -> Result<(ResolvedTarget, Option<HeldChild>), TargetError> {
@@ -133,7 +135,8 @@ struct Session {
 fn start(plan: &RunPlan, opts: &CpuProfileOptions) -> Result<Session, RunError> {
     // Everything that can be rejected is checked before anything is loaded or attached.
     let (target, child) = resolve_target(&plan.target)?;
-    let mut loaded = Loaded::load()?;
+    let cpus = aya::util::online_cpus().map_or(1, |c| u32::try_from(c.len()).unwrap_or(u32::MAX));
+    let mut loaded = Loaded::load(toe_common::cpu::ring_bytes(cpus, opts.frequency_hz))?;
     loaded.install_targets(&target)?;
     if matches!(plan.target, TargetSpec::Pid(_)) {
         // The fork tracepoint follows children from now on; this catches those started before.

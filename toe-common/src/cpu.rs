@@ -13,9 +13,27 @@ pub const PROGRAM: &str = "toe_cpu_sample";
 
 /// `PERF_MAX_STACK_DEPTH`, the kernel's default `kernel.perf_event_max_stack`.
 pub const MAX_STACK_DEPTH: usize = 127;
-/// 32 MiB: ~16k records, several seconds of 1000 Hz on 8 busy CPUs between drains (which run
-/// every few milliseconds), so only a stalled agent loses samples, and then it is counted.
-pub const RING_BYTES: u32 = 32 << 20;
+/// Compiled-in ring size; user space resizes it at load time with [`ring_bytes`].
+pub const RING_BYTES: u32 = 1 << 20;
+
+/// Ring-buffer size for a run: one second of every CPU sampling a target at `frequency_hz`, the
+/// worst case, rounded up to a power of two (a kernel requirement). User space drains every
+/// 25 ms, so a full second is slack for a stalled agent, while the buffer (kernel memory, mapped
+/// into the agent) stays small at the default frequency: 512 KiB for 2 CPUs at 99 Hz.
+#[must_use]
+pub const fn ring_bytes(cpus: u32, frequency_hz: u64) -> u32 {
+    let want = (cpus as u64) * frequency_hz * (size_of::<Sample>() as u64);
+    let min = 256 << 10;
+    let max = 64 << 20;
+    let clamped = if want < min {
+        min
+    } else if want > max {
+        max
+    } else {
+        want
+    };
+    clamped.next_power_of_two() as u32
+}
 pub const MIN_FREQUENCY_HZ: u64 = 1;
 pub const MAX_FREQUENCY_HZ: u64 = 1000;
 pub const DEFAULT_FREQUENCY_HZ: u64 = 99;
@@ -83,4 +101,18 @@ pub const COUNTER_COUNT: u32 = 2;
 mod user {
     // SAFETY: repr(C), Copy, no padding (sizes asserted above), every bit pattern valid.
     unsafe impl aya::Pod for super::CpuConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_is_a_power_of_two_within_bounds() {
+        assert_eq!(ring_bytes(2, 99), 512 << 10);
+        assert_eq!(ring_bytes(1, 1), 256 << 10);
+        assert_eq!(ring_bytes(512, 1000), 64 << 20);
+        let r = ring_bytes(2, 1000);
+        assert!(r.is_power_of_two() && u64::from(r) >= 2 * 1000 * size_of::<Sample>() as u64);
+    }
 }

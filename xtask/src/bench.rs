@@ -21,8 +21,8 @@ pub enum Which {
     Cpu {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Units of fixed work per run (about 0.03 s each on these machines).
-        #[arg(long, default_value_t = 100)]
+        /// Units of fixed work per run (about 2 ms each on these machines; 1500 is ~3 s).
+        #[arg(long, default_value_t = 1500)]
         work: u64,
         /// Skip the 30 s run that measures time-to-artifacts.
         #[arg(long)]
