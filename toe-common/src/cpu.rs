@@ -32,7 +32,9 @@ pub const fn ring_bytes(cpus: u32, frequency_hz: u64) -> u32 {
     } else {
         want
     };
-    clamped.next_power_of_two() as u32
+    #[expect(clippy::cast_possible_truncation, reason = "clamped to 64 MiB above")]
+    let bytes = clamped.next_power_of_two() as u32;
+    bytes
 }
 pub const MIN_FREQUENCY_HZ: u64 = 1;
 pub const MAX_FREQUENCY_HZ: u64 = 1000;
