@@ -104,10 +104,11 @@ fn request(args: &RunArgs) -> Result<RunRequest> {
 
 fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
     let plan = plan::plan(&request(args)?)?;
-    for w in &plan.warnings {
-        eprintln!("toe: warning: {w}");
-    }
+    // A real run reports the plan's warnings in its summary; a dry run has no summary.
     if plan.dry_run {
+        for w in &plan.warnings {
+            eprintln!("toe: warning: {w}");
+        }
         eprintln!(
             "toe: dry run: would run {} for {} on {:?}, writing to {}",
             plan.tool.name,

@@ -1,10 +1,7 @@
 //! Pure planning: PowerTool YAML + command-line choices -> a validated [`RunPlan`]. No side
 //! effects beyond reading nothing at all; everything here is unit-tested without root.
 
-use std::{
-    path::Path,
-    time::{Duration, SystemTime},
-};
+use std::{path::Path, time::SystemTime};
 
 use toe_common::api::{self, PowerTool, ValidatedTool};
 use url::Url;
@@ -154,14 +151,10 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
     })
 }
 
-/// How long a run may take at most, for progress display.
-#[must_use]
-pub fn duration(plan: &RunPlan) -> Duration {
-    plan.tool.duration
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const SPEC: &str = "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata:\n  name: demo\nspec:\n  tool:\n    name: cpu-profile\n    duration: 5s\n";
