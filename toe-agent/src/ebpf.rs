@@ -67,15 +67,18 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Loads the object with the CPU sample ring sized for `ring_bytes` (see
-    /// [`toe_common::cpu::ring_bytes`]).
-    pub fn load(ring_bytes: u32) -> Result<Self, LoadError> {
+    /// Loads the object with map capacities overridden by `sizes` (map name, max entries; for a
+    /// ring buffer, its bytes: see [`toe_common::cpu::ring_bytes`]).
+    pub fn load(sizes: &[(&str, u32)]) -> Result<Self, LoadError> {
         if !nix::unistd::geteuid().is_root() {
             // Checked up front so the user gets one clear line instead of a verifier log.
             return Err(LoadError::NotPermitted);
         }
-        let ebpf = EbpfLoader::new()
-            .map_max_entries(toe_common::cpu::SAMPLES_RING, ring_bytes)
+        let mut loader = EbpfLoader::new();
+        for &(name, size) in sizes {
+            loader.map_max_entries(name, size);
+        }
+        let ebpf = loader
             .load(OBJECT)
             .map_err(|e| {
                 if is_eperm(&e) {
@@ -165,6 +168,11 @@ impl Loaded {
 
     /// Number of target processes the kernel still tracks (0 once they have all exited).
     pub fn live_tgids(&mut self) -> Result<usize, LoadError> {
+        Ok(self.tgids()?.len())
+    }
+
+    /// Target processes the kernel tracks by process id (given ones and their children).
+    pub fn tgids(&mut self) -> Result<Vec<u32>, LoadError> {
         let tgids: HashMap<&mut MapData, u32, u32> =
             HashMap::try_from(self.map_mut(TARGET_TGIDS_MAP)?).map_err(|source| {
                 LoadError::Map {
@@ -172,7 +180,7 @@ impl Loaded {
                     source,
                 }
             })?;
-        Ok(tgids.keys().flatten().count())
+        Ok(tgids.keys().flatten().collect())
     }
 
     /// (children followed, children missed because the map was full), summed over CPUs.

@@ -17,7 +17,7 @@ use toe_agent::{
     sink::ObjectStoreSink,
     targets::TargetSpec,
 };
-use toe_common::api::{ArgKind, catalogue, format_duration};
+use toe_common::api::{ArgKind, catalogue, format_duration, format_size};
 
 #[derive(Parser)]
 #[command(
@@ -158,6 +158,9 @@ fn tools() {
                     format_duration(*max)
                 ),
                 ArgKind::Enum(v) => v.join("|"),
+                ArgKind::Size { min, max } => {
+                    format!("size {}..={}", format_size(*min), format_size(*max))
+                }
             };
             println!(
                 "    --{}=<{kind}>  {} (default {})",

@@ -6,21 +6,30 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use toe_common::api::{CpuProfileOptions, ToolOptions, format_duration};
+use toe_common::api::{
+    AllocationMode, CpuProfileOptions, MemoryProfileOptions, ToolOptions, format_duration,
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::oneshot,
 };
 
 use crate::{
-    collectors::cpu::{CpuCollector, CpuCounters, RawProfile},
+    allocator::{self, Allocator},
+    collectors::{
+        cpu::{CpuCollector, CpuCounters, RawProfile},
+        memory::MemoryCollector,
+    },
     ebpf::{LoadError, Loaded},
     plan::RunPlan,
     profile::{
-        Profile, folded, pprof,
-        summary::{self, SampleAccounting, Summary},
+        Profile, ValueType, folded,
+        memory::{self as memprof, AllocationAccounting, FaultAccounting, HeapTotals, MemorySummary},
+        pprof,
+        summary::{self, CpuSummary, SampleAccounting, Summary},
         svg,
     },
+    rss::{self, RssSampler},
     sink::{ArtifactSink, SinkError},
     symbolize::Symbolizer,
     targets::{self, HeldChild, ResolvedTarget, TargetError, TargetSpec},
@@ -38,6 +47,8 @@ pub enum RunError {
     Svg(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Why sampling stopped.
@@ -120,23 +131,80 @@ fn progress_bar(ui: Ui, total: Duration) -> ProgressBar {
     bar
 }
 
+/// The collector a run drives, with what it accumulates.
+enum Work {
+    Cpu {
+        opts: CpuProfileOptions,
+        collector: CpuCollector,
+        raw: RawProfile,
+    },
+    Memory {
+        opts: MemoryProfileOptions,
+        collector: MemoryCollector,
+        rss: RssSampler,
+        /// Target processes seen at the last discovery, for RSS.
+        pids: Vec<u32>,
+        ticks: u64,
+    },
+}
+
 /// A run between attach and detach.
 struct Session {
     target: ResolvedTarget,
     loaded: Loaded,
-    collector: CpuCollector,
+    work: Work,
     /// Exit status of a command TOE started, delivered by a thread that waits for it.
     command_exit: Option<oneshot::Receiver<i32>>,
     started_at: SystemTime,
     started: Instant,
 }
 
+/// A `--pid` memory target whose allocations cannot be tracked is refused before anything is
+/// loaded: the user asked for allocations and would get none. (Cgroup targets and commands are
+/// checked per process as they appear and reported in the summary instead.)
+fn check_allocator(spec: &TargetSpec, target: &ResolvedTarget) -> Result<(), RunError> {
+    let TargetSpec::Pid(pid) = spec else {
+        return Ok(());
+    };
+    let mut reasons = Vec::new();
+    for p in std::iter::once(*pid).chain(targets::descendants(&target.tgids)) {
+        match allocator::detect(p) {
+            Ok(Allocator::Glibc { .. }) => return Ok(()),
+            Ok(Allocator::Unsupported(why)) => reasons.push(format!(
+                "pid {p} ({}): {why}",
+                targets::process_name(p).unwrap_or_default()
+            )),
+            Err(e) => reasons.push(format!("pid {p}: reading its mappings: {e}")),
+        }
+    }
+    Err(RunError::Unsupported(format!(
+        "allocation tracking cannot see this target's allocations: {}; use --mode=growth (page \
+         faults and RSS work for any language and allocator)",
+        reasons.join("; ")
+    )))
+}
+
 /// Resolves the target and attaches; the command (if any) runs from here on.
-fn start(plan: &RunPlan, opts: &CpuProfileOptions) -> Result<Session, RunError> {
+fn start(plan: &RunPlan) -> Result<Session, RunError> {
     // Everything that can be rejected is checked before anything is loaded or attached.
     let (target, child) = resolve_target(&plan.target)?;
     let cpus = aya::util::online_cpus().map_or(1, |c| u32::try_from(c.len()).unwrap_or(u32::MAX));
-    let mut loaded = Loaded::load(toe_common::cpu::ring_bytes(cpus, opts.frequency_hz))?;
+    let mut loaded = match &plan.tool.options {
+        ToolOptions::CpuProfile(opts) => Loaded::load(&[(
+            toe_common::cpu::SAMPLES_RING,
+            toe_common::cpu::ring_bytes(cpus, opts.frequency_hz),
+        )])?,
+        ToolOptions::MemoryProfile(opts) => {
+            if opts.allocations != AllocationMode::Off {
+                check_allocator(&plan.target, &target)?;
+            }
+            Loaded::load(&[
+                // The CPU ring is unused by this tool: the smallest the kernel accepts.
+                (toe_common::cpu::SAMPLES_RING, 4096),
+                (toe_common::memory::LIVE_MAP, opts.max_tracked),
+            ])?
+        }
+    };
     loaded.install_targets(&target)?;
     if matches!(plan.target, TargetSpec::Pid(_)) {
         // The fork tracepoint follows children from now on; this catches those started before.
@@ -144,7 +212,27 @@ fn start(plan: &RunPlan, opts: &CpuProfileOptions) -> Result<Session, RunError> 
             loaded.add_tgid(pid)?;
         }
     }
-    let collector = CpuCollector::attach(&mut loaded, opts)?;
+    let work = match &plan.tool.options {
+        ToolOptions::CpuProfile(opts) => Work::Cpu {
+            opts: *opts,
+            collector: CpuCollector::attach(&mut loaded, opts)?,
+            raw: RawProfile::default(),
+        },
+        ToolOptions::MemoryProfile(opts) => {
+            let mut collector = MemoryCollector::attach(&mut loaded, opts)?;
+            // Attached before a held command is released, so its first allocation is seen.
+            let pids = collector.discover(&mut loaded, &target.cgroups)?;
+            let mut rss = RssSampler::new(opts.rss_interval);
+            rss.sample(&pids, &target.cgroups);
+            Work::Memory {
+                opts: *opts,
+                collector,
+                rss,
+                pids,
+                ticks: 0,
+            }
+        }
+    };
     let command_exit = match child {
         Some(mut c) => {
             c.release()?;
@@ -159,18 +247,71 @@ fn start(plan: &RunPlan, opts: &CpuProfileOptions) -> Result<Session, RunError> 
     Ok(Session {
         target,
         loaded,
-        collector,
+        work,
         command_exit,
         started_at: SystemTime::now(),
         started: Instant::now(),
     })
 }
 
+impl Session {
+    /// Every [`DRAIN_EVERY`]: empty rings, attach to new processes, read RSS when due.
+    fn fast_tick(&mut self) -> Result<(), RunError> {
+        match &mut self.work {
+            Work::Cpu { collector, raw, .. } => {
+                collector.drain(raw);
+            }
+            Work::Memory {
+                collector,
+                rss,
+                pids,
+                ticks,
+                ..
+            } => {
+                // New processes are looked for every other tick (50 ms): the delay between a
+                // fork and its probes is reported per process.
+                *ticks += 1;
+                if *ticks % 2 == 0 {
+                    *pids = collector.discover(&mut self.loaded, &self.target.cgroups)?;
+                }
+                rss.maybe_sample(pids, &self.target.cgroups);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every [`RESOLVE_EVERY`]: symbolize what is new while its processes live.
+    fn slow_tick(&mut self, symbolizer: &mut Symbolizer) {
+        match &mut self.work {
+            Work::Cpu { raw, .. } => symbolizer.resolve(&raw.take_new()),
+            Work::Memory { collector, .. } => symbolizer.resolve(&collector.take_new()),
+        }
+    }
+
+    fn progress(&self) -> String {
+        match &self.work {
+            Work::Cpu { raw, collector, .. } => format!(
+                "{} samples, {} lost",
+                raw.received,
+                collector.counters().ring_full
+            ),
+            Work::Memory { collector, pids, .. } => {
+                let c = collector.counters();
+                format!(
+                    "{} processes, {} allocations tracked, {} page faults",
+                    pids.len(),
+                    c.get(toe_common::memory::Counter::Tracked),
+                    c.get(toe_common::memory::Counter::Faults)
+                )
+            }
+        }
+    }
+}
+
 /// Drains and symbolizes until the duration ends, the target is gone, or a signal arrives.
 /// Returns why it stopped and the command's exit status if it already exited.
 async fn sample(
     s: &mut Session,
-    raw: &mut RawProfile,
     symbolizer: &mut Symbolizer,
     duration: Duration,
     ui: Ui,
@@ -198,12 +339,12 @@ async fn sample(
                 }
             }
             _ = drain.tick() => {
-                s.collector.drain(raw);
+                s.fast_tick()?;
             }
             _ = resolve.tick() => {
-                symbolizer.resolve(&raw.take_new());
+                s.slow_tick(symbolizer);
                 bar.set_position(u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX));
-                bar.set_message(format!("{} samples, {} lost", raw.received, s.collector.counters().ring_full));
+                bar.set_message(s.progress());
                 if by_pid && s.loaded.live_tgids()? == 0 {
                     break command_status.map_or(Ended::TargetExited, Ended::CommandExited);
                 }
@@ -217,29 +358,29 @@ async fn sample(
     Ok((ended, command_status))
 }
 
-/// Encodes the profile and writes every artifact, the summary last (it lists the others).
-async fn write_artifacts(
-    plan: &RunPlan,
+/// One artifact: summary name, file name, bytes.
+type Artifact = (&'static str, &'static str, Bytes);
+
+fn flamegraph(
     profile: &Profile,
+    index: usize,
+    title: &str,
+    subtitle: &str,
+    unit: &str,
+) -> Result<Bytes, RunError> {
+    svg::encode(profile, index, title, subtitle, unit)
+        .map(Bytes::from)
+        .map_err(|e| RunError::Svg(e.to_string()))
+}
+
+/// Writes every artifact, then the summary last (it lists the others).
+async fn write_artifacts(
+    artifacts: Vec<Artifact>,
     summary: &mut Summary,
     sink: &dyn ArtifactSink,
     stopped: Instant,
 ) -> Result<(), RunError> {
-    let title = format!(
-        "{} — {}",
-        plan.name.as_deref().unwrap_or(&plan.tool.name),
-        summary.target
-    );
-    let svg = svg::encode(profile, &title).map_err(|e| RunError::Svg(e.to_string()))?;
-    for (kind, file, data) in [
-        ("flamegraph", "flamegraph.svg", Bytes::from(svg)),
-        ("pprof", "cpu.pb.gz", Bytes::from(pprof::encode(profile))),
-        (
-            "folded",
-            "stacks.folded",
-            Bytes::from(folded::encode(profile)),
-        ),
-    ] {
+    for (kind, file, data) in artifacts {
         let url = sink.put(file, data).await?;
         summary.artifacts.push((kind.to_owned(), url));
     }
@@ -250,69 +391,319 @@ async fn write_artifacts(
     Ok(())
 }
 
-/// Runs the plan to the end and writes its artifacts to `sink`.
-pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<Outcome, RunError> {
-    let ToolOptions::CpuProfile(opts) = plan.tool.options;
-    let mut session = start(plan, &opts)?;
-    let mut raw = RawProfile::default();
-    let mut symbolizer = Symbolizer::new();
-    let (ended, command_status) = sample(
-        &mut session,
-        &mut raw,
-        &mut symbolizer,
-        plan.tool.duration,
-        ui,
-    )
-    .await?;
-    let children = session.loaded.child_counters()?;
-    let Session {
-        target,
-        loaded,
-        mut collector,
-        command_exit,
-        started_at,
-        started,
-    } = session;
-    // Stop sampling: dropping the object detaches every program and closes the perf events.
-    drop(loaded);
-    let stopped = Instant::now();
-    let sampled_for = started.elapsed();
+/// What a collector leaves after detaching: its section of the summary and its artifacts.
+struct Finished {
+    cpu: Option<CpuSummary>,
+    memory: Option<MemorySummary>,
+    artifacts: Vec<Artifact>,
+    warnings: Vec<String>,
+}
+
+fn finish_cpu(
+    opts: CpuProfileOptions,
+    mut collector: CpuCollector,
+    mut raw: RawProfile,
+    symbolizer: &mut Symbolizer,
+    children: (u64, u64),
+    span: (u64, u64),
+    title: &str,
+) -> Result<Finished, RunError> {
     collector.drain(&mut raw);
     let counters = collector.counters();
     symbolizer.resolve(&raw.take_new());
-    let profile = symbolizer.build(
-        &raw,
-        opts.frequency_hz,
-        unix_ns(started_at),
-        u64::try_from(sampled_for.as_nanos()).unwrap_or(u64::MAX),
+    let period = 1_000_000_000 / opts.frequency_hz.max(1);
+    let stacks = symbolizer.stacks(raw.counts.iter().map(|(k, &c)| (k, vec![c, c * period])));
+    let cpu_ns = ValueType::new("cpu", "nanoseconds");
+    let profile = Profile {
+        frames: symbolizer.frames(),
+        stacks,
+        sample_types: vec![ValueType::new("samples", "count"), cpu_ns.clone()],
+        default_type: 0,
+        period: Some((cpu_ns, period)),
+        start_unix_ns: span.0,
+        duration_ns: span.1,
+        comment: format!("toe cpu-profile at {} Hz", opts.frequency_hz),
+    };
+    let breakdown = summary::analyse(&profile);
+    let mut warnings = Vec::new();
+    if breakdown.total == 0 {
+        warnings.push(
+            "no samples: the target did not run on a CPU while sampling (idle, or exited at once)"
+                .into(),
+        );
+    }
+    let subtitle = format!(
+        "{} samples at {} Hz",
+        profile.total_default(),
+        opts.frequency_hz
     );
-
-    let mut summary = Summary {
-        run: plan.run_id.clone(),
-        tool: plan.tool.name.clone(),
-        target: target.description.clone(),
-        complete: !matches!(ended, Ended::Interrupted(_)),
-        ended: ended.describe(),
+    let artifacts = vec![
+        (
+            "flamegraph",
+            "flamegraph.svg",
+            flamegraph(&profile, 0, title, &subtitle, "samples")?,
+        ),
+        ("pprof", "cpu.pb.gz", Bytes::from(pprof::encode(&profile))),
+        (
+            "folded",
+            "stacks.folded",
+            Bytes::from(folded::encode(&profile, 0)),
+        ),
+    ];
+    let cpu = CpuSummary {
         frequency_hz: opts.frequency_hz,
-        requested_duration_s: plan.tool.duration.as_secs_f64(),
-        sampled_duration_s: sampled_for.as_secs_f64(),
         cpus: collector.cpus.len(),
         samples: SampleAccounting {
             children_followed: children.0,
             children_missed: children.1,
             ..accounting(&raw, counters)
         },
+        breakdown,
+    };
+    Ok(Finished {
+        cpu: Some(cpu),
+        memory: None,
+        artifacts,
+        warnings,
+    })
+}
+
+/// What was and was not tracked, in words, so an empty profile is never mistaken for "no leaks".
+fn coverage(opts: &MemoryProfileOptions, m: &MemorySummary) -> Vec<String> {
+    let mut out = Vec::new();
+    if opts.allocations == AllocationMode::Off {
+        out.push("allocations: not tracked (mode growth); page faults and RSS only".into());
+    } else {
+        let tracked = m.processes.iter().filter(|p| p.tracked).count();
+        let untracked: Vec<String> = m
+            .processes
+            .iter()
+            .filter(|p| !p.tracked)
+            .map(|p| format!("{} ({})", p.name, p.pid))
+            .collect();
+        if tracked == 0 {
+            out.push(
+                "allocations: NOT TRACKED in any target process (no supported allocator); the \
+                 heap profile is empty because nothing was observed, not because nothing leaked"
+                    .into(),
+            );
+        } else {
+            out.push(format!(
+                "allocations: glibc malloc family (malloc, calloc, realloc, reallocarray, free, \
+                 posix_memalign, aligned_alloc, memalign, valloc, pvalloc) probed in {tracked} \
+                 process(es); memory the application maps itself (mmap) and allocators other \
+                 than glibc's are not allocations here but show in page faults and RSS"
+            ));
+        }
+        if !untracked.is_empty() {
+            out.push(format!(
+                "allocations not tracked in: {} (reasons per process above)",
+                untracked.join(", ")
+            ));
+        }
+        if opts.min_size > 0 {
+            out.push(format!(
+                "allocations below {} are counted, not tracked",
+                memprof::bytes(opts.min_size)
+            ));
+        }
+    }
+    if opts.faults {
+        out.push("page faults: every user page fault in the target, filtered in the kernel".into());
+    }
+    out
+}
+
+fn finish_memory(
+    opts: MemoryProfileOptions,
+    mut collector: MemoryCollector,
+    rss: &RssSampler,
+    symbolizer: &mut Symbolizer,
+    span: (u64, u64),
+    title: &str,
+) -> Result<Finished, RunError> {
+    let (sites, new) = collector.finish();
+    symbolizer.resolve(&new);
+    let counters = collector.counters();
+    let mut m = MemorySummary {
+        mode: match opts.allocations {
+            AllocationMode::Exact => "exact",
+            AllocationMode::Sampled => "sampled",
+            AllocationMode::Off => "growth",
+        }
+        .into(),
+        sample_bytes: (opts.allocations == AllocationMode::Sampled).then_some(opts.sample_bytes),
+        min_size: opts.min_size,
+        fault_period: opts.faults.then_some(opts.fault_period),
+        processes: collector.processes(),
+        rss: rss.summary(),
+        ..MemorySummary::default()
+    };
+    m.coverage = coverage(&opts, &m);
+    let mut artifacts: Vec<Artifact> = Vec::new();
+    let mut warnings = Vec::new();
+    if opts.allocations != AllocationMode::Off {
+        let rate = m.sample_bytes.unwrap_or(0);
+        let heap = memprof::heap_profile(symbolizer, &sites.allocations, rate, span);
+        let totals = HeapTotals::of(&heap);
+        let subtitle = format!(
+            "{} in use at the end of the run{}",
+            memprof::bytes(totals.inuse_bytes),
+            if rate > 0 { " (estimated from sampling)" } else { "" }
+        );
+        artifacts.push((
+            "inuse-flamegraph",
+            "inuse.svg",
+            flamegraph(&heap, memprof::INUSE_SPACE, &format!("{title} — in-use bytes"), &subtitle, "bytes")?,
+        ));
+        artifacts.push((
+            "alloc-flamegraph",
+            "alloc.svg",
+            flamegraph(
+                &heap,
+                memprof::ALLOC_SPACE,
+                &format!("{title} — allocated bytes"),
+                &format!("{} allocated during the run", memprof::bytes(totals.alloc_bytes)),
+                "bytes",
+            )?,
+        ));
+        artifacts.push(("heap-pprof", "heap.pb.gz", Bytes::from(pprof::encode(&heap))));
+        artifacts.push((
+            "inuse-folded",
+            "inuse.folded",
+            Bytes::from(folded::encode(&heap, memprof::INUSE_SPACE)),
+        ));
+        artifacts.push((
+            "alloc-folded",
+            "alloc.folded",
+            Bytes::from(folded::encode(&heap, memprof::ALLOC_SPACE)),
+        ));
+        m.inuse = Some(summary::analyse(&heap));
+        m.heap = Some(totals);
+        let acc = AllocationAccounting::from_counters(&counters);
+        if acc.lost_live_map_full + acc.lost_sites_map_full + acc.lost_call_table_full > 0 {
+            warnings.push(format!(
+                "allocations lost: {} (live map full: raise --max-tracked), {} (site map full), {} (call table full)",
+                acc.lost_live_map_full, acc.lost_sites_map_full, acc.lost_call_table_full
+            ));
+        }
+        m.allocations = Some(acc);
+    }
+    if opts.faults {
+        let growth = memprof::growth_profile(
+            symbolizer,
+            &sites.faults,
+            u64::from(opts.fault_period),
+            span,
+        );
+        let f = FaultAccounting::from_counters(&counters);
+        artifacts.push((
+            "growth-flamegraph",
+            "growth.svg",
+            flamegraph(
+                &growth,
+                0,
+                &format!("{title} — page faults (memory growth)"),
+                &format!("{} page faults in the target", f.faults),
+                "faults",
+            )?,
+        ));
+        artifacts.push(("growth-pprof", "growth.pb.gz", Bytes::from(pprof::encode(&growth))));
+        artifacts.push((
+            "growth-folded",
+            "growth.folded",
+            Bytes::from(folded::encode(&growth, 0)),
+        ));
+        m.growth = Some(summary::analyse(&growth));
+        m.faults = Some(f);
+    }
+    let series = rss.series();
+    artifacts.push(("rss-csv", "rss.csv", Bytes::from(rss::csv(&series))));
+    artifacts.push((
+        "rss-json",
+        "rss.json",
+        Bytes::from(serde_json::to_vec_pretty(&series).expect("series serialize")),
+    ));
+    artifacts.push((
+        "rss-chart",
+        "rss.svg",
+        Bytes::from(rss::svg(&series, &format!("{title} — RSS"))),
+    ));
+    Ok(Finished {
+        cpu: None,
+        memory: Some(m),
+        artifacts,
+        warnings,
+    })
+}
+
+/// Runs the plan to the end and writes its artifacts to `sink`.
+pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<Outcome, RunError> {
+    let mut session = start(plan)?;
+    let mut symbolizer = Symbolizer::new();
+    let (ended, command_status) =
+        sample(&mut session, &mut symbolizer, plan.tool.duration, ui).await?;
+    let children = session.loaded.child_counters()?;
+    if let Work::Memory {
+        collector,
+        rss,
+        pids,
+        ..
+    } = &mut session.work
+    {
+        // A last reading, so the series ends where the run ended.
+        *pids = collector.discover(&mut session.loaded, &session.target.cgroups)?;
+        rss.sample(pids, &session.target.cgroups);
+    }
+    let Session {
+        target,
+        loaded,
+        work,
+        command_exit,
+        started_at,
+        started,
+    } = session;
+    // Stop collecting: dropping the object detaches every program and closes the perf events.
+    drop(loaded);
+    let stopped = Instant::now();
+    let sampled_for = started.elapsed();
+    let span = (
+        unix_ns(started_at),
+        u64::try_from(sampled_for.as_nanos()).unwrap_or(u64::MAX),
+    );
+    let title = format!(
+        "{} — {}",
+        plan.name.as_deref().unwrap_or(&plan.tool.name),
+        target.description
+    );
+    let finished = match work {
+        Work::Cpu {
+            opts,
+            collector,
+            raw,
+        } => finish_cpu(opts, collector, raw, &mut symbolizer, children, span, &title)?,
+        Work::Memory {
+            opts,
+            collector,
+            rss,
+            ..
+        } => finish_memory(opts, collector, &rss, &mut symbolizer, span, &title)?,
+    };
+    let mut summary = Summary {
+        run: plan.run_id.clone(),
+        tool: plan.tool.name.clone(),
+        target: target.description.clone(),
+        complete: !matches!(ended, Ended::Interrupted(_)),
+        ended: ended.describe(),
+        requested_duration_s: plan.tool.duration.as_secs_f64(),
+        sampled_duration_s: sampled_for.as_secs_f64(),
+        cpu: finished.cpu,
+        memory: finished.memory,
         warnings: plan.warnings.clone(),
         ..Summary::default()
     };
-    summary::analyse(&profile, &mut summary);
-    if profile.total_samples() == 0 {
-        summary.warnings.push(
-            "no samples: the target did not run on a CPU while sampling (idle, or exited at once)"
-                .into(),
-        );
-    }
-    write_artifacts(plan, &profile, &mut summary, sink, stopped).await?;
+    summary.warnings.extend(finished.warnings);
+    write_artifacts(finished.artifacts, &mut summary, sink, stopped).await?;
 
     let exit_code = match (&ended, command_status, command_exit) {
         (Ended::Interrupted("SIGINT"), _, _) => 130,
@@ -322,7 +713,7 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
             // Duration ended first: the command keeps running and keeps its terminal; TOE
             // waits for it so scripts still get its exit status.
             eprintln!(
-                "toe: sampling stopped ({}); waiting for the command to exit",
+                "toe: collection stopped ({}); waiting for the command to exit",
                 ended.describe()
             );
             rx.await.unwrap_or(127)

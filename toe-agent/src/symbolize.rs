@@ -18,10 +18,21 @@ use blazesym::{
 };
 use toe_common::comm_to_string;
 
-use crate::{
-    collectors::cpu::{RawKey, RawProfile},
-    profile::{Frame, FrameId, Profile, Stack},
-};
+use crate::profile::{Frame, FrameId, Stack};
+
+/// A stack as a collector reports it, before symbolization.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RawKey {
+    pub pid: u32,
+    /// NUL-padded thread name; all zero when the collector does not know the thread.
+    pub thread: [u8; toe_common::TASK_COMM_LEN],
+    /// Leaf first, as the kernel reports them.
+    pub kstack: Box<[u64]>,
+    pub ustack: Box<[u64]>,
+    /// The user leaf is a return address (stack taken at a function's return), not the
+    /// instruction that was running.
+    pub user_leaf_is_return: bool,
+}
 
 /// Frames for one address: the function first, then functions inlined into it, innermost last.
 type Chain = Box<[FrameId]>;
@@ -268,7 +279,7 @@ impl Symbolizer {
         for k in keys {
             let set = per_pid.entry(k.pid).or_default();
             for (i, &a) in k.ustack.iter().enumerate() {
-                set.insert(lookup_addr(a, i == 0));
+                set.insert(lookup_addr(a, i == 0 && !k.user_leaf_is_return));
             }
             for (i, &a) in k.kstack.iter().enumerate() {
                 kernel.insert(lookup_addr(a, i == 0));
@@ -285,20 +296,21 @@ impl Symbolizer {
         self.resolve_kernel(&kernel);
     }
 
-    /// The symbolized profile. Addresses never resolved (the process was gone before its first
-    /// resolve) become `[unknown]` frames and count as unresolved.
-    pub fn build(
-        &mut self,
-        raw: &RawProfile,
-        frequency_hz: u64,
-        start_unix_ns: u64,
-        duration_ns: u64,
-    ) -> Profile {
-        let mut merged: HashMap<(u32, String, Vec<FrameId>), u64> = HashMap::new();
-        for (key, &count) in &raw.counts {
+    /// Every frame interned so far; stack frame ids index into it.
+    #[must_use]
+    pub fn frames(&self) -> Vec<Frame> {
+        self.frames.frames.clone()
+    }
+
+    /// Symbolized stacks, one per distinct (process, thread, frames), values summed element-wise
+    /// and sorted heaviest first. Addresses never resolved (the process was gone before its
+    /// first resolve) become `[unknown]` frames and count as unresolved.
+    pub fn stacks<'a>(&mut self, entries: impl IntoIterator<Item = (&'a RawKey, Vec<u64>)>) -> Vec<Stack> {
+        let mut merged: HashMap<(u32, String, Vec<FrameId>), Vec<u64>> = HashMap::new();
+        for (key, values) in entries {
             let mut frames = Vec::with_capacity(key.ustack.len() + key.kstack.len());
             for (i, &a) in key.ustack.iter().enumerate().rev() {
-                let addr = lookup_addr(a, i == 0);
+                let addr = lookup_addr(a, i == 0 && !key.user_leaf_is_return);
                 let chain = if let Some(c) = self.user.get(&(key.pid, addr)) {
                     c.clone()
                 } else {
@@ -327,32 +339,32 @@ impl Symbolizer {
                     frames.extend_from_slice(&c);
                 }
             }
-            *merged
+            let sum = merged
                 .entry((key.pid, comm_to_string(&key.thread), frames))
-                .or_insert(0) += count;
+                .or_insert_with(|| vec![0; values.len()]);
+            for (acc, v) in sum.iter_mut().zip(values) {
+                *acc += v;
+            }
         }
         let mut stacks: Vec<Stack> = merged
             .into_iter()
-            .map(|((pid, thread, frames), count)| Stack {
-                pid,
-                process: self
+            .map(|((pid, thread, frames), values)| {
+                let process = self
                     .process_names
                     .get(&pid)
                     .cloned()
-                    .unwrap_or_else(|| thread.clone()),
-                thread,
-                frames,
-                count,
+                    .unwrap_or_else(|| thread.clone());
+                Stack {
+                    pid,
+                    thread: if thread.is_empty() { process.clone() } else { thread },
+                    process,
+                    frames,
+                    values,
+                }
             })
             .collect();
-        stacks.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.frames.cmp(&b.frames)));
-        Profile {
-            frames: self.frames.frames.clone(),
-            stacks,
-            frequency_hz,
-            start_unix_ns,
-            duration_ns,
-        }
+        stacks.sort_by(|a, b| b.values.cmp(&a.values).then_with(|| a.frames.cmp(&b.frames)));
+        stacks
     }
 }
 
@@ -374,13 +386,19 @@ mod tests {
             thread: [0; 16],
             kstack: Box::new([]),
             ustack: vec![addr + 1, 0x10].into(),
+            user_leaf_is_return: false,
         };
-        let mut raw = RawProfile::default();
-        raw.counts.insert(key.clone(), 3);
         let mut s = Symbolizer::new();
-        s.resolve(&[key]);
-        let p = s.build(&raw, 99, 0, 0);
-        assert_eq!(p.total_samples(), 3);
+        s.resolve(std::slice::from_ref(&key));
+        let stacks = s.stacks([(&key, vec![3])]);
+        let frames = s.frames();
+        assert_eq!(stacks[0].values, vec![3]);
+        let p = crate::profile::Profile {
+            frames,
+            stacks,
+            sample_types: vec![crate::profile::ValueType::new("samples", "count")],
+            ..Default::default()
+        };
         let names: Vec<&str> = p.stacks[0]
             .frames
             .iter()

@@ -5,6 +5,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub mod cpu;
+pub mod memory;
 pub mod targets;
 
 #[cfg(feature = "api")]

@@ -2,23 +2,46 @@
 //! program family, mirrored by a module of the same name in toe-common and toe-agent.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Atomic adds on shared map values (`memory::atomic_add`); this crate builds on nightly only.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 #[cfg(target_arch = "bpf")]
 mod cpu;
+#[cfg(target_arch = "bpf")]
+mod memory;
 #[cfg(target_arch = "bpf")]
 mod targets;
 
 #[cfg(target_arch = "bpf")]
 mod entries {
     use aya_ebpf::{
-        macros::{perf_event, tracepoint},
-        programs::{PerfEventContext, TracePointContext},
+        macros::{perf_event, tracepoint, uprobe, uretprobe},
+        programs::{PerfEventContext, ProbeContext, RetProbeContext, TracePointContext},
     };
 
     #[perf_event]
     pub fn toe_cpu_sample(ctx: PerfEventContext) -> u32 {
         crate::cpu::try_sample(&ctx);
+        0
+    }
+
+    #[uprobe]
+    pub fn toe_mem_enter(ctx: ProbeContext) -> u32 {
+        crate::memory::try_enter(&ctx);
+        0
+    }
+
+    #[uretprobe]
+    pub fn toe_mem_return(ctx: RetProbeContext) -> u32 {
+        crate::memory::try_return(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_mem_fault(ctx: TracePointContext) -> u32 {
+        crate::memory::try_fault(&ctx);
         0
     }
 

@@ -7,6 +7,15 @@
 //! `toe-demo work N [wait]`: a fixed amount of work (N units of `mix`), then prints how long it
 //! took; with `wait`, starts after a line on stdin. The benchmark's workload.
 //! `toe-demo sleep [SECONDS]`: an idle process (a target that never runs).
+//! `toe-demo leak [COUNT] [SIZE]`: leaks COUNT blocks of SIZE bytes at `leaky_site`, balances
+//! 20000 allocations at `balanced_site` (another thread) and grows buffers at `realloc_site`,
+//! prints what it did as JSON, and stays alive a second.
+//! `toe-demo forkleak [COUNT] [SIZE]`: forks after 300 ms; the child runs `leak`.
+//! `toe-demo touch [MIB]`: faults MIB MiB in at `touch_pages`, then stays alive a second.
+//! `toe-demo allocs N [wait]`: N malloc/free iterations (the memory benchmark's workload); prints
+//! seconds taken and allocations per second.
+
+mod memory;
 
 use std::{
     hint::black_box,
@@ -25,7 +34,7 @@ fn thread_cpu_ns() -> u64 {
 
 /// Busy arithmetic that the optimizer cannot remove, in rounds of a fixed size.
 #[inline(never)]
-fn mix(mut x: u64, rounds: u32) -> u64 {
+pub(crate) fn mix(mut x: u64, rounds: u32) -> u64 {
     for i in 0..rounds {
         x = x
             .wrapping_mul(6_364_136_223_846_793_005)
@@ -110,9 +119,35 @@ fn main() {
             black_box(fixed_work(n));
             println!("{:.6}", t.elapsed().as_secs_f64());
         }
+        Some("leak") => {
+            let count = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5_000);
+            let size = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1024);
+            memory::leak(count, size, Duration::from_secs(1));
+        }
+        Some("forkleak") => {
+            let count = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5_000);
+            let size = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1024);
+            memory::fork_leak(count, size, Duration::from_millis(300));
+        }
+        Some("touch") => {
+            let mib = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
+            black_box(memory::touch_pages(mib));
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        Some("allocs") => {
+            let n: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+            if args.get(3).is_some_and(|a| a == "wait") {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).expect("stdin");
+            }
+            let secs = memory::allocs(n);
+            #[expect(clippy::cast_precision_loss, reason = "display")]
+            let rate = n as f64 / secs;
+            println!("{secs:.6} {rate:.0}");
+        }
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
         Some(other) => {
-            eprintln!("toe-demo: unknown mode {other}; use spin|fork|work|sleep [SECONDS|N]");
+            eprintln!("toe-demo: unknown mode {other}; use spin|fork|work|sleep|leak|forkleak|touch|allocs [ARGS]");
             std::process::exit(2);
         }
     }

@@ -22,15 +22,7 @@ use toe_common::{
 
 use crate::ebpf::{LoadError, Loaded};
 
-/// Samples with identical process, thread name and stacks, merged.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct RawKey {
-    pub pid: u32,
-    pub thread: [u8; toe_common::TASK_COMM_LEN],
-    /// Leaf first, as the kernel reports them.
-    pub kstack: Box<[u64]>,
-    pub ustack: Box<[u64]>,
-}
+pub use crate::symbolize::RawKey;
 
 /// What the collector received, before symbolization.
 #[derive(Debug, Default)]
@@ -65,6 +57,7 @@ impl RawProfile {
             thread: s.comm,
             kstack: s.kstack[..klen].into(),
             ustack: s.ustack[..ulen].into(),
+            user_leaf_is_return: false,
         };
         if let Some(c) = self.counts.get_mut(&key) {
             *c += 1;

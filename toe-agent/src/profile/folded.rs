@@ -24,25 +24,30 @@ pub fn process_label(process: &str, pid: u32) -> String {
     format!("{} ({pid})", process.replace(';', ","))
 }
 
-/// Folded lines, merged and sorted so the output is deterministic.
+/// Folded lines of sample type `index`, merged and sorted so the output is deterministic. Stacks
+/// whose value is 0 are left out (flamegraph tools treat them as noise).
 #[must_use]
-pub fn lines(profile: &Profile) -> BTreeMap<String, u64> {
+pub fn lines(profile: &Profile, index: usize) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for s in &profile.stacks {
+        let value = s.values.get(index).copied().unwrap_or(0);
+        if value == 0 {
+            continue;
+        }
         let mut line = process_label(&s.process, s.pid);
         for &f in &s.frames {
             line.push(';');
             line.push_str(&frame_label(&profile.frames[f as usize]));
         }
-        *out.entry(line).or_insert(0) += s.count;
+        *out.entry(line).or_insert(0) += value;
     }
     out
 }
 
 #[must_use]
-pub fn encode(profile: &Profile) -> String {
+pub fn encode(profile: &Profile, index: usize) -> String {
     let mut out = String::new();
-    for (line, count) in lines(profile) {
+    for (line, count) in lines(profile, index) {
         let _ = writeln!(out, "{line} {count}");
     }
     out
@@ -55,7 +60,7 @@ mod tests {
     #[test]
     fn folded_preserves_totals() {
         let p = fixtures::profile();
-        let text = encode(&p);
+        let text = encode(&p, 0);
         assert!(text.contains("demo (42);main;hot 70\n"), "{text}");
         assert!(
             text.contains("demo (42);main;cold;ksys_write_[k] 10\n"),
@@ -65,13 +70,13 @@ mod tests {
             .lines()
             .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
             .sum();
-        assert_eq!(total, p.total_samples());
+        assert_eq!(total, p.total(0));
     }
 
     #[test]
     fn separators_in_names_are_neutralised() {
         let mut p = fixtures::profile();
         p.frames[1].function = "<[u8; 16] as Debug>::fmt".into();
-        assert!(encode(&p).contains("main;<[u8, 16] as Debug>::fmt 70"));
+        assert!(encode(&p, 0).contains("main;<[u8, 16] as Debug>::fmt 70"));
     }
 }

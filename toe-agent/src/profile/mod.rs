@@ -3,6 +3,7 @@
 //! function over data, tested without a kernel.
 
 pub mod folded;
+pub mod memory;
 pub mod pprof;
 mod proto;
 pub mod summary;
@@ -24,7 +25,7 @@ pub struct Frame {
 
 pub type FrameId = u32;
 
-/// Samples sharing a process, thread name and symbolized stack.
+/// Values sharing a process, thread name and symbolized stack; one value per sample type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stack {
     pub pid: u32,
@@ -32,41 +33,68 @@ pub struct Stack {
     pub thread: String,
     /// Root first; kernel frames (if any) follow the user frames.
     pub frames: Vec<FrameId>,
-    pub count: u64,
+    pub values: Vec<u64>,
+}
+
+/// What a value measures, as pprof's `ValueType` (e.g. `inuse_space`/`bytes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ValueType {
+    pub kind: String,
+    pub unit: String,
+}
+
+impl ValueType {
+    #[must_use]
+    pub fn new(kind: &str, unit: &str) -> Self {
+        Self {
+            kind: kind.into(),
+            unit: unit.into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Profile {
     pub frames: Vec<Frame>,
     pub stacks: Vec<Stack>,
-    pub frequency_hz: u64,
-    /// Wall-clock start of sampling, ns since the Unix epoch.
+    pub sample_types: Vec<ValueType>,
+    /// The sample type shown by default (flamegraph, folded stacks, top functions).
+    pub default_type: usize,
+    /// What one sample stands for (CPU: nanoseconds per tick), if the profile is sampled.
+    pub period: Option<(ValueType, u64)>,
+    /// Wall-clock start of collection, ns since the Unix epoch.
     pub start_unix_ns: u64,
     pub duration_ns: u64,
+    pub comment: String,
 }
 
 impl Profile {
+    /// Sum of one sample type over all stacks.
     #[must_use]
-    pub fn total_samples(&self) -> u64 {
-        self.stacks.iter().map(|s| s.count).sum()
+    pub fn total(&self, index: usize) -> u64 {
+        self.stacks
+            .iter()
+            .map(|s| s.values.get(index).copied().unwrap_or(0))
+            .sum()
     }
 
-    /// CPU time one sample stands for.
+    /// Sum of the default sample type.
     #[must_use]
-    pub fn period_ns(&self) -> u64 {
-        1_000_000_000 / self.frequency_hz.max(1)
+    pub fn total_default(&self) -> u64 {
+        self.total(self.default_type)
     }
 
-    /// Frame occurrences weighted by samples, and how many of them did not resolve.
+    /// Frame occurrences weighted by the default value, and how many of them did not resolve.
     #[must_use]
     pub fn frame_counts(&self) -> (u64, u64) {
         let mut total = 0;
         let mut unresolved = 0;
         for s in &self.stacks {
+            let v = s.values.get(self.default_type).copied().unwrap_or(0);
             for &f in &s.frames {
-                total += s.count;
+                total += v;
                 if !self.frames[f as usize].resolved {
-                    unresolved += s.count;
+                    unresolved += v;
                 }
             }
         }
@@ -104,12 +132,12 @@ pub(crate) mod fixtures {
             frame("ksys_write", true, true),
             frame("libx.so+0x1f", false, false),
         ];
-        let st = |frames: Vec<u32>, count| Stack {
+        let st = |frames: Vec<u32>, count: u64| Stack {
             pid: 42,
             process: "demo".into(),
             thread: "demo".into(),
             frames,
-            count,
+            values: vec![count, count * 10_101_010],
         };
         Profile {
             frames,
@@ -118,9 +146,15 @@ pub(crate) mod fixtures {
                 st(vec![0, 2, 5], 20),
                 st(vec![0, 3, 4], 10),
             ],
-            frequency_hz: 99,
+            sample_types: vec![
+                ValueType::new("samples", "count"),
+                ValueType::new("cpu", "nanoseconds"),
+            ],
+            default_type: 0,
+            period: Some((ValueType::new("cpu", "nanoseconds"), 10_101_010)),
             start_unix_ns: 1_700_000_000_000_000_000,
             duration_ns: 1_000_000_000,
+            comment: "test".into(),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! pprof encoding: a gzipped `profile.proto` CPU profile that `go tool pprof` reads, with
-//! per-sample labels for the process and thread.
+//! pprof encoding: a gzipped `profile.proto` that `go tool pprof` reads (CPU profiles, heap
+//! profiles with Go's four sample types, fault profiles), with per-sample labels for the process
+//! and thread.
 
 use std::{collections::HashMap, io::Write as _};
 
@@ -114,7 +115,6 @@ pub fn build(profile: &Profile) -> proto::Profile {
             is_folded: false,
         })
         .collect();
-    let period = as_i64(profile.period_ns());
     let strings = &mut t.strings;
     let (pid_key, process_key, thread_key) = (
         strings.get("pid"),
@@ -126,7 +126,7 @@ pub fn build(profile: &Profile) -> proto::Profile {
         .iter()
         .map(|s| Sample {
             location_id: s.frames.iter().rev().map(|&f| u64::from(f) + 1).collect(),
-            value: vec![as_i64(s.count), as_i64(s.count).saturating_mul(period)],
+            value: s.values.iter().map(|&v| as_i64(v)).collect(),
             label: vec![
                 Label {
                     key: pid_key,
@@ -146,18 +146,20 @@ pub fn build(profile: &Profile) -> proto::Profile {
             ],
         })
         .collect();
-    let cpu_ns = ValueType {
-        r#type: strings.get("cpu"),
-        unit: strings.get("nanoseconds"),
+    let mut value_type = |v: &super::ValueType| ValueType {
+        r#type: strings.get(&v.kind),
+        unit: strings.get(&v.unit),
     };
-    let sample_type = vec![
-        ValueType {
-            r#type: strings.get("samples"),
-            unit: strings.get("count"),
-        },
-        cpu_ns,
-    ];
-    let comment = vec![strings.get(&format!("toe cpu-profile at {} Hz", profile.frequency_hz))];
+    let sample_type: Vec<ValueType> = profile.sample_types.iter().map(&mut value_type).collect();
+    let (period_type, period) = match &profile.period {
+        Some((v, p)) => (Some(value_type(v)), as_i64(*p)),
+        None => (None, 0),
+    };
+    let default_sample_type = profile
+        .sample_types
+        .get(profile.default_type)
+        .map_or(0, |v| strings.get(&v.kind));
+    let comment = vec![strings.get(&profile.comment)];
     proto::Profile {
         sample_type,
         sample,
@@ -167,10 +169,10 @@ pub fn build(profile: &Profile) -> proto::Profile {
         string_table: t.strings.table,
         time_nanos: as_i64(profile.start_unix_ns),
         duration_nanos: as_i64(profile.duration_ns),
-        period_type: Some(cpu_ns),
+        period_type,
         period,
         comment,
-        default_sample_type: 1,
+        default_sample_type,
         ..proto::Profile::default()
     }
 }

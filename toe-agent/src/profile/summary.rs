@@ -1,5 +1,6 @@
 //! The run summary: what was asked, what was measured, every loss, and the hottest functions.
-//! Written as JSON next to the artifacts and printed for the user.
+//! Written as JSON next to the artifacts and printed for the user. Common fields first, then one
+//! section per collector that ran.
 
 use std::{collections::HashMap, fmt::Write as _};
 
@@ -37,18 +38,40 @@ pub struct FrameAccounting {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ProcessSamples {
+pub struct ProcessShare {
     pub pid: u32,
     pub name: String,
-    pub samples: u64,
+    /// In the profile's default unit (samples, bytes, faults).
+    pub value: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FunctionShare {
     pub function: String,
-    pub samples: u64,
-    /// Of all recorded samples.
+    pub value: u64,
+    /// Of the profile's total.
     pub share: f64,
+}
+
+/// Where a profile's weight sits: per process, per function, and how much of it is unsymbolized.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Breakdown {
+    pub total: u64,
+    pub frames: FrameAccounting,
+    pub processes: Vec<ProcessShare>,
+    /// Functions by weight where they are the leaf (self).
+    pub top_self: Vec<FunctionShare>,
+    /// Functions by weight where they appear anywhere on the stack (total).
+    pub top_total: Vec<FunctionShare>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CpuSummary {
+    pub frequency_hz: u64,
+    pub cpus: usize,
+    pub samples: SampleAccounting,
+    #[serde(flatten)]
+    pub breakdown: Breakdown,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -59,17 +82,12 @@ pub struct Summary {
     /// False when the run was interrupted or failed before its planned end.
     pub complete: bool,
     pub ended: String,
-    pub frequency_hz: u64,
     pub requested_duration_s: f64,
     pub sampled_duration_s: f64,
-    pub cpus: usize,
-    pub samples: SampleAccounting,
-    pub frames: FrameAccounting,
-    pub processes: Vec<ProcessSamples>,
-    /// Functions by samples where they are the leaf (self time).
-    pub top_self: Vec<FunctionShare>,
-    /// Functions by samples where they appear anywhere on the stack (total time).
-    pub top_total: Vec<FunctionShare>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<super::memory::MemorySummary>,
     /// Artifact name -> URL.
     pub artifacts: Vec<(String, String)>,
     /// Milliseconds from the end of sampling until the artifacts were written.
@@ -78,7 +96,7 @@ pub struct Summary {
 }
 
 #[expect(clippy::cast_precision_loss, reason = "shares are for display")]
-fn share(n: u64, of: u64) -> f64 {
+pub(crate) fn share(n: u64, of: u64) -> f64 {
     if of == 0 { 0.0 } else { n as f64 / of as f64 }
 }
 
@@ -87,50 +105,91 @@ fn top(map: HashMap<String, u64>, total: u64, n: usize) -> Vec<FunctionShare> {
     v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     v.into_iter()
         .take(n)
-        .map(|(function, samples)| FunctionShare {
+        .map(|(function, value)| FunctionShare {
             function,
-            samples,
-            share: share(samples, total),
+            value,
+            share: share(value, total),
         })
         .collect()
 }
 
-/// Fills the profile-derived parts of `summary`.
-pub fn analyse(profile: &Profile, summary: &mut Summary) {
-    let total = profile.total_samples();
+/// Where the weight of the profile's default sample type sits.
+#[must_use]
+pub fn analyse(profile: &Profile) -> Breakdown {
+    let index = profile.default_type;
+    let total = profile.total(index);
     let mut self_time: HashMap<String, u64> = HashMap::new();
     let mut total_time: HashMap<String, u64> = HashMap::new();
     let mut processes: HashMap<(u32, String), u64> = HashMap::new();
     for s in &profile.stacks {
-        *processes.entry((s.pid, s.process.clone())).or_insert(0) += s.count;
+        let value = s.values.get(index).copied().unwrap_or(0);
+        if value == 0 {
+            continue;
+        }
+        *processes.entry((s.pid, s.process.clone())).or_insert(0) += value;
         if let Some(&leaf) = s.frames.last() {
             *self_time
                 .entry(profile.frames[leaf as usize].function.clone())
-                .or_insert(0) += s.count;
+                .or_insert(0) += value;
         }
         // Each function counts once per stack, however deep its recursion.
         let mut seen = std::collections::HashSet::new();
         for &f in &s.frames {
             let name = &profile.frames[f as usize].function;
             if seen.insert(name) {
-                *total_time.entry(name.clone()).or_insert(0) += s.count;
+                *total_time.entry(name.clone()).or_insert(0) += value;
             }
         }
     }
-    summary.top_self = top(self_time, total, 10);
-    summary.top_total = top(total_time, total, 10);
-    let mut procs: Vec<ProcessSamples> = processes
+    let mut procs: Vec<ProcessShare> = processes
         .into_iter()
-        .map(|((pid, name), samples)| ProcessSamples { pid, name, samples })
+        .map(|((pid, name), value)| ProcessShare { pid, name, value })
         .collect();
-    procs.sort_by(|a, b| b.samples.cmp(&a.samples).then(a.pid.cmp(&b.pid)));
-    summary.processes = procs;
+    procs.sort_by(|a, b| b.value.cmp(&a.value).then(a.pid.cmp(&b.pid)));
     let (frames, unresolved) = profile.frame_counts();
-    summary.frames = FrameAccounting {
-        total: frames,
-        unresolved,
-        unresolved_share: share(unresolved, frames),
-    };
+    Breakdown {
+        total,
+        frames: FrameAccounting {
+            total: frames,
+            unresolved,
+            unresolved_share: share(unresolved, frames),
+        },
+        processes: procs,
+        top_self: top(self_time, total, 10),
+        top_total: top(total_time, total, 10),
+    }
+}
+
+/// Top functions and processes as text lines, `unit` formatting a value.
+pub(crate) fn render_breakdown(o: &mut String, b: &Breakdown, what: &str, unit: &dyn Fn(u64) -> String) {
+    let _ = writeln!(
+        o,
+        "  unsymbolized frames: {:.1}% ({} of {})",
+        b.frames.unresolved_share * 100.0,
+        b.frames.unresolved,
+        b.frames.total
+    );
+    if b.processes.len() > 1 {
+        let list: Vec<String> = b
+            .processes
+            .iter()
+            .take(5)
+            .map(|p| format!("{} ({}) {}", p.name, p.pid, unit(p.value)))
+            .collect();
+        let _ = writeln!(o, "  processes: {}", list.join(", "));
+    }
+    if !b.top_self.is_empty() {
+        let _ = writeln!(o, "  top functions by {what} (self):");
+        for f in b.top_self.iter().take(5) {
+            let _ = writeln!(
+                o,
+                "    {:5.1}%  {:>10}  {}",
+                f.share * 100.0,
+                unit(f.value),
+                f.function
+            );
+        }
+    }
 }
 
 /// The human-readable version printed at the end of a run.
@@ -139,11 +198,32 @@ pub fn render(s: &Summary) -> String {
     let mut o = String::new();
     let status = if s.complete { "complete" } else { "PARTIAL" };
     let _ = writeln!(o, "TOE {} on {}: {status} ({})", s.tool, s.target, s.ended);
-    let a = &s.samples;
+    if let Some(cpu) = &s.cpu {
+        render_cpu(&mut o, cpu, s.sampled_duration_s);
+    }
+    if let Some(m) = &s.memory {
+        super::memory::render(&mut o, m, s.sampled_duration_s);
+    }
+    for w in &s.warnings {
+        let _ = writeln!(o, "  warning: {w}");
+    }
     let _ = writeln!(
         o,
-        "  samples: {} recorded of {} taken at {} Hz over {:.1}s on {} CPUs",
-        a.recorded, a.taken, s.frequency_hz, s.sampled_duration_s, s.cpus
+        "  artifacts (written {} ms after collection ended):",
+        s.finalize_ms
+    );
+    for (name, url) in &s.artifacts {
+        let _ = writeln!(o, "    {name:<10} {url}");
+    }
+    o
+}
+
+fn render_cpu(o: &mut String, c: &CpuSummary, seconds: f64) {
+    let a = &c.samples;
+    let _ = writeln!(
+        o,
+        "  samples: {} recorded of {} taken at {} Hz over {seconds:.1}s on {} CPUs",
+        a.recorded, a.taken, c.frequency_hz, c.cpus
     );
     let _ = writeln!(
         o,
@@ -162,40 +242,7 @@ pub fn render(s: &Summary) -> String {
             a.children_followed, a.children_missed
         );
     }
-    let _ = writeln!(
-        o,
-        "  unsymbolized frames: {:.1}% ({} of {})",
-        s.frames.unresolved_share * 100.0,
-        s.frames.unresolved,
-        s.frames.total
-    );
-    if s.processes.len() > 1 {
-        let list: Vec<String> = s
-            .processes
-            .iter()
-            .take(5)
-            .map(|p| format!("{} ({}) {}", p.name, p.pid, p.samples))
-            .collect();
-        let _ = writeln!(o, "  processes: {}", list.join(", "));
-    }
-    if !s.top_self.is_empty() {
-        let _ = writeln!(o, "  top functions (self):");
-        for f in s.top_self.iter().take(5) {
-            let _ = writeln!(o, "    {:5.1}%  {}", f.share * 100.0, f.function);
-        }
-    }
-    for w in &s.warnings {
-        let _ = writeln!(o, "  warning: {w}");
-    }
-    let _ = writeln!(
-        o,
-        "  artifacts (written {} ms after sampling ended):",
-        s.finalize_ms
-    );
-    for (name, url) in &s.artifacts {
-        let _ = writeln!(o, "    {name:<10} {url}");
-    }
-    o
+    render_breakdown(o, &c.breakdown, "CPU", &|v| format!("{v}"));
 }
 
 #[cfg(test)]
@@ -204,22 +251,28 @@ mod tests {
 
     #[test]
     fn self_and_total_time() {
-        let mut s = Summary::default();
-        analyse(&fixtures::profile(), &mut s);
-        assert_eq!(s.top_self[0].function, "hot");
-        assert!((s.top_self[0].share - 0.7).abs() < 1e-9);
-        assert_eq!(s.top_total[0].function, "main");
-        assert_eq!(s.top_total[0].samples, 100);
+        let b = analyse(&fixtures::profile());
+        assert_eq!(b.top_self[0].function, "hot");
+        assert!((b.top_self[0].share - 0.7).abs() < 1e-9);
+        assert_eq!(b.top_total[0].function, "main");
+        assert_eq!(b.top_total[0].value, 100);
         assert_eq!(
-            s.processes,
-            vec![ProcessSamples {
+            b.processes,
+            vec![ProcessShare {
                 pid: 42,
                 name: "demo".into(),
-                samples: 100
+                value: 100
             }]
         );
-        assert_eq!(s.frames.unresolved, 20);
+        assert_eq!(b.frames.unresolved, 20);
+        let s = Summary {
+            cpu: Some(CpuSummary {
+                breakdown: b,
+                ..CpuSummary::default()
+            }),
+            ..Summary::default()
+        };
         let text = render(&s);
-        assert!(text.contains("70.0%  hot"), "{text}");
+        assert!(text.contains("70.0%          70  hot"), "{text}");
     }
 }

@@ -2,24 +2,28 @@
 
 use super::{Profile, folded};
 
-pub fn encode(profile: &Profile, title: &str) -> std::io::Result<Vec<u8>> {
+/// A flamegraph of sample type `index`; `count_name` names its unit in tooltips ("samples",
+/// "bytes").
+pub fn encode(
+    profile: &Profile,
+    index: usize,
+    title: &str,
+    subtitle: &str,
+    count_name: &str,
+) -> std::io::Result<Vec<u8>> {
     let mut opts = inferno::flamegraph::Options::default();
     title.clone_into(&mut opts.title);
-    opts.count_name = "samples".into();
-    opts.subtitle = Some(format!(
-        "{} samples at {} Hz; _[k] kernel, _[i] inlined",
-        profile.total_samples(),
-        profile.frequency_hz
-    ));
-    let lines: Vec<String> = folded::lines(profile)
+    opts.count_name = count_name.into();
+    opts.subtitle = Some(format!("{subtitle}; _[k] kernel, _[i] inlined"));
+    let lines: Vec<String> = folded::lines(profile, index)
         .into_iter()
         .map(|(l, c)| format!("{l} {c}"))
         .collect();
     let mut out = Vec::new();
     if lines.is_empty() {
         // inferno refuses empty input; an explicit empty graph says "no samples" honestly.
-        opts.subtitle = Some("no samples were taken in the target".into());
-        inferno::flamegraph::from_lines(&mut opts, ["[no samples] 0"].iter().copied(), &mut out)?;
+        opts.subtitle = Some(format!("{subtitle}: nothing was recorded"));
+        inferno::flamegraph::from_lines(&mut opts, ["[nothing recorded] 0"].iter().copied(), &mut out)?;
         return Ok(out);
     }
     inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut out)?;
@@ -32,7 +36,7 @@ mod tests {
 
     #[test]
     fn svg_names_frames_and_total() {
-        let svg = String::from_utf8(encode(&fixtures::profile(), "t").unwrap()).unwrap();
+        let svg = String::from_utf8(encode(&fixtures::profile(), 0, "t", "100 samples", "samples").unwrap()).unwrap();
         assert!(svg.starts_with("<?xml"));
         assert!(svg.contains("hot (70 samples"), "hot frame missing");
         assert!(svg.contains("all (100 samples"), "total missing");

@@ -12,6 +12,8 @@ pub enum ArgKind {
     Bool,
     Duration { min: Duration, max: Duration },
     Enum(&'static [&'static str]),
+    /// Bytes, written as a number with an optional unit (`4096`, `64KiB`, `512Ki`, `1MB`).
+    Size { min: u64, max: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +31,7 @@ pub enum ArgValue {
     Bool(bool),
     Duration(Duration),
     Enum(&'static str),
+    Size(u64),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,10 +71,104 @@ impl ParsedArgs {
         }
     }
 
+    /// # Panics
+    /// If `name` is not a size argument with a default: a bug in the tool definition.
+    #[must_use]
+    pub fn size(&self, name: &str) -> u64 {
+        match self.0.get(name) {
+            Some(ArgValue::Size(v)) => *v,
+            other => panic!("schema has no size argument {name}: {other:?}"),
+        }
+    }
+
+    /// # Panics
+    /// If `name` is not a duration argument with a default: a bug in the tool definition.
+    #[must_use]
+    pub fn duration(&self, name: &str) -> Duration {
+        match self.0.get(name) {
+            Some(ArgValue::Duration(v)) => *v,
+            other => panic!("schema has no duration argument {name}: {other:?}"),
+        }
+    }
+
+    /// # Panics
+    /// If `name` is not an enum argument with a default: a bug in the tool definition.
+    #[must_use]
+    pub fn choice(&self, name: &str) -> &'static str {
+        match self.0.get(name) {
+            Some(ArgValue::Enum(v)) => v,
+            other => panic!("schema has no enum argument {name}: {other:?}"),
+        }
+    }
+
     #[must_use]
     pub fn get(&self, name: &str) -> Option<&ArgValue> {
         self.0.get(name)
     }
+}
+
+/// Units a size may carry: IEC binary (`KiB`, and Kubernetes' `Ki`), SI decimal (`kB`, `K`).
+const SIZE_UNITS: &[(&str, u64)] = &[
+    ("B", 1),
+    ("KiB", 1 << 10),
+    ("Ki", 1 << 10),
+    ("MiB", 1 << 20),
+    ("Mi", 1 << 20),
+    ("GiB", 1 << 30),
+    ("Gi", 1 << 30),
+    ("TiB", 1 << 40),
+    ("Ti", 1 << 40),
+    ("kB", 1000),
+    ("KB", 1000),
+    ("k", 1000),
+    ("K", 1000),
+    ("MB", 1_000_000),
+    ("M", 1_000_000),
+    ("GB", 1_000_000_000),
+    ("G", 1_000_000_000),
+];
+
+/// Parses a byte size: digits, then an optional unit from [`SIZE_UNITS`].
+pub fn parse_size(raw: &str) -> Result<u64, String> {
+    let t = raw.trim();
+    if t.starts_with('-') {
+        return Err(format!("{raw} is not a size: sizes cannot be negative"));
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(format!(
+            "\"{raw}\" is not a size (expected bytes, e.g. 4096, 64KiB, 1MB)"
+        ));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{raw} is too large for a size"))?;
+    let unit = unit.trim();
+    let mult = if unit.is_empty() {
+        1
+    } else {
+        SIZE_UNITS
+            .iter()
+            .find(|(u, _)| *u == unit)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| {
+                format!("\"{raw}\": unknown size unit \"{unit}\" (use B, KiB, MiB, GiB, kB, MB, GB)")
+            })?
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{raw} is too large for a size"))
+}
+
+/// `bytes` in the largest binary unit that divides it, for messages.
+#[must_use]
+pub fn format_size(bytes: u64) -> String {
+    for (unit, m) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= m && bytes % m == 0 {
+            return format!("{}{unit}", bytes / m);
+        }
+    }
+    format!("{bytes}B")
 }
 
 fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
@@ -105,6 +202,17 @@ fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
                 )));
             }
             Ok(ArgValue::Duration(d))
+        }
+        ArgKind::Size { min, max } => {
+            let v = parse_size(raw).map_err(|e| ArgError::new(format!("--{name}: {e}")))?;
+            if v < *min || v > *max {
+                return Err(ArgError::new(format!(
+                    "--{name}: {raw} is out of range {}..={}",
+                    format_size(*min),
+                    format_size(*max)
+                )));
+            }
+            Ok(ArgValue::Size(v))
         }
         ArgKind::Enum(values) => values
             .iter()
@@ -196,6 +304,15 @@ mod tests {
             default: None,
             help: "",
         },
+        ArgSpec {
+            name: "bytes",
+            kind: ArgKind::Size {
+                min: 0,
+                max: 1 << 30,
+            },
+            default: Some("64KiB"),
+            help: "",
+        },
     ];
 
     fn p(args: &[&str]) -> Result<ParsedArgs, ArgError> {
@@ -215,7 +332,10 @@ mod tests {
             a.get("wait"),
             Some(&ArgValue::Duration(Duration::from_secs(2)))
         );
+        assert_eq!(p(&["--bytes=1MB"]).unwrap().size("bytes"), 1_000_000);
+        assert_eq!(p(&["--bytes", "512Ki"]).unwrap().size("bytes"), 512 << 10);
         let d = p(&[]).unwrap();
+        assert_eq!(d.size("bytes"), 64 << 10);
         assert_eq!(d.integer("n"), 5);
         assert!(!d.bool("on"));
         assert_eq!(d.get("mode"), None);
@@ -233,6 +353,10 @@ mod tests {
             (&["n=1"], "is not an argument"),
             (&["--n=1;rm -rf /"], "not an integer"),
             (&["--x"], "unknown argument --x"),
+            (&["--bytes=-1"], "sizes cannot be negative"),
+            (&["--bytes=1XB"], "unknown size unit"),
+            (&["--bytes=2GiB"], "out of range 0B..=1GiB"),
+            (&["--bytes=KiB"], "is not a size"),
         ] {
             let e = p(args).unwrap_err().to_string();
             assert!(e.contains(want), "{args:?}: {e}");

@@ -10,9 +10,12 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    args::{ArgKind, ArgSpec, ArgValue, ParsedArgs},
+    args::{ArgKind, ArgSpec, ArgValue, ParsedArgs, format_size, parse_size},
     duration::{format_duration, parse_duration},
-    tools::{CpuProfileOptions, ToolKind, ToolOptions, catalogue, find_tool},
+    tools::{
+        AllocationMode, CpuProfileOptions, MemoryProfileOptions, ToolKind, ToolOptions, catalogue,
+        find_tool,
+    },
 };
 
 pub const GROUP: &str = "toe.run";

@@ -25,6 +25,30 @@ pub struct ToolDef {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ToolOptions {
     CpuProfile(CpuProfileOptions),
+    MemoryProfile(MemoryProfileOptions),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocationMode {
+    /// Every allocation at or above the minimum size is tracked.
+    Exact,
+    /// One allocation per `sample_bytes` allocated bytes on average, scaled back up.
+    Sampled,
+    /// No allocator probes: page faults and RSS only, for any language or allocator.
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryProfileOptions {
+    pub allocations: AllocationMode,
+    pub sample_bytes: u64,
+    pub min_size: u64,
+    /// Sample page faults with stacks (the growth profile).
+    pub faults: bool,
+    pub fault_period: u32,
+    pub rss_interval: Duration,
+    /// Capacity of the kernel's table of live tracked blocks.
+    pub max_tracked: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,15 +91,102 @@ fn build_cpu(args: &ParsedArgs) -> ToolOptions {
     })
 }
 
-static CATALOGUE: [ToolDef; 1] = [ToolDef {
-    name: "cpu-profile",
-    kind: ToolKind::Collector,
-    summary: "sample on-CPU stacks of the target into a flamegraph, pprof and folded stacks",
-    args: CPU_ARGS,
-    default_duration: Duration::from_secs(30),
-    max_duration: Duration::from_hours(1),
-    build: build_cpu,
-}];
+const MEMORY_ARGS: &[ArgSpec] = &[
+    ArgSpec {
+        name: "mode",
+        kind: ArgKind::Enum(&["sampled", "exact", "growth"]),
+        default: Some("sampled"),
+        help: "sampled: allocations sampled by bytes (low overhead); exact: every allocation; \
+               growth: no allocator probes, page faults and RSS only (any language)",
+    },
+    ArgSpec {
+        name: "sample-bytes",
+        kind: ArgKind::Size {
+            min: 1,
+            max: 1 << 30,
+        },
+        default: Some("64KiB"),
+        help: "sampled mode: mean bytes allocated between two sampled allocations",
+    },
+    ArgSpec {
+        name: "min-size",
+        kind: ArgKind::Size {
+            min: 0,
+            max: 1 << 30,
+        },
+        default: Some("0"),
+        help: "allocations smaller than this are counted but not tracked",
+    },
+    ArgSpec {
+        name: "faults",
+        kind: ArgKind::Bool,
+        default: Some("true"),
+        help: "record page faults with stacks (memory growth profile)",
+    },
+    ArgSpec {
+        name: "fault-period",
+        kind: ArgKind::Integer { min: 1, max: 65_536 },
+        default: Some("1"),
+        help: "unwind every n-th page fault of the target (per CPU); counts stay exact",
+    },
+    ArgSpec {
+        name: "rss-interval",
+        kind: ArgKind::Duration {
+            min: Duration::from_millis(100),
+            max: Duration::from_mins(1),
+        },
+        default: Some("1s"),
+        help: "how often RSS of each target process and cgroup is read",
+    },
+    ArgSpec {
+        name: "max-tracked",
+        kind: ArgKind::Integer {
+            min: 1024,
+            max: 1 << 24,
+        },
+        default: Some("524288"),
+        help: "live blocks the kernel can track at once; more are counted as lost",
+    },
+];
+
+fn build_memory(args: &ParsedArgs) -> ToolOptions {
+    let allocations = match args.choice("mode") {
+        "exact" => AllocationMode::Exact,
+        "growth" => AllocationMode::Off,
+        _ => AllocationMode::Sampled,
+    };
+    ToolOptions::MemoryProfile(MemoryProfileOptions {
+        allocations,
+        sample_bytes: args.size("sample-bytes"),
+        min_size: args.size("min-size"),
+        faults: args.bool("faults") || allocations == AllocationMode::Off,
+        fault_period: u32::try_from(args.integer("fault-period")).unwrap_or(1),
+        rss_interval: args.duration("rss-interval"),
+        max_tracked: u32::try_from(args.integer("max-tracked")).unwrap_or(u32::MAX),
+    })
+}
+
+static CATALOGUE: [ToolDef; 2] = [
+    ToolDef {
+        name: "cpu-profile",
+        kind: ToolKind::Collector,
+        summary: "sample on-CPU stacks of the target into a flamegraph, pprof and folded stacks",
+        args: CPU_ARGS,
+        default_duration: Duration::from_secs(30),
+        max_duration: Duration::from_hours(1),
+        build: build_cpu,
+    },
+    ToolDef {
+        name: "memory-profile",
+        kind: ToolKind::Collector,
+        summary: "track the target's allocations (in-use/leak and allocation profiles), the code \
+                  that faults memory in, and RSS over time",
+        args: MEMORY_ARGS,
+        default_duration: Duration::from_secs(60),
+        max_duration: Duration::from_hours(1),
+        build: build_memory,
+    },
+];
 
 #[must_use]
 pub fn catalogue() -> &'static [ToolDef] {

@@ -1,0 +1,490 @@
+//! Memory collector, user side: attaches the allocator probes to each target process (never
+//! system-wide), picks up processes that appear during the run, and turns the kernel's per-site
+//! totals into heap and growth profiles.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, StackTraceMap},
+    programs::{
+        ProgramError, TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+    },
+};
+use serde::{Deserialize, Serialize};
+use toe_common::{
+    api::{AllocationMode, MemoryProfileOptions},
+    memory::{
+        CONFIG_MAP, COUNTDOWN_MAP, COUNTER_COUNT, COUNTERS_MAP, Counter, ENTER_PROGRAM,
+        EXP_TABLE_LEN, EXP_TABLE_MAP, FAULT_PROGRAM, FAULTS_MAP, Func, MemConfig, RETURN_PROGRAM,
+        SITES_MAP, STACKS_MAP, SiteKey, SiteStats, TRACK_ALLOCATIONS, TRACK_FAULTS,
+    },
+};
+
+use crate::{
+    allocator::{self, Allocator},
+    ebpf::{LoadError, Loaded},
+    symbolize::RawKey,
+    targets::{self, CgroupTarget},
+};
+
+/// One target process as the memory collector saw it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProcessTracking {
+    pub pid: u32,
+    pub name: String,
+    /// True when the allocator probes are attached.
+    pub tracked: bool,
+    /// The allocator found, or why allocations of this process are not tracked.
+    pub allocator: String,
+    /// Milliseconds between the process start and its probes being attached: allocations in
+    /// that window are not seen (their frees count as unknown frees).
+    pub attached_after_ms: Option<u64>,
+}
+
+struct ProcessState {
+    info: ProcessTracking,
+    exe: Option<PathBuf>,
+    links: Vec<(bool, UProbeLinkId)>,
+}
+
+/// Kernel counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemCounters(pub [u64; COUNTER_COUNT as usize]);
+
+impl MemCounters {
+    #[must_use]
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+}
+
+/// Per-site values after the run, before symbolization.
+pub struct RawSites {
+    pub allocations: Vec<(RawKey, SiteStats)>,
+    pub faults: Vec<(RawKey, u64)>,
+}
+
+pub struct MemoryCollector {
+    opts: MemoryProfileOptions,
+    sites: BpfHashMap<MapData, SiteKey, SiteStats>,
+    faults: BpfHashMap<MapData, SiteKey, u64>,
+    stacks: StackTraceMap<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    processes: BTreeMap<u32, ProcessState>,
+    alloc_keys: HashMap<SiteKey, RawKey>,
+    fault_keys: HashMap<SiteKey, RawKey>,
+    new_keys: Vec<RawKey>,
+}
+
+fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
+    move |source| LoadError::Program { name, source }
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
+    move |source| LoadError::Map { name, source }
+}
+
+/// `-ln(u)` for `EXP_TABLE_LEN` evenly spaced `u` in (0, 1), in 16.16 fixed point: the
+/// exponential variates the kernel draws sampling intervals from.
+fn exp_table() -> Vec<u32> {
+    (0..EXP_TABLE_LEN)
+        .map(|i| {
+            let u = (f64::from(i) + 0.5) / f64::from(EXP_TABLE_LEN);
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "-ln(u) in (0, 7.7) scaled by 2^16 fits u32"
+            )]
+            let v = (-u.ln() * 65536.0).round() as u32;
+            v
+        })
+        .collect()
+}
+
+/// Seconds since boot at which `pid` started, and now, from procfs.
+fn process_age_ms(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime, clock ticks since boot) counted after the `comm` in parentheses.
+    let after = stat.rsplit_once(") ")?.1;
+    let start_ticks: u64 = after.split_ascii_whitespace().nth(19)?.parse().ok()?;
+    let uptime: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&h| h > 0)?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "uptime in ms fits u64"
+    )]
+    let now_ms = (uptime * 1000.0) as u64;
+    Some(now_ms.saturating_sub(start_ticks * 1000 / hz))
+}
+
+/// Processes in `cgroups` and their descendant cgroups (any cgroup version).
+fn cgroup_pids(cgroups: &[CgroupTarget], out: &mut HashSet<u32>) {
+    fn walk(dir: &Path, out: &mut HashSet<u32>, depth: u32) {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if depth > 32 {
+            return;
+        }
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), out, depth + 1);
+                }
+            }
+        }
+    }
+    for cg in cgroups {
+        walk(&cg.path, out, 0);
+    }
+}
+
+impl MemoryCollector {
+    /// Configures the kernel side and attaches the page-fault tracepoint. Allocator probes are
+    /// attached per process with [`MemoryCollector::track`].
+    pub fn attach(loaded: &mut Loaded, opts: &MemoryProfileOptions) -> Result<Self, LoadError> {
+        let track_allocs = opts.allocations != AllocationMode::Off;
+        {
+            let mut config: Array<&mut MapData, MemConfig> =
+                Array::try_from(loaded.map_mut(CONFIG_MAP)?).map_err(map_err(CONFIG_MAP))?;
+            let mut flags = 0;
+            if track_allocs {
+                flags |= TRACK_ALLOCATIONS;
+            }
+            if opts.faults {
+                flags |= TRACK_FAULTS;
+            }
+            let cfg = MemConfig {
+                flags,
+                fault_period: opts.fault_period.max(1),
+                sample_bytes: if opts.allocations == AllocationMode::Sampled {
+                    opts.sample_bytes.max(1)
+                } else {
+                    0
+                },
+                min_size: opts.min_size,
+            };
+            config.set(0, cfg, 0).map_err(map_err(CONFIG_MAP))?;
+        }
+        {
+            let mut exp: Array<&mut MapData, u32> =
+                Array::try_from(loaded.map_mut(EXP_TABLE_MAP)?).map_err(map_err(EXP_TABLE_MAP))?;
+            for (i, v) in (0u32..).zip(exp_table()) {
+                exp.set(i, v, 0).map_err(map_err(EXP_TABLE_MAP))?;
+            }
+        }
+        {
+            // Each CPU starts at its own random point of the sampling process, as if it had
+            // been running; starting all at 0 would sample every CPU's first allocation.
+            let mut countdown: PerCpuArray<&mut MapData, i64> =
+                PerCpuArray::try_from(loaded.map_mut(COUNTDOWN_MAP)?)
+                    .map_err(map_err(COUNTDOWN_MAP))?;
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| LoadError::Map {
+                name: COUNTDOWN_MAP,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "nr_cpus",
+                    io_error: e,
+                }),
+            })?;
+            let table = exp_table();
+            let seed = u64::from(std::process::id())
+                ^ std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::from(d.subsec_nanos()));
+            let first: Vec<i64> = (0..cpus)
+                .map(|c| {
+                    let idx = (seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(c as u64 * 1_442_695_040_888_963_407) >> 33)
+                        % u64::from(EXP_TABLE_LEN);
+                    let e = u64::from(table[usize::try_from(idx).unwrap_or(0)]);
+                    i64::try_from(opts.sample_bytes.saturating_mul(e) >> 16).unwrap_or(i64::MAX)
+                })
+                .collect();
+            let values = PerCpuValues::try_from(first).map_err(|e| LoadError::Map {
+                name: COUNTDOWN_MAP,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "per-cpu values",
+                    io_error: e,
+                }),
+            })?;
+            countdown.set(0, values, 0).map_err(map_err(COUNTDOWN_MAP))?;
+        }
+        if track_allocs {
+            for name in [ENTER_PROGRAM, RETURN_PROGRAM] {
+                let prog: &mut UProbe = loaded
+                    .program_mut(name)?
+                    .try_into()
+                    .map_err(prog_err(name))?;
+                prog.load().map_err(prog_err(name))?;
+            }
+        }
+        if opts.faults {
+            let prog: &mut TracePoint = loaded
+                .program_mut(FAULT_PROGRAM)?
+                .try_into()
+                .map_err(prog_err(FAULT_PROGRAM))?;
+            prog.load().map_err(prog_err(FAULT_PROGRAM))?;
+            prog.attach("exceptions", "page_fault_user")
+                .map_err(LoadError::Tracefs)?;
+        }
+        Ok(Self {
+            opts: *opts,
+            sites: BpfHashMap::try_from(loaded.take_map(SITES_MAP)?).map_err(map_err(SITES_MAP))?,
+            faults: BpfHashMap::try_from(loaded.take_map(FAULTS_MAP)?)
+                .map_err(map_err(FAULTS_MAP))?,
+            stacks: StackTraceMap::try_from(loaded.take_map(STACKS_MAP)?)
+                .map_err(map_err(STACKS_MAP))?,
+            counters: PerCpuArray::try_from(loaded.take_map(COUNTERS_MAP)?)
+                .map_err(map_err(COUNTERS_MAP))?,
+            processes: BTreeMap::new(),
+            alloc_keys: HashMap::new(),
+            fault_keys: HashMap::new(),
+            new_keys: Vec::new(),
+        })
+    }
+
+    fn tracks_allocations(&self) -> bool {
+        self.opts.allocations != AllocationMode::Off
+    }
+
+    /// Starts tracking `pid` if it is new, or re-checks it after an exec. Returns an error only
+    /// for kernel refusals; a process without a supported allocator is recorded as untracked.
+    pub fn track(&mut self, loaded: &mut Loaded, pid: u32) -> Result<(), LoadError> {
+        let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+        if let Some(state) = self.processes.get(&pid)
+            && state.exe == exe
+        {
+            return Ok(());
+        }
+        if exe.is_none() && !self.processes.contains_key(&pid) {
+            // Gone already, or a kernel thread.
+            return Ok(());
+        }
+        let name = targets::process_name(pid).unwrap_or_default();
+        let mut state = self.processes.remove(&pid).unwrap_or(ProcessState {
+            info: ProcessTracking {
+                pid,
+                name: name.clone(),
+                ..ProcessTracking::default()
+            },
+            exe: None,
+            links: Vec::new(),
+        });
+        state.exe.clone_from(&exe);
+        state.info.name = name;
+        if !self.tracks_allocations() {
+            state.info.allocator = "not probed (mode growth)".into();
+            self.processes.insert(pid, state);
+            return Ok(());
+        }
+        let found = allocator::detect(pid).unwrap_or_else(|e| {
+            Allocator::Unsupported(format!("its mappings could not be read: {e}"))
+        });
+        match found {
+            Allocator::Glibc { attach_path, path } => {
+                if !state.info.tracked {
+                    state.links = attach_probes(loaded, pid, &attach_path)?;
+                    state.info.tracked = true;
+                    state.info.attached_after_ms = process_age_ms(pid);
+                }
+                state.info.allocator = format!("glibc ({path})");
+            }
+            Allocator::Unsupported(why) => {
+                // After an exec into a binary without glibc the old probes are useless.
+                detach_probes(loaded, std::mem::take(&mut state.links));
+                state.info.tracked = false;
+                state.info.allocator = format!("not tracked: {why}");
+            }
+        }
+        self.processes.insert(pid, state);
+        Ok(())
+    }
+
+    /// Finds target processes not tracked yet (children, processes that joined a target
+    /// cgroup) and attaches to them; re-checks processes that exec'd. Returns the target
+    /// processes alive now.
+    pub fn discover(
+        &mut self,
+        loaded: &mut Loaded,
+        cgroups: &[CgroupTarget],
+    ) -> Result<Vec<u32>, LoadError> {
+        let pids = target_pids(&loaded.tgids()?, cgroups);
+        for &pid in &pids {
+            self.track(loaded, pid)?;
+        }
+        Ok(pids)
+    }
+
+    #[must_use]
+    pub fn processes(&self) -> Vec<ProcessTracking> {
+        self.processes.values().map(|p| p.info.clone()).collect()
+    }
+
+    #[must_use]
+    pub fn counters(&self) -> MemCounters {
+        let mut out = MemCounters::default();
+        for (i, slot) in (0u32..).zip(out.0.iter_mut()) {
+            *slot = self.counters.get(&i, 0).map_or(0, |v| v.iter().sum());
+        }
+        out
+    }
+
+    fn raw_key(&self, site: SiteKey, is_return: bool) -> RawKey {
+        let ustack: Box<[u64]> = u32::try_from(site.stack_id)
+            .ok()
+            .and_then(|id| self.stacks.get(&id, 0).ok())
+            .map(|st| st.frames().iter().map(|f| f.ip).collect())
+            .unwrap_or_default();
+        RawKey {
+            pid: site.tgid,
+            thread: [0; toe_common::TASK_COMM_LEN],
+            kstack: Box::new([]),
+            ustack,
+            user_leaf_is_return: is_return,
+        }
+    }
+
+    /// Reads sites first seen since the last call, so their stacks are symbolized while the
+    /// processes live. Returns them for the symbolizer.
+    pub fn take_new(&mut self) -> Vec<RawKey> {
+        let alloc_sites: Vec<SiteKey> = self.sites.keys().flatten().collect();
+        for site in alloc_sites {
+            if !self.alloc_keys.contains_key(&site) {
+                let key = self.raw_key(site, true);
+                self.new_keys.push(key.clone());
+                self.alloc_keys.insert(site, key);
+            }
+        }
+        let fault_sites: Vec<SiteKey> = self.faults.keys().flatten().collect();
+        for site in fault_sites {
+            if !self.fault_keys.contains_key(&site) {
+                let key = self.raw_key(site, false);
+                self.new_keys.push(key.clone());
+                self.fault_keys.insert(site, key);
+            }
+        }
+        std::mem::take(&mut self.new_keys)
+    }
+
+    /// Final per-site values. Call after the probes are detached.
+    pub fn finish(&mut self) -> (RawSites, Vec<RawKey>) {
+        let new = self.take_new();
+        let allocations = self
+            .sites
+            .iter()
+            .flatten()
+            .filter_map(|(site, stats)| Some((self.alloc_keys.get(&site)?.clone(), stats)))
+            .collect();
+        let faults = self
+            .faults
+            .iter()
+            .flatten()
+            .filter_map(|(site, n)| Some((self.fault_keys.get(&site)?.clone(), n)))
+            .collect();
+        (
+            RawSites {
+                allocations,
+                faults,
+            },
+            new,
+        )
+    }
+}
+
+fn attach_probes(
+    loaded: &mut Loaded,
+    pid: u32,
+    libc: &Path,
+) -> Result<Vec<(bool, UProbeLinkId)>, LoadError> {
+    let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
+        return Ok(Vec::new());
+    };
+    let mut links = Vec::new();
+    for func in Func::ALL {
+        for (is_return, name) in [(false, ENTER_PROGRAM), (true, RETURN_PROGRAM)] {
+            if is_return && func == Func::Free {
+                continue;
+            }
+            let prog: &mut UProbe = loaded
+                .program_mut(name)?
+                .try_into()
+                .map_err(prog_err(name))?;
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::Symbol(func.symbol()),
+                cookie: Some(func as u64),
+            };
+            match prog.attach(point, libc, scope) {
+                Ok(id) => links.push((is_return, id)),
+                Err(ProgramError::UProbeError(aya::programs::uprobe::UProbeError::SymbolError {
+                    ..
+                })) if func.optional() => {
+                    // Old glibc without reallocarray, or one built without pvalloc.
+                    break;
+                }
+                Err(source) => {
+                    detach_probes(loaded, links);
+                    return Err(LoadError::Program { name, source });
+                }
+            }
+        }
+    }
+    Ok(links)
+}
+
+fn detach_probes(loaded: &mut Loaded, links: Vec<(bool, UProbeLinkId)>) {
+    for (is_return, id) in links {
+        let name = if is_return {
+            RETURN_PROGRAM
+        } else {
+            ENTER_PROGRAM
+        };
+        if let Ok(prog) = loaded.program_mut(name)
+            && let Ok(prog) = <&mut UProbe>::try_from(prog)
+        {
+            // The process may be gone; its link is released either way.
+            let _ = prog.detach(id);
+        }
+    }
+}
+
+/// The target's processes right now, for callers that need a list (RSS).
+#[must_use]
+pub fn target_pids(tgids: &[u32], cgroups: &[CgroupTarget]) -> Vec<u32> {
+    let mut set: HashSet<u32> = tgids.iter().copied().collect();
+    cgroup_pids(cgroups, &mut set);
+    let mut v: Vec<u32> = set.into_iter().collect();
+    v.sort_unstable();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_table_has_mean_one() {
+        let t = exp_table();
+        let mean = t.iter().map(|&v| f64::from(v) / 65536.0).sum::<f64>() / t.len() as f64;
+        assert!((mean - 1.0).abs() < 0.01, "{mean}");
+        assert!(t.windows(2).all(|w| w[0] >= w[1]));
+    }
+
+    #[test]
+    fn own_age_is_known() {
+        assert!(process_age_ms(std::process::id()).is_some());
+    }
+}

@@ -1,0 +1,239 @@
+//! Memory collector: allocation tracking through uprobes on the target's allocator, and sampled
+//! page faults with stacks (the growth profile).
+//!
+//! Aggregation happens in the kernel. Each tracked block lives in [`LIVE_MAP`] until it is freed;
+//! per call site (process, user stack, direct caller) [`SITES_MAP`] keeps allocated and freed
+//! objects and bytes, so in-use = allocated - freed. Nothing is streamed per allocation: an
+//! allocation-heavy target costs one map update per tracked call, never a ring-buffer record and
+//! a user-space wakeup, which is where bcc's memleak spends much of its overhead.
+
+pub const CONFIG_MAP: &str = "TOE_MEM_CONFIG";
+/// `HashMap<u64 pid_tgid, InFlight>`: allocator calls between entry and return, per thread.
+pub const INFLIGHT_MAP: &str = "TOE_MEM_INFLIGHT";
+/// `HashMap<LiveKey, LiveBlock>`: tracked blocks not freed yet.
+pub const LIVE_MAP: &str = "TOE_MEM_LIVE";
+/// `HashMap<SiteKey, SiteStats>`: per allocation site totals.
+pub const SITES_MAP: &str = "TOE_MEM_SITES";
+/// `HashMap<SiteKey, u64>`: sampled page faults per faulting stack.
+pub const FAULTS_MAP: &str = "TOE_MEM_FAULTS";
+/// `StackTrace`: user stacks referenced by [`SiteKey::stack_id`].
+pub const STACKS_MAP: &str = "TOE_MEM_STACKS";
+/// `PerCpuArray<u64>` indexed by [`Counter`].
+pub const COUNTERS_MAP: &str = "TOE_MEM_COUNTERS";
+/// `Array<u32>` of [`EXP_TABLE_LEN`] exponential variates in 16.16 fixed point (mean 1.0), filled
+/// by user space: the kernel has no floating point, and sampling intervals must be exponential
+/// for the sampling probability of an allocation of `s` bytes to be `1 - exp(-s/rate)`.
+pub const EXP_TABLE_MAP: &str = "TOE_MEM_EXP";
+/// `PerCpuArray<i64>` of bytes until the next sampled allocation.
+pub const COUNTDOWN_MAP: &str = "TOE_MEM_COUNTDOWN";
+pub const EXP_TABLE_LEN: u32 = 1024;
+
+pub const ENTER_PROGRAM: &str = "toe_mem_enter";
+pub const RETURN_PROGRAM: &str = "toe_mem_return";
+pub const FAULT_PROGRAM: &str = "toe_mem_fault";
+
+/// Compiled-in capacity of [`LIVE_MAP`]; user space sets the real one at load time.
+pub const DEFAULT_MAX_LIVE: u32 = 1 << 19;
+pub const MAX_SITES: u32 = 1 << 16;
+pub const MAX_STACKS: u32 = 1 << 13;
+pub const MAX_INFLIGHT: u32 = 1 << 14;
+
+/// The allocator entry point a uprobe is attached to, passed as its attach cookie.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Func {
+    Malloc = 0,
+    Calloc = 1,
+    Realloc = 2,
+    Free = 3,
+    PosixMemalign = 4,
+    AlignedAlloc = 5,
+    Memalign = 6,
+    Valloc = 7,
+    Pvalloc = 8,
+    Reallocarray = 9,
+}
+
+impl Func {
+    pub const ALL: [Self; 10] = [
+        Self::Malloc,
+        Self::Calloc,
+        Self::Realloc,
+        Self::Free,
+        Self::PosixMemalign,
+        Self::AlignedAlloc,
+        Self::Memalign,
+        Self::Valloc,
+        Self::Pvalloc,
+        Self::Reallocarray,
+    ];
+
+    #[must_use]
+    pub const fn symbol(self) -> &'static str {
+        match self {
+            Self::Malloc => "malloc",
+            Self::Calloc => "calloc",
+            Self::Realloc => "realloc",
+            Self::Free => "free",
+            Self::PosixMemalign => "posix_memalign",
+            Self::AlignedAlloc => "aligned_alloc",
+            Self::Memalign => "memalign",
+            Self::Valloc => "valloc",
+            Self::Pvalloc => "pvalloc",
+            Self::Reallocarray => "reallocarray",
+        }
+    }
+
+    /// Entry points an allocator may lack (glibc before 2.26 has no reallocarray; pvalloc is
+    /// being removed): their absence is not an error.
+    #[must_use]
+    pub const fn optional(self) -> bool {
+        matches!(self, Self::Pvalloc | Self::Reallocarray | Self::Valloc)
+    }
+
+    #[must_use]
+    pub const fn from_cookie(c: u64) -> Option<Self> {
+        if c < Self::ALL.len() as u64 {
+            Some(Self::ALL[c as usize])
+        } else {
+            None
+        }
+    }
+}
+
+/// `MemConfig::flags`: track allocations (uprobes attached).
+pub const TRACK_ALLOCATIONS: u32 = 1 << 0;
+/// `MemConfig::flags`: sample page faults.
+pub const TRACK_FAULTS: u32 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemConfig {
+    pub flags: u32,
+    /// Every `fault_period`-th page fault of a target (per CPU) is unwound; 1 = all.
+    pub fault_period: u32,
+    /// Mean bytes between sampled allocations; 0 = exact mode (every allocation).
+    pub sample_bytes: u64,
+    /// Allocations smaller than this are counted but not tracked.
+    pub min_size: u64,
+}
+const _: () = assert!(size_of::<MemConfig>() == 24);
+
+/// `InFlight::flags`: this call's result is to be tracked (passed size and sampling filters).
+pub const INFLIGHT_TRACK: u32 = 1 << 0;
+
+/// Allocator call state saved at entry for the return probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// `Func` as u32.
+    pub func: u32,
+    /// Probed allocator functions entered from inside this call (glibc's realloc calls malloc
+    /// and free, memalign calls malloc): they belong to this call and are not counted again.
+    pub nested: u32,
+    pub size: u64,
+    /// realloc: the block being resized. posix_memalign: where the result is stored.
+    pub ptr: u64,
+    pub flags: u32,
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<InFlight>() == 32);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub tgid: u32,
+    pub reserved: u32,
+    pub addr: u64,
+}
+const _: () = assert!(size_of::<LiveKey>() == 16);
+
+/// An allocation site: the process and its user stack. `stack_id` < 0 means the stack could not
+/// be stored (see [`Counter::StackLost`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SiteKey {
+    pub tgid: u32,
+    pub stack_id: i32,
+}
+const _: () = assert!(size_of::<SiteKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveBlock {
+    pub size: u64,
+    pub site: SiteKey,
+}
+const _: () = assert!(size_of::<LiveBlock>() == 16);
+
+/// Updated with atomic adds: several threads of a process allocate at the same site at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteStats {
+    pub alloc_objects: u64,
+    pub alloc_bytes: u64,
+    pub free_objects: u64,
+    pub free_bytes: u64,
+}
+const _: () = assert!(size_of::<SiteStats>() == 32);
+
+/// Indices into [`COUNTERS_MAP`]. Every allocator call of a target ends in exactly one of the
+/// allocation outcomes, every free in one of the free outcomes, so the summary can account for
+/// all of them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Allocating calls (malloc, calloc, realloc, memalign family) seen at entry, outermost only.
+    AllocCalls = 0,
+    /// Bytes asked for by those calls.
+    AllocBytes = 1,
+    /// Smaller than the minimum size: counted, not tracked.
+    BelowMinSize = 2,
+    /// Not picked by byte sampling.
+    NotSampled = 3,
+    /// Tracked and stored in the live map.
+    Tracked = 4,
+    /// The allocator returned NULL (or an error for posix_memalign).
+    Failed = 5,
+    /// The live map was full: a tracked allocation could not be stored.
+    LiveMapFull = 6,
+    /// The sites map was full: a tracked allocation could not be attributed.
+    SitesMapFull = 7,
+    /// The stack could not be stored (stack map bucket taken by another stack, or unwinding
+    /// failed): the allocation is attributed to an unknown stack.
+    StackLost = 8,
+    /// The per-thread call table was full: the call was not seen.
+    InflightFull = 9,
+    /// Allocator calls made from inside another probed call (not counted twice).
+    Nested = 10,
+    /// free/realloc of a tracked block.
+    FreesMatched = 11,
+    /// free/realloc of a block not in the live map: allocated before the run started, not
+    /// sampled, or below the minimum size.
+    FreesUnknown = 12,
+    /// free(NULL), a no-op.
+    FreeNull = 13,
+    /// A tracked address was returned again before its free was seen: the old block is
+    /// counted as freed.
+    Reused = 14,
+    /// Page faults in target tasks.
+    Faults = 15,
+    /// Page faults unwound and recorded.
+    FaultsSampled = 16,
+    /// Faults whose stack could not be stored.
+    FaultStackLost = 17,
+    /// The faults map was full.
+    FaultsMapFull = 18,
+}
+pub const COUNTER_COUNT: u32 = 19;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: repr(C), Copy, no padding (sizes asserted above), every bit pattern valid.
+    unsafe impl aya::Pod for super::MemConfig {}
+    unsafe impl aya::Pod for super::LiveKey {}
+    unsafe impl aya::Pod for super::LiveBlock {}
+    unsafe impl aya::Pod for super::SiteKey {}
+    unsafe impl aya::Pod for super::SiteStats {}
+    unsafe impl aya::Pod for super::InFlight {}
+}
