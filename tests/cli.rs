@@ -176,7 +176,7 @@ fn interruption_writes_partial_artifacts_and_nothing_stays_attached() {
             serde_json::from_str(&stdout).expect("summary JSON on stdout");
         assert_eq!(summary["complete"], false);
         assert!(summary["ended"].as_str().unwrap().contains(signal.as_str()));
-        assert!(summary["samples"]["recorded"].as_u64().unwrap() > 0);
+        assert!(summary["cpu"]["samples"]["recorded"].as_u64().unwrap() > 0);
         let run_dir = std::fs::read_dir(&out_dir)
             .unwrap()
             .next()

@@ -49,7 +49,7 @@ fn only_the_target_cgroup_and_its_descendants_are_sampled() {
         "{by_pid:?}"
     );
     assert_eq!(outcome.ended, Ended::Duration);
-    let s = &outcome.summary.samples;
+    let s = &outcome.summary.cpu.as_ref().unwrap().samples;
     assert_eq!(s.taken, s.recorded + s.lost_ring_full + s.unaccounted);
     assert_eq!(s.lost_ring_full, 0);
 }
@@ -180,7 +180,7 @@ fn sample_count_matches_frequency_times_busy_cpu_time() {
     let after = cpu_seconds(parent.pid()) + cpu_seconds(child);
     let busy = after - before;
     #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
-    let got = outcome.summary.samples.taken as f64;
+    let got = outcome.summary.cpu.as_ref().unwrap().samples.taken as f64;
     let expected = freq * busy;
     assert!(
         busy > 2.0,
@@ -210,7 +210,10 @@ fn artifacts_agree_and_go_pprof_reads_them() {
         svg.contains(&needle),
         "SVG total differs from folded total {folded_total}"
     );
-    assert_eq!(folded_total, outcome.summary.samples.recorded);
+    assert_eq!(
+        folded_total,
+        outcome.summary.cpu.as_ref().unwrap().samples.recorded
+    );
     let summary: serde_json::Value = serde_json::from_slice(&map["summary.json"]).unwrap();
     assert_eq!(summary["samples"]["recorded"], folded_total);
 
@@ -272,7 +275,7 @@ fn maximum_frequency_on_all_cpus_loses_nothing() {
         &cpu_spec("5s", &["--frequency=1000"]),
         TargetSpec::Cgroup(cg.path().to_owned()),
     );
-    let s = &outcome.summary.samples;
+    let s = &outcome.summary.cpu.as_ref().unwrap().samples;
     assert!(s.taken > 2_000, "{s:?}");
     assert_eq!(s.lost_ring_full, 0, "{s:?}");
     assert_eq!(s.taken, s.recorded, "{s:?}");

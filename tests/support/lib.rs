@@ -164,9 +164,15 @@ impl Drop for TestCgroup {
 /// A PowerTool for the CPU profiler.
 #[must_use]
 pub fn cpu_spec(duration: &str, args: &[&str]) -> String {
+    tool_spec("cpu-profile", duration, args)
+}
+
+/// A PowerTool for `tool` with the given duration and arguments.
+#[must_use]
+pub fn tool_spec(tool: &str, duration: &str, args: &[&str]) -> String {
     let args: Vec<String> = args.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
-        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{name: test}}\nspec:\n  tool:\n    name: cpu-profile\n    duration: {duration}\n    commandLineArguments: [{}]\n",
+        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{name: test}}\nspec:\n  tool:\n    name: {tool}\n    duration: {duration}\n    commandLineArguments: [{}]\n",
         args.join(", ")
     )
 }
@@ -199,10 +205,14 @@ pub fn profile(spec: &str, target: TargetSpec) -> (Outcome, MemorySink) {
 /// Folded stacks artifact parsed into (line, count).
 #[must_use]
 pub fn folded(sink: &MemorySink) -> Vec<(String, u64)> {
+    folded_file(sink, "stacks.folded")
+}
+
+/// A folded-stacks artifact by file name, parsed into (line, value).
+#[must_use]
+pub fn folded_file(sink: &MemorySink, file: &str) -> Vec<(String, u64)> {
     let map = sink.artifacts.lock().expect("lock");
-    let text = std::str::from_utf8(&map["stacks.folded"])
-        .expect("utf-8")
-        .to_owned();
+    let text = std::str::from_utf8(&map[file]).expect("utf-8").to_owned();
     text.lines()
         .map(|l| {
             let (stack, n) = l.rsplit_once(' ').expect("count");

@@ -109,7 +109,9 @@ pub fn detect(pid: u32) -> std::io::Result<Allocator> {
     let exe = fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let exe_map = mapped.iter().find(|m| m.path == exe.trim_end_matches(" (deleted)"));
+    let exe_map = mapped
+        .iter()
+        .find(|m| m.path == exe.trim_end_matches(" (deleted)"));
     if let Some(m) = exe_map {
         let facts = elf_facts(&m.map_file).unwrap_or_default();
         if facts.go {

@@ -78,15 +78,13 @@ impl Loaded {
         for &(name, size) in sizes {
             loader.map_max_entries(name, size);
         }
-        let ebpf = loader
-            .load(OBJECT)
-            .map_err(|e| {
-                if is_eperm(&e) {
-                    LoadError::NotPermitted
-                } else {
-                    LoadError::Object(e)
-                }
-            })?;
+        let ebpf = loader.load(OBJECT).map_err(|e| {
+            if is_eperm(&e) {
+                LoadError::NotPermitted
+            } else {
+                LoadError::Object(e)
+            }
+        })?;
         Ok(Self { ebpf })
     }
 

@@ -7,6 +7,8 @@ use std::{
     fmt::Write as _,
     fs,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -135,13 +137,6 @@ impl RssSampler {
         }
     }
 
-    /// Samples if the interval has passed since the last sample.
-    pub fn maybe_sample(&mut self, pids: &[u32], cgroups: &[CgroupTarget]) {
-        if Instant::now() >= self.next {
-            self.sample(pids, cgroups);
-        }
-    }
-
     /// Reads every target now. Processes that are gone simply end their series.
     pub fn sample(&mut self, pids: &[u32], cgroups: &[CgroupTarget]) {
         let now = Instant::now();
@@ -165,6 +160,8 @@ impl RssSampler {
                     pid: Some(pid),
                     points: Vec::new(),
                 });
+            // The name changes when the process execs; the latest one labels the series.
+            series.source = format!("{name} ({pid})");
             series.points.push(RssPoint {
                 t_ms,
                 rss,
@@ -230,9 +227,60 @@ impl RssSampler {
     }
 }
 
+/// Runs an [`RssSampler`] on its own thread, so readings keep their interval while the run's
+/// task is busy (symbolizing a large binary can take a second).
+pub struct RssThread {
+    pids: Arc<Mutex<Vec<u32>>>,
+    stop: mpsc::Sender<()>,
+    handle: thread::JoinHandle<RssSampler>,
+}
+
+impl RssThread {
+    #[must_use]
+    pub fn spawn(interval: Duration, pids: Vec<u32>, cgroups: Vec<CgroupTarget>) -> Self {
+        let pids = Arc::new(Mutex::new(pids));
+        let (stop, stopped) = mpsc::channel();
+        let shared = Arc::clone(&pids);
+        let handle = thread::spawn(move || {
+            let mut sampler = RssSampler::new(interval);
+            loop {
+                let now: Vec<u32> = shared.lock().map(|p| p.clone()).unwrap_or_default();
+                sampler.sample(&now, &cgroups);
+                match stopped.recv_timeout(sampler.next.saturating_duration_since(Instant::now())) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => {
+                        // A last reading, so the series ends where collection ended.
+                        let now: Vec<u32> = shared.lock().map(|p| p.clone()).unwrap_or_default();
+                        sampler.sample(&now, &cgroups);
+                        return sampler;
+                    }
+                }
+            }
+        });
+        Self { pids, stop, handle }
+    }
+
+    /// The target processes to read from now on.
+    pub fn set_pids(&self, pids: &[u32]) {
+        if let Ok(mut p) = self.pids.lock() {
+            pids.clone_into(&mut p);
+        }
+    }
+
+    /// Takes a final reading and returns everything read.
+    #[must_use]
+    pub fn finish(self) -> RssSampler {
+        let _ = self.stop.send(());
+        self.handle
+            .join()
+            .unwrap_or_else(|_| RssSampler::new(Duration::from_secs(1)))
+    }
+}
+
 #[must_use]
 pub fn csv(series: &[Series]) -> String {
-    let mut o = String::from("time_s,kind,source,pid,rss_bytes,anon_bytes,file_bytes,shmem_bytes\n");
+    let mut o =
+        String::from("time_s,kind,source,pid,rss_bytes,anon_bytes,file_bytes,shmem_bytes\n");
     for s in series {
         // Sources are process names or paths: quote them, doubling quotes (RFC 4180).
         let source = format!("\"{}\"", s.source.replace('"', "\"\""));

@@ -24,12 +24,14 @@ use crate::{
     plan::RunPlan,
     profile::{
         Profile, ValueType, folded,
-        memory::{self as memprof, AllocationAccounting, FaultAccounting, HeapTotals, MemorySummary},
+        memory::{
+            self as memprof, AllocationAccounting, FaultAccounting, HeapTotals, MemorySummary,
+        },
         pprof,
         summary::{self, CpuSummary, SampleAccounting, Summary},
         svg,
     },
-    rss::{self, RssSampler},
+    rss::{self, RssSampler, RssThread},
     sink::{ArtifactSink, SinkError},
     symbolize::Symbolizer,
     targets::{self, HeldChild, ResolvedTarget, TargetError, TargetSpec},
@@ -141,8 +143,8 @@ enum Work {
     Memory {
         opts: MemoryProfileOptions,
         collector: MemoryCollector,
-        rss: RssSampler,
-        /// Target processes seen at the last discovery, for RSS.
+        rss: RssThread,
+        /// Target processes seen at the last discovery.
         pids: Vec<u32>,
         ticks: u64,
     },
@@ -222,8 +224,10 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
             let mut collector = MemoryCollector::attach(&mut loaded, opts)?;
             // Attached before a held command is released, so its first allocation is seen.
             let pids = collector.discover(&mut loaded, &target.cgroups)?;
-            let mut rss = RssSampler::new(opts.rss_interval);
-            rss.sample(&pids, &target.cgroups);
+            if let Some(c) = &child {
+                collector.attached_before_start(c.pid);
+            }
+            let rss = RssThread::spawn(opts.rss_interval, pids.clone(), target.cgroups.clone());
             Work::Memory {
                 opts: *opts,
                 collector,
@@ -273,8 +277,8 @@ impl Session {
                 *ticks += 1;
                 if *ticks % 2 == 0 {
                     *pids = collector.discover(&mut self.loaded, &self.target.cgroups)?;
+                    rss.set_pids(pids);
                 }
-                rss.maybe_sample(pids, &self.target.cgroups);
             }
         }
         Ok(())
@@ -295,7 +299,9 @@ impl Session {
                 raw.received,
                 collector.counters().ring_full
             ),
-            Work::Memory { collector, pids, .. } => {
+            Work::Memory {
+                collector, pids, ..
+            } => {
                 let c = collector.counters();
                 format!(
                     "{} processes, {} allocations tracked, {} page faults",
@@ -345,7 +351,10 @@ async fn sample(
                 s.slow_tick(symbolizer);
                 bar.set_position(u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX));
                 bar.set_message(s.progress());
-                if by_pid && s.loaded.live_tgids()? == 0 {
+                // A command's own exit is reported by its waiter thread, which may lag the kernel's
+                // exit by a moment: wait for it rather than call the command gone early.
+                let awaiting_command = s.command_exit.is_some() && command_status.is_none();
+                if by_pid && !awaiting_command && s.loaded.live_tgids()? == 0 {
                     break command_status.map_or(Ended::TargetExited, Ended::CommandExited);
                 }
                 if !s.target.cgroups.is_empty() && s.target.cgroups.iter().all(|c| !c.path.exists()) {
@@ -549,12 +558,22 @@ fn finish_memory(
         let subtitle = format!(
             "{} in use at the end of the run{}",
             memprof::bytes(totals.inuse_bytes),
-            if rate > 0 { " (estimated from sampling)" } else { "" }
+            if rate > 0 {
+                " (estimated from sampling)"
+            } else {
+                ""
+            }
         );
         artifacts.push((
             "inuse-flamegraph",
             "inuse.svg",
-            flamegraph(&heap, memprof::INUSE_SPACE, &format!("{title} — in-use bytes"), &subtitle, "bytes")?,
+            flamegraph(
+                &heap,
+                memprof::INUSE_SPACE,
+                &format!("{title} — in-use bytes"),
+                &subtitle,
+                "bytes",
+            )?,
         ));
         artifacts.push((
             "alloc-flamegraph",
@@ -563,11 +582,18 @@ fn finish_memory(
                 &heap,
                 memprof::ALLOC_SPACE,
                 &format!("{title} — allocated bytes"),
-                &format!("{} allocated during the run", memprof::bytes(totals.alloc_bytes)),
+                &format!(
+                    "{} allocated during the run",
+                    memprof::bytes(totals.alloc_bytes)
+                ),
                 "bytes",
             )?,
         ));
-        artifacts.push(("heap-pprof", "heap.pb.gz", Bytes::from(pprof::encode(&heap))));
+        artifacts.push((
+            "heap-pprof",
+            "heap.pb.gz",
+            Bytes::from(pprof::encode(&heap)),
+        ));
         artifacts.push((
             "inuse-folded",
             "inuse.folded",
@@ -608,7 +634,11 @@ fn finish_memory(
                 "faults",
             )?,
         ));
-        artifacts.push(("growth-pprof", "growth.pb.gz", Bytes::from(pprof::encode(&growth))));
+        artifacts.push((
+            "growth-pprof",
+            "growth.pb.gz",
+            Bytes::from(pprof::encode(&growth)),
+        ));
         artifacts.push((
             "growth-folded",
             "growth.folded",
@@ -651,9 +681,8 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
         ..
     } = &mut session.work
     {
-        // A last reading, so the series ends where the run ended.
         *pids = collector.discover(&mut session.loaded, &session.target.cgroups)?;
-        rss.sample(pids, &session.target.cgroups);
+        rss.set_pids(pids);
     }
     let Session {
         target,
@@ -681,13 +710,28 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
             opts,
             collector,
             raw,
-        } => finish_cpu(opts, collector, raw, &mut symbolizer, children, span, &title)?,
+        } => finish_cpu(
+            opts,
+            collector,
+            raw,
+            &mut symbolizer,
+            children,
+            span,
+            &title,
+        )?,
         Work::Memory {
             opts,
             collector,
             rss,
             ..
-        } => finish_memory(opts, collector, &rss, &mut symbolizer, span, &title)?,
+        } => finish_memory(
+            opts,
+            collector,
+            &rss.finish(),
+            &mut symbolizer,
+            span,
+            &title,
+        )?,
     };
     let mut summary = Summary {
         run: plan.run_id.clone(),

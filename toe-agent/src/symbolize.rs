@@ -305,7 +305,10 @@ impl Symbolizer {
     /// Symbolized stacks, one per distinct (process, thread, frames), values summed element-wise
     /// and sorted heaviest first. Addresses never resolved (the process was gone before its
     /// first resolve) become `[unknown]` frames and count as unresolved.
-    pub fn stacks<'a>(&mut self, entries: impl IntoIterator<Item = (&'a RawKey, Vec<u64>)>) -> Vec<Stack> {
+    pub fn stacks<'a>(
+        &mut self,
+        entries: impl IntoIterator<Item = (&'a RawKey, Vec<u64>)>,
+    ) -> Vec<Stack> {
         let mut merged: HashMap<(u32, String, Vec<FrameId>), Vec<u64>> = HashMap::new();
         for (key, values) in entries {
             let mut frames = Vec::with_capacity(key.ustack.len() + key.kstack.len());
@@ -356,14 +359,22 @@ impl Symbolizer {
                     .unwrap_or_else(|| thread.clone());
                 Stack {
                     pid,
-                    thread: if thread.is_empty() { process.clone() } else { thread },
+                    thread: if thread.is_empty() {
+                        process.clone()
+                    } else {
+                        thread
+                    },
                     process,
                     frames,
                     values,
                 }
             })
             .collect();
-        stacks.sort_by(|a, b| b.values.cmp(&a.values).then_with(|| a.frames.cmp(&b.frames)));
+        stacks.sort_by(|a, b| {
+            b.values
+                .cmp(&a.values)
+                .then_with(|| a.frames.cmp(&b.frames))
+        });
         stacks
     }
 }

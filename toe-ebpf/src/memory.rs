@@ -292,7 +292,10 @@ fn site_add(site: &SiteKey, alloc: bool, size: u64) -> bool {
     // SAFETY: map values are 8-byte aligned and live while the program runs.
     unsafe {
         let (objects, bytes) = if alloc {
-            (&raw mut (*stats).alloc_objects, &raw mut (*stats).alloc_bytes)
+            (
+                &raw mut (*stats).alloc_objects,
+                &raw mut (*stats).alloc_bytes,
+            )
         } else {
             (&raw mut (*stats).free_objects, &raw mut (*stats).free_bytes)
         };

@@ -11,7 +11,7 @@
 //! 20000 allocations at `balanced_site` (another thread) and grows buffers at `realloc_site`,
 //! prints what it did as JSON, and stays alive a second.
 //! `toe-demo forkleak [COUNT] [SIZE]`: forks after 300 ms; the child runs `leak`.
-//! `toe-demo touch [MIB]`: faults MIB MiB in at `touch_pages`, then stays alive a second.
+//! `toe-demo touch [MIB] [SECONDS]`: faults MIB MiB in at `touch_pages`, then stays alive.
 //! `toe-demo allocs N [wait]`: N malloc/free iterations (the memory benchmark's workload); prints
 //! seconds taken and allocations per second.
 
@@ -132,10 +132,15 @@ fn main() {
         Some("touch") => {
             let mib = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
             black_box(memory::touch_pages(mib));
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(Duration::from_secs_f64(
+                args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1.0),
+            ));
         }
         Some("allocs") => {
-            let n: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+            let n: u64 = args
+                .get(2)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1_000_000);
             if args.get(3).is_some_and(|a| a == "wait") {
                 let mut line = String::new();
                 std::io::stdin().read_line(&mut line).expect("stdin");
@@ -147,7 +152,9 @@ fn main() {
         }
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
         Some(other) => {
-            eprintln!("toe-demo: unknown mode {other}; use spin|fork|work|sleep|leak|forkleak|touch|allocs [ARGS]");
+            eprintln!(
+                "toe-demo: unknown mode {other}; use spin|fork|work|sleep|leak|forkleak|touch|allocs [ARGS]"
+            );
             std::process::exit(2);
         }
     }

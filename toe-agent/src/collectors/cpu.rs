@@ -21,7 +21,6 @@ use toe_common::{
 };
 
 use crate::ebpf::{LoadError, Loaded};
-
 pub use crate::symbolize::RawKey;
 
 /// What the collector received, before symbolization.

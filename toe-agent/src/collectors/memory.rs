@@ -208,7 +208,10 @@ impl MemoryCollector {
                     .map_or(0, |d| u64::from(d.subsec_nanos()));
             let first: Vec<i64> = (0..cpus)
                 .map(|c| {
-                    let idx = (seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(c as u64 * 1_442_695_040_888_963_407) >> 33)
+                    let idx = (seed
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(c as u64 * 1_442_695_040_888_963_407)
+                        >> 33)
                         % u64::from(EXP_TABLE_LEN);
                     let e = u64::from(table[usize::try_from(idx).unwrap_or(0)]);
                     i64::try_from(opts.sample_bytes.saturating_mul(e) >> 16).unwrap_or(i64::MAX)
@@ -221,7 +224,9 @@ impl MemoryCollector {
                     io_error: e,
                 }),
             })?;
-            countdown.set(0, values, 0).map_err(map_err(COUNTDOWN_MAP))?;
+            countdown
+                .set(0, values, 0)
+                .map_err(map_err(COUNTDOWN_MAP))?;
         }
         if track_allocs {
             for name in [ENTER_PROGRAM, RETURN_PROGRAM] {
@@ -329,6 +334,15 @@ impl MemoryCollector {
         Ok(pids)
     }
 
+    /// `pid` is a command TOE holds before its `exec`: its probes are in place before it runs.
+    pub fn attached_before_start(&mut self, pid: u32) {
+        if let Some(p) = self.processes.get_mut(&pid)
+            && p.info.tracked
+        {
+            p.info.attached_after_ms = Some(0);
+        }
+    }
+
     #[must_use]
     pub fn processes(&self) -> Vec<ProcessTracking> {
         self.processes.values().map(|p| p.info.clone()).collect()
@@ -429,9 +443,9 @@ fn attach_probes(
             };
             match prog.attach(point, libc, scope) {
                 Ok(id) => links.push((is_return, id)),
-                Err(ProgramError::UProbeError(aya::programs::uprobe::UProbeError::SymbolError {
-                    ..
-                })) if func.optional() => {
+                Err(ProgramError::UProbeError(
+                    aya::programs::uprobe::UProbeError::SymbolError { .. },
+                )) if func.optional() => {
                     // Old glibc without reallocarray, or one built without pvalloc.
                     break;
                 }

@@ -309,7 +309,13 @@ pub fn render(o: &mut String, m: &MemorySummary, seconds: f64) {
     {
         let _ = writeln!(o, "  top functions by page faults (self):");
         for f in b.top_self.iter().take(5) {
-            let _ = writeln!(o, "    {:5.1}%  {:>10}  {}", f.share * 100.0, f.value, f.function);
+            let _ = writeln!(
+                o,
+                "    {:5.1}%  {:>10}  {}",
+                f.share * 100.0,
+                f.value,
+                f.function
+            );
         }
     }
     crate::rss::render(o, &m.rss);

@@ -161,7 +161,12 @@ pub fn analyse(profile: &Profile) -> Breakdown {
 }
 
 /// Top functions and processes as text lines, `unit` formatting a value.
-pub(crate) fn render_breakdown(o: &mut String, b: &Breakdown, what: &str, unit: &dyn Fn(u64) -> String) {
+pub(crate) fn render_breakdown(
+    o: &mut String,
+    b: &Breakdown,
+    what: &str,
+    unit: &dyn Fn(u64) -> String,
+) {
     let _ = writeln!(
         o,
         "  unsymbolized frames: {:.1}% ({} of {})",

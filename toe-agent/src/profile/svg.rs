@@ -21,9 +21,19 @@ pub fn encode(
         .collect();
     let mut out = Vec::new();
     if lines.is_empty() {
-        // inferno refuses empty input; an explicit empty graph says "no samples" honestly.
-        opts.subtitle = Some(format!("{subtitle}: nothing was recorded"));
-        inferno::flamegraph::from_lines(&mut opts, ["[nothing recorded] 0"].iter().copied(), &mut out)?;
+        // inferno refuses input without counts; a plain page says "nothing recorded" honestly
+        // instead of a fake frame.
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        let page = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"960\" height=\"120\" font-family=\"sans-serif\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/><text x=\"480\" y=\"40\" text-anchor=\"middle\" font-size=\"17\">{}</text><text x=\"480\" y=\"80\" text-anchor=\"middle\" font-size=\"13\">{}: nothing was recorded</text></svg>\n",
+            esc(title),
+            esc(subtitle)
+        );
+        out.extend_from_slice(page.as_bytes());
         return Ok(out);
     }
     inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut out)?;
@@ -35,8 +45,21 @@ mod tests {
     use super::{super::fixtures, *};
 
     #[test]
+    fn empty_profile_says_so() {
+        let svg = encode(&Profile::default(), 0, "t", "0 bytes", "bytes").unwrap();
+        assert!(
+            String::from_utf8(svg)
+                .unwrap()
+                .contains("nothing was recorded")
+        );
+    }
+
+    #[test]
     fn svg_names_frames_and_total() {
-        let svg = String::from_utf8(encode(&fixtures::profile(), 0, "t", "100 samples", "samples").unwrap()).unwrap();
+        let svg = String::from_utf8(
+            encode(&fixtures::profile(), 0, "t", "100 samples", "samples").unwrap(),
+        )
+        .unwrap();
         assert!(svg.starts_with("<?xml"));
         assert!(svg.contains("hot (70 samples"), "hot frame missing");
         assert!(svg.contains("all (100 samples"), "total missing");

@@ -8,12 +8,21 @@ use super::duration::parse_duration;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ArgKind {
-    Integer { min: i64, max: i64 },
+    Integer {
+        min: i64,
+        max: i64,
+    },
     Bool,
-    Duration { min: Duration, max: Duration },
+    Duration {
+        min: Duration,
+        max: Duration,
+    },
     Enum(&'static [&'static str]),
     /// Bytes, written as a number with an optional unit (`4096`, `64KiB`, `512Ki`, `1MB`).
-    Size { min: u64, max: u64 },
+    Size {
+        min: u64,
+        max: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,7 +162,9 @@ pub fn parse_size(raw: &str) -> Result<u64, String> {
             .find(|(u, _)| *u == unit)
             .map(|(_, m)| *m)
             .ok_or_else(|| {
-                format!("\"{raw}\": unknown size unit \"{unit}\" (use B, KiB, MiB, GiB, kB, MB, GB)")
+                format!(
+                    "\"{raw}\": unknown size unit \"{unit}\" (use B, KiB, MiB, GiB, kB, MB, GB)"
+                )
             })?
     };
     n.checked_mul(mult)
@@ -163,7 +174,12 @@ pub fn parse_size(raw: &str) -> Result<u64, String> {
 /// `bytes` in the largest binary unit that divides it, for messages.
 #[must_use]
 pub fn format_size(bytes: u64) -> String {
-    for (unit, m) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+    for (unit, m) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
         if bytes >= m && bytes % m == 0 {
             return format!("{}{unit}", bytes / m);
         }

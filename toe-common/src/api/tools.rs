@@ -125,7 +125,10 @@ const MEMORY_ARGS: &[ArgSpec] = &[
     },
     ArgSpec {
         name: "fault-period",
-        kind: ArgKind::Integer { min: 1, max: 65_536 },
+        kind: ArgKind::Integer {
+            min: 1,
+            max: 65_536,
+        },
         default: Some("1"),
         help: "unwind every n-th page fault of the target (per CPU); counts stay exact",
     },

@@ -1,0 +1,296 @@
+//! The memory collector against real processes: the demo's leaking, balanced and realloc-heavy
+//! call sites (whose true numbers it prints), a forked child, page faults, RSS, and bad input.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use toe_agent::{run::Ended, targets::TargetSpec};
+use toe_tests::{bin, demo, folded_file, profile, require_root, tool_spec};
+
+/// Sum of the values of folded lines whose stack contains `function` (and, if given, whose root
+/// is process `pid`).
+fn site_total(lines: &[(String, u64)], function: &str, pid: Option<u32>) -> u64 {
+    lines
+        .iter()
+        .filter(|(stack, _)| stack.split(';').any(|f| f.contains(function)))
+        .filter(|(stack, _)| {
+            pid.is_none_or(|p| {
+                stack
+                    .split(';')
+                    .next()
+                    .is_some_and(|r| r.ends_with(&format!("({p})")))
+            })
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn leak_command(
+    mode_args: &[&str],
+    count: &str,
+) -> (toe_agent::run::Outcome, toe_agent::sink::MemorySink) {
+    profile(
+        &tool_spec("memory-profile", "30s", mode_args),
+        TargetSpec::Command(vec![
+            bin("toe-demo").into_os_string(),
+            "leak".into(),
+            count.into(),
+            "1024".into(),
+        ]),
+    )
+}
+
+#[test]
+fn exact_mode_measures_the_leak_and_balances_the_rest() {
+    if !require_root("exact_mode_measures_the_leak_and_balances_the_rest") {
+        return;
+    }
+    let (outcome, sink) = leak_command(&["--mode=exact"], "5000");
+    assert_eq!(outcome.ended, Ended::CommandExited(0));
+    let m = outcome.summary.memory.as_ref().expect("memory section");
+    assert!(m.processes.iter().all(|p| p.tracked), "{:?}", m.processes);
+    let inuse = folded_file(&sink, "inuse.folded");
+    let alloc = folded_file(&sink, "alloc.folded");
+    let leaked = 5000 * 1024;
+    let got = site_total(&inuse, "leaky_site", None);
+    assert!(
+        got.abs_diff(leaked) * 100 <= leaked,
+        "leak site in use: {got}, leaked {leaked}"
+    );
+    // Balanced and realloc sites free everything they allocate.
+    assert!(site_total(&inuse, "balanced_site", None) * 100 <= leaked / 100);
+    assert!(site_total(&inuse, "realloc_site", None) * 100 <= leaked / 100);
+    // Exact mode counts every byte: malloc + calloc of 512 bytes, 20000 times, on another thread.
+    assert_eq!(site_total(&alloc, "balanced_site", None), 20_000 * 512);
+    // realloc from 16 to 64 KiB by doubling, 2000 times: every step allocates the new size.
+    let realloc_bytes: u64 = (4..=16).map(|p| 1u64 << p).sum::<u64>() * 2000;
+    assert_eq!(site_total(&alloc, "realloc_site", None), realloc_bytes);
+    let a = m.allocations.as_ref().unwrap();
+    assert_eq!(
+        a.lost_live_map_full + a.lost_sites_map_full + a.lost_call_table_full,
+        0
+    );
+    assert!(a.frees_null >= 20_000, "free(NULL) calls: {}", a.frees_null);
+    assert!(
+        a.nested_calls >= 2000,
+        "realloc(NULL, n) calls malloc inside: {}",
+        a.nested_calls
+    );
+    let art = sink.artifacts.lock().unwrap();
+    for f in [
+        "heap.pb.gz",
+        "inuse.svg",
+        "alloc.svg",
+        "growth.svg",
+        "rss.csv",
+        "rss.json",
+        "rss.svg",
+        "summary.json",
+    ] {
+        assert!(art.contains_key(f), "{f} missing");
+    }
+}
+
+#[test]
+fn sampled_mode_estimates_the_leak_within_ten_percent() {
+    if !require_root("sampled_mode_estimates_the_leak_within_ten_percent") {
+        return;
+    }
+    let (outcome, sink) = leak_command(&["--mode=sampled", "--sample-bytes=4KiB"], "5000");
+    let m = outcome.summary.memory.as_ref().unwrap();
+    let a = m.allocations.as_ref().unwrap();
+    assert!(
+        a.not_sampled > a.tracked,
+        "sampling skipped most calls: {a:?}"
+    );
+    let inuse = folded_file(&sink, "inuse.folded");
+    let leaked = 5000 * 1024;
+    let got = site_total(&inuse, "leaky_site", None);
+    assert!(
+        got.abs_diff(leaked) * 10 <= leaked,
+        "estimated leak {got}, leaked {leaked}"
+    );
+}
+
+#[test]
+fn a_child_forked_during_the_run_is_tracked() {
+    if !require_root("a_child_forked_during_the_run_is_tracked") {
+        return;
+    }
+    let parent = demo(&["forkleak", "3000", "1024"], None);
+    let (outcome, sink) = profile(
+        &tool_spec("memory-profile", "30s", &["--mode=exact"]),
+        TargetSpec::Pid(parent.pid()),
+    );
+    assert_eq!(outcome.ended, Ended::TargetExited);
+    let m = outcome.summary.memory.as_ref().unwrap();
+    let child = m
+        .processes
+        .iter()
+        .find(|p| p.pid != parent.pid())
+        .unwrap_or_else(|| panic!("child not seen: {:?}", m.processes));
+    assert!(child.tracked, "{child:?}");
+    let inuse = folded_file(&sink, "inuse.folded");
+    let got = site_total(&inuse, "leaky_site", Some(child.pid));
+    let leaked = 3000 * 1024;
+    assert!(
+        got.abs_diff(leaked) * 100 <= leaked,
+        "child leak {got} of {leaked}"
+    );
+}
+
+#[test]
+fn growth_profile_blames_the_function_that_touches_memory() {
+    if !require_root("growth_profile_blames_the_function_that_touches_memory") {
+        return;
+    }
+    let (outcome, sink) = profile(
+        &tool_spec("memory-profile", "30s", &["--mode=growth"]),
+        TargetSpec::Command(vec![
+            bin("toe-demo").into_os_string(),
+            "touch".into(),
+            "64".into(),
+        ]),
+    );
+    let m = outcome.summary.memory.as_ref().unwrap();
+    assert!(m.allocations.is_none());
+    let faults = folded_file(&sink, "growth.folded");
+    let pages = 64 * 256;
+    let touched = site_total(&faults, "touch_pages", None);
+    assert!(
+        touched >= pages * 9 / 10,
+        "faults in touch_pages: {touched} of {pages} pages"
+    );
+    // The leaf is touch_pages itself or code inlined into it (write_volatile).
+    let total: u64 = faults.iter().map(|(_, v)| v).sum();
+    assert!(
+        touched * 10 >= total * 9,
+        "touch_pages {touched} of {total} faults"
+    );
+    assert!(
+        m.coverage
+            .iter()
+            .any(|c| c.contains("not tracked (mode growth)")),
+        "{:?}",
+        m.coverage
+    );
+}
+
+#[test]
+fn rss_series_matches_vmrss() {
+    if !require_root("rss_series_matches_vmrss") {
+        return;
+    }
+    let target = demo(&["touch", "96", "30"], None);
+    std::thread::sleep(Duration::from_millis(500));
+    let (outcome, sink) = profile(
+        &tool_spec(
+            "memory-profile",
+            "2s",
+            &["--mode=growth", "--rss-interval=200ms"],
+        ),
+        TargetSpec::Pid(target.pid()),
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", target.pid())).unwrap();
+    let vmrss: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    let m = outcome.summary.memory.as_ref().unwrap();
+    let series = &m.rss.series[0];
+    assert!(series.points >= 8, "readings: {}", series.points);
+    assert!(
+        series.last_rss.abs_diff(vmrss) * 20 <= vmrss,
+        "series {} vs VmRSS {vmrss}",
+        series.last_rss
+    );
+    assert!(vmrss > 96 << 20);
+    let csv = String::from_utf8(sink.artifacts.lock().unwrap()["rss.csv"].to_vec()).unwrap();
+    assert!(csv.lines().count() > series.points, "{csv}");
+}
+
+fn toe_run(dir: &std::path::Path, spec: &str, target: &[&str]) -> std::process::Output {
+    std::fs::write(dir.join("spec.yaml"), spec).unwrap();
+    Command::new(bin("toe"))
+        .current_dir(dir)
+        .args(["run", "--no-progress", "-f", "spec.yaml"])
+        .args(target)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run toe")
+}
+
+#[test]
+fn bad_memory_input_is_rejected_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, want) in [
+        (&["--leaks=yes"][..], "unknown argument --leaks"),
+        (&["--min-size=-1"], "sizes cannot be negative"),
+        (&["--sample-bytes=0"], "out of range"),
+        (&["--mode=fast"], "not one of sampled, exact, growth"),
+        (&["--rss-interval=1ms"], "out of range"),
+    ] {
+        let out = toe_run(
+            dir.path(),
+            &tool_spec("memory-profile", "2s", args),
+            &["--pid", "1"],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_pid_without_glibc_is_refused_before_attaching() {
+    if !require_root("a_pid_without_glibc_is_refused_before_attaching") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("static.c");
+    std::fs::write(
+        &src,
+        "#include <unistd.h>\nint main(void) { sleep(30); return 0; }\n",
+    )
+    .unwrap();
+    let exe = dir.path().join("static-sleeper");
+    let cc = Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .expect("cc");
+    assert!(cc.success(), "building a static binary (needs libc6-dev)");
+    let mut child = Command::new(&exe).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = child.id().to_string();
+    let out = toe_run(
+        dir.path(),
+        &tool_spec("memory-profile", "2s", &["--mode=exact"]),
+        &["--pid", &pid],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("statically linked") && err.contains("--mode=growth"),
+        "{err}"
+    );
+    // Growth mode works for the same process.
+    let out = toe_run(
+        dir.path(),
+        &tool_spec("memory-profile", "1s", &["--mode=growth"]),
+        &["--pid", &pid],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
