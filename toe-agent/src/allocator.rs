@@ -58,6 +58,11 @@ fn basename(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
+// ELF names on Linux are case-sensitive: `LIBC.SO.6` is not libc.
+#[expect(
+    clippy::case_sensitive_file_extension_comparisons,
+    reason = "see above"
+)]
 fn is_glibc(path: &str) -> bool {
     let b = basename(path);
     b == "libc.so.6" || (b.starts_with("libc-2.") && b.ends_with(".so"))
@@ -104,6 +109,10 @@ fn allocator_name(path: &str) -> &'static str {
 }
 
 /// Classifies the allocator of `pid` from its mappings and the ELF files behind them.
+#[expect(
+    clippy::case_sensitive_file_extension_comparisons,
+    reason = "ELF names are case-sensitive"
+)]
 pub fn detect(pid: u32) -> std::io::Result<Allocator> {
     let mapped = mapped_files(pid)?;
     let exe = fs::read_link(format!("/proc/{pid}/exe"))

@@ -246,14 +246,15 @@ impl RssThread {
             loop {
                 let now: Vec<u32> = shared.lock().map(|p| p.clone()).unwrap_or_default();
                 sampler.sample(&now, &cgroups);
-                match stopped.recv_timeout(sampler.next.saturating_duration_since(Instant::now())) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => {
-                        // A last reading, so the series ends where collection ended.
-                        let now: Vec<u32> = shared.lock().map(|p| p.clone()).unwrap_or_default();
-                        sampler.sample(&now, &cgroups);
-                        return sampler;
-                    }
+                let wait = sampler.next.saturating_duration_since(Instant::now());
+                if !matches!(
+                    stopped.recv_timeout(wait),
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                ) {
+                    // A last reading, so the series ends where collection ended.
+                    let now: Vec<u32> = shared.lock().map(|p| p.clone()).unwrap_or_default();
+                    sampler.sample(&now, &cgroups);
+                    return sampler;
                 }
             }
         });
@@ -323,33 +324,33 @@ pub fn svg(series: &[Series], title: &str) -> String {
     const COLOURS: [&str; 8] = [
         "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
     ];
-    let max_t = series
+    let last_ms = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.t_ms))
         .max()
         .unwrap_or(0)
-        .max(1) as f64;
-    let max_y = series
+        .max(1);
+    let peak = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.rss))
         .max()
         .unwrap_or(0)
-        .max(1) as f64;
-    let x = |t: u64| L + (t as f64 / max_t) * (W - L - R);
-    let y = |v: u64| H - B - (v as f64 / max_y) * (H - T - B);
+        .max(1);
+    let px = |t: u64| L + (t as f64 / last_ms as f64) * (W - L - R);
+    let py = |v: u64| H - B - (v as f64 / peak as f64) * (H - T - B);
     let mut o = String::new();
     let _ = write!(
         o,
-        r##"<?xml version="1.0" encoding="UTF-8"?>
+        r#"<?xml version="1.0" encoding="UTF-8"?>
 <svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
 <text x="{L}" y="22" font-size="15">{}</text>
-"##,
+"#,
         esc(title)
     );
     for i in 0..=4u64 {
-        let v = (max_y as u64) * i / 4;
-        let yy = y(v);
+        let v = peak * i / 4;
+        let yy = py(v);
         let _ = writeln!(
             o,
             r##"<line x1="{L}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
@@ -358,11 +359,11 @@ pub fn svg(series: &[Series], title: &str) -> String {
             yy + 4.0,
             esc(&crate::profile::memory::bytes(v))
         );
-        let t = (max_t as u64) * i / 4;
+        let t = last_ms * i / 4;
         let _ = writeln!(
             o,
-            r##"<text x="{:.1}" y="{}" text-anchor="middle">{:.1}s</text>"##,
-            x(t),
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{:.1}s</text>"#,
+            px(t),
             H - B + 18.0,
             t as f64 / 1000.0
         );
@@ -370,8 +371,8 @@ pub fn svg(series: &[Series], title: &str) -> String {
     if series.iter().all(|s| s.points.is_empty()) {
         let _ = writeln!(
             o,
-            r##"<text x="{}" y="{}" text-anchor="middle">no RSS readings (targets gone before the first reading)</text>"##,
-            (W - R + L) / 2.0,
+            r#"<text x="{}" y="{}" text-anchor="middle">no RSS readings (targets gone before the first reading)</text>"#,
+            f64::midpoint(W - R, L),
             H / 2.0
         );
     }
@@ -382,18 +383,18 @@ pub fn svg(series: &[Series], title: &str) -> String {
         let pts: Vec<String> = s
             .points
             .iter()
-            .map(|p| format!("{:.1},{:.1}", x(p.t_ms), y(p.rss)))
+            .map(|p| format!("{:.1},{:.1}", px(p.t_ms), py(p.rss)))
             .collect();
         let _ = writeln!(
             o,
-            r##"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"><title>{}</title></polyline>"##,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"><title>{}</title></polyline>"#,
             pts.join(" "),
             esc(&s.source)
         );
         let ly = T + 16.0 * i as f64;
         let _ = writeln!(
             o,
-            r##"<rect x="{}" y="{:.1}" width="12" height="3" fill="{c}"/><text x="{}" y="{:.1}">{} {}</text>"##,
+            r#"<rect x="{}" y="{:.1}" width="12" height="3" fill="{c}"/><text x="{}" y="{:.1}">{} {}</text>"#,
             W - R + 16.0,
             ly - 4.0,
             W - R + 34.0,
@@ -405,7 +406,7 @@ pub fn svg(series: &[Series], title: &str) -> String {
     if shown.len() > COLOURS.len() {
         let _ = writeln!(
             o,
-            r##"<text x="{}" y="{:.1}">+{} more in rss.csv</text>"##,
+            r#"<text x="{}" y="{:.1}">+{} more in rss.csv</text>"#,
             W - R + 16.0,
             T + 16.0 * COLOURS.len() as f64,
             shown.len() - COLOURS.len()

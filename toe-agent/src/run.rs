@@ -134,6 +134,10 @@ fn progress_bar(ui: Ui, total: Duration) -> ProgressBar {
 }
 
 /// The collector a run drives, with what it accumulates.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per run, never moved in a loop"
+)]
 enum Work {
     Cpu {
         opts: CpuProfileOptions,
@@ -523,6 +527,86 @@ fn coverage(opts: &MemoryProfileOptions, m: &MemorySummary) -> Vec<String> {
     out
 }
 
+/// The heap profile's artifacts and summary parts.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+fn heap_artifacts(
+    m: &mut MemorySummary,
+    artifacts: &mut Vec<Artifact>,
+    warnings: &mut Vec<String>,
+    symbolizer: &mut Symbolizer,
+    sites: &[(crate::symbolize::RawKey, toe_common::memory::SiteStats)],
+    counters: &crate::collectors::memory::MemCounters,
+    span: (u64, u64),
+    title: &str,
+) -> Result<(), RunError> {
+    let rate = m.sample_bytes.unwrap_or(0);
+    let heap = memprof::heap_profile(symbolizer, sites, rate, span);
+    let totals = HeapTotals::of(&heap);
+    let subtitle = format!(
+        "{} in use at the end of the run{}",
+        memprof::bytes(totals.inuse_bytes),
+        if rate > 0 {
+            " (estimated from sampling)"
+        } else {
+            ""
+        }
+    );
+    artifacts.push((
+        "inuse-flamegraph",
+        "inuse.svg",
+        flamegraph(
+            &heap,
+            memprof::INUSE_SPACE,
+            &format!("{title} — in-use bytes"),
+            &subtitle,
+            "bytes",
+        )?,
+    ));
+    artifacts.push((
+        "alloc-flamegraph",
+        "alloc.svg",
+        flamegraph(
+            &heap,
+            memprof::ALLOC_SPACE,
+            &format!("{title} — allocated bytes"),
+            &format!(
+                "{} allocated during the run",
+                memprof::bytes(totals.alloc_bytes)
+            ),
+            "bytes",
+        )?,
+    ));
+    artifacts.push((
+        "heap-pprof",
+        "heap.pb.gz",
+        Bytes::from(pprof::encode(&heap)),
+    ));
+    artifacts.push((
+        "inuse-folded",
+        "inuse.folded",
+        Bytes::from(folded::encode(&heap, memprof::INUSE_SPACE)),
+    ));
+    artifacts.push((
+        "alloc-folded",
+        "alloc.folded",
+        Bytes::from(folded::encode(&heap, memprof::ALLOC_SPACE)),
+    ));
+    m.inuse = Some(summary::analyse(&heap));
+    m.heap = Some(totals);
+    let acc = AllocationAccounting::from_counters(counters);
+    if acc.lost_live_map_full + acc.lost_sites_map_full + acc.lost_call_table_full > 0 {
+        warnings.push(format!(
+                "allocations lost: {} (live map full: raise --max-tracked), {} (site map full), {} (call table full)",
+                acc.lost_live_map_full, acc.lost_sites_map_full, acc.lost_call_table_full
+            ));
+    }
+    m.allocations = Some(acc);
+    Ok(())
+}
+
 fn finish_memory(
     opts: MemoryProfileOptions,
     mut collector: MemoryCollector,
@@ -552,68 +636,16 @@ fn finish_memory(
     let mut artifacts: Vec<Artifact> = Vec::new();
     let mut warnings = Vec::new();
     if opts.allocations != AllocationMode::Off {
-        let rate = m.sample_bytes.unwrap_or(0);
-        let heap = memprof::heap_profile(symbolizer, &sites.allocations, rate, span);
-        let totals = HeapTotals::of(&heap);
-        let subtitle = format!(
-            "{} in use at the end of the run{}",
-            memprof::bytes(totals.inuse_bytes),
-            if rate > 0 {
-                " (estimated from sampling)"
-            } else {
-                ""
-            }
-        );
-        artifacts.push((
-            "inuse-flamegraph",
-            "inuse.svg",
-            flamegraph(
-                &heap,
-                memprof::INUSE_SPACE,
-                &format!("{title} — in-use bytes"),
-                &subtitle,
-                "bytes",
-            )?,
-        ));
-        artifacts.push((
-            "alloc-flamegraph",
-            "alloc.svg",
-            flamegraph(
-                &heap,
-                memprof::ALLOC_SPACE,
-                &format!("{title} — allocated bytes"),
-                &format!(
-                    "{} allocated during the run",
-                    memprof::bytes(totals.alloc_bytes)
-                ),
-                "bytes",
-            )?,
-        ));
-        artifacts.push((
-            "heap-pprof",
-            "heap.pb.gz",
-            Bytes::from(pprof::encode(&heap)),
-        ));
-        artifacts.push((
-            "inuse-folded",
-            "inuse.folded",
-            Bytes::from(folded::encode(&heap, memprof::INUSE_SPACE)),
-        ));
-        artifacts.push((
-            "alloc-folded",
-            "alloc.folded",
-            Bytes::from(folded::encode(&heap, memprof::ALLOC_SPACE)),
-        ));
-        m.inuse = Some(summary::analyse(&heap));
-        m.heap = Some(totals);
-        let acc = AllocationAccounting::from_counters(&counters);
-        if acc.lost_live_map_full + acc.lost_sites_map_full + acc.lost_call_table_full > 0 {
-            warnings.push(format!(
-                "allocations lost: {} (live map full: raise --max-tracked), {} (site map full), {} (call table full)",
-                acc.lost_live_map_full, acc.lost_sites_map_full, acc.lost_call_table_full
-            ));
-        }
-        m.allocations = Some(acc);
+        heap_artifacts(
+            &mut m,
+            &mut artifacts,
+            &mut warnings,
+            symbolizer,
+            &sites.allocations,
+            &counters,
+            span,
+            title,
+        )?;
     }
     if opts.faults {
         let growth = memprof::growth_profile(

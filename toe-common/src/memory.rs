@@ -94,6 +94,7 @@ impl Func {
     #[must_use]
     pub const fn from_cookie(c: u64) -> Option<Self> {
         if c < Self::ALL.len() as u64 {
+            #[expect(clippy::cast_possible_truncation, reason = "checked < 10 above")]
             Some(Self::ALL[c as usize])
         } else {
             None

@@ -166,7 +166,9 @@ mod tests {
     fn defaults_apply() {
         let v = validate(&tool(BASE)).unwrap();
         assert_eq!(v.duration, Duration::from_secs(30));
-        let ToolOptions::CpuProfile(o) = v.options;
+        let ToolOptions::CpuProfile(o) = v.options else {
+            panic!("cpu options")
+        };
         assert_eq!(o.frequency_hz, 99);
         assert!(o.kernel_stacks);
     }
@@ -178,9 +180,30 @@ mod tests {
         );
         let v = validate(&tool(&y)).unwrap();
         assert_eq!(v.duration, Duration::from_secs(90));
-        let ToolOptions::CpuProfile(o) = v.options;
+        let ToolOptions::CpuProfile(o) = v.options else {
+            panic!("cpu options")
+        };
         assert_eq!(o.frequency_hz, 199);
         assert!(!o.kernel_stacks);
+    }
+
+    #[test]
+    fn memory_defaults_and_modes() {
+        let y = BASE.replace("cpu-profile", "memory-profile");
+        let v = validate(&tool(&y)).unwrap();
+        let ToolOptions::MemoryProfile(o) = v.options else {
+            panic!("memory options")
+        };
+        assert_eq!(o.allocations, AllocationMode::Sampled);
+        assert_eq!(o.sample_bytes, 64 << 10);
+        assert!(o.faults);
+        let y = format!("{y}    commandLineArguments: [\"--mode=growth\", \"--faults=false\"]\n");
+        let ToolOptions::MemoryProfile(o) = validate(&tool(&y)).unwrap().options else {
+            panic!("memory options")
+        };
+        // Growth mode is the fault profile: it cannot be switched off there.
+        assert_eq!(o.allocations, AllocationMode::Off);
+        assert!(o.faults);
     }
 
     #[test]

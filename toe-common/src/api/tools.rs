@@ -185,7 +185,7 @@ static CATALOGUE: [ToolDef; 2] = [
         summary: "track the target's allocations (in-use/leak and allocation profiles), the code \
                   that faults memory in, and RSS over time",
         args: MEMORY_ARGS,
-        default_duration: Duration::from_secs(60),
+        default_duration: Duration::from_mins(1),
         max_duration: Duration::from_hours(1),
         build: build_memory,
     },
