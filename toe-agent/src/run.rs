@@ -270,16 +270,22 @@ impl Session {
                 collector.drain(raw);
             }
             Work::Memory {
+                opts,
                 collector,
                 rss,
                 pids,
                 ticks,
-                ..
             } => {
                 // New processes are looked for every other tick (50 ms): the delay between a
                 // fork and its probes is reported per process.
+                // Without allocator probes, discovery only feeds RSS: every 250 ms is enough.
                 *ticks += 1;
-                if *ticks % 2 == 0 {
+                let every = if opts.allocations == AllocationMode::Off {
+                    10
+                } else {
+                    2
+                };
+                if *ticks % every == 0 {
                     *pids = collector.discover(&mut self.loaded, &self.target.cgroups)?;
                     rss.set_pids(pids);
                 }

@@ -12,8 +12,8 @@
 //! prints what it did as JSON, and stays alive a second.
 //! `toe-demo forkleak [COUNT] [SIZE]`: forks after 300 ms; the child runs `leak`.
 //! `toe-demo touch [MIB] [SECONDS]`: faults MIB MiB in at `touch_pages`, then stays alive.
-//! `toe-demo allocs N [wait]`: N malloc/free iterations (the memory benchmark's workload); prints
-//! seconds taken and allocations per second.
+//! `toe-demo allocs N [ROUNDS] [wait]`: N malloc/free iterations with ROUNDS of arithmetic each
+//! (the memory benchmark's workload); prints seconds taken and allocations per second.
 
 mod memory;
 
@@ -141,11 +141,12 @@ fn main() {
                 .get(2)
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(1_000_000);
-            if args.get(3).is_some_and(|a| a == "wait") {
+            let rounds: u32 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(400);
+            if args.iter().skip(3).any(|a| a == "wait") {
                 let mut line = String::new();
                 std::io::stdin().read_line(&mut line).expect("stdin");
             }
-            let secs = memory::allocs(n);
+            let secs = memory::allocs(n, rounds);
             #[expect(clippy::cast_precision_loss, reason = "display")]
             let rate = n as f64 / secs;
             println!("{secs:.6} {rate:.0}");

@@ -119,7 +119,7 @@ pub fn fork_leak(count: usize, size: usize, delay: Duration) {
 /// An allocation-heavy loop: `n` iterations of malloc, a little work, and free, with a quarter of
 /// the blocks kept alive in a ring for a while (a realistic live set). Prints seconds taken.
 #[inline(never)]
-pub fn allocs(n: u64) -> f64 {
+pub fn allocs(n: u64, rounds: u32) -> f64 {
     const RING: usize = 1024;
     let mut ring = [std::ptr::null_mut::<libc::c_void>(); RING];
     let t = Instant::now();
@@ -130,7 +130,7 @@ pub fn allocs(n: u64) -> f64 {
         unsafe {
             let p = libc::malloc(size);
             p.cast::<u8>().write_volatile(5);
-            x = crate::mix(x, 400);
+            x = crate::mix(x, rounds);
             if i % 4 == 0 {
                 let slot = usize::try_from(i / 4).unwrap_or(0) % RING;
                 libc::free(ring[slot]);
