@@ -105,14 +105,14 @@ fn wait4(child: &Child) -> Result<(bool, i64, f64)> {
 fn once(mode: Mode, work: u64, tmp: &Path) -> Result<Measured> {
     let bin = root().join("target/release");
     let out = tmp.join("out");
-    measure(&["work", &work.to_string(), "wait"], mode.label(), |pid| {
+    measure(&["work", &work.to_string(), "wait"], &mode.label(), |pid| {
         Ok(match mode {
             Mode::None => None,
             Mode::Toe(f) => Some(
                 Command::new(bin.join("toe"))
                     .args(["run", "--no-progress", "--json", "-f"])
                     .arg(spec(tmp, f, "5m")?)
-                    .args(["--pid", &pid, "-o"])
+                    .args(["--pid", pid, "-o"])
                     .arg(&out)
                     .stdout(Stdio::piped())
                     .stderr(Stdio::null())
@@ -120,7 +120,7 @@ fn once(mode: Mode, work: u64, tmp: &Path) -> Result<Measured> {
             ),
             Mode::Perf(f) => Some(
                 Command::new("perf")
-                    .args(["record", "-q", "-g", "-F", &f.to_string(), "-p", &pid, "-o"])
+                    .args(["record", "-q", "-g", "-F", &f.to_string(), "-p", pid, "-o"])
                     .arg(tmp.join("perf.data"))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -135,7 +135,7 @@ fn once(mode: Mode, work: u64, tmp: &Path) -> Result<Measured> {
 /// `profiler` spawns for its pid, lets both settle, then times the workload.
 fn measure(
     workload: &[&str],
-    label: String,
+    label: &str,
     profiler: impl FnOnce(&str) -> Result<Option<Child>>,
 ) -> Result<Measured> {
     let bin = root().join("target/release");
@@ -328,7 +328,7 @@ fn memory_bench(rounds: usize, allocs: u64, work: u32) -> Result<()> {
         for k in 0..modes.len() {
             let i = (k + round) % modes.len();
             let mode = modes[i];
-            let m = measure(&workload, mode.to_owned(), |pid| {
+            let m = measure(&workload, mode, |pid| {
                 Ok(match mode {
                     "none" => None,
                     "bpftrace" => Some(
