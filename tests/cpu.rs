@@ -215,7 +215,7 @@ fn artifacts_agree_and_go_pprof_reads_them() {
         outcome.summary.cpu.as_ref().unwrap().samples.recorded
     );
     let summary: serde_json::Value = serde_json::from_slice(&map["summary.json"]).unwrap();
-    assert_eq!(summary["samples"]["recorded"], folded_total);
+    assert_eq!(summary["cpu"]["samples"]["recorded"], folded_total);
 
     let mut raw = Vec::new();
     flate2::read::GzDecoder::new(&map["cpu.pb.gz"][..])
