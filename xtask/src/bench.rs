@@ -188,6 +188,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Per mode: median workload seconds, median per-round slowdown against mode 0 (percent), peak
+/// profiler RSS (MB) and mean profiler CPU seconds.
+fn columns(results: &[Vec<Measured>], i: usize) -> (f64, f64, f64, f64) {
+    let ratios: Vec<f64> = results[i]
+        .iter()
+        .zip(&results[0])
+        .map(|(m, base)| m.secs / base.secs)
+        .collect();
+    let rss = results[i].iter().map(|m| m.maxrss_kib).max().unwrap_or(0);
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let cpu = results[i].iter().map(|m| m.cpu_secs).sum::<f64>() / results[i].len().max(1) as f64;
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let rss_mb = rss as f64 / 1024.0;
+    (
+        median(results[i].iter().map(|m| m.secs).collect()),
+        (median(ratios) - 1.0) * 100.0,
+        rss_mb,
+        cpu,
+    )
+}
+
 fn cpu_bench(rounds: usize, work: u64, quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmark loads eBPF programs and runs perf: run it as root");
@@ -223,25 +244,11 @@ fn cpu_bench(rounds: usize, work: u64, quick: bool) -> Result<()> {
         "mode", "median s", "slowdown", "peak RSS MB", "CPU s", "finalize ms"
     );
     for (i, mode) in modes.iter().enumerate() {
-        let ratios: Vec<f64> = results[i]
-            .iter()
-            .zip(&results[0])
-            .map(|(m, base)| m.secs / base.secs)
-            .collect();
-        let rss = results[i].iter().map(|m| m.maxrss_kib).max().unwrap_or(0);
-        #[expect(clippy::cast_precision_loss, reason = "display")]
-        let cpu = results[i].iter().map(|m| m.cpu_secs).sum::<f64>() / rounds as f64;
+        let (secs, slowdown, rss_mb, cpu) = columns(&results, i);
         let fin = results[i].iter().map(|m| m.finalize_ms).max().unwrap_or(0);
-        #[expect(clippy::cast_precision_loss, reason = "display")]
-        let rss_mb = rss as f64 / 1024.0;
         println!(
-            "{:<9} {:>9.3} {:>+9.2}% {:>12.1} {:>12.3} {:>12}",
-            mode.label(),
-            median(results[i].iter().map(|m| m.secs).collect()),
-            (median(ratios) - 1.0) * 100.0,
-            rss_mb,
-            cpu,
-            fin
+            "{:<9} {secs:>9.3} {slowdown:>+9.2}% {rss_mb:>12.1} {cpu:>12.3} {fin:>12}",
+            mode.label()
         );
     }
     for f in [99, 999] {
@@ -369,24 +376,13 @@ fn memory_bench(rounds: usize, allocs: u64, work: u32) -> Result<()> {
         "mode", "median s", "slowdown", "peak RSS MB", "CPU s", "tracked"
     );
     for (i, mode) in modes.iter().enumerate() {
-        let ratios: Vec<f64> = results[i]
-            .iter()
-            .zip(&results[0])
-            .map(|(m, base)| m.secs / base.secs)
-            .collect();
-        let rss = results[i].iter().map(|m| m.maxrss_kib).max().unwrap_or(0);
-        #[expect(clippy::cast_precision_loss, reason = "display")]
-        let cpu = results[i].iter().map(|m| m.cpu_secs).sum::<f64>() / rounds as f64;
+        let (secs, slowdown, rss_mb, cpu) = columns(&results, i);
         let tracked = results[i]
             .last()
             .and_then(|m| m.summary["memory"]["allocations"]["tracked"].as_u64())
             .map_or_else(|| "-".to_owned(), |t| t.to_string());
-        #[expect(clippy::cast_precision_loss, reason = "display")]
-        let rss_mb = rss as f64 / 1024.0;
         println!(
-            "{mode:<9} {:>9.3} {:>+9.2}% {rss_mb:>12.1} {cpu:>12.3} {tracked:>10}",
-            median(results[i].iter().map(|m| m.secs).collect()),
-            (median(ratios) - 1.0) * 100.0,
+            "{mode:<9} {secs:>9.3} {slowdown:>+9.2}% {rss_mb:>12.1} {cpu:>12.3} {tracked:>10}"
         );
     }
     let exact = 1;

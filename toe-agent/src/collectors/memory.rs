@@ -79,7 +79,6 @@ pub struct MemoryCollector {
     processes: BTreeMap<u32, ProcessState>,
     alloc_keys: HashMap<SiteKey, RawKey>,
     fault_keys: HashMap<SiteKey, RawKey>,
-    new_keys: Vec<RawKey>,
 }
 
 fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
@@ -258,7 +257,6 @@ impl MemoryCollector {
             processes: BTreeMap::new(),
             alloc_keys: HashMap::new(),
             fault_keys: HashMap::new(),
-            new_keys: Vec::new(),
         })
     }
 
@@ -375,23 +373,29 @@ impl MemoryCollector {
     /// Reads sites first seen since the last call, so their stacks are symbolized while the
     /// processes live. Returns them for the symbolizer.
     pub fn take_new(&mut self) -> Vec<RawKey> {
+        let mut new = Vec::new();
         let alloc_sites: Vec<SiteKey> = self.sites.keys().flatten().collect();
-        for site in alloc_sites {
-            if !self.alloc_keys.contains_key(&site) {
-                let key = self.raw_key(site, true);
-                self.new_keys.push(key.clone());
-                self.alloc_keys.insert(site, key);
-            }
-        }
         let fault_sites: Vec<SiteKey> = self.faults.keys().flatten().collect();
-        for site in fault_sites {
-            if !self.fault_keys.contains_key(&site) {
-                let key = self.raw_key(site, false);
-                self.new_keys.push(key.clone());
-                self.fault_keys.insert(site, key);
+        for (sites, is_return) in [(alloc_sites, true), (fault_sites, false)] {
+            for site in sites {
+                let known = if is_return {
+                    &self.alloc_keys
+                } else {
+                    &self.fault_keys
+                };
+                if known.contains_key(&site) {
+                    continue;
+                }
+                let key = self.raw_key(site, is_return);
+                new.push(key.clone());
+                if is_return {
+                    self.alloc_keys.insert(site, key);
+                } else {
+                    self.fault_keys.insert(site, key);
+                }
             }
         }
-        std::mem::take(&mut self.new_keys)
+        new
     }
 
     /// Final per-site values. Call after the probes are detached.
