@@ -152,6 +152,8 @@ fn growth_profile_blames_the_function_that_touches_memory() {
             bin("toe-demo").into_os_string(),
             "touch".into(),
             "64".into(),
+            // Alive long enough for every faulting site to be symbolized before it exits.
+            "3".into(),
         ]),
     );
     let m = outcome.summary.memory.as_ref().unwrap();

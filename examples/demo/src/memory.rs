@@ -73,6 +73,17 @@ pub fn touch_pages(mib: usize) -> *mut u8 {
     // SAFETY: large malloc (served by mmap); every page written is inside the block.
     let p = unsafe { libc::malloc(len) }.cast::<u8>();
     assert!(!p.is_null(), "malloc failed");
+    // Small pages only: with transparent huge pages one fault can map 2 MiB, and the number of
+    // faults would depend on the host's THP setting instead of on the pages touched.
+    let start = (p as usize) & !4095;
+    // SAFETY: advice on the mapping that backs this block; it changes no contents.
+    unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            len + (p as usize - start),
+            libc::MADV_NOHUGEPAGE,
+        );
+    }
     let mut off = 0;
     while off < len {
         unsafe { p.add(off).write_volatile(4) };
