@@ -69,8 +69,9 @@ fn exact_mode_measures_the_leak_and_balances_the_rest() {
     assert_eq!(site_total(&alloc, "realloc_site", None), realloc_bytes);
     let a = m.allocations.as_ref().unwrap();
     assert_eq!(
-        a.lost_live_map_full + a.lost_sites_map_full + a.lost_call_table_full,
-        0
+        a.lost_live_map_full + a.lost_sites_map_full + a.lost_call_table_full + a.stacks_lost,
+        0,
+        "{a:?}"
     );
     assert!(a.frees_null >= 20_000, "free(NULL) calls: {}", a.frees_null);
     assert!(

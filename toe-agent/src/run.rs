@@ -641,6 +641,12 @@ fn finish_memory(
     m.coverage = coverage(&opts, &m);
     let mut artifacts: Vec<Artifact> = Vec::new();
     let mut warnings = Vec::new();
+    if sites.stacks_unverified > 0 {
+        warnings.push(format!(
+            "{} call sites shown without a stack: their stored frames failed verification",
+            sites.stacks_unverified
+        ));
+    }
     if opts.allocations != AllocationMode::Off {
         heap_artifacts(
             &mut m,

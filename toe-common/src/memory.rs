@@ -16,8 +16,19 @@ pub const LIVE_MAP: &str = "TOE_MEM_LIVE";
 pub const SITES_MAP: &str = "TOE_MEM_SITES";
 /// `HashMap<SiteKey, u64>`: sampled page faults per faulting stack.
 pub const FAULTS_MAP: &str = "TOE_MEM_FAULTS";
-/// `StackTrace`: user stacks referenced by [`SiteKey::stack_id`].
+/// `HashMap<u64, UserStack>`: user stacks keyed by [`stack_hash`], referenced by
+/// [`SiteKey::stack`].
+///
+/// Not a `BPF_MAP_TYPE_STACK_TRACE`: that map keeps one stack per hash bucket and fails a second
+/// stack that lands in an occupied bucket, so with a few dozen sites in 8192 buckets one run in
+/// several loses a whole call site's attribution (ASLR changes the addresses, hence the buckets,
+/// on every run). A 64-bit hash of the frames as the key makes such a collision practically
+/// impossible, and user space recomputes the hash to detect the one remaining failure (a scratch
+/// buffer overwritten by a preempting probe on the same CPU).
 pub const STACKS_MAP: &str = "TOE_MEM_STACKS";
+/// `PerCpuArray<UserStack>` of one: where a stack is unwound before it is hashed and stored
+/// (it is too large for the 512-byte BPF stack).
+pub const STACK_SCRATCH_MAP: &str = "TOE_MEM_STACK_SCRATCH";
 /// `PerCpuArray<u64>` indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "TOE_MEM_COUNTERS";
 /// `Array<u32>` of [`EXP_TABLE_LEN`] exponential variates in 16.16 fixed point (mean 1.0), filled
@@ -35,7 +46,51 @@ pub const FAULT_PROGRAM: &str = "toe_mem_fault";
 /// Compiled-in capacity of [`LIVE_MAP`]; user space sets the real one at load time.
 pub const DEFAULT_MAX_LIVE: u32 = 1 << 19;
 pub const MAX_SITES: u32 = 1 << 16;
-pub const MAX_STACKS: u32 = 1 << 13;
+pub const MAX_STACKS: u32 = 1 << 14;
+/// Frames kept per stack: `PERF_MAX_STACK_DEPTH`, the kernel's default `kernel.perf_event_max_stack`.
+pub const MAX_FRAMES: usize = 127;
+
+/// A user stack, leaf first; `len` frames of `ips` are valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UserStack {
+    pub len: u32,
+    pub reserved: u32,
+    pub ips: [u64; MAX_FRAMES],
+}
+const _: () = assert!(size_of::<UserStack>() == 1024);
+
+/// Start value of [`stack_hash`].
+pub const STACK_HASH_SEED: u64 = 0x243f_6a88_85a3_08d3;
+const HASH_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One step of [`stack_hash`], split out so the kernel side can run it in a bounded loop.
+#[inline]
+#[must_use]
+pub fn stack_hash_step(h: u64, ip: u64) -> u64 {
+    // A multiply-xorshift mix per frame (as in splitmix64's finalizer), so every bit of every
+    // frame and the frame order reach every bit of the result.
+    let x = (h ^ ip).wrapping_mul(HASH_MUL);
+    x ^ (x >> 29)
+}
+
+/// Folds the frame count in and keeps 0 free to mean "no stack".
+#[inline]
+#[must_use]
+pub fn stack_hash_finish(h: u64, frames: u64) -> u64 {
+    let h = stack_hash_step(h, frames).wrapping_mul(HASH_MUL);
+    let h = h ^ (h >> 32);
+    if h == 0 { 1 } else { h }
+}
+
+/// The key of a stack in [`STACKS_MAP`]; the kernel computes the same thing frame by frame.
+#[must_use]
+pub fn stack_hash(ips: &[u64]) -> u64 {
+    let h = ips
+        .iter()
+        .fold(STACK_HASH_SEED, |h, &ip| stack_hash_step(h, ip));
+    stack_hash_finish(h, ips.len() as u64)
+}
 pub const MAX_INFLIGHT: u32 = 1 << 14;
 
 /// The allocator entry point a uprobe is attached to, passed as its attach cookie.
@@ -149,15 +204,16 @@ pub struct LiveKey {
 }
 const _: () = assert!(size_of::<LiveKey>() == 16);
 
-/// An allocation site: the process and its user stack. `stack_id` < 0 means the stack could not
-/// be stored (see [`Counter::StackLost`]).
+/// An allocation site: the process and its user stack (a [`stack_hash`]). `stack` 0 means the
+/// stack could not be stored (see [`Counter::StackLost`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SiteKey {
     pub tgid: u32,
-    pub stack_id: i32,
+    pub reserved: u32,
+    pub stack: u64,
 }
-const _: () = assert!(size_of::<SiteKey>() == 8);
+const _: () = assert!(size_of::<SiteKey>() == 16);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -165,7 +221,7 @@ pub struct LiveBlock {
     pub size: u64,
     pub site: SiteKey,
 }
-const _: () = assert!(size_of::<LiveBlock>() == 16);
+const _: () = assert!(size_of::<LiveBlock>() == 24);
 
 /// Updated with atomic adds: several threads of a process allocate at the same site at once.
 #[repr(C)]
@@ -200,8 +256,8 @@ pub enum Counter {
     LiveMapFull = 6,
     /// The sites map was full: a tracked allocation could not be attributed.
     SitesMapFull = 7,
-    /// The stack could not be stored (stack map bucket taken by another stack, or unwinding
-    /// failed): the allocation is attributed to an unknown stack.
+    /// The stack could not be stored (unwinding failed, or the stack map was full): the
+    /// allocation is attributed to an unknown stack.
     StackLost = 8,
     /// The per-thread call table was full: the call was not seen.
     InflightFull = 9,
@@ -236,5 +292,22 @@ mod user {
     unsafe impl aya::Pod for super::LiveBlock {}
     unsafe impl aya::Pod for super::SiteKey {}
     unsafe impl aya::Pod for super::SiteStats {}
+    unsafe impl aya::Pod for super::UserStack {}
     unsafe impl aya::Pod for super::InFlight {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stack_hash;
+
+    #[test]
+    fn stack_hash_depends_on_every_frame_their_order_and_count() {
+        let a = stack_hash(&[0x1000, 0x2000, 0x3000]);
+        assert_ne!(a, stack_hash(&[0x1000, 0x2000, 0x3001]));
+        assert_ne!(a, stack_hash(&[0x2000, 0x1000, 0x3000]));
+        assert_ne!(a, stack_hash(&[0x1000, 0x2000, 0x3000, 0]));
+        assert_eq!(a, stack_hash(&[0x1000, 0x2000, 0x3000]));
+        // 0 is reserved for "no stack".
+        assert_ne!(stack_hash(&[]), 0);
+    }
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, StackTraceMap},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
         ProgramError, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
@@ -22,7 +22,8 @@ use toe_common::{
     memory::{
         CONFIG_MAP, COUNTDOWN_MAP, COUNTER_COUNT, COUNTERS_MAP, Counter, ENTER_PROGRAM,
         EXP_TABLE_LEN, EXP_TABLE_MAP, FAULT_PROGRAM, FAULTS_MAP, Func, MemConfig, RETURN_PROGRAM,
-        SITES_MAP, STACKS_MAP, SiteKey, SiteStats, TRACK_ALLOCATIONS, TRACK_FAULTS,
+        SITES_MAP, STACKS_MAP, SiteKey, SiteStats, TRACK_ALLOCATIONS, TRACK_FAULTS, UserStack,
+        stack_hash,
     },
 };
 
@@ -68,13 +69,17 @@ impl MemCounters {
 pub struct RawSites {
     pub allocations: Vec<(RawKey, SiteStats)>,
     pub faults: Vec<(RawKey, u64)>,
+    /// Sites shown without a stack because the stored frames failed verification.
+    pub stacks_unverified: u64,
 }
 
 pub struct MemoryCollector {
     opts: MemoryProfileOptions,
     sites: BpfHashMap<MapData, SiteKey, SiteStats>,
     faults: BpfHashMap<MapData, SiteKey, u64>,
-    stacks: StackTraceMap<MapData>,
+    stacks: BpfHashMap<MapData, u64, UserStack>,
+    /// Stored stacks whose frames do not hash to their key (see `STACKS_MAP`).
+    stacks_unverified: u64,
     counters: PerCpuArray<MapData, u64>,
     processes: BTreeMap<u32, ProcessState>,
     alloc_keys: HashMap<SiteKey, RawKey>,
@@ -250,8 +255,9 @@ impl MemoryCollector {
             sites: BpfHashMap::try_from(loaded.take_map(SITES_MAP)?).map_err(map_err(SITES_MAP))?,
             faults: BpfHashMap::try_from(loaded.take_map(FAULTS_MAP)?)
                 .map_err(map_err(FAULTS_MAP))?,
-            stacks: StackTraceMap::try_from(loaded.take_map(STACKS_MAP)?)
+            stacks: BpfHashMap::try_from(loaded.take_map(STACKS_MAP)?)
                 .map_err(map_err(STACKS_MAP))?,
+            stacks_unverified: 0,
             counters: PerCpuArray::try_from(loaded.take_map(COUNTERS_MAP)?)
                 .map_err(map_err(COUNTERS_MAP))?,
             processes: BTreeMap::new(),
@@ -355,12 +361,18 @@ impl MemoryCollector {
         out
     }
 
-    fn raw_key(&self, site: SiteKey, is_return: bool) -> RawKey {
-        let ustack: Box<[u64]> = u32::try_from(site.stack_id)
-            .ok()
-            .and_then(|id| self.stacks.get(&id, 0).ok())
-            .map(|st| st.frames().iter().map(|f| f.ip).collect())
-            .unwrap_or_default();
+    fn raw_key(&mut self, site: SiteKey, is_return: bool) -> RawKey {
+        let mut ustack: Box<[u64]> = Box::new([]);
+        if site.stack != 0
+            && let Ok(st) = self.stacks.get(&site.stack, 0)
+        {
+            let frames = &st.ips[..(st.len as usize).min(st.ips.len())];
+            if stack_hash(frames) == site.stack {
+                ustack = frames.into();
+            } else {
+                self.stacks_unverified += 1;
+            }
+        }
         RawKey {
             pid: site.tgid,
             thread: [0; toe_common::TASK_COMM_LEN],
@@ -417,6 +429,7 @@ impl MemoryCollector {
             RawSites {
                 allocations,
                 faults,
+                stacks_unverified: self.stacks_unverified,
             },
             new,
         )
