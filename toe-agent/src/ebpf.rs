@@ -46,6 +46,10 @@ pub enum LoadError {
         "{0} (tracefs is needed for tracepoints: `mount -t tracefs tracefs /sys/kernel/tracing`)"
     )]
     Tracefs(#[source] ProgramError),
+    #[error("this kernel's tracepoints differ from what TOE reads: {0}")]
+    Layout(String),
+    #[error("starting a collector thread: {0}")]
+    Thread(#[source] io::Error),
 }
 
 fn is_eperm(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -162,6 +166,16 @@ impl Loaded {
             name: TARGET_TGIDS_MAP,
             source,
         })
+    }
+
+    /// Adds a cgroup (by v2 id) to the target set while the collectors run.
+    pub fn add_cgroup(&mut self, id: u64) -> Result<(), LoadError> {
+        let name = TARGET_CGROUPS_MAP;
+        let mut cgroups: HashMap<&mut MapData, u64, u32> =
+            HashMap::try_from(self.map_mut(name)?).map_err(|source| LoadError::Map { name, source })?;
+        cgroups
+            .insert(id, 0, 0)
+            .map_err(|source| LoadError::Map { name, source })
     }
 
     /// Number of target processes the kernel still tracks (0 once they have all exited).

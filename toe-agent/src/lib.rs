@@ -11,3 +11,4 @@ pub mod run;
 pub mod sink;
 pub mod symbolize;
 pub mod targets;
+pub mod tracefs;

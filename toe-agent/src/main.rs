@@ -158,6 +158,10 @@ fn tools() {
                     format_duration(*max)
                 ),
                 ArgKind::Enum(v) => v.join("|"),
+                ArgKind::Signals => "signals, e.g. TERM,KILL,USR1 or all".into(),
+                ArgKind::Names { max_count, max_len } => {
+                    format!("up to {max_count} comma-separated names of at most {max_len} bytes")
+                }
                 ArgKind::Size { min, max } => {
                     format!("size {}..={}", format_size(*min), format_size(*max))
                 }

@@ -59,6 +59,8 @@ pub enum TargetError {
         #[source]
         source: io::Error,
     },
+    #[error("{0} has no processes: there is nothing to trace (start the workload first, or use -- COMMAND)")]
+    Empty(String),
     #[error("reading {path}: {source}")]
     Io {
         path: PathBuf,
@@ -93,7 +95,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TargetError + '_ {
 }
 
 /// The tgid of `/proc/<pid>`, which also exists (hidden) for thread ids.
-fn tgid_of(pid: u32) -> Result<Option<u32>, TargetError> {
+pub(crate) fn tgid_of(pid: u32) -> Result<Option<u32>, TargetError> {
     let path = PathBuf::from(format!("/proc/{pid}/status"));
     let status = match fs::read_to_string(&path) {
         Ok(s) => s,
@@ -166,6 +168,16 @@ fn unescape_octal(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where the cgroup v2 hierarchy is mounted, if it is.
+#[must_use]
+pub fn cgroup2_root() -> Option<PathBuf> {
+    cgroup_mounts()
+        .ok()?
+        .into_iter()
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| m.point)
 }
 
 pub fn resolve_cgroup(path: &Path) -> Result<ResolvedTarget, TargetError> {

@@ -6,6 +6,8 @@
 
 pub mod cpu;
 pub mod memory;
+pub mod signals;
+pub mod stacks;
 pub mod targets;
 
 #[cfg(feature = "api")]

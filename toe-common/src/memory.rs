@@ -16,19 +16,9 @@ pub const LIVE_MAP: &str = "TOE_MEM_LIVE";
 pub const SITES_MAP: &str = "TOE_MEM_SITES";
 /// `HashMap<SiteKey, u64>`: sampled page faults per faulting stack.
 pub const FAULTS_MAP: &str = "TOE_MEM_FAULTS";
-/// `HashMap<u64, UserStack>`: user stacks keyed by [`stack_hash`], referenced by
-/// [`SiteKey::stack`].
-///
-/// Not a `BPF_MAP_TYPE_STACK_TRACE`: that map keeps one stack per hash bucket and fails a second
-/// stack that lands in an occupied bucket, so with a few dozen sites in 8192 buckets one run in
-/// several loses a whole call site's attribution (ASLR changes the addresses, hence the buckets,
-/// on every run). A 64-bit hash of the frames as the key makes such a collision practically
-/// impossible, and user space recomputes the hash to detect the one remaining failure (a scratch
-/// buffer overwritten by a preempting probe on the same CPU).
+/// `HashMap<u64, StoredStack>`: user stacks referenced by [`SiteKey::stack`] (see
+/// [`crate::stacks`]).
 pub const STACKS_MAP: &str = "TOE_MEM_STACKS";
-/// `PerCpuArray<UserStack>` of one: where a stack is unwound before it is hashed and stored
-/// (it is too large for the 512-byte BPF stack).
-pub const STACK_SCRATCH_MAP: &str = "TOE_MEM_STACK_SCRATCH";
 /// `PerCpuArray<u64>` indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "TOE_MEM_COUNTERS";
 /// `Array<u32>` of [`EXP_TABLE_LEN`] exponential variates in 16.16 fixed point (mean 1.0), filled
@@ -47,50 +37,6 @@ pub const FAULT_PROGRAM: &str = "toe_mem_fault";
 pub const DEFAULT_MAX_LIVE: u32 = 1 << 19;
 pub const MAX_SITES: u32 = 1 << 16;
 pub const MAX_STACKS: u32 = 1 << 14;
-/// Frames kept per stack: `PERF_MAX_STACK_DEPTH`, the kernel's default `kernel.perf_event_max_stack`.
-pub const MAX_FRAMES: usize = 127;
-
-/// A user stack, leaf first; `len` frames of `ips` are valid.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct UserStack {
-    pub len: u32,
-    pub reserved: u32,
-    pub ips: [u64; MAX_FRAMES],
-}
-const _: () = assert!(size_of::<UserStack>() == 1024);
-
-/// Start value of [`stack_hash`].
-pub const STACK_HASH_SEED: u64 = 0x243f_6a88_85a3_08d3;
-const HASH_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// One step of [`stack_hash`], split out so the kernel side can run it in a bounded loop.
-#[inline]
-#[must_use]
-pub fn stack_hash_step(h: u64, ip: u64) -> u64 {
-    // A multiply-xorshift mix per frame (as in splitmix64's finalizer), so every bit of every
-    // frame and the frame order reach every bit of the result.
-    let x = (h ^ ip).wrapping_mul(HASH_MUL);
-    x ^ (x >> 29)
-}
-
-/// Folds the frame count in and keeps 0 free to mean "no stack".
-#[inline]
-#[must_use]
-pub fn stack_hash_finish(h: u64, frames: u64) -> u64 {
-    let h = stack_hash_step(h, frames).wrapping_mul(HASH_MUL);
-    let h = h ^ (h >> 32);
-    if h == 0 { 1 } else { h }
-}
-
-/// The key of a stack in [`STACKS_MAP`]; the kernel computes the same thing frame by frame.
-#[must_use]
-pub fn stack_hash(ips: &[u64]) -> u64 {
-    let h = ips
-        .iter()
-        .fold(STACK_HASH_SEED, |h, &ip| stack_hash_step(h, ip));
-    stack_hash_finish(h, ips.len() as u64)
-}
 pub const MAX_INFLIGHT: u32 = 1 << 14;
 
 /// The allocator entry point a uprobe is attached to, passed as its attach cookie.
@@ -204,7 +150,7 @@ pub struct LiveKey {
 }
 const _: () = assert!(size_of::<LiveKey>() == 16);
 
-/// An allocation site: the process and its user stack (a [`stack_hash`]). `stack` 0 means the
+/// An allocation site: the process and its user stack (a [`crate::stacks::stack_hash`]). `stack` 0 means the
 /// stack could not be stored (see [`Counter::StackLost`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -292,22 +238,5 @@ mod user {
     unsafe impl aya::Pod for super::LiveBlock {}
     unsafe impl aya::Pod for super::SiteKey {}
     unsafe impl aya::Pod for super::SiteStats {}
-    unsafe impl aya::Pod for super::UserStack {}
     unsafe impl aya::Pod for super::InFlight {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::stack_hash;
-
-    #[test]
-    fn stack_hash_depends_on_every_frame_their_order_and_count() {
-        let a = stack_hash(&[0x1000, 0x2000, 0x3000]);
-        assert_ne!(a, stack_hash(&[0x1000, 0x2000, 0x3001]));
-        assert_ne!(a, stack_hash(&[0x2000, 0x1000, 0x3000]));
-        assert_ne!(a, stack_hash(&[0x1000, 0x2000, 0x3000, 0]));
-        assert_eq!(a, stack_hash(&[0x1000, 0x2000, 0x3000]));
-        // 0 is reserved for "no stack".
-        assert_ne!(stack_hash(&[]), 0);
-    }
 }

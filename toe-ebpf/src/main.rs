@@ -12,6 +12,10 @@ mod cpu;
 #[cfg(target_arch = "bpf")]
 mod memory;
 #[cfg(target_arch = "bpf")]
+mod signals;
+#[cfg(target_arch = "bpf")]
+mod stacks;
+#[cfg(target_arch = "bpf")]
 mod targets;
 
 #[cfg(target_arch = "bpf")]
@@ -54,6 +58,54 @@ mod entries {
     #[tracepoint]
     pub fn toe_process_exit(ctx: TracePointContext) -> u32 {
         crate::targets::try_process_exit(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_sig_generate(ctx: TracePointContext) -> u32 {
+        crate::signals::try_generate(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_sig_deliver(ctx: TracePointContext) -> u32 {
+        crate::signals::try_deliver(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_sig_newtask(ctx: TracePointContext) -> u32 {
+        crate::signals::try_newtask(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_sig_exit(ctx: TracePointContext) -> u32 {
+        crate::signals::try_exit(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_sig_exec(ctx: TracePointContext) -> u32 {
+        crate::signals::try_exec(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_sig_exit_call(ctx: TracePointContext) -> u32 {
+        crate::signals::try_exit_call(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_sig_oom(ctx: TracePointContext) -> u32 {
+        crate::signals::try_oom(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_sig_cgroup_attach(ctx: TracePointContext) -> u32 {
+        crate::signals::try_cgroup_attach(&ctx);
         0
     }
 }

@@ -6,10 +6,10 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user,
-        generated::{bpf_get_attach_cookie, bpf_get_stack},
+        generated::bpf_get_attach_cookie,
     },
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
@@ -17,11 +17,14 @@ use aya_ebpf::{
 };
 use toe_common::memory::{
     COUNTER_COUNT, Counter, DEFAULT_MAX_LIVE, EXP_TABLE_LEN, Func, INFLIGHT_TRACK, InFlight,
-    LiveBlock, LiveKey, MAX_FRAMES, MAX_INFLIGHT, MAX_SITES, MAX_STACKS, MemConfig,
-    STACK_HASH_SEED, SiteKey, SiteStats, UserStack, stack_hash_finish, stack_hash_step,
+    LiveBlock, LiveKey, MAX_INFLIGHT, MAX_SITES, MAX_STACKS, MemConfig, SiteKey, SiteStats,
 };
+use toe_common::stacks::StoredStack;
 
-use crate::targets::{bump, current_is_target};
+use crate::{
+    stacks,
+    targets::{bump, current_is_target},
+};
 
 #[map(name = "TOE_MEM_CONFIG")]
 static CONFIG: Array<MemConfig> = Array::with_max_entries(1, 0);
@@ -44,10 +47,8 @@ static FAULTS: HashMap<SiteKey, u64> =
     HashMap::with_max_entries(MAX_SITES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map(name = "TOE_MEM_STACKS")]
-static STACKS: HashMap<u64, UserStack> = HashMap::with_max_entries(MAX_STACKS, BPF_F_NO_PREALLOC);
+static STACKS: HashMap<u64, StoredStack> = HashMap::with_max_entries(MAX_STACKS, BPF_F_NO_PREALLOC);
 
-#[map(name = "TOE_MEM_STACK_SCRATCH")]
-static SCRATCH: PerCpuArray<UserStack> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "TOE_MEM_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
@@ -266,56 +267,13 @@ pub fn try_return(ctx: &RetProbeContext) {
     }
 }
 
-/// Stores the current task's user stack under its hash and returns the hash, or 0 (counted in
-/// `lost`) when it cannot be unwound or stored.
+/// Stores the current task's user stack and returns its hash, or 0 (counted in `lost`).
 #[inline(always)]
 fn user_stack<C: EbpfContext>(ctx: &C, lost: Counter) -> u64 {
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+    stacks::store(ctx, &STACKS, true).unwrap_or_else(|_| {
         count(lost);
-        return 0;
-    };
-    #[expect(clippy::cast_possible_truncation, reason = "1016 bytes")]
-    const BYTES: u32 = (MAX_FRAMES * 8) as u32;
-    // SAFETY: `buf` is this CPU's scratch slot; the helper writes at most BYTES into `ips`.
-    let ret = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            (&raw mut (*buf).ips).cast(),
-            BYTES,
-            u64::from(BPF_F_USER_STACK),
-        )
-    };
-    if ret <= 0 {
-        count(lost);
-        return 0;
-    }
-    #[expect(clippy::cast_sign_loss, reason = "checked positive")]
-    let frames = ret as u64 / 8;
-    let mut h = STACK_HASH_SEED;
-    for i in 0..MAX_FRAMES {
-        if i as u64 >= frames {
-            break;
-        }
-        // SAFETY: i < MAX_FRAMES, inside the scratch slot.
-        h = stack_hash_step(h, unsafe { (*buf).ips[i] });
-    }
-    let h = stack_hash_finish(h, frames);
-    if STACKS.get_ptr(&h).is_none() {
-        // SAFETY: as above; the whole slot is copied into the map.
-        let stored = unsafe {
-            #[expect(clippy::cast_possible_truncation, reason = "at most MAX_FRAMES")]
-            {
-                (*buf).len = frames as u32;
-            }
-            STACKS.insert(&h, &*buf, u64::from(BPF_NOEXIST))
-        };
-        // EEXIST: another CPU stored the same stack first.
-        if stored.is_err() && STACKS.get_ptr(&h).is_none() {
-            count(lost);
-            return 0;
-        }
-    }
-    h
+        0
+    })
 }
 
 /// Adds to a site's totals, creating the site on first use. Several CPUs may update one site

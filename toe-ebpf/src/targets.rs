@@ -34,6 +34,13 @@ pub fn bump(map: &PerCpuArray<u64>, index: u32) {
     }
 }
 
+/// Whether `id` (a cgroup v2 id) is one of the target cgroups. Descendants count only when user
+/// space has listed them too.
+#[inline(always)]
+pub fn cgroup_id_is_target(id: u64) -> bool {
+    unsafe { TARGET_CGROUPS.get(&id) }.is_some()
+}
+
 fn config() -> FilterConfig {
     FILTER_CONFIG.get(0).copied().unwrap_or_default()
 }

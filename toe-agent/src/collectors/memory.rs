@@ -22,9 +22,9 @@ use toe_common::{
     memory::{
         CONFIG_MAP, COUNTDOWN_MAP, COUNTER_COUNT, COUNTERS_MAP, Counter, ENTER_PROGRAM,
         EXP_TABLE_LEN, EXP_TABLE_MAP, FAULT_PROGRAM, FAULTS_MAP, Func, MemConfig, RETURN_PROGRAM,
-        SITES_MAP, STACKS_MAP, SiteKey, SiteStats, TRACK_ALLOCATIONS, TRACK_FAULTS, UserStack,
-        stack_hash,
+        SITES_MAP, STACKS_MAP, SiteKey, SiteStats, TRACK_ALLOCATIONS, TRACK_FAULTS,
     },
+    stacks::StoredStack,
 };
 
 use crate::{
@@ -77,7 +77,7 @@ pub struct MemoryCollector {
     opts: MemoryProfileOptions,
     sites: BpfHashMap<MapData, SiteKey, SiteStats>,
     faults: BpfHashMap<MapData, SiteKey, u64>,
-    stacks: BpfHashMap<MapData, u64, UserStack>,
+    stacks: BpfHashMap<MapData, u64, StoredStack>,
     /// Stored stacks whose frames do not hash to their key (see `STACKS_MAP`).
     stacks_unverified: u64,
     counters: PerCpuArray<MapData, u64>,
@@ -366,11 +366,9 @@ impl MemoryCollector {
         if site.stack != 0
             && let Ok(st) = self.stacks.get(&site.stack, 0)
         {
-            let frames = &st.ips[..(st.len as usize).min(st.ips.len())];
-            if stack_hash(frames) == site.stack {
-                ustack = frames.into();
-            } else {
-                self.stacks_unverified += 1;
+            match st.verified(site.stack) {
+                Some(frames) => ustack = frames.into(),
+                None => self.stacks_unverified += 1,
             }
         }
         RawKey {

@@ -5,6 +5,7 @@
 pub mod folded;
 pub mod memory;
 pub mod pprof;
+pub mod signals;
 mod proto;
 pub mod summary;
 pub mod svg;

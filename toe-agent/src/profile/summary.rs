@@ -88,6 +88,11 @@ pub struct Summary {
     pub cpu: Option<CpuSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<super::memory::MemorySummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signals: Option<super::signals::SignalSummary>,
+    /// Why the run failed although it collected (e.g. more events lost than allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
     /// Artifact name -> URL.
     pub artifacts: Vec<(String, String)>,
     /// Milliseconds from the end of sampling until the artifacts were written.
@@ -208,6 +213,12 @@ pub fn render(s: &Summary) -> String {
     }
     if let Some(m) = &s.memory {
         super::memory::render(&mut o, m, s.sampled_duration_s);
+    }
+    if let Some(sig) = &s.signals {
+        super::signals::render(&mut o, sig);
+    }
+    if let Some(f) = &s.failed {
+        let _ = writeln!(o, "  FAILED: {f}");
     }
     for w in &s.warnings {
         let _ = writeln!(o, "  warning: {w}");

@@ -23,6 +23,12 @@ pub enum ArgKind {
         min: u64,
         max: u64,
     },
+    /// Comma-separated signal names or numbers (`TERM,KILL,USR1`, `all`).
+    Signals,
+    /// Comma-separated names (process names, container names): each at most `max_len` bytes of
+    /// letters, digits and `._-:@+`, at most `max_count` of them. No shell or path syntax can
+    /// get through.
+    Names { max_count: usize, max_len: usize },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +47,9 @@ pub enum ArgValue {
     Duration(Duration),
     Enum(&'static str),
     Size(u64),
+    /// Bit `n - 1` set for signal `n`.
+    Signals(u64),
+    Names(Vec<String>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -107,6 +116,26 @@ impl ParsedArgs {
         match self.0.get(name) {
             Some(ArgValue::Enum(v)) => v,
             other => panic!("schema has no enum argument {name}: {other:?}"),
+        }
+    }
+
+    /// # Panics
+    /// If `name` is not a signal-set argument with a default: a bug in the tool definition.
+    #[must_use]
+    pub fn signals(&self, name: &str) -> u64 {
+        match self.0.get(name) {
+            Some(ArgValue::Signals(v)) => *v,
+            other => panic!("schema has no signals argument {name}: {other:?}"),
+        }
+    }
+
+    /// # Panics
+    /// If `name` is not a names argument with a default: a bug in the tool definition.
+    #[must_use]
+    pub fn names(&self, name: &str) -> &[String] {
+        match self.0.get(name) {
+            Some(ArgValue::Names(v)) => v,
+            other => panic!("schema has no names argument {name}: {other:?}"),
         }
     }
 
@@ -187,6 +216,44 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
+/// `all`, or comma-separated signals (see [`crate::signals::parse_signal`]) as a bit mask.
+pub fn parse_signal_set(raw: &str) -> Result<u64, String> {
+    if raw.trim().eq_ignore_ascii_case("all") {
+        return Ok(u64::MAX);
+    }
+    let mut mask = 0u64;
+    for part in raw.split(',') {
+        let sig = crate::signals::parse_signal(part)?;
+        mask |= 1 << (sig - 1);
+    }
+    Ok(mask)
+}
+
+/// Comma-separated names, empty list allowed (`""`).
+pub fn parse_names(raw: &str, max_count: usize, max_len: usize) -> Result<Vec<String>, String> {
+    if raw.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = raw.split(',').map(str::to_owned).collect();
+    if names.len() > max_count {
+        return Err(format!("{} names given, at most {max_count} allowed", names.len()));
+    }
+    for n in &names {
+        if n.is_empty() || n.len() > max_len {
+            return Err(format!("\"{n}\" must be 1..={max_len} bytes long"));
+        }
+        if let Some(c) = n
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "._-:@+".contains(*c)))
+        {
+            return Err(format!(
+                "\"{n}\" contains {c:?}; names may use letters, digits and ._-:@+ only"
+            ));
+        }
+    }
+    Ok(names)
+}
+
 fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
     let name = spec.name;
     match &spec.kind {
@@ -229,6 +296,14 @@ fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
                 )));
             }
             Ok(ArgValue::Size(v))
+        }
+        ArgKind::Signals => parse_signal_set(raw)
+            .map(ArgValue::Signals)
+            .map_err(|e| ArgError::new(format!("--{name}: {e}"))),
+        ArgKind::Names { max_count, max_len } => {
+            parse_names(raw, *max_count, *max_len)
+                .map(ArgValue::Names)
+                .map_err(|e| ArgError::new(format!("--{name}: {e}")))
         }
         ArgKind::Enum(values) => values
             .iter()

@@ -13,8 +13,8 @@ pub use self::{
     args::{ArgKind, ArgSpec, ArgValue, ParsedArgs, format_size, parse_size},
     duration::{format_duration, parse_duration},
     tools::{
-        AllocationMode, CpuProfileOptions, MemoryProfileOptions, ToolKind, ToolOptions, catalogue,
-        find_tool,
+        AllocationMode, CpuProfileOptions, MemoryProfileOptions, SignalTraceOptions, ToolKind,
+        ToolOptions, catalogue, find_tool,
     },
 };
 

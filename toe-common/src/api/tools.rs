@@ -26,6 +26,21 @@ pub struct ToolDef {
 pub enum ToolOptions {
     CpuProfile(CpuProfileOptions),
     MemoryProfile(MemoryProfileOptions),
+    SignalTrace(SignalTraceOptions),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignalTraceOptions {
+    /// Bit `n - 1` set: signal `n` is recorded.
+    pub signals: u64,
+    /// Sender process names (comm); empty: any sender.
+    pub senders: Vec<String>,
+    pub user_stacks: bool,
+    pub kernel_stacks: bool,
+    /// Ring buffer bytes (a power of two).
+    pub ring_bytes: u32,
+    /// Events lost beyond this fail the run.
+    pub max_lost: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,7 +184,67 @@ fn build_memory(args: &ParsedArgs) -> ToolOptions {
     })
 }
 
-static CATALOGUE: [ToolDef; 2] = [
+const SIGNAL_ARGS: &[ArgSpec] = &[
+    ArgSpec {
+        name: "signals",
+        kind: ArgKind::Signals,
+        default: Some("all"),
+        help: "signals to record (lifecycle events are always recorded)",
+    },
+    ArgSpec {
+        name: "senders",
+        kind: ArgKind::Names {
+            max_count: crate::signals::MAX_SENDERS,
+            max_len: crate::TASK_COMM_LEN - 1,
+        },
+        default: Some(""),
+        help: "record only signals sent by processes with these names (comm); empty: any",
+    },
+    ArgSpec {
+        name: "user-stacks",
+        kind: ArgKind::Bool,
+        default: Some("true"),
+        help: "record the sender's user stack",
+    },
+    ArgSpec {
+        name: "kernel-stacks",
+        kind: ArgKind::Bool,
+        default: Some("true"),
+        help: "record the sender's kernel stack (shows kill(2), the OOM killer, a tty, a pipe...)",
+    },
+    ArgSpec {
+        name: "ring-size",
+        kind: ArgKind::Size {
+            min: 1 << 16,
+            max: 1 << 30,
+        },
+        default: Some("8MiB"),
+        help: "kernel ring buffer for events, rounded up to a power of two",
+    },
+    ArgSpec {
+        name: "max-lost",
+        kind: ArgKind::Integer {
+            min: 0,
+            max: i64::MAX,
+        },
+        default: Some("0"),
+        help: "the run fails when more events than this are lost (all are counted either way)",
+    },
+];
+
+fn build_signals(args: &ParsedArgs) -> ToolOptions {
+    let ring = args.size("ring-size").next_power_of_two();
+    ToolOptions::SignalTrace(SignalTraceOptions {
+        signals: args.signals("signals"),
+        senders: args.names("senders").to_vec(),
+        user_stacks: args.bool("user-stacks"),
+        kernel_stacks: args.bool("kernel-stacks"),
+        ring_bytes: u32::try_from(ring).unwrap_or(1 << 30),
+        max_lost: args.integer("max-lost").unsigned_abs(),
+    })
+}
+
+static CATALOGUE: [ToolDef; 3] = [
     ToolDef {
         name: "cpu-profile",
         kind: ToolKind::Collector,
@@ -188,6 +263,17 @@ static CATALOGUE: [ToolDef; 2] = [
         default_duration: Duration::from_mins(1),
         max_duration: Duration::from_hours(1),
         build: build_memory,
+    },
+    ToolDef {
+        name: "signal-trace",
+        kind: ToolKind::Collector,
+        summary: "record every signal sent to the target (sender, stacks, result), its \
+                  deliveries, and how each target process started and ended (exec, fork, exit, \
+                  OOM kill)",
+        args: SIGNAL_ARGS,
+        default_duration: Duration::from_mins(5),
+        max_duration: Duration::from_hours(24),
+        build: build_signals,
     },
 ];
 

@@ -2,6 +2,8 @@
 //! the target is gone or the user interrupts, then detach and write every artifact, including on
 //! an interruption (marked partial).
 
+mod signals;
+
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -9,6 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use toe_common::api::{
     AllocationMode, CpuProfileOptions, MemoryProfileOptions, ToolOptions, format_duration,
 };
+use toe_common::signals::EVENTS_RING;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::oneshot,
@@ -19,6 +22,7 @@ use crate::{
     collectors::{
         cpu::{CpuCollector, CpuCounters, RawProfile},
         memory::MemoryCollector,
+        signals::SignalCollector,
     },
     ebpf::{LoadError, Loaded},
     plan::RunPlan,
@@ -152,6 +156,7 @@ enum Work {
         pids: Vec<u32>,
         ticks: u64,
     },
+    Signals(signals::SignalWork),
 }
 
 /// A run between attach and detach.
@@ -163,6 +168,8 @@ struct Session {
     command_exit: Option<oneshot::Receiver<i32>>,
     started_at: SystemTime,
     started: Instant,
+    /// The kernel's monotonic clock at the start, which event timestamps use.
+    started_ns: u64,
 }
 
 /// A `--pid` memory target whose allocations cannot be tracked is refused before anything is
@@ -195,19 +202,32 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
     // Everything that can be rejected is checked before anything is loaded or attached.
     let (target, child) = resolve_target(&plan.target)?;
     let cpus = aya::util::online_cpus().map_or(1, |c| u32::try_from(c.len()).unwrap_or(u32::MAX));
+    // Rings of collectors a tool does not use get the smallest size the kernel accepts.
     let mut loaded = match &plan.tool.options {
-        ToolOptions::CpuProfile(opts) => Loaded::load(&[(
-            toe_common::cpu::SAMPLES_RING,
-            toe_common::cpu::ring_bytes(cpus, opts.frequency_hz),
-        )])?,
+        ToolOptions::CpuProfile(opts) => Loaded::load(&[
+            (
+                toe_common::cpu::SAMPLES_RING,
+                toe_common::cpu::ring_bytes(cpus, opts.frequency_hz),
+            ),
+            (EVENTS_RING, 4096),
+        ])?,
         ToolOptions::MemoryProfile(opts) => {
             if opts.allocations != AllocationMode::Off {
                 check_allocator(&plan.target, &target)?;
             }
             Loaded::load(&[
-                // The CPU ring is unused by this tool: the smallest the kernel accepts.
                 (toe_common::cpu::SAMPLES_RING, 4096),
+                (EVENTS_RING, 4096),
                 (toe_common::memory::LIVE_MAP, opts.max_tracked),
+            ])?
+        }
+        ToolOptions::SignalTrace(opts) => {
+            if target.tgids.is_empty() && target.cgroups.iter().all(signals::cgroup_is_empty) {
+                return Err(RunError::Target(TargetError::Empty(target.description.clone())));
+            }
+            Loaded::load(&[
+                (toe_common::cpu::SAMPLES_RING, 4096),
+                (EVENTS_RING, opts.ring_bytes),
             ])?
         }
     };
@@ -240,7 +260,15 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
                 ticks: 0,
             }
         }
+        ToolOptions::SignalTrace(opts) => {
+            let mut collector = SignalCollector::attach(&mut loaded, opts, &target)?;
+            if let Some(c) = &child {
+                collector.add_process(c.pid)?;
+            }
+            Work::Signals(signals::SignalWork::new(opts.clone(), collector))
+        }
     };
+    let started_ns = signals::monotonic_ns();
     let command_exit = match child {
         Some(mut c) => {
             c.release()?;
@@ -259,6 +287,7 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
         command_exit,
         started_at: SystemTime::now(),
         started: Instant::now(),
+        started_ns,
     })
 }
 
@@ -290,6 +319,7 @@ impl Session {
                     rss.set_pids(pids);
                 }
             }
+            Work::Signals(w) => w.tick(&self.target),
         }
         Ok(())
     }
@@ -299,6 +329,7 @@ impl Session {
         match &mut self.work {
             Work::Cpu { raw, .. } => symbolizer.resolve(&raw.take_new()),
             Work::Memory { collector, .. } => symbolizer.resolve(&collector.take_new()),
+            Work::Signals(w) => w.resolve(symbolizer),
         }
     }
 
@@ -320,6 +351,7 @@ impl Session {
                     c.get(toe_common::memory::Counter::Faults)
                 )
             }
+            Work::Signals(w) => w.progress(),
         }
     }
 }
@@ -414,6 +446,9 @@ async fn write_artifacts(
 struct Finished {
     cpu: Option<CpuSummary>,
     memory: Option<MemorySummary>,
+    signals: Option<crate::profile::signals::SignalSummary>,
+    /// The run collected but must report failure (e.g. losses beyond the allowed bound).
+    failed: Option<String>,
     artifacts: Vec<Artifact>,
     warnings: Vec<String>,
 }
@@ -482,6 +517,8 @@ fn finish_cpu(
     Ok(Finished {
         cpu: Some(cpu),
         memory: None,
+        signals: None,
+        failed: None,
         artifacts,
         warnings,
     })
@@ -706,6 +743,8 @@ fn finish_memory(
     Ok(Finished {
         cpu: None,
         memory: Some(m),
+        signals: None,
+        failed: None,
         artifacts,
         warnings,
     })
@@ -735,6 +774,7 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
         command_exit,
         started_at,
         started,
+        started_ns,
     } = session;
     // Stop collecting: dropping the object detaches every program and closes the perf events.
     drop(loaded);
@@ -776,6 +816,13 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
             span,
             &title,
         )?,
+        Work::Signals(w) => signals::finish(
+            w,
+            &mut symbolizer,
+            (started_ns, span.0),
+            sampled_for.as_secs_f64() * 1000.0,
+            &title,
+        )?,
     };
     let mut summary = Summary {
         run: plan.run_id.clone(),
@@ -787,6 +834,8 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
         sampled_duration_s: sampled_for.as_secs_f64(),
         cpu: finished.cpu,
         memory: finished.memory,
+        signals: finished.signals,
+        failed: finished.failed,
         warnings: plan.warnings.clone(),
         ..Summary::default()
     };
@@ -796,6 +845,7 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
     let exit_code = match (&ended, command_status, command_exit) {
         (Ended::Interrupted("SIGINT"), _, _) => 130,
         (Ended::Interrupted(_), _, _) => 143,
+        _ if summary.failed.is_some() => 3,
         (_, Some(code), _) => code,
         (_, None, Some(rx)) => {
             // Duration ended first: the command keeps running and keeps its terminal; TOE

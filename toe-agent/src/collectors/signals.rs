@@ -1,0 +1,400 @@
+//! Signal and lifecycle collector: tracepoints on signal generation and delivery, fork, exec,
+//! exit and the OOM killer, filtered in the kernel by the target tasks map (see
+//! `toe_common::signals`). A dedicated thread drains the event ring so a burst is read while the
+//! run's main loop symbolizes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs,
+    os::fd::AsRawFd,
+    path::Path,
+    ptr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+};
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use toe_common::{
+    TASK_COMM_LEN,
+    api::SignalTraceOptions,
+    signals::{
+        CONFIG_FOLLOW_CGROUP_MOVES, CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACKS,
+        COUNTER_COUNT, COUNTERS_MAP, Counter, EVENTS_RING, Event, EventKind, FIELDS, MAX_SENDERS,
+        PROGRAMS, STACKS_MAP, SigConfig, TASK_TGID_UNKNOWN, TASKS_MAP, TaskInfo,
+        counter_index,
+    },
+    stacks::StoredStack,
+};
+
+use crate::{
+    ebpf::{LoadError, Loaded},
+    targets::{self, CgroupTarget, ResolvedTarget},
+    tracefs,
+};
+
+/// Kernel counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SigCounters(pub [u64; COUNTER_COUNT as usize]);
+
+impl SigCounters {
+    #[must_use]
+    pub fn emitted(&self, kind: EventKind) -> u64 {
+        self.0[counter_index(kind, false) as usize]
+    }
+
+    #[must_use]
+    pub fn lost(&self, kind: EventKind) -> u64 {
+        self.0[counter_index(kind, true) as usize]
+    }
+
+    #[must_use]
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+
+    #[must_use]
+    pub fn total_lost(&self) -> u64 {
+        EventKind::ALL.iter().map(|&k| self.lost(k)).sum()
+    }
+}
+
+/// Events read from the ring, shared with the drain thread.
+#[derive(Default)]
+struct Inbox {
+    events: Vec<Event>,
+    received: u64,
+}
+
+pub struct SignalCollector {
+    tasks: BpfHashMap<MapData, u32, TaskInfo>,
+    stacks: BpfHashMap<MapData, u64, StoredStack>,
+    counters: PerCpuArray<MapData, u64>,
+    inbox: Arc<Mutex<Inbox>>,
+    stop: Arc<AtomicBool>,
+    drainer: Option<JoinHandle<()>>,
+    /// Tasks user space added after the start because the kernel had not seen them join.
+    pub reconciled: u64,
+    /// Stored stacks whose frames failed verification.
+    pub stacks_unverified: u64,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
+    move |source| LoadError::Map { name, source }
+}
+
+/// `comm` as the kernel stores it: NUL-padded, truncated to 15 bytes.
+fn comm_bytes(name: &str) -> [u8; TASK_COMM_LEN] {
+    let mut out = [0u8; TASK_COMM_LEN];
+    let b = name.as_bytes();
+    let n = b.len().min(TASK_COMM_LEN - 1);
+    out[..n].copy_from_slice(&b[..n]);
+    out
+}
+
+/// Every thread id of process `pid` (empty if it is gone).
+fn threads(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The target cgroups and every cgroup below them.
+fn cgroup_tree(roots: &[CgroupTarget]) -> Vec<CgroupTarget> {
+    let mut out = Vec::new();
+    let mut stack: Vec<CgroupTarget> = roots.to_vec();
+    while let Some(cg) = stack.pop() {
+        if let Ok(dir) = fs::read_dir(&cg.path) {
+            for e in dir.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let path = e.path();
+                    if let Ok(meta) = fs::metadata(&path) {
+                        use std::os::unix::fs::MetadataExt as _;
+                        stack.push(CgroupTarget {
+                            path,
+                            id: meta.ino(),
+                            level: cg.level + 1,
+                        });
+                    }
+                }
+            }
+        }
+        out.push(cg);
+    }
+    out
+}
+
+/// Thread ids listed in `cgroup.threads` of every cgroup in `tree`.
+fn cgroup_threads(tree: &[CgroupTarget]) -> BTreeSet<u32> {
+    tree.iter()
+        .filter_map(|cg| fs::read_to_string(cg.path.join("cgroup.threads")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Every (tid, tgid) of the target right now: its processes, their descendants and the tasks
+/// of its cgroups.
+fn target_tasks(target: &ResolvedTarget, tree: &[CgroupTarget]) -> BTreeMap<u32, u32> {
+    let mut out = BTreeMap::new();
+    let pids = targets::descendants(&target.tgids);
+    for pid in target.tgids.iter().copied().chain(pids) {
+        for tid in threads(pid) {
+            out.insert(tid, pid);
+        }
+    }
+    for tid in cgroup_threads(tree) {
+        if let Ok(Some(tgid)) = targets::tgid_of(tid) {
+            out.insert(tid, tgid);
+        }
+    }
+    out
+}
+
+impl SignalCollector {
+    /// Checks the kernel's tracepoint layouts, loads and attaches every program, and seeds the
+    /// tasks map. Target maps must already be set.
+    pub fn attach(
+        loaded: &mut Loaded,
+        opts: &SignalTraceOptions,
+        target: &ResolvedTarget,
+    ) -> Result<Self, LoadError> {
+        tracefs::check_fields(FIELDS).map_err(LoadError::Layout)?;
+        let tree = cgroup_tree(&target.cgroups);
+        // Below a target cgroup every cgroup is a target too; the kernel's move check matches
+        // ids exactly, so it needs them all.
+        for cg in &tree {
+            loaded.add_cgroup(cg.id)?;
+        }
+        {
+            let mut senders = [[0u8; TASK_COMM_LEN]; MAX_SENDERS];
+            for (slot, name) in senders.iter_mut().zip(&opts.senders) {
+                *slot = comm_bytes(name);
+            }
+            let mut flags = 0;
+            if opts.user_stacks {
+                flags |= CONFIG_USER_STACKS;
+            }
+            if opts.kernel_stacks {
+                flags |= CONFIG_KERNEL_STACKS;
+            }
+            if target.tgids.is_empty() {
+                flags |= CONFIG_FOLLOW_CGROUP_MOVES;
+            }
+            let mut config: Array<&mut MapData, SigConfig> =
+                Array::try_from(loaded.map_mut(CONFIG_MAP)?).map_err(map_err(CONFIG_MAP))?;
+            config
+                .set(
+                    0,
+                    SigConfig {
+                        signals: opts.signals,
+                        flags,
+                        sender_count: u32::try_from(opts.senders.len().min(MAX_SENDERS))
+                            .unwrap_or(0),
+                        senders,
+                    },
+                    0,
+                )
+                .map_err(map_err(CONFIG_MAP))?;
+        }
+        let mut tasks: BpfHashMap<MapData, u32, TaskInfo> =
+            BpfHashMap::try_from(loaded.take_map(TASKS_MAP)?).map_err(map_err(TASKS_MAP))?;
+        let ring: RingBuf<MapData> =
+            RingBuf::try_from(loaded.take_map(EVENTS_RING)?).map_err(map_err(EVENTS_RING))?;
+        let mut attached = BTreeSet::new();
+        for &(name, category, event) in PROGRAMS {
+            let prog: &mut TracePoint = loaded
+                .program_mut(name)?
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            if attached.insert(name) {
+                prog.load()
+                    .map_err(|source| LoadError::Program { name, source })?;
+            }
+            prog.attach(category, event).map_err(LoadError::Tracefs)?;
+        }
+        // Seeded after the programs are attached: a task created meanwhile is added by the
+        // kernel (its parent is a target) or is found here, never missed in between.
+        for (tid, tgid) in target_tasks(target, &tree) {
+            let info = TaskInfo {
+                tgid,
+                ..TaskInfo::default()
+            };
+            tasks.insert(tid, info, 0).map_err(map_err(TASKS_MAP))?;
+        }
+        let inbox = Arc::new(Mutex::new(Inbox::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let drainer = {
+            let inbox = Arc::clone(&inbox);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("toe-signals".into())
+                .spawn(move || drain_loop(ring, &inbox, &stop))
+                .map_err(LoadError::Thread)?
+        };
+        Ok(Self {
+            tasks,
+            stacks: BpfHashMap::try_from(loaded.take_map(STACKS_MAP)?)
+                .map_err(map_err(STACKS_MAP))?,
+            counters: PerCpuArray::try_from(loaded.take_map(COUNTERS_MAP)?)
+                .map_err(map_err(COUNTERS_MAP))?,
+            inbox,
+            stop,
+            drainer: Some(drainer),
+            reconciled: 0,
+            stacks_unverified: 0,
+        })
+    }
+
+    /// Adds a process TOE started (held before exec) with its threads.
+    pub fn add_process(&mut self, pid: u32) -> Result<(), LoadError> {
+        for tid in threads(pid) {
+            let info = TaskInfo {
+                tgid: pid,
+                ..TaskInfo::default()
+            };
+            self.tasks
+                .insert(tid, info, 0)
+                .map_err(map_err(TASKS_MAP))?;
+        }
+        Ok(())
+    }
+
+    /// Brings the tasks map in line with `/proc` and the cgroups: adds tasks the kernel could
+    /// not have seen join (counted), fills in process ids of tasks that joined by a cgroup move,
+    /// and removes entries of processes that are gone (dead and reaped).
+    pub fn reconcile(&mut self, target: &ResolvedTarget) {
+        let tree = cgroup_tree(&target.cgroups);
+        let now = target_tasks(target, &tree);
+        let known: HashMap<u32, TaskInfo> = self.tasks.iter().flatten().collect();
+        for (&tid, &tgid) in &now {
+            match known.get(&tid) {
+                None => {
+                    let info = TaskInfo {
+                        tgid,
+                        ..TaskInfo::default()
+                    };
+                    if self.tasks.insert(tid, info, 0).is_ok() {
+                        self.reconciled += 1;
+                    }
+                }
+                Some(info) if info.flags & TASK_TGID_UNKNOWN != 0 => {
+                    let fixed = TaskInfo {
+                        tgid,
+                        flags: info.flags & !TASK_TGID_UNKNOWN,
+                        ..*info
+                    };
+                    let _ = self.tasks.insert(tid, fixed, 0);
+                }
+                Some(_) => {}
+            }
+        }
+        // A dead process's leader entry stays while it is a zombie (its parent has not reaped
+        // it, so the pid cannot be reused yet); once /proc forgets the task, so does the map.
+        for tid in known.keys() {
+            if !Path::new(&format!("/proc/{tid}")).exists() {
+                let _ = self.tasks.remove(tid);
+            }
+        }
+    }
+
+    /// Events received since the last call.
+    pub fn take_events(&self) -> Vec<Event> {
+        std::mem::take(&mut self.inbox.lock().expect("inbox lock").events)
+    }
+
+    #[must_use]
+    pub fn received(&self) -> u64 {
+        self.inbox.lock().expect("inbox lock").received
+    }
+
+    #[must_use]
+    pub fn counters(&self) -> SigCounters {
+        let mut out = SigCounters::default();
+        for (i, slot) in (0u32..).zip(out.0.iter_mut()) {
+            *slot = self.counters.get(&i, 0).map_or(0, |v| v.iter().sum());
+        }
+        out
+    }
+
+    /// The frames of a stored stack, if present and intact.
+    pub fn stack(&mut self, hash: u64) -> Option<Box<[u64]>> {
+        if hash == 0 {
+            return None;
+        }
+        let st = self.stacks.get(&hash, 0).ok()?;
+        if let Some(f) = st.verified(hash) {
+            Some(f.into())
+        } else {
+            self.stacks_unverified += 1;
+            None
+        }
+    }
+
+    /// Stops the drain thread after it has read everything the kernel submitted. Call after the
+    /// programs are detached.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.drainer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SignalCollector {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads the ring until told to stop, then once more to empty it. Waits in poll(2) between
+/// bursts: the kernel wakes it when a record lands in an empty ring.
+fn drain_loop(mut ring: RingBuf<MapData>, inbox: &Mutex<Inbox>, stop: &AtomicBool) {
+    let fd = ring.as_raw_fd();
+    let mut batch = Vec::with_capacity(4096);
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<Event>() {
+                // SAFETY: the kernel wrote a whole Event (same repr(C) layout via toe-common);
+                // ring records are only 8-byte aligned, hence read_unaligned.
+                batch.push(unsafe { ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+            }
+            if batch.len() == batch.capacity() {
+                flush(inbox, &mut batch);
+            }
+        }
+        flush(inbox, &mut batch);
+        if stopping {
+            return;
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a timeout bounds how long a stop request waits.
+        unsafe { libc::poll(&raw mut pfd, 1, 50) };
+    }
+}
+
+fn flush(inbox: &Mutex<Inbox>, batch: &mut Vec<Event>) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut i = inbox.lock().expect("inbox lock");
+    i.received += batch.len() as u64;
+    i.events.append(batch);
+}

@@ -1,0 +1,760 @@
+//! Signal and lifecycle records: the JSON Lines events, the per-process account of how each
+//! target process ended, and the timeline. Pure functions over records the collector decoded.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+};
+
+use serde::{Deserialize, Serialize};
+use toe_common::signals::{
+    CLD_DUMPED, CLD_EXITED, CLD_KILLED, DefaultAction, SIGCHLD, SIGKILL, SIGTERM, default_action,
+    signal_name,
+};
+
+/// The other party of an event: a signal's sender, a fork's child, whoever moved a task.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Actor {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// cgroup v2 path (relative to the v2 root) when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Detail {
+    /// A signal generated towards the target task (pid/tid/comm are the receiver's).
+    Signal {
+        signal: String,
+        signo: i32,
+        code: String,
+        /// delivered (queued), ignored, already_pending, overflow, lost_info.
+        result: String,
+        /// process (kill) or thread (tgkill).
+        scope: String,
+        sender: Actor,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        user_stack: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        kernel_stack: Vec<String>,
+    },
+    /// A target process reported its exit to its parent (its `SIGCHLD`).
+    ExitNotice {
+        code: String,
+        parent: u32,
+    },
+    /// The target task took the signal off its queue to act on it.
+    Delivery {
+        signal: String,
+        signo: i32,
+        code: String,
+        /// default, ignore, or handler.
+        action: String,
+    },
+    Fork {
+        child: Actor,
+    },
+    Exec {
+        filename: String,
+    },
+    Exit {
+        /// The status passed to exit/exit_group, if the process called it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+    },
+    OomKill {
+        victim_comm: String,
+        /// The task whose allocation hit the limit.
+        trigger: Actor,
+        total_vm_kib: u64,
+        anon_rss_kib: u64,
+        file_rss_kib: u64,
+        shmem_rss_kib: u64,
+        oom_score_adj: i64,
+        /// Memory cgroup (v1 or v2 path) of the victim, when it could still be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_cgroup: Option<String>,
+    },
+    Joined {
+        by: Actor,
+        cgroup_id: u64,
+    },
+    Left {
+        by: Actor,
+        cgroup_id: u64,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    /// Milliseconds since the run started.
+    pub t_ms: f64,
+    pub time_unix_ns: u64,
+    /// The process (tgid) and task the event is about; 0 when unknown.
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+/// How a target process ended, as far as the events show.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProcessEnd {
+    pub pid: u32,
+    pub comm: String,
+    /// "exited", "killed", "dumped core", or "still running".
+    pub how: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The signal that ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// Who sent that signal (the kernel's OOM killer shows as the task that hit the limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_by: Option<Actor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_killed: Option<bool>,
+    /// Milliseconds from the first SIGTERM to the exit: the graceful-shutdown time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_first_sigterm_ms: Option<f64>,
+    /// A SIGKILL was sent after a SIGTERM.
+    pub sigkill_followed_sigterm: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exited_at_ms: Option<f64>,
+    /// One line for people.
+    pub explanation: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignalCount {
+    pub signal: String,
+    pub sender: String,
+    pub receiver: String,
+    pub count: u64,
+    /// Count per result (delivered, already_pending, ...).
+    pub results: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KindAccounting {
+    pub event: String,
+    /// Events the kernel tried to emit.
+    pub emitted: u64,
+    /// Read by TOE.
+    pub recorded: u64,
+    /// Lost because the ring buffer was full.
+    pub lost: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SignalSummary {
+    pub events: Vec<KindAccounting>,
+    pub lost_total: u64,
+    pub max_lost: u64,
+    /// Signals towards targets left out by --signals/--senders.
+    pub filtered: u64,
+    pub stacks_unwind_failed: u64,
+    pub stacks_map_full: u64,
+    pub stacks_unverified: u64,
+    /// Target tasks the kernel could not follow (tasks map full).
+    pub tasks_missed: u64,
+    /// Tasks found in a target cgroup by the kernel (born there) or by the periodic check.
+    pub late_joins: u64,
+    pub signals: Vec<SignalCount>,
+    pub processes: Vec<ProcessEnd>,
+}
+
+fn fatal_by_default(sig: i32) -> bool {
+    matches!(
+        default_action(sig),
+        DefaultAction::Terminate | DefaultAction::Core
+    )
+}
+
+#[derive(Default)]
+struct Track {
+    comm: String,
+    first_sigterm: Option<f64>,
+    sigkill_after_sigterm: bool,
+    /// Latest signal that would end the process if not handled: (index of its record).
+    last_fatal: Option<usize>,
+    /// Signals the process handled itself (a delivery to a handler or ignored).
+    handled: Vec<i32>,
+    fatal_delivery: Option<i32>,
+    exit: Option<(f64, Option<i32>)>,
+    notice: Option<i32>,
+    oom: Option<usize>,
+}
+
+/// Per target process seen exiting or signalled: what ended it (or that it still runs).
+#[must_use]
+pub fn endings(records: &[Record]) -> Vec<ProcessEnd> {
+    let mut tracks: BTreeMap<u32, Track> = BTreeMap::new();
+    // A target's SIGCHLD to a parent that is itself a target arrives as an ordinary signal.
+    for r in records {
+        if let Detail::Signal {
+            signo: SIGCHLD,
+            code,
+            sender,
+            ..
+        } = &r.detail
+            && let Some(c) = cld_code(code)
+        {
+            tracks.entry(sender.pid).or_default().notice = Some(c);
+        }
+    }
+    for (i, r) in records.iter().enumerate() {
+        if r.pid == 0 {
+            continue;
+        }
+        let t = tracks.entry(r.pid).or_default();
+        if !r.comm.is_empty() {
+            t.comm.clone_from(&r.comm);
+        }
+        match &r.detail {
+            Detail::Signal { signo, result, .. } => {
+                if *signo == SIGTERM && t.first_sigterm.is_none() {
+                    t.first_sigterm = Some(r.t_ms);
+                }
+                if *signo == SIGKILL && t.first_sigterm.is_some() {
+                    t.sigkill_after_sigterm = true;
+                }
+                if t.exit.is_none()
+                    && fatal_by_default(*signo)
+                    && matches!(result.as_str(), "delivered" | "already_pending")
+                {
+                    t.last_fatal = Some(i);
+                }
+            }
+            Detail::Delivery { signo, action, .. } => {
+                if action == "default" && fatal_by_default(*signo) && *signo != SIGKILL {
+                    t.fatal_delivery = Some(*signo);
+                } else if *signo != SIGKILL {
+                    t.handled.push(*signo);
+                }
+            }
+            Detail::Exit { exit_code } => t.exit = Some((r.t_ms, *exit_code)),
+            Detail::ExitNotice { code, .. } => t.notice = cld_code(code).or(t.notice),
+            Detail::OomKill { .. } => t.oom = Some(i),
+            _ => {}
+        }
+    }
+    tracks
+        .into_iter()
+        .map(|(pid, t)| ending(pid, t, records))
+        .collect()
+}
+
+fn cld_code(code: &str) -> Option<i32> {
+    match code {
+        "CLD_EXITED" => Some(CLD_EXITED),
+        "CLD_KILLED" => Some(CLD_KILLED),
+        "CLD_DUMPED" => Some(CLD_DUMPED),
+        _ => None,
+    }
+}
+
+fn sender_of(records: &[Record], i: usize) -> (String, Option<Actor>) {
+    match &records[i].detail {
+        Detail::Signal { signal, sender, .. } => (signal.clone(), Some(sender.clone())),
+        _ => (String::new(), None),
+    }
+}
+
+fn ending(pid: u32, t: Track, records: &[Record]) -> ProcessEnd {
+    let mut end = ProcessEnd {
+        pid,
+        comm: t.comm.clone(),
+        sigkill_followed_sigterm: t.sigkill_after_sigterm,
+        ..ProcessEnd::default()
+    };
+    let Some((at, code)) = t.exit else {
+        end.how = "still running".into();
+        end.explanation = format!("{} ({pid}) did not exit during the run", t.comm);
+        return end;
+    };
+    end.exited_at_ms = Some(at);
+    end.after_first_sigterm_ms = t.first_sigterm.map(|s| at - s);
+    // The parent notification is the kernel's own verdict when it was seen; without it, a
+    // process that called exit() exited, and one that did not was killed.
+    let by_signal = match t.notice {
+        Some(CLD_EXITED) => false,
+        Some(_) => true,
+        None => code.is_none(),
+    };
+    if !by_signal {
+        end.how = "exited".into();
+        end.exit_code = code.map(|c| c & 0xff);
+        end.explanation = format!(
+            "{} ({pid}) exited with status {}{}",
+            t.comm,
+            end.exit_code.map_or_else(|| "unknown".into(), |c| c.to_string()),
+            t.first_sigterm.map_or_else(String::new, |s| format!(
+                ", {:.0} ms after its first SIGTERM",
+                at - s
+            ))
+        );
+        return end;
+    }
+    end.how = if t.notice == Some(CLD_DUMPED) {
+        "dumped core".into()
+    } else {
+        "killed".into()
+    };
+    // The fatal signal: an unhandled one delivered to the process itself (core-dumping signals
+    // take that path), else the latest fatal-by-default signal sent to it that it did not
+    // handle (the kernel turns those into an immediate group exit without a delivery of
+    // their own).
+    let fatal = t.fatal_delivery.map(|s| (signal_name(s), None)).or_else(|| {
+        t.last_fatal
+            .filter(|&i| match &records[i].detail {
+                Detail::Signal { signo, .. } => *signo == SIGKILL || !t.handled.contains(signo),
+                _ => false,
+            })
+            .map(|i| {
+                let (s, a) = sender_of(records, i);
+                (s, a)
+            })
+    });
+    if let Some((sig, sender)) = fatal {
+        // A delivery names the signal but not its sender: take the latest sender of it.
+        let sender = sender.or_else(|| {
+            records.iter().rev().find_map(|r| match &r.detail {
+                Detail::Signal { signal, sender, .. } if r.pid == pid && *signal == sig => {
+                    Some(sender.clone())
+                }
+                _ => None,
+            })
+        });
+        end.signal = Some(sig);
+        end.sent_by = sender;
+    }
+    if let Some(i) = t.oom {
+        end.oom_killed = Some(true);
+        if end.signal.is_none() {
+            end.signal = Some(signal_name(SIGKILL));
+        }
+        if let Detail::OomKill { trigger, .. } = &records[i].detail {
+            end.sent_by = Some(Actor {
+                comm: format!("oom-killer (via {})", trigger.comm),
+                ..trigger.clone()
+            });
+        }
+    }
+    let who = end.sent_by.as_ref().map_or_else(String::new, |a| {
+        format!(
+            " sent by {} ({}{})",
+            a.comm,
+            a.pid,
+            a.cgroup
+                .as_deref()
+                .map(|c| format!(", cgroup {c}"))
+                .unwrap_or_default()
+        )
+    });
+    end.explanation = format!(
+        "{} ({pid}) {} by {}{who}{}{}",
+        t.comm,
+        end.how,
+        end.signal.as_deref().unwrap_or("a signal TOE did not see"),
+        end.after_first_sigterm_ms
+            .map(|ms| format!(", {ms:.0} ms after its first SIGTERM"))
+            .unwrap_or_default(),
+        if t.sigkill_after_sigterm {
+            "; SIGKILL followed the SIGTERM"
+        } else {
+            ""
+        }
+    );
+    end
+}
+
+/// Signals grouped by (signal, sender name, receiver name), most frequent first.
+#[must_use]
+pub fn signal_counts(records: &[Record]) -> Vec<SignalCount> {
+    let mut m: HashMap<(String, String, String), SignalCount> = HashMap::new();
+    for r in records {
+        if let Detail::Signal {
+            signal,
+            result,
+            sender,
+            ..
+        } = &r.detail
+        {
+            let receiver = format!("{} ({})", r.comm, r.pid);
+            let sender_name = format!("{} ({})", sender.comm, sender.pid);
+            let c = m
+                .entry((signal.clone(), sender_name.clone(), receiver.clone()))
+                .or_insert_with(|| SignalCount {
+                    signal: signal.clone(),
+                    sender: sender_name,
+                    receiver,
+                    ..SignalCount::default()
+                });
+            c.count += 1;
+            *c.results.entry(result.clone()).or_insert(0) += 1;
+        }
+    }
+    let mut v: Vec<SignalCount> = m.into_values().collect();
+    v.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then_with(|| a.signal.cmp(&b.signal))
+            .then_with(|| a.sender.cmp(&b.sender))
+    });
+    v
+}
+
+/// One JSON object per line.
+#[must_use]
+pub fn jsonl(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in records {
+        serde_json::to_writer(&mut out, r).expect("record serializes");
+        out.push(b'\n');
+    }
+    out
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const LANE_H: f64 = 34.0;
+const LEFT: f64 = 220.0;
+const PLOT_W: f64 = 900.0;
+/// Markers per lane and kind are merged per pixel column: a 100k-signal burst stays a small
+/// file, and the tooltip says how many events a mark stands for.
+const COLUMNS: f64 = 450.0;
+
+/// A timeline with one lane per process: signals received (colour by signal), deliveries, exec,
+/// fork, exit and OOM kills. Hand-written SVG: a handful of shapes, no charting library needed.
+#[must_use]
+pub fn timeline_svg(records: &[Record], duration_ms: f64, title: &str) -> String {
+    let mut lanes: Vec<(u32, String)> = Vec::new();
+    for r in records {
+        if r.pid != 0 && !lanes.iter().any(|(p, _)| *p == r.pid) {
+            lanes.push((r.pid, r.comm.clone()));
+        }
+    }
+    let span = duration_ms.max(1.0);
+    let height = 70.0 + LANE_H * lanes.len().max(1) as f64 + 40.0;
+    let width = LEFT + PLOT_W + 30.0;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        o,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="15">{}</text>"#,
+        esc(title)
+    );
+    let legend = [
+        ("#d62728", "SIGKILL"),
+        ("#ff7f0e", "SIGTERM"),
+        ("#1f77b4", "other signal"),
+        ("#2ca02c", "delivery"),
+        ("#9467bd", "exec/fork"),
+        ("#000000", "exit"),
+        ("#8c564b", "OOM kill"),
+    ];
+    for (i, (colour, name)) in legend.iter().enumerate() {
+        let x = 10.0 + i as f64 * 120.0;
+        let _ = writeln!(
+            o,
+            r#"<rect x="{x}" y="32" width="10" height="10" fill="{colour}"/><text x="{}" y="41">{name}</text>"#,
+            x + 14.0
+        );
+    }
+    let top = 60.0;
+    // (lane, column, class) -> (count, first label)
+    let mut marks: BTreeMap<(usize, u32, u8), (u64, String, &'static str)> = BTreeMap::new();
+    for r in records {
+        let Some(lane) = lanes.iter().position(|(p, _)| *p == r.pid) else {
+            continue;
+        };
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "clamped to the plot"
+        )]
+        let col = ((r.t_ms / span).clamp(0.0, 1.0) * COLUMNS) as u32;
+        let (class, colour, label) = match &r.detail {
+            Detail::Signal {
+                signal,
+                signo,
+                sender,
+                result,
+                ..
+            } => {
+                let colour = match *signo {
+                    SIGKILL => "#d62728",
+                    SIGTERM => "#ff7f0e",
+                    _ => "#1f77b4",
+                };
+                (
+                    0u8,
+                    colour,
+                    format!("{signal} from {} ({}): {result}", sender.comm, sender.pid),
+                )
+            }
+            Detail::Delivery { signal, action, .. } => {
+                (1, "#2ca02c", format!("{signal} delivered ({action})"))
+            }
+            Detail::Exec { filename } => (2, "#9467bd", format!("exec {filename}")),
+            Detail::Fork { child } => (2, "#9467bd", format!("fork -> {}", child.pid)),
+            Detail::Exit { exit_code } => (
+                3,
+                "#000000",
+                exit_code.map_or_else(|| "exit".into(), |c| format!("exit({})", c & 0xff)),
+            ),
+            Detail::OomKill { trigger, .. } => {
+                (4, "#8c564b", format!("OOM kill (triggered by {})", trigger.comm))
+            }
+            Detail::ExitNotice { code, .. } => (3, "#000000", format!("reported {code}")),
+            Detail::Joined { .. } | Detail::Left { .. } => continue,
+        };
+        let m = marks
+            .entry((lane, col, class))
+            .or_insert((0, label, colour));
+        m.0 += 1;
+        // A SIGKILL among merged signals gives the mark its colour.
+        if colour == "#d62728" {
+            m.2 = colour;
+        }
+    }
+    for (i, (pid, comm)) in lanes.iter().enumerate() {
+        let y = top + LANE_H * i as f64;
+        let _ = writeln!(
+            o,
+            r##"<text x="10" y="{}">{} ({pid})</text><line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="#ccc"/>"##,
+            y + 20.0,
+            esc(comm),
+            y + 16.0,
+            LEFT + PLOT_W,
+            y + 16.0
+        );
+    }
+    for ((lane, col, class), (n, label, colour)) in &marks {
+        let x = LEFT + f64::from(*col) / COLUMNS * PLOT_W;
+        let y = top + LANE_H * *lane as f64 + 16.0;
+        let tip = if *n > 1 {
+            format!("{label} (+{} more here)", n - 1)
+        } else {
+            label.clone()
+        };
+        let shape = match class {
+            0 => format!(
+                r#"<path d="M{x},{} l-4,-8 h8 z" fill="{colour}"/>"#,
+                y - 2.0
+            ),
+            1 => format!(r#"<circle cx="{x}" cy="{}" r="3" fill="{colour}"/>"#, y + 6.0),
+            2 => format!(
+                r#"<rect x="{}" y="{}" width="7" height="7" fill="{colour}"/>"#,
+                x - 3.5,
+                y - 3.5
+            ),
+            3 => format!(
+                r#"<path d="M{},{} l8,8 m0,-8 l-8,8" stroke="{colour}" stroke-width="2"/>"#,
+                x - 4.0,
+                y - 4.0
+            ),
+            _ => format!(
+                r#"<rect x="{}" y="{}" width="9" height="9" fill="{colour}" transform="rotate(45 {x} {y})"/>"#,
+                x - 4.5,
+                y - 4.5
+            ),
+        };
+        let _ = writeln!(o, "<g><title>{}</title>{shape}</g>", esc(&tip));
+    }
+    let axis_y = top + LANE_H * lanes.len().max(1) as f64 + 10.0;
+    for k in 0..=5 {
+        let x = LEFT + PLOT_W * f64::from(k) / 5.0;
+        let _ = writeln!(
+            o,
+            r##"<line x1="{x}" y1="{axis_y}" x2="{x}" y2="{}" stroke="#888"/><text x="{x}" y="{}" text-anchor="middle">{:.1}s</text>"##,
+            axis_y + 5.0,
+            axis_y + 18.0,
+            span * f64::from(k) / 5.0 / 1000.0
+        );
+    }
+    if lanes.is_empty() {
+        let _ = writeln!(
+            o,
+            r#"<text x="{LEFT}" y="{}">no target process was signalled, started or ended during the run</text>"#,
+            top + 20.0
+        );
+    }
+    o.push_str("</svg>\n");
+    o
+}
+
+/// The signals section of the printed summary.
+pub fn render(o: &mut String, s: &SignalSummary) {
+    for p in &s.processes {
+        let _ = writeln!(o, "  {}", p.explanation);
+    }
+    for c in s.signals.iter().take(10) {
+        let results: Vec<String> = c.results.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            o,
+            "  {} x{}: {} -> {} ({})",
+            c.signal,
+            c.count,
+            c.sender,
+            c.receiver,
+            results.join(", ")
+        );
+    }
+    let recorded: u64 = s.events.iter().map(|e| e.recorded).sum();
+    let _ = writeln!(
+        o,
+        "  events: {recorded} recorded, {} lost (ring buffer full; bound {}), {} filtered out",
+        s.lost_total, s.max_lost, s.filtered
+    );
+    if s.stacks_unwind_failed + s.stacks_map_full + s.stacks_unverified > 0 {
+        let _ = writeln!(
+            o,
+            "  sender stacks missing: {} not unwindable, {} stack map full, {} failed verification",
+            s.stacks_unwind_failed, s.stacks_map_full, s.stacks_unverified
+        );
+    }
+    if s.tasks_missed > 0 {
+        let _ = writeln!(
+            o,
+            "  {} target tasks could not be followed (tasks map full)",
+            s.tasks_missed
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(t: f64, pid: u32, detail: Detail) -> Record {
+        Record {
+            t_ms: t,
+            time_unix_ns: 0,
+            pid,
+            tid: pid,
+            comm: "app".into(),
+            detail,
+        }
+    }
+
+    fn signal(sig: i32, from: &str, result: &str) -> Detail {
+        Detail::Signal {
+            signal: signal_name(sig),
+            signo: sig,
+            code: "SI_USER".into(),
+            result: result.into(),
+            scope: "process".into(),
+            sender: Actor {
+                pid: 99,
+                tid: 99,
+                comm: from.into(),
+                cgroup: None,
+            },
+            user_stack: vec![],
+            kernel_stack: vec![],
+        }
+    }
+
+    #[test]
+    fn sigterm_ignored_then_sigkill_is_the_cause_with_grace_time() {
+        let recs = vec![
+            rec(100.0, 7, signal(SIGTERM, "kubelet", "delivered")),
+            rec(
+                101.0,
+                7,
+                Detail::Delivery {
+                    signal: "SIGTERM".into(),
+                    signo: SIGTERM,
+                    code: "SI_USER".into(),
+                    action: "handler".into(),
+                },
+            ),
+            rec(30_100.0, 7, signal(SIGKILL, "kubelet", "delivered")),
+            rec(30_101.0, 7, Detail::Exit { exit_code: None }),
+            rec(
+                30_102.0,
+                7,
+                Detail::ExitNotice {
+                    code: "CLD_KILLED".into(),
+                    parent: 1,
+                },
+            ),
+        ];
+        let e = &endings(&recs)[0];
+        assert_eq!(e.how, "killed");
+        assert_eq!(e.signal.as_deref(), Some("SIGKILL"));
+        assert_eq!(e.sent_by.as_ref().unwrap().comm, "kubelet");
+        assert!(e.sigkill_followed_sigterm);
+        assert_eq!(e.after_first_sigterm_ms, Some(30_001.0));
+    }
+
+    #[test]
+    fn unhandled_sigterm_kills_without_a_delivery_and_exit_calls_are_exits() {
+        let recs = vec![
+            rec(5.0, 8, signal(SIGTERM, "bystander", "delivered")),
+            rec(6.0, 8, Detail::Exit { exit_code: None }),
+            rec(1.0, 9, Detail::Exit { exit_code: Some(0x103) }),
+        ];
+        let ends = endings(&recs);
+        let killed = ends.iter().find(|e| e.pid == 8).unwrap();
+        assert_eq!(killed.signal.as_deref(), Some("SIGTERM"));
+        assert_eq!(killed.sent_by.as_ref().unwrap().comm, "bystander");
+        assert!(!killed.sigkill_followed_sigterm);
+        let exited = ends.iter().find(|e| e.pid == 9).unwrap();
+        assert_eq!((exited.how.as_str(), exited.exit_code), ("exited", Some(3)));
+    }
+
+    #[test]
+    fn a_core_dump_is_named_by_its_delivery() {
+        let recs = vec![
+            rec(
+                1.0,
+                5,
+                Detail::Delivery {
+                    signal: "SIGSEGV".into(),
+                    signo: 11,
+                    code: "SEGV_MAPERR".into(),
+                    action: "default".into(),
+                },
+            ),
+            rec(2.0, 5, Detail::Exit { exit_code: None }),
+            rec(
+                3.0,
+                5,
+                Detail::ExitNotice {
+                    code: "CLD_DUMPED".into(),
+                    parent: 1,
+                },
+            ),
+        ];
+        let e = &endings(&recs)[0];
+        assert_eq!(e.how, "dumped core");
+        assert_eq!(e.signal.as_deref(), Some("SIGSEGV"));
+    }
+
+    #[test]
+    fn timeline_merges_a_burst_into_few_marks() {
+        let recs: Vec<Record> = (0..10_000)
+            .map(|i| rec(f64::from(i) / 10.0, 3, signal(10, "x", "already_pending")))
+            .collect();
+        let svg = timeline_svg(&recs, 1000.0, "t");
+        assert!(svg.matches("<g>").count() <= COLUMNS as usize + 1);
+        assert!(svg.contains("more here"));
+        let counts = signal_counts(&recs);
+        assert_eq!(counts[0].count, 10_000);
+    }
+}

@@ -1,0 +1,411 @@
+//! The signal collector's part of a run: what it keeps while events arrive and how they become
+//! records, a summary section and artifacts.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+};
+
+use bytes::Bytes;
+use toe_common::{
+    api::SignalTraceOptions,
+    comm_to_string,
+    signals::{
+        Counter, Event, EventKind, TASK_EXIT_CALLED, code_name, result_name, signal_name,
+    },
+};
+
+use super::{Artifact, Finished, RunError};
+use crate::{
+    collectors::signals::{SigCounters, SignalCollector},
+    profile::signals::{
+        self as sigprof, Actor, Detail, KindAccounting, Record, SignalSummary,
+    },
+    symbolize::{RawKey, Symbolizer},
+    targets::{self, ResolvedTarget},
+};
+
+/// Stacks of one sender: (process, user stack hash, kernel stack hash).
+type StackKey = (u32, u64, u64);
+
+pub(super) struct SignalWork {
+    pub opts: SignalTraceOptions,
+    pub collector: SignalCollector,
+    events: Vec<Event>,
+    /// Sender stacks read from the kernel map, split so each side symbolizes on its own.
+    stacks: HashMap<StackKey, (RawKey, RawKey)>,
+    new_keys: Vec<RawKey>,
+    /// Memory cgroup of OOM victims, read as soon as the event arrives.
+    oom_cgroups: HashMap<u32, String>,
+    ticks: u64,
+}
+
+/// The memory controller's cgroup of a task (`memory` line on cgroup v1, else the v2 path).
+fn memory_cgroup(tid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{tid}/cgroup")).ok()?;
+    let field = |l: &str| l.splitn(3, ':').nth(2).map(str::to_owned);
+    text.lines()
+        .find(|l| l.splitn(3, ':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")))
+        .and_then(field)
+        .or_else(|| text.lines().find(|l| l.starts_with("0::")).and_then(field))
+}
+
+impl SignalWork {
+    pub fn new(opts: SignalTraceOptions, collector: SignalCollector) -> Self {
+        Self {
+            opts,
+            collector,
+            events: Vec::new(),
+            stacks: HashMap::new(),
+            new_keys: Vec::new(),
+            oom_cgroups: HashMap::new(),
+            ticks: 0,
+        }
+    }
+
+    /// Takes what the drain thread read; reads new sender stacks while the map has them.
+    pub fn tick(&mut self, target: &ResolvedTarget) {
+        self.absorb();
+        self.ticks += 1;
+        if self.ticks % 10 == 0 {
+            self.collector.reconcile(target);
+        }
+    }
+
+    fn absorb(&mut self) {
+        let events = self.collector.take_events();
+        for e in &events {
+            if e.kind == EventKind::Oom as u32 {
+                if let Some(cg) = memory_cgroup(e.tid) {
+                    self.oom_cgroups.insert(e.tid, cg);
+                }
+            }
+            if e.ustack == 0 && e.kstack == 0 {
+                continue;
+            }
+            let key = (e.actor_pid, e.ustack, e.kstack);
+            if self.stacks.contains_key(&key) {
+                continue;
+            }
+            let raw = |kstack: Box<[u64]>, ustack: Box<[u64]>| RawKey {
+                pid: e.actor_pid,
+                thread: [0; toe_common::TASK_COMM_LEN],
+                kstack,
+                ustack,
+                user_leaf_is_return: false,
+            };
+            let user = raw(Box::new([]), self.collector.stack(e.ustack).unwrap_or_default());
+            let kernel = raw(self.collector.stack(e.kstack).unwrap_or_default(), Box::new([]));
+            self.new_keys.push(user.clone());
+            self.new_keys.push(kernel.clone());
+            self.stacks.insert(key, (user, kernel));
+        }
+        self.events.extend(events);
+    }
+
+    /// Symbolizes stacks of new senders (soon after they signalled, while they live).
+    pub fn resolve(&mut self, symbolizer: &mut Symbolizer) {
+        symbolizer.resolve(&std::mem::take(&mut self.new_keys));
+    }
+
+    pub fn progress(&self) -> String {
+        let c = self.collector.counters();
+        format!(
+            "{} events, {} lost",
+            self.collector.received(),
+            c.total_lost()
+        )
+    }
+}
+
+/// Whether a target cgroup (and everything below it) has no task: nothing to trace.
+pub(super) fn cgroup_is_empty(cg: &targets::CgroupTarget) -> bool {
+    let mut stack = vec![cg.path.clone()];
+    while let Some(dir) = stack.pop() {
+        if fs::read_to_string(dir.join("cgroup.threads")).is_ok_and(|s| !s.trim().is_empty()) {
+            return false;
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    true
+}
+
+/// cgroup v2 id -> path below the v2 root, for the ids events name.
+fn cgroup_paths(ids: &HashSet<u64>) -> HashMap<u64, String> {
+    let mut out = HashMap::new();
+    let Some(root) = targets::cgroup2_root() else {
+        return out;
+    };
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        if out.len() == ids.len() {
+            break;
+        }
+        if let Ok(meta) = fs::metadata(&dir)
+            && ids.contains(&meta.ino())
+        {
+            let rel = dir.strip_prefix(&root).unwrap_or(Path::new(""));
+            out.insert(meta.ino(), format!("/{}", rel.display()));
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out
+}
+
+fn names(symbolizer: &mut Symbolizer, key: &RawKey) -> Vec<String> {
+    if key.ustack.is_empty() && key.kstack.is_empty() {
+        return Vec::new();
+    }
+    let stacks = symbolizer.stacks([(key, vec![1])]);
+    let frames = symbolizer.frames();
+    stacks
+        .first()
+        .map(|s| {
+            s.frames
+                .iter()
+                .rev()
+                .map(|&f| frames[f as usize].function.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn actor(e: &Event, cgroups: &HashMap<u64, String>) -> Actor {
+    Actor {
+        pid: e.actor_pid,
+        tid: e.actor_tid,
+        comm: comm_to_string(&e.actor_comm),
+        cgroup: cgroups.get(&e.actor_cgroup).cloned(),
+    }
+}
+
+/// Decodes events in arrival order into records; stacks are leaf first.
+fn records(
+    work: &SignalWork,
+    symbolizer: &mut Symbolizer,
+    start_ns: u64,
+    start_unix_ns: u64,
+) -> Vec<Record> {
+    let ids: HashSet<u64> = work
+        .events
+        .iter()
+        .map(|e| e.actor_cgroup)
+        .filter(|&id| id != 0)
+        .collect();
+    let cgroups = cgroup_paths(&ids);
+    let mut stack_names: HashMap<StackKey, (Vec<String>, Vec<String>)> = HashMap::new();
+    for (k, (u, kern)) in &work.stacks {
+        stack_names.insert(*k, (names(symbolizer, u), names(symbolizer, kern)));
+    }
+    let mut tgids: HashMap<u32, u32> = HashMap::new();
+    let mut out = Vec::with_capacity(work.events.len());
+    for e in &work.events {
+        let Some(kind) = EventKind::from_u32(e.kind) else {
+            continue;
+        };
+        let text = comm_to_string(&e.text);
+        let (pid, tid, comm) = (e.pid, e.tid, comm_to_string(&e.comm));
+        let detail = match kind {
+            EventKind::Generate => {
+                let (user_stack, kernel_stack) = stack_names
+                    .get(&(e.actor_pid, e.ustack, e.kstack))
+                    .cloned()
+                    .unwrap_or_default();
+                Detail::Signal {
+                    signal: signal_name(e.sig),
+                    signo: e.sig,
+                    code: code_name(e.sig, e.code),
+                    result: result_name(e.result).into(),
+                    scope: if e.group != 0 { "process" } else { "thread" }.into(),
+                    sender: actor(e, &cgroups),
+                    user_stack,
+                    kernel_stack,
+                }
+            }
+            EventKind::ExitNotice => {
+                out.push(Record {
+                    t_ms: 0.0,
+                    time_unix_ns: 0,
+                    pid: e.actor_pid,
+                    tid: e.actor_tid,
+                    comm: comm_to_string(&e.actor_comm),
+                    detail: Detail::ExitNotice {
+                        code: code_name(e.sig, e.code),
+                        parent: e.tid,
+                    },
+                });
+                let r = out.last_mut().expect("just pushed");
+                r.t_ms = ms_since(e.time_ns, start_ns);
+                r.time_unix_ns = start_unix_ns + e.time_ns.saturating_sub(start_ns);
+                continue;
+            }
+            EventKind::Deliver => Detail::Delivery {
+                signal: signal_name(e.sig),
+                signo: e.sig,
+                code: code_name(e.sig, e.code),
+                action: match e.args[0] {
+                    0 => "default",
+                    1 => "ignore",
+                    _ => "handler",
+                }
+                .into(),
+            },
+            EventKind::Fork => Detail::Fork {
+                child: Actor {
+                    cgroup: None,
+                    ..actor(e, &cgroups)
+                },
+            },
+            EventKind::Exec => Detail::Exec { filename: text },
+            EventKind::Exit => Detail::Exit {
+                #[expect(clippy::cast_possible_truncation, reason = "an int in the kernel")]
+                exit_code: (e.args[1] & u64::from(TASK_EXIT_CALLED) != 0)
+                    .then_some(e.args[0] as u32 as i32),
+            },
+            EventKind::Oom => Detail::OomKill {
+                victim_comm: text,
+                trigger: actor(e, &cgroups),
+                total_vm_kib: e.args[0],
+                anon_rss_kib: e.args[1],
+                file_rss_kib: e.args[2],
+                shmem_rss_kib: e.args[3],
+                #[expect(clippy::cast_possible_wrap, reason = "sign-extended by the kernel side")]
+                oom_score_adj: e.args[5] as i64,
+                memory_cgroup: work.oom_cgroups.get(&e.tid).cloned(),
+            },
+            EventKind::Joined => Detail::Joined {
+                by: actor(e, &cgroups),
+                cgroup_id: e.args[0],
+            },
+            EventKind::Left => Detail::Left {
+                by: actor(e, &cgroups),
+                cgroup_id: e.args[0],
+            },
+        };
+        // A task that joined by a cgroup move has no process id in the kernel; /proc may
+        // still know it.
+        let pid = if pid == 0 && tid != 0 {
+            *tgids
+                .entry(tid)
+                .or_insert_with(|| targets::tgid_of(tid).ok().flatten().unwrap_or(0))
+        } else {
+            pid
+        };
+        out.push(Record {
+            t_ms: ms_since(e.time_ns, start_ns),
+            time_unix_ns: start_unix_ns + e.time_ns.saturating_sub(start_ns),
+            pid,
+            tid,
+            comm,
+            detail,
+        });
+    }
+    out
+}
+
+#[expect(clippy::cast_precision_loss, reason = "milliseconds for display")]
+fn ms_since(t: u64, start: u64) -> f64 {
+    t.saturating_sub(start) as f64 / 1e6
+}
+
+fn accounting(c: &SigCounters, received: &HashMap<u32, u64>) -> Vec<KindAccounting> {
+    EventKind::ALL
+        .iter()
+        .map(|&k| KindAccounting {
+            event: k.name().into(),
+            emitted: c.emitted(k),
+            recorded: received.get(&(k as u32)).copied().unwrap_or(0),
+            lost: c.lost(k),
+        })
+        .collect()
+}
+
+/// Monotonic clock (the kernel's `bpf_ktime_get_ns`) now.
+pub(super) fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec we own; CLOCK_MONOTONIC is always available.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut t) };
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+}
+
+/// Stops the drain thread (programs are detached by now), decodes everything, writes the
+/// events, the timeline and the summary section.
+pub(super) fn finish(
+    mut work: SignalWork,
+    symbolizer: &mut Symbolizer,
+    start: (u64, u64),
+    duration_ms: f64,
+    title: &str,
+) -> Result<Finished, RunError> {
+    work.collector.stop();
+    work.absorb();
+    symbolizer.resolve(&std::mem::take(&mut work.new_keys));
+    let counters = work.collector.counters();
+    let recs = records(&work, symbolizer, start.0, start.1);
+    let mut received: HashMap<u32, u64> = HashMap::new();
+    for e in &work.events {
+        *received.entry(e.kind).or_insert(0) += 1;
+    }
+    let lost_total = counters.total_lost();
+    let summary = SignalSummary {
+        events: accounting(&counters, &received),
+        lost_total,
+        max_lost: work.opts.max_lost,
+        filtered: counters.get(Counter::Filtered),
+        stacks_unwind_failed: counters.get(Counter::StackUnwind),
+        stacks_map_full: counters.get(Counter::StackMapFull),
+        stacks_unverified: work.collector.stacks_unverified,
+        tasks_missed: counters.get(Counter::TasksMapFull),
+        late_joins: counters.get(Counter::LateJoins) + work.collector.reconciled,
+        signals: sigprof::signal_counts(&recs),
+        processes: sigprof::endings(&recs),
+    };
+    let mut warnings = Vec::new();
+    let failed = (lost_total > work.opts.max_lost).then(|| {
+        format!(
+            "{lost_total} events lost (ring buffer full), more than --max-lost={}; raise \
+             --ring-size or narrow --signals/--senders",
+            work.opts.max_lost
+        )
+    });
+    if lost_total > 0 && failed.is_none() {
+        warnings.push(format!("{lost_total} events lost (ring buffer full)"));
+    }
+    let artifacts: Vec<Artifact> = vec![
+        ("events", "events.jsonl", Bytes::from(sigprof::jsonl(&recs))),
+        (
+            "timeline",
+            "timeline.svg",
+            Bytes::from(sigprof::timeline_svg(
+                &recs,
+                duration_ms,
+                &format!("{title} — signals and lifecycle"),
+            )),
+        ),
+    ];
+    Ok(Finished {
+        cpu: None,
+        memory: None,
+        signals: Some(summary),
+        failed,
+        artifacts,
+        warnings,
+    })
+}

@@ -1,0 +1,91 @@
+//! Stacks stored once and referenced by a 64-bit hash of their frames.
+//!
+//! Collectors that aggregate in the kernel (per call site) or emit many events with the same
+//! stacks keep each distinct stack once in a `HashMap<u64, StoredStack>` and refer to it by
+//! [`stack_hash`]. Not a `BPF_MAP_TYPE_STACK_TRACE`: that map keeps one stack per hash bucket and
+//! fails a second stack that lands in an occupied bucket, so with a few dozen stacks in 8192
+//! buckets one run in several loses a whole call site's attribution (ASLR moves the addresses,
+//! hence the buckets, on every run). With a 64-bit hash of the frames as the key a collision is
+//! practically impossible, and user space recomputes the hash to catch the one remaining failure:
+//! the per-CPU scratch slot overwritten by a probe that preempted the writer on the same CPU.
+
+/// `PerCpuArray<StoredStack>` of one, shared by every collector: where a stack is unwound before
+/// it is hashed and stored (it is too large for the 512-byte BPF stack).
+pub const STACK_SCRATCH_MAP: &str = "TOE_STACK_SCRATCH";
+
+/// Frames kept per stack: `PERF_MAX_STACK_DEPTH`, the kernel's default `kernel.perf_event_max_stack`.
+pub const MAX_FRAMES: usize = 127;
+
+/// A stack, leaf first; `len` frames of `ips` are valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StoredStack {
+    pub len: u32,
+    pub reserved: u32,
+    pub ips: [u64; MAX_FRAMES],
+}
+const _: () = assert!(size_of::<StoredStack>() == 1024);
+
+/// Start value of [`stack_hash`].
+pub const STACK_HASH_SEED: u64 = 0x243f_6a88_85a3_08d3;
+const HASH_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One step of [`stack_hash`], split out so the kernel side can run it in a bounded loop.
+#[inline]
+#[must_use]
+pub fn stack_hash_step(h: u64, ip: u64) -> u64 {
+    // A multiply-xorshift mix per frame (as in splitmix64's finalizer), so every bit of every
+    // frame and the frame order reach every bit of the result.
+    let x = (h ^ ip).wrapping_mul(HASH_MUL);
+    x ^ (x >> 29)
+}
+
+/// Folds the frame count in and keeps 0 free to mean "no stack".
+#[inline]
+#[must_use]
+pub fn stack_hash_finish(h: u64, frames: u64) -> u64 {
+    let h = stack_hash_step(h, frames).wrapping_mul(HASH_MUL);
+    let h = h ^ (h >> 32);
+    if h == 0 { 1 } else { h }
+}
+
+/// The key of a stack in a collector's stack map; the kernel computes the same thing frame by
+/// frame.
+#[must_use]
+pub fn stack_hash(ips: &[u64]) -> u64 {
+    let h = ips
+        .iter()
+        .fold(STACK_HASH_SEED, |h, &ip| stack_hash_step(h, ip));
+    stack_hash_finish(h, ips.len() as u64)
+}
+
+impl StoredStack {
+    /// The frames, if they hash to `key` (see the module comment for when they do not).
+    #[must_use]
+    pub fn verified(&self, key: u64) -> Option<&[u64]> {
+        let frames = &self.ips[..(self.len as usize).min(MAX_FRAMES)];
+        (stack_hash(frames) == key).then_some(frames)
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: repr(C), Copy, no padding (size asserted above), every bit pattern valid.
+    unsafe impl aya::Pod for super::StoredStack {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stack_hash;
+
+    #[test]
+    fn stack_hash_depends_on_every_frame_their_order_and_count() {
+        let a = stack_hash(&[0x1000, 0x2000, 0x3000]);
+        assert_ne!(a, stack_hash(&[0x1000, 0x2000, 0x3001]));
+        assert_ne!(a, stack_hash(&[0x2000, 0x1000, 0x3000]));
+        assert_ne!(a, stack_hash(&[0x1000, 0x2000, 0x3000, 0]));
+        assert_eq!(a, stack_hash(&[0x1000, 0x2000, 0x3000]));
+        // 0 is reserved for "no stack".
+        assert_ne!(stack_hash(&[]), 0);
+    }
+}
