@@ -1,13 +1,10 @@
 //! The memory collector against real processes: the demo's leaking, balanced and realloc-heavy
 //! call sites (whose true numbers it prints), a forked child, page faults, RSS, and bad input.
 
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use toe_agent::{run::Ended, targets::TargetSpec};
-use toe_tests::{bin, demo, folded_file, profile, require_root, tool_spec};
+use toe_tests::{bin, demo, folded_file, profile, require_root, toe_run, tool_spec};
 
 /// Sum of the values of folded lines whose stack contains `function` (and, if given, whose root
 /// is process `pid`).
@@ -217,17 +214,6 @@ fn rss_series_matches_vmrss() {
     assert!(vmrss > 96 << 20);
     let csv = String::from_utf8(sink.artifacts.lock().unwrap()["rss.csv"].to_vec()).unwrap();
     assert!(csv.lines().count() > series.points, "{csv}");
-}
-
-fn toe_run(dir: &std::path::Path, spec: &str, target: &[&str]) -> std::process::Output {
-    std::fs::write(dir.join("spec.yaml"), spec).unwrap();
-    Command::new(bin("toe"))
-        .current_dir(dir)
-        .args(["run", "--no-progress", "-f", "spec.yaml"])
-        .args(target)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run toe")
 }
 
 #[test]

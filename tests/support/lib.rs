@@ -263,3 +263,31 @@ pub fn loaded_toe_programs() -> Vec<String> {
         .filter(|n| n.starts_with("toe_"))
         .collect()
 }
+
+/// Runs the `toe` binary in `dir` with `spec` and target arguments; returns its output.
+#[must_use]
+pub fn toe_run(dir: &Path, spec: &str, target: &[&str]) -> std::process::Output {
+    std::fs::write(dir.join("spec.yaml"), spec).expect("write spec");
+    Command::new(bin("toe"))
+        .current_dir(dir)
+        .args(["run", "--no-progress", "-f", "spec.yaml"])
+        .args(target)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run toe")
+}
+
+/// Waits (up to 30 s) for `path` to hold a pid (written by a demo once it is ready).
+#[must_use]
+pub fn wait_for_pid_file(path: &Path) -> u32 {
+    for _ in 0..600 {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return pid;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{} did not appear within 30 s", path.display());
+}

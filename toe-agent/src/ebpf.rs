@@ -172,7 +172,8 @@ impl Loaded {
     pub fn add_cgroup(&mut self, id: u64) -> Result<(), LoadError> {
         let name = TARGET_CGROUPS_MAP;
         let mut cgroups: HashMap<&mut MapData, u64, u32> =
-            HashMap::try_from(self.map_mut(name)?).map_err(|source| LoadError::Map { name, source })?;
+            HashMap::try_from(self.map_mut(name)?)
+                .map_err(|source| LoadError::Map { name, source })?;
         cgroups
             .insert(id, 0, 0)
             .map_err(|source| LoadError::Map { name, source })

@@ -59,7 +59,9 @@ pub enum TargetError {
         #[source]
         source: io::Error,
     },
-    #[error("{0} has no processes: there is nothing to trace (start the workload first, or use -- COMMAND)")]
+    #[error(
+        "{0} has no processes: there is nothing to trace (start the workload first, or use -- COMMAND)"
+    )]
     Empty(String),
     #[error("reading {path}: {source}")]
     Io {

@@ -9,7 +9,13 @@ const ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 fn format_path(category: &str, event: &str) -> Option<PathBuf> {
     ROOTS
         .iter()
-        .map(|r| PathBuf::from(r).join("events").join(category).join(event).join("format"))
+        .map(|r| {
+            PathBuf::from(r)
+                .join("events")
+                .join(category)
+                .join(event)
+                .join("format")
+        })
         .find(|p| p.is_file())
 }
 

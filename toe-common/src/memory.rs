@@ -36,7 +36,8 @@ pub const FAULT_PROGRAM: &str = "toe_mem_fault";
 /// Compiled-in capacity of [`LIVE_MAP`]; user space sets the real one at load time.
 pub const DEFAULT_MAX_LIVE: u32 = 1 << 19;
 pub const MAX_SITES: u32 = 1 << 16;
-pub const MAX_STACKS: u32 = 1 << 14;
+/// Distinct allocation and fault stacks (preallocated, about 1 KiB each).
+pub const MAX_STACKS: u32 = 1 << 13;
 pub const MAX_INFLIGHT: u32 = 1 << 14;
 
 /// The allocator entry point a uprobe is attached to, passed as its attach cookie.

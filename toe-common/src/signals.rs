@@ -22,7 +22,8 @@ pub const CONFIG_MAP: &str = "TOE_SIG_CONFIG";
 pub const COUNTERS_MAP: &str = "TOE_SIG_COUNTERS";
 
 pub const MAX_TASKS: u32 = 1 << 16;
-pub const MAX_STACKS: u32 = 1 << 14;
+/// Distinct sender stacks (preallocated, about 1 KiB each).
+pub const MAX_STACKS: u32 = 1 << 12;
 /// Compiled-in ring size; user space sets the real one (`--ring-size`) at load time.
 pub const RING_BYTES: u32 = 1 << 23;
 /// Sender comm names the kernel compares against (`--senders`).

@@ -15,11 +15,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
-use toe_common::memory::{
-    COUNTER_COUNT, Counter, DEFAULT_MAX_LIVE, EXP_TABLE_LEN, Func, INFLIGHT_TRACK, InFlight,
-    LiveBlock, LiveKey, MAX_INFLIGHT, MAX_SITES, MAX_STACKS, MemConfig, SiteKey, SiteStats,
+use toe_common::{
+    memory::{
+        COUNTER_COUNT, Counter, DEFAULT_MAX_LIVE, EXP_TABLE_LEN, Func, INFLIGHT_TRACK, InFlight,
+        LiveBlock, LiveKey, MAX_INFLIGHT, MAX_SITES, MAX_STACKS, MemConfig, SiteKey, SiteStats,
+    },
+    stacks::StoredStack,
 };
-use toe_common::stacks::StoredStack;
 
 use crate::{
     stacks,
@@ -36,19 +38,19 @@ static INFLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(MAX_INFLIGHT
 /// are tracked.
 #[map(name = "TOE_MEM_LIVE")]
 static LIVE: HashMap<LiveKey, LiveBlock> =
-    HashMap::with_max_entries(DEFAULT_MAX_LIVE, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(DEFAULT_MAX_LIVE, BPF_F_NO_PREALLOC);
 
 #[map(name = "TOE_MEM_SITES")]
-static SITES: HashMap<SiteKey, SiteStats> =
-    HashMap::with_max_entries(MAX_SITES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+static SITES: HashMap<SiteKey, SiteStats> = HashMap::with_max_entries(MAX_SITES, BPF_F_NO_PREALLOC);
 
 #[map(name = "TOE_MEM_FAULTS")]
-static FAULTS: HashMap<SiteKey, u64> =
-    HashMap::with_max_entries(MAX_SITES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+static FAULTS: HashMap<SiteKey, u64> = HashMap::with_max_entries(MAX_SITES, BPF_F_NO_PREALLOC);
 
 #[map(name = "TOE_MEM_STACKS")]
-static STACKS: HashMap<u64, StoredStack> = HashMap::with_max_entries(MAX_STACKS, BPF_F_NO_PREALLOC);
-
+/// Preallocated: a stack value is over 1 KiB, and the kernel's allocator keeps only one such
+/// element ready per CPU for maps that are not, so a second new stack in quick succession would
+/// fail. Sized at load (1 entry when the collector is not used).
+static STACKS: HashMap<u64, StoredStack> = HashMap::with_max_entries(MAX_STACKS, 0);
 
 #[map(name = "TOE_MEM_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);

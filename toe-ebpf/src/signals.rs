@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         bpf_probe_read_kernel_str_bytes, generated::bpf_get_current_cgroup_id,
@@ -34,7 +34,10 @@ static TASKS: HashMap<u32, TaskInfo> = HashMap::with_max_entries(MAX_TASKS, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
 #[map(name = "TOE_SIG_STACKS")]
-static STACKS: HashMap<u64, StoredStack> = HashMap::with_max_entries(MAX_STACKS, BPF_F_NO_PREALLOC);
+/// Preallocated: a stack value is over 1 KiB, and the kernel's allocator keeps only one such
+/// element ready per CPU for maps that are not, so a second new stack in quick succession would
+/// fail. Sized at load (1 entry when the collector is not used).
+static STACKS: HashMap<u64, StoredStack> = HashMap::with_max_entries(MAX_STACKS, 0);
 
 #[map(name = "TOE_SIG_CONFIG")]
 static CONFIG: Array<SigConfig> = Array::with_max_entries(1, 0);

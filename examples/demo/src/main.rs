@@ -14,8 +14,13 @@
 //! `toe-demo touch [MIB] [SECONDS]`: faults MIB MiB in at `touch_pages`, then stays alive.
 //! `toe-demo allocs N [ROUNDS] [wait]`: N malloc/free iterations with ROUNDS of arithmetic each
 //! (the memory benchmark's workload); prints seconds taken and allocations per second.
+//! `toe-demo trap SECONDS READYFILE [FORK_AFTER_MS PIDFILE]`: counts SIGTERM/SIGUSR1/SIGUSR2
+//! instead of dying (a hung graceful shutdown), writes its pid to READYFILE once ready;
+//! optionally forks a child that does the same and writes the child's pid to PIDFILE.
+//! `toe-demo send NAME PID SIGNAL COUNT`: renames itself NAME and sends SIGNAL to PID COUNT times.
 
 mod memory;
+mod signals;
 
 use std::{
     hint::black_box,
@@ -151,10 +156,34 @@ fn main() {
             let rate = n as f64 / secs;
             println!("{secs:.6} {rate:.0}");
         }
+        Some("trap") => {
+            let fork = match (args.get(4), args.get(5)) {
+                (Some(ms), Some(file)) => Some((
+                    Duration::from_millis(ms.parse().expect("FORK_AFTER_MS")),
+                    file.clone(),
+                )),
+                _ => None,
+            };
+            let ready = args.get(3).expect("trap SECONDS READYFILE");
+            signals::trap(arg_secs(&args, 10.0), ready, fork);
+        }
+        Some("send") => {
+            let num = |i: usize| -> i64 {
+                args.get(i)
+                    .and_then(|s| s.parse().ok())
+                    .expect("send NAME PID SIGNAL COUNT")
+            };
+            signals::send(
+                &args[2],
+                i32::try_from(num(3)).expect("pid"),
+                i32::try_from(num(4)).expect("signal"),
+                num(5).unsigned_abs(),
+            );
+        }
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
         Some(other) => {
             eprintln!(
-                "toe-demo: unknown mode {other}; use spin|fork|work|sleep|leak|forkleak|touch|allocs [ARGS]"
+                "toe-demo: unknown mode {other}; use spin|fork|work|sleep|leak|forkleak|touch|allocs|trap|send [ARGS]"
             );
             std::process::exit(2);
         }

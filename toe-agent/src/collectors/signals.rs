@@ -26,8 +26,7 @@ use toe_common::{
     signals::{
         CONFIG_FOLLOW_CGROUP_MOVES, CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACKS,
         COUNTER_COUNT, COUNTERS_MAP, Counter, EVENTS_RING, Event, EventKind, FIELDS, MAX_SENDERS,
-        PROGRAMS, STACKS_MAP, SigConfig, TASK_TGID_UNKNOWN, TASKS_MAP, TaskInfo,
-        counter_index,
+        PROGRAMS, STACKS_MAP, SigConfig, TASK_TGID_UNKNOWN, TASKS_MAP, TaskInfo, counter_index,
     },
     stacks::StoredStack,
 };
@@ -311,6 +310,7 @@ impl SignalCollector {
     }
 
     /// Events received since the last call.
+    #[must_use]
     pub fn take_events(&self) -> Vec<Event> {
         std::mem::take(&mut self.inbox.lock().expect("inbox lock").events)
     }

@@ -5,8 +5,8 @@
 pub mod folded;
 pub mod memory;
 pub mod pprof;
-pub mod signals;
 mod proto;
+pub mod signals;
 pub mod summary;
 pub mod svg;
 

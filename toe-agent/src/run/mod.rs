@@ -11,7 +11,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use toe_common::api::{
     AllocationMode, CpuProfileOptions, MemoryProfileOptions, ToolOptions, format_duration,
 };
-use toe_common::signals::EVENTS_RING;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::oneshot,
@@ -138,10 +137,6 @@ fn progress_bar(ui: Ui, total: Duration) -> ProgressBar {
 }
 
 /// The collector a run drives, with what it accumulates.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one value per run, never moved in a loop"
-)]
 enum Work {
     Cpu {
         opts: CpuProfileOptions,
@@ -197,40 +192,56 @@ fn check_allocator(spec: &TargetSpec, target: &ResolvedTarget) -> Result<(), Run
     )))
 }
 
+/// Capacities of the object's big maps for `tool`. Rings and preallocated maps of collectors the
+/// tool does not use get the smallest size the kernel accepts.
+fn map_sizes(tool: &ToolOptions, cpus: u32) -> Vec<(&'static str, u32)> {
+    use toe_common::{cpu, memory, signals as sig};
+    let mut sizes = vec![
+        (cpu::SAMPLES_RING, 4096),
+        (sig::EVENTS_RING, 4096),
+        (memory::STACKS_MAP, 1),
+        (sig::STACKS_MAP, 1),
+    ];
+    let mut set = |name: &'static str, size: u32| {
+        if let Some(s) = sizes.iter_mut().find(|(n, _)| *n == name) {
+            s.1 = size;
+        } else {
+            sizes.push((name, size));
+        }
+    };
+    match tool {
+        ToolOptions::CpuProfile(o) => set(cpu::SAMPLES_RING, cpu::ring_bytes(cpus, o.frequency_hz)),
+        ToolOptions::MemoryProfile(o) => {
+            set(memory::STACKS_MAP, memory::MAX_STACKS);
+            set(memory::LIVE_MAP, o.max_tracked);
+        }
+        ToolOptions::SignalTrace(o) => {
+            set(sig::STACKS_MAP, sig::MAX_STACKS);
+            set(sig::EVENTS_RING, o.ring_bytes);
+        }
+    }
+    sizes
+}
+
 /// Resolves the target and attaches; the command (if any) runs from here on.
 fn start(plan: &RunPlan) -> Result<Session, RunError> {
     // Everything that can be rejected is checked before anything is loaded or attached.
     let (target, child) = resolve_target(&plan.target)?;
     let cpus = aya::util::online_cpus().map_or(1, |c| u32::try_from(c.len()).unwrap_or(u32::MAX));
-    // Rings of collectors a tool does not use get the smallest size the kernel accepts.
-    let mut loaded = match &plan.tool.options {
-        ToolOptions::CpuProfile(opts) => Loaded::load(&[
-            (
-                toe_common::cpu::SAMPLES_RING,
-                toe_common::cpu::ring_bytes(cpus, opts.frequency_hz),
-            ),
-            (EVENTS_RING, 4096),
-        ])?,
-        ToolOptions::MemoryProfile(opts) => {
-            if opts.allocations != AllocationMode::Off {
-                check_allocator(&plan.target, &target)?;
-            }
-            Loaded::load(&[
-                (toe_common::cpu::SAMPLES_RING, 4096),
-                (EVENTS_RING, 4096),
-                (toe_common::memory::LIVE_MAP, opts.max_tracked),
-            ])?
-        }
-        ToolOptions::SignalTrace(opts) => {
-            if target.tgids.is_empty() && target.cgroups.iter().all(signals::cgroup_is_empty) {
-                return Err(RunError::Target(TargetError::Empty(target.description.clone())));
-            }
-            Loaded::load(&[
-                (toe_common::cpu::SAMPLES_RING, 4096),
-                (EVENTS_RING, opts.ring_bytes),
-            ])?
-        }
-    };
+    if let ToolOptions::MemoryProfile(opts) = &plan.tool.options
+        && opts.allocations != AllocationMode::Off
+    {
+        check_allocator(&plan.target, &target)?;
+    }
+    if let ToolOptions::SignalTrace(_) = &plan.tool.options
+        && target.tgids.is_empty()
+        && target.cgroups.iter().all(signals::cgroup_is_empty)
+    {
+        return Err(RunError::Target(TargetError::Empty(
+            target.description.clone(),
+        )));
+    }
+    let mut loaded = Loaded::load(&map_sizes(&plan.tool.options, cpus))?;
     loaded.install_targets(&target)?;
     if matches!(plan.target, TargetSpec::Pid(_)) {
         // The fork tracepoint follows children from now on; this catches those started before.
@@ -750,6 +761,37 @@ fn finish_memory(
     })
 }
 
+/// Detached: turns what the collector accumulated into its summary section and artifacts.
+fn finish_work(
+    work: Work,
+    symbolizer: &mut Symbolizer,
+    children: (u64, u64),
+    (span, started_ns): ((u64, u64), u64),
+    sampled_for: Duration,
+    title: &str,
+) -> Result<Finished, RunError> {
+    Ok(match work {
+        Work::Cpu {
+            opts,
+            collector,
+            raw,
+        } => finish_cpu(opts, collector, raw, symbolizer, children, span, title)?,
+        Work::Memory {
+            opts,
+            collector,
+            rss,
+            ..
+        } => finish_memory(opts, collector, &rss.finish(), symbolizer, span, title)?,
+        Work::Signals(w) => signals::finish(
+            w,
+            symbolizer,
+            (started_ns, span.0),
+            sampled_for.as_secs_f64() * 1000.0,
+            title,
+        ),
+    })
+}
+
 /// Runs the plan to the end and writes its artifacts to `sink`.
 pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<Outcome, RunError> {
     let mut session = start(plan)?;
@@ -789,41 +831,14 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
         plan.name.as_deref().unwrap_or(&plan.tool.name),
         target.description
     );
-    let finished = match work {
-        Work::Cpu {
-            opts,
-            collector,
-            raw,
-        } => finish_cpu(
-            opts,
-            collector,
-            raw,
-            &mut symbolizer,
-            children,
-            span,
-            &title,
-        )?,
-        Work::Memory {
-            opts,
-            collector,
-            rss,
-            ..
-        } => finish_memory(
-            opts,
-            collector,
-            &rss.finish(),
-            &mut symbolizer,
-            span,
-            &title,
-        )?,
-        Work::Signals(w) => signals::finish(
-            w,
-            &mut symbolizer,
-            (started_ns, span.0),
-            sampled_for.as_secs_f64() * 1000.0,
-            &title,
-        )?,
-    };
+    let finished = finish_work(
+        work,
+        &mut symbolizer,
+        children,
+        (span, started_ns),
+        sampled_for,
+        &title,
+    )?;
     let mut summary = Summary {
         run: plan.run_id.clone(),
         tool: plan.tool.name.clone(),

@@ -12,17 +12,13 @@ use bytes::Bytes;
 use toe_common::{
     api::SignalTraceOptions,
     comm_to_string,
-    signals::{
-        Counter, Event, EventKind, TASK_EXIT_CALLED, code_name, result_name, signal_name,
-    },
+    signals::{Counter, Event, EventKind, TASK_EXIT_CALLED, code_name, result_name, signal_name},
 };
 
-use super::{Artifact, Finished, RunError};
+use super::{Artifact, Finished};
 use crate::{
     collectors::signals::{SigCounters, SignalCollector},
-    profile::signals::{
-        self as sigprof, Actor, Detail, KindAccounting, Record, SignalSummary,
-    },
+    profile::signals::{self as sigprof, Actor, Detail, KindAccounting, Record, SignalSummary},
     symbolize::{RawKey, Symbolizer},
     targets::{self, ResolvedTarget},
 };
@@ -47,7 +43,11 @@ fn memory_cgroup(tid: u32) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{tid}/cgroup")).ok()?;
     let field = |l: &str| l.splitn(3, ':').nth(2).map(str::to_owned);
     text.lines()
-        .find(|l| l.splitn(3, ':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")))
+        .find(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+        })
         .and_then(field)
         .or_else(|| text.lines().find(|l| l.starts_with("0::")).and_then(field))
 }
@@ -69,7 +69,7 @@ impl SignalWork {
     pub fn tick(&mut self, target: &ResolvedTarget) {
         self.absorb();
         self.ticks += 1;
-        if self.ticks % 10 == 0 {
+        if self.ticks.is_multiple_of(10) {
             self.collector.reconcile(target);
         }
     }
@@ -77,10 +77,10 @@ impl SignalWork {
     fn absorb(&mut self) {
         let events = self.collector.take_events();
         for e in &events {
-            if e.kind == EventKind::Oom as u32 {
-                if let Some(cg) = memory_cgroup(e.tid) {
-                    self.oom_cgroups.insert(e.tid, cg);
-                }
+            if e.kind == EventKind::Oom as u32
+                && let Some(cg) = memory_cgroup(e.tid)
+            {
+                self.oom_cgroups.insert(e.tid, cg);
             }
             if e.ustack == 0 && e.kstack == 0 {
                 continue;
@@ -96,8 +96,14 @@ impl SignalWork {
                 ustack,
                 user_leaf_is_return: false,
             };
-            let user = raw(Box::new([]), self.collector.stack(e.ustack).unwrap_or_default());
-            let kernel = raw(self.collector.stack(e.kstack).unwrap_or_default(), Box::new([]));
+            let user = raw(
+                Box::new([]),
+                self.collector.stack(e.ustack).unwrap_or_default(),
+            );
+            let kernel = raw(
+                self.collector.stack(e.kstack).unwrap_or_default(),
+                Box::new([]),
+            );
             self.new_keys.push(user.clone());
             self.new_keys.push(kernel.clone());
             self.stacks.insert(key, (user, kernel));
@@ -166,7 +172,7 @@ fn cgroup_paths(ids: &HashSet<u64>) -> HashMap<u64, String> {
     out
 }
 
-fn names(symbolizer: &mut Symbolizer, key: &RawKey) -> Vec<String> {
+fn stack_names(symbolizer: &mut Symbolizer, key: &RawKey) -> Vec<String> {
     if key.ustack.is_empty() && key.kstack.is_empty() {
         return Vec::new();
     }
@@ -193,6 +199,84 @@ fn actor(e: &Event, cgroups: &HashMap<u64, String>) -> Actor {
     }
 }
 
+/// Names resolved once for all events: sender cgroups and symbolized stacks.
+struct Names {
+    cgroups: HashMap<u64, String>,
+    stacks: HashMap<StackKey, (Vec<String>, Vec<String>)>,
+}
+
+fn detail(e: &Event, kind: EventKind, n: &Names, oom_cgroups: &HashMap<u32, String>) -> Detail {
+    let text = comm_to_string(&e.text);
+    match kind {
+        EventKind::Generate => {
+            let (user_stack, kernel_stack) = n
+                .stacks
+                .get(&(e.actor_pid, e.ustack, e.kstack))
+                .cloned()
+                .unwrap_or_default();
+            Detail::Signal {
+                signal: signal_name(e.sig),
+                signo: e.sig,
+                code: code_name(e.sig, e.code),
+                result: result_name(e.result).into(),
+                scope: if e.group != 0 { "process" } else { "thread" }.into(),
+                sender: actor(e, &n.cgroups),
+                user_stack,
+                kernel_stack,
+            }
+        }
+        EventKind::ExitNotice => Detail::ExitNotice {
+            code: code_name(e.sig, e.code),
+            parent: e.tid,
+        },
+        EventKind::Deliver => Detail::Delivery {
+            signal: signal_name(e.sig),
+            signo: e.sig,
+            code: code_name(e.sig, e.code),
+            action: match e.args[0] {
+                0 => "default",
+                1 => "ignore",
+                _ => "handler",
+            }
+            .into(),
+        },
+        EventKind::Fork => Detail::Fork {
+            child: Actor {
+                cgroup: None,
+                ..actor(e, &n.cgroups)
+            },
+        },
+        EventKind::Exec => Detail::Exec { filename: text },
+        EventKind::Exit => Detail::Exit {
+            #[expect(clippy::cast_possible_truncation, reason = "an int in the kernel")]
+            exit_code: (e.args[1] & u64::from(TASK_EXIT_CALLED) != 0)
+                .then_some((e.args[0] as u32).cast_signed()),
+        },
+        EventKind::Oom => Detail::OomKill {
+            victim_comm: text,
+            trigger: actor(e, &n.cgroups),
+            total_vm_kib: e.args[0],
+            anon_rss_kib: e.args[1],
+            file_rss_kib: e.args[2],
+            shmem_rss_kib: e.args[3],
+            #[expect(
+                clippy::cast_possible_wrap,
+                reason = "sign-extended by the kernel side"
+            )]
+            oom_score_adj: e.args[5] as i64,
+            memory_cgroup: oom_cgroups.get(&e.tid).cloned(),
+        },
+        EventKind::Joined => Detail::Joined {
+            by: actor(e, &n.cgroups),
+            cgroup_id: e.args[0],
+        },
+        EventKind::Left => Detail::Left {
+            by: actor(e, &n.cgroups),
+            cgroup_id: e.args[0],
+        },
+    }
+}
+
 /// Decodes events in arrival order into records; stacks are leaf first.
 fn records(
     work: &SignalWork,
@@ -206,95 +290,30 @@ fn records(
         .map(|e| e.actor_cgroup)
         .filter(|&id| id != 0)
         .collect();
-    let cgroups = cgroup_paths(&ids);
-    let mut stack_names: HashMap<StackKey, (Vec<String>, Vec<String>)> = HashMap::new();
-    for (k, (u, kern)) in &work.stacks {
-        stack_names.insert(*k, (names(symbolizer, u), names(symbolizer, kern)));
-    }
+    let names = Names {
+        cgroups: cgroup_paths(&ids),
+        stacks: work
+            .stacks
+            .iter()
+            .map(|(k, (u, kern))| {
+                (
+                    *k,
+                    (stack_names(symbolizer, u), stack_names(symbolizer, kern)),
+                )
+            })
+            .collect(),
+    };
     let mut tgids: HashMap<u32, u32> = HashMap::new();
     let mut out = Vec::with_capacity(work.events.len());
     for e in &work.events {
         let Some(kind) = EventKind::from_u32(e.kind) else {
             continue;
         };
-        let text = comm_to_string(&e.text);
-        let (pid, tid, comm) = (e.pid, e.tid, comm_to_string(&e.comm));
-        let detail = match kind {
-            EventKind::Generate => {
-                let (user_stack, kernel_stack) = stack_names
-                    .get(&(e.actor_pid, e.ustack, e.kstack))
-                    .cloned()
-                    .unwrap_or_default();
-                Detail::Signal {
-                    signal: signal_name(e.sig),
-                    signo: e.sig,
-                    code: code_name(e.sig, e.code),
-                    result: result_name(e.result).into(),
-                    scope: if e.group != 0 { "process" } else { "thread" }.into(),
-                    sender: actor(e, &cgroups),
-                    user_stack,
-                    kernel_stack,
-                }
-            }
-            EventKind::ExitNotice => {
-                out.push(Record {
-                    t_ms: 0.0,
-                    time_unix_ns: 0,
-                    pid: e.actor_pid,
-                    tid: e.actor_tid,
-                    comm: comm_to_string(&e.actor_comm),
-                    detail: Detail::ExitNotice {
-                        code: code_name(e.sig, e.code),
-                        parent: e.tid,
-                    },
-                });
-                let r = out.last_mut().expect("just pushed");
-                r.t_ms = ms_since(e.time_ns, start_ns);
-                r.time_unix_ns = start_unix_ns + e.time_ns.saturating_sub(start_ns);
-                continue;
-            }
-            EventKind::Deliver => Detail::Delivery {
-                signal: signal_name(e.sig),
-                signo: e.sig,
-                code: code_name(e.sig, e.code),
-                action: match e.args[0] {
-                    0 => "default",
-                    1 => "ignore",
-                    _ => "handler",
-                }
-                .into(),
-            },
-            EventKind::Fork => Detail::Fork {
-                child: Actor {
-                    cgroup: None,
-                    ..actor(e, &cgroups)
-                },
-            },
-            EventKind::Exec => Detail::Exec { filename: text },
-            EventKind::Exit => Detail::Exit {
-                #[expect(clippy::cast_possible_truncation, reason = "an int in the kernel")]
-                exit_code: (e.args[1] & u64::from(TASK_EXIT_CALLED) != 0)
-                    .then_some(e.args[0] as u32 as i32),
-            },
-            EventKind::Oom => Detail::OomKill {
-                victim_comm: text,
-                trigger: actor(e, &cgroups),
-                total_vm_kib: e.args[0],
-                anon_rss_kib: e.args[1],
-                file_rss_kib: e.args[2],
-                shmem_rss_kib: e.args[3],
-                #[expect(clippy::cast_possible_wrap, reason = "sign-extended by the kernel side")]
-                oom_score_adj: e.args[5] as i64,
-                memory_cgroup: work.oom_cgroups.get(&e.tid).cloned(),
-            },
-            EventKind::Joined => Detail::Joined {
-                by: actor(e, &cgroups),
-                cgroup_id: e.args[0],
-            },
-            EventKind::Left => Detail::Left {
-                by: actor(e, &cgroups),
-                cgroup_id: e.args[0],
-            },
+        // An exit notice is about its sender, the exiting target.
+        let (pid, tid, comm) = if kind == EventKind::ExitNotice {
+            (e.actor_pid, e.actor_tid, &e.actor_comm)
+        } else {
+            (e.pid, e.tid, &e.comm)
         };
         // A task that joined by a cgroup move has no process id in the kernel; /proc may
         // still know it.
@@ -310,8 +329,8 @@ fn records(
             time_unix_ns: start_unix_ns + e.time_ns.saturating_sub(start_ns),
             pid,
             tid,
-            comm,
-            detail,
+            comm: comm_to_string(comm),
+            detail: detail(e, kind, &names, &work.oom_cgroups),
         });
     }
     out
@@ -353,7 +372,7 @@ pub(super) fn finish(
     start: (u64, u64),
     duration_ms: f64,
     title: &str,
-) -> Result<Finished, RunError> {
+) -> Finished {
     work.collector.stop();
     work.absorb();
     symbolizer.resolve(&std::mem::take(&mut work.new_keys));
@@ -400,12 +419,12 @@ pub(super) fn finish(
             )),
         ),
     ];
-    Ok(Finished {
+    Finished {
         cpu: None,
         memory: None,
         signals: Some(summary),
         failed,
         artifacts,
         warnings,
-    })
+    }
 }

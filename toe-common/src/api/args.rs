@@ -28,7 +28,10 @@ pub enum ArgKind {
     /// Comma-separated names (process names, container names): each at most `max_len` bytes of
     /// letters, digits and `._-:@+`, at most `max_count` of them. No shell or path syntax can
     /// get through.
-    Names { max_count: usize, max_len: usize },
+    Names {
+        max_count: usize,
+        max_len: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,7 +239,10 @@ pub fn parse_names(raw: &str, max_count: usize, max_len: usize) -> Result<Vec<St
     }
     let names: Vec<String> = raw.split(',').map(str::to_owned).collect();
     if names.len() > max_count {
-        return Err(format!("{} names given, at most {max_count} allowed", names.len()));
+        return Err(format!(
+            "{} names given, at most {max_count} allowed",
+            names.len()
+        ));
     }
     for n in &names {
         if n.is_empty() || n.len() > max_len {
@@ -300,11 +306,9 @@ fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
         ArgKind::Signals => parse_signal_set(raw)
             .map(ArgValue::Signals)
             .map_err(|e| ArgError::new(format!("--{name}: {e}"))),
-        ArgKind::Names { max_count, max_len } => {
-            parse_names(raw, *max_count, *max_len)
-                .map(ArgValue::Names)
-                .map_err(|e| ArgError::new(format!("--{name}: {e}")))
-        }
+        ArgKind::Names { max_count, max_len } => parse_names(raw, *max_count, *max_len)
+            .map(ArgValue::Names)
+            .map_err(|e| ArgError::new(format!("--{name}: {e}"))),
         ArgKind::Enum(values) => values
             .iter()
             .find(|v| **v == raw)

@@ -1,0 +1,67 @@
+//! Signal workloads: a target that handles (and survives) SIGTERM, and a named sender.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+static RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count(_: libc::c_int) {
+    RECEIVED.fetch_add(1, Ordering::Relaxed);
+}
+
+fn install_handlers() {
+    for sig in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM] {
+        // SAFETY: the handler only touches an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, count as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Sleeps until `until`, through signal interruptions.
+fn idle_until(until: Instant) {
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+/// Handles SIGTERM, SIGUSR1 and SIGUSR2 by counting them, like a server whose graceful shutdown
+/// hangs: only SIGKILL (or the end of `secs`) ends it. Writes its pid to `ready` once the
+/// handlers are in place. With `fork`, starts a child that does the same after the given delay
+/// and writes the child's pid to the given file.
+pub fn trap(secs: f64, ready: &str, fork: Option<(Duration, String)>) {
+    install_handlers();
+    std::fs::write(ready, std::process::id().to_string()).expect("write ready file");
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    if let Some((after, pidfile)) = fork {
+        std::thread::sleep(after);
+        // SAFETY: single-threaded process; the child only sleeps and counts signals.
+        match unsafe { libc::fork() } {
+            0 => {
+                idle_until(end);
+                std::process::exit(0);
+            }
+            -1 => panic!("fork failed"),
+            child => std::fs::write(&pidfile, child.to_string()).expect("write pid file"),
+        }
+    }
+    idle_until(end);
+}
+
+/// Renames itself to `name` (so it shows up as that sender) and sends `sig` to `pid` `count`
+/// times; prints how many sends succeeded.
+pub fn send(name: &str, pid: i32, sig: i32, count: u64) {
+    let mut comm = [0u8; 16];
+    let n = name.len().min(15);
+    comm[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr()) };
+    let mut ok = 0u64;
+    for _ in 0..count {
+        // SAFETY: kill has no memory-safety preconditions.
+        if unsafe { libc::kill(pid, sig) } == 0 {
+            ok += 1;
+        }
+    }
+    println!("{ok}");
+}

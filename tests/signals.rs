@@ -1,0 +1,345 @@
+//! The signal and lifecycle collector against real processes: a named bystander signalling a
+//! target that handles SIGTERM (a hung graceful shutdown), a non-target pair, a child forked
+//! during the run, an OOM kill in a v1 memory cgroup, a 100k-signal burst, and bad input.
+//!
+//! Each target is a command TOE starts: it is held until every program is attached, and writes
+//! its pid to a file when it runs, so the test knows when sending is observed.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+};
+
+use serde_json::Value;
+use toe_agent::{run::Outcome, sink::MemorySink, targets::TargetSpec};
+use toe_tests::{
+    TestCgroup, bin, demo, profile, require_root, toe_run, tool_spec, wait_for_pid_file,
+};
+
+const SIGUSR1: i32 = 10;
+const SIGUSR2: i32 = 12;
+const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
+
+/// Sends `sig` to `pid` `count` times from a process named `name`; returns (sender pid, sent).
+fn send(name: &str, pid: u32, sig: i32, count: u64) -> (u32, u64) {
+    let child = Command::new(bin("toe-demo"))
+        .args([
+            "send",
+            name,
+            &pid.to_string(),
+            &sig.to_string(),
+            &count.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sender");
+    let sender = child.id();
+    let out = child.wait_with_output().expect("sender output");
+    let sent = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("count");
+    (sender, sent)
+}
+
+/// Runs signal-trace on `argv` (a command TOE starts) in the background.
+fn trace(args: &[&str], argv: Vec<String>) -> thread::JoinHandle<(Outcome, MemorySink)> {
+    let spec = tool_spec("signal-trace", "60s", args);
+    thread::spawn(move || {
+        profile(
+            &spec,
+            TargetSpec::Command(argv.into_iter().map(Into::into).collect()),
+        )
+    })
+}
+
+fn trap_command(ready: &Path, fork: Option<&Path>) -> Vec<String> {
+    let mut v = vec![
+        bin("toe-demo").display().to_string(),
+        "trap".into(),
+        "60".into(),
+        ready.display().to_string(),
+    ];
+    if let Some(f) = fork {
+        v.extend(["300".into(), f.display().to_string()]);
+    }
+    v
+}
+
+fn events(sink: &MemorySink) -> Vec<Value> {
+    let map = sink.artifacts.lock().unwrap();
+    std::str::from_utf8(&map["events.jsonl"])
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn signals_to(ev: &[Value], pid: u32, signal: &str) -> Vec<Value> {
+    ev.iter()
+        .filter(|e| e["event"] == "signal" && e["pid"] == pid && e["signal"] == signal)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_named_bystanders_signals_are_recorded_and_sigkill_is_the_exit_cause() {
+    if !require_root("a_named_bystanders_signals_are_recorded_and_sigkill_is_the_exit_cause") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let run = trace(&[], trap_command(&ready, None));
+    let target = wait_for_pid_file(&ready);
+    // Two processes that are not targets: one signals the other.
+    let other = demo(
+        &[
+            "trap",
+            "60",
+            &dir.path().join("other").display().to_string(),
+        ],
+        None,
+    );
+    let _ = wait_for_pid_file(&dir.path().join("other"));
+    let (outsider, _) = send("outsider", other.pid(), SIGUSR1, 5);
+    let (usr1_from, _) = send("bystander", target, SIGUSR1, 3);
+    let (term_from, _) = send("bystander", target, SIGTERM, 1);
+    thread::sleep(std::time::Duration::from_millis(300));
+    let (kill_from, _) = send("bystander", target, SIGKILL, 1);
+    let (outcome, sink) = run.join().unwrap();
+    let ev = events(&sink);
+
+    for (signal, from, n) in [
+        ("SIGUSR1", usr1_from, 3),
+        ("SIGTERM", term_from, 1),
+        ("SIGKILL", kill_from, 1),
+    ] {
+        let got = signals_to(&ev, target, signal);
+        assert_eq!(got.len(), n, "{signal}: {got:?}");
+        for e in got {
+            assert_eq!(e["sender"]["pid"], from, "{e}");
+            assert_eq!(e["sender"]["comm"], "bystander", "{e}");
+            assert_eq!(e["tid"], target, "{e}");
+            assert_eq!(e["comm"], "toe-demo", "{e}");
+            assert_eq!(e["code"], "SI_USER", "{e}");
+            // The sender's kernel stack shows the kill(2) path.
+            let k = e["kernel_stack"].to_string();
+            assert!(k.contains("kill"), "{k}");
+        }
+    }
+    assert!(
+        ev.iter()
+            .all(|e| e["pid"] != other.pid() && e["sender"]["pid"] != outsider),
+        "a non-target pair leaked into the events"
+    );
+    // The target handled SIGTERM itself (a handler, not a default action).
+    assert!(ev.iter().any(|e| e["event"] == "delivery"
+        && e["pid"] == target
+        && e["signal"] == "SIGTERM"
+        && e["action"] == "handler"));
+    let s = outcome.summary.signals.as_ref().expect("signals section");
+    let end = s
+        .processes
+        .iter()
+        .find(|p| p.pid == target)
+        .expect("target ending");
+    assert_eq!(end.how, "killed", "{end:?}");
+    assert_eq!(end.signal.as_deref(), Some("SIGKILL"), "{end:?}");
+    assert_eq!(
+        end.sent_by.as_ref().map(|a| a.pid),
+        Some(kill_from),
+        "{end:?}"
+    );
+    assert!(end.sigkill_followed_sigterm, "{end:?}");
+    assert!(
+        end.after_first_sigterm_ms.is_some_and(|ms| ms >= 300.0),
+        "{end:?}"
+    );
+    assert_eq!(s.lost_total, 0);
+    let art = sink.artifacts.lock().unwrap();
+    let svg = std::str::from_utf8(&art["timeline.svg"]).unwrap();
+    assert!(
+        svg.contains("SIGKILL from bystander"),
+        "timeline lacks the SIGKILL"
+    );
+    assert!(art.contains_key("summary.json"));
+}
+
+#[test]
+fn a_child_forked_after_the_start_is_covered() {
+    if !require_root("a_child_forked_after_the_start_is_covered") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let child_file = dir.path().join("child");
+    let run = trace(&[], trap_command(&ready, Some(&child_file)));
+    let parent = wait_for_pid_file(&ready);
+    let child = wait_for_pid_file(&child_file);
+    let (from, _) = send("bystander", child, SIGUSR2, 2);
+    send("bystander", child, SIGKILL, 1);
+    send("bystander", parent, SIGKILL, 1);
+    let (outcome, sink) = run.join().unwrap();
+    let ev = events(&sink);
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "fork" && e["pid"] == parent && e["child"]["pid"] == child),
+        "no fork event for {child}"
+    );
+    let usr2 = signals_to(&ev, child, "SIGUSR2");
+    assert_eq!(usr2.len(), 2, "{usr2:?}");
+    assert!(usr2.iter().all(|e| e["sender"]["pid"] == from));
+    let s = outcome.summary.signals.as_ref().unwrap();
+    let end = s
+        .processes
+        .iter()
+        .find(|p| p.pid == child)
+        .expect("child ending");
+    assert_eq!(end.signal.as_deref(), Some("SIGKILL"), "{end:?}");
+}
+
+#[test]
+fn a_burst_of_100k_signals_is_recorded_or_counted_as_lost_exactly() {
+    if !require_root("a_burst_of_100k_signals_is_recorded_or_counted_as_lost_exactly") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    // The smallest ring, so the burst outruns the reader and the loss path is exercised too.
+    let run = trace(&["--ring-size=64KiB"], trap_command(&ready, None));
+    let target = wait_for_pid_file(&ready);
+    let (from, sent) = send("burster", target, SIGUSR1, 100_000);
+    assert_eq!(sent, 100_000);
+    send("bystander", target, SIGKILL, 1);
+    let (outcome, sink) = run.join().unwrap();
+    let ev = events(&sink);
+    let recorded = ev
+        .iter()
+        .filter(|e| e["event"] == "signal" && e["sender"]["pid"] == from)
+        .count() as u64;
+    let s = outcome.summary.signals.as_ref().unwrap();
+    let acct = s.events.iter().find(|k| k.event == "signal").unwrap();
+    // One more signal (the SIGKILL) went to the target; nothing else signalled it.
+    assert_eq!(acct.emitted, sent + 1, "{acct:?}");
+    assert_eq!(acct.recorded + acct.lost, acct.emitted, "{acct:?}");
+    let kill_recorded = u64::from(!signals_to(&ev, target, "SIGKILL").is_empty());
+    assert_eq!(recorded + kill_recorded + acct.lost, sent + 1, "{acct:?}");
+    // Losses beyond --max-lost (0) fail the run loudly, after writing what was recorded.
+    assert_eq!(s.lost_total > 0, outcome.summary.failed.is_some());
+    assert_eq!(s.lost_total > 0, outcome.exit_code == 3);
+}
+
+/// A v1 memory cgroup with `limit` bytes, removed on drop.
+struct MemoryCgroup(std::path::PathBuf);
+
+impl MemoryCgroup {
+    fn new(limit: u64) -> Option<Self> {
+        let root = Path::new("/sys/fs/cgroup/memory");
+        if !root.join("memory.limit_in_bytes").exists() {
+            return None;
+        }
+        let dir = root.join(format!("toe-test-{}-oom", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create v1 memory cgroup");
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).expect("limit");
+        // With swap accounting, swap is limited too, so the OOM killer fires instead of swap.
+        let memsw = dir.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            std::fs::write(memsw, limit.to_string()).expect("memsw limit");
+        }
+        Some(Self(dir))
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                break;
+            }
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn an_oom_kill_in_a_v1_memory_cgroup_is_recorded() {
+    if !require_root("an_oom_kill_in_a_v1_memory_cgroup_is_recorded") {
+        return;
+    }
+    let Some(cg) = MemoryCgroup::new(64 << 20) else {
+        eprintln!(
+            "SKIP an_oom_kill_in_a_v1_memory_cgroup_is_recorded: no cgroup v1 memory controller mounted at /sys/fs/cgroup/memory"
+        );
+        return;
+    };
+    // The shell joins the limited cgroup, then becomes the demo, which touches 256 MiB.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec {} touch 256 5",
+        cg.0.display(),
+        bin("toe-demo").display()
+    );
+    let run = trace(&[], vec!["/bin/sh".into(), "-c".into(), script]);
+    let (outcome, sink) = run.join().unwrap();
+    let ev = events(&sink);
+    let oom: Vec<&Value> = ev.iter().filter(|e| e["event"] == "oom_kill").collect();
+    assert!(!oom.is_empty(), "no OOM kill recorded: {ev:?}");
+    let victim = oom[0]["tid"].as_u64().unwrap();
+    assert_eq!(oom[0]["victim_comm"], "toe-demo", "{:?}", oom[0]);
+    assert!(oom[0]["anon_rss_kib"].as_u64().unwrap() > 0);
+    let s = outcome.summary.signals.as_ref().unwrap();
+    let end = s
+        .processes
+        .iter()
+        .find(|p| u64::from(p.pid) == victim)
+        .expect("victim's ending");
+    assert_eq!(end.oom_killed, Some(true), "{end:?}");
+    assert_eq!(end.signal.as_deref(), Some("SIGKILL"), "{end:?}");
+    assert!(end.explanation.contains("oom-killer"), "{end:?}");
+}
+
+#[test]
+fn bad_signal_input_is_rejected_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, target, want) in [
+        (
+            &["--signals=TERM,SIGFOO"][..],
+            &["--pid", "1"][..],
+            "\"SIGFOO\" is not a signal",
+        ),
+        (&["--signals=99"], &["--pid", "1"], "out of range 1..=64"),
+        (
+            &["--senders=a;rm -rf"],
+            &["--pid", "1"],
+            "names may use letters",
+        ),
+        (&["--max-lost=-1"], &["--pid", "1"], "out of range"),
+    ] {
+        let out = toe_run(dir.path(), &tool_spec("signal-trace", "2s", args), target);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_cgroup_target_is_rejected_before_attaching() {
+    if !require_root("an_empty_cgroup_target_is_rejected_before_attaching") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cg = TestCgroup::new("empty");
+    let out = toe_run(
+        dir.path(),
+        &tool_spec("signal-trace", "2s", &[]),
+        &["--cgroup", &cg.path().display().to_string()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has no processes"),
+        "{err}"
+    );
+}
