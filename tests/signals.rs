@@ -15,6 +15,7 @@ use serde_json::Value;
 use toe_agent::{run::Outcome, sink::MemorySink, targets::TargetSpec};
 use toe_tests::{
     TestCgroup, bin, demo, profile, require_root, toe_run, tool_spec, wait_for_pid_file,
+    wait_for_signal_target,
 };
 
 const SIGUSR1: i32 = 10;
@@ -38,8 +39,9 @@ fn send(name: &str, pid: u32, sig: i32, count: u64) -> (u32, u64) {
     let sender = child.id();
     let out = child.wait_with_output().expect("sender output");
     let sent = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
         .expect("count");
     (sender, sent)
 }
@@ -198,6 +200,51 @@ fn a_child_forked_after_the_start_is_covered() {
         .find(|p| p.pid == child)
         .expect("child ending");
     assert_eq!(end.signal.as_deref(), Some("SIGKILL"), "{end:?}");
+}
+
+#[test]
+fn tasks_moved_into_and_out_of_a_target_cgroup_join_and_leave() {
+    if !require_root("tasks_moved_into_and_out_of_a_target_cgroup_join_and_leave") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cg = TestCgroup::new("moves");
+    let file = |n: &str| dir.path().join(n).display().to_string();
+    let resident = demo(&["trap", "60", &file("resident")], Some(&cg));
+    let newcomer = demo(&["trap", "60", &file("newcomer")], None);
+    let _ = wait_for_pid_file(&dir.path().join("resident"));
+    let _ = wait_for_pid_file(&dir.path().join("newcomer"));
+    let spec = tool_spec("signal-trace", "3s", &[]);
+    let path = cg.path().to_owned();
+    let run = thread::spawn(move || profile(&spec, TargetSpec::Cgroup(path)));
+    wait_for_signal_target(resident.pid());
+    // In: the newcomer becomes a target; out: the resident stops being one.
+    std::fs::write(cg.path().join("cgroup.procs"), newcomer.pid().to_string()).unwrap();
+    let root = cg.path().parent().unwrap().join("cgroup.procs");
+    send("bystander", newcomer.pid(), SIGUSR1, 1);
+    send("bystander", resident.pid(), SIGUSR1, 1);
+    std::fs::write(&root, resident.pid().to_string()).unwrap();
+    send("bystander", resident.pid(), SIGUSR2, 1);
+    let (_, sink) = run.join().unwrap();
+    let ev = events(&sink);
+    let about = |event: &str, pid: u32| ev.iter().any(|e| e["event"] == event && e["tid"] == pid);
+    assert!(about("joined", newcomer.pid()), "{ev:?}");
+    assert!(about("left", resident.pid()), "{ev:?}");
+    assert_eq!(
+        signals_to(&ev, newcomer.pid(), "SIGUSR1").len(),
+        1,
+        "{ev:?}"
+    );
+    assert_eq!(
+        signals_to(&ev, resident.pid(), "SIGUSR1").len(),
+        1,
+        "{ev:?}"
+    );
+    assert!(
+        signals_to(&ev, resident.pid(), "SIGUSR2").is_empty(),
+        "{ev:?}"
+    );
+    std::fs::write(&root, newcomer.pid().to_string()).ok();
 }
 
 #[test]

@@ -291,3 +291,23 @@ pub fn wait_for_pid_file(path: &Path) -> u32 {
     }
     panic!("{} did not appear within 30 s", path.display());
 }
+
+/// Waits (up to 30 s) until task `tid` is in a loaded `TOE_SIG_TASKS` map: a signal-trace run on
+/// a cgroup has attached and seeded its tasks, so what happens next is observed.
+pub fn wait_for_signal_target(tid: u32) {
+    use aya::maps::{HashMap, Map, MapData};
+    for _ in 0..600 {
+        let found = aya::maps::loaded_maps()
+            .filter_map(Result::ok)
+            .filter(|m| m.name_as_str() == Some(toe_common::signals::TASKS_MAP))
+            .filter_map(|m| MapData::from_id(m.id()).ok())
+            .filter_map(|d| Map::from_map_data(d).ok())
+            .filter_map(|m| HashMap::<_, u32, toe_common::signals::TaskInfo>::try_from(m).ok())
+            .any(|h| h.get(&tid, 0).is_ok());
+        if found {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("task {tid} was not tracked within 30 s");
+}

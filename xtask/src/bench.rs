@@ -3,6 +3,8 @@
 //! allocation-heavy workload, versus the same probes as a bpftrace script. Every configuration
 //! runs once per round, rounds are interleaved (the starting configuration rotates) and ratios
 //! are taken within a round, because these machines drift 10-20% between runs.
+//! `cargo xtask bench signals`: what tracing signals costs each kill(2) (TOE versus a bpftrace
+//! script on the same tracepoints), and the highest signal rate TOE records without loss.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -39,6 +41,24 @@ pub enum Which {
         /// Arithmetic rounds between allocations; 5000 gives about 100k allocations/s here.
         #[arg(long, default_value_t = 5000)]
         work: u32,
+    },
+    /// Per-signal overhead versus no tracing and bpftrace; loss-free event rate.
+    Signals {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Signals per overhead run, sent as fast as one sender can.
+        #[arg(long, default_value_t = 200_000)]
+        count: u64,
+        /// Paced rates (signals/s) for the throughput runs.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "50000,100000,150000,200000"
+        )]
+        rates: Vec<u64>,
+        /// Seconds per throughput run.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
     },
 }
 
@@ -400,6 +420,217 @@ fn memory_bench(rounds: usize, allocs: u64, work: u32) -> Result<()> {
     Ok(())
 }
 
+/// The bpftrace peer: per event a line out (as killsnoop and trace_signal stream events) and the
+/// sender's stacks aggregated in the kernel, filtered to the target.
+const SIGNALS_PEER: &str = r#"
+tracepoint:signal:signal_generate /args->pid == TARGET/ {
+  printf("%d %s %d %d %d\n", pid, comm, args->sig, args->pid, args->result);
+  @k[kstack] = count(); @u[ustack] = count();
+}
+tracepoint:signal:signal_deliver /pid == TARGET/ { printf("deliver %d %d\n", tid, args->sig); }
+"#;
+
+fn signals_spec(dir: &Path) -> Result<std::path::PathBuf> {
+    let p = dir.join("signals.yaml");
+    std::fs::write(
+        &p,
+        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {name: bench}\nspec:\n  tool:\n    name: signal-trace\n    duration: 5m\n    commandLineArguments: [\"--max-lost=1000000000\"]\n",
+    )?;
+    Ok(p)
+}
+
+/// One signal run: a `trap` target, the tracer `mode` on it, then `sender` (demo arguments with
+/// `PID` replaced); returns the sender's two printed numbers and TOE's summary.
+fn signal_run(
+    mode: &str,
+    sender: &[&str],
+    tmp: &Path,
+    bpftrace: Option<&Path>,
+) -> Result<(f64, f64, serde_json::Value)> {
+    let bin = root().join("target/release");
+    let ready = tmp.join("ready");
+    std::fs::remove_file(&ready).ok();
+    let mut target = Command::new(bin.join("toe-demo"))
+        .args(["trap", "600"])
+        .arg(&ready)
+        .spawn()?;
+    let pid = target.id().to_string();
+    for _ in 0..200 {
+        if ready.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let tracer = match mode {
+        "toe" => Some(
+            Command::new(bin.join("toe"))
+                .args(["run", "--no-progress", "--json", "-f"])
+                .arg(signals_spec(tmp)?)
+                .args(["--pid", &pid, "-o"])
+                .arg(tmp.join("out"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ),
+        "bpftrace" => {
+            let script = tmp.join("signals.bt");
+            std::fs::write(&script, SIGNALS_PEER.replace("TARGET", &pid))?;
+            Some(
+                Command::new(bpftrace.context("bpftrace (Debian package bpftrace) is the peer")?)
+                    .arg(&script)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            )
+        }
+        _ => None,
+    };
+    // Same settle time for every mode: attach (and bpftrace's compile) never overlaps sending.
+    std::thread::sleep(Duration::from_secs(3));
+    let args: Vec<&str> = sender
+        .iter()
+        .map(|a| if *a == "PID" { pid.as_str() } else { a })
+        .collect();
+    let out = Command::new(bin.join("toe-demo")).args(&args).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut nums = text.split_whitespace().map(str::parse::<f64>);
+    let (a, b) = match (nums.next(), nums.next()) {
+        (Some(Ok(a)), Some(Ok(b))) => (a, b),
+        _ => bail!("sender printed {text:?}"),
+    };
+    target.kill()?;
+    target.wait()?;
+    let mut summary = serde_json::Value::Null;
+    if let Some(mut t) = tracer {
+        if mode == "bpftrace" {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(i32::try_from(t.id())?, libc::SIGINT) };
+        }
+        let stdout = t.stdout.take();
+        t.wait()?;
+        if let Some(s) = stdout {
+            summary = serde_json::from_reader(s).context("toe --json summary")?;
+        }
+    }
+    Ok((a, b, summary))
+}
+
+fn signal_events(summary: &serde_json::Value, kind: &str, field: &str) -> u64 {
+    summary["signals"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| kind == "*" || e["event"] == kind)
+        .map(|e| e[field].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn signals_bench(rounds: usize, count: u64, rates: &[u64], secs: f64) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads eBPF programs and runs bpftrace: run it as root");
+    }
+    let bpftrace = which::which("bpftrace").ok();
+    let tmp = std::env::temp_dir().join(format!("toe-bench-sig-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let modes: Vec<&str> = if bpftrace.is_some() {
+        vec!["none", "toe", "bpftrace"]
+    } else {
+        eprintln!(
+            "bpftrace not installed (apt-get install bpftrace): comparing with no tracing only"
+        );
+        vec!["none", "toe"]
+    };
+    let n = count.to_string();
+    let sender = ["send", "bench", "PID", "10", n.as_str()];
+    let mut results: Vec<Vec<Measured>> = vec![Vec::new(); modes.len()];
+    let mut lost = 0;
+    for round in 0..rounds {
+        for k in 0..modes.len() {
+            let i = (k + round) % modes.len();
+            let (sent, took, summary) = signal_run(modes[i], &sender, &tmp, bpftrace.as_deref())?;
+            if modes[i] == "toe" {
+                lost += signal_events(&summary, "signal", "lost");
+            }
+            eprintln!(
+                "round {}/{rounds} {:<9} {sent} signals in {took:.3}s",
+                round + 1,
+                modes[i]
+            );
+            results[i].push(Measured {
+                secs: took,
+                ..Measured::default()
+            });
+        }
+    }
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let per_signal = |s: f64| s / count as f64 * 1e6;
+    println!(
+        "\nSignal tracing overhead: {count} kill(2) calls from one sender to a target that handles them, median over {rounds} interleaved rounds"
+    );
+    println!(
+        "{:<9} {:>9} {:>12} {:>10}",
+        "mode", "median s", "us/signal", "slowdown"
+    );
+    for (i, mode) in modes.iter().enumerate() {
+        let (secs, slowdown, _, _) = columns(&results, i);
+        println!(
+            "{mode:<9} {secs:>9.3} {:>12.3} {slowdown:>+9.1}%",
+            per_signal(secs)
+        );
+    }
+    let ratio = |a: usize, b: usize| {
+        median(
+            results[a]
+                .iter()
+                .zip(&results[b])
+                .map(|(x, y)| x.secs / y.secs)
+                .collect(),
+        )
+    };
+    if modes.len() == 3 {
+        println!(
+            "toe / bpftrace sender time: {:.4} (median per-round ratio; < 1 means TOE costs the sender less)",
+            ratio(1, 2)
+        );
+    }
+    println!("toe lost {lost} signal events over all overhead rounds (default 8 MiB ring)");
+
+    println!("\nLoss-free rate: signals paced for {secs} s, TOE with its default ring");
+    println!(
+        "{:>10} {:>10} {:>10} {:>12} {:>8} {:>10}",
+        "asked/s", "sent/s", "sent", "events", "lost", "events/s"
+    );
+    let mut best = 0.0f64;
+    let secs_s = secs.to_string();
+    for &rate in rates {
+        let r = rate.to_string();
+        let (sent, achieved, summary) = signal_run(
+            "toe",
+            &[
+                "sendrate",
+                "bench",
+                "PID",
+                "10",
+                r.as_str(),
+                secs_s.as_str(),
+            ],
+            &tmp,
+            None,
+        )?;
+        let events = signal_events(&summary, "*", "recorded");
+        let lost = signal_events(&summary, "*", "lost");
+        #[expect(clippy::cast_precision_loss, reason = "display")]
+        let per_s = events as f64 / secs;
+        println!("{rate:>10} {achieved:>10.0} {sent:>10.0} {events:>12} {lost:>8} {per_s:>10.0}");
+        if lost == 0 {
+            best = best.max(per_s);
+        }
+    }
+    println!("highest loss-free event rate measured: {best:.0} events/s (signals + deliveries)");
+    std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}
+
 pub fn run(which: &Which) -> Result<()> {
     match which {
         Which::Cpu {
@@ -412,5 +643,11 @@ pub fn run(which: &Which) -> Result<()> {
             allocs,
             work,
         } => memory_bench(*rounds, *allocs, *work),
+        Which::Signals {
+            rounds,
+            count,
+            rates,
+            secs,
+        } => signals_bench(*rounds, *count, rates, *secs),
     }
 }

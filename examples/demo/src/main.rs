@@ -17,7 +17,9 @@
 //! `toe-demo trap SECONDS READYFILE [FORK_AFTER_MS PIDFILE]`: counts SIGTERM/SIGUSR1/SIGUSR2
 //! instead of dying (a hung graceful shutdown), writes its pid to READYFILE once ready;
 //! optionally forks a child that does the same and writes the child's pid to PIDFILE.
-//! `toe-demo send NAME PID SIGNAL COUNT`: renames itself NAME and sends SIGNAL to PID COUNT times.
+//! `toe-demo send NAME PID SIGNAL COUNT`: renames itself NAME and sends SIGNAL to PID COUNT times;
+//! prints the count sent and the seconds taken.
+//! `toe-demo sendrate NAME PID SIGNAL RATE SECONDS`: the same, paced at RATE per second.
 
 mod memory;
 mod signals;
@@ -180,10 +182,29 @@ fn main() {
                 num(5).unsigned_abs(),
             );
         }
+        Some("sendrate") => {
+            let num = |i: usize| -> f64 {
+                args.get(i)
+                    .and_then(|s| s.parse().ok())
+                    .expect("sendrate NAME PID SIGNAL RATE SECONDS")
+            };
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "small integers given as numbers"
+            )]
+            signals::send_rate(
+                &args[2],
+                num(3) as i32,
+                num(4) as i32,
+                num(5) as u64,
+                num(6),
+            );
+        }
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
         Some(other) => {
             eprintln!(
-                "toe-demo: unknown mode {other}; use spin|fork|work|sleep|leak|forkleak|touch|allocs|trap|send [ARGS]"
+                "toe-demo: unknown mode {other}; use spin|fork|work|sleep|leak|forkleak|touch|allocs|trap|send|sendrate [ARGS]"
             );
             std::process::exit(2);
         }

@@ -48,20 +48,51 @@ pub fn trap(secs: f64, ready: &str, fork: Option<(Duration, String)>) {
     idle_until(end);
 }
 
-/// Renames itself to `name` (so it shows up as that sender) and sends `sig` to `pid` `count`
-/// times; prints how many sends succeeded.
-pub fn send(name: &str, pid: i32, sig: i32, count: u64) {
+fn rename(name: &str) {
     let mut comm = [0u8; 16];
     let n = name.len().min(15);
     comm[..n].copy_from_slice(&name.as_bytes()[..n]);
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr()) };
-    let mut ok = 0u64;
-    for _ in 0..count {
+}
+
+fn kill_n(pid: i32, sig: i32, n: u64) -> u64 {
+    let mut ok = 0;
+    for _ in 0..n {
         // SAFETY: kill has no memory-safety preconditions.
         if unsafe { libc::kill(pid, sig) } == 0 {
             ok += 1;
         }
     }
-    println!("{ok}");
+    ok
+}
+
+/// Renames itself to `name` (so it shows up as that sender) and sends `sig` to `pid` `count`
+/// times as fast as it can; prints how many sends succeeded and the seconds it took.
+pub fn send(name: &str, pid: i32, sig: i32, count: u64) {
+    rename(name);
+    let t = Instant::now();
+    let ok = kill_n(pid, sig, count);
+    println!("{ok} {:.6}", t.elapsed().as_secs_f64());
+}
+
+/// Like [`send`], paced at `rate` signals per second for `secs` (in 1 ms slots); prints the
+/// signals sent and the rate achieved.
+pub fn send_rate(name: &str, pid: i32, sig: i32, rate: u64, secs: f64) {
+    rename(name);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let per_slot = (rate / 1000).max(1);
+    let mut ok = 0;
+    let mut slot = start;
+    while Instant::now() < end {
+        ok += kill_n(pid, sig, per_slot);
+        slot += Duration::from_millis(1);
+        if let Some(wait) = slot.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let achieved = ok as f64 / start.elapsed().as_secs_f64();
+    println!("{ok} {achieved:.0}");
 }
