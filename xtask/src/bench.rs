@@ -494,9 +494,8 @@ fn signal_run(
     let out = Command::new(bin.join("toe-demo")).args(&args).output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut nums = text.split_whitespace().map(str::parse::<f64>);
-    let (a, b) = match (nums.next(), nums.next()) {
-        (Some(Ok(a)), Some(Ok(b))) => (a, b),
-        _ => bail!("sender printed {text:?}"),
+    let (Some(Ok(a)), Some(Ok(b))) = (nums.next(), nums.next()) else {
+        bail!("sender printed {text:?}")
     };
     target.kill()?;
     target.wait()?;
@@ -595,6 +594,13 @@ fn signals_bench(rounds: usize, count: u64, rates: &[u64], secs: f64) -> Result<
     }
     println!("toe lost {lost} signal events over all overhead rounds (default 8 MiB ring)");
 
+    loss_free_rates(rates, secs, &tmp)?;
+    std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}
+
+/// Paced runs at each rate: the events TOE recorded and lost.
+fn loss_free_rates(rates: &[u64], secs: f64, tmp: &Path) -> Result<()> {
     println!("\nLoss-free rate: signals paced for {secs} s, TOE with its default ring");
     println!(
         "{:>10} {:>10} {:>10} {:>12} {:>8} {:>10}",
@@ -614,7 +620,7 @@ fn signals_bench(rounds: usize, count: u64, rates: &[u64], secs: f64) -> Result<
                 r.as_str(),
                 secs_s.as_str(),
             ],
-            &tmp,
+            tmp,
             None,
         )?;
         let events = signal_events(&summary, "*", "recorded");
@@ -627,7 +633,6 @@ fn signals_bench(rounds: usize, count: u64, rates: &[u64], secs: f64) -> Result<
         }
     }
     println!("highest loss-free event rate measured: {best:.0} events/s (signals + deliveries)");
-    std::fs::remove_dir_all(&tmp).ok();
     Ok(())
 }
 

@@ -158,49 +158,7 @@ fn main() {
             let rate = n as f64 / secs;
             println!("{secs:.6} {rate:.0}");
         }
-        Some("trap") => {
-            let fork = match (args.get(4), args.get(5)) {
-                (Some(ms), Some(file)) => Some((
-                    Duration::from_millis(ms.parse().expect("FORK_AFTER_MS")),
-                    file.clone(),
-                )),
-                _ => None,
-            };
-            let ready = args.get(3).expect("trap SECONDS READYFILE");
-            signals::trap(arg_secs(&args, 10.0), ready, fork);
-        }
-        Some("send") => {
-            let num = |i: usize| -> i64 {
-                args.get(i)
-                    .and_then(|s| s.parse().ok())
-                    .expect("send NAME PID SIGNAL COUNT")
-            };
-            signals::send(
-                &args[2],
-                i32::try_from(num(3)).expect("pid"),
-                i32::try_from(num(4)).expect("signal"),
-                num(5).unsigned_abs(),
-            );
-        }
-        Some("sendrate") => {
-            let num = |i: usize| -> f64 {
-                args.get(i)
-                    .and_then(|s| s.parse().ok())
-                    .expect("sendrate NAME PID SIGNAL RATE SECONDS")
-            };
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "small integers given as numbers"
-            )]
-            signals::send_rate(
-                &args[2],
-                num(3) as i32,
-                num(4) as i32,
-                num(5) as u64,
-                num(6),
-            );
-        }
+        Some(mode @ ("trap" | "send" | "sendrate")) => signals::main(mode, &args),
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
         Some(other) => {
             eprintln!(

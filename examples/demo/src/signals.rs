@@ -96,3 +96,35 @@ pub fn send_rate(name: &str, pid: i32, sig: i32, rate: u64, secs: f64) {
     let achieved = ok as f64 / start.elapsed().as_secs_f64();
     println!("{ok} {achieved:.0}");
 }
+
+/// `trap`, `send` and `sendrate` from the command line (see the crate documentation).
+pub fn main(mode: &str, args: &[String]) {
+    let num = |i: usize| -> f64 {
+        args.get(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{mode}: argument {i} must be a number"))
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "small integers given as numbers"
+    )]
+    match mode {
+        "trap" => {
+            let fork = match (args.get(4), args.get(5)) {
+                (Some(_), Some(file)) => Some((Duration::from_millis(num(4) as u64), file.clone())),
+                _ => None,
+            };
+            let ready = args.get(3).expect("trap SECONDS READYFILE");
+            trap(num(2), ready, fork);
+        }
+        "send" => send(&args[2], num(3) as i32, num(4) as i32, num(5) as u64),
+        _ => send_rate(
+            &args[2],
+            num(3) as i32,
+            num(4) as i32,
+            num(5) as u64,
+            num(6),
+        ),
+    }
+}
