@@ -170,6 +170,33 @@ fn a_named_bystanders_signals_are_recorded_and_sigkill_is_the_exit_cause() {
 }
 
 #[test]
+fn signal_and_sender_filters_apply_in_the_kernel_and_are_counted() {
+    if !require_root("signal_and_sender_filters_apply_in_the_kernel_and_are_counted") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let run = trace(
+        &["--signals=TERM,KILL", "--senders=chosen"],
+        trap_command(&ready, None),
+    );
+    let target = wait_for_pid_file(&ready);
+    send("chosen", target, SIGUSR1, 2); // signal not of interest
+    send("other", target, SIGTERM, 3); // sender not of interest
+    let (from, _) = send("chosen", target, SIGTERM, 1);
+    send("chosen", target, SIGKILL, 1);
+    let (outcome, sink) = run.join().unwrap();
+    let ev = events(&sink);
+    let signals: Vec<&Value> = ev.iter().filter(|e| e["event"] == "signal").collect();
+    assert_eq!(signals.len(), 2, "{signals:?}");
+    assert!(signals.iter().all(|e| e["sender"]["comm"] == "chosen"));
+    assert_eq!(signals_to(&ev, target, "SIGTERM")[0]["sender"]["pid"], from);
+    let s = outcome.summary.signals.as_ref().unwrap();
+    // 2 USR1 and 3 TERM from the wrong sender; USR1 deliveries are filtered as well.
+    assert!(s.filtered >= 5, "{s:?}");
+}
+
+#[test]
 fn a_child_forked_after_the_start_is_covered() {
     if !require_root("a_child_forked_after_the_start_is_covered") {
         return;

@@ -190,7 +190,7 @@ impl EventKind {
 /// | Fork     | parent                | child (tid = new task)   | clone_flags                            | -        |
 /// | Exec     | the process           | - (actor_tid: old tid)   | -                                      | filename |
 /// | Exit     | the process           | -                        | exit code, task flags                  | -        |
-/// | Oom      | victim                | task that hit the limit  | total_vm, anon, file, shmem (pages), pgtables (bytes), oom_score_adj | victim comm |
+/// | Oom      | victim                | task that hit the limit  | total_vm, anon, file, shmem, pgtables (KiB), oom_score_adj | victim comm |
 /// | Joined   | moved task            | mover                    | destination cgroup id                  | -        |
 /// | Left     | moved task            | mover                    | destination cgroup id                  | -        |
 #[repr(C)]

@@ -430,11 +430,13 @@ tracepoint:signal:signal_generate /args->pid == TARGET/ {
 tracepoint:signal:signal_deliver /pid == TARGET/ { printf("deliver %d %d\n", tid, args->sig); }
 "#;
 
-fn signals_spec(dir: &Path) -> Result<std::path::PathBuf> {
-    let p = dir.join("signals.yaml");
+fn signals_spec(dir: &Path, stacks: bool) -> Result<std::path::PathBuf> {
+    let p = dir.join(format!("signals-{stacks}.yaml"));
     std::fs::write(
         &p,
-        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {name: bench}\nspec:\n  tool:\n    name: signal-trace\n    duration: 5m\n    commandLineArguments: [\"--max-lost=1000000000\"]\n",
+        format!(
+            "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{name: bench}}\nspec:\n  tool:\n    name: signal-trace\n    duration: 5m\n    commandLineArguments: [\"--max-lost=1000000000\", \"--user-stacks={stacks}\", \"--kernel-stacks={stacks}\"]\n"
+        ),
     )?;
     Ok(p)
 }
@@ -462,10 +464,10 @@ fn signal_run(
         std::thread::sleep(Duration::from_millis(10));
     }
     let tracer = match mode {
-        "toe" => Some(
+        "toe" | "toe-nostk" => Some(
             Command::new(bin.join("toe"))
                 .args(["run", "--no-progress", "--json", "-f"])
-                .arg(signals_spec(tmp)?)
+                .arg(signals_spec(tmp, mode == "toe")?)
                 .args(["--pid", &pid, "-o"])
                 .arg(tmp.join("out"))
                 .stdout(Stdio::piped())
@@ -586,12 +588,13 @@ fn signals_bench(rounds: usize, count: u64, rates: &[u64], secs: f64) -> Result<
                 .collect(),
         )
     };
-    if modes.len() == 3 {
+    if modes.len() == 4 {
         println!(
             "toe / bpftrace sender time: {:.4} (median per-round ratio; < 1 means TOE costs the sender less)",
-            ratio(1, 2)
+            ratio(1, 3)
         );
     }
+    println!("(toe-nostk: --user-stacks=false --kernel-stacks=false)");
     println!("toe lost {lost} signal events over all overhead rounds (default 8 MiB ring)");
 
     loss_free_rates(rates, secs, &tmp)?;
