@@ -534,12 +534,12 @@ fn signals_bench(rounds: usize, count: u64, rates: &[u64], secs: f64) -> Result<
     let tmp = std::env::temp_dir().join(format!("toe-bench-sig-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let modes: Vec<&str> = if bpftrace.is_some() {
-        vec!["none", "toe", "bpftrace"]
+        vec!["none", "toe", "toe-nostk", "bpftrace"]
     } else {
         eprintln!(
             "bpftrace not installed (apt-get install bpftrace): comparing with no tracing only"
         );
-        vec!["none", "toe"]
+        vec!["none", "toe", "toe-nostk"]
     };
     let n = count.to_string();
     let sender = ["send", "bench", "PID", "10", n.as_str()];
