@@ -42,6 +42,23 @@ enum Command {
     },
     /// List the built-in tools and their arguments.
     Tools,
+    /// Undo what faults of crashed runs left behind (every fault run also does this first).
+    Cleanup,
+}
+
+fn cleanup() -> Result<ExitCode> {
+    let ledger =
+        toe_agent::faults::ledger::Ledger::open_default().context("opening the fault ledger")?;
+    let r = ledger
+        .recover()
+        .with_context(|| format!("recovering {}", ledger.path().display()))?;
+    eprintln!(
+        "toe: cleanup: {} abandoned run(s), {} worker(s) killed, {} file(s) removed",
+        r.runs.len(),
+        r.workers_killed,
+        r.files_removed.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -109,6 +126,12 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
         for w in &plan.warnings {
             eprintln!("toe: warning: {w}");
         }
+        if plan.tool.options.is_fault() {
+            // The exact plan, from the target's measured limits; nothing is started.
+            for line in run::describe_fault(&plan)? {
+                eprintln!("toe: dry run: {line}");
+            }
+        }
         eprintln!(
             "toe: dry run: would run {} for {} on {:?}, writing to {}",
             plan.tool.name,
@@ -159,6 +182,13 @@ fn tools() {
                 ),
                 ArgKind::Enum(v) => v.join("|"),
                 ArgKind::Signals => "signals, e.g. TERM,KILL,USR1 or all".into(),
+                ArgKind::Amount {
+                    max_bytes,
+                    max_percent,
+                } => format!(
+                    "size up to {} or percentage up to {max_percent}%",
+                    format_size(*max_bytes)
+                ),
                 ArgKind::Names { max_count, max_len } => {
                     format!("up to {max_count} comma-separated names of at most {max_len} bytes")
                 }
@@ -177,6 +207,14 @@ fn tools() {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    if argv
+        .get(1)
+        .is_some_and(|a| a == toe_agent::faults::ledger::WORKER_ARG)
+    {
+        // A stress worker TOE started for a fault; never returns.
+        toe_agent::faults::worker::main(&argv);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TOE_LOG")
@@ -205,6 +243,7 @@ fn main() -> ExitCode {
             tools();
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cleanup => cleanup(),
     };
     result.unwrap_or_else(|e| {
         eprintln!("toe: error: {e:#}");

@@ -126,12 +126,14 @@ pub fn resolve_pid(pid: u32) -> Result<ResolvedTarget, TargetError> {
 }
 
 #[derive(Debug)]
-struct Mount {
-    point: PathBuf,
-    fstype: String,
+pub(crate) struct Mount {
+    pub point: PathBuf,
+    pub fstype: String,
+    /// Super options (for cgroup v1: the controllers of the hierarchy, e.g. `rw,cpu,cpuacct`).
+    pub options: Vec<String>,
 }
 
-fn cgroup_mounts() -> Result<Vec<Mount>, TargetError> {
+pub(crate) fn cgroup_mounts() -> Result<Vec<Mount>, TargetError> {
     let path = Path::new("/proc/self/mountinfo");
     let text = fs::read_to_string(path).map_err(io_err(path))?;
     Ok(text
@@ -146,10 +148,16 @@ fn cgroup_mounts() -> Result<Vec<Mount>, TargetError> {
 fn parse_mountinfo_line(line: &str) -> Option<Mount> {
     let (pre, post) = line.split_once(" - ")?;
     let point = pre.split(' ').nth(4)?;
-    let fstype = post.split(' ').next()?;
+    let mut post = post.split(' ');
+    let fstype = post.next()?;
+    let options = post
+        .nth(1)
+        .map(|o| o.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
     Some(Mount {
         point: PathBuf::from(unescape_octal(point)),
         fstype: fstype.to_owned(),
+        options,
     })
 }
 

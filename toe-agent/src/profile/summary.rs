@@ -90,6 +90,8 @@ pub struct Summary {
     pub memory: Option<super::memory::MemorySummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signals: Option<super::signals::SignalSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<crate::faults::FaultSummary>,
     /// Why the run failed although it collected (e.g. more events lost than allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
@@ -216,6 +218,9 @@ pub fn render(s: &Summary) -> String {
     }
     if let Some(sig) = &s.signals {
         super::signals::render(&mut o, sig);
+    }
+    if let Some(f) = &s.fault {
+        crate::faults::render(&mut o, f);
     }
     if let Some(f) = &s.failed {
         let _ = writeln!(o, "  FAILED: {f}");

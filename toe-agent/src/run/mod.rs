@@ -24,6 +24,7 @@ use crate::{
         signals::SignalCollector,
     },
     ebpf::{LoadError, Loaded},
+    faults::{self, FaultError, FaultWork},
     plan::RunPlan,
     profile::{
         Profile, ValueType, folded,
@@ -54,6 +55,8 @@ pub enum RunError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Fault(#[from] FaultError),
 }
 
 /// Why sampling stopped.
@@ -152,6 +155,7 @@ enum Work {
         ticks: u64,
     },
     Signals(signals::SignalWork),
+    Fault(FaultWork),
 }
 
 /// A run between attach and detach.
@@ -219,8 +223,26 @@ fn map_sizes(tool: &ToolOptions, cpus: u32) -> Vec<(&'static str, u32)> {
             set(sig::STACKS_MAP, sig::MAX_STACKS);
             set(sig::EVENTS_RING, o.ring_bytes);
         }
+        ToolOptions::CpuStress(_) | ToolOptions::MemoryStress(_) => {}
     }
     sizes
+}
+
+/// A fault's exact plan for a dry run: the target is measured (read-only), nothing is started.
+pub fn describe_fault(plan: &RunPlan) -> Result<Vec<String>, RunError> {
+    let target = match &plan.target {
+        TargetSpec::Pid(pid) => targets::resolve_pid(*pid)?,
+        TargetSpec::Cgroup(path) => targets::resolve_cgroup(path)?,
+        TargetSpec::Command(_) => {
+            return Ok(vec![
+                "the command's own cgroups are stressed once it starts (run without dry-run)"
+                    .into(),
+            ]);
+        }
+    };
+    let facts = faults::facts(&target)?;
+    let fault_plan = faults::plan(&plan.tool.options, &facts)?;
+    Ok(fault_plan.describe(&facts))
 }
 
 /// Resolves the target and attaches; the command (if any) runs from here on.
@@ -241,6 +263,14 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
             target.description.clone(),
         )));
     }
+    // A fault is planned from the target's measured limits before anything is loaded.
+    let fault = if plan.tool.options.is_fault() {
+        let facts = faults::facts(&target)?;
+        let fault_plan = faults::plan(&plan.tool.options, &facts)?;
+        Some((fault_plan, facts))
+    } else {
+        None
+    };
     let mut loaded = Loaded::load(&map_sizes(&plan.tool.options, cpus))?;
     loaded.install_targets(&target)?;
     if matches!(plan.target, TargetSpec::Pid(_)) {
@@ -277,6 +307,10 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
                 collector.add_process(c.pid)?;
             }
             Work::Signals(signals::SignalWork::new(opts.clone(), collector))
+        }
+        _ => {
+            let (fault_plan, facts) = fault.expect("planned above for every fault");
+            Work::Fault(FaultWork::start(&plan.run_id, fault_plan, facts)?)
         }
     };
     let started_ns = signals::monotonic_ns();
@@ -331,6 +365,7 @@ impl Session {
                 }
             }
             Work::Signals(w) => w.tick(&self.target),
+            Work::Fault(f) => f.tick(),
         }
         Ok(())
     }
@@ -341,6 +376,7 @@ impl Session {
             Work::Cpu { raw, .. } => symbolizer.resolve(&raw.take_new()),
             Work::Memory { collector, .. } => symbolizer.resolve(&collector.take_new()),
             Work::Signals(w) => w.resolve(symbolizer),
+            Work::Fault(_) => {}
         }
     }
 
@@ -363,6 +399,7 @@ impl Session {
                 )
             }
             Work::Signals(w) => w.progress(),
+            Work::Fault(f) => format!("{} running", f.plan.name()),
         }
     }
 }
@@ -454,12 +491,14 @@ async fn write_artifacts(
 }
 
 /// What a collector leaves after detaching: its section of the summary and its artifacts.
+#[derive(Default)]
 struct Finished {
     cpu: Option<CpuSummary>,
     memory: Option<MemorySummary>,
     signals: Option<crate::profile::signals::SignalSummary>,
     /// The run collected but must report failure (e.g. losses beyond the allowed bound).
     failed: Option<String>,
+    fault: Option<faults::FaultSummary>,
     artifacts: Vec<Artifact>,
     warnings: Vec<String>,
 }
@@ -530,6 +569,7 @@ fn finish_cpu(
         memory: None,
         signals: None,
         failed: None,
+        fault: None,
         artifacts,
         warnings,
     })
@@ -756,6 +796,7 @@ fn finish_memory(
         memory: Some(m),
         signals: None,
         failed: None,
+        fault: None,
         artifacts,
         warnings,
     })
@@ -789,6 +830,26 @@ fn finish_work(
             sampled_for.as_secs_f64() * 1000.0,
             title,
         ),
+        Work::Fault(f) => {
+            let summary = f.finish();
+            let mut warnings = Vec::new();
+            if summary.leftovers > 0 {
+                warnings.push(format!(
+                    "{} worker(s) survived the rollback",
+                    summary.leftovers
+                ));
+            }
+            Finished {
+                artifacts: vec![(
+                    "fault-series",
+                    "fault.csv",
+                    Bytes::from(faults::csv(&summary)),
+                )],
+                fault: Some(summary),
+                warnings,
+                ..Finished::default()
+            }
+        }
     })
 }
 
@@ -851,6 +912,7 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
         memory: finished.memory,
         signals: finished.signals,
         failed: finished.failed,
+        fault: finished.fault,
         warnings: plan.warnings.clone(),
         ..Summary::default()
     };

@@ -424,6 +424,7 @@ pub(super) fn finish(
         memory: None,
         signals: Some(summary),
         failed,
+        fault: None,
         artifacts,
         warnings,
     }

@@ -23,6 +23,11 @@ pub enum ArgKind {
         min: u64,
         max: u64,
     },
+    /// Bytes (as [`ArgKind::Size`]) or a percentage of some limit (`50%`).
+    Amount {
+        max_bytes: u64,
+        max_percent: u32,
+    },
     /// Comma-separated signal names or numbers (`TERM,KILL,USR1`, `all`).
     Signals,
     /// Comma-separated names (process names, container names): each at most `max_len` bytes of
@@ -50,6 +55,7 @@ pub enum ArgValue {
     Duration(Duration),
     Enum(&'static str),
     Size(u64),
+    Amount(Amount),
     /// Bit `n - 1` set for signal `n`.
     Signals(u64),
     Names(Vec<String>),
@@ -65,6 +71,14 @@ impl ArgError {
     fn new(what: impl Into<String>) -> Self {
         Self { what: what.into() }
     }
+}
+
+/// A quantity given absolutely or relative to a limit the target has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Amount {
+    Bytes(u64),
+    /// Whole percent, 1..=max.
+    Percent(u32),
 }
 
 /// Arguments after parsing, defaults filled in.
@@ -119,6 +133,16 @@ impl ParsedArgs {
         match self.0.get(name) {
             Some(ArgValue::Enum(v)) => v,
             other => panic!("schema has no enum argument {name}: {other:?}"),
+        }
+    }
+
+    /// # Panics
+    /// If `name` is not an amount argument with a default: a bug in the tool definition.
+    #[must_use]
+    pub fn amount(&self, name: &str) -> Amount {
+        match self.0.get(name) {
+            Some(ArgValue::Amount(v)) => *v,
+            other => panic!("schema has no amount argument {name}: {other:?}"),
         }
     }
 
@@ -302,6 +326,31 @@ fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
                 )));
             }
             Ok(ArgValue::Size(v))
+        }
+        ArgKind::Amount {
+            max_bytes,
+            max_percent,
+        } => {
+            if let Some(p) = raw.trim().strip_suffix('%') {
+                let v: u32 = p.trim().parse().map_err(|_| {
+                    ArgError::new(format!("--{name}: \"{raw}\" is not a whole percentage"))
+                })?;
+                if v == 0 || v > *max_percent {
+                    return Err(ArgError::new(format!(
+                        "--{name}: {raw} is out of range 1%..={max_percent}%"
+                    )));
+                }
+                return Ok(ArgValue::Amount(Amount::Percent(v)));
+            }
+            let v = parse_size(raw)
+                .map_err(|e| ArgError::new(format!("--{name}: {e} (or a percentage, e.g. 50%)")))?;
+            if v == 0 || v > *max_bytes {
+                return Err(ArgError::new(format!(
+                    "--{name}: {raw} is out of range 1B..={}",
+                    format_size(*max_bytes)
+                )));
+            }
+            Ok(ArgValue::Amount(Amount::Bytes(v)))
         }
         ArgKind::Signals => parse_signal_set(raw)
             .map(ArgValue::Signals)

@@ -10,11 +10,11 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    args::{ArgKind, ArgSpec, ArgValue, ParsedArgs, format_size, parse_size},
+    args::{Amount, ArgKind, ArgSpec, ArgValue, ParsedArgs, format_size, parse_size},
     duration::{format_duration, parse_duration},
     tools::{
-        AllocationMode, CpuProfileOptions, MemoryProfileOptions, SignalTraceOptions, ToolKind,
-        ToolOptions, catalogue, find_tool,
+        AllocationMode, CpuProfileOptions, CpuStressOptions, MemoryProfileOptions,
+        MemoryStressOptions, SignalTraceOptions, ToolKind, ToolOptions, catalogue, find_tool,
     },
 };
 

@@ -3,13 +3,15 @@
 
 use std::time::Duration;
 
-use super::args::{ArgKind, ArgSpec, ParsedArgs};
+use super::args::{Amount, ArgKind, ArgSpec, ParsedArgs};
 use crate::cpu;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ToolKind {
     /// An eBPF collector run by the agent.
     Collector,
+    /// A fault the agent injects into the target and rolls back.
+    Fault,
 }
 
 pub struct ToolDef {
@@ -27,6 +29,32 @@ pub enum ToolOptions {
     CpuProfile(CpuProfileOptions),
     MemoryProfile(MemoryProfileOptions),
     SignalTrace(SignalTraceOptions),
+    CpuStress(CpuStressOptions),
+    MemoryStress(MemoryStressOptions),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuStressOptions {
+    pub workers: u32,
+    /// Percent of one worker's share of the target's CPU capacity (its cgroup limit, else one
+    /// core).
+    pub load_percent: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryStressOptions {
+    /// Bytes, or a percentage of the target's memory limit.
+    pub size: Amount,
+    /// Time over which the memory is touched in; zero: at once.
+    pub ramp: Duration,
+}
+
+impl ToolOptions {
+    /// Whether the tool changes the target (and must be rolled back) rather than observe it.
+    #[must_use]
+    pub fn is_fault(&self) -> bool {
+        matches!(self, Self::CpuStress(_) | Self::MemoryStress(_))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -244,7 +272,59 @@ fn build_signals(args: &ParsedArgs) -> ToolOptions {
     })
 }
 
-static CATALOGUE: [ToolDef; 3] = [
+const CPU_STRESS_ARGS: &[ArgSpec] = &[
+    ArgSpec {
+        name: "workers",
+        kind: ArgKind::Integer { min: 1, max: 64 },
+        default: Some("1"),
+        help: "worker processes, each placed in the target's cgroups",
+    },
+    ArgSpec {
+        name: "load",
+        kind: ArgKind::Integer { min: 1, max: 100 },
+        default: Some("100"),
+        help: "percent each worker burns of its share of the target's CPU limit (of one core \
+               when the target has no limit)",
+    },
+];
+
+fn build_cpu_stress(args: &ParsedArgs) -> ToolOptions {
+    ToolOptions::CpuStress(CpuStressOptions {
+        workers: u32::try_from(args.integer("workers")).unwrap_or(1),
+        load_percent: u32::try_from(args.integer("load")).unwrap_or(100),
+    })
+}
+
+const MEMORY_STRESS_ARGS: &[ArgSpec] = &[
+    ArgSpec {
+        name: "size",
+        kind: ArgKind::Amount {
+            max_bytes: 64 << 30,
+            max_percent: 100,
+        },
+        default: Some("256MiB"),
+        help: "memory to allocate and touch, charged to the target's memory cgroup: bytes, or a \
+               percentage of its memory limit",
+    },
+    ArgSpec {
+        name: "ramp",
+        kind: ArgKind::Duration {
+            min: Duration::ZERO,
+            max: Duration::from_hours(1),
+        },
+        default: Some("0s"),
+        help: "reach the size gradually over this time",
+    },
+];
+
+fn build_memory_stress(args: &ParsedArgs) -> ToolOptions {
+    ToolOptions::MemoryStress(MemoryStressOptions {
+        size: args.amount("size"),
+        ramp: args.duration("ramp"),
+    })
+}
+
+static CATALOGUE: [ToolDef; 5] = [
     ToolDef {
         name: "cpu-profile",
         kind: ToolKind::Collector,
@@ -274,6 +354,26 @@ static CATALOGUE: [ToolDef; 3] = [
         default_duration: Duration::from_mins(5),
         max_duration: Duration::from_hours(24),
         build: build_signals,
+    },
+    ToolDef {
+        name: "cpu-stress",
+        kind: ToolKind::Fault,
+        summary: "burn CPU inside the target's cgroups (counted against its limits), relative to \
+                  its CPU limit; rolled back at the end, on abort, or by the next run after a crash",
+        args: CPU_STRESS_ARGS,
+        default_duration: Duration::from_mins(1),
+        max_duration: Duration::from_hours(1),
+        build: build_cpu_stress,
+    },
+    ToolDef {
+        name: "memory-stress",
+        kind: ToolKind::Fault,
+        summary: "allocate and touch memory charged to the target's memory cgroup (bytes or % of \
+                  its limit, optional ramp); reports OOM kills",
+        args: MEMORY_STRESS_ARGS,
+        default_duration: Duration::from_mins(1),
+        max_duration: Duration::from_hours(1),
+        build: build_memory_stress,
     },
 ];
 

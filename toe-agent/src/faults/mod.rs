@@ -1,0 +1,655 @@
+//! Fault injection. Planning is pure ([`plan`]: options + measured facts about the target -> the
+//! exact worker setup); running spawns workers inside the target's cgroups, samples what they
+//! achieve, and rolls everything back at the end, on abort, or (through the [`ledger`]) in the
+//! next run after a crash.
+
+pub mod cgroups;
+pub mod ledger;
+pub mod worker;
+
+use std::{
+    fmt::Write as _,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use toe_common::api::{Amount, ToolOptions, format_size};
+
+use self::{
+    cgroups::TargetCgroups,
+    ledger::{Entry, Ledger, Owner, Recovered},
+};
+use crate::targets::{ResolvedTarget, TargetError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("fault ledger {path}: {source}")]
+    Ledger {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting a worker in the target's cgroups: {0}")]
+    Worker(#[source] std::io::Error),
+}
+
+/// What planning needs to know about the target, measured (read-only) beforehand.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TargetFacts {
+    pub cgroups: TargetCgroups,
+    /// CPUs the target's cgroup may use (its quota), if limited.
+    pub cpu_limit: Option<f64>,
+    pub memory_limit: Option<u64>,
+    pub online_cpus: u32,
+    /// Host memory (MemTotal).
+    pub host_memory: u64,
+}
+
+/// `PF_KTHREAD` in the flags field of `/proc/<pid>/stat`.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+fn is_kernel_thread(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = &s[s.rfind(')')? + 2..];
+            after.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|f| f & PF_KTHREAD != 0)
+}
+
+fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Measures the target and refuses targets no fault may touch: TOE itself, PID 1, kernel
+/// threads, and the root cgroup (the whole machine).
+pub fn facts(target: &ResolvedTarget) -> Result<TargetFacts, FaultError> {
+    let me = std::process::id();
+    let cgroups = if let Some(&pid) = target.tgids.first() {
+        if pid == me {
+            return Err(FaultError::Refused("the target is TOE itself".into()));
+        }
+        if pid == 1 {
+            return Err(FaultError::Refused(
+                "the target is PID 1 (the host's init); faults never touch it".into(),
+            ));
+        }
+        if is_kernel_thread(pid) {
+            return Err(FaultError::Refused(format!(
+                "pid {pid} is a kernel thread; it has no cgroup to stress"
+            )));
+        }
+        TargetCgroups::of_pid(pid)?
+    } else if let Some(cg) = target.cgroups.first() {
+        if cg.level == 0 {
+            return Err(FaultError::Refused(
+                "the target is the root cgroup, i.e. the whole machine".into(),
+            ));
+        }
+        let own = TargetCgroups::of_pid(me)?;
+        if own.v2.as_ref().is_some_and(|d| d.starts_with(&cg.path)) {
+            return Err(FaultError::Refused(format!(
+                "{} contains TOE itself",
+                cg.path.display()
+            )));
+        }
+        TargetCgroups::of_v2_dir(&cg.path)?
+    } else {
+        return Err(FaultError::Refused("the target has no process".into()));
+    };
+    Ok(TargetFacts {
+        cpu_limit: cgroups.cpu_limit(),
+        memory_limit: cgroups.memory_limit(),
+        cgroups,
+        online_cpus: aya::util::online_cpus().map_or(1, |c| u32::try_from(c.len()).unwrap_or(1)),
+        host_memory: host_memory(),
+    })
+}
+
+/// The exact setup a fault runs with.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultPlan {
+    Cpu {
+        workers: u32,
+        /// Fraction of each 100 ms period each worker burns.
+        duty: f64,
+        /// workers x duty, in CPUs.
+        asked_cpus: f64,
+        /// What the percentage is relative to, in words.
+        basis: String,
+    },
+    Memory {
+        bytes: u64,
+        ramp: Duration,
+        basis: String,
+    },
+}
+
+impl FaultPlan {
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Cpu { .. } => "cpu-stress",
+            Self::Memory { .. } => "memory-stress",
+        }
+    }
+
+    /// The plan in words, one line per decision (printed by a dry run, kept in the summary).
+    #[must_use]
+    pub fn describe(&self, facts: &TargetFacts) -> Vec<String> {
+        let mut out = Vec::new();
+        let files: Vec<String> = facts
+            .cgroups
+            .procs_files()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        match self {
+            Self::Cpu {
+                workers,
+                duty,
+                asked_cpus,
+                basis,
+            } => {
+                out.push(format!(
+                    "start {workers} CPU worker(s), each burning {:.1}% of every 100 ms ({basis})",
+                    duty * 100.0
+                ));
+                out.push(format!("total asked: {asked_cpus:.3} CPUs"));
+            }
+            Self::Memory { bytes, ramp, basis } => {
+                out.push(format!(
+                    "start 1 memory worker that allocates and touches {} ({basis}){}",
+                    format_size(*bytes),
+                    if ramp.is_zero() {
+                        String::new()
+                    } else {
+                        format!(" over {}", toe_common::api::format_duration(*ramp))
+                    }
+                ));
+            }
+        }
+        out.push(format!(
+            "workers join the target's cgroups before they run: {}",
+            files.join(", ")
+        ));
+        out.push(
+            "roll back at the end, on Ctrl-C/SIGTERM, or (after a crash) on the next run: \
+             workers are killed"
+                .into(),
+        );
+        out
+    }
+}
+
+/// Pure: turns the tool's options and the target's facts into the exact plan.
+pub fn plan(options: &ToolOptions, facts: &TargetFacts) -> Result<FaultPlan, FaultError> {
+    match options {
+        ToolOptions::CpuStress(o) => {
+            // A percentage of the target's limit, not of the node: with a 0.5-CPU quota and 2
+            // workers, 100% means 0.25 CPU each.
+            let (share, basis) = match facts.cpu_limit {
+                Some(limit) => (
+                    (limit / f64::from(o.workers)).min(1.0),
+                    format!("of its share of the cgroup's {limit:.2}-CPU limit"),
+                ),
+                None => (1.0, "of one core; the target has no CPU limit".into()),
+            };
+            let duty = f64::from(o.load_percent) / 100.0 * share;
+            Ok(FaultPlan::Cpu {
+                workers: o.workers,
+                duty,
+                asked_cpus: duty * f64::from(o.workers),
+                basis,
+            })
+        }
+        ToolOptions::MemoryStress(o) => {
+            let (bytes, basis) = match o.size {
+                Amount::Bytes(b) => (b, "as asked".to_owned()),
+                Amount::Percent(p) => {
+                    let limit = facts.memory_limit.ok_or_else(|| {
+                        FaultError::Refused(format!(
+                            "--size={p}% needs a memory limit on the target, and it has none; \
+                             give bytes instead (e.g. --size=512MiB)"
+                        ))
+                    })?;
+                    (
+                        limit / 100 * u64::from(p),
+                        format!("{p}% of the {} memory limit", format_size(limit)),
+                    )
+                }
+            };
+            // Without a cgroup limit, the node itself would run out: never plan for that.
+            let ceiling = facts.host_memory / 10 * 9;
+            if facts.memory_limit.is_none() && facts.host_memory > 0 && bytes > ceiling {
+                return Err(FaultError::Refused(format!(
+                    "{} is more than 90% of this machine's memory and the target has no memory \
+                     limit: the whole node would run out",
+                    format_size(bytes)
+                )));
+            }
+            Ok(FaultPlan::Memory {
+                bytes,
+                ramp: o.ramp,
+                basis,
+            })
+        }
+        other => Err(FaultError::Refused(format!("{other:?} is not a fault"))),
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FaultSample {
+    pub t_s: f64,
+    /// CPUs the workers used since the previous sample (cpu-stress), or bytes they hold
+    /// (memory-stress).
+    pub workers: f64,
+    /// The target cgroup's memory usage, when accounted in its own cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_memory: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FaultSummary {
+    pub fault: String,
+    pub plan: Vec<String>,
+    /// CPUs or bytes.
+    pub unit: String,
+    pub asked: f64,
+    /// Measured: CPUs the workers used after their first second, or the most memory they held.
+    pub achieved: f64,
+    /// (achieved - asked) / asked, percent.
+    pub error_percent: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
+    /// OOM kills in the target's memory cgroup during the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kills: Option<u64>,
+    /// Workers that died of SIGKILL before the end (the OOM killer chose them).
+    pub workers_killed: Vec<u32>,
+    pub workers: Vec<u32>,
+    /// From the end of the run until every worker was gone.
+    pub rollback_ms: u64,
+    /// Workers still alive after rollback (must be 0).
+    pub leftovers: u32,
+    /// What earlier crashed runs had left and this run removed first.
+    pub recovered: Recovered,
+    pub samples: Vec<FaultSample>,
+}
+
+/// Per-process CPU time in ns (`/proc/<pid>/schedstat`, first field).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Anonymous resident bytes of a process.
+fn rss_anon(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
+
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// CPU achieved is measured after the workers' first second (start-up and the first period).
+const WARMUP: Duration = Duration::from_secs(1);
+
+/// A fault between start and rollback.
+pub struct FaultWork {
+    pub plan: FaultPlan,
+    facts: TargetFacts,
+    run: String,
+    ledger: Ledger,
+    children: Vec<Child>,
+    pids: Vec<u32>,
+    started: Instant,
+    last: Option<(Instant, u64)>,
+    warm: Option<(Instant, u64)>,
+    peak_bytes: u64,
+    oom_before: Option<u64>,
+    recovered: Recovered,
+    samples: Vec<FaultSample>,
+}
+
+impl FaultWork {
+    /// Recovers leftovers of crashed runs, records the run in the ledger, starts the workers.
+    pub fn start(run: &str, plan: FaultPlan, facts: TargetFacts) -> Result<Self, FaultError> {
+        let ledger_err = |l: &Ledger| {
+            let path = l.path().display().to_string();
+            move |source| FaultError::Ledger { path, source }
+        };
+        let ledger = Ledger::open_default().map_err(|source| FaultError::Ledger {
+            path: ledger::DEFAULT_STATE_DIR.into(),
+            source,
+        })?;
+        let recovered = ledger.recover().map_err(ledger_err(&ledger))?;
+        for e in [
+            Entry::Begin {
+                run: run.into(),
+                owner: Owner::current(),
+            },
+            Entry::Workers { run: run.into() },
+        ] {
+            ledger.record(&e).map_err(ledger_err(&ledger))?;
+        }
+        let files = facts.cgroups.procs_files();
+        let (args, n) = match &plan {
+            FaultPlan::Cpu { workers, duty, .. } => {
+                (vec!["cpu".to_owned(), format!("{duty:.6}")], *workers)
+            }
+            FaultPlan::Memory { bytes, ramp, .. } => (
+                vec![
+                    "memory".to_owned(),
+                    bytes.to_string(),
+                    ramp.as_millis().to_string(),
+                ],
+                1,
+            ),
+        };
+        let mut work = Self {
+            oom_before: facts.cgroups.oom_kills(),
+            plan,
+            facts,
+            run: run.into(),
+            ledger,
+            children: Vec::new(),
+            pids: Vec::new(),
+            started: Instant::now(),
+            last: None,
+            warm: None,
+            peak_bytes: 0,
+            recovered,
+            samples: Vec::new(),
+        };
+        for _ in 0..n {
+            match worker::spawn(run, &args, &files) {
+                Ok(c) => {
+                    work.pids.push(c.id());
+                    work.children.push(c);
+                }
+                Err(e) => {
+                    work.rollback();
+                    return Err(FaultError::Worker(e));
+                }
+            }
+        }
+        work.started = Instant::now();
+        Ok(work)
+    }
+
+    fn workers_cpu_ns(&self) -> u64 {
+        self.pids.iter().filter_map(|&p| cpu_ns(p)).sum()
+    }
+
+    /// Samples what the workers achieve (rate-limited to every 250 ms).
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        if self.last.is_some_and(|(t, _)| now - t < SAMPLE_EVERY) {
+            return;
+        }
+        let t_s = (now - self.started).as_secs_f64();
+        let cgroup_memory = (!self.facts.cgroups.is_root("memory"))
+            .then(|| self.facts.cgroups.memory_usage())
+            .flatten();
+        let workers = match self.plan {
+            FaultPlan::Cpu { .. } => {
+                let ns = self.workers_cpu_ns();
+                if self.warm.is_none() && now - self.started >= WARMUP {
+                    self.warm = Some((now, ns));
+                }
+                #[expect(clippy::cast_precision_loss, reason = "CPU rate")]
+                let rate = self.last.map_or(0.0, |(t, prev)| {
+                    ns.saturating_sub(prev) as f64 / (now - t).as_nanos() as f64
+                });
+                self.last = Some((now, ns));
+                rate
+            }
+            FaultPlan::Memory { .. } => {
+                let b: u64 = self.pids.iter().filter_map(|&p| rss_anon(p)).sum();
+                self.peak_bytes = self.peak_bytes.max(b);
+                self.last = Some((now, 0));
+                #[expect(clippy::cast_precision_loss, reason = "bytes for display")]
+                let b = b as f64;
+                b
+            }
+        };
+        self.samples.push(FaultSample {
+            t_s,
+            workers,
+            cgroup_memory,
+        });
+    }
+
+    /// Kills and reaps every worker; returns how long that took.
+    fn rollback(&mut self) -> Duration {
+        let t = Instant::now();
+        for c in &mut self.children {
+            let _ = c.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+        // Anything of this run the children list does not hold (cannot happen, but the
+        // ledger's search is cheap and authoritative).
+        let _ = ledger::kill_workers(&self.run);
+        let _ = self.ledger.record(&Entry::End {
+            run: self.run.clone(),
+        });
+        t.elapsed()
+    }
+
+    /// Rolls back and reports asked versus achieved.
+    #[must_use]
+    pub fn finish(mut self) -> FaultSummary {
+        self.tick();
+        let cpu_end = self.workers_cpu_ns();
+        let end = Instant::now();
+        // Workers that died before the end: only a SIGKILL from outside (the OOM killer).
+        let mut killed = Vec::new();
+        for c in &mut self.children {
+            if let Ok(Some(status)) = c.try_wait() {
+                use std::os::unix::process::ExitStatusExt as _;
+                if status.signal() == Some(libc::SIGKILL) {
+                    killed.push(c.id());
+                }
+            }
+        }
+        let oom_kills = match (self.oom_before, self.facts.cgroups.oom_kills()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let rollback = self.rollback();
+        let leftovers = u32::try_from(ledger::worker_pids(&self.run).len()).unwrap_or(u32::MAX);
+        let (unit, asked, achieved) = match &self.plan {
+            FaultPlan::Cpu { asked_cpus, .. } => {
+                #[expect(clippy::cast_precision_loss, reason = "CPU rate")]
+                let achieved = self.warm.map_or(0.0, |(t, ns)| {
+                    cpu_end.saturating_sub(ns) as f64 / (end - t).as_nanos().max(1) as f64
+                });
+                ("CPUs", *asked_cpus, achieved)
+            }
+            #[expect(clippy::cast_precision_loss, reason = "bytes for display")]
+            FaultPlan::Memory { bytes, .. } => ("bytes", *bytes as f64, self.peak_bytes as f64),
+        };
+        FaultSummary {
+            fault: self.plan.name().into(),
+            plan: self.plan.describe(&self.facts),
+            unit: unit.into(),
+            asked,
+            achieved,
+            error_percent: if asked > 0.0 {
+                (achieved - asked) / asked * 100.0
+            } else {
+                0.0
+            },
+            cpu_limit: self.facts.cpu_limit,
+            memory_limit: self.facts.memory_limit,
+            oom_kills,
+            workers_killed: killed,
+            workers: self.pids.clone(),
+            rollback_ms: u64::try_from(rollback.as_millis()).unwrap_or(u64::MAX),
+            leftovers,
+            recovered: std::mem::take(&mut self.recovered),
+            samples: std::mem::take(&mut self.samples),
+        }
+    }
+}
+
+impl Drop for FaultWork {
+    /// A run that unwinds (an error, a panic) still rolls back.
+    fn drop(&mut self) {
+        if self
+            .children
+            .iter_mut()
+            .any(|c| matches!(c.try_wait(), Ok(None)))
+        {
+            self.rollback();
+        }
+    }
+}
+
+/// The time series as CSV.
+#[must_use]
+pub fn csv(s: &FaultSummary) -> String {
+    let mut o = format!(
+        "t_s,workers_{},cgroup_memory_bytes\n",
+        s.unit.to_lowercase()
+    );
+    for x in &s.samples {
+        let _ = writeln!(
+            o,
+            "{:.3},{:.4},{}",
+            x.t_s,
+            x.workers,
+            x.cgroup_memory.map_or_else(String::new, |m| m.to_string())
+        );
+    }
+    o
+}
+
+/// The fault section of the printed summary.
+pub fn render(o: &mut String, s: &FaultSummary) {
+    for line in &s.plan {
+        let _ = writeln!(o, "  plan: {line}");
+    }
+    let fmt = |v: f64| {
+        if s.unit == "bytes" {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "display"
+            )]
+            format_size(v as u64)
+        } else {
+            format!("{v:.3} CPUs")
+        }
+    };
+    let _ = writeln!(
+        o,
+        "  asked {}, achieved {} ({:+.1}%)",
+        fmt(s.asked),
+        fmt(s.achieved),
+        s.error_percent
+    );
+    if let Some(n) = s.oom_kills.filter(|&n| n > 0) {
+        let _ = writeln!(
+            o,
+            "  the OOM killer fired {n} time(s) in the target's memory cgroup; workers killed: {:?}",
+            s.workers_killed
+        );
+    }
+    let _ = writeln!(
+        o,
+        "  rolled back in {} ms; {} worker(s) left",
+        s.rollback_ms, s.leftovers
+    );
+    if !s.recovered.runs.is_empty() {
+        let _ = writeln!(
+            o,
+            "  cleaned up after crashed runs {:?}: {} worker(s) killed, {} file(s) removed",
+            s.recovered.runs,
+            s.recovered.workers_killed,
+            s.recovered.files_removed.len()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use toe_common::api::{CpuStressOptions, MemoryStressOptions};
+
+    use super::*;
+
+    fn facts(cpu: Option<f64>, mem: Option<u64>) -> TargetFacts {
+        TargetFacts {
+            cpu_limit: cpu,
+            memory_limit: mem,
+            online_cpus: 2,
+            host_memory: 8 << 30,
+            ..TargetFacts::default()
+        }
+    }
+
+    #[test]
+    fn cpu_load_is_relative_to_the_cgroup_limit_not_the_node() {
+        let o = ToolOptions::CpuStress(CpuStressOptions {
+            workers: 2,
+            load_percent: 60,
+        });
+        let FaultPlan::Cpu {
+            duty, asked_cpus, ..
+        } = plan(&o, &facts(Some(0.5), None)).unwrap()
+        else {
+            panic!()
+        };
+        assert!((duty - 0.15).abs() < 1e-9 && (asked_cpus - 0.3).abs() < 1e-9);
+        let FaultPlan::Cpu { asked_cpus, .. } = plan(&o, &facts(None, None)).unwrap() else {
+            panic!()
+        };
+        assert!((asked_cpus - 1.2).abs() < 1e-9);
+    }
+
+    #[test]
+    fn memory_percent_needs_a_limit_and_the_node_is_protected() {
+        let pct = ToolOptions::MemoryStress(MemoryStressOptions {
+            size: Amount::Percent(50),
+            ramp: Duration::ZERO,
+        });
+        let FaultPlan::Memory { bytes, .. } = plan(&pct, &facts(None, Some(200 << 20))).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(bytes, 100 << 20);
+        let err = plan(&pct, &facts(None, None)).unwrap_err().to_string();
+        assert!(err.contains("needs a memory limit"), "{err}");
+        let huge = ToolOptions::MemoryStress(MemoryStressOptions {
+            size: Amount::Bytes(8 << 30),
+            ramp: Duration::ZERO,
+        });
+        let err = plan(&huge, &facts(None, None)).unwrap_err().to_string();
+        assert!(err.contains("whole node"), "{err}");
+        assert!(plan(&huge, &facts(None, Some(1 << 30))).is_ok());
+    }
+}
