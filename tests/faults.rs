@@ -1,0 +1,360 @@
+//! Faults against real processes in real cgroups: CPU load relative to a quota, memory relative
+//! to a limit, OOM reporting, rollback at the end, on SIGTERM and after SIGKILL of TOE, the dry
+//! run, and every refusal.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use toe_agent::{faults::ledger, targets::TargetSpec};
+use toe_tests::{bin, demo, profile, require_root, toe_run, tool_spec};
+
+/// A cgroup in the hierarchy that holds `controller` (v1 on a hybrid host, else v2), with
+/// `files` written into it; removed on drop.
+struct LimitedCgroup {
+    dir: PathBuf,
+}
+
+impl LimitedCgroup {
+    /// `v1` and `v2` list the (file, value) pairs for each kind of hierarchy.
+    fn new(
+        controller: &str,
+        name: &str,
+        v1_files: &[(&str, &str)],
+        v2_files: &[(&str, &str)],
+    ) -> Self {
+        let v1 = Path::new("/sys/fs/cgroup").join(controller);
+        let (root, v1) = if v1.join("cgroup.procs").exists() {
+            (v1, true)
+        } else {
+            let unified = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|p| p.join("cgroup.controllers").exists())
+                .expect("a cgroup v2 mount");
+            std::fs::write(
+                unified.join("cgroup.subtree_control"),
+                format!("+{controller}"),
+            )
+            .ok();
+            (unified, false)
+        };
+        let dir = root.join(format!("toe-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create cgroup");
+        for (file, value) in if v1 { v1_files } else { v2_files } {
+            std::fs::write(dir.join(file), value).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+        Self { dir }
+    }
+
+    /// Starts `toe-demo sleep` inside this cgroup.
+    fn sleeper(&self) -> toe_tests::TestProcess {
+        let procs = self.dir.join("cgroup.procs");
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec {} sleep 60",
+                procs.display(),
+                bin("toe-demo").display()
+            ))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start sleeper");
+        // The shell joins, then execs: wait until the process is the demo.
+        for _ in 0..100 {
+            if std::fs::read_to_string(format!("/proc/{}/comm", child.id()))
+                .is_ok_and(|c| c.trim() == "toe-demo")
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        toe_tests::TestProcess(child)
+    }
+}
+
+impl Drop for LimitedCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Every stress worker process on the machine.
+fn all_workers() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| !no_workers_of(&[*p]))
+        .collect()
+}
+
+fn no_workers_of(pids: &[u32]) -> bool {
+    pids.iter().all(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .map_or(true, |c| !c.windows(8).any(|w| w == b"__worker"))
+    })
+}
+
+#[test]
+fn cpu_load_is_relative_to_the_quota_and_achieved_within_5_percent() {
+    if !require_root("cpu_load_is_relative_to_the_quota_and_achieved_within_5_percent") {
+        return;
+    }
+    let cg = LimitedCgroup::new(
+        "cpu",
+        "quota",
+        &[
+            ("cpu.cfs_period_us", "100000"),
+            ("cpu.cfs_quota_us", "50000"),
+        ],
+        &[("cpu.max", "50000 100000")],
+    );
+    let target = cg.sleeper();
+    let (outcome, sink) = profile(
+        &tool_spec("cpu-stress", "6s", &["--workers=2", "--load=60"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let f = outcome.summary.fault.as_ref().expect("fault section");
+    // 60% of each worker's half of a 0.5-CPU quota: 0.3 CPU, not 1.2 CPUs of the node.
+    assert!((f.asked - 0.3).abs() < 1e-9, "{f:?}");
+    assert!(
+        f.error_percent.abs() <= 5.0,
+        "asked {} achieved {}",
+        f.asked,
+        f.achieved
+    );
+    assert_eq!(f.cpu_limit, Some(0.5));
+    assert_eq!(f.leftovers, 0);
+    assert!(no_workers_of(&f.workers));
+    assert!(sink.artifacts.lock().unwrap().contains_key("fault.csv"));
+}
+
+#[test]
+fn memory_percent_of_the_limit_is_reached_within_5_percent_and_an_oom_is_reported() {
+    if !require_root(
+        "memory_percent_of_the_limit_is_reached_within_5_percent_and_an_oom_is_reported",
+    ) {
+        return;
+    }
+    let limit = (200u64 << 20).to_string();
+    let cg = LimitedCgroup::new(
+        "memory",
+        "limit",
+        &[("memory.limit_in_bytes", &limit)],
+        &[("memory.max", &limit)],
+    );
+    let target = cg.sleeper();
+    let (outcome, _) = profile(
+        &tool_spec("memory-stress", "3s", &["--size=50%", "--ramp=500ms"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let f = outcome.summary.fault.as_ref().unwrap();
+    assert!((f.asked - f64::from(100u32 << 20)).abs() < 1.0, "{f:?}");
+    assert!(f.error_percent.abs() <= 5.0, "{f:?}");
+    assert_eq!(f.oom_kills, Some(0));
+    assert!(no_workers_of(&f.workers));
+    // Beyond the limit: the OOM killer fires, and on the worker.
+    let (outcome, _) = profile(
+        &tool_spec("memory-stress", "3s", &["--size=300MiB"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let f = outcome.summary.fault.as_ref().unwrap();
+    assert!(f.oom_kills.is_some_and(|n| n >= 1), "{f:?}");
+    assert_eq!(f.workers_killed, f.workers, "{f:?}");
+}
+
+/// Worker pids whose parent is `parent`.
+fn workers_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            }) && !no_workers_of(&[*p])
+        })
+        .collect()
+}
+
+fn start_toe(dir: &Path, spec: &str, target: u32) -> std::process::Child {
+    std::fs::write(dir.join("spec.yaml"), spec).unwrap();
+    Command::new(bin("toe"))
+        .current_dir(dir)
+        .env(ledger::STATE_DIR_ENV, dir.join("state"))
+        .args([
+            "run",
+            "--no-progress",
+            "-f",
+            "spec.yaml",
+            "--pid",
+            &target.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start toe")
+}
+
+fn wait_for_workers(toe: u32, n: usize) -> Vec<u32> {
+    for _ in 0..300 {
+        let w = workers_of(toe);
+        if w.len() == n {
+            return w;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{n} workers of {toe} did not appear");
+}
+
+#[test]
+fn sigterm_rolls_back_and_sigkill_leftovers_are_cleaned_by_the_ledger() {
+    if !require_root("sigterm_rolls_back_and_sigkill_leftovers_are_cleaned_by_the_ledger") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let target = demo(&["sleep", "60"], None);
+    let spec = tool_spec("cpu-stress", "60s", &["--workers=2", "--load=20"]);
+
+    // Abort: SIGTERM; TOE exits 143 with a partial summary after every worker is gone.
+    let toe = start_toe(dir.path(), &spec, target.pid());
+    let workers = wait_for_workers(toe.id(), 2);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(toe.id()).unwrap()),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    let out = toe.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143));
+    assert!(no_workers_of(&workers), "workers survived the abort");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rolled back"));
+
+    // Crash: SIGKILL leaves the ledger without an end; the next run's recovery (here
+    // `toe cleanup`) finds the abandoned run and nothing of it is left.
+    let toe = start_toe(dir.path(), &spec, target.pid());
+    let workers = wait_for_workers(toe.id(), 2);
+    let mut toe = toe;
+    toe.kill().unwrap();
+    toe.wait().unwrap();
+    let ledger = std::fs::read_to_string(dir.path().join("state/ledger.jsonl")).unwrap();
+    assert!(
+        ledger.contains("\"op\":\"begin\"") && !ledger.contains("\"op\":\"end\""),
+        "{ledger}"
+    );
+    let out = Command::new(bin("toe"))
+        .env(ledger::STATE_DIR_ENV, dir.path().join("state"))
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("1 abandoned run"),
+        "{err}"
+    );
+    for _ in 0..100 {
+        if no_workers_of(&workers) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        no_workers_of(&workers),
+        "workers survived the crash and the cleanup"
+    );
+    let ledger = std::fs::read_to_string(dir.path().join("state/ledger.jsonl")).unwrap();
+    assert!(ledger.trim().is_empty(), "ledger not compacted: {ledger}");
+}
+
+#[test]
+fn a_dry_run_prints_the_exact_plan_and_starts_nothing() {
+    if !require_root("a_dry_run_prints_the_exact_plan_and_starts_nothing") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let target = demo(&["sleep", "60"], None);
+    let spec = format!(
+        "{}  dryRun: true\n",
+        tool_spec("cpu-stress", "30s", &["--workers=3", "--load=50"])
+    );
+    let before = all_workers();
+    let out = toe_run(dir.path(), &spec, &["--pid", &target.pid().to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("dry run: start 3 CPU worker(s), each burning 50.0%"),
+        "{err}"
+    );
+    assert!(err.contains("cgroup.procs"), "{err}");
+    assert!(
+        all_workers().iter().all(|w| before.contains(w)),
+        "a dry run started workers"
+    );
+    assert!(
+        !dir.path().join("toe-output").exists(),
+        "a dry run wrote artifacts"
+    );
+}
+
+#[test]
+fn refusals_are_clear_and_happen_before_anything_starts() {
+    if !require_root("refusals_are_clear_and_happen_before_anything_starts") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = tool_spec("cpu-stress", "5s", &[]);
+    let root_cgroup = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|p| Path::new(p).join("cgroup.controllers").exists())
+        .unwrap();
+    for (spec, target, want) in [
+        (cpu.clone(), vec!["--pid", "1"], "PID 1"),
+        (cpu.clone(), vec!["--pid", "2"], "kernel thread"),
+        (cpu.clone(), vec!["--cgroup", root_cgroup], "root cgroup"),
+        (
+            tool_spec("cpu-stress", "5s", &["--load=101"]),
+            vec!["--pid", "1"],
+            "out of range 1..=100",
+        ),
+        (
+            tool_spec("cpu-stress", "2h", &[]),
+            vec!["--pid", "1"],
+            "exceeds the maximum",
+        ),
+        (
+            tool_spec("memory-stress", "5s", &["--size=101%"]),
+            vec!["--pid", "1"],
+            "out of range 1%..=100%",
+        ),
+    ] {
+        let out = toe_run(dir.path(), &spec, &target);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{target:?}: {err}"
+        );
+    }
+    // A percentage of a limit the target does not have (a fresh memory cgroup, no limit on
+    // the way to the root).
+    let unlimited = LimitedCgroup::new("memory", "nolimit", &[], &[]);
+    let sleeper = unlimited.sleeper();
+    let out = toe_run(
+        dir.path(),
+        &tool_spec("memory-stress", "5s", &["--size=50%"]),
+        &["--pid", &sleeper.pid().to_string()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("needs a memory limit"),
+        "{err}"
+    );
+}
