@@ -358,3 +358,94 @@ fn refusals_are_clear_and_happen_before_anything_starts() {
         "{err}"
     );
 }
+
+#[test]
+fn terminate_escalates_to_sigkill_only_after_the_grace_period() {
+    if !require_root("terminate_escalates_to_sigkill_only_after_the_grace_period") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    // Handles SIGTERM and keeps running: a hung graceful shutdown.
+    let stubborn = demo(&["trap", "60", &ready.display().to_string()], None);
+    let _ = toe_tests::wait_for_pid_file(&ready);
+    let (outcome, sink) = profile(
+        &tool_spec("terminate", "30s", &["--grace=1s"]),
+        TargetSpec::Pid(stubborn.pid()),
+    );
+    let f = outcome.summary.fault.as_ref().unwrap();
+    let t = &f.terminated[0];
+    assert_eq!(
+        (t.pid, t.signal.as_str(), t.escalated),
+        (stubborn.pid(), "SIGTERM", true),
+        "{t:?}"
+    );
+    assert!(t.exited_after_ms.is_some_and(|ms| ms >= 1000.0), "{t:?}");
+    assert!(
+        t.outcome
+            .as_deref()
+            .is_some_and(|o| o.contains("killed by SIGKILL")),
+        "{t:?}"
+    );
+    // The trace shows the SIGTERM was handled, not ignored by accident.
+    let events =
+        String::from_utf8(sink.artifacts.lock().unwrap()["events.jsonl"].to_vec()).unwrap();
+    assert!(events.contains("\"signal\":\"SIGTERM\"") && events.contains("\"action\":\"handler\""));
+
+    // A process that dies of SIGTERM is never sent SIGKILL.
+    let polite = demo(&["sleep", "60"], None);
+    let (outcome, _) = profile(
+        &tool_spec("terminate", "30s", &["--grace=10s"]),
+        TargetSpec::Pid(polite.pid()),
+    );
+    let t = &outcome.summary.fault.as_ref().unwrap().terminated[0];
+    assert!(!t.escalated, "{t:?}");
+    assert!(
+        t.outcome
+            .as_deref()
+            .is_some_and(|o| o.contains("killed by SIGTERM")),
+        "{t:?}"
+    );
+}
+
+#[test]
+fn terminate_picks_the_main_process_or_all_of_them() {
+    if !require_root("terminate_picks_the_main_process_or_all_of_them") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cg = toe_tests::TestCgroup::new("terminate");
+    let file = |n: &str| dir.path().join(n).display().to_string();
+    let main = demo(
+        &["trap", "60", &file("main"), "100", &file("child")],
+        Some(&cg),
+    );
+    let _ = toe_tests::wait_for_pid_file(&dir.path().join("main"));
+    let child = toe_tests::wait_for_pid_file(&dir.path().join("child"));
+    let (outcome, _) = profile(
+        &tool_spec("terminate", "30s", &["--mode=kill"]),
+        TargetSpec::Cgroup(cg.path().to_owned()),
+    );
+    let f = outcome.summary.fault.as_ref().unwrap();
+    let pids: Vec<u32> = f.terminated.iter().map(|t| t.pid).collect();
+    assert_eq!(pids, vec![main.pid()], "{f:?}");
+    assert!(
+        Path::new(&format!("/proc/{child}")).exists(),
+        "the child was not a target"
+    );
+    let (outcome, _) = profile(
+        &tool_spec("terminate", "30s", &["--mode=kill", "--scope=all"]),
+        TargetSpec::Cgroup(cg.path().to_owned()),
+    );
+    let f = outcome.summary.fault.as_ref().unwrap();
+    assert_eq!(
+        f.terminated.iter().map(|t| t.pid).collect::<Vec<_>>(),
+        vec![child],
+        "{f:?}"
+    );
+    assert!(
+        f.terminated
+            .iter()
+            .all(|t| t.signal == "SIGKILL" && t.exited_after_ms.is_some())
+    );
+}

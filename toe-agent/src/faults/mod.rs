@@ -48,6 +48,58 @@ pub struct TargetFacts {
     pub online_cpus: u32,
     /// Host memory (MemTotal).
     pub host_memory: u64,
+    /// The target's processes: (pid, parent pid, name, start time).
+    pub processes: Vec<Proc>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Proc {
+    pub pid: u32,
+    pub ppid: u32,
+    pub comm: String,
+    /// Clock ticks since boot: tells a process from a later one with the same pid.
+    pub start: u64,
+}
+
+/// (ppid, state, start time) from `/proc/<pid>/stat`.
+fn stat_fields(pid: u32) -> Option<(u32, char, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    Some((
+        f.get(1)?.parse().ok()?,
+        f.first()?.chars().next()?,
+        f.get(19)?.parse().ok()?,
+    ))
+}
+
+fn proc_info(pid: u32) -> Option<Proc> {
+    let (ppid, _, start) = stat_fields(pid)?;
+    Some(Proc {
+        pid,
+        ppid,
+        comm: crate::targets::process_name(pid)?,
+        start,
+    })
+}
+
+/// Processes of a cgroup directory and every cgroup below it.
+fn cgroup_members(dir: &std::path::Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out
 }
 
 /// `PF_KTHREAD` in the flags field of `/proc/<pid>/stat`.
@@ -110,7 +162,22 @@ pub fn facts(target: &ResolvedTarget) -> Result<TargetFacts, FaultError> {
     } else {
         return Err(FaultError::Refused("the target has no process".into()));
     };
+    let pids: Vec<u32> = if target.tgids.is_empty() {
+        target
+            .cgroups
+            .iter()
+            .flat_map(|c| cgroup_members(&c.path))
+            .collect()
+    } else {
+        target
+            .tgids
+            .iter()
+            .copied()
+            .chain(crate::targets::descendants(&target.tgids))
+            .collect()
+    };
     Ok(TargetFacts {
+        processes: pids.into_iter().filter_map(proc_info).collect(),
         cpu_limit: cgroups.cpu_limit(),
         memory_limit: cgroups.memory_limit(),
         cgroups,
@@ -136,6 +203,12 @@ pub enum FaultPlan {
         ramp: Duration,
         basis: String,
     },
+    Terminate {
+        victims: Vec<Proc>,
+        /// SIGTERM first, SIGKILL after `grace`; else SIGKILL at once.
+        graceful: bool,
+        grace: Duration,
+    },
 }
 
 impl FaultPlan {
@@ -144,6 +217,7 @@ impl FaultPlan {
         match self {
             Self::Cpu { .. } => "cpu-stress",
             Self::Memory { .. } => "memory-stress",
+            Self::Terminate { .. } => "terminate",
         }
     }
 
@@ -170,6 +244,7 @@ impl FaultPlan {
                 ));
                 out.push(format!("total asked: {asked_cpus:.3} CPUs"));
             }
+            Self::Terminate { .. } => {}
             Self::Memory { bytes, ramp, basis } => {
                 out.push(format!(
                     "start 1 memory worker that allocates and touches {} ({basis}){}",
@@ -181,6 +256,28 @@ impl FaultPlan {
                     }
                 ));
             }
+        }
+        if let Self::Terminate {
+            victims,
+            graceful,
+            grace,
+        } = self
+        {
+            let who: Vec<String> = victims
+                .iter()
+                .map(|p| format!("{} ({})", p.comm, p.pid))
+                .collect();
+            out.push(if *graceful {
+                format!(
+                    "send SIGTERM to {}; SIGKILL whatever is still alive {} later",
+                    who.join(", "),
+                    toe_common::api::format_duration(*grace)
+                )
+            } else {
+                format!("send SIGKILL to {}", who.join(", "))
+            });
+            out.push("trace their signals and exits while they end".into());
+            return out;
         }
         out.push(format!(
             "workers join the target's cgroups before they run: {}",
@@ -247,6 +344,47 @@ pub fn plan(options: &ToolOptions, facts: &TargetFacts) -> Result<FaultPlan, Fau
                 basis,
             })
         }
+        ToolOptions::Terminate(o) => {
+            let set: std::collections::HashSet<u32> =
+                facts.processes.iter().map(|p| p.pid).collect();
+            // The main process: the oldest whose parent is outside the target.
+            let main = facts
+                .processes
+                .iter()
+                .filter(|p| !set.contains(&p.ppid))
+                .min_by_key(|p| (p.start, p.pid));
+            let victims: Vec<Proc> = facts
+                .processes
+                .iter()
+                .filter(|p| o.all || main.is_some_and(|m| m.pid == p.pid))
+                .filter(|p| o.names.is_empty() || o.names.contains(&p.comm))
+                .cloned()
+                .collect();
+            if victims.is_empty() {
+                return Err(FaultError::Refused(format!(
+                    "no process of the target matches (scope {}, names {:?}); it has: {}",
+                    if o.all { "all" } else { "main" },
+                    o.names,
+                    facts
+                        .processes
+                        .iter()
+                        .map(|p| format!("{} ({})", p.comm, p.pid))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if let Some(p) = victims.iter().find(|p| p.pid == 1) {
+                return Err(FaultError::Refused(format!(
+                    "{} is PID 1 (the host's init); faults never touch it",
+                    p.comm
+                )));
+            }
+            Ok(FaultPlan::Terminate {
+                victims,
+                graceful: o.graceful,
+                grace: o.grace,
+            })
+        }
         other => Err(FaultError::Refused(format!("{other:?} is not a fault"))),
     }
 }
@@ -260,6 +398,23 @@ pub struct FaultSample {
     /// The target cgroup's memory usage, when accounted in its own cgroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_memory: Option<u64>,
+}
+
+/// What happened to one process a terminate fault signalled.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Termination {
+    pub pid: u32,
+    pub comm: String,
+    /// The first signal sent.
+    pub signal: String,
+    /// SIGKILL followed because the process outlived the grace period.
+    pub escalated: bool,
+    /// From the first signal to the process's exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exited_after_ms: Option<f64>,
+    /// How it ended, from the signal/lifecycle trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -290,6 +445,8 @@ pub struct FaultSummary {
     /// What earlier crashed runs had left and this run removed first.
     pub recovered: Recovered,
     pub samples: Vec<FaultSample>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub terminated: Vec<Termination>,
 }
 
 /// Per-process CPU time in ns (`/proc/<pid>/schedstat`, first field).
@@ -331,6 +488,24 @@ pub struct FaultWork {
     oom_before: Option<u64>,
     recovered: Recovered,
     samples: Vec<FaultSample>,
+    /// terminate: per victim, when it exited (since the first signal); escalations.
+    exits: std::collections::BTreeMap<u32, Option<Duration>>,
+    escalated: Vec<u32>,
+}
+
+fn signal(p: &Proc, sig: nix::sys::signal::Signal) {
+    // The pid is only signalled while it is still the process the plan chose.
+    if stat_fields(p.pid).is_some_and(|(_, _, start)| start == p.start) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(p.pid).unwrap_or(0)),
+            sig,
+        );
+    }
+}
+
+/// Gone, a zombie, or replaced by another process with the same pid.
+fn has_exited(p: &Proc) -> bool {
+    stat_fields(p.pid).is_none_or(|(_, state, start)| start != p.start || state == 'Z')
 }
 
 impl FaultWork {
@@ -356,6 +531,7 @@ impl FaultWork {
         }
         let files = facts.cgroups.procs_files();
         let (args, n) = match &plan {
+            FaultPlan::Terminate { .. } => (Vec::new(), 0),
             FaultPlan::Cpu { workers, duty, .. } => {
                 (vec!["cpu".to_owned(), format!("{duty:.6}")], *workers)
             }
@@ -382,7 +558,25 @@ impl FaultWork {
             peak_bytes: 0,
             recovered,
             samples: Vec::new(),
+            exits: std::collections::BTreeMap::new(),
+            escalated: Vec::new(),
         };
+        if let FaultPlan::Terminate {
+            victims, graceful, ..
+        } = &work.plan
+        {
+            let sig = if *graceful {
+                nix::sys::signal::Signal::SIGTERM
+            } else {
+                nix::sys::signal::Signal::SIGKILL
+            };
+            work.started = Instant::now();
+            for v in victims {
+                signal(v, sig);
+                work.exits.insert(v.pid, None);
+            }
+            return Ok(work);
+        }
         for _ in 0..n {
             match worker::spawn(run, &args, &files) {
                 Ok(c) => {
@@ -403,8 +597,44 @@ impl FaultWork {
         self.pids.iter().filter_map(|&p| cpu_ns(p)).sum()
     }
 
-    /// Samples what the workers achieve (rate-limited to every 250 ms).
+    /// A terminate fault is done when every victim has exited.
+    #[must_use]
+    pub fn done(&self) -> bool {
+        matches!(self.plan, FaultPlan::Terminate { .. }) && self.exits.values().all(Option::is_some)
+    }
+
+    /// terminate: notes exits, escalates to SIGKILL once the grace period is over.
+    fn watch_victims(&mut self) {
+        let FaultPlan::Terminate {
+            victims,
+            graceful,
+            grace,
+        } = &self.plan
+        else {
+            return;
+        };
+        let since = self.started.elapsed();
+        for v in victims {
+            if self.exits.get(&v.pid).is_some_and(Option::is_none) && has_exited(v) {
+                self.exits.insert(v.pid, Some(since));
+            }
+        }
+        if *graceful && since >= *grace {
+            for v in victims {
+                if self.exits.get(&v.pid).is_some_and(Option::is_none)
+                    && !self.escalated.contains(&v.pid)
+                {
+                    signal(v, nix::sys::signal::Signal::SIGKILL);
+                    self.escalated.push(v.pid);
+                }
+            }
+        }
+    }
+
+    /// Samples what the workers achieve (rate-limited to every 250 ms); a terminate fault
+    /// watches its victims on every call.
     pub fn tick(&mut self) {
+        self.watch_victims();
         let now = Instant::now();
         if self.last.is_some_and(|(t, _)| now - t < SAMPLE_EVERY) {
             return;
@@ -414,6 +644,12 @@ impl FaultWork {
             .then(|| self.facts.cgroups.memory_usage())
             .flatten();
         let workers = match self.plan {
+            FaultPlan::Terminate { .. } => {
+                #[expect(clippy::cast_precision_loss, reason = "a count")]
+                let alive = self.exits.values().filter(|e| e.is_none()).count() as f64;
+                self.last = Some((now, 0));
+                alive
+            }
             FaultPlan::Cpu { .. } => {
                 let ns = self.workers_cpu_ns();
                 if self.warm.is_none() && now - self.started >= WARMUP {
@@ -492,6 +728,33 @@ impl FaultWork {
             }
             #[expect(clippy::cast_precision_loss, reason = "bytes for display")]
             FaultPlan::Memory { bytes, .. } => ("bytes", *bytes as f64, self.peak_bytes as f64),
+            #[expect(clippy::cast_precision_loss, reason = "counts")]
+            FaultPlan::Terminate { victims, .. } => (
+                "processes",
+                victims.len() as f64,
+                self.exits.values().filter(|e| e.is_some()).count() as f64,
+            ),
+        };
+        let terminated = match &self.plan {
+            FaultPlan::Terminate {
+                victims, graceful, ..
+            } => victims
+                .iter()
+                .map(|v| Termination {
+                    pid: v.pid,
+                    comm: v.comm.clone(),
+                    signal: if *graceful { "SIGTERM" } else { "SIGKILL" }.into(),
+                    escalated: self.escalated.contains(&v.pid),
+                    exited_after_ms: self
+                        .exits
+                        .get(&v.pid)
+                        .copied()
+                        .flatten()
+                        .map(|d| d.as_secs_f64() * 1000.0),
+                    outcome: None,
+                })
+                .collect(),
+            _ => Vec::new(),
         };
         FaultSummary {
             fault: self.plan.name().into(),
@@ -513,6 +776,7 @@ impl FaultWork {
             leftovers,
             recovered: std::mem::take(&mut self.recovered),
             samples: std::mem::take(&mut self.samples),
+            terminated,
         }
     }
 }
@@ -573,6 +837,28 @@ pub fn render(o: &mut String, s: &FaultSummary) {
         fmt(s.achieved),
         s.error_percent
     );
+    for t in &s.terminated {
+        let _ = writeln!(
+            o,
+            "  {} ({}): {}{}, {}{}",
+            t.comm,
+            t.pid,
+            t.signal,
+            if t.escalated {
+                " then SIGKILL after the grace period"
+            } else {
+                ""
+            },
+            t.exited_after_ms.map_or_else(
+                || "still alive".into(),
+                |ms| format!("exited after {ms:.0} ms")
+            ),
+            t.outcome
+                .as_deref()
+                .map(|o| format!(" ({o})"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(n) = s.oom_kills.filter(|&n| n > 0) {
         let _ = writeln!(
             o,

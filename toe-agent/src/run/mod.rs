@@ -66,6 +66,8 @@ pub enum Ended {
     TargetExited,
     CommandExited(i32),
     CgroupRemoved,
+    /// A terminate fault saw every process it signalled exit.
+    FaultDone,
     Interrupted(&'static str),
 }
 
@@ -76,6 +78,7 @@ impl Ended {
             Self::TargetExited => "all target processes exited".into(),
             Self::CommandExited(code) => format!("command exited with status {code}"),
             Self::CgroupRemoved => "target cgroup was removed".into(),
+            Self::FaultDone => "every process the fault signalled has exited".into(),
             Self::Interrupted(sig) => format!("interrupted by {sig}; partial results"),
         }
     }
@@ -155,7 +158,8 @@ enum Work {
         ticks: u64,
     },
     Signals(signals::SignalWork),
-    Fault(FaultWork),
+    /// A fault, and for terminate the signal trace that shows how its victims ended.
+    Fault(Box<FaultWork>, Option<signals::SignalWork>),
 }
 
 /// A run between attach and detach.
@@ -224,6 +228,11 @@ fn map_sizes(tool: &ToolOptions, cpus: u32) -> Vec<(&'static str, u32)> {
             set(sig::EVENTS_RING, o.ring_bytes);
         }
         ToolOptions::CpuStress(_) | ToolOptions::MemoryStress(_) => {}
+        // terminate traces its victims' signals and exits.
+        ToolOptions::Terminate(_) => {
+            set(sig::STACKS_MAP, sig::MAX_STACKS);
+            set(sig::EVENTS_RING, sig::RING_BYTES);
+        }
     }
     sizes
 }
@@ -310,7 +319,21 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
         }
         _ => {
             let (fault_plan, facts) = fault.expect("planned above for every fault");
-            Work::Fault(FaultWork::start(&plan.run_id, fault_plan, facts)?)
+            // Traced from before the first signal, so its delivery and the exit are seen.
+            let trace = match (
+                &fault_plan,
+                toe_common::api::default_options("signal-trace"),
+            ) {
+                (faults::FaultPlan::Terminate { .. }, Some(ToolOptions::SignalTrace(o))) => {
+                    let collector = SignalCollector::attach(&mut loaded, &o, &target)?;
+                    Some(signals::SignalWork::new(o, collector))
+                }
+                _ => None,
+            };
+            Work::Fault(
+                Box::new(FaultWork::start(&plan.run_id, fault_plan, facts)?),
+                trace,
+            )
         }
     };
     let started_ns = signals::monotonic_ns();
@@ -365,7 +388,12 @@ impl Session {
                 }
             }
             Work::Signals(w) => w.tick(&self.target),
-            Work::Fault(f) => f.tick(),
+            Work::Fault(f, trace) => {
+                f.tick();
+                if let Some(t) = trace {
+                    t.tick(&self.target);
+                }
+            }
         }
         Ok(())
     }
@@ -376,7 +404,11 @@ impl Session {
             Work::Cpu { raw, .. } => symbolizer.resolve(&raw.take_new()),
             Work::Memory { collector, .. } => symbolizer.resolve(&collector.take_new()),
             Work::Signals(w) => w.resolve(symbolizer),
-            Work::Fault(_) => {}
+            Work::Fault(_, trace) => {
+                if let Some(t) = trace {
+                    t.resolve(symbolizer);
+                }
+            }
         }
     }
 
@@ -399,7 +431,7 @@ impl Session {
                 )
             }
             Work::Signals(w) => w.progress(),
-            Work::Fault(f) => format!("{} running", f.plan.name()),
+            Work::Fault(f, _) => format!("{} running", f.plan.name()),
         }
     }
 }
@@ -436,6 +468,9 @@ async fn sample(
             }
             _ = drain.tick() => {
                 s.fast_tick()?;
+                if let Work::Fault(f, _) = &s.work && f.done() {
+                    break Ended::FaultDone;
+                }
             }
             _ = resolve.tick() => {
                 s.slow_tick(symbolizer);
@@ -830,25 +865,39 @@ fn finish_work(
             sampled_for.as_secs_f64() * 1000.0,
             title,
         ),
-        Work::Fault(f) => {
-            let summary = f.finish();
-            let mut warnings = Vec::new();
+        Work::Fault(f, trace) => {
+            let mut summary = (*f).finish();
+            let mut finished = trace.map_or_else(Finished::default, |t| {
+                signals::finish(
+                    t,
+                    symbolizer,
+                    (started_ns, span.0),
+                    sampled_for.as_secs_f64() * 1000.0,
+                    title,
+                )
+            });
+            if let Some(sig) = &finished.signals {
+                for t in &mut summary.terminated {
+                    t.outcome = sig
+                        .processes
+                        .iter()
+                        .find(|p| p.pid == t.pid)
+                        .map(|p| p.explanation.clone());
+                }
+            }
             if summary.leftovers > 0 {
-                warnings.push(format!(
+                finished.warnings.push(format!(
                     "{} worker(s) survived the rollback",
                     summary.leftovers
                 ));
             }
-            Finished {
-                artifacts: vec![(
-                    "fault-series",
-                    "fault.csv",
-                    Bytes::from(faults::csv(&summary)),
-                )],
-                fault: Some(summary),
-                warnings,
-                ..Finished::default()
-            }
+            finished.artifacts.push((
+                "fault-series",
+                "fault.csv",
+                Bytes::from(faults::csv(&summary)),
+            ));
+            finished.fault = Some(summary);
+            finished
         }
     })
 }

@@ -14,7 +14,8 @@ pub use self::{
     duration::{format_duration, parse_duration},
     tools::{
         AllocationMode, CpuProfileOptions, CpuStressOptions, MemoryProfileOptions,
-        MemoryStressOptions, SignalTraceOptions, ToolKind, ToolOptions, catalogue, find_tool,
+        MemoryStressOptions, SignalTraceOptions, TerminateOptions, ToolKind, ToolOptions,
+        catalogue, default_options, find_tool,
     },
 };
 

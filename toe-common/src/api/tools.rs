@@ -31,6 +31,19 @@ pub enum ToolOptions {
     SignalTrace(SignalTraceOptions),
     CpuStress(CpuStressOptions),
     MemoryStress(MemoryStressOptions),
+    Terminate(TerminateOptions),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TerminateOptions {
+    /// SIGTERM, then SIGKILL after `grace` if still alive (as the kubelet does); false: SIGKILL
+    /// at once.
+    pub graceful: bool,
+    pub grace: Duration,
+    /// Every process of the target instead of its main process only.
+    pub all: bool,
+    /// Only processes with one of these names (comm); empty: any.
+    pub names: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +66,10 @@ impl ToolOptions {
     /// Whether the tool changes the target (and must be rolled back) rather than observe it.
     #[must_use]
     pub fn is_fault(&self) -> bool {
-        matches!(self, Self::CpuStress(_) | Self::MemoryStress(_))
+        matches!(
+            self,
+            Self::CpuStress(_) | Self::MemoryStress(_) | Self::Terminate(_)
+        )
     }
 }
 
@@ -324,7 +340,51 @@ fn build_memory_stress(args: &ParsedArgs) -> ToolOptions {
     })
 }
 
-static CATALOGUE: [ToolDef; 5] = [
+const TERMINATE_ARGS: &[ArgSpec] = &[
+    ArgSpec {
+        name: "mode",
+        kind: ArgKind::Enum(&["graceful", "kill"]),
+        default: Some("graceful"),
+        help: "graceful: SIGTERM, then SIGKILL after the grace period if still alive; kill: \
+               SIGKILL at once",
+    },
+    ArgSpec {
+        name: "grace",
+        kind: ArgKind::Duration {
+            min: Duration::ZERO,
+            max: Duration::from_mins(10),
+        },
+        default: Some("30s"),
+        help: "time between SIGTERM and SIGKILL (the kubelet's default is 30s)",
+    },
+    ArgSpec {
+        name: "scope",
+        kind: ArgKind::Enum(&["main", "all"]),
+        default: Some("main"),
+        help: "main: the target's main process (the one whose parent is outside the target); \
+               all: every process of the target",
+    },
+    ArgSpec {
+        name: "match",
+        kind: ArgKind::Names {
+            max_count: 8,
+            max_len: crate::TASK_COMM_LEN - 1,
+        },
+        default: Some(""),
+        help: "only processes with one of these names (comm)",
+    },
+];
+
+fn build_terminate(args: &ParsedArgs) -> ToolOptions {
+    ToolOptions::Terminate(TerminateOptions {
+        graceful: args.choice("mode") == "graceful",
+        grace: args.duration("grace"),
+        all: args.choice("scope") == "all",
+        names: args.names("match").to_vec(),
+    })
+}
+
+static CATALOGUE: [ToolDef; 6] = [
     ToolDef {
         name: "cpu-profile",
         kind: ToolKind::Collector,
@@ -375,11 +435,31 @@ static CATALOGUE: [ToolDef; 5] = [
         max_duration: Duration::from_hours(1),
         build: build_memory_stress,
     },
+    ToolDef {
+        name: "terminate",
+        kind: ToolKind::Fault,
+        summary: "SIGTERM the target's main process (or all, or by name), SIGKILL after a grace \
+                  period if it is still alive; traces what it did and how it ended",
+        args: TERMINATE_ARGS,
+        default_duration: Duration::from_mins(2),
+        max_duration: Duration::from_mins(15),
+        build: build_terminate,
+    },
 ];
 
 #[must_use]
 pub fn catalogue() -> &'static [ToolDef] {
     &CATALOGUE
+}
+
+/// The options a tool runs with when given no arguments (used when one tool runs another, e.g.
+/// terminate traces signals).
+#[must_use]
+pub fn default_options(name: &str) -> Option<ToolOptions> {
+    let def = find_tool(name)?;
+    super::args::parse(def.args, &[])
+        .ok()
+        .map(|a| (def.build)(&a))
 }
 
 #[must_use]
