@@ -449,3 +449,130 @@ fn terminate_picks_the_main_process_or_all_of_them() {
             .all(|t| t.signal == "SIGKILL" && t.exited_after_ms.is_some())
     );
 }
+
+/// A 64 MiB tmpfs mounted for one test, unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64m"),
+        )
+        .expect("mount tmpfs");
+        Self(dir)
+    }
+
+    fn path(&self) -> String {
+        self.0.path().display().to_string()
+    }
+
+    fn used_percent(&self) -> f64 {
+        let st = nix::sys::statvfs::statvfs(self.0.path()).unwrap();
+        let used = st.blocks() - st.blocks_free();
+        #[expect(clippy::cast_precision_loss, reason = "a percentage")]
+        let p = used as f64 / (used + st.blocks_available()) as f64 * 100.0;
+        p
+    }
+
+    fn fill_files(&self) -> usize {
+        std::fs::read_dir(self.0.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".toe-fill-"))
+            .count()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn volume_fill_reaches_the_percentage_within_1_point_and_removes_its_file() {
+    if !require_root("volume_fill_reaches_the_percentage_within_1_point_and_removes_its_file") {
+        return;
+    }
+    let fs = Tmpfs::new();
+    let target = demo(&["sleep", "60"], None);
+    let path = format!("--path={}", fs.path());
+    let (outcome, _) = profile(
+        &tool_spec("volume-fill", "2s", &[&path, "--fill=50%"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let f = outcome.summary.fault.as_ref().unwrap();
+    assert_eq!(f.unit, "% used");
+    assert!((f.achieved - 50.0).abs() <= 1.0, "{f:?}");
+    assert_eq!(fs.fill_files(), 0, "fill file left behind");
+    assert!(fs.used_percent() < 1.0);
+    // Bytes: 16 MiB of 64 MiB.
+    let (outcome, _) = profile(
+        &tool_spec("volume-fill", "2s", &[&path, "--fill=16MiB"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let f = outcome.summary.fault.as_ref().unwrap();
+    assert!((f.achieved - 25.0).abs() <= 1.0, "{f:?}");
+    // Never past 99%, and never outside the target's view of the tree.
+    let dir = tempfile::tempdir().unwrap();
+    for (args, want) in [
+        (vec![path.as_str(), "--fill=70MiB"], "past 99% used"),
+        (
+            vec!["--path=/tmp/../etc", "--fill=1MiB"],
+            "\"..\" is not allowed",
+        ),
+        (vec![path.as_str(), "--fill=100%"], "out of range 1%..=99%"),
+        (vec!["--path=/no/such/dir"], "cannot open it as a directory"),
+    ] {
+        let out = toe_run(
+            dir.path(),
+            &tool_spec("volume-fill", "2s", &args),
+            &["--pid", &target.pid().to_string()],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(fs.fill_files(), 0);
+}
+
+#[test]
+fn a_fill_file_left_by_a_killed_run_is_removed_by_cleanup() {
+    if !require_root("a_fill_file_left_by_a_killed_run_is_removed_by_cleanup") {
+        return;
+    }
+    let fs = Tmpfs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let target = demo(&["sleep", "60"], None);
+    let path = format!("--path={}", fs.path());
+    let mut toe = start_toe(
+        dir.path(),
+        &tool_spec("volume-fill", "60s", &[&path, "--fill=10MiB"]),
+        target.pid(),
+    );
+    for _ in 0..300 {
+        if fs.fill_files() == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs.fill_files(), 1, "the fill never started");
+    toe.kill().unwrap();
+    toe.wait().unwrap();
+    assert_eq!(fs.fill_files(), 1, "SIGKILL cannot have rolled back");
+    let out = Command::new(bin("toe"))
+        .env(ledger::STATE_DIR_ENV, dir.path().join("state"))
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 file(s) removed"), "{err}");
+    assert_eq!(fs.fill_files(), 0);
+}

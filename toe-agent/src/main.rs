@@ -182,6 +182,7 @@ fn tools() {
                 ),
                 ArgKind::Enum(v) => v.join("|"),
                 ArgKind::Signals => "signals, e.g. TERM,KILL,USR1 or all".into(),
+                ArgKind::Path { .. } => "absolute path".into(),
                 ArgKind::Amount {
                     max_bytes,
                     max_percent,

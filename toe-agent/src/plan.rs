@@ -15,11 +15,11 @@ pub enum PlanError {
         source_name: String,
         message: String,
     },
-    #[error("{source_name}: {source}")]
+    /// The message already contains the spec error: it is not chained again as a source.
+    #[error("{source_name}: {error}")]
     Spec {
         source_name: String,
-        #[source]
-        source: api::SpecError,
+        error: api::SpecError,
     },
     #[error("{source_name}: spec.output.url {given}: {why}")]
     SpecOutput {
@@ -96,9 +96,9 @@ fn timestamp(now: SystemTime) -> String {
 
 pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
     let (tool, mut warnings) = parse_spec(&req.source_name, &req.spec_yaml)?;
-    let validated = api::validate(&tool).map_err(|source| PlanError::Spec {
+    let validated = api::validate(&tool).map_err(|error| PlanError::Spec {
         source_name: req.source_name.clone(),
-        source,
+        error,
     })?;
     let (given, from_flag) = match (
         &req.output,

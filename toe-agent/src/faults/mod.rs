@@ -4,6 +4,7 @@
 //! next run after a crash.
 
 pub mod cgroups;
+pub mod fill;
 pub mod ledger;
 pub mod worker;
 
@@ -36,6 +37,8 @@ pub enum FaultError {
     },
     #[error("starting a worker in the target's cgroups: {0}")]
     Worker(#[source] std::io::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// What planning needs to know about the target, measured (read-only) beforehand.
@@ -50,6 +53,16 @@ pub struct TargetFacts {
     pub host_memory: u64,
     /// The target's processes: (pid, parent pid, name, start time).
     pub processes: Vec<Proc>,
+    /// volume-fill: the filesystem at the path, as the target's main process sees it.
+    pub fs: Option<FsFacts>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FsFacts {
+    /// Whose root and mount namespace the path is resolved in.
+    pub pid: u32,
+    pub path: String,
+    pub space: fill::FsSpace,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -81,6 +94,15 @@ fn proc_info(pid: u32) -> Option<Proc> {
         comm: crate::targets::process_name(pid)?,
         start,
     })
+}
+
+/// The target's main process: the oldest whose parent is outside the target.
+fn main_process(processes: &[Proc]) -> Option<&Proc> {
+    let set: std::collections::HashSet<u32> = processes.iter().map(|p| p.pid).collect();
+    processes
+        .iter()
+        .filter(|p| !set.contains(&p.ppid))
+        .min_by_key(|p| (p.start, p.pid))
 }
 
 /// Processes of a cgroup directory and every cgroup below it.
@@ -128,7 +150,7 @@ fn host_memory() -> u64 {
 
 /// Measures the target and refuses targets no fault may touch: TOE itself, PID 1, kernel
 /// threads, and the root cgroup (the whole machine).
-pub fn facts(target: &ResolvedTarget) -> Result<TargetFacts, FaultError> {
+pub fn facts(target: &ResolvedTarget, options: &ToolOptions) -> Result<TargetFacts, FaultError> {
     let me = std::process::id();
     let cgroups = if let Some(&pid) = target.tgids.first() {
         if pid == me {
@@ -176,8 +198,24 @@ pub fn facts(target: &ResolvedTarget) -> Result<TargetFacts, FaultError> {
             .chain(crate::targets::descendants(&target.tgids))
             .collect()
     };
+    let processes: Vec<Proc> = pids.into_iter().filter_map(proc_info).collect();
+    let fs = match options {
+        ToolOptions::VolumeFill(o) => {
+            let pid = main_process(&processes)
+                .map(|p| p.pid)
+                .ok_or_else(|| FaultError::Refused("the target has no process".into()))?;
+            let dir = fill::open_dir(pid, &o.path)?;
+            Some(FsFacts {
+                pid,
+                path: o.path.clone(),
+                space: fill::space(&dir)?,
+            })
+        }
+        _ => None,
+    };
     Ok(TargetFacts {
-        processes: pids.into_iter().filter_map(proc_info).collect(),
+        fs,
+        processes,
         cpu_limit: cgroups.cpu_limit(),
         memory_limit: cgroups.memory_limit(),
         cgroups,
@@ -203,6 +241,13 @@ pub enum FaultPlan {
         ramp: Duration,
         basis: String,
     },
+    Fill {
+        fs: FsFacts,
+        bytes: u64,
+        /// Used percentage expected once written.
+        expect_percent: f64,
+        basis: String,
+    },
     Terminate {
         victims: Vec<Proc>,
         /// SIGTERM first, SIGKILL after `grace`; else SIGKILL at once.
@@ -218,6 +263,7 @@ impl FaultPlan {
             Self::Cpu { .. } => "cpu-stress",
             Self::Memory { .. } => "memory-stress",
             Self::Terminate { .. } => "terminate",
+            Self::Fill { .. } => "volume-fill",
         }
     }
 
@@ -245,6 +291,27 @@ impl FaultPlan {
                 out.push(format!("total asked: {asked_cpus:.3} CPUs"));
             }
             Self::Terminate { .. } => {}
+            Self::Fill {
+                fs,
+                bytes,
+                expect_percent,
+                basis,
+            } => {
+                out.push(format!(
+                    "write {} into {} as pid {} sees it ({basis}): the filesystem goes from \
+                     {:.1}% to {expect_percent:.1}% used",
+                    format_size(*bytes),
+                    fs.path,
+                    fs.pid,
+                    fs.space.used_percent()
+                ));
+                out.push(
+                    "roll back at the end, on Ctrl-C/SIGTERM, or (after a crash) on the next \
+                     run: the file is removed"
+                        .into(),
+                );
+                return out;
+            }
             Self::Memory { bytes, ramp, basis } => {
                 out.push(format!(
                     "start 1 memory worker that allocates and touches {} ({basis}){}",
@@ -344,49 +411,93 @@ pub fn plan(options: &ToolOptions, facts: &TargetFacts) -> Result<FaultPlan, Fau
                 basis,
             })
         }
-        ToolOptions::Terminate(o) => {
-            let set: std::collections::HashSet<u32> =
-                facts.processes.iter().map(|p| p.pid).collect();
-            // The main process: the oldest whose parent is outside the target.
-            let main = facts
-                .processes
-                .iter()
-                .filter(|p| !set.contains(&p.ppid))
-                .min_by_key(|p| (p.start, p.pid));
-            let victims: Vec<Proc> = facts
-                .processes
-                .iter()
-                .filter(|p| o.all || main.is_some_and(|m| m.pid == p.pid))
-                .filter(|p| o.names.is_empty() || o.names.contains(&p.comm))
-                .cloned()
-                .collect();
-            if victims.is_empty() {
-                return Err(FaultError::Refused(format!(
-                    "no process of the target matches (scope {}, names {:?}); it has: {}",
-                    if o.all { "all" } else { "main" },
-                    o.names,
-                    facts
-                        .processes
-                        .iter()
-                        .map(|p| format!("{} ({})", p.comm, p.pid))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            if let Some(p) = victims.iter().find(|p| p.pid == 1) {
-                return Err(FaultError::Refused(format!(
-                    "{} is PID 1 (the host's init); faults never touch it",
-                    p.comm
-                )));
-            }
-            Ok(FaultPlan::Terminate {
-                victims,
-                graceful: o.graceful,
-                grace: o.grace,
-            })
-        }
+        ToolOptions::Terminate(o) => plan_terminate(o, facts),
+        ToolOptions::VolumeFill(o) => plan_fill(o, facts),
         other => Err(FaultError::Refused(format!("{other:?} is not a fault"))),
     }
+}
+
+fn plan_terminate(
+    o: &toe_common::api::TerminateOptions,
+    facts: &TargetFacts,
+) -> Result<FaultPlan, FaultError> {
+    let main = main_process(&facts.processes);
+    let victims: Vec<Proc> = facts
+        .processes
+        .iter()
+        .filter(|p| o.all || main.is_some_and(|m| m.pid == p.pid))
+        .filter(|p| o.names.is_empty() || o.names.contains(&p.comm))
+        .cloned()
+        .collect();
+    if victims.is_empty() {
+        return Err(FaultError::Refused(format!(
+            "no process of the target matches (scope {}, names {:?}); it has: {}",
+            if o.all { "all" } else { "main" },
+            o.names,
+            facts
+                .processes
+                .iter()
+                .map(|p| format!("{} ({})", p.comm, p.pid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if let Some(p) = victims.iter().find(|p| p.pid == 1) {
+        return Err(FaultError::Refused(format!(
+            "{} is PID 1 (the host's init); faults never touch it",
+            p.comm
+        )));
+    }
+    Ok(FaultPlan::Terminate {
+        victims,
+        graceful: o.graceful,
+        grace: o.grace,
+    })
+}
+
+fn plan_fill(
+    o: &toe_common::api::VolumeFillOptions,
+    facts: &TargetFacts,
+) -> Result<FaultPlan, FaultError> {
+    let fs = facts
+        .fs
+        .clone()
+        .ok_or_else(|| FaultError::Refused("no filesystem measured".into()))?;
+    let sp = fs.space;
+    let total = sp.used + sp.avail;
+    // Never past 99% of what the filesystem offers.
+    let ceiling = (total / 100 * 99).saturating_sub(sp.used);
+    let (bytes, basis) = match o.fill {
+        Amount::Bytes(b) => (b, "as asked".to_owned()),
+        Amount::Percent(p) => (
+            (total / 100 * u64::from(p)).saturating_sub(sp.used),
+            format!("to {p}% used"),
+        ),
+    };
+    if bytes == 0 {
+        return Err(FaultError::Refused(format!(
+            "{} is already {:.1}% used; nothing to fill",
+            fs.path,
+            sp.used_percent()
+        )));
+    }
+    if bytes > ceiling {
+        return Err(FaultError::Refused(format!(
+            "{} would take {} past 99% used (it is {:.1}% used, {} free)",
+            format_size(bytes),
+            fs.path,
+            sp.used_percent(),
+            format_size(sp.avail)
+        )));
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a percentage")]
+    let expect_percent = (sp.used + bytes) as f64 / total.max(1) as f64 * 100.0;
+    Ok(FaultPlan::Fill {
+        fs,
+        bytes,
+        expect_percent,
+        basis,
+    })
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -491,6 +602,9 @@ pub struct FaultWork {
     /// terminate: per victim, when it exited (since the first signal); escalations.
     exits: std::collections::BTreeMap<u32, Option<Duration>>,
     escalated: Vec<u32>,
+    /// volume-fill: the directory, the file's name in it, and the bytes allocated.
+    fill: Option<(std::os::fd::OwnedFd, String, u64)>,
+    peak_used_percent: f64,
 }
 
 fn signal(p: &Proc, sig: nix::sys::signal::Signal) {
@@ -531,7 +645,7 @@ impl FaultWork {
         }
         let files = facts.cgroups.procs_files();
         let (args, n) = match &plan {
-            FaultPlan::Terminate { .. } => (Vec::new(), 0),
+            FaultPlan::Terminate { .. } | FaultPlan::Fill { .. } => (Vec::new(), 0),
             FaultPlan::Cpu { workers, duty, .. } => {
                 (vec!["cpu".to_owned(), format!("{duty:.6}")], *workers)
             }
@@ -560,22 +674,19 @@ impl FaultWork {
             samples: Vec::new(),
             exits: std::collections::BTreeMap::new(),
             escalated: Vec::new(),
+            fill: None,
+            peak_used_percent: 0.0,
         };
-        if let FaultPlan::Terminate {
-            victims, graceful, ..
-        } = &work.plan
-        {
-            let sig = if *graceful {
-                nix::sys::signal::Signal::SIGTERM
-            } else {
-                nix::sys::signal::Signal::SIGKILL
-            };
-            work.started = Instant::now();
-            for v in victims {
-                signal(v, sig);
-                work.exits.insert(v.pid, None);
+        match work.plan {
+            FaultPlan::Fill { .. } => {
+                work.start_fill()?;
+                return Ok(work);
             }
-            return Ok(work);
+            FaultPlan::Terminate { .. } => {
+                work.start_terminate();
+                return Ok(work);
+            }
+            _ => {}
         }
         for _ in 0..n {
             match worker::spawn(run, &args, &files) {
@@ -591,6 +702,53 @@ impl FaultWork {
         }
         work.started = Instant::now();
         Ok(work)
+    }
+
+    /// Records the fill file in the ledger, then creates it.
+    fn start_fill(&mut self) -> Result<(), FaultError> {
+        let FaultPlan::Fill { fs, bytes, .. } = &self.plan else {
+            return Ok(());
+        };
+        {
+            let dir = fill::open_dir(fs.pid, &fs.path)?;
+            let name = format!(".toe-fill-{}", self.run);
+            // Recorded first: a crash between the two leaves a ledger entry, never an orphan.
+            let through_proc = std::path::Path::new(&format!("/proc/{}/root", fs.pid))
+                .join(fs.path.trim_start_matches('/'))
+                .join(&name);
+            self.ledger
+                .record(&Entry::File {
+                    run: self.run.clone(),
+                    path: through_proc,
+                })
+                .map_err(|source| FaultError::Ledger {
+                    path: self.ledger.path().display().to_string(),
+                    source,
+                })?;
+            let written = fill::create(&dir, &name, *bytes)?;
+            self.fill = Some((dir, name, written));
+            self.started = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Sends the first signal to every victim.
+    fn start_terminate(&mut self) {
+        if let FaultPlan::Terminate {
+            victims, graceful, ..
+        } = &self.plan
+        {
+            let sig = if *graceful {
+                nix::sys::signal::Signal::SIGTERM
+            } else {
+                nix::sys::signal::Signal::SIGKILL
+            };
+            self.started = Instant::now();
+            for v in victims {
+                signal(v, sig);
+                self.exits.insert(v.pid, None);
+            }
+        }
     }
 
     fn workers_cpu_ns(&self) -> u64 {
@@ -644,6 +802,16 @@ impl FaultWork {
             .then(|| self.facts.cgroups.memory_usage())
             .flatten();
         let workers = match self.plan {
+            FaultPlan::Fill { .. } => {
+                let used = self
+                    .fill
+                    .as_ref()
+                    .and_then(|(dir, ..)| fill::space(dir).ok())
+                    .map_or(0.0, |s| s.used_percent());
+                self.peak_used_percent = self.peak_used_percent.max(used);
+                self.last = Some((now, 0));
+                used
+            }
             FaultPlan::Terminate { .. } => {
                 #[expect(clippy::cast_precision_loss, reason = "a count")]
                 let alive = self.exits.values().filter(|e| e.is_none()).count() as f64;
@@ -690,6 +858,9 @@ impl FaultWork {
         // Anything of this run the children list does not hold (cannot happen, but the
         // ledger's search is cheap and authoritative).
         let _ = ledger::kill_workers(&self.run);
+        if let Some((dir, name, _)) = self.fill.take() {
+            let _ = fill::remove(&dir, &name);
+        }
         let _ = self.ledger.record(&Entry::End {
             run: self.run.clone(),
         });
@@ -728,6 +899,9 @@ impl FaultWork {
             }
             #[expect(clippy::cast_precision_loss, reason = "bytes for display")]
             FaultPlan::Memory { bytes, .. } => ("bytes", *bytes as f64, self.peak_bytes as f64),
+            FaultPlan::Fill { expect_percent, .. } => {
+                ("% used", *expect_percent, self.peak_used_percent)
+            }
             #[expect(clippy::cast_precision_loss, reason = "counts")]
             FaultPlan::Terminate { victims, .. } => (
                 "processes",
@@ -819,7 +993,11 @@ pub fn render(o: &mut String, s: &FaultSummary) {
         let _ = writeln!(o, "  plan: {line}");
     }
     let fmt = |v: f64| {
-        if s.unit == "bytes" {
+        if s.unit == "processes" {
+            format!("{v:.0} process(es) ended")
+        } else if s.unit == "% used" {
+            format!("{v:.2}% used")
+        } else if s.unit == "bytes" {
             #[expect(
                 clippy::cast_possible_truncation,
                 clippy::cast_sign_loss,

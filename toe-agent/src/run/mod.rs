@@ -227,7 +227,7 @@ fn map_sizes(tool: &ToolOptions, cpus: u32) -> Vec<(&'static str, u32)> {
             set(sig::STACKS_MAP, sig::MAX_STACKS);
             set(sig::EVENTS_RING, o.ring_bytes);
         }
-        ToolOptions::CpuStress(_) | ToolOptions::MemoryStress(_) => {}
+        ToolOptions::CpuStress(_) | ToolOptions::MemoryStress(_) | ToolOptions::VolumeFill(_) => {}
         // terminate traces its victims' signals and exits.
         ToolOptions::Terminate(_) => {
             set(sig::STACKS_MAP, sig::MAX_STACKS);
@@ -249,7 +249,7 @@ pub fn describe_fault(plan: &RunPlan) -> Result<Vec<String>, RunError> {
             ]);
         }
     };
-    let facts = faults::facts(&target)?;
+    let facts = faults::facts(&target, &plan.tool.options)?;
     let fault_plan = faults::plan(&plan.tool.options, &facts)?;
     Ok(fault_plan.describe(&facts))
 }
@@ -274,7 +274,7 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
     }
     // A fault is planned from the target's measured limits before anything is loaded.
     let fault = if plan.tool.options.is_fault() {
-        let facts = faults::facts(&target)?;
+        let facts = faults::facts(&target, &plan.tool.options)?;
         let fault_plan = faults::plan(&plan.tool.options, &facts)?;
         Some((fault_plan, facts))
     } else {

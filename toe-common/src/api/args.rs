@@ -28,6 +28,10 @@ pub enum ArgKind {
         max_bytes: u64,
         max_percent: u32,
     },
+    /// An absolute path without `..` components or control characters, at most `max_len` bytes.
+    Path {
+        max_len: usize,
+    },
     /// Comma-separated signal names or numbers (`TERM,KILL,USR1`, `all`).
     Signals,
     /// Comma-separated names (process names, container names): each at most `max_len` bytes of
@@ -56,6 +60,7 @@ pub enum ArgValue {
     Enum(&'static str),
     Size(u64),
     Amount(Amount),
+    Path(String),
     /// Bit `n - 1` set for signal `n`.
     Signals(u64),
     Names(Vec<String>),
@@ -143,6 +148,16 @@ impl ParsedArgs {
         match self.0.get(name) {
             Some(ArgValue::Amount(v)) => *v,
             other => panic!("schema has no amount argument {name}: {other:?}"),
+        }
+    }
+
+    /// # Panics
+    /// If `name` is not a path argument with a default: a bug in the tool definition.
+    #[must_use]
+    pub fn path(&self, name: &str) -> &str {
+        match self.0.get(name) {
+            Some(ArgValue::Path(v)) => v,
+            other => panic!("schema has no path argument {name}: {other:?}"),
         }
     }
 
@@ -284,6 +299,53 @@ pub fn parse_names(raw: &str, max_count: usize, max_len: usize) -> Result<Vec<St
     Ok(names)
 }
 
+fn parse_amount(
+    name: &str,
+    raw: &str,
+    max_bytes: u64,
+    max_percent: u32,
+) -> Result<ArgValue, ArgError> {
+    if let Some(p) = raw.trim().strip_suffix('%') {
+        let v: u32 = p
+            .trim()
+            .parse()
+            .map_err(|_| ArgError::new(format!("--{name}: \"{raw}\" is not a whole percentage")))?;
+        if v == 0 || v > max_percent {
+            return Err(ArgError::new(format!(
+                "--{name}: {raw} is out of range 1%..={max_percent}%"
+            )));
+        }
+        return Ok(ArgValue::Amount(Amount::Percent(v)));
+    }
+    let v = parse_size(raw)
+        .map_err(|e| ArgError::new(format!("--{name}: {e} (or a percentage, e.g. 50%)")))?;
+    if v == 0 || v > max_bytes {
+        return Err(ArgError::new(format!(
+            "--{name}: {raw} is out of range 1B..={}",
+            format_size(max_bytes)
+        )));
+    }
+    Ok(ArgValue::Amount(Amount::Bytes(v)))
+}
+
+fn parse_path(name: &str, raw: &str, max_len: usize) -> Result<ArgValue, ArgError> {
+    let bad = if !raw.starts_with('/') {
+        Some("must be absolute")
+    } else if raw.split('/').any(|c| c == "..") {
+        Some("\"..\" is not allowed")
+    } else if raw.chars().any(char::is_control) {
+        Some("control characters are not allowed")
+    } else if raw.len() > max_len {
+        Some("too long")
+    } else {
+        None
+    };
+    match bad {
+        Some(why) => Err(ArgError::new(format!("--{name}: {raw:?}: {why}"))),
+        None => Ok(ArgValue::Path(raw.to_owned())),
+    }
+}
+
 fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
     let name = spec.name;
     match &spec.kind {
@@ -330,28 +392,8 @@ fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
         ArgKind::Amount {
             max_bytes,
             max_percent,
-        } => {
-            if let Some(p) = raw.trim().strip_suffix('%') {
-                let v: u32 = p.trim().parse().map_err(|_| {
-                    ArgError::new(format!("--{name}: \"{raw}\" is not a whole percentage"))
-                })?;
-                if v == 0 || v > *max_percent {
-                    return Err(ArgError::new(format!(
-                        "--{name}: {raw} is out of range 1%..={max_percent}%"
-                    )));
-                }
-                return Ok(ArgValue::Amount(Amount::Percent(v)));
-            }
-            let v = parse_size(raw)
-                .map_err(|e| ArgError::new(format!("--{name}: {e} (or a percentage, e.g. 50%)")))?;
-            if v == 0 || v > *max_bytes {
-                return Err(ArgError::new(format!(
-                    "--{name}: {raw} is out of range 1B..={}",
-                    format_size(*max_bytes)
-                )));
-            }
-            Ok(ArgValue::Amount(Amount::Bytes(v)))
-        }
+        } => parse_amount(name, raw, *max_bytes, *max_percent),
+        ArgKind::Path { max_len } => parse_path(name, raw, *max_len),
         ArgKind::Signals => parse_signal_set(raw)
             .map(ArgValue::Signals)
             .map_err(|e| ArgError::new(format!("--{name}: {e}"))),

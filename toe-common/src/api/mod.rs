@@ -15,7 +15,7 @@ pub use self::{
     tools::{
         AllocationMode, CpuProfileOptions, CpuStressOptions, MemoryProfileOptions,
         MemoryStressOptions, SignalTraceOptions, TerminateOptions, ToolKind, ToolOptions,
-        catalogue, default_options, find_tool,
+        VolumeFillOptions, catalogue, default_options, find_tool,
     },
 };
 
@@ -100,7 +100,7 @@ pub enum SpecError {
     #[error("spec.tool.duration: {0}")]
     Duration(String),
     #[error("spec.tool.commandLineArguments: {0}")]
-    Argument(#[from] args::ArgError),
+    Argument(args::ArgError),
 }
 
 /// A PowerTool that passed validation: what to run, for how long, with which typed options.
@@ -109,6 +109,14 @@ pub struct ValidatedTool {
     pub name: String,
     pub duration: Duration,
     pub options: ToolOptions,
+}
+
+// By hand rather than `#[from]`, which would also chain the argument error as the source and
+// print it twice after the message that already contains it.
+impl From<args::ArgError> for SpecError {
+    fn from(e: args::ArgError) -> Self {
+        Self::Argument(e)
+    }
 }
 
 /// Checks a PowerTool against the built-in tool catalogue: known tool, duration within the tool's

@@ -32,6 +32,15 @@ pub enum ToolOptions {
     CpuStress(CpuStressOptions),
     MemoryStress(MemoryStressOptions),
     Terminate(TerminateOptions),
+    VolumeFill(VolumeFillOptions),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeFillOptions {
+    /// A directory as the target sees it (inside its mount namespace).
+    pub path: String,
+    /// Bytes to write, or the used percentage of the filesystem to reach.
+    pub fill: Amount,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,7 +77,7 @@ impl ToolOptions {
     pub fn is_fault(&self) -> bool {
         matches!(
             self,
-            Self::CpuStress(_) | Self::MemoryStress(_) | Self::Terminate(_)
+            Self::CpuStress(_) | Self::MemoryStress(_) | Self::Terminate(_) | Self::VolumeFill(_)
         )
     }
 }
@@ -384,7 +393,32 @@ fn build_terminate(args: &ParsedArgs) -> ToolOptions {
     })
 }
 
-static CATALOGUE: [ToolDef; 6] = [
+const FILL_ARGS: &[ArgSpec] = &[
+    ArgSpec {
+        name: "path",
+        kind: ArgKind::Path { max_len: 4096 },
+        default: Some("/tmp"),
+        help: "directory to fill, as the target sees it (e.g. a volume's mount point)",
+    },
+    ArgSpec {
+        name: "fill",
+        kind: ArgKind::Amount {
+            max_bytes: 1 << 40,
+            max_percent: 99,
+        },
+        default: Some("90%"),
+        help: "bytes to write, or how full the filesystem should get (never past 99%)",
+    },
+];
+
+fn build_fill(args: &ParsedArgs) -> ToolOptions {
+    ToolOptions::VolumeFill(VolumeFillOptions {
+        path: args.path("path").to_owned(),
+        fill: args.amount("fill"),
+    })
+}
+
+static CATALOGUE: [ToolDef; 7] = [
     ToolDef {
         name: "cpu-profile",
         kind: ToolKind::Collector,
@@ -444,6 +478,17 @@ static CATALOGUE: [ToolDef; 6] = [
         default_duration: Duration::from_mins(2),
         max_duration: Duration::from_mins(15),
         build: build_terminate,
+    },
+    ToolDef {
+        name: "volume-fill",
+        kind: ToolKind::Fault,
+        summary: "fill a directory of the target's filesystem (reached through its mount \
+                  namespace) to a percentage or by bytes, never past 99%; the file is removed \
+                  at the end, on abort, or after a crash",
+        args: FILL_ARGS,
+        default_duration: Duration::from_mins(5),
+        max_duration: Duration::from_hours(1),
+        build: build_fill,
     },
 ];
 
