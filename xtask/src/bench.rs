@@ -42,6 +42,15 @@ pub enum Which {
         #[arg(long, default_value_t = 5000)]
         work: u32,
     },
+    /// Faults: asked versus achieved at a few settings, and rollback time after an abort.
+    Faults {
+        /// Seconds per fault run.
+        #[arg(long, default_value_t = 4)]
+        secs: u32,
+        /// Abort runs timed.
+        #[arg(long, default_value_t = 3)]
+        aborts: usize,
+    },
     /// Per-signal overhead versus no tracing and bpftrace; loss-free event rate.
     Signals {
         #[arg(long, default_value_t = 5)]
@@ -651,6 +660,7 @@ pub fn run(which: &Which) -> Result<()> {
             allocs,
             work,
         } => memory_bench(*rounds, *allocs, *work),
+        Which::Faults { secs, aborts } => crate::bench_faults::faults_bench(*secs, *aborts),
         Which::Signals {
             rounds,
             count,

@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's build, bootstrap, demo, test and benchmark entry points.
 
 mod bench;
+mod bench_faults;
 mod bootstrap;
 
 use std::{
