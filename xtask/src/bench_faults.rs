@@ -107,7 +107,7 @@ fn row(what: &str, v: &serde_json::Value) {
         _ => format!("{x}"),
     };
     println!(
-        "{what:<44} {:>16} {:>16} {:>+8.2}%",
+        "{what:<52} {:>16} {:>16} {:>+8.2}%",
         fmt(f["asked"].as_f64().unwrap_or(0.0)),
         fmt(f["achieved"].as_f64().unwrap_or(0.0)),
         f["error_percent"].as_f64().unwrap_or(0.0)
