@@ -180,6 +180,25 @@ fn unescape_octal(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A cgroup directory and every cgroup below it (parents before children), with their depth
+/// below `root` (0 for `root` itself).
+#[must_use]
+pub fn cgroup_dirs(root: &Path) -> Vec<(PathBuf, u32)> {
+    let mut out = Vec::new();
+    let mut stack = vec![(root.to_owned(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        if let Ok(rd) = fs::read_dir(&dir) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| (e.path(), depth + 1)),
+            );
+        }
+        out.push((dir, depth));
+    }
+    out
+}
+
 /// Where the cgroup v2 hierarchy is mounted, if it is.
 #[must_use]
 pub fn cgroup2_root() -> Option<PathBuf> {

@@ -109,27 +109,22 @@ fn threads(pid: u32) -> Vec<u32> {
 
 /// The target cgroups and every cgroup below them.
 fn cgroup_tree(roots: &[CgroupTarget]) -> Vec<CgroupTarget> {
-    let mut out = Vec::new();
-    let mut stack: Vec<CgroupTarget> = roots.to_vec();
-    while let Some(cg) = stack.pop() {
-        if let Ok(dir) = fs::read_dir(&cg.path) {
-            for e in dir.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    let path = e.path();
-                    if let Ok(meta) = fs::metadata(&path) {
-                        use std::os::unix::fs::MetadataExt as _;
-                        stack.push(CgroupTarget {
-                            path,
-                            id: meta.ino(),
-                            level: cg.level + 1,
-                        });
-                    }
-                }
-            }
-        }
-        out.push(cg);
-    }
-    out
+    use std::os::unix::fs::MetadataExt as _;
+    roots
+        .iter()
+        .flat_map(|r| {
+            targets::cgroup_dirs(&r.path)
+                .into_iter()
+                .filter_map(move |(path, depth)| {
+                    let id = fs::metadata(&path).ok()?.ino();
+                    Some(CgroupTarget {
+                        path,
+                        id,
+                        level: r.level + depth,
+                    })
+                })
+        })
+        .collect()
 }
 
 /// Thread ids listed in `cgroup.threads` of every cgroup in `tree`.

@@ -107,21 +107,15 @@ fn main_process(processes: &[Proc]) -> Option<&Proc> {
 
 /// Processes of a cgroup directory and every cgroup below it.
 fn cgroup_members(dir: &std::path::Path) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
-            out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-        }
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            stack.extend(
-                rd.flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
-    }
-    out
+    crate::targets::cgroup_dirs(dir)
+        .iter()
+        .filter_map(|(d, _)| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// `PF_KTHREAD` in the flags field of `/proc/<pid>/stat`.

@@ -128,48 +128,26 @@ impl SignalWork {
 
 /// Whether a target cgroup (and everything below it) has no task: nothing to trace.
 pub(super) fn cgroup_is_empty(cg: &targets::CgroupTarget) -> bool {
-    let mut stack = vec![cg.path.clone()];
-    while let Some(dir) = stack.pop() {
-        if fs::read_to_string(dir.join("cgroup.threads")).is_ok_and(|s| !s.trim().is_empty()) {
-            return false;
-        }
-        if let Ok(rd) = fs::read_dir(&dir) {
-            stack.extend(
-                rd.flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
-    }
-    true
+    targets::cgroup_dirs(&cg.path).iter().all(|(dir, _)| {
+        !fs::read_to_string(dir.join("cgroup.threads")).is_ok_and(|s| !s.trim().is_empty())
+    })
 }
 
 /// cgroup v2 id -> path below the v2 root, for the ids events name.
 fn cgroup_paths(ids: &HashSet<u64>) -> HashMap<u64, String> {
-    let mut out = HashMap::new();
     let Some(root) = targets::cgroup2_root() else {
-        return out;
+        return HashMap::new();
     };
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        if out.len() == ids.len() {
-            break;
-        }
-        if let Ok(meta) = fs::metadata(&dir)
-            && ids.contains(&meta.ino())
-        {
-            let rel = dir.strip_prefix(&root).unwrap_or(Path::new(""));
-            out.insert(meta.ino(), format!("/{}", rel.display()));
-        }
-        if let Ok(rd) = fs::read_dir(&dir) {
-            stack.extend(
-                rd.flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
-    }
-    out
+    targets::cgroup_dirs(&root)
+        .into_iter()
+        .filter_map(|(dir, _)| {
+            let ino = fs::metadata(&dir).ok()?.ino();
+            ids.contains(&ino).then(|| {
+                let rel = dir.strip_prefix(&root).unwrap_or(Path::new(""));
+                (ino, format!("/{}", rel.display()))
+            })
+        })
+        .collect()
 }
 
 fn stack_names(symbolizer: &mut Symbolizer, key: &RawKey) -> Vec<String> {
