@@ -13,6 +13,7 @@ use blazesym::{
     normalize::{NormalizeOpts, Normalizer, UserMeta},
     symbolize::{
         CodeInfo, Symbolized, Symbolizer as Blaze,
+        evict::{self, Evict},
         source::{Kernel, Process, Source},
     },
 };
@@ -82,6 +83,18 @@ pub struct Symbolizer {
     user: HashMap<(u32, u64), Chain>,
     kernel: HashMap<u64, Chain>,
     process_names: HashMap<u32, String>,
+    /// The executable (device, inode) each process had when its addresses were last
+    /// resolved: an exec replaces the image under the same pid, and everything learned about
+    /// the old one must go.
+    images: HashMap<u32, (u64, u64)>,
+}
+
+/// Device and inode of the file `/proc/<pid>/exe` points at.
+fn image_of(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Default for Symbolizer {
@@ -103,6 +116,7 @@ impl Symbolizer {
             user: HashMap::new(),
             kernel: HashMap::new(),
             process_names: HashMap::new(),
+            images: HashMap::new(),
         }
     }
 }
@@ -289,11 +303,30 @@ impl Symbolizer {
             if let Some(name) = crate::targets::process_name(pid) {
                 self.process_names.insert(pid, name);
             }
+            if let Some(image) = image_of(pid)
+                && self
+                    .images
+                    .insert(pid, image)
+                    .is_some_and(|old| old != image)
+            {
+                self.forget_process(pid);
+            }
             let addrs: Vec<u64> = addrs.into_iter().collect();
             self.resolve_user(pid, &addrs);
         }
         let kernel: Vec<u64> = kernel.into_iter().collect();
         self.resolve_kernel(&kernel);
+    }
+
+    /// Drops what the symbolizers cached about `pid`'s previous image (after an exec).
+    /// Addresses already resolved stay: stacks sampled before the exec still need them, and an
+    /// address of the new image equal to one of the old is improbable (both are randomized).
+    fn forget_process(&mut self, pid: u32) {
+        let _ = self
+            .blaze
+            .evict(&Evict::Process(evict::Process::new(Pid::from(pid))));
+        // The normalizer has no per-process eviction; a fresh one holds no state about it.
+        self.normalizer = Normalizer::new();
     }
 
     /// Every frame interned so far; stack frame ids index into it.

@@ -361,10 +361,16 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
 
 impl Session {
     /// Every [`DRAIN_EVERY`]: empty rings, attach to new processes, read RSS when due.
-    fn fast_tick(&mut self) -> Result<(), RunError> {
+    fn fast_tick(&mut self, symbolizer: &mut Symbolizer) -> Result<(), RunError> {
         match &mut self.work {
             Work::Cpu { collector, raw, .. } => {
                 collector.drain(raw);
+                // New stacks are symbolized at once: a short-lived process (or one about to
+                // exec) may be gone by the next slow tick.
+                let new = raw.take_new();
+                if !new.is_empty() {
+                    symbolizer.resolve(&new);
+                }
             }
             Work::Memory {
                 opts,
@@ -467,7 +473,7 @@ async fn sample(
                 }
             }
             _ = drain.tick() => {
-                s.fast_tick()?;
+                s.fast_tick(symbolizer)?;
                 if let Work::Fault(f, _) = &s.work && f.done() {
                     break Ended::FaultDone;
                 }
