@@ -576,3 +576,46 @@ fn a_fill_file_left_by_a_killed_run_is_removed_by_cleanup() {
     assert!(err.contains("1 file(s) removed"), "{err}");
     assert_eq!(fs.fill_files(), 0);
 }
+
+#[test]
+fn terminate_in_a_real_container_hits_the_named_sidecar_not_the_app() {
+    if !require_root("terminate_in_a_real_container_hits_the_named_sidecar_not_the_app") {
+        return;
+    }
+    // Two containers of one "pod": the app and a sidecar. Both main processes are a container's
+    // PID 1, which ignores SIGTERM from outside without a handler: the graceful path must
+    // escalate, and only in the sidecar.
+    let app = toe_tests::Container::run("app", &["sleep", "300"]);
+    let sidecar = toe_tests::Container::run("sidecar", &["sleep", "300"]);
+    let (app_pid, sidecar_pid) = (app.pid(), sidecar.pid());
+    assert!(app_pid > 0 && sidecar_pid > 0);
+    let (outcome, _) = profile(
+        &tool_spec("terminate", "30s", &["--grace=1s"]),
+        TargetSpec::Container(format!("containerd://{}", &sidecar.id[..16])),
+    );
+    let f = outcome.summary.fault.as_ref().unwrap();
+    assert_eq!(f.terminated.len(), 1, "{f:?}");
+    let t = &f.terminated[0];
+    assert_eq!(t.pid, sidecar_pid, "{t:?}");
+    assert!(
+        t.escalated,
+        "PID 1 ignored SIGTERM, so SIGKILL must follow: {t:?}"
+    );
+    assert!(
+        t.outcome.as_deref().is_some_and(|o| o.contains("SIGKILL")),
+        "{t:?}"
+    );
+    assert_eq!(app.pid(), app_pid, "the app container was touched");
+    // A container id that matches nothing is a clear error before anything happens.
+    let dir = tempfile::tempdir().unwrap();
+    let out = toe_run(
+        dir.path(),
+        &tool_spec("terminate", "5s", &[]),
+        &["--container", "0123456789abcdef"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no cgroup of such a container"),
+        "{err}"
+    );
+}

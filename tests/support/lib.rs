@@ -311,3 +311,79 @@ pub fn wait_for_signal_target(tid: u32) {
     }
     panic!("task {tid} was not tracked within 30 s");
 }
+
+/// A real container run by podman (runc) from a busybox rootfs; removed on drop.
+pub struct Container {
+    pub id: String,
+    _rootfs: tempfile::TempDir,
+}
+
+impl Container {
+    /// Runs `argv` (busybox applets) in a new container named after the test.
+    #[must_use]
+    pub fn run(name: &str, argv: &[&str]) -> Self {
+        let rootfs = tempfile::tempdir().expect("rootfs dir");
+        let bin = rootfs.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("rootfs/bin");
+        for d in ["proc", "sys", "dev", "tmp", "etc"] {
+            std::fs::create_dir_all(rootfs.path().join(d)).expect("rootfs dir");
+        }
+        std::fs::copy("/bin/busybox", bin.join("busybox"))
+            .expect("/bin/busybox (Debian busybox-static; `cargo xtask bootstrap --tests`)");
+        for applet in ["sh", "sleep", "cat", "trap"] {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+        let unique = format!("toe-test-{}-{name}", std::process::id());
+        let out = Command::new("podman")
+            .args([
+                "--runtime",
+                "runc",
+                "run",
+                "-d",
+                "--rm",
+                "--network",
+                "none",
+            ])
+            .args([
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .args(["--name", &unique, "--rootfs"])
+            .arg(rootfs.path())
+            .args(argv)
+            .output()
+            .expect("podman (Debian podman + runc; `cargo xtask bootstrap --tests`)");
+        assert!(
+            out.status.success(),
+            "podman run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            id: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            _rootfs: rootfs,
+        }
+    }
+
+    /// The container's main process as the host sees it (0 once it has exited).
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        Command::new("podman")
+            .args(["inspect", "--format", "{{.State.Pid}}", &self.id])
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "-f", "-t", "0", &self.id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -62,7 +62,7 @@ fn cleanup() -> Result<ExitCode> {
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["pid", "cgroup", "command"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["pid", "cgroup", "container", "command"])))]
 struct RunArgs {
     /// PowerTool YAML (`-` for stdin).
     #[arg(short = 'f', long = "file")]
@@ -73,6 +73,9 @@ struct RunArgs {
     /// Target this cgroup directory and its descendants.
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Target this container (id or unique prefix; `containerd://`-style schemes accepted).
+    #[arg(long)]
+    container: Option<String>,
     /// Directory or object store URL (file://, s3://, gs://, az://) for the artifacts; a
     /// directory per run is created inside. Overrides the spec's output URL.
     #[arg(short = 'o', long)]
@@ -103,9 +106,10 @@ fn read_spec(file: &PathBuf) -> Result<(String, String)> {
 
 fn request(args: &RunArgs) -> Result<RunRequest> {
     let (source_name, spec_yaml) = read_spec(&args.file)?;
-    let target = match (&args.pid, &args.cgroup) {
-        (Some(pid), _) => TargetSpec::Pid(*pid),
-        (_, Some(dir)) => TargetSpec::Cgroup(dir.clone()),
+    let target = match (&args.pid, &args.cgroup, &args.container) {
+        (Some(pid), _, _) => TargetSpec::Pid(*pid),
+        (_, Some(dir), _) => TargetSpec::Cgroup(dir.clone()),
+        (_, _, Some(id)) => TargetSpec::Container(id.clone()),
         _ => TargetSpec::Command(args.command.clone()),
     };
     Ok(RunRequest {

@@ -27,6 +27,9 @@ pub enum TargetSpec {
     Cgroup(PathBuf),
     /// A command TOE starts and profiles from its first instruction.
     Command(Vec<OsString>),
+    /// A container by id (or unique id prefix of at least 12 hex digits), optionally with its
+    /// runtime's scheme as Kubernetes reports it (`containerd://`, `cri-o://`, `docker://`).
+    Container(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,8 @@ pub enum TargetError {
         "{0} has no processes: there is nothing to trace (start the workload first, or use -- COMMAND)"
     )]
     Empty(String),
+    #[error("--container {0}: {1}")]
+    Container(String, String),
     #[error("reading {path}: {source}")]
     Io {
         path: PathBuf,
@@ -178,6 +183,56 @@ fn unescape_octal(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The container id in a cgroup directory name, for the layouts runtimes use:
+/// `libpod-<id>` (podman), `cri-containerd-<id>.scope`, `crio-<id>.scope`, `docker-<id>.scope`,
+/// and a bare `<id>` (cgroupfs drivers).
+fn container_id_of(dir_name: &str) -> &str {
+    let name = dir_name.strip_suffix(".scope").unwrap_or(dir_name);
+    ["libpod-", "cri-containerd-", "crio-", "docker-"]
+        .iter()
+        .find_map(|p| name.strip_prefix(p))
+        .unwrap_or(name)
+}
+
+/// Finds the cgroup of container `id` in the v2 hierarchy.
+pub fn resolve_container(given: &str) -> Result<ResolvedTarget, TargetError> {
+    let id = given.split_once("://").map_or(given, |(_, id)| id);
+    let err = |why: String| TargetError::Container(given.to_owned(), why);
+    if id.len() < 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(err(
+            "expected a container id of at least 12 hex digits".into()
+        ));
+    }
+    let root = cgroup2_root().ok_or(TargetError::NoCgroup2)?;
+    let mut found: Vec<PathBuf> = cgroup_dirs(&root)
+        .into_iter()
+        .map(|(d, _)| d)
+        .filter(|d| {
+            d.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| container_id_of(n).starts_with(id))
+        })
+        .collect();
+    // A runtime may nest a cgroup inside the container's own (podman's `container`): keep the
+    // outermost match.
+    found.sort();
+    found.dedup_by(|b, a| b.starts_with(a));
+    match found.as_slice() {
+        [] => Err(err(
+            "no cgroup of such a container (is it running on this machine?)".into(),
+        )),
+        [one] => {
+            let mut t = resolve_cgroup(one)?;
+            t.description = format!("container {} ({})", &id[..12], one.display());
+            Ok(t)
+        }
+        many => Err(err(format!(
+            "the prefix matches {} containers; give more digits",
+            many.len()
+        ))),
+    }
 }
 
 /// A cgroup directory and every cgroup below it (parents before children), with their depth

@@ -150,18 +150,24 @@ pub fn tracefs() -> Result<()> {
     )
 }
 
-/// Debian packages the tests use: go (for `go tool pprof` reading TOE's pprof output).
+/// Debian packages the tests use: go (for `go tool pprof` reading TOE's pprof output), and
+/// podman with runc and a static busybox (real containers from a directory rootfs, no registry).
 pub fn test_packages() -> Result<()> {
-    let missing: Vec<&str> = [("go", "golang-go")]
-        .into_iter()
-        .filter(|(bin, _)| {
-            Command::new("which")
-                .arg(bin)
-                .output()
-                .map_or(true, |o| !o.status.success())
-        })
-        .map(|(_, pkg)| pkg)
-        .collect();
+    let missing: Vec<&str> = [
+        ("go", "golang-go"),
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("busybox", "busybox-static"),
+    ]
+    .into_iter()
+    .filter(|(bin, _)| {
+        Command::new("which")
+            .arg(bin)
+            .output()
+            .map_or(true, |o| !o.status.success())
+    })
+    .map(|(_, pkg)| pkg)
+    .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -176,7 +182,8 @@ pub fn test_packages() -> Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))
         .context("apt-get update failed (is a Debian mirror reachable?)")?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        // With recommends: podman needs its runtime helpers (conmon, networking) from them.
+        .args(["install", "-y", "-qq"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .with_context(|| format!("apt-get install {} failed", missing.join(" ")))

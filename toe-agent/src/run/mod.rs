@@ -106,6 +106,7 @@ fn resolve_target(spec: &TargetSpec) -> Result<(ResolvedTarget, Option<HeldChild
     match spec {
         TargetSpec::Pid(pid) => Ok((targets::resolve_pid(*pid)?, None)),
         TargetSpec::Cgroup(path) => Ok((targets::resolve_cgroup(path)?, None)),
+        TargetSpec::Container(id) => Ok((targets::resolve_container(id)?, None)),
         TargetSpec::Command(argv) => {
             let child = HeldChild::spawn(argv)?;
             let target = ResolvedTarget {
@@ -242,6 +243,7 @@ pub fn describe_fault(plan: &RunPlan) -> Result<Vec<String>, RunError> {
     let target = match &plan.target {
         TargetSpec::Pid(pid) => targets::resolve_pid(*pid)?,
         TargetSpec::Cgroup(path) => targets::resolve_cgroup(path)?,
+        TargetSpec::Container(id) => targets::resolve_container(id)?,
         TargetSpec::Command(_) => {
             return Ok(vec![
                 "the command's own cgroups are stressed once it starts (run without dry-run)"
