@@ -446,15 +446,33 @@ impl Session {
 
 /// Drains and symbolizes until the duration ends, the target is gone, or a signal arrives.
 /// Returns why it stopped and the command's exit status if it already exited.
+/// SIGINT and SIGTERM listeners, installed before anything is attached or started: a signal
+/// that arrives while a fault starts must roll it back, not kill TOE with its default action.
+struct Interrupts {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    fn install() -> Result<Self, RunError> {
+        Ok(Self {
+            sigint: signal(SignalKind::interrupt())?,
+            sigterm: signal(SignalKind::terminate())?,
+        })
+    }
+}
+
 async fn sample(
     s: &mut Session,
     symbolizer: &mut Symbolizer,
     duration: Duration,
     ui: Ui,
+    Interrupts {
+        mut sigint,
+        mut sigterm,
+    }: Interrupts,
 ) -> Result<(Ended, Option<i32>), RunError> {
     let bar = progress_bar(ui, duration);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(duration);
     tokio::pin!(deadline);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
@@ -912,10 +930,17 @@ fn finish_work(
 
 /// Runs the plan to the end and writes its artifacts to `sink`.
 pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<Outcome, RunError> {
+    let interrupts = Interrupts::install()?;
     let mut session = start(plan)?;
     let mut symbolizer = Symbolizer::new();
-    let (ended, command_status) =
-        sample(&mut session, &mut symbolizer, plan.tool.duration, ui).await?;
+    let (ended, command_status) = sample(
+        &mut session,
+        &mut symbolizer,
+        plan.tool.duration,
+        ui,
+        interrupts,
+    )
+    .await?;
     let children = session.loaded.child_counters()?;
     if let Work::Memory {
         collector,
