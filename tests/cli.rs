@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use toe_tests::{TestProcess, bin, cpu_spec, demo, loaded_toe_programs, require_root};
+use toe_tests::{
+    TestProcess, assert_rejected, bin, cpu_spec, demo, loaded_toe_programs, require_root,
+};
 
 fn toe(dir: &Path, spec: Option<&str>, args: &[&str]) -> Output {
     let spec_path = dir.join("spec.yaml");
@@ -22,12 +24,6 @@ fn toe(dir: &Path, spec: Option<&str>, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run toe")
-}
-
-fn assert_rejected(out: &Output, want: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "accepted; stderr: {err}");
-    assert!(err.contains(want), "stderr lacks {want:?}:\n{err}");
 }
 
 /// Every bad input fails before loading anything, so none of these needs root.

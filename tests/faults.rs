@@ -9,7 +9,7 @@ use std::{
 };
 
 use toe_agent::{faults::ledger, targets::TargetSpec};
-use toe_tests::{bin, demo, profile, require_root, toe_run, tool_spec};
+use toe_tests::{assert_rejected, bin, demo, profile, require_root, toe_run, tool_spec};
 
 /// A cgroup in the hierarchy that holds `controller` (v1 on a hybrid host, else v2), with
 /// `files` written into it; removed on drop.
@@ -337,11 +337,7 @@ fn refusals_are_clear_and_happen_before_anything_starts() {
         ),
     ] {
         let out = toe_run(dir.path(), &spec, &target);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(want),
-            "{target:?}: {err}"
-        );
+        assert_rejected(&out, want);
     }
     // A percentage of a limit the target does not have (a fresh memory cgroup, no limit on
     // the way to the root).
@@ -352,11 +348,7 @@ fn refusals_are_clear_and_happen_before_anything_starts() {
         &tool_spec("memory-stress", "5s", &["--size=50%"]),
         &["--pid", &sleeper.pid().to_string()],
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("needs a memory limit"),
-        "{err}"
-    );
+    assert_rejected(&out, "needs a memory limit");
 }
 
 #[test]
@@ -534,11 +526,7 @@ fn volume_fill_reaches_the_percentage_within_1_point_and_removes_its_file() {
             &tool_spec("volume-fill", "2s", &args),
             &["--pid", &target.pid().to_string()],
         );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(want),
-            "{args:?}: {err}"
-        );
+        assert_rejected(&out, want);
     }
     assert_eq!(fs.fill_files(), 0);
 }
@@ -613,9 +601,5 @@ fn terminate_in_a_real_container_hits_the_named_sidecar_not_the_app() {
         &tool_spec("terminate", "5s", &[]),
         &["--container", "0123456789abcdef"],
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("no cgroup of such a container"),
-        "{err}"
-    );
+    assert_rejected(&out, "no cgroup of such a container");
 }

@@ -4,7 +4,9 @@
 use std::{process::Command, time::Duration};
 
 use toe_agent::{run::Ended, targets::TargetSpec};
-use toe_tests::{bin, demo, folded_file, profile, require_root, toe_run, tool_spec};
+use toe_tests::{
+    assert_rejected, bin, demo, folded_file, profile, require_root, toe_run, tool_spec,
+};
 
 /// Sum of the values of folded lines whose stack contains `function` (and, if given, whose root
 /// is process `pid`).
@@ -231,11 +233,7 @@ fn bad_memory_input_is_rejected_clearly() {
             &tool_spec("memory-profile", "2s", args),
             &["--pid", "1"],
         );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(want),
-            "{args:?}: {err}"
-        );
+        assert_rejected(&out, want);
     }
 }
 

@@ -14,8 +14,8 @@ use std::{
 use serde_json::Value;
 use toe_agent::{run::Outcome, sink::MemorySink, targets::TargetSpec};
 use toe_tests::{
-    TestCgroup, bin, demo, profile, require_root, toe_run, tool_spec, wait_for_pid_file,
-    wait_for_signal_target,
+    TestCgroup, assert_rejected, bin, demo, profile, require_root, toe_run, tool_spec,
+    wait_for_pid_file, wait_for_signal_target,
 };
 
 const SIGUSR1: i32 = 10;
@@ -391,11 +391,7 @@ fn bad_signal_input_is_rejected_clearly() {
         (&["--max-lost=-1"], &["--pid", "1"], "out of range"),
     ] {
         let out = toe_run(dir.path(), &tool_spec("signal-trace", "2s", args), target);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(want),
-            "{args:?}: {err}"
-        );
+        assert_rejected(&out, want);
     }
 }
 
@@ -411,9 +407,5 @@ fn an_empty_cgroup_target_is_rejected_before_attaching() {
         &tool_spec("signal-trace", "2s", &[]),
         &["--cgroup", &cg.path().display().to_string()],
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("has no processes"),
-        "{err}"
-    );
+    assert_rejected(&out, "has no processes");
 }

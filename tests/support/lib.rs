@@ -387,3 +387,10 @@ impl Drop for Container {
             .status();
     }
 }
+
+/// `out` is a failed run whose stderr says `want`.
+pub fn assert_rejected(out: &std::process::Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted; stderr: {err}");
+    assert!(err.contains(want), "stderr lacks {want:?}:\n{err}");
+}

@@ -319,6 +319,19 @@ pub fn process_name(pid: u32) -> Option<String> {
         .map(|s| s.trim_end().to_owned())
 }
 
+/// The fields of `/proc/<pid>/stat` after `comm`, so index 0 is field 3 (state), 1 the ppid,
+/// 6 the flags, 19 the start time. `comm` may hold spaces and parentheses: the split is after
+/// its last closing parenthesis.
+#[must_use]
+pub fn proc_stat(pid: u32) -> Option<Vec<String>> {
+    stat_fields_of(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn stat_fields_of(stat: &str) -> Option<Vec<String>> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
 /// Every live descendant of `roots` (not including the roots), from `/proc/*/stat`.
 #[must_use]
 pub fn descendants(roots: &[u32]) -> BTreeSet<u32> {
@@ -334,15 +347,13 @@ pub fn descendants(roots: &[u32]) -> BTreeSet<u32> {
         else {
             continue;
         };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+        let Some(fields) = fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|s| stat_fields_of(&s))
+        else {
             continue;
         };
-        // Field 4 is the ppid; `comm` (field 2) may contain spaces and parentheses, so parse
-        // after its closing parenthesis.
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        if let Some(ppid) = after.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
+        if let Some(ppid) = fields.get(1).and_then(|s| s.parse().ok()) {
             children.entry(ppid).or_default().push(pid);
         }
     }

@@ -100,15 +100,29 @@ struct Measured {
     summary: serde_json::Value,
 }
 
-fn spec(dir: &Path, freq: u64, duration: &str) -> Result<std::path::PathBuf> {
-    let p = dir.join(format!("cpu-{freq}-{duration}.yaml"));
-    std::fs::write(
-        &p,
-        format!(
-            "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{name: bench}}\nspec:\n  tool:\n    name: cpu-profile\n    duration: {duration}\n    commandLineArguments: [\"--frequency={freq}\"]\n"
-        ),
-    )?;
+/// A PowerTool running `tool` for `duration` with `args`.
+pub(crate) fn powertool(tool: &str, duration: &str, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{name: bench}}\nspec:\n  tool:\n    name: {tool}\n    duration: {duration}\n    commandLineArguments: [{}]\n",
+        args.join(", ")
+    )
+}
+
+/// [`powertool`] written to `dir/<name>.yaml`.
+fn spec_file(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, text)?;
     Ok(p)
+}
+
+fn spec(dir: &Path, freq: u64, duration: &str) -> Result<std::path::PathBuf> {
+    let f = format!("--frequency={freq}");
+    spec_file(
+        dir,
+        &format!("cpu-{freq}-{duration}"),
+        &powertool("cpu-profile", duration, &[&f]),
+    )
 }
 
 /// Waits for `child` with wait4, returning (success, peak RSS KiB, CPU seconds) of that process.
@@ -329,14 +343,12 @@ uprobe:LIBC:free /@sz[arg0]/ { delete(@sz[arg0]); }
 ";
 
 fn memory_spec(dir: &Path, mode: &str) -> Result<std::path::PathBuf> {
-    let p = dir.join(format!("memory-{mode}.yaml"));
-    std::fs::write(
-        &p,
-        format!(
-            "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{name: bench}}\nspec:\n  tool:\n    name: memory-profile\n    duration: 5m\n    commandLineArguments: [\"--mode={mode}\"]\n"
-        ),
-    )?;
-    Ok(p)
+    let m = format!("--mode={mode}");
+    spec_file(
+        dir,
+        &format!("memory-{mode}"),
+        &powertool("memory-profile", "5m", &[&m]),
+    )
 }
 
 fn memory_bench(rounds: usize, allocs: u64, work: u32) -> Result<()> {
@@ -440,14 +452,15 @@ tracepoint:signal:signal_deliver /pid == TARGET/ { printf("deliver %d %d\n", tid
 "#;
 
 fn signals_spec(dir: &Path, stacks: bool) -> Result<std::path::PathBuf> {
-    let p = dir.join(format!("signals-{stacks}.yaml"));
-    std::fs::write(
-        &p,
-        format!(
-            "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{name: bench}}\nspec:\n  tool:\n    name: signal-trace\n    duration: 5m\n    commandLineArguments: [\"--max-lost=1000000000\", \"--user-stacks={stacks}\", \"--kernel-stacks={stacks}\"]\n"
-        ),
-    )?;
-    Ok(p)
+    let (u, k) = (
+        format!("--user-stacks={stacks}"),
+        format!("--kernel-stacks={stacks}"),
+    );
+    spec_file(
+        dir,
+        &format!("signals-{stacks}"),
+        &powertool("signal-trace", "5m", &["--max-lost=1000000000", &u, &k]),
+    )
 }
 
 /// One signal run: a `trap` target, the tracer `mode` on it, then `sender` (demo arguments with

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{is_root, root};
+use crate::{bench::powertool as spec, is_root, root};
 
 fn bin(name: &str) -> PathBuf {
     root().join("target/release").join(name)
@@ -70,14 +70,6 @@ impl Drop for Cgroup {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-fn spec(tool: &str, duration: &str, args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{name: bench}}\nspec:\n  tool:\n    name: {tool}\n    duration: {duration}\n    commandLineArguments: [{}]\n",
-        args.join(", ")
-    )
 }
 
 /// Runs TOE to the end and returns its JSON summary.

@@ -55,9 +55,7 @@ pub struct Owner {
 /// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
 #[must_use]
 pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    crate::targets::proc_stat(pid)?.get(19)?.parse().ok()
 }
 
 impl Owner {

@@ -76,9 +76,7 @@ pub struct Proc {
 
 /// (ppid, state, start time) from `/proc/<pid>/stat`.
 fn stat_fields(pid: u32) -> Option<(u32, char, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
+    let f = crate::targets::proc_stat(pid)?;
     Some((
         f.get(1)?.parse().ok()?,
         f.first()?.chars().next()?,
@@ -122,12 +120,8 @@ fn cgroup_members(dir: &std::path::Path) -> Vec<u32> {
 const PF_KTHREAD: u64 = 0x0020_0000;
 
 fn is_kernel_thread(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = &s[s.rfind(')')? + 2..];
-            after.split_whitespace().nth(6)?.parse::<u64>().ok()
-        })
+    crate::targets::proc_stat(pid)
+        .and_then(|f| f.get(6)?.parse::<u64>().ok())
         .is_some_and(|f| f & PF_KTHREAD != 0)
 }
 

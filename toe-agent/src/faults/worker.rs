@@ -66,13 +66,7 @@ pub fn spawn(run: &str, args: &[String], procs_files: &[PathBuf]) -> io::Result<
 }
 
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+    crate::clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 const PERIOD: Duration = Duration::from_millis(100);

@@ -333,13 +333,7 @@ fn accounting(c: &SigCounters, received: &HashMap<u32, u64>) -> Vec<KindAccounti
 
 /// Monotonic clock (the kernel's `bpf_ktime_get_ns`) now.
 pub(super) fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes one timespec we own; CLOCK_MONOTONIC is always available.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut t) };
-    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+    crate::clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// Stops the drain thread (programs are detached by now), decodes everything, writes the
