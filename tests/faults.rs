@@ -51,11 +51,16 @@ impl LimitedCgroup {
 
     /// Starts `toe-demo sleep` inside this cgroup.
     fn sleeper(&self) -> toe_tests::TestProcess {
+        self.demo("sleep 60")
+    }
+
+    /// Starts `toe-demo <args>` inside this cgroup.
+    fn demo(&self, args: &str) -> toe_tests::TestProcess {
         let procs = self.dir.join("cgroup.procs");
         let child = Command::new("/bin/sh")
             .arg("-c")
             .arg(format!(
-                "echo $$ > {} && exec {} sleep 60",
+                "echo $$ > {} && exec {} {args}",
                 procs.display(),
                 bin("toe-demo").display()
             ))
@@ -349,6 +354,169 @@ fn refusals_are_clear_and_happen_before_anything_starts() {
         &["--pid", &sleeper.pid().to_string()],
     );
     assert_rejected(&out, "needs a memory limit");
+}
+
+/// The admin's config: memory stress capped at 100 MiB or 40% of the limit, at most 10 s, only
+/// --size may be passed; CPU stress not enabled at all.
+const CONFIG: &str = "apiVersion: toe.run/v1alpha1
+kind: PowerToolConfig
+metadata: {name: memory-stress-capped}
+spec:
+  tool: memory-stress
+  maxDuration: 10s
+  arguments:
+    - {name: size, type: amount, max: 100Mi, maxPercent: 40, default: 10%}
+---
+apiVersion: toe.run/v1alpha1
+kind: PowerToolConfig
+metadata: {name: profiling}
+spec:
+  tool: cpu-profile
+  arguments:
+    - {name: frequency, type: integer, max: 199}
+";
+
+#[test]
+fn caps_from_the_config_are_enforced_before_anything_starts() {
+    if !require_root("caps_from_the_config_are_enforced_before_anything_starts") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.yaml"), CONFIG).unwrap();
+    let limit = (200u64 << 20).to_string();
+    let cg = LimitedCgroup::new(
+        "memory",
+        "caps",
+        &[("memory.limit_in_bytes", &limit)],
+        &[("memory.max", &limit)],
+    );
+    let target = cg.sleeper();
+    let pid = target.pid().to_string();
+    let with_config = ["--config", "config.yaml", "--pid", &pid];
+    let workers_before = all_workers();
+    for (spec, want) in [
+        (
+            tool_spec("memory-stress", "5s", &["--size=150MiB"]),
+            "--size: 150MiB is above the maximum 100MiB (rule of PowerToolConfig memory-stress-capped)",
+        ),
+        (
+            tool_spec("memory-stress", "5s", &["--size=50%"]),
+            "--size: 50% is above the maximum 40%",
+        ),
+        (
+            tool_spec("memory-stress", "30s", &[]),
+            "30s exceeds the maximum of 10s for PowerToolConfig memory-stress-capped",
+        ),
+        (
+            tool_spec("memory-stress", "5s", &["--ramp=1s"]),
+            "--ramp is not allowed by PowerToolConfig memory-stress-capped (allowed: --size)",
+        ),
+        (
+            tool_spec("cpu-stress", "5s", &[]),
+            "tool cpu-stress is not enabled here (no PowerToolConfig for it; enabled: memory-stress, cpu-profile)",
+        ),
+        (
+            format!(
+                "{}  alongside:\n    - name: cpu-profile\n      commandLineArguments: [\"--frequency=999\"]\n",
+                tool_spec("memory-stress", "5s", &[])
+            ),
+            "spec.alongside[0].commandLineArguments: --frequency: 999 is above the maximum 199",
+        ),
+    ] {
+        let out = toe_run(dir.path(), &spec, &with_config);
+        assert_rejected(&out, want);
+    }
+    assert_eq!(
+        all_workers(),
+        workers_before,
+        "a refused fault started workers"
+    );
+    // A config that is itself wrong names its own field.
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        CONFIG.replace("maxPercent: 40", "maxPercent: 400"),
+    )
+    .unwrap();
+    let out = toe_run(
+        dir.path(),
+        &tool_spec("memory-stress", "5s", &[]),
+        &["--config", "bad.yaml", "--pid", &pid],
+    );
+    assert_rejected(
+        &out,
+        "--config bad.yaml: PowerToolConfig memory-stress-capped: spec.arguments[0] (size): maxPercent: 400 is not in 1..=100",
+    );
+    // Within the caps the config's default (10% of the 200 MiB limit) applies.
+    let out = toe_run(
+        dir.path(),
+        &format!("{}  dryRun: true\n", tool_spec("memory-stress", "5s", &[])),
+        &with_config,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("allocates and touches 20MiB"), "{stderr}");
+}
+
+#[test]
+fn a_profile_alongside_a_memory_stress_shares_its_timeline() {
+    if !require_root("a_profile_alongside_a_memory_stress_shares_its_timeline") {
+        return;
+    }
+    let limit = (300u64 << 20).to_string();
+    let cg = LimitedCgroup::new(
+        "memory",
+        "alongside",
+        &[("memory.limit_in_bytes", &limit)],
+        &[("memory.max", &limit)],
+    );
+    let target = cg.demo("spin 30");
+    let spec = format!(
+        "{}  alongside:\n    - name: cpu-profile\n    - name: signal-trace\n",
+        tool_spec("memory-stress", "3s", &["--size=100MiB", "--ramp=1s"])
+    );
+    let (outcome, sink) = profile(&spec, TargetSpec::Pid(target.pid()));
+    let s = &outcome.summary;
+    assert_eq!(s.alongside, ["cpu-profile", "signal-trace"]);
+    let f = s.fault.as_ref().expect("fault section");
+    assert!(f.error_percent.abs() <= 5.0, "{f:?}");
+    assert!(no_workers_of(&f.workers));
+    let cpu = s.cpu.as_ref().expect("cpu section");
+    assert!(cpu.samples.recorded > 0, "{cpu:?}");
+    assert!(s.signals.is_some());
+    let art = sink.artifacts.lock().unwrap();
+    for name in [
+        "flamegraph.svg",
+        "fault.csv",
+        "events.jsonl",
+        "run-timeline.svg",
+    ] {
+        assert!(art.contains_key(name), "{name} missing: {:?}", art.keys());
+    }
+    let t: toe_agent::profile::timeline::Timeline =
+        serde_json::from_slice(&art["run-timeline.json"]).unwrap();
+    let names: Vec<&str> = t.lanes.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "cpu-profile: on-CPU samples",
+            "signals and exits",
+            "memory-stress: asked vs achieved"
+        ]
+    );
+    // The fault's curve climbs over the ramp to what was asked, on the same axis as the
+    // profile's samples, which kept coming while memory was stressed.
+    let fault = &t.lanes[2];
+    assert!((fault.levels[0].value - f64::from(100u32 << 20)).abs() < 1.0);
+    let held = &fault.series[0].points;
+    let peak = held.iter().map(|p| p.1).fold(0.0, f64::max);
+    let early = held.iter().find(|p| p.0 > 100.0).expect("samples").1;
+    assert!(early < peak / 2.0, "no ramp: {held:?}");
+    let on_cpu = &t.lanes[0].series[0].points;
+    assert!(
+        on_cpu.iter().filter(|p| p.0 > 1500.0 && p.1 > 0.0).count() >= 3,
+        "{on_cpu:?}"
+    );
+    assert!(t.duration_ms >= 2900.0, "{}", t.duration_ms);
 }
 
 #[test]

@@ -183,6 +183,7 @@ pub fn profile(spec: &str, target: TargetSpec) -> (Outcome, MemorySink) {
     let req = RunRequest {
         source_name: "test.yaml".into(),
         spec_yaml: spec.into(),
+        config: None,
         target,
         output: Some("memory-unused".into()),
         cwd: std::env::temp_dir(),

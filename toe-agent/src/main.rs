@@ -39,6 +39,8 @@ enum Command {
         /// PowerTool YAML (`-` for stdin).
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// List the built-in tools and their arguments.
     Tools,
@@ -59,6 +61,27 @@ fn cleanup() -> Result<ExitCode> {
         r.files_removed.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// PowerToolConfig YAML (one or more documents): only the tools it enables may run, with
+    /// only the arguments it lists, within its caps. Without it, the built-in bounds apply.
+    #[arg(long = "config", env = "TOE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn read(&self) -> Result<Option<(String, String)>> {
+        self.config
+            .as_ref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .map(|text| (path.display().to_string(), text))
+                    .with_context(|| format!("--config {}: cannot read", path.display()))
+            })
+            .transpose()
+    }
 }
 
 #[derive(Args)]
@@ -86,6 +109,8 @@ struct RunArgs {
     /// Print the summary as JSON on stdout instead of the readable one on stderr.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    config: ConfigArg,
     /// Start this command and profile it from its first instruction until it exits.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -115,6 +140,7 @@ fn request(args: &RunArgs) -> Result<RunRequest> {
     Ok(RunRequest {
         source_name,
         spec_yaml,
+        config: args.config.read()?,
         target,
         output: args.output.clone(),
         cwd: std::env::current_dir().context("current directory")?,
@@ -230,18 +256,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(args) => run_cmd(args),
-        Command::Validate { file } => read_spec(file).and_then(|(name, yaml)| {
+        Command::Validate { file, config } => read_spec(file).and_then(|(name, yaml)| {
             let (tool, warnings) = plan::parse_spec(&name, &yaml)?;
             for w in warnings {
                 eprintln!("toe: warning: {w}");
             }
-            let v = toe_common::api::validate(&tool).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            eprintln!(
-                "{name}: valid: {} for {} with {:?}",
-                v.name,
-                format_duration(v.duration),
-                v.options
-            );
+            let v = plan::validate(&name, &tool, config.read()?.as_ref())?;
+            for t in std::iter::once(&v.tool).chain(&v.alongside) {
+                eprintln!(
+                    "{name}: valid: {} for {} with {:?}",
+                    t.name,
+                    format_duration(t.duration),
+                    t.options
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }),
         Command::Tools => {

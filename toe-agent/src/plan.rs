@@ -3,7 +3,8 @@
 
 use std::{path::Path, time::SystemTime};
 
-use toe_common::api::{self, PowerTool, ValidatedTool};
+use serde::Deserialize as _;
+use toe_common::api::{self, Configs, Policy, PowerTool, PowerToolConfig, ValidatedTool};
 use url::Url;
 
 use crate::targets::TargetSpec;
@@ -29,6 +30,11 @@ pub enum PlanError {
     },
     #[error("--output {given}: {why}")]
     Output { given: String, why: String },
+    #[error("--config {source_name}: {message}")]
+    Config {
+        source_name: String,
+        message: String,
+    },
 }
 
 /// What the command line asked for, besides the spec.
@@ -37,6 +43,9 @@ pub struct RunRequest {
     /// Name of the spec's source, for messages (a path or `<stdin>`).
     pub source_name: String,
     pub spec_yaml: String,
+    /// `--config`: the PowerToolConfig documents (source name, YAML) that enable tools and cap
+    /// their arguments. None: the built-in catalogue's own bounds.
+    pub config: Option<(String, String)>,
     pub target: TargetSpec,
     /// `--output`: a directory or an object store URL; overrides `spec.output.url`.
     pub output: Option<String>,
@@ -52,6 +61,8 @@ pub struct RunPlan {
     pub run_id: String,
     pub name: Option<String>,
     pub tool: ValidatedTool,
+    /// Tools run over the same target and window (`spec.alongside`).
+    pub alongside: Vec<ValidatedTool>,
     pub target: TargetSpec,
     /// The run's own directory (ends with `/`).
     pub output: Url,
@@ -94,12 +105,57 @@ fn timestamp(now: SystemTime) -> String {
         .replace(['-', ':'], "")
 }
 
+/// Every PowerToolConfig document of a config file, checked together.
+pub fn parse_configs(source_name: &str, yaml: &str) -> Result<Configs, PlanError> {
+    let err = |message: String| PlanError::Config {
+        source_name: source_name.to_owned(),
+        message,
+    };
+    let mut docs = Vec::new();
+    for de in serde_yaml::Deserializer::from_str(yaml) {
+        let value =
+            serde_yaml::Value::deserialize(de).map_err(|e| err(format!("not YAML: {e}")))?;
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing `---`
+        }
+        let doc: PowerToolConfig = serde_yaml::from_value(value)
+            .map_err(|e| err(format!("not a valid PowerToolConfig: {e}")))?;
+        docs.push(doc);
+    }
+    if docs.is_empty() {
+        return Err(err("no PowerToolConfig in it".into()));
+    }
+    Configs::new(&docs).map_err(|e| err(e.to_string()))
+}
+
+/// Validates a parsed PowerTool under the request's configs (or the built-in bounds).
+pub fn validate(
+    source_name: &str,
+    tool: &PowerTool,
+    config: Option<&(String, String)>,
+) -> Result<api::ValidatedRun, PlanError> {
+    let configs = config
+        .map(|(name, yaml)| parse_configs(name, yaml))
+        .transpose()?;
+    let policy = match &configs {
+        None => Policy::Builtin,
+        Some(configs) => Policy::Configs {
+            configs,
+            namespace: tool.metadata.namespace.as_deref(),
+        },
+    };
+    api::validate(tool, policy).map_err(|error| PlanError::Spec {
+        source_name: source_name.to_owned(),
+        error,
+    })
+}
+
 pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
     let (tool, mut warnings) = parse_spec(&req.source_name, &req.spec_yaml)?;
-    let validated = api::validate(&tool).map_err(|error| PlanError::Spec {
-        source_name: req.source_name.clone(),
-        error,
-    })?;
+    let api::ValidatedRun {
+        tool: validated,
+        alongside,
+    } = validate(&req.source_name, &tool, req.config.as_ref())?;
     let (given, from_flag) = match (
         &req.output,
         tool.spec.output.as_ref().and_then(|o| o.url.as_ref()),
@@ -144,6 +200,7 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
         run_id,
         name: tool.metadata.name.clone(),
         tool: validated,
+        alongside,
         target: req.target.clone(),
         output,
         dry_run: tool.spec.dry_run.unwrap_or(false),
@@ -163,6 +220,7 @@ mod tests {
         RunRequest {
             source_name: "spec.yaml".into(),
             spec_yaml: yaml.into(),
+            config: None,
             target: TargetSpec::Pid(1),
             output: output.map(Into::into),
             cwd: "/work".into(),
@@ -234,4 +292,28 @@ mod tests {
         assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
         assert!(p.warnings[0].contains("cluster only"));
     }
+
+    /// Every example PowerTool is valid as shipped, and within the example config's caps.
+    #[test]
+    fn examples_validate_with_and_without_the_example_config() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let config = std::fs::read_to_string(dir.join("config.yaml")).unwrap();
+        let config = Some(("config.yaml".to_owned(), config));
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "yaml") || path.ends_with("config.yaml") {
+                continue;
+            }
+            let name = path.display().to_string();
+            let (tool, warnings) =
+                parse_spec(&name, &std::fs::read_to_string(&path).unwrap()).unwrap();
+            assert!(warnings.is_empty(), "{warnings:?}");
+            validate(&name, &tool, None).unwrap_or_else(|e| panic!("{e}"));
+            validate(&name, &tool, config.as_ref()).unwrap_or_else(|e| panic!("{e}"));
+            checked += 1;
+        }
+        assert!(checked >= 8, "{checked} examples");
+    }
+
 }

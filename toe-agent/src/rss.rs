@@ -278,6 +278,36 @@ impl RssThread {
     }
 }
 
+/// The RSS curves as a lane of the run's shared timeline: every cgroup, and the processes with
+/// the highest peaks (a lane of fifty lines reads as noise).
+#[must_use]
+pub fn timeline_lane(series: &[Series]) -> crate::profile::timeline::Lane {
+    const PROCESSES: usize = 4;
+    let peak = |s: &Series| s.points.iter().map(|p| p.rss).max().unwrap_or(0);
+    let mut processes: Vec<&Series> = series.iter().filter(|s| s.kind != "cgroup").collect();
+    processes.sort_by_key(|s| std::cmp::Reverse(peak(s)));
+    let chosen = series
+        .iter()
+        .filter(|s| s.kind == "cgroup")
+        .chain(processes.into_iter().take(PROCESSES));
+    crate::profile::timeline::Lane {
+        name: "memory-profile: RSS".into(),
+        unit: "bytes".into(),
+        series: chosen
+            .map(|s| crate::profile::timeline::Series {
+                name: s.source.clone(),
+                #[expect(clippy::cast_precision_loss, reason = "values for display")]
+                points: s
+                    .points
+                    .iter()
+                    .map(|p| (p.t_ms as f64, p.rss as f64))
+                    .collect(),
+            })
+            .collect(),
+        ..crate::profile::timeline::Lane::default()
+    }
+}
+
 #[must_use]
 pub fn csv(series: &[Series]) -> String {
     let mut o =

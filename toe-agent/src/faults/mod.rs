@@ -956,6 +956,63 @@ impl Drop for FaultWork {
     }
 }
 
+/// The fault as a lane of the run's shared timeline: what it achieved over time against what
+/// was asked (and the limit it ran under).
+#[must_use]
+pub fn timeline_lane(s: &FaultSummary) -> crate::profile::timeline::Lane {
+    use crate::profile::timeline::{Lane, Level, Series};
+    let (unit, series_name) = match s.unit.as_str() {
+        "CPUs" => ("CPUs", "workers' CPU use"),
+        "bytes" => ("bytes", "memory the workers hold"),
+        "% used" => ("percent", "filesystem used"),
+        _ => ("processes", "signalled processes still alive"),
+    };
+    let mut series = vec![Series {
+        name: series_name.into(),
+        points: s
+            .samples
+            .iter()
+            .map(|x| (x.t_s * 1000.0, x.workers))
+            .collect(),
+    }];
+    let mut levels = vec![Level {
+        name: if unit == "processes" {
+            "signalled".into()
+        } else {
+            "asked".into()
+        },
+        value: s.asked,
+    }];
+    if unit == "bytes" {
+        #[expect(clippy::cast_precision_loss, reason = "bytes for display")]
+        let cgroup: Vec<(f64, f64)> = s
+            .samples
+            .iter()
+            .filter_map(|x| x.cgroup_memory.map(|m| (x.t_s * 1000.0, m as f64)))
+            .collect();
+        if !cgroup.is_empty() {
+            series.push(Series {
+                name: "target cgroup's memory usage".into(),
+                points: cgroup,
+            });
+        }
+        if let Some(limit) = s.memory_limit {
+            #[expect(clippy::cast_precision_loss, reason = "bytes for display")]
+            levels.push(Level {
+                name: "limit".into(),
+                value: limit as f64,
+            });
+        }
+    }
+    Lane {
+        name: format!("{}: asked vs achieved", s.fault),
+        unit: unit.into(),
+        series,
+        levels,
+        events: Vec::new(),
+    }
+}
+
 /// The time series as CSV.
 #[must_use]
 pub fn csv(s: &FaultSummary) -> String {

@@ -9,6 +9,7 @@ mod proto;
 pub mod signals;
 pub mod summary;
 pub mod svg;
+pub mod timeline;
 
 /// One frame after symbolization. Unresolved frames keep their module and offset in `function`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -487,6 +487,27 @@ fn mark(r: &Record) -> Option<(u8, &'static str, String)> {
     })
 }
 
+/// The events as a lane of the run's shared timeline (deliveries left out: the signal mark
+/// already says it).
+#[must_use]
+pub fn timeline_lane(records: &[Record]) -> super::timeline::Lane {
+    super::timeline::Lane {
+        name: "signals and exits".into(),
+        events: records
+            .iter()
+            .filter_map(|r| {
+                let (class, colour, label) = mark(r)?;
+                (class != 1).then(|| super::timeline::Event {
+                    t_ms: r.t_ms,
+                    label: format!("{} ({}): {label}", r.comm, r.pid),
+                    colour: colour.to_owned(),
+                })
+            })
+            .collect(),
+        ..super::timeline::Lane::default()
+    }
+}
+
 fn marks(records: &[Record], lanes: &[(u32, String)], span: f64) -> Marks {
     let mut out = Marks::new();
     for r in records {

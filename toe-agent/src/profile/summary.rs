@@ -78,6 +78,9 @@ pub struct CpuSummary {
 pub struct Summary {
     pub run: String,
     pub tool: String,
+    /// Tools that ran alongside it over the same window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alongside: Vec<String>,
     pub target: String,
     /// False when the run was interrupted or failed before its planned end.
     pub complete: bool,
@@ -209,7 +212,16 @@ pub(crate) fn render_breakdown(
 pub fn render(s: &Summary) -> String {
     let mut o = String::new();
     let status = if s.complete { "complete" } else { "PARTIAL" };
-    let _ = writeln!(o, "TOE {} on {}: {status} ({})", s.tool, s.target, s.ended);
+    let alongside = if s.alongside.is_empty() {
+        String::new()
+    } else {
+        format!(" with {} alongside", s.alongside.join(", "))
+    };
+    let _ = writeln!(
+        o,
+        "TOE {}{alongside} on {}: {status} ({})",
+        s.tool, s.target, s.ended
+    );
     if let Some(cpu) = &s.cpu {
         render_cpu(&mut o, cpu, s.sampled_duration_s);
     }

@@ -33,7 +33,7 @@ use crate::{
         },
         pprof,
         summary::{self, CpuSummary, SampleAccounting, Summary},
-        svg,
+        svg, timeline,
     },
     rss::{self, RssSampler, RssThread},
     sink::{ArtifactSink, SinkError},
@@ -149,6 +149,9 @@ enum Work {
         opts: CpuProfileOptions,
         collector: CpuCollector,
         raw: RawProfile,
+        /// Samples received so far, at each slow tick (ms since the start), for the run's
+        /// shared timeline.
+        received: Vec<(f64, u64)>,
     },
     Memory {
         opts: MemoryProfileOptions,
@@ -159,15 +162,15 @@ enum Work {
         ticks: u64,
     },
     Signals(signals::SignalWork),
-    /// A fault, and for terminate the signal trace that shows how its victims ended.
-    Fault(Box<FaultWork>, Option<signals::SignalWork>),
+    Fault(Box<FaultWork>),
 }
 
 /// A run between attach and detach.
 struct Session {
     target: ResolvedTarget,
     loaded: Loaded,
-    work: Work,
+    /// One per tool of the PowerTool, collectors first, the fault (if any) last.
+    works: Vec<Work>,
     /// Exit status of a command TOE started, delivered by a thread that waits for it.
     command_exit: Option<oneshot::Receiver<i32>>,
     started_at: SystemTime,
@@ -201,9 +204,9 @@ fn check_allocator(spec: &TargetSpec, target: &ResolvedTarget) -> Result<(), Run
     )))
 }
 
-/// Capacities of the object's big maps for `tool`. Rings and preallocated maps of collectors the
-/// tool does not use get the smallest size the kernel accepts.
-fn map_sizes(tool: &ToolOptions, cpus: u32) -> Vec<(&'static str, u32)> {
+/// Capacities of the object's big maps for `tools`. Rings and preallocated maps of collectors no
+/// tool uses get the smallest size the kernel accepts.
+fn map_sizes(tools: &[&ToolOptions], cpus: u32) -> Vec<(&'static str, u32)> {
     use toe_common::{cpu, memory, signals as sig};
     let mut sizes = vec![
         (cpu::SAMPLES_RING, 4096),
@@ -213,29 +216,54 @@ fn map_sizes(tool: &ToolOptions, cpus: u32) -> Vec<(&'static str, u32)> {
     ];
     let mut set = |name: &'static str, size: u32| {
         if let Some(s) = sizes.iter_mut().find(|(n, _)| *n == name) {
-            s.1 = size;
+            s.1 = s.1.max(size);
         } else {
             sizes.push((name, size));
         }
     };
-    match tool {
-        ToolOptions::CpuProfile(o) => set(cpu::SAMPLES_RING, cpu::ring_bytes(cpus, o.frequency_hz)),
-        ToolOptions::MemoryProfile(o) => {
-            set(memory::STACKS_MAP, memory::MAX_STACKS);
-            set(memory::LIVE_MAP, o.max_tracked);
-        }
-        ToolOptions::SignalTrace(o) => {
-            set(sig::STACKS_MAP, sig::MAX_STACKS);
-            set(sig::EVENTS_RING, o.ring_bytes);
-        }
-        ToolOptions::CpuStress(_) | ToolOptions::MemoryStress(_) | ToolOptions::VolumeFill(_) => {}
-        // terminate traces its victims' signals and exits.
-        ToolOptions::Terminate(_) => {
-            set(sig::STACKS_MAP, sig::MAX_STACKS);
-            set(sig::EVENTS_RING, sig::RING_BYTES);
+    for tool in tools {
+        match tool {
+            ToolOptions::CpuProfile(o) => {
+                set(cpu::SAMPLES_RING, cpu::ring_bytes(cpus, o.frequency_hz));
+            }
+            ToolOptions::MemoryProfile(o) => {
+                set(memory::STACKS_MAP, memory::MAX_STACKS);
+                set(memory::LIVE_MAP, o.max_tracked);
+            }
+            ToolOptions::SignalTrace(o) => {
+                set(sig::STACKS_MAP, sig::MAX_STACKS);
+                set(sig::EVENTS_RING, o.ring_bytes);
+            }
+            ToolOptions::CpuStress(_)
+            | ToolOptions::MemoryStress(_)
+            | ToolOptions::VolumeFill(_) => {}
+            // terminate traces its victims' signals and exits.
+            ToolOptions::Terminate(_) => {
+                set(sig::STACKS_MAP, sig::MAX_STACKS);
+                set(sig::EVENTS_RING, sig::RING_BYTES);
+            }
         }
     }
     sizes
+}
+
+/// The tools a run drives: the PowerTool's own, then those alongside it; a terminate fault also
+/// traces signals (with the trace's defaults) unless a signal trace is already among them.
+fn run_tools(plan: &RunPlan) -> Vec<ToolOptions> {
+    let mut tools: Vec<ToolOptions> = std::iter::once(&plan.tool)
+        .chain(&plan.alongside)
+        .map(|t| t.options.clone())
+        .collect();
+    let traced = tools
+        .iter()
+        .any(|t| matches!(t, ToolOptions::SignalTrace(_)));
+    if !traced
+        && tools.iter().any(|t| matches!(t, ToolOptions::Terminate(_)))
+        && let Some(trace) = toe_common::api::default_options("signal-trace")
+    {
+        tools.push(trace);
+    }
+    tools
 }
 
 /// A fault's exact plan for a dry run: the target is measured (read-only), nothing is started.
@@ -251,38 +279,46 @@ pub fn describe_fault(plan: &RunPlan) -> Result<Vec<String>, RunError> {
             ]);
         }
     };
-    let facts = faults::facts(&target, &plan.tool.options)?;
-    let fault_plan = faults::plan(&plan.tool.options, &facts)?;
+    let Some(fault) = run_tools(plan).into_iter().find(ToolOptions::is_fault) else {
+        return Ok(Vec::new());
+    };
+    let facts = faults::facts(&target, &fault)?;
+    let fault_plan = faults::plan(&fault, &facts)?;
     Ok(fault_plan.describe(&facts))
 }
 
 /// Resolves the target and attaches; the command (if any) runs from here on.
 fn start(plan: &RunPlan) -> Result<Session, RunError> {
     // Everything that can be rejected is checked before anything is loaded or attached.
+    let tools = run_tools(plan);
     let (target, child) = resolve_target(&plan.target)?;
     let cpus = aya::util::online_cpus().map_or(1, |c| u32::try_from(c.len()).unwrap_or(u32::MAX));
-    if let ToolOptions::MemoryProfile(opts) = &plan.tool.options
-        && opts.allocations != AllocationMode::Off
-    {
-        check_allocator(&plan.target, &target)?;
-    }
-    if let ToolOptions::SignalTrace(_) = &plan.tool.options
-        && target.tgids.is_empty()
-        && target.cgroups.iter().all(signals::cgroup_is_empty)
-    {
-        return Err(RunError::Target(TargetError::Empty(
-            target.description.clone(),
-        )));
+    for tool in &tools {
+        match tool {
+            ToolOptions::MemoryProfile(opts) if opts.allocations != AllocationMode::Off => {
+                check_allocator(&plan.target, &target)?;
+            }
+            ToolOptions::SignalTrace(_)
+                if target.tgids.is_empty()
+                    && target.cgroups.iter().all(signals::cgroup_is_empty) =>
+            {
+                return Err(RunError::Target(TargetError::Empty(
+                    target.description.clone(),
+                )));
+            }
+            _ => {}
+        }
     }
     // A fault is planned from the target's measured limits before anything is loaded.
-    let fault = if plan.tool.options.is_fault() {
-        let facts = faults::facts(&target, &plan.tool.options)?;
-        let fault_plan = faults::plan(&plan.tool.options, &facts)?;
-        Some((fault_plan, facts))
-    } else {
-        None
+    let fault = match tools.iter().find(|t| t.is_fault()) {
+        Some(options) => {
+            let facts = faults::facts(&target, options)?;
+            let fault_plan = faults::plan(options, &facts)?;
+            Some((fault_plan, facts))
+        }
+        None => None,
     };
-    let mut loaded = Loaded::load(&map_sizes(&plan.tool.options, cpus))?;
+    let mut loaded = Loaded::load(&map_sizes(&tools.iter().collect::<Vec<_>>(), cpus))?;
     loaded.install_targets(&target)?;
     if matches!(plan.target, TargetSpec::Pid(_)) {
         // The fork tracepoint follows children from now on; this catches those started before.
@@ -290,54 +326,52 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
             loaded.add_tgid(pid)?;
         }
     }
-    let work = match &plan.tool.options {
-        ToolOptions::CpuProfile(opts) => Work::Cpu {
-            opts: *opts,
-            collector: CpuCollector::attach(&mut loaded, opts)?,
-            raw: RawProfile::default(),
-        },
-        ToolOptions::MemoryProfile(opts) => {
-            let mut collector = MemoryCollector::attach(&mut loaded, opts)?;
-            // Attached before a held command is released, so its first allocation is seen.
-            let pids = collector.discover(&mut loaded, &target.cgroups)?;
-            if let Some(c) = &child {
-                collector.attached_before_start(c.pid);
-            }
-            let rss = RssThread::spawn(opts.rss_interval, pids.clone(), target.cgroups.clone());
-            Work::Memory {
+    // Collectors attach first: they see the fault from its first moment.
+    let mut works = Vec::new();
+    for tool in &tools {
+        works.push(match tool {
+            ToolOptions::CpuProfile(opts) => Work::Cpu {
                 opts: *opts,
-                collector,
-                rss,
-                pids,
-                ticks: 0,
-            }
-        }
-        ToolOptions::SignalTrace(opts) => {
-            let mut collector = SignalCollector::attach(&mut loaded, opts, &target)?;
-            if let Some(c) = &child {
-                collector.add_process(c.pid)?;
-            }
-            Work::Signals(signals::SignalWork::new(opts.clone(), collector))
-        }
-        _ => {
-            let (fault_plan, facts) = fault.expect("planned above for every fault");
-            // Traced from before the first signal, so its delivery and the exit are seen.
-            let trace = match (
-                &fault_plan,
-                toe_common::api::default_options("signal-trace"),
-            ) {
-                (faults::FaultPlan::Terminate { .. }, Some(ToolOptions::SignalTrace(o))) => {
-                    let collector = SignalCollector::attach(&mut loaded, &o, &target)?;
-                    Some(signals::SignalWork::new(o, collector))
+                collector: CpuCollector::attach(&mut loaded, opts)?,
+                raw: RawProfile::default(),
+                received: Vec::new(),
+            },
+            ToolOptions::MemoryProfile(opts) => {
+                let mut collector = MemoryCollector::attach(&mut loaded, opts)?;
+                // Attached before a held command is released, so its first allocation is seen.
+                let pids = collector.discover(&mut loaded, &target.cgroups)?;
+                if let Some(c) = &child {
+                    collector.attached_before_start(c.pid);
                 }
-                _ => None,
-            };
-            Work::Fault(
-                Box::new(FaultWork::start(&plan.run_id, fault_plan, facts)?),
-                trace,
-            )
-        }
-    };
+                let rss = RssThread::spawn(opts.rss_interval, pids.clone(), target.cgroups.clone());
+                Work::Memory {
+                    opts: *opts,
+                    collector,
+                    rss,
+                    pids,
+                    ticks: 0,
+                }
+            }
+            ToolOptions::SignalTrace(opts) => {
+                let mut collector = SignalCollector::attach(&mut loaded, opts, &target)?;
+                if let Some(c) = &child {
+                    collector.add_process(c.pid)?;
+                }
+                Work::Signals(signals::SignalWork::new(opts.clone(), collector))
+            }
+            ToolOptions::CpuStress(_)
+            | ToolOptions::MemoryStress(_)
+            | ToolOptions::Terminate(_)
+            | ToolOptions::VolumeFill(_) => continue,
+        });
+    }
+    if let Some((fault_plan, facts)) = fault {
+        works.push(Work::Fault(Box::new(FaultWork::start(
+            &plan.run_id,
+            fault_plan,
+            facts,
+        )?)));
+    }
     let started_ns = signals::monotonic_ns();
     let command_exit = match child {
         Some(mut c) => {
@@ -353,7 +387,7 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
     Ok(Session {
         target,
         loaded,
-        work,
+        works,
         command_exit,
         started_at: SystemTime::now(),
         started: Instant::now(),
@@ -364,43 +398,40 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
 impl Session {
     /// Every [`DRAIN_EVERY`]: empty rings, attach to new processes, read RSS when due.
     fn fast_tick(&mut self, symbolizer: &mut Symbolizer) -> Result<(), RunError> {
-        match &mut self.work {
-            Work::Cpu { collector, raw, .. } => {
-                collector.drain(raw);
-                // New stacks are symbolized at once: a short-lived process (or one about to
-                // exec) may be gone by the next slow tick.
-                let new = raw.take_new();
-                if !new.is_empty() {
-                    symbolizer.resolve(&new);
+        for work in &mut self.works {
+            match work {
+                Work::Cpu { collector, raw, .. } => {
+                    collector.drain(raw);
+                    // New stacks are symbolized at once: a short-lived process (or one about
+                    // to exec) may be gone by the next slow tick.
+                    let new = raw.take_new();
+                    if !new.is_empty() {
+                        symbolizer.resolve(&new);
+                    }
                 }
-            }
-            Work::Memory {
-                opts,
-                collector,
-                rss,
-                pids,
-                ticks,
-            } => {
-                // New processes are looked for every other tick (50 ms): the delay between a
-                // fork and its probes is reported per process.
-                // Without allocator probes, discovery only feeds RSS: every 250 ms is enough.
-                *ticks += 1;
-                let every = if opts.allocations == AllocationMode::Off {
-                    10
-                } else {
-                    2
-                };
-                if *ticks % every == 0 {
-                    *pids = collector.discover(&mut self.loaded, &self.target.cgroups)?;
-                    rss.set_pids(pids);
+                Work::Memory {
+                    opts,
+                    collector,
+                    rss,
+                    pids,
+                    ticks,
+                } => {
+                    // New processes are looked for every other tick (50 ms): the delay between
+                    // a fork and its probes is reported per process. Without allocator probes,
+                    // discovery only feeds RSS: every 250 ms is enough.
+                    *ticks += 1;
+                    let every = if opts.allocations == AllocationMode::Off {
+                        10
+                    } else {
+                        2
+                    };
+                    if *ticks % every == 0 {
+                        *pids = collector.discover(&mut self.loaded, &self.target.cgroups)?;
+                        rss.set_pids(pids);
+                    }
                 }
-            }
-            Work::Signals(w) => w.tick(&self.target),
-            Work::Fault(f, trace) => {
-                f.tick();
-                if let Some(t) = trace {
-                    t.tick(&self.target);
-                }
+                Work::Signals(w) => w.tick(&self.target),
+                Work::Fault(f) => f.tick(),
             }
         }
         Ok(())
@@ -408,20 +439,35 @@ impl Session {
 
     /// Every [`RESOLVE_EVERY`]: symbolize what is new while its processes live.
     fn slow_tick(&mut self, symbolizer: &mut Symbolizer) {
-        match &mut self.work {
-            Work::Cpu { raw, .. } => symbolizer.resolve(&raw.take_new()),
-            Work::Memory { collector, .. } => symbolizer.resolve(&collector.take_new()),
-            Work::Signals(w) => w.resolve(symbolizer),
-            Work::Fault(_, trace) => {
-                if let Some(t) = trace {
-                    t.resolve(symbolizer);
+        let now_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        for work in &mut self.works {
+            match work {
+                Work::Cpu { raw, received, .. } => {
+                    symbolizer.resolve(&raw.take_new());
+                    received.push((now_ms, raw.received));
                 }
+                Work::Memory { collector, .. } => symbolizer.resolve(&collector.take_new()),
+                Work::Signals(w) => w.resolve(symbolizer),
+                Work::Fault(_) => {}
             }
         }
     }
 
+    fn fault_done(&self) -> bool {
+        self.works
+            .iter()
+            .any(|w| matches!(w, Work::Fault(f) if f.done()))
+    }
+
     fn progress(&self) -> String {
-        match &self.work {
+        let parts: Vec<String> = self.works.iter().map(Work::progress).collect();
+        parts.join("; ")
+    }
+}
+
+impl Work {
+    fn progress(&self) -> String {
+        match self {
             Work::Cpu { raw, collector, .. } => format!(
                 "{} samples, {} lost",
                 raw.received,
@@ -439,7 +485,7 @@ impl Session {
                 )
             }
             Work::Signals(w) => w.progress(),
-            Work::Fault(f, _) => format!("{} running", f.plan.name()),
+            Work::Fault(f) => format!("{} running", f.plan.name()),
         }
     }
 }
@@ -494,7 +540,7 @@ async fn sample(
             }
             _ = drain.tick() => {
                 s.fast_tick(symbolizer)?;
-                if let Work::Fault(f, _) = &s.work && f.done() {
+                if s.fault_done() {
                     break Ended::FaultDone;
                 }
             }
@@ -562,12 +608,28 @@ struct Finished {
     fault: Option<faults::FaultSummary>,
     artifacts: Vec<Artifact>,
     warnings: Vec<String>,
+    /// This tool's part of the run's shared timeline.
+    lanes: Vec<timeline::Lane>,
+}
+
+impl Finished {
+    /// Adds another tool's results; each tool fills its own parts.
+    fn merge(&mut self, other: Self) {
+        self.cpu = self.cpu.take().or(other.cpu);
+        self.memory = self.memory.take().or(other.memory);
+        self.signals = self.signals.take().or(other.signals);
+        self.fault = self.fault.take().or(other.fault);
+        self.failed = self.failed.take().or(other.failed);
+        self.artifacts.extend(other.artifacts);
+        self.warnings.extend(other.warnings);
+        self.lanes.extend(other.lanes);
+    }
 }
 
 fn finish_cpu(
     opts: CpuProfileOptions,
     mut collector: CpuCollector,
-    mut raw: RawProfile,
+    (mut raw, received): (RawProfile, Vec<(f64, u64)>),
     symbolizer: &mut Symbolizer,
     children: (u64, u64),
     span: (u64, u64),
@@ -625,14 +687,21 @@ fn finish_cpu(
         },
         breakdown,
     };
+    let lane = timeline::Lane {
+        name: "cpu-profile: on-CPU samples".into(),
+        unit: "samples/s".into(),
+        series: vec![timeline::Series {
+            name: "target on CPU".into(),
+            points: timeline::rate_per_second(&received),
+        }],
+        ..timeline::Lane::default()
+    };
     Ok(Finished {
         cpu: Some(cpu),
-        memory: None,
-        signals: None,
-        failed: None,
-        fault: None,
         artifacts,
         warnings,
+        lanes: vec![lane],
+        ..Finished::default()
     })
 }
 
@@ -853,13 +922,11 @@ fn finish_memory(
         Bytes::from(rss::svg(&series, &format!("{title} — RSS"))),
     ));
     Ok(Finished {
-        cpu: None,
         memory: Some(m),
-        signals: None,
-        failed: None,
-        fault: None,
         artifacts,
         warnings,
+        lanes: vec![rss::timeline_lane(&series)],
+        ..Finished::default()
     })
 }
 
@@ -877,7 +944,16 @@ fn finish_work(
             opts,
             collector,
             raw,
-        } => finish_cpu(opts, collector, raw, symbolizer, children, span, title)?,
+            received,
+        } => finish_cpu(
+            opts,
+            collector,
+            (raw, received),
+            symbolizer,
+            children,
+            span,
+            title,
+        )?,
         Work::Memory {
             opts,
             collector,
@@ -891,26 +967,9 @@ fn finish_work(
             sampled_for.as_secs_f64() * 1000.0,
             title,
         ),
-        Work::Fault(f, trace) => {
-            let mut summary = (*f).finish();
-            let mut finished = trace.map_or_else(Finished::default, |t| {
-                signals::finish(
-                    t,
-                    symbolizer,
-                    (started_ns, span.0),
-                    sampled_for.as_secs_f64() * 1000.0,
-                    title,
-                )
-            });
-            if let Some(sig) = &finished.signals {
-                for t in &mut summary.terminated {
-                    t.outcome = sig
-                        .processes
-                        .iter()
-                        .find(|p| p.pid == t.pid)
-                        .map(|p| p.explanation.clone());
-                }
-            }
+        Work::Fault(f) => {
+            let summary = (*f).finish();
+            let mut finished = Finished::default();
             if summary.leftovers > 0 {
                 finished.warnings.push(format!(
                     "{} worker(s) survived the rollback",
@@ -922,10 +981,63 @@ fn finish_work(
                 "fault.csv",
                 Bytes::from(faults::csv(&summary)),
             ));
+            finished.lanes.push(faults::timeline_lane(&summary));
             finished.fault = Some(summary);
             finished
         }
     })
+}
+
+/// Every tool's results together; a terminate fault's victims get their ending from the trace.
+fn finish_all(
+    works: Vec<Work>,
+    symbolizer: &mut Symbolizer,
+    children: (u64, u64),
+    clock: ((u64, u64), u64),
+    sampled_for: Duration,
+    title: &str,
+) -> Result<Finished, RunError> {
+    let tools = works.len();
+    let mut all = Finished::default();
+    for work in works {
+        all.merge(finish_work(
+            work,
+            symbolizer,
+            children,
+            clock,
+            sampled_for,
+            title,
+        )?);
+    }
+    if let (Some(fault), Some(sig)) = (&mut all.fault, &all.signals) {
+        for t in &mut fault.terminated {
+            t.outcome = sig
+                .processes
+                .iter()
+                .find(|p| p.pid == t.pid)
+                .map(|p| p.explanation.clone());
+        }
+    }
+    // The shared timeline, when there is something to line up: a fault (asked versus achieved
+    // over time) or several tools.
+    if all.fault.is_some() || tools > 1 {
+        let t = timeline::Timeline {
+            start_unix_ns: clock.0.0,
+            duration_ms: sampled_for.as_secs_f64() * 1000.0,
+            lanes: std::mem::take(&mut all.lanes),
+        };
+        all.artifacts.push((
+            "run-timeline",
+            "run-timeline.svg",
+            Bytes::from(timeline::svg(&t, &format!("{title} — run timeline"))),
+        ));
+        all.artifacts.push((
+            "run-timeline-json",
+            "run-timeline.json",
+            Bytes::from(serde_json::to_vec_pretty(&t).expect("timeline serializes")),
+        ));
+    }
+    Ok(all)
 }
 
 /// Runs the plan to the end and writes its artifacts to `sink`.
@@ -942,20 +1054,22 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
     )
     .await?;
     let children = session.loaded.child_counters()?;
-    if let Work::Memory {
-        collector,
-        rss,
-        pids,
-        ..
-    } = &mut session.work
-    {
-        *pids = collector.discover(&mut session.loaded, &session.target.cgroups)?;
-        rss.set_pids(pids);
+    for work in &mut session.works {
+        if let Work::Memory {
+            collector,
+            rss,
+            pids,
+            ..
+        } = work
+        {
+            *pids = collector.discover(&mut session.loaded, &session.target.cgroups)?;
+            rss.set_pids(pids);
+        }
     }
     let Session {
         target,
         loaded,
-        work,
+        works,
         command_exit,
         started_at,
         started,
@@ -974,8 +1088,8 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
         plan.name.as_deref().unwrap_or(&plan.tool.name),
         target.description
     );
-    let finished = finish_work(
-        work,
+    let finished = finish_all(
+        works,
         &mut symbolizer,
         children,
         (span, started_ns),
@@ -985,6 +1099,7 @@ pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<
     let mut summary = Summary {
         run: plan.run_id.clone(),
         tool: plan.tool.name.clone(),
+        alongside: plan.alongside.iter().map(|t| t.name.clone()).collect(),
         target: target.description.clone(),
         complete: !matches!(ended, Ended::Interrupted(_)),
         ended: ended.describe(),

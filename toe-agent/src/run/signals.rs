@@ -392,12 +392,11 @@ pub(super) fn finish(
         ),
     ];
     Finished {
-        cpu: None,
-        memory: None,
         signals: Some(summary),
         failed,
-        fault: None,
         artifacts,
         warnings,
+        lanes: vec![sigprof::timeline_lane(&recs)],
+        ..Finished::default()
     }
 }

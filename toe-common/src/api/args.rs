@@ -416,6 +416,15 @@ fn parse_value(spec: &ArgSpec, raw: &str) -> Result<ArgValue, ArgError> {
 /// Parses `args` against `schema`. Accepts `--name=value`, `--name value` and, for booleans,
 /// a bare `--name`. Repeating an argument is an error: a silent last-one-wins hides mistakes.
 pub fn parse(schema: &[ArgSpec], args: &[String]) -> Result<ParsedArgs, ArgError> {
+    parse_with_defaults(schema, args, &BTreeMap::new())
+}
+
+/// [`parse`], with `defaults` (argument name -> value text) replacing the schema's own.
+pub fn parse_with_defaults(
+    schema: &[ArgSpec],
+    args: &[String],
+    defaults: &BTreeMap<String, String>,
+) -> Result<ParsedArgs, ArgError> {
     let mut out = BTreeMap::new();
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
@@ -450,7 +459,7 @@ pub fn parse(schema: &[ArgSpec], args: &[String]) -> Result<ParsedArgs, ArgError
     }
     for spec in schema {
         if !out.contains_key(spec.name)
-            && let Some(default) = spec.default
+            && let Some(default) = defaults.get(spec.name).map(String::as_str).or(spec.default)
         {
             out.insert(spec.name, parse_value(spec, default)?);
         }

@@ -2,6 +2,7 @@
 //! a spec into typed tool options. Local mode and the node agent both go through [`validate`].
 
 mod args;
+mod config;
 mod duration;
 mod tools;
 
@@ -11,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 pub use self::{
     args::{Amount, ArgKind, ArgSpec, ArgValue, ParsedArgs, format_size, parse_size},
+    config::{
+        ArgumentRule, CheckedConfig, ConfigError, Configs, Engine, POWER_TOOL_CONFIG_KIND,
+        PowerToolConfig, PowerToolConfigSpec, Resources, RuleType, Scalar, check as check_config,
+    },
     duration::{format_duration, parse_duration},
     tools::{
         AllocationMode, CpuProfileOptions, CpuStressOptions, MemoryProfileOptions,
@@ -51,6 +56,11 @@ pub struct PowerTool {
 #[serde(rename_all = "camelCase")]
 pub struct PowerToolSpec {
     pub tool: ToolSpec,
+    /// More tools over the same targets and the same window, e.g. a CPU profile while memory is
+    /// stressed. They take no duration of their own; at most one tool of a PowerTool is a fault.
+    /// Their results share the run's timeline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alongside: Vec<ToolSpec>,
     /// Pod and container selection. Cluster-only: local mode takes its target from the command
     /// line and ignores this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -95,12 +105,34 @@ pub enum SpecError {
     ApiVersion(String),
     #[error("kind: expected \"{POWER_TOOL_KIND}\", got \"{0}\"")]
     Kind(String),
-    #[error("spec.tool.name: unknown tool \"{name}\" (known tools: {known})")]
-    UnknownTool { name: String, known: String },
-    #[error("spec.tool.duration: {0}")]
-    Duration(String),
-    #[error("spec.tool.commandLineArguments: {0}")]
-    Argument(args::ArgError),
+    #[error("{field}.name: unknown tool \"{name}\" (known tools: {known})")]
+    UnknownTool {
+        field: String,
+        name: String,
+        known: String,
+    },
+    #[error("{field}.duration: {why}")]
+    Duration { field: String, why: String },
+    #[error("{field}.commandLineArguments: {why}")]
+    Argument { field: String, why: String },
+    #[error(
+        "{field}.name: tool {tool} is not enabled here (no PowerToolConfig for it; enabled: {enabled})"
+    )]
+    NotEnabled {
+        field: String,
+        tool: String,
+        enabled: String,
+    },
+    #[error(
+        "metadata.namespace: PowerToolConfig {config} does not allow tool {tool} in namespace {namespace}"
+    )]
+    Namespace {
+        config: String,
+        tool: String,
+        namespace: String,
+    },
+    #[error("spec.alongside: {0}")]
+    Alongside(String),
 }
 
 /// A PowerTool that passed validation: what to run, for how long, with which typed options.
@@ -111,25 +143,38 @@ pub struct ValidatedTool {
     pub options: ToolOptions,
 }
 
-// By hand rather than `#[from]`, which would also chain the argument error as the source and
-// print it twice after the message that already contains it.
-impl From<args::ArgError> for SpecError {
-    fn from(e: args::ArgError) -> Self {
-        Self::Argument(e)
-    }
+/// A whole PowerTool that passed validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedRun {
+    pub tool: ValidatedTool,
+    /// `spec.alongside`, each with the run's duration.
+    pub alongside: Vec<ValidatedTool>,
 }
 
-/// Checks a PowerTool against the built-in tool catalogue: known tool, duration within the tool's
-/// bounds, every argument known, typed and in range.
-pub fn validate(tool: &PowerTool) -> Result<ValidatedTool, SpecError> {
-    if tool.api_version != API_VERSION {
-        return Err(SpecError::ApiVersion(tool.api_version.clone()));
-    }
-    if tool.kind != POWER_TOOL_KIND {
-        return Err(SpecError::Kind(tool.kind.clone()));
-    }
-    let spec = &tool.spec.tool;
+/// What a PowerTool is checked against.
+#[derive(Clone, Copy, Debug)]
+pub enum Policy<'a> {
+    /// The built-in catalogue only: every tool, every argument within the tool's own bounds
+    /// (local mode without a config file: the machine's owner is the administrator).
+    Builtin,
+    /// Only tools these configs enable, only the arguments they list, within their caps.
+    Configs {
+        configs: &'a Configs,
+        /// The PowerTool's namespace, checked against each config's allowed namespaces.
+        namespace: Option<&'a str>,
+    },
+}
+
+/// Checks one tool of a PowerTool (`field` names it in messages). `run_duration`: the duration
+/// an `alongside` tool inherits.
+fn validate_tool(
+    spec: &ToolSpec,
+    field: &str,
+    policy: Policy<'_>,
+    run_duration: Option<Duration>,
+) -> Result<ValidatedTool, SpecError> {
     let def = find_tool(&spec.name).ok_or_else(|| SpecError::UnknownTool {
+        field: field.to_owned(),
         name: spec.name.clone(),
         known: catalogue()
             .iter()
@@ -137,27 +182,120 @@ pub fn validate(tool: &PowerTool) -> Result<ValidatedTool, SpecError> {
             .collect::<Vec<_>>()
             .join(", "),
     })?;
-    let duration = match &spec.duration {
-        None => def.default_duration,
-        Some(text) => parse_duration(text).map_err(SpecError::Duration)?,
+    let config = match policy {
+        Policy::Builtin => None,
+        Policy::Configs { configs, namespace } => {
+            let c = configs
+                .for_tool(def.name)
+                .ok_or_else(|| SpecError::NotEnabled {
+                    field: field.to_owned(),
+                    tool: def.name.to_owned(),
+                    enabled: match configs.tools() {
+                        t if t.is_empty() => "none".to_owned(),
+                        t => t.join(", "),
+                    },
+                })?;
+            if let Some(ns) = namespace
+                && !c.allows_namespace(ns)
+            {
+                return Err(SpecError::Namespace {
+                    config: c.name.clone(),
+                    tool: def.name.to_owned(),
+                    namespace: ns.to_owned(),
+                });
+            }
+            Some(c)
+        }
+    };
+    let duration_err = |why: String| SpecError::Duration {
+        field: field.to_owned(),
+        why,
+    };
+    let duration = match (&spec.duration, run_duration) {
+        (Some(_), Some(_)) => {
+            return Err(duration_err(
+                "a tool alongside runs for the whole run (spec.tool.duration); remove this".into(),
+            ));
+        }
+        (None, Some(d)) => d,
+        (None, None) => def.default_duration,
+        (Some(text), None) => parse_duration(text).map_err(duration_err)?,
     };
     if duration.is_zero() {
-        return Err(SpecError::Duration("must be greater than 0s".into()));
+        return Err(duration_err("must be greater than 0s".into()));
     }
-    if duration > def.max_duration {
-        return Err(SpecError::Duration(format!(
-            "{} exceeds the maximum of {} for tool {}",
+    let (max, whose) = match config {
+        Some(c) => (c.max_duration, format!("PowerToolConfig {}", c.name)),
+        None => (def.max_duration, format!("tool {}", def.name)),
+    };
+    if duration > max {
+        return Err(duration_err(format!(
+            "{} exceeds the maximum of {} for {whose}",
             format_duration(duration),
-            format_duration(def.max_duration),
-            def.name
+            format_duration(max),
         )));
     }
-    let parsed = args::parse(def.args, &spec.command_line_arguments)?;
-    let options = (def.build)(&parsed);
+    let arg_err = |why: String| SpecError::Argument {
+        field: field.to_owned(),
+        why,
+    };
+    if let Some(c) = config {
+        c.allows_arguments(&spec.command_line_arguments)
+            .map_err(arg_err)?;
+    }
+    let defaults = config.map(CheckedConfig::defaults).unwrap_or_default();
+    let parsed = args::parse_with_defaults(def.args, &spec.command_line_arguments, &defaults)
+        .map_err(|e| arg_err(e.to_string()))?;
+    if let Some(c) = config {
+        c.admits(&parsed).map_err(arg_err)?;
+    }
     Ok(ValidatedTool {
         name: def.name.to_owned(),
         duration,
-        options,
+        options: (def.build)(&parsed),
+    })
+}
+
+/// Checks a PowerTool: known tools, durations within bounds, every argument known, typed and in
+/// range; under [`Policy::Configs`] also enabled, allowed in the namespace, and within the caps.
+pub fn validate(tool: &PowerTool, policy: Policy<'_>) -> Result<ValidatedRun, SpecError> {
+    if tool.api_version != API_VERSION {
+        return Err(SpecError::ApiVersion(tool.api_version.clone()));
+    }
+    if tool.kind != POWER_TOOL_KIND {
+        return Err(SpecError::Kind(tool.kind.clone()));
+    }
+    let primary = validate_tool(&tool.spec.tool, "spec.tool", policy, None)?;
+    let mut alongside: Vec<ValidatedTool> = Vec::new();
+    for (i, spec) in tool.spec.alongside.iter().enumerate() {
+        let v = validate_tool(
+            spec,
+            &format!("spec.alongside[{i}]"),
+            policy,
+            Some(primary.duration),
+        )?;
+        if v.name == primary.name || alongside.iter().any(|a| a.name == v.name) {
+            return Err(SpecError::Alongside(format!(
+                "{} appears twice; one PowerTool runs each tool once",
+                v.name
+            )));
+        }
+        alongside.push(v);
+    }
+    let faults: Vec<&str> = std::iter::once(&primary)
+        .chain(&alongside)
+        .filter(|t| t.options.is_fault())
+        .map(|t| t.name.as_str())
+        .collect();
+    if faults.len() > 1 {
+        return Err(SpecError::Alongside(format!(
+            "at most one fault per PowerTool ({} given): their effects could not be told apart",
+            faults.join(", ")
+        )));
+    }
+    Ok(ValidatedRun {
+        tool: primary,
+        alongside,
     })
 }
 
@@ -169,11 +307,15 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
+    fn builtin(t: &PowerTool) -> Result<ValidatedTool, SpecError> {
+        validate(t, Policy::Builtin).map(|v| v.tool)
+    }
+
     const BASE: &str = "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {name: t}\nspec:\n  tool:\n    name: cpu-profile\n";
 
     #[test]
     fn defaults_apply() {
-        let v = validate(&tool(BASE)).unwrap();
+        let v = builtin(&tool(BASE)).unwrap();
         assert_eq!(v.duration, Duration::from_secs(30));
         let ToolOptions::CpuProfile(o) = v.options else {
             panic!("cpu options")
@@ -187,7 +329,7 @@ mod tests {
         let y = format!(
             "{BASE}    duration: 1m30s\n    commandLineArguments: [\"--frequency=199\", \"--kernel-stacks=false\"]\n"
         );
-        let v = validate(&tool(&y)).unwrap();
+        let v = builtin(&tool(&y)).unwrap();
         assert_eq!(v.duration, Duration::from_secs(90));
         let ToolOptions::CpuProfile(o) = v.options else {
             panic!("cpu options")
@@ -199,7 +341,7 @@ mod tests {
     #[test]
     fn memory_defaults_and_modes() {
         let y = BASE.replace("cpu-profile", "memory-profile");
-        let v = validate(&tool(&y)).unwrap();
+        let v = builtin(&tool(&y)).unwrap();
         let ToolOptions::MemoryProfile(o) = v.options else {
             panic!("memory options")
         };
@@ -207,7 +349,7 @@ mod tests {
         assert_eq!(o.sample_bytes, 64 << 10);
         assert!(o.faults);
         let y = format!("{y}    commandLineArguments: [\"--mode=growth\", \"--faults=false\"]\n");
-        let ToolOptions::MemoryProfile(o) = validate(&tool(&y)).unwrap().options else {
+        let ToolOptions::MemoryProfile(o) = builtin(&tool(&y)).unwrap().options else {
             panic!("memory options")
         };
         // Growth mode is the fault profile: it cannot be switched off there.
@@ -239,20 +381,20 @@ mod tests {
             ("    duration: 2h\n", "exceeds the maximum"),
         ];
         for (extra, want) in cases {
-            let err = validate(&tool(&format!("{BASE}{extra}")))
+            let err = builtin(&tool(&format!("{BASE}{extra}")))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(want), "{extra:?}: {err:?} lacks {want:?}");
         }
         let mut t = tool(BASE);
         t.spec.tool.name = "cpu-profiler".into();
-        let err = validate(&t).unwrap_err().to_string();
+        let err = builtin(&t).unwrap_err().to_string();
         assert!(
             err.contains("unknown tool \"cpu-profiler\"") && err.contains("cpu-profile"),
             "{err}"
         );
         t = tool(BASE);
         t.kind = "Pod".into();
-        assert_eq!(validate(&t).unwrap_err(), SpecError::Kind("Pod".into()));
+        assert_eq!(builtin(&t).unwrap_err(), SpecError::Kind("Pod".into()));
     }
 }
