@@ -733,6 +733,74 @@ fn a_fill_file_left_by_a_killed_run_is_removed_by_cleanup() {
     assert_eq!(fs.fill_files(), 0);
 }
 
+/// The target saw the volume at /mnt in its own mount namespace (as a container sees a PV), and
+/// both TOE (SIGKILL) and the target are gone: cleanup finds the directory again through the
+/// host's mount of the same filesystem, checks it is the same directory, and removes the file.
+#[test]
+fn a_fill_file_is_removed_after_a_crash_even_when_the_target_is_gone() {
+    if !require_root("a_fill_file_is_removed_after_a_crash_even_when_the_target_is_gone") {
+        return;
+    }
+    let fs = Tmpfs::new();
+    let volume = Path::new(&fs.path()).join("volume");
+    std::fs::create_dir(&volume).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = toe_tests::TestProcess(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+            .arg(format!(
+                "mount --bind {} /mnt && exec {} sleep 60",
+                volume.display(),
+                bin("toe-demo").display()
+            ))
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if std::fs::read_to_string(format!("/proc/{}/comm", target.pid()))
+            .is_ok_and(|c| c.trim() == "toe-demo")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let files = || {
+        std::fs::read_dir(&volume)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".toe-fill-"))
+            .count()
+    };
+    let mut toe = start_toe(
+        dir.path(),
+        &tool_spec("volume-fill", "60s", &["--path=/mnt", "--fill=10MiB"]),
+        target.pid(),
+    );
+    for _ in 0..300 {
+        if files() == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(files(), 1, "the fill never started");
+    toe.kill().unwrap();
+    toe.wait().unwrap();
+    // The target goes too, and with it its mount namespace: /proc/<pid>/root leads nowhere.
+    drop(target);
+    let out = Command::new(bin("toe"))
+        .env(ledger::STATE_DIR_ENV, dir.path().join("state"))
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("removed {}/.toe-fill-", volume.display())),
+        "{err}"
+    );
+    assert_eq!(files(), 0);
+}
+
 #[test]
 fn terminate_in_a_real_container_hits_the_named_sidecar_not_the_app() {
     if !require_root("terminate_in_a_real_container_hits_the_named_sidecar_not_the_app") {

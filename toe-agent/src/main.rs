@@ -60,7 +60,20 @@ fn cleanup() -> Result<ExitCode> {
         r.workers_killed,
         r.files_removed.len()
     );
-    Ok(ExitCode::SUCCESS)
+    for f in &r.files_removed {
+        eprintln!("toe: cleanup: removed {}", f.display());
+    }
+    if r.files_unreachable.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for f in &r.files_unreachable {
+        eprintln!(
+            "toe: cleanup: cannot reach {} now (its filesystem is mounted nowhere this host \
+             sees); kept in the ledger for the next cleanup",
+            f.display()
+        );
+    }
+    Ok(ExitCode::FAILURE)
 }
 
 #[derive(Args)]

@@ -315,5 +315,4 @@ mod tests {
         }
         assert!(checked >= 8, "{checked} examples");
     }
-
 }

@@ -132,18 +132,25 @@ pub fn resolve_pid(pid: u32) -> Result<ResolvedTarget, TargetError> {
 
 #[derive(Debug)]
 pub(crate) struct Mount {
+    /// The filesystem's device, `major:minor`.
+    pub device: (u32, u32),
+    /// The directory of the filesystem this mount shows (not `/` for bind mounts).
+    pub root: PathBuf,
     pub point: PathBuf,
     pub fstype: String,
     /// Super options (for cgroup v1: the controllers of the hierarchy, e.g. `rw,cpu,cpuacct`).
     pub options: Vec<String>,
 }
 
-pub(crate) fn cgroup_mounts() -> Result<Vec<Mount>, TargetError> {
-    let path = Path::new("/proc/self/mountinfo");
+/// Every mount in a `mountinfo` file (`/proc/<pid>/mountinfo`: that process's namespace).
+pub(crate) fn mounts(path: &Path) -> Result<Vec<Mount>, TargetError> {
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    Ok(text
-        .lines()
-        .filter_map(parse_mountinfo_line)
+    Ok(text.lines().filter_map(parse_mountinfo_line).collect())
+}
+
+pub(crate) fn cgroup_mounts() -> Result<Vec<Mount>, TargetError> {
+    Ok(mounts(Path::new("/proc/self/mountinfo"))?
+        .into_iter()
         .filter(|m| m.fstype.starts_with("cgroup"))
         .collect())
 }
@@ -152,7 +159,10 @@ pub(crate) fn cgroup_mounts() -> Result<Vec<Mount>, TargetError> {
 /// (`\040`) in the mount point are decoded.
 fn parse_mountinfo_line(line: &str) -> Option<Mount> {
     let (pre, post) = line.split_once(" - ")?;
-    let point = pre.split(' ').nth(4)?;
+    let mut pre = pre.split(' ').skip(2);
+    let (major, minor) = pre.next()?.split_once(':')?;
+    let root = pre.next()?;
+    let point = pre.next()?;
     let mut post = post.split(' ');
     let fstype = post.next()?;
     let options = post
@@ -160,6 +170,8 @@ fn parse_mountinfo_line(line: &str) -> Option<Mount> {
         .map(|o| o.split(',').map(str::to_owned).collect())
         .unwrap_or_default();
     Some(Mount {
+        device: (major.parse().ok()?, minor.parse().ok()?),
+        root: PathBuf::from(unescape_octal(root)),
         point: PathBuf::from(unescape_octal(point)),
         fstype: fstype.to_owned(),
         options,
@@ -515,6 +527,17 @@ mod tests {
         assert_eq!(m.fstype, "cgroup2");
         let m = parse_mountinfo_line("1 2 0:1 / /a\\040b rw - cgroup cgroup rw,cpu").unwrap();
         assert_eq!(m.point, PathBuf::from("/a b"));
+        // A bind mount of a directory of /dev/sda1 into a container.
+        let m = parse_mountinfo_line(
+            "812 790 8:1 /var/lib/kubelet/pods/x/volumes/data /data rw,relatime - ext4 /dev/sda1 rw",
+        )
+        .unwrap();
+        assert_eq!(m.device, (8, 1));
+        assert_eq!(
+            m.root,
+            PathBuf::from("/var/lib/kubelet/pods/x/volumes/data")
+        );
+        assert_eq!(m.point, PathBuf::from("/data"));
     }
 
     #[test]

@@ -28,8 +28,14 @@ pub enum Entry {
     Begin { run: String, owner: Owner },
     /// Worker processes of `run` are about to be started.
     Workers { run: String },
-    /// `path` is about to be created.
-    File { run: String, path: PathBuf },
+    /// `path` is about to be created; `place` finds it again when the path no longer leads there
+    /// (entries written before it existed have only the path).
+    File {
+        run: String,
+        path: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        place: Option<super::fill::Place>,
+    },
     /// Everything of `run` is undone.
     End { run: String },
 }
@@ -80,6 +86,9 @@ pub struct Recovered {
     pub runs: Vec<String>,
     pub workers_killed: u32,
     pub files_removed: Vec<PathBuf>,
+    /// Files no way in reaches now; kept in the ledger and tried again by the next cleanup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files_unreachable: Vec<PathBuf>,
 }
 
 pub struct Ledger {
@@ -159,12 +168,34 @@ impl Ledger {
             if entries.iter().any(|e| matches!(e, Entry::Workers { .. })) {
                 out.workers_killed += kill_workers(&run);
             }
+            let mut unreachable = false;
             for e in &entries {
-                if let Entry::File { path, .. } = e
-                    && fs::remove_file(path).is_ok()
-                {
-                    out.files_removed.push(path.clone());
+                match e {
+                    Entry::File {
+                        place: Some(place),
+                        path,
+                        ..
+                    } => match place.remove() {
+                        super::fill::Removal::Removed(p) => out.files_removed.push(p),
+                        super::fill::Removal::Gone => {}
+                        super::fill::Removal::Unreachable => {
+                            out.files_unreachable.push(path.clone());
+                            unreachable = true;
+                        }
+                    },
+                    Entry::File { path, .. } if fs::remove_file(path).is_ok() => {
+                        out.files_removed.push(path.clone());
+                    }
+                    _ => {}
                 }
+            }
+            if unreachable {
+                // Its workers are gone; only the files remain to be tried again.
+                keep.extend(
+                    entries
+                        .into_iter()
+                        .filter(|e| matches!(e, Entry::File { .. })),
+                );
             }
             out.runs.push(run);
         }
@@ -241,6 +272,7 @@ mod tests {
             Entry::File {
                 run: "dead".into(),
                 path: leftover.clone(),
+                place: None,
             },
             Entry::Begin {
                 run: "live".into(),

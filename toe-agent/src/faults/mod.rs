@@ -704,10 +704,12 @@ impl FaultWork {
             let through_proc = std::path::Path::new(&format!("/proc/{}/root", fs.pid))
                 .join(fs.path.trim_start_matches('/'))
                 .join(&name);
+            let place = fill::Place::new(fs.pid, &fs.path, &dir, &name)?;
             self.ledger
                 .record(&Entry::File {
                     run: self.run.clone(),
                     path: through_proc,
+                    place: Some(place),
                 })
                 .map_err(|source| FaultError::Ledger {
                     path: self.ledger.path().display().to_string(),
@@ -1101,6 +1103,14 @@ pub fn render(o: &mut String, s: &FaultSummary) {
             s.recovered.runs,
             s.recovered.workers_killed,
             s.recovered.files_removed.len()
+        );
+    }
+    for f in &s.recovered.files_unreachable {
+        let _ = writeln!(
+            o,
+            "  WARNING: a crashed run's fill file {} cannot be reached now; kept for the next \
+             cleanup",
+            f.display()
         );
     }
 }
