@@ -801,6 +801,92 @@ fn a_fill_file_is_removed_after_a_crash_even_when_the_target_is_gone() {
     assert_eq!(files(), 0);
 }
 
+/// CPU time charged to the cgroup of `pid` in nanoseconds (v1 cpuacct, else v2 cpu.stat).
+fn cgroup_cpu_ns(pid: u32) -> u64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in own.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctrls, path) = (f.next(), f.next().unwrap(), f.next().unwrap());
+        if ctrls.split(',').any(|c| c == "cpuacct") {
+            let file = format!("/sys/fs/cgroup/{ctrls}{path}/cpuacct.usage");
+            return std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{file}: {e}"))
+                .trim()
+                .parse()
+                .unwrap();
+        }
+    }
+    let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|p| Path::new(p).join("cgroup.controllers").exists())
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("{root}{path}/cpu.stat")).unwrap();
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1000
+}
+
+/// Stress against a real container with podman's own limits: the load is relative to its CPU
+/// quota and charged to its cgroup, the memory is a share of its memory limit.
+#[test]
+fn stress_in_a_real_container_is_relative_to_its_limits_and_charged_to_it() {
+    if !require_root("stress_in_a_real_container_is_relative_to_its_limits_and_charged_to_it") {
+        return;
+    }
+    let c = toe_tests::Container::run_with(
+        "limits",
+        &["--cpus=0.5", "--memory=200m"],
+        &["sleep", "300"],
+    );
+    let pid = c.pid();
+    assert!(pid > 0);
+    let before = cgroup_cpu_ns(pid);
+    let (outcome, _) = profile(
+        &tool_spec("cpu-stress", "5s", &["--workers=2", "--load=60"]),
+        TargetSpec::Container(c.id.clone()),
+    );
+    let charged = cgroup_cpu_ns(pid) - before;
+    let f = outcome.summary.fault.as_ref().unwrap();
+    assert_eq!(f.cpu_limit, Some(0.5), "{f:?}");
+    assert!((f.asked - 0.3).abs() < 1e-9, "{f:?}");
+    assert!(
+        f.error_percent.abs() <= 5.0,
+        "asked {} achieved {}",
+        f.asked,
+        f.achieved
+    );
+    // The workers' CPU time landed in the container's cgroup: at least what they burned after
+    // their first second, at 0.3 CPUs.
+    #[expect(clippy::cast_precision_loss, reason = "nanoseconds to seconds")]
+    let charged_s = charged as f64 / 1e9;
+    assert!(
+        charged_s >= 0.3 * 4.0 * 0.95,
+        "container charged {charged_s} s"
+    );
+    assert!(no_workers_of(&f.workers));
+    let (outcome, _) = profile(
+        &tool_spec("memory-stress", "3s", &["--size=50%"]),
+        TargetSpec::Container(c.id.clone()),
+    );
+    let f = outcome.summary.fault.as_ref().unwrap();
+    assert_eq!(f.memory_limit, Some(200 << 20), "{f:?}");
+    assert!((f.asked - f64::from(100u32 << 20)).abs() < 1.0, "{f:?}");
+    assert!(f.error_percent.abs() <= 5.0, "{f:?}");
+    // The container's own memory usage carried the workers' memory.
+    let peak = f
+        .samples
+        .iter()
+        .filter_map(|s| s.cgroup_memory)
+        .max()
+        .unwrap_or(0);
+    assert!(peak >= 95 << 20, "container cgroup peaked at {peak} bytes");
+    assert!(no_workers_of(&f.workers));
+}
+
 #[test]
 fn terminate_in_a_real_container_hits_the_named_sidecar_not_the_app() {
     if !require_root("terminate_in_a_real_container_hits_the_named_sidecar_not_the_app") {

@@ -323,6 +323,12 @@ impl Container {
     /// Runs `argv` (busybox applets) in a new container named after the test.
     #[must_use]
     pub fn run(name: &str, argv: &[&str]) -> Self {
+        Self::run_with(name, &[], argv)
+    }
+
+    /// [`Container::run`] with more `podman run` options (limits: `--cpus`, `--memory`).
+    #[must_use]
+    pub fn run_with(name: &str, options: &[&str], argv: &[&str]) -> Self {
         let rootfs = tempfile::tempdir().expect("rootfs dir");
         let bin = rootfs.path().join("bin");
         std::fs::create_dir_all(&bin).expect("rootfs/bin");
@@ -351,6 +357,7 @@ impl Container {
                 "--ulimit",
                 "nproc=1024:1024",
             ])
+            .args(options)
             .args(["--name", &unique, "--rootfs"])
             .arg(rootfs.path())
             .args(argv)
