@@ -73,20 +73,50 @@ pub struct RunPlan {
 
 pub const DEFAULT_OUTPUT_DIR: &str = "toe-output";
 
-/// Parses YAML into a PowerTool, collecting the paths of fields nobody reads.
-pub fn parse_spec(source_name: &str, yaml: &str) -> Result<(PowerTool, Vec<String>), PlanError> {
-    let de = serde_yaml::Deserializer::from_str(yaml);
+/// One YAML document as a typed TOE resource of `kind`: `apiVersion` and `kind` checked first
+/// (the typed resources do not keep them), a missing `metadata` tolerated in local files, and the
+/// paths of fields nobody reads collected as warnings (probably typos).
+fn parse_document<T: serde::de::DeserializeOwned>(
+    source_name: &str,
+    mut value: serde_yaml::Value,
+    kind: &str,
+) -> Result<(T, Vec<String>), PlanError> {
+    let yaml_err = |message: String| PlanError::Yaml {
+        source_name: source_name.to_owned(),
+        message,
+    };
+    let meta: api::TypeMeta =
+        serde_yaml::from_value(value.clone()).map_err(|e| yaml_err(e.to_string()))?;
+    api::check_type(&meta, kind).map_err(|error| PlanError::Spec {
+        source_name: source_name.to_owned(),
+        error,
+    })?;
+    if let Some(map) = value.as_mapping_mut()
+        && !map.contains_key("metadata")
+    {
+        map.insert(
+            "metadata".into(),
+            serde_yaml::Value::Mapping(serde_yaml::Mapping::new()),
+        );
+    }
     let mut unknown = Vec::new();
-    let tool: PowerTool = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
-        .map_err(|e| PlanError::Yaml {
-            source_name: source_name.to_owned(),
-            message: e.to_string(),
-        })?;
+    let doc: T = serde_ignored::deserialize(value, |path| unknown.push(path.to_string()))
+        .map_err(|e| yaml_err(e.to_string()))?;
     let warnings = unknown
         .into_iter()
+        .filter(|p| p != "apiVersion" && p != "kind")
         .map(|p| format!("{source_name}: unknown field {p} ignored"))
         .collect();
-    Ok((tool, warnings))
+    Ok((doc, warnings))
+}
+
+/// Parses YAML into a PowerTool, collecting the paths of fields nobody reads.
+pub fn parse_spec(source_name: &str, yaml: &str) -> Result<(PowerTool, Vec<String>), PlanError> {
+    let value: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| PlanError::Yaml {
+        source_name: source_name.to_owned(),
+        message: e.to_string(),
+    })?;
+    parse_document(source_name, value, api::POWER_TOOL_KIND)
 }
 
 fn output_base(given: &str, cwd: &Path) -> Result<Url, String> {
@@ -118,8 +148,9 @@ pub fn parse_configs(source_name: &str, yaml: &str) -> Result<Configs, PlanError
         if value.is_null() {
             continue; // an empty document, e.g. after a trailing `---`
         }
-        let doc: PowerToolConfig = serde_yaml::from_value(value)
-            .map_err(|e| err(format!("not a valid PowerToolConfig: {e}")))?;
+        let (doc, _): (PowerToolConfig, _) =
+            parse_document(source_name, value, api::POWER_TOOL_CONFIG_KIND)
+                .map_err(|e| err(format!("not a valid PowerToolConfig: {e}")))?;
         docs.push(doc);
     }
     if docs.is_empty() {
@@ -286,7 +317,7 @@ mod tests {
     #[test]
     fn cluster_fields_are_accepted_and_noted() {
         let yaml = format!(
-            "{SPEC}  targets:\n    labelSelector: {{matchLabels: {{app: x}}}}\n  blastRadius: {{mode: one}}\n"
+            "{SPEC}  targets:\n    labelSelector: {{matchLabels: {{app: x}}}}\n  blastRadius: {{mode: One}}\n"
         );
         let p = plan(&req(&yaml, None)).unwrap();
         assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);

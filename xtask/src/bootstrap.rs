@@ -15,7 +15,7 @@ use crate::{is_root, root, run};
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13";
 
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
     home.join(".cache/toe")
 }

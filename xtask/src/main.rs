@@ -1,8 +1,10 @@
 //! `cargo xtask <task>`: the project's build, bootstrap, demo, test and benchmark entry points.
 
+mod apiserver;
 mod bench;
 mod bench_faults;
 mod bootstrap;
+mod crds;
 
 use std::{
     path::{Path, PathBuf},
@@ -23,7 +25,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing TOE needs (idempotent; fast when done).
     Bootstrap {
-        /// Also install the packages the test suite uses (go for `go tool pprof`).
+        /// Also install what the test suite uses: go (`go tool pprof`), podman, and a
+        /// kube-apiserver with etcd (built once from Debian's source package and cached).
         #[arg(long)]
         tests: bool,
     },
@@ -37,6 +40,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Write the CRDs generated from the Rust types into charts/toe/crds.
+    Crds,
     /// Benchmarks; ratios are measured side by side, interleaved, in one run.
     Bench {
         #[command(subcommand)]
@@ -103,6 +108,7 @@ fn test(extra: &[String]) -> Result<()> {
     bootstrap::toolchain()?;
     bootstrap::tracefs()?;
     bootstrap::test_packages()?;
+    apiserver::ensure()?;
     // rustfmt.toml uses nightly-only options (import grouping), so formatting is nightly's.
     run(Command::new("rustup")
         .current_dir(root())
@@ -127,6 +133,7 @@ fn test(extra: &[String]) -> Result<()> {
         eprintln!("xtask: not root: tests that load eBPF programs will skip (CI runs as root)");
     }
     c.env("TOE_BIN_DIR", root().join("target/release"));
+    c.env("TOE_KUBE_APISERVER", apiserver::binary());
     c.args(extra);
     run(&mut c)
 }
@@ -138,12 +145,14 @@ fn main() -> Result<()> {
             bootstrap::tracefs()?;
             if tests {
                 bootstrap::test_packages()?;
+                apiserver::ensure()?;
             }
             Ok(())
         }
         Task::BuildEbpf => bootstrap::toolchain().and_then(|()| bootstrap::build_ebpf()),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
+        Task::Crds => crds::write(),
         Task::Bench { which } => {
             bootstrap::toolchain()?;
             bootstrap::tracefs()?;

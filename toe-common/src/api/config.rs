@@ -9,10 +9,11 @@
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ObjectMeta,
     args::{
         Amount, ArgKind, ArgSpec, ArgValue, ParsedArgs, format_size, parse_names, parse_signal_set,
         parse_size,
@@ -23,17 +24,20 @@ use super::{
 
 pub const POWER_TOOL_CONFIG_KIND: &str = "PowerToolConfig";
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PowerToolConfig {
-    pub api_version: String,
-    pub kind: String,
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    pub spec: PowerToolConfigSpec,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+/// The tool, how it runs, where and for how long it may run, and the arguments users may pass.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "toe.run",
+    version = "v1alpha1",
+    kind = "PowerToolConfig",
+    doc = "Enables one tool cluster-wide and limits what PowerTools may ask of it.",
+    shortname = "ptc",
+    category = "toe",
+    printcolumn = r#"{"name":"Tool","type":"string","jsonPath":".spec.tool"}"#,
+    printcolumn = r#"{"name":"Engine","type":"string","jsonPath":".spec.engine"}"#,
+    printcolumn = r#"{"name":"Max duration","type":"string","jsonPath":".spec.maxDuration"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase")]
 pub struct PowerToolConfigSpec {
     /// The tool this config enables.
@@ -56,7 +60,7 @@ pub struct PowerToolConfigSpec {
     pub default_resources: Option<Resources>,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum Engine {
     /// A built-in collector or fault run by the node agent (or by `toe run`).
@@ -67,7 +71,7 @@ pub enum Engine {
 }
 
 /// Kubernetes-style resource quantities (`cpu: 500m`, `memory: 256Mi`).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Resources {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -76,7 +80,7 @@ pub struct Resources {
     pub limits: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum RuleType {
     Integer,
@@ -94,26 +98,35 @@ pub enum RuleType {
     Names,
 }
 
-/// A bound or default as written in YAML: `max: 8` and `max: "2Gi"` are both accepted.
+/// A bound or default as written in YAML: `max: 8` and `max: "2Gi"` are both accepted (the
+/// schema says int-or-string, as Kubernetes does for quantities and ports).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum Scalar {
     Int(i64),
-    Bool(bool),
     Text(String),
+}
+
+impl JsonSchema for Scalar {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IntOrString".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+    }
 }
 
 impl fmt::Display for Scalar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Int(v) => write!(f, "{v}"),
-            Self::Bool(v) => write!(f, "{v}"),
             Self::Text(v) => f.write_str(v),
         }
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ArgumentRule {
     /// Without the leading `--`.
@@ -229,7 +242,7 @@ fn parse_bound(kind: RuleType, s: &Scalar) -> Result<Bound, String> {
     match kind {
         RuleType::Integer => match s {
             Scalar::Int(v) => Ok(Bound::Int(*v)),
-            _ => text
+            Scalar::Text(_) => text
                 .parse()
                 .map(Bound::Int)
                 .map_err(|_| format!("\"{text}\" is not an integer")),
@@ -423,18 +436,6 @@ pub fn check(config: &PowerToolConfig) -> Result<CheckedConfig, ConfigError> {
         field: field.to_owned(),
         why,
     };
-    if config.api_version != super::API_VERSION {
-        return Err(err(
-            "apiVersion",
-            format!("expected \"{}\"", super::API_VERSION),
-        ));
-    }
-    if config.kind != POWER_TOOL_CONFIG_KIND {
-        return Err(err(
-            "kind",
-            format!("expected \"{POWER_TOOL_CONFIG_KIND}\""),
-        ));
-    }
     let spec = &config.spec;
     let def: Option<&ToolDef> = match spec.engine {
         Engine::Agent => Some(find_tool(&spec.tool).ok_or_else(|| {
@@ -927,7 +928,7 @@ mod tests {
     fn alongside_shares_the_window_and_allows_one_fault() {
         let t = |yaml: &str| -> Result<ValidatedRun, SpecError> {
             let t: PowerTool = serde_yaml::from_str(&format!(
-                "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nspec:\n{yaml}"
+                "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {{}}\nspec:\n{yaml}"
             ))
             .unwrap();
             validate(&t, Policy::Builtin)

@@ -4,11 +4,12 @@
 mod args;
 mod config;
 mod duration;
+mod resources;
 mod tools;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use self::{
     args::{Amount, ArgKind, ArgSpec, ArgValue, ParsedArgs, format_size, parse_size},
@@ -17,6 +18,11 @@ pub use self::{
         PowerToolConfig, PowerToolConfigSpec, Resources, RuleType, Scalar, check as check_config,
     },
     duration::{format_duration, parse_duration},
+    resources::{
+        BlastRadius, BlastRadiusMode, OutputSpec, PowerTool, PowerToolPhase, PowerToolProcessing,
+        PowerToolProcessingSpec, PowerToolProcessingStatus, PowerToolSpec, PowerToolStatus,
+        ProcessingOutput, SelectedTarget, Targets, ToolSpec, TypeMeta,
+    },
     tools::{
         AllocationMode, CpuProfileOptions, CpuStressOptions, MemoryProfileOptions,
         MemoryStressOptions, SignalTraceOptions, TerminateOptions, ToolKind, ToolOptions,
@@ -29,82 +35,13 @@ pub const VERSION: &str = "v1alpha1";
 pub const API_VERSION: &str = "toe.run/v1alpha1";
 pub const POWER_TOOL_KIND: &str = "PowerTool";
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ObjectMeta {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PowerTool {
-    pub api_version: String,
-    pub kind: String,
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    pub spec: PowerToolSpec,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PowerToolSpec {
-    pub tool: ToolSpec,
-    /// More tools over the same targets and the same window, e.g. a CPU profile while memory is
-    /// stressed. They take no duration of their own; at most one tool of a PowerTool is a fault.
-    /// Their results share the run's timeline.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub alongside: Vec<ToolSpec>,
-    /// Pod and container selection. Cluster-only: local mode takes its target from the command
-    /// line and ignores this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub targets: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<OutputSpec>,
-    /// Cluster-only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blast_radius: Option<serde_json::Value>,
-    /// Cluster-only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_seconds_after_finished: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dry_run: Option<bool>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ToolSpec {
-    pub name: String,
-    /// Go duration syntax, as in every Kubernetes API (`30s`, `1m30s`, `1.5h`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration: Option<String>,
-    /// Extra arguments for the tool, each `--name=value`, `--flag`, or `--name` followed by its
-    /// value as the next item. Validated against the tool's argument schema.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub command_line_arguments: Vec<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct OutputSpec {
-    /// An object store URL (`file:///dir`, `s3://bucket/prefix`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-}
-
 /// Why a PowerTool cannot run. Each variant names the field and the rule it broke.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     #[error("apiVersion: expected \"{API_VERSION}\", got \"{0}\"")]
     ApiVersion(String),
-    #[error("kind: expected \"{POWER_TOOL_KIND}\", got \"{0}\"")]
-    Kind(String),
+    #[error("kind: expected \"{want}\", got \"{got}\"")]
+    Kind { want: String, got: String },
     #[error("{field}.name: unknown tool \"{name}\" (known tools: {known})")]
     UnknownTool {
         field: String,
@@ -256,15 +193,24 @@ fn validate_tool(
     })
 }
 
+/// A document's `apiVersion` and `kind` are those of `kind` in TOE's API group. (The typed
+/// resources do not keep them, so files are checked before they are parsed into one.)
+pub fn check_type(meta: &TypeMeta, kind: &str) -> Result<(), SpecError> {
+    if meta.api_version != API_VERSION {
+        return Err(SpecError::ApiVersion(meta.api_version.clone()));
+    }
+    if meta.kind != kind {
+        return Err(SpecError::Kind {
+            want: kind.to_owned(),
+            got: meta.kind.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// Checks a PowerTool: known tools, durations within bounds, every argument known, typed and in
 /// range; under [`Policy::Configs`] also enabled, allowed in the namespace, and within the caps.
 pub fn validate(tool: &PowerTool, policy: Policy<'_>) -> Result<ValidatedRun, SpecError> {
-    if tool.api_version != API_VERSION {
-        return Err(SpecError::ApiVersion(tool.api_version.clone()));
-    }
-    if tool.kind != POWER_TOOL_KIND {
-        return Err(SpecError::Kind(tool.kind.clone()));
-    }
     let primary = validate_tool(&tool.spec.tool, "spec.tool", policy, None)?;
     let mut alongside: Vec<ValidatedTool> = Vec::new();
     for (i, spec) in tool.spec.alongside.iter().enumerate() {
@@ -393,8 +339,13 @@ mod tests {
             err.contains("unknown tool \"cpu-profiler\"") && err.contains("cpu-profile"),
             "{err}"
         );
-        t = tool(BASE);
-        t.kind = "Pod".into();
-        assert_eq!(builtin(&t).unwrap_err(), SpecError::Kind("Pod".into()));
+        let meta = TypeMeta {
+            api_version: API_VERSION.into(),
+            kind: "Pod".into(),
+        };
+        assert_eq!(
+            check_type(&meta, POWER_TOOL_KIND).unwrap_err().to_string(),
+            "kind: expected \"PowerTool\", got \"Pod\""
+        );
     }
 }

@@ -1,0 +1,269 @@
+//! The custom resources of `toe.run/v1alpha1`, as Rust types from which the CRDs (schemas,
+//! printer columns, short names, status subresources) are generated: `cargo xtask crds`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// `apiVersion` and `kind` of a document, read before it is parsed as a typed resource.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeMeta {
+    pub api_version: String,
+    pub kind: String,
+}
+
+/// Which pods and containers, which tool, for how long, where the results go, how many targets
+/// at once.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "toe.run",
+    version = "v1alpha1",
+    kind = "PowerTool",
+    doc = "A short, targeted deep-dive into selected pods and containers with one tool (and collectors alongside it).",
+    namespaced,
+    status = "PowerToolStatus",
+    shortname = "pt",
+    category = "toe",
+    printcolumn = r#"{"name":"Tool","type":"string","jsonPath":".spec.tool.name"}"#,
+    printcolumn = r#"{"name":"Duration","type":"string","jsonPath":".spec.tool.duration"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Targets","type":"integer","jsonPath":".status.targetCount"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerToolSpec {
+    pub tool: ToolSpec,
+    /// More tools over the same targets and the same window, e.g. a CPU profile while memory is
+    /// stressed. They take no duration of their own; at most one tool of a PowerTool is a fault.
+    /// Their results share the run's timeline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alongside: Vec<ToolSpec>,
+    /// Pod and container selection. Cluster-only: local mode takes its target from the command
+    /// line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Targets>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputSpec>,
+    /// How many of the selected pods are acted on. Cluster-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blast_radius: Option<BlastRadius>,
+    /// Deleted this long after it finished. Cluster-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<u64>,
+    /// Plan and report, change nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolSpec {
+    /// A tool enabled by a PowerToolConfig (`toe tools` lists the built-in ones).
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Go duration syntax, as in every Kubernetes API (`30s`, `1m30s`, `1.5h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub duration: Option<String>,
+    /// Extra arguments for the tool, each `--name=value`, `--flag`, or `--name` followed by its
+    /// value as the next item. Validated against the tool's argument schema and its
+    /// PowerToolConfig; never passed through a shell.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub command_line_arguments: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Targets {
+    /// Namespaces to select pods in; absent: the PowerTool's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Pods to act on, within the selected namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<LabelSelector>,
+    /// Names of the containers to act on in each pod; empty: every container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSpec {
+    /// An object store URL (`file:///dir`, `s3://bucket/prefix`, `gs://...`, `az://...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A PersistentVolumeClaim in the PowerTool's namespace to write to instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum BlastRadiusMode {
+    #[default]
+    All,
+    One,
+    Count,
+    Percent,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BlastRadius {
+    #[serde(default)]
+    pub mode: BlastRadiusMode,
+    /// Pods for mode `Count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub count: Option<u32>,
+    /// Percent of the selected pods for mode `Percent` (rounded up, at least one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub percent: Option<u32>,
+    /// Pods acted on at the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum PowerToolPhase {
+    #[default]
+    Pending,
+    Admitted,
+    Rejected,
+    Running,
+    Completed,
+    Failed,
+    Interrupted,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerToolStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<PowerToolPhase>,
+    /// `Admitted`, `Rejected`, `Running`, `Completed`, `Failed`, with reasons and messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<SelectedTarget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_count: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_time: Option<Time>,
+}
+
+/// One container the run acts on, and how far it got.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectedTarget {
+    pub node: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    /// As the pod status has it (`containerd://...`, `cri-o://...`).
+    pub container_id: String,
+    /// `Pending`, `Running`, `Completed`, `Failed`, `Interrupted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum ProcessingOutput {
+    /// One flamegraph over every target of a run, and over runs.
+    MergedFlamegraph,
+    /// Baseline window against the fault window, or run against run.
+    DifferentialFlamegraph,
+    MergedPprof,
+    /// A self-contained HTML report with the findings.
+    HtmlReport,
+}
+
+/// Which PowerTools to process, how often, into what.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "toe.run",
+    version = "v1alpha1",
+    kind = "PowerToolProcessing",
+    doc = "Scheduled processing of PowerTool results into merged profiles, HTML reports and findings.",
+    namespaced,
+    status = "PowerToolProcessingStatus",
+    shortname = "ptp",
+    category = "toe",
+    printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
+    printcolumn = r#"{"name":"Last run","type":"date","jsonPath":".status.lastRun"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerToolProcessingSpec {
+    /// PowerTools to process, by label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    /// Or by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// An interval (`15m`) or a cron expression (`0 * * * *`).
+    pub schedule: String,
+    /// Runs finished within this window are included (Go duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    #[schemars(length(min = 1))]
+    pub outputs: Vec<ProcessingOutput>,
+    /// Processed outputs older than this are deleted (Go duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+    /// Where outputs are written; absent: next to the runs' artifacts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputSpec>,
+    /// An OpenAI-compatible chat-completions endpoint for the optional model step of the
+    /// root-cause analysis; absent: rules only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    pub url: String,
+    pub model: String,
+    /// A Secret in the same namespace with the API key under `apiKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600))]
+    pub timeout_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_tokens: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerToolProcessingStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run: Option<Time>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
