@@ -17,6 +17,8 @@ use toe_agent::{
     targets::TargetSpec,
 };
 
+pub mod apiserver;
+
 /// True when the test may proceed; prints why and returns false when it must skip.
 #[must_use]
 pub fn require_root(test: &str) -> bool {

@@ -147,8 +147,10 @@ pub enum PowerToolPhase {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PowerToolStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<PowerToolPhase>,
+    // Not an Option: the schema of an optional enum would list `null` among its values, which
+    // the API server's structural schema check refuses.
+    #[serde(default)]
+    pub phase: PowerToolPhase,
     /// `Admitted`, `Rejected`, `Running`, `Completed`, `Failed`, with reasons and messages.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -1,0 +1,241 @@
+//! A real kube-apiserver (1.20, built by `cargo xtask bootstrap --tests`) over a real etcd, both
+//! started for one test in a private directory and stopped on drop. The test authenticates with
+//! a static admin token; certificates come from the openssl command line tool (a CA, a serving
+//! certificate for 127.0.0.1, the service-account key pair), which Debian always ships.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+/// The built server, from `TOE_KUBE_APISERVER` or the bootstrap's cache.
+fn apiserver_binary() -> PathBuf {
+    std::env::var_os("TOE_KUBE_APISERVER").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            Path::new(&home).join(".cache/toe/kube/bin/kube-apiserver")
+        },
+        PathBuf::from,
+    )
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a serving certificate for 127.0.0.1 signed by it, and the service-account key pair.
+fn certificates(d: &Path) {
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=toe-test-ca",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    openssl(d, &["genrsa", "-out", "sa.key", "2048"]);
+    openssl(d, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+}
+
+pub struct ApiServer {
+    dir: tempfile::TempDir,
+    etcd: Child,
+    apiserver: Child,
+    pub url: String,
+}
+
+pub const ADMIN_TOKEN: &str = "toe-test-admin-token";
+
+impl ApiServer {
+    /// Starts etcd and the API server; `None` (with the reason) when the server is not built and
+    /// skipping is allowed. In CI (`TOE_REQUIRE_ROOT_TESTS`) a missing server is a failure.
+    #[must_use]
+    pub fn start(test: &str) -> Option<Self> {
+        let bin = apiserver_binary();
+        if !bin.exists() {
+            assert!(
+                std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
+                "{test}: {} is missing: run `cargo xtask bootstrap --tests`",
+                bin.display()
+            );
+            eprintln!(
+                "SKIP {test}: no kube-apiserver at {} (`cargo xtask bootstrap --tests` builds it)",
+                bin.display()
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        certificates(d);
+        std::fs::write(
+            d.join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+        )
+        .unwrap();
+        let (client, peer, secure) = (free_port(), free_port(), free_port());
+        let etcd = Command::new("etcd")
+            .current_dir(d)
+            .args(["--name", "toe-test", "--data-dir", "etcd"])
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
+            .arg(format!(
+                "--initial-cluster=toe-test=http://127.0.0.1:{peer}"
+            ))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("etcd.log")).unwrap())
+            .spawn()
+            .expect("etcd (Debian etcd-server; `cargo xtask bootstrap --tests`)");
+        let apiserver = Command::new(&bin)
+            .current_dir(d)
+            .arg(format!("--etcd-servers=http://127.0.0.1:{client}"))
+            .arg(format!("--secure-port={secure}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--tls-cert-file=server.crt",
+                "--tls-private-key-file=server.key",
+                "--client-ca-file=ca.crt",
+                "--token-auth-file=tokens.csv",
+                "--service-account-key-file=sa.pub",
+                "--service-account-signing-key-file=sa.key",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                "--authorization-mode=RBAC",
+                "--disable-admission-plugins=ServiceAccount",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--cert-dir=certs",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("apiserver.log")).unwrap())
+            .spawn()
+            .expect("kube-apiserver");
+        let server = Self {
+            dir,
+            etcd,
+            apiserver,
+            url: format!("https://127.0.0.1:{secure}"),
+        };
+        server.write_kubeconfig();
+        Some(server)
+    }
+
+    #[must_use]
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    fn write_kubeconfig(&self) {
+        let ca = self.dir.path().join("ca.crt");
+        std::fs::write(
+            self.kubeconfig(),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    token: {ADMIN_TOKEN}\ncontexts:\n- name: test\n  context: {{cluster: test, user: admin}}\ncurrent-context: test\n",
+                self.url,
+                ca.display()
+            ),
+        )
+        .unwrap();
+    }
+
+    /// A client for the admin user, once the server answers (up to 60 s after start).
+    pub async fn client(&self) -> kube::Client {
+        // Another test of this binary may have installed it already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kc = kube::config::Kubeconfig::read_from(self.kubeconfig()).expect("kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .expect("client config");
+        let client = kube::Client::try_from(config).expect("client");
+        for _ in 0..600 {
+            if client.apiserver_version().await.is_ok() {
+                return client;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "kube-apiserver not ready within 60 s; its log:\n{}",
+            std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        for c in [&mut self.apiserver, &mut self.etcd] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
