@@ -4,7 +4,7 @@
 use std::{path::Path, time::Duration};
 
 use k8s_openapi::{
-    api::core::v1::Namespace,
+    api::core::v1::{Namespace, Pod},
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
@@ -12,7 +12,7 @@ use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
 };
 use serde::Deserialize as _;
-use toe_common::api::{PowerTool, PowerToolConfig};
+use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase};
 use toe_tests::apiserver::ApiServer;
 
 fn repo() -> &'static Path {
@@ -145,4 +145,174 @@ async fn crds_install_and_their_schemas_accept_the_examples_and_refuse_bad_field
             .to_string();
         assert!(err.contains(want), "{yaml}: {err}");
     }
+}
+
+/// Waits (up to 30 s) until the PowerTool's status has a phase other than Pending.
+async fn decided(api: &Api<PowerTool>, name: &str) -> PowerTool {
+    for _ in 0..300 {
+        let pt = api.get(name).await.unwrap();
+        if pt
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase != PowerToolPhase::Pending)
+        {
+            return pt;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("PowerTool {name} got no decision within 30 s");
+}
+
+async fn create_pod(client: &kube::Client, ns: &str, name: &str, app: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {"nodeName": "node-a", "containers": [
+            {"name": "app", "image": "busybox"}, {"name": "sidecar", "image": "busybox"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    // There is no kubelet: the test reports the containers running, as one would.
+    let status = serde_json::json!({"status": {"phase": "Running", "containerStatuses": [
+        {"name": "app", "containerID": format!("containerd://{name}-app"), "ready": true,
+         "restartCount": 0, "image": "busybox", "imageID": "", "state": {"running": {}}},
+        {"name": "sidecar", "containerID": format!("containerd://{name}-sidecar"), "ready": true,
+         "restartCount": 0, "image": "busybox", "imageID": "", "state": {"running": {}}},
+    ]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+/// Namespaces `shop` and `payments`, four running pods in `shop` (web-1..3, db-1) on node-a, and
+/// a PowerToolConfig enabling cpu-profile in `shop` only, with --frequency capped at 199.
+async fn seed_cluster(client: &kube::Client) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for (ns, team) in [("shop", "shop"), ("payments", "payments")] {
+        let n: Namespace = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": ns, "labels": {"team": team}}}),
+        )
+        .unwrap();
+        namespaces.create(&PostParams::default(), &n).await.unwrap();
+    }
+    for pod in ["web-1", "web-2", "web-3"] {
+        create_pod(client, "shop", pod, "web").await;
+    }
+    create_pod(client, "shop", "db-1", "db").await;
+    let apply = PatchParams::apply("toe-test").force();
+    let configs: Api<PowerToolConfig> = Api::all(client.clone());
+    let config: PowerToolConfig = serde_json::from_value(serde_json::json!({
+        "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+        "metadata": {"name": "cpu-profile"},
+        "spec": {"tool": "cpu-profile", "allowedNamespaces": ["shop"], "maxDuration": "10m",
+                 "arguments": [{"name": "frequency", "type": "integer", "max": 199}]},
+    }))
+    .unwrap();
+    configs
+        .patch("cpu-profile", &apply, &Patch::Apply(&config))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
+    let Some(server) = ApiServer::start("the_operator_admits_or_rejects_with_the_rule") else {
+        return;
+    };
+    let client = server.client().await;
+    install_crds(&client).await;
+    seed_cluster(&client).await;
+    let apply = PatchParams::apply("toe-test").force();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(toe_operator::controller::run(client.clone(), async {
+        let _ = stopped.await;
+    }));
+    let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
+    for (name, spec) in [
+        (
+            "web-sidecar",
+            serde_json::json!({"tool": {"name": "cpu-profile", "duration": "1m"},
+                "targets": {"labelSelector": {"matchLabels": {"app": "web"}}, "containers": ["sidecar"]},
+                "blastRadius": {"mode": "Count", "count": 2}}),
+        ),
+        (
+            "too-fast",
+            serde_json::json!({"tool": {"name": "cpu-profile", "commandLineArguments": ["--frequency=999"]}}),
+        ),
+        (
+            "not-enabled",
+            serde_json::json!({"tool": {"name": "volume-fill"}}),
+        ),
+        (
+            "other-team",
+            serde_json::json!({"tool": {"name": "cpu-profile"},
+                "targets": {"namespaceSelector": {"matchLabels": {"team": "payments"}}}}),
+        ),
+    ] {
+        let pt: PowerTool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        tools.patch(name, &apply, &Patch::Apply(&pt)).await.unwrap();
+    }
+    let ok = decided(&tools, "web-sidecar").await;
+    let status = ok.status.as_ref().unwrap();
+    assert_eq!(status.phase, PowerToolPhase::Admitted, "{status:?}");
+    assert_eq!(status.conditions[0].type_, "Admitted");
+    assert_eq!(status.conditions[0].status, "True");
+    assert_eq!(status.target_count, Some(2), "{status:?}");
+    for t in &status.targets {
+        assert!(t.pod.starts_with("web-"), "{t:?}");
+        assert_eq!(t.container, "sidecar");
+        assert_eq!(t.container_id, format!("containerd://{}-sidecar", t.pod));
+        assert_eq!(t.node, "node-a");
+    }
+    assert_eq!(status.observed_generation, ok.metadata.generation);
+    assert!(
+        ok.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == toe_operator::controller::FINALIZER)
+    );
+    for (name, reason, want) in [
+        (
+            "too-fast",
+            "InvalidArgument",
+            "--frequency: 999 is above the maximum 199",
+        ),
+        (
+            "not-enabled",
+            "ToolNotEnabled",
+            "tool volume-fill is not enabled here",
+        ),
+        (
+            "other-team",
+            "NamespaceNotAllowed",
+            "namespace payments is not allowed by PowerToolConfig cpu-profile",
+        ),
+    ] {
+        let pt = decided(&tools, name).await;
+        let s = pt.status.unwrap();
+        assert_eq!(s.phase, PowerToolPhase::Rejected, "{name}: {s:?}");
+        assert_eq!(s.conditions[0].reason, reason, "{name}: {s:?}");
+        assert!(s.conditions[0].message.contains(want), "{name}: {s:?}");
+    }
+    // Deletion goes through the finalizer and completes.
+    tools
+        .delete("web-sidecar", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    let mut gone = false;
+    for _ in 0..300 {
+        if tools.get_opt("web-sidecar").await.unwrap().is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the finalizer never let the PowerTool go");
+    let _ = stop.send(());
+    operator.await.unwrap();
 }

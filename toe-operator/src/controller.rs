@@ -1,0 +1,306 @@
+//! The PowerTool controller: admits each PowerTool against the PowerToolConfigs, selects its
+//! target containers, and writes both into its status (server-side apply, field manager
+//! `toe-operator`). A finalizer keeps a PowerTool until its run is aborted; a config change
+//! re-reconciles every PowerTool.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        Controller, WatchStreamExt as _,
+        controller::Action,
+        finalizer::{Event as Finalizer, finalizer},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use toe_common::api::{
+    Configs, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus, SelectedTarget,
+};
+
+use crate::{admission, selection};
+
+pub const FIELD_MANAGER: &str = "toe-operator";
+pub const FINALIZER: &str = "toe.run/abort-run";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+pub struct Context {
+    pub client: Client,
+    pub configs: Store<PowerToolConfig>,
+}
+
+/// `matchLabels` and `matchExpressions` as a label selector string for list calls.
+pub fn selector_string(s: &LabelSelector) -> Result<String, String> {
+    let mut parts: Vec<String> = s
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in s.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            other => return Err(format!("unknown selector operator {other}")),
+        });
+    }
+    Ok(parts.join(","))
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: &str, generation: i64) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: Some(generation),
+        last_transition_time: Time(Timestamp::now()),
+    }
+}
+
+/// Namespaces the PowerTool targets: its own, or those its namespace selector matches.
+async fn target_namespaces(client: &Client, pt: &PowerTool) -> Result<Vec<String>, String> {
+    let own = pt.namespace().unwrap_or_else(|| "default".into());
+    let Some(sel) = pt
+        .spec
+        .targets
+        .as_ref()
+        .and_then(|t| t.namespace_selector.as_ref())
+    else {
+        return Ok(vec![own]);
+    };
+    let lp = ListParams::default().labels(&selector_string(sel)?);
+    let list = Api::<Namespace>::all(client.clone())
+        .list(&lp)
+        .await
+        .map_err(|e| format!("listing namespaces: {e}"))?;
+    Ok(list.items.iter().map(ResourceExt::name_any).collect())
+}
+
+/// Admission, then target selection; the status to write.
+async fn decide(pt: &PowerTool, ctx: &Context) -> PowerToolStatus {
+    let generation = pt.metadata.generation.unwrap_or(0);
+    let configs: Vec<PowerToolConfig> = ctx.configs.state().iter().map(|c| (**c).clone()).collect();
+    let verdict = admission::admit(pt, &configs);
+    let rejected = |reason: &str, message: &str| PowerToolStatus {
+        phase: PowerToolPhase::Rejected,
+        conditions: vec![condition("Admitted", false, reason, message, generation)],
+        observed_generation: Some(generation),
+        ..PowerToolStatus::default()
+    };
+    if !verdict.admitted() {
+        return rejected(verdict.reason, &verdict.message);
+    }
+    let namespaces = match target_namespaces(&ctx.client, pt).await {
+        Ok(n) => n,
+        Err(e) => return rejected("InvalidTargets", &e),
+    };
+    // Every targeted namespace must be allowed by the configs of every tool of the run.
+    if let Ok(checked) = Configs::new(&configs) {
+        let tools = std::iter::once(&pt.spec.tool).chain(&pt.spec.alongside);
+        for t in tools {
+            let Some(c) = checked.for_tool(&t.name) else {
+                continue;
+            };
+            if let Some(ns) = namespaces.iter().find(|ns| !c.allows_namespace(ns)) {
+                return rejected(
+                    "NamespaceNotAllowed",
+                    &format!(
+                        "spec.targets.namespaceSelector: namespace {ns} is not allowed by \
+                         PowerToolConfig {} for tool {}",
+                        c.name, t.name
+                    ),
+                );
+            }
+        }
+    }
+    let label_selector = pt
+        .spec
+        .targets
+        .as_ref()
+        .and_then(|t| t.label_selector.as_ref())
+        .map(selector_string)
+        .transpose();
+    let label_selector = match label_selector {
+        Ok(s) => s.unwrap_or_default(),
+        Err(e) => return rejected("InvalidTargets", &e),
+    };
+    let mut pods: Vec<Pod> = Vec::new();
+    for ns in &namespaces {
+        let lp = ListParams::default().labels(&label_selector);
+        match Api::<Pod>::namespaced(ctx.client.clone(), ns)
+            .list(&lp)
+            .await
+        {
+            Ok(list) => pods.extend(list.items),
+            Err(e) => return rejected("InvalidTargets", &format!("listing pods in {ns}: {e}")),
+        }
+    }
+    let containers = pt
+        .spec
+        .targets
+        .as_ref()
+        .map(|t| t.containers.clone())
+        .unwrap_or_default();
+    let (matched, skipped) = selection::containers_of(&pods, &containers);
+    let targets: Vec<SelectedTarget> = selection::blast_radius(
+        matched,
+        pt.spec.blast_radius.as_ref(),
+        &pt.uid().unwrap_or_default(),
+    );
+    let mut message = format!("{}; {} target container(s)", verdict.message, targets.len());
+    if !skipped.is_empty() {
+        let notes: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("{}: {}", s.pod, s.why))
+            .collect();
+        message = format!("{message}; skipped {}", notes.join("; "));
+    }
+    PowerToolStatus {
+        phase: PowerToolPhase::Admitted,
+        conditions: vec![condition(
+            "Admitted",
+            true,
+            verdict.reason,
+            &message,
+            generation,
+        )],
+        observed_generation: Some(generation),
+        target_count: Some(u32::try_from(targets.len()).unwrap_or(u32::MAX)),
+        targets,
+        ..PowerToolStatus::default()
+    }
+}
+
+/// Writes `status` unless it says what the current one says (conditions compared without their
+/// transition times, which would otherwise change on every reconcile).
+async fn write_status(
+    api: &Api<PowerTool>,
+    pt: &PowerTool,
+    mut status: PowerToolStatus,
+) -> Result<(), Error> {
+    if let Some(current) = &pt.status {
+        let same = |a: &[Condition], b: &[Condition]| {
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| {
+                    (&x.type_, &x.status, &x.reason, &x.message)
+                        == (&y.type_, &y.status, &y.reason, &y.message)
+                })
+        };
+        if current.phase == status.phase
+            && current.targets == status.targets
+            && current.observed_generation == status.observed_generation
+            && same(&current.conditions, &status.conditions)
+        {
+            return Ok(());
+        }
+        // A condition that did not change keeps the time it last changed.
+        for c in &mut status.conditions {
+            if let Some(old) = current
+                .conditions
+                .iter()
+                .find(|o| o.type_ == c.type_ && o.status == c.status)
+            {
+                c.last_transition_time = old.last_transition_time.clone();
+            }
+        }
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "toe.run/v1alpha1",
+        "kind": "PowerTool",
+        "status": status,
+    });
+    api.patch_status(
+        &pt.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
+    let api: Api<PowerTool> =
+        Api::namespaced(ctx.client.clone(), &pt.namespace().unwrap_or_default());
+    let status = decide(&pt, ctx).await;
+    write_status(&api, &pt, status).await?;
+    Ok(Action::requeue(Duration::from_mins(5)))
+}
+
+async fn reconcile(pt: Arc<PowerTool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<PowerTool> =
+        Api::namespaced(ctx.client.clone(), &pt.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, pt, |event| async {
+        match event {
+            Finalizer::Apply(pt) => apply(pt, &ctx).await,
+            // The node agents see the deletion timestamp and abort their part of the run; the
+            // operator has nothing of its own to undo.
+            Finalizer::Cleanup(_) => Ok(Action::await_change()),
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))
+}
+
+fn error_policy(_: Arc<PowerTool>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(%error, "reconcile failed; retrying in 15 s");
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// Runs the controller until `shutdown` resolves. Nothing is reconciled before the configs are
+/// known: an empty cache would reject every PowerTool as "not enabled".
+pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let configs_api: Api<PowerToolConfig> = Api::all(client.clone());
+    let (store, writer) = reflector::store();
+    let (changed, config_events) = futures::channel::mpsc::channel::<()>(16);
+    let configs = reflector::reflector(writer, watcher(configs_api, watcher::Config::default()))
+        .applied_objects();
+    tokio::spawn(async move {
+        let mut changed = changed;
+        let mut configs = std::pin::pin!(configs);
+        while let Some(event) = configs.next().await {
+            match event {
+                // A full channel already holds a pending "reconcile everything".
+                Ok(_) => {
+                    let _ = changed.try_send(());
+                }
+                Err(e) => tracing::warn!(error = %e, "watching PowerToolConfigs"),
+            }
+        }
+    });
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        configs: store,
+    });
+    Controller::new(Api::<PowerTool>::all(client), watcher::Config::default())
+        .reconcile_all_on(config_events)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,6 @@
+//! TOE's operator. Pure decisions (admission, target selection, blast radius) live in their own
+//! modules and are tested without an API server; the controller applies them.
+
+pub mod admission;
+pub mod controller;
+pub mod selection;
