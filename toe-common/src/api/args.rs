@@ -335,6 +335,14 @@ fn parse_path(name: &str, raw: &str, max_len: usize) -> Result<ArgValue, ArgErro
         Some("\"..\" is not allowed")
     } else if raw.chars().any(char::is_control) {
         Some("control characters are not allowed")
+    } else if raw
+        .chars()
+        .any(|c| !(c.is_ascii_alphanumeric() || "/._-+@:=,%".contains(c)))
+    {
+        // Nothing TOE runs goes through a shell, but a path that looks like shell syntax is
+        // refused anyway: it is never what a user meant, and tools run as ephemeral containers
+        // may hand it to one.
+        Some("only letters, digits and /._-+@:=,% are allowed")
     } else if raw.len() > max_len {
         Some("too long")
     } else {
@@ -469,7 +477,70 @@ pub fn parse_with_defaults(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Hostile argument lists never panic the parser.
+        #[test]
+        fn hostile_argument_lists_never_panic(
+            args in proptest::collection::vec(
+                prop_oneof!["\\PC{0,40}", "--[a-z-]{1,14}(=\\PC{0,40})?"],
+                0..6,
+            )
+        ) {
+            for def in crate::api::catalogue() {
+                let _ = parse(def.args, &args);
+            }
+        }
+
+        /// A hostile value for any argument of any built-in tool is refused, or holds no shell
+        /// syntax, no `..` and no control characters.
+        #[test]
+        fn hostile_values_are_refused_or_harmless(
+            tool in 0usize..64,
+            arg in 0usize..64,
+            value in prop_oneof![
+                "\\PC{0,40}",
+                "/[a-z/;|&$`'\"()<>*?. \\\\-]{0,30}",
+                "[a-z,;|&$ -]{0,30}",
+            ],
+        ) {
+            let defs = crate::api::catalogue();
+            let def = &defs[tool % defs.len()];
+            let spec = &def.args[arg % def.args.len()];
+            let Ok(parsed) = parse(def.args, &[format!("--{}={value}", spec.name)]) else {
+                return Ok(());
+            };
+            match parsed.get(spec.name) {
+                Some(ArgValue::Path(p)) => {
+                    prop_assert!(p.starts_with('/'));
+                    prop_assert!(!p.split('/').any(|c| c == ".."), "{p}");
+                    prop_assert!(
+                        p.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+@:=,%".contains(c)),
+                        "{p}"
+                    );
+                }
+                Some(ArgValue::Names(names)) => {
+                    for n in names {
+                        prop_assert!(
+                            n.chars().all(|c| c.is_ascii_alphanumeric() || "._-:@+".contains(c)),
+                            "{n}"
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        /// An integer is accepted exactly when it is in the schema's range.
+        #[test]
+        fn integers_are_accepted_exactly_within_range(v in -100i64..100) {
+            let accepted = p(&[&format!("--n={v}")]).is_ok();
+            prop_assert_eq!(accepted, (1..=10).contains(&v));
+        }
+    }
 
     const SCHEMA: &[ArgSpec] = &[
         ArgSpec {
