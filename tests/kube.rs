@@ -4,7 +4,12 @@
 use std::{path::Path, time::Duration};
 
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod},
+    ByteString,
+    api::{
+        admissionregistration::v1::ValidatingWebhookConfiguration,
+        core::v1::{Namespace, Pod},
+        rbac::v1::{Role, RoleBinding},
+    },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
@@ -315,4 +320,168 @@ async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
     assert!(gone, "the finalizer never let the PowerTool go");
     let _ = stop.send(());
     operator.await.unwrap();
+}
+
+/// Grants `user` create/get/patch on PowerTools in `ns`.
+async fn grant_powertools(client: &kube::Client, ns: &str, user: &str) {
+    let role: Role = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "powertool-author"},
+        "rules": [{"apiGroups": ["toe.run"], "resources": ["powertools"],
+                   "verbs": ["create", "get", "patch"]}],
+    }))
+    .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("powertool-author-{user}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "powertool-author"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }))
+    .unwrap();
+    let apply = PatchParams::apply("toe-test").force();
+    Api::<Role>::namespaced(client.clone(), ns)
+        .patch("powertool-author", &apply, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .patch(
+            &format!("powertool-author-{user}"),
+            &apply,
+            &Patch::Apply(&binding),
+        )
+        .await
+        .unwrap();
+}
+
+fn powertool(name: &str, spec: &serde_json::Value) -> PowerTool {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// Points the API server at the webhook on 127.0.0.1:`port` for PowerTool creates and updates.
+async fn register_webhook(server: &ApiServer, client: &kube::Client, port: u16) {
+    let config: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "toe"},
+        "webhooks": [{
+            "name": "powertools.toe.run",
+            "clientConfig": {
+                "url": format!("https://127.0.0.1:{port}{}", toe_operator::webhook::PATH),
+                "caBundle": ByteString(server.ca_pem()),
+            },
+            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": ["toe.run"],
+                       "apiVersions": ["v1alpha1"], "resources": ["powertools"]}],
+            "failurePolicy": "Fail", "sideEffects": "None",
+            "admissionReviewVersions": ["v1"], "timeoutSeconds": 5,
+        }],
+    }))
+    .unwrap();
+    Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .create(&PostParams::default(), &config)
+        .await
+        .unwrap();
+}
+
+/// Creates `pt` until the API server refuses it (it picks up a new webhook configuration within
+/// a moment; until then creations pass and are undone), returning the refusal.
+async fn first_refusal(api: &Api<PowerTool>, pt: &PowerTool) -> String {
+    for _ in 0..100 {
+        if let Err(e) = api.create(&PostParams::default(), pt).await {
+            return e.to_string();
+        }
+        api.delete(
+            pt.metadata.name.as_deref().unwrap(),
+            &kube::api::DeleteParams::default(),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the webhook never refused");
+}
+
+#[tokio::test]
+async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespaces() {
+    let Some(server) = ApiServer::start("the_webhook_refuses_at_apply_time") else {
+        return;
+    };
+    let client = server.client().await;
+    install_crds(&client).await;
+    seed_cluster(&client).await;
+    let apply = PatchParams::apply("toe-test").force();
+    // signal-trace may target any namespace; cpu-profile only `shop` (seed_cluster).
+    let trace: PowerToolConfig = serde_json::from_value(serde_json::json!({
+        "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+        "metadata": {"name": "signal-trace"}, "spec": {"tool": "signal-trace"},
+    }))
+    .unwrap();
+    Api::<PowerToolConfig>::all(client.clone())
+        .patch("signal-trace", &apply, &Patch::Apply(&trace))
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let (cert, key) = server.issue_cert("webhook");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let webhook = tokio::spawn(toe_operator::webhook::serve(
+        client.clone(),
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        cert,
+        key,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    register_webhook(&server, &client, port).await;
+    // No operator runs here: a refusal can only come from the webhook. The API server picks a
+    // new webhook configuration up within a moment; retry until it does.
+    let admin_tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
+    let bad = powertool(
+        "too-fast",
+        &serde_json::json!({"tool": {"name": "cpu-profile", "commandLineArguments": ["--frequency=999"]}}),
+    );
+    let refusal = first_refusal(&admin_tools, &bad).await;
+    assert!(
+        refusal.contains(
+            "InvalidArgument: spec.tool.commandLineArguments: --frequency: 999 is above the maximum 199"
+        ),
+        "{refusal}"
+    );
+    admin_tools
+        .create(
+            &PostParams::default(),
+            &powertool(
+                "fine",
+                &serde_json::json!({"tool": {"name": "cpu-profile"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    // alice may create PowerTools in shop, not in payments: targeting payments is refused.
+    grant_powertools(&client, "shop", "alice").await;
+    let alice = server.client_as(toe_tests::apiserver::ALICE_TOKEN).await;
+    let alice_tools: Api<PowerTool> = Api::namespaced(alice, "shop");
+    let cross = powertool(
+        "cross",
+        &serde_json::json!({"tool": {"name": "signal-trace"},
+            "targets": {"namespaceSelector": {"matchLabels": {"team": "payments"}}}}),
+    );
+    let err = alice_tools
+        .create(&PostParams::default(), &cross)
+        .await
+        .expect_err("alice targeted payments")
+        .to_string();
+    assert!(
+        err.contains("alice may not create PowerTools in namespace payments"),
+        "{err}"
+    );
+    grant_powertools(&client, "payments", "alice").await;
+    alice_tools
+        .create(&PostParams::default(), &cross)
+        .await
+        .unwrap();
+    let _ = stop.send(());
+    webhook.await.unwrap().unwrap();
 }

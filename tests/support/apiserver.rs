@@ -113,6 +113,8 @@ pub struct ApiServer {
 }
 
 pub const ADMIN_TOKEN: &str = "toe-test-admin-token";
+/// A plain user (`alice`, group `shop-devs`) with no permissions until a test grants some.
+pub const ALICE_TOKEN: &str = "toe-test-alice-token";
 
 impl ApiServer {
     /// Starts etcd and the API server; `None` (with the reason) when the server is not built and
@@ -137,7 +139,9 @@ impl ApiServer {
         certificates(d);
         std::fs::write(
             d.join("tokens.csv"),
-            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+            format!(
+                "{ADMIN_TOKEN},admin,admin,system:masters\n{ALICE_TOKEN},alice,alice,shop-devs\n"
+            ),
         )
         .unwrap();
         let (client, peer, secure) = (free_port(), free_port(), free_port());
@@ -208,11 +212,73 @@ impl ApiServer {
         .unwrap();
     }
 
+    /// A certificate for 127.0.0.1 signed by the server's CA (for a webhook it calls), as
+    /// (certificate, key) PEM paths.
+    #[must_use]
+    pub fn issue_cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+        (d.join(crt), d.join(key))
+    }
+
+    /// The CA certificate (PEM), e.g. for a webhook's caBundle.
+    #[must_use]
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("ca.crt")).expect("ca.crt")
+    }
+
     /// A client for the admin user, once the server answers (up to 60 s after start).
     pub async fn client(&self) -> kube::Client {
+        self.client_as(ADMIN_TOKEN).await
+    }
+
+    /// A client authenticating with `token`, once the server answers.
+    pub async fn client_as(&self, token: &str) -> kube::Client {
         // Another test of this binary may have installed it already.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let kc = kube::config::Kubeconfig::read_from(self.kubeconfig()).expect("kubeconfig");
+        let text = std::fs::read_to_string(self.kubeconfig())
+            .expect("kubeconfig")
+            .replace(ADMIN_TOKEN, token);
+        let kc = kube::config::Kubeconfig::from_yaml(&text).expect("kubeconfig");
         let config =
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await

@@ -9,7 +9,7 @@ use futures::StreamExt as _;
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod},
     apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time},
-    jiff::Timestamp,
+    jiff::{self, Timestamp},
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -77,7 +77,7 @@ fn condition(type_: &str, ok: bool, reason: &str, message: &str, generation: i64
 }
 
 /// Namespaces the PowerTool targets: its own, or those its namespace selector matches.
-async fn target_namespaces(client: &Client, pt: &PowerTool) -> Result<Vec<String>, String> {
+pub async fn target_namespaces(client: &Client, pt: &PowerTool) -> Result<Vec<String>, String> {
     let own = pt.namespace().unwrap_or_else(|| "default".into());
     let Some(sel) = pt
         .spec
@@ -93,6 +93,31 @@ async fn target_namespaces(client: &Client, pt: &PowerTool) -> Result<Vec<String
         .await
         .map_err(|e| format!("listing namespaces: {e}"))?;
     Ok(list.items.iter().map(ResourceExt::name_any).collect())
+}
+
+/// Every targeted namespace must be allowed by the config of every tool of the run.
+pub fn namespaces_allowed(
+    pt: &PowerTool,
+    configs: &[PowerToolConfig],
+    namespaces: &[String],
+) -> Result<(), String> {
+    let Ok(checked) = Configs::new(configs) else {
+        // Admission already refused a broken set of configs.
+        return Ok(());
+    };
+    for t in std::iter::once(&pt.spec.tool).chain(&pt.spec.alongside) {
+        let Some(c) = checked.for_tool(&t.name) else {
+            continue;
+        };
+        if let Some(ns) = namespaces.iter().find(|ns| !c.allows_namespace(ns)) {
+            return Err(format!(
+                "spec.targets.namespaceSelector: namespace {ns} is not allowed by \
+                 PowerToolConfig {} for tool {}",
+                c.name, t.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Admission, then target selection; the status to write.
@@ -113,24 +138,8 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> PowerToolStatus {
         Ok(n) => n,
         Err(e) => return rejected("InvalidTargets", &e),
     };
-    // Every targeted namespace must be allowed by the configs of every tool of the run.
-    if let Ok(checked) = Configs::new(&configs) {
-        let tools = std::iter::once(&pt.spec.tool).chain(&pt.spec.alongside);
-        for t in tools {
-            let Some(c) = checked.for_tool(&t.name) else {
-                continue;
-            };
-            if let Some(ns) = namespaces.iter().find(|ns| !c.allows_namespace(ns)) {
-                return rejected(
-                    "NamespaceNotAllowed",
-                    &format!(
-                        "spec.targets.namespaceSelector: namespace {ns} is not allowed by \
-                         PowerToolConfig {} for tool {}",
-                        c.name, t.name
-                    ),
-                );
-            }
-        }
+    if let Err(e) = namespaces_allowed(pt, &configs, &namespaces) {
+        return rejected("NamespaceNotAllowed", &e);
     }
     let label_selector = pt
         .spec
@@ -237,9 +246,57 @@ async fn write_status(
     Ok(())
 }
 
+/// What to do with a finished PowerTool whose `ttlSecondsAfterFinished` is set: delete it now,
+/// or look again when it expires. `None`: not finished, or no TTL.
+fn ttl_action(pt: &PowerTool, now: Timestamp) -> Option<Result<(), Duration>> {
+    let ttl = pt.spec.ttl_seconds_after_finished?;
+    let status = pt.status.as_ref()?;
+    if !matches!(
+        status.phase,
+        PowerToolPhase::Completed | PowerToolPhase::Failed | PowerToolPhase::Interrupted
+    ) {
+        return None;
+    }
+    let finished = status.finish_time.as_ref()?.0;
+    let expires = finished
+        .checked_add(jiff::SignedDuration::from_secs(
+            i64::try_from(ttl).unwrap_or(i64::MAX),
+        ))
+        .ok()?;
+    if now >= expires {
+        Some(Ok(()))
+    } else {
+        let left = expires.duration_since(now);
+        Some(Err(
+            Duration::try_from(left).unwrap_or(Duration::from_secs(1))
+        ))
+    }
+}
+
 async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
     let api: Api<PowerTool> =
         Api::namespaced(ctx.client.clone(), &pt.namespace().unwrap_or_default());
+    match ttl_action(&pt, Timestamp::now()) {
+        Some(Ok(())) => {
+            api.delete(&pt.name_any(), &kube::api::DeleteParams::background())
+                .await?;
+            return Ok(Action::await_change());
+        }
+        Some(Err(left)) => return Ok(Action::requeue(left)),
+        None => {}
+    }
+    // Once the agents run it, the run's phase is theirs; admission is decided again only for a
+    // new generation of the spec.
+    let current_generation = pt.status.as_ref().and_then(|s| s.observed_generation);
+    let running = pt.status.as_ref().is_some_and(|s| {
+        !matches!(
+            s.phase,
+            PowerToolPhase::Pending | PowerToolPhase::Admitted | PowerToolPhase::Rejected
+        )
+    });
+    if running && current_generation == pt.metadata.generation {
+        return Ok(Action::requeue(Duration::from_mins(5)));
+    }
     let status = decide(&pt, ctx).await;
     write_status(&api, &pt, status).await?;
     Ok(Action::requeue(Duration::from_mins(5)))
@@ -303,4 +360,54 @@ pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Syn
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(phase: PowerToolPhase, ttl: Option<u64>, at: &str) -> PowerTool {
+        let mut pt = PowerTool::new("t", toe_common::api::PowerToolSpec::default());
+        pt.spec.ttl_seconds_after_finished = ttl;
+        pt.status = Some(PowerToolStatus {
+            phase,
+            finish_time: Some(Time(at.parse().unwrap())),
+            ..PowerToolStatus::default()
+        });
+        pt
+    }
+
+    #[test]
+    fn finished_powertools_go_when_their_ttl_expires() {
+        let now: Timestamp = "2026-11-26T12:00:00Z".parse().unwrap();
+        let done = finished(PowerToolPhase::Completed, Some(60), "2026-11-26T11:59:30Z");
+        assert_eq!(ttl_action(&done, now), Some(Err(Duration::from_secs(30))));
+        let old = finished(PowerToolPhase::Failed, Some(60), "2026-11-26T11:58:00Z");
+        assert_eq!(ttl_action(&old, now), Some(Ok(())));
+        let running = finished(PowerToolPhase::Running, Some(60), "2026-11-26T11:00:00Z");
+        assert_eq!(ttl_action(&running, now), None);
+        let kept = finished(PowerToolPhase::Completed, None, "2026-11-26T11:00:00Z");
+        assert_eq!(ttl_action(&kept, now), None);
+    }
+
+    #[test]
+    fn selectors_become_list_strings() {
+        let s: LabelSelector = serde_json::from_value(serde_json::json!({
+            "matchLabels": {"app": "web"},
+            "matchExpressions": [
+                {"key": "tier", "operator": "In", "values": ["a", "b"]},
+                {"key": "canary", "operator": "DoesNotExist"},
+            ],
+        }))
+        .unwrap();
+        assert_eq!(
+            selector_string(&s).unwrap(),
+            "app=web,tier in (a,b),!canary"
+        );
+        let bad: LabelSelector = serde_json::from_value(serde_json::json!({
+            "matchExpressions": [{"key": "x", "operator": "Near"}],
+        }))
+        .unwrap();
+        assert!(selector_string(&bad).unwrap_err().contains("Near"));
+    }
 }

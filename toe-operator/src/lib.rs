@@ -4,3 +4,4 @@
 pub mod admission;
 pub mod controller;
 pub mod selection;
+pub mod webhook;
