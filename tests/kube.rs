@@ -8,7 +8,7 @@ use k8s_openapi::{
     api::{
         admissionregistration::v1::ValidatingWebhookConfiguration,
         core::v1::{Namespace, Pod},
-        rbac::v1::{Role, RoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -219,20 +219,47 @@ async fn seed_cluster(client: &kube::Client) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
-    let Some(server) = ApiServer::start("the_operator_admits_or_rejects_with_the_rule") else {
-        return;
-    };
-    let client = server.client().await;
-    install_crds(&client).await;
-    seed_cluster(&client).await;
+/// Each decision was counted once, told as an Event on its PowerTool, under the Lease.
+async fn assert_told(client: &kube::Client, metrics: &toe_operator::metrics::Metrics) {
+    // Each decision was counted once and told as an Event on its PowerTool.
+    let text = metrics.encode();
+    for reason in [
+        "Validated",
+        "InvalidArgument",
+        "ToolNotEnabled",
+        "NamespaceNotAllowed",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "toe_operator_decisions_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{text}"
+        );
+    }
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "shop");
+    let events = events.list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidArgument")
+                && e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("too-fast")),
+        "{events:?}"
+    );
+    let lease =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "toe-system")
+            .get("toe-operator")
+            .await
+            .unwrap();
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("test-replica")
+    );
+}
+
+/// One PowerTool the operator admits (two web pods' sidecars) and three it rejects.
+async fn apply_powertools(tools: &Api<PowerTool>) {
     let apply = PatchParams::apply("toe-test").force();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(toe_operator::controller::run(client.clone(), async {
-        let _ = stopped.await;
-    }));
-    let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
     for (name, spec) in [
         (
             "web-sidecar",
@@ -261,6 +288,33 @@ async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
         .unwrap();
         tools.patch(name, &apply, &Patch::Apply(&pt)).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
+    let Some(server) = ApiServer::start("the_operator_admits_or_rejects_with_the_rule") else {
+        return;
+    };
+    let client = server.client().await;
+    install_crds(&client).await;
+    seed_cluster(&client).await;
+    // The operator runs as its own identity with only its ClusterRole, under leader election.
+    let operator_client = operator_identity(&server, &client).await;
+    let metrics = std::sync::Arc::new(toe_operator::metrics::Metrics::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let elector = toe_operator::lease::Elector::new(
+        operator_client.clone(),
+        "toe-system",
+        "toe-operator",
+        "test-replica",
+        Duration::from_secs(15),
+    );
+    let run = toe_operator::controller::run(operator_client, metrics.clone(), async {
+        let _ = stopped.await;
+    });
+    let operator = tokio::spawn(async move { elector.lead(run).await });
+    let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
+    apply_powertools(&tools).await;
     let ok = decided(&tools, "web-sidecar").await;
     let status = ok.status.as_ref().unwrap();
     assert_eq!(status.phase, PowerToolPhase::Admitted, "{status:?}");
@@ -318,8 +372,37 @@ async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "the finalizer never let the PowerTool go");
+    assert_told(&client, &metrics).await;
     let _ = stop.send(());
     operator.await.unwrap();
+}
+
+/// A client for the operator's own identity, bound to exactly `rbac::operator_cluster_role`.
+async fn operator_identity(server: &ApiServer, admin: &kube::Client) -> kube::Client {
+    let apply = PatchParams::apply("toe-test").force();
+    let role = toe_operator::rbac::operator_cluster_role("toe-operator");
+    Api::<ClusterRole>::all(admin.clone())
+        .patch("toe-operator", &apply, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "toe-operator"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "toe-operator"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                      "name": toe_tests::apiserver::OPERATOR_USER}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .patch("toe-operator", &apply, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "toe-system"}})).unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    server.client_as(toe_tests::apiserver::OPERATOR_TOKEN).await
 }
 
 /// Grants `user` create/get/patch on PowerTools in `ns`.
@@ -427,6 +510,7 @@ async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespa
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let webhook = tokio::spawn(toe_operator::webhook::serve(
         client.clone(),
+        std::sync::Arc::default(),
         std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         cert,
         key,

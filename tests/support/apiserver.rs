@@ -115,6 +115,9 @@ pub struct ApiServer {
 pub const ADMIN_TOKEN: &str = "toe-test-admin-token";
 /// A plain user (`alice`, group `shop-devs`) with no permissions until a test grants some.
 pub const ALICE_TOKEN: &str = "toe-test-alice-token";
+/// The operator's service account, with no permissions until a test binds its role.
+pub const OPERATOR_TOKEN: &str = "toe-test-operator-token";
+pub const OPERATOR_USER: &str = "system:serviceaccount:toe-system:toe-operator";
 
 impl ApiServer {
     /// Starts etcd and the API server; `None` (with the reason) when the server is not built and
@@ -140,7 +143,8 @@ impl ApiServer {
         std::fs::write(
             d.join("tokens.csv"),
             format!(
-                "{ADMIN_TOKEN},admin,admin,system:masters\n{ALICE_TOKEN},alice,alice,shop-devs\n"
+                "{ADMIN_TOKEN},admin,admin,system:masters\n{ALICE_TOKEN},alice,alice,shop-devs\n\
+                 {OPERATOR_TOKEN},{OPERATOR_USER},operator,system:serviceaccounts\n"
             ),
         )
         .unwrap();

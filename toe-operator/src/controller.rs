@@ -12,11 +12,12 @@ use k8s_openapi::{
     jiff::{self, Timestamp},
 };
 use kube::{
-    Api, Client, ResourceExt,
+    Api, Client, Resource as _, ResourceExt,
     api::{ListParams, Patch, PatchParams},
     runtime::{
         Controller, WatchStreamExt as _,
         controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
         finalizer::{Event as Finalizer, finalizer},
         reflector::{self, Store},
         watcher,
@@ -26,7 +27,11 @@ use toe_common::api::{
     Configs, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus, SelectedTarget,
 };
 
-use crate::{admission, selection};
+use crate::{
+    admission,
+    metrics::{Decision, Metrics},
+    selection,
+};
 
 pub const FIELD_MANAGER: &str = "toe-operator";
 pub const FINALIZER: &str = "toe.run/abort-run";
@@ -42,6 +47,8 @@ pub enum Error {
 pub struct Context {
     pub client: Client,
     pub configs: Store<PowerToolConfig>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
 }
 
 /// `matchLabels` and `matchExpressions` as a label selector string for list calls.
@@ -201,11 +208,12 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> PowerToolStatus {
 
 /// Writes `status` unless it says what the current one says (conditions compared without their
 /// transition times, which would otherwise change on every reconcile).
+/// Returns whether anything was written.
 async fn write_status(
     api: &Api<PowerTool>,
     pt: &PowerTool,
     mut status: PowerToolStatus,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     if let Some(current) = &pt.status {
         let same = |a: &[Condition], b: &[Condition]| {
             a.len() == b.len()
@@ -219,7 +227,7 @@ async fn write_status(
             && current.observed_generation == status.observed_generation
             && same(&current.conditions, &status.conditions)
         {
-            return Ok(());
+            return Ok(false);
         }
         // A condition that did not change keeps the time it last changed.
         for c in &mut status.conditions {
@@ -243,7 +251,29 @@ async fn write_status(
         &Patch::Apply(&patch),
     )
     .await?;
-    Ok(())
+    Ok(true)
+}
+
+/// An Event on the PowerTool for a new decision, so `kubectl describe` tells the story.
+async fn record(ctx: &Context, pt: &PowerTool, status: &PowerToolStatus) {
+    let Some(c) = status.conditions.first() else {
+        return;
+    };
+    let admitted = status.phase == PowerToolPhase::Admitted;
+    let event = Event {
+        type_: if admitted {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: c.reason.clone(),
+        note: Some(c.message.chars().take(1000).collect()),
+        action: if admitted { "Admit" } else { "Reject" }.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &pt.object_ref(&())).await {
+        tracing::warn!(error = %e, "publishing an event");
+    }
 }
 
 /// What to do with a finished PowerTool whose `ttlSecondsAfterFinished` is set: delete it now,
@@ -298,11 +328,22 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::requeue(Duration::from_mins(5)));
     }
     let status = decide(&pt, ctx).await;
-    write_status(&api, &pt, status).await?;
+    if write_status(&api, &pt, status.clone()).await? {
+        let reason = status
+            .conditions
+            .first()
+            .map_or_else(String::new, |c| c.reason.clone());
+        ctx.metrics
+            .decisions
+            .get_or_create(&Decision { reason })
+            .inc();
+        record(ctx, &pt, &status).await;
+    }
     Ok(Action::requeue(Duration::from_mins(5)))
 }
 
 async fn reconcile(pt: Arc<PowerTool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.inc();
     let api: Api<PowerTool> =
         Api::namespaced(ctx.client.clone(), &pt.namespace().unwrap_or_default());
     finalizer(&api, FINALIZER, pt, |event| async {
@@ -317,14 +358,23 @@ async fn reconcile(pt: Arc<PowerTool>, ctx: Arc<Context>) -> Result<Action, Erro
     .map_err(|e| Error::Finalizer(e.to_string()))
 }
 
-fn error_policy(_: Arc<PowerTool>, error: &Error, _: Arc<Context>) -> Action {
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the signature kube's Controller::run calls"
+)]
+fn error_policy(_: Arc<PowerTool>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.inc();
     tracing::warn!(%error, "reconcile failed; retrying in 15 s");
     Action::requeue(Duration::from_secs(15))
 }
 
 /// Runs the controller until `shutdown` resolves. Nothing is reconciled before the configs are
 /// known: an empty cache would reject every PowerTool as "not enabled".
-pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let configs_api: Api<PowerToolConfig> = Api::all(client.clone());
     let (store, writer) = reflector::store();
     let (changed, config_events) = futures::channel::mpsc::channel::<()>(16);
@@ -346,9 +396,18 @@ pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Syn
     if store.wait_until_ready().await.is_err() {
         return;
     }
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         configs: store,
+        metrics,
+        recorder,
     });
     Controller::new(Api::<PowerTool>::all(client), watcher::Config::default())
         .reconcile_all_on(config_events)

@@ -3,5 +3,8 @@
 
 pub mod admission;
 pub mod controller;
+pub mod lease;
+pub mod metrics;
+pub mod rbac;
 pub mod selection;
 pub mod webhook;

@@ -1,10 +1,12 @@
 //! `toe-operator`: admits PowerTools, selects their targets, reports status, and serves the
-//! validating admission webhook.
+//! validating admission webhook and Prometheus metrics.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
+use axum::{Router, routing::get};
 use clap::Parser;
+use toe_operator::{controller, lease::Elector, metrics::Metrics, webhook};
 
 #[derive(Parser)]
 #[command(name = "toe-operator", version, about = "TOE's Kubernetes operator")]
@@ -18,6 +20,18 @@ struct Cli {
     /// PEM private key for the webhook.
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// Serve /metrics (Prometheus) and /healthz here over plain HTTP.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    /// Reconcile only while holding this Lease (in --lease-namespace), so that one of several
+    /// replicas acts at a time. Empty: no election (a single replica).
+    #[arg(long, default_value = "toe-operator")]
+    lease_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "toe-system")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 async fn shutdown_signal() {
@@ -27,6 +41,25 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.encode() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-addr {addr}"))?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -47,19 +80,38 @@ fn main() -> Result<()> {
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(serve_metrics(cli.metrics_addr, metrics.clone()));
+        // Every replica answers the webhook; only the leader reconciles.
         let webhook = match (cli.webhook_addr, &cli.tls_cert, &cli.tls_key) {
-            (Some(addr), Some(cert), Some(key)) => {
-                Some(tokio::spawn(toe_operator::webhook::serve(
-                    client.clone(),
-                    addr,
-                    cert.clone(),
-                    key.clone(),
-                    shutdown_signal(),
-                )))
-            }
+            (Some(addr), Some(cert), Some(key)) => Some(tokio::spawn(webhook::serve(
+                client.clone(),
+                metrics.clone(),
+                addr,
+                cert.clone(),
+                key.clone(),
+                shutdown_signal(),
+            ))),
             _ => None,
         };
-        toe_operator::controller::run(client, shutdown_signal()).await;
+        let run = controller::run(client.clone(), metrics, shutdown_signal());
+        if cli.lease_name.is_empty() {
+            run.await;
+        } else {
+            let identity = cli
+                .identity
+                .clone()
+                .unwrap_or_else(|| format!("toe-operator-{}", std::process::id()));
+            Elector::new(
+                client,
+                &cli.lease_namespace,
+                &cli.lease_name,
+                &identity,
+                Duration::from_secs(15),
+            )
+            .lead(run)
+            .await;
+        }
         if let Some(w) = webhook {
             w.await.context("webhook task")??;
         }

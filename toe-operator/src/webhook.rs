@@ -20,12 +20,16 @@ use kube::{
 };
 use toe_common::api::{PowerTool, PowerToolConfig};
 
-use crate::{admission, controller};
+use crate::{
+    admission, controller,
+    metrics::{Decision, Metrics},
+};
 
 pub const PATH: &str = "/validate-powertool";
 
 struct WebhookState {
     client: Client,
+    metrics: Arc<Metrics>,
 }
 
 /// Whether `req`'s user may create PowerTools in `namespace`.
@@ -114,7 +118,23 @@ async fn validate(
         }
     };
     let resp = AdmissionResponse::from(&req);
-    let resp = match decide(&state.client, &req).await {
+    let decision = decide(&state.client, &req).await;
+    let reason = match &decision {
+        Ok(()) => "Allowed".to_owned(),
+        // "InvalidArgument: ..." -> "InvalidArgument"; other refusals count as "Denied".
+        Err(m) => m
+            .split_once(": ")
+            .map(|(r, _)| r)
+            .filter(|r| r.chars().all(|c| c.is_ascii_alphabetic()))
+            .unwrap_or("Denied")
+            .to_owned(),
+    };
+    state
+        .metrics
+        .webhook_requests
+        .get_or_create(&Decision { reason })
+        .inc();
+    let resp = match decision {
         Ok(()) => resp,
         Err(message) => resp.deny(message),
     };
@@ -124,6 +144,7 @@ async fn validate(
 /// Serves the webhook over TLS on `addr` until `shutdown` resolves.
 pub async fn serve(
     client: Client,
+    metrics: Arc<Metrics>,
     addr: SocketAddr,
     cert: PathBuf,
     key: PathBuf,
@@ -132,7 +153,7 @@ pub async fn serve(
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
     let app = Router::new()
         .route(PATH, post(validate))
-        .with_state(Arc::new(WebhookState { client }));
+        .with_state(Arc::new(WebhookState { client, metrics }));
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
     tokio::spawn(async move {

@@ -1,0 +1,55 @@
+//! The operator's least-privilege ClusterRole, as data: the chart renders it and the tests run
+//! the operator under exactly this role against a real API server.
+
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
+use kube::api::ObjectMeta;
+
+fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![group.to_owned()]),
+        resources: Some(resources.iter().map(|r| (*r).to_owned()).collect()),
+        verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+        ..PolicyRule::default()
+    }
+}
+
+/// What the controller, the webhook and the leader election use, and nothing else.
+#[must_use]
+pub fn operator_cluster_role(name: &str) -> ClusterRole {
+    ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        rules: Some(vec![
+            // Watch PowerTools; add and remove the finalizer; delete after the TTL.
+            rule(
+                "toe.run",
+                &["powertools"],
+                &["get", "list", "watch", "patch", "update", "delete"],
+            ),
+            rule(
+                "toe.run",
+                &["powertools/status"],
+                &["get", "patch", "update"],
+            ),
+            rule("toe.run", &["powertoolconfigs"], &["get", "list", "watch"]),
+            // Target selection.
+            rule("", &["pods", "namespaces"], &["get", "list"]),
+            // The webhook asks whether the requesting user may act in a targeted namespace.
+            rule(
+                "authorization.k8s.io",
+                &["subjectaccessreviews"],
+                &["create"],
+            ),
+            rule("events.k8s.io", &["events"], &["create", "patch"]),
+            // Leader election.
+            rule(
+                "coordination.k8s.io",
+                &["leases"],
+                &["get", "create", "update"],
+            ),
+        ]),
+        ..ClusterRole::default()
+    }
+}
