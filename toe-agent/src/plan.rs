@@ -30,6 +30,11 @@ pub enum PlanError {
     },
     #[error("--output {given}: {why}")]
     Output { given: String, why: String },
+    #[error("{source_name}: {message}")]
+    Unsupported {
+        source_name: String,
+        message: String,
+    },
     #[error("--config {source_name}: {message}")]
     Config {
         source_name: String,
@@ -187,6 +192,19 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
         tool: validated,
         alongside,
     } = validate(&req.source_name, &tool, req.config.as_ref())?;
+    if let Some(t) = std::iter::once(&validated)
+        .chain(&alongside)
+        .find(|t| matches!(t.options, api::ToolOptions::Image(_)))
+    {
+        return Err(PlanError::Unsupported {
+            source_name: req.source_name.clone(),
+            message: format!(
+                "tool {} is image-based: the operator runs it as an ephemeral container in a \
+                 cluster; local mode runs the built-in tools",
+                t.name
+            ),
+        });
+    }
     let (given, from_flag) = match (
         &req.output,
         tool.spec.output.as_ref().and_then(|o| o.url.as_ref()),

@@ -236,7 +236,9 @@ fn map_sizes(tools: &[&ToolOptions], cpus: u32) -> Vec<(&'static str, u32)> {
             }
             ToolOptions::CpuStress(_)
             | ToolOptions::MemoryStress(_)
-            | ToolOptions::VolumeFill(_) => {}
+            | ToolOptions::VolumeFill(_)
+            // Image tools never reach a local run (planning refuses them).
+            | ToolOptions::Image(_) => {}
             // terminate traces its victims' signals and exits.
             ToolOptions::Terminate(_) => {
                 set(sig::STACKS_MAP, sig::MAX_STACKS);
@@ -359,10 +361,13 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
                 }
                 Work::Signals(signals::SignalWork::new(opts.clone(), collector))
             }
+            // Faults start below, once every collector is attached; image tools never reach a
+            // local run (planning refuses them).
             ToolOptions::CpuStress(_)
             | ToolOptions::MemoryStress(_)
             | ToolOptions::Terminate(_)
-            | ToolOptions::VolumeFill(_) => continue,
+            | ToolOptions::VolumeFill(_)
+            | ToolOptions::Image(_) => continue,
         });
     }
     if let Some((fault_plan, facts)) = fault {

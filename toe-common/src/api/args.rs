@@ -73,7 +73,7 @@ pub struct ArgError {
 }
 
 impl ArgError {
-    fn new(what: impl Into<String>) -> Self {
+    pub(super) fn new(what: impl Into<String>) -> Self {
         Self { what: what.into() }
     }
 }
@@ -299,7 +299,7 @@ pub fn parse_names(raw: &str, max_count: usize, max_len: usize) -> Result<Vec<St
     Ok(names)
 }
 
-fn parse_amount(
+pub(super) fn parse_amount(
     name: &str,
     raw: &str,
     max_bytes: u64,
@@ -328,7 +328,7 @@ fn parse_amount(
     Ok(ArgValue::Amount(Amount::Bytes(v)))
 }
 
-fn parse_path(name: &str, raw: &str, max_len: usize) -> Result<ArgValue, ArgError> {
+pub(super) fn parse_path(name: &str, raw: &str, max_len: usize) -> Result<ArgValue, ArgError> {
     let bad = if !raw.starts_with('/') {
         Some("must be absolute")
     } else if raw.split('/').any(|c| c == "..") {

@@ -455,6 +455,24 @@ pub fn check(config: &PowerToolConfig) -> Result<CheckedConfig, ConfigError> {
                     "an ephemeralContainer tool needs an image".into(),
                 ));
             }
+            if find_tool(&spec.tool).is_some() {
+                return Err(err(
+                    "spec.tool",
+                    format!(
+                        "\"{}\" is a built-in tool; an image-based tool needs its own name",
+                        spec.tool
+                    ),
+                ));
+            }
+            if spec.default_resources.is_some() {
+                // Said here rather than dropped later: a user would believe the limits hold.
+                return Err(err(
+                    "spec.defaultResources",
+                    "Kubernetes refuses resources on ephemeral containers, so they cannot apply \
+                     to an ephemeralContainer tool; remove them"
+                        .into(),
+                ));
+            }
             None
         }
     };
@@ -489,6 +507,12 @@ pub fn check(config: &PowerToolConfig) -> Result<CheckedConfig, ConfigError> {
         max_duration,
         rules,
     };
+    if def.is_none() {
+        for r in &checked.rules {
+            super::image::check_default(r)
+                .map_err(|e| err("spec.arguments", format!("default: {e}")))?;
+        }
+    }
     // Defaults, the config's or the tool's, must themselves pass: a PowerTool without arguments
     // has to be admissible.
     if let Some(d) = def {
@@ -922,6 +946,84 @@ mod tests {
         .join("---\n");
         let e = configs(&two).unwrap_err().to_string();
         assert!(e.contains("already configured by PowerToolConfig a"), "{e}");
+    }
+
+    #[test]
+    fn image_tools_get_typed_arguments_and_a_plain_argv() {
+        let cfg = configs(&config_doc(
+            "aperf",
+            "  tool: aperf\n  engine: ephemeralContainer\n  image: registry.example/aperf:1.2\n  maxDuration: 10m\n  arguments:\n    - {name: interval, type: integer, min: 1, max: 60, default: 1}\n    - {name: profile, type: boolean}\n    - {name: out, type: path, allowedPrefixes: [/tmp]}\n    - {name: tag, type: string, maxLength: 8, repeated: true}\n    - {name: mode, type: enum, values: [cpu, all]}\n",
+        ))
+        .unwrap();
+        let v = run(
+            "  tool: {name: aperf, duration: 2m, commandLineArguments: [--profile, --out, /tmp/x, --tag=a, --tag=b, --mode=cpu]}\n",
+            &cfg,
+            None,
+        )
+        .unwrap();
+        assert_eq!(v.tool.duration, Duration::from_mins(2));
+        assert_eq!(
+            v.tool.options,
+            ToolOptions::Image(ImageOptions {
+                image: "registry.example/aperf:1.2".into(),
+                argv: [
+                    "--profile=true",
+                    "--out=/tmp/x",
+                    "--tag=a",
+                    "--tag=b",
+                    "--mode=cpu",
+                    "--interval=1"
+                ]
+                .map(String::from)
+                .to_vec(),
+            })
+        );
+        for (args, want) in [
+            ("[--interval=99]", "--interval: 99 is above the maximum 60"),
+            ("[--out=/etc/passwd]", "outside the allowed prefixes /tmp"),
+            ("[\"--out=/tmp/a;b\"]", "only letters, digits"),
+            (
+                "[\"--tag=$(id)\"]",
+                "only letters, digits and ._-:@+=, are allowed",
+            ),
+            ("[--tag=toolongtag]", "longer than 8 bytes"),
+            ("[--mode=gpu]", "\"gpu\" is not one of cpu, all"),
+            (
+                "[--interval=1, --interval=2]",
+                "--interval: given more than once",
+            ),
+            (
+                "[--shell=sh]",
+                "--shell is not allowed by PowerToolConfig aperf",
+            ),
+            ("[rm]", "\"rm\" is not an argument"),
+        ] {
+            let e = run(
+                &format!("  tool: {{name: aperf, commandLineArguments: {args}}}\n"),
+                &cfg,
+                None,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{args}: {e}");
+        }
+        for (body, want) in [
+            (
+                "  tool: cpu-profile\n  engine: ephemeralContainer\n  image: x\n",
+                "is a built-in tool",
+            ),
+            (
+                "  tool: aperf\n  engine: ephemeralContainer\n  image: x\n  defaultResources: {limits: {cpu: 500m}}\n",
+                "Kubernetes refuses resources on ephemeral containers",
+            ),
+            (
+                "  tool: aperf\n  engine: ephemeralContainer\n  image: x\n  arguments:\n    - {name: n, type: integer, max: 5, default: 9}\n",
+                "default: 9 is above the maximum 5",
+            ),
+        ] {
+            let e = configs(&config_doc("c", body)).unwrap_err().to_string();
+            assert!(e.contains(want), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod args;
 mod config;
 mod duration;
+mod image;
 mod resources;
 mod tools;
 
@@ -24,7 +25,7 @@ pub use self::{
         ProcessingOutput, SelectedTarget, Targets, ToolSpec, TypeMeta,
     },
     tools::{
-        AllocationMode, CpuProfileOptions, CpuStressOptions, MemoryProfileOptions,
+        AllocationMode, CpuProfileOptions, CpuStressOptions, ImageOptions, MemoryProfileOptions,
         MemoryStressOptions, SignalTraceOptions, TerminateOptions, ToolKind, ToolOptions,
         VolumeFillOptions, catalogue, default_options, find_tool,
     },
@@ -102,6 +103,38 @@ pub enum Policy<'a> {
     },
 }
 
+/// Checks an image-based tool of a PowerTool against its config.
+fn validate_image(
+    spec: &ToolSpec,
+    field: &str,
+    c: &CheckedConfig,
+    namespace: Option<&str>,
+    run_duration: Option<Duration>,
+) -> Result<ValidatedTool, SpecError> {
+    if let Some(ns) = namespace
+        && !c.allows_namespace(ns)
+    {
+        return Err(SpecError::Namespace {
+            config: c.name.clone(),
+            tool: spec.name.clone(),
+            namespace: ns.to_owned(),
+        });
+    }
+    image::validate(spec, c, run_duration).map_err(|(is_duration, why)| {
+        if is_duration {
+            SpecError::Duration {
+                field: field.to_owned(),
+                why,
+            }
+        } else {
+            SpecError::Argument {
+                field: field.to_owned(),
+                why,
+            }
+        }
+    })
+}
+
 /// Checks one tool of a PowerTool (`field` names it in messages). `run_duration`: the duration
 /// an `alongside` tool inherits.
 fn validate_tool(
@@ -110,6 +143,12 @@ fn validate_tool(
     policy: Policy<'_>,
     run_duration: Option<Duration>,
 ) -> Result<ValidatedTool, SpecError> {
+    if let Policy::Configs { configs, namespace } = policy
+        && let Some(c) = configs.for_tool(&spec.name)
+        && c.spec.engine == Engine::EphemeralContainer
+    {
+        return validate_image(spec, field, c, namespace, run_duration);
+    }
     let def = find_tool(&spec.name).ok_or_else(|| SpecError::UnknownTool {
         field: field.to_owned(),
         name: spec.name.clone(),

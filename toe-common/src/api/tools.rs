@@ -33,6 +33,17 @@ pub enum ToolOptions {
     MemoryStress(MemoryStressOptions),
     Terminate(TerminateOptions),
     VolumeFill(VolumeFillOptions),
+    /// An image-based tool (a PowerToolConfig with engine `ephemeralContainer`): run by the
+    /// operator as an ephemeral container in each target pod.
+    Image(ImageOptions),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageOptions {
+    pub image: String,
+    /// The container's arguments: the config's defaults and the validated
+    /// `commandLineArguments`, each `--name=value`. Never a shell command line.
+    pub argv: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
