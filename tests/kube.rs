@@ -569,3 +569,104 @@ async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespa
     let _ = stop.send(());
     webhook.await.unwrap().unwrap();
 }
+
+/// Waits (up to 30 s) until the PowerTool reaches `phase`.
+async fn reached(api: &Api<PowerTool>, name: &str, phase: PowerToolPhase) -> PowerTool {
+    for _ in 0..300 {
+        let pt = api.get(name).await.unwrap();
+        if pt.status.as_ref().is_some_and(|s| s.phase == phase) {
+            return pt;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "PowerTool {name} did not reach {phase:?} within 30 s: {:?}",
+        api.get(name).await.unwrap().status
+    );
+}
+
+#[tokio::test]
+async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
+    let Some(server) = ApiServer::start("image_tools_run_as_ephemeral_containers") else {
+        return;
+    };
+    let client = server.client().await;
+    install_crds(&client).await;
+    seed_cluster(&client).await;
+    let apply = PatchParams::apply("toe-test").force();
+    let aperf: PowerToolConfig = serde_json::from_value(serde_json::json!({
+        "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+        "metadata": {"name": "aperf"},
+        "spec": {"tool": "aperf", "engine": "ephemeralContainer",
+                 "image": "registry.example/aperf:1.2", "maxDuration": "10m",
+                 "arguments": [{"name": "interval", "type": "integer", "min": 1, "max": 60, "default": 1},
+                               {"name": "profile", "type": "boolean"}]},
+    }))
+    .unwrap();
+    Api::<PowerToolConfig>::all(client.clone())
+        .patch("aperf", &apply, &Patch::Apply(&aperf))
+        .await
+        .unwrap();
+    let operator_client = operator_identity(&server, &client).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(toe_operator::controller::run(
+        operator_client,
+        std::sync::Arc::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
+    let pt = powertool(
+        "aperf-web",
+        &serde_json::json!({
+            "tool": {"name": "aperf", "duration": "1m", "commandLineArguments": ["--interval=5", "--profile"]},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}, "containers": ["app"]},
+            "blastRadius": {"mode": "One"},
+            "output": {"url": "s3://bucket/toe"},
+        }),
+    );
+    tools
+        .patch("aperf-web", &apply, &Patch::Apply(&pt))
+        .await
+        .unwrap();
+    let running = reached(&tools, "aperf-web", PowerToolPhase::Running).await;
+    let status = running.status.unwrap();
+    assert_eq!(status.targets.len(), 1, "{status:?}");
+    let target = &status.targets[0];
+    let url = format!("s3://bucket/toe/shop/aperf-web/{}/app/", target.pod);
+    assert_eq!(target.artifacts, std::slice::from_ref(&url));
+    // The pod got the ephemeral container: the image, the argv as validated (the config's
+    // default appended), aimed at the app container, told where to write.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    let pod = pods.get(&target.pod).await.unwrap();
+    let ec = pod.spec.unwrap().ephemeral_containers.unwrap();
+    assert_eq!(ec.len(), 1);
+    assert_eq!(ec[0].image.as_deref(), Some("registry.example/aperf:1.2"));
+    // The argv exactly as validated; the config's default for an argument given is not added.
+    assert_eq!(
+        ec[0].args.as_ref().unwrap(),
+        &["--interval=5", "--profile=true"]
+    );
+    assert!(ec[0].command.is_none());
+    assert_eq!(ec[0].target_container_name.as_deref(), Some("app"));
+    let env = ec[0].env.clone().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "TOE_OUTPUT_URL" && e.value.as_deref() == Some(url.as_str()))
+    );
+    // There is no kubelet: the test reports the container's exit as one would.
+    let name = ec[0].name.clone();
+    let exited = serde_json::json!({"status": {"ephemeralContainerStatuses": [
+        {"name": name, "ready": false, "restartCount": 0, "image": "registry.example/aperf:1.2",
+         "imageID": "", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}});
+    pods.patch_status(&target.pod, &PatchParams::default(), &Patch::Merge(&exited))
+        .await
+        .unwrap();
+    let done = reached(&tools, "aperf-web", PowerToolPhase::Completed).await;
+    let status = done.status.unwrap();
+    assert_eq!(status.targets[0].phase.as_deref(), Some("Completed"));
+    assert!(status.finish_time.is_some());
+    let _ = stop.send(());
+    operator.await.unwrap();
+}

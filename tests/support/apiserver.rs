@@ -183,6 +183,8 @@ impl ApiServer {
                 "--disable-admission-plugins=ServiceAccount",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--cert-dir=certs",
+                // 1.20 serves ephemeral containers only behind this (alpha) gate.
+                "--feature-gates=EphemeralContainers=true",
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(d.join("apiserver.log")).unwrap())

@@ -24,11 +24,12 @@ use kube::{
     },
 };
 use toe_common::api::{
-    Configs, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus, SelectedTarget,
+    Configs, ImageOptions, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus,
+    SelectedTarget, ToolOptions, ValidatedTool,
 };
 
 use crate::{
-    admission,
+    admission, ephemeral,
     metrics::{Decision, Metrics},
     selection,
 };
@@ -208,6 +209,142 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> PowerToolStatus {
 
 /// Writes `status` unless it says what the current one says (conditions compared without their
 /// transition times, which would otherwise change on every reconcile).
+/// The image tool of an admitted run, if its tool is one.
+fn image_tool(pt: &PowerTool, ctx: &Context) -> Option<(ImageOptions, ValidatedTool)> {
+    let configs: Vec<PowerToolConfig> = ctx.configs.state().iter().map(|c| (**c).clone()).collect();
+    let run = admission::admit(pt, &configs).run?;
+    match &run.tool.options {
+        ToolOptions::Image(o) => Some((o.clone(), run.tool)),
+        _ => None,
+    }
+}
+
+/// Where a target's tool writes: `<output>/<namespace>/<powertool>/<pod>/<container>/`.
+fn output_url(pt: &PowerTool, t: &SelectedTarget) -> String {
+    let base = pt
+        .spec
+        .output
+        .as_ref()
+        .and_then(|o| o.url.clone())
+        .unwrap_or_default();
+    format!(
+        "{}/{}/{}/{}/{}/",
+        base.trim_end_matches('/'),
+        t.namespace,
+        pt.name_any(),
+        t.pod,
+        t.container
+    )
+}
+
+/// Starts the image tool in every target pod as an ephemeral container; targets that cannot
+/// get one are marked Failed with the API server's reason.
+async fn launch(
+    pt: &PowerTool,
+    ctx: &Context,
+    opts: &ImageOptions,
+    tool: &ValidatedTool,
+) -> Result<PowerToolStatus, Error> {
+    let mut status = pt.status.clone().unwrap_or_default();
+    let name = ephemeral::container_name(&pt.name_any(), &pt.uid().unwrap_or_default());
+    for t in &mut status.targets {
+        let url = output_url(pt, t);
+        let c = ephemeral::container(&name, opts, &t.container, &url, tool.duration.as_secs());
+        if let Err(e) = ephemeral::add(&ctx.client, &t.namespace, &t.pod, &c).await {
+            t.phase = Some("Failed".into());
+            t.message = Some(format!(
+                "adding the ephemeral container failed: {e} (servers before 1.23 need the \
+                 EphemeralContainers feature gate)"
+            ));
+            continue;
+        }
+        t.phase = Some("Running".into());
+        t.message = Some(format!("ephemeral container {name} in {}", t.pod));
+        t.artifacts = vec![url];
+    }
+    status.phase = PowerToolPhase::Running;
+    status.start_time = Some(Time(Timestamp::now()));
+    Ok(status)
+}
+
+/// Follows the ephemeral containers: each target ends Completed (exit 0) or Failed (another
+/// exit, the pod gone, or still running long after its duration: ephemeral containers cannot be
+/// stopped through the API, so that is reported rather than waited on forever).
+async fn follow(
+    pt: &PowerTool,
+    ctx: &Context,
+    tool: &ValidatedTool,
+) -> Result<PowerToolStatus, Error> {
+    let mut status = pt.status.clone().unwrap_or_default();
+    let name = ephemeral::container_name(&pt.name_any(), &pt.uid().unwrap_or_default());
+    let started = status
+        .start_time
+        .as_ref()
+        .map_or_else(Timestamp::now, |t| t.0);
+    let overdue = Timestamp::now().duration_since(started).as_secs()
+        > i64::try_from(tool.duration.as_secs()).unwrap_or(i64::MAX) + 120;
+    for t in status
+        .targets
+        .iter_mut()
+        .filter(|t| t.phase.as_deref() == Some("Running"))
+    {
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &t.namespace);
+        let (phase, message) = match pods.get_opt(&t.pod).await? {
+            None => ("Failed", "the pod was deleted".to_owned()),
+            Some(pod) => match ephemeral::outcome(&pod, &name) {
+                Some((0, _)) => ("Completed", "exited 0".to_owned()),
+                Some((code, reason)) => ("Failed", format!("exited {code} ({reason})")),
+                None if overdue => (
+                    "Failed",
+                    "still running 2 minutes after its duration; ephemeral containers cannot be \
+                     stopped through the API"
+                        .to_owned(),
+                ),
+                None => continue,
+            },
+        };
+        t.phase = Some(phase.into());
+        t.message = Some(message);
+    }
+    if status
+        .targets
+        .iter()
+        .all(|t| t.phase.as_deref() != Some("Running"))
+    {
+        let failed = status
+            .targets
+            .iter()
+            .filter(|t| t.phase.as_deref() == Some("Failed"))
+            .count();
+        status.phase = if failed == 0 {
+            PowerToolPhase::Completed
+        } else {
+            PowerToolPhase::Failed
+        };
+        status.finish_time = Some(Time(Timestamp::now()));
+        let generation = pt.metadata.generation.unwrap_or(0);
+        status.conditions.retain(|c| c.type_ == "Admitted");
+        status.conditions.push(if failed == 0 {
+            condition(
+                "Completed",
+                true,
+                "AllTargetsCompleted",
+                "every target's tool exited 0",
+                generation,
+            )
+        } else {
+            condition(
+                "Failed",
+                true,
+                "TargetsFailed",
+                &format!("{failed} of {} target(s) failed", status.targets.len()),
+                generation,
+            )
+        });
+    }
+    Ok(status)
+}
+
 /// Returns whether anything was written.
 async fn write_status(
     api: &Api<PowerTool>,
@@ -325,6 +462,22 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
         )
     });
     if running && current_generation == pt.metadata.generation {
+        // Image tools are the operator's own engine: it follows them to the end.
+        if pt
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase == PowerToolPhase::Running)
+            && let Some((_, tool)) = image_tool(&pt, ctx)
+        {
+            let status = follow(&pt, ctx, &tool).await?;
+            let done = status.phase != PowerToolPhase::Running;
+            write_status(&api, &pt, status).await?;
+            return Ok(if done {
+                Action::requeue(Duration::from_mins(5))
+            } else {
+                Action::requeue(Duration::from_secs(5))
+            });
+        }
         return Ok(Action::requeue(Duration::from_mins(5)));
     }
     let status = decide(&pt, ctx).await;
@@ -338,6 +491,16 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
             .get_or_create(&Decision { reason })
             .inc();
         record(ctx, &pt, &status).await;
+    }
+    if status.phase == PowerToolPhase::Admitted
+        && pt.spec.dry_run != Some(true)
+        && let Some((opts, tool)) = image_tool(&pt, ctx)
+    {
+        let mut launched = (*pt).clone();
+        launched.status = Some(status);
+        let running = launch(&launched, ctx, &opts, &tool).await?;
+        write_status(&api, &launched, running).await?;
+        return Ok(Action::requeue(Duration::from_secs(5)));
     }
     Ok(Action::requeue(Duration::from_mins(5)))
 }

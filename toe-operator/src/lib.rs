@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod controller;
+pub mod ephemeral;
 pub mod lease;
 pub mod metrics;
 pub mod rbac;

@@ -36,6 +36,12 @@ pub fn operator_cluster_role(name: &str) -> ClusterRole {
             rule("toe.run", &["powertoolconfigs"], &["get", "list", "watch"]),
             // Target selection.
             rule("", &["pods", "namespaces"], &["get", "list"]),
+            // Image-based tools: one ephemeral container per target pod.
+            rule(
+                "",
+                &["pods/ephemeralcontainers"],
+                &["get", "patch", "update"],
+            ),
             // The webhook asks whether the requesting user may act in a targeted namespace.
             rule(
                 "authorization.k8s.io",
