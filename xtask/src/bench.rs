@@ -42,6 +42,14 @@ pub enum Which {
         #[arg(long, default_value_t = 5000)]
         work: u32,
     },
+    /// Operator: time from creating PowerTools over pods to all Admitted, against the real API
+    /// server, and the operator's peak memory.
+    Operator {
+        #[arg(long, default_value_t = 500)]
+        powertools: usize,
+        #[arg(long, default_value_t = 5000)]
+        pods: usize,
+    },
     /// Faults: asked versus achieved at a few settings, and rollback time after an abort.
     Faults {
         /// Seconds per fault run.
@@ -674,6 +682,7 @@ pub fn run(which: &Which) -> Result<()> {
             work,
         } => memory_bench(*rounds, *allocs, *work),
         Which::Faults { secs, aborts } => crate::bench_faults::faults_bench(*secs, *aborts),
+        Which::Operator { powertools, pods } => operator_bench(*powertools, *pods),
         Which::Signals {
             rounds,
             count,
@@ -681,4 +690,34 @@ pub fn run(which: &Which) -> Result<()> {
             secs,
         } => signals_bench(*rounds, *count, rates, *secs),
     }
+}
+
+fn operator_bench(powertools: usize, pods: usize) -> Result<()> {
+    crate::apiserver::ensure()?;
+    crate::run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "toe-operator",
+                "-p",
+                "toe-tests",
+                "--bin",
+                "toe-operator",
+                "--bin",
+                "bench-operator",
+            ]),
+    )?;
+    crate::run(
+        Command::new(root().join("target/release/bench-operator"))
+            .env("TOE_KUBE_APISERVER", crate::apiserver::binary())
+            .args([
+                "--powertools",
+                &powertools.to_string(),
+                "--pods",
+                &pods.to_string(),
+            ]),
+    )
 }
