@@ -364,6 +364,7 @@ metadata: {name: memory-stress-capped}
 spec:
   tool: memory-stress
   maxDuration: 10s
+  defaultResources: {limits: {memory: 64Mi}}
   arguments:
     - {name: size, type: amount, max: 100Mi, maxPercent: 40, default: 10%}
 ---
@@ -402,6 +403,14 @@ fn caps_from_the_config_are_enforced_before_anything_starts() {
         (
             tool_spec("memory-stress", "5s", &["--size=50%"]),
             "--size: 50% is above the maximum 40%",
+        ),
+        (
+            tool_spec("memory-stress", "5s", &["--size=35%"]),
+            "70MiB (35% of the 200MiB memory limit) is above the 64MiB its PowerToolConfig allows",
+        ),
+        (
+            tool_spec("memory-stress", "5s", &["--size=80MiB"]),
+            "80MiB (as asked) is above the 64MiB its PowerToolConfig allows (spec.defaultResources.limits.memory)",
         ),
         (
             tool_spec("memory-stress", "30s", &[]),

@@ -178,10 +178,14 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> PowerToolStatus {
         .map(|t| t.containers.clone())
         .unwrap_or_default();
     let (matched, skipped) = selection::containers_of(&pods, &containers);
-    let targets: Vec<SelectedTarget> = selection::blast_radius(
+    let mut targets: Vec<SelectedTarget> = selection::blast_radius(
         matched,
         pt.spec.blast_radius.as_ref(),
         &pt.uid().unwrap_or_default(),
+    );
+    selection::release_waiting(
+        &mut targets,
+        pt.spec.blast_radius.as_ref().and_then(|b| b.max_concurrent),
     );
     let mut message = format!("{}; {} target container(s)", verdict.message, targets.len());
     if !skipped.is_empty() {
@@ -246,8 +250,26 @@ async fn launch(
     tool: &ValidatedTool,
 ) -> Result<PowerToolStatus, Error> {
     let mut status = pt.status.clone().unwrap_or_default();
+    start_pending(pt, &mut status, ctx, opts, tool).await;
+    status.phase = PowerToolPhase::Running;
+    status.start_time = Some(Time(Timestamp::now()));
+    Ok(status)
+}
+
+/// Adds the ephemeral container to every target released to run (`Pending`).
+async fn start_pending(
+    pt: &PowerTool,
+    status: &mut PowerToolStatus,
+    ctx: &Context,
+    opts: &ImageOptions,
+    tool: &ValidatedTool,
+) {
     let name = ephemeral::container_name(&pt.name_any(), &pt.uid().unwrap_or_default());
-    for t in &mut status.targets {
+    for t in status
+        .targets
+        .iter_mut()
+        .filter(|t| t.phase.as_deref() == Some("Pending"))
+    {
         let url = output_url(pt, t);
         let c = ephemeral::container(&name, opts, &t.container, &url, tool.duration.as_secs());
         if let Err(e) = ephemeral::add(&ctx.client, &t.namespace, &t.pod, &c).await {
@@ -262,9 +284,6 @@ async fn launch(
         t.message = Some(format!("ephemeral container {name} in {}", t.pod));
         t.artifacts = vec![url];
     }
-    status.phase = PowerToolPhase::Running;
-    status.start_time = Some(Time(Timestamp::now()));
-    Ok(status)
 }
 
 /// Follows the ephemeral containers: each target ends Completed (exit 0) or Failed (another
@@ -273,6 +292,7 @@ async fn launch(
 async fn follow(
     pt: &PowerTool,
     ctx: &Context,
+    opts: &ImageOptions,
     tool: &ValidatedTool,
 ) -> Result<PowerToolStatus, Error> {
     let mut status = pt.status.clone().unwrap_or_default();
@@ -306,10 +326,14 @@ async fn follow(
         t.phase = Some(phase.into());
         t.message = Some(message);
     }
+    let max = pt.spec.blast_radius.as_ref().and_then(|b| b.max_concurrent);
+    if selection::release_waiting(&mut status.targets, max) {
+        start_pending(pt, &mut status, ctx, opts, tool).await;
+    }
     if status
         .targets
         .iter()
-        .all(|t| t.phase.as_deref() != Some("Running"))
+        .all(|t| matches!(t.phase.as_deref(), Some("Completed" | "Failed")))
     {
         let failed = status
             .targets
@@ -467,9 +491,9 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
             .status
             .as_ref()
             .is_some_and(|s| s.phase == PowerToolPhase::Running)
-            && let Some((_, tool)) = image_tool(&pt, ctx)
+            && let Some((opts, tool)) = image_tool(&pt, ctx)
         {
-            let status = follow(&pt, ctx, &tool).await?;
+            let status = follow(&pt, ctx, &opts, &tool).await?;
             let done = status.phase != PowerToolPhase::Running;
             write_status(&api, &pt, status).await?;
             return Ok(if done {
@@ -478,7 +502,15 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
                 Action::requeue(Duration::from_secs(5))
             });
         }
-        return Ok(Action::requeue(Duration::from_mins(5)));
+        // The engines move targets through Running to their end; as pods finish, waiting ones
+        // are released within maxConcurrent.
+        if let Some(mut status) = pt.status.clone() {
+            let max = pt.spec.blast_radius.as_ref().and_then(|b| b.max_concurrent);
+            if selection::release_waiting(&mut status.targets, max) {
+                write_status(&api, &pt, status).await?;
+            }
+        }
+        return Ok(Action::requeue(Duration::from_secs(30)));
     }
     let status = decide(&pt, ctx).await;
     if write_status(&api, &pt, status.clone()).await? {

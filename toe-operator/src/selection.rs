@@ -60,7 +60,7 @@ pub fn containers_of(pods: &[Pod], containers: &[String]) -> (Vec<SelectedTarget
                     pod: name.clone(),
                     container: status.name.clone(),
                     container_id: id.clone(),
-                    phase: Some("Pending".into()),
+                    phase: None,
                     ..SelectedTarget::default()
                 }),
                 _ => skipped.push(Skipped {
@@ -123,6 +123,36 @@ pub fn blast_radius(
         (&a.namespace, &a.pod, &a.container).cmp(&(&b.namespace, &b.pod, &b.container))
     });
     out
+}
+
+/// Honours `maxConcurrent`: pods past the limit wait (`Waiting`) and are released (`Pending`,
+/// which the engines pick up) as others finish. Counts pods, like the blast radius. Returns
+/// whether any target changed.
+pub fn release_waiting(targets: &mut [SelectedTarget], max_concurrent: Option<u32>) -> bool {
+    let pod = |t: &SelectedTarget| (t.namespace.clone(), t.pod.clone());
+    let active = |t: &SelectedTarget| matches!(t.phase.as_deref(), Some("Pending" | "Running"));
+    let limit = max_concurrent.map_or(usize::MAX, |m| m as usize);
+    let mut busy: BTreeSet<(String, String)> =
+        targets.iter().filter(|t| active(t)).map(pod).collect();
+    let mut changed = false;
+    for t in targets.iter_mut() {
+        let p = pod(t);
+        let waiting = matches!(t.phase.as_deref(), None | Some("Waiting"));
+        if !waiting {
+            continue;
+        }
+        let next = if busy.contains(&p) || busy.len() < limit {
+            busy.insert(p);
+            "Pending"
+        } else {
+            "Waiting"
+        };
+        if t.phase.as_deref() != Some(next) {
+            t.phase = Some(next.into());
+            changed = true;
+        }
+    }
+    changed
 }
 
 #[cfg(test)]
@@ -194,6 +224,54 @@ mod tests {
                 .any(|s| s.why == "container app is not running"),
             "{skipped:?}"
         );
+    }
+
+    #[test]
+    fn at_most_max_concurrent_pods_run_and_the_rest_follow() {
+        let pods: Vec<Pod> = (0..5)
+            .map(|i| {
+                pod(
+                    &format!("p{i}"),
+                    Some("n"),
+                    &[("app", Some("c://a"), true), ("side", Some("c://b"), true)],
+                )
+            })
+            .collect();
+        let (mut t, _) = containers_of(&pods, &[]);
+        assert!(release_waiting(&mut t, Some(2)));
+        let phase = |t: &[SelectedTarget], want: &str| {
+            t.iter()
+                .filter(|x| x.phase.as_deref() == Some(want))
+                .map(|x| x.pod.clone())
+                .collect::<BTreeSet<_>>()
+        };
+        assert_eq!(
+            phase(&t, "Pending").len(),
+            2,
+            "two pods, both containers each"
+        );
+        assert_eq!(
+            t.iter()
+                .filter(|x| x.phase.as_deref() == Some("Pending"))
+                .count(),
+            4
+        );
+        assert_eq!(phase(&t, "Waiting").len(), 3);
+        assert!(
+            !release_waiting(&mut t, Some(2)),
+            "nothing finished, nothing released"
+        );
+        // One pod finishes: exactly one more is released.
+        let done = phase(&t, "Pending").into_iter().next().unwrap();
+        for x in t.iter_mut().filter(|x| x.pod == done) {
+            x.phase = Some("Completed".into());
+        }
+        assert!(release_waiting(&mut t, Some(2)));
+        assert_eq!(phase(&t, "Pending").len(), 2);
+        assert_eq!(phase(&t, "Waiting").len(), 2);
+        let (mut all, _) = containers_of(&pods, &[]);
+        release_waiting(&mut all, None);
+        assert!(all.iter().all(|x| x.phase.as_deref() == Some("Pending")));
     }
 
     #[test]

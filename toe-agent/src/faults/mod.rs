@@ -361,6 +361,17 @@ pub fn plan(options: &ToolOptions, facts: &TargetFacts) -> Result<FaultPlan, Fau
                 None => (1.0, "of one core; the target has no CPU limit".into()),
             };
             let duty = f64::from(o.load_percent) / 100.0 * share;
+            if let Some(m) = o.limit_millicores {
+                #[expect(clippy::cast_precision_loss, reason = "millicores")]
+                let limit = m as f64 / 1000.0;
+                let asked = duty * f64::from(o.workers);
+                if asked > limit + 1e-9 {
+                    return Err(FaultError::Refused(format!(
+                        "the workers would use {asked:.3} CPUs ({basis}), above the {limit:.3} \
+                         CPUs its PowerToolConfig allows (spec.defaultResources.limits.cpu)"
+                    )));
+                }
+            }
             Ok(FaultPlan::Cpu {
                 workers: o.workers,
                 duty,
@@ -384,6 +395,16 @@ pub fn plan(options: &ToolOptions, facts: &TargetFacts) -> Result<FaultPlan, Fau
                     )
                 }
             };
+            if let Some(limit) = o.limit_bytes
+                && bytes > limit
+            {
+                return Err(FaultError::Refused(format!(
+                    "{} ({basis}) is above the {} its PowerToolConfig allows \
+                     (spec.defaultResources.limits.memory)",
+                    format_size(bytes),
+                    format_size(limit)
+                )));
+            }
             // Without a cgroup limit, the node itself would run out: never plan for that.
             let ceiling = facts.host_memory / 10 * 9;
             if facts.memory_limit.is_none() && facts.host_memory > 0 && bytes > ceiling {
@@ -1134,6 +1155,7 @@ mod tests {
     #[test]
     fn cpu_load_is_relative_to_the_cgroup_limit_not_the_node() {
         let o = ToolOptions::CpuStress(CpuStressOptions {
+            limit_millicores: None,
             workers: 2,
             load_percent: 60,
         });
@@ -1153,6 +1175,7 @@ mod tests {
     #[test]
     fn memory_percent_needs_a_limit_and_the_node_is_protected() {
         let pct = ToolOptions::MemoryStress(MemoryStressOptions {
+            limit_bytes: None,
             size: Amount::Percent(50),
             ramp: Duration::ZERO,
         });
@@ -1164,6 +1187,7 @@ mod tests {
         let err = plan(&pct, &facts(None, None)).unwrap_err().to_string();
         assert!(err.contains("needs a memory limit"), "{err}");
         let huge = ToolOptions::MemoryStress(MemoryStressOptions {
+            limit_bytes: None,
             size: Amount::Bytes(8 << 30),
             ramp: Duration::ZERO,
         });

@@ -160,6 +160,75 @@ pub struct ArgumentRule {
     pub repeated: bool,
 }
 
+/// A Kubernetes CPU quantity (`500m`, `2`, `1.5`) in millicores.
+pub fn parse_cpu(q: &str) -> Result<u64, String> {
+    let t = q.trim();
+    let bad = || format!("\"{q}\" is not a CPU quantity (e.g. 500m, 2, 1.5)");
+    if let Some(m) = t.strip_suffix('m') {
+        return m.parse().map_err(|_| bad());
+    }
+    let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+    if frac.len() > 3 || whole.is_empty() && frac.is_empty() {
+        return Err(bad());
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let frac_m: u64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<3}").parse().map_err(|_| bad())?
+    };
+    whole
+        .checked_mul(1000)
+        .and_then(|w| w.checked_add(frac_m))
+        .ok_or_else(bad)
+}
+
+/// What `defaultResources` means for each engine and tool, checked when a config is loaded:
+/// - a CPU or memory stress: `limits` cap what its workers may ask for (the workers run in the
+///   target's cgroups, so they also count against the target's own limits);
+/// - every other tool: refused, since nothing would honour it (collectors run in the kernel and
+///   in the agent, bounded by their own arguments; fills and terminations use no CPU or memory
+///   of note; Kubernetes refuses resources on ephemeral containers). `requests` are refused
+///   everywhere: nothing schedules a tool's work.
+fn check_resources(spec: &PowerToolConfigSpec) -> Result<(Option<u64>, Option<u64>), String> {
+    let Some(r) = &spec.default_resources else {
+        return Ok((None, None));
+    };
+    if !r.requests.is_empty() {
+        return Err(
+            "requests have no meaning here (nothing schedules a tool's work); use limits".into(),
+        );
+    }
+    let stress = matches!(spec.tool.as_str(), "cpu-stress" | "memory-stress");
+    if !stress && !r.limits.is_empty() {
+        return Err(format!(
+            "tool {} runs in the kernel and the node agent, bounded by its own arguments; no \
+             limit could be applied to it (only cpu-stress and memory-stress take limits)",
+            spec.tool
+        ));
+    }
+    let mut cpu = None;
+    let mut memory = None;
+    for (k, v) in &r.limits {
+        match (k.as_str(), spec.tool.as_str()) {
+            ("cpu", "cpu-stress") => cpu = Some(parse_cpu(v)?),
+            ("memory", "memory-stress") => memory = Some(parse_size(v)?),
+            _ => {
+                return Err(format!(
+                    "limits.{k} does not apply to {} (cpu-stress takes cpu, memory-stress \
+                     memory)",
+                    spec.tool
+                ));
+            }
+        }
+    }
+    Ok((cpu, memory))
+}
+
 /// A config that is itself wrong: which field, which rule, why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("PowerToolConfig {config}: {field}: {why}")]
@@ -207,6 +276,8 @@ pub struct CheckedConfig {
     pub spec: PowerToolConfigSpec,
     pub max_duration: Duration,
     pub rules: Vec<CheckedRule>,
+    /// `defaultResources.limits` of a stress tool: (millicores, bytes).
+    pub limits: (Option<u64>, Option<u64>),
 }
 
 /// Whether `kind` (a built-in argument's type) can be narrowed by a rule of type `rule`.
@@ -501,11 +572,17 @@ pub fn check(config: &PowerToolConfig) -> Result<CheckedConfig, ConfigError> {
         }
     };
     let rules = check_rules(spec, def).map_err(|(field, why)| err(&field, why))?;
+    let limits = if spec.engine == Engine::Agent {
+        check_resources(spec).map_err(|e| err("spec.defaultResources", e))?
+    } else {
+        (None, None)
+    };
     let checked = CheckedConfig {
         name: name.clone(),
         spec: spec.clone(),
         max_duration,
         rules,
+        limits,
     };
     if def.is_none() {
         for r in &checked.rules {
@@ -782,7 +859,8 @@ mod tests {
             ok.tool.options,
             ToolOptions::MemoryStress(MemoryStressOptions {
                 size: Amount::Bytes(512 << 20),
-                ramp: Duration::ZERO
+                ramp: Duration::ZERO,
+                limit_bytes: None,
             })
         );
         // The config's default replaces the tool's.
@@ -1019,6 +1097,51 @@ mod tests {
             (
                 "  tool: aperf\n  engine: ephemeralContainer\n  image: x\n  arguments:\n    - {name: n, type: integer, max: 5, default: 9}\n",
                 "default: 9 is above the maximum 5",
+            ),
+        ] {
+            let e = configs(&config_doc("c", body)).unwrap_err().to_string();
+            assert!(e.contains(want), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn resource_limits_cap_stress_and_are_refused_where_nothing_would_honour_them() {
+        assert_eq!(parse_cpu("500m"), Ok(500));
+        assert_eq!(parse_cpu("2"), Ok(2000));
+        assert_eq!(parse_cpu("1.5"), Ok(1500));
+        assert_eq!(parse_cpu(".25"), Ok(250));
+        assert!(parse_cpu("1.2345").is_err() && parse_cpu("lots").is_err());
+        let cfg = configs(&config_doc(
+            "cpu",
+            "  tool: cpu-stress\n  defaultResources: {limits: {cpu: 750m}}\n  arguments:\n    - {name: workers, type: integer}\n",
+        ))
+        .unwrap();
+        let v = run(
+            "  tool: {name: cpu-stress, commandLineArguments: [--workers=2]}\n",
+            &cfg,
+            None,
+        )
+        .unwrap();
+        let ToolOptions::CpuStress(o) = v.tool.options else {
+            panic!("cpu stress")
+        };
+        assert_eq!(o.limit_millicores, Some(750));
+        for (body, want) in [
+            (
+                "  tool: cpu-profile\n  defaultResources: {limits: {cpu: 500m}}\n",
+                "tool cpu-profile runs in the kernel and the node agent",
+            ),
+            (
+                "  tool: cpu-stress\n  defaultResources: {requests: {cpu: 500m}}\n",
+                "requests have no meaning here",
+            ),
+            (
+                "  tool: cpu-stress\n  defaultResources: {limits: {memory: 1Gi}}\n",
+                "limits.memory does not apply to cpu-stress",
+            ),
+            (
+                "  tool: memory-stress\n  defaultResources: {limits: {memory: lots}}\n",
+                "\"lots\" is not a size",
             ),
         ] {
             let e = configs(&config_doc("c", body)).unwrap_err().to_string();

@@ -17,6 +17,7 @@ pub use self::{
     config::{
         ArgumentRule, CheckedConfig, ConfigError, Configs, Engine, POWER_TOOL_CONFIG_KIND,
         PowerToolConfig, PowerToolConfigSpec, Resources, RuleType, Scalar, check as check_config,
+        parse_cpu,
     },
     duration::{format_duration, parse_duration},
     resources::{
@@ -225,10 +226,20 @@ fn validate_tool(
     if let Some(c) = config {
         c.admits(&parsed).map_err(arg_err)?;
     }
+    let mut options = (def.build)(&parsed);
+    if let Some(c) = config {
+        // The config's resource limits travel with the options into planning, which refuses a
+        // fault that would ask for more.
+        match &mut options {
+            ToolOptions::CpuStress(o) => o.limit_millicores = c.limits.0,
+            ToolOptions::MemoryStress(o) => o.limit_bytes = c.limits.1,
+            _ => {}
+        }
+    }
     Ok(ValidatedTool {
         name: def.name.to_owned(),
         duration,
-        options: (def.build)(&parsed),
+        options,
     })
 }
 

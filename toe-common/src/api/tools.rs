@@ -72,6 +72,9 @@ pub struct CpuStressOptions {
     /// Percent of one worker's share of the target's CPU capacity (its cgroup limit, else one
     /// core).
     pub load_percent: u32,
+    /// `spec.defaultResources.limits.cpu` of the tool's PowerToolConfig, in millicores: the
+    /// most CPU the workers may ask for together.
+    pub limit_millicores: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +83,9 @@ pub struct MemoryStressOptions {
     pub size: Amount,
     /// Time over which the memory is touched in; zero: at once.
     pub ramp: Duration,
+    /// `spec.defaultResources.limits.memory` of the tool's PowerToolConfig: the most the
+    /// workers may allocate.
+    pub limit_bytes: Option<u64>,
 }
 
 impl ToolOptions {
@@ -328,6 +334,7 @@ fn build_cpu_stress(args: &ParsedArgs) -> ToolOptions {
     ToolOptions::CpuStress(CpuStressOptions {
         workers: u32::try_from(args.integer("workers")).unwrap_or(1),
         load_percent: u32::try_from(args.integer("load")).unwrap_or(100),
+        limit_millicores: None,
     })
 }
 
@@ -357,6 +364,7 @@ fn build_memory_stress(args: &ParsedArgs) -> ToolOptions {
     ToolOptions::MemoryStress(MemoryStressOptions {
         size: args.amount("size"),
         ramp: args.duration("ramp"),
+        limit_bytes: None,
     })
 }
 
