@@ -644,6 +644,146 @@ mod tests {
         assert_eq!(ttl_action(&kept, now), None);
     }
 
+    /// Plays the API server: answers each request from `answer` and records (method, path and
+    /// query, body).
+    async fn serve_mock(
+        mut handle: tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+        answer: fn(&http::Method, &str) -> String,
+    ) -> Vec<(http::Method, String, serde_json::Value)> {
+        let mut seen = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().clone();
+            let uri = req.uri().to_string();
+            let body = req.into_body().collect_bytes().await.unwrap();
+            let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+            let reply = answer(&method, &uri);
+            seen.push((method, uri, json));
+            send.send_response(
+                http::Response::builder()
+                    .status(200)
+                    .body(kube::client::Body::from(reply.into_bytes()))
+                    .unwrap(),
+            );
+        }
+        seen
+    }
+
+    fn context(client: Client) -> Context {
+        let (store, mut writer) = reflector::store::<PowerToolConfig>();
+        let config: PowerToolConfig = serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+            "metadata": {"name": "cpu-profile"},
+            "spec": {"tool": "cpu-profile", "arguments": [{"name": "frequency", "type": "integer", "max": 199}]},
+        }))
+        .unwrap();
+        writer.apply_watcher_event(&watcher::Event::Apply(config));
+        Context {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: FIELD_MANAGER.into(),
+                    instance: None,
+                },
+            ),
+            client,
+            configs: store,
+            metrics: Arc::default(),
+        }
+    }
+
+    fn powertool(args: &[&str]) -> Arc<PowerTool> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+                "metadata": {"name": "t", "namespace": "shop", "uid": "u-1", "generation": 3},
+                "spec": {"tool": {"name": "cpu-profile", "commandLineArguments": args},
+                         "targets": {"labelSelector": {"matchLabels": {"app": "web"}}}},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn answer(method: &http::Method, uri: &str) -> String {
+        match (method.as_str(), uri.split('?').next().unwrap_or_default()) {
+            ("GET", "/api/v1/namespaces/shop/pods") => serde_json::json!({
+                "apiVersion": "v1", "kind": "PodList", "metadata": {},
+                "items": [{"metadata": {"name": "web-1", "namespace": "shop"},
+                           "spec": {"nodeName": "n1", "containers": [{"name": "app"}]},
+                           "status": {"containerStatuses": [{"name": "app", "containerID": "containerd://abc",
+                               "ready": true, "restartCount": 0, "image": "x", "imageID": "",
+                               "state": {"running": {}}}]}}],
+            })
+            .to_string(),
+            ("PATCH", path) if path.ends_with("/status") => serde_json::json!({
+                "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+                "metadata": {"name": "t", "namespace": "shop"}, "spec": {"tool": {"name": "cpu-profile"}},
+            })
+            .to_string(),
+            _ => serde_json::json!({
+                "apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"},
+                "eventTime": null,
+            })
+            .to_string(),
+        }
+    }
+
+    /// The reconcile path without a server: an admitted PowerTool lists pods with its selector
+    /// and writes its targets by server-side apply; a rejected one lists nothing and writes the
+    /// rule it broke; each decision is told as an Event.
+    #[tokio::test]
+    async fn reconcile_paths_against_a_mock_api() {
+        let (service, handle) = tower_test::mock::pair();
+        let client = Client::new(service, "shop");
+        let server = tokio::spawn(serve_mock(handle, answer));
+        let ctx = context(client);
+        apply(powertool(&["--frequency=99"]), &ctx).await.unwrap();
+        apply(powertool(&["--frequency=999"]), &ctx).await.unwrap();
+        drop(ctx);
+        let seen = server.await.unwrap();
+        let paths: Vec<String> = seen
+            .iter()
+            .map(|(m, u, _)| format!("{m} {}", u.split('?').next().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "GET /api/v1/namespaces/shop/pods",
+                "PATCH /apis/toe.run/v1alpha1/namespaces/shop/powertools/t/status",
+                "POST /apis/events.k8s.io/v1/namespaces/shop/events",
+                "PATCH /apis/toe.run/v1alpha1/namespaces/shop/powertools/t/status",
+                "POST /apis/events.k8s.io/v1/namespaces/shop/events",
+            ]
+        );
+        assert!(
+            seen[0].1.contains("labelSelector=app%3Dweb"),
+            "{}",
+            seen[0].1
+        );
+        assert!(
+            seen[1].1.contains("fieldManager=toe-operator"),
+            "{}",
+            seen[1].1
+        );
+        let admitted = &seen[1].2["status"];
+        assert_eq!(admitted["phase"], "Admitted");
+        assert_eq!(admitted["observedGeneration"], 3);
+        assert_eq!(admitted["targets"][0]["containerID"], "containerd://abc", "{admitted}");
+        assert_eq!(admitted["targets"][0]["phase"], "Pending");
+        let rejected = &seen[3].2["status"];
+        assert_eq!(rejected["phase"], "Rejected");
+        assert_eq!(rejected["conditions"][0]["reason"], "InvalidArgument");
+        assert!(
+            rejected["conditions"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--frequency: 999 is above the maximum 199")
+        );
+        assert_eq!(seen[4].2["type"], "Warning");
+    }
+
     #[test]
     fn selectors_become_list_strings() {
         let s: LabelSelector = serde_json::from_value(serde_json::json!({

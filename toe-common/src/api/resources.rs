@@ -174,7 +174,9 @@ pub struct SelectedTarget {
     pub namespace: String,
     pub pod: String,
     pub container: String,
-    /// As the pod status has it (`containerd://...`, `cri-o://...`).
+    /// As the pod status has it (`containerd://...`, `cri-o://...`); named as Kubernetes names
+    /// it there.
+    #[serde(rename = "containerID")]
     pub container_id: String,
     /// `Pending`, `Running`, `Completed`, `Failed`, `Interrupted`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
