@@ -23,6 +23,9 @@ pub enum Allocator {
     },
     /// Not tracked, with the reason shown to the user.
     Unsupported(String),
+    /// Just exec'd: the dynamic loader is mapped but has not mapped the libraries yet. Asking
+    /// again in a moment gives the answer.
+    Loading,
 }
 
 /// One file mapped by a process: its path and the `map_files` entry of its first mapping.
@@ -167,6 +170,13 @@ pub fn detect(pid: u32) -> std::io::Result<Allocator> {
             path: m.path.clone(),
         });
     }
+    // The kernel maps the interpreter at exec; libc follows when the loader runs.
+    if mapped
+        .iter()
+        .any(|m| basename(&m.path).starts_with("ld-linux") || basename(&m.path).starts_with("ld-"))
+    {
+        return Ok(Allocator::Loading);
+    }
     Ok(Allocator::Unsupported(
         "no libc is mapped: a statically linked binary, whose allocator is compiled in".into(),
     ))
@@ -184,6 +194,7 @@ mod tests {
                 assert!(attach_path.starts_with("/proc"), "{attach_path:?}");
             }
             Allocator::Unsupported(why) => panic!("{why}"),
+            Allocator::Loading => panic!("a running test process has its libraries mapped"),
         }
     }
 

@@ -770,7 +770,10 @@ mod tests {
         let admitted = &seen[1].2["status"];
         assert_eq!(admitted["phase"], "Admitted");
         assert_eq!(admitted["observedGeneration"], 3);
-        assert_eq!(admitted["targets"][0]["containerID"], "containerd://abc", "{admitted}");
+        assert_eq!(
+            admitted["targets"][0]["containerID"], "containerd://abc",
+            "{admitted}"
+        );
         assert_eq!(admitted["targets"][0]["phase"], "Pending");
         let rejected = &seen[3].2["status"];
         assert_eq!(rejected["phase"], "Rejected");

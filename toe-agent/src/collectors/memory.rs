@@ -312,6 +312,12 @@ impl MemoryCollector {
                 }
                 state.info.allocator = format!("glibc ({path})");
             }
+            Allocator::Loading => {
+                // Checked again on the next discovery (no exe recorded means "not settled").
+                state.exe = None;
+                state.info.allocator =
+                    "not yet: its dynamic loader is still mapping its libraries".into();
+            }
             Allocator::Unsupported(why) => {
                 // After an exec into a binary without glibc the old probes are useless.
                 detach_probes(loaded, std::mem::take(&mut state.links));

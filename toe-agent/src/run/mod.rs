@@ -188,10 +188,23 @@ fn check_allocator(spec: &TargetSpec, target: &ResolvedTarget) -> Result<(), Run
     };
     let mut reasons = Vec::new();
     for p in std::iter::once(*pid).chain(targets::descendants(&target.tgids)) {
-        match allocator::detect(p) {
+        // A process that has just exec'd gets up to 2 s for its loader to map libc.
+        let mut found = allocator::detect(p);
+        for _ in 0..200 {
+            if !matches!(found, Ok(Allocator::Loading)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            found = allocator::detect(p);
+        }
+        match found {
             Ok(Allocator::Glibc { .. }) => return Ok(()),
             Ok(Allocator::Unsupported(why)) => reasons.push(format!(
                 "pid {p} ({}): {why}",
+                targets::process_name(p).unwrap_or_default()
+            )),
+            Ok(Allocator::Loading) => reasons.push(format!(
+                "pid {p} ({}): its dynamic loader did not map libc within 2 s",
                 targets::process_name(p).unwrap_or_default()
             )),
             Err(e) => reasons.push(format!("pid {p}: reading its mappings: {e}")),
