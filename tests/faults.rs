@@ -9,7 +9,9 @@ use std::{
 };
 
 use toe_agent::{faults::ledger, targets::TargetSpec};
-use toe_tests::{assert_rejected, bin, demo, profile, require_root, toe_run, tool_spec};
+use toe_tests::{
+    assert_rejected, bin, demo, ledger_entries, profile, require_root, toe_run, tool_spec,
+};
 
 /// A cgroup in the hierarchy that holds `controller` (v1 on a hybrid host, else v2), with
 /// `files` written into it; removed on drop.
@@ -89,16 +91,6 @@ impl Drop for LimitedCgroup {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// Every stress worker process on the machine.
-fn all_workers() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| !no_workers_of(&[*p]))
-        .collect()
 }
 
 fn no_workers_of(pids: &[u32]) -> bool {
@@ -291,7 +283,6 @@ fn a_dry_run_prints_the_exact_plan_and_starts_nothing() {
         "{}  dryRun: true\n",
         tool_spec("cpu-stress", "30s", &["--workers=3", "--load=50"])
     );
-    let before = all_workers();
     let out = toe_run(dir.path(), &spec, &["--pid", &target.pid().to_string()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -300,9 +291,10 @@ fn a_dry_run_prints_the_exact_plan_and_starts_nothing() {
         "{err}"
     );
     assert!(err.contains("cgroup.procs"), "{err}");
-    assert!(
-        all_workers().iter().all(|w| before.contains(w)),
-        "a dry run started workers"
+    assert_eq!(
+        ledger_entries(dir.path()),
+        Vec::<String>::new(),
+        "a dry run recorded side effects"
     );
     assert!(
         !dir.path().join("toe-output").exists(),
@@ -394,7 +386,6 @@ fn caps_from_the_config_are_enforced_before_anything_starts() {
     let target = cg.sleeper();
     let pid = target.pid().to_string();
     let with_config = ["--config", "config.yaml", "--pid", &pid];
-    let workers_before = all_workers();
     for (spec, want) in [
         (
             tool_spec("memory-stress", "5s", &["--size=150MiB"]),
@@ -436,9 +427,9 @@ fn caps_from_the_config_are_enforced_before_anything_starts() {
         assert_rejected(&out, want);
     }
     assert_eq!(
-        all_workers(),
-        workers_before,
-        "a refused fault started workers"
+        ledger_entries(dir.path()),
+        Vec::<String>::new(),
+        "a refused fault recorded side effects"
     );
     // A config that is itself wrong names its own field.
     std::fs::write(

@@ -267,17 +267,30 @@ pub fn loaded_toe_programs() -> Vec<String> {
         .collect()
 }
 
-/// Runs the `toe` binary in `dir` with `spec` and target arguments; returns its output.
+/// Runs the `toe` binary in `dir` with `spec` and target arguments; returns its output. Its
+/// fault ledger lives in `dir/state`, apart from other tests running at the same time.
 #[must_use]
 pub fn toe_run(dir: &Path, spec: &str, target: &[&str]) -> std::process::Output {
     std::fs::write(dir.join("spec.yaml"), spec).expect("write spec");
     Command::new(bin("toe"))
         .current_dir(dir)
+        .env(toe_agent::faults::ledger::STATE_DIR_ENV, dir.join("state"))
         .args(["run", "--no-progress", "-f", "spec.yaml"])
         .args(target)
         .stdin(Stdio::null())
         .output()
         .expect("run toe")
+}
+
+/// The fault ledger entries `toe_run` in `dir` left: any entry means a side effect was about to
+/// happen. (Counting stress workers on the machine would also see other tests' workers.)
+#[must_use]
+pub fn ledger_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("state/ledger.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Waits (up to 30 s) for `path` to hold a pid (written by a demo once it is ready).
