@@ -51,6 +51,17 @@ impl LimitedCgroup {
         Self { dir }
     }
 
+    /// A memory cgroup limited to `bytes`.
+    fn memory(name: &str, bytes: u64) -> Self {
+        let limit = bytes.to_string();
+        Self::new(
+            "memory",
+            name,
+            &[("memory.limit_in_bytes", &limit)],
+            &[("memory.max", &limit)],
+        )
+    }
+
     /// Starts `toe-demo sleep` inside this cgroup.
     fn sleeper(&self) -> toe_tests::TestProcess {
         self.demo("sleep 60")
@@ -141,13 +152,7 @@ fn memory_percent_of_the_limit_is_reached_within_5_percent_and_an_oom_is_reporte
     ) {
         return;
     }
-    let limit = (200u64 << 20).to_string();
-    let cg = LimitedCgroup::new(
-        "memory",
-        "limit",
-        &[("memory.limit_in_bytes", &limit)],
-        &[("memory.max", &limit)],
-    );
+    let cg = LimitedCgroup::memory("limit", 200 << 20);
     let target = cg.sleeper();
     let (outcome, _) = profile(
         &tool_spec("memory-stress", "3s", &["--size=50%", "--ramp=500ms"]),
@@ -376,13 +381,7 @@ fn caps_from_the_config_are_enforced_before_anything_starts() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.yaml"), CONFIG).unwrap();
-    let limit = (200u64 << 20).to_string();
-    let cg = LimitedCgroup::new(
-        "memory",
-        "caps",
-        &[("memory.limit_in_bytes", &limit)],
-        &[("memory.max", &limit)],
-    );
+    let cg = LimitedCgroup::memory("caps", 200 << 20);
     let target = cg.sleeper();
     let pid = target.pid().to_string();
     let with_config = ["--config", "config.yaml", "--pid", &pid];
@@ -462,13 +461,7 @@ fn a_profile_alongside_a_memory_stress_shares_its_timeline() {
     if !require_root("a_profile_alongside_a_memory_stress_shares_its_timeline") {
         return;
     }
-    let limit = (300u64 << 20).to_string();
-    let cg = LimitedCgroup::new(
-        "memory",
-        "alongside",
-        &[("memory.limit_in_bytes", &limit)],
-        &[("memory.max", &limit)],
-    );
+    let cg = LimitedCgroup::memory("alongside", 300 << 20);
     let target = cg.demo("spin 30");
     let spec = format!(
         "{}  alongside:\n    - name: cpu-profile\n    - name: signal-trace\n",

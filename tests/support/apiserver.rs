@@ -61,6 +61,23 @@ fn certificates(d: &Path) {
             "/CN=toe-test-ca",
         ],
     );
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    sign(d, "server");
+    openssl(d, &["genrsa", "-out", "sa.key", "2048"]);
+    openssl(d, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+}
+
+/// `<name>.key` and `<name>.crt`, a certificate for 127.0.0.1 signed by the CA in `d`.
+fn sign(d: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
     openssl(
         d,
         &[
@@ -69,40 +86,34 @@ fn certificates(d: &Path) {
             "rsa:2048",
             "-nodes",
             "-keyout",
-            "server.key",
+            &key,
             "-out",
-            "server.csr",
+            &csr,
             "-subj",
             "/CN=127.0.0.1",
         ],
     );
-    std::fs::write(
-        d.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
     openssl(
         d,
         &[
             "x509",
             "-req",
             "-in",
-            "server.csr",
+            &csr,
             "-CA",
             "ca.crt",
             "-CAkey",
             "ca.key",
             "-CAcreateserial",
             "-out",
-            "server.crt",
+            &crt,
             "-days",
             "2",
             "-extfile",
             "san.ext",
         ],
     );
-    openssl(d, &["genrsa", "-out", "sa.key", "2048"]);
-    openssl(d, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+    (d.join(crt), d.join(key))
 }
 
 pub struct ApiServer {
@@ -222,48 +233,7 @@ impl ApiServer {
     /// (certificate, key) PEM paths.
     #[must_use]
     pub fn issue_cert(&self, name: &str) -> (PathBuf, PathBuf) {
-        let d = self.dir.path();
-        let (key, csr, crt) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-        );
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-            ],
-        );
-        (d.join(crt), d.join(key))
+        sign(self.dir.path(), name)
     }
 
     /// The CA certificate (PEM), e.g. for a webhook's caBundle.

@@ -14,7 +14,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::targets::CgroupTarget;
+use crate::{profile::esc, targets::CgroupTarget};
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RssPoint {
@@ -331,13 +331,6 @@ pub fn csv(series: &[Series]) -> String {
         }
     }
     o
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// A line chart of RSS per series. Written by hand: it is a handful of SVG elements, and the

@@ -25,7 +25,7 @@ use kube::{
 };
 use toe_common::api::{
     Configs, ImageOptions, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus,
-    SelectedTarget, ToolOptions, ValidatedTool,
+    SelectedTarget, ToolOptions, ValidatedRun, ValidatedTool,
 };
 
 use crate::{
@@ -128,16 +128,19 @@ pub fn namespaces_allowed(
     Ok(())
 }
 
-/// Admission, then target selection; the status to write.
-async fn decide(pt: &PowerTool, ctx: &Context) -> PowerToolStatus {
+/// Admission, then target selection: the status to write, and the run when admitted.
+async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<ValidatedRun>) {
     let generation = pt.metadata.generation.unwrap_or(0);
-    let configs: Vec<PowerToolConfig> = ctx.configs.state().iter().map(|c| (**c).clone()).collect();
+    let configs = configs(ctx);
     let verdict = admission::admit(pt, &configs);
-    let rejected = |reason: &str, message: &str| PowerToolStatus {
-        phase: PowerToolPhase::Rejected,
-        conditions: vec![condition("Admitted", false, reason, message, generation)],
-        observed_generation: Some(generation),
-        ..PowerToolStatus::default()
+    let rejected = |reason: &str, message: &str| {
+        let status = PowerToolStatus {
+            phase: PowerToolPhase::Rejected,
+            conditions: vec![condition("Admitted", false, reason, message, generation)],
+            observed_generation: Some(generation),
+            ..PowerToolStatus::default()
+        };
+        (status, None)
     };
     if !verdict.admitted() {
         return rejected(verdict.reason, &verdict.message);
@@ -195,7 +198,7 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> PowerToolStatus {
             .collect();
         message = format!("{message}; skipped {}", notes.join("; "));
     }
-    PowerToolStatus {
+    let status = PowerToolStatus {
         phase: PowerToolPhase::Admitted,
         conditions: vec![condition(
             "Admitted",
@@ -208,19 +211,25 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> PowerToolStatus {
         target_count: Some(u32::try_from(targets.len()).unwrap_or(u32::MAX)),
         targets,
         ..PowerToolStatus::default()
-    }
+    };
+    (status, verdict.run)
 }
 
-/// Writes `status` unless it says what the current one says (conditions compared without their
-/// transition times, which would otherwise change on every reconcile).
 /// The image tool of an admitted run, if its tool is one.
 fn image_tool(pt: &PowerTool, ctx: &Context) -> Option<(ImageOptions, ValidatedTool)> {
-    let configs: Vec<PowerToolConfig> = ctx.configs.state().iter().map(|c| (**c).clone()).collect();
-    let run = admission::admit(pt, &configs).run?;
+    image_of(admission::admit(pt, &configs(ctx)).run?)
+}
+
+fn image_of(run: ValidatedRun) -> Option<(ImageOptions, ValidatedTool)> {
     match &run.tool.options {
         ToolOptions::Image(o) => Some((o.clone(), run.tool)),
         _ => None,
     }
+}
+
+/// The PowerToolConfigs as the reflector has them now.
+fn configs(ctx: &Context) -> Vec<PowerToolConfig> {
+    ctx.configs.state().iter().map(|c| (**c).clone()).collect()
 }
 
 /// Where a target's tool writes: `<output>/<namespace>/<powertool>/<pod>/<container>/`.
@@ -369,6 +378,8 @@ async fn follow(
     Ok(status)
 }
 
+/// Writes `status` unless it says what the current one says (conditions compared without their
+/// transition times, which would otherwise change on every reconcile).
 /// Returns whether anything was written.
 async fn write_status(
     api: &Api<PowerTool>,
@@ -512,7 +523,7 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
         }
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
-    let status = decide(&pt, ctx).await;
+    let (status, run) = decide(&pt, ctx).await;
     if write_status(&api, &pt, status.clone()).await? {
         let reason = status
             .conditions
@@ -526,7 +537,7 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
     }
     if status.phase == PowerToolPhase::Admitted
         && pt.spec.dry_run != Some(true)
-        && let Some((opts, tool)) = image_tool(&pt, ctx)
+        && let Some((opts, tool)) = run.and_then(image_of)
     {
         let mut launched = (*pt).clone();
         launched.status = Some(status);

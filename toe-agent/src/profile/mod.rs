@@ -11,6 +11,14 @@ pub mod summary;
 pub mod svg;
 pub mod timeline;
 
+/// Text for SVG and HTML: the characters markup would read as its own escaped.
+pub(crate) fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
 /// One frame after symbolization. Unresolved frames keep their module and offset in `function`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Frame {

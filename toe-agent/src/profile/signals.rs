@@ -12,6 +12,8 @@ use toe_common::signals::{
     signal_name,
 };
 
+use super::esc;
+
 /// The other party of an event: a signal's sender, a fork's child, whoever moved a task.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Actor {
@@ -423,13 +425,6 @@ pub fn jsonl(records: &[Record]) -> Vec<u8> {
         out.push(b'\n');
     }
     out
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 const LANE_H: f64 = 34.0;

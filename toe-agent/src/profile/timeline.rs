@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::esc;
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Timeline {
     pub start_unix_ns: u64,
@@ -76,28 +78,16 @@ const PALETTE: [&str; 6] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
 ];
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// A value in the lane's unit, short enough for an axis label.
 #[must_use]
 pub fn format_value(v: f64, unit: &str) -> String {
     match unit {
-        "bytes" => {
-            let (mut x, mut u) = (v, "B");
-            for next in ["KiB", "MiB", "GiB", "TiB"] {
-                if x.abs() < 1024.0 {
-                    break;
-                }
-                x /= 1024.0;
-                u = next;
-            }
-            format!("{x:.1} {u}")
-        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "whole bytes for display"
+        )]
+        "bytes" => super::memory::bytes(v.max(0.0) as u64),
         "CPUs" => format!("{v:.2} CPUs"),
         "percent" => format!("{v:.1}%"),
         _ => format!("{v:.0} {unit}"),
