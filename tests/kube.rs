@@ -1,71 +1,25 @@
 //! The CRDs against a real kube-apiserver: they install and become Established, every example
 //! resource is accepted by their schemas, and the schemas refuse what they should.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use k8s_openapi::{
     ByteString,
     api::{
         admissionregistration::v1::ValidatingWebhookConfiguration,
         core::v1::{Namespace, Pod},
-        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+        rbac::v1::{Role, RoleBinding},
     },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api,
     api::{ListParams, Patch, PatchParams, PostParams},
 };
-use serde::Deserialize as _;
 use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase};
-use toe_tests::apiserver::ApiServer;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
-}
-
-/// The YAML documents of `file`, parsed as `T` (empty documents skipped).
-fn documents<T: serde::de::DeserializeOwned>(file: &Path) -> Vec<T> {
-    let text = std::fs::read_to_string(file).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .map(|v| serde_yaml::from_value(v).unwrap_or_else(|e| panic!("{}: {e}", file.display())))
-        .collect()
-}
-
-async fn install_crds(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(repo().join("charts/toe/crds")).unwrap() {
-        let path = entry.unwrap().path();
-        for crd in documents::<CustomResourceDefinition>(&path) {
-            let name = crd.metadata.name.clone().unwrap();
-            crds.create(&PostParams::default(), &crd)
-                .await
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            names.push(name);
-        }
-    }
-    assert_eq!(names.len(), 3, "{names:?}");
-    for name in names {
-        let mut established = false;
-        for _ in 0..100 {
-            let crd = crds.get(&name).await.unwrap();
-            established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(established, "{name} never became Established");
-    }
-}
+use toe_tests::{
+    apiserver::ApiServer,
+    cluster::{documents, install_crds, operator_identity, repo},
+};
 
 #[tokio::test]
 async fn crds_install_and_their_schemas_accept_the_examples_and_refuse_bad_fields() {
@@ -375,34 +329,6 @@ async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
     assert_told(&client, &metrics).await;
     let _ = stop.send(());
     operator.await.unwrap();
-}
-
-/// A client for the operator's own identity, bound to exactly `rbac::operator_cluster_role`.
-async fn operator_identity(server: &ApiServer, admin: &kube::Client) -> kube::Client {
-    let apply = PatchParams::apply("toe-test").force();
-    let role = toe_operator::rbac::operator_cluster_role("toe-operator");
-    Api::<ClusterRole>::all(admin.clone())
-        .patch("toe-operator", &apply, &Patch::Apply(&role))
-        .await
-        .unwrap();
-    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "toe-operator"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "toe-operator"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                      "name": toe_tests::apiserver::OPERATOR_USER}],
-    }))
-    .unwrap();
-    Api::<ClusterRoleBinding>::all(admin.clone())
-        .patch("toe-operator", &apply, &Patch::Apply(&binding))
-        .await
-        .unwrap();
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "toe-system"}})).unwrap();
-    Api::<Namespace>::all(admin.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    server.client_as(toe_tests::apiserver::OPERATOR_TOKEN).await
 }
 
 /// Grants `user` create/get/patch on PowerTools in `ns`.

@@ -129,6 +129,9 @@ pub const ALICE_TOKEN: &str = "toe-test-alice-token";
 /// The operator's service account, with no permissions until a test binds its role.
 pub const OPERATOR_TOKEN: &str = "toe-test-operator-token";
 pub const OPERATOR_USER: &str = "system:serviceaccount:toe-system:toe-operator";
+/// The node agent's service account, with no permissions until a test binds its role.
+pub const AGENT_TOKEN: &str = "toe-test-agent-token";
+pub const AGENT_USER: &str = "system:serviceaccount:toe-system:toe-agent";
 
 impl ApiServer {
     /// Starts etcd and the API server; `None` (with the reason) when the server is not built and
@@ -155,7 +158,8 @@ impl ApiServer {
             d.join("tokens.csv"),
             format!(
                 "{ADMIN_TOKEN},admin,admin,system:masters\n{ALICE_TOKEN},alice,alice,shop-devs\n\
-                 {OPERATOR_TOKEN},{OPERATOR_USER},operator,system:serviceaccounts\n"
+                 {OPERATOR_TOKEN},{OPERATOR_USER},operator,system:serviceaccounts\n\
+                 {AGENT_TOKEN},{AGENT_USER},agent,system:serviceaccounts\n"
             ),
         )
         .unwrap();
@@ -214,6 +218,17 @@ impl ApiServer {
     #[must_use]
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")
+    }
+
+    /// A kubeconfig file for the identity of `token` (for a process such as `toe agent`).
+    #[must_use]
+    pub fn kubeconfig_as(&self, token: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("kubeconfig-{token}"));
+        let text = std::fs::read_to_string(self.kubeconfig())
+            .expect("kubeconfig")
+            .replace(ADMIN_TOKEN, token);
+        std::fs::write(&path, text).expect("writing a kubeconfig");
+        path
     }
 
     fn write_kubeconfig(&self) {

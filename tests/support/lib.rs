@@ -18,6 +18,7 @@ use toe_agent::{
 };
 
 pub mod apiserver;
+pub mod cluster;
 
 /// True when the test may proceed; prints why and returns false when it must skip.
 #[must_use]
@@ -200,7 +201,7 @@ pub fn profile(spec: &str, target: TargetSpec) -> (Outcome, MemorySink) {
         .build()
         .expect("runtime");
     let outcome = rt
-        .block_on(run::execute(&plan, &sink, Ui::default()))
+        .block_on(run::execute(&plan, &sink, Ui::default(), run::Control::new().1))
         .expect("run succeeds");
     (outcome, sink)
 }

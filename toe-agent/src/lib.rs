@@ -5,6 +5,7 @@ pub mod allocator;
 pub mod collectors;
 pub mod ebpf;
 pub mod faults;
+pub mod node;
 pub mod plan;
 pub mod profile;
 pub mod rss;

@@ -46,6 +46,60 @@ enum Command {
     Tools,
     /// Undo what faults of crashed runs left behind (every fault run also does this first).
     Cleanup,
+    /// Node mode (the DaemonSet): run the PowerTools admitted for this node's containers.
+    Agent(AgentArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// This node's name, as pods' spec.nodeName has it (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Object store URL for PowerTools that name no spec.output.url.
+    #[arg(long, env = "TOE_OUTPUT", default_value = "file:///var/lib/toe/artifacts/")]
+    output: url::Url,
+    /// How long an upload may take when a run ends before its artifacts wait on the node's disk
+    /// and are retried with backoff.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    upload_timeout: std::time::Duration,
+}
+
+/// Resolves on SIGTERM (node drain, rollout) or Ctrl-C.
+async fn stop_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn agent(args: &AgentArgs) -> Result<ExitCode> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        // Installed before anything runs, so a SIGTERM during start-up is a stop, not a kill.
+        let stop = tokio::spawn(stop_signal());
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster or $KUBECONFIG)")?;
+        let opts = toe_agent::node::NodeOptions {
+            node: args.node.clone(),
+            output: args.output.clone(),
+            upload_timeout: args.upload_timeout,
+        };
+        toe_agent::node::run(client, opts, async {
+            let _ = stop.await;
+        })
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cleanup() -> Result<ExitCode> {
@@ -193,7 +247,7 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
     let ui = Ui {
         progress: !args.no_progress && std::io::stderr().is_terminal(),
     };
-    let outcome = runtime.block_on(run::execute(&plan, &sink, ui))?;
+    let outcome = runtime.block_on(async { run::execute(&plan, &sink, ui, run::Control::on_signals()?).await })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome.summary)?);
     } else {
@@ -290,6 +344,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cleanup => cleanup(),
+        Command::Agent(args) => agent(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("toe: error: {e:#}");

@@ -257,6 +257,28 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
     })
 }
 
+/// The plan for one container of an admitted PowerTool (node mode): `run` is the validated
+/// spec, `output` the target's own directory in the object store.
+#[must_use]
+pub fn for_target(
+    tool: &PowerTool,
+    run: api::ValidatedRun,
+    target: TargetSpec,
+    output: Url,
+    run_id: String,
+) -> RunPlan {
+    RunPlan {
+        run_id,
+        name: tool.metadata.name.clone(),
+        tool: run.tool,
+        alongside: run.alongside,
+        target,
+        output,
+        dry_run: tool.spec.dry_run.unwrap_or(false),
+        warnings: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -24,7 +24,7 @@ use kube::{
     },
 };
 use toe_common::api::{
-    Configs, ImageOptions, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus,
+    run_name, target_finished, Configs, ImageOptions, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus,
     SelectedTarget, ToolOptions, ValidatedRun, ValidatedTool,
 };
 
@@ -232,7 +232,8 @@ fn configs(ctx: &Context) -> Vec<PowerToolConfig> {
     ctx.configs.state().iter().map(|c| (**c).clone()).collect()
 }
 
-/// Where a target's tool writes: `<output>/<namespace>/<powertool>/<pod>/<container>/`.
+/// Where a target's tool writes: the same layout as the node agents',
+/// `<output>/<namespace>/<powertool>/<run>/<pod>/<container>/`.
 fn output_url(pt: &PowerTool, t: &SelectedTarget) -> String {
     let base = pt
         .spec
@@ -240,13 +241,11 @@ fn output_url(pt: &PowerTool, t: &SelectedTarget) -> String {
         .as_ref()
         .and_then(|o| o.url.clone())
         .unwrap_or_default();
+    let run = run_name(&pt.uid().unwrap_or_default(), pt.metadata.generation.unwrap_or(0));
     format!(
-        "{}/{}/{}/{}/{}/",
+        "{}/{}",
         base.trim_end_matches('/'),
-        t.namespace,
-        pt.name_any(),
-        t.pod,
-        t.container
+        t.artifact_prefix(&pt.name_any(), &run)
     )
 }
 
@@ -339,53 +338,71 @@ async fn follow(
     if selection::release_waiting(&mut status.targets, max) {
         start_pending(pt, &mut status, ctx, opts, tool).await;
     }
-    if status
-        .targets
-        .iter()
-        .all(|t| matches!(t.phase.as_deref(), Some("Completed" | "Failed")))
-    {
-        let failed = status
+    conclude(&mut status, pt.metadata.generation.unwrap_or(0));
+    Ok(status)
+}
+
+/// Ends the run once every target has ended: Failed if any failed, else Interrupted if any was
+/// interrupted, else Completed. Returns whether it ended it now.
+fn conclude(status: &mut PowerToolStatus, generation: i64) -> bool {
+    if status.finish_time.is_some()
+        || status.targets.is_empty()
+        || !status
             .targets
             .iter()
-            .filter(|t| t.phase.as_deref() == Some("Failed"))
-            .count();
-        status.phase = if failed == 0 {
-            PowerToolPhase::Completed
-        } else {
-            PowerToolPhase::Failed
-        };
-        status.finish_time = Some(Time(Timestamp::now()));
-        let generation = pt.metadata.generation.unwrap_or(0);
-        status.conditions.retain(|c| c.type_ == "Admitted");
-        status.conditions.push(if failed == 0 {
-            condition(
-                "Completed",
-                true,
-                "AllTargetsCompleted",
-                "every target's tool exited 0",
-                generation,
-            )
-        } else {
-            condition(
-                "Failed",
-                true,
-                "TargetsFailed",
-                &format!("{failed} of {} target(s) failed", status.targets.len()),
-                generation,
-            )
-        });
+            .all(|t| target_finished(t.phase.as_deref()))
+    {
+        return false;
     }
-    Ok(status)
+    let count = |phase: &str| {
+        status
+            .targets
+            .iter()
+            .filter(|t| t.phase.as_deref() == Some(phase))
+            .count()
+    };
+    let (failed, interrupted, all) = (count("Failed"), count("Interrupted"), status.targets.len());
+    let (phase, type_, reason, message) = if failed > 0 {
+        (
+            PowerToolPhase::Failed,
+            "Failed",
+            "TargetsFailed",
+            format!("{failed} of {all} target(s) failed"),
+        )
+    } else if interrupted > 0 {
+        (
+            PowerToolPhase::Interrupted,
+            "Interrupted",
+            "TargetsInterrupted",
+            format!("{interrupted} of {all} target(s) were interrupted; partial results kept"),
+        )
+    } else {
+        (
+            PowerToolPhase::Completed,
+            "Completed",
+            "AllTargetsCompleted",
+            format!("all {all} target(s) completed"),
+        )
+    };
+    status.phase = phase;
+    status.finish_time = Some(Time(Timestamp::now()));
+    status.conditions.retain(|c| c.type_ == "Admitted");
+    status
+        .conditions
+        .push(condition(type_, true, reason, &message, generation));
+    true
 }
 
 /// Writes `status` unless it says what the current one says (conditions compared without their
 /// transition times, which would otherwise change on every reconcile).
-/// Returns whether anything was written.
+/// The object's resourceVersion is a precondition: the node agents write targets' progress into
+/// the same status, and a stale write must fail (and be redone) rather than undo theirs.
+/// Returns the object as written, or None when nothing needed writing.
 async fn write_status(
     api: &Api<PowerTool>,
     pt: &PowerTool,
     mut status: PowerToolStatus,
-) -> Result<bool, Error> {
+) -> Result<Option<PowerTool>, Error> {
     if let Some(current) = &pt.status {
         let same = |a: &[Condition], b: &[Condition]| {
             a.len() == b.len()
@@ -399,7 +416,7 @@ async fn write_status(
             && current.observed_generation == status.observed_generation
             && same(&current.conditions, &status.conditions)
         {
-            return Ok(false);
+            return Ok(None);
         }
         // A condition that did not change keeps the time it last changed.
         for c in &mut status.conditions {
@@ -415,15 +432,17 @@ async fn write_status(
     let patch = serde_json::json!({
         "apiVersion": "toe.run/v1alpha1",
         "kind": "PowerTool",
+        "metadata": {"resourceVersion": pt.resource_version()},
         "status": status,
     });
-    api.patch_status(
-        &pt.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(true)
+    let written = api
+        .patch_status(
+            &pt.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(Some(written))
 }
 
 /// An Event on the PowerTool for a new decision, so `kubectl describe` tells the story.
@@ -505,7 +524,7 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
             && let Some((opts, tool)) = image_tool(&pt, ctx)
         {
             let status = follow(&pt, ctx, &opts, &tool).await?;
-            let done = status.phase != PowerToolPhase::Running;
+            let done = status.finish_time.is_some();
             write_status(&api, &pt, status).await?;
             return Ok(if done {
                 Action::requeue(Duration::from_mins(5))
@@ -513,18 +532,21 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
                 Action::requeue(Duration::from_secs(5))
             });
         }
-        // The engines move targets through Running to their end; as pods finish, waiting ones
-        // are released within maxConcurrent.
+        // The agents move targets through Running to their end; as pods finish, waiting ones
+        // are released within maxConcurrent, and the run ends with its last target.
         if let Some(mut status) = pt.status.clone() {
             let max = pt.spec.blast_radius.as_ref().and_then(|b| b.max_concurrent);
-            if selection::release_waiting(&mut status.targets, max) {
+            let released = selection::release_waiting(&mut status.targets, max);
+            let ended = conclude(&mut status, pt.metadata.generation.unwrap_or(0));
+            if released || ended {
                 write_status(&api, &pt, status).await?;
             }
         }
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
     let (status, run) = decide(&pt, ctx).await;
-    if write_status(&api, &pt, status.clone()).await? {
+    let written = write_status(&api, &pt, status.clone()).await?;
+    if written.is_some() {
         let reason = status
             .conditions
             .first()
@@ -539,7 +561,7 @@ async fn apply(pt: Arc<PowerTool>, ctx: &Context) -> Result<Action, Error> {
         && pt.spec.dry_run != Some(true)
         && let Some((opts, tool)) = run.and_then(image_of)
     {
-        let mut launched = (*pt).clone();
+        let mut launched = written.unwrap_or_else(|| (*pt).clone());
         launched.status = Some(status);
         let running = launch(&launched, ctx, &opts, &tool).await?;
         write_status(&api, &launched, running).await?;

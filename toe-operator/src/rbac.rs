@@ -1,5 +1,5 @@
-//! The operator's least-privilege ClusterRole, as data: the chart renders it and the tests run
-//! the operator under exactly this role against a real API server.
+//! The operator's and the node agent's least-privilege ClusterRoles, as data: the chart renders
+//! them and the tests run each under exactly its role against a real API server.
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
 use kube::api::ObjectMeta;
@@ -55,6 +55,26 @@ pub fn operator_cluster_role(name: &str) -> ClusterRole {
                 &["leases"],
                 &["get", "create", "update"],
             ),
+        ]),
+        ..ClusterRole::default()
+    }
+}
+
+/// What the node agent (`toe agent`) uses, and nothing else: it reads PowerTools and configs,
+/// writes its targets' progress into PowerTool status, and publishes its node's capabilities.
+#[must_use]
+pub fn agent_cluster_role(name: &str) -> ClusterRole {
+    ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        rules: Some(vec![
+            rule("toe.run", &["powertools"], &["get", "list", "watch"]),
+            rule("toe.run", &["powertools/status"], &["get", "patch"]),
+            rule("toe.run", &["powertoolconfigs"], &["get", "list", "watch"]),
+            // The capability probe's annotation on its own Node.
+            rule("", &["nodes"], &["get", "patch"]),
         ]),
         ..ClusterRole::default()
     }

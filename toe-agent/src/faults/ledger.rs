@@ -95,12 +95,16 @@ pub struct Ledger {
     path: PathBuf,
 }
 
+/// Where TOE keeps what must outlive a crash: `$TOE_STATE_DIR`, default `/var/lib/toe`.
+#[must_use]
+pub fn state_dir() -> PathBuf {
+    std::env::var_os(STATE_DIR_ENV).map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from)
+}
+
 impl Ledger {
-    /// The ledger in `$TOE_STATE_DIR` (default `/var/lib/toe`), created if needed.
+    /// The ledger in [`state_dir`], created if needed.
     pub fn open_default() -> io::Result<Self> {
-        let dir = std::env::var_os(STATE_DIR_ENV)
-            .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from);
-        Self::open(&dir)
+        Self::open(&state_dir())
     }
 
     pub fn open(dir: &Path) -> io::Result<Self> {

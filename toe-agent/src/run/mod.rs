@@ -13,7 +13,7 @@ use toe_common::api::{
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::oneshot,
+    sync::{oneshot, watch},
 };
 
 use crate::{
@@ -57,6 +57,8 @@ pub enum RunError {
     Unsupported(String),
     #[error(transparent)]
     Fault(#[from] FaultError),
+    #[error("stopped before it started: {0}")]
+    Stopped(&'static str),
 }
 
 /// Why sampling stopped.
@@ -510,19 +512,57 @@ impl Work {
 
 /// Drains and symbolizes until the duration ends, the target is gone, or a signal arrives.
 /// Returns why it stopped and the command's exit status if it already exited.
-/// SIGINT and SIGTERM listeners, installed before anything is attached or started: a signal
-/// that arrives while a fault starts must roll it back, not kill TOE with its default action.
-struct Interrupts {
-    sigint: tokio::signal::unix::Signal,
-    sigterm: tokio::signal::unix::Signal,
+/// What ends a run early: a reason to stop (`SIGINT`, `the PowerTool was deleted`, ...), sent
+/// once. The run also says when it has attached and started its fault.
+pub struct Control {
+    pub stop: watch::Receiver<Option<&'static str>>,
+    /// Told the target's description once sampling has begun.
+    pub started: Option<oneshot::Sender<String>>,
 }
 
-impl Interrupts {
-    fn install() -> Result<Self, RunError> {
-        Ok(Self {
-            sigint: signal(SignalKind::interrupt())?,
-            sigterm: signal(SignalKind::terminate())?,
-        })
+impl Control {
+    /// A run no one stops early except by the returned sender.
+    #[must_use]
+    pub fn new() -> (watch::Sender<Option<&'static str>>, Self) {
+        let (tx, stop) = watch::channel(None);
+        (
+            tx,
+            Self {
+                stop,
+                started: None,
+            },
+        )
+    }
+
+    /// Stops on SIGINT or SIGTERM. The listeners are installed here, before anything is
+    /// attached or started: a signal that arrives while a fault starts must roll it back, not
+    /// kill TOE with its default action.
+    pub fn on_signals() -> Result<Self, RunError> {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let (tx, control) = Self::new();
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                _ = sigint.recv() => "SIGINT",
+                _ = sigterm.recv() => "SIGTERM",
+            };
+            let _ = tx.send(Some(why));
+            // Keep the listeners (and so the sender) alive: a second signal is also absorbed.
+            std::future::pending::<()>().await;
+        });
+        Ok(control)
+    }
+}
+
+/// Resolves with the stop reason once one is sent (never, if the sender is gone without one).
+async fn stopped(stop: &mut watch::Receiver<Option<&'static str>>) -> &'static str {
+    loop {
+        if let Some(why) = *stop.borrow_and_update() {
+            return why;
+        }
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -531,10 +571,7 @@ async fn sample(
     symbolizer: &mut Symbolizer,
     duration: Duration,
     ui: Ui,
-    Interrupts {
-        mut sigint,
-        mut sigterm,
-    }: Interrupts,
+    stop: &mut watch::Receiver<Option<&'static str>>,
 ) -> Result<(Ended, Option<i32>), RunError> {
     let bar = progress_bar(ui, duration);
     let deadline = tokio::time::sleep(duration);
@@ -546,8 +583,7 @@ async fn sample(
     let ended = loop {
         tokio::select! {
             () = &mut deadline => break Ended::Duration,
-            _ = sigint.recv() => break Ended::Interrupted("SIGINT"),
-            _ = sigterm.recv() => break Ended::Interrupted("SIGTERM"),
+            why = stopped(stop) => break Ended::Interrupted(why),
             code = async { s.command_exit.as_mut().expect("guarded").await }, if s.command_exit.is_some() && command_status.is_none() => {
                 let code = code.unwrap_or(127);
                 command_status = Some(code);
@@ -1059,16 +1095,26 @@ fn finish_all(
 }
 
 /// Runs the plan to the end and writes its artifacts to `sink`.
-pub async fn execute(plan: &RunPlan, sink: &dyn ArtifactSink, ui: Ui) -> Result<Outcome, RunError> {
-    let interrupts = Interrupts::install()?;
+pub async fn execute(
+    plan: &RunPlan,
+    sink: &dyn ArtifactSink,
+    ui: Ui,
+    mut control: Control,
+) -> Result<Outcome, RunError> {
+    if let Some(why) = *control.stop.borrow() {
+        return Err(RunError::Stopped(why));
+    }
     let mut session = start(plan)?;
+    if let Some(tx) = control.started.take() {
+        let _ = tx.send(session.target.description.clone());
+    }
     let mut symbolizer = Symbolizer::new();
     let (ended, command_status) = sample(
         &mut session,
         &mut symbolizer,
         plan.tool.duration,
         ui,
-        interrupts,
+        &mut control.stop,
     )
     .await?;
     let children = session.loaded.child_counters()?;

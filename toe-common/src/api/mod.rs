@@ -23,7 +23,7 @@ pub use self::{
     resources::{
         BlastRadius, BlastRadiusMode, OutputSpec, PowerTool, PowerToolPhase, PowerToolProcessing,
         PowerToolProcessingSpec, PowerToolProcessingStatus, PowerToolSpec, PowerToolStatus,
-        ProcessingOutput, SelectedTarget, Targets, ToolSpec, TypeMeta,
+        ProcessingOutput, SelectedTarget, Targets, ToolSpec, TypeMeta, run_name, target_finished,
     },
     tools::{
         AllocationMode, CpuProfileOptions, CpuStressOptions, ImageOptions, MemoryProfileOptions,

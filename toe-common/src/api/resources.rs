@@ -178,13 +178,47 @@ pub struct SelectedTarget {
     /// it there.
     #[serde(rename = "containerID")]
     pub container_id: String,
-    /// `Pending`, `Running`, `Completed`, `Failed`, `Interrupted`.
+    /// `Waiting` (held back by maxConcurrent), `Pending`, `Running`, `Uploading` (the run is
+    /// over; its artifacts wait on the node for the object store), `Completed`, `Failed`,
+    /// `Interrupted`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<String>,
+}
+
+/// A target phase that no longer changes.
+#[must_use]
+pub fn target_finished(phase: Option<&str>) -> bool {
+    matches!(phase, Some("Completed" | "Failed" | "Interrupted"))
+}
+
+/// The run of a PowerTool generation, as it appears in artifact paths: `g<generation>-<uid[..8]>`.
+/// Every node's agent computes the same name, so one run's targets share a directory.
+#[must_use]
+pub fn run_name(uid: &str, generation: i64) -> String {
+    format!("g{generation}-{}", uid.get(..8).unwrap_or(uid))
+}
+
+impl SelectedTarget {
+    /// Where this target's artifacts go below the output URL:
+    /// `<namespace>/<powertool>/<run>/<pod>/<container>/`.
+    #[must_use]
+    pub fn artifact_prefix(&self, powertool: &str, run: &str) -> String {
+        format!(
+            "{}/{powertool}/{run}/{}/{}/",
+            self.namespace, self.pod, self.container
+        )
+    }
+
+    /// Whether `other` names the same container of the same pod.
+    #[must_use]
+    pub fn same_container(&self, other: &Self) -> bool {
+        (&self.namespace, &self.pod, &self.container)
+            == (&other.namespace, &other.pod, &other.container)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

@@ -1,0 +1,268 @@
+//! A small cluster on the API server harness: the CRDs, identities bound to exactly the roles
+//! TOE ships, the operator in-process, the node agent as a real `toe agent` process, and Pods
+//! whose status the test reports the way a kubelet would (there is none).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Pod},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde::Deserialize as _;
+
+use crate::{
+    TestProcess,
+    apiserver::{AGENT_TOKEN, AGENT_USER, ApiServer, OPERATOR_TOKEN, OPERATOR_USER},
+    bin,
+};
+
+#[must_use]
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// The YAML documents of `file`, parsed as `T` (empty documents skipped).
+#[must_use]
+pub fn documents<T: serde::de::DeserializeOwned>(file: &Path) -> Vec<T> {
+    let text = std::fs::read_to_string(file).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .map(|v| serde_yaml::from_value(v).unwrap_or_else(|e| panic!("{}: {e}", file.display())))
+        .collect()
+}
+
+/// Installs the chart's CRDs and waits until each is Established.
+pub async fn install_crds(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(repo().join("charts/toe/crds")).unwrap() {
+        let path = entry.unwrap().path();
+        for crd in documents::<CustomResourceDefinition>(&path) {
+            let name = crd.metadata.name.clone().unwrap();
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            names.push(name);
+        }
+    }
+    assert_eq!(names.len(), 3, "{names:?}");
+    for name in names {
+        let mut established = false;
+        for _ in 0..100 {
+            let crd = crds.get(&name).await.unwrap();
+            established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(established, "{name} never became Established");
+    }
+}
+
+/// Binds `role` to `user` cluster-wide.
+async fn bind(admin: &kube::Client, role: &ClusterRole, user: &str) {
+    let apply = PatchParams::apply("toe-test").force();
+    let name = role.metadata.name.clone().unwrap();
+    Api::<ClusterRole>::all(admin.clone())
+        .patch(&name, &apply, &Patch::Apply(role))
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .patch(&name, &apply, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+}
+
+/// Creates namespace `name` (and its labels).
+pub async fn create_namespace(admin: &kube::Client, name: &str, labels: &serde_json::Value) {
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}}))
+            .unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+}
+
+/// A client for the operator's own identity, bound to exactly `rbac::operator_cluster_role`.
+pub async fn operator_identity(server: &ApiServer, admin: &kube::Client) -> kube::Client {
+    bind(
+        admin,
+        &toe_operator::rbac::operator_cluster_role("toe-operator"),
+        OPERATOR_USER,
+    )
+    .await;
+    create_namespace(admin, "toe-system", &serde_json::json!({})).await;
+    server.client_as(OPERATOR_TOKEN).await
+}
+
+/// The operator's controller, in this process, as its own identity.
+pub struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Operator {
+    pub async fn start(server: &ApiServer, admin: &kube::Client) -> Self {
+        let client = operator_identity(server, admin).await;
+        let metrics = std::sync::Arc::new(toe_operator::metrics::Metrics::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(toe_operator::controller::run(client, metrics, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+    }
+}
+
+/// This machine's node name (its host name), as the agent and the test Pods use it.
+#[must_use]
+pub fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "toe-node".into(), |h| h.trim().to_ascii_lowercase())
+}
+
+/// The Node object for `name` (a kubelet would register it).
+pub async fn create_node(admin: &kube::Client, name: &str) {
+    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    Api::<Node>::all(admin.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+}
+
+/// A Pod on `node` whose containers (name, container id) the test reports running.
+pub async fn create_pod(
+    admin: &kube::Client,
+    ns: &str,
+    name: &str,
+    labels: &serde_json::Value,
+    node: &str,
+    containers: &[(&str, &str)],
+) {
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let specs: Vec<serde_json::Value> = containers
+        .iter()
+        .map(|(c, _)| serde_json::json!({"name": c, "image": "busybox"}))
+        .collect();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "containers": specs},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let statuses: Vec<serde_json::Value> = containers
+        .iter()
+        .map(|(c, id)| {
+            serde_json::json!({"name": c, "containerID": id, "ready": true, "restartCount": 0,
+                               "image": "busybox", "imageID": "", "state": {"running": {}}})
+        })
+        .collect();
+    let status =
+        serde_json::json!({"status": {"phase": "Running", "containerStatuses": statuses}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+/// `toe agent` for `node`, as its own identity (bound to exactly `rbac::agent_cluster_role`),
+/// with its own state directory.
+pub struct Agent {
+    pub process: TestProcess,
+    pub state: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Binds the agent's role to its identity (once per cluster).
+pub async fn agent_identity(admin: &kube::Client) {
+    bind(
+        admin,
+        &toe_operator::rbac::agent_cluster_role("toe-agent"),
+        AGENT_USER,
+    )
+    .await;
+}
+
+impl Agent {
+    /// Starts the agent; `state` survives restarts (the node's `/var/lib/toe`).
+    #[must_use]
+    pub fn start(server: &ApiServer, node: &str, state: &Path, output: &str) -> Self {
+        std::fs::create_dir_all(state).unwrap();
+        let log = state.join(format!(
+            "agent-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = Command::new(bin("toe"))
+            .args(["agent", "--node", node, "--output", output, "--upload-timeout", "3s"])
+            .env("KUBECONFIG", server.kubeconfig_as(AGENT_TOKEN))
+            .env("TOE_STATE_DIR", state)
+            .env("TOE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("toe agent");
+        Self {
+            process: TestProcess(child),
+            state: state.to_owned(),
+            log,
+        }
+    }
+
+    /// Sends SIGTERM and waits for the agent to exit (at most `within`); its exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.process.pid()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.process.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not exit within {within:?} of SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

@@ -1,0 +1,596 @@
+//! Node mode (`toe agent`): the DaemonSet's engine. It watches PowerTools admitted for their
+//! current generation, takes the selected targets on its own node, re-validates each against
+//! the PowerToolConfigs (a client-side filter is no security boundary), resolves the container
+//! to its cgroup and runs the same engine as local mode on it. Artifacts go through a spool on
+//! the node's disk to the PowerTool's object store; each target's progress goes into the
+//! PowerTool's status. Deleting the PowerTool stops its runs (faults rolled back, partial
+//! artifacts kept); stopping the agent does the same for every run and marks them Interrupted.
+
+pub mod probe;
+pub mod spool;
+pub mod status;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{Patch, PatchParams},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tokio::sync::{Notify, oneshot, watch};
+use toe_common::api::{
+    self, Configs, Policy, PowerTool, PowerToolConfig, PowerToolPhase, SelectedTarget,
+    ToolOptions, check_config, run_name,
+};
+use url::Url;
+
+use self::{
+    spool::{Job, Spool},
+    status::{TargetRef, update_target},
+};
+use crate::{
+    faults::ledger::{self, Ledger},
+    plan,
+    run::{self, Control, Ended, Outcome, RunError, Ui},
+    targets::TargetSpec,
+};
+
+pub struct NodeOptions {
+    /// This node's name, as pods' `spec.nodeName` has it.
+    pub node: String,
+    /// Where artifacts go when a PowerTool names no output URL.
+    pub output: Url,
+    /// How long an upload attempt may take when a run ends (later attempts back off).
+    pub upload_timeout: Duration,
+}
+
+/// Which run of which target: a target is run at most once per PowerTool generation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Key {
+    uid: String,
+    generation: i64,
+    target: (String, String, String),
+}
+
+impl Key {
+    fn of(pt: &PowerTool, t: &SelectedTarget) -> Self {
+        Self {
+            uid: pt.uid().unwrap_or_default(),
+            generation: pt.metadata.generation.unwrap_or(0),
+            target: (t.namespace.clone(), t.pod.clone(), t.container.clone()),
+        }
+    }
+
+    fn of_job(j: &Job) -> Self {
+        Self {
+            uid: j.uid.clone(),
+            generation: j.generation,
+            target: j.target.clone(),
+        }
+    }
+}
+
+struct Ctx {
+    client: Client,
+    node: String,
+    manager: String,
+    configs: Store<PowerToolConfig>,
+    spool: Spool,
+    output: Url,
+    upload_timeout: Duration,
+    /// Spool jobs a run task is uploading itself; the background uploader leaves them alone.
+    claimed: Mutex<HashSet<PathBuf>>,
+}
+
+struct Active {
+    stop: watch::Sender<Option<&'static str>>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+fn target_ref(pt: &PowerTool, t: &SelectedTarget) -> TargetRef {
+    TargetRef {
+        namespace: pt.namespace().unwrap_or_default(),
+        name: pt.name_any(),
+        uid: pt.uid().unwrap_or_default(),
+        generation: pt.metadata.generation.unwrap_or(0),
+        target: t.clone(),
+    }
+}
+
+impl Ctx {
+    fn api(&self, namespace: &str) -> Api<PowerTool> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// Sets the target's phase and message (and artifacts when given); API errors are logged:
+    /// the run's result is already safe in the store or the spool.
+    async fn set(&self, r: &TargetRef, phase: &str, message: String, artifacts: Option<Vec<String>>) {
+        let result = update_target(&self.api(&r.namespace), &self.manager, r, |t| {
+            t.phase = Some(phase.to_owned());
+            t.message = Some(message.clone());
+            if let Some(a) = &artifacts {
+                t.artifacts.clone_from(a);
+            }
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(powertool = %r.name, pod = %r.target.pod, error = %e, "writing the target's status");
+        }
+    }
+}
+
+/// The configs that are themselves valid, as one policy set (a broken config enables nothing,
+/// as in admission).
+fn usable_configs(ctx: &Ctx) -> Result<Configs, String> {
+    let valid: Vec<PowerToolConfig> = ctx
+        .configs
+        .state()
+        .iter()
+        .filter(|c| check_config(c).is_ok())
+        .map(|c| (**c).clone())
+        .collect();
+    Configs::new(&valid).map_err(|e| e.to_string())
+}
+
+/// The agent's own admission: the spec as it is now, under the configs as they are now, for
+/// the PowerTool's namespace and the target's.
+fn revalidate(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<api::ValidatedRun, String> {
+    let configs = usable_configs(ctx)?;
+    let own = pt.namespace().unwrap_or_default();
+    let mut run = None;
+    for ns in BTreeSet::from([own.as_str(), t.namespace.as_str()]) {
+        let policy = Policy::Configs {
+            configs: &configs,
+            namespace: Some(ns),
+        };
+        run = Some(api::validate(pt, policy).map_err(|e| e.to_string())?);
+    }
+    run.ok_or_else(|| "nothing to validate".into())
+}
+
+/// The target's directory in the object store.
+fn remote_dir(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, String> {
+    let out = pt.spec.output.as_ref();
+    if out.and_then(|o| o.pvc.as_ref()).is_some() && out.and_then(|o| o.url.as_ref()).is_none() {
+        return Err("spec.output.pvc: the node agent writes to object stores; give spec.output.url \
+                    (file:// on a node path, s3://, gs://, az://)"
+            .into());
+    }
+    let mut base = match out.and_then(|o| o.url.as_deref()) {
+        None => ctx.output.clone(),
+        Some(u) if u.starts_with('/') => Url::from_directory_path(u)
+            .map_err(|()| format!("spec.output.url {u}: not an absolute path"))?,
+        Some(u) => Url::parse(u).map_err(|e| {
+            format!("spec.output.url {u}: {e} (in a cluster it is an object store URL)")
+        })?,
+    };
+    if !base.path().ends_with('/') {
+        base.set_path(&format!("{}/", base.path()));
+    }
+    let run = run_name(&pt.uid().unwrap_or_default(), pt.metadata.generation.unwrap_or(0));
+    base.join(&t.artifact_prefix(&pt.name_any(), &run))
+        .map_err(|e| format!("spec.output.url: {e}"))
+}
+
+fn phase_of(o: &Outcome) -> &'static str {
+    match (&o.ended, &o.summary.failed) {
+        (Ended::Interrupted(_), _) => "Interrupted",
+        (_, Some(_)) => "Failed",
+        _ => "Completed",
+    }
+}
+
+/// One line for `kubectl get -o yaml`: how it ended and what was counted.
+fn message_of(o: &Outcome) -> String {
+    let s = &o.summary;
+    let mut parts = vec![s.ended.clone()];
+    if let Some(why) = &s.failed {
+        parts.push(why.clone());
+    }
+    if let Some(cpu) = &s.cpu {
+        parts.push(format!(
+            "{} samples, {} lost to a full ring buffer",
+            cpu.samples.recorded, cpu.samples.lost_ring_full
+        ));
+    }
+    if let Some(sig) = &s.signals {
+        parts.push(format!("{} signal events", sig.events.len()));
+    }
+    if !s.warnings.is_empty() {
+        parts.push(format!("{} warning(s) in summary.json", s.warnings.len()));
+    }
+    parts.push(format!("{} artifact(s)", s.artifacts.len()));
+    parts.join("; ")
+}
+
+/// Runs `plan` on its own thread and runtime: the engine blocks while it symbolizes and
+/// encodes, and each run keeps its own loaded object and timers.
+async fn execute(
+    plan: plan::RunPlan,
+    sink: Result<spool::SpoolSink, url::ParseError>,
+    control: Control,
+) -> Result<Outcome, RunError> {
+    let sink = sink.map_err(|e| RunError::Unsupported(format!("output URL: {e}")))?;
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(run::execute(&plan, &sink, Ui::default(), control))
+    })
+    .await
+    .map_err(|e| RunError::Unsupported(format!("the run's thread failed: {e}")))?
+}
+
+/// One target, start to end: validate, run, spool, upload, report.
+async fn run_target(
+    ctx: Arc<Ctx>,
+    pt: Arc<PowerTool>,
+    t: SelectedTarget,
+    stop: watch::Receiver<Option<&'static str>>,
+) {
+    let r = target_ref(&pt, &t);
+    let run = match revalidate(&ctx, &pt, &t) {
+        Ok(run) => run,
+        Err(why) => {
+            let msg = format!("refused by the node agent's own validation: {why}");
+            return ctx.set(&r, "Failed", msg, None).await;
+        }
+    };
+    if matches!(run.tool.options, ToolOptions::Image(_)) {
+        // The operator's engine: an ephemeral container, not this agent.
+        return;
+    }
+    let remote = match remote_dir(&ctx, &pt, &t) {
+        Ok(u) => u,
+        Err(why) => return ctx.set(&r, "Failed", why, None).await,
+    };
+    let target = TargetSpec::Container(t.container_id.clone());
+    let run_id = format!(
+        "{}-{}-{}",
+        run_name(&r.uid, r.generation),
+        t.pod,
+        t.container
+    );
+    let plan = plan::for_target(&pt, run, target, remote.clone(), run_id);
+    if plan.dry_run {
+        let msg = match tokio::task::spawn_blocking(move || run::describe_fault(&plan)).await {
+            Ok(Ok(lines)) if lines.is_empty() => "dry run: validated; nothing started".into(),
+            Ok(Ok(lines)) => format!("dry run: would {}", lines.join("; ")),
+            Ok(Err(e)) => return ctx.set(&r, "Failed", format!("dry run: {e}"), None).await,
+            Err(e) => return ctx.set(&r, "Failed", format!("dry run: {e}"), None).await,
+        };
+        return ctx.set(&r, "Completed", msg, None).await;
+    }
+    let job = Job {
+        namespace: r.namespace.clone(),
+        powertool: r.name.clone(),
+        uid: r.uid.clone(),
+        generation: r.generation,
+        target: (t.namespace.clone(), t.pod.clone(), t.container.clone()),
+        remote: remote.to_string(),
+        ..Job::default()
+    };
+    let mut job = match ctx.spool.create(job) {
+        Ok(j) => j,
+        Err(e) => {
+            let msg = format!("the node's spool directory: {e}");
+            return ctx.set(&r, "Failed", msg, None).await;
+        }
+    };
+    ctx.claimed.lock().expect("not poisoned").insert(job.path().to_owned());
+    let (started_tx, started_rx) = oneshot::channel();
+    let control = Control {
+        stop,
+        started: Some(started_tx),
+    };
+    let running = execute(plan, job.sink(), control);
+    tokio::pin!(running);
+    let outcome = tokio::select! {
+        outcome = &mut running => outcome,
+        Ok(description) = started_rx => {
+            ctx.set(&r, "Running", format!("running on {} ({})", description, ctx.node), None).await;
+            running.await
+        }
+    };
+    let (phase, message, artifacts) = match &outcome {
+        Ok(o) => (
+            phase_of(o),
+            message_of(o),
+            o.summary.artifacts.iter().map(|(_, u)| u.clone()).collect(),
+        ),
+        Err(RunError::Stopped(why)) => ("Interrupted", format!("stopped before it started: {why}"), Vec::new()),
+        Err(e) => ("Failed", e.to_string(), Vec::new()),
+    };
+    job.job.phase = Some(phase.into());
+    job.job.message = Some(message.clone());
+    job.job.artifacts.clone_from(&artifacts);
+    if let Err(e) = job.save() {
+        tracing::warn!(error = %e, "recording a finished run in the spool");
+    }
+    let uploaded = tokio::time::timeout(ctx.upload_timeout, job.upload()).await;
+    let uploaded = match uploaded {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            api::format_duration(ctx.upload_timeout)
+        )),
+    };
+    match uploaded {
+        Ok(_) => {
+            ctx.set(&r, phase, message, Some(artifacts)).await;
+            if let Err(e) = job.remove() {
+                tracing::warn!(error = %e, "removing an uploaded spool job");
+            }
+        }
+        Err(why) => {
+            let waiting = job.waiting().len();
+            let msg = format!(
+                "{phase}: {message}; {waiting} artifact(s) kept on node {} in {} until the \
+                 object store takes them ({why}); retrying",
+                ctx.node,
+                job.path().display()
+            );
+            ctx.set(&r, "Uploading", msg, Some(artifacts)).await;
+            ctx.claimed
+                .lock()
+                .expect("not poisoned")
+                .remove(job.path());
+        }
+    }
+}
+
+/// Uploads what runs left on disk (an unreachable store, an agent restart), with backoff per
+/// job, and reports each target's final phase once its artifacts are in the store.
+async fn uploader(ctx: Arc<Ctx>) {
+    let mut next: BTreeMap<PathBuf, (Instant, u32)> = BTreeMap::new();
+    loop {
+        for job in ctx.spool.jobs() {
+            if job.job.phase.is_none()
+                || ctx.claimed.lock().expect("not poisoned").contains(job.path())
+            {
+                continue;
+            }
+            let (due, attempt) = next
+                .get(job.path())
+                .copied()
+                .unwrap_or((Instant::now(), 0));
+            if Instant::now() < due {
+                continue;
+            }
+            match tokio::time::timeout(ctx.upload_timeout, job.upload()).await {
+                Ok(Ok(_)) => {
+                    let j = &job.job;
+                    let (ns, pod, container) = j.target.clone();
+                    let r = TargetRef {
+                        namespace: j.namespace.clone(),
+                        name: j.powertool.clone(),
+                        uid: j.uid.clone(),
+                        generation: j.generation,
+                        target: SelectedTarget {
+                            namespace: ns,
+                            pod,
+                            container,
+                            ..SelectedTarget::default()
+                        },
+                    };
+                    let phase = j.phase.clone().unwrap_or_else(|| "Completed".into());
+                    let message = j.message.clone().unwrap_or_default();
+                    let written = update_target(&ctx.api(&r.namespace), &ctx.manager, &r, |t| {
+                        t.phase = Some(phase.clone());
+                        t.message = Some(message.clone());
+                        t.artifacts.clone_from(&j.artifacts);
+                    })
+                    .await;
+                    if let Err(e) = written {
+                        tracing::warn!(error = %e, "reporting an uploaded run; retrying");
+                        next.insert(job.path().to_owned(), (Instant::now() + spool::backoff(attempt), attempt + 1));
+                        continue;
+                    }
+                    next.remove(job.path());
+                    tracing::info!(job = %job.path().display(), "spooled artifacts uploaded");
+                    let _ = job.remove();
+                }
+                outcome => {
+                    let why = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    tracing::warn!(job = %job.path().display(), %why, attempt, "upload failed; retrying");
+                    next.insert(
+                        job.path().to_owned(),
+                        (Instant::now() + spool::backoff(attempt), attempt + 1),
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Publishes the probe on this node's Node object.
+async fn publish(client: &Client, node: &str, caps: &probe::Capabilities) {
+    let json = serde_json::to_string(caps).expect("capabilities serialize");
+    let patch = serde_json::json!({"metadata": {"annotations": {probe::ANNOTATION: json}}});
+    let nodes: Api<Node> = Api::all(client.clone());
+    if let Err(e) = nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(%node, error = %e, "publishing the node's capabilities");
+    }
+}
+
+/// Keeps `store` filled from a watch and pokes `changed` on every event.
+fn follow<K>(api: Api<K>, changed: Option<Arc<Notify>>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "watch");
+            }
+            if let Some(n) = &changed {
+                n.notify_one();
+            }
+        }
+    });
+    store
+}
+
+/// Whether the agent acts on this PowerTool now.
+fn admitted(pt: &PowerTool) -> bool {
+    pt.metadata.deletion_timestamp.is_none()
+        && pt.status.as_ref().is_some_and(|s| {
+            s.observed_generation == pt.metadata.generation
+                && matches!(s.phase, PowerToolPhase::Admitted | PowerToolPhase::Running)
+        })
+}
+
+/// Why a run must stop now, if it must.
+fn stop_reason(key: &Key, pts: &[Arc<PowerTool>]) -> Option<&'static str> {
+    let Some(pt) = pts.iter().find(|p| p.uid().as_deref() == Some(key.uid.as_str())) else {
+        return Some("the PowerTool was deleted");
+    };
+    if pt.metadata.deletion_timestamp.is_some() {
+        return Some("the PowerTool was deleted");
+    }
+    if pt.metadata.generation != Some(key.generation) {
+        return Some("the PowerTool's spec changed");
+    }
+    None
+}
+
+/// Runs the agent until `shutdown` resolves, then stops every run (partial artifacts written,
+/// faults rolled back, targets marked Interrupted) before returning.
+pub async fn run(
+    client: Client,
+    opts: NodeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let state = ledger::state_dir();
+    // Leftovers of faults a crashed agent started are undone before anything else.
+    let ledger = Ledger::open(&state).context("opening the fault ledger")?;
+    let recovered = ledger
+        .recover()
+        .with_context(|| format!("recovering {}", ledger.path().display()))?;
+    tracing::info!(
+        runs = recovered.runs.len(),
+        workers_killed = recovered.workers_killed,
+        files_removed = recovered.files_removed.len(),
+        "fault ledger recovered"
+    );
+    let caps = tokio::task::spawn_blocking(probe::probe).await?;
+    tracing::info!(?caps, "kernel capabilities");
+    publish(&client, &opts.node, &caps).await;
+
+    let changed = Arc::new(Notify::new());
+    let configs = follow(Api::<PowerToolConfig>::all(client.clone()), Some(changed.clone()));
+    let powertools = follow(Api::<PowerTool>::all(client.clone()), Some(changed.clone()));
+    configs.wait_until_ready().await?;
+    powertools.wait_until_ready().await?;
+
+    let spool = Spool::open(&state).context("opening the spool")?;
+    // Runs a crash cut short are over: never started again, their targets Interrupted.
+    let mut started: HashSet<Key> = HashSet::new();
+    for mut job in spool.jobs() {
+        started.insert(Key::of_job(&job.job));
+        if job.job.phase.is_none() {
+            job.job.phase = Some("Interrupted".into());
+            job.job.message = Some(format!(
+                "the node agent stopped during the run (crash or kill); its faults were rolled \
+                 back from the ledger when it restarted ({} worker(s) killed, {} file(s) \
+                 removed); artifacts saved: {}",
+                recovered.workers_killed,
+                recovered.files_removed.len(),
+                job.waiting().len()
+            ));
+            job.save().context("recording an interrupted run")?;
+        }
+    }
+    let ctx = Arc::new(Ctx {
+        manager: status::field_manager(&opts.node),
+        node: opts.node,
+        client,
+        configs,
+        spool,
+        output: opts.output,
+        upload_timeout: opts.upload_timeout,
+        claimed: Mutex::new(HashSet::new()),
+    });
+    let uploads = tokio::spawn(uploader(ctx.clone()));
+    let mut active: BTreeMap<Key, Active> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = changed.notified() => {}
+            _ = tick.tick() => {}
+        }
+        let pts = powertools.state();
+        for (key, a) in &active {
+            if let Some(why) = stop_reason(key, &pts) {
+                a.stop.send_if_modified(|s| s.replace(why).is_none());
+            }
+        }
+        active.retain(|_, a| !a.handle.is_finished());
+        for pt in pts.iter().filter(|p| admitted(p)) {
+            let status = pt.status.as_ref().expect("admitted has a status");
+            for t in status.targets.iter().filter(|t| t.node == ctx.node) {
+                let key = Key::of(pt, t);
+                match t.phase.as_deref() {
+                    Some("Pending") if started.insert(key.clone()) => {
+                        let (stop, rx) = watch::channel(None);
+                        let handle =
+                            tokio::spawn(run_target(ctx.clone(), pt.clone(), t.clone(), rx));
+                        active.insert(key, Active { stop, handle });
+                    }
+                    Some("Running" | "Uploading") if started.insert(key.clone()) => {
+                        let r = target_ref(pt, t);
+                        let msg = "the node agent restarted during the run and has no record \
+                                   of it (its state directory was lost); faults it started \
+                                   were in that directory's ledger"
+                            .to_owned();
+                        let c = ctx.clone();
+                        tokio::spawn(async move { c.set(&r, "Interrupted", msg, None).await });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    tracing::info!(runs = active.len(), "stopping: interrupting every run");
+    for a in active.values() {
+        a.stop
+            .send_if_modified(|s| s.replace("the node agent is stopping (SIGTERM)").is_none());
+    }
+    for (_, a) in active {
+        let _ = a.handle.await;
+    }
+    uploads.abort();
+    Ok(())
+}
