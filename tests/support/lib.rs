@@ -114,7 +114,13 @@ fn cgroup2_root() -> PathBuf {
 impl TestCgroup {
     #[must_use]
     pub fn new(name: &str) -> Self {
-        let unique = format!("toe-test-{}-{name}", std::process::id());
+        // Tests of one binary run in parallel and may reuse a name.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let unique = format!(
+            "toe-test-{}-{}-{name}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let dir = cgroup2_root().join(&unique);
         std::fs::create_dir_all(&dir).expect("create v2 cgroup");
         Self { dirs: vec![dir] }
@@ -356,7 +362,13 @@ impl Container {
         for applet in ["sh", "sleep", "cat", "trap"] {
             let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
         }
-        let unique = format!("toe-test-{}-{name}", std::process::id());
+        // Tests of one binary run in parallel and may reuse a name.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let unique = format!(
+            "toe-test-{}-{}-{name}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let out = Command::new("podman")
             .args([
                 "--runtime",

@@ -1,0 +1,613 @@
+//! The node agent end to end: a real API server, the operator, `toe agent` as a real process
+//! for this machine's node, real podman containers, and Pods whose status (reported by the
+//! test: there is no kubelet) carries those containers' ids and this node. PowerTools go in
+//! through the API; artifacts come out of a file:// object store.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase, SelectedTarget};
+use toe_tests::{
+    Container,
+    apiserver::ApiServer,
+    cluster::{self, Agent, Operator},
+    require_root,
+};
+
+/// A started cluster with the CRDs, the example configs, namespace `shop`, this node, and the
+/// agent's identity; plus an object store and a state directory for the agent.
+struct Cluster {
+    server: ApiServer,
+    admin: kube::Client,
+    node: String,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(test: &str) -> Option<Self> {
+        if !require_root(test) {
+            return None;
+        }
+        let server = ApiServer::start(test)?;
+        let admin = server.client().await;
+        cluster::install_crds(&admin).await;
+        cluster::agent_identity(&admin).await;
+        let node = cluster::node_name();
+        cluster::create_node(&admin, &node).await;
+        cluster::create_namespace(&admin, "shop", &serde_json::json!({"team": "shop"})).await;
+        let configs: Api<PowerToolConfig> = Api::all(admin.clone());
+        for c in cluster::documents::<PowerToolConfig>(&cluster::repo().join("examples/config.yaml"))
+        {
+            configs.create(&PostParams::default(), &c).await.unwrap();
+        }
+        Some(Self {
+            server,
+            admin,
+            node,
+            dir: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn agent(&self) -> Agent {
+        let url = url_of(&self.store());
+        Agent::start(&self.server, &self.node, &self.state(), &url)
+    }
+
+    fn tools(&self) -> Api<PowerTool> {
+        Api::namespaced(self.admin.clone(), "shop")
+    }
+
+    /// A Pod in `shop` on this node whose containers are the given podman containers.
+    async fn pod(&self, name: &str, app: &str, containers: &[(&str, &Container)]) {
+        let ids: Vec<(&str, String)> = containers
+            .iter()
+            .map(|(n, c)| (*n, format!("containerd://{}", c.id)))
+            .collect();
+        let refs: Vec<(&str, &str)> = ids.iter().map(|(n, id)| (*n, id.as_str())).collect();
+        cluster::create_pod(
+            &self.admin,
+            "shop",
+            name,
+            &serde_json::json!({"app": app}),
+            &self.node,
+            &refs,
+        )
+        .await;
+    }
+
+    async fn create(&self, name: &str, spec: serde_json::Value) {
+        let pt: PowerTool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        self.tools()
+            .create(&PostParams::default(), &pt)
+            .await
+            .unwrap();
+    }
+
+    /// Polls until `done` holds for the PowerTool (at most `secs`), and returns it. A timeout
+    /// shows the status and the agent's log.
+    async fn wait(
+        &self,
+        name: &str,
+        what: &str,
+        secs: u64,
+        agent: &Agent,
+        done: impl Fn(&PowerTool) -> bool,
+    ) -> PowerTool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let pt = self.tools().get_opt(name).await.unwrap();
+            if let Some(pt) = &pt
+                && done(pt)
+            {
+                return pt.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: not {what} within {secs} s: {:#?}\nagent log:\n{}",
+                pt.and_then(|p| p.status),
+                agent.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn url_of(dir: &Path) -> String {
+    format!("file://{}/", dir.display())
+}
+
+fn targets(pt: &PowerTool) -> &[SelectedTarget] {
+    pt.status.as_ref().map_or(&[], |s| s.targets.as_slice())
+}
+
+fn target_phase(pt: &PowerTool, pod: &str) -> Option<String> {
+    targets(pt)
+        .iter()
+        .find(|t| t.pod == pod)
+        .and_then(|t| t.phase.clone())
+}
+
+fn phase(pt: &PowerTool) -> PowerToolPhase {
+    pt.status.as_ref().map_or(PowerToolPhase::Pending, |s| s.phase)
+}
+
+/// The local path of an artifact URL in the file:// store.
+fn local(url: &str) -> PathBuf {
+    PathBuf::from(url.strip_prefix("file://").expect("a file:// URL"))
+}
+
+fn artifact<'a>(t: &'a SelectedTarget, name: &str) -> &'a str {
+    t.artifacts
+        .iter()
+        .find(|a| a.ends_with(&format!("/{name}")))
+        .unwrap_or_else(|| panic!("no {name} in {:?}", t.artifacts))
+}
+
+fn busy(name: &str) -> Container {
+    Container::run(name, &["sh", "-c", "while :; do :; done"])
+}
+
+/// Processes of a container's cgroup, as the host sees them.
+fn container_pids(c: &Container) -> Vec<u32> {
+    let out = std::process::Command::new("podman")
+        .args(["top", &c.id, "hpid"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples() {
+    let Some(c) =
+        Cluster::start("a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples")
+            .await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let agent = c.agent();
+    // Two busy containers; only web-1's `app` is the target.
+    let target = busy("target");
+    let other = busy("other");
+    c.pod("web-1", "web", &[("app", &target)]).await;
+    c.pod("db-1", "db", &[("app", &other)]).await;
+    c.create(
+        "profile",
+        serde_json::json!({
+            "tool": {"name": "cpu-profile", "duration": "3s",
+                     "commandLineArguments": ["--frequency=199"]},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}, "containers": ["app"]},
+        }),
+    )
+    .await;
+    let pt = c
+        .wait("profile", "Completed", 60, &agent, |p| {
+            phase(p) == PowerToolPhase::Completed
+        })
+        .await;
+    let t = &targets(&pt)[0];
+    assert_eq!(
+        (t.pod.as_str(), t.phase.as_deref()),
+        ("web-1", Some("Completed")),
+        "{t:?}"
+    );
+    // The store's layout: namespace / powertool / run / pod / container / artifact.
+    let uid = pt.metadata.uid.clone().unwrap();
+    let run = toe_common::api::run_name(&uid, pt.metadata.generation.unwrap());
+    let dir = c.store().join(format!("shop/profile/{run}/web-1/app"));
+    for name in ["flamegraph.svg", "cpu.pb.gz", "stacks.folded", "summary.json"] {
+        let url = artifact(t, name);
+        assert_eq!(local(url), dir.join(name), "{url}");
+        assert!(dir.join(name).is_file(), "{name} missing in {}", dir.display());
+    }
+    // Only the target container's process was sampled, and it was sampled a lot.
+    let text = std::fs::read_to_string(dir.join("stacks.folded")).unwrap();
+    let folded: Vec<(String, u64)> = text
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(s, n)| (s.to_owned(), n.parse().unwrap()))
+        .collect();
+    let by_pid = toe_tests::samples_by_pid(&folded);
+    let inside = container_pids(&target);
+    let outside = container_pids(&other);
+    assert!(!inside.is_empty() && !outside.is_empty());
+    assert!(
+        by_pid.keys().all(|p| inside.contains(p)),
+        "samples from outside the target container: {by_pid:?} (target {inside:?}, other {outside:?})"
+    );
+    assert!(by_pid.values().sum::<u64>() >= 100, "{by_pid:?}");
+    // The agent published what this node's kernel can do.
+    let node = Api::<Node>::all(c.admin.clone()).get(&c.node).await.unwrap();
+    let caps: serde_json::Value = serde_json::from_str(
+        &node.metadata.annotations.unwrap()[toe_agent::node::probe::ANNOTATION],
+    )
+    .unwrap();
+    assert_eq!(caps["tools"]["cpu-profile"], "ok", "{caps}");
+    assert_eq!(caps["programs"]["perf_event"], "ok", "{caps}");
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn a_sigterm_fault_on_a_sidecar_is_traced_with_its_graceful_exit() {
+    let Some(c) =
+        Cluster::start("a_sigterm_fault_on_a_sidecar_is_traced_with_its_graceful_exit").await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let agent = c.agent();
+    let app = Container::run("app", &["sleep", "300"]);
+    // A sidecar that shuts down cleanly on SIGTERM.
+    let sidecar = Container::run(
+        "sidecar",
+        &["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.2; done"],
+    );
+    let (app_pid, sidecar_pid) = (app.pid(), sidecar.pid());
+    assert!(app_pid > 0 && sidecar_pid > 0);
+    c.pod("web-1", "web", &[("app", &app), ("sidecar", &sidecar)])
+        .await;
+    c.create(
+        "stop-sidecar",
+        serde_json::json!({
+            "tool": {"name": "terminate", "duration": "30s",
+                     "commandLineArguments": ["--grace=10s"]},
+            "alongside": [{"name": "signal-trace"}],
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}, "containers": ["sidecar"]},
+        }),
+    )
+    .await;
+    let pt = c
+        .wait("stop-sidecar", "finished", 60, &agent, |p| {
+            p.status.as_ref().is_some_and(|s| s.finish_time.is_some())
+        })
+        .await;
+    assert_eq!(phase(&pt), PowerToolPhase::Completed, "{:?}", pt.status);
+    let t = &targets(&pt)[0];
+    assert_eq!(t.container, "sidecar");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(local(artifact(t, "summary.json"))).unwrap())
+            .unwrap();
+    let victim = &summary["fault"]["terminated"][0];
+    assert_eq!(victim["pid"], sidecar_pid, "{summary:#}");
+    assert_eq!(victim["signal"], "SIGTERM", "{victim}");
+    assert_eq!(victim["escalated"], false, "no SIGKILL was needed: {victim}");
+    let events = std::fs::read_to_string(local(artifact(t, "events.jsonl"))).unwrap();
+    assert!(
+        events.contains("\"signal\":\"SIGTERM\"") && events.contains("\"action\":\"handler\""),
+        "the trace shows the handled SIGTERM: {events}"
+    );
+    assert!(
+        victim["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("exited with status 0")),
+        "{victim}"
+    );
+    assert_eq!(app.pid(), app_pid, "the app container was touched");
+    operator.stop().await;
+}
+
+/// Live stress workers of the runs in the agent's fault ledger.
+fn workers_alive(state: &Path) -> Vec<u32> {
+    let ledger = std::fs::read_to_string(state.join("ledger.jsonl")).unwrap_or_default();
+    let runs: std::collections::BTreeSet<String> = ledger
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["op"] == "begin")
+        .filter_map(|v| v["run"].as_str().map(str::to_owned))
+        .collect();
+    runs.iter()
+        .flat_map(|r| toe_agent::faults::ledger::worker_pids(r))
+        .collect()
+}
+
+/// The memory cgroup usage of a container's main process, in bytes.
+fn memory_usage(pid: u32) -> u64 {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then(|| path.to_owned())
+        })
+        .expect("a v1 memory controller (this host is hybrid)");
+    std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/memory.usage_in_bytes"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn deleting_a_powertool_mid_run_rolls_back_its_memory_stress() {
+    let Some(c) = Cluster::start("deleting_a_powertool_mid_run_rolls_back_its_memory_stress").await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let agent = c.agent();
+    let app = Container::run_with("app", &["--memory=200m"], &["sleep", "300"]);
+    let pid = app.pid();
+    let before = memory_usage(pid);
+    c.pod("web-1", "web", &[("app", &app)]).await;
+    c.create(
+        "squeeze",
+        serde_json::json!({
+            "tool": {"name": "memory-stress", "duration": "2m",
+                     "commandLineArguments": ["--size=50%"]},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
+        }),
+    )
+    .await;
+    c.wait("squeeze", "running", 60, &agent, |p| {
+        target_phase(p, "web-1").as_deref() == Some("Running")
+    })
+    .await;
+    // The stress reaches the container's memory cgroup: 100 MiB of its 200 MiB.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while memory_usage(pid) < before + 90 * 1024 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "the container's memory never grew: {} -> {}",
+            before,
+            memory_usage(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!workers_alive(&c.state()).is_empty());
+    c.tools()
+        .delete("squeeze", &DeleteParams::default())
+        .await
+        .unwrap();
+    // Rolled back: the workers are gone and the memory is given back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !workers_alive(&c.state()).is_empty() || memory_usage(pid) > before + 20 * 1024 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "not rolled back: workers {:?}, memory {} (before {before}); agent log:\n{}",
+            workers_alive(&c.state()),
+            memory_usage(pid),
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The partial results still reached the store.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let summary = loop {
+        let found = walk(&c.store())
+            .into_iter()
+            .find(|p| p.ends_with("web-1/app/summary.json"));
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no partial summary in the store");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(summary).unwrap()).unwrap();
+    assert_eq!(s["complete"], false, "{s:#}");
+    assert!(
+        s["ended"].as_str().unwrap().contains("the PowerTool was deleted"),
+        "{s:#}"
+    );
+    operator.stop().await;
+}
+
+/// Every file below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn sigterm_to_the_agent_mid_profile_saves_partial_artifacts_and_marks_interrupted() {
+    let Some(c) = Cluster::start(
+        "sigterm_to_the_agent_mid_profile_saves_partial_artifacts_and_marks_interrupted",
+    )
+    .await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let mut agent = c.agent();
+    let target = busy("target");
+    c.pod("web-1", "web", &[("app", &target)]).await;
+    c.create(
+        "long-profile",
+        serde_json::json!({
+            "tool": {"name": "cpu-profile", "duration": "5m"},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
+        }),
+    )
+    .await;
+    c.wait("long-profile", "running", 60, &agent, |p| {
+        target_phase(p, "web-1").as_deref() == Some("Running")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A node drain: the kubelet's SIGTERM, within the default 30 s grace period.
+    let status = agent.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}: {}", agent.log_text());
+    let pt = c
+        .wait("long-profile", "Interrupted", 30, &agent, |p| {
+            phase(p) == PowerToolPhase::Interrupted
+        })
+        .await;
+    let t = &targets(&pt)[0];
+    assert_eq!(t.phase.as_deref(), Some("Interrupted"), "{t:?}");
+    assert!(
+        t.message
+            .as_deref()
+            .is_some_and(|m| m.contains("the node agent is stopping")),
+        "{t:?}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(local(artifact(t, "summary.json"))).unwrap())
+            .unwrap();
+    assert_eq!(summary["complete"], false);
+    assert!(
+        summary["cpu"]["samples"]["recorded"].as_u64().unwrap() > 0,
+        "the partial profile kept what was sampled: {summary:#}"
+    );
+    assert!(local(artifact(t, "flamegraph.svg")).is_file());
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn the_agent_acts_only_on_admitted_powertools_and_validates_them_itself() {
+    let Some(c) =
+        Cluster::start("the_agent_acts_only_on_admitted_powertools_and_validates_them_itself")
+            .await
+    else {
+        return;
+    };
+    // No operator: the test writes the statuses an operator (or an attacker with status
+    // access) would, and the agent must judge them.
+    let agent = c.agent();
+    let target = busy("target");
+    c.pod("web-1", "web", &[("app", &target)]).await;
+    let forged = |phase: &str, generation: i64| {
+        serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+            "status": {"phase": phase, "observedGeneration": generation, "targets": [{
+                "node": c.node, "namespace": "shop", "pod": "web-1", "container": "app",
+                "containerID": format!("containerd://{}", target.id), "phase": "Pending"}]},
+        })
+    };
+    let profile = serde_json::json!({"tool": {"name": "cpu-profile", "duration": "1s"}});
+    let cases = [
+        // Admitted: the control that shows the agent is live.
+        ("admitted", profile.clone(), "Admitted", 1),
+        ("rejected", profile.clone(), "Rejected", 1),
+        // Admitted, but for an older generation of the spec.
+        ("stale", profile.clone(), "Admitted", 0),
+        // "Admitted" although the config caps --frequency at 499.
+        (
+            "over-cap",
+            serde_json::json!({"tool": {"name": "cpu-profile", "duration": "1s",
+                                        "commandLineArguments": ["--frequency=999"]}}),
+            "Admitted",
+            1,
+        ),
+    ];
+    for (name, spec, phase, generation) in &cases {
+        c.create(name, spec.clone()).await;
+        c.tools()
+            .patch_status(
+                name,
+                &PatchParams::apply("forger").force(),
+                &Patch::Apply(forged(phase, *generation)),
+            )
+            .await
+            .unwrap();
+    }
+    c.wait("admitted", "run", 60, &agent, |p| {
+        target_phase(p, "web-1").as_deref() == Some("Completed")
+    })
+    .await;
+    let refused = c
+        .wait("over-cap", "refused", 30, &agent, |p| {
+            target_phase(p, "web-1").as_deref() == Some("Failed")
+        })
+        .await;
+    let msg = targets(&refused)[0].message.clone().unwrap();
+    assert!(
+        msg.contains("node agent's own validation") && msg.contains("frequency"),
+        "{msg}"
+    );
+    // The agent has seen them all (it answered the later-created over-cap one) and never
+    // touched the two that are not admitted.
+    for name in ["rejected", "stale"] {
+        let pt = c.tools().get(name).await.unwrap();
+        assert_eq!(target_phase(&pt, "web-1").as_deref(), Some("Pending"), "{name}");
+        assert!(!c.store().join("shop").join(name).exists(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn an_object_store_outage_loses_nothing_even_across_an_agent_restart() {
+    let Some(c) =
+        Cluster::start("an_object_store_outage_loses_nothing_even_across_an_agent_restart").await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let mut agent = c.agent();
+    let target = busy("target");
+    c.pod("web-1", "web", &[("app", &target)]).await;
+    // The PowerTool's store is a path whose parent is a regular file: unwritable until the
+    // file goes away.
+    let blocked = c.dir.path().join("outage");
+    std::fs::write(&blocked, b"in the way").unwrap();
+    let store = blocked.join("store");
+    c.create(
+        "profile",
+        serde_json::json!({
+            "tool": {"name": "cpu-profile", "duration": "2s"},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
+            "output": {"url": url_of(&store)},
+        }),
+    )
+    .await;
+    let pt = c
+        .wait("profile", "uploading", 60, &agent, |p| {
+            target_phase(p, "web-1").as_deref() == Some("Uploading")
+        })
+        .await;
+    let msg = targets(&pt)[0].message.clone().unwrap();
+    assert!(msg.contains("kept on node") && msg.contains("retrying"), "{msg}");
+    // The agent is killed outright while the artifacts wait on its disk, and comes back.
+    agent.process.0.kill().unwrap();
+    agent.process.0.wait().unwrap();
+    let agent = c.agent();
+    std::fs::remove_file(&blocked).unwrap();
+    let pt = c
+        .wait("profile", "Completed", 120, &agent, |p| {
+            phase(p) == PowerToolPhase::Completed
+        })
+        .await;
+    let t = &targets(&pt)[0];
+    for name in ["flamegraph.svg", "cpu.pb.gz", "stacks.folded", "summary.json"] {
+        assert!(local(artifact(t, name)).is_file(), "{name} lost");
+        assert!(local(artifact(t, name)).starts_with(&store));
+    }
+    // Nothing left waiting on the node.
+    assert!(walk(&c.state().join("spool")).is_empty());
+    operator.stop().await;
+}
