@@ -43,7 +43,8 @@ impl Cluster {
         cluster::create_node(&admin, &node).await;
         cluster::create_namespace(&admin, "shop", &serde_json::json!({"team": "shop"})).await;
         let configs: Api<PowerToolConfig> = Api::all(admin.clone());
-        for c in cluster::documents::<PowerToolConfig>(&cluster::repo().join("examples/config.yaml"))
+        for c in
+            cluster::documents::<PowerToolConfig>(&cluster::repo().join("examples/config.yaml"))
         {
             configs.create(&PostParams::default(), &c).await.unwrap();
         }
@@ -147,7 +148,9 @@ fn target_phase(pt: &PowerTool, pod: &str) -> Option<String> {
 }
 
 fn phase(pt: &PowerTool) -> PowerToolPhase {
-    pt.status.as_ref().map_or(PowerToolPhase::Pending, |s| s.phase)
+    pt.status
+        .as_ref()
+        .map_or(PowerToolPhase::Pending, |s| s.phase)
 }
 
 /// The local path of an artifact URL in the file:// store.
@@ -217,10 +220,19 @@ async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples
     let uid = pt.metadata.uid.clone().unwrap();
     let run = toe_common::api::run_name(&uid, pt.metadata.generation.unwrap());
     let dir = c.store().join(format!("shop/profile/{run}/web-1/app"));
-    for name in ["flamegraph.svg", "cpu.pb.gz", "stacks.folded", "summary.json"] {
+    for name in [
+        "flamegraph.svg",
+        "cpu.pb.gz",
+        "stacks.folded",
+        "summary.json",
+    ] {
         let url = artifact(t, name);
         assert_eq!(local(url), dir.join(name), "{url}");
-        assert!(dir.join(name).is_file(), "{name} missing in {}", dir.display());
+        assert!(
+            dir.join(name).is_file(),
+            "{name} missing in {}",
+            dir.display()
+        );
     }
     // Only the target container's process was sampled, and it was sampled a lot.
     let text = std::fs::read_to_string(dir.join("stacks.folded")).unwrap();
@@ -239,7 +251,10 @@ async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples
     );
     assert!(by_pid.values().sum::<u64>() >= 100, "{by_pid:?}");
     // The agent published what this node's kernel can do.
-    let node = Api::<Node>::all(c.admin.clone()).get(&c.node).await.unwrap();
+    let node = Api::<Node>::all(c.admin.clone())
+        .get(&c.node)
+        .await
+        .unwrap();
     let caps: serde_json::Value = serde_json::from_str(
         &node.metadata.annotations.unwrap()[toe_agent::node::probe::ANNOTATION],
     )
@@ -262,7 +277,11 @@ async fn a_sigterm_fault_on_a_sidecar_is_traced_with_its_graceful_exit() {
     // A sidecar that shuts down cleanly on SIGTERM.
     let sidecar = Container::run(
         "sidecar",
-        &["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.2; done"],
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while :; do sleep 0.2; done",
+        ],
     );
     let (app_pid, sidecar_pid) = (app.pid(), sidecar.pid());
     assert!(app_pid > 0 && sidecar_pid > 0);
@@ -292,7 +311,10 @@ async fn a_sigterm_fault_on_a_sidecar_is_traced_with_its_graceful_exit() {
     let victim = &summary["fault"]["terminated"][0];
     assert_eq!(victim["pid"], sidecar_pid, "{summary:#}");
     assert_eq!(victim["signal"], "SIGTERM", "{victim}");
-    assert_eq!(victim["escalated"], false, "no SIGKILL was needed: {victim}");
+    assert_eq!(
+        victim["escalated"], false,
+        "no SIGKILL was needed: {victim}"
+    );
     let events = std::fs::read_to_string(local(artifact(t, "events.jsonl"))).unwrap();
     assert!(
         events.contains("\"signal\":\"SIGTERM\"") && events.contains("\"action\":\"handler\""),
@@ -411,7 +433,10 @@ async fn deleting_a_powertool_mid_run_rolls_back_its_memory_stress() {
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(summary).unwrap()).unwrap();
     assert_eq!(s["complete"], false, "{s:#}");
     assert!(
-        s["ended"].as_str().unwrap().contains("the PowerTool was deleted"),
+        s["ended"]
+            .as_str()
+            .unwrap()
+            .contains("the PowerTool was deleted"),
         "{s:#}"
     );
     operator.stop().await;
@@ -555,7 +580,11 @@ async fn the_agent_acts_only_on_admitted_powertools_and_validates_them_itself() 
     // touched the two that are not admitted.
     for name in ["rejected", "stale"] {
         let pt = c.tools().get(name).await.unwrap();
-        assert_eq!(target_phase(&pt, "web-1").as_deref(), Some("Pending"), "{name}");
+        assert_eq!(
+            target_phase(&pt, "web-1").as_deref(),
+            Some("Pending"),
+            "{name}"
+        );
         assert!(!c.store().join("shop").join(name).exists(), "{name}");
     }
 }
@@ -591,7 +620,10 @@ async fn an_object_store_outage_loses_nothing_even_across_an_agent_restart() {
         })
         .await;
     let msg = targets(&pt)[0].message.clone().unwrap();
-    assert!(msg.contains("kept on node") && msg.contains("retrying"), "{msg}");
+    assert!(
+        msg.contains("kept on node") && msg.contains("retrying"),
+        "{msg}"
+    );
     // The agent is killed outright while the artifacts wait on its disk, and comes back.
     agent.process.0.kill().unwrap();
     agent.process.0.wait().unwrap();
@@ -603,11 +635,69 @@ async fn an_object_store_outage_loses_nothing_even_across_an_agent_restart() {
         })
         .await;
     let t = &targets(&pt)[0];
-    for name in ["flamegraph.svg", "cpu.pb.gz", "stacks.folded", "summary.json"] {
+    for name in [
+        "flamegraph.svg",
+        "cpu.pb.gz",
+        "stacks.folded",
+        "summary.json",
+    ] {
         assert!(local(artifact(t, name)).is_file(), "{name} lost");
         assert!(local(artifact(t, name)).starts_with(&store));
     }
     // Nothing left waiting on the node.
     assert!(walk(&c.state().join("spool")).is_empty());
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_fault_rolls_back_on_restart_and_never_runs_it_again() {
+    let Some(c) =
+        Cluster::start("an_agent_killed_mid_fault_rolls_back_on_restart_and_never_runs_it_again")
+            .await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let mut agent = c.agent();
+    let app = Container::run_with("app", &["--memory=200m"], &["sleep", "300"]);
+    let pid = app.pid();
+    let before = memory_usage(pid);
+    c.pod("web-1", "web", &[("app", &app)]).await;
+    c.create(
+        "squeeze",
+        serde_json::json!({
+            "tool": {"name": "memory-stress", "duration": "2m",
+                     "commandLineArguments": ["--size=50%"]},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
+        }),
+    )
+    .await;
+    c.wait("squeeze", "running", 60, &agent, |p| {
+        target_phase(p, "web-1").as_deref() == Some("Running")
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while workers_alive(&c.state()).is_empty() {
+        assert!(Instant::now() < deadline, "no stress workers started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A crash: no chance to roll back or report.
+    agent.process.0.kill().unwrap();
+    agent.process.0.wait().unwrap();
+    let agent = c.agent();
+    let pt = c
+        .wait("squeeze", "Interrupted", 60, &agent, |p| {
+            phase(p) == PowerToolPhase::Interrupted
+        })
+        .await;
+    let msg = targets(&pt)[0].message.clone().unwrap();
+    assert!(msg.contains("stopped during the run"), "{msg}");
+    assert!(workers_alive(&c.state()).is_empty());
+    assert!(memory_usage(pid) < before + 20 * 1024 * 1024);
+    // Recovery settled the crashed run (and compacted it away); the restarted agent began no
+    // fault run of its own: a second start would be a `begin` entry of a live owner.
+    let ledger = std::fs::read_to_string(c.state().join("ledger.jsonl")).unwrap();
+    assert!(!ledger.contains("\"begin\""), "{ledger}");
+    assert!(agent.log_text().contains("fault ledger recovered"));
     operator.stop().await;
 }

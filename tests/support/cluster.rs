@@ -155,7 +155,8 @@ pub fn node_name() -> String {
 
 /// The Node object for `name` (a kubelet would register it).
 pub async fn create_node(admin: &kube::Client, name: &str) {
-    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    let node: Node =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
     Api::<Node>::all(admin.clone())
         .create(&PostParams::default(), &node)
         .await
@@ -189,8 +190,7 @@ pub async fn create_pod(
                                "image": "busybox", "imageID": "", "state": {"running": {}}})
         })
         .collect();
-    let status =
-        serde_json::json!({"status": {"phase": "Running", "containerStatuses": statuses}});
+    let status = serde_json::json!({"status": {"phase": "Running", "containerStatuses": statuses}});
     pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .unwrap();
@@ -227,7 +227,15 @@ impl Agent {
                 .as_nanos()
         ));
         let child = Command::new(bin("toe"))
-            .args(["agent", "--node", node, "--output", output, "--upload-timeout", "3s"])
+            .args([
+                "agent",
+                "--node",
+                node,
+                "--output",
+                output,
+                "--upload-timeout",
+                "3s",
+            ])
             .env("KUBECONFIG", server.kubeconfig_as(AGENT_TOKEN))
             .env("TOE_STATE_DIR", state)
             .env("TOE_LOG", "info")

@@ -114,13 +114,7 @@ fn cgroup2_root() -> PathBuf {
 impl TestCgroup {
     #[must_use]
     pub fn new(name: &str) -> Self {
-        // Tests of one binary run in parallel and may reuse a name.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let unique = format!(
-            "toe-test-{}-{}-{name}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
+        let unique = format!("toe-test-{}-{name}", std::process::id());
         let dir = cgroup2_root().join(&unique);
         std::fs::create_dir_all(&dir).expect("create v2 cgroup");
         Self { dirs: vec![dir] }
@@ -207,7 +201,12 @@ pub fn profile(spec: &str, target: TargetSpec) -> (Outcome, MemorySink) {
         .build()
         .expect("runtime");
     let outcome = rt
-        .block_on(run::execute(&plan, &sink, Ui::default(), run::Control::new().1))
+        .block_on(run::execute(
+            &plan,
+            &sink,
+            Ui::default(),
+            run::Control::new().1,
+        ))
         .expect("run succeeds");
     (outcome, sink)
 }
@@ -351,6 +350,8 @@ impl Container {
     /// [`Container::run`] with more `podman run` options (limits: `--cpus`, `--memory`).
     #[must_use]
     pub fn run_with(name: &str, options: &[&str], argv: &[&str]) -> Self {
+        // Tests of one binary run in parallel and may reuse a name.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let rootfs = tempfile::tempdir().expect("rootfs dir");
         let bin = rootfs.path().join("bin");
         std::fs::create_dir_all(&bin).expect("rootfs/bin");
@@ -362,8 +363,6 @@ impl Container {
         for applet in ["sh", "sleep", "cat", "trap"] {
             let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
         }
-        // Tests of one binary run in parallel and may reuse a name.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let unique = format!(
             "toe-test-{}-{}-{name}",
             std::process::id(),

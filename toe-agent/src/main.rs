@@ -56,7 +56,11 @@ struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     node: String,
     /// Object store URL for PowerTools that name no spec.output.url.
-    #[arg(long, env = "TOE_OUTPUT", default_value = "file:///var/lib/toe/artifacts/")]
+    #[arg(
+        long,
+        env = "TOE_OUTPUT",
+        default_value = "file:///var/lib/toe/artifacts/"
+    )]
     output: url::Url,
     /// How long an upload may take when a run ends before its artifacts wait on the node's disk
     /// and are retried with backoff.
@@ -247,7 +251,8 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
     let ui = Ui {
         progress: !args.no_progress && std::io::stderr().is_terminal(),
     };
-    let outcome = runtime.block_on(async { run::execute(&plan, &sink, ui, run::Control::on_signals()?).await })?;
+    let outcome = runtime
+        .block_on(async { run::execute(&plan, &sink, ui, run::Control::on_signals()?).await })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome.summary)?);
     } else {

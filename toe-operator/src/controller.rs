@@ -24,8 +24,8 @@ use kube::{
     },
 };
 use toe_common::api::{
-    run_name, target_finished, Configs, ImageOptions, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus,
-    SelectedTarget, ToolOptions, ValidatedRun, ValidatedTool,
+    Configs, ImageOptions, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus,
+    SelectedTarget, ToolOptions, ValidatedRun, ValidatedTool, run_name, target_finished,
 };
 
 use crate::{
@@ -241,7 +241,10 @@ fn output_url(pt: &PowerTool, t: &SelectedTarget) -> String {
         .as_ref()
         .and_then(|o| o.url.clone())
         .unwrap_or_default();
-    let run = run_name(&pt.uid().unwrap_or_default(), pt.metadata.generation.unwrap_or(0));
+    let run = run_name(
+        &pt.uid().unwrap_or_default(),
+        pt.metadata.generation.unwrap_or(0),
+    );
     format!(
         "{}/{}",
         base.trim_end_matches('/'),

@@ -29,15 +29,15 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::{Notify, oneshot, watch};
 use toe_common::api::{
-    self, Configs, Policy, PowerTool, PowerToolConfig, PowerToolPhase, SelectedTarget,
-    ToolOptions, check_config, run_name,
+    self, Configs, Policy, PowerTool, PowerToolConfig, PowerToolPhase, SelectedTarget, ToolOptions,
+    check_config, run_name,
 };
+use tokio::sync::{Notify, oneshot, watch};
 use url::Url;
 
 use self::{
-    spool::{Job, Spool},
+    spool::{Job, JobDir, Spool},
     status::{TargetRef, update_target},
 };
 use crate::{
@@ -114,9 +114,15 @@ impl Ctx {
         Api::namespaced(self.client.clone(), namespace)
     }
 
-    /// Sets the target's phase and message (and artifacts when given); API errors are logged:
-    /// the run's result is already safe in the store or the spool.
-    async fn set(&self, r: &TargetRef, phase: &str, message: String, artifacts: Option<Vec<String>>) {
+    /// Sets the target's phase and message (and artifacts when given). An API error is logged
+    /// and returned as false: the run's result is already safe in the store or the spool.
+    async fn set(
+        &self,
+        r: &TargetRef,
+        phase: &str,
+        message: String,
+        artifacts: Option<Vec<String>>,
+    ) -> bool {
         let result = update_target(&self.api(&r.namespace), &self.manager, r, |t| {
             t.phase = Some(phase.to_owned());
             t.message = Some(message.clone());
@@ -125,9 +131,11 @@ impl Ctx {
             }
         })
         .await;
-        if let Err(e) = result {
-            tracing::warn!(powertool = %r.name, pod = %r.target.pod, error = %e, "writing the target's status");
-        }
+        result
+            .inspect_err(|e| {
+                tracing::warn!(powertool = %r.name, pod = %r.target.pod, error = %e, "writing the target's status");
+            })
+            .is_ok()
     }
 }
 
@@ -164,9 +172,11 @@ fn revalidate(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<api::Vali
 fn remote_dir(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, String> {
     let out = pt.spec.output.as_ref();
     if out.and_then(|o| o.pvc.as_ref()).is_some() && out.and_then(|o| o.url.as_ref()).is_none() {
-        return Err("spec.output.pvc: the node agent writes to object stores; give spec.output.url \
+        return Err(
+            "spec.output.pvc: the node agent writes to object stores; give spec.output.url \
                     (file:// on a node path, s3://, gs://, az://)"
-            .into());
+                .into(),
+        );
     }
     let mut base = match out.and_then(|o| o.url.as_deref()) {
         None => ctx.output.clone(),
@@ -179,7 +189,10 @@ fn remote_dir(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, Stri
     if !base.path().ends_with('/') {
         base.set_path(&format!("{}/", base.path()));
     }
-    let run = run_name(&pt.uid().unwrap_or_default(), pt.metadata.generation.unwrap_or(0));
+    let run = run_name(
+        &pt.uid().unwrap_or_default(),
+        pt.metadata.generation.unwrap_or(0),
+    );
     base.join(&t.artifact_prefix(&pt.name_any(), &run))
         .map_err(|e| format!("spec.output.url: {e}"))
 }
@@ -233,6 +246,39 @@ async fn execute(
     .map_err(|e| RunError::Unsupported(format!("the run's thread failed: {e}")))?
 }
 
+/// The run's plan for this target, or why there is none (a message for the target's status).
+/// `Ok(None)`: not this agent's to run (an image tool).
+fn prepare(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<Option<plan::RunPlan>, String> {
+    let run = revalidate(ctx, pt, t)
+        .map_err(|why| format!("refused by the node agent's own validation: {why}"))?;
+    if matches!(run.tool.options, ToolOptions::Image(_)) {
+        // The operator's engine: an ephemeral container, not this agent.
+        return Ok(None);
+    }
+    let remote = remote_dir(ctx, pt, t)?;
+    let generation = pt.metadata.generation.unwrap_or(0);
+    let run_id = format!(
+        "{}-{}-{}",
+        run_name(&pt.uid().unwrap_or_default(), generation),
+        t.pod,
+        t.container
+    );
+    let target = TargetSpec::Container(t.container_id.clone());
+    Ok(Some(plan::for_target(pt, run, target, remote, run_id)))
+}
+
+/// A dry run's answer: the fault's exact plan from the target's measured limits.
+async fn dry_run(plan: plan::RunPlan) -> (&'static str, String) {
+    match tokio::task::spawn_blocking(move || run::describe_fault(&plan)).await {
+        Ok(Ok(lines)) if lines.is_empty() => {
+            ("Completed", "dry run: validated; nothing started".into())
+        }
+        Ok(Ok(lines)) => ("Completed", format!("dry run: would {}", lines.join("; "))),
+        Ok(Err(e)) => ("Failed", format!("dry run: {e}")),
+        Err(e) => ("Failed", format!("dry run: {e}")),
+    }
+}
+
 /// One target, start to end: validate, run, spool, upload, report.
 async fn run_target(
     ctx: Arc<Ctx>,
@@ -241,37 +287,18 @@ async fn run_target(
     stop: watch::Receiver<Option<&'static str>>,
 ) {
     let r = target_ref(&pt, &t);
-    let run = match revalidate(&ctx, &pt, &t) {
-        Ok(run) => run,
+    let plan = match prepare(&ctx, &pt, &t) {
+        Ok(Some(plan)) => plan,
+        Ok(None) => return,
         Err(why) => {
-            let msg = format!("refused by the node agent's own validation: {why}");
-            return ctx.set(&r, "Failed", msg, None).await;
+            ctx.set(&r, "Failed", why, None).await;
+            return;
         }
     };
-    if matches!(run.tool.options, ToolOptions::Image(_)) {
-        // The operator's engine: an ephemeral container, not this agent.
-        return;
-    }
-    let remote = match remote_dir(&ctx, &pt, &t) {
-        Ok(u) => u,
-        Err(why) => return ctx.set(&r, "Failed", why, None).await,
-    };
-    let target = TargetSpec::Container(t.container_id.clone());
-    let run_id = format!(
-        "{}-{}-{}",
-        run_name(&r.uid, r.generation),
-        t.pod,
-        t.container
-    );
-    let plan = plan::for_target(&pt, run, target, remote.clone(), run_id);
     if plan.dry_run {
-        let msg = match tokio::task::spawn_blocking(move || run::describe_fault(&plan)).await {
-            Ok(Ok(lines)) if lines.is_empty() => "dry run: validated; nothing started".into(),
-            Ok(Ok(lines)) => format!("dry run: would {}", lines.join("; ")),
-            Ok(Err(e)) => return ctx.set(&r, "Failed", format!("dry run: {e}"), None).await,
-            Err(e) => return ctx.set(&r, "Failed", format!("dry run: {e}"), None).await,
-        };
-        return ctx.set(&r, "Completed", msg, None).await;
+        let (phase, message) = dry_run(plan).await;
+        ctx.set(&r, phase, message, None).await;
+        return;
     }
     let job = Job {
         namespace: r.namespace.clone(),
@@ -279,17 +306,21 @@ async fn run_target(
         uid: r.uid.clone(),
         generation: r.generation,
         target: (t.namespace.clone(), t.pod.clone(), t.container.clone()),
-        remote: remote.to_string(),
+        remote: plan.output.to_string(),
         ..Job::default()
     };
-    let mut job = match ctx.spool.create(job) {
+    let job = match ctx.spool.create(job) {
         Ok(j) => j,
         Err(e) => {
             let msg = format!("the node's spool directory: {e}");
-            return ctx.set(&r, "Failed", msg, None).await;
+            ctx.set(&r, "Failed", msg, None).await;
+            return;
         }
     };
-    ctx.claimed.lock().expect("not poisoned").insert(job.path().to_owned());
+    ctx.claimed
+        .lock()
+        .expect("not poisoned")
+        .insert(job.path().to_owned());
     let (started_tx, started_rx) = oneshot::channel();
     let control = Control {
         stop,
@@ -300,17 +331,28 @@ async fn run_target(
     let outcome = tokio::select! {
         outcome = &mut running => outcome,
         Ok(description) = started_rx => {
-            ctx.set(&r, "Running", format!("running on {} ({})", description, ctx.node), None).await;
+            let msg = format!("running on {description} ({})", ctx.node);
+            ctx.set(&r, "Running", msg, None).await;
             running.await
         }
     };
-    let (phase, message, artifacts) = match &outcome {
+    deliver(&ctx, &r, job, &outcome).await;
+}
+
+/// Records how the run ended in its spool job, uploads, and reports: the final phase once the
+/// store has every artifact, `Uploading` (and the background uploader's retries) until then.
+async fn deliver(ctx: &Ctx, r: &TargetRef, mut job: JobDir, outcome: &Result<Outcome, RunError>) {
+    let (phase, message, artifacts) = match outcome {
         Ok(o) => (
             phase_of(o),
             message_of(o),
             o.summary.artifacts.iter().map(|(_, u)| u.clone()).collect(),
         ),
-        Err(RunError::Stopped(why)) => ("Interrupted", format!("stopped before it started: {why}"), Vec::new()),
+        Err(RunError::Stopped(why)) => (
+            "Interrupted",
+            format!("stopped before it started: {why}"),
+            Vec::new(),
+        ),
         Err(e) => ("Failed", e.to_string(), Vec::new()),
     };
     job.job.phase = Some(phase.into());
@@ -319,8 +361,7 @@ async fn run_target(
     if let Err(e) = job.save() {
         tracing::warn!(error = %e, "recording a finished run in the spool");
     }
-    let uploaded = tokio::time::timeout(ctx.upload_timeout, job.upload()).await;
-    let uploaded = match uploaded {
+    let uploaded = match tokio::time::timeout(ctx.upload_timeout, job.upload()).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!(
             "no answer within {}",
@@ -329,24 +370,21 @@ async fn run_target(
     };
     match uploaded {
         Ok(_) => {
-            ctx.set(&r, phase, message, Some(artifacts)).await;
+            ctx.set(r, phase, message, Some(artifacts)).await;
             if let Err(e) = job.remove() {
                 tracing::warn!(error = %e, "removing an uploaded spool job");
             }
         }
         Err(why) => {
-            let waiting = job.waiting().len();
             let msg = format!(
-                "{phase}: {message}; {waiting} artifact(s) kept on node {} in {} until the \
-                 object store takes them ({why}); retrying",
+                "{phase}: {message}; {} artifact(s) kept on node {} in {} until the object \
+                 store takes them ({why}); retrying",
+                job.waiting().len(),
                 ctx.node,
                 job.path().display()
             );
-            ctx.set(&r, "Uploading", msg, Some(artifacts)).await;
-            ctx.claimed
-                .lock()
-                .expect("not poisoned")
-                .remove(job.path());
+            ctx.set(r, "Uploading", msg, Some(artifacts)).await;
+            ctx.claimed.lock().expect("not poisoned").remove(job.path());
         }
     }
 }
@@ -358,14 +396,15 @@ async fn uploader(ctx: Arc<Ctx>) {
     loop {
         for job in ctx.spool.jobs() {
             if job.job.phase.is_none()
-                || ctx.claimed.lock().expect("not poisoned").contains(job.path())
+                || ctx
+                    .claimed
+                    .lock()
+                    .expect("not poisoned")
+                    .contains(job.path())
             {
                 continue;
             }
-            let (due, attempt) = next
-                .get(job.path())
-                .copied()
-                .unwrap_or((Instant::now(), 0));
+            let (due, attempt) = next.get(job.path()).copied().unwrap_or((Instant::now(), 0));
             if Instant::now() < due {
                 continue;
             }
@@ -385,17 +424,11 @@ async fn uploader(ctx: Arc<Ctx>) {
                             ..SelectedTarget::default()
                         },
                     };
-                    let phase = j.phase.clone().unwrap_or_else(|| "Completed".into());
+                    let phase = j.phase.as_deref().unwrap_or("Completed");
                     let message = j.message.clone().unwrap_or_default();
-                    let written = update_target(&ctx.api(&r.namespace), &ctx.manager, &r, |t| {
-                        t.phase = Some(phase.clone());
-                        t.message = Some(message.clone());
-                        t.artifacts.clone_from(&j.artifacts);
-                    })
-                    .await;
-                    if let Err(e) = written {
-                        tracing::warn!(error = %e, "reporting an uploaded run; retrying");
-                        next.insert(job.path().to_owned(), (Instant::now() + spool::backoff(attempt), attempt + 1));
+                    if !ctx.set(&r, phase, message, Some(j.artifacts.clone())).await {
+                        let retry = Instant::now() + spool::backoff(attempt);
+                        next.insert(job.path().to_owned(), (retry, attempt + 1));
                         continue;
                     }
                     next.remove(job.path());
@@ -472,7 +505,10 @@ fn admitted(pt: &PowerTool) -> bool {
 
 /// Why a run must stop now, if it must.
 fn stop_reason(key: &Key, pts: &[Arc<PowerTool>]) -> Option<&'static str> {
-    let Some(pt) = pts.iter().find(|p| p.uid().as_deref() == Some(key.uid.as_str())) else {
+    let Some(pt) = pts
+        .iter()
+        .find(|p| p.uid().as_deref() == Some(key.uid.as_str()))
+    else {
         return Some("the PowerTool was deleted");
     };
     if pt.metadata.deletion_timestamp.is_some() {
@@ -482,6 +518,67 @@ fn stop_reason(key: &Key, pts: &[Arc<PowerTool>]) -> Option<&'static str> {
         return Some("the PowerTool's spec changed");
     }
     None
+}
+
+/// Runs a crash cut short are over: their spool jobs are marked Interrupted (and uploaded and
+/// reported by the uploader), and they are never started again. Returns every spooled run.
+fn resume(spool: &Spool, recovered: &ledger::Recovered) -> anyhow::Result<HashSet<Key>> {
+    let mut started = HashSet::new();
+    for mut job in spool.jobs() {
+        started.insert(Key::of_job(&job.job));
+        if job.job.phase.is_none() {
+            job.job.phase = Some("Interrupted".into());
+            job.job.message = Some(format!(
+                "the node agent stopped during the run (crash or kill); its faults were rolled \
+                 back from the ledger when it restarted ({} worker(s) killed, {} file(s) \
+                 removed); artifacts saved: {}",
+                recovered.workers_killed,
+                recovered.files_removed.len(),
+                job.waiting().len()
+            ));
+            job.save().context("recording an interrupted run")?;
+        }
+    }
+    Ok(started)
+}
+
+/// One pass over the PowerTools: stop runs whose PowerTool went away or changed, start this
+/// node's Pending targets, and settle targets a lost state directory left Running.
+fn sweep(
+    ctx: &Arc<Ctx>,
+    pts: &[Arc<PowerTool>],
+    active: &mut BTreeMap<Key, Active>,
+    started: &mut HashSet<Key>,
+) {
+    for (key, a) in active.iter() {
+        if let Some(why) = stop_reason(key, pts) {
+            a.stop.send_if_modified(|s| s.replace(why).is_none());
+        }
+    }
+    active.retain(|_, a| !a.handle.is_finished());
+    for pt in pts.iter().filter(|p| admitted(p)) {
+        let status = pt.status.as_ref().expect("admitted has a status");
+        for t in status.targets.iter().filter(|t| t.node == ctx.node) {
+            let key = Key::of(pt, t);
+            match t.phase.as_deref() {
+                Some("Pending") if started.insert(key.clone()) => {
+                    let (stop, rx) = watch::channel(None);
+                    let handle = tokio::spawn(run_target(ctx.clone(), pt.clone(), t.clone(), rx));
+                    active.insert(key, Active { stop, handle });
+                }
+                Some("Running" | "Uploading") if started.insert(key.clone()) => {
+                    let r = target_ref(pt, t);
+                    let msg = "the node agent restarted during the run and has no record of it \
+                               (its state directory was lost); faults it started were in that \
+                               directory's ledger"
+                        .to_owned();
+                    let c = ctx.clone();
+                    tokio::spawn(async move { c.set(&r, "Interrupted", msg, None).await });
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` resolves, then stops every run (partial artifacts written,
@@ -508,29 +605,16 @@ pub async fn run(
     publish(&client, &opts.node, &caps).await;
 
     let changed = Arc::new(Notify::new());
-    let configs = follow(Api::<PowerToolConfig>::all(client.clone()), Some(changed.clone()));
+    let configs = follow(
+        Api::<PowerToolConfig>::all(client.clone()),
+        Some(changed.clone()),
+    );
     let powertools = follow(Api::<PowerTool>::all(client.clone()), Some(changed.clone()));
     configs.wait_until_ready().await?;
     powertools.wait_until_ready().await?;
 
     let spool = Spool::open(&state).context("opening the spool")?;
-    // Runs a crash cut short are over: never started again, their targets Interrupted.
-    let mut started: HashSet<Key> = HashSet::new();
-    for mut job in spool.jobs() {
-        started.insert(Key::of_job(&job.job));
-        if job.job.phase.is_none() {
-            job.job.phase = Some("Interrupted".into());
-            job.job.message = Some(format!(
-                "the node agent stopped during the run (crash or kill); its faults were rolled \
-                 back from the ledger when it restarted ({} worker(s) killed, {} file(s) \
-                 removed); artifacts saved: {}",
-                recovered.workers_killed,
-                recovered.files_removed.len(),
-                job.waiting().len()
-            ));
-            job.save().context("recording an interrupted run")?;
-        }
-    }
+    let mut started = resume(&spool, &recovered)?;
     let ctx = Arc::new(Ctx {
         manager: status::field_manager(&opts.node),
         node: opts.node,
@@ -551,37 +635,7 @@ pub async fn run(
             () = changed.notified() => {}
             _ = tick.tick() => {}
         }
-        let pts = powertools.state();
-        for (key, a) in &active {
-            if let Some(why) = stop_reason(key, &pts) {
-                a.stop.send_if_modified(|s| s.replace(why).is_none());
-            }
-        }
-        active.retain(|_, a| !a.handle.is_finished());
-        for pt in pts.iter().filter(|p| admitted(p)) {
-            let status = pt.status.as_ref().expect("admitted has a status");
-            for t in status.targets.iter().filter(|t| t.node == ctx.node) {
-                let key = Key::of(pt, t);
-                match t.phase.as_deref() {
-                    Some("Pending") if started.insert(key.clone()) => {
-                        let (stop, rx) = watch::channel(None);
-                        let handle =
-                            tokio::spawn(run_target(ctx.clone(), pt.clone(), t.clone(), rx));
-                        active.insert(key, Active { stop, handle });
-                    }
-                    Some("Running" | "Uploading") if started.insert(key.clone()) => {
-                        let r = target_ref(pt, t);
-                        let msg = "the node agent restarted during the run and has no record \
-                                   of it (its state directory was lost); faults it started \
-                                   were in that directory's ledger"
-                            .to_owned();
-                        let c = ctx.clone();
-                        tokio::spawn(async move { c.set(&r, "Interrupted", msg, None).await });
-                    }
-                    _ => {}
-                }
-            }
-        }
+        sweep(&ctx, &powertools.state(), &mut active, &mut started);
     }
     tracing::info!(runs = active.len(), "stopping: interrupting every run");
     for a in active.values() {

@@ -130,7 +130,7 @@ impl JobDir {
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| !n.ends_with(".tmp"))
+            .filter(|n| Path::new(n).extension().is_none_or(|e| e != "tmp"))
             .collect();
         names.sort();
         names
