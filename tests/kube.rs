@@ -560,7 +560,9 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
     let status = running.status.unwrap();
     assert_eq!(status.targets.len(), 1, "{status:?}");
     let target = &status.targets[0];
-    let url = format!("s3://bucket/toe/shop/aperf-web/{}/app/", target.pod);
+    // The node agents' layout: namespace / powertool / run / pod / container.
+    let run = toe_common::api::run_name(running.metadata.uid.as_deref().unwrap(), 1);
+    let url = format!("s3://bucket/toe/shop/aperf-web/{run}/{}/app/", target.pod);
     assert_eq!(target.artifacts, std::slice::from_ref(&url));
     // The pod got the ephemeral container: the image, the argv as validated (the config's
     // default appended), aimed at the app container, told where to write.
