@@ -1,7 +1,10 @@
 //! The embedded eBPF object: loading it, finding its programs and maps, and turning kernel refusals
 //! into messages that say what is missing.
 
-use std::io;
+use std::{
+    io,
+    sync::{OnceLock, mpsc},
+};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -65,6 +68,37 @@ fn is_eperm(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+type LoadRequest = (Vec<(String, u32)>, mpsc::Sender<Result<Ebpf, EbpfError>>);
+
+/// Loads the object on one thread for the whole process. Every load parses the kernel's BTF
+/// (aya's loader does it when created): about 18 MiB while it lasts, which the allocator keeps
+/// in the loading thread's arena afterwards. The node agent loads once per concurrent run, each
+/// on its own thread: on one loader thread that memory is paid once and reused.
+fn on_loader_thread(sizes: Vec<(String, u32)>) -> Result<Ebpf, EbpfError> {
+    static LOADER: OnceLock<mpsc::Sender<LoadRequest>> = OnceLock::new();
+    let loader = LOADER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<LoadRequest>();
+        std::thread::Builder::new()
+            .name("toe-ebpf-load".into())
+            .spawn(move || {
+                for (sizes, reply) in rx {
+                    let mut loader = EbpfLoader::new();
+                    for (name, size) in &sizes {
+                        loader.map_max_entries(name, *size);
+                    }
+                    let _ = reply.send(loader.load(OBJECT));
+                }
+            })
+            .expect("spawning the eBPF loader thread");
+        tx
+    });
+    let (tx, rx) = mpsc::channel();
+    loader
+        .send((sizes, tx))
+        .expect("the loader thread lives as long as the process");
+    rx.recv().expect("the loader thread answers every request")
+}
+
 /// One loaded copy of TOE's eBPF object. Dropping it detaches every program and frees every map.
 pub struct Loaded {
     pub ebpf: Ebpf,
@@ -78,11 +112,8 @@ impl Loaded {
             // Checked up front so the user gets one clear line instead of a verifier log.
             return Err(LoadError::NotPermitted);
         }
-        let mut loader = EbpfLoader::new();
-        for &(name, size) in sizes {
-            loader.map_max_entries(name, size);
-        }
-        let ebpf = loader.load(OBJECT).map_err(|e| {
+        let sizes: Vec<(String, u32)> = sizes.iter().map(|&(n, s)| (n.to_owned(), s)).collect();
+        let ebpf = on_loader_thread(sizes).map_err(|e| {
             if is_eperm(&e) {
                 LoadError::NotPermitted
             } else {

@@ -6,6 +6,7 @@
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
+    sync::{OnceLock, mpsc},
 };
 
 use blazesym::{
@@ -73,6 +74,56 @@ fn file_of(ci: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
         }
         None => (None, None),
     }
+}
+
+/// A kernel symbol: function and module (None for the core kernel).
+type KernelSym = Option<(String, Option<String>)>;
+type KernelRequest = (Vec<u64>, mpsc::Sender<Vec<KernelSym>>);
+
+/// Resolves kernel addresses through the one kallsyms symbolizer of this process. Its parsed
+/// symbol table is about 18 MiB, and the node agent runs many profiles at once: each keeping
+/// its own copy cost that much per run. blazesym's symbolizer is not `Send`, so it lives on its
+/// own thread and answers over a channel.
+fn kernel_symbols(addrs: Vec<u64>) -> Vec<KernelSym> {
+    static SERVICE: OnceLock<mpsc::Sender<KernelRequest>> = OnceLock::new();
+    let service = SERVICE.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<KernelRequest>();
+        std::thread::Builder::new()
+            .name("toe-kallsyms".into())
+            .spawn(move || {
+                let blaze = Blaze::new();
+                // kallsyms only: addresses are already KASLR-adjusted and no vmlinux search is
+                // needed.
+                let src = Source::Kernel(Kernel {
+                    vmlinux: MaybeDefault::None,
+                    debug_syms: false,
+                    ..Kernel::default()
+                });
+                for (addrs, reply) in rx {
+                    let syms = blaze
+                        .symbolize(&src, blazesym::symbolize::Input::AbsAddr(&addrs))
+                        .unwrap_or_default();
+                    let out = (0..addrs.len())
+                        .map(|i| {
+                            let sym = syms.get(i)?.as_sym()?;
+                            let module = sym
+                                .module
+                                .as_ref()
+                                .map(|m| m.to_string_lossy().into_owned());
+                            Some((sym.name.clone().into_owned(), module))
+                        })
+                        .collect();
+                    let _ = reply.send(out);
+                }
+            })
+            .expect("spawning the kallsyms thread");
+        tx
+    });
+    let (tx, rx) = mpsc::channel();
+    if service.send((addrs, tx)).is_err() {
+        return Vec::new();
+    }
+    rx.recv().unwrap_or_default()
 }
 
 /// Resolves addresses incrementally and turns a [`RawProfile`] into a [`Profile`].
@@ -253,35 +304,26 @@ impl Symbolizer {
         if todo.is_empty() {
             return;
         }
-        // kallsyms only: addresses are already KASLR-adjusted and no vmlinux search is needed.
-        let src = Source::Kernel(Kernel {
-            vmlinux: MaybeDefault::None,
-            debug_syms: false,
-            ..Kernel::default()
-        });
-        let Self {
-            blaze,
-            frames,
-            kernel,
-            ..
-        } = self;
-        let syms = blaze
-            .symbolize(&src, blazesym::symbolize::Input::AbsAddr(&todo))
-            .ok();
+        let syms = kernel_symbols(todo.clone());
         for (i, &addr) in todo.iter().enumerate() {
-            let chain = syms
-                .as_ref()
-                .and_then(|s| s.get(i))
-                .and_then(|s| chain_from(frames, s, true, Some("[kernel]".into())))
-                .unwrap_or_else(|| {
-                    unresolved(
-                        frames,
-                        format!("[kernel] {addr:#x}"),
-                        Some("[kernel]".into()),
-                        true,
-                    )
-                });
-            kernel.insert(addr, chain);
+            let chain = match syms.get(i).cloned().flatten() {
+                Some((function, module)) => Box::new([self.frames.id(Frame {
+                    function,
+                    module: Some(module.unwrap_or_else(|| "[kernel]".into())),
+                    file: None,
+                    line: None,
+                    kernel: true,
+                    resolved: true,
+                    inlined: false,
+                })]) as Chain,
+                None => unresolved(
+                    &mut self.frames,
+                    format!("[kernel] {addr:#x}"),
+                    Some("[kernel]".into()),
+                    true,
+                ),
+            };
+            self.kernel.insert(addr, chain);
         }
     }
 

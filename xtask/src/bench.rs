@@ -50,6 +50,19 @@ pub enum Which {
         #[arg(long, default_value_t = 5000)]
         pods: usize,
     },
+    /// Node agent: latency from PowerTool creation to Running and from the end of the duration
+    /// to Completed, and the agent's peak RSS and CPU, with 1, 10 and 50 concurrent PowerTools.
+    Agent {
+        /// Concurrent PowerTools per round.
+        #[arg(long, default_value = "1,10,50")]
+        counts: String,
+        /// Seconds each PowerTool profiles.
+        #[arg(long, default_value_t = 10)]
+        secs: u32,
+        /// Busy containers the PowerTools spread over.
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+    },
     /// Faults: asked versus achieved at a few settings, and rollback time after an abort.
     Faults {
         /// Seconds per fault run.
@@ -683,6 +696,7 @@ pub fn run(which: &Which) -> Result<()> {
         } => memory_bench(*rounds, *allocs, *work),
         Which::Faults { secs, aborts } => crate::bench_faults::faults_bench(*secs, *aborts),
         Which::Operator { powertools, pods } => operator_bench(*powertools, *pods),
+        Which::Agent { counts, secs, pods } => agent_bench(counts, *secs, *pods),
         Which::Signals {
             rounds,
             count,
@@ -690,6 +704,38 @@ pub fn run(which: &Which) -> Result<()> {
             secs,
         } => signals_bench(*rounds, *count, rates, *secs),
     }
+}
+
+fn agent_bench(counts: &str, secs: u32, pods: usize) -> Result<()> {
+    crate::apiserver::ensure()?;
+    crate::run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "toe-agent",
+                "-p",
+                "toe-tests",
+                "--bin",
+                "toe",
+                "--bin",
+                "bench-agent",
+            ]),
+    )?;
+    crate::run(
+        Command::new(root().join("target/release/bench-agent"))
+            .env("TOE_KUBE_APISERVER", crate::apiserver::binary())
+            .args([
+                "--counts",
+                counts,
+                "--secs",
+                &secs.to_string(),
+                "--pods",
+                &pods.to_string(),
+            ]),
+    )
 }
 
 fn operator_bench(powertools: usize, pods: usize) -> Result<()> {

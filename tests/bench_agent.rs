@@ -1,0 +1,229 @@
+//! `cargo xtask bench agent`: the node agent with 1, 10 and 50 concurrent PowerTools (CPU
+//! profiles of busy podman containers), against the real API server and operator.
+//! Per round it reports the latency from PowerTool creation to the target Running (attached and
+//! sampling), from the end of the duration to Completed (artifacts in the store, status
+//! written), and the agent process's peak RSS and average CPU. Each round starts a fresh agent
+//! so its peak RSS is that round's. Lives beside the tests because it uses their harness.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use futures::StreamExt as _;
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, PostParams},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase};
+use toe_tests::{
+    Container,
+    apiserver::ApiServer,
+    cluster::{self, Agent, Operator},
+};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .map_or_else(|| default.to_owned(), |w| w[1].clone())
+}
+
+/// (peak RSS in KiB, CPU ticks user + system) of a live process.
+fn usage(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
+    let ticks = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    (hwm, ticks)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NAN, f64::max)
+}
+
+struct Round {
+    tools: usize,
+    to_running: Vec<f64>,
+    to_done: Vec<f64>,
+    rss_kib: u64,
+    cpu_percent: f64,
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "milliseconds and percentages for display"
+)]
+async fn round(
+    server: &ApiServer,
+    node: &str,
+    store: &str,
+    state: &std::path::Path,
+    tools: usize,
+    secs: u64,
+    pods: usize,
+) -> Result<Round> {
+    let api: Api<PowerTool> = Api::namespaced(server.client().await, "shop");
+    let mut agent = Agent::start(server, node, state, store);
+    // Settled: the agent has probed the kernel and synced its watches.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, cpu_before) = usage(agent.process.pid());
+    let began = Instant::now();
+    let mut created = Vec::new();
+    for i in 0..tools {
+        let pt: PowerTool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+            "metadata": {"name": format!("p{tools}-{i}")},
+            "spec": {"tool": {"name": "cpu-profile", "duration": format!("{secs}s")},
+                     "targets": {"labelSelector": {"matchLabels": {"app": format!("busy-{}", i % pods)}}}},
+        }))?;
+        api.create(&PostParams::default(), &pt).await?;
+        created.push((pt.metadata.name.unwrap(), Instant::now(), None, None));
+    }
+    let duration = Duration::from_secs(secs);
+    // A watch sees each status change as it happens, whatever the number of PowerTools.
+    let events = watcher(api.clone(), watcher::Config::default()).applied_objects();
+    let mut events = std::pin::pin!(events);
+    let deadline = began + duration + Duration::from_mins(5);
+    while created.iter().any(|c| c.3.is_none()) {
+        let Ok(Some(pt)) = tokio::time::timeout_at(deadline.into(), events.next()).await else {
+            bail!("not all Completed within 5 minutes past the duration");
+        };
+        let pt = pt?;
+        let Some((name, at, running, done)) = created
+            .iter_mut()
+            .find(|c| Some(&c.0) == pt.metadata.name.as_ref())
+        else {
+            continue;
+        };
+        let status = pt.status.unwrap_or_default();
+        let phase = status.targets.first().and_then(|t| t.phase.clone());
+        if running.is_none() && phase.is_some_and(|p| p != "Pending") {
+            *running = Some(at.elapsed());
+        }
+        match status.phase {
+            PowerToolPhase::Completed => *done = Some(at.elapsed()),
+            PowerToolPhase::Failed | PowerToolPhase::Interrupted => {
+                bail!("{name}: {:?}\n{}", status.targets, agent.log_text())
+            }
+            _ => {}
+        }
+    }
+    let wall = began.elapsed();
+    let (rss_kib, cpu_after) = usage(agent.process.pid());
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let cpu_percent = (cpu_after - cpu_before) as f64 / hz / wall.as_secs_f64() * 100.0;
+    agent.terminate(Duration::from_secs(60));
+    api.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Ok(Round {
+        tools,
+        to_running: created.iter().map(|c| ms(c.2.unwrap())).collect(),
+        // From the end of the duration (which began when the target started Running).
+        to_done: created
+            .iter()
+            .map(|c| ms(c.3.unwrap()) - ms(c.2.unwrap() + duration))
+            .collect(),
+        rss_kib,
+        cpu_percent,
+    })
+}
+
+async fn bench(counts: &[usize], secs: u64, pods: usize) -> Result<()> {
+    let Some(server) = ApiServer::start("bench agent") else {
+        bail!("no kube-apiserver: run `cargo xtask bootstrap --tests`");
+    };
+    let admin = server.client().await;
+    cluster::install_crds(&admin).await;
+    cluster::agent_identity(&admin).await;
+    let node = cluster::node_name();
+    cluster::create_node(&admin, &node).await;
+    cluster::create_namespace(&admin, "shop", &serde_json::json!({})).await;
+    let configs: Api<PowerToolConfig> = Api::all(admin.clone());
+    for c in cluster::documents::<PowerToolConfig>(&cluster::repo().join("examples/config.yaml")) {
+        configs.create(&PostParams::default(), &c).await?;
+    }
+    let containers: Vec<Container> = (0..pods)
+        .map(|i| Container::run(&format!("busy-{i}"), &["sh", "-c", "while :; do :; done"]))
+        .collect();
+    for (i, c) in containers.iter().enumerate() {
+        let id = format!("containerd://{}", c.id);
+        cluster::create_pod(
+            &admin,
+            "shop",
+            &format!("busy-{i}"),
+            &serde_json::json!({"app": format!("busy-{i}")}),
+            &node,
+            &[("app", &id)],
+        )
+        .await;
+    }
+    let operator = Operator::start(&server, &admin).await;
+    let dir = tempfile::tempdir().context("temp dir")?;
+    let store = format!("file://{}/", dir.path().join("store").display());
+    println!(
+        "agent: cpu-profile {secs}s on {pods} busy container(s); latencies median / max over the round's PowerTools"
+    );
+    println!(
+        "PowerTools   created -> Running        duration end -> Completed   agent peak RSS   agent CPU"
+    );
+    for &n in counts {
+        let r = round(
+            &server,
+            &node,
+            &store,
+            &dir.path().join("state"),
+            n,
+            secs,
+            pods,
+        )
+        .await?;
+        #[expect(clippy::cast_precision_loss, reason = "display")]
+        let rss_mib = r.rss_kib as f64 / 1024.0;
+        println!(
+            "{:>10} {:>9.0} / {:>6.0} ms {:>15.0} / {:>6.0} ms {:>12.1} MiB {:>9.1}%",
+            r.tools,
+            median(r.to_running.clone()),
+            max(&r.to_running),
+            median(r.to_done.clone()),
+            max(&r.to_done),
+            rss_mib,
+            r.cpu_percent
+        );
+    }
+    operator.stop().await;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let counts: Vec<usize> = arg("--counts", "1,10,50")
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("--counts: comma-separated numbers")?;
+    let secs: u64 = arg("--secs", "10").parse().context("--secs")?;
+    let pods: usize = arg("--pods", "2").parse().context("--pods")?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench(&counts, secs, pods))
+}
