@@ -130,7 +130,7 @@ async fn round(
         .flatten()
         .unwrap_or(100) as f64;
     let cpu_percent = (cpu_after - cpu_before) as f64 / hz / wall.as_secs_f64() * 100.0;
-    agent.terminate(Duration::from_secs(60));
+    agent.terminate(Duration::from_mins(1));
     api.delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
