@@ -668,6 +668,43 @@ mod tests {
     }
 
     #[test]
+    fn a_run_ends_with_its_last_target_failed_before_interrupted_before_completed() {
+        let with = |phases: &[&str]| PowerToolStatus {
+            phase: PowerToolPhase::Running,
+            targets: phases
+                .iter()
+                .map(|p| SelectedTarget {
+                    phase: Some((*p).into()),
+                    ..SelectedTarget::default()
+                })
+                .collect(),
+            ..PowerToolStatus::default()
+        };
+        for (phases, want) in [
+            (&["Completed", "Completed"][..], PowerToolPhase::Completed),
+            (&["Completed", "Interrupted"], PowerToolPhase::Interrupted),
+            (&["Failed", "Interrupted"], PowerToolPhase::Failed),
+        ] {
+            let mut s = with(phases);
+            assert!(conclude(&mut s, 1), "{phases:?}");
+            assert_eq!(s.phase, want, "{phases:?}");
+            assert!(s.finish_time.is_some());
+            assert_eq!(s.conditions.len(), 1);
+            assert!(!conclude(&mut s, 1), "concluded once");
+        }
+        for phases in [
+            &["Completed", "Running"][..],
+            &["Uploading"],
+            &["Waiting"],
+            &[],
+        ] {
+            let mut s = with(phases);
+            assert!(!conclude(&mut s, 1), "{phases:?} is not over");
+            assert_eq!(s.phase, PowerToolPhase::Running);
+        }
+    }
+
+    #[test]
     fn finished_powertools_go_when_their_ttl_expires() {
         let now: Timestamp = "2026-11-26T12:00:00Z".parse().unwrap();
         let done = finished(PowerToolPhase::Completed, Some(60), "2026-11-26T11:59:30Z");

@@ -169,7 +169,7 @@ fn revalidate(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<api::Vali
 }
 
 /// The target's directory in the object store.
-fn remote_dir(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, String> {
+fn remote_dir(default: &Url, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, String> {
     let out = pt.spec.output.as_ref();
     if out.and_then(|o| o.pvc.as_ref()).is_some() && out.and_then(|o| o.url.as_ref()).is_none() {
         return Err(
@@ -179,7 +179,7 @@ fn remote_dir(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, Stri
         );
     }
     let mut base = match out.and_then(|o| o.url.as_deref()) {
-        None => ctx.output.clone(),
+        None => default.clone(),
         Some(u) if u.starts_with('/') => Url::from_directory_path(u)
             .map_err(|()| format!("spec.output.url {u}: not an absolute path"))?,
         Some(u) => Url::parse(u).map_err(|e| {
@@ -255,7 +255,7 @@ fn prepare(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<Option<plan:
         // The operator's engine: an ephemeral container, not this agent.
         return Ok(None);
     }
-    let remote = remote_dir(ctx, pt, t)?;
+    let remote = remote_dir(&ctx.output, pt, t)?;
     let generation = pt.metadata.generation.unwrap_or(0);
     let run_id = format!(
         "{}-{}-{}",
@@ -647,4 +647,119 @@ pub async fn run(
     }
     uploads.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use toe_common::api::{OutputSpec, PowerToolSpec, PowerToolStatus};
+
+    use super::*;
+
+    fn powertool(output: Option<OutputSpec>) -> PowerTool {
+        let mut pt = PowerTool::new(
+            "p",
+            PowerToolSpec {
+                output,
+                ..PowerToolSpec::default()
+            },
+        );
+        pt.metadata.namespace = Some("shop".into());
+        pt.metadata.uid = Some("0123456789abcdef".into());
+        pt.metadata.generation = Some(2);
+        pt
+    }
+
+    fn target() -> SelectedTarget {
+        SelectedTarget {
+            node: "n".into(),
+            namespace: "shop".into(),
+            pod: "web-1".into(),
+            container: "app".into(),
+            ..SelectedTarget::default()
+        }
+    }
+
+    #[test]
+    fn artifacts_go_under_namespace_powertool_run_pod_container() {
+        let default = Url::parse("file:///var/lib/toe/artifacts/").unwrap();
+        let url = |out| remote_dir(&default, &powertool(out), &target());
+        assert_eq!(
+            url(None).unwrap().as_str(),
+            "file:///var/lib/toe/artifacts/shop/p/g2-01234567/web-1/app/"
+        );
+        let s3 = OutputSpec {
+            url: Some("s3://bucket/prefix".into()),
+            pvc: None,
+        };
+        assert_eq!(
+            url(Some(s3)).unwrap().as_str(),
+            "s3://bucket/prefix/shop/p/g2-01234567/web-1/app/"
+        );
+        let path = OutputSpec {
+            url: Some("/data/toe".into()),
+            pvc: None,
+        };
+        assert_eq!(
+            url(Some(path)).unwrap().as_str(),
+            "file:///data/toe/shop/p/g2-01234567/web-1/app/"
+        );
+        let relative = OutputSpec {
+            url: Some("toe-output".into()),
+            pvc: None,
+        };
+        assert!(
+            url(Some(relative))
+                .unwrap_err()
+                .contains("object store URL")
+        );
+        let pvc = OutputSpec {
+            url: None,
+            pvc: Some("claim".into()),
+        };
+        assert!(url(Some(pvc)).unwrap_err().contains("spec.output.url"));
+    }
+
+    #[test]
+    fn only_the_current_generation_of_an_admitted_powertool_runs() {
+        let mut pt = powertool(None);
+        assert!(!admitted(&pt), "no status yet");
+        let status = |phase, generation| PowerToolStatus {
+            phase,
+            observed_generation: Some(generation),
+            ..PowerToolStatus::default()
+        };
+        pt.status = Some(status(PowerToolPhase::Admitted, 2));
+        assert!(admitted(&pt));
+        pt.status = Some(status(PowerToolPhase::Running, 2));
+        assert!(admitted(&pt));
+        pt.status = Some(status(PowerToolPhase::Admitted, 1));
+        assert!(!admitted(&pt), "admitted for an older spec");
+        pt.status = Some(status(PowerToolPhase::Rejected, 2));
+        assert!(!admitted(&pt));
+        pt.status = Some(status(PowerToolPhase::Admitted, 2));
+        pt.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        assert!(!admitted(&pt), "being deleted");
+    }
+
+    #[test]
+    fn runs_stop_when_their_powertool_goes_or_changes() {
+        let pt = Arc::new(powertool(None));
+        let key = Key::of(&pt, &target());
+        assert_eq!(stop_reason(&key, std::slice::from_ref(&pt)), None);
+        assert_eq!(stop_reason(&key, &[]), Some("the PowerTool was deleted"));
+        let mut changed = (*pt).clone();
+        changed.metadata.generation = Some(3);
+        assert_eq!(
+            stop_reason(&key, &[Arc::new(changed)]),
+            Some("the PowerTool's spec changed")
+        );
+        let mut recreated = (*pt).clone();
+        recreated.metadata.uid = Some("another".into());
+        assert_eq!(
+            stop_reason(&key, &[Arc::new(recreated)]),
+            Some("the PowerTool was deleted"),
+            "same name, another object"
+        );
+    }
 }
