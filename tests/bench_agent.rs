@@ -47,6 +47,23 @@ fn usage(pid: u32) -> (u64, u64) {
     (hwm, ticks)
 }
 
+/// Kernel memory of the eBPF maps a process holds (the `memlock` of each map fd), in KiB.
+fn bpf_map_kib(pid: u32) -> u64 {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+        .filter(|info| info.contains("map_type:"))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum::<u64>()
+        / 1024
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -61,6 +78,7 @@ struct Round {
     to_running: Vec<f64>,
     to_done: Vec<f64>,
     rss_kib: u64,
+    map_kib: u64,
     cpu_percent: f64,
 }
 
@@ -99,8 +117,17 @@ async fn round(
     let events = watcher(api.clone(), watcher::Config::default()).applied_objects();
     let mut events = std::pin::pin!(events);
     let deadline = began + duration + Duration::from_mins(5);
+    let mut map_kib = 0;
+    let mut sample = tokio::time::interval(Duration::from_millis(250));
     while created.iter().any(|c| c.3.is_none()) {
-        let Ok(Some(pt)) = tokio::time::timeout_at(deadline.into(), events.next()).await else {
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(deadline.into(), events.next()) => next,
+            _ = sample.tick() => {
+                map_kib = map_kib.max(bpf_map_kib(agent.process.pid()));
+                continue;
+            }
+        };
+        let Ok(Some(pt)) = next else {
             bail!("not all Completed within 5 minutes past the duration");
         };
         let pt = pt?;
@@ -143,6 +170,7 @@ async fn round(
             .map(|c| ms(c.3.unwrap()) - ms(c.2.unwrap() + duration))
             .collect(),
         rss_kib,
+        map_kib,
         cpu_percent,
     })
 }
@@ -183,7 +211,7 @@ async fn bench(counts: &[usize], secs: u64, pods: usize) -> Result<()> {
         "agent: cpu-profile {secs}s on {pods} busy container(s); latencies median / max over the round's PowerTools"
     );
     println!(
-        "PowerTools   created -> Running        duration end -> Completed   agent peak RSS   agent CPU"
+        "PowerTools   created -> Running        duration end -> Completed   agent peak RSS   eBPF maps (kernel)   agent CPU"
     );
     for &n in counts {
         let r = round(
@@ -198,14 +226,17 @@ async fn bench(counts: &[usize], secs: u64, pods: usize) -> Result<()> {
         .await?;
         #[expect(clippy::cast_precision_loss, reason = "display")]
         let rss_mib = r.rss_kib as f64 / 1024.0;
+        #[expect(clippy::cast_precision_loss, reason = "display")]
+        let maps_mib = r.map_kib as f64 / 1024.0;
         println!(
-            "{:>10} {:>9.0} / {:>6.0} ms {:>15.0} / {:>6.0} ms {:>12.1} MiB {:>9.1}%",
+            "{:>10} {:>9.0} / {:>6.0} ms {:>15.0} / {:>6.0} ms {:>12.1} MiB {:>16.1} MiB {:>10.1}%",
             r.tools,
             median(r.to_running.clone()),
             max(&r.to_running),
             median(r.to_done.clone()),
             max(&r.to_done),
             rss_mib,
+            maps_mib,
             r.cpu_percent
         );
     }

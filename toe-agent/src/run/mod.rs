@@ -221,14 +221,30 @@ fn check_allocator(spec: &TargetSpec, target: &ResolvedTarget) -> Result<(), Run
 
 /// Capacities of the object's big maps for `tools`. Rings and preallocated maps of collectors no
 /// tool uses get the smallest size the kernel accepts.
-fn map_sizes(tools: &[&ToolOptions], cpus: u32) -> Vec<(&'static str, u32)> {
-    use toe_common::{cpu, memory, signals as sig};
+fn map_sizes(
+    tools: &[&ToolOptions],
+    cpus: u32,
+    target: &ResolvedTarget,
+) -> Vec<(&'static str, u32)> {
+    use toe_common::{cpu, memory, signals as sig, targets};
+    // Hash maps are preallocated in the kernel: a collector that does not run gets the smallest
+    // of its maps (a node agent holds one object per concurrent run).
     let mut sizes = vec![
         (cpu::SAMPLES_RING, 4096),
         (sig::EVENTS_RING, 4096),
         (memory::STACKS_MAP, 1),
+        (memory::INFLIGHT_MAP, 1),
+        // Not preallocated, but their bucket arrays are (8 MiB for the live map).
+        (memory::LIVE_MAP, 1),
+        (memory::SITES_MAP, 1),
+        (memory::FAULTS_MAP, 1),
         (sig::STACKS_MAP, 1),
+        (sig::TASKS_MAP, 1),
     ];
+    if !target.cgroups.is_empty() || target.tgids.is_empty() {
+        // Processes are followed by cgroup; the process map stays empty.
+        sizes.push((targets::TARGET_TGIDS_MAP, 1));
+    }
     let mut set = |name: &'static str, size: u32| {
         if let Some(s) = sizes.iter_mut().find(|(n, _)| *n == name) {
             s.1 = s.1.max(size);
@@ -243,10 +259,14 @@ fn map_sizes(tools: &[&ToolOptions], cpus: u32) -> Vec<(&'static str, u32)> {
             }
             ToolOptions::MemoryProfile(o) => {
                 set(memory::STACKS_MAP, memory::MAX_STACKS);
+                set(memory::INFLIGHT_MAP, memory::MAX_INFLIGHT);
+                set(memory::SITES_MAP, memory::MAX_SITES);
+                set(memory::FAULTS_MAP, memory::MAX_SITES);
                 set(memory::LIVE_MAP, o.max_tracked);
             }
             ToolOptions::SignalTrace(o) => {
                 set(sig::STACKS_MAP, sig::MAX_STACKS);
+                set(sig::TASKS_MAP, sig::MAX_TASKS);
                 set(sig::EVENTS_RING, o.ring_bytes);
             }
             ToolOptions::CpuStress(_)
@@ -257,6 +277,7 @@ fn map_sizes(tools: &[&ToolOptions], cpus: u32) -> Vec<(&'static str, u32)> {
             // terminate traces its victims' signals and exits.
             ToolOptions::Terminate(_) => {
                 set(sig::STACKS_MAP, sig::MAX_STACKS);
+                set(sig::TASKS_MAP, sig::MAX_TASKS);
                 set(sig::EVENTS_RING, sig::RING_BYTES);
             }
         }
@@ -335,7 +356,7 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
         }
         None => None,
     };
-    let mut loaded = Loaded::load(&map_sizes(&tools.iter().collect::<Vec<_>>(), cpus))?;
+    let mut loaded = Loaded::load(&map_sizes(&tools.iter().collect::<Vec<_>>(), cpus, &target))?;
     loaded.install_targets(&target)?;
     if matches!(plan.target, TargetSpec::Pid(_)) {
         // The fork tracepoint follows children from now on; this catches those started before.
