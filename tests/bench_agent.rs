@@ -1,11 +1,11 @@
 //! `cargo xtask bench agent`: the node agent with 1, 10 and 50 concurrent PowerTools (CPU
 //! profiles of busy podman containers), against the real API server and operator.
-//! Per round it reports the latency from PowerTool creation to the target Running (attached and
-//! sampling), from the end of the duration to Completed (artifacts in the store, status
+//! Per round it reports the latency from PowerTool creation to the first sample (admitted,
+//! dispatched, attached), from the end of sampling to Completed (artifacts in the store, status
 //! written), and the agent process's peak RSS and average CPU. Each round starts a fresh agent
 //! so its peak RSS is that round's. Lives beside the tests because it uses their harness.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt as _;
@@ -109,8 +109,9 @@ async fn round(
             "spec": {"tool": {"name": "cpu-profile", "duration": format!("{secs}s")},
                      "targets": {"labelSelector": {"matchLabels": {"app": format!("busy-{}", i % pods)}}}},
         }))?;
+        let at = SystemTime::now();
         api.create(&PostParams::default(), &pt).await?;
-        created.push((pt.metadata.name.unwrap(), Instant::now(), None, None));
+        created.push((pt.metadata.name.unwrap(), at, None, None));
     }
     let duration = Duration::from_secs(secs);
     // A watch sees each status change as it happens, whatever the number of PowerTools.
@@ -131,19 +132,26 @@ async fn round(
             bail!("not all Completed within 5 minutes past the duration");
         };
         let pt = pt?;
-        let Some((name, at, running, done)) = created
+        let Some((name, _, summary, done)) = created
             .iter_mut()
             .find(|c| Some(&c.0) == pt.metadata.name.as_ref())
         else {
             continue;
         };
         let status = pt.status.unwrap_or_default();
-        let phase = status.targets.first().and_then(|t| t.phase.clone());
-        if running.is_none() && phase.is_some_and(|p| p != "Pending") {
-            *running = Some(at.elapsed());
-        }
         match status.phase {
-            PowerToolPhase::Completed => *done = Some(at.elapsed()),
+            PowerToolPhase::Completed => {
+                *done = Some(SystemTime::now());
+                let url = status.targets[0]
+                    .artifacts
+                    .iter()
+                    .find(|a| a.ends_with("/summary.json"))
+                    .context("no summary.json among the artifacts")?;
+                let path = url.strip_prefix("file://").context("a file:// store")?;
+                *summary = Some(serde_json::from_slice::<serde_json::Value>(
+                    &std::fs::read(path)?,
+                )?);
+            }
             PowerToolPhase::Failed | PowerToolPhase::Interrupted => {
                 bail!("{name}: {:?}\n{}", status.targets, agent.log_text())
             }
@@ -160,14 +168,30 @@ async fn round(
     agent.terminate(Duration::from_mins(1));
     api.delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    // All on the wall clock of this one machine: created (before the create call), sampling
+    // start and length (the run's summary), Completed seen (the watch).
+    let ms = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1000.0
+    };
+    let window = |s: &serde_json::Value| {
+        let start = s["started_unix_ms"].as_f64().unwrap_or(f64::NAN);
+        (
+            start,
+            start + s["sampled_duration_s"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+        )
+    };
     Ok(Round {
         tools,
-        to_running: created.iter().map(|c| ms(c.2.unwrap())).collect(),
-        // From the end of the duration (which began when the target started Running).
+        to_running: created
+            .iter()
+            .map(|c| window(c.2.as_ref().unwrap()).0 - ms(c.1))
+            .collect(),
         to_done: created
             .iter()
-            .map(|c| ms(c.3.unwrap()) - ms(c.2.unwrap() + duration))
+            .map(|c| ms(c.3.unwrap()) - window(c.2.as_ref().unwrap()).1)
             .collect(),
         rss_kib,
         map_kib,
@@ -211,7 +235,7 @@ async fn bench(counts: &[usize], secs: u64, pods: usize) -> Result<()> {
         "agent: cpu-profile {secs}s on {pods} busy container(s); latencies median / max over the round's PowerTools"
     );
     println!(
-        "PowerTools   created -> Running        duration end -> Completed   agent peak RSS   eBPF maps (kernel)   agent CPU"
+        "PowerTools   created -> sampling     sampling end -> Completed   agent peak RSS   eBPF maps (kernel)   agent CPU"
     );
     for &n in counts {
         let r = round(

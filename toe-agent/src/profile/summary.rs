@@ -85,6 +85,10 @@ pub struct Summary {
     /// False when the run was interrupted or failed before its planned end.
     pub complete: bool,
     pub ended: String,
+    /// When sampling began (Unix time, milliseconds): with `sampled_duration_s`, the run's
+    /// window on the wall clock, for lining runs up.
+    #[serde(default)]
+    pub started_unix_ms: u64,
     pub requested_duration_s: f64,
     pub sampled_duration_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1188,6 +1188,7 @@ pub async fn execute(
         target: target.description.clone(),
         complete: !matches!(ended, Ended::Interrupted(_)),
         ended: ended.describe(),
+        started_unix_ms: span.0 / 1_000_000,
         requested_duration_s: plan.tool.duration.as_secs_f64(),
         sampled_duration_s: sampled_for.as_secs_f64(),
         cpu: finished.cpu,
