@@ -861,8 +861,10 @@ fn stress_in_a_real_container_is_relative_to_its_limits_and_charged_to_it() {
         "container charged {charged_s} s"
     );
     assert!(no_workers_of(&f.workers));
+    // The worker touches its memory under the container's 0.5-CPU quota, while parallel tests
+    // load both CPUs: give it time to get there.
     let (outcome, _) = profile(
-        &tool_spec("memory-stress", "3s", &["--size=50%"]),
+        &tool_spec("memory-stress", "6s", &["--size=50%"]),
         TargetSpec::Container(c.id.clone()),
     );
     let f = outcome.summary.fault.as_ref().unwrap();
