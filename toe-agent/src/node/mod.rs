@@ -466,7 +466,7 @@ async fn publish(client: &Client, node: &str, caps: &probe::Capabilities) {
 }
 
 /// Keeps `store` filled from a watch and pokes `changed` on every event.
-fn follow<K>(api: Api<K>, changed: Option<Arc<Notify>>) -> Store<K>
+fn follow<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -486,9 +486,7 @@ where
             if let Err(e) = event {
                 tracing::warn!(error = %e, "watch");
             }
-            if let Some(n) = &changed {
-                n.notify_one();
-            }
+            changed.notify_one();
         }
     });
     store
@@ -605,11 +603,8 @@ pub async fn run(
     publish(&client, &opts.node, &caps).await;
 
     let changed = Arc::new(Notify::new());
-    let configs = follow(
-        Api::<PowerToolConfig>::all(client.clone()),
-        Some(changed.clone()),
-    );
-    let powertools = follow(Api::<PowerTool>::all(client.clone()), Some(changed.clone()));
+    let configs = follow(Api::<PowerToolConfig>::all(client.clone()), changed.clone());
+    let powertools = follow(Api::<PowerTool>::all(client.clone()), changed.clone());
     configs.wait_until_ready().await?;
     powertools.wait_until_ready().await?;
 
