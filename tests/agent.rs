@@ -110,7 +110,7 @@ impl Cluster {
         name: &str,
         what: &str,
         secs: u64,
-        agent: &Agent,
+        agent: Option<&Agent>,
         done: impl Fn(&PowerTool) -> bool,
     ) -> PowerTool {
         let deadline = Instant::now() + Duration::from_secs(secs);
@@ -125,7 +125,7 @@ impl Cluster {
                 Instant::now() < deadline,
                 "{name}: not {what} within {secs} s: {:#?}\nagent log:\n{}",
                 pt.and_then(|p| p.status),
-                agent.log_text()
+                agent.map(Agent::log_text).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -206,7 +206,7 @@ async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples
     )
     .await;
     let pt = c
-        .wait("profile", "Completed", 60, &agent, |p| {
+        .wait("profile", "Completed", 60, Some(&agent), |p| {
             phase(p) == PowerToolPhase::Completed
         })
         .await;
@@ -298,7 +298,7 @@ async fn a_sigterm_fault_on_a_sidecar_is_traced_with_its_graceful_exit() {
     )
     .await;
     let pt = c
-        .wait("stop-sidecar", "finished", 60, &agent, |p| {
+        .wait("stop-sidecar", "finished", 60, Some(&agent), |p| {
             p.status.as_ref().is_some_and(|s| s.finish_time.is_some())
         })
         .await;
@@ -386,7 +386,7 @@ async fn deleting_a_powertool_mid_run_rolls_back_its_memory_stress() {
         }),
     )
     .await;
-    c.wait("squeeze", "running", 60, &agent, |p| {
+    c.wait("squeeze", "running", 60, Some(&agent), |p| {
         target_phase(p, "web-1").as_deref() == Some("Running")
     })
     .await;
@@ -481,7 +481,7 @@ async fn sigterm_to_the_agent_mid_profile_saves_partial_artifacts_and_marks_inte
         }),
     )
     .await;
-    c.wait("long-profile", "running", 60, &agent, |p| {
+    c.wait("long-profile", "running", 60, Some(&agent), |p| {
         target_phase(p, "web-1").as_deref() == Some("Running")
     })
     .await;
@@ -490,7 +490,7 @@ async fn sigterm_to_the_agent_mid_profile_saves_partial_artifacts_and_marks_inte
     let status = agent.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status:?}: {}", agent.log_text());
     let pt = c
-        .wait("long-profile", "Interrupted", 30, &agent, |p| {
+        .wait("long-profile", "Interrupted", 30, Some(&agent), |p| {
             phase(p) == PowerToolPhase::Interrupted
         })
         .await;
@@ -562,12 +562,12 @@ async fn the_agent_acts_only_on_admitted_powertools_and_validates_them_itself() 
             .await
             .unwrap();
     }
-    c.wait("admitted", "run", 60, &agent, |p| {
+    c.wait("admitted", "run", 60, Some(&agent), |p| {
         target_phase(p, "web-1").as_deref() == Some("Completed")
     })
     .await;
     let refused = c
-        .wait("over-cap", "refused", 30, &agent, |p| {
+        .wait("over-cap", "refused", 30, Some(&agent), |p| {
             target_phase(p, "web-1").as_deref() == Some("Failed")
         })
         .await;
@@ -615,7 +615,7 @@ async fn an_object_store_outage_loses_nothing_even_across_an_agent_restart() {
     )
     .await;
     let pt = c
-        .wait("profile", "uploading", 60, &agent, |p| {
+        .wait("profile", "uploading", 60, Some(&agent), |p| {
             target_phase(p, "web-1").as_deref() == Some("Uploading")
         })
         .await;
@@ -630,7 +630,7 @@ async fn an_object_store_outage_loses_nothing_even_across_an_agent_restart() {
     let agent = c.agent();
     std::fs::remove_file(&blocked).unwrap();
     let pt = c
-        .wait("profile", "Completed", 120, &agent, |p| {
+        .wait("profile", "Completed", 120, Some(&agent), |p| {
             phase(p) == PowerToolPhase::Completed
         })
         .await;
@@ -672,7 +672,7 @@ async fn an_agent_killed_mid_fault_rolls_back_on_restart_and_never_runs_it_again
         }),
     )
     .await;
-    c.wait("squeeze", "running", 60, &agent, |p| {
+    c.wait("squeeze", "running", 60, Some(&agent), |p| {
         target_phase(p, "web-1").as_deref() == Some("Running")
     })
     .await;
@@ -686,7 +686,7 @@ async fn an_agent_killed_mid_fault_rolls_back_on_restart_and_never_runs_it_again
     agent.process.0.wait().unwrap();
     let agent = c.agent();
     let pt = c
-        .wait("squeeze", "Interrupted", 60, &agent, |p| {
+        .wait("squeeze", "Interrupted", 60, Some(&agent), |p| {
             phase(p) == PowerToolPhase::Interrupted
         })
         .await;
@@ -699,5 +699,56 @@ async fn an_agent_killed_mid_fault_rolls_back_on_restart_and_never_runs_it_again
     let ledger = std::fs::read_to_string(c.state().join("ledger.jsonl")).unwrap();
     assert!(!ledger.contains("\"begin\""), "{ledger}");
     assert!(agent.log_text().contains("fault ledger recovered"));
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn targets_on_a_node_whose_agent_cannot_run_the_tool_fail_with_its_reason() {
+    let Some(c) =
+        Cluster::start("targets_on_a_node_whose_agent_cannot_run_the_tool_fail_with_its_reason")
+            .await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    // A node whose agent's probe found no perf events (e.g. a locked-down kernel).
+    let caps = r#"{"tools": {"cpu-profile": "perf_event: Operation not permitted"}}"#;
+    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {
+        "name": "locked-down", "annotations": {toe_agent::node::probe::ANNOTATION: caps}}}))
+    .unwrap();
+    Api::<Node>::all(c.admin.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+    cluster::create_pod(
+        &c.admin,
+        "shop",
+        "web-1",
+        &serde_json::json!({"app": "web"}),
+        "locked-down",
+        &[("app", "containerd://0123456789abcdef")],
+    )
+    .await;
+    c.create(
+        "profile",
+        serde_json::json!({
+            "tool": {"name": "cpu-profile", "duration": "5s"},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
+        }),
+    )
+    .await;
+    let pt = c
+        .wait("profile", "Failed", 30, None, |p| {
+            phase(p) == PowerToolPhase::Failed
+        })
+        .await;
+    let t = &targets(&pt)[0];
+    assert_eq!(t.phase.as_deref(), Some("Failed"));
+    assert!(
+        t.message.as_deref().is_some_and(|m| m.contains(
+            "node locked-down cannot run cpu-profile: perf_event: Operation not permitted"
+        )),
+        "{t:?}"
+    );
     operator.stop().await;
 }

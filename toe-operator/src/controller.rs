@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod},
+    api::core::v1::{Namespace, Node, Pod},
     apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time},
     jiff::{self, Timestamp},
 };
@@ -24,8 +24,9 @@ use kube::{
     },
 };
 use toe_common::api::{
-    Configs, ImageOptions, PowerTool, PowerToolConfig, PowerToolPhase, PowerToolStatus,
-    SelectedTarget, ToolOptions, ValidatedRun, ValidatedTool, run_name, target_finished,
+    CAPABILITIES_ANNOTATION, Configs, ImageOptions, PowerTool, PowerToolConfig, PowerToolPhase,
+    PowerToolStatus, SelectedTarget, ToolOptions, ValidatedRun, ValidatedTool, run_name,
+    target_finished,
 };
 
 use crate::{
@@ -190,6 +191,11 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
         &mut targets,
         pt.spec.blast_radius.as_ref().and_then(|b| b.max_concurrent),
     );
+    if let Some(run) = &verdict.run
+        && !matches!(run.tool.options, ToolOptions::Image(_))
+    {
+        refuse_incapable_nodes(&ctx.client, run, &mut targets).await;
+    }
     let mut message = format!("{}; {} target container(s)", verdict.message, targets.len());
     if !skipped.is_empty() {
         let notes: Vec<String> = skipped
@@ -198,7 +204,7 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
             .collect();
         message = format!("{message}; skipped {}", notes.join("; "));
     }
-    let status = PowerToolStatus {
+    let mut status = PowerToolStatus {
         phase: PowerToolPhase::Admitted,
         conditions: vec![condition(
             "Admitted",
@@ -212,7 +218,56 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
         targets,
         ..PowerToolStatus::default()
     };
+    // Every target refused by its node's capabilities: the run is over before it starts.
+    conclude(&mut status, generation);
     (status, verdict.run)
+}
+
+/// Why `node` cannot run the run's tools, from the capabilities its agent published
+/// (`toe.run/capabilities`); None when it can, or when no agent has published any yet.
+fn incapable(node: &Node, run: &ValidatedRun) -> Option<String> {
+    let caps: serde_json::Value = serde_json::from_str(
+        node.metadata
+            .annotations
+            .as_ref()?
+            .get(CAPABILITIES_ANNOTATION)?,
+    )
+    .ok()?;
+    std::iter::once(&run.tool)
+        .chain(&run.alongside)
+        .find_map(|t| match caps["tools"][t.name.as_str()].as_str() {
+            Some("ok") | None => None,
+            Some(why) => Some(format!(
+                "node {} cannot run {}: {why} (its agent's probe, annotation \
+                 {CAPABILITIES_ANNOTATION})",
+                node.name_any(),
+                t.name
+            )),
+        })
+}
+
+/// Marks targets on nodes whose agent reported they cannot run the tools Failed, with why.
+async fn refuse_incapable_nodes(
+    client: &Client,
+    run: &ValidatedRun,
+    targets: &mut [SelectedTarget],
+) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut verdicts = std::collections::BTreeMap::<String, Option<String>>::new();
+    for t in targets.iter_mut() {
+        if !verdicts.contains_key(&t.node) {
+            // A node without a readable Node object has not told us anything: not refused.
+            let why = match nodes.get_opt(&t.node).await {
+                Ok(Some(n)) => incapable(&n, run),
+                _ => None,
+            };
+            verdicts.insert(t.node.clone(), why);
+        }
+        if let Some(Some(why)) = verdicts.get(&t.node) {
+            t.phase = Some("Failed".into());
+            t.message = Some(why.clone());
+        }
+    }
 }
 
 /// The image tool of an admitted run, if its tool is one.
@@ -668,6 +723,34 @@ mod tests {
     }
 
     #[test]
+    fn a_node_whose_agent_cannot_run_a_tool_says_why() {
+        let pt = powertool(&["--frequency=99"]);
+        let configs: Vec<PowerToolConfig> = vec![
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+                "metadata": {"name": "c"}, "spec": {"tool": "cpu-profile",
+                    "arguments": [{"name": "frequency", "type": "integer"}]},
+            }))
+            .unwrap(),
+        ];
+        let run = admission::admit(&pt, &configs).run.unwrap();
+        let node = |caps: Option<&str>| -> Node {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n1",
+                "annotations": caps.map(|c| serde_json::json!({CAPABILITIES_ANNOTATION: c}))}}))
+            .unwrap()
+        };
+        assert_eq!(incapable(&node(None), &run), None, "no agent report yet");
+        let ok = r#"{"tools": {"cpu-profile": "ok"}}"#;
+        assert_eq!(incapable(&node(Some(ok)), &run), None);
+        let eperm = r#"{"tools": {"cpu-profile": "perf_event: Operation not permitted"}}"#;
+        let why = incapable(&node(Some(eperm)), &run).unwrap();
+        assert!(
+            why.contains("node n1 cannot run cpu-profile: perf_event: Operation not permitted"),
+            "{why}"
+        );
+    }
+
+    #[test]
     fn a_run_ends_with_its_last_target_failed_before_interrupted_before_completed() {
         let with = |phases: &[&str]| PowerToolStatus {
             phase: PowerToolPhase::Running,
@@ -790,6 +873,12 @@ mod tests {
                                "state": {"running": {}}}]}}],
             })
             .to_string(),
+            ("GET", "/api/v1/nodes/n1") => serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "n1", "annotations": {
+                    CAPABILITIES_ANNOTATION: r#"{"tools": {"cpu-profile": "ok"}}"#}},
+            })
+            .to_string(),
             ("PATCH", path) if path.ends_with("/status") => serde_json::json!({
                 "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
                 "metadata": {"name": "t", "namespace": "shop"}, "spec": {"tool": {"name": "cpu-profile"}},
@@ -803,8 +892,8 @@ mod tests {
         }
     }
 
-    /// The reconcile path without a server: an admitted PowerTool lists pods with its selector
-    /// and writes its targets by server-side apply; a rejected one lists nothing and writes the
+    /// The reconcile path without a server: an admitted PowerTool lists pods with its selector,
+    /// reads its targets' nodes' capabilities and writes its targets by server-side apply; a rejected one lists nothing and writes the
     /// rule it broke; each decision is told as an Event.
     #[tokio::test]
     async fn reconcile_paths_against_a_mock_api() {
@@ -824,6 +913,7 @@ mod tests {
             paths,
             [
                 "GET /api/v1/namespaces/shop/pods",
+                "GET /api/v1/nodes/n1",
                 "PATCH /apis/toe.run/v1alpha1/namespaces/shop/powertools/t/status",
                 "POST /apis/events.k8s.io/v1/namespaces/shop/events",
                 "PATCH /apis/toe.run/v1alpha1/namespaces/shop/powertools/t/status",
@@ -836,11 +926,11 @@ mod tests {
             seen[0].1
         );
         assert!(
-            seen[1].1.contains("fieldManager=toe-operator"),
+            seen[2].1.contains("fieldManager=toe-operator"),
             "{}",
-            seen[1].1
+            seen[2].1
         );
-        let admitted = &seen[1].2["status"];
+        let admitted = &seen[2].2["status"];
         assert_eq!(admitted["phase"], "Admitted");
         assert_eq!(admitted["observedGeneration"], 3);
         assert_eq!(
@@ -848,7 +938,7 @@ mod tests {
             "{admitted}"
         );
         assert_eq!(admitted["targets"][0]["phase"], "Pending");
-        let rejected = &seen[3].2["status"];
+        let rejected = &seen[4].2["status"];
         assert_eq!(rejected["phase"], "Rejected");
         assert_eq!(rejected["conditions"][0]["reason"], "InvalidArgument");
         assert!(
@@ -857,7 +947,7 @@ mod tests {
                 .unwrap()
                 .contains("--frequency: 999 is above the maximum 199")
         );
-        assert_eq!(seen[4].2["type"], "Warning");
+        assert_eq!(seen[5].2["type"], "Warning");
     }
 
     #[test]

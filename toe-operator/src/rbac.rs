@@ -36,6 +36,8 @@ pub fn operator_cluster_role(name: &str) -> ClusterRole {
             rule("toe.run", &["powertoolconfigs"], &["get", "list", "watch"]),
             // Target selection.
             rule("", &["pods", "namespaces"], &["get", "list"]),
+            // What each node's agent reported it can run (an annotation).
+            rule("", &["nodes"], &["get"]),
             // Image-based tools: one ephemeral container per target pod.
             rule(
                 "",

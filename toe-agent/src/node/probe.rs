@@ -6,11 +6,10 @@ use std::collections::BTreeMap;
 
 use aya::programs::Program;
 use serde::Serialize;
+/// The Node annotation the capabilities are published under.
+pub use toe_common::api::CAPABILITIES_ANNOTATION as ANNOTATION;
 
 use crate::{ebpf::Loaded, targets};
-
-/// The Node annotation the capabilities are published under.
-pub const ANNOTATION: &str = "toe.run/capabilities";
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Capabilities {

@@ -21,9 +21,10 @@ pub use self::{
     },
     duration::{format_duration, parse_duration},
     resources::{
-        BlastRadius, BlastRadiusMode, OutputSpec, PowerTool, PowerToolPhase, PowerToolProcessing,
-        PowerToolProcessingSpec, PowerToolProcessingStatus, PowerToolSpec, PowerToolStatus,
-        ProcessingOutput, SelectedTarget, Targets, ToolSpec, TypeMeta, run_name, target_finished,
+        BlastRadius, BlastRadiusMode, CAPABILITIES_ANNOTATION, OutputSpec, PowerTool,
+        PowerToolPhase, PowerToolProcessing, PowerToolProcessingSpec, PowerToolProcessingStatus,
+        PowerToolSpec, PowerToolStatus, ProcessingOutput, SelectedTarget, Targets, ToolSpec,
+        TypeMeta, run_name, target_finished,
     },
     tools::{
         AllocationMode, CpuProfileOptions, CpuStressOptions, ImageOptions, MemoryProfileOptions,

@@ -189,6 +189,10 @@ pub struct SelectedTarget {
     pub artifacts: Vec<String>,
 }
 
+/// The Node annotation where each node agent publishes what its kernel lets it run (JSON: kernel,
+/// btf, cgroup, programs, tools -> `ok` or why not).
+pub const CAPABILITIES_ANNOTATION: &str = "toe.run/capabilities";
+
 /// A target phase that no longer changes.
 #[must_use]
 pub fn target_finished(phase: Option<&str>) -> bool {
