@@ -365,14 +365,9 @@ fn memory_usage(pid: u32) -> u64 {
         .unwrap()
 }
 
-#[tokio::test]
-async fn deleting_a_powertool_mid_run_rolls_back_its_memory_stress() {
-    let Some(c) = Cluster::start("deleting_a_powertool_mid_run_rolls_back_its_memory_stress").await
-    else {
-        return;
-    };
-    let operator = Operator::start(&c.server, &c.admin).await;
-    let agent = c.agent();
+/// A 200 MiB container in pod web-1 and PowerTool `squeeze` stressing half its memory, once the
+/// target is Running: the container, its main pid and its memory usage before.
+async fn squeeze(c: &Cluster, agent: &Agent) -> (Container, u32, u64) {
     let app = Container::run_with("app", &["--memory=200m"], &["sleep", "300"]);
     let pid = app.pid();
     let before = memory_usage(pid);
@@ -386,10 +381,23 @@ async fn deleting_a_powertool_mid_run_rolls_back_its_memory_stress() {
         }),
     )
     .await;
-    c.wait("squeeze", "running", 60, Some(&agent), |p| {
+    c.wait("squeeze", "running", 60, Some(agent), |p| {
         target_phase(p, "web-1").as_deref() == Some("Running")
     })
     .await;
+    (app, pid, before)
+}
+
+#[tokio::test]
+async fn deleting_a_powertool_mid_run_rolls_back_its_memory_stress() {
+    let Some(c) = Cluster::start("deleting_a_powertool_mid_run_rolls_back_its_memory_stress").await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let agent = c.agent();
+    // Held to the end: dropping the container removes it.
+    let (_app, pid, before) = squeeze(&c, &agent).await;
     // The stress reaches the container's memory cgroup: 100 MiB of its 200 MiB.
     let deadline = Instant::now() + Duration::from_secs(30);
     while memory_usage(pid) < before + 90 * 1024 * 1024 {
@@ -659,23 +667,8 @@ async fn an_agent_killed_mid_fault_rolls_back_on_restart_and_never_runs_it_again
     };
     let operator = Operator::start(&c.server, &c.admin).await;
     let mut agent = c.agent();
-    let app = Container::run_with("app", &["--memory=200m"], &["sleep", "300"]);
-    let pid = app.pid();
-    let before = memory_usage(pid);
-    c.pod("web-1", "web", &[("app", &app)]).await;
-    c.create(
-        "squeeze",
-        serde_json::json!({
-            "tool": {"name": "memory-stress", "duration": "2m",
-                     "commandLineArguments": ["--size=50%"]},
-            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
-        }),
-    )
-    .await;
-    c.wait("squeeze", "running", 60, Some(&agent), |p| {
-        target_phase(p, "web-1").as_deref() == Some("Running")
-    })
-    .await;
+    // Held to the end: dropping the container removes it.
+    let (_app, pid, before) = squeeze(&c, &agent).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while workers_alive(&c.state()).is_empty() {
         assert!(Instant::now() < deadline, "no stress workers started");

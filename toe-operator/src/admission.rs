@@ -3,7 +3,7 @@
 //! the controller would decide.
 
 use toe_common::api::{
-    Configs, Policy, PowerTool, PowerToolConfig, SpecError, ValidatedRun, check_config,
+    Configs, Policy, PowerTool, PowerToolConfig, SpecError, ValidatedRun, usable_configs,
 };
 
 /// The outcome, as it goes into the `Admitted` condition: a machine reason and a human message
@@ -48,14 +48,7 @@ fn reason(e: &SpecError) -> &'static str {
 /// user's).
 #[must_use]
 pub fn admit(tool: &PowerTool, configs: &[PowerToolConfig]) -> Verdict {
-    let mut valid = Vec::new();
-    let mut broken = Vec::new();
-    for c in configs {
-        match check_config(c) {
-            Ok(_) => valid.push(c.clone()),
-            Err(e) => broken.push((c.spec.tool.clone(), e.to_string())),
-        }
-    }
+    let (valid, broken) = usable_configs(configs);
     let configs = match Configs::new(&valid) {
         Ok(c) => c,
         Err(e) => return Verdict::rejected("ConfigInvalid", e.to_string()),

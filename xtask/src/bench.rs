@@ -706,64 +706,43 @@ pub fn run(which: &Which) -> Result<()> {
     }
 }
 
-fn agent_bench(counts: &str, secs: u32, pods: usize) -> Result<()> {
+/// Builds `bins` of `package` and the bench binary `bench` (in toe-tests, beside the API server
+/// harness), then runs it with `args` against the cached API server.
+fn api_server_bench(package: &str, bins: &[&str], bench: &str, args: &[String]) -> Result<()> {
     crate::apiserver::ensure()?;
+    let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    build
+        .current_dir(root())
+        .args(["build", "--release", "-p", package, "-p", "toe-tests"]);
+    for bin in bins.iter().chain([&bench]) {
+        build.args(["--bin", bin]);
+    }
+    crate::run(&mut build)?;
     crate::run(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(root())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "toe-agent",
-                "-p",
-                "toe-tests",
-                "--bin",
-                "toe",
-                "--bin",
-                "bench-agent",
-            ]),
-    )?;
-    crate::run(
-        Command::new(root().join("target/release/bench-agent"))
+        Command::new(root().join("target/release").join(bench))
             .env("TOE_KUBE_APISERVER", crate::apiserver::binary())
-            .args([
-                "--counts",
-                counts,
-                "--secs",
-                &secs.to_string(),
-                "--pods",
-                &pods.to_string(),
-            ]),
+            .args(args),
     )
 }
 
+fn agent_bench(counts: &str, secs: u32, pods: usize) -> Result<()> {
+    let args = [
+        "--counts".to_owned(),
+        counts.to_owned(),
+        "--secs".to_owned(),
+        secs.to_string(),
+        "--pods".to_owned(),
+        pods.to_string(),
+    ];
+    api_server_bench("toe-agent", &["toe"], "bench-agent", &args)
+}
+
 fn operator_bench(powertools: usize, pods: usize) -> Result<()> {
-    crate::apiserver::ensure()?;
-    crate::run(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(root())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "toe-operator",
-                "-p",
-                "toe-tests",
-                "--bin",
-                "toe-operator",
-                "--bin",
-                "bench-operator",
-            ]),
-    )?;
-    crate::run(
-        Command::new(root().join("target/release/bench-operator"))
-            .env("TOE_KUBE_APISERVER", crate::apiserver::binary())
-            .args([
-                "--powertools",
-                &powertools.to_string(),
-                "--pods",
-                &pods.to_string(),
-            ]),
-    )
+    let args = [
+        "--powertools".to_owned(),
+        powertools.to_string(),
+        "--pods".to_owned(),
+        pods.to_string(),
+    ];
+    api_server_bench("toe-operator", &["toe-operator"], "bench-operator", &args)
 }

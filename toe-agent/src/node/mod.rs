@@ -31,7 +31,7 @@ use kube::{
 };
 use toe_common::api::{
     self, Configs, Policy, PowerTool, PowerToolConfig, PowerToolPhase, SelectedTarget, ToolOptions,
-    check_config, run_name,
+    run_name,
 };
 use tokio::sync::{Notify, oneshot, watch};
 use url::Url;
@@ -142,14 +142,8 @@ impl Ctx {
 /// The configs that are themselves valid, as one policy set (a broken config enables nothing,
 /// as in admission).
 fn usable_configs(ctx: &Ctx) -> Result<Configs, String> {
-    let valid: Vec<PowerToolConfig> = ctx
-        .configs
-        .state()
-        .iter()
-        .filter(|c| check_config(c).is_ok())
-        .map(|c| (**c).clone())
-        .collect();
-    Configs::new(&valid).map_err(|e| e.to_string())
+    let all: Vec<PowerToolConfig> = ctx.configs.state().iter().map(|c| (**c).clone()).collect();
+    Configs::new(&api::usable_configs(&all).0).map_err(|e| e.to_string())
 }
 
 /// The agent's own admission: the spec as it is now, under the configs as they are now, for
@@ -389,6 +383,23 @@ async fn deliver(ctx: &Ctx, r: &TargetRef, mut job: JobDir, outcome: &Result<Out
     }
 }
 
+/// The status entry a spool job reports into.
+fn job_target(j: &Job) -> TargetRef {
+    let (namespace, pod, container) = j.target.clone();
+    TargetRef {
+        namespace: j.namespace.clone(),
+        name: j.powertool.clone(),
+        uid: j.uid.clone(),
+        generation: j.generation,
+        target: SelectedTarget {
+            namespace,
+            pod,
+            container,
+            ..SelectedTarget::default()
+        },
+    }
+}
+
 /// Uploads what runs left on disk (an unreachable store, an agent restart), with backoff per
 /// job, and reports each target's final phase once its artifacts are in the store.
 async fn uploader(ctx: Arc<Ctx>) {
@@ -411,19 +422,7 @@ async fn uploader(ctx: Arc<Ctx>) {
             match tokio::time::timeout(ctx.upload_timeout, job.upload()).await {
                 Ok(Ok(_)) => {
                     let j = &job.job;
-                    let (ns, pod, container) = j.target.clone();
-                    let r = TargetRef {
-                        namespace: j.namespace.clone(),
-                        name: j.powertool.clone(),
-                        uid: j.uid.clone(),
-                        generation: j.generation,
-                        target: SelectedTarget {
-                            namespace: ns,
-                            pod,
-                            container,
-                            ..SelectedTarget::default()
-                        },
-                    };
+                    let r = job_target(j);
                     let phase = j.phase.as_deref().unwrap_or("Completed");
                     let message = j.message.clone().unwrap_or_default();
                     if !ctx.set(&r, phase, message, Some(j.artifacts.clone())).await {

@@ -494,6 +494,21 @@ fn check_rules(
     Ok(rules)
 }
 
+/// The configs that pass [`check`], and (tool, error) for each that does not: a broken config
+/// enables nothing, and whoever needed it is told why.
+#[must_use]
+pub fn usable(configs: &[PowerToolConfig]) -> (Vec<PowerToolConfig>, Vec<(String, String)>) {
+    let mut valid = Vec::new();
+    let mut broken = Vec::new();
+    for c in configs {
+        match check(c) {
+            Ok(_) => valid.push(c.clone()),
+            Err(e) => broken.push((c.spec.tool.clone(), e.to_string())),
+        }
+    }
+    (valid, broken)
+}
+
 /// Checks a config on its own: known tool, rules that fit the tool's schema, bounds that parse,
 /// defaults that pass both the schema and the rule.
 pub fn check(config: &PowerToolConfig) -> Result<CheckedConfig, ConfigError> {

@@ -17,7 +17,7 @@ pub use self::{
     config::{
         ArgumentRule, CheckedConfig, ConfigError, Configs, Engine, POWER_TOOL_CONFIG_KIND,
         PowerToolConfig, PowerToolConfigSpec, Resources, RuleType, Scalar, check as check_config,
-        parse_cpu,
+        parse_cpu, usable as usable_configs,
     },
     duration::{format_duration, parse_duration},
     resources::{
