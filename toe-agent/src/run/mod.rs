@@ -531,8 +531,6 @@ impl Work {
     }
 }
 
-/// Drains and symbolizes until the duration ends, the target is gone, or a signal arrives.
-/// Returns why it stopped and the command's exit status if it already exited.
 /// What ends a run early: a reason to stop (`SIGINT`, `the PowerTool was deleted`, ...), sent
 /// once. The run also says when it has attached and started its fault.
 pub struct Control {
@@ -577,16 +575,14 @@ impl Control {
 
 /// Resolves with the stop reason once one is sent (never, if the sender is gone without one).
 async fn stopped(stop: &mut watch::Receiver<Option<&'static str>>) -> &'static str {
-    loop {
-        if let Some(why) = *stop.borrow_and_update() {
-            return why;
-        }
-        if stop.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
+    match stop.wait_for(Option::is_some).await {
+        Ok(why) => why.expect("waited for Some"),
+        Err(_) => std::future::pending().await,
     }
 }
 
+/// Drains and symbolizes until the duration ends, the target is gone, or it is stopped.
+/// Returns why it stopped and the command's exit status if it already exited.
 async fn sample(
     s: &mut Session,
     symbolizer: &mut Symbolizer,
