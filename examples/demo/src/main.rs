@@ -17,6 +17,9 @@
 //! `toe-demo trap SECONDS READYFILE [FORK_AFTER_MS PIDFILE]`: counts SIGTERM/SIGUSR1/SIGUSR2
 //! instead of dying (a hung graceful shutdown), writes its pid to READYFILE once ready;
 //! optionally forks a child that does the same and writes the child's pid to PIDFILE.
+//! `toe-demo contend [SECONDS] [THREADS]`: THREADS (default 4) threads fight over one mutex held
+//! for a short burst of work at `locked_section`: a workload that spends its time in lock and
+//! futex paths.
 //! `toe-demo send NAME PID SIGNAL COUNT`: renames itself NAME and sends SIGNAL to PID COUNT times;
 //! prints the count sent and the seconds taken.
 //! `toe-demo sendrate NAME PID SIGNAL RATE SECONDS`: the same, paced at RATE per second.
@@ -89,6 +92,27 @@ fn spin(secs: f64) {
 }
 
 #[inline(never)]
+fn locked_section(shared: &std::sync::Mutex<u64>) {
+    let mut guard = shared.lock().expect("not poisoned");
+    *guard = mix(*guard, 20);
+}
+
+fn contend(secs: f64, threads: usize) {
+    let shared = std::sync::Mutex::new(1);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while Instant::now() < end {
+                    locked_section(&shared);
+                }
+            });
+        }
+    });
+    black_box(shared.into_inner().expect("not poisoned"));
+}
+
+#[inline(never)]
 fn fixed_work(million_rounds: u64) -> u64 {
     let mut x = 1;
     for _ in 0..million_rounds * 500 {
@@ -115,6 +139,10 @@ fn main() {
             spin(secs);
             child.wait().expect("wait child");
         }
+        Some("contend") => contend(
+            arg_secs(&args, 10.0),
+            args.get(3).and_then(|s| s.parse().ok()).unwrap_or(4),
+        ),
         Some("work") => {
             let n = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
             if args.get(3).is_some_and(|a| a == "wait") {
@@ -162,7 +190,7 @@ fn main() {
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
         Some(other) => {
             eprintln!(
-                "toe-demo: unknown mode {other}; use spin|fork|work|sleep|leak|forkleak|touch|allocs|trap|send|sendrate [ARGS]"
+                "toe-demo: unknown mode {other}; use spin|fork|contend|work|sleep|leak|forkleak|touch|allocs|trap|send|sendrate [ARGS]"
             );
             std::process::exit(2);
         }

@@ -5,7 +5,7 @@
 pub mod folded;
 pub mod memory;
 pub mod pprof;
-mod proto;
+use toe_report::proto;
 pub mod signals;
 pub mod summary;
 pub mod svg;

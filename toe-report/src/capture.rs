@@ -1,0 +1,475 @@
+//! What one target's run left in the store (a *capture*): its summary, folded profiles, pprof
+//! files, signal events, RSS series and timeline, read back from any object store.
+//!
+//! The summary is read through its own view here rather than the agent's types: the store holds
+//! artifacts of whatever agent version wrote them, so every field is optional and unknown fields
+//! are ignored.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+use object_store::{ObjectStore, ObjectStoreExt as _, path::Path as StorePath};
+use serde::Deserialize;
+
+use crate::folded::Folded;
+
+/// The profiles the agent writes, by the folded file's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProfileKind {
+    Cpu,
+    InUse,
+    Alloc,
+    Growth,
+}
+
+impl ProfileKind {
+    pub const ALL: [Self; 4] = [Self::Cpu, Self::InUse, Self::Alloc, Self::Growth];
+
+    #[must_use]
+    pub fn folded_file(self) -> &'static str {
+        match self {
+            Self::Cpu => "stacks.folded",
+            Self::InUse => "inuse.folded",
+            Self::Alloc => "alloc.folded",
+            Self::Growth => "growth.folded",
+        }
+    }
+
+    /// The pprof file carrying this profile (heap.pb.gz holds in-use and alloc together).
+    #[must_use]
+    pub fn pprof_file(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu.pb.gz",
+            Self::InUse | Self::Alloc => "heap.pb.gz",
+            Self::Growth => "growth.pb.gz",
+        }
+    }
+
+    /// Short name used in output file names.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::InUse => "inuse",
+            Self::Alloc => "alloc",
+            Self::Growth => "growth",
+        }
+    }
+
+    #[must_use]
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Cpu => "CPU",
+            Self::InUse => "Memory in use at the end",
+            Self::Alloc => "Memory allocated",
+            Self::Growth => "Memory faulted in (growth)",
+        }
+    }
+
+    #[must_use]
+    pub fn unit(self) -> &'static str {
+        match self {
+            Self::Cpu => "samples",
+            Self::Growth => "pages",
+            Self::InUse | Self::Alloc => "bytes",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Summary {
+    pub run: String,
+    pub tool: String,
+    pub alongside: Vec<String>,
+    pub target: String,
+    pub complete: bool,
+    pub ended: String,
+    pub started_unix_ms: u64,
+    pub requested_duration_s: f64,
+    pub sampled_duration_s: f64,
+    pub cpu: Option<CpuSummary>,
+    pub memory: Option<MemorySummary>,
+    pub signals: Option<SignalSummary>,
+    pub fault: Option<FaultSummary>,
+    pub failed: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+impl Summary {
+    /// When sampling ended, ms since the Unix epoch.
+    #[must_use]
+    pub fn ended_unix_ms(&self) -> u64 {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a run's length in ms, non-negative and far below u64::MAX"
+        )]
+        let ms = (self.sampled_duration_s.max(0.0) * 1000.0) as u64;
+        self.started_unix_ms + ms
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CpuSummary {
+    pub frequency_hz: u64,
+    pub samples: SampleAccounting,
+    pub frames: FrameAccounting,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SampleAccounting {
+    pub taken: u64,
+    pub recorded: u64,
+    pub lost_ring_full: u64,
+    pub unaccounted: u64,
+    pub kernel_stack_errors: u64,
+    pub user_stack_errors: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FrameAccounting {
+    pub total: u64,
+    pub unresolved: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct MemorySummary {
+    pub mode: String,
+    pub heap: Option<HeapTotals>,
+    pub rss: RssSummary,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct HeapTotals {
+    pub alloc_objects: u64,
+    pub alloc_bytes: u64,
+    pub inuse_objects: u64,
+    pub inuse_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RssSummary {
+    pub interval_ms: u64,
+    pub series: Vec<RssSeriesSummary>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RssSeriesSummary {
+    pub kind: String,
+    pub source: String,
+    pub first_rss: u64,
+    pub last_rss: u64,
+    pub peak_rss: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SignalSummary {
+    pub lost_total: u64,
+    pub processes: Vec<ProcessEnd>,
+}
+
+/// How a process of the target ended, as the signal tracer explains it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ProcessEnd {
+    pub pid: u32,
+    pub comm: String,
+    /// `exited`, `killed`, `still running`.
+    pub how: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub oom_killed: bool,
+    pub sigkill_followed_sigterm: bool,
+    pub after_first_sigterm_ms: Option<f64>,
+    pub exited_at_ms: Option<f64>,
+    pub explanation: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FaultSummary {
+    pub fault: String,
+    pub plan: Vec<String>,
+    pub unit: String,
+    pub asked: f64,
+    pub achieved: f64,
+    pub error_percent: f64,
+    pub oom_kills: u64,
+    pub leftovers: u64,
+    pub samples: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub terminated: Vec<Terminated>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Terminated {
+    pub pid: u32,
+    pub comm: String,
+    pub signal: String,
+    pub escalated: bool,
+    pub exited_after_ms: Option<f64>,
+    pub outcome: String,
+}
+
+/// One line of events.jsonl: the fields the report shows.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Event {
+    pub t_ms: f64,
+    pub pid: u32,
+    pub comm: String,
+    pub event: String,
+    pub signal: Option<String>,
+    pub result: Option<String>,
+    pub action: Option<String>,
+    pub exit_code: Option<i32>,
+    pub victim_comm: Option<String>,
+    pub sender: Option<Sender>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Sender {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// One RSS series of rss.json.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RssSeries {
+    pub kind: String,
+    pub source: String,
+    pub points: Vec<RssPoint>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RssPoint {
+    pub t_ms: u64,
+    pub rss: u64,
+}
+
+/// One target's artifacts of one run.
+#[derive(Clone, Debug, Default)]
+pub struct Capture {
+    /// The directory below the processed base, e.g. `team-a/checkout-cpu/g3-1a2b3c4d/web-0/app`.
+    pub dir: String,
+    /// Which run it belongs to; captures of one run share it (`checkout-cpu/g3-1a2b3c4d`).
+    pub run: String,
+    /// Which target it is (`web-0/app`), or the summary's own description in local mode.
+    pub target: String,
+    pub summary: Summary,
+    pub profiles: BTreeMap<ProfileKind, Folded>,
+    /// Raw pprof files by name (`cpu.pb.gz`, `heap.pb.gz`, `growth.pb.gz`).
+    pub pprof: BTreeMap<String, Bytes>,
+    pub events: Vec<Event>,
+    /// Events lines that did not parse (counted, never silently dropped).
+    pub events_unreadable: u64,
+    pub rss: Vec<RssSeries>,
+    /// The agent's own run timeline (signals, exits, fault level) as SVG, shown inline.
+    pub timeline_svg: Option<Bytes>,
+}
+
+impl Capture {
+    /// Which run and target a capture directory names. In the cluster layout
+    /// (`<powertool>/<run>/<pod>/<container>`) the run is the first two parts and the target the
+    /// last two; a local run directory (`cpu-profile-<stamp>-<id>`) is a run of one target.
+    fn identify(dir: &str, summary: &Summary) -> (String, String) {
+        let parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
+        if parts.len() >= 4 {
+            let n = parts.len();
+            (parts[..n - 2].join("/"), parts[n - 2..].join("/"))
+        } else {
+            (dir.to_owned(), summary.target.clone())
+        }
+    }
+}
+
+/// Why a store could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("listing {prefix}: {source}")]
+    List {
+        prefix: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("reading {path}: {source}")]
+    Get {
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+/// Loads every capture below `base`: each directory holding a `summary.json`.
+pub async fn load_all(store: &dyn ObjectStore, base: &StorePath) -> Result<Vec<Capture>, ReadError> {
+    let objects: Vec<object_store::ObjectMeta> = store
+        .list(Some(base))
+        .try_collect()
+        .await
+        .map_err(|source| ReadError::List {
+            prefix: base.to_string(),
+            source,
+        })?;
+    // Files by directory; a directory with a summary.json is a capture.
+    let mut dirs: BTreeMap<StorePath, Vec<String>> = BTreeMap::new();
+    for o in &objects {
+        let parts: Vec<_> = o.location.parts().collect();
+        if let Some((file, parent)) = parts.split_last() {
+            dirs.entry(StorePath::from_iter(parent.iter().cloned()))
+                .or_default()
+                .push(file.as_ref().to_owned());
+        }
+    }
+    let mut out = Vec::new();
+    for (dir, files) in &dirs {
+        if files.iter().any(|f| f == "summary.json") {
+            out.push(load(store, base, dir, files).await?);
+        }
+    }
+    Ok(out)
+}
+
+async fn get(store: &dyn ObjectStore, path: &StorePath) -> Result<Bytes, ReadError> {
+    let r = store.get(path).await.map_err(|source| ReadError::Get {
+        path: path.to_string(),
+        source,
+    })?;
+    r.bytes().await.map_err(|source| ReadError::Get {
+        path: path.to_string(),
+        source,
+    })
+}
+
+async fn load(
+    store: &dyn ObjectStore,
+    base: &StorePath,
+    dir: &StorePath,
+    present: &[String],
+) -> Result<Capture, ReadError> {
+    let parse_err = |name: &str, message: String| ReadError::Parse {
+        path: dir.clone().join(name).to_string(),
+        message,
+    };
+    let raw = get(store, &dir.clone().join("summary.json")).await?;
+    let summary: Summary =
+        serde_json::from_slice(&raw).map_err(|e| parse_err("summary.json", e.to_string()))?;
+    let rel: Vec<String> = match dir.prefix_match(base) {
+        Some(parts) => parts.map(|p| p.as_ref().to_owned()).collect(),
+        None => dir.parts().map(|p| p.as_ref().to_owned()).collect(),
+    };
+    let rel = rel.join("/");
+    let (run, target) = Capture::identify(&rel, &summary);
+    let mut c = Capture {
+        dir: rel,
+        run,
+        target,
+        summary,
+        ..Capture::default()
+    };
+    for kind in ProfileKind::ALL {
+        if present.iter().any(|f| f == kind.folded_file()) {
+            let raw = get(store, &dir.clone().join(kind.folded_file())).await?;
+            let folded = Folded::parse(&String::from_utf8_lossy(&raw))
+                .map_err(|e| parse_err(kind.folded_file(), e.to_string()))?;
+            c.profiles.insert(kind, folded);
+        }
+    }
+    for name in ["cpu.pb.gz", "heap.pb.gz", "growth.pb.gz"] {
+        if present.iter().any(|f| f == name) {
+            c.pprof.insert(name.to_owned(), get(store, &dir.clone().join(name)).await?);
+        }
+    }
+    if present.iter().any(|f| f == "events.jsonl") {
+        let raw = get(store, &dir.clone().join("events.jsonl")).await?;
+        for line in String::from_utf8_lossy(&raw).lines().filter(|l| !l.is_empty()) {
+            match serde_json::from_str(line) {
+                Ok(e) => c.events.push(e),
+                Err(_) => c.events_unreadable += 1,
+            }
+        }
+    }
+    if present.iter().any(|f| f == "rss.json") {
+        let raw = get(store, &dir.clone().join("rss.json")).await?;
+        c.rss = serde_json::from_slice(&raw).map_err(|e| parse_err("rss.json", e.to_string()))?;
+    }
+    if present.iter().any(|f| f == "run-timeline.svg") {
+        c.timeline_svg = Some(get(store, &dir.clone().join("run-timeline.svg")).await?);
+    } else if present.iter().any(|f| f == "timeline.svg") {
+        c.timeline_svg = Some(get(store, &dir.clone().join("timeline.svg")).await?);
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A recorded capture from `fixtures/<name>` (real runs of the demo workload and containers).
+    pub fn capture(name: &str) -> Capture {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&dir).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut all = rt.block_on(load_all(&store, &StorePath::default())).unwrap();
+        assert_eq!(all.len(), 1, "{name}");
+        let mut c = all.remove(0);
+        c.dir = name.to_owned();
+        c.run = name.to_owned();
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_captures_load_every_artifact() {
+        let leak = fixtures::capture("leak");
+        assert!(leak.profiles.contains_key(&ProfileKind::InUse));
+        assert!(leak.profiles.contains_key(&ProfileKind::Growth));
+        assert!(leak.pprof.contains_key("heap.pb.gz"));
+        assert!(!leak.rss.is_empty() && leak.rss[0].points.len() > 2);
+        let oom = fixtures::capture("oom");
+        assert!(oom.events.iter().any(|e| e.event == "oom_kill"));
+        assert_eq!(oom.events_unreadable, 0);
+        let cpu = fixtures::capture("cpu");
+        assert_eq!(
+            cpu.profiles[&ProfileKind::Cpu].total(),
+            cpu.summary.cpu.as_ref().unwrap().samples.recorded
+        );
+    }
+
+    #[test]
+    fn cluster_layout_names_run_and_target() {
+        let s = Summary::default();
+        assert_eq!(
+            Capture::identify("ns/pt/g1-abcd/web-0/app", &s),
+            ("ns/pt/g1-abcd".into(), "web-0/app".into())
+        );
+        let local = Summary {
+            target: "pid 42".into(),
+            ..Summary::default()
+        };
+        assert_eq!(
+            Capture::identify("cpu-profile-x", &local),
+            ("cpu-profile-x".into(), "pid 42".into())
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! Merging pprof profiles of many targets and runs into one, the way `pprof -proto a b` does:
+//! strings, mappings, functions and locations are re-interned into one table and samples keep
+//! their stacks and labels, plus `target` and `run` labels so `pprof -tagfocus` can split again.
+
+use std::{collections::HashMap, io::Read as _};
+
+use flate2::{Compression, read::GzDecoder, write::GzEncoder};
+use prost::Message as _;
+
+use crate::proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
+
+/// One input: gzipped (or plain) pprof bytes and where they came from.
+pub struct Input<'a> {
+    pub data: &'a [u8],
+    pub target: &'a str,
+    pub run: &'a str,
+}
+
+/// The merged profile and the inputs left out, each with its reason.
+#[derive(Debug, Default)]
+pub struct Merged {
+    pub profile: Profile,
+    pub skipped: Vec<String>,
+}
+
+#[derive(Default)]
+struct Strings {
+    table: Vec<String>,
+    index: HashMap<String, i64>,
+}
+
+impl Strings {
+    fn get(&mut self, s: &str) -> i64 {
+        if self.table.is_empty() {
+            self.table.push(String::new());
+            self.index.insert(String::new(), 0);
+        }
+        if let Some(&i) = self.index.get(s) {
+            return i;
+        }
+        let i = i64::try_from(self.table.len()).unwrap_or(i64::MAX);
+        self.table.push(s.to_owned());
+        self.index.insert(s.to_owned(), i);
+        i
+    }
+}
+
+type LabelKey = (i64, i64, i64, i64);
+
+#[derive(Default)]
+struct Merger {
+    strings: Strings,
+    sample_types: Vec<(String, String)>,
+    out: Profile,
+    functions: HashMap<(i64, i64, i64, i64), u64>,
+    mappings: HashMap<(u64, u64, u64, i64, i64), u64>,
+    locations: HashMap<(u64, u64, Vec<(u64, i64, i64)>), u64>,
+    samples: HashMap<(Vec<u64>, Vec<LabelKey>), usize>,
+}
+
+pub fn decode(data: &[u8]) -> Result<Profile, String> {
+    let mut raw = Vec::new();
+    let bytes = if data.starts_with(&[0x1f, 0x8b]) {
+        GzDecoder::new(data)
+            .read_to_end(&mut raw)
+            .map_err(|e| format!("gunzip: {e}"))?;
+        &raw[..]
+    } else {
+        data
+    };
+    Profile::decode(bytes).map_err(|e| format!("not a pprof profile: {e}"))
+}
+
+#[must_use]
+pub fn encode_gzip(p: &Profile) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    gz.write_all(&p.encode_to_vec())
+        .expect("writing to a Vec cannot fail");
+    gz.finish().expect("writing to a Vec cannot fail")
+}
+
+fn string(p: &Profile, i: i64) -> &str {
+    usize::try_from(i)
+        .ok()
+        .and_then(|i| p.string_table.get(i))
+        .map_or("", String::as_str)
+}
+
+impl Merger {
+    fn types(p: &Profile) -> Vec<(String, String)> {
+        p.sample_type
+            .iter()
+            .map(|v| (string(p, v.r#type).to_owned(), string(p, v.unit).to_owned()))
+            .collect()
+    }
+
+    fn add(&mut self, p: &Profile, target: &str, run: &str) -> Result<(), String> {
+        let types = Self::types(p);
+        if self.sample_types.is_empty() {
+            self.sample_types.clone_from(&types);
+            self.out.sample_type = types
+                .iter()
+                .map(|(t, u)| ValueType {
+                    r#type: self.strings.get(t),
+                    unit: self.strings.get(u),
+                })
+                .collect();
+            if let Some(pt) = &p.period_type {
+                self.out.period_type = Some(ValueType {
+                    r#type: self.strings.get(string(p, pt.r#type)),
+                    unit: self.strings.get(string(p, pt.unit)),
+                });
+                self.out.period = p.period;
+            }
+            self.out.default_sample_type = self.strings.get(string(p, p.default_sample_type));
+            self.out.time_nanos = p.time_nanos;
+        } else if types != self.sample_types {
+            return Err(format!(
+                "its sample types {types:?} differ from the first profile's {:?}",
+                self.sample_types
+            ));
+        }
+        if p.time_nanos > 0 && (self.out.time_nanos == 0 || p.time_nanos < self.out.time_nanos) {
+            self.out.time_nanos = p.time_nanos;
+        }
+        self.out.duration_nanos = self.out.duration_nanos.max(
+            p.time_nanos.saturating_add(p.duration_nanos) - self.out.time_nanos.min(p.time_nanos),
+        );
+        let functions: HashMap<u64, u64> = p
+            .function
+            .iter()
+            .map(|f| (f.id, self.function(p, f)))
+            .collect();
+        let mappings: HashMap<u64, u64> = p
+            .mapping
+            .iter()
+            .map(|m| (m.id, self.mapping(p, m)))
+            .collect();
+        let locations: HashMap<u64, u64> = p
+            .location
+            .iter()
+            .map(|l| (l.id, self.location(l, &functions, &mappings)))
+            .collect();
+        let (target_key, run_key) = (self.strings.get("target"), self.strings.get("run"));
+        let (target, run) = (self.strings.get(target), self.strings.get(run));
+        for s in &p.sample {
+            let stack: Vec<u64> = s
+                .location_id
+                .iter()
+                .map(|id| locations.get(id).copied().unwrap_or(0))
+                .collect();
+            let mut labels: Vec<LabelKey> = s
+                .label
+                .iter()
+                .map(|l| {
+                    (
+                        self.strings.get(string(p, l.key)),
+                        self.strings.get(string(p, l.str)),
+                        l.num,
+                        self.strings.get(string(p, l.num_unit)),
+                    )
+                })
+                .collect();
+            labels.push((target_key, target, 0, 0));
+            labels.push((run_key, run, 0, 0));
+            let next = self.out.sample.len();
+            let i = *self.samples.entry((stack.clone(), labels.clone())).or_insert(next);
+            if i == next {
+                self.out.sample.push(Sample {
+                    location_id: stack,
+                    value: vec![0; self.sample_types.len()],
+                    label: labels
+                        .into_iter()
+                        .map(|(key, str, num, num_unit)| Label {
+                            key,
+                            str,
+                            num,
+                            num_unit,
+                        })
+                        .collect(),
+                });
+            }
+            for (acc, v) in self.out.sample[i].value.iter_mut().zip(&s.value) {
+                *acc = acc.saturating_add(*v);
+            }
+        }
+        Ok(())
+    }
+
+    fn function(&mut self, p: &Profile, f: &Function) -> u64 {
+        let key = (
+            self.strings.get(string(p, f.name)),
+            self.strings.get(string(p, f.system_name)),
+            self.strings.get(string(p, f.filename)),
+            f.start_line,
+        );
+        let next = self.out.function.len() as u64 + 1;
+        let id = *self.functions.entry(key).or_insert(next);
+        if id == next {
+            self.out.function.push(Function {
+                id,
+                name: key.0,
+                system_name: key.1,
+                filename: key.2,
+                start_line: key.3,
+            });
+        }
+        id
+    }
+
+    fn mapping(&mut self, p: &Profile, m: &Mapping) -> u64 {
+        let key = (
+            m.memory_start,
+            m.memory_limit,
+            m.file_offset,
+            self.strings.get(string(p, m.filename)),
+            self.strings.get(string(p, m.build_id)),
+        );
+        let next = self.out.mapping.len() as u64 + 1;
+        let id = *self.mappings.entry(key).or_insert(next);
+        if id == next {
+            self.out.mapping.push(Mapping {
+                id,
+                filename: key.3,
+                build_id: key.4,
+                ..*m
+            });
+        }
+        id
+    }
+
+    fn location(
+        &mut self,
+        l: &Location,
+        functions: &HashMap<u64, u64>,
+        mappings: &HashMap<u64, u64>,
+    ) -> u64 {
+        let lines: Vec<(u64, i64, i64)> = l
+            .line
+            .iter()
+            .map(|x| {
+                (
+                    functions.get(&x.function_id).copied().unwrap_or(0),
+                    x.line,
+                    x.column,
+                )
+            })
+            .collect();
+        let mapping = mappings.get(&l.mapping_id).copied().unwrap_or(0);
+        let key = (mapping, l.address, lines);
+        let next = self.out.location.len() as u64 + 1;
+        let id = *self.locations.entry(key.clone()).or_insert(next);
+        if id == next {
+            self.out.location.push(Location {
+                id,
+                mapping_id: mapping,
+                address: l.address,
+                line: key
+                    .2
+                    .iter()
+                    .map(|&(function_id, line, column)| Line {
+                        function_id,
+                        line,
+                        column,
+                    })
+                    .collect(),
+                is_folded: l.is_folded,
+            });
+        }
+        id
+    }
+}
+
+/// Merges every input whose sample types match the first readable one's.
+#[must_use]
+pub fn merge(inputs: &[Input<'_>]) -> Merged {
+    let mut m = Merger::default();
+    let mut skipped = Vec::new();
+    for i in inputs {
+        let res = decode(i.data).and_then(|p| m.add(&p, i.target, i.run));
+        if let Err(why) = res {
+            skipped.push(format!("{} ({}): {why}", i.target, i.run));
+        }
+    }
+    let comment = m
+        .strings
+        .get(&format!("merged by TOE from {} profiles", inputs.len() - skipped.len()));
+    m.out.comment = vec![comment];
+    m.out.string_table = std::mem::take(&mut m.strings.table);
+    Merged {
+        profile: m.out,
+        skipped,
+    }
+}
+
+/// Sum of each sample type over all samples.
+#[must_use]
+pub fn totals(p: &Profile) -> Vec<i64> {
+    let mut t = vec![0i64; p.sample_type.len()];
+    for s in &p.sample {
+        for (acc, v) in t.iter_mut().zip(&s.value) {
+            *acc += v;
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::fixtures;
+
+    #[test]
+    fn merge_preserves_totals_and_labels_targets() {
+        let a = fixtures::capture("cpu");
+        let b = fixtures::capture("contend");
+        let c = fixtures::capture("leak");
+        let (pa, pb) = (&a.pprof["cpu.pb.gz"], &b.pprof["cpu.pb.gz"]);
+        let inputs = [
+            Input {
+                data: pa,
+                target: "web-0/app",
+                run: "r1",
+            },
+            Input {
+                data: pb,
+                target: "web-1/app",
+                run: "r1",
+            },
+            Input {
+                data: &c.pprof["heap.pb.gz"],
+                target: "web-2/app",
+                run: "r1",
+            },
+        ];
+        let merged = merge(&inputs);
+        assert_eq!(merged.skipped.len(), 1, "the heap profile has other sample types");
+        assert!(merged.skipped[0].contains("web-2/app"), "{:?}", merged.skipped);
+        let want: Vec<i64> = totals(&decode(pa).unwrap())
+            .iter()
+            .zip(totals(&decode(pb).unwrap()))
+            .map(|(x, y)| x + y)
+            .collect();
+        let round = decode(&encode_gzip(&merged.profile)).unwrap();
+        assert_eq!(totals(&round), want);
+        let p = &round;
+        let target_key = p.string_table.iter().position(|s| s == "target").unwrap() as i64;
+        let web1 = p.string_table.iter().position(|s| s == "web-1/app").unwrap() as i64;
+        let web1_total: i64 = p
+            .sample
+            .iter()
+            .filter(|s| s.label.iter().any(|l| l.key == target_key && l.str == web1))
+            .map(|s| s.value[0])
+            .sum();
+        assert_eq!(web1_total, totals(&decode(pb).unwrap())[0]);
+        // Every referenced id exists.
+        for s in &p.sample {
+            for id in &s.location_id {
+                assert!(p.location.iter().any(|l| l.id == *id));
+            }
+        }
+    }
+}
