@@ -424,9 +424,14 @@ pub(crate) mod fixtures {
     /// A recorded capture from `fixtures/<name>` (real runs of the demo workload and containers).
     pub fn capture(name: &str) -> Capture {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
-        let store = object_store::local::LocalFileSystem::new_with_prefix(&dir).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let mut all = rt.block_on(load_all(&store, &StorePath::default())).unwrap();
+        // A thread of its own: callers may already be inside a runtime.
+        let mut all = std::thread::spawn(move || {
+            let store = object_store::local::LocalFileSystem::new_with_prefix(&dir).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(load_all(&store, &StorePath::default())).unwrap()
+        })
+        .join()
+        .unwrap();
         assert_eq!(all.len(), 1, "{name}");
         let mut c = all.remove(0);
         c.dir = name.to_owned();

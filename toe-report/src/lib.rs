@@ -7,7 +7,10 @@
 
 pub mod capture;
 pub mod folded;
+pub mod html;
+pub mod model;
 pub mod pprof;
+pub mod process;
 pub mod proto;
 pub mod rules;
 
