@@ -48,6 +48,44 @@ enum Command {
     Cleanup,
     /// Node mode (the DaemonSet): run the PowerTools admitted for this node's containers.
     Agent(AgentArgs),
+    /// Process runs into merged and differential flamegraphs, merged pprof, findings and an
+    /// HTML report (what a PowerToolProcessing does in a cluster).
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// Directories or object store URLs holding runs (each run directory has a summary.json).
+    #[arg(default_value = "./toe-output")]
+    sources: Vec<String>,
+    /// Directory or object store URL; the report goes to a timestamped directory inside.
+    #[arg(short = 'o', long, default_value = "./toe-output/reports")]
+    output: String,
+    /// Only runs that ended within this long (e.g. `1h`, `7d`); all runs by default.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    window: Option<std::time::Duration>,
+    /// What to produce (comma-separated): mergedFlamegraph, differentialFlamegraph, mergedPprof,
+    /// htmlReport.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "mergedFlamegraph,differentialFlamegraph,mergedPprof,htmlReport"
+    )]
+    outputs: Vec<String>,
+    /// An OpenAI-compatible API base (e.g. http://localhost:11434/v1) for the model step.
+    #[arg(long, requires = "model")]
+    model_url: Option<String>,
+    /// The model to ask.
+    #[arg(long, requires = "model_url")]
+    model: Option<String>,
+    /// Environment variable holding the model endpoint's API key.
+    #[arg(long, default_value = "TOE_MODEL_API_KEY")]
+    model_key_env: String,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    model_timeout: std::time::Duration,
+    /// Tokens for the whole model exchange (prompt and answer).
+    #[arg(long, default_value_t = 4000)]
+    model_token_budget: u32,
 }
 
 #[derive(Args)]
@@ -103,6 +141,94 @@ fn agent(args: &AgentArgs) -> Result<ExitCode> {
         })
         .await
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(args: &ReportArgs) -> Result<ExitCode> {
+    let cwd = std::env::current_dir().context("current directory")?;
+    let url = |given: &str| {
+        plan::output_base(given, &cwd).map_err(|e| anyhow::anyhow!("{given}: {e}"))
+    };
+    let mut options = toe_report::process::Options {
+        title: "TOE report".into(),
+        ..toe_report::process::Options::default()
+    };
+    for o in &args.outputs {
+        match o.as_str() {
+            "mergedFlamegraph" => options.merged_flamegraph = true,
+            "differentialFlamegraph" => options.differential_flamegraph = true,
+            "mergedPprof" => options.merged_pprof = true,
+            "htmlReport" => options.html_report = true,
+            other => anyhow::bail!(
+                "--outputs: unknown output {other:?}; use mergedFlamegraph, differentialFlamegraph, mergedPprof or htmlReport"
+            ),
+        }
+    }
+    if let (Some(url), Some(model)) = (&args.model_url, &args.model) {
+        options.model = Some(toe_report::model::Endpoint {
+            url: url.clone(),
+            model: model.clone(),
+            api_key: std::env::var(&args.model_key_env).ok(),
+            timeout: args.model_timeout,
+            token_budget: args.model_token_budget,
+        });
+    }
+    let now = SystemTime::now();
+    options.meta = format!(
+        "processed {} from {}{}",
+        humantime::format_rfc3339_seconds(now),
+        args.sources.join(", "),
+        args.window.map_or_else(String::new, |w| format!(
+            ", runs that ended in the last {}",
+            humantime::format_duration(w)
+        ))
+    );
+    let job = toe_report::store::Job {
+        sources: args
+            .sources
+            .iter()
+            .map(|s| {
+                Ok(toe_report::store::Source {
+                    url: url(s)?,
+                    label: String::new(),
+                })
+            })
+            .collect::<Result<_>>()?,
+        window: args.window,
+        now,
+        output: url(&args.output)?,
+        retention: None,
+        options,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let done = runtime.block_on(toe_report::store::run(&job))?;
+    let o = &done.outcome;
+    eprintln!(
+        "TOE report over {} capture(s) of {} run(s): {} finding(s)",
+        o.captures,
+        o.runs,
+        o.findings.len()
+    );
+    for f in &o.findings {
+        let source = match f.source {
+            toe_report::rules::Source::Rule => format!("rule {}", f.rule),
+            toe_report::rules::Source::Model => "model".to_owned(),
+        };
+        eprintln!("  [{:?}] {} ({source})", f.severity, f.title);
+        for e in &f.evidence {
+            eprintln!("      {e}");
+        }
+    }
+    for n in &o.notes {
+        eprintln!("  note: {n}");
+    }
+    eprintln!("  written to {}", done.dir);
+    for w in &done.written {
+        eprintln!("    {w}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -350,6 +476,7 @@ fn main() -> ExitCode {
         }
         Command::Cleanup => cleanup(),
         Command::Agent(args) => agent(args),
+        Command::Report(args) => report(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("toe: error: {e:#}");

@@ -124,7 +124,8 @@ pub fn parse_spec(source_name: &str, yaml: &str) -> Result<(PowerTool, Vec<Strin
     parse_document(source_name, value, api::POWER_TOOL_KIND)
 }
 
-fn output_base(given: &str, cwd: &Path) -> Result<Url, String> {
+/// A directory (relative to `cwd`) or an object store URL, as a URL.
+pub fn output_base(given: &str, cwd: &Path) -> Result<Url, String> {
     if given.contains("://") {
         return Url::parse(given).map_err(|e| e.to_string());
     }

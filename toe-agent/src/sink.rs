@@ -37,22 +37,11 @@ pub struct ObjectStoreSink {
     base: Url,
 }
 
-/// Credentials and settings for cloud stores come from the environment, the way each provider's
-/// own tools read them (AWS_*, GOOGLE_*, AZURE_*).
-fn env_options() -> Vec<(String, String)> {
-    std::env::vars()
-        .filter(|(k, _)| {
-            k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
-        })
-        .map(|(k, v)| (k.to_ascii_lowercase(), v))
-        .collect()
-}
-
 impl ObjectStoreSink {
     /// `url` is the run's directory, e.g. `file:///work/toe-output/cpu-profile-…/`.
     pub fn new(url: &Url) -> Result<Self, SinkError> {
         let (store, prefix) =
-            object_store::parse_url_opts(url, env_options()).map_err(|source| SinkError::Url {
+            object_store::parse_url_opts(url, toe_report::store::env_options()).map_err(|source| SinkError::Url {
                 url: url.to_string(),
                 source,
             })?;

@@ -283,11 +283,11 @@ pub struct Capture {
 
 impl Capture {
     /// Which run and target a capture directory names. In the cluster layout
-    /// (`<powertool>/<run>/<pod>/<container>`) the run is the first two parts and the target the
-    /// last two; a local run directory (`cpu-profile-<stamp>-<id>`) is a run of one target.
+    /// (`[<namespace>/<powertool>/]<run>/<pod>/<container>`) the target is the last two parts and
+    /// the run the rest; a local run directory (`cpu-profile-<stamp>-<id>`) is a run of one target.
     fn identify(dir: &str, summary: &Summary) -> (String, String) {
         let parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
-        if parts.len() >= 4 {
+        if parts.len() >= 3 {
             let n = parts.len();
             (parts[..n - 2].join("/"), parts[n - 2..].join("/"))
         } else {
@@ -315,8 +315,13 @@ pub enum ReadError {
     Parse { path: String, message: String },
 }
 
-/// Loads every capture below `base`: each directory holding a `summary.json`.
-pub async fn load_all(store: &dyn ObjectStore, base: &StorePath) -> Result<Vec<Capture>, ReadError> {
+/// Loads every capture below `base`: each directory holding a `summary.json`. `label` (e.g. the
+/// PowerTool's `namespace/name` when `base` is its directory) is put before each run's name.
+pub async fn load_all(
+    store: &dyn ObjectStore,
+    base: &StorePath,
+    label: &str,
+) -> Result<Vec<Capture>, ReadError> {
     let objects: Vec<object_store::ObjectMeta> = store
         .list(Some(base))
         .try_collect()
@@ -338,7 +343,11 @@ pub async fn load_all(store: &dyn ObjectStore, base: &StorePath) -> Result<Vec<C
     let mut out = Vec::new();
     for (dir, files) in &dirs {
         if files.iter().any(|f| f == "summary.json") {
-            out.push(load(store, base, dir, files).await?);
+            let mut c = load(store, base, dir, files).await?;
+            if !label.is_empty() {
+                c.run = format!("{label}/{}", c.run);
+            }
+            out.push(c);
         }
     }
     Ok(out)
@@ -428,7 +437,7 @@ pub(crate) mod fixtures {
         let mut all = std::thread::spawn(move || {
             let store = object_store::local::LocalFileSystem::new_with_prefix(&dir).unwrap();
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            rt.block_on(load_all(&store, &StorePath::default())).unwrap()
+            rt.block_on(load_all(&store, &StorePath::default(), "")).unwrap()
         })
         .join()
         .unwrap();
@@ -467,6 +476,10 @@ mod tests {
         assert_eq!(
             Capture::identify("ns/pt/g1-abcd/web-0/app", &s),
             ("ns/pt/g1-abcd".into(), "web-0/app".into())
+        );
+        assert_eq!(
+            Capture::identify("g1-abcd/web-0/app", &s),
+            ("g1-abcd".into(), "web-0/app".into())
         );
         let local = Summary {
             target: "pid 42".into(),

@@ -13,6 +13,7 @@ pub mod pprof;
 pub mod process;
 pub mod proto;
 pub mod rules;
+pub mod store;
 
 /// Text for SVG and HTML: the characters markup would read as its own escaped.
 #[must_use]

@@ -201,6 +201,9 @@ fn differential_flamegraphs(captures: &[Capture], kinds: &[ProfileKind], out: &m
     };
     for &kind in kinds {
         let (b, a) = (merge(before.iter().copied(), kind), merge(after.iter().copied(), kind));
+        if b.is_empty() && a.is_empty() {
+            continue;
+        }
         if b.is_empty() || a.is_empty() {
             out.notes.push(format!(
                 "no differential {} flamegraph: {how} has no {} profile on one side",

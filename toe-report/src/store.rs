@@ -1,0 +1,338 @@
+//! Processing against object stores: open a URL, read the captures of every source within the
+//! window, process them, write the outputs under a timestamped directory, and expire old ones.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload, path::Path as StorePath};
+use url::Url;
+
+use crate::{
+    capture::{self, Capture},
+    process::{self, Options, Outcome},
+};
+
+/// Credentials and settings for cloud stores come from the environment, the way each provider's
+/// own tools read them (AWS_*, GOOGLE_*, AZURE_*).
+#[must_use]
+pub fn env_options() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| {
+            k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
+        })
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store URL {url}: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error(transparent)]
+    Read(#[from] capture::ReadError),
+    #[error("writing {path}: {source}")]
+    Put {
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("expiring {path}: {source}")]
+    Delete {
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// A store and the path a URL points at within it.
+pub fn open(url: &Url) -> Result<(Box<dyn ObjectStore>, StorePath), StoreError> {
+    object_store::parse_url_opts(url, env_options()).map_err(|source| StoreError::Url {
+        url: url.to_string(),
+        source,
+    })
+}
+
+/// `2026-11-26T10:15:00Z` -> `20261126T101500Z`, sortable and safe in any object store.
+#[must_use]
+pub fn stamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+/// The time a [`stamp`] names.
+#[must_use]
+pub fn parse_stamp(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let rfc = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &s[0..4],
+        &s[4..6],
+        &s[6..8],
+        &s[9..11],
+        &s[11..13],
+        &s[13..15]
+    );
+    humantime::parse_rfc3339(&rfc).ok()
+}
+
+/// Where captures are read from: a URL and the label its runs get.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub url: Url,
+    pub label: String,
+}
+
+/// One processing job.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub sources: Vec<Source>,
+    /// Captures whose sampling ended within this long before `now`; all when `None`.
+    pub window: Option<Duration>,
+    pub now: SystemTime,
+    /// The processing's directory; this job writes to `<output>/<stamp>/`.
+    pub output: Url,
+    /// Output directories older than this are deleted after a successful job.
+    pub retention: Option<Duration>,
+    pub options: Options,
+}
+
+/// What a job did.
+#[derive(Debug, Default)]
+pub struct JobOutcome {
+    pub outcome: Outcome,
+    /// The directory it wrote, as a URL.
+    pub dir: String,
+    /// Every file written, as a URL.
+    pub written: Vec<String>,
+    /// Output directories removed by retention.
+    pub expired: Vec<String>,
+}
+
+/// Reads the captures of every source that ended within the window.
+pub async fn read_sources(
+    sources: &[Source],
+    window: Option<Duration>,
+    now: SystemTime,
+) -> Result<Vec<Capture>, StoreError> {
+    let since_ms = window.map(|w| {
+        now.checked_sub(w)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    });
+    let mut all = Vec::new();
+    for s in sources {
+        let (store, base) = open(&s.url)?;
+        let caps = capture::load_all(store.as_ref(), &base, &s.label).await?;
+        all.extend(
+            caps.into_iter()
+                .filter(|c| since_ms.is_none_or(|t| c.summary.ended_unix_ms() >= t)),
+        );
+    }
+    Ok(all)
+}
+
+fn dir_url(url: &Url) -> Url {
+    let mut u = url.clone();
+    if !u.path().ends_with('/') {
+        u.set_path(&format!("{}/", u.path()));
+    }
+    u
+}
+
+/// Runs the job: read, process, write, expire.
+pub async fn run(job: &Job) -> Result<JobOutcome, StoreError> {
+    let captures = read_sources(&job.sources, job.window, job.now).await?;
+    let outcome = process::process(&captures, &job.options).await;
+    let (store, base) = open(&job.output)?;
+    let name = stamp(job.now);
+    let dir = base.clone().join(name.as_str());
+    let dir_url = dir_url(&job.output)
+        .join(&format!("{name}/"))
+        .map_or_else(|_| dir.to_string(), |u| u.to_string());
+    let mut written = Vec::new();
+    for (file, data) in &outcome.files {
+        let path = StorePath::from_iter(
+            dir.parts()
+                .chain(file.split('/').map(object_store::path::PathPart::from)),
+        );
+        put(store.as_ref(), &path, data.clone()).await?;
+        written.push(format!("{dir_url}{file}"));
+    }
+    let expired = match job.retention {
+        Some(keep) => expire(store.as_ref(), &base, job.now.checked_sub(keep).unwrap_or(SystemTime::UNIX_EPOCH)).await?,
+        None => Vec::new(),
+    };
+    Ok(JobOutcome {
+        outcome,
+        dir: dir_url,
+        written,
+        expired,
+    })
+}
+
+async fn put(store: &dyn ObjectStore, path: &StorePath, data: Bytes) -> Result<(), StoreError> {
+    store
+        .put(path, PutPayload::from_bytes(data))
+        .await
+        .map(|_| ())
+        .map_err(|source| StoreError::Put {
+            path: path.to_string(),
+            source,
+        })
+}
+
+/// Deletes every `<base>/<stamp>/` directory older than `before`; returns their names.
+pub async fn expire(
+    store: &dyn ObjectStore,
+    base: &StorePath,
+    before: SystemTime,
+) -> Result<Vec<String>, StoreError> {
+    let listed = store
+        .list_with_delimiter(Some(base))
+        .await
+        .map_err(|source| StoreError::Delete {
+            path: base.to_string(),
+            source,
+        })?;
+    let mut removed = Vec::new();
+    for dir in listed.common_prefixes {
+        let Some(name) = dir.filename() else { continue };
+        if !parse_stamp(name).is_some_and(|t| t < before) {
+            continue;
+        }
+        let objects: Vec<object_store::ObjectMeta> = store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|source| StoreError::Delete {
+                path: dir.to_string(),
+                source,
+            })?;
+        for o in objects {
+            store
+                .delete(&o.location)
+                .await
+                .map_err(|source| StoreError::Delete {
+                    path: o.location.to_string(),
+                    source,
+                })?;
+        }
+        removed.push(name.to_owned());
+    }
+    Ok(removed)
+}
+
+/// Every output directory below `base` (newest first) with its files: what a report server lists.
+pub async fn list_outputs(
+    store: &dyn ObjectStore,
+    base: &StorePath,
+) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+    let objects: Vec<object_store::ObjectMeta> = store
+        .list(Some(base))
+        .try_collect()
+        .await
+        .map_err(|source| StoreError::Read(capture::ReadError::List {
+            prefix: base.to_string(),
+            source,
+        }))?;
+    let mut dirs: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for o in objects {
+        let rel: Vec<String> = o
+            .location
+            .prefix_match(base)
+            .map(|p| p.map(|x| x.as_ref().to_owned()).collect())
+            .unwrap_or_default();
+        if let Some(pos) = rel.iter().position(|p| parse_stamp(p).is_some()) {
+            dirs.entry(rel[..=pos].join("/"))
+                .or_default()
+                .push(rel[pos + 1..].join("/"));
+        }
+    }
+    let mut v: Vec<(String, Vec<String>)> = dirs.into_iter().collect();
+    v.sort_by(|a, b| {
+        let stamp = |d: &str| d.rsplit('/').next().unwrap_or_default().to_owned();
+        stamp(&b.0).cmp(&stamp(&a.0)).then_with(|| a.0.cmp(&b.0))
+    });
+    for (_, files) in &mut v {
+        files.sort();
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_731_722);
+        assert_eq!(parse_stamp(&stamp(t)), Some(t));
+        assert_eq!(parse_stamp("g1-abcdef12"), None);
+    }
+
+    fn fixtures_url() -> Url {
+        Url::from_directory_path(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_job_writes_its_outputs_and_retention_expires_old_ones() {
+        let out = tempfile::tempdir().unwrap();
+        let output = Url::from_directory_path(out.path().join("ns/weekly")).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3 * 86_400);
+        std::fs::create_dir_all(out.path().join("ns/weekly").join(stamp(old))).unwrap();
+        std::fs::write(out.path().join("ns/weekly").join(stamp(old)).join("report.html"), "x").unwrap();
+        let job = Job {
+            sources: vec![Source {
+                url: fixtures_url(),
+                label: "recorded".into(),
+            }],
+            window: None,
+            now: SystemTime::now(),
+            output: output.clone(),
+            retention: Some(Duration::from_secs(86_400)),
+            options: Options {
+                merged_flamegraph: true,
+                html_report: true,
+                title: "recorded".into(),
+                ..Options::default()
+            },
+        };
+        let done = run(&job).await.unwrap();
+        assert_eq!(done.outcome.captures, 11);
+        assert_eq!(done.expired, [stamp(old)]);
+        assert!(!out.path().join("ns/weekly").join(stamp(old)).join("report.html").exists());
+        let report = done.written.iter().find(|u| u.ends_with("/report.html")).unwrap();
+        let path = Url::parse(report).unwrap().to_file_path().unwrap();
+        assert!(std::fs::read_to_string(path).unwrap().contains("oom-kill"));
+        let (store, base) = open(&Url::from_directory_path(out.path()).unwrap()).unwrap();
+        let listed = list_outputs(store.as_ref(), &base).await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert!(listed[0].0.starts_with("ns/weekly/"), "{listed:?}");
+        assert!(listed[0].1.contains(&"report.html".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn the_window_leaves_out_older_captures() {
+        let far_future = SystemTime::now() + Duration::from_secs(10 * 365 * 86_400);
+        let src = [Source {
+            url: fixtures_url(),
+            label: String::new(),
+        }];
+        let none = read_sources(&src, Some(Duration::from_secs(3600)), far_future).await.unwrap();
+        assert!(none.is_empty());
+        let all = read_sources(&src, None, far_future).await.unwrap();
+        assert_eq!(all.len(), 11);
+    }
+}
