@@ -6,6 +6,8 @@ pub mod controller;
 pub mod ephemeral;
 pub mod lease;
 pub mod metrics;
+pub mod processing;
+pub mod reports;
 pub mod rbac;
 pub mod selection;
 pub mod webhook;

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context as _, Result};
 use axum::{Router, routing::get};
 use clap::Parser;
-use toe_operator::{controller, lease::Elector, metrics::Metrics, webhook};
+use toe_operator::{controller, lease::Elector, metrics::Metrics, processing, reports, webhook};
 
 #[derive(Parser)]
 #[command(name = "toe-operator", version, about = "TOE's Kubernetes operator")]
@@ -32,6 +32,17 @@ struct Cli {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The object store the node agents write to (their --output): PowerToolProcessings read
+    /// runs from it and write reports to `<artifacts>/_reports/` unless they name another URL.
+    #[arg(
+        long,
+        env = "TOE_OUTPUT",
+        default_value = "file:///var/lib/toe/artifacts/"
+    )]
+    artifacts: url::Url,
+    /// Serve the processed reports (index at /reports/) here over plain HTTP; empty: off.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    report_addr: String,
 }
 
 async fn shutdown_signal() {
@@ -41,6 +52,17 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+async fn serve_reports(addr: SocketAddr, artifacts: url::Url) -> Result<()> {
+    let app = reports::router(reports::Reports::new(&artifacts)?);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--report-addr {addr}"))?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
 }
 
 async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
@@ -94,7 +116,31 @@ fn main() -> Result<()> {
             ))),
             _ => None,
         };
-        let run = controller::run(client.clone(), metrics, shutdown_signal());
+        // Every replica serves reports; only the leader reconciles and processes.
+        if !cli.report_addr.is_empty() {
+            let addr: SocketAddr = cli
+                .report_addr
+                .parse()
+                .with_context(|| format!("--report-addr {}", cli.report_addr))?;
+            let artifacts = cli.artifacts.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_reports(addr, artifacts).await {
+                    tracing::error!(error = %format!("{e:#}"), "report server stopped");
+                }
+            });
+        }
+        let opts = processing::ProcessingOptions {
+            artifacts: cli.artifacts.clone(),
+        };
+        let run = {
+            let (client, metrics) = (client.clone(), metrics.clone());
+            async move {
+                futures::join!(
+                    controller::run(client.clone(), metrics.clone(), shutdown_signal()),
+                    processing::run(client, opts, metrics, shutdown_signal()),
+                );
+            }
+        };
         if cli.lease_name.is_empty() {
             run.await;
         } else {

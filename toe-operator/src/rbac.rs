@@ -34,6 +34,20 @@ pub fn operator_cluster_role(name: &str) -> ClusterRole {
                 &["get", "patch", "update"],
             ),
             rule("toe.run", &["powertoolconfigs"], &["get", "list", "watch"]),
+            // Scheduled processing: read the specs, write their status.
+            rule(
+                "toe.run",
+                &["powertoolprocessings"],
+                &["get", "list", "watch"],
+            ),
+            rule(
+                "toe.run",
+                &["powertoolprocessings/status"],
+                &["get", "patch"],
+            ),
+            // The model endpoint's API key, from the Secret a processing names (get by name only:
+            // no list or watch of Secrets).
+            rule("", &["secrets"], &["get"]),
             // Target selection.
             rule("", &["pods", "namespaces"], &["get", "list"]),
             // What each node's agent reported it can run (an annotation).

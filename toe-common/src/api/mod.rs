@@ -21,7 +21,7 @@ pub use self::{
     },
     duration::{format_duration, parse_duration},
     resources::{
-        BlastRadius, BlastRadiusMode, CAPABILITIES_ANNOTATION, OutputSpec, PowerTool,
+        BlastRadius, BlastRadiusMode, CAPABILITIES_ANNOTATION, ModelSpec, OutputSpec, PowerTool,
         PowerToolPhase, PowerToolProcessing, PowerToolProcessingSpec, PowerToolProcessingStatus,
         PowerToolSpec, PowerToolStatus, ProcessingOutput, SelectedTarget, Targets, ToolSpec,
         TypeMeta, run_name, target_finished,

@@ -250,6 +250,8 @@ pub enum ProcessingOutput {
     category = "toe",
     printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
     printcolumn = r#"{"name":"Last run","type":"date","jsonPath":".status.lastRun"}"#,
+    printcolumn = r#"{"name":"Next run","type":"date","jsonPath":".status.nextRun"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -298,12 +300,27 @@ pub struct ModelSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PowerToolProcessingStatus {
+    /// When the last processing started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<Time>,
+    /// When the next one is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_run: Option<Time>,
+    /// URLs of the files the last processing wrote.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// URL of the last HTML report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
+    /// Captures (one target's artifacts of one run) and runs the last processing read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captures: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<u32>,
+    /// The last processing's findings, most severe first: `severity: title (rule or model)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<String>,
+    /// `Ready` (the spec is valid and the last processing succeeded) and `ModelAvailable`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

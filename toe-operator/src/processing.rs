@@ -1,0 +1,581 @@
+//! The PowerToolProcessing controller: on its schedule, reads every capture of the selected
+//! PowerTools' runs within the window from the object store, and writes merged profiles, findings
+//! and the HTML report to `<output>/_reports/<namespace>/<name>/<stamp>/` (toe-report does the
+//! work). The spec is checked first ([`plan`], pure); a bad spec is a `Ready=False` condition
+//! saying what and why, and nothing runs.
+
+use std::{
+    str::FromStr as _,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::core::v1::Secret,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{Controller, controller::Action, watcher},
+};
+use toe_common::api::{
+    PowerTool, PowerToolProcessing, PowerToolProcessingSpec, PowerToolProcessingStatus,
+    ProcessingOutput, parse_duration,
+};
+use toe_report::{
+    model::Endpoint,
+    process::Options,
+    rules::{Severity, Source as FindingSource},
+    store::{Job, Source},
+};
+use url::Url;
+
+use crate::{
+    controller::{FIELD_MANAGER, condition, selector_string},
+    metrics::Metrics,
+};
+
+/// Runs that ended this long before a processing are included when the spec names no window.
+pub const DEFAULT_WINDOW: Duration = Duration::from_hours(24);
+/// Processed outputs are kept this long when the spec names no retention.
+pub const DEFAULT_RETENTION: Duration = Duration::from_hours(7 * 24);
+/// The shortest interval: processing reads the whole window from the store each time.
+pub const MIN_INTERVAL: Duration = Duration::from_mins(1);
+const DEFAULT_MODEL_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_TOKEN_BUDGET: u32 = 4000;
+/// A failed processing is retried this soon (or at the next scheduled time, if sooner).
+const RETRY: Duration = Duration::from_mins(1);
+/// Output URLs listed in status; the rest are in the output directory.
+const MAX_LISTED_OUTPUTS: usize = 40;
+
+/// When processing happens.
+#[derive(Clone, Debug)]
+pub enum Schedule {
+    Every(Duration),
+    Cron(Box<croner::Cron>),
+}
+
+impl Schedule {
+    /// An interval in Go duration syntax (`15m`) or a 5-field cron expression (`0 * * * *`, UTC).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.split_whitespace().count() > 1 {
+            let cron = croner::Cron::from_str(text).map_err(|e| {
+                format!("schedule {text:?} is not a cron expression ({e}); use e.g. \"0 * * * *\" or an interval like 15m")
+            })?;
+            return Ok(Self::Cron(Box::new(cron)));
+        }
+        let every = parse_duration(text).map_err(|e| {
+            format!("schedule: {e}; or a cron expression like \"0 * * * *\"")
+        })?;
+        if every < MIN_INTERVAL {
+            return Err(format!(
+                "schedule {text:?} is shorter than the minimum interval of 1m"
+            ));
+        }
+        Ok(Self::Every(every))
+    }
+
+    /// The first time after `t`.
+    #[must_use]
+    pub fn next_after(&self, t: SystemTime) -> Option<SystemTime> {
+        match self {
+            Self::Every(d) => t.checked_add(*d),
+            Self::Cron(c) => {
+                let now = chrono::DateTime::<chrono::Utc>::from(t);
+                c.find_next_occurrence(&now, false).ok().map(SystemTime::from)
+            }
+        }
+    }
+}
+
+/// A checked spec.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub schedule: Schedule,
+    pub window: Duration,
+    pub retention: Duration,
+    pub options: Options,
+    pub output: Option<Url>,
+    pub model: Option<ModelPlan>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelPlan {
+    pub url: String,
+    pub model: String,
+    pub secret: Option<String>,
+    pub timeout: Duration,
+    pub token_budget: u32,
+}
+
+fn duration_field(name: &str, v: Option<&String>, default: Duration) -> Result<Duration, String> {
+    match v {
+        None => Ok(default),
+        Some(t) => match parse_duration(t) {
+            Ok(d) if d > Duration::ZERO => Ok(d),
+            Ok(_) => Err(format!("{name} must be longer than 0")),
+            Err(e) => Err(format!("{name}: {e}")),
+        },
+    }
+}
+
+/// Checks the spec; the error names the field and says why.
+pub fn plan(spec: &PowerToolProcessingSpec) -> Result<Plan, String> {
+    let schedule = Schedule::parse(&spec.schedule)?;
+    if spec.selector.is_none() && spec.names.is_empty() {
+        return Err("select PowerTools with spec.selector or spec.names".into());
+    }
+    if let Some(sel) = &spec.selector {
+        selector_string(sel).map_err(|e| format!("selector: {e}"))?;
+    }
+    if spec.outputs.is_empty() {
+        return Err("outputs: name at least one of mergedFlamegraph, differentialFlamegraph, mergedPprof, htmlReport".into());
+    }
+    let mut options = Options::default();
+    for o in &spec.outputs {
+        match o {
+            ProcessingOutput::MergedFlamegraph => options.merged_flamegraph = true,
+            ProcessingOutput::DifferentialFlamegraph => options.differential_flamegraph = true,
+            ProcessingOutput::MergedPprof => options.merged_pprof = true,
+            ProcessingOutput::HtmlReport => options.html_report = true,
+        }
+    }
+    let output = match &spec.output {
+        None => None,
+        Some(o) if o.pvc.is_some() => {
+            return Err("output.pvc is not supported for processing; use output.url".into());
+        }
+        Some(o) => match &o.url {
+            None => None,
+            Some(u) => Some(Url::parse(u).map_err(|e| format!("output.url {u:?}: {e}"))?),
+        },
+    };
+    let model = match &spec.model {
+        None => None,
+        Some(m) => {
+            let url = Url::parse(&m.url).map_err(|e| format!("model.url {:?}: {e}", m.url))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(format!("model.url {:?}: use http:// or https://", m.url));
+            }
+            if m.model.trim().is_empty() {
+                return Err("model.model: name the model to ask".into());
+            }
+            Some(ModelPlan {
+                url: m.url.clone(),
+                model: m.model.clone(),
+                secret: m.secret_name.clone(),
+                timeout: m
+                    .timeout_seconds
+                    .map_or(DEFAULT_MODEL_TIMEOUT, |s| Duration::from_secs(s.into())),
+                token_budget: m.max_tokens.unwrap_or(DEFAULT_TOKEN_BUDGET),
+            })
+        }
+    };
+    Ok(Plan {
+        schedule,
+        window: duration_field("window", spec.window.as_ref(), DEFAULT_WINDOW)?,
+        retention: duration_field("retention", spec.retention.as_ref(), DEFAULT_RETENTION)?,
+        options,
+        output,
+        model,
+    })
+}
+
+/// What the processing controller needs besides the API.
+#[derive(Clone, Debug)]
+pub struct ProcessingOptions {
+    /// Where node agents write when a PowerTool names no output URL (the agents' `--output`),
+    /// and where reports go when a processing names none.
+    pub artifacts: Url,
+}
+
+struct Ctx {
+    client: Client,
+    opts: ProcessingOptions,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+fn time(t: SystemTime) -> Option<Time> {
+    Timestamp::try_from(t).ok().map(Time)
+}
+
+fn dir(url: &Url) -> Url {
+    let mut u = url.clone();
+    if !u.path().ends_with('/') {
+        u.set_path(&format!("{}/", u.path()));
+    }
+    u
+}
+
+/// The directory of a PowerTool's runs, in the layout the agents write.
+fn runs_url(pt: &PowerTool, artifacts: &Url) -> Result<Url, String> {
+    let base = match pt.spec.output.as_ref().and_then(|o| o.url.as_ref()) {
+        Some(u) => Url::parse(u).map_err(|e| format!("{}: output.url {u:?}: {e}", pt.name_any()))?,
+        None => artifacts.clone(),
+    };
+    dir(&base)
+        .join(&format!(
+            "{}/{}/",
+            pt.namespace().unwrap_or_default(),
+            pt.name_any()
+        ))
+        .map_err(|e| e.to_string())
+}
+
+/// The PowerTools a processing selects, and the names it lists that do not exist.
+async fn selected(
+    client: &Client,
+    ns: &str,
+    spec: &PowerToolProcessingSpec,
+) -> Result<(Vec<PowerTool>, Vec<String>), Error> {
+    let api: Api<PowerTool> = Api::namespaced(client.clone(), ns);
+    let mut out: Vec<PowerTool> = Vec::new();
+    let mut missing = Vec::new();
+    for name in &spec.names {
+        match api.get_opt(name).await? {
+            Some(pt) => out.push(pt),
+            None => missing.push(name.clone()),
+        }
+    }
+    if let Some(sel) = &spec.selector {
+        let sel = selector_string(sel).unwrap_or_default();
+        for pt in api.list(&ListParams::default().labels(&sel)).await? {
+            if !out.iter().any(|p| p.name_any() == pt.name_any()) {
+                out.push(pt);
+            }
+        }
+    }
+    out.sort_by_key(ResourceExt::name_any);
+    Ok((out, missing))
+}
+
+/// The model endpoint with its key, or why the model step is skipped.
+async fn endpoint(
+    client: &Client,
+    ns: &str,
+    m: &ModelPlan,
+) -> Result<Result<Endpoint, (String, String)>, Error> {
+    let api_key = match &m.secret {
+        None => None,
+        Some(name) => {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+            let Some(secret) = secrets.get_opt(name).await? else {
+                return Ok(Err((
+                    "SecretNotFound".into(),
+                    format!("model.secretName: Secret {ns}/{name} not found; the model step is skipped and findings come from the rules alone"),
+                )));
+            };
+            let Some(key) = secret.data.as_ref().and_then(|d| d.get("apiKey")) else {
+                return Ok(Err((
+                    "SecretKeyMissing".into(),
+                    format!("model.secretName: Secret {ns}/{name} has no apiKey; the model step is skipped and findings come from the rules alone"),
+                )));
+            };
+            Some(String::from_utf8_lossy(&key.0).trim().to_owned())
+        }
+    };
+    Ok(Ok(Endpoint {
+        url: m.url.clone(),
+        model: m.model.clone(),
+        api_key,
+        timeout: m.timeout,
+        token_budget: m.token_budget,
+    }))
+}
+
+async fn write_status(
+    api: &Api<PowerToolProcessing>,
+    name: &str,
+    status: &PowerToolProcessingStatus,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "toe.run/v1alpha1",
+        "kind": "PowerToolProcessing",
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Keeps a condition's transition time when only its message changed.
+fn carry_times(old: Option<&PowerToolProcessingStatus>, new: &mut [Condition]) {
+    let Some(old) = old else { return };
+    for c in new {
+        if let Some(o) = old
+            .conditions
+            .iter()
+            .find(|o| o.type_ == c.type_ && o.status == c.status)
+        {
+            c.last_transition_time = o.last_transition_time.clone();
+        }
+    }
+}
+
+fn until(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+        .max(Duration::from_secs(1))
+}
+
+async fn reconcile(ptp: Arc<PowerToolProcessing>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.inc();
+    let ns = ptp.namespace().unwrap_or_default();
+    let name = ptp.name_any();
+    let generation = ptp.metadata.generation.unwrap_or(0);
+    let api: Api<PowerToolProcessing> = Api::namespaced(ctx.client.clone(), &ns);
+    let old = ptp.status.as_ref();
+    let plan = match plan(&ptp.spec) {
+        Ok(p) => p,
+        Err(why) => {
+            let mut status = old.cloned().unwrap_or_default();
+            status.observed_generation = Some(generation);
+            status.next_run = None;
+            status.conditions = vec![condition("Ready", false, "InvalidSpec", &why, generation)];
+            carry_times(old, &mut status.conditions);
+            if old != Some(&status) {
+                write_status(&api, &name, &status).await?;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let now = SystemTime::now();
+    if let Some(s) = old.filter(|s| s.observed_generation == Some(generation))
+        && let Some(next) = &s.next_run
+        && SystemTime::from(next.0) > now
+    {
+        return Ok(Action::requeue(until(SystemTime::from(next.0))));
+    }
+    let status = process(&ctx, &ptp, &plan, now).await?;
+    let next = status.next_run.as_ref().map(|t| SystemTime::from(t.0));
+    write_status(&api, &name, &status).await?;
+    Ok(next.map_or_else(Action::await_change, |t| Action::requeue(until(t))))
+}
+
+/// One processing pass and the status that reports it.
+async fn process(
+    ctx: &Ctx,
+    ptp: &PowerToolProcessing,
+    plan: &Plan,
+    now: SystemTime,
+) -> Result<PowerToolProcessingStatus, Error> {
+    let ns = ptp.namespace().unwrap_or_default();
+    let name = ptp.name_any();
+    let generation = ptp.metadata.generation.unwrap_or(0);
+    let mut status = PowerToolProcessingStatus {
+        last_run: time(now),
+        observed_generation: Some(generation),
+        ..PowerToolProcessingStatus::default()
+    };
+    let mut conditions = Vec::new();
+    let (pts, missing) = selected(&ctx.client, &ns, &ptp.spec).await?;
+    let mut options = plan.options.clone();
+    options.title = format!("{ns}/{name}");
+    if let Some(m) = &plan.model {
+        match endpoint(&ctx.client, &ns, m).await? {
+            Ok(e) => options.model = Some(e),
+            Err((reason, message)) => {
+                conditions.push(condition("ModelAvailable", false, &reason, &message, generation));
+            }
+        }
+    }
+    let mut sources = Vec::new();
+    let mut problems: Vec<String> = missing
+        .iter()
+        .map(|n| format!("PowerTool {ns}/{n} not found"))
+        .collect();
+    for pt in &pts {
+        match runs_url(pt, &ctx.opts.artifacts) {
+            Ok(url) => sources.push(Source {
+                url,
+                label: pt.name_any(),
+            }),
+            Err(e) => problems.push(e),
+        }
+    }
+    options.meta = format!(
+        "processed {} for PowerTools {} (runs that ended in the last {}); schedule {}",
+        humantime::format_rfc3339_seconds(now),
+        pts.iter().map(ResourceExt::name_any).collect::<Vec<_>>().join(", "),
+        humantime::format_duration(plan.window),
+        ptp.spec.schedule
+    );
+    let output_base = plan.output.clone().unwrap_or_else(|| ctx.opts.artifacts.clone());
+    let output = dir(&output_base)
+        .join(&format!("_reports/{ns}/{name}/"))
+        .expect("a relative path joins a directory URL");
+    let job = Job {
+        sources,
+        window: Some(plan.window),
+        now,
+        output,
+        retention: Some(plan.retention),
+        options,
+    };
+    let next = plan.schedule.next_after(now);
+    match toe_report::store::run(&job).await {
+        Ok(done) => {
+            let o = &done.outcome;
+            status.captures = u32::try_from(o.captures).ok();
+            status.runs = u32::try_from(o.runs).ok();
+            status.report = done
+                .written
+                .iter()
+                .find(|u| u.ends_with("/report.html"))
+                .cloned();
+            status.outputs = done.written.iter().filter(|u| !u.contains("/runs/")).take(MAX_LISTED_OUTPUTS).cloned().collect();
+            status.findings = o
+                .findings
+                .iter()
+                .map(|f| {
+                    let sev = match f.severity {
+                        Severity::Critical => "critical",
+                        Severity::Warning => "warning",
+                        Severity::Info => "info",
+                    };
+                    let by = match f.source {
+                        FindingSource::Rule => format!("rule {}", f.rule),
+                        FindingSource::Model => "model".into(),
+                    };
+                    format!("{sev}: {} ({by})", f.title)
+                })
+                .take(10)
+                .collect();
+            if job.options.model.is_some() {
+                let failed = o.notes.iter().find(|n| n.starts_with("the model step failed"));
+                conditions.push(match failed {
+                    Some(n) => condition("ModelAvailable", false, "ModelFailed", n, generation),
+                    None => condition("ModelAvailable", true, "Answered", "the model's findings are in the report, marked as such", generation),
+                });
+            }
+            let mut message = format!(
+                "{} capture(s) of {} run(s) from {} PowerTool(s); {} finding(s)",
+                o.captures,
+                o.runs,
+                pts.len(),
+                o.findings.len()
+            );
+            for p in &problems {
+                message.push_str("; ");
+                message.push_str(p);
+            }
+            conditions.insert(0, condition("Ready", true, "Processed", &message, generation));
+            status.next_run = next.and_then(time);
+        }
+        Err(e) => {
+            problems.insert(0, e.to_string());
+            conditions.insert(
+                0,
+                condition("Ready", false, "ProcessingFailed", &problems.join("; "), generation),
+            );
+            let retry = now + RETRY;
+            status.next_run = time(next.map_or(retry, |n| n.min(retry)));
+            ctx.metrics.reconcile_errors.inc();
+        }
+    }
+    carry_times(ptp.status.as_ref(), &mut conditions);
+    status.conditions = conditions;
+    Ok(status)
+}
+
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the signature kube's Controller::run calls"
+)]
+fn error_policy(_: Arc<PowerToolProcessing>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics.reconcile_errors.inc();
+    tracing::warn!(%error, "processing reconcile failed; retrying in 15 s");
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// Runs the processing controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    opts: ProcessingOptions,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        opts,
+        metrics,
+    });
+    Controller::new(
+        Api::<PowerToolProcessing>::all(client),
+        watcher::Config::default(),
+    )
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "processing reconcile");
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(schedule: &str) -> PowerToolProcessingSpec {
+        PowerToolProcessingSpec {
+            names: vec!["cpu".into()],
+            schedule: schedule.into(),
+            outputs: vec![ProcessingOutput::HtmlReport],
+            ..PowerToolProcessingSpec::default()
+        }
+    }
+
+    #[test]
+    fn schedules_are_intervals_or_cron() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let every = plan(&spec("15m")).unwrap().schedule;
+        assert_eq!(every.next_after(t), Some(t + Duration::from_mins(15)));
+        let hourly = plan(&spec("0 * * * *")).unwrap().schedule;
+        let next = hourly.next_after(t).unwrap();
+        let secs = next.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(secs % 3600, 0);
+        assert!(next > t && next <= t + Duration::from_hours(1));
+    }
+
+    #[test]
+    fn bad_specs_say_what_and_why() {
+        let err = plan(&spec("every tuesday")).unwrap_err();
+        assert!(err.contains("cron"), "{err}");
+        let err = plan(&spec("10s")).unwrap_err();
+        assert!(err.contains("minimum interval"), "{err}");
+        let err = plan(&spec("fortnightly")).unwrap_err();
+        assert!(err.contains("schedule"), "{err}");
+        let mut s = spec("1h");
+        s.names.clear();
+        assert!(plan(&s).unwrap_err().contains("spec.selector or spec.names"));
+        let mut s = spec("1h");
+        s.window = Some("-1h".into());
+        assert!(plan(&s).unwrap_err().starts_with("window:"));
+        let mut s = spec("1h");
+        s.model = Some(toe_common::api::ModelSpec {
+            url: "ftp://x".into(),
+            model: "m".into(),
+            ..Default::default()
+        });
+        assert!(plan(&s).unwrap_err().contains("http://"));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let p = plan(&spec("1h")).unwrap();
+        assert_eq!((p.window, p.retention), (DEFAULT_WINDOW, DEFAULT_RETENTION));
+        assert!(p.options.html_report && !p.options.merged_pprof);
+    }
+}
