@@ -120,29 +120,54 @@ pub async fn operator_identity(server: &ApiServer, admin: &kube::Client) -> kube
     server.client_as(OPERATOR_TOKEN).await
 }
 
-/// The operator's controller, in this process, as its own identity.
+/// The operator's controllers, in this process, as its own identity.
 pub struct Operator {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Operator {
+    /// The PowerTool controller.
     pub async fn start(server: &ApiServer, admin: &kube::Client) -> Self {
-        let client = operator_identity(server, admin).await;
-        let metrics = std::sync::Arc::new(toe_operator::metrics::Metrics::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(toe_operator::controller::run(client, metrics, async {
-            let _ = stopped.await;
-        }));
-        Self {
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Self::start_with(server, admin, None).await
     }
 
-    pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap();
+    /// The PowerTool controller and, with `artifacts` (the agents' store), the processing one.
+    pub async fn start_with(
+        server: &ApiServer,
+        admin: &kube::Client,
+        artifacts: Option<url::Url>,
+    ) -> Self {
+        let client = operator_identity(server, admin).await;
+        let metrics = std::sync::Arc::new(toe_operator::metrics::Metrics::default());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = move || {
+            let mut rx = stopped.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let mut tasks = vec![tokio::spawn(toe_operator::controller::run(
+            client.clone(),
+            metrics.clone(),
+            until_stopped(),
+        ))];
+        if let Some(artifacts) = artifacts {
+            tasks.push(tokio::spawn(toe_operator::processing::run(
+                client,
+                toe_operator::processing::ProcessingOptions { artifacts },
+                metrics,
+                until_stopped(),
+            )));
+        }
+        Self { stop, tasks }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
     }
 }
 

@@ -27,12 +27,14 @@ pub struct Endpoint {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model endpoint {url}: {source}")]
+    #[error("model endpoint {url}: {source} ({})", source_chain(source))]
     Http {
         url: String,
         #[source]
         source: reqwest::Error,
     },
+    #[error("model endpoint {url} timed out after {after:?}")]
+    Timeout { url: String, after: Duration },
     #[error("model endpoint {url} answered {status}: {body}")]
     Status {
         url: String,
@@ -41,6 +43,18 @@ pub enum ModelError {
     },
     #[error("model endpoint {url} gave no usable answer: {why}")]
     Answer { url: String, why: String },
+}
+
+/// reqwest's message names only the outermost error ("error sending request"); the cause
+/// (connection refused, TLS) is further down the chain.
+fn source_chain(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = std::error::Error::source(e);
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
 }
 
 #[derive(Serialize)]
@@ -223,9 +237,18 @@ pub async fn ask(
         max_tokens: answer_tokens,
         temperature: 0.0,
     };
-    let http = |source| ModelError::Http {
-        url: url.clone(),
-        source,
+    let http = |source: reqwest::Error| {
+        if source.is_timeout() {
+            ModelError::Timeout {
+                url: url.clone(),
+                after: endpoint.timeout,
+            }
+        } else {
+            ModelError::Http {
+                url: url.clone(),
+                source,
+            }
+        }
     };
     let client = reqwest::Client::builder()
         .timeout(endpoint.timeout)
@@ -326,6 +349,87 @@ mod tests {
         assert!(!p.contains("libpod-ac86f8e6be9580b925a971b04808e165776898c0941dd651a1aabebf45aa710c"));
         let short = prompt(&caps, &findings, 200);
         assert!(short.len() < 260 && short.ends_with("[cut to the token budget]"), "{short}");
+    }
+
+    /// A local stand-in for the external endpoint: records what it was sent and answers after
+    /// `delay`.
+    async fn stand_in(
+        delay: Duration,
+        status: u16,
+    ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, serde_json::Value)>>>) {
+        use axum::{Json, http::HeaderMap, routing::post};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            post(move |headers: HeaderMap, Json(body): Json<serde_json::Value>| {
+                let log = log.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    log.lock().unwrap().push((auth, body));
+                    tokio::time::sleep(delay).await;
+                    let answer = serde_json::json!({"choices": [{"message": {"role": "assistant",
+                        "content": "[{\"title\": \"the hung shutdown handler blocks rollouts\", \"severity\": \"critical\", \"evidence\": [\"SIGKILL after 2 s\"]}]"}}]});
+                    (axum::http::StatusCode::from_u16(status).unwrap(), Json(answer))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/v1"), seen)
+    }
+
+    fn endpoint(url: String, timeout: Duration) -> Endpoint {
+        Endpoint {
+            url,
+            model: "local-slm".into(),
+            api_key: Some("sk-test".into()),
+            timeout,
+            token_budget: 2000,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_has_the_chat_completions_shape() {
+        let (url, seen) = stand_in(Duration::ZERO, 200).await;
+        let caps = [capture("term-hung")];
+        let rules = crate::rules::evaluate(&caps);
+        let found = ask(&endpoint(url, Duration::from_secs(10)), &caps, &rules).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].source, Source::Model);
+        assert_eq!(found[0].severity, Severity::Critical);
+        let seen = seen.lock().unwrap();
+        let (auth, body) = &seen[0];
+        assert_eq!(auth.as_deref(), Some("Bearer sk-test"));
+        assert_eq!(body["model"], "local-slm");
+        assert_eq!(body["max_tokens"], 500, "a quarter of the budget is the answer's");
+        assert_eq!(body["messages"][0]["role"], "system");
+        let user = body["messages"][1]["content"].as_str().unwrap();
+        assert!(user.contains("sigterm-unhandled") && user.len() <= 1500 * 4 + 40, "{user}");
+    }
+
+    #[tokio::test]
+    async fn timeouts_and_errors_leave_the_rules_alone() {
+        let (slow, _) = stand_in(Duration::from_secs(5), 200).await;
+        let caps = [capture("oom")];
+        let options = crate::process::Options {
+            html_report: true,
+            model: Some(endpoint(slow, Duration::from_millis(300))),
+            ..crate::process::Options::default()
+        };
+        let out = crate::process::process(&caps, &options).await;
+        assert!(out.findings.iter().all(|f| f.source == Source::Rule));
+        assert!(out.findings.iter().any(|f| f.rule == "oom-kill"));
+        let note = out.notes.iter().find(|n| n.contains("model step failed")).unwrap();
+        assert!(note.contains("timed out") || note.contains("timeout"), "{note}");
+        let html = &out.files.iter().find(|(n, _)| n == "report.html").unwrap().1;
+        assert!(std::str::from_utf8(html).unwrap().contains("model step failed"));
+        let (failing, _) = stand_in(Duration::ZERO, 503).await;
+        let err = ask(&endpoint(failing, Duration::from_secs(5)), &caps, &[]).await.unwrap_err();
+        assert!(err.to_string().contains("503"), "{err}");
     }
 
     #[test]

@@ -59,23 +59,42 @@ fn merge<'a>(captures: impl Iterator<Item = &'a Capture>, kind: ProfileKind) -> 
     m
 }
 
-/// Which captures are the baseline and which the comparison of a differential flamegraph:
-/// runs without a fault against runs with one when both are present (baseline window vs fault
-/// window), else the earlier runs against the latest. `None` with the reason when neither holds.
-fn split_for_diff(captures: &[Capture]) -> Result<(Vec<&Capture>, Vec<&Capture>, String), String> {
+/// Which captures holding a `kind` profile are the baseline and which the comparison of a
+/// differential flamegraph: runs without a fault against runs with one when both are present
+/// (baseline window vs fault window), else the earlier runs against the latest. The reason when
+/// neither holds.
+fn split_for_diff(
+    captures: &[Capture],
+    kind: ProfileKind,
+) -> Result<(Vec<&Capture>, Vec<&Capture>, String), String> {
+    let with: Vec<&Capture> = captures
+        .iter()
+        .filter(|c| c.profiles.get(&kind).is_some_and(|f| !f.is_empty()))
+        .collect();
     let (faulted, quiet): (Vec<&Capture>, Vec<&Capture>) =
-        captures.iter().partition(|c| c.summary.fault.is_some());
+        with.iter().partition(|c| c.summary.fault.is_some());
     if !faulted.is_empty() && !quiet.is_empty() {
         return Ok((quiet, faulted, "runs without a fault -> runs with a fault".into()));
     }
-    let runs = runs_in_order(captures);
+    let mut runs: Vec<(&str, u64)> = Vec::new();
+    for c in &with {
+        match runs.iter_mut().find(|(r, _)| *r == c.run) {
+            Some((_, t)) => *t = (*t).min(c.summary.started_unix_ms),
+            None => runs.push((&c.run, c.summary.started_unix_ms)),
+        }
+    }
+    runs.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(b.0)));
     match runs.split_last() {
-        Some((latest, earlier)) if !earlier.is_empty() => Ok((
-            captures.iter().filter(|c| &c.run != latest).collect(),
-            captures.iter().filter(|c| &c.run == latest).collect(),
+        Some(((latest, _), earlier)) if !earlier.is_empty() => Ok((
+            with.iter().copied().filter(|c| c.run != *latest).collect(),
+            with.iter().copied().filter(|c| c.run == *latest).collect(),
             format!("earlier runs -> {latest}"),
         )),
-        _ => Err("a differential flamegraph needs two runs, or runs with and without a fault; the window has one run".into()),
+        _ => Err(format!(
+            "no differential {} flamegraph: it needs two runs with a {} profile, or such runs with and without a fault",
+            kind.name(),
+            kind.name()
+        )),
     }
 }
 
@@ -192,26 +211,15 @@ fn merged_flamegraphs(captures: &[Capture], merged: &[(ProfileKind, Folded)], ou
 }
 
 fn differential_flamegraphs(captures: &[Capture], kinds: &[ProfileKind], out: &mut Outcome) {
-    let (before, after, how) = match split_for_diff(captures) {
-        Ok(split) => split,
-        Err(why) => {
-            out.notes.push(why);
-            return;
-        }
-    };
     for &kind in kinds {
-        let (b, a) = (merge(before.iter().copied(), kind), merge(after.iter().copied(), kind));
-        if b.is_empty() && a.is_empty() {
-            continue;
-        }
-        if b.is_empty() || a.is_empty() {
-            out.notes.push(format!(
-                "no differential {} flamegraph: {how} has no {} profile on one side",
-                kind.name(),
-                kind.name()
-            ));
-            continue;
-        }
+        let (before, after, how) = match split_for_diff(captures, kind) {
+            Ok(split) => split,
+            Err(why) => {
+                out.notes.push(why);
+                continue;
+            }
+        };
+        let (b, a) = (merge(before.into_iter(), kind), merge(after.into_iter(), kind));
         let subtitle = format!("{how}: {} -> {} {}", b.total(), a.total(), kind.unit());
         let graph = Graph {
             title: kind.title(),
@@ -300,6 +308,6 @@ mod tests {
     async fn one_run_says_why_there_is_no_differential() {
         let out = process(&[capture("cpu")], &all()).await;
         assert!(!out.files.iter().any(|(n, _)| n == "cpu.diff.svg"));
-        assert!(out.notes.iter().any(|n| n.contains("needs two runs")), "{:?}", out.notes);
+        assert!(out.notes.iter().any(|n| n.contains("needs two runs with a cpu profile")), "{:?}", out.notes);
     }
 }

@@ -1,0 +1,357 @@
+//! PowerToolProcessing end to end: the operator's processing controller against a real
+//! kube-apiserver reads runs (recorded captures placed in a file:// store in the agents' layout),
+//! writes the report and status, and the report server serves it; bad specs get a clear status
+//! error; and the HTML report opens in real headless Chromium with its flamegraph searchable.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, SystemTime},
+};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use toe_common::api::{PowerTool, PowerToolProcessing, PowerToolProcessingStatus};
+use toe_tests::{
+    apiserver::ApiServer,
+    cluster::{Operator, create_namespace, install_crds, repo},
+};
+use url::Url;
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// Copies recorded capture `fixture` to `<store>/<dir>/`, as if its run started `ago` before now.
+fn place(store: &Path, fixture: &str, dir: &str, ago: Duration) {
+    let from = repo().join("toe-report/fixtures").join(fixture);
+    let to = store.join(dir);
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+    let path = to.join("summary.json");
+    let mut summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    summary["started_unix_ms"] = (now_ms() - u64::try_from(ago.as_millis()).unwrap()).into();
+    std::fs::write(path, serde_json::to_vec(&summary).unwrap()).unwrap();
+}
+
+async fn apply<T: serde::Serialize + kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug>(
+    api: &Api<T>,
+    name: &str,
+    object: &serde_json::Value,
+) -> Result<T, kube::Error> {
+    api.patch(name, &PatchParams::apply("toe-test"), &Patch::Apply(object))
+        .await
+}
+
+fn powertool(name: &str, labels: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"tool": {"name": "cpu-profile", "duration": "10s"}}
+    })
+}
+
+fn processing(name: &str, spec: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolProcessing",
+        "metadata": {"name": name}, "spec": spec
+    })
+}
+
+/// Polls the processing's status until `done` holds (a minute at most).
+async fn wait_status(
+    api: &Api<PowerToolProcessing>,
+    name: &str,
+    what: &str,
+    done: impl Fn(&PowerToolProcessingStatus) -> bool,
+) -> PowerToolProcessingStatus {
+    for _ in 0..600 {
+        if let Some(s) = api.get(name).await.unwrap().status
+            && done(&s)
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{name}: {what} never happened; status {:?}",
+        api.get(name).await.unwrap().status
+    );
+}
+
+fn condition<'a>(s: &'a PowerToolProcessingStatus, type_: &str) -> Option<&'a Condition> {
+    s.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[tokio::test]
+async fn processing_reads_the_window_of_selected_runs_and_serves_the_report() {
+    let Some(server) = ApiServer::start("processing_reads_the_window_of_selected_runs") else {
+        return;
+    };
+    let admin = server.client().await;
+    install_crds(&admin).await;
+    create_namespace(&admin, "shop", &serde_json::json!({})).await;
+    let store = tempfile::tempdir().unwrap();
+    let minute = Duration::from_secs(60);
+    place(store.path(), "cpu", "shop/checkout-cpu/g1-aaaaaaaa/web-0/app", 2 * minute);
+    place(store.path(), "contend", "shop/checkout-cpu/g1-aaaaaaaa/web-1/app", 2 * minute);
+    place(store.path(), "contend", "shop/checkout-cpu/g2-dddddddd/web-0/app", 30 * minute);
+    // Outside the window.
+    place(store.path(), "cpu", "shop/checkout-cpu/g1-00000000/web-0/app", 72 * 60 * minute);
+    place(store.path(), "term-hung", "shop/checkout-stop/g2-bbbbbbbb/web-0/app", minute);
+    // Not selected.
+    place(store.path(), "oom", "shop/other-cpu/g1-cccccccc/web-0/app", minute);
+    let tools: Api<PowerTool> = Api::namespaced(admin.clone(), "shop");
+    for (name, team) in [("checkout-cpu", "checkout"), ("checkout-stop", "none"), ("other-cpu", "other")] {
+        apply(&tools, name, &powertool(name, &serde_json::json!({"team": team})))
+            .await
+            .unwrap();
+    }
+    let artifacts = Url::from_directory_path(store.path()).unwrap();
+    let operator = Operator::start_with(&server, &admin, Some(artifacts.clone())).await;
+    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
+    apply(
+        &api,
+        "weekly",
+        &processing(
+            "weekly",
+            &serde_json::json!({
+                "selector": {"matchLabels": {"team": "checkout"}},
+                "names": ["checkout-stop"],
+                "schedule": "1h", "window": "24h", "retention": "48h",
+                "outputs": ["mergedFlamegraph", "differentialFlamegraph", "mergedPprof", "htmlReport"]
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let status = wait_status(&api, "weekly", "a report", |s| s.report.is_some()).await;
+    let ready = condition(&status, "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Processed"), "{ready:?}");
+    assert_eq!((status.captures, status.runs), (Some(4), Some(3)), "{status:?}");
+    let findings = status.findings.join("\n");
+    for rule in ["rule dominant-function", "rule lock-contention", "rule sigterm-unhandled"] {
+        assert!(findings.contains(rule), "{rule} missing from {findings}");
+    }
+    assert!(!findings.contains("oom-kill"), "an unselected PowerTool was read: {findings}");
+    let (last, next) = (status.last_run.unwrap().0, status.next_run.unwrap().0);
+    assert_eq!(next.duration_since(last).as_secs(), 3600);
+    for file in ["cpu.svg", "cpu.diff.svg", "cpu.pb.gz", "findings.json"] {
+        assert!(
+            status.outputs.iter().any(|u| u.ends_with(&format!("/{file}"))),
+            "{file} not in {:?}",
+            status.outputs
+        );
+    }
+    let report = Url::parse(status.report.as_ref().unwrap()).unwrap().to_file_path().unwrap();
+    assert!(report.starts_with(store.path().join("_reports/shop/weekly")), "{}", report.display());
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(html.contains("checkout-stop/g2-bbbbbbbb"), "the run is named in the report");
+
+    // The report server lists and serves it.
+    let app = toe_operator::reports::router(toe_operator::reports::Reports::new(&artifacts).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let http = reqwest::Client::new();
+    let index = http.get(format!("http://{addr}/reports/")).send().await.unwrap();
+    assert_eq!(index.status(), 200);
+    let index = index.text().await.unwrap();
+    assert!(index.contains("<td>shop</td><td>weekly</td>"), "{index}");
+    let served = http
+        .get(format!("http://{addr}/reports/shop/weekly/latest/report.html"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    assert!(
+        served.headers()["content-type"].to_str().unwrap().starts_with("text/html"),
+        "{:?}",
+        served.headers()
+    );
+    assert_eq!(served.text().await.unwrap(), html);
+    let missing = http
+        .get(format!("http://{addr}/reports/shop/weekly/latest/nothing.html"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn bad_processing_specs_get_a_clear_status_error() {
+    let Some(server) = ApiServer::start("bad_processing_specs_get_a_clear_status_error") else {
+        return;
+    };
+    let admin = server.client().await;
+    install_crds(&admin).await;
+    create_namespace(&admin, "shop", &serde_json::json!({})).await;
+    let store = tempfile::tempdir().unwrap();
+    let artifacts = Url::from_directory_path(store.path()).unwrap();
+    let operator = Operator::start_with(&server, &admin, Some(artifacts)).await;
+    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
+
+    apply(
+        &api,
+        "bad-schedule",
+        &processing(
+            "bad-schedule",
+            &serde_json::json!({"names": ["x"], "schedule": "every tuesday", "outputs": ["htmlReport"]}),
+        ),
+    )
+    .await
+    .unwrap();
+    let s = wait_status(&api, "bad-schedule", "a Ready condition", |s| {
+        condition(s, "Ready").is_some()
+    })
+    .await;
+    let ready = condition(&s, "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSpec"));
+    assert!(ready.message.contains("\"every tuesday\" is not a cron expression"), "{ready:?}");
+    assert!(s.last_run.is_none() && s.next_run.is_none(), "{s:?}");
+
+    // An unknown output kind never gets past the CRD's schema.
+    let err = apply(
+        &api,
+        "bad-output",
+        &processing(
+            "bad-output",
+            &serde_json::json!({"names": ["x"], "schedule": "1h", "outputs": ["pdfReport"]}),
+        ),
+    )
+    .await
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("pdfReport") && text.contains("htmlReport"), "{text}");
+
+    // A missing Secret: the model step is skipped with the reason; the rules still report.
+    apply(
+        &api,
+        "no-secret",
+        &processing(
+            "no-secret",
+            &serde_json::json!({
+                "names": ["gone"], "schedule": "0 * * * *", "outputs": ["htmlReport"],
+                "model": {"url": "http://127.0.0.1:9/v1", "model": "m", "secretName": "llm-key"}
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let s = wait_status(&api, "no-secret", "a report", |s| s.report.is_some()).await;
+    let model = condition(&s, "ModelAvailable").unwrap();
+    assert_eq!((model.status.as_str(), model.reason.as_str()), ("False", "SecretNotFound"));
+    assert!(model.message.contains("Secret shop/llm-key not found"), "{model:?}");
+    let ready = condition(&s, "Ready").unwrap();
+    assert_eq!(ready.status, "True");
+    assert!(ready.message.contains("PowerTool shop/gone not found"), "{ready:?}");
+    operator.stop().await;
+}
+
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|b| which(b))
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.is_file())
+}
+
+fn headless(browser: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+        ])
+        .args(args)
+        .output()
+        .expect("run chromium")
+}
+
+#[tokio::test]
+async fn the_report_opens_in_headless_chromium_with_a_searchable_flamegraph() {
+    let Some(browser) = chromium() else {
+        assert!(
+            std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
+            "chromium is missing: run `cargo xtask bootstrap --tests`"
+        );
+        eprintln!("SKIP the_report_opens_in_headless_chromium: no chromium (`cargo xtask bootstrap --tests` installs Debian's)");
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let job = toe_report::store::Job {
+        sources: vec![toe_report::store::Source {
+            url: Url::from_directory_path(repo().join("toe-report/fixtures")).unwrap(),
+            label: String::new(),
+        }],
+        window: None,
+        now: SystemTime::now(),
+        output: Url::from_directory_path(out.path()).unwrap(),
+        retention: None,
+        options: toe_report::process::Options {
+            merged_flamegraph: true,
+            html_report: true,
+            title: "recorded captures".into(),
+            ..toe_report::process::Options::default()
+        },
+    };
+    let done = toe_report::store::run(&job).await.unwrap();
+    let report = done.written.iter().find(|u| u.ends_with("/report.html")).unwrap();
+    let page = format!("{report}#search=toe_demo::mix");
+    let dom = headless(&browser, &["--dump-dom", &page]);
+    let (html, log) = (
+        String::from_utf8_lossy(&dom.stdout),
+        String::from_utf8_lossy(&dom.stderr),
+    );
+    assert!(dom.status.success(), "chromium failed: {log}");
+    let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
+    assert!(console.is_empty(), "console messages: {console:#?}");
+    assert!(html.contains("<body data-ready=\"1\">"), "the script did not finish: {log}");
+    assert!(!html.contains("data-js-errors"), "script errors in the page");
+    let frames = html.matches("class=\"frame").count();
+    assert!(frames > 50, "only {frames} flamegraph frames drawn");
+    assert!(html.contains("class=\"frame match\""), "search highlighted nothing");
+    let cpu = html.split("id=\"flame-cpu\"").nth(1).unwrap();
+    let matched: f64 = cpu
+        .split("data-matched=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(matched > 10.0, "toe_demo::mix matched only {matched}% of CPU samples");
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("report-chromium.png");
+    let _ = std::fs::remove_file(&shot);
+    let run = headless(
+        &browser,
+        &["--window-size=1400,2400", &format!("--screenshot={}", shot.display()), &page],
+    );
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "screenshot of {} bytes", png.len());
+    eprintln!("screenshot: {}", shot.display());
+}
