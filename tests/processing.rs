@@ -47,7 +47,13 @@ fn place(store: &Path, fixture: &str, dir: &str, ago: Duration) {
     std::fs::write(path, serde_json::to_vec(&summary).unwrap()).unwrap();
 }
 
-async fn apply<T: serde::Serialize + kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug>(
+async fn apply<
+    T: serde::Serialize
+        + kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+>(
     api: &Api<T>,
     name: &str,
     object: &serde_json::Value,
@@ -96,6 +102,88 @@ fn condition<'a>(s: &'a PowerToolProcessingStatus, type_: &str) -> Option<&'a Co
     s.conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// Recorded captures in the agents' layout: two runs of checkout-cpu in the window and one
+/// before it, one run of checkout-stop, and one of a PowerTool the processing does not select.
+fn record_runs(store: &Path) {
+    let minute = Duration::from_mins(1);
+    place(
+        store,
+        "cpu",
+        "shop/checkout-cpu/g1-aaaaaaaa/web-0/app",
+        2 * minute,
+    );
+    place(
+        store,
+        "contend",
+        "shop/checkout-cpu/g1-aaaaaaaa/web-1/app",
+        2 * minute,
+    );
+    place(
+        store,
+        "contend",
+        "shop/checkout-cpu/g2-dddddddd/web-0/app",
+        30 * minute,
+    );
+    // Outside the window.
+    place(
+        store,
+        "cpu",
+        "shop/checkout-cpu/g1-00000000/web-0/app",
+        72 * 60 * minute,
+    );
+    place(
+        store,
+        "term-hung",
+        "shop/checkout-stop/g2-bbbbbbbb/web-0/app",
+        minute,
+    );
+    // Not selected.
+    place(store, "oom", "shop/other-cpu/g1-cccccccc/web-0/app", minute);
+}
+
+/// The report server lists the processed report and serves it byte for byte.
+async fn serves_the_report(artifacts: &Url, html: &str) {
+    let app =
+        toe_operator::reports::router(toe_operator::reports::Reports::new(artifacts).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let http = reqwest::Client::new();
+    let index = http
+        .get(format!("http://{addr}/reports/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(index.status(), 200);
+    let index = index.text().await.unwrap();
+    assert!(index.contains("<td>shop</td><td>weekly</td>"), "{index}");
+    let served = http
+        .get(format!(
+            "http://{addr}/reports/shop/weekly/latest/report.html"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    assert!(
+        served.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"),
+        "{:?}",
+        served.headers()
+    );
+    assert_eq!(served.text().await.unwrap(), html);
+    let missing = http
+        .get(format!(
+            "http://{addr}/reports/shop/weekly/latest/nothing.html"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
 #[tokio::test]
 async fn processing_reads_the_window_of_selected_runs_and_serves_the_report() {
     let Some(server) = ApiServer::start("processing_reads_the_window_of_selected_runs") else {
@@ -105,20 +193,20 @@ async fn processing_reads_the_window_of_selected_runs_and_serves_the_report() {
     install_crds(&admin).await;
     create_namespace(&admin, "shop", &serde_json::json!({})).await;
     let store = tempfile::tempdir().unwrap();
-    let minute = Duration::from_secs(60);
-    place(store.path(), "cpu", "shop/checkout-cpu/g1-aaaaaaaa/web-0/app", 2 * minute);
-    place(store.path(), "contend", "shop/checkout-cpu/g1-aaaaaaaa/web-1/app", 2 * minute);
-    place(store.path(), "contend", "shop/checkout-cpu/g2-dddddddd/web-0/app", 30 * minute);
-    // Outside the window.
-    place(store.path(), "cpu", "shop/checkout-cpu/g1-00000000/web-0/app", 72 * 60 * minute);
-    place(store.path(), "term-hung", "shop/checkout-stop/g2-bbbbbbbb/web-0/app", minute);
-    // Not selected.
-    place(store.path(), "oom", "shop/other-cpu/g1-cccccccc/web-0/app", minute);
+    record_runs(store.path());
     let tools: Api<PowerTool> = Api::namespaced(admin.clone(), "shop");
-    for (name, team) in [("checkout-cpu", "checkout"), ("checkout-stop", "none"), ("other-cpu", "other")] {
-        apply(&tools, name, &powertool(name, &serde_json::json!({"team": team})))
-            .await
-            .unwrap();
+    for (name, team) in [
+        ("checkout-cpu", "checkout"),
+        ("checkout-stop", "none"),
+        ("other-cpu", "other"),
+    ] {
+        apply(
+            &tools,
+            name,
+            &powertool(name, &serde_json::json!({"team": team})),
+        )
+        .await
+        .unwrap();
     }
     let artifacts = Url::from_directory_path(store.path()).unwrap();
     let operator = Operator::start_with(&server, &admin, Some(artifacts.clone())).await;
@@ -140,55 +228,56 @@ async fn processing_reads_the_window_of_selected_runs_and_serves_the_report() {
     .unwrap();
     let status = wait_status(&api, "weekly", "a report", |s| s.report.is_some()).await;
     let ready = condition(&status, "Ready").unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Processed"), "{ready:?}");
-    assert_eq!((status.captures, status.runs), (Some(4), Some(3)), "{status:?}");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Processed"),
+        "{ready:?}"
+    );
+    assert_eq!(
+        (status.captures, status.runs),
+        (Some(4), Some(3)),
+        "{status:?}"
+    );
     let findings = status.findings.join("\n");
-    for rule in ["rule dominant-function", "rule lock-contention", "rule sigterm-unhandled"] {
+    for rule in [
+        "rule dominant-function",
+        "rule lock-contention",
+        "rule sigterm-unhandled",
+    ] {
         assert!(findings.contains(rule), "{rule} missing from {findings}");
     }
-    assert!(!findings.contains("oom-kill"), "an unselected PowerTool was read: {findings}");
+    assert!(
+        !findings.contains("oom-kill"),
+        "an unselected PowerTool was read: {findings}"
+    );
     let (last, next) = (status.last_run.unwrap().0, status.next_run.unwrap().0);
     assert_eq!(next.duration_since(last).as_secs(), 3600);
     for file in ["cpu.svg", "cpu.diff.svg", "cpu.pb.gz", "findings.json"] {
         assert!(
-            status.outputs.iter().any(|u| u.ends_with(&format!("/{file}"))),
+            status
+                .outputs
+                .iter()
+                .any(|u| u.ends_with(&format!("/{file}"))),
             "{file} not in {:?}",
             status.outputs
         );
     }
-    let report = Url::parse(status.report.as_ref().unwrap()).unwrap().to_file_path().unwrap();
-    assert!(report.starts_with(store.path().join("_reports/shop/weekly")), "{}", report.display());
-    let html = std::fs::read_to_string(&report).unwrap();
-    assert!(html.contains("checkout-stop/g2-bbbbbbbb"), "the run is named in the report");
-
-    // The report server lists and serves it.
-    let app = toe_operator::reports::router(toe_operator::reports::Reports::new(&artifacts).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let http = reqwest::Client::new();
-    let index = http.get(format!("http://{addr}/reports/")).send().await.unwrap();
-    assert_eq!(index.status(), 200);
-    let index = index.text().await.unwrap();
-    assert!(index.contains("<td>shop</td><td>weekly</td>"), "{index}");
-    let served = http
-        .get(format!("http://{addr}/reports/shop/weekly/latest/report.html"))
-        .send()
-        .await
+    let report = Url::parse(status.report.as_ref().unwrap())
+        .unwrap()
+        .to_file_path()
         .unwrap();
-    assert_eq!(served.status(), 200);
     assert!(
-        served.headers()["content-type"].to_str().unwrap().starts_with("text/html"),
-        "{:?}",
-        served.headers()
+        report.starts_with(store.path().join("_reports/shop/weekly")),
+        "{}",
+        report.display()
     );
-    assert_eq!(served.text().await.unwrap(), html);
-    let missing = http
-        .get(format!("http://{addr}/reports/shop/weekly/latest/nothing.html"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status(), 404);
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        html.contains("checkout-stop/g2-bbbbbbbb"),
+        "the run is named in the report"
+    );
+
+    serves_the_report(&artifacts, &html).await;
     operator.stop().await;
 }
 
@@ -220,8 +309,16 @@ async fn bad_processing_specs_get_a_clear_status_error() {
     })
     .await;
     let ready = condition(&s, "Ready").unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSpec"));
-    assert!(ready.message.contains("\"every tuesday\" is not a cron expression"), "{ready:?}");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    assert!(
+        ready
+            .message
+            .contains("\"every tuesday\" is not a cron expression"),
+        "{ready:?}"
+    );
     assert!(s.last_run.is_none() && s.next_run.is_none(), "{s:?}");
 
     // An unknown output kind never gets past the CRD's schema.
@@ -236,7 +333,10 @@ async fn bad_processing_specs_get_a_clear_status_error() {
     .await
     .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("pdfReport") && text.contains("htmlReport"), "{text}");
+    assert!(
+        text.contains("pdfReport") && text.contains("htmlReport"),
+        "{text}"
+    );
 
     // A missing Secret: the model step is skipped with the reason; the rules still report.
     apply(
@@ -254,11 +354,20 @@ async fn bad_processing_specs_get_a_clear_status_error() {
     .unwrap();
     let s = wait_status(&api, "no-secret", "a report", |s| s.report.is_some()).await;
     let model = condition(&s, "ModelAvailable").unwrap();
-    assert_eq!((model.status.as_str(), model.reason.as_str()), ("False", "SecretNotFound"));
-    assert!(model.message.contains("Secret shop/llm-key not found"), "{model:?}");
+    assert_eq!(
+        (model.status.as_str(), model.reason.as_str()),
+        ("False", "SecretNotFound")
+    );
+    assert!(
+        model.message.contains("Secret shop/llm-key not found"),
+        "{model:?}"
+    );
     let ready = condition(&s, "Ready").unwrap();
     assert_eq!(ready.status, "True");
-    assert!(ready.message.contains("PowerTool shop/gone not found"), "{ready:?}");
+    assert!(
+        ready.message.contains("PowerTool shop/gone not found"),
+        "{ready:?}"
+    );
     operator.stop().await;
 }
 
@@ -299,7 +408,9 @@ async fn the_report_opens_in_headless_chromium_with_a_searchable_flamegraph() {
             std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
             "chromium is missing: run `cargo xtask bootstrap --tests`"
         );
-        eprintln!("SKIP the_report_opens_in_headless_chromium: no chromium (`cargo xtask bootstrap --tests` installs Debian's)");
+        eprintln!(
+            "SKIP the_report_opens_in_headless_chromium: no chromium (`cargo xtask bootstrap --tests` installs Debian's)"
+        );
         return;
     };
     let out = tempfile::tempdir().unwrap();
@@ -320,7 +431,11 @@ async fn the_report_opens_in_headless_chromium_with_a_searchable_flamegraph() {
         },
     };
     let done = toe_report::store::run(&job).await.unwrap();
-    let report = done.written.iter().find(|u| u.ends_with("/report.html")).unwrap();
+    let report = done
+        .written
+        .iter()
+        .find(|u| u.ends_with("/report.html"))
+        .unwrap();
     let page = format!("{report}#search=toe_demo::mix");
     let dom = headless(&browser, &["--dump-dom", &page]);
     let (html, log) = (
@@ -330,11 +445,20 @@ async fn the_report_opens_in_headless_chromium_with_a_searchable_flamegraph() {
     assert!(dom.status.success(), "chromium failed: {log}");
     let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
     assert!(console.is_empty(), "console messages: {console:#?}");
-    assert!(html.contains("<body data-ready=\"1\">"), "the script did not finish: {log}");
-    assert!(!html.contains("data-js-errors"), "script errors in the page");
+    assert!(
+        html.contains("<body data-ready=\"1\">"),
+        "the script did not finish: {log}"
+    );
+    assert!(
+        !html.contains("data-js-errors"),
+        "script errors in the page"
+    );
     let frames = html.matches("class=\"frame").count();
     assert!(frames > 50, "only {frames} flamegraph frames drawn");
-    assert!(html.contains("class=\"frame match\""), "search highlighted nothing");
+    assert!(
+        html.contains("class=\"frame match\""),
+        "search highlighted nothing"
+    );
     let cpu = html.split("id=\"flame-cpu\"").nth(1).unwrap();
     let matched: f64 = cpu
         .split("data-matched=\"")
@@ -343,15 +467,30 @@ async fn the_report_opens_in_headless_chromium_with_a_searchable_flamegraph() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(matched > 10.0, "toe_demo::mix matched only {matched}% of CPU samples");
+    assert!(
+        matched > 10.0,
+        "toe_demo::mix matched only {matched}% of CPU samples"
+    );
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("report-chromium.png");
     let _ = std::fs::remove_file(&shot);
     let run = headless(
         &browser,
-        &["--window-size=1400,2400", &format!("--screenshot={}", shot.display()), &page],
+        &[
+            "--window-size=1400,2400",
+            &format!("--screenshot={}", shot.display()),
+            &page,
+        ],
     );
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let png = std::fs::read(&shot).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "screenshot of {} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "screenshot of {} bytes",
+        png.len()
+    );
     eprintln!("screenshot: {}", shot.display());
 }

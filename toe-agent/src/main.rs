@@ -146,9 +146,8 @@ fn agent(args: &AgentArgs) -> Result<ExitCode> {
 
 fn report(args: &ReportArgs) -> Result<ExitCode> {
     let cwd = std::env::current_dir().context("current directory")?;
-    let url = |given: &str| {
-        plan::output_base(given, &cwd).map_err(|e| anyhow::anyhow!("{given}: {e}"))
-    };
+    let url =
+        |given: &str| plan::output_base(given, &cwd).map_err(|e| anyhow::anyhow!("{given}: {e}"));
     let mut options = toe_report::process::Options {
         title: "TOE report".into(),
         ..toe_report::process::Options::default()

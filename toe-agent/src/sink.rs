@@ -40,11 +40,11 @@ pub struct ObjectStoreSink {
 impl ObjectStoreSink {
     /// `url` is the run's directory, e.g. `file:///work/toe-output/cpu-profile-…/`.
     pub fn new(url: &Url) -> Result<Self, SinkError> {
-        let (store, prefix) =
-            object_store::parse_url_opts(url, toe_report::store::env_options()).map_err(|source| SinkError::Url {
-                url: url.to_string(),
-                source,
-            })?;
+        let (store, prefix) = object_store::parse_url_opts(url, toe_report::store::env_options())
+            .map_err(|source| SinkError::Url {
+            url: url.to_string(),
+            source,
+        })?;
         let mut base = url.clone();
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));

@@ -74,7 +74,13 @@ pub fn selector_string(s: &LabelSelector) -> Result<String, String> {
     Ok(parts.join(","))
 }
 
-pub(crate) fn condition(type_: &str, ok: bool, reason: &str, message: &str, generation: i64) -> Condition {
+pub(crate) fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: i64,
+) -> Condition {
     Condition {
         type_: type_.into(),
         status: if ok { "True" } else { "False" }.into(),

@@ -7,7 +7,7 @@ pub mod ephemeral;
 pub mod lease;
 pub mod metrics;
 pub mod processing;
-pub mod reports;
 pub mod rbac;
+pub mod reports;
 pub mod selection;
 pub mod webhook;

@@ -50,6 +50,8 @@ const DEFAULT_TOKEN_BUDGET: u32 = 4000;
 const RETRY: Duration = Duration::from_mins(1);
 /// Output URLs listed in status; the rest are in the output directory.
 const MAX_LISTED_OUTPUTS: usize = 40;
+/// Findings listed in status; the report has them all.
+const MAX_LISTED_FINDINGS: usize = 10;
 
 /// When processing happens.
 #[derive(Clone, Debug)]
@@ -68,9 +70,8 @@ impl Schedule {
             })?;
             return Ok(Self::Cron(Box::new(cron)));
         }
-        let every = parse_duration(text).map_err(|e| {
-            format!("schedule: {e}; or a cron expression like \"0 * * * *\"")
-        })?;
+        let every = parse_duration(text)
+            .map_err(|e| format!("schedule: {e}; or a cron expression like \"0 * * * *\""))?;
         if every < MIN_INTERVAL {
             return Err(format!(
                 "schedule {text:?} is shorter than the minimum interval of 1m"
@@ -86,7 +87,9 @@ impl Schedule {
             Self::Every(d) => t.checked_add(*d),
             Self::Cron(c) => {
                 let now = chrono::DateTime::<chrono::Utc>::from(t);
-                c.find_next_occurrence(&now, false).ok().map(SystemTime::from)
+                c.find_next_occurrence(&now, false)
+                    .ok()
+                    .map(SystemTime::from)
             }
         }
     }
@@ -220,7 +223,9 @@ fn dir(url: &Url) -> Url {
 /// The directory of a PowerTool's runs, in the layout the agents write.
 fn runs_url(pt: &PowerTool, artifacts: &Url) -> Result<Url, String> {
     let base = match pt.spec.output.as_ref().and_then(|o| o.url.as_ref()) {
-        Some(u) => Url::parse(u).map_err(|e| format!("{}: output.url {u:?}: {e}", pt.name_any()))?,
+        Some(u) => {
+            Url::parse(u).map_err(|e| format!("{}: output.url {u:?}: {e}", pt.name_any()))?
+        }
         None => artifacts.clone(),
     };
     dir(&base)
@@ -272,13 +277,17 @@ async fn endpoint(
             let Some(secret) = secrets.get_opt(name).await? else {
                 return Ok(Err((
                     "SecretNotFound".into(),
-                    format!("model.secretName: Secret {ns}/{name} not found; the model step is skipped and findings come from the rules alone"),
+                    format!(
+                        "model.secretName: Secret {ns}/{name} not found; the model step is skipped and findings come from the rules alone"
+                    ),
                 )));
             };
             let Some(key) = secret.data.as_ref().and_then(|d| d.get("apiKey")) else {
                 return Ok(Err((
                     "SecretKeyMissing".into(),
-                    format!("model.secretName: Secret {ns}/{name} has no apiKey; the model step is skipped and findings come from the rules alone"),
+                    format!(
+                        "model.secretName: Secret {ns}/{name} has no apiKey; the model step is skipped and findings come from the rules alone"
+                    ),
                 )));
             };
             Some(String::from_utf8_lossy(&key.0).trim().to_owned())
@@ -303,8 +312,12 @@ async fn write_status(
         "kind": "PowerToolProcessing",
         "status": status,
     });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     Ok(())
 }
 
@@ -362,6 +375,85 @@ async fn reconcile(ptp: Arc<PowerToolProcessing>, ctx: Arc<Ctx>) -> Result<Actio
     Ok(next.map_or_else(Action::await_change, |t| Action::requeue(until(t))))
 }
 
+/// Where each selected PowerTool's runs are, and what could not be read (names not found, bad
+/// output URLs).
+fn sources(
+    ns: &str,
+    pts: &[PowerTool],
+    missing: &[String],
+    artifacts: &Url,
+) -> (Vec<Source>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut problems: Vec<String> = missing
+        .iter()
+        .map(|n| format!("PowerTool {ns}/{n} not found"))
+        .collect();
+    for pt in pts {
+        match runs_url(pt, artifacts) {
+            Ok(url) => out.push(Source {
+                url,
+                label: pt.name_any(),
+            }),
+            Err(e) => problems.push(e),
+        }
+    }
+    (out, problems)
+}
+
+/// What a finished job wrote and found, into the status.
+fn record(status: &mut PowerToolProcessingStatus, done: &toe_report::store::JobOutcome) {
+    let o = &done.outcome;
+    status.captures = u32::try_from(o.captures).ok();
+    status.runs = u32::try_from(o.runs).ok();
+    status.report = done
+        .written
+        .iter()
+        .find(|u| u.ends_with("/report.html"))
+        .cloned();
+    // Per-run flamegraphs stay in the directory; the status lists what a reader opens first.
+    status.outputs = done
+        .written
+        .iter()
+        .filter(|u| !u.contains("/runs/"))
+        .take(MAX_LISTED_OUTPUTS)
+        .cloned()
+        .collect();
+    status.findings = o
+        .findings
+        .iter()
+        .take(MAX_LISTED_FINDINGS)
+        .map(|f| {
+            let severity = match f.severity {
+                Severity::Critical => "critical",
+                Severity::Warning => "warning",
+                Severity::Info => "info",
+            };
+            let by = match f.source {
+                FindingSource::Rule => format!("rule {}", f.rule),
+                FindingSource::Model => "model".into(),
+            };
+            format!("{severity}: {} ({by})", f.title)
+        })
+        .collect();
+}
+
+/// Whether the model answered, from the job's notes.
+fn model_condition(notes: &[String], generation: i64) -> Condition {
+    match notes
+        .iter()
+        .find(|n| n.starts_with("the model step failed"))
+    {
+        Some(n) => condition("ModelAvailable", false, "ModelFailed", n, generation),
+        None => condition(
+            "ModelAvailable",
+            true,
+            "Answered",
+            "the model's findings are in the report, marked as such",
+            generation,
+        ),
+    }
+}
+
 /// One processing pass and the status that reports it.
 async fn process(
     ctx: &Ctx,
@@ -385,33 +477,28 @@ async fn process(
         match endpoint(&ctx.client, &ns, m).await? {
             Ok(e) => options.model = Some(e),
             Err((reason, message)) => {
-                conditions.push(condition("ModelAvailable", false, &reason, &message, generation));
+                conditions.push(condition(
+                    "ModelAvailable",
+                    false,
+                    &reason,
+                    &message,
+                    generation,
+                ));
             }
         }
     }
-    let mut sources = Vec::new();
-    let mut problems: Vec<String> = missing
-        .iter()
-        .map(|n| format!("PowerTool {ns}/{n} not found"))
-        .collect();
-    for pt in &pts {
-        match runs_url(pt, &ctx.opts.artifacts) {
-            Ok(url) => sources.push(Source {
-                url,
-                label: pt.name_any(),
-            }),
-            Err(e) => problems.push(e),
-        }
-    }
+    let (sources, mut problems) = sources(&ns, &pts, &missing, &ctx.opts.artifacts);
     options.meta = format!(
         "processed {} for PowerTools {} (runs that ended in the last {}); schedule {}",
         humantime::format_rfc3339_seconds(now),
-        pts.iter().map(ResourceExt::name_any).collect::<Vec<_>>().join(", "),
+        pts.iter()
+            .map(ResourceExt::name_any)
+            .collect::<Vec<_>>()
+            .join(", "),
         humantime::format_duration(plan.window),
         ptp.spec.schedule
     );
-    let output_base = plan.output.clone().unwrap_or_else(|| ctx.opts.artifacts.clone());
-    let output = dir(&output_base)
+    let output = dir(plan.output.as_ref().unwrap_or(&ctx.opts.artifacts))
         .join(&format!("_reports/{ns}/{name}/"))
         .expect("a relative path joins a directory URL");
     let job = Job {
@@ -426,37 +513,9 @@ async fn process(
     match toe_report::store::run(&job).await {
         Ok(done) => {
             let o = &done.outcome;
-            status.captures = u32::try_from(o.captures).ok();
-            status.runs = u32::try_from(o.runs).ok();
-            status.report = done
-                .written
-                .iter()
-                .find(|u| u.ends_with("/report.html"))
-                .cloned();
-            status.outputs = done.written.iter().filter(|u| !u.contains("/runs/")).take(MAX_LISTED_OUTPUTS).cloned().collect();
-            status.findings = o
-                .findings
-                .iter()
-                .map(|f| {
-                    let sev = match f.severity {
-                        Severity::Critical => "critical",
-                        Severity::Warning => "warning",
-                        Severity::Info => "info",
-                    };
-                    let by = match f.source {
-                        FindingSource::Rule => format!("rule {}", f.rule),
-                        FindingSource::Model => "model".into(),
-                    };
-                    format!("{sev}: {} ({by})", f.title)
-                })
-                .take(10)
-                .collect();
+            record(&mut status, &done);
             if job.options.model.is_some() {
-                let failed = o.notes.iter().find(|n| n.starts_with("the model step failed"));
-                conditions.push(match failed {
-                    Some(n) => condition("ModelAvailable", false, "ModelFailed", n, generation),
-                    None => condition("ModelAvailable", true, "Answered", "the model's findings are in the report, marked as such", generation),
-                });
+                conditions.push(model_condition(&o.notes, generation));
             }
             let mut message = format!(
                 "{} capture(s) of {} run(s) from {} PowerTool(s); {} finding(s)",
@@ -469,14 +528,23 @@ async fn process(
                 message.push_str("; ");
                 message.push_str(p);
             }
-            conditions.insert(0, condition("Ready", true, "Processed", &message, generation));
+            conditions.insert(
+                0,
+                condition("Ready", true, "Processed", &message, generation),
+            );
             status.next_run = next.and_then(time);
         }
         Err(e) => {
             problems.insert(0, e.to_string());
             conditions.insert(
                 0,
-                condition("Ready", false, "ProcessingFailed", &problems.join("; "), generation),
+                condition(
+                    "Ready",
+                    false,
+                    "ProcessingFailed",
+                    &problems.join("; "),
+                    generation,
+                ),
             );
             let retry = now + RETRY;
             status.next_run = time(next.map_or(retry, |n| n.min(retry)));
@@ -539,12 +607,15 @@ mod tests {
 
     #[test]
     fn schedules_are_intervals_or_cron() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_123);
         let every = plan(&spec("15m")).unwrap().schedule;
         assert_eq!(every.next_after(t), Some(t + Duration::from_mins(15)));
         let hourly = plan(&spec("0 * * * *")).unwrap().schedule;
         let next = hourly.next_after(t).unwrap();
-        let secs = next.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let secs = next
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         assert_eq!(secs % 3600, 0);
         assert!(next > t && next <= t + Duration::from_hours(1));
     }
@@ -559,7 +630,11 @@ mod tests {
         assert!(err.contains("schedule"), "{err}");
         let mut s = spec("1h");
         s.names.clear();
-        assert!(plan(&s).unwrap_err().contains("spec.selector or spec.names"));
+        assert!(
+            plan(&s)
+                .unwrap_err()
+                .contains("spec.selector or spec.names")
+        );
         let mut s = spec("1h");
         s.window = Some("-1h".into());
         assert!(plan(&s).unwrap_err().starts_with("window:"));

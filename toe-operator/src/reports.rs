@@ -63,35 +63,43 @@ async fn index(State(r): State<Reports>) -> Response {
     let dirs = match store::list_outputs(r.store.as_ref(), &r.base).await {
         Ok(d) => d,
         Err(e) => {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                &format!("listing reports: {e}"),
-            );
+            return error(StatusCode::BAD_GATEWAY, &format!("listing reports: {e}"));
         }
     };
     let mut h = String::from(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>TOE reports</title><style>body{font:14px system-ui,sans-serif;margin:24px}table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}</style></head><body><h1>TOE reports</h1>",
     );
     if dirs.is_empty() {
-        h.push_str("<p>No processed reports yet. A PowerToolProcessing writes one on its schedule.</p>");
+        h.push_str(
+            "<p>No processed reports yet. A PowerToolProcessing writes one on its schedule.</p>",
+        );
     } else {
         h.push_str("<table><tr><th>namespace</th><th>processing</th><th>processed (UTC)</th><th>report</th><th>files</th></tr>");
     }
     for (dir, files) in &dirs {
         let parts: Vec<&str> = dir.split('/').collect();
-        let [ns, name, stamp] = parts[..] else { continue };
+        let [ns, name, stamp] = parts[..] else {
+            continue;
+        };
         let report = if files.iter().any(|f| f == "report.html") {
             format!("<a href=\"/reports/{}/report.html\">report</a>", esc(dir))
         } else {
             String::new()
         };
-        let list: String = files
-            .iter()
-            .filter(|f| !f.starts_with("runs/"))
-            .fold(String::new(), |mut s, f| {
-                let _ = write!(s, "<a href=\"/reports/{}/{}\">{}</a> ", esc(dir), esc(f), esc(f));
-                s
-            });
+        let list: String =
+            files
+                .iter()
+                .filter(|f| !f.starts_with("runs/"))
+                .fold(String::new(), |mut s, f| {
+                    let _ = write!(
+                        s,
+                        "<a href=\"/reports/{}/{}\">{}</a> ",
+                        esc(dir),
+                        esc(f),
+                        esc(f)
+                    );
+                    s
+                });
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{report}</td><td>{list}</td></tr>",
@@ -125,14 +133,22 @@ async fn file(State(r): State<Reports>, Path(path): Path<String>) -> Response {
     }
     let mut parts: Vec<String> = parts.into_iter().map(str::to_owned).collect();
     if parts[2] == "latest" {
-        let dir = r.base.clone().join(parts[0].as_str()).join(parts[1].as_str());
+        let dir = r
+            .base
+            .clone()
+            .join(parts[0].as_str())
+            .join(parts[1].as_str());
         match store::list_outputs(r.store.as_ref(), &dir).await {
             Ok(d) if !d.is_empty() => d[0].0.clone_into(&mut parts[2]),
             Ok(_) => return error(StatusCode::NOT_FOUND, "no report processed yet"),
             Err(e) => return error(StatusCode::BAD_GATEWAY, &e.to_string()),
         }
     }
-    let location = StorePath::from_iter(r.base.parts().chain(parts.iter().map(|p| p.as_str().into())));
+    let location: StorePath = r
+        .base
+        .parts()
+        .chain(parts.iter().map(|p| p.as_str().into()))
+        .collect();
     let got = match r.store.get(&location).await {
         Ok(g) => g,
         Err(object_store::Error::NotFound { .. }) => {

@@ -335,7 +335,7 @@ pub async fn load_all(
     for o in &objects {
         let parts: Vec<_> = o.location.parts().collect();
         if let Some((file, parent)) = parts.split_last() {
-            dirs.entry(StorePath::from_iter(parent.iter().cloned()))
+            dirs.entry(parent.iter().cloned().collect::<StorePath>())
                 .or_default()
                 .push(file.as_ref().to_owned());
         }
@@ -400,12 +400,16 @@ async fn load(
     }
     for name in ["cpu.pb.gz", "heap.pb.gz", "growth.pb.gz"] {
         if present.iter().any(|f| f == name) {
-            c.pprof.insert(name.to_owned(), get(store, &dir.clone().join(name)).await?);
+            c.pprof
+                .insert(name.to_owned(), get(store, &dir.clone().join(name)).await?);
         }
     }
     if present.iter().any(|f| f == "events.jsonl") {
         let raw = get(store, &dir.clone().join("events.jsonl")).await?;
-        for line in String::from_utf8_lossy(&raw).lines().filter(|l| !l.is_empty()) {
+        for line in String::from_utf8_lossy(&raw)
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
             match serde_json::from_str(line) {
                 Ok(e) => c.events.push(e),
                 Err(_) => c.events_unreadable += 1,
@@ -432,12 +436,17 @@ pub(crate) mod fixtures {
 
     /// A recorded capture from `fixtures/<name>` (real runs of the demo workload and containers).
     pub fn capture(name: &str) -> Capture {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name);
         // A thread of its own: callers may already be inside a runtime.
         let mut all = std::thread::spawn(move || {
             let store = object_store::local::LocalFileSystem::new_with_prefix(&dir).unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            rt.block_on(load_all(&store, &StorePath::default(), "")).unwrap()
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(load_all(&store, &StorePath::default(), ""))
+                .unwrap()
         })
         .join()
         .unwrap();

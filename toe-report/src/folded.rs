@@ -178,7 +178,11 @@ fn empty_svg(title: &str, subtitle: &str) -> String {
 /// A differential flamegraph: frame widths are `after`, colours show the change from `before`
 /// (red grew, blue shrank), counts normalised so runs of different lengths compare (inferno's
 /// differential folding, the method of Brendan Gregg's difffolded.pl).
-pub fn differential(before: &Folded, after: &Folded, graph: &Graph<'_>) -> std::io::Result<Vec<u8>> {
+pub fn differential(
+    before: &Folded,
+    after: &Folded,
+    graph: &Graph<'_>,
+) -> std::io::Result<Vec<u8>> {
     if before.is_empty() || after.is_empty() {
         return flamegraph(after, graph);
     }
@@ -208,8 +212,9 @@ mod tests {
 
     #[test]
     fn parse_drops_pids_and_merges_the_same_program() {
-        let f = Folded::parse("app (12);main;hot 5\napp (13);main;hot 7\napp (13);main;cold_[k] 1\n")
-            .unwrap();
+        let f =
+            Folded::parse("app (12);main;hot 5\napp (13);main;hot 7\napp (13);main;cold_[k] 1\n")
+                .unwrap();
         assert_eq!(f.stacks["app;main;hot"], 12);
         assert_eq!(f.total(), 13);
         assert_eq!(f.self_by_function()[0], ("hot".into(), 12));
@@ -247,7 +252,10 @@ mod tests {
             count_name: "samples",
         };
         let svg = String::from_utf8(differential(&a, &b, &g).unwrap()).unwrap();
-        assert!(svg.contains("<svg") && svg.contains(">x<") || svg.contains("x ("), "{svg:.300}");
+        assert!(
+            svg.contains("<svg") && svg.contains(">x<") || svg.contains("x ("),
+            "{svg:.300}"
+        );
         let empty = String::from_utf8(flamegraph(&Folded::default(), &g).unwrap()).unwrap();
         assert!(empty.contains("nothing was recorded"));
     }

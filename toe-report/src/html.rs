@@ -137,9 +137,10 @@ pub fn render(r: &Report<'_>) -> String {
     captures(&mut h, r);
     let _ = write!(
         h,
-        "</main><script>{}</script></body></html>\n",
+        "</main><script>{}</script></body></html>",
         include_str!("report.js")
     );
+    h.push('\n');
     h
 }
 
@@ -211,16 +212,16 @@ fn flamegraphs(h: &mut String, r: &Report<'_>) {
 }
 
 #[expect(clippy::cast_precision_loss, reason = "chart coordinates")]
-fn rss_chart(c: &Capture) -> String {
-    let (w, ht, pad) = (720.0, 220.0, 48.0);
-    let max_t = c
+fn rss_chart(capture: &Capture) -> String {
+    let (width, height, pad) = (720.0, 220.0, 48.0);
+    let max_t = capture
         .rss
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.t_ms))
         .max()
         .unwrap_or(0)
         .max(1) as f64;
-    let max_v = c
+    let max_v = capture
         .rss
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.rss))
@@ -228,31 +229,31 @@ fn rss_chart(c: &Capture) -> String {
         .unwrap_or(0)
         .max(1) as f64;
     let mib = 1024.0 * 1024.0;
-    let mut s = format!(
-        "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{ht}\" font-size=\"11\" font-family=\"sans-serif\"><text x=\"{pad}\" y=\"14\">RSS of {} (MiB) over {:.1} s</text><line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#999\"/><line x1=\"{pad}\" y1=\"20\" x2=\"{pad}\" y2=\"{}\" stroke=\"#999\"/><text x=\"4\" y=\"28\">{:.1}</text><text x=\"4\" y=\"{}\">0</text>",
-        esc(&c.target),
+    let mut svg = format!(
+        "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-size=\"11\" font-family=\"sans-serif\"><text x=\"{pad}\" y=\"14\">RSS of {} (MiB) over {:.1} s</text><line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#999\"/><line x1=\"{pad}\" y1=\"20\" x2=\"{pad}\" y2=\"{}\" stroke=\"#999\"/><text x=\"4\" y=\"28\">{:.1}</text><text x=\"4\" y=\"{}\">0</text>",
+        esc(&capture.target),
         max_t / 1000.0,
-        ht - 20.0,
-        w - 10.0,
-        ht - 20.0,
-        ht - 20.0,
+        height - 20.0,
+        width - 10.0,
+        height - 20.0,
+        height - 20.0,
         max_v / mib,
-        ht - 20.0
+        height - 20.0
     );
     let palette = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed"];
-    for (i, series) in c.rss.iter().enumerate() {
+    for (i, series) in capture.rss.iter().enumerate() {
         let points: Vec<String> = series
             .points
             .iter()
             .map(|p| {
-                let x = pad + (p.t_ms as f64 / max_t) * (w - pad - 10.0);
-                let y = (ht - 20.0) - (p.rss as f64 / max_v) * (ht - 40.0);
-                format!("{x:.1},{y:.1}")
+                let px = pad + (p.t_ms as f64 / max_t) * (width - pad - 10.0);
+                let py = (height - 20.0) - (p.rss as f64 / max_v) * (height - 40.0);
+                format!("{px:.1},{py:.1}")
             })
             .collect();
         let colour = palette[i % palette.len()];
         let _ = write!(
-            s,
+            svg,
             "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/><text x=\"{}\" y=\"{}\" fill=\"{colour}\">{}</text>",
             points.join(" "),
             pad + 8.0,
@@ -260,8 +261,8 @@ fn rss_chart(c: &Capture) -> String {
             esc(&series.source)
         );
     }
-    s.push_str("</svg>");
-    s
+    svg.push_str("</svg>");
+    svg
 }
 
 fn memory(h: &mut String, caps: &[Capture]) {
@@ -271,7 +272,13 @@ fn memory(h: &mut String, caps: &[Capture]) {
         h.push_str("<p>No RSS series in these captures.</p>");
     }
     for c in with_rss {
-        let _ = write!(h, "<h3>{} {}</h3>{}", esc(&c.run), esc(&c.target), rss_chart(c));
+        let _ = write!(
+            h,
+            "<h3>{} {}</h3>{}",
+            esc(&c.run),
+            esc(&c.target),
+            rss_chart(c)
+        );
     }
     h.push_str("</section>");
 }
@@ -433,11 +440,21 @@ mod tests {
             notes: &["model step skipped".into()],
             files: &[],
         });
-        for id in ["findings", "flamegraphs", "memory", "timelines", "faults", "captures"] {
+        for id in [
+            "findings",
+            "flamegraphs",
+            "memory",
+            "timelines",
+            "faults",
+            "captures",
+        ] {
             assert!(html.contains(&format!("<section id=\"{id}\"")), "{id}");
         }
         assert!(html.contains("t &lt;1&gt;"));
-        assert!(!html.contains("</script><b>"), "a frame name must not end the data script");
+        assert!(
+            !html.contains("</script><b>"),
+            "a frame name must not end the data script"
+        );
         assert!(html.contains("rule: sigterm-unhandled"));
         assert!(html.contains("data:image/svg+xml;base64,"));
         assert!(html.contains("<polyline"), "RSS chart");

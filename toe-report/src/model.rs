@@ -131,9 +131,9 @@ static REDACTIONS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
 /// The text with secrets, addresses, e-mails, long ids and user names replaced.
 #[must_use]
 pub fn redact(text: &str) -> String {
-    REDACTIONS
-        .iter()
-        .fold(text.to_owned(), |t, (re, with)| re.replace_all(&t, *with).into_owned())
+    REDACTIONS.iter().fold(text.to_owned(), |t, (re, with)| {
+        re.replace_all(&t, *with).into_owned()
+    })
 }
 
 /// What the model sees: per capture the tool, how it ended, the top functions of each profile,
@@ -146,7 +146,12 @@ pub fn prompt(captures: &[Capture], findings: &[Finding], max_chars: usize) -> S
         let _ = writeln!(
             s,
             "## {} {} tool={} alongside={:?} ended={:?} duration={:.1}s",
-            c.run, c.target, c.summary.tool, c.summary.alongside, c.summary.ended, c.summary.sampled_duration_s
+            c.run,
+            c.target,
+            c.summary.tool,
+            c.summary.alongside,
+            c.summary.ended,
+            c.summary.sampled_duration_s
         );
         for (kind, f) in &c.profiles {
             let total = f.total();
@@ -183,7 +188,10 @@ pub fn prompt(captures: &[Capture], findings: &[Finding], max_chars: usize) -> S
     }
     let mut s = redact(&s);
     if s.len() > max_chars {
-        let cut = (0..=max_chars).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        let cut = (0..=max_chars)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
         s.truncate(cut);
         s.push_str("\n[cut to the token budget]");
     }
@@ -261,7 +269,13 @@ pub async fn ask(
     let resp = req.send().await.map_err(http)?;
     let status = resp.status();
     if !status.is_success() {
-        let body: String = resp.text().await.unwrap_or_default().chars().take(300).collect();
+        let body: String = resp
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
         return Err(ModelError::Status {
             url,
             status: status.as_u16(),
@@ -336,8 +350,14 @@ mod tests {
         let r = redact(
             "token=abc123 from 10.1.2.3 by ops@example.com in /home/alice/x container 0123456789abcdef0123456789abcdef",
         );
-        assert!(!r.contains("abc123") && !r.contains("10.1.2.3") && !r.contains("ops@"), "{r}");
-        assert!(!r.contains("alice") && !r.contains("0123456789abcdef0123"), "{r}");
+        assert!(
+            !r.contains("abc123") && !r.contains("10.1.2.3") && !r.contains("ops@"),
+            "{r}"
+        );
+        assert!(
+            !r.contains("alice") && !r.contains("0123456789abcdef0123"),
+            "{r}"
+        );
     }
 
     #[test]
@@ -346,9 +366,14 @@ mod tests {
         let findings = crate::rules::evaluate(&caps);
         let p = prompt(&caps, &findings, 100_000);
         assert!(p.contains("oom-kill") && p.contains("toe_demo::mix"), "{p}");
-        assert!(!p.contains("libpod-ac86f8e6be9580b925a971b04808e165776898c0941dd651a1aabebf45aa710c"));
+        assert!(
+            !p.contains("libpod-ac86f8e6be9580b925a971b04808e165776898c0941dd651a1aabebf45aa710c")
+        );
         let short = prompt(&caps, &findings, 200);
-        assert!(short.len() < 260 && short.ends_with("[cut to the token budget]"), "{short}");
+        assert!(
+            short.len() < 260 && short.ends_with("[cut to the token budget]"),
+            "{short}"
+        );
     }
 
     /// A local stand-in for the external endpoint: records what it was sent and answers after
@@ -356,7 +381,10 @@ mod tests {
     async fn stand_in(
         delay: Duration,
         status: u16,
-    ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, serde_json::Value)>>>) {
+    ) -> (
+        String,
+        std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, serde_json::Value)>>>,
+    ) {
         use axum::{Json, http::HeaderMap, routing::post};
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
@@ -397,7 +425,9 @@ mod tests {
         let (url, seen) = stand_in(Duration::ZERO, 200).await;
         let caps = [capture("term-hung")];
         let rules = crate::rules::evaluate(&caps);
-        let found = ask(&endpoint(url, Duration::from_secs(10)), &caps, &rules).await.unwrap();
+        let found = ask(&endpoint(url, Duration::from_secs(10)), &caps, &rules)
+            .await
+            .unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].source, Source::Model);
         assert_eq!(found[0].severity, Severity::Critical);
@@ -405,10 +435,16 @@ mod tests {
         let (auth, body) = &seen[0];
         assert_eq!(auth.as_deref(), Some("Bearer sk-test"));
         assert_eq!(body["model"], "local-slm");
-        assert_eq!(body["max_tokens"], 500, "a quarter of the budget is the answer's");
+        assert_eq!(
+            body["max_tokens"], 500,
+            "a quarter of the budget is the answer's"
+        );
         assert_eq!(body["messages"][0]["role"], "system");
         let user = body["messages"][1]["content"].as_str().unwrap();
-        assert!(user.contains("sigterm-unhandled") && user.len() <= 1500 * 4 + 40, "{user}");
+        assert!(
+            user.contains("sigterm-unhandled") && user.len() <= 1500 * 4 + 40,
+            "{user}"
+        );
     }
 
     #[tokio::test]
@@ -423,22 +459,48 @@ mod tests {
         let out = crate::process::process(&caps, &options).await;
         assert!(out.findings.iter().all(|f| f.source == Source::Rule));
         assert!(out.findings.iter().any(|f| f.rule == "oom-kill"));
-        let note = out.notes.iter().find(|n| n.contains("model step failed")).unwrap();
-        assert!(note.contains("timed out") || note.contains("timeout"), "{note}");
-        let html = &out.files.iter().find(|(n, _)| n == "report.html").unwrap().1;
-        assert!(std::str::from_utf8(html).unwrap().contains("model step failed"));
+        let note = out
+            .notes
+            .iter()
+            .find(|n| n.contains("model step failed"))
+            .unwrap();
+        assert!(
+            note.contains("timed out") || note.contains("timeout"),
+            "{note}"
+        );
+        let html = &out
+            .files
+            .iter()
+            .find(|(n, _)| n == "report.html")
+            .unwrap()
+            .1;
+        assert!(
+            std::str::from_utf8(html)
+                .unwrap()
+                .contains("model step failed")
+        );
         let (failing, _) = stand_in(Duration::ZERO, 503).await;
-        let err = ask(&endpoint(failing, Duration::from_secs(5)), &caps, &[]).await.unwrap_err();
+        let err = ask(&endpoint(failing, Duration::from_secs(5)), &caps, &[])
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("503"), "{err}");
     }
 
     #[test]
     fn answers_become_model_findings() {
-        let f = parse_answer("Sure:\n[{\"title\":\"GC pressure\",\"severity\":\"warning\",\"evidence\":[\"x\"]}]");
+        let f = parse_answer(
+            "Sure:\n[{\"title\":\"GC pressure\",\"severity\":\"warning\",\"evidence\":[\"x\"]}]",
+        );
         assert_eq!(f.len(), 1);
-        assert_eq!((f[0].source, f[0].severity), (Source::Model, Severity::Warning));
+        assert_eq!(
+            (f[0].source, f[0].severity),
+            (Source::Model, Severity::Warning)
+        );
         let prose = parse_answer("I think it is the database.");
         assert_eq!(prose[0].evidence[0], "I think it is the database.");
-        assert_eq!(completions_url("http://h/v1/"), "http://h/v1/chat/completions");
+        assert_eq!(
+            completions_url("http://h/v1/"),
+            "http://h/v1/chat/completions"
+        );
     }
 }

@@ -46,6 +46,8 @@ impl Strings {
 }
 
 type LabelKey = (i64, i64, i64, i64);
+/// A location's identity: mapping, address, and (function, line, column) of each line.
+type LocationKey = (u64, u64, Vec<(u64, i64, i64)>);
 
 #[derive(Default)]
 struct Merger {
@@ -54,7 +56,7 @@ struct Merger {
     out: Profile,
     functions: HashMap<(i64, i64, i64, i64), u64>,
     mappings: HashMap<(u64, u64, u64, i64, i64), u64>,
-    locations: HashMap<(u64, u64, Vec<(u64, i64, i64)>), u64>,
+    locations: HashMap<LocationKey, u64>,
     samples: HashMap<(Vec<u64>, Vec<LabelKey>), usize>,
 }
 
@@ -165,7 +167,10 @@ impl Merger {
             labels.push((target_key, target, 0, 0));
             labels.push((run_key, run, 0, 0));
             let next = self.out.sample.len();
-            let i = *self.samples.entry((stack.clone(), labels.clone())).or_insert(next);
+            let i = *self
+                .samples
+                .entry((stack.clone(), labels.clone()))
+                .or_insert(next);
             if i == next {
                 self.out.sample.push(Sample {
                     location_id: stack,
@@ -283,9 +288,10 @@ pub fn merge(inputs: &[Input<'_>]) -> Merged {
             skipped.push(format!("{} ({}): {why}", i.target, i.run));
         }
     }
-    let comment = m
-        .strings
-        .get(&format!("merged by TOE from {} profiles", inputs.len() - skipped.len()));
+    let comment = m.strings.get(&format!(
+        "merged by TOE from {} profiles",
+        inputs.len() - skipped.len()
+    ));
     m.out.comment = vec![comment];
     m.out.string_table = std::mem::take(&mut m.strings.table);
     Merged {
@@ -335,8 +341,16 @@ mod tests {
             },
         ];
         let merged = merge(&inputs);
-        assert_eq!(merged.skipped.len(), 1, "the heap profile has other sample types");
-        assert!(merged.skipped[0].contains("web-2/app"), "{:?}", merged.skipped);
+        assert_eq!(
+            merged.skipped.len(),
+            1,
+            "the heap profile has other sample types"
+        );
+        assert!(
+            merged.skipped[0].contains("web-2/app"),
+            "{:?}",
+            merged.skipped
+        );
         let want: Vec<i64> = totals(&decode(pa).unwrap())
             .iter()
             .zip(totals(&decode(pb).unwrap()))
@@ -345,8 +359,11 @@ mod tests {
         let round = decode(&encode_gzip(&merged.profile)).unwrap();
         assert_eq!(totals(&round), want);
         let p = &round;
-        let target_key = p.string_table.iter().position(|s| s == "target").unwrap() as i64;
-        let web1 = p.string_table.iter().position(|s| s == "web-1/app").unwrap() as i64;
+        let index = |text: &str| {
+            i64::try_from(p.string_table.iter().position(|s| s == text).unwrap()).unwrap()
+        };
+        let target_key = index("target");
+        let web1 = index("web-1/app");
         let web1_total: i64 = p
             .sample
             .iter()

@@ -14,6 +14,10 @@ use crate::{
 
 /// What to produce.
 #[derive(Clone, Debug, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "four independent switches, one per output a processing may ask for"
+)]
 pub struct Options {
     pub merged_flamegraph: bool,
     pub differential_flamegraph: bool,
@@ -74,7 +78,11 @@ fn split_for_diff(
     let (faulted, quiet): (Vec<&Capture>, Vec<&Capture>) =
         with.iter().partition(|c| c.summary.fault.is_some());
     if !faulted.is_empty() && !quiet.is_empty() {
-        return Ok((quiet, faulted, "runs without a fault -> runs with a fault".into()));
+        return Ok((
+            quiet,
+            faulted,
+            "runs without a fault -> runs with a fault".into(),
+        ));
     }
     let mut runs: Vec<(&str, u64)> = Vec::new();
     for c in &with {
@@ -100,7 +108,13 @@ fn split_for_diff(
 
 fn file_name(run: &str) -> String {
     run.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -115,8 +129,10 @@ pub async fn process(captures: &[Capture], opts: &Options) -> Outcome {
         .into_iter()
         .filter(|k| captures.iter().any(|c| c.profiles.contains_key(k)))
         .collect();
-    let merged: Vec<(ProfileKind, Folded)> =
-        kinds.iter().map(|&k| (k, merge(captures.iter(), k))).collect();
+    let merged: Vec<(ProfileKind, Folded)> = kinds
+        .iter()
+        .map(|&k| (k, merge(captures.iter(), k)))
+        .collect();
     if opts.merged_flamegraph {
         merged_flamegraphs(captures, &merged, &mut out);
     }
@@ -219,7 +235,10 @@ fn differential_flamegraphs(captures: &[Capture], kinds: &[ProfileKind], out: &m
                 continue;
             }
         };
-        let (b, a) = (merge(before.into_iter(), kind), merge(after.into_iter(), kind));
+        let (b, a) = (
+            merge(before.into_iter(), kind),
+            merge(after.into_iter(), kind),
+        );
         let subtitle = format!("{how}: {} -> {} {}", b.total(), a.total(), kind.unit());
         let graph = Graph {
             title: kind.title(),
@@ -255,8 +274,10 @@ fn merged_pprof(captures: &[Capture], out: &mut Outcome) {
                 .iter()
                 .map(|s| format!("{name}: left out {s}")),
         );
-        out.files
-            .push((name.clone(), Bytes::from(pprof::encode_gzip(&merged.profile))));
+        out.files.push((
+            name.clone(),
+            Bytes::from(pprof::encode_gzip(&merged.profile)),
+        ));
     }
 }
 
@@ -289,13 +310,23 @@ mod tests {
         let caps = vec![a, b, stress];
         let out = process(&caps, &all()).await;
         let names: Vec<&str> = out.files.iter().map(|(n, _)| n.as_str()).collect();
-        for want in ["cpu.svg", "cpu.folded", "cpu.diff.svg", "cpu.pb.gz", "findings.json", "report.html"] {
+        for want in [
+            "cpu.svg",
+            "cpu.folded",
+            "cpu.diff.svg",
+            "cpu.pb.gz",
+            "findings.json",
+            "report.html",
+        ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
         assert!(names.iter().any(|n| n.starts_with("runs/")), "{names:?}");
         let folded = &out.files.iter().find(|(n, _)| n == "cpu.folded").unwrap().1;
         let merged = Folded::parse(std::str::from_utf8(folded).unwrap()).unwrap();
-        let sum: u64 = caps.iter().map(|c| c.profiles[&ProfileKind::Cpu].total()).sum();
+        let sum: u64 = caps
+            .iter()
+            .map(|c| c.profiles[&ProfileKind::Cpu].total())
+            .sum();
         assert_eq!(merged.total(), sum);
         let pb = &out.files.iter().find(|(n, _)| n == "cpu.pb.gz").unwrap().1;
         let p = pprof::decode(pb).unwrap();
@@ -308,6 +339,12 @@ mod tests {
     async fn one_run_says_why_there_is_no_differential() {
         let out = process(&[capture("cpu")], &all()).await;
         assert!(!out.files.iter().any(|(n, _)| n == "cpu.diff.svg"));
-        assert!(out.notes.iter().any(|n| n.contains("needs two runs with a cpu profile")), "{:?}", out.notes);
+        assert!(
+            out.notes
+                .iter()
+                .any(|n| n.contains("needs two runs with a cpu profile")),
+            "{:?}",
+            out.notes
+        );
     }
 }

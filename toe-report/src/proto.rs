@@ -4,8 +4,7 @@
 
 #![expect(
     clippy::struct_excessive_bools,
-    clippy::struct_field_names,
-    reason = "field names and types mirror profile.proto exactly"
+    reason = "field types mirror profile.proto exactly"
 )]
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -100,7 +100,8 @@ pub fn evaluate(captures: &[Capture]) -> Vec<Finding> {
                 f.seen_in.push(place.clone());
                 for e in hit.evidence {
                     if f.evidence.len() < MAX_EVIDENCE {
-                        f.evidence.push(if first { e } else { format!("{place}: {e}") });
+                        f.evidence
+                            .push(if first { e } else { format!("{place}: {e}") });
                     }
                 }
             }
@@ -219,10 +220,7 @@ fn sigterm_unhandled(c: &Capture) -> Vec<Hit> {
                     "{} did not shut down on SIGTERM within its grace period; SIGKILL followed",
                     p.comm
                 ),
-                evidence: vec![
-                    format!("{how}; SIGKILL{after}"),
-                    p.explanation.clone(),
-                ],
+                evidence: vec![format!("{how}; SIGKILL{after}"), p.explanation.clone()],
             }
         })
         .collect()
@@ -290,11 +288,12 @@ fn memory_leak_site(c: &Capture) -> Vec<Hit> {
     if bytes < LEAK_MIN_BYTES || share(bytes, total) < 0.5 {
         return Vec::new();
     }
-    let rss = c
-        .summary
-        .memory
-        .as_ref()
-        .and_then(|m| m.rss.series.iter().max_by_key(|s| s.last_rss.saturating_sub(s.first_rss)));
+    let rss = c.summary.memory.as_ref().and_then(|m| {
+        m.rss
+            .series
+            .iter()
+            .max_by_key(|s| s.last_rss.saturating_sub(s.first_rss))
+    });
     let mut evidence = vec![format!(
         "{} still allocated at {site} at the end ({:.0}% of all in-use memory)",
         mib(bytes),
@@ -373,9 +372,12 @@ fn dominant_function(c: &Capture) -> Vec<Hit> {
         "{func}: {n} of {total} samples ({:.0}%) on CPU in the function itself",
         share(*n, total) * 100.0
     )];
-    evidence.extend(top.iter().skip(1).take(2).map(|(g, m)| {
-        format!("next: {g} {:.0}%", share(*m, total) * 100.0)
-    }));
+    evidence.extend(
+        top.iter()
+            .skip(1)
+            .take(2)
+            .map(|(g, m)| format!("next: {g} {:.0}%", share(*m, total) * 100.0)),
+    );
     if let Some((stack, m)) = f.heaviest_path_to(func) {
         evidence.push(format!(
             "hottest path ({:.0}%): {}",
@@ -435,7 +437,7 @@ fn top_matching(f: &Folded, pattern: &Regex) -> Vec<String> {
     }
     let total = f.total();
     let mut v: Vec<(&str, u64)> = by.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|x| std::cmp::Reverse(x.1));
     v.into_iter()
         .take(3)
         .map(|(n, c)| format!("under {n}: {:.0}% of samples", share(c, total) * 100.0))
@@ -472,7 +474,11 @@ fn allocator_hot(c: &Capture) -> Vec<Hit> {
     };
     let mut hits = Vec::new();
     for (key, pattern, what) in [
-        ("allocator", &*ALLOCATOR, "the memory allocator (malloc/free)"),
+        (
+            "allocator",
+            &*ALLOCATOR,
+            "the memory allocator (malloc/free)",
+        ),
         ("gc", &*GC, "garbage collection"),
     ] {
         let (n, total) = path_share(f, pattern);
@@ -605,7 +611,10 @@ mod tests {
     fn findings_name_the_cause_and_show_the_numbers() {
         let f = evaluate(&[capture("leak")]);
         let leak = f.iter().find(|f| f.rule == "memory-leak-site").unwrap();
-        assert!(leak.title.contains("toe_demo::memory::leaky_site"), "{leak:?}");
+        assert!(
+            leak.title.contains("toe_demo::memory::leaky_site"),
+            "{leak:?}"
+        );
         assert!(leak.evidence.iter().any(|e| e.contains("RSS")), "{leak:?}");
         let hung = evaluate(&[capture("term-hung")]);
         let t = hung.iter().find(|f| f.rule == "sigterm-unhandled").unwrap();

@@ -160,15 +160,22 @@ pub async fn run(job: &Job) -> Result<JobOutcome, StoreError> {
         .map_or_else(|_| dir.to_string(), |u| u.to_string());
     let mut written = Vec::new();
     for (file, data) in &outcome.files {
-        let path = StorePath::from_iter(
-            dir.parts()
-                .chain(file.split('/').map(object_store::path::PathPart::from)),
-        );
+        let path: StorePath = dir
+            .parts()
+            .chain(file.split('/').map(object_store::path::PathPart::from))
+            .collect();
         put(store.as_ref(), &path, data.clone()).await?;
         written.push(format!("{dir_url}{file}"));
     }
     let expired = match job.retention {
-        Some(keep) => expire(store.as_ref(), &base, job.now.checked_sub(keep).unwrap_or(SystemTime::UNIX_EPOCH)).await?,
+        Some(keep) => {
+            expire(
+                store.as_ref(),
+                &base,
+                job.now.checked_sub(keep).unwrap_or(SystemTime::UNIX_EPOCH),
+            )
+            .await?
+        }
         None => Vec::new(),
     };
     Ok(JobOutcome {
@@ -206,7 +213,7 @@ pub async fn expire(
     let mut removed = Vec::new();
     for dir in listed.common_prefixes {
         let Some(name) = dir.filename() else { continue };
-        if !parse_stamp(name).is_some_and(|t| t < before) {
+        if parse_stamp(name).is_none_or(|t| t >= before) {
             continue;
         }
         let objects: Vec<object_store::ObjectMeta> = store
@@ -240,11 +247,14 @@ pub async fn list_outputs(
         .list(Some(base))
         .try_collect()
         .await
-        .map_err(|source| StoreError::Read(capture::ReadError::List {
-            prefix: base.to_string(),
-            source,
-        }))?;
-    let mut dirs: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+        .map_err(|source| {
+            StoreError::Read(capture::ReadError::List {
+                prefix: base.to_string(),
+                source,
+            })
+        })?;
+    let mut dirs: std::collections::BTreeMap<String, Vec<String>> =
+        std::collections::BTreeMap::new();
     for o in objects {
         let rel: Vec<String> = o
             .location
@@ -280,19 +290,24 @@ mod tests {
     }
 
     fn fixtures_url() -> Url {
-        Url::from_directory_path(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
-        )
-        .unwrap()
+        Url::from_directory_path(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
+            .unwrap()
     }
 
     #[tokio::test]
     async fn a_job_writes_its_outputs_and_retention_expires_old_ones() {
         let out = tempfile::tempdir().unwrap();
         let output = Url::from_directory_path(out.path().join("ns/weekly")).unwrap();
-        let old = SystemTime::now() - Duration::from_secs(3 * 86_400);
+        let old = SystemTime::now() - Duration::from_hours(3 * 24);
         std::fs::create_dir_all(out.path().join("ns/weekly").join(stamp(old))).unwrap();
-        std::fs::write(out.path().join("ns/weekly").join(stamp(old)).join("report.html"), "x").unwrap();
+        std::fs::write(
+            out.path()
+                .join("ns/weekly")
+                .join(stamp(old))
+                .join("report.html"),
+            "x",
+        )
+        .unwrap();
         let job = Job {
             sources: vec![Source {
                 url: fixtures_url(),
@@ -301,7 +316,7 @@ mod tests {
             window: None,
             now: SystemTime::now(),
             output: output.clone(),
-            retention: Some(Duration::from_secs(86_400)),
+            retention: Some(Duration::from_hours(24)),
             options: Options {
                 merged_flamegraph: true,
                 html_report: true,
@@ -312,8 +327,18 @@ mod tests {
         let done = run(&job).await.unwrap();
         assert_eq!(done.outcome.captures, 11);
         assert_eq!(done.expired, [stamp(old)]);
-        assert!(!out.path().join("ns/weekly").join(stamp(old)).join("report.html").exists());
-        let report = done.written.iter().find(|u| u.ends_with("/report.html")).unwrap();
+        assert!(
+            !out.path()
+                .join("ns/weekly")
+                .join(stamp(old))
+                .join("report.html")
+                .exists()
+        );
+        let report = done
+            .written
+            .iter()
+            .find(|u| u.ends_with("/report.html"))
+            .unwrap();
         let path = Url::parse(report).unwrap().to_file_path().unwrap();
         assert!(std::fs::read_to_string(path).unwrap().contains("oom-kill"));
         let (store, base) = open(&Url::from_directory_path(out.path()).unwrap()).unwrap();
@@ -325,12 +350,14 @@ mod tests {
 
     #[tokio::test]
     async fn the_window_leaves_out_older_captures() {
-        let far_future = SystemTime::now() + Duration::from_secs(10 * 365 * 86_400);
+        let far_future = SystemTime::now() + Duration::from_hours(10 * 365 * 24);
         let src = [Source {
             url: fixtures_url(),
             label: String::new(),
         }];
-        let none = read_sources(&src, Some(Duration::from_secs(3600)), far_future).await.unwrap();
+        let none = read_sources(&src, Some(Duration::from_hours(1)), far_future)
+            .await
+            .unwrap();
         assert!(none.is_empty());
         let all = read_sources(&src, None, far_future).await.unwrap();
         assert_eq!(all.len(), 11);

@@ -150,14 +150,16 @@ pub fn tracefs() -> Result<()> {
     )
 }
 
-/// Debian packages the tests use: go (for `go tool pprof` reading TOE's pprof output), and
-/// podman with runc and a static busybox (real containers from a directory rootfs, no registry).
+/// Debian packages the tests use: go (for `go tool pprof` reading TOE's pprof output),
+/// podman with runc and a static busybox (real containers from a directory rootfs, no registry),
+/// and chromium (the HTML report is opened in a real headless browser).
 pub fn test_packages() -> Result<()> {
     let missing: Vec<&str> = [
         ("go", "golang-go"),
         ("podman", "podman"),
         ("runc", "runc"),
         ("busybox", "busybox-static"),
+        ("chromium", "chromium"),
     ]
     .into_iter()
     .filter(|(bin, _)| {
