@@ -7,7 +7,7 @@
 //! script on the same tracepoints), and the highest signal rate TOE records without loss.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -62,6 +62,17 @@ pub enum Which {
         /// Busy containers the PowerTools spread over.
         #[arg(long, default_value_t = 2)]
         pods: usize,
+    },
+    /// Processing: time and peak memory to merge many profiles and render the report, beside
+    /// inferno alone rendering the same stacks concatenated.
+    Processing {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 100)]
+        profiles: u64,
+        /// Distinct stacks per profile.
+        #[arg(long, default_value_t = 10_000)]
+        stacks: u64,
     },
     /// Faults: asked versus achieved at a few settings, and rollback time after an abort.
     Faults {
@@ -697,6 +708,11 @@ pub fn run(which: &Which) -> Result<()> {
         Which::Faults { secs, aborts } => crate::bench_faults::faults_bench(*secs, *aborts),
         Which::Operator { powertools, pods } => operator_bench(*powertools, *pods),
         Which::Agent { counts, secs, pods } => agent_bench(counts, *secs, *pods),
+        Which::Processing {
+            rounds,
+            profiles,
+            stacks,
+        } => processing_bench(*rounds, *profiles, *stacks),
         Which::Signals {
             rounds,
             count,
@@ -745,4 +761,110 @@ fn operator_bench(powertools: usize, pods: usize) -> Result<()> {
         pods.to_string(),
     ];
     api_server_bench("toe-operator", &["toe-operator"], "bench-operator", &args)
+}
+
+/// One processing bench run as its own process: wall seconds, peak RSS (KiB) and what it printed.
+fn processing_once(mode: &str, data: &Path, out: &Path) -> Result<(f64, i64, String)> {
+    let _ = std::fs::remove_dir_all(out);
+    let start = std::time::Instant::now();
+    let mut child = Command::new(root().join("target/release/bench-processing"))
+        .arg(mode)
+        .arg(data)
+        .arg(out)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)?;
+    let (ok, rss, _) = wait4(&child)?;
+    let secs = start.elapsed().as_secs_f64();
+    if !ok {
+        bail!("bench-processing {mode} failed");
+    }
+    Ok((secs, rss, stdout))
+}
+
+fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
+    crate::run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "toe-tests",
+                "--bin",
+                "bench-processing",
+            ]),
+    )?;
+    let tmp = tempfile_dir("toe-bench-processing")?;
+    let data = tmp.join("data");
+    eprintln!("bench processing: generating {profiles} profiles of {stacks} distinct stacks");
+    crate::run(
+        Command::new(root().join("target/release/bench-processing"))
+            .arg("generate")
+            .arg(&data)
+            .args([profiles.to_string(), stacks.to_string()]),
+    )?;
+    let mut toe = Vec::new();
+    let mut inferno = Vec::new();
+    for round in 0..rounds {
+        // Interleaved, so drift in the machine's speed hits both alike.
+        let t = processing_once("toe", &data, &tmp.join("out-toe"))?;
+        let i = processing_once("inferno", &data, &tmp.join("out-inferno"))?;
+        eprintln!(
+            "round {}: toe {:.2} s {:.1} MiB | inferno alone {:.2} s {:.1} MiB",
+            round + 1,
+            t.0,
+            kib_to_mib(t.1),
+            i.0,
+            kib_to_mib(i.1)
+        );
+        toe.push(t);
+        inferno.push(i);
+    }
+    let med = |v: &[(f64, i64, String)]| median(v.iter().map(|x| x.0).collect());
+    let peak = |v: &[(f64, i64, String)]| v.iter().map(|x| x.1).max().unwrap_or(0);
+    let report_bytes = toe
+        .last()
+        .and_then(|t| t.2.split_whitespace().nth(2))
+        .unwrap_or("?")
+        .to_owned();
+    println!(
+        "processing {profiles} profiles x {stacks} distinct stacks ({rounds} rounds, interleaved)"
+    );
+    println!("| | median time | peak RSS |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| toe: merged + differential flamegraphs, merged pprof, rules, HTML report ({report_bytes} bytes) | {:.2} s | {:.1} MiB |",
+        med(&toe),
+        kib_to_mib(peak(&toe))
+    );
+    println!(
+        "| inferno alone: one flamegraph of the concatenated folded stacks | {:.2} s | {:.1} MiB |",
+        med(&inferno),
+        kib_to_mib(peak(&inferno))
+    );
+    #[expect(clippy::cast_precision_loss, reason = "ratio for display")]
+    let rss_ratio = peak(&toe) as f64 / peak(&inferno).max(1) as f64;
+    println!(
+        "ratio toe / inferno alone: time {:.2}x, peak RSS {rss_ratio:.2}x",
+        med(&toe) / med(&inferno)
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
+
+#[expect(clippy::cast_precision_loss, reason = "MiB for display")]
+fn kib_to_mib(kib: i64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn tempfile_dir(name: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
