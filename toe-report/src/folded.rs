@@ -118,15 +118,18 @@ impl Folded {
         v
     }
 
-    /// Count of stacks with at least one frame (after the process) that `matches`.
+    /// Count of stacks with at least one frame (after the process) that `matches`. Each distinct
+    /// frame is asked once: profiles repeat a few thousand names across millions of frames.
     pub fn count_matching(&self, mut matches: impl FnMut(&str) -> bool) -> u64 {
+        let mut known: HashMap<&str, bool> = HashMap::new();
         self.stacks
             .iter()
             .filter(|(stack, _)| {
-                stack
-                    .split(';')
-                    .skip(1)
-                    .any(|frame| matches(function_name(frame)))
+                stack.split(';').skip(1).any(|frame| {
+                    *known
+                        .entry(frame)
+                        .or_insert_with(|| matches(function_name(frame)))
+                })
             })
             .map(|(_, &c)| c)
             .sum()
