@@ -15,7 +15,7 @@ use kube::{
     Api,
     api::{ListParams, Patch, PatchParams, PostParams},
 };
-use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase};
+use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase, PowerToolProcessing};
 use toe_tests::{
     apiserver::ApiServer,
     cluster::{documents, install_crds, operator_identity, repo},
@@ -59,7 +59,10 @@ async fn crds_install_and_their_schemas_accept_the_examples_and_refuse_bad_field
     let mut applied = 0;
     for entry in std::fs::read_dir(repo().join("examples")).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "yaml") || path.ends_with("config.yaml") {
+        if path.extension().is_none_or(|e| e != "yaml")
+            || path.ends_with("config.yaml")
+            || path.ends_with("processing.yaml")
+        {
             continue;
         }
         for mut t in documents::<PowerTool>(&path) {
@@ -74,6 +77,15 @@ async fn crds_install_and_their_schemas_accept_the_examples_and_refuse_bad_field
         }
     }
     assert!(applied >= 8, "{applied}");
+    let processings: Api<PowerToolProcessing> = Api::namespaced(client.clone(), "shop");
+    for p in documents::<PowerToolProcessing>(&repo().join("examples/processing.yaml")) {
+        let name = p.metadata.name.clone().unwrap();
+        let back = processings
+            .patch(&name, &apply, &Patch::Apply(&p))
+            .await
+            .unwrap_or_else(|e| panic!("processing.yaml: {e}"));
+        assert_eq!(back.spec, p.spec, "processing.yaml changed on the way");
+    }
     // The schema refuses out-of-range and unknown enum values, naming the field.
     for (yaml, want) in [
         (

@@ -1,5 +1,6 @@
-//! `toe-operator`: admits PowerTools, selects their targets, reports status, and serves the
-//! validating admission webhook and Prometheus metrics.
+//! `toe-operator`: admits PowerTools, selects their targets, reports status, processes runs into
+//! reports on schedule, and serves the validating admission webhook, the reports and Prometheus
+//! metrics.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

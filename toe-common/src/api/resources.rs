@@ -256,23 +256,26 @@ pub enum ProcessingOutput {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PowerToolProcessingSpec {
-    /// PowerTools to process, by label.
+    /// PowerTools in this namespace to process, by label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
     /// Or by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
-    /// An interval (`15m`) or a cron expression (`0 * * * *`).
+    /// An interval (Go duration, at least `1m`, e.g. `15m`) or a 5-field cron expression in UTC
+    /// (`0 * * * *`).
     pub schedule: String,
-    /// Runs finished within this window are included (Go duration).
+    /// Runs that ended within this long before each processing are included (Go duration;
+    /// default 24h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<String>,
     #[schemars(length(min = 1))]
     pub outputs: Vec<ProcessingOutput>,
-    /// Processed outputs older than this are deleted (Go duration).
+    /// Processed outputs older than this are deleted (Go duration; default 168h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<String>,
-    /// Where outputs are written; absent: next to the runs' artifacts.
+    /// Where outputs are written (`<url>/_reports/<namespace>/<name>/<time>/`); absent: the
+    /// operator's artifact store, where its report server lists them. `pvc` is not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputSpec>,
     /// An OpenAI-compatible chat-completions endpoint for the optional model step of the
@@ -284,16 +287,20 @@ pub struct PowerToolProcessingSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
+    /// The API base (`https://api.example.com/v1`) or the full `.../chat/completions` URL.
     pub url: String,
     pub model: String,
     /// A Secret in the same namespace with the API key under `apiKey`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+    /// How long the model may take to answer (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 600))]
     pub timeout_seconds: Option<u32>,
+    /// Token budget for the whole exchange: three quarters for the (cut, redacted) prompt, the
+    /// rest for the answer (default 4000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 64))]
     pub max_tokens: Option<u32>,
 }
 
