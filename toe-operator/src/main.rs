@@ -55,15 +55,25 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve_reports(addr: SocketAddr, artifacts: url::Url) -> Result<()> {
-    let app = reports::router(reports::Reports::new(&artifacts)?);
+/// Serves `app` on `addr` (plain HTTP) until SIGTERM or Ctrl-C; `flag` names the address in
+/// errors.
+async fn serve(addr: SocketAddr, app: Router, flag: &str) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("--report-addr {addr}"))?;
+        .with_context(|| format!("{flag} {addr}"))?;
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
+}
+
+async fn serve_reports(addr: SocketAddr, artifacts: url::Url) -> Result<()> {
+    serve(
+        addr,
+        reports::router(reports::Reports::new(&artifacts)?),
+        "--report-addr",
+    )
+    .await
 }
 
 async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
@@ -76,13 +86,7 @@ async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
             }),
         )
         .route("/healthz", get(|| async { "ok" }));
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("--metrics-addr {addr}"))?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    Ok(())
+    serve(addr, app, "--metrics-addr").await
 }
 
 fn main() -> Result<()> {

@@ -170,7 +170,9 @@ pub fn flamegraph(folded: &Folded, graph: &Graph<'_>) -> std::io::Result<Vec<u8>
     Ok(out)
 }
 
-fn empty_svg(title: &str, subtitle: &str) -> String {
+/// A plain page that says nothing was recorded, in place of a flamegraph of no samples.
+#[must_use]
+pub fn empty_svg(title: &str, subtitle: &str) -> String {
     format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"960\" height=\"120\" font-family=\"sans-serif\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/><text x=\"480\" y=\"40\" text-anchor=\"middle\" font-size=\"17\">{}</text><text x=\"480\" y=\"80\" text-anchor=\"middle\" font-size=\"13\">{}: nothing was recorded</text></svg>\n",
         crate::esc(title),

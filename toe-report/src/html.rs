@@ -214,20 +214,16 @@ fn flamegraphs(h: &mut String, r: &Report<'_>) {
 #[expect(clippy::cast_precision_loss, reason = "chart coordinates")]
 fn rss_chart(capture: &Capture) -> String {
     let (width, height, pad) = (720.0, 220.0, 48.0);
-    let max_t = capture
-        .rss
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.t_ms))
-        .max()
-        .unwrap_or(0)
-        .max(1) as f64;
-    let max_v = capture
-        .rss
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.rss))
-        .max()
-        .unwrap_or(0)
-        .max(1) as f64;
+    let most = |of: fn(&crate::capture::RssPoint) -> u64| {
+        capture
+            .rss
+            .iter()
+            .flat_map(|s| s.points.iter().map(of))
+            .max()
+            .unwrap_or(0)
+            .max(1) as f64
+    };
+    let (max_t, max_v) = (most(|p| p.t_ms), most(|p| p.rss));
     let mib = 1024.0 * 1024.0;
     let mut svg = format!(
         "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-size=\"11\" font-family=\"sans-serif\"><text x=\"{pad}\" y=\"14\">RSS of {} (MiB) over {:.1} s</text><line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#999\"/><line x1=\"{pad}\" y1=\"20\" x2=\"{pad}\" y2=\"{}\" stroke=\"#999\"/><text x=\"4\" y=\"28\">{:.1}</text><text x=\"4\" y=\"{}\">0</text>",

@@ -12,12 +12,7 @@ pub mod svg;
 pub mod timeline;
 
 /// Text for SVG and HTML: the characters markup would read as its own escaped.
-pub(crate) fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+pub(crate) use toe_report::esc;
 
 /// One frame after symbolization. Unresolved frames keep their module and offset in `function`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

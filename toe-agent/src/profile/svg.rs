@@ -23,17 +23,7 @@ pub fn encode(
     if lines.is_empty() {
         // inferno refuses input without counts; a plain page says "nothing recorded" honestly
         // instead of a fake frame.
-        let esc = |s: &str| {
-            s.replace('&', "&amp;")
-                .replace('<', "&lt;")
-                .replace('>', "&gt;")
-        };
-        let page = format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"960\" height=\"120\" font-family=\"sans-serif\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/><text x=\"480\" y=\"40\" text-anchor=\"middle\" font-size=\"17\">{}</text><text x=\"480\" y=\"80\" text-anchor=\"middle\" font-size=\"13\">{}: nothing was recorded</text></svg>\n",
-            esc(title),
-            esc(subtitle)
-        );
-        out.extend_from_slice(page.as_bytes());
+        out.extend_from_slice(toe_report::folded::empty_svg(title, subtitle).as_bytes());
         return Ok(out);
     }
     inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut out)?;
