@@ -510,11 +510,18 @@ async fn process(
         options,
     };
     let next = plan.schedule.next_after(now);
-    match toe_report::store::run(&job).await {
+    let asked_model = job.options.model.is_some();
+    // Merging and rendering are CPU-bound for seconds on large windows: off the async workers,
+    // so the other controllers and the report server keep answering.
+    let handle = tokio::runtime::Handle::current();
+    let result = tokio::task::spawn_blocking(move || handle.block_on(toe_report::store::run(&job)))
+        .await
+        .unwrap_or_else(|e| Err(toe_report::store::StoreError::Aborted(e.to_string())));
+    match result {
         Ok(done) => {
             let o = &done.outcome;
             record(&mut status, &done);
-            if job.options.model.is_some() {
+            if asked_model {
                 conditions.push(model_condition(&o.notes, generation));
             }
             let mut message = format!(
@@ -582,6 +589,8 @@ pub async fn run(
         Api::<PowerToolProcessing>::all(client),
         watcher::Config::default(),
     )
+    // One processing at a time: each holds a whole window of profiles in memory.
+    .with_config(kube::runtime::controller::Config::default().concurrency(1))
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|r| async move {

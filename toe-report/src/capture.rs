@@ -370,6 +370,7 @@ async fn load(
     dir: &StorePath,
     present: &[String],
 ) -> Result<Capture, ReadError> {
+    let has = |name: &str| present.iter().any(|f| f == name);
     let parse_err = |name: &str, message: String| ReadError::Parse {
         path: dir.clone().join(name).to_string(),
         message,
@@ -391,7 +392,7 @@ async fn load(
         ..Capture::default()
     };
     for kind in ProfileKind::ALL {
-        if present.iter().any(|f| f == kind.folded_file()) {
+        if has(kind.folded_file()) {
             let raw = get(store, &dir.clone().join(kind.folded_file())).await?;
             let folded = Folded::parse(&String::from_utf8_lossy(&raw))
                 .map_err(|e| parse_err(kind.folded_file(), e.to_string()))?;
@@ -399,12 +400,12 @@ async fn load(
         }
     }
     for name in ["cpu.pb.gz", "heap.pb.gz", "growth.pb.gz"] {
-        if present.iter().any(|f| f == name) {
+        if has(name) {
             c.pprof
                 .insert(name.to_owned(), get(store, &dir.clone().join(name)).await?);
         }
     }
-    if present.iter().any(|f| f == "events.jsonl") {
+    if has("events.jsonl") {
         let raw = get(store, &dir.clone().join("events.jsonl")).await?;
         for line in String::from_utf8_lossy(&raw)
             .lines()
@@ -416,13 +417,13 @@ async fn load(
             }
         }
     }
-    if present.iter().any(|f| f == "rss.json") {
+    if has("rss.json") {
         let raw = get(store, &dir.clone().join("rss.json")).await?;
         c.rss = serde_json::from_slice(&raw).map_err(|e| parse_err("rss.json", e.to_string()))?;
     }
-    if present.iter().any(|f| f == "run-timeline.svg") {
+    if has("run-timeline.svg") {
         c.timeline_svg = Some(get(store, &dir.clone().join("run-timeline.svg")).await?);
-    } else if present.iter().any(|f| f == "timeline.svg") {
+    } else if has("timeline.svg") {
         c.timeline_svg = Some(get(store, &dir.clone().join("timeline.svg")).await?);
     }
     Ok(c)

@@ -42,7 +42,7 @@ pub struct Outcome {
 }
 
 /// The runs of `captures` in the order they started.
-fn runs_in_order(captures: &[Capture]) -> Vec<String> {
+fn runs_in_order<'a>(captures: impl IntoIterator<Item = &'a Capture>) -> Vec<String> {
     let mut first: BTreeMap<&str, u64> = BTreeMap::new();
     for c in captures {
         let t = first.entry(&c.run).or_insert(u64::MAX);
@@ -84,18 +84,11 @@ fn split_for_diff(
             "runs without a fault -> runs with a fault".into(),
         ));
     }
-    let mut runs: Vec<(&str, u64)> = Vec::new();
-    for c in &with {
-        match runs.iter_mut().find(|(r, _)| *r == c.run) {
-            Some((_, t)) => *t = (*t).min(c.summary.started_unix_ms),
-            None => runs.push((&c.run, c.summary.started_unix_ms)),
-        }
-    }
-    runs.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(b.0)));
+    let runs = runs_in_order(with.iter().copied());
     match runs.split_last() {
-        Some(((latest, _), earlier)) if !earlier.is_empty() => Ok((
-            with.iter().copied().filter(|c| c.run != *latest).collect(),
-            with.iter().copied().filter(|c| c.run == *latest).collect(),
+        Some((latest, earlier)) if !earlier.is_empty() => Ok((
+            with.iter().copied().filter(|c| &c.run != latest).collect(),
+            with.iter().copied().filter(|c| &c.run == latest).collect(),
             format!("earlier runs -> {latest}"),
         )),
         _ => Err(format!(

@@ -581,6 +581,7 @@ mod tests {
         "cpu",
         "fill",
         "fill-quiet",
+        "gc",
         "leak",
         "oom",
         "stress",
@@ -604,7 +605,7 @@ mod tests {
         assert_eq!(fires_on("memory-leak-site"), ["leak"]);
         assert_eq!(fires_on("dominant-function"), ["cpu"]);
         assert_eq!(fires_on("lock-contention"), ["contend"]);
-        assert_eq!(fires_on("allocator-or-gc-hot"), ["allocs"]);
+        assert_eq!(fires_on("allocator-or-gc-hot"), ["allocs", "gc"]);
     }
 
     #[test]
@@ -619,6 +620,10 @@ mod tests {
         let hung = evaluate(&[capture("term-hung")]);
         let t = hung.iter().find(|f| f.rule == "sigterm-unhandled").unwrap();
         assert!(t.evidence[0].contains("handler ran"), "{t:?}");
+        let gc = evaluate(&[capture("gc")]);
+        let g = gc.iter().find(|f| f.rule == "allocator-or-gc-hot").unwrap();
+        assert!(g.title.starts_with("garbage collection is hot"), "{g:?}");
+        assert!(g.evidence.iter().any(|e| e.contains("runtime.")), "{g:?}");
         let cpu = evaluate(&[capture("cpu")]);
         let d = cpu.iter().find(|f| f.rule == "dominant-function").unwrap();
         assert!(d.title.starts_with("toe_demo::mix dominates CPU"), "{d:?}");

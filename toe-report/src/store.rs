@@ -41,6 +41,8 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+    #[error("processing stopped: {0}")]
+    Aborted(String),
     #[error("expiring {path}: {source}")]
     Delete {
         path: String,
@@ -325,7 +327,7 @@ mod tests {
             },
         };
         let done = run(&job).await.unwrap();
-        assert_eq!(done.outcome.captures, 11);
+        assert_eq!(done.outcome.captures, 12);
         assert_eq!(done.expired, [stamp(old)]);
         assert!(
             !out.path()
@@ -360,6 +362,6 @@ mod tests {
             .unwrap();
         assert!(none.is_empty());
         let all = read_sources(&src, None, far_future).await.unwrap();
-        assert_eq!(all.len(), 11);
+        assert_eq!(all.len(), 12);
     }
 }
