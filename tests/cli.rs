@@ -207,3 +207,51 @@ fn interruption_writes_partial_artifacts_and_nothing_stays_attached() {
         "programs left loaded after a failed run"
     );
 }
+
+/// `toe report` over recorded runs: the findings on stderr, the report and merged outputs in a
+/// timestamped directory; a bad output kind is refused before anything is read.
+#[test]
+fn report_processes_local_runs_and_refuses_unknown_outputs() {
+    let out = tempfile::tempdir().unwrap();
+    let fixtures = toe_tests::cluster::repo().join("toe-report/fixtures");
+    let run = Command::new(bin("toe"))
+        .arg("report")
+        .arg(&fixtures)
+        .arg("-o")
+        .arg(out.path())
+        .output()
+        .expect("run toe report");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    for rule in [
+        "(rule oom-kill)",
+        "(rule sigterm-unhandled)",
+        "(rule memory-leak-site)",
+    ] {
+        assert!(err.contains(rule), "{rule} missing: {err}");
+    }
+    let dirs: Vec<_> = std::fs::read_dir(out.path()).unwrap().collect();
+    assert_eq!(dirs.len(), 1);
+    let dir = dirs.into_iter().next().unwrap().unwrap().path();
+    for file in [
+        "report.html",
+        "findings.json",
+        "cpu.svg",
+        "cpu.pb.gz",
+        "inuse.svg",
+    ] {
+        assert!(
+            dir.join(file).is_file(),
+            "{file} missing in {}",
+            dir.display()
+        );
+    }
+    let bad = Command::new(bin("toe"))
+        .args(["report", "--outputs", "pdfReport"])
+        .arg(&fixtures)
+        .output()
+        .expect("run toe report");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("unknown output \"pdfReport\""), "{err}");
+}

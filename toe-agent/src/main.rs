@@ -145,6 +145,9 @@ fn agent(args: &AgentArgs) -> Result<ExitCode> {
 }
 
 fn report(args: &ReportArgs) -> Result<ExitCode> {
+    // Cloud stores and https model endpoints speak TLS through rustls, which leaves the crypto
+    // provider to the application.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cwd = std::env::current_dir().context("current directory")?;
     let url =
         |given: &str| plan::output_base(given, &cwd).map_err(|e| anyhow::anyhow!("{given}: {e}"));

@@ -317,7 +317,12 @@ fn timelines(h: &mut String, caps: &[Capture]) {
                     h,
                     "<tr><td class=\"num\">{:.1}</td><td>{} ({})</td><td>{}</td><td>{}</td></tr>",
                     e.t_ms,
-                    esc(&e.comm),
+                    // oom_kill events name the victim apart from the task that triggered them.
+                    esc(if e.comm.is_empty() {
+                        e.victim_comm.as_deref().unwrap_or_default()
+                    } else {
+                        &e.comm
+                    }),
                     e.pid,
                     esc(&e.event),
                     esc(&detail.join(" "))

@@ -350,6 +350,22 @@ mod tests {
         assert!(listed[0].1.contains(&"report.html".to_owned()));
     }
 
+    /// The cloud stores are built in: their URLs open (credentials from the environment; nothing
+    /// is sent until a read or write). Azure also needs AZURE_STORAGE_ACCOUNT_NAME, so it is
+    /// opened by its https form, which names the account.
+    #[test]
+    fn cloud_urls_open() {
+        for url in [
+            "s3://bucket/toe/",
+            "gs://bucket/toe/",
+            "https://account.blob.core.windows.net/container/toe/",
+        ] {
+            let (_, path) =
+                open(&Url::parse(url).unwrap()).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(path.as_ref(), "toe", "{url}");
+        }
+    }
+
     #[tokio::test]
     async fn the_window_leaves_out_older_captures() {
         let far_future = SystemTime::now() + Duration::from_hours(10 * 365 * 24);
