@@ -101,6 +101,18 @@ fn demo() -> Result<()> {
     eprintln!(
         "xtask: open flamegraph.svg in a browser; `go tool pprof -top cpu.pb.gz` reads the pprof"
     );
+    eprintln!("xtask: processing that run into findings and an HTML report (`toe report`)");
+    run(Command::new(r.join("target/release/toe"))
+        .current_dir(&r)
+        .args([
+            "report",
+            "--window",
+            "2m",
+            "-o",
+            "toe-output/reports",
+            "toe-output",
+        ]))?;
+    eprintln!("xtask: open the report.html above in a browser");
     Ok(())
 }
 
