@@ -134,13 +134,6 @@ pub fn output_base(given: &str, cwd: &Path) -> Result<Url, String> {
         .map_err(|()| format!("{} is not an absolute directory path", path.display()))
 }
 
-/// `2026-11-26T10:15:00Z` -> `20261126T101500Z`, sortable and safe in any object store.
-fn timestamp(now: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(now)
-        .to_string()
-        .replace(['-', ':'], "")
-}
-
 /// Every PowerToolConfig document of a config file, checked together.
 pub fn parse_configs(source_name: &str, yaml: &str) -> Result<Configs, PlanError> {
     let err = |message: String| PlanError::Config {
@@ -214,7 +207,7 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
         (None, Some(url)) => (url.clone(), false),
         (None, None) => (DEFAULT_OUTPUT_DIR.to_owned(), true),
     };
-    let mut base = output_base(&given, &req.cwd).map_err(|why| {
+    let base = output_base(&given, &req.cwd).map_err(|why| {
         if from_flag {
             PlanError::Output {
                 given: given.clone(),
@@ -228,13 +221,11 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
             }
         }
     })?;
-    if !base.path().ends_with('/') {
-        base.set_path(&format!("{}/", base.path()));
-    }
+    let base = toe_report::store::as_dir(&base);
     let run_id = format!(
         "{}-{}-{:04x}",
         validated.name,
-        timestamp(req.now),
+        toe_report::store::stamp(req.now),
         req.nonce & 0xffff
     );
     let output = base

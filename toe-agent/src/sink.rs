@@ -45,10 +45,7 @@ impl ObjectStoreSink {
             url: url.to_string(),
             source,
         })?;
-        let mut base = url.clone();
-        if !base.path().ends_with('/') {
-            base.set_path(&format!("{}/", base.path()));
-        }
+        let base = toe_report::store::as_dir(url);
         Ok(Self {
             store,
             prefix,

@@ -29,7 +29,7 @@ use toe_report::{
     model::Endpoint,
     process::Options,
     rules::{Severity, Source as FindingSource},
-    store::{Job, Source},
+    store::{Job, Source, as_dir},
 };
 use url::Url;
 
@@ -212,14 +212,6 @@ fn time(t: SystemTime) -> Option<Time> {
     Timestamp::try_from(t).ok().map(Time)
 }
 
-fn dir(url: &Url) -> Url {
-    let mut u = url.clone();
-    if !u.path().ends_with('/') {
-        u.set_path(&format!("{}/", u.path()));
-    }
-    u
-}
-
 /// The directory of a PowerTool's runs, in the layout the agents write.
 fn runs_url(pt: &PowerTool, artifacts: &Url) -> Result<Url, String> {
     let base = match pt.spec.output.as_ref().and_then(|o| o.url.as_ref()) {
@@ -228,7 +220,7 @@ fn runs_url(pt: &PowerTool, artifacts: &Url) -> Result<Url, String> {
         }
         None => artifacts.clone(),
     };
-    dir(&base)
+    as_dir(&base)
         .join(&format!(
             "{}/{}/",
             pt.namespace().unwrap_or_default(),
@@ -437,13 +429,16 @@ fn record(status: &mut PowerToolProcessingStatus, done: &toe_report::store::JobO
         .collect();
 }
 
-/// Whether the model answered, from the job's notes.
-fn model_condition(notes: &[String], generation: i64) -> Condition {
-    match notes
-        .iter()
-        .find(|n| n.starts_with("the model step failed"))
-    {
-        Some(n) => condition("ModelAvailable", false, "ModelFailed", n, generation),
+/// Whether the model answered.
+fn model_condition(error: Option<&str>, generation: i64) -> Condition {
+    match error {
+        Some(e) => condition(
+            "ModelAvailable",
+            false,
+            "ModelFailed",
+            &format!("the model step failed, so the findings come from the rules alone: {e}"),
+            generation,
+        ),
         None => condition(
             "ModelAvailable",
             true,
@@ -498,7 +493,7 @@ async fn process(
         humantime::format_duration(plan.window),
         ptp.spec.schedule
     );
-    let output = dir(plan.output.as_ref().unwrap_or(&ctx.opts.artifacts))
+    let output = as_dir(plan.output.as_ref().unwrap_or(&ctx.opts.artifacts))
         .join(&format!("_reports/{ns}/{name}/"))
         .expect("a relative path joins a directory URL");
     let job = Job {
@@ -522,7 +517,7 @@ async fn process(
             let o = &done.outcome;
             record(&mut status, &done);
             if asked_model {
-                conditions.push(model_condition(&o.notes, generation));
+                conditions.push(model_condition(o.model_error.as_deref(), generation));
             }
             let mut message = format!(
                 "{} capture(s) of {} run(s) from {} PowerTool(s); {} finding(s)",

@@ -156,16 +156,21 @@ pub struct Graph<'a> {
 /// An inferno flamegraph of `folded`; a plain "nothing recorded" page when it is empty, because
 /// inferno refuses input without counts and a fake frame would lie.
 pub fn flamegraph(folded: &Folded, graph: &Graph<'_>) -> std::io::Result<Vec<u8>> {
-    let lines = folded.lines();
-    let mut opts = inferno::flamegraph::Options::default();
-    graph.title.clone_into(&mut opts.title);
-    opts.count_name = graph.count_name.into();
-    opts.subtitle = Some(format!("{}; _[k] kernel, _[i] inlined", graph.subtitle));
+    flamegraph_of_lines(&folded.lines(), graph)
+}
+
+/// The flamegraph of folded `lines` (`frames count`), with TOE's title, unit and legend; the
+/// agent's per-run flamegraphs and the processed ones are drawn the same way.
+pub fn flamegraph_of_lines(lines: &[String], graph: &Graph<'_>) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     if lines.is_empty() {
         out.extend_from_slice(empty_svg(graph.title, graph.subtitle).as_bytes());
         return Ok(out);
     }
+    let mut opts = inferno::flamegraph::Options::default();
+    graph.title.clone_into(&mut opts.title);
+    opts.count_name = graph.count_name.into();
+    opts.subtitle = Some(format!("{}; _[k] kernel, _[i] inlined", graph.subtitle));
     inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut out)?;
     Ok(out)
 }

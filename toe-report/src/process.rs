@@ -37,6 +37,8 @@ pub struct Outcome {
     pub findings: Vec<Finding>,
     /// What the reader must know: inputs skipped, the model step failed.
     pub notes: Vec<String>,
+    /// Why the model step failed, when it was asked and did (also among the notes).
+    pub model_error: Option<String>,
     pub runs: usize,
     pub captures: usize,
 }
@@ -113,9 +115,10 @@ fn file_name(run: &str) -> String {
 
 /// Runs one processing pass.
 pub async fn process(captures: &[Capture], opts: &Options) -> Outcome {
+    let runs = runs_in_order(captures);
     let mut out = Outcome {
         captures: captures.len(),
-        runs: runs_in_order(captures).len(),
+        runs: runs.len(),
         ..Outcome::default()
     };
     let kinds: Vec<ProfileKind> = ProfileKind::ALL
@@ -127,7 +130,7 @@ pub async fn process(captures: &[Capture], opts: &Options) -> Outcome {
         .map(|&k| (k, merge(captures.iter(), k)))
         .collect();
     if opts.merged_flamegraph {
-        merged_flamegraphs(captures, &merged, &mut out);
+        merged_flamegraphs(captures, &runs, &merged, &mut out);
     }
     if opts.differential_flamegraph {
         differential_flamegraphs(captures, &kinds, &mut out);
@@ -139,9 +142,12 @@ pub async fn process(captures: &[Capture], opts: &Options) -> Outcome {
     if let Some(endpoint) = &opts.model {
         match model::ask(endpoint, captures, &out.findings).await {
             Ok(more) => out.findings.extend(more),
-            Err(e) => out.notes.push(format!(
-                "the model step failed, so every finding below comes from the rules alone: {e}"
-            )),
+            Err(e) => {
+                out.model_error = Some(e.to_string());
+                out.notes.push(format!(
+                    "the model step failed, so every finding below comes from the rules alone: {e}"
+                ));
+            }
         }
     }
     out.files.push((
@@ -184,8 +190,12 @@ fn svg(folded: &Folded, title: &str, subtitle: &str, unit: &str) -> Result<Bytes
     .map_err(|e| format!("rendering {title}: {e}"))
 }
 
-fn merged_flamegraphs(captures: &[Capture], merged: &[(ProfileKind, Folded)], out: &mut Outcome) {
-    let runs = runs_in_order(captures);
+fn merged_flamegraphs(
+    captures: &[Capture],
+    runs: &[String],
+    merged: &[(ProfileKind, Folded)],
+    out: &mut Outcome,
+) {
     for (kind, f) in merged {
         let subtitle = format!(
             "{} {} over {} capture(s) of {} run(s)",
@@ -203,7 +213,7 @@ fn merged_flamegraphs(captures: &[Capture], merged: &[(ProfileKind, Folded)], ou
         if runs.len() < 2 {
             continue;
         }
-        for run in &runs {
+        for run in runs {
             let per = merge(captures.iter().filter(|c| &c.run == run), *kind);
             if per.is_empty() {
                 continue;

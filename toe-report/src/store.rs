@@ -142,7 +142,9 @@ pub async fn read_sources(
     Ok(all)
 }
 
-fn dir_url(url: &Url) -> Url {
+/// `url` as a directory (a trailing `/`), so that joining a relative name goes below it.
+#[must_use]
+pub fn as_dir(url: &Url) -> Url {
     let mut u = url.clone();
     if !u.path().ends_with('/') {
         u.set_path(&format!("{}/", u.path()));
@@ -157,7 +159,7 @@ pub async fn run(job: &Job) -> Result<JobOutcome, StoreError> {
     let (store, base) = open(&job.output)?;
     let name = stamp(job.now);
     let dir = base.clone().join(name.as_str());
-    let dir_url = dir_url(&job.output)
+    let dir_url = as_dir(&job.output)
         .join(&format!("{name}/"))
         .map_or_else(|_| dir.to_string(), |u| u.to_string());
     let mut written = Vec::new();

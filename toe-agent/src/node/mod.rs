@@ -172,7 +172,7 @@ fn remote_dir(default: &Url, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, 
                 .into(),
         );
     }
-    let mut base = match out.and_then(|o| o.url.as_deref()) {
+    let base = match out.and_then(|o| o.url.as_deref()) {
         None => default.clone(),
         Some(u) if u.starts_with('/') => Url::from_directory_path(u)
             .map_err(|()| format!("spec.output.url {u}: not an absolute path"))?,
@@ -180,9 +180,7 @@ fn remote_dir(default: &Url, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, 
             format!("spec.output.url {u}: {e} (in a cluster it is an object store URL)")
         })?,
     };
-    if !base.path().ends_with('/') {
-        base.set_path(&format!("{}/", base.path()));
-    }
+    let base = toe_report::store::as_dir(&base);
     let run = run_name(
         &pt.uid().unwrap_or_default(),
         pt.metadata.generation.unwrap_or(0),

@@ -11,23 +11,18 @@ pub fn encode(
     subtitle: &str,
     count_name: &str,
 ) -> std::io::Result<Vec<u8>> {
-    let mut opts = inferno::flamegraph::Options::default();
-    title.clone_into(&mut opts.title);
-    opts.count_name = count_name.into();
-    opts.subtitle = Some(format!("{subtitle}; _[k] kernel, _[i] inlined"));
     let lines: Vec<String> = folded::lines(profile, index)
         .into_iter()
         .map(|(l, c)| format!("{l} {c}"))
         .collect();
-    let mut out = Vec::new();
-    if lines.is_empty() {
-        // inferno refuses input without counts; a plain page says "nothing recorded" honestly
-        // instead of a fake frame.
-        out.extend_from_slice(toe_report::folded::empty_svg(title, subtitle).as_bytes());
-        return Ok(out);
-    }
-    inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut out)?;
-    Ok(out)
+    toe_report::folded::flamegraph_of_lines(
+        &lines,
+        &toe_report::folded::Graph {
+            title,
+            subtitle,
+            count_name,
+        },
+    )
 }
 
 #[cfg(test)]
