@@ -21,11 +21,23 @@ fn apiserver_binary() -> PathBuf {
     )
 }
 
+/// A port for etcd or the API server. Taken below the kernel's ephemeral range (32768 and up by
+/// default), which bind(:0) and outgoing connections draw from: a port chosen there could be
+/// handed to someone else between choosing it and the server binding it. Each test process gets
+/// its own block (tests of one binary share it through the counter; binaries run one at a time),
+/// and a port something already holds is skipped.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    const BLOCK: u32 = 120;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 100) * BLOCK;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < BLOCK, "more than {BLOCK} test ports in one process");
+        let port = u16::try_from(base + n).expect("below 32000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
