@@ -7,7 +7,7 @@ pub mod ephemeral;
 pub mod lease;
 pub mod metrics;
 pub mod processing;
-pub mod rbac;
+pub use toe_common::api::rbac;
 pub mod reports;
 pub mod selection;
 pub mod webhook;

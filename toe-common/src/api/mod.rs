@@ -7,6 +7,7 @@ mod duration;
 mod image;
 mod resources;
 mod tools;
+pub mod rbac;
 
 use std::time::Duration;
 

@@ -1,8 +1,15 @@
-//! The operator's and the node agent's least-privilege ClusterRoles, as data: the chart renders
-//! them and the tests run each under exactly its role against a real API server.
+//! The operator's and the node agent's least-privilege roles, as data: `cargo xtask crds` writes
+//! their rules into the chart (`charts/toe/files/`), and the tests run each component under
+//! exactly its role against a real API server.
 
-use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
-use kube::api::ObjectMeta;
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// The ValidatingWebhookConfiguration the chart installs; a cluster-wide name, fixed so that the
+/// operator may update exactly this one (`resourceNames`).
+pub const WEBHOOK_CONFIGURATION: &str = "toe-validate-powertool";
+/// The Secret in the operator's namespace holding the webhook's self-generated CA and certificate.
+pub const WEBHOOK_SECRET: &str = "toe-webhook-tls";
 
 fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
     PolicyRule {
@@ -71,8 +78,38 @@ pub fn operator_cluster_role(name: &str) -> ClusterRole {
                 &["leases"],
                 &["get", "create", "update"],
             ),
+            // A self-generated webhook certificate: its CA goes into this one configuration.
+            PolicyRule {
+                resource_names: Some(vec![WEBHOOK_CONFIGURATION.to_owned()]),
+                ..rule(
+                    "admissionregistration.k8s.io",
+                    &["validatingwebhookconfigurations"],
+                    &["get", "update"],
+                )
+            },
         ]),
         ..ClusterRole::default()
+    }
+}
+
+/// What the operator needs in its own namespace only: the Secret that keeps its self-generated
+/// webhook certificate, shared by every replica. `create` cannot be limited to one name
+/// (Kubernetes checks resourceNames only for requests that name an object), hence two rules.
+#[must_use]
+pub fn operator_namespace_role(name: &str, namespace: &str) -> Role {
+    Role {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..ObjectMeta::default()
+        },
+        rules: Some(vec![
+            rule("", &["secrets"], &["create"]),
+            PolicyRule {
+                resource_names: Some(vec![WEBHOOK_SECRET.to_owned()]),
+                ..rule("", &["secrets"], &["get", "update"])
+            },
+        ]),
     }
 }
 
