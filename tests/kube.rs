@@ -18,7 +18,7 @@ use kube::{
 use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase, PowerToolProcessing};
 use toe_tests::{
     apiserver::ApiServer,
-    cluster::{documents, install_crds, operator_identity, repo},
+    cluster::{documents, first_refusal, install_crds, operator_identity, repo},
 };
 
 #[tokio::test]
@@ -403,24 +403,6 @@ async fn register_webhook(server: &ApiServer, client: &kube::Client, port: u16) 
         .unwrap();
 }
 
-/// Creates `pt` until the API server refuses it (it picks up a new webhook configuration within
-/// a moment; until then creations pass and are undone), returning the refusal.
-async fn first_refusal(api: &Api<PowerTool>, pt: &PowerTool) -> String {
-    for _ in 0..100 {
-        if let Err(e) = api.create(&PostParams::default(), pt).await {
-            return e.to_string();
-        }
-        api.delete(
-            pt.metadata.name.as_deref().unwrap(),
-            &kube::api::DeleteParams::default(),
-        )
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the webhook never refused");
-}
-
 #[tokio::test]
 async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespaces() {
     let Some(server) = ApiServer::start("the_webhook_refuses_at_apply_time") else {
@@ -446,12 +428,14 @@ async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespa
         .port();
     let (cert, key) = server.issue_cert("webhook");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+        .await
+        .unwrap();
     let webhook = tokio::spawn(toe_operator::webhook::serve(
         client.clone(),
         std::sync::Arc::default(),
         std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        cert,
-        key,
+        tls,
         async {
             let _ = stopped.await;
         },

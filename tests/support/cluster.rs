@@ -11,7 +11,7 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Pod},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -20,6 +20,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use serde::Deserialize as _;
+use toe_common::api::PowerTool;
 
 use crate::{
     TestProcess,
@@ -97,6 +98,45 @@ async fn bind(admin: &kube::Client, role: &ClusterRole, user: &str) {
         .unwrap();
 }
 
+/// Creates `pt` until the API server refuses it (it picks up a new webhook configuration within
+/// a moment; until then creations pass and are undone), returning the refusal.
+pub async fn first_refusal(api: &Api<PowerTool>, pt: &PowerTool) -> String {
+    for _ in 0..100 {
+        if let Err(e) = api.create(&PostParams::default(), pt).await {
+            return e.to_string();
+        }
+        api.delete(
+            pt.metadata.name.as_deref().unwrap(),
+            &kube::api::DeleteParams::default(),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the webhook never refused");
+}
+
+/// Binds the namespaced `role` to `user` in the role's namespace.
+async fn bind_in_namespace(admin: &kube::Client, role: &Role, user: &str) {
+    let apply = PatchParams::apply("toe-test").force();
+    let name = role.metadata.name.clone().unwrap();
+    let ns = role.metadata.namespace.clone().unwrap();
+    Api::<Role>::namespaced(admin.clone(), &ns)
+        .patch(&name, &apply, &Patch::Apply(role))
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+        .patch(&name, &apply, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+}
+
 /// Creates namespace `name` (and its labels).
 pub async fn create_namespace(admin: &kube::Client, name: &str, labels: &serde_json::Value) {
     let ns: Namespace =
@@ -117,6 +157,12 @@ pub async fn operator_identity(server: &ApiServer, admin: &kube::Client) -> kube
     )
     .await;
     create_namespace(admin, "toe-system", &serde_json::json!({})).await;
+    bind_in_namespace(
+        admin,
+        &toe_operator::rbac::operator_namespace_role("toe-operator", "toe-system"),
+        OPERATOR_USER,
+    )
+    .await;
     server.client_as(OPERATOR_TOKEN).await
 }
 

@@ -14,6 +14,7 @@ pub mod sink;
 pub mod symbolize;
 pub mod targets;
 pub mod tracefs;
+pub mod tutorial;
 
 /// `clock` (a `libc::CLOCK_*` id) in nanoseconds.
 #[must_use]

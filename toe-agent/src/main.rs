@@ -46,6 +46,9 @@ enum Command {
     Tools,
     /// Undo what faults of crashed runs left behind (every fault run also does this first).
     Cleanup,
+    /// "Hello PowerTool": a guided walkthrough that profiles, refuses, terminates, finds a leak
+    /// and reports, for real, on this machine (needs root).
+    Tutorial(TutorialArgs),
     /// Node mode (the DaemonSet): run the PowerTools admitted for this node's containers.
     Agent(AgentArgs),
     /// Process runs into merged and differential flamegraphs, merged pprof, findings and an
@@ -89,6 +92,19 @@ struct ReportArgs {
 }
 
 #[derive(Args)]
+struct TutorialArgs {
+    /// Run every step without waiting for Enter (for CI and scripts).
+    #[arg(long)]
+    non_interactive: bool,
+    /// Where the walkthrough's specs and artifacts go.
+    #[arg(long, default_value = "./toe-tutorial")]
+    workdir: PathBuf,
+    /// The demo workload; default: `toe-demo` next to this binary, else on PATH.
+    #[arg(long)]
+    demo: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct AgentArgs {
     /// This node's name, as pods' spec.nodeName has it (the downward API's spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -116,6 +132,50 @@ async fn stop_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+fn tutorial(args: &TutorialArgs) -> Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "the tutorial loads eBPF programs and injects a fault, which needs root: `sudo toe tutorial`"
+        );
+    }
+    let toe = std::env::current_exe().context("finding this toe binary")?;
+    let demo = match &args.demo {
+        Some(d) => d.clone(),
+        None => {
+            let sibling = toe.with_file_name("toe-demo");
+            if sibling.is_file() {
+                sibling
+            } else {
+                which::which("toe-demo").context(
+                    "toe-demo is neither next to toe nor on PATH: pass --demo PATH (it ships in the release archive's bin/)",
+                )?
+            }
+        }
+    };
+    std::fs::create_dir_all(&args.workdir)
+        .with_context(|| format!("creating {}", args.workdir.display()))?;
+    let workdir = args
+        .workdir
+        .canonicalize()
+        .with_context(|| format!("{}", args.workdir.display()))?;
+    let opts = toe_agent::tutorial::Options {
+        interactive: !args.non_interactive,
+        workdir,
+        demo,
+        toe,
+    };
+    let outcome = toe_agent::tutorial::run(
+        &opts,
+        &mut std::io::stdout(),
+        &mut std::io::stdin().lock(),
+    );
+    Ok(if outcome.failed.is_empty() && !outcome.quit {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn agent(args: &AgentArgs) -> Result<ExitCode> {
@@ -478,6 +538,7 @@ fn main() -> ExitCode {
         }
         Command::Cleanup => cleanup(),
         Command::Agent(args) => agent(args),
+        Command::Tutorial(args) => tutorial(args),
         Command::Report(args) => report(args),
     };
     result.unwrap_or_else(|e| {

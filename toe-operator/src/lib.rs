@@ -2,6 +2,7 @@
 //! modules and are tested without an API server; the controller applies them.
 
 pub mod admission;
+pub mod certs;
 pub mod controller;
 pub mod ephemeral;
 pub mod lease;

@@ -7,20 +7,39 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context as _, Result};
 use axum::{Router, routing::get};
 use clap::Parser;
-use toe_operator::{controller, lease::Elector, metrics::Metrics, processing, reports, webhook};
+use axum_server::tls_rustls::RustlsConfig;
+use toe_operator::{
+    certs, controller, lease::Elector, metrics::Metrics, processing, reports, webhook,
+};
 
 #[derive(Parser)]
 #[command(name = "toe-operator", version, about = "TOE's Kubernetes operator")]
 struct Cli {
-    /// Serve the validating admission webhook here (HTTPS; needs --tls-cert and --tls-key).
-    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
-    webhook_addr: Option<SocketAddr>,
-    /// PEM certificate chain for the webhook.
+    /// Serve the validating admission webhook here (HTTPS: needs --tls-cert and --tls-key, or
+    /// --webhook-self-signed).
     #[arg(long)]
+    webhook_addr: Option<SocketAddr>,
+    /// PEM certificate chain for the webhook (e.g. mounted from cert-manager's Secret).
+    #[arg(long, requires_all = ["tls_key", "webhook_addr"], conflicts_with = "webhook_self_signed")]
     tls_cert: Option<PathBuf>,
     /// PEM private key for the webhook.
-    #[arg(long)]
+    #[arg(long, requires_all = ["tls_cert", "webhook_addr"])]
     tls_key: Option<PathBuf>,
+    /// Generate the webhook's CA and certificate, keep them in --webhook-secret (in the
+    /// operator's namespace, shared by every replica, renewed 30 days before they expire) and
+    /// write the CA into --webhook-configuration.
+    #[arg(long, requires = "webhook_addr")]
+    webhook_self_signed: bool,
+    /// The Service in front of the webhook (its in-cluster DNS names go into the certificate).
+    #[arg(long, default_value = "toe-webhook")]
+    webhook_service: String,
+    /// More names or IP addresses for the self-signed certificate (repeatable).
+    #[arg(long)]
+    webhook_host: Vec<String>,
+    #[arg(long, default_value = toe_operator::rbac::WEBHOOK_SECRET)]
+    webhook_secret: String,
+    #[arg(long, default_value = toe_operator::rbac::WEBHOOK_CONFIGURATION)]
+    webhook_configuration: String,
     /// Serve /metrics (Prometheus) and /healthz here over plain HTTP.
     #[arg(long, default_value = "0.0.0.0:9090")]
     metrics_addr: SocketAddr,
@@ -28,6 +47,7 @@ struct Cli {
     /// replicas acts at a time. Empty: no election (a single replica).
     #[arg(long, default_value = "toe-operator")]
     lease_name: String,
+    /// The operator's own namespace: its Lease and its webhook Secret live here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "toe-system")]
     lease_namespace: String,
     /// This replica's identity in the Lease.
@@ -89,6 +109,31 @@ async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
     serve(addr, app, "--metrics-addr").await
 }
 
+/// The webhook's TLS: from files, or self-generated and kept in step with the cluster.
+async fn webhook_tls(cli: &Cli, client: &kube::Client) -> Result<RustlsConfig> {
+    if cli.webhook_self_signed {
+        let setup = certs::SelfSigned {
+            namespace: cli.lease_namespace.clone(),
+            secret: cli.webhook_secret.clone(),
+            configuration: cli.webhook_configuration.clone(),
+            names: certs::service_names(
+                &cli.webhook_service,
+                &cli.lease_namespace,
+                &cli.webhook_host,
+            ),
+        };
+        return certs::serve_config(setup, client.clone())
+            .await
+            .context("--webhook-self-signed");
+    }
+    let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) else {
+        anyhow::bail!("--webhook-addr needs --tls-cert and --tls-key, or --webhook-self-signed");
+    };
+    RustlsConfig::from_pem_file(cert, key)
+        .await
+        .with_context(|| format!("reading --tls-cert {} / --tls-key {}", cert.display(), key.display()))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -110,16 +155,18 @@ fn main() -> Result<()> {
         let metrics = Arc::new(Metrics::default());
         tokio::spawn(serve_metrics(cli.metrics_addr, metrics.clone()));
         // Every replica answers the webhook; only the leader reconciles.
-        let webhook = match (cli.webhook_addr, &cli.tls_cert, &cli.tls_key) {
-            (Some(addr), Some(cert), Some(key)) => Some(tokio::spawn(webhook::serve(
-                client.clone(),
-                metrics.clone(),
-                addr,
-                cert.clone(),
-                key.clone(),
-                shutdown_signal(),
-            ))),
-            _ => None,
+        let webhook = match cli.webhook_addr {
+            Some(addr) => {
+                let tls = webhook_tls(&cli, &client).await?;
+                Some(tokio::spawn(webhook::serve(
+                    client.clone(),
+                    metrics.clone(),
+                    addr,
+                    tls,
+                    shutdown_signal(),
+                )))
+            }
+            None => None,
         };
         // Every replica serves reports; only the leader reconciles and processes.
         if !cli.report_addr.is_empty() {

@@ -4,7 +4,7 @@
 //! the controller cannot: only the webhook sees who asked. The controller's own check stays,
 //! since a webhook can be bypassed or down.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Json, Router, extract::State, routing::post};
 use k8s_openapi::api::authorization::v1::{
@@ -146,11 +146,9 @@ pub async fn serve(
     client: Client,
     metrics: Arc<Metrics>,
     addr: SocketAddr,
-    cert: PathBuf,
-    key: PathBuf,
+    tls: axum_server::tls_rustls::RustlsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await?;
     let app = Router::new()
         .route(PATH, post(validate))
         .with_state(Arc::new(WebhookState { client, metrics }));

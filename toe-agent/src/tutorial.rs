@@ -1,0 +1,535 @@
+//! `toe tutorial`: "Hello PowerTool", a walkthrough on one machine. Each step explains what it is
+//! about to do, shows the exact command, runs it for real (this same `toe` binary, as a user
+//! would type it), and checks the result from the artifacts it wrote. Nothing is simulated: the
+//! profiles, the refused argument, the SIGTERM and the leak are real.
+
+use std::{
+    io::{BufRead, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// How the walkthrough talks to its user.
+pub struct Options {
+    /// Wait for Enter before each step (q quits, s skips).
+    pub interactive: bool,
+    /// Where the specs, configs and artifacts go.
+    pub workdir: PathBuf,
+    /// The demo workload (`toe-demo`).
+    pub demo: PathBuf,
+    /// This `toe` binary.
+    pub toe: PathBuf,
+}
+
+/// The outcome of a whole walkthrough.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub passed: Vec<&'static str>,
+    pub failed: Vec<(&'static str, String)>,
+    pub skipped: Vec<&'static str>,
+    pub quit: bool,
+}
+
+struct Step {
+    title: &'static str,
+    explain: &'static str,
+    run: fn(&mut Ctx) -> Result<String, String>,
+}
+
+struct Ctx<'a> {
+    opts: &'a Options,
+    out: &'a mut dyn Write,
+    /// Run directories written so far (the report step reads them).
+    runs: Vec<PathBuf>,
+}
+
+const CPU_SPEC: &str = "\
+apiVersion: toe.run/v1alpha1
+kind: PowerTool
+metadata:
+  name: hello-cpu
+spec:
+  tool:
+    name: cpu-profile
+    duration: 5s
+    commandLineArguments:
+      - --frequency=99
+";
+
+const CONFIG: &str = "\
+# What an administrator allows: cpu-profile, at most 199 Hz, at most 10 minutes.
+apiVersion: toe.run/v1alpha1
+kind: PowerToolConfig
+metadata:
+  name: cpu-profile
+spec:
+  tool: cpu-profile
+  maxDuration: 10m
+  arguments:
+    - {name: frequency, type: integer, min: 1, max: 199}
+";
+
+const GREEDY_SPEC: &str = "\
+apiVersion: toe.run/v1alpha1
+kind: PowerTool
+metadata:
+  name: too-greedy
+spec:
+  tool:
+    name: cpu-profile
+    duration: 5s
+    commandLineArguments:
+      - --frequency=999
+";
+
+const TERMINATE_SPEC: &str = "\
+apiVersion: toe.run/v1alpha1
+kind: PowerTool
+metadata:
+  name: hello-sigterm
+spec:
+  tool:
+    name: terminate
+    duration: 30s
+    commandLineArguments:
+      - --mode=graceful
+      - --grace=2s
+";
+
+const LEAK_SPEC: &str = "\
+apiVersion: toe.run/v1alpha1
+kind: PowerTool
+metadata:
+  name: hello-leak
+spec:
+  tool:
+    name: memory-profile
+    duration: 10s
+    commandLineArguments:
+      - --mode=exact
+      - --rss-interval=200ms
+";
+
+const STEPS: [Step; 6] = [
+    Step {
+        title: "What a PowerTool is",
+        explain: "\
+A PowerTool is a short, declared deep-dive: which tool, for how long, with which typed
+arguments. In a cluster it also selects pods and containers; on one machine you point it at a
+process, a cgroup or a command. Here is the one the next step runs; `toe validate` checks it
+without running anything.",
+        run: step_validate,
+    },
+    Step {
+        title: "Profile the demo workload",
+        explain: "\
+`toe-demo spin` spends 70% of its CPU in one function. TOE samples its stacks 99 times a
+second with an eBPF program that the kernel runs only for this process (filtered by cgroup
+and pid in the kernel), then writes a flamegraph, pprof and a summary that counts every lost
+sample.",
+        run: step_profile,
+    },
+    Step {
+        title: "A forbidden argument is refused, and why",
+        explain: "\
+An administrator's PowerToolConfig says which tools and arguments may run, within which caps.
+A PowerTool asking for 999 Hz under a config that allows 199 Hz is refused before anything is
+attached, with a message that names the argument and the rule.",
+        run: step_refused,
+    },
+    Step {
+        title: "Trace signals while a SIGTERM fault hits a process",
+        explain: "\
+The terminate fault sends SIGTERM to the target's main process and SIGKILL after the grace
+period. `toe-demo trap` catches SIGTERM and carries on, like a server with a hung shutdown. TOE
+traces every signal and exit while it works, so the summary says who sent what, and how the
+process ended.",
+        run: step_terminate,
+    },
+    Step {
+        title: "Find a planted leak",
+        explain: "\
+`toe-demo leak` leaks 2000 blocks of 10 KiB at one call site while another thread allocates
+and frees in balance. The memory profile follows every malloc and free (uprobes on glibc,
+only in this process) and reports what is still in use, by call site.",
+        run: step_leak,
+    },
+    Step {
+        title: "Read the HTML report",
+        explain: "\
+`toe report` turns runs into findings (root-cause rules with their evidence), merged
+flamegraphs and one self-contained HTML page: what a PowerToolProcessing produces in a cluster
+on a schedule.",
+        run: step_report,
+    },
+];
+
+fn write_file(ctx: &Ctx, name: &str, text: &str) -> Result<PathBuf, String> {
+    let path = ctx.opts.workdir.join(name);
+    std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// Shows `args` as the command a user would type, runs it with its output passed through, and
+/// returns its exit status and stdout.
+fn toe(ctx: &mut Ctx, args: &[&str]) -> Result<(std::process::ExitStatus, String), String> {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| {
+            let dir = ctx.opts.workdir.to_string_lossy();
+            a.replace(dir.as_ref(), "$WORK")
+        })
+        .collect();
+    let _ = writeln!(ctx.out, "  $ toe {}", shown.join(" "));
+    let _ = ctx.out.flush();
+    let out = Command::new(&ctx.opts.toe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("starting {}: {e}", ctx.opts.toe.display()))?;
+    Ok((out.status, String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// The newest run directory under `out` whose name starts with `prefix`, with its summary.
+fn latest_run(out: &Path, prefix: &str) -> Result<(PathBuf, serde_json::Value), String> {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(out)
+        .map_err(|e| format!("reading {}: {e}", out.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .collect();
+    runs.sort();
+    let run = runs
+        .pop()
+        .ok_or_else(|| format!("no {prefix}* run in {}", out.display()))?;
+    let text = std::fs::read_to_string(run.join("summary.json"))
+        .map_err(|e| format!("{}: {e}", run.join("summary.json").display()))?;
+    let summary = serde_json::from_str(&text).map_err(|e| format!("summary.json: {e}"))?;
+    Ok((run, summary))
+}
+
+fn output_dir(ctx: &Ctx) -> PathBuf {
+    ctx.opts.workdir.join("toe-output")
+}
+
+fn step_validate(ctx: &mut Ctx) -> Result<String, String> {
+    let spec = write_file(ctx, "hello-cpu.yaml", CPU_SPEC)?;
+    for line in CPU_SPEC.lines() {
+        let _ = writeln!(ctx.out, "    {line}");
+    }
+    let (status, _) = toe(ctx, &["validate", "-f", &spec.to_string_lossy()])?;
+    if !status.success() {
+        return Err(format!("toe validate refused the example ({status})"));
+    }
+    Ok("the spec is valid: tool cpu-profile, 5 s, --frequency=99".to_owned())
+}
+
+fn step_profile(ctx: &mut Ctx) -> Result<String, String> {
+    let spec = ctx.opts.workdir.join("hello-cpu.yaml");
+    if !spec.exists() {
+        write_file(ctx, "hello-cpu.yaml", CPU_SPEC)?;
+    }
+    let out = output_dir(ctx);
+    let demo = ctx.opts.demo.to_string_lossy().into_owned();
+    let (status, _) = toe(
+        ctx,
+        &[
+            "run",
+            "-f",
+            &spec.to_string_lossy(),
+            "--no-progress",
+            "-o",
+            &out.to_string_lossy(),
+            "--",
+            &demo,
+            "spin",
+            "4",
+        ],
+    )?;
+    if !status.success() {
+        return Err(format!("toe run failed ({status})"));
+    }
+    let (run, summary) = latest_run(&out, "cpu-profile-")?;
+    ctx.runs.push(run.clone());
+    let samples = summary["cpu"]["samples"]["recorded"].as_u64().unwrap_or(0);
+    let top = &summary["cpu"]["top_self"][0];
+    let function = top["function"].as_str().unwrap_or("");
+    let share = top["share"].as_f64().unwrap_or(0.0);
+    if samples < 50 {
+        return Err(format!("only {samples} samples recorded"));
+    }
+    // The demo's hot loop runs in `toe_demo::mix` (70% of its CPU by construction).
+    if !function.starts_with("toe_demo::") || share < 0.5 {
+        return Err(format!(
+            "the hottest function is {function} at {:.0}%, not the demo's hot loop at about 70%",
+            share * 100.0
+        ));
+    }
+    let svg = run.join("flamegraph.svg");
+    if !svg.is_file() {
+        return Err(format!("no flamegraph at {}", svg.display()));
+    }
+    Ok(format!(
+        "{samples} samples; {function} is {:.0}% of them. Open the flamegraph in a browser:\n    {}",
+        share * 100.0,
+        svg.display()
+    ))
+}
+
+fn step_refused(ctx: &mut Ctx) -> Result<String, String> {
+    let config = write_file(ctx, "config.yaml", CONFIG)?;
+    let spec = write_file(ctx, "too-greedy.yaml", GREEDY_SPEC)?;
+    for line in CONFIG.lines() {
+        let _ = writeln!(ctx.out, "    {line}");
+    }
+    let out = Command::new(&ctx.opts.toe)
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("-f")
+        .arg(&spec)
+        .args(["--no-progress", "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("starting toe: {e}"))?;
+    let _ = writeln!(
+        ctx.out,
+        "  $ toe run --config $WORK/config.yaml -f $WORK/too-greedy.yaml -- true"
+    );
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    for line in said.lines() {
+        let _ = writeln!(ctx.out, "    {line}");
+    }
+    if out.status.success() {
+        return Err("the 999 Hz PowerTool ran although the config caps it at 199 Hz".to_owned());
+    }
+    if !said.contains("--frequency") || !said.contains("199") {
+        return Err(format!(
+            "the refusal does not name the argument and its cap: {said}"
+        ));
+    }
+    Ok("refused before anything was attached, naming --frequency and its maximum".to_owned())
+}
+
+/// `toe-demo trap` in the background, once it is ready to be a target.
+fn start_trap(ctx: &Ctx) -> Result<Child, String> {
+    let ready = ctx.opts.workdir.join("trap.ready");
+    let _ = std::fs::remove_file(&ready);
+    let child = Command::new(&ctx.opts.demo)
+        .arg("trap")
+        .arg("60")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {} trap: {e}", ctx.opts.demo.display()))?;
+    let since = Instant::now();
+    while !ready.exists() {
+        if since.elapsed() > Duration::from_secs(10) {
+            return Err("toe-demo trap never became ready".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+fn step_terminate(ctx: &mut Ctx) -> Result<String, String> {
+    let spec = write_file(ctx, "hello-sigterm.yaml", TERMINATE_SPEC)?;
+    let mut trap = start_trap(ctx)?;
+    let pid = trap.id().to_string();
+    let out = output_dir(ctx);
+    let result = toe(
+        ctx,
+        &[
+            "run",
+            "-f",
+            &spec.to_string_lossy(),
+            "--no-progress",
+            "-o",
+            &out.to_string_lossy(),
+            "--pid",
+            &pid,
+        ],
+    );
+    // The fault kills it; reap it (and never leave it behind if the step failed).
+    let _ = trap.kill();
+    let _ = trap.wait();
+    let (status, _) = result?;
+    if !status.success() {
+        return Err(format!("toe run failed ({status})"));
+    }
+    let (run, summary) = latest_run(&out, "terminate-")?;
+    ctx.runs.push(run.clone());
+    let ended = summary["signals"]["processes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["pid"].to_string() == pid))
+        .ok_or_else(|| format!("the summary has no ending for pid {pid}"))?;
+    if ended["sigkill_followed_sigterm"] != true {
+        return Err(format!("expected SIGKILL after the ignored SIGTERM: {ended}"));
+    }
+    let events = std::fs::read_to_string(run.join("events.jsonl")).unwrap_or_default();
+    if !events.contains("SIGTERM") {
+        return Err("events.jsonl records no SIGTERM".to_owned());
+    }
+    Ok(format!(
+        "{}\n    timeline: {}",
+        ended["explanation"].as_str().unwrap_or(""),
+        run.join("timeline.svg").display()
+    ))
+}
+
+fn step_leak(ctx: &mut Ctx) -> Result<String, String> {
+    let spec = write_file(ctx, "hello-leak.yaml", LEAK_SPEC)?;
+    let out = output_dir(ctx);
+    let demo = ctx.opts.demo.to_string_lossy().into_owned();
+    let (status, _) = toe(
+        ctx,
+        &[
+            "run",
+            "-f",
+            &spec.to_string_lossy(),
+            "--no-progress",
+            "-o",
+            &out.to_string_lossy(),
+            "--",
+            &demo,
+            "leak",
+            "2000",
+            "10240",
+        ],
+    )?;
+    if !status.success() {
+        return Err(format!("toe run failed ({status})"));
+    }
+    let (run, summary) = latest_run(&out, "memory-profile-")?;
+    ctx.runs.push(run.clone());
+    let top = &summary["memory"]["inuse"]["top_self"][0];
+    let function = top["function"].as_str().unwrap_or("");
+    let bytes = top["value"].as_u64().unwrap_or(0);
+    if !function.contains("leaky_site") {
+        return Err(format!(
+            "the biggest in-use site is {function:?}, not the planted leaky_site"
+        ));
+    }
+    Ok(format!(
+        "{function} holds {:.1} MiB never freed. Flamegraph of what is in use:\n    {}",
+        // Bytes to MiB for display only.
+        #[expect(clippy::cast_precision_loss, reason = "display")]
+        {
+            bytes as f64 / 1_048_576.0
+        },
+        run.join("inuse.svg").display()
+    ))
+}
+
+fn step_report(ctx: &mut Ctx) -> Result<String, String> {
+    let out = output_dir(ctx);
+    let reports = ctx.opts.workdir.join("reports");
+    let mut args: Vec<String> = vec![
+        "report".into(),
+        "-o".into(),
+        reports.to_string_lossy().into_owned(),
+    ];
+    if ctx.runs.is_empty() {
+        args.push(out.to_string_lossy().into_owned());
+    } else {
+        args.extend(ctx.runs.iter().map(|r| r.to_string_lossy().into_owned()));
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, _) = toe(ctx, &refs)?;
+    if !status.success() {
+        return Err(format!("toe report failed ({status})"));
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&reports)
+        .map_err(|e| format!("{}: {e}", reports.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    let dir = dirs.pop().ok_or("toe report wrote no report directory")?;
+    let html = dir.join("report.html");
+    let text = std::fs::read_to_string(&html).map_err(|e| format!("{}: {e}", html.display()))?;
+    if !text.contains("</html>") {
+        return Err(format!("{} is not a whole page", html.display()));
+    }
+    let findings = std::fs::read_to_string(dir.join("findings.json")).unwrap_or_default();
+    let mut found = Vec::new();
+    for rule in ["dominant-function", "sigterm-unhandled", "memory-leak-site"] {
+        if findings.contains(rule) {
+            found.push(rule);
+        }
+    }
+    if !ctx.runs.is_empty() && !found.contains(&"dominant-function") {
+        return Err(format!(
+            "the report does not find the demo's dominant function: {findings}"
+        ));
+    }
+    Ok(format!(
+        "findings: {}. Open the report:\n    {}",
+        found.join(", "),
+        html.display()
+    ))
+}
+
+/// Runs the walkthrough, writing to `out` and (interactive) reading Enter/s/q from `input`.
+pub fn run(opts: &Options, out: &mut dyn Write, input: &mut dyn BufRead) -> Outcome {
+    let mut outcome = Outcome::default();
+    let mut ctx = Ctx {
+        opts,
+        out,
+        runs: Vec::new(),
+    };
+    let _ = writeln!(
+        ctx.out,
+        "Hello PowerTool: {} steps, about two minutes. Files go to {}.",
+        STEPS.len(),
+        opts.workdir.display()
+    );
+    for (i, step) in STEPS.iter().enumerate() {
+        let _ = writeln!(ctx.out, "\n[{}/{}] {}\n", i + 1, STEPS.len(), step.title);
+        let _ = writeln!(ctx.out, "{}\n", step.explain);
+        if opts.interactive {
+            let _ = write!(ctx.out, "Press Enter to run this step (s: skip, q: quit) ");
+            let _ = ctx.out.flush();
+            let mut line = String::new();
+            if input.read_line(&mut line).unwrap_or(0) == 0 || line.trim() == "q" {
+                let _ = writeln!(ctx.out, "\nStopped. Run `toe tutorial` again to start over.");
+                outcome.quit = true;
+                return outcome;
+            }
+            if line.trim() == "s" {
+                let _ = writeln!(ctx.out, "  skipped");
+                outcome.skipped.push(step.title);
+                continue;
+            }
+        }
+        match (step.run)(&mut ctx) {
+            Ok(what) => {
+                let _ = writeln!(ctx.out, "  ✓ {what}");
+                outcome.passed.push(step.title);
+            }
+            Err(why) => {
+                let _ = writeln!(ctx.out, "  ✗ {why}");
+                outcome.failed.push((step.title, why));
+            }
+        }
+    }
+    let _ = writeln!(
+        ctx.out,
+        "\nDone: {} of {} steps passed{}. In a cluster the same PowerTools go through \
+         `kubectl apply` (docs/cluster-walkthrough.md).",
+        outcome.passed.len(),
+        STEPS.len(),
+        if outcome.failed.is_empty() {
+            String::new()
+        } else {
+            format!(", {} failed", outcome.failed.len())
+        }
+    );
+    outcome
+}

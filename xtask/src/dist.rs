@@ -1,0 +1,362 @@
+//! `cargo xtask dist`: every release artifact, built locally into one directory:
+//! - `toe-<v>-x86_64-linux-gnu.tar.gz`: `toe` (CLI and node agent), `toe-operator`, `toe-demo`,
+//!   the examples, README; portable across glibc 2.36+ Linux x86_64 (Debian 12, Ubuntu 22.10+,
+//!   RHEL 10): glibc is linked dynamically because a static glibc cannot resolve host names
+//!   without the very shared libraries static linking avoids, and musl is not among this
+//!   project's toolchains;
+//! - `toe-<v>.bpf.o`: the eBPF object the agent embeds, for inspection (`bpftool prog load`,
+//!   `llvm-objdump`);
+//! - `toe-crds-<v>.yaml`: the CRDs; `toe-<v>.tgz`: the packaged Helm chart;
+//! - `toe-operator-<v>.oci.tar`, `toe-agent-<v>.oci.tar`: the images (also left in the local
+//!   container storage as `localhost/toe-operator:<v>` and `localhost/toe-agent:<v>`), built
+//!   from scratch with buildah: the binary, exactly the shared libraries it loads, CA
+//!   certificates, a non-root user for the operator. No base image, so no registry is needed;
+//!   `images/Containerfile` is the same build for `docker build` in the release workflow;
+//! - `SHA256SUMS` over all of them.
+//!
+//! `--check` then verifies what was built: checksums, archive contents, the packaged chart
+//! (helm lint and template), and both images started with podman, the agent's running a real
+//! eBPF profile inside its image.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::{bootstrap, build_release, root, run};
+
+/// The workspace version (the chart, images and archives carry it).
+#[must_use]
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+/// One image: its name (the Containerfile's target, which sets the user and entrypoint) and the
+/// binary it installs as /usr/local/bin/<binary>.
+struct Image {
+    name: &'static str,
+    binary: &'static str,
+}
+
+const IMAGES: [Image; 2] = [
+    Image {
+        name: "toe-operator",
+        binary: "toe-operator",
+    },
+    Image {
+        name: "toe-agent",
+        binary: "toe",
+    },
+];
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The shared libraries `binary` loads (with the dynamic loader), as ldd resolves them here.
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let text = output(Command::new("ldd").arg(binary))?;
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    ensure!(
+        libs.iter().any(|l| l.to_string_lossy().contains("ld-linux")),
+        "ldd found no dynamic loader for {}: {text}",
+        binary.display()
+    );
+    Ok(libs)
+}
+
+/// Copies `src` to `root/<src's absolute path>` (and, for a symlinked library, the file the
+/// link resolves to under the link's name).
+fn install_at_same_path(root: &Path, src: &Path) -> Result<()> {
+    let dest = root.join(src.strip_prefix("/").expect("absolute"));
+    fs::create_dir_all(dest.parent().expect("parent"))?;
+    fs::copy(src, &dest).with_context(|| format!("copying {}", src.display()))?;
+    Ok(())
+}
+
+/// The directory buildah builds from: `rootfs/` and the Containerfile.
+fn image_context(dir: &Path, image: &Image, binary: &Path) -> Result<PathBuf> {
+    let ctx = dir.join(format!("image-{}", image.name));
+    let _ = fs::remove_dir_all(&ctx);
+    let rootfs = ctx.join("rootfs");
+    fs::create_dir_all(rootfs.join("usr/local/bin"))?;
+    fs::copy(binary, rootfs.join("usr/local/bin").join(image.binary))?;
+    for lib in shared_libraries(binary)? {
+        install_at_same_path(&rootfs, &lib)?;
+    }
+    // Object stores over TLS (S3, GCS, Azure) verify against the system's roots.
+    install_at_same_path(&rootfs, Path::new("/etc/ssl/certs/ca-certificates.crt"))?;
+    fs::create_dir_all(rootfs.join("etc"))?;
+    fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n",
+    )?;
+    fs::write(rootfs.join("etc/group"), "root:x:0:\nnonroot:x:65532:\n")?;
+    for d in ["tmp", "root", "home/nonroot", "var/lib/toe"] {
+        fs::create_dir_all(rootfs.join(d))?;
+    }
+    fs::copy(
+        root().join("images/Containerfile"),
+        ctx.join("Containerfile"),
+    )?;
+    Ok(ctx)
+}
+
+fn build_image(dir: &Path, image: &Image, binary: &Path) -> Result<PathBuf> {
+    let ctx = image_context(dir, image, binary)?;
+    let tag = format!("localhost/{}:{}", image.name, version());
+    run(Command::new("buildah")
+        .args(["build", "--quiet", "--layers=false", "--format", "oci"])
+        .args(["--target", image.name])
+        .args(["--build-arg", &format!("VERSION={}", version())])
+        .args(["--tag", &tag, "--file"])
+        .arg(ctx.join("Containerfile"))
+        .arg(&ctx))
+    .with_context(|| format!("building image {tag} with buildah"))?;
+    let archive = dir.join(format!("{}-{}.oci.tar", image.name, version()));
+    let _ = fs::remove_file(&archive);
+    run(Command::new("buildah")
+        .args(["push", "--quiet", &tag])
+        .arg(format!("oci-archive:{}:{tag}", archive.display())))
+    .with_context(|| format!("writing {}", archive.display()))?;
+    fs::remove_dir_all(&ctx)?;
+    Ok(archive)
+}
+
+/// Builds every artifact into `out`; returns the files written.
+pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
+    bootstrap::toolchain()?;
+    let helm = bootstrap::helm()?;
+    if Command::new("buildah").arg("--version").output().is_err() {
+        bail!("the images are built with buildah: `apt-get install buildah` (or `cargo xtask bootstrap --tests`)");
+    }
+    build_release()?;
+    bootstrap::build_ebpf()?;
+    let _ = fs::remove_dir_all(out);
+    fs::create_dir_all(out)?;
+    let v = version();
+    let release = root().join("target/release");
+    let mut files = Vec::new();
+
+    // The binaries, with what a newcomer needs to start (README, examples).
+    let name = format!("toe-{v}-x86_64-linux-gnu");
+    let stage = out.join(&name);
+    fs::create_dir_all(stage.join("bin"))?;
+    for bin in ["toe", "toe-operator", "toe-demo"] {
+        fs::copy(release.join(bin), stage.join("bin").join(bin))
+            .with_context(|| format!("copying target/release/{bin}"))?;
+    }
+    fs::copy(root().join("README.md"), stage.join("README.md"))?;
+    run(Command::new("cp")
+        .arg("-r")
+        .arg(root().join("examples"))
+        .arg(stage.join("examples")))?;
+    let _ = fs::remove_dir_all(stage.join("examples/demo/target"));
+    let tarball = out.join(format!("{name}.tar.gz"));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(out)
+        .args(["--owner=0", "--group=0", "-czf"])
+        .arg(&tarball)
+        .arg(&name))?;
+    fs::remove_dir_all(&stage)?;
+    files.push(tarball);
+
+    let object = out.join(format!("toe-{v}.bpf.o"));
+    fs::copy(
+        root().join("target/bpfel-unknown-none/release/toe"),
+        &object,
+    )
+    .context("copying the eBPF object")?;
+    files.push(object);
+
+    let crds = out.join(format!("toe-crds-{v}.yaml"));
+    let mut text = String::new();
+    let mut entries: Vec<PathBuf> = fs::read_dir(root().join("charts/toe/crds"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    entries.sort();
+    for path in entries {
+        text.push_str("---\n");
+        text.push_str(&fs::read_to_string(&path)?);
+    }
+    fs::write(&crds, text)?;
+    files.push(crds);
+
+    run(Command::new(&helm)
+        .args(["package", "--version", v, "--app-version", v, "-d"])
+        .arg(out)
+        .arg(root().join("charts/toe")))
+    .context("helm package")?;
+    files.push(out.join(format!("toe-{v}.tgz")));
+
+    for image in &IMAGES {
+        files.push(build_image(out, image, &release.join(image.binary))?);
+    }
+
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let sums = output(Command::new("sha256sum").current_dir(out).args(&names))?;
+    fs::write(out.join("SHA256SUMS"), sums)?;
+    files.push(out.join("SHA256SUMS"));
+    for f in &files {
+        eprintln!("xtask: {}", f.display());
+    }
+    Ok(files)
+}
+
+/// Verifies a `build` in `out` the way a user receives it.
+pub fn check(out: &Path) -> Result<()> {
+    let v = version();
+    run(Command::new("sha256sum")
+        .current_dir(out)
+        .args(["--check", "--quiet", "SHA256SUMS"]))
+    .context("SHA256SUMS does not match the artifacts")?;
+
+    let listing = output(Command::new("tar").arg("-tzf").arg(out.join(format!(
+        "toe-{v}-x86_64-linux-gnu.tar.gz"
+    ))))?;
+    for want in ["bin/toe", "bin/toe-operator", "bin/toe-demo", "README.md", "examples/cpu-profile.yaml"] {
+        ensure!(
+            listing.lines().any(|l| l.ends_with(want)),
+            "the archive lacks {want}:\n{listing}"
+        );
+    }
+
+    let object = fs::read(out.join(format!("toe-{v}.bpf.o")))?;
+    ensure!(
+        object.starts_with(b"\x7fELF") && object.get(18) == Some(&247),
+        "toe-{v}.bpf.o is not a BPF ELF object (e_machine 247)"
+    );
+
+    let crds = fs::read_to_string(out.join(format!("toe-crds-{v}.yaml")))?;
+    for kind in ["kind: PowerTool\n", "kind: PowerToolConfig\n", "kind: PowerToolProcessing\n"] {
+        ensure!(crds.contains(kind), "the CRD bundle lacks {kind}");
+    }
+
+    let helm = bootstrap::helm_path();
+    let chart = out.join(format!("toe-{v}.tgz"));
+    run(Command::new(&helm).args(["lint", "--strict"]).arg(&chart))
+        .context("helm lint of the packaged chart")?;
+    let rendered = output(
+        Command::new(&helm)
+            .args(["template", "toe", "--include-crds", "-n", "toe-system"])
+            .arg(&chart),
+    )?;
+    ensure!(
+        rendered.contains(&format!("image: ghcr.io/toe-run/toe-agent:{v}")),
+        "the packaged chart does not default to this version's agent image"
+    );
+    ensure!(
+        rendered.contains("name: powertools.toe.run"),
+        "the packaged chart lacks its CRDs"
+    );
+
+    // Each image starts and reports this version.
+    for (image, args) in [
+        ("toe-operator", vec!["--version"]),
+        ("toe-agent", vec!["--version"]),
+    ] {
+        let out = output(
+            Command::new("podman")
+                .args(["--runtime", "runc", "run", "--rm"])
+                .arg(format!("localhost/{image}:{v}"))
+                .args(&args),
+        )
+        .with_context(|| format!("running the {image} image"))?;
+        ensure!(out.contains(v), "{image} --version printed {out:?}");
+    }
+    let user = output(Command::new("podman").args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Config.User}}",
+        &format!("localhost/toe-operator:{v}"),
+    ]))?;
+    ensure!(user.trim() == "65532:65532", "the operator image runs as {user:?}, not as non-root");
+    check_agent_image_profiles(v)
+}
+
+/// The agent's image loads its eBPF programs and profiles for real: `toe run` inside it, with
+/// the host's PIDs and kernel file systems as the DaemonSet mounts them, profiling a `toe tools`
+/// process it starts itself.
+fn check_agent_image_profiles(v: &str) -> Result<()> {
+    let dir = tempfile_dir()?;
+    fs::write(
+        dir.join("spec.yaml"),
+        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {name: image-check}\nspec:\n  tool: {name: cpu-profile, duration: 2s}\n",
+    )?;
+    let out = output(
+        Command::new("podman")
+            .args(["--runtime", "runc", "run", "--rm", "--privileged", "--pid=host"])
+            .args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing"])
+            .args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup"])
+            .arg("-v")
+            .arg(format!("{}:/work", dir.display()))
+            .arg(format!("localhost/toe-agent:{v}"))
+            .args([
+                "run",
+                "-f",
+                "/work/spec.yaml",
+                "--json",
+                "--no-progress",
+                "-o",
+                "/work/out",
+                "--",
+                "/usr/local/bin/toe",
+                "tools",
+            ]),
+    )
+    .context("profiling inside the agent image")?;
+    let summary: serde_json::Value = serde_json::from_str(
+        out.lines()
+            .skip_while(|l| !l.starts_with('{'))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .as_str(),
+    )
+    .with_context(|| format!("the agent image printed no JSON summary: {out}"))?;
+    ensure!(
+        summary.to_string().contains("cpu-profile"),
+        "the agent image's summary names no cpu-profile: {summary}"
+    );
+    let runs: Vec<_> = fs::read_dir(dir.join("out"))?.flatten().collect();
+    ensure!(
+        runs.iter()
+            .any(|r| r.path().join("flamegraph.svg").is_file()),
+        "the agent image wrote no flamegraph under {}",
+        dir.join("out").display()
+    );
+    fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = root().join(format!("target/tmp/dist-check-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
