@@ -13,9 +13,7 @@ use std::{
 
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration,
-    authorization::v1::{
-        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-    },
+    authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
     core::v1::{Node, Secret},
     rbac::v1::PolicyRule,
 };
@@ -51,7 +49,10 @@ fn helm(test: &str) -> Option<PathBuf> {
         "{test}: no helm at {}: run `cargo xtask bootstrap --tests`",
         path.display()
     );
-    eprintln!("SKIP {test}: no helm at {} (`cargo xtask bootstrap --tests`)", path.display());
+    eprintln!(
+        "SKIP {test}: no helm at {} (`cargo xtask bootstrap --tests`)",
+        path.display()
+    );
     None
 }
 
@@ -65,7 +66,10 @@ fn test_values() -> PathBuf {
 
 /// Runs helm with `args`; (success, stdout, stderr).
 fn run_helm(helm: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(helm).args(args).output().expect("running helm");
+    let out = Command::new(helm)
+        .args(args)
+        .output()
+        .expect("running helm");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -163,7 +167,10 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
         let mut args = vec!["lint", "--strict", chart.to_str().unwrap()];
         args.extend_from_slice(&extra);
         let (ok, out, err) = run_helm(&helm, &args);
-        assert!(ok && out.contains("0 chart(s) failed"), "helm lint {extra:?}:\n{out}{err}");
+        assert!(
+            ok && out.contains("0 chart(s) failed"),
+            "helm lint {extra:?}:\n{out}{err}"
+        );
     }
 
     // The chart's version follows the workspace's.
@@ -203,7 +210,10 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
             binding["subjects"],
             serde_json::json!([{"kind": "ServiceAccount", "name": name, "namespace": NS}])
         );
-        assert_eq!(workload["spec"]["template"]["spec"]["serviceAccountName"], name);
+        assert_eq!(
+            workload["spec"]["template"]["spec"]["serviceAccountName"],
+            name
+        );
         find(&docs, "ServiceAccount", name);
     }
 
@@ -225,8 +235,17 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
         .iter()
         .map(|m| m["mountPath"].as_str().unwrap().to_owned())
         .collect();
-    for path in ["/sys/fs/bpf", "/sys/kernel/tracing", "/sys/fs/cgroup", "/host/proc", "/var/lib/toe"] {
-        assert!(mounts.iter().any(|m| m == path), "agent lacks mount {path}: {mounts:?}");
+    for path in [
+        "/sys/fs/bpf",
+        "/sys/kernel/tracing",
+        "/sys/fs/cgroup",
+        "/host/proc",
+        "/var/lib/toe",
+    ] {
+        assert!(
+            mounts.iter().any(|m| m == path),
+            "agent lacks mount {path}: {mounts:?}"
+        );
     }
     assert_eq!(pod["nodeSelector"]["kubernetes.io/arch"], "amd64");
     let state = pod["volumes"]
@@ -244,14 +263,29 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
     assert_flags_known(&agent_args, &help_of(&bin("toe"), &["agent"]), "toe agent");
     let operator_container = &operator["spec"]["template"]["spec"]["containers"][0];
     let operator_args = strings(&operator_container["args"]);
-    assert_flags_known(&operator_args, &help_of(&bin("toe-operator"), &[]), "toe-operator");
-    assert!(operator_args.contains(&"--webhook-self-signed".to_owned()), "{operator_args:?}");
-    assert!(operator_args.contains(&format!("--webhook-secret={}", rbac::WEBHOOK_SECRET)));
-    assert!(
-        operator_args.contains(&format!("--webhook-configuration={}", rbac::WEBHOOK_CONFIGURATION))
+    assert_flags_known(
+        &operator_args,
+        &help_of(&bin("toe-operator"), &[]),
+        "toe-operator",
     );
-    let hook = find(&docs, "ValidatingWebhookConfiguration", rbac::WEBHOOK_CONFIGURATION);
-    assert_eq!(hook["webhooks"][0]["clientConfig"]["service"]["name"], "toe-webhook");
+    assert!(
+        operator_args.contains(&"--webhook-self-signed".to_owned()),
+        "{operator_args:?}"
+    );
+    assert!(operator_args.contains(&format!("--webhook-secret={}", rbac::WEBHOOK_SECRET)));
+    assert!(operator_args.contains(&format!(
+        "--webhook-configuration={}",
+        rbac::WEBHOOK_CONFIGURATION
+    )));
+    let hook = find(
+        &docs,
+        "ValidatingWebhookConfiguration",
+        rbac::WEBHOOK_CONFIGURATION,
+    );
+    assert_eq!(
+        hook["webhooks"][0]["clientConfig"]["service"]["name"],
+        "toe-webhook"
+    );
     assert_eq!(
         hook["webhooks"][0]["clientConfig"]["service"]["path"],
         toe_operator::webhook::PATH
@@ -282,10 +316,17 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
     let cert = find(&docs, "Certificate", rbac::WEBHOOK_SECRET);
     assert_eq!(
         strings(&cert["spec"]["dnsNames"]),
-        ["toe-webhook.toe-system.svc", "toe-webhook.toe-system.svc.cluster.local"]
+        [
+            "toe-webhook.toe-system.svc",
+            "toe-webhook.toe-system.svc.cluster.local"
+        ]
     );
     find(&docs, "Issuer", "toe-selfsigned");
-    let hook = find(&docs, "ValidatingWebhookConfiguration", rbac::WEBHOOK_CONFIGURATION);
+    let hook = find(
+        &docs,
+        "ValidatingWebhookConfiguration",
+        rbac::WEBHOOK_CONFIGURATION,
+    );
     assert_eq!(
         hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
         format!("{NS}/{}", rbac::WEBHOOK_SECRET)
@@ -295,9 +336,16 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
     let operator_container = &operator["spec"]["template"]["spec"]["containers"][0];
     let operator_args = strings(&operator_container["args"]);
     assert!(operator_args.contains(&"--tls-cert=/etc/toe/webhook/tls.crt".to_owned()));
-    assert_flags_known(&operator_args, &help_of(&bin("toe-operator"), &[]), "toe-operator");
+    assert_flags_known(
+        &operator_args,
+        &help_of(&bin("toe-operator"), &[]),
+        "toe-operator",
+    );
     assert_eq!(operator["spec"]["replicas"], 2);
-    assert_eq!(operator_container["image"], "registry.example.com/toe/toe-operator:0.1.0-test");
+    assert_eq!(
+        operator_container["image"],
+        "registry.example.com/toe/toe-operator:0.1.0-test"
+    );
     let ingress = find(&docs, "Ingress", "toe-reports");
     assert_eq!(ingress["spec"]["tls"][0]["hosts"][0], "toe.test.example");
     let agent = find(&docs, "DaemonSet", "toe-agent");
@@ -310,21 +358,38 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
             && e["value"] == "s3://toe-artifacts/cluster-a/"));
     }
     assert!(
-        !docs.iter().any(|d| d["kind"] == "PowerToolConfig" && d["metadata"]["name"] == "terminate"),
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "PowerToolConfig" && d["metadata"]["name"] == "terminate"),
         "a disabled tool still has a config"
     );
     let cpu = find(&docs, "PowerToolConfig", "cpu-profile");
-    assert_eq!(strings(&cpu["spec"]["allowedNamespaces"]), ["shop", "payments"]);
+    assert_eq!(
+        strings(&cpu["spec"]["allowedNamespaces"]),
+        ["shop", "payments"]
+    );
 
     // values.schema.json refuses what the templates cannot use, naming the value.
     for (set, why) in [
-        ("webhook.certificates=selfmade", "webhook.certificates must be one of"),
-        ("artifacts.url=/tmp", "artifacts.url: Does not match pattern"),
+        (
+            "webhook.certificates=selfmade",
+            "webhook.certificates must be one of",
+        ),
+        (
+            "artifacts.url=/tmp",
+            "artifacts.url: Does not match pattern",
+        ),
         ("configs.nosuch.enabled=true", "configs"),
         ("agent.uploadTimeout=soon", "agent.uploadTimeout"),
     ] {
-        let (ok, _, err) = run_helm(&helm, &["template", "toe", chart.to_str().unwrap(), "--set", set]);
-        assert!(!ok && err.contains(why), "--set {set} should be refused with {why:?}: {err}");
+        let (ok, _, err) = run_helm(
+            &helm,
+            &["template", "toe", chart.to_str().unwrap(), "--set", set],
+        );
+        assert!(
+            !ok && err.contains(why),
+            "--set {set} should be refused with {why:?}: {err}"
+        );
     }
 }
 
@@ -375,7 +440,12 @@ async fn allowed(
 
 /// Every (group, resource, verb, name) a role's rules grant, asked of the API server as
 /// `client`: all must be allowed through the chart's bindings alone.
-async fn assert_granted(client: &kube::Client, rules: Option<Vec<PolicyRule>>, ns: Option<&str>, who: &str) {
+async fn assert_granted(
+    client: &kube::Client,
+    rules: Option<Vec<PolicyRule>>,
+    ns: Option<&str>,
+    who: &str,
+) {
     for rule in rules.unwrap() {
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {
@@ -415,29 +485,85 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
     let file = manifests.to_str().unwrap();
 
     // Server-side dry run first (nothing stored), then for real.
-    let (ok, out) = kubectl(&server, &["apply", "--server-side", "--dry-run=server", "-f", file]);
+    let (ok, out) = kubectl(
+        &server,
+        &["apply", "--server-side", "--dry-run=server", "-f", file],
+    );
     assert!(ok, "server-side dry run refused the chart:\n{out}");
-    assert!(out.contains("daemonset.apps/toe-agent serverside-applied (server dry run)"), "{out}");
     assert!(
-        Api::<PowerToolConfig>::all(admin.clone()).list(&Default::default()).await.unwrap().items.is_empty(),
+        out.contains("daemonset.apps/toe-agent serverside-applied (server dry run)"),
+        "{out}"
+    );
+    assert!(
+        Api::<PowerToolConfig>::all(admin.clone())
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
         "a dry run stored something"
     );
     let (ok, out) = kubectl(&server, &["apply", "--server-side", "-f", file]);
     assert!(ok, "applying the chart failed:\n{out}");
-    let configs = Api::<PowerToolConfig>::all(admin.clone()).list(&Default::default()).await.unwrap();
+    let configs = Api::<PowerToolConfig>::all(admin.clone())
+        .list(&Default::default())
+        .await
+        .unwrap();
     assert_eq!(configs.items.len(), catalogue().len());
 
     // As each component's identity, bound only by the chart: every rule its end-to-end tests
     // run under is granted, and what it must not do is not.
     let operator = server.client_as(OPERATOR_TOKEN).await;
     let agent = server.client_as(AGENT_TOKEN).await;
-    assert_granted(&operator, rbac::operator_cluster_role("x").rules, None, "the operator").await;
-    assert_granted(&operator, rbac::operator_namespace_role("x", NS).rules, Some(NS), "the operator").await;
-    assert_granted(&agent, rbac::agent_cluster_role("x").rules, None, "the agent").await;
+    assert_granted(
+        &operator,
+        rbac::operator_cluster_role("x").rules,
+        None,
+        "the operator",
+    )
+    .await;
+    assert_granted(
+        &operator,
+        rbac::operator_namespace_role("x", NS).rules,
+        Some(NS),
+        "the operator",
+    )
+    .await;
+    assert_granted(
+        &agent,
+        rbac::agent_cluster_role("x").rules,
+        None,
+        "the agent",
+    )
+    .await;
     for (client, group, resource, verb, name, ns, who) in [
-        (&operator, "", "pods", "delete", None, Some("shop"), "operator"),
-        (&operator, "", "secrets", "list", None, Some("shop"), "operator"),
-        (&operator, "", "secrets", "update", Some("someone-elses"), Some(NS), "operator"),
+        (
+            &operator,
+            "",
+            "pods",
+            "delete",
+            None,
+            Some("shop"),
+            "operator",
+        ),
+        (
+            &operator,
+            "",
+            "secrets",
+            "list",
+            None,
+            Some("shop"),
+            "operator",
+        ),
+        (
+            &operator,
+            "",
+            "secrets",
+            "update",
+            Some("someone-elses"),
+            Some(NS),
+            "operator",
+        ),
         (
             &operator,
             "admissionregistration.k8s.io",
@@ -448,7 +574,15 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
             "operator",
         ),
         (&agent, "", "secrets", "get", None, Some("shop"), "agent"),
-        (&agent, "toe.run", "powertools", "delete", None, Some("shop"), "agent"),
+        (
+            &agent,
+            "toe.run",
+            "powertools",
+            "delete",
+            None,
+            Some("shop"),
+            "agent",
+        ),
     ] {
         assert!(
             !allowed(client, group, resource, verb, name, ns).await,
@@ -472,7 +606,11 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
         "failurePolicy": "Fail",
     }]});
     hooks
-        .patch(rbac::WEBHOOK_CONFIGURATION, &PatchParams::default(), &Patch::Strategic(&patch))
+        .patch(
+            rbac::WEBHOOK_CONFIGURATION,
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
         .await
         .unwrap();
     let setup = toe_operator::certs::SelfSigned {
@@ -500,7 +638,10 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
         .unwrap();
     let ca = secret.data.as_ref().unwrap()["ca.crt"].clone();
     let hook = hooks.get(rbac::WEBHOOK_CONFIGURATION).await.unwrap();
-    assert_eq!(hook.webhooks.unwrap()[0].client_config.ca_bundle, Some(ca.clone()));
+    assert_eq!(
+        hook.webhooks.unwrap()[0].client_config.ca_bundle,
+        Some(ca.clone())
+    );
     let bad: PowerTool = serde_json::from_value(serde_json::json!({
         "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
         "metadata": {"name": "too-fast"},
@@ -544,6 +685,10 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
             "the agent never published its capabilities under the chart's role:\n{}",
             agent.log_text()
         );
-        assert!(status.success(), "agent exit {status}:\n{}", agent.log_text());
+        assert!(
+            status.success(),
+            "agent exit {status}:\n{}",
+            agent.log_text()
+        );
     }
 }

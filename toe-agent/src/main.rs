@@ -166,11 +166,8 @@ fn tutorial(args: &TutorialArgs) -> Result<ExitCode> {
         demo,
         toe,
     };
-    let outcome = toe_agent::tutorial::run(
-        &opts,
-        &mut std::io::stdout(),
-        &mut std::io::stdin().lock(),
-    );
+    let outcome =
+        toe_agent::tutorial::run(&opts, &mut std::io::stdout(), &mut std::io::stdin().lock());
     Ok(if outcome.failed.is_empty() && !outcome.quit {
         ExitCode::SUCCESS
     } else {

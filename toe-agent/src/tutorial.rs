@@ -189,7 +189,10 @@ fn toe(ctx: &mut Ctx, args: &[&str]) -> Result<(std::process::ExitStatus, String
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("starting {}: {e}", ctx.opts.toe.display()))?;
-    Ok((out.status, String::from_utf8_lossy(&out.stdout).into_owned()))
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
 }
 
 /// The newest run directory under `out` whose name starts with `prefix`, with its summary.
@@ -370,7 +373,9 @@ fn step_terminate(ctx: &mut Ctx) -> Result<String, String> {
         .and_then(|p| p.iter().find(|p| p["pid"].to_string() == pid))
         .ok_or_else(|| format!("the summary has no ending for pid {pid}"))?;
     if ended["sigkill_followed_sigterm"] != true {
-        return Err(format!("expected SIGKILL after the ignored SIGTERM: {ended}"));
+        return Err(format!(
+            "expected SIGKILL after the ignored SIGTERM: {ended}"
+        ));
     }
     let events = std::fs::read_to_string(run.join("events.jsonl")).unwrap_or_default();
     if !events.contains("SIGTERM") {
@@ -498,7 +503,10 @@ pub fn run(opts: &Options, out: &mut dyn Write, input: &mut dyn BufRead) -> Outc
             let _ = ctx.out.flush();
             let mut line = String::new();
             if input.read_line(&mut line).unwrap_or(0) == 0 || line.trim() == "q" {
-                let _ = writeln!(ctx.out, "\nStopped. Run `toe tutorial` again to start over.");
+                let _ = writeln!(
+                    ctx.out,
+                    "\nStopped. Run `toe tutorial` again to start over."
+                );
                 outcome.quit = true;
                 return outcome;
             }

@@ -8,8 +8,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
-    ByteString, api::admissionregistration::v1::ValidatingWebhookConfiguration,
-    api::core::v1::Secret,
+    ByteString,
+    api::{admissionregistration::v1::ValidatingWebhookConfiguration, core::v1::Secret},
 };
 use kube::{
     Api, Client,
@@ -148,7 +148,12 @@ fn usable(secret: &Secret, names: &[String], now: i64) -> Option<WebhookTls> {
     })
 }
 
-fn secret_of(name: &str, tls: &WebhookTls, names: &[String], resource_version: Option<String>) -> Secret {
+fn secret_of(
+    name: &str,
+    tls: &WebhookTls,
+    names: &[String],
+    resource_version: Option<String>,
+) -> Secret {
     let data = [
         (CA_KEY, &tls.ca_pem),
         (CERT_KEY, &tls.cert_pem),
@@ -314,7 +319,10 @@ impl SelfSigned {
             )
             .await
             .map_err(CertError::Tls)?;
-            tracing::info!(not_after = fresh.not_after, "serving the renewed webhook certificate");
+            tracing::info!(
+                not_after = fresh.not_after,
+                "serving the renewed webhook certificate"
+            );
             *current = fresh;
         }
         if self.inject_ca(client, &current.ca_pem).await? {
@@ -344,7 +352,11 @@ mod tests {
         assert_eq!(usable(&secret, &names(), now), Some(tls.clone()));
         let renew = i64::try_from(RENEW_BEFORE.as_secs()).unwrap();
         let late = tls.not_after - renew + 1;
-        assert_eq!(usable(&secret, &names(), late), None, "inside the renewal window");
+        assert_eq!(
+            usable(&secret, &names(), late),
+            None,
+            "inside the renewal window"
+        );
         let other = service_names("toe-webhook", "elsewhere", &[]);
         assert_eq!(usable(&secret, &other, now), None, "other names");
         let mut broken = secret.clone();
@@ -373,6 +385,10 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         let stranger = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
-        assert!(verifier.verify_server_cert(&leaf, &[], &stranger, &[], now).is_err());
+        assert!(
+            verifier
+                .verify_server_cert(&leaf, &[], &stranger, &[], now)
+                .is_err()
+        );
     }
 }

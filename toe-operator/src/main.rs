@@ -6,8 +6,8 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use axum::{Router, routing::get};
-use clap::Parser;
 use axum_server::tls_rustls::RustlsConfig;
+use clap::Parser;
 use toe_operator::{
     certs, controller, lease::Elector, metrics::Metrics, processing, reports, webhook,
 };
@@ -131,7 +131,13 @@ async fn webhook_tls(cli: &Cli, client: &kube::Client) -> Result<RustlsConfig> {
     };
     RustlsConfig::from_pem_file(cert, key)
         .await
-        .with_context(|| format!("reading --tls-cert {} / --tls-key {}", cert.display(), key.display()))
+        .with_context(|| {
+            format!(
+                "reading --tls-cert {} / --tls-key {}",
+                cert.display(),
+                key.display()
+            )
+        })
 }
 
 fn main() -> Result<()> {

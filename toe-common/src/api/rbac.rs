@@ -2,8 +2,10 @@
 //! their rules into the chart (`charts/toe/files/`), and the tests run each component under
 //! exactly its role against a real API server.
 
-use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{
+    api::rbac::v1::{ClusterRole, PolicyRule, Role},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 /// The ValidatingWebhookConfiguration the chart installs; a cluster-wide name, fixed so that the
 /// operator may update exactly this one (`resourceNames`).
