@@ -422,14 +422,15 @@ fn step_leak(ctx: &mut Ctx) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "{function} holds {:.1} MiB never freed. Flamegraph of what is in use:\n    {}",
-        // Bytes to MiB for display only.
-        #[expect(clippy::cast_precision_loss, reason = "display")]
-        {
-            bytes as f64 / 1_048_576.0
-        },
+        "{function} holds {} never freed. Flamegraph of what is in use:\n    {}",
+        mib(bytes),
         run.join("inuse.svg").display()
     ))
+}
+
+#[expect(clippy::cast_precision_loss, reason = "a size shown to one decimal")]
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1_048_576.0)
 }
 
 fn step_report(ctx: &mut Ctx) -> Result<String, String> {
