@@ -150,7 +150,7 @@ process ended.",
     Step {
         title: "Find a planted leak",
         explain: "\
-`toe-demo leak` leaks 2000 blocks of 10 KiB at one call site while another thread allocates
+`toe-demo leak` leaks 20000 blocks of 1 KiB at one call site while another thread allocates
 and frees in balance. The memory profile follows every malloc and free (uprobes on glibc,
 only in this process) and reports what is still in use, by call site.",
         run: step_leak,
@@ -404,8 +404,8 @@ fn step_leak(ctx: &mut Ctx) -> Result<String, String> {
             "--",
             &demo,
             "leak",
-            "2000",
-            "10240",
+            "20000",
+            "1024",
         ],
     )?;
     if !status.success() {
