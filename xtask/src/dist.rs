@@ -231,6 +231,19 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// `podman run` as it works on hybrid-cgroup hosts: runc (crun fails there) and explicit
+/// rlimits (runc may not raise the defaults it would otherwise copy).
+const PODMAN_RUN: [&str; 8] = [
+    "--runtime",
+    "runc",
+    "run",
+    "--rm",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=1024:1024",
+];
+
 /// Verifies a `build` in `out` the way a user receives it.
 pub fn check(out: &Path) -> Result<()> {
     let v = version();
@@ -297,7 +310,7 @@ pub fn check(out: &Path) -> Result<()> {
     ] {
         let out = output(
             Command::new("podman")
-                .args(["--runtime", "runc", "run", "--rm"])
+                .args(PODMAN_RUN)
                 .arg(format!("localhost/{image}:{v}"))
                 .args(&args),
         )
@@ -329,14 +342,8 @@ fn check_agent_image_profiles(v: &str) -> Result<()> {
     )?;
     let out = output(
         Command::new("podman")
-            .args([
-                "--runtime",
-                "runc",
-                "run",
-                "--rm",
-                "--privileged",
-                "--pid=host",
-            ])
+            .args(PODMAN_RUN)
+            .args(["--privileged", "--pid=host"])
             .args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing"])
             .args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup"])
             .arg("-v")
