@@ -156,6 +156,10 @@ fn rules_json(rules: Option<Vec<PolicyRule>>) -> serde_json::Value {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario per values file, read top to bottom over the same rendered documents"
+)]
 fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
     let Some(helm) = helm("the_chart_lints_renders_and_validates") else {
         return;
@@ -467,6 +471,10 @@ async fn assert_granted(
 }
 
 #[tokio::test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario: its steps share the API server and the applied chart"
+)]
 async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_components_use() {
     let test = "the_chart_applies_to_a_real_api_server";
     let Some(helm) = helm(test) else {
@@ -496,7 +504,7 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
     );
     assert!(
         Api::<PowerToolConfig>::all(admin.clone())
-            .list(&Default::default())
+            .list(&kube::api::ListParams::default())
             .await
             .unwrap()
             .items
@@ -506,7 +514,7 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
     let (ok, out) = kubectl(&server, &["apply", "--server-side", "-f", file]);
     assert!(ok, "applying the chart failed:\n{out}");
     let configs = Api::<PowerToolConfig>::all(admin.clone())
-        .list(&Default::default())
+        .list(&kube::api::ListParams::default())
         .await
         .unwrap();
     assert_eq!(configs.items.len(), catalogue().len());

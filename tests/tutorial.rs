@@ -58,7 +58,7 @@ fn wait_for(session: &str, text: &str, count: usize) -> String {
             return s;
         }
         assert!(
-            since.elapsed() < Duration::from_secs(120),
+            since.elapsed() < Duration::from_mins(2),
             "{text:?} (x{count}) never appeared:\n{s}"
         );
         std::thread::sleep(Duration::from_millis(100));

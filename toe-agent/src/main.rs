@@ -141,18 +141,15 @@ fn tutorial(args: &TutorialArgs) -> Result<ExitCode> {
         );
     }
     let toe = std::env::current_exe().context("finding this toe binary")?;
-    let demo = match &args.demo {
-        Some(d) => d.clone(),
-        None => {
-            let sibling = toe.with_file_name("toe-demo");
-            if sibling.is_file() {
-                sibling
-            } else {
-                which::which("toe-demo").context(
-                    "toe-demo is neither next to toe nor on PATH: pass --demo PATH (it ships in the release archive's bin/)",
-                )?
-            }
-        }
+    let sibling = toe.with_file_name("toe-demo");
+    let demo = if let Some(d) = &args.demo {
+        d.clone()
+    } else if sibling.is_file() {
+        sibling
+    } else {
+        which::which("toe-demo").context(
+            "toe-demo is neither next to toe nor on PATH: pass --demo PATH (it ships in the release archive's bin/)",
+        )?
     };
     std::fs::create_dir_all(&args.workdir)
         .with_context(|| format!("creating {}", args.workdir.display()))?;

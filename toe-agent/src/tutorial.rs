@@ -344,7 +344,8 @@ fn start_trap(ctx: &Ctx) -> Result<Child, String> {
 fn step_terminate(ctx: &mut Ctx) -> Result<String, String> {
     let spec = write_file(ctx, "hello-sigterm.yaml", TERMINATE_SPEC)?;
     let mut trap = start_trap(ctx)?;
-    let pid = trap.id().to_string();
+    let pid_number = u64::from(trap.id());
+    let pid = pid_number.to_string();
     let out = output_dir(ctx);
     let result = toe(
         ctx,
@@ -370,7 +371,7 @@ fn step_terminate(ctx: &mut Ctx) -> Result<String, String> {
     ctx.runs.push(run.clone());
     let ended = summary["signals"]["processes"]
         .as_array()
-        .and_then(|p| p.iter().find(|p| p["pid"].to_string() == pid))
+        .and_then(|p| p.iter().find(|p| p["pid"].as_u64() == Some(pid_number)))
         .ok_or_else(|| format!("the summary has no ending for pid {pid}"))?;
     if ended["sigkill_followed_sigterm"] != true {
         return Err(format!(

@@ -21,9 +21,9 @@ use rcgen::{
 };
 
 /// How long a generated certificate is valid.
-pub const VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const VALIDITY: Duration = Duration::from_hours(365 * 24);
 /// A certificate with less than this left is replaced.
-pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const RENEW_BEFORE: Duration = Duration::from_hours(30 * 24);
 
 const NOT_AFTER: &str = "toe.run/not-after";
 const NAMES: &str = "toe.run/names";
@@ -275,7 +275,7 @@ impl SelfSigned {
 
 /// How often each replica re-checks the Secret (renewal, another replica's new certificate) and
 /// the configuration's CA.
-pub const RECHECK: Duration = Duration::from_secs(60);
+pub const RECHECK: Duration = Duration::from_mins(1);
 
 /// Sets up the certificate and the configuration's CA, returns the TLS config that serves it, and
 /// keeps the three in step in the background for as long as the process runs.
