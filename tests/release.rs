@@ -4,27 +4,14 @@
 
 use std::{path::PathBuf, process::Command};
 
-use toe_tests::cluster::repo;
+use toe_tests::{bootstrapped_tool, cluster::repo};
 
 fn validator() -> Option<PathBuf> {
-    let path = std::env::var_os("TOE_ACTION_VALIDATOR").map_or_else(
-        || {
-            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-            PathBuf::from(home)
-                .join(".cache/toe/action-validator/node_modules/.bin/action-validator")
-        },
-        PathBuf::from,
-    );
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
-        "no action-validator at {}: run `cargo xtask bootstrap --tests`",
-        path.display()
-    );
-    eprintln!("SKIP: no action-validator at {}", path.display());
-    None
+    bootstrapped_tool(
+        "the_workflows_are_valid",
+        "TOE_ACTION_VALIDATOR",
+        "action-validator/node_modules/.bin/action-validator",
+    )
 }
 
 #[test]

@@ -10,17 +10,6 @@ use std::{
     time::Duration,
 };
 
-/// The built server, from `TOE_KUBE_APISERVER` or the bootstrap's cache.
-fn apiserver_binary() -> PathBuf {
-    std::env::var_os("TOE_KUBE_APISERVER").map_or_else(
-        || {
-            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-            Path::new(&home).join(".cache/toe/kube/bin/kube-apiserver")
-        },
-        PathBuf::from,
-    )
-}
-
 /// A port for etcd or the API server. Taken below the kernel's ephemeral range (32768 and up by
 /// default), which bind(:0) and outgoing connections draw from: a port chosen there could be
 /// handed to someone else between choosing it and the server binding it. Each test process gets
@@ -150,19 +139,7 @@ impl ApiServer {
     /// skipping is allowed. In CI (`TOE_REQUIRE_ROOT_TESTS`) a missing server is a failure.
     #[must_use]
     pub fn start(test: &str) -> Option<Self> {
-        let bin = apiserver_binary();
-        if !bin.exists() {
-            assert!(
-                std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
-                "{test}: {} is missing: run `cargo xtask bootstrap --tests`",
-                bin.display()
-            );
-            eprintln!(
-                "SKIP {test}: no kube-apiserver at {} (`cargo xtask bootstrap --tests` builds it)",
-                bin.display()
-            );
-            return None;
-        }
+        let bin = crate::bootstrapped_tool(test, "TOE_KUBE_APISERVER", "kube/bin/kube-apiserver")?;
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
         certificates(d);

@@ -34,6 +34,33 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// A tool the bootstrap installs (`cargo xtask bootstrap --tests`): from `env`, else at
+/// `~/.cache/toe/<cached>`. `None`, with the reason printed, when it is missing and skipping is
+/// allowed; in CI (`TOE_REQUIRE_ROOT_TESTS`) a missing tool is a failure.
+#[must_use]
+pub fn bootstrapped_tool(test: &str, env: &str, cached: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(env).map_or_else(
+        || {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            Path::new(&home).join(".cache/toe").join(cached)
+        },
+        PathBuf::from,
+    );
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
+        "{test}: {} is missing: run `cargo xtask bootstrap --tests`",
+        path.display()
+    );
+    eprintln!(
+        "SKIP {test}: no {} (`cargo xtask bootstrap --tests` installs it)",
+        path.display()
+    );
+    None
+}
+
 /// A binary of this workspace (`toe`, `toe-demo`), from `TOE_BIN_DIR` or the target directory.
 #[must_use]
 pub fn bin(name: &str) -> PathBuf {

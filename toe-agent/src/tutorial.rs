@@ -171,9 +171,9 @@ fn write_file(ctx: &Ctx, name: &str, text: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// Shows `args` as the command a user would type, runs it with its output passed through, and
-/// returns its exit status and stdout.
-fn toe(ctx: &mut Ctx, args: &[&str]) -> Result<(std::process::ExitStatus, String), String> {
+/// Shows `args` as the command a user would type and runs it; TOE's messages (stderr) pass
+/// through, stdout (a target command's own output) is kept off the walkthrough's screen.
+fn toe(ctx: &mut Ctx, args: &[&str]) -> Result<std::process::ExitStatus, String> {
     let shown: Vec<String> = args
         .iter()
         .map(|a| {
@@ -189,10 +189,31 @@ fn toe(ctx: &mut Ctx, args: &[&str]) -> Result<(std::process::ExitStatus, String
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("starting {}: {e}", ctx.opts.toe.display()))?;
-    Ok((
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    ))
+    Ok(out.status)
+}
+
+/// `toe run` of `spec` (written to `file` in the work directory) against `target` (`--pid N`
+/// or `-- CMD...`), then its run directory (named `<tool>-<time>`) and summary; the run is kept
+/// for the report step.
+fn run_tool(
+    ctx: &mut Ctx,
+    file: &str,
+    spec: &str,
+    tool: &str,
+    target: &[&str],
+) -> Result<(PathBuf, serde_json::Value), String> {
+    let spec = write_file(ctx, file, spec)?;
+    let out = output_dir(ctx);
+    let (spec, out) = (spec.to_string_lossy(), out.to_string_lossy());
+    let mut args = vec!["run", "-f", &spec, "--no-progress", "-o", &out];
+    args.extend_from_slice(target);
+    let status = toe(ctx, &args)?;
+    if !status.success() {
+        return Err(format!("toe run failed ({status})"));
+    }
+    let (run, summary) = latest_run(&output_dir(ctx), &format!("{tool}-"))?;
+    ctx.runs.push(run.clone());
+    Ok((run, summary))
 }
 
 /// The newest run directory under `out` whose name starts with `prefix`, with its summary.
@@ -226,7 +247,7 @@ fn step_validate(ctx: &mut Ctx) -> Result<String, String> {
     for line in CPU_SPEC.lines() {
         let _ = writeln!(ctx.out, "    {line}");
     }
-    let (status, _) = toe(ctx, &["validate", "-f", &spec.to_string_lossy()])?;
+    let status = toe(ctx, &["validate", "-f", &spec.to_string_lossy()])?;
     if !status.success() {
         return Err(format!("toe validate refused the example ({status})"));
     }
@@ -234,32 +255,14 @@ fn step_validate(ctx: &mut Ctx) -> Result<String, String> {
 }
 
 fn step_profile(ctx: &mut Ctx) -> Result<String, String> {
-    let spec = ctx.opts.workdir.join("hello-cpu.yaml");
-    if !spec.exists() {
-        write_file(ctx, "hello-cpu.yaml", CPU_SPEC)?;
-    }
-    let out = output_dir(ctx);
     let demo = ctx.opts.demo.to_string_lossy().into_owned();
-    let (status, _) = toe(
+    let (run, summary) = run_tool(
         ctx,
-        &[
-            "run",
-            "-f",
-            &spec.to_string_lossy(),
-            "--no-progress",
-            "-o",
-            &out.to_string_lossy(),
-            "--",
-            &demo,
-            "spin",
-            "4",
-        ],
+        "hello-cpu.yaml",
+        CPU_SPEC,
+        "cpu-profile",
+        &["--", &demo, "spin", "4"],
     )?;
-    if !status.success() {
-        return Err(format!("toe run failed ({status})"));
-    }
-    let (run, summary) = latest_run(&out, "cpu-profile-")?;
-    ctx.runs.push(run.clone());
     let samples = summary["cpu"]["samples"]["recorded"].as_u64().unwrap_or(0);
     let top = &summary["cpu"]["top_self"][0];
     let function = top["function"].as_str().unwrap_or("");
@@ -342,33 +345,20 @@ fn start_trap(ctx: &Ctx) -> Result<Child, String> {
 }
 
 fn step_terminate(ctx: &mut Ctx) -> Result<String, String> {
-    let spec = write_file(ctx, "hello-sigterm.yaml", TERMINATE_SPEC)?;
     let mut trap = start_trap(ctx)?;
     let pid_number = u64::from(trap.id());
     let pid = pid_number.to_string();
-    let out = output_dir(ctx);
-    let result = toe(
+    let result = run_tool(
         ctx,
-        &[
-            "run",
-            "-f",
-            &spec.to_string_lossy(),
-            "--no-progress",
-            "-o",
-            &out.to_string_lossy(),
-            "--pid",
-            &pid,
-        ],
+        "hello-sigterm.yaml",
+        TERMINATE_SPEC,
+        "terminate",
+        &["--pid", &pid],
     );
     // The fault kills it; reap it (and never leave it behind if the step failed).
     let _ = trap.kill();
     let _ = trap.wait();
-    let (status, _) = result?;
-    if !status.success() {
-        return Err(format!("toe run failed ({status})"));
-    }
-    let (run, summary) = latest_run(&out, "terminate-")?;
-    ctx.runs.push(run.clone());
+    let (run, summary) = result?;
     let ended = summary["signals"]["processes"]
         .as_array()
         .and_then(|p| p.iter().find(|p| p["pid"].as_u64() == Some(pid_number)))
@@ -390,30 +380,14 @@ fn step_terminate(ctx: &mut Ctx) -> Result<String, String> {
 }
 
 fn step_leak(ctx: &mut Ctx) -> Result<String, String> {
-    let spec = write_file(ctx, "hello-leak.yaml", LEAK_SPEC)?;
-    let out = output_dir(ctx);
     let demo = ctx.opts.demo.to_string_lossy().into_owned();
-    let (status, _) = toe(
+    let (run, summary) = run_tool(
         ctx,
-        &[
-            "run",
-            "-f",
-            &spec.to_string_lossy(),
-            "--no-progress",
-            "-o",
-            &out.to_string_lossy(),
-            "--",
-            &demo,
-            "leak",
-            "20000",
-            "1024",
-        ],
+        "hello-leak.yaml",
+        LEAK_SPEC,
+        "memory-profile",
+        &["--", &demo, "leak", "20000", "1024"],
     )?;
-    if !status.success() {
-        return Err(format!("toe run failed ({status})"));
-    }
-    let (run, summary) = latest_run(&out, "memory-profile-")?;
-    ctx.runs.push(run.clone());
     let top = &summary["memory"]["inuse"]["top_self"][0];
     let function = top["function"].as_str().unwrap_or("");
     let bytes = top["value"].as_u64().unwrap_or(0);
@@ -448,7 +422,7 @@ fn step_report(ctx: &mut Ctx) -> Result<String, String> {
         args.extend(ctx.runs.iter().map(|r| r.to_string_lossy().into_owned()));
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (status, _) = toe(ctx, &refs)?;
+    let status = toe(ctx, &refs)?;
     if !status.success() {
         return Err(format!("toe report failed ({status})"));
     }

@@ -20,7 +20,8 @@ pub(crate) fn cache_dir() -> PathBuf {
     home.join(".cache/toe")
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` and returns its trimmed stdout, failing with its stderr.
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
         bail!(

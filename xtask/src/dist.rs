@@ -26,7 +26,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::{bootstrap, build_release, root, run};
+use crate::{
+    bootstrap::{self, output},
+    build_release, root, run,
+};
 
 /// The workspace version (the chart, images and archives carry it).
 #[must_use]
@@ -51,17 +54,6 @@ const IMAGES: [Image; 2] = [
         binary: "toe",
     },
 ];
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The shared libraries `binary` loads (with the dynamic loader), as ldd resolves them here.
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
@@ -223,7 +215,7 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     let sums = output(Command::new("sha256sum").current_dir(out).args(&names))?;
-    fs::write(out.join("SHA256SUMS"), sums)?;
+    fs::write(out.join("SHA256SUMS"), format!("{sums}\n"))?;
     files.push(out.join("SHA256SUMS"));
     for f in &files {
         eprintln!("xtask: {}", f.display());
