@@ -137,6 +137,21 @@ fn build_image(dir: &Path, image: &Image, binary: &Path) -> Result<PathBuf> {
     Ok(archive)
 }
 
+/// Empties `out` for a new build, refusing a directory that is neither empty nor an earlier
+/// build's (one with SHA256SUMS): `--out .` must not delete a checkout.
+fn clear_out(out: &Path) -> Result<()> {
+    let occupied = fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if occupied && !out.join("SHA256SUMS").is_file() {
+        bail!(
+            "--out {}: the directory is not empty and holds no earlier dist (no SHA256SUMS); \
+             choose a new or empty directory",
+            out.display()
+        );
+    }
+    let _ = fs::remove_dir_all(out);
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))
+}
+
 /// Builds every artifact into `out`; returns the files written.
 pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
     bootstrap::toolchain()?;
@@ -146,10 +161,9 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
             "the images are built with buildah: `apt-get install buildah` (or `cargo xtask bootstrap --tests`)"
         );
     }
+    clear_out(out)?;
     build_release()?;
     bootstrap::build_ebpf()?;
-    let _ = fs::remove_dir_all(out);
-    fs::create_dir_all(out)?;
     let v = version();
     let release = root().join("target/release");
     let mut files = Vec::new();
