@@ -1,7 +1,9 @@
 //! `cargo xtask dist`: every release artifact, built locally into one directory:
 //! - `toe-<v>-x86_64-linux-gnu.tar.gz`: `toe` (CLI and node agent), `toe-operator`, `toe-demo`,
 //!   the examples, README; portable across glibc 2.36+ Linux x86_64 (Debian 12, Ubuntu 22.10+,
-//!   RHEL 10): glibc is linked dynamically because a static glibc cannot resolve host names
+//!   RHEL 10). `toe` and `toe-operator` keep their symbols but not their DWARF, which goes to
+//!   `toe-<v>-x86_64-linux-gnu-debug.tar.gz` (linked back by .gnu_debuglink). glibc is linked
+//!   dynamically because a static glibc cannot resolve host names
 //!   without the very shared libraries static linking avoids, and musl is not among this
 //!   project's toolchains;
 //! - `toe-<v>.bpf.o`: the eBPF object the agent embeds, for inspection (`bpftool prog load`,
@@ -11,7 +13,7 @@
 //!   container storage as `localhost/toe-operator:<v>` and `localhost/toe-agent:<v>`), built
 //!   from scratch with buildah: the binary, exactly the shared libraries it loads, CA
 //!   certificates, a non-root user for the operator. No base image, so no registry is needed;
-//!   `images/Containerfile` is the same build for `docker build` in the release workflow;
+//!   `images/Containerfile` holds the two image targets, built from the context prepared here;
 //! - `SHA256SUMS` over all of them.
 //!
 //! `--check` then verifies what was built: checksums, archive contents, the packaged chart
@@ -137,6 +139,25 @@ fn build_image(dir: &Path, image: &Image, binary: &Path) -> Result<PathBuf> {
     Ok(archive)
 }
 
+/// Moves `binary`'s DWARF into `<debug_dir>/<name>.debug` and links it back (.gnu_debuglink),
+/// keeping the symbol table: function names in backtraces stay, the binary shrinks about
+/// fivefold (the release profile's line tables are most of its size), and gdb or a
+/// symbolizer given the debug file gets the lines back.
+fn split_debug_info(binary: &Path, debug_dir: &Path) -> Result<()> {
+    let name = binary.file_name().expect("a file").to_string_lossy();
+    let debug = debug_dir.join(format!("{name}.debug"));
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(binary)
+        .arg(&debug))
+    .context("objcopy (binutils) --only-keep-debug")?;
+    run(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(format!("--add-gnu-debuglink={}", debug.display()))
+        .arg(binary))
+    .context("objcopy (binutils) --strip-debug")
+}
+
 /// Empties `out` for a new build, refusing a directory that is neither empty nor an earlier
 /// build's (one with SHA256SUMS): `--out .` must not delete a checkout.
 fn clear_out(out: &Path) -> Result<()> {
@@ -172,9 +193,16 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
     let name = format!("toe-{v}-x86_64-linux-gnu");
     let stage = out.join(&name);
     fs::create_dir_all(stage.join("bin"))?;
+    let debug_name = format!("{name}-debug");
+    let debug = out.join(&debug_name);
+    fs::create_dir_all(&debug)?;
     for bin in ["toe", "toe-operator", "toe-demo"] {
         fs::copy(release.join(bin), stage.join("bin").join(bin))
             .with_context(|| format!("copying target/release/{bin}"))?;
+    }
+    // The demo keeps its full debug info: it exists to show inlined frames and source lines.
+    for bin in ["toe", "toe-operator"] {
+        split_debug_info(&stage.join("bin").join(bin), &debug)?;
     }
     fs::copy(root().join("README.md"), stage.join("README.md"))?;
     run(Command::new("cp")
@@ -189,8 +217,16 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
         .args(["--owner=0", "--group=0", "-czf"])
         .arg(&tarball)
         .arg(&name))?;
-    fs::remove_dir_all(&stage)?;
     files.push(tarball);
+    let debug_tarball = out.join(format!("{debug_name}.tar.gz"));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(out)
+        .args(["--owner=0", "--group=0", "-czf"])
+        .arg(&debug_tarball)
+        .arg(&debug_name))?;
+    fs::remove_dir_all(&debug)?;
+    files.push(debug_tarball);
 
     let object = out.join(format!("toe-{v}.bpf.o"));
     fs::copy(
@@ -221,8 +257,13 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
     files.push(out.join(format!("toe-{v}.tgz")));
 
     for image in &IMAGES {
-        files.push(build_image(out, image, &release.join(image.binary))?);
+        files.push(build_image(
+            out,
+            image,
+            &stage.join("bin").join(image.binary),
+        )?);
     }
+    fs::remove_dir_all(&stage)?;
 
     let names: Vec<String> = files
         .iter()
@@ -250,14 +291,9 @@ const PODMAN_RUN: [&str; 8] = [
     "nproc=1024:1024",
 ];
 
-/// Verifies a `build` in `out` the way a user receives it.
-pub fn check(out: &Path) -> Result<()> {
-    let v = version();
-    run(Command::new("sha256sum")
-        .current_dir(out)
-        .args(["--check", "--quiet", "SHA256SUMS"]))
-    .context("SHA256SUMS does not match the artifacts")?;
-
+/// The binary archive holds what a newcomer needs, with binaries split from their DWARF, and
+/// the debug archive holds that DWARF.
+fn check_archives(out: &Path, v: &str) -> Result<()> {
     let listing = output(
         Command::new("tar")
             .arg("-tzf")
@@ -275,6 +311,46 @@ pub fn check(out: &Path) -> Result<()> {
             "the archive lacks {want}:\n{listing}"
         );
     }
+
+    // Shipped binaries carry symbols and a debug link, not the DWARF (that is in -debug).
+    let unpacked = tempfile_dir()?;
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&unpacked)
+        .arg("-xzf")
+        .arg(out.join(format!("toe-{v}-x86_64-linux-gnu.tar.gz"))))?;
+    let bin = unpacked.join(format!("toe-{v}-x86_64-linux-gnu/bin/toe"));
+    let sections = output(Command::new("readelf").arg("-SW").arg(&bin))?;
+    ensure!(
+        sections.contains(".gnu_debuglink")
+            && sections.contains(".symtab")
+            && !sections.contains(".debug_info"),
+        "the archive's toe is not split from its debug info:\n{sections}"
+    );
+    fs::remove_dir_all(&unpacked)?;
+    let debug_listing = output(
+        Command::new("tar")
+            .arg("-tzf")
+            .arg(out.join(format!("toe-{v}-x86_64-linux-gnu-debug.tar.gz"))),
+    )?;
+    for want in ["toe.debug", "toe-operator.debug"] {
+        ensure!(
+            debug_listing.lines().any(|l| l.ends_with(want)),
+            "the debug archive lacks {want}:\n{debug_listing}"
+        );
+    }
+    Ok(())
+}
+
+/// Verifies a `build` in `out` the way a user receives it.
+pub fn check(out: &Path) -> Result<()> {
+    let v = version();
+    run(Command::new("sha256sum")
+        .current_dir(out)
+        .args(["--check", "--quiet", "SHA256SUMS"]))
+    .context("SHA256SUMS does not match the artifacts")?;
+
+    check_archives(out, v)?;
 
     let object = fs::read(out.join(format!("toe-{v}.bpf.o")))?;
     ensure!(
