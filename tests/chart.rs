@@ -25,7 +25,10 @@ use toe_common::api::{PowerTool, PowerToolConfig, catalogue, check_config as che
 use toe_tests::{
     apiserver::{AGENT_TOKEN, ApiServer, OPERATOR_TOKEN},
     bin, bootstrapped_tool,
-    cluster::{Agent, create_namespace, create_node, first_refusal, install_crds, node_name, repo},
+    cluster::{
+        Agent, Webhook, create_namespace, create_node, first_refusal, free_port, install_crds,
+        node_name, repo, yaml_documents,
+    },
     require_root,
 };
 
@@ -70,13 +73,8 @@ fn render(helm: &Path, extra: &[&str]) -> String {
     out
 }
 
-fn documents(text: &str) -> Vec<serde_json::Value> {
-    use serde::Deserialize as _;
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .map(|v| serde_json::to_value(v).unwrap())
-        .collect()
+fn documents(rendered: &str) -> Vec<serde_json::Value> {
+    yaml_documents(rendered, "the rendered chart")
 }
 
 fn find<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
@@ -585,10 +583,7 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
     // created, the CA goes into the chart's webhook configuration, and the API server then
     // calls the webhook over TLS and refuses what the chart's config forbids. (The API server
     // here cannot reach a Service, so the configuration is pointed at 127.0.0.1.)
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = free_port();
     let hooks: Api<ValidatingWebhookConfiguration> = Api::all(admin.clone());
     let url = format!("https://127.0.0.1:{port}{}", toe_operator::webhook::PATH);
     let patch = serde_json::json!({"webhooks": [{
@@ -613,16 +608,7 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
     let tls = toe_operator::certs::serve_config(setup.clone(), operator.clone())
         .await
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let webhook = tokio::spawn(toe_operator::webhook::serve(
-        operator.clone(),
-        std::sync::Arc::default(),
-        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        tls,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let webhook = Webhook::serve(&operator, port, tls);
     let secret = Api::<Secret>::namespaced(admin.clone(), NS)
         .get(rbac::WEBHOOK_SECRET)
         .await
@@ -647,8 +633,7 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
     // A second replica (or a restart) serves the same certificate from the Secret.
     let again = setup.ensure_secret(&operator).await.unwrap();
     assert_eq!(again.ca_pem.as_bytes(), ca.0.as_slice());
-    let _ = stop.send(());
-    webhook.await.unwrap().unwrap();
+    webhook.stop().await;
 
     // The agent, as its own identity under the chart's binding, starts and publishes its
     // node's capabilities.

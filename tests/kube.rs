@@ -18,7 +18,9 @@ use kube::{
 use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase, PowerToolProcessing};
 use toe_tests::{
     apiserver::ApiServer,
-    cluster::{documents, first_refusal, install_crds, operator_identity, repo},
+    cluster::{
+        Webhook, documents, first_refusal, free_port, install_crds, operator_identity, repo,
+    },
 };
 
 #[tokio::test]
@@ -422,24 +424,12 @@ async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespa
         .patch("signal-trace", &apply, &Patch::Apply(&trace))
         .await
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = free_port();
     let (cert, key) = server.issue_cert("webhook");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
         .await
         .unwrap();
-    let webhook = tokio::spawn(toe_operator::webhook::serve(
-        client.clone(),
-        std::sync::Arc::default(),
-        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        tls,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let webhook = Webhook::serve(&client, port, tls);
     register_webhook(&server, &client, port).await;
     // No operator runs here: a refusal can only come from the webhook. The API server picks a
     // new webhook configuration up within a moment; retry until it does.
@@ -488,8 +478,7 @@ async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespa
         .create(&PostParams::default(), &cross)
         .await
         .unwrap();
-    let _ = stop.send(());
-    webhook.await.unwrap().unwrap();
+    webhook.stop().await;
 }
 
 /// Waits (up to 30 s) until the PowerTool reaches `phase`.

@@ -36,11 +36,20 @@ pub fn repo() -> &'static Path {
 /// The YAML documents of `file`, parsed as `T` (empty documents skipped).
 #[must_use]
 pub fn documents<T: serde::de::DeserializeOwned>(file: &Path) -> Vec<T> {
-    let text = std::fs::read_to_string(file).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
+    yaml_documents(
+        &std::fs::read_to_string(file).unwrap(),
+        &file.display().to_string(),
+    )
+}
+
+/// The YAML documents of `text` (from `source`, for messages), parsed as `T` (empty documents
+/// skipped).
+#[must_use]
+pub fn yaml_documents<T: serde::de::DeserializeOwned>(text: &str, source: &str) -> Vec<T> {
+    serde_yaml::Deserializer::from_str(text)
         .map(|d| serde_yaml::Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
-        .map(|v| serde_yaml::from_value(v).unwrap_or_else(|e| panic!("{}: {e}", file.display())))
+        .map(|v| serde_yaml::from_value(v).unwrap_or_else(|e| panic!("{source}: {e}")))
         .collect()
 }
 
@@ -135,6 +144,49 @@ async fn bind_in_namespace(admin: &kube::Client, role: &Role, user: &str) {
         .patch(&name, &apply, &Patch::Apply(&binding))
         .await
         .unwrap();
+}
+
+/// A local port nobody listens on (for a server this test starts).
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+/// The operator's admission webhook, served by this test process on 127.0.0.1.
+pub struct Webhook {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Webhook {
+    /// Serves the webhook as `client` on 127.0.0.1:`port` with `tls`.
+    #[must_use]
+    pub fn serve(
+        client: &kube::Client,
+        port: u16,
+        tls: axum_server::tls_rustls::RustlsConfig,
+    ) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(toe_operator::webhook::serve(
+            client.clone(),
+            std::sync::Arc::default(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            tls,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self { stop, task }
+    }
+
+    /// Shuts it down; fails the test if serving failed.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
 }
 
 /// Creates namespace `name` (and its labels).

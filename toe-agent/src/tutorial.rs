@@ -44,18 +44,19 @@ struct Ctx<'a> {
     runs: Vec<PathBuf>,
 }
 
-const CPU_SPEC: &str = "\
-apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata:
-  name: hello-cpu
-spec:
-  tool:
-    name: cpu-profile
-    duration: 5s
-    commandLineArguments:
-      - --frequency=99
-";
+/// A PowerTool spec for one machine, as the walkthrough writes and shows it.
+fn powertool(name: &str, tool: &str, duration: &str, args: &[&str]) -> String {
+    let mut spec = format!(
+        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata:\n  name: {name}\nspec:\n  tool:\n    \
+         name: {tool}\n    duration: {duration}\n    commandLineArguments:\n"
+    );
+    spec.extend(args.iter().map(|arg| format!("      - {arg}\n")));
+    spec
+}
+
+fn cpu_spec() -> String {
+    powertool("hello-cpu", "cpu-profile", "5s", &["--frequency=99"])
+}
 
 const CONFIG: &str = "\
 # What an administrator allows: cpu-profile, at most 199 Hz, at most 10 minutes.
@@ -68,47 +69,6 @@ spec:
   maxDuration: 10m
   arguments:
     - {name: frequency, type: integer, min: 1, max: 199}
-";
-
-const GREEDY_SPEC: &str = "\
-apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata:
-  name: too-greedy
-spec:
-  tool:
-    name: cpu-profile
-    duration: 5s
-    commandLineArguments:
-      - --frequency=999
-";
-
-const TERMINATE_SPEC: &str = "\
-apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata:
-  name: hello-sigterm
-spec:
-  tool:
-    name: terminate
-    duration: 30s
-    commandLineArguments:
-      - --mode=graceful
-      - --grace=2s
-";
-
-const LEAK_SPEC: &str = "\
-apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata:
-  name: hello-leak
-spec:
-  tool:
-    name: memory-profile
-    duration: 10s
-    commandLineArguments:
-      - --mode=exact
-      - --rss-interval=200ms
 ";
 
 const STEPS: [Step; 6] = [
@@ -171,21 +131,25 @@ fn write_file(ctx: &Ctx, name: &str, text: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// Shows `args` as the command a user would type and runs it; TOE's messages (stderr) pass
-/// through, stdout (a target command's own output) is kept off the walkthrough's screen.
-fn toe(ctx: &mut Ctx, args: &[&str]) -> Result<std::process::ExitStatus, String> {
+/// Shows `args` as the command a user would type (the work directory as `$WORK`) and returns
+/// it, ready to run.
+fn toe_command(ctx: &mut Ctx, args: &[&str]) -> Command {
+    let dir = ctx.opts.workdir.to_string_lossy();
     let shown: Vec<String> = args
         .iter()
-        .map(|a| {
-            let dir = ctx.opts.workdir.to_string_lossy();
-            a.replace(dir.as_ref(), "$WORK")
-        })
+        .map(|a| a.replace(dir.as_ref(), "$WORK"))
         .collect();
     let _ = writeln!(ctx.out, "  $ toe {}", shown.join(" "));
     let _ = ctx.out.flush();
-    let out = Command::new(&ctx.opts.toe)
-        .args(args)
-        .stdin(Stdio::null())
+    let mut command = Command::new(&ctx.opts.toe);
+    command.args(args).stdin(Stdio::null());
+    command
+}
+
+/// Shows and runs `toe args`; TOE's messages (stderr) pass through, stdout (a target command's
+/// own output) is kept off the walkthrough's screen.
+fn toe(ctx: &mut Ctx, args: &[&str]) -> Result<std::process::ExitStatus, String> {
+    let out = toe_command(ctx, args)
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("starting {}: {e}", ctx.opts.toe.display()))?;
@@ -204,22 +168,23 @@ fn run_tool(
 ) -> Result<(PathBuf, serde_json::Value), String> {
     let spec = write_file(ctx, file, spec)?;
     let out = output_dir(ctx);
-    let (spec, out) = (spec.to_string_lossy(), out.to_string_lossy());
-    let mut args = vec!["run", "-f", &spec, "--no-progress", "-o", &out];
+    let (spec_arg, out_arg) = (spec.to_string_lossy(), out.to_string_lossy());
+    let mut args = vec!["run", "-f", &spec_arg, "--no-progress", "-o", &out_arg];
     args.extend_from_slice(target);
     let status = toe(ctx, &args)?;
     if !status.success() {
         return Err(format!("toe run failed ({status})"));
     }
-    let (run, summary) = latest_run(&output_dir(ctx), &format!("{tool}-"))?;
+    let (run, summary) = latest_run(&out, &format!("{tool}-"))?;
     ctx.runs.push(run.clone());
     Ok((run, summary))
 }
 
-/// The newest run directory under `out` whose name starts with `prefix`, with its summary.
-fn latest_run(out: &Path, prefix: &str) -> Result<(PathBuf, serde_json::Value), String> {
-    let mut runs: Vec<PathBuf> = std::fs::read_dir(out)
-        .map_err(|e| format!("reading {}: {e}", out.display()))?
+/// The newest entry of `dir` whose name starts with `prefix` (names end in their time, so the
+/// greatest is the newest).
+fn newest(dir: &Path, prefix: &str) -> Result<PathBuf, String> {
+    std::fs::read_dir(dir)
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
@@ -227,11 +192,13 @@ fn latest_run(out: &Path, prefix: &str) -> Result<(PathBuf, serde_json::Value), 
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(prefix))
         })
-        .collect();
-    runs.sort();
-    let run = runs
-        .pop()
-        .ok_or_else(|| format!("no {prefix}* run in {}", out.display()))?;
+        .max()
+        .ok_or_else(|| format!("nothing named {prefix}* in {}", dir.display()))
+}
+
+/// The newest run directory under `out` whose name starts with `prefix`, with its summary.
+fn latest_run(out: &Path, prefix: &str) -> Result<(PathBuf, serde_json::Value), String> {
+    let run = newest(out, prefix)?;
     let text = std::fs::read_to_string(run.join("summary.json"))
         .map_err(|e| format!("{}: {e}", run.join("summary.json").display()))?;
     let summary = serde_json::from_str(&text).map_err(|e| format!("summary.json: {e}"))?;
@@ -243,8 +210,9 @@ fn output_dir(ctx: &Ctx) -> PathBuf {
 }
 
 fn step_validate(ctx: &mut Ctx) -> Result<String, String> {
-    let spec = write_file(ctx, "hello-cpu.yaml", CPU_SPEC)?;
-    for line in CPU_SPEC.lines() {
+    let text = cpu_spec();
+    let spec = write_file(ctx, "hello-cpu.yaml", &text)?;
+    for line in text.lines() {
         let _ = writeln!(ctx.out, "    {line}");
     }
     let status = toe(ctx, &["validate", "-f", &spec.to_string_lossy()])?;
@@ -259,7 +227,7 @@ fn step_profile(ctx: &mut Ctx) -> Result<String, String> {
     let (run, summary) = run_tool(
         ctx,
         "hello-cpu.yaml",
-        CPU_SPEC,
+        &cpu_spec(),
         "cpu-profile",
         &["--", &demo, "spin", "4"],
     )?;
@@ -290,23 +258,28 @@ fn step_profile(ctx: &mut Ctx) -> Result<String, String> {
 
 fn step_refused(ctx: &mut Ctx) -> Result<String, String> {
     let config = write_file(ctx, "config.yaml", CONFIG)?;
-    let spec = write_file(ctx, "too-greedy.yaml", GREEDY_SPEC)?;
+    let greedy = powertool("too-greedy", "cpu-profile", "5s", &["--frequency=999"]);
+    let spec = write_file(ctx, "too-greedy.yaml", &greedy)?;
     for line in CONFIG.lines() {
         let _ = writeln!(ctx.out, "    {line}");
     }
-    let out = Command::new(&ctx.opts.toe)
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("-f")
-        .arg(&spec)
-        .args(["--no-progress", "--", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("starting toe: {e}"))?;
-    let _ = writeln!(
-        ctx.out,
-        "  $ toe run --config $WORK/config.yaml -f $WORK/too-greedy.yaml -- true"
-    );
+    let (config, spec) = (config.to_string_lossy(), spec.to_string_lossy());
+    // stderr is kept here, not passed through: the refusal it holds is what this step checks.
+    let out = toe_command(
+        ctx,
+        &[
+            "run",
+            "--config",
+            &config,
+            "-f",
+            &spec,
+            "--no-progress",
+            "--",
+            "true",
+        ],
+    )
+    .output()
+    .map_err(|e| format!("starting {}: {e}", ctx.opts.toe.display()))?;
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     for line in said.lines() {
         let _ = writeln!(ctx.out, "    {line}");
@@ -351,7 +324,12 @@ fn step_terminate(ctx: &mut Ctx) -> Result<String, String> {
     let result = run_tool(
         ctx,
         "hello-sigterm.yaml",
-        TERMINATE_SPEC,
+        &powertool(
+            "hello-sigterm",
+            "terminate",
+            "30s",
+            &["--mode=graceful", "--grace=2s"],
+        ),
         "terminate",
         &["--pid", &pid],
     );
@@ -384,7 +362,12 @@ fn step_leak(ctx: &mut Ctx) -> Result<String, String> {
     let (run, summary) = run_tool(
         ctx,
         "hello-leak.yaml",
-        LEAK_SPEC,
+        &powertool(
+            "hello-leak",
+            "memory-profile",
+            "10s",
+            &["--mode=exact", "--rss-interval=200ms"],
+        ),
         "memory-profile",
         &["--", &demo, "leak", "20000", "1024"],
     )?;
@@ -426,13 +409,7 @@ fn step_report(ctx: &mut Ctx) -> Result<String, String> {
     if !status.success() {
         return Err(format!("toe report failed ({status})"));
     }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&reports)
-        .map_err(|e| format!("{}: {e}", reports.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    dirs.sort();
-    let dir = dirs.pop().ok_or("toe report wrote no report directory")?;
+    let dir = newest(&reports, "")?;
     let html = dir.join("report.html");
     let text = std::fs::read_to_string(&html).map_err(|e| format!("{}: {e}", html.display()))?;
     if !text.contains("</html>") {
@@ -516,4 +493,26 @@ pub fn run(opts: &Options, out: &mut dyn Write, input: &mut dyn BufRead) -> Outc
         }
     );
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_specs_it_writes_are_the_powertools_it_means() {
+        let text = super::powertool(
+            "hello-sigterm",
+            "terminate",
+            "30s",
+            &["--mode=graceful", "--grace=2s"],
+        );
+        let (pt, warnings) = crate::plan::parse_spec("hello-sigterm.yaml", &text).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(pt.metadata.name.as_deref(), Some("hello-sigterm"));
+        assert_eq!(pt.spec.tool.name, "terminate");
+        assert_eq!(pt.spec.tool.duration.as_deref(), Some("30s"));
+        assert_eq!(
+            pt.spec.tool.command_line_arguments,
+            ["--mode=graceful", "--grace=2s"]
+        );
+    }
 }

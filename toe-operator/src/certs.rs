@@ -205,27 +205,16 @@ impl SelfSigned {
                 return Ok(tls);
             }
             let tls = generate(&self.names, now)?;
-            let written = match current {
-                None => {
-                    api.create(
-                        &PostParams::default(),
-                        &secret_of(&self.secret, &tls, &self.names, None),
-                    )
+            // Replacing with the version read makes a concurrent writer's change a conflict.
+            let version = current
+                .as_ref()
+                .and_then(|s| s.metadata.resource_version.clone());
+            let secret = secret_of(&self.secret, &tls, &self.names, version);
+            let written = if current.is_some() {
+                api.replace(&self.secret, &PostParams::default(), &secret)
                     .await
-                }
-                Some(old) => {
-                    api.replace(
-                        &self.secret,
-                        &PostParams::default(),
-                        &secret_of(
-                            &self.secret,
-                            &tls,
-                            &self.names,
-                            old.metadata.resource_version,
-                        ),
-                    )
-                    .await
-                }
+            } else {
+                api.create(&PostParams::default(), &secret).await
             };
             match written {
                 Ok(_) => {
@@ -271,6 +260,34 @@ impl SelfSigned {
         }
         Err(CertError::Contended(what))
     }
+
+    /// One pass of [`serve_config`]'s keeper: serve the Secret's certificate if it changed
+    /// (renewed here or by another replica), and put the CA back into the configuration.
+    async fn recheck(
+        &self,
+        client: &Client,
+        tls: &axum_server::tls_rustls::RustlsConfig,
+        current: &mut WebhookTls,
+    ) -> Result<(), CertError> {
+        let fresh = self.ensure_secret(client).await?;
+        if fresh != *current {
+            tls.reload_from_pem(
+                fresh.cert_pem.clone().into_bytes(),
+                fresh.key_pem.clone().into_bytes(),
+            )
+            .await
+            .map_err(CertError::Tls)?;
+            tracing::info!(
+                not_after = fresh.not_after,
+                "serving the renewed webhook certificate"
+            );
+            *current = fresh;
+        }
+        if self.inject_ca(client, &current.ca_pem).await? {
+            tracing::info!(configuration = %self.configuration, "restored the webhook CA bundle");
+        }
+        Ok(())
+    }
 }
 
 /// How often each replica re-checks the Secret (renewal, another replica's new certificate) and
@@ -302,34 +319,6 @@ pub async fn serve_config(
         }
     });
     Ok(tls)
-}
-
-impl SelfSigned {
-    async fn recheck(
-        &self,
-        client: &Client,
-        tls: &axum_server::tls_rustls::RustlsConfig,
-        current: &mut WebhookTls,
-    ) -> Result<(), CertError> {
-        let fresh = self.ensure_secret(client).await?;
-        if fresh != *current {
-            tls.reload_from_pem(
-                fresh.cert_pem.clone().into_bytes(),
-                fresh.key_pem.clone().into_bytes(),
-            )
-            .await
-            .map_err(CertError::Tls)?;
-            tracing::info!(
-                not_after = fresh.not_after,
-                "serving the renewed webhook certificate"
-            );
-            *current = fresh;
-        }
-        if self.inject_ca(client, &current.ca_pem).await? {
-            tracing::info!(configuration = %self.configuration, "restored the webhook CA bundle");
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,14 @@ pub(crate) fn cache_dir() -> PathBuf {
     home.join(".cache/toe")
 }
 
+/// Whether `program arg` starts and succeeds (the probe for an installed tool).
+pub fn runs(program: impl AsRef<std::ffi::OsStr>, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Runs `cmd` and returns its trimmed stdout, failing with its stderr.
 pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
@@ -103,11 +111,7 @@ pub fn toolchain() -> Result<()> {
     }
     let tools = cache_dir().join("tools");
     let linker = tools.join("bin/bpf-linker");
-    let works = Command::new(&linker)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !works {
+    if !runs(&linker, "--version") {
         eprintln!(
             "bootstrap: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (about 3 minutes, once)"
         );
@@ -169,12 +173,7 @@ pub fn test_packages() -> Result<()> {
         ("pip3", "python3-pip"),
     ]
     .into_iter()
-    .filter(|(bin, _)| {
-        Command::new("which")
-            .arg(bin)
-            .output()
-            .map_or(true, |o| !o.status.success())
-    })
+    .filter(|(bin, _)| !runs("which", bin))
     .map(|(_, pkg)| pkg)
     .collect();
     if missing.is_empty() {
@@ -253,11 +252,7 @@ pub fn action_validator_path() -> PathBuf {
 
 /// Installs npm `packages` under the cache's `dir` unless `probe` already runs.
 fn npm_tool(dir: &str, packages: &[&str], probe: &Path, probe_arg: &str) -> Result<PathBuf> {
-    let works = Command::new(probe)
-        .arg(probe_arg)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !works {
+    if !runs(probe, probe_arg) {
         eprintln!(
             "bootstrap: installing {} from the npm registry",
             packages.join(" ")
@@ -302,11 +297,7 @@ pub fn action_validator() -> Result<PathBuf> {
 /// kubernetes-validate (PyPI): offline JSON-schema validation of rendered manifests against
 /// Kubernetes' published schemas.
 pub fn manifest_validator() -> Result<()> {
-    let works = Command::new("kubernetes-validate")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if works {
+    if runs("kubernetes-validate", "--version") {
         return Ok(());
     }
     eprintln!("bootstrap: installing kubernetes-validate from PyPI");

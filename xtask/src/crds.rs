@@ -47,7 +47,8 @@ pub fn render() -> Result<Vec<(String, String)>> {
     Ok(files)
 }
 
-fn crds() -> Result<Vec<(String, String)>> {
+/// (path under the chart, YAML) for each CRD.
+pub fn crds() -> Result<Vec<(String, String)>> {
     let crds = [
         PowerTool::crd(),
         PowerToolConfig::crd(),

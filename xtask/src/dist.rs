@@ -30,13 +30,30 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
     bootstrap::{self, output},
-    build_release, root, run,
+    build_release, crds, root, run,
 };
 
 /// The workspace version (the chart, images and archives carry it).
 #[must_use]
 pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
+}
+
+/// The binary archive's name (and its top directory's), without `.tar.gz`.
+fn archive_name(v: &str) -> String {
+    format!("toe-{v}-x86_64-linux-gnu")
+}
+
+/// `out/<name>.tar.gz` from the directory `out/<name>`, owned by root whoever builds it.
+fn tar_gz(out: &Path, name: &str) -> Result<PathBuf> {
+    let tarball = out.join(format!("{name}.tar.gz"));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(out)
+        .args(["--owner=0", "--group=0", "-czf"])
+        .arg(&tarball)
+        .arg(name))?;
+    Ok(tarball)
 }
 
 /// One image: its name (the Containerfile's target, which sets the user and entrypoint) and the
@@ -177,7 +194,7 @@ fn clear_out(out: &Path) -> Result<()> {
 pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
     bootstrap::toolchain()?;
     let helm = bootstrap::helm()?;
-    if Command::new("buildah").arg("--version").output().is_err() {
+    if !bootstrap::runs("buildah", "--version") {
         bail!(
             "the images are built with buildah: `apt-get install buildah` (or `cargo xtask bootstrap --tests`)"
         );
@@ -190,7 +207,7 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
 
     // The binaries, with what a newcomer needs to start (README, examples).
-    let name = format!("toe-{v}-x86_64-linux-gnu");
+    let name = archive_name(v);
     let stage = out.join(&name);
     fs::create_dir_all(stage.join("bin"))?;
     let debug_name = format!("{name}-debug");
@@ -210,23 +227,9 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
         .arg(root().join("examples"))
         .arg(stage.join("examples")))?;
     let _ = fs::remove_dir_all(stage.join("examples/demo/target"));
-    let tarball = out.join(format!("{name}.tar.gz"));
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(out)
-        .args(["--owner=0", "--group=0", "-czf"])
-        .arg(&tarball)
-        .arg(&name))?;
-    files.push(tarball);
-    let debug_tarball = out.join(format!("{debug_name}.tar.gz"));
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(out)
-        .args(["--owner=0", "--group=0", "-czf"])
-        .arg(&debug_tarball)
-        .arg(&debug_name))?;
+    files.push(tar_gz(out, &name)?);
+    files.push(tar_gz(out, &debug_name)?);
     fs::remove_dir_all(&debug)?;
-    files.push(debug_tarball);
 
     let object = out.join(format!("toe-{v}.bpf.o"));
     fs::copy(
@@ -236,17 +239,14 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
     .context("copying the eBPF object")?;
     files.push(object);
 
+    // The chart's CRD files, as `cargo xtask crds` writes them (a test keeps those in step).
     let crds = out.join(format!("toe-crds-{v}.yaml"));
-    let mut text = String::new();
-    let mut entries: Vec<PathBuf> = fs::read_dir(root().join("charts/toe/crds"))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()?;
-    entries.sort();
-    for path in entries {
-        text.push_str("---\n");
-        text.push_str(&fs::read_to_string(&path)?);
+    let mut bundle = String::new();
+    for (_, yaml) in crds::crds()? {
+        bundle.push_str("---\n");
+        bundle.push_str(&yaml);
     }
-    fs::write(&crds, text)?;
+    fs::write(&crds, bundle)?;
     files.push(crds);
 
     run(Command::new(&helm)
@@ -294,11 +294,9 @@ const PODMAN_RUN: [&str; 8] = [
 /// The binary archive holds what a newcomer needs, with binaries split from their DWARF, and
 /// the debug archive holds that DWARF.
 fn check_archives(out: &Path, v: &str) -> Result<()> {
-    let listing = output(
-        Command::new("tar")
-            .arg("-tzf")
-            .arg(out.join(format!("toe-{v}-x86_64-linux-gnu.tar.gz"))),
-    )?;
+    let name = archive_name(v);
+    let archive = out.join(format!("{name}.tar.gz"));
+    let listing = output(Command::new("tar").arg("-tzf").arg(&archive))?;
     for want in [
         "bin/toe",
         "bin/toe-operator",
@@ -318,8 +316,8 @@ fn check_archives(out: &Path, v: &str) -> Result<()> {
         .arg("-C")
         .arg(&unpacked)
         .arg("-xzf")
-        .arg(out.join(format!("toe-{v}-x86_64-linux-gnu.tar.gz"))))?;
-    let bin = unpacked.join(format!("toe-{v}-x86_64-linux-gnu/bin/toe"));
+        .arg(&archive))?;
+    let bin = unpacked.join(&name).join("bin/toe");
     let sections = output(Command::new("readelf").arg("-SW").arg(&bin))?;
     ensure!(
         sections.contains(".gnu_debuglink")
@@ -331,7 +329,7 @@ fn check_archives(out: &Path, v: &str) -> Result<()> {
     let debug_listing = output(
         Command::new("tar")
             .arg("-tzf")
-            .arg(out.join(format!("toe-{v}-x86_64-linux-gnu-debug.tar.gz"))),
+            .arg(out.join(format!("{name}-debug.tar.gz"))),
     )?;
     for want in ["toe.debug", "toe-operator.debug"] {
         ensure!(
@@ -386,15 +384,12 @@ pub fn check(out: &Path) -> Result<()> {
     );
 
     // Each image starts and reports this version.
-    for (image, args) in [
-        ("toe-operator", vec!["--version"]),
-        ("toe-agent", vec!["--version"]),
-    ] {
+    for Image { name: image, .. } in &IMAGES {
         let out = output(
             Command::new("podman")
                 .args(PODMAN_RUN)
                 .arg(format!("localhost/{image}:{v}"))
-                .args(&args),
+                .arg("--version"),
         )
         .with_context(|| format!("running the {image} image"))?;
         ensure!(out.contains(v), "{image} --version printed {out:?}");
