@@ -426,7 +426,7 @@ async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespa
         .unwrap();
     let port = free_port();
     let (cert, key) = server.issue_cert("webhook");
-    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+    let tls = toe_operator::certs::serve_files(cert, key, toe_operator::certs::RECHECK)
         .await
         .unwrap();
     let webhook = Webhook::serve(&client, port, tls);

@@ -2,8 +2,9 @@
 //! webhook Service's DNS names, kept in one Secret so that every replica serves the same one, and
 //! the CA written into the ValidatingWebhookConfiguration so the API server trusts it.
 //!
-//! The alternative, cert-manager, needs nothing from here: the chart mounts its Secret and passes
-//! `--tls-cert`/`--tls-key`.
+//! The alternative, cert-manager, renews its certificate into a Secret the chart mounts
+//! (`--tls-cert`/`--tls-key`); [`serve_files`] serves each renewal as the kubelet updates the
+//! mounted files, so a long-running operator never outlives the certificate it started with.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -291,7 +292,7 @@ impl SelfSigned {
 }
 
 /// How often each replica re-checks the Secret (renewal, another replica's new certificate) and
-/// the configuration's CA.
+/// the configuration's CA, or the mounted certificate files.
 pub const RECHECK: Duration = Duration::from_mins(1);
 
 /// Sets up the certificate and the configuration's CA, returns the TLS config that serves it, and
@@ -315,6 +316,75 @@ pub async fn serve_config(
             tokio::time::sleep(RECHECK).await;
             if let Err(e) = setup.recheck(&client, &keeper, &mut current).await {
                 tracing::warn!(error = %e, "webhook certificate check failed; retrying");
+            }
+        }
+    });
+    Ok(tls)
+}
+
+/// The PEM files a [`RustlsConfig`](axum_server::tls_rustls::RustlsConfig) was last loaded
+/// from, as read then.
+#[derive(Debug, PartialEq, Eq)]
+struct LoadedFiles {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl LoadedFiles {
+    /// Reads `cert` and `key` (the pair to compare later ones with).
+    fn read(cert: &std::path::Path, key: &std::path::Path) -> Result<Self, CertError> {
+        Ok(Self {
+            cert: std::fs::read(cert).map_err(CertError::Tls)?,
+            key: std::fs::read(key).map_err(CertError::Tls)?,
+        })
+    }
+}
+
+/// Serves the files' certificate if they changed since `loaded`; true when it did. A pair that
+/// does not load (the kubelet swaps a Secret's files at once, but a hand-edited pair may be half
+/// written) keeps the old certificate in service and `loaded` as it was, so the next call tries
+/// again.
+async fn reload_if_changed(
+    tls: &axum_server::tls_rustls::RustlsConfig,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    loaded: &mut LoadedFiles,
+) -> Result<bool, CertError> {
+    let now = LoadedFiles::read(cert, key)?;
+    if now == *loaded {
+        return Ok(false);
+    }
+    tls.reload_from_pem(now.cert.clone(), now.key.clone())
+        .await
+        .map_err(CertError::Tls)?;
+    *loaded = now;
+    Ok(true)
+}
+
+/// A TLS config serving the certificate in the `cert` and `key` PEM files, kept in step with
+/// them (checked every `every`) for as long as the process runs.
+pub async fn serve_files(
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    every: Duration,
+) -> Result<axum_server::tls_rustls::RustlsConfig, CertError> {
+    let mut loaded = LoadedFiles::read(&cert, &key)?;
+    let tls =
+        axum_server::tls_rustls::RustlsConfig::from_pem(loaded.cert.clone(), loaded.key.clone())
+            .await
+            .map_err(CertError::Tls)?;
+    let keeper = tls.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match reload_if_changed(&keeper, &cert, &key, &mut loaded).await {
+                Ok(true) => {
+                    tracing::info!(cert = %cert.display(), "serving the renewed webhook certificate");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, cert = %cert.display(), "the webhook certificate files do not load; still serving the previous one");
+                }
             }
         }
     });
@@ -351,6 +421,127 @@ mod tests {
         let mut broken = secret.clone();
         broken.data.as_mut().unwrap().remove(PRIVATE_KEY);
         assert_eq!(usable(&broken, &names(), now), None, "no key");
+    }
+
+    /// The leaf certificate a TLS server on 127.0.0.1:`port` presents (verification is not the
+    /// point here: which certificate is served is).
+    fn served_certificate(port: u16) -> Vec<u8> {
+        #[derive(Debug)]
+        struct AnyCert;
+        impl rustls::client::danger::ServerCertVerifier for AnyCert {
+            fn verify_server_cert(
+                &self,
+                _: &rustls::pki_types::CertificateDer<'_>,
+                _: &[rustls::pki_types::CertificateDer<'_>],
+                _: &rustls::pki_types::ServerName<'_>,
+                _: &[u8],
+                _: rustls::pki_types::UnixTime,
+            ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            fn verify_tls12_signature(
+                &self,
+                _: &[u8],
+                _: &rustls::pki_types::CertificateDer<'_>,
+                _: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+            fn verify_tls13_signature(
+                &self,
+                _: &[u8],
+                _: &rustls::pki_types::CertificateDer<'_>,
+                _: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+            fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+                rustls::crypto::ring::default_provider()
+                    .signature_verification_algorithms
+                    .supported_schemes()
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).unwrap();
+        }
+        conn.peer_certificates().unwrap()[0].to_vec()
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn renewed_certificate_files_are_served_and_a_broken_pair_keeps_the_old_one() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = std::env::temp_dir().join(format!("toe-certs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let write = |tls: &WebhookTls| {
+            std::fs::write(&cert, &tls.cert_pem).unwrap();
+            std::fs::write(&key, &tls.key_pem).unwrap();
+        };
+        let first = generate(&names(), unix_now()).unwrap();
+        write(&first);
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
+            .await
+            .unwrap();
+        let mut loaded = LoadedFiles::read(&cert, &key).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = axum_server::from_tcp_rustls(listener, tls.clone())
+            .unwrap()
+            .serve(axum::Router::new().into_make_service());
+        tokio::spawn(server);
+        let served = || tokio::task::spawn_blocking(move || served_certificate(port));
+
+        assert_eq!(served().await.unwrap(), der(&first.cert_pem));
+        assert!(
+            !reload_if_changed(&tls, &cert, &key, &mut loaded)
+                .await
+                .unwrap(),
+            "unchanged files are not a renewal"
+        );
+
+        let renewed = generate(&names(), unix_now()).unwrap();
+        write(&renewed);
+        assert!(
+            reload_if_changed(&tls, &cert, &key, &mut loaded)
+                .await
+                .unwrap()
+        );
+        assert_eq!(served().await.unwrap(), der(&renewed.cert_pem));
+
+        // A key that does not load: refused, the renewed certificate stays in service, and the
+        // next pass tries again rather than taking the broken pair as loaded.
+        std::fs::write(&key, "not a key").unwrap();
+        assert!(
+            reload_if_changed(&tls, &cert, &key, &mut loaded)
+                .await
+                .is_err()
+        );
+        assert_eq!(served().await.unwrap(), der(&renewed.cert_pem));
+        assert!(
+            reload_if_changed(&tls, &cert, &key, &mut loaded)
+                .await
+                .is_err()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -129,7 +129,8 @@ async fn webhook_tls(cli: &Cli, client: &kube::Client) -> Result<RustlsConfig> {
     let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) else {
         anyhow::bail!("--webhook-addr needs --tls-cert and --tls-key, or --webhook-self-signed");
     };
-    RustlsConfig::from_pem_file(cert, key)
+    // cert-manager renews into the mounted Secret; each renewal is served without a restart.
+    certs::serve_files(cert.clone(), key.clone(), certs::RECHECK)
         .await
         .with_context(|| {
             format!(
