@@ -340,7 +340,7 @@ fn workers_alive(state: &Path) -> Vec<u32> {
         .filter_map(|v| v["run"].as_str().map(str::to_owned))
         .collect();
     runs.iter()
-        .flat_map(|r| toe_agent::faults::ledger::worker_pids(r))
+        .flat_map(|r| toe_agent::tools::faults::ledger::worker_pids(r))
         .collect()
 }
 

@@ -9,7 +9,7 @@
 
 use std::{fmt::Write as _, io::Write as _, path::Path, time::SystemTime};
 
-use toe_report::proto::{Function, Line, Location, Profile, Sample, ValueType};
+use toe_artifacts::proto::{Function, Line, Location, Profile, Sample, ValueType};
 
 /// A frame name from a vocabulary shaped like real code: module paths of varying length.
 fn frame(i: u64) -> String {

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use toe_agent::{faults::ledger, targets::TargetSpec};
+use toe_agent::{targets::TargetSpec, tools::faults::ledger};
 use toe_tests::{
     assert_rejected, bin, demo, ledger_entries, profile, require_root, toe_run, tool_spec,
 };
@@ -485,7 +485,7 @@ fn a_profile_alongside_a_memory_stress_shares_its_timeline() {
     ] {
         assert!(art.contains_key(name), "{name} missing: {:?}", art.keys());
     }
-    let t: toe_agent::profile::timeline::Timeline =
+    let t: toe_artifacts::timeline::Timeline =
         serde_json::from_slice(&art["run-timeline.json"]).unwrap();
     let names: Vec<&str> = t.lanes.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(

@@ -277,9 +277,10 @@ async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
         "test-replica",
         Duration::from_secs(15),
     );
-    let run = toe_operator::controller::run(operator_client, metrics.clone(), async {
-        let _ = stopped.await;
-    });
+    let run =
+        toe_operator::controller::run(operator_client, metrics.clone(), default_store(), async {
+            let _ = stopped.await;
+        });
     let operator = tokio::spawn(async move { elector.lead(run).await });
     let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
     apply_powertools(&tools).await;
@@ -523,6 +524,7 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
     let operator = tokio::spawn(toe_operator::controller::run(
         operator_client,
         std::sync::Arc::default(),
+        default_store(),
         async {
             let _ = stopped.await;
         },
@@ -582,4 +584,9 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
     assert!(status.finish_time.is_some());
     let _ = stop.send(());
     operator.await.unwrap();
+}
+
+/// The store the operator's image tools write to when a PowerTool names none.
+fn default_store() -> url::Url {
+    url::Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).expect("a URL")
 }

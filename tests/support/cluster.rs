@@ -248,6 +248,9 @@ impl Operator {
         let mut tasks = vec![tokio::spawn(toe_operator::controller::run(
             client.clone(),
             metrics.clone(),
+            artifacts.clone().unwrap_or_else(|| {
+                url::Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).expect("a URL")
+            }),
             until_stopped(),
         ))];
         if let Some(artifacts) = artifacts {

@@ -307,7 +307,10 @@ pub fn toe_run(dir: &Path, spec: &str, target: &[&str]) -> std::process::Output 
     std::fs::write(dir.join("spec.yaml"), spec).expect("write spec");
     Command::new(bin("toe"))
         .current_dir(dir)
-        .env(toe_agent::faults::ledger::STATE_DIR_ENV, dir.join("state"))
+        .env(
+            toe_agent::tools::faults::ledger::STATE_DIR_ENV,
+            dir.join("state"),
+        )
         .args(["run", "--no-progress", "-f", "spec.yaml"])
         .args(target)
         .stdin(Stdio::null())

@@ -1,18 +1,15 @@
-//! TOE's engine: spec -> validated plan ([`plan`]) -> execution ([`run`]) -> artifacts ([`sink`]).
-//! Local mode (`toe run`) and node mode share this path.
+//! TOE's engine: spec -> validated plan ([`plan`]) -> execution ([`run`], driving the
+//! [`tools`]) -> artifacts ([`sink`], in the formats of `toe_artifacts`). Local mode (`toe run`)
+//! and node mode ([`node`]) share this path.
 
-pub mod allocator;
-pub mod collectors;
 pub mod ebpf;
-pub mod faults;
 pub mod node;
 pub mod plan;
-pub mod profile;
-pub mod rss;
 pub mod run;
 pub mod sink;
 pub mod symbolize;
 pub mod targets;
+pub mod tools;
 pub mod tracefs;
 pub mod tutorial;
 

@@ -12,7 +12,6 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use toe_agent::{
     plan::{self, RunRequest},
-    profile::summary,
     run::{self, Ui},
     sink::ObjectStoreSink,
     targets::TargetSpec,
@@ -113,7 +112,7 @@ struct AgentArgs {
     #[arg(
         long,
         env = "TOE_OUTPUT",
-        default_value = "file:///var/lib/toe/artifacts/"
+        default_value = toe_artifacts::layout::DEFAULT_NODE_STORE
     )]
     output: url::Url,
     /// How long an upload may take when a run ends before its artifacts wait on the node's disk
@@ -289,8 +288,8 @@ fn report(args: &ReportArgs) -> Result<ExitCode> {
 }
 
 fn cleanup() -> Result<ExitCode> {
-    let ledger =
-        toe_agent::faults::ledger::Ledger::open_default().context("opening the fault ledger")?;
+    let ledger = toe_agent::tools::faults::ledger::Ledger::open_default()
+        .context("opening the fault ledger")?;
     let r = ledger
         .recover()
         .with_context(|| format!("recovering {}", ledger.path().display()))?;
@@ -438,7 +437,7 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome.summary)?);
     } else {
-        eprint!("{}", summary::render(&outcome.summary));
+        eprint!("{}", toe_artifacts::summary::render(&outcome.summary));
     }
     Ok(ExitCode::from(
         u8::try_from(outcome.exit_code.clamp(0, 255)).unwrap_or(1),
@@ -495,10 +494,10 @@ fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
     if argv
         .get(1)
-        .is_some_and(|a| a == toe_agent::faults::ledger::WORKER_ARG)
+        .is_some_and(|a| a == toe_agent::tools::faults::ledger::WORKER_ARG)
     {
         // A stress worker TOE started for a fault; never returns.
-        toe_agent::faults::worker::main(&argv);
+        toe_agent::tools::faults::worker::main(&argv);
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -124,14 +124,9 @@ pub fn parse_spec(source_name: &str, yaml: &str) -> Result<(PowerTool, Vec<Strin
     parse_document(source_name, value, api::POWER_TOOL_KIND)
 }
 
-/// A directory (relative to `cwd`) or an object store URL, as a URL.
+/// A directory (relative to `cwd`) or an object store URL, as a directory URL.
 pub fn output_base(given: &str, cwd: &Path) -> Result<Url, String> {
-    if given.contains("://") {
-        return Url::parse(given).map_err(|e| e.to_string());
-    }
-    let path = cwd.join(given);
-    Url::from_directory_path(&path)
-        .map_err(|()| format!("{} is not an absolute directory path", path.display()))
+    toe_artifacts::layout::output_base(given, Some(cwd)).map_err(|e| e.why)
 }
 
 /// Every PowerToolConfig document of a config file, checked together.
@@ -221,19 +216,14 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
             }
         }
     })?;
-    let base = toe_report::store::as_dir(&base);
     let run_id = format!(
         "{}-{}-{:04x}",
         validated.name,
-        toe_report::store::stamp(req.now),
+        toe_artifacts::store::stamp(req.now),
         req.nonce & 0xffff
     );
-    let output = base
-        .join(&format!("{run_id}/"))
-        .map_err(|e| PlanError::Output {
-            given,
-            why: e.to_string(),
-        })?;
+    let output = toe_artifacts::layout::local_run_dir(&base, &run_id)
+        .map_err(|e| PlanError::Output { given, why: e.why })?;
     if tool.spec.targets.is_some() {
         warnings.push(format!("{}: spec.targets is used in the cluster only; local mode profiles the command-line target", req.source_name));
     }

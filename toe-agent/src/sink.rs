@@ -40,12 +40,14 @@ pub struct ObjectStoreSink {
 impl ObjectStoreSink {
     /// `url` is the run's directory, e.g. `file:///work/toe-output/cpu-profile-…/`.
     pub fn new(url: &Url) -> Result<Self, SinkError> {
-        let (store, prefix) = object_store::parse_url_opts(url, toe_report::store::env_options())
-            .map_err(|source| SinkError::Url {
-            url: url.to_string(),
-            source,
-        })?;
-        let base = toe_report::store::as_dir(url);
+        let (store, prefix) =
+            object_store::parse_url_opts(url, toe_artifacts::store::env_options()).map_err(
+                |source| SinkError::Url {
+                    url: url.to_string(),
+                    source,
+                },
+            )?;
+        let base = toe_artifacts::store::as_dir(url);
         Ok(Self {
             store,
             prefix,

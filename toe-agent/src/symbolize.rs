@@ -18,9 +18,8 @@ use blazesym::{
         source::{Kernel, Process, Source},
     },
 };
+use toe_artifacts::profile::{Frame, FrameId, Stack};
 use toe_common::comm_to_string;
-
-use crate::profile::{Frame, FrameId, Stack};
 
 /// A stack as a collector reports it, before symbolization.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -479,10 +478,10 @@ mod tests {
         let stacks = s.stacks([(&key, vec![3])]);
         let frames = s.frames();
         assert_eq!(stacks[0].values, vec![3]);
-        let p = crate::profile::Profile {
+        let p = toe_artifacts::profile::Profile {
             frames,
             stacks,
-            sample_types: vec![crate::profile::ValueType::new("samples", "count")],
+            sample_types: vec![toe_artifacts::profile::ValueType::new("samples", "count")],
             ..Default::default()
         };
         let names: Vec<&str> = p.stacks[0]

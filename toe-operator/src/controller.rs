@@ -28,6 +28,7 @@ use toe_common::api::{
     PowerToolStatus, SelectedTarget, ToolOptions, ValidatedRun, ValidatedTool, run_name,
     target_finished,
 };
+use url::Url;
 
 use crate::{
     admission, ephemeral,
@@ -48,6 +49,9 @@ pub enum Error {
 
 pub struct Context {
     pub client: Client,
+    /// The store the node agents write to: image tools without `spec.output.url` write there
+    /// too, in the same layout.
+    pub artifacts: Url,
     pub configs: Store<PowerToolConfig>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -293,24 +297,24 @@ fn configs(ctx: &Context) -> Vec<PowerToolConfig> {
     ctx.configs.state().iter().map(|c| (**c).clone()).collect()
 }
 
-/// Where a target's tool writes: the same layout as the node agents',
-/// `<output>/<namespace>/<powertool>/<run>/<pod>/<container>/`.
-fn output_url(pt: &PowerTool, t: &SelectedTarget) -> String {
-    let base = pt
-        .spec
-        .output
-        .as_ref()
-        .and_then(|o| o.url.clone())
-        .unwrap_or_default();
+/// Where a target's tool writes: the same location the node agents would use.
+fn output_url(pt: &PowerTool, t: &SelectedTarget, artifacts: &Url) -> Result<Url, String> {
     let run = run_name(
         &pt.uid().unwrap_or_default(),
         pt.metadata.generation.unwrap_or(0),
     );
-    format!(
-        "{}/{}",
-        base.trim_end_matches('/'),
-        t.artifact_prefix(&pt.name_any(), &run)
+    toe_artifacts::layout::target_dir(
+        pt.spec.output.as_ref().and_then(|o| o.url.as_deref()),
+        artifacts,
+        &toe_artifacts::layout::TargetRef {
+            namespace: &t.namespace,
+            powertool: &pt.name_any(),
+            run: &run,
+            pod: &t.pod,
+            container: &t.container,
+        },
     )
+    .map_err(|e| format!("spec.output.url: {e}"))
 }
 
 /// Starts the image tool in every target pod as an ephemeral container; targets that cannot
@@ -342,7 +346,14 @@ async fn start_pending(
         .iter_mut()
         .filter(|t| t.phase.as_deref() == Some("Pending"))
     {
-        let url = output_url(pt, t);
+        let url = match output_url(pt, t, &ctx.artifacts) {
+            Ok(url) => url.to_string(),
+            Err(e) => {
+                t.phase = Some("Failed".into());
+                t.message = Some(e);
+                continue;
+            }
+        };
         let c = ephemeral::container(&name, opts, &t.container, &url, tool.duration.as_secs());
         if let Err(e) = ephemeral::add(&ctx.client, &t.namespace, &t.pod, &c).await {
             t.phase = Some("Failed".into());
@@ -665,6 +676,7 @@ fn error_policy(_: Arc<PowerTool>, error: &Error, ctx: Arc<Context>) -> Action {
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
+    artifacts: Url,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let configs_api: Api<PowerToolConfig> = Api::all(client.clone());
@@ -697,6 +709,7 @@ pub async fn run(
     );
     let ctx = Arc::new(Context {
         client: client.clone(),
+        artifacts,
         configs: store,
         metrics,
         recorder,
@@ -851,6 +864,7 @@ mod tests {
                 },
             ),
             client,
+            artifacts: Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).unwrap(),
             configs: store,
             metrics: Arc::default(),
         }

@@ -58,7 +58,7 @@ struct Cli {
     #[arg(
         long,
         env = "TOE_OUTPUT",
-        default_value = "file:///var/lib/toe/artifacts/"
+        default_value = toe_artifacts::layout::DEFAULT_NODE_STORE
     )]
     artifacts: url::Url,
     /// Serve the processed reports (index at /reports/) here over plain HTTP; empty: off.
@@ -195,7 +195,12 @@ fn main() -> Result<()> {
             let (client, metrics) = (client.clone(), metrics.clone());
             async move {
                 futures::join!(
-                    controller::run(client.clone(), metrics.clone(), shutdown_signal()),
+                    controller::run(
+                        client.clone(),
+                        metrics.clone(),
+                        cli.artifacts.clone(),
+                        shutdown_signal(),
+                    ),
                     processing::run(client, opts, metrics, shutdown_signal()),
                 );
             }

@@ -29,7 +29,7 @@ use toe_report::{
     model::Endpoint,
     process::Options,
     rules::{Severity, Source as FindingSource},
-    store::{Job, Source, as_dir},
+    store::{Job, Source},
 };
 use url::Url;
 
@@ -212,21 +212,15 @@ fn time(t: SystemTime) -> Option<Time> {
     Timestamp::try_from(t).ok().map(Time)
 }
 
-/// The directory of a PowerTool's runs, in the layout the agents write.
+/// The directory of a PowerTool's runs, where the agents write them.
 fn runs_url(pt: &PowerTool, artifacts: &Url) -> Result<Url, String> {
-    let base = match pt.spec.output.as_ref().and_then(|o| o.url.as_ref()) {
-        Some(u) => {
-            Url::parse(u).map_err(|e| format!("{}: output.url {u:?}: {e}", pt.name_any()))?
-        }
-        None => artifacts.clone(),
-    };
-    as_dir(&base)
-        .join(&format!(
-            "{}/{}/",
-            pt.namespace().unwrap_or_default(),
-            pt.name_any()
-        ))
-        .map_err(|e| e.to_string())
+    toe_artifacts::layout::powertool_dir(
+        pt.spec.output.as_ref().and_then(|o| o.url.as_deref()),
+        artifacts,
+        &pt.namespace().unwrap_or_default(),
+        &pt.name_any(),
+    )
+    .map_err(|e| format!("{}: {e}", pt.name_any()))
 }
 
 /// The PowerTools a processing selects, and the names it lists that do not exist.
@@ -493,7 +487,7 @@ async fn process(
         humantime::format_duration(plan.window),
         ptp.spec.schedule
     );
-    let output = as_dir(plan.output.as_ref().unwrap_or(&ctx.opts.artifacts))
+    let output = toe_artifacts::store::as_dir(plan.output.as_ref().unwrap_or(&ctx.opts.artifacts))
         .join(&format!("_reports/{ns}/{name}/"))
         .expect("a relative path joins a directory URL");
     let job = Job {

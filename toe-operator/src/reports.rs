@@ -12,7 +12,8 @@ use axum::{
     routing::get,
 };
 use object_store::{ObjectStore, ObjectStoreExt as _, path::Path as StorePath};
-use toe_report::{esc, store};
+use toe_artifacts::esc;
+use toe_report::store;
 use url::Url;
 
 /// Where processed outputs live below the store's root, as the processing controller writes them.
@@ -27,7 +28,7 @@ pub struct Reports {
 impl Reports {
     /// Serves `<artifacts>/_reports/`.
     pub fn new(artifacts: &Url) -> Result<Self, store::StoreError> {
-        let (s, root) = store::open(artifacts)?;
+        let (s, root) = toe_artifacts::store::open(artifacts)?;
         Ok(Self {
             store: Arc::from(s),
             base: root.join(REPORTS_DIR),

@@ -1,18 +1,16 @@
 //! What one target's run left in the store (a *capture*): its summary, folded profiles, pprof
 //! files, signal events, RSS series and timeline, read back from any object store.
 //!
-//! The summary is read through its own view here rather than the agent's types: the store holds
-//! artifacts of whatever agent version wrote them, so every field is optional and unknown fields
-//! are ignored.
+//! Every file is read through the artifact contract's own types ([`toe_artifacts`]), the ones the
+//! agent writes with; they read summaries of older and newer agents alike (missing fields take
+//! their defaults, unknown ones are ignored).
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 use object_store::{ObjectStore, ObjectStoreExt as _, path::Path as StorePath};
-use serde::Deserialize;
-
-use crate::folded::Folded;
+use toe_artifacts::{folded::Folded, names};
 
 /// The profiles the agent writes, by the folded file's name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -29,10 +27,10 @@ impl ProfileKind {
     #[must_use]
     pub fn folded_file(self) -> &'static str {
         match self {
-            Self::Cpu => "stacks.folded",
-            Self::InUse => "inuse.folded",
-            Self::Alloc => "alloc.folded",
-            Self::Growth => "growth.folded",
+            Self::Cpu => names::CPU_FOLDED.file,
+            Self::InUse => names::INUSE_FOLDED.file,
+            Self::Alloc => names::ALLOC_FOLDED.file,
+            Self::Growth => names::GROWTH_FOLDED.file,
         }
     }
 
@@ -40,9 +38,9 @@ impl ProfileKind {
     #[must_use]
     pub fn pprof_file(self) -> &'static str {
         match self {
-            Self::Cpu => "cpu.pb.gz",
-            Self::InUse | Self::Alloc => "heap.pb.gz",
-            Self::Growth => "growth.pb.gz",
+            Self::Cpu => names::CPU_PPROF.file,
+            Self::InUse | Self::Alloc => names::HEAP_PPROF.file,
+            Self::Growth => names::GROWTH_PPROF.file,
         }
     }
 
@@ -77,188 +75,15 @@ impl ProfileKind {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Summary {
-    pub run: String,
-    pub tool: String,
-    pub alongside: Vec<String>,
-    pub target: String,
-    pub complete: bool,
-    pub ended: String,
-    pub started_unix_ms: u64,
-    pub requested_duration_s: f64,
-    pub sampled_duration_s: f64,
-    pub cpu: Option<CpuSummary>,
-    pub memory: Option<MemorySummary>,
-    pub signals: Option<SignalSummary>,
-    pub fault: Option<FaultSummary>,
-    pub failed: Option<String>,
-    pub warnings: Vec<String>,
-}
-
-impl Summary {
-    /// When sampling ended, ms since the Unix epoch.
-    #[must_use]
-    pub fn ended_unix_ms(&self) -> u64 {
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "a run's length in ms, non-negative and far below u64::MAX"
-        )]
-        let ms = (self.sampled_duration_s.max(0.0) * 1000.0) as u64;
-        self.started_unix_ms + ms
-    }
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct CpuSummary {
-    pub frequency_hz: u64,
-    pub samples: SampleAccounting,
-    pub frames: FrameAccounting,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct SampleAccounting {
-    pub taken: u64,
-    pub recorded: u64,
-    pub lost_ring_full: u64,
-    pub unaccounted: u64,
-    pub kernel_stack_errors: u64,
-    pub user_stack_errors: u64,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct FrameAccounting {
-    pub total: u64,
-    pub unresolved: u64,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct MemorySummary {
-    pub mode: String,
-    pub heap: Option<HeapTotals>,
-    pub rss: RssSummary,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct HeapTotals {
-    pub alloc_objects: u64,
-    pub alloc_bytes: u64,
-    pub inuse_objects: u64,
-    pub inuse_bytes: u64,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct RssSummary {
-    pub interval_ms: u64,
-    pub series: Vec<RssSeriesSummary>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct RssSeriesSummary {
-    pub kind: String,
-    pub source: String,
-    pub first_rss: u64,
-    pub last_rss: u64,
-    pub peak_rss: u64,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct SignalSummary {
-    pub lost_total: u64,
-    pub processes: Vec<ProcessEnd>,
-}
-
-/// How a process of the target ended, as the signal tracer explains it.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct ProcessEnd {
-    pub pid: u32,
-    pub comm: String,
-    /// `exited`, `killed`, `still running`.
-    pub how: String,
-    pub exit_code: Option<i32>,
-    pub signal: Option<String>,
-    pub oom_killed: bool,
-    pub sigkill_followed_sigterm: bool,
-    pub after_first_sigterm_ms: Option<f64>,
-    pub exited_at_ms: Option<f64>,
-    pub explanation: String,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct FaultSummary {
-    pub fault: String,
-    pub plan: Vec<String>,
-    pub unit: String,
-    pub asked: f64,
-    pub achieved: f64,
-    pub error_percent: f64,
-    pub oom_kills: u64,
-    pub leftovers: u64,
-    pub samples: Vec<serde_json::Map<String, serde_json::Value>>,
-    pub terminated: Vec<Terminated>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Terminated {
-    pub pid: u32,
-    pub comm: String,
-    pub signal: String,
-    pub escalated: bool,
-    pub exited_after_ms: Option<f64>,
-    pub outcome: String,
-}
-
-/// One line of events.jsonl: the fields the report shows.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Event {
-    pub t_ms: f64,
-    pub pid: u32,
-    pub comm: String,
-    pub event: String,
-    pub signal: Option<String>,
-    pub result: Option<String>,
-    pub action: Option<String>,
-    pub exit_code: Option<i32>,
-    pub victim_comm: Option<String>,
-    pub sender: Option<Sender>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Sender {
-    pub pid: u32,
-    pub comm: String,
-}
-
-/// One RSS series of rss.json.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct RssSeries {
-    pub kind: String,
-    pub source: String,
-    pub points: Vec<RssPoint>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct RssPoint {
-    pub t_ms: u64,
-    pub rss: u64,
-}
+pub use toe_artifacts::{
+    rss::{RssPoint, Series as RssSeries},
+    summary::{
+        CpuSummary, FrameAccounting, SampleAccounting, Summary,
+        fault::{FaultSummary, Termination},
+        memory::{HeapTotals, MemorySummary},
+        signals::{Event, ProcessEnd, Sender, SignalSummary},
+    },
+};
 
 /// One target's artifacts of one run.
 #[derive(Clone, Debug, Default)]
@@ -342,7 +167,7 @@ pub async fn load_all(
     }
     let mut out = Vec::new();
     for (dir, files) in &dirs {
-        if files.iter().any(|f| f == "summary.json") {
+        if files.iter().any(|f| f == names::SUMMARY.file) {
             let mut c = load(store, base, dir, files).await?;
             if !label.is_empty() {
                 c.run = format!("{label}/{}", c.run);
@@ -375,9 +200,9 @@ async fn load(
         path: dir.clone().join(name).to_string(),
         message,
     };
-    let raw = get(store, &dir.clone().join("summary.json")).await?;
+    let raw = get(store, &dir.clone().join(names::SUMMARY.file)).await?;
     let summary: Summary =
-        serde_json::from_slice(&raw).map_err(|e| parse_err("summary.json", e.to_string()))?;
+        serde_json::from_slice(&raw).map_err(|e| parse_err(names::SUMMARY.file, e.to_string()))?;
     let rel: Vec<String> = match dir.prefix_match(base) {
         Some(parts) => parts.map(|p| p.as_ref().to_owned()).collect(),
         None => dir.parts().map(|p| p.as_ref().to_owned()).collect(),
@@ -399,14 +224,14 @@ async fn load(
             c.profiles.insert(kind, folded);
         }
     }
-    for name in ["cpu.pb.gz", "heap.pb.gz", "growth.pb.gz"] {
+    for name in names::PPROF_FILES.map(|n| n.file) {
         if has(name) {
             c.pprof
                 .insert(name.to_owned(), get(store, &dir.clone().join(name)).await?);
         }
     }
-    if has("events.jsonl") {
-        let raw = get(store, &dir.clone().join("events.jsonl")).await?;
+    if has(names::SIGNAL_EVENTS.file) {
+        let raw = get(store, &dir.clone().join(names::SIGNAL_EVENTS.file)).await?;
         for line in String::from_utf8_lossy(&raw)
             .lines()
             .filter(|l| !l.is_empty())
@@ -417,14 +242,16 @@ async fn load(
             }
         }
     }
-    if has("rss.json") {
-        let raw = get(store, &dir.clone().join("rss.json")).await?;
-        c.rss = serde_json::from_slice(&raw).map_err(|e| parse_err("rss.json", e.to_string()))?;
+    if has(names::RSS_JSON.file) {
+        let raw = get(store, &dir.clone().join(names::RSS_JSON.file)).await?;
+        c.rss = serde_json::from_slice(&raw)
+            .map_err(|e| parse_err(names::RSS_JSON.file, e.to_string()))?;
     }
-    if has("run-timeline.svg") {
-        c.timeline_svg = Some(get(store, &dir.clone().join("run-timeline.svg")).await?);
-    } else if has("timeline.svg") {
-        c.timeline_svg = Some(get(store, &dir.clone().join("timeline.svg")).await?);
+    for timeline in [names::RUN_TIMELINE, names::SIGNAL_TIMELINE] {
+        if has(timeline.file) {
+            c.timeline_svg = Some(get(store, &dir.clone().join(timeline.file)).await?);
+            break;
+        }
     }
     Ok(c)
 }

@@ -6,11 +6,10 @@
 use std::{collections::HashMap, fmt::Write as _};
 
 use base64::Engine as _;
+use toe_artifacts::{esc, folded::Folded};
 
 use crate::{
     capture::{Capture, ProfileKind},
-    esc,
-    folded::Folded,
     rules::{Finding, Severity, Source},
 };
 
@@ -211,56 +210,6 @@ fn flamegraphs(h: &mut String, r: &Report<'_>) {
     h.push_str("</section>");
 }
 
-#[expect(clippy::cast_precision_loss, reason = "chart coordinates")]
-fn rss_chart(capture: &Capture) -> String {
-    let (width, height, pad) = (720.0, 220.0, 48.0);
-    let most = |of: fn(&crate::capture::RssPoint) -> u64| {
-        capture
-            .rss
-            .iter()
-            .flat_map(|s| s.points.iter().map(of))
-            .max()
-            .unwrap_or(0)
-            .max(1) as f64
-    };
-    let (max_t, max_v) = (most(|p| p.t_ms), most(|p| p.rss));
-    let mib = 1024.0 * 1024.0;
-    let mut svg = format!(
-        "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-size=\"11\" font-family=\"sans-serif\"><text x=\"{pad}\" y=\"14\">RSS of {} (MiB) over {:.1} s</text><line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#999\"/><line x1=\"{pad}\" y1=\"20\" x2=\"{pad}\" y2=\"{}\" stroke=\"#999\"/><text x=\"4\" y=\"28\">{:.1}</text><text x=\"4\" y=\"{}\">0</text>",
-        esc(&capture.target),
-        max_t / 1000.0,
-        height - 20.0,
-        width - 10.0,
-        height - 20.0,
-        height - 20.0,
-        max_v / mib,
-        height - 20.0
-    );
-    let palette = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed"];
-    for (i, series) in capture.rss.iter().enumerate() {
-        let points: Vec<String> = series
-            .points
-            .iter()
-            .map(|p| {
-                let px = pad + (p.t_ms as f64 / max_t) * (width - pad - 10.0);
-                let py = (height - 20.0) - (p.rss as f64 / max_v) * (height - 40.0);
-                format!("{px:.1},{py:.1}")
-            })
-            .collect();
-        let colour = palette[i % palette.len()];
-        let _ = write!(
-            svg,
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/><text x=\"{}\" y=\"{}\" fill=\"{colour}\">{}</text>",
-            points.join(" "),
-            pad + 8.0,
-            34.0 + 13.0 * i as f64,
-            esc(&series.source)
-        );
-    }
-    svg.push_str("</svg>");
-    svg
-}
-
 fn memory(h: &mut String, caps: &[Capture]) {
     h.push_str("<section id=\"memory\"><h2>Memory</h2>");
     let with_rss: Vec<&Capture> = caps.iter().filter(|c| !c.rss.is_empty()).collect();
@@ -273,7 +222,8 @@ fn memory(h: &mut String, caps: &[Capture]) {
             "<h3>{} {}</h3>{}",
             esc(&c.run),
             esc(&c.target),
-            rss_chart(c)
+            // The agent's own rss.svg chart, drawn from the same series.
+            toe_artifacts::rss::chart(&c.rss, &format!("RSS of {}", c.target))
         );
     }
     h.push_str("</section>");

@@ -1,26 +1,14 @@
 //! TOE's processing of run artifacts: read every capture of the selected runs from the object
-//! store ([`capture`]), merge their profiles ([`folded`], [`pprof`]), find root causes with the
+//! store ([`capture`]), merge their profiles ([`toe_artifacts::folded`], [`pprof`]), find root causes with the
 //! built-in rules ([`rules`]) and optionally a language model ([`model`]), and render one
 //! self-contained HTML report ([`html`]). Everything here is a pure function of the captures,
 //! except reading the store and calling the model; the operator schedules it and the CLI runs it
 //! locally.
 
 pub mod capture;
-pub mod folded;
 pub mod html;
 pub mod model;
 pub mod pprof;
 pub mod process;
-pub mod proto;
 pub mod rules;
 pub mod store;
-
-/// Text for SVG and HTML: the characters markup would read as its own escaped.
-#[must_use]
-pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}

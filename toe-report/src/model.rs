@@ -178,7 +178,12 @@ pub fn prompt(captures: &[Capture], findings: &[Finding], max_chars: usize) -> S
             let _ = writeln!(
                 s,
                 "fault {}: asked {:.1} {} achieved {:.1} ({:+.1}%), oom kills {}",
-                f.fault, f.asked, f.unit, f.achieved, f.error_percent, f.oom_kills
+                f.fault,
+                f.asked,
+                f.unit,
+                f.achieved,
+                f.error_percent,
+                f.oom_kills.unwrap_or(0)
             );
         }
     }

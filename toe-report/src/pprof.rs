@@ -2,12 +2,13 @@
 //! strings, mappings, functions and locations are re-interned into one table and samples keep
 //! their stacks and labels, plus `target` and `run` labels so `pprof -tagfocus` can split again.
 
-use std::{collections::HashMap, io::Read as _};
+use std::collections::HashMap;
 
-use flate2::{Compression, read::GzDecoder, write::GzEncoder};
-use prost::Message as _;
-
-use crate::proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
+pub use toe_artifacts::pprof::{decode, encode_gzip, totals};
+use toe_artifacts::{
+    pprof::Strings,
+    proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType},
+};
 
 /// One input: gzipped (or plain) pprof bytes and where they came from.
 pub struct Input<'a> {
@@ -23,28 +24,6 @@ pub struct Merged {
     pub skipped: Vec<String>,
 }
 
-#[derive(Default)]
-struct Strings {
-    table: Vec<String>,
-    index: HashMap<String, i64>,
-}
-
-impl Strings {
-    fn get(&mut self, s: &str) -> i64 {
-        if self.table.is_empty() {
-            self.table.push(String::new());
-            self.index.insert(String::new(), 0);
-        }
-        if let Some(&i) = self.index.get(s) {
-            return i;
-        }
-        let i = i64::try_from(self.table.len()).unwrap_or(i64::MAX);
-        self.table.push(s.to_owned());
-        self.index.insert(s.to_owned(), i);
-        i
-    }
-}
-
 type LabelKey = (i64, i64, i64, i64);
 /// A location's identity: mapping, address, and (function, line, column) of each line.
 type LocationKey = (u64, u64, Vec<(u64, i64, i64)>);
@@ -58,28 +37,6 @@ struct Merger {
     mappings: HashMap<(u64, u64, u64, i64, i64), u64>,
     locations: HashMap<LocationKey, u64>,
     samples: HashMap<(Vec<u64>, Vec<LabelKey>), usize>,
-}
-
-pub fn decode(data: &[u8]) -> Result<Profile, String> {
-    let mut raw = Vec::new();
-    let bytes = if data.starts_with(&[0x1f, 0x8b]) {
-        GzDecoder::new(data)
-            .read_to_end(&mut raw)
-            .map_err(|e| format!("gunzip: {e}"))?;
-        &raw[..]
-    } else {
-        data
-    };
-    Profile::decode(bytes).map_err(|e| format!("not a pprof profile: {e}"))
-}
-
-#[must_use]
-pub fn encode_gzip(p: &Profile) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
-    gz.write_all(&p.encode_to_vec())
-        .expect("writing to a Vec cannot fail");
-    gz.finish().expect("writing to a Vec cannot fail")
 }
 
 fn string(p: &Profile, i: i64) -> &str {
@@ -293,23 +250,11 @@ pub fn merge(inputs: &[Input<'_>]) -> Merged {
         inputs.len() - skipped.len()
     ));
     m.out.comment = vec![comment];
-    m.out.string_table = std::mem::take(&mut m.strings.table);
+    m.out.string_table = std::mem::take(&mut m.strings).into_table();
     Merged {
         profile: m.out,
         skipped,
     }
-}
-
-/// Sum of each sample type over all samples.
-#[must_use]
-pub fn totals(p: &Profile) -> Vec<i64> {
-    let mut t = vec![0i64; p.sample_type.len()];
-    for s in &p.sample {
-        for (acc, v) in t.iter_mut().zip(&s.value) {
-            *acc += v;
-        }
-    }
-    t
 }
 
 #[cfg(test)]

@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
+use toe_artifacts::folded::{self, Folded, Graph};
 
 use crate::{
     capture::{Capture, ProfileKind},
-    folded::{self, Folded, Graph},
     html, model, pprof,
     rules::{self, Finding},
 };

@@ -9,11 +9,9 @@ use std::{collections::BTreeMap, sync::LazyLock};
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+use toe_artifacts::folded::{Folded, function_name};
 
-use crate::{
-    capture::{Capture, ProfileKind},
-    folded::{Folded, function_name},
-};
+use crate::capture::{Capture, ProfileKind};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -163,7 +161,7 @@ fn oom_kill(c: &Capture) -> Vec<Hit> {
         });
     }
     if let Some(s) = &c.summary.signals {
-        for p in s.processes.iter().filter(|p| p.oom_killed) {
+        for p in s.processes.iter().filter(|p| p.oom_killed == Some(true)) {
             if let Some(h) = hits.iter_mut().find(|h| h.key == p.comm) {
                 h.evidence.push(p.explanation.clone());
             } else {
@@ -176,12 +174,17 @@ fn oom_kill(c: &Capture) -> Vec<Hit> {
             }
         }
     }
-    if let Some(f) = c.summary.fault.as_ref().filter(|f| f.oom_kills > 0) {
+    if let Some(f) = c
+        .summary
+        .fault
+        .as_ref()
+        .filter(|f| f.oom_kills.unwrap_or(0) > 0)
+    {
         hits.push(Hit {
             key: format!("{} workers", f.fault),
             severity: Severity::Warning,
             title: format!("the {} fault's workers met the OOM killer", f.fault),
-            evidence: vec![format!("{} worker(s) OOM-killed", f.oom_kills)],
+            evidence: vec![format!("{} worker(s) OOM-killed", f.oom_kills.unwrap_or(0))],
         });
     }
     hits
@@ -238,7 +241,7 @@ fn volume_fill_errors(c: &Capture) -> Vec<Hit> {
         .iter()
         .filter(|p| {
             (p.how == "exited" && p.exit_code.is_some_and(|c| c != 0))
-                || (p.how == "killed" && !p.oom_killed)
+                || (p.how == "killed" && p.oom_killed != Some(true))
         })
         .collect();
     if failed.is_empty() {
@@ -539,10 +542,10 @@ fn data_loss(c: &Capture) -> Vec<Hit> {
                 share(lost, cpu.samples.taken) * 100.0
             ));
         }
-        if share(cpu.frames.unresolved, cpu.frames.total) > 0.2 {
+        if share(cpu.breakdown.frames.unresolved, cpu.breakdown.frames.total) > 0.2 {
             evidence.push(format!(
                 "{:.0}% of CPU frames unsymbolized",
-                share(cpu.frames.unresolved, cpu.frames.total) * 100.0
+                share(cpu.breakdown.frames.unresolved, cpu.breakdown.frames.total) * 100.0
             ));
         }
     }

@@ -41,10 +41,10 @@ use self::{
     status::{TargetRef, update_target},
 };
 use crate::{
-    faults::ledger::{self, Ledger},
     plan,
     run::{self, Control, Ended, Outcome, RunError, Ui},
     targets::TargetSpec,
+    tools::faults::ledger::{self, Ledger},
 };
 
 pub struct NodeOptions {
@@ -172,21 +172,22 @@ fn remote_dir(default: &Url, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, 
                 .into(),
         );
     }
-    let base = match out.and_then(|o| o.url.as_deref()) {
-        None => default.clone(),
-        Some(u) if u.starts_with('/') => Url::from_directory_path(u)
-            .map_err(|()| format!("spec.output.url {u}: not an absolute path"))?,
-        Some(u) => Url::parse(u).map_err(|e| {
-            format!("spec.output.url {u}: {e} (in a cluster it is an object store URL)")
-        })?,
-    };
-    let base = toe_report::store::as_dir(&base);
     let run = run_name(
         &pt.uid().unwrap_or_default(),
         pt.metadata.generation.unwrap_or(0),
     );
-    base.join(&t.artifact_prefix(&pt.name_any(), &run))
-        .map_err(|e| format!("spec.output.url: {e}"))
+    toe_artifacts::layout::target_dir(
+        out.and_then(|o| o.url.as_deref()),
+        default,
+        &toe_artifacts::layout::TargetRef {
+            namespace: &t.namespace,
+            powertool: &pt.name_any(),
+            run: &run,
+            pod: &t.pod,
+            container: &t.container,
+        },
+    )
+    .map_err(|e| format!("spec.output.url: {e}"))
 }
 
 fn phase_of(o: &Outcome) -> &'static str {

@@ -2,43 +2,28 @@
 //! the target is gone or the user interrupts, then detach and write every artifact, including on
 //! an interruption (marked partial).
 
-mod signals;
-
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use toe_common::api::{
-    AllocationMode, CpuProfileOptions, MemoryProfileOptions, ToolOptions, format_duration,
-};
+use toe_artifacts::{folded, names, profile::Profile, summary::Summary, timeline};
+use toe_common::api::{ToolOptions, format_duration};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{oneshot, watch},
 };
 
 use crate::{
-    allocator::{self, Allocator},
-    collectors::{
-        cpu::{CpuCollector, CpuCounters, RawProfile},
-        memory::MemoryCollector,
-        signals::SignalCollector,
-    },
     ebpf::{LoadError, Loaded},
-    faults::{self, FaultError, FaultWork},
     plan::RunPlan,
-    profile::{
-        Profile, ValueType, folded,
-        memory::{
-            self as memprof, AllocationAccounting, FaultAccounting, HeapTotals, MemorySummary,
-        },
-        pprof,
-        summary::{self, CpuSummary, SampleAccounting, Summary},
-        svg, timeline,
-    },
-    rss::{self, RssSampler, RssThread},
     sink::{ArtifactSink, SinkError},
     symbolize::Symbolizer,
     targets::{self, HeldChild, ResolvedTarget, TargetError, TargetSpec},
+    tools::{
+        self, Artifact, Attach, Finish, Finished, Prepare, Tick, ToolRun,
+        faults::{self, FaultError},
+        signals::monotonic_ns,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -145,144 +130,18 @@ fn progress_bar(ui: Ui, total: Duration) -> ProgressBar {
     bar
 }
 
-/// The collector a run drives, with what it accumulates.
-enum Work {
-    Cpu {
-        opts: CpuProfileOptions,
-        collector: CpuCollector,
-        raw: RawProfile,
-        /// Samples received so far, at each slow tick (ms since the start), for the run's
-        /// shared timeline.
-        received: Vec<(f64, u64)>,
-    },
-    Memory {
-        opts: MemoryProfileOptions,
-        collector: MemoryCollector,
-        rss: RssThread,
-        /// Target processes seen at the last discovery.
-        pids: Vec<u32>,
-        ticks: u64,
-    },
-    Signals(signals::SignalWork),
-    Fault(Box<FaultWork>),
-}
-
 /// A run between attach and detach.
 struct Session {
     target: ResolvedTarget,
     loaded: Loaded,
     /// One per tool of the PowerTool, collectors first, the fault (if any) last.
-    works: Vec<Work>,
+    works: Vec<Box<dyn ToolRun>>,
     /// Exit status of a command TOE started, delivered by a thread that waits for it.
     command_exit: Option<oneshot::Receiver<i32>>,
     started_at: SystemTime,
     started: Instant,
     /// The kernel's monotonic clock at the start, which event timestamps use.
     started_ns: u64,
-}
-
-/// A `--pid` memory target whose allocations cannot be tracked is refused before anything is
-/// loaded: the user asked for allocations and would get none. (Cgroup targets and commands are
-/// checked per process as they appear and reported in the summary instead.)
-fn check_allocator(spec: &TargetSpec, target: &ResolvedTarget) -> Result<(), RunError> {
-    let TargetSpec::Pid(pid) = spec else {
-        return Ok(());
-    };
-    let mut reasons = Vec::new();
-    for p in std::iter::once(*pid).chain(targets::descendants(&target.tgids)) {
-        // A process that has just exec'd gets up to 2 s for its loader to map libc.
-        let mut found = allocator::detect(p);
-        for _ in 0..200 {
-            if !matches!(found, Ok(Allocator::Loading)) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-            found = allocator::detect(p);
-        }
-        match found {
-            Ok(Allocator::Glibc { .. }) => return Ok(()),
-            Ok(Allocator::Unsupported(why)) => reasons.push(format!(
-                "pid {p} ({}): {why}",
-                targets::process_name(p).unwrap_or_default()
-            )),
-            Ok(Allocator::Loading) => reasons.push(format!(
-                "pid {p} ({}): its dynamic loader did not map libc within 2 s",
-                targets::process_name(p).unwrap_or_default()
-            )),
-            Err(e) => reasons.push(format!("pid {p}: reading its mappings: {e}")),
-        }
-    }
-    Err(RunError::Unsupported(format!(
-        "allocation tracking cannot see this target's allocations: {}; use --mode=growth (page \
-         faults and RSS work for any language and allocator)",
-        reasons.join("; ")
-    )))
-}
-
-/// Capacities of the object's big maps for `tools`. Rings and preallocated maps of collectors no
-/// tool uses get the smallest size the kernel accepts.
-fn map_sizes(
-    tools: &[&ToolOptions],
-    cpus: u32,
-    target: &ResolvedTarget,
-) -> Vec<(&'static str, u32)> {
-    use toe_common::{cpu, memory, signals as sig, targets};
-    // Hash maps are preallocated in the kernel: a collector that does not run gets the smallest
-    // of its maps (a node agent holds one object per concurrent run).
-    let mut sizes = vec![
-        (cpu::SAMPLES_RING, 4096),
-        (sig::EVENTS_RING, 4096),
-        (memory::STACKS_MAP, 1),
-        (memory::INFLIGHT_MAP, 1),
-        // Not preallocated, but their bucket arrays are (8 MiB for the live map).
-        (memory::LIVE_MAP, 1),
-        (memory::SITES_MAP, 1),
-        (memory::FAULTS_MAP, 1),
-        (sig::STACKS_MAP, 1),
-        (sig::TASKS_MAP, 1),
-    ];
-    if !target.cgroups.is_empty() || target.tgids.is_empty() {
-        // Processes are followed by cgroup; the process map stays empty.
-        sizes.push((targets::TARGET_TGIDS_MAP, 1));
-    }
-    let mut set = |name: &'static str, size: u32| {
-        if let Some(s) = sizes.iter_mut().find(|(n, _)| *n == name) {
-            s.1 = s.1.max(size);
-        } else {
-            sizes.push((name, size));
-        }
-    };
-    for tool in tools {
-        match tool {
-            ToolOptions::CpuProfile(o) => {
-                set(cpu::SAMPLES_RING, cpu::ring_bytes(cpus, o.frequency_hz));
-            }
-            ToolOptions::MemoryProfile(o) => {
-                set(memory::STACKS_MAP, memory::MAX_STACKS);
-                set(memory::INFLIGHT_MAP, memory::MAX_INFLIGHT);
-                set(memory::SITES_MAP, memory::MAX_SITES);
-                set(memory::FAULTS_MAP, memory::MAX_SITES);
-                set(memory::LIVE_MAP, o.max_tracked);
-            }
-            ToolOptions::SignalTrace(o) => {
-                set(sig::STACKS_MAP, sig::MAX_STACKS);
-                set(sig::TASKS_MAP, sig::MAX_TASKS);
-                set(sig::EVENTS_RING, o.ring_bytes);
-            }
-            ToolOptions::CpuStress(_)
-            | ToolOptions::MemoryStress(_)
-            | ToolOptions::VolumeFill(_)
-            // Image tools never reach a local run (planning refuses them).
-            | ToolOptions::Image(_) => {}
-            // terminate traces its victims' signals and exits.
-            ToolOptions::Terminate(_) => {
-                set(sig::STACKS_MAP, sig::MAX_STACKS);
-                set(sig::TASKS_MAP, sig::MAX_TASKS);
-                set(sig::EVENTS_RING, sig::RING_BYTES);
-            }
-        }
-    }
-    sizes
 }
 
 /// The tools a run drives: the PowerTool's own, then those alongside it; a terminate fault also
@@ -328,35 +187,22 @@ pub fn describe_fault(plan: &RunPlan) -> Result<Vec<String>, RunError> {
 /// Resolves the target and attaches; the command (if any) runs from here on.
 fn start(plan: &RunPlan) -> Result<Session, RunError> {
     // Everything that can be rejected is checked before anything is loaded or attached.
-    let tools = run_tools(plan);
     let (target, child) = resolve_target(&plan.target)?;
     let cpus = aya::util::online_cpus().map_or(1, |c| u32::try_from(c.len()).unwrap_or(u32::MAX));
-    for tool in &tools {
-        match tool {
-            ToolOptions::MemoryProfile(opts) if opts.allocations != AllocationMode::Off => {
-                check_allocator(&plan.target, &target)?;
-            }
-            ToolOptions::SignalTrace(_)
-                if target.tgids.is_empty()
-                    && target.cgroups.iter().all(signals::cgroup_is_empty) =>
-            {
-                return Err(RunError::Target(TargetError::Empty(
-                    target.description.clone(),
-                )));
-            }
-            _ => {}
-        }
-    }
-    // A fault is planned from the target's measured limits before anything is loaded.
-    let fault = match tools.iter().find(|t| t.is_fault()) {
-        Some(options) => {
-            let facts = faults::facts(&target, options)?;
-            let fault_plan = faults::plan(options, &facts)?;
-            Some((fault_plan, facts))
-        }
-        None => None,
+    let mut tools: Vec<Box<dyn tools::Tool>> =
+        run_tools(plan).iter().filter_map(tools::tool).collect();
+    // Collectors attach first: they see the fault from its first moment.
+    tools.sort_by_key(|t| t.is_fault());
+    let prepare = Prepare {
+        spec: &plan.target,
+        target: &target,
+        run_id: &plan.run_id,
     };
-    let mut loaded = Loaded::load(&map_sizes(&tools.iter().collect::<Vec<_>>(), cpus, &target))?;
+    for tool in &mut tools {
+        tool.prepare(&prepare)?;
+    }
+    let refs: Vec<&dyn tools::Tool> = tools.iter().map(AsRef::as_ref).collect();
+    let mut loaded = Loaded::load(&tools::map_sizes(&refs, cpus, &target))?;
     loaded.install_targets(&target)?;
     if matches!(plan.target, TargetSpec::Pid(_)) {
         // The fork tracepoint follows children from now on; this catches those started before.
@@ -364,56 +210,17 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
             loaded.add_tgid(pid)?;
         }
     }
-    // Collectors attach first: they see the fault from its first moment.
+    let mut attach = Attach {
+        loaded: &mut loaded,
+        target: &target,
+        held_pid: child.as_ref().map(|c| c.pid),
+        run_id: &plan.run_id,
+    };
     let mut works = Vec::new();
-    for tool in &tools {
-        works.push(match tool {
-            ToolOptions::CpuProfile(opts) => Work::Cpu {
-                opts: *opts,
-                collector: CpuCollector::attach(&mut loaded, opts)?,
-                raw: RawProfile::default(),
-                received: Vec::new(),
-            },
-            ToolOptions::MemoryProfile(opts) => {
-                let mut collector = MemoryCollector::attach(&mut loaded, opts)?;
-                // Attached before a held command is released, so its first allocation is seen.
-                let pids = collector.discover(&mut loaded, &target.cgroups)?;
-                if let Some(c) = &child {
-                    collector.attached_before_start(c.pid);
-                }
-                let rss = RssThread::spawn(opts.rss_interval, pids.clone(), target.cgroups.clone());
-                Work::Memory {
-                    opts: *opts,
-                    collector,
-                    rss,
-                    pids,
-                    ticks: 0,
-                }
-            }
-            ToolOptions::SignalTrace(opts) => {
-                let mut collector = SignalCollector::attach(&mut loaded, opts, &target)?;
-                if let Some(c) = &child {
-                    collector.add_process(c.pid)?;
-                }
-                Work::Signals(signals::SignalWork::new(opts.clone(), collector))
-            }
-            // Faults start below, once every collector is attached; image tools never reach a
-            // local run (planning refuses them).
-            ToolOptions::CpuStress(_)
-            | ToolOptions::MemoryStress(_)
-            | ToolOptions::Terminate(_)
-            | ToolOptions::VolumeFill(_)
-            | ToolOptions::Image(_) => continue,
-        });
+    for tool in tools {
+        works.push(tool.attach(&mut attach)?);
     }
-    if let Some((fault_plan, facts)) = fault {
-        works.push(Work::Fault(Box::new(FaultWork::start(
-            &plan.run_id,
-            fault_plan,
-            facts,
-        )?)));
-    }
-    let started_ns = signals::monotonic_ns();
+    let started_ns = monotonic_ns();
     let command_exit = match child {
         Some(mut c) => {
             c.release()?;
@@ -437,97 +244,44 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
 }
 
 impl Session {
-    /// Every [`DRAIN_EVERY`]: empty rings, attach to new processes, read RSS when due.
-    fn fast_tick(&mut self, symbolizer: &mut Symbolizer) -> Result<(), RunError> {
+    /// Calls `f` on every tool with the run's tick context.
+    fn each(
+        &mut self,
+        symbolizer: &mut Symbolizer,
+        mut f: impl FnMut(&mut dyn ToolRun, &mut Tick<'_>) -> Result<(), RunError>,
+    ) -> Result<(), RunError> {
+        let mut cx = Tick {
+            loaded: &mut self.loaded,
+            target: &self.target,
+            symbolizer,
+            elapsed_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+        };
         for work in &mut self.works {
-            match work {
-                Work::Cpu { collector, raw, .. } => {
-                    collector.drain(raw);
-                    // New stacks are symbolized at once: a short-lived process (or one about
-                    // to exec) may be gone by the next slow tick.
-                    let new = raw.take_new();
-                    if !new.is_empty() {
-                        symbolizer.resolve(&new);
-                    }
-                }
-                Work::Memory {
-                    opts,
-                    collector,
-                    rss,
-                    pids,
-                    ticks,
-                } => {
-                    // New processes are looked for every other tick (50 ms): the delay between
-                    // a fork and its probes is reported per process. Without allocator probes,
-                    // discovery only feeds RSS: every 250 ms is enough.
-                    *ticks += 1;
-                    let every = if opts.allocations == AllocationMode::Off {
-                        10
-                    } else {
-                        2
-                    };
-                    if *ticks % every == 0 {
-                        *pids = collector.discover(&mut self.loaded, &self.target.cgroups)?;
-                        rss.set_pids(pids);
-                    }
-                }
-                Work::Signals(w) => w.tick(&self.target),
-                Work::Fault(f) => f.tick(),
-            }
+            f(work.as_mut(), &mut cx)?;
         }
         Ok(())
     }
 
+    /// Every [`DRAIN_EVERY`]: empty rings, attach to new processes, read RSS when due.
+    fn fast_tick(&mut self, symbolizer: &mut Symbolizer) -> Result<(), RunError> {
+        self.each(symbolizer, |w, cx| w.fast_tick(cx))
+    }
+
     /// Every [`RESOLVE_EVERY`]: symbolize what is new while its processes live.
     fn slow_tick(&mut self, symbolizer: &mut Symbolizer) {
-        let now_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        for work in &mut self.works {
-            match work {
-                Work::Cpu { raw, received, .. } => {
-                    symbolizer.resolve(&raw.take_new());
-                    received.push((now_ms, raw.received));
-                }
-                Work::Memory { collector, .. } => symbolizer.resolve(&collector.take_new()),
-                Work::Signals(w) => w.resolve(symbolizer),
-                Work::Fault(_) => {}
-            }
-        }
+        let _ = self.each(symbolizer, |w, cx| {
+            w.slow_tick(cx);
+            Ok(())
+        });
     }
 
     fn fault_done(&self) -> bool {
-        self.works
-            .iter()
-            .any(|w| matches!(w, Work::Fault(f) if f.done()))
+        self.works.iter().any(|w| w.done())
     }
 
     fn progress(&self) -> String {
-        let parts: Vec<String> = self.works.iter().map(Work::progress).collect();
+        let parts: Vec<String> = self.works.iter().map(|w| w.progress()).collect();
         parts.join("; ")
-    }
-}
-
-impl Work {
-    fn progress(&self) -> String {
-        match self {
-            Work::Cpu { raw, collector, .. } => format!(
-                "{} samples, {} lost",
-                raw.received,
-                collector.counters().ring_full
-            ),
-            Work::Memory {
-                collector, pids, ..
-            } => {
-                let c = collector.counters();
-                format!(
-                    "{} processes, {} allocations tracked, {} page faults",
-                    pids.len(),
-                    c.get(toe_common::memory::Counter::Tracked),
-                    c.get(toe_common::memory::Counter::Faults)
-                )
-            }
-            Work::Signals(w) => w.progress(),
-            Work::Fault(f) => format!("{} running", f.plan.name()),
-        }
     }
 }
 
@@ -635,17 +389,15 @@ async fn sample(
     Ok((ended, command_status))
 }
 
-/// One artifact: summary name, file name, bytes.
-type Artifact = (&'static str, &'static str, Bytes);
-
-fn flamegraph(
+/// A flamegraph of sample type `index` of `profile`, for a tool's artifacts.
+pub(crate) fn flamegraph(
     profile: &Profile,
     index: usize,
     title: &str,
     subtitle: &str,
     unit: &str,
 ) -> Result<Bytes, RunError> {
-    svg::encode(profile, index, title, subtitle, unit)
+    folded::profile_flamegraph(profile, index, title, subtitle, unit)
         .map(Bytes::from)
         .map_err(|e| RunError::Svg(e.to_string()))
 }
@@ -657,429 +409,32 @@ async fn write_artifacts(
     sink: &dyn ArtifactSink,
     stopped: Instant,
 ) -> Result<(), RunError> {
-    for (kind, file, data) in artifacts {
-        let url = sink.put(file, data).await?;
-        summary.artifacts.push((kind.to_owned(), url));
+    for (name, data) in artifacts {
+        let url = sink.put(name.file, data).await?;
+        summary.artifacts.push((name.kind.to_owned(), url));
     }
     summary.finalize_ms = u64::try_from(stopped.elapsed().as_millis()).unwrap_or(u64::MAX);
     let json = serde_json::to_vec_pretty(&summary).expect("summary serializes");
-    let url = sink.put("summary.json", Bytes::from(json)).await?;
-    summary.artifacts.push(("summary".into(), url));
+    let url = sink.put(names::SUMMARY.file, Bytes::from(json)).await?;
+    summary.artifacts.push((names::SUMMARY.kind.into(), url));
     Ok(())
-}
-
-/// What a collector leaves after detaching: its section of the summary and its artifacts.
-#[derive(Default)]
-struct Finished {
-    cpu: Option<CpuSummary>,
-    memory: Option<MemorySummary>,
-    signals: Option<crate::profile::signals::SignalSummary>,
-    /// The run collected but must report failure (e.g. losses beyond the allowed bound).
-    failed: Option<String>,
-    fault: Option<faults::FaultSummary>,
-    artifacts: Vec<Artifact>,
-    warnings: Vec<String>,
-    /// This tool's part of the run's shared timeline.
-    lanes: Vec<timeline::Lane>,
-}
-
-impl Finished {
-    /// Adds another tool's results; each tool fills its own parts.
-    fn merge(&mut self, other: Self) {
-        self.cpu = self.cpu.take().or(other.cpu);
-        self.memory = self.memory.take().or(other.memory);
-        self.signals = self.signals.take().or(other.signals);
-        self.fault = self.fault.take().or(other.fault);
-        self.failed = self.failed.take().or(other.failed);
-        self.artifacts.extend(other.artifacts);
-        self.warnings.extend(other.warnings);
-        self.lanes.extend(other.lanes);
-    }
-}
-
-fn finish_cpu(
-    opts: CpuProfileOptions,
-    mut collector: CpuCollector,
-    (mut raw, received): (RawProfile, Vec<(f64, u64)>),
-    symbolizer: &mut Symbolizer,
-    children: (u64, u64),
-    span: (u64, u64),
-    title: &str,
-) -> Result<Finished, RunError> {
-    collector.drain(&mut raw);
-    let counters = collector.counters();
-    symbolizer.resolve(&raw.take_new());
-    let period = 1_000_000_000 / opts.frequency_hz.max(1);
-    let stacks = symbolizer.stacks(raw.counts.iter().map(|(k, &c)| (k, vec![c, c * period])));
-    let cpu_ns = ValueType::new("cpu", "nanoseconds");
-    let profile = Profile {
-        frames: symbolizer.frames(),
-        stacks,
-        sample_types: vec![ValueType::new("samples", "count"), cpu_ns.clone()],
-        default_type: 0,
-        period: Some((cpu_ns, period)),
-        start_unix_ns: span.0,
-        duration_ns: span.1,
-        comment: format!("toe cpu-profile at {} Hz", opts.frequency_hz),
-    };
-    let breakdown = summary::analyse(&profile);
-    let mut warnings = Vec::new();
-    if breakdown.total == 0 {
-        warnings.push(
-            "no samples: the target did not run on a CPU while sampling (idle, or exited at once)"
-                .into(),
-        );
-    }
-    let subtitle = format!(
-        "{} samples at {} Hz",
-        profile.total_default(),
-        opts.frequency_hz
-    );
-    let artifacts = vec![
-        (
-            "flamegraph",
-            "flamegraph.svg",
-            flamegraph(&profile, 0, title, &subtitle, "samples")?,
-        ),
-        ("pprof", "cpu.pb.gz", Bytes::from(pprof::encode(&profile))),
-        (
-            "folded",
-            "stacks.folded",
-            Bytes::from(folded::encode(&profile, 0)),
-        ),
-    ];
-    let cpu = CpuSummary {
-        frequency_hz: opts.frequency_hz,
-        cpus: collector.cpus.len(),
-        samples: SampleAccounting {
-            children_followed: children.0,
-            children_missed: children.1,
-            ..accounting(&raw, counters)
-        },
-        breakdown,
-    };
-    let lane = timeline::Lane {
-        name: "cpu-profile: on-CPU samples".into(),
-        unit: "samples/s".into(),
-        series: vec![timeline::Series {
-            name: "target on CPU".into(),
-            points: timeline::rate_per_second(&received),
-        }],
-        ..timeline::Lane::default()
-    };
-    Ok(Finished {
-        cpu: Some(cpu),
-        artifacts,
-        warnings,
-        lanes: vec![lane],
-        ..Finished::default()
-    })
-}
-
-/// What was and was not tracked, in words, so an empty profile is never mistaken for "no leaks".
-fn coverage(opts: &MemoryProfileOptions, m: &MemorySummary) -> Vec<String> {
-    let mut out = Vec::new();
-    if opts.allocations == AllocationMode::Off {
-        out.push("allocations: not tracked (mode growth); page faults and RSS only".into());
-    } else {
-        let tracked = m.processes.iter().filter(|p| p.tracked).count();
-        let untracked: Vec<String> = m
-            .processes
-            .iter()
-            .filter(|p| !p.tracked)
-            .map(|p| format!("{} ({})", p.name, p.pid))
-            .collect();
-        if tracked == 0 {
-            out.push(
-                "allocations: NOT TRACKED in any target process (no supported allocator); the \
-                 heap profile is empty because nothing was observed, not because nothing leaked"
-                    .into(),
-            );
-        } else {
-            out.push(format!(
-                "allocations: glibc malloc family (malloc, calloc, realloc, reallocarray, free, \
-                 posix_memalign, aligned_alloc, memalign, valloc, pvalloc) probed in {tracked} \
-                 process(es); memory the application maps itself (mmap) and allocators other \
-                 than glibc's are not allocations here but show in page faults and RSS"
-            ));
-        }
-        if !untracked.is_empty() {
-            out.push(format!(
-                "allocations not tracked in: {} (reasons per process above)",
-                untracked.join(", ")
-            ));
-        }
-        if opts.min_size > 0 {
-            out.push(format!(
-                "allocations below {} are counted, not tracked",
-                memprof::bytes(opts.min_size)
-            ));
-        }
-    }
-    if opts.faults {
-        out.push("page faults: every user page fault in the target, filtered in the kernel".into());
-    }
-    out
-}
-
-/// The heap profile's artifacts and summary parts.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
-fn heap_artifacts(
-    m: &mut MemorySummary,
-    artifacts: &mut Vec<Artifact>,
-    warnings: &mut Vec<String>,
-    symbolizer: &mut Symbolizer,
-    sites: &[(crate::symbolize::RawKey, toe_common::memory::SiteStats)],
-    counters: &crate::collectors::memory::MemCounters,
-    span: (u64, u64),
-    title: &str,
-) -> Result<(), RunError> {
-    let rate = m.sample_bytes.unwrap_or(0);
-    let heap = memprof::heap_profile(symbolizer, sites, rate, span);
-    let totals = HeapTotals::of(&heap);
-    let subtitle = format!(
-        "{} in use at the end of the run{}",
-        memprof::bytes(totals.inuse_bytes),
-        if rate > 0 {
-            " (estimated from sampling)"
-        } else {
-            ""
-        }
-    );
-    artifacts.push((
-        "inuse-flamegraph",
-        "inuse.svg",
-        flamegraph(
-            &heap,
-            memprof::INUSE_SPACE,
-            &format!("{title} — in-use bytes"),
-            &subtitle,
-            "bytes",
-        )?,
-    ));
-    artifacts.push((
-        "alloc-flamegraph",
-        "alloc.svg",
-        flamegraph(
-            &heap,
-            memprof::ALLOC_SPACE,
-            &format!("{title} — allocated bytes"),
-            &format!(
-                "{} allocated during the run",
-                memprof::bytes(totals.alloc_bytes)
-            ),
-            "bytes",
-        )?,
-    ));
-    artifacts.push((
-        "heap-pprof",
-        "heap.pb.gz",
-        Bytes::from(pprof::encode(&heap)),
-    ));
-    artifacts.push((
-        "inuse-folded",
-        "inuse.folded",
-        Bytes::from(folded::encode(&heap, memprof::INUSE_SPACE)),
-    ));
-    artifacts.push((
-        "alloc-folded",
-        "alloc.folded",
-        Bytes::from(folded::encode(&heap, memprof::ALLOC_SPACE)),
-    ));
-    m.inuse = Some(summary::analyse(&heap));
-    m.heap = Some(totals);
-    let acc = AllocationAccounting::from_counters(counters);
-    if acc.lost_live_map_full + acc.lost_sites_map_full + acc.lost_call_table_full > 0 {
-        warnings.push(format!(
-                "allocations lost: {} (live map full: raise --max-tracked), {} (site map full), {} (call table full)",
-                acc.lost_live_map_full, acc.lost_sites_map_full, acc.lost_call_table_full
-            ));
-    }
-    m.allocations = Some(acc);
-    Ok(())
-}
-
-fn finish_memory(
-    opts: MemoryProfileOptions,
-    mut collector: MemoryCollector,
-    rss: &RssSampler,
-    symbolizer: &mut Symbolizer,
-    span: (u64, u64),
-    title: &str,
-) -> Result<Finished, RunError> {
-    let (sites, new) = collector.finish();
-    symbolizer.resolve(&new);
-    let counters = collector.counters();
-    let mut m = MemorySummary {
-        mode: match opts.allocations {
-            AllocationMode::Exact => "exact",
-            AllocationMode::Sampled => "sampled",
-            AllocationMode::Off => "growth",
-        }
-        .into(),
-        sample_bytes: (opts.allocations == AllocationMode::Sampled).then_some(opts.sample_bytes),
-        min_size: opts.min_size,
-        fault_period: opts.faults.then_some(opts.fault_period),
-        processes: collector.processes(),
-        rss: rss.summary(),
-        ..MemorySummary::default()
-    };
-    m.coverage = coverage(&opts, &m);
-    let mut artifacts: Vec<Artifact> = Vec::new();
-    let mut warnings = Vec::new();
-    if sites.stacks_unverified > 0 {
-        warnings.push(format!(
-            "{} call sites shown without a stack: their stored frames failed verification",
-            sites.stacks_unverified
-        ));
-    }
-    if opts.allocations != AllocationMode::Off {
-        heap_artifacts(
-            &mut m,
-            &mut artifacts,
-            &mut warnings,
-            symbolizer,
-            &sites.allocations,
-            &counters,
-            span,
-            title,
-        )?;
-    }
-    if opts.faults {
-        let growth = memprof::growth_profile(
-            symbolizer,
-            &sites.faults,
-            u64::from(opts.fault_period),
-            span,
-        );
-        let f = FaultAccounting::from_counters(&counters);
-        artifacts.push((
-            "growth-flamegraph",
-            "growth.svg",
-            flamegraph(
-                &growth,
-                0,
-                &format!("{title} — page faults (memory growth)"),
-                &format!("{} page faults in the target", f.faults),
-                "faults",
-            )?,
-        ));
-        artifacts.push((
-            "growth-pprof",
-            "growth.pb.gz",
-            Bytes::from(pprof::encode(&growth)),
-        ));
-        artifacts.push((
-            "growth-folded",
-            "growth.folded",
-            Bytes::from(folded::encode(&growth, 0)),
-        ));
-        m.growth = Some(summary::analyse(&growth));
-        m.faults = Some(f);
-    }
-    let series = rss.series();
-    artifacts.push(("rss-csv", "rss.csv", Bytes::from(rss::csv(&series))));
-    artifacts.push((
-        "rss-json",
-        "rss.json",
-        Bytes::from(serde_json::to_vec_pretty(&series).expect("series serialize")),
-    ));
-    artifacts.push((
-        "rss-chart",
-        "rss.svg",
-        Bytes::from(rss::svg(&series, &format!("{title} — RSS"))),
-    ));
-    Ok(Finished {
-        memory: Some(m),
-        artifacts,
-        warnings,
-        lanes: vec![rss::timeline_lane(&series)],
-        ..Finished::default()
-    })
-}
-
-/// Detached: turns what the collector accumulated into its summary section and artifacts.
-fn finish_work(
-    work: Work,
-    symbolizer: &mut Symbolizer,
-    children: (u64, u64),
-    (span, started_ns): ((u64, u64), u64),
-    sampled_for: Duration,
-    title: &str,
-) -> Result<Finished, RunError> {
-    Ok(match work {
-        Work::Cpu {
-            opts,
-            collector,
-            raw,
-            received,
-        } => finish_cpu(
-            opts,
-            collector,
-            (raw, received),
-            symbolizer,
-            children,
-            span,
-            title,
-        )?,
-        Work::Memory {
-            opts,
-            collector,
-            rss,
-            ..
-        } => finish_memory(opts, collector, &rss.finish(), symbolizer, span, title)?,
-        Work::Signals(w) => signals::finish(
-            w,
-            symbolizer,
-            (started_ns, span.0),
-            sampled_for.as_secs_f64() * 1000.0,
-            title,
-        ),
-        Work::Fault(f) => {
-            let summary = (*f).finish();
-            let mut finished = Finished::default();
-            if summary.leftovers > 0 {
-                finished.warnings.push(format!(
-                    "{} worker(s) survived the rollback",
-                    summary.leftovers
-                ));
-            }
-            finished.artifacts.push((
-                "fault-series",
-                "fault.csv",
-                Bytes::from(faults::csv(&summary)),
-            ));
-            finished.lanes.push(faults::timeline_lane(&summary));
-            finished.fault = Some(summary);
-            finished
-        }
-    })
 }
 
 /// Every tool's results together; a terminate fault's victims get their ending from the trace.
-fn finish_all(
-    works: Vec<Work>,
-    symbolizer: &mut Symbolizer,
-    children: (u64, u64),
-    clock: ((u64, u64), u64),
-    sampled_for: Duration,
-    title: &str,
-) -> Result<Finished, RunError> {
+fn finish_all(works: Vec<Box<dyn ToolRun>>, cx: &mut Finish<'_>) -> Result<Finished, RunError> {
     let tools = works.len();
     let mut all = Finished::default();
     for work in works {
-        all.merge(finish_work(
-            work,
-            symbolizer,
-            children,
-            clock,
-            sampled_for,
-            title,
-        )?);
+        all.merge(work.finish(cx)?);
     }
+    combine(&mut all, tools, cx);
+    Ok(all)
+}
+
+/// What the tools' results say together: a terminate fault's victims get their ending from the
+/// trace, and the run gets a shared timeline when there is something to line up (a fault, asked
+/// versus achieved over time, or several tools).
+fn combine(all: &mut Finished, tools: usize, cx: &Finish<'_>) {
     if let (Some(fault), Some(sig)) = (&mut all.fault, &all.signals) {
         for t in &mut fault.terminated {
             t.outcome = sig
@@ -1089,26 +444,34 @@ fn finish_all(
                 .map(|p| p.explanation.clone());
         }
     }
-    // The shared timeline, when there is something to line up: a fault (asked versus achieved
-    // over time) or several tools.
     if all.fault.is_some() || tools > 1 {
         let t = timeline::Timeline {
-            start_unix_ns: clock.0.0,
-            duration_ms: sampled_for.as_secs_f64() * 1000.0,
+            start_unix_ns: cx.span.0,
+            duration_ms: cx.sampled_for.as_secs_f64() * 1000.0,
             lanes: std::mem::take(&mut all.lanes),
         };
         all.artifacts.push((
-            "run-timeline",
-            "run-timeline.svg",
-            Bytes::from(timeline::svg(&t, &format!("{title} — run timeline"))),
+            names::RUN_TIMELINE,
+            Bytes::from(timeline::svg(&t, &format!("{} — run timeline", cx.title))),
         ));
         all.artifacts.push((
-            "run-timeline-json",
-            "run-timeline.json",
+            names::RUN_TIMELINE_JSON,
             Bytes::from(serde_json::to_vec_pretty(&t).expect("timeline serializes")),
         ));
     }
-    Ok(all)
+}
+
+/// The process exit code of a run: 130/143 when interrupted, 3 when it collected but failed
+/// (losses beyond the allowed bound), else the command's own status, else 0. `None` means the
+/// command still runs and its status is to be waited for.
+fn exit_code(ended: &Ended, failed: bool, command_status: Option<i32>) -> Option<i32> {
+    match (ended, command_status) {
+        (Ended::Interrupted("SIGINT"), _) => Some(130),
+        (Ended::Interrupted(_), _) => Some(143),
+        _ if failed => Some(3),
+        (_, Some(code)) => Some(code),
+        (_, None) => None,
+    }
 }
 
 /// Runs the plan to the end and writes its artifacts to `sink`.
@@ -1135,18 +498,7 @@ pub async fn execute(
     )
     .await?;
     let children = session.loaded.child_counters()?;
-    for work in &mut session.works {
-        if let Work::Memory {
-            collector,
-            rss,
-            pids,
-            ..
-        } = work
-        {
-            *pids = collector.discover(&mut session.loaded, &session.target.cgroups)?;
-            rss.set_pids(pids);
-        }
-    }
+    session.each(&mut symbolizer, |w, cx| w.before_detach(cx))?;
     let Session {
         target,
         loaded,
@@ -1160,23 +512,23 @@ pub async fn execute(
     drop(loaded);
     let stopped = Instant::now();
     let sampled_for = started.elapsed();
-    let span = (
-        unix_ns(started_at),
-        u64::try_from(sampled_for.as_nanos()).unwrap_or(u64::MAX),
-    );
     let title = format!(
         "{} — {}",
         plan.name.as_deref().unwrap_or(&plan.tool.name),
         target.description
     );
-    let finished = finish_all(
-        works,
-        &mut symbolizer,
+    let mut cx = Finish {
+        symbolizer: &mut symbolizer,
         children,
-        (span, started_ns),
+        span: (
+            unix_ns(started_at),
+            u64::try_from(sampled_for.as_nanos()).unwrap_or(u64::MAX),
+        ),
+        started_ns,
         sampled_for,
-        &title,
-    )?;
+        title: &title,
+    };
+    let finished = finish_all(works, &mut cx)?;
     let mut summary = Summary {
         run: plan.run_id.clone(),
         tool: plan.tool.name.clone(),
@@ -1184,7 +536,7 @@ pub async fn execute(
         target: target.description.clone(),
         complete: !matches!(ended, Ended::Interrupted(_)),
         ended: ended.describe(),
-        started_unix_ms: span.0 / 1_000_000,
+        started_unix_ms: cx.span.0 / 1_000_000,
         requested_duration_s: plan.tool.duration.as_secs_f64(),
         sampled_duration_s: sampled_for.as_secs_f64(),
         cpu: finished.cpu,
@@ -1198,12 +550,12 @@ pub async fn execute(
     summary.warnings.extend(finished.warnings);
     write_artifacts(finished.artifacts, &mut summary, sink, stopped).await?;
 
-    let exit_code = match (&ended, command_status, command_exit) {
-        (Ended::Interrupted("SIGINT"), _, _) => 130,
-        (Ended::Interrupted(_), _, _) => 143,
-        _ if summary.failed.is_some() => 3,
-        (_, Some(code), _) => code,
-        (_, None, Some(rx)) => {
+    let exit_code = match (
+        exit_code(&ended, summary.failed.is_some(), command_status),
+        command_exit,
+    ) {
+        (Some(code), _) => code,
+        (None, Some(rx)) => {
             // Duration ended first: the command keeps running and keeps its terminal; TOE
             // waits for it so scripts still get its exit status.
             eprintln!(
@@ -1212,7 +564,7 @@ pub async fn execute(
             );
             rx.await.unwrap_or(127)
         }
-        (_, None, None) => 0,
+        (None, None) => 0,
     };
     Ok(Outcome {
         summary,
@@ -1221,17 +573,82 @@ pub async fn execute(
     })
 }
 
-fn accounting(raw: &RawProfile, c: CpuCounters) -> SampleAccounting {
-    SampleAccounting {
-        taken: c.sampled,
-        recorded: raw.received,
-        lost_ring_full: c.ring_full,
-        unaccounted: c.sampled.saturating_sub(raw.received + c.ring_full),
-        kernel_stack_truncated: raw.kstack_truncated,
-        user_stack_truncated: raw.ustack_truncated,
-        kernel_stack_errors: raw.kstack_errors,
-        user_stack_errors: raw.ustack_errors,
-        children_followed: 0,
-        children_missed: 0,
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use toe_artifacts::summary::{
+        fault::{FaultSummary, Termination},
+        signals::{ProcessEnd, SignalSummary},
+    };
+
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_how_the_run_ended() {
+        assert_eq!(
+            exit_code(&Ended::Interrupted("SIGINT"), true, Some(1)),
+            Some(130)
+        );
+        assert_eq!(
+            exit_code(&Ended::Interrupted("SIGTERM"), false, None),
+            Some(143)
+        );
+        assert_eq!(exit_code(&Ended::Duration, true, Some(0)), Some(3));
+        assert_eq!(exit_code(&Ended::CommandExited(7), false, Some(7)), Some(7));
+        assert_eq!(exit_code(&Ended::Duration, false, None), None);
+    }
+
+    fn finish_cx(symbolizer: &mut Symbolizer) -> Finish<'_> {
+        Finish {
+            symbolizer,
+            children: (0, 0),
+            span: (1_700_000_000_000_000_000, 2_000_000_000),
+            started_ns: 0,
+            sampled_for: Duration::from_secs(2),
+            title: "t",
+        }
+    }
+
+    #[test]
+    fn a_terminated_process_gets_its_ending_from_the_trace_and_the_run_a_timeline() {
+        let mut all = Finished {
+            fault: Some(FaultSummary {
+                terminated: vec![Termination {
+                    pid: 42,
+                    ..Termination::default()
+                }],
+                ..FaultSummary::default()
+            }),
+            signals: Some(SignalSummary {
+                processes: vec![ProcessEnd {
+                    pid: 42,
+                    explanation: "app (42) exited with 0 after SIGTERM".into(),
+                    ..ProcessEnd::default()
+                }],
+                ..SignalSummary::default()
+            }),
+            ..Finished::default()
+        };
+        let mut symbolizer = Symbolizer::new();
+        combine(&mut all, 2, &finish_cx(&mut symbolizer));
+        let t = &all.fault.as_ref().unwrap().terminated[0];
+        assert_eq!(
+            t.outcome.as_deref(),
+            Some("app (42) exited with 0 after SIGTERM")
+        );
+        let written: Vec<&str> = all.artifacts.iter().map(|(n, _)| n.file).collect();
+        assert_eq!(
+            written,
+            [names::RUN_TIMELINE.file, names::RUN_TIMELINE_JSON.file]
+        );
+    }
+
+    #[test]
+    fn one_collector_alone_gets_no_shared_timeline() {
+        let mut all = Finished::default();
+        let mut symbolizer = Symbolizer::new();
+        combine(&mut all, 1, &finish_cx(&mut symbolizer));
+        assert!(all.artifacts.is_empty());
     }
 }

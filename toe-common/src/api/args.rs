@@ -242,21 +242,7 @@ pub fn parse_size(raw: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{raw} is too large for a size"))
 }
 
-/// `bytes` in the largest binary unit that divides it, for messages.
-#[must_use]
-pub fn format_size(bytes: u64) -> String {
-    for (unit, m) in [
-        ("TiB", 1u64 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ] {
-        if bytes >= m && bytes.is_multiple_of(m) {
-            return format!("{}{unit}", bytes / m);
-        }
-    }
-    format!("{bytes}B")
-}
+pub use crate::format_size;
 
 /// `all`, or comma-separated signals (see [`crate::signals::parse_signal`]) as a bit mask.
 pub fn parse_signal_set(raw: &str) -> Result<u64, String> {

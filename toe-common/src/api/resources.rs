@@ -207,16 +207,6 @@ pub fn run_name(uid: &str, generation: i64) -> String {
 }
 
 impl SelectedTarget {
-    /// Where this target's artifacts go below the output URL:
-    /// `<namespace>/<powertool>/<run>/<pod>/<container>/`.
-    #[must_use]
-    pub fn artifact_prefix(&self, powertool: &str, run: &str) -> String {
-        format!(
-            "{}/{powertool}/{run}/{}/{}/",
-            self.namespace, self.pod, self.container
-        )
-    }
-
     /// Whether `other` names the same container of the same pod.
     #[must_use]
     pub fn same_container(&self, other: &Self) -> bool {

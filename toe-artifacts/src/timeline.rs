@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::esc;
+use crate::esc;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Timeline {
@@ -87,7 +87,7 @@ pub fn format_value(v: f64, unit: &str) -> String {
             clippy::cast_sign_loss,
             reason = "whole bytes for display"
         )]
-        "bytes" => super::memory::bytes(v.max(0.0) as u64),
+        "bytes" => crate::bytes(v.max(0.0) as u64),
         "CPUs" => format!("{v:.2} CPUs"),
         "percent" => format!("{v:.1}%"),
         _ => format!("{v:.0} {unit}"),

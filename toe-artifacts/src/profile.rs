@@ -1,18 +1,6 @@
-//! The profile pipeline as pure stages: raw samples (collectors) -> symbolized [`Profile`]
-//! (symbolize) -> encoders (folded stacks, flamegraph SVG, pprof, summary). Every stage is a plain
-//! function over data, tested without a kernel.
-
-pub mod folded;
-pub mod memory;
-pub mod pprof;
-use toe_report::proto;
-pub mod signals;
-pub mod summary;
-pub mod svg;
-pub mod timeline;
-
-/// Text for SVG and HTML: the characters markup would read as its own escaped.
-pub(crate) use toe_report::esc;
+//! A symbolized profile: the model the agent's symbolizer produces and every encoder reads
+//! ([`crate::folded`], [`crate::pprof`], [`crate::summary::analyse`]). Plain data, tested without
+//! a kernel.
 
 /// One frame after symbolization. Unresolved frames keep their module and offset in `function`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -1,40 +1,95 @@
-//! pprof encoding: a gzipped `profile.proto` that `go tool pprof` reads (CPU profiles, heap
-//! profiles with Go's four sample types, fault profiles), with per-sample labels for the process
-//! and thread.
+//! pprof: a gzipped `profile.proto` that `go tool pprof` reads. Encoding a [`Profile`] (CPU
+//! profiles, heap profiles with Go's four sample types, page-fault profiles, with per-sample
+//! labels for the process and thread), decoding, and the string table both sides intern into.
 
-use std::{collections::HashMap, io::Write as _};
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+};
 
-use flate2::{Compression, write::GzEncoder};
+use flate2::{Compression, read::GzDecoder, write::GzEncoder};
 use prost::Message as _;
 
-use super::{
-    Profile,
+use crate::{
+    profile::Profile,
     proto::{self, Function, Label, Line, Location, Mapping, Sample, ValueType},
 };
 
-#[derive(Default)]
-struct Strings {
+/// pprof's string table: every string once, `""` at index 0 as the format requires.
+#[derive(Debug)]
+pub struct Strings {
     table: Vec<String>,
     index: HashMap<String, i64>,
 }
 
-impl Strings {
-    fn new() -> Self {
-        let mut s = Self::default();
-        // pprof requires string_table[0] == "".
+impl Default for Strings {
+    fn default() -> Self {
+        let mut s = Self {
+            table: Vec::new(),
+            index: HashMap::new(),
+        };
         s.get("");
         s
     }
+}
 
-    fn get(&mut self, s: &str) -> i64 {
+impl Strings {
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The index of `s`, added if new.
+    pub fn get(&mut self, s: &str) -> i64 {
         if let Some(&i) = self.index.get(s) {
             return i;
         }
-        let i = i64::try_from(self.table.len()).expect("string table fits i64");
+        let i = i64::try_from(self.table.len()).unwrap_or(i64::MAX);
         self.table.push(s.to_owned());
         self.index.insert(s.to_owned(), i);
         i
     }
+
+    /// The finished table, for `Profile::string_table`.
+    #[must_use]
+    pub fn into_table(self) -> Vec<String> {
+        self.table
+    }
+}
+
+/// A pprof profile from gzipped or plain bytes.
+pub fn decode(data: &[u8]) -> Result<proto::Profile, String> {
+    let mut raw = Vec::new();
+    let bytes = if data.starts_with(&[0x1f, 0x8b]) {
+        GzDecoder::new(data)
+            .read_to_end(&mut raw)
+            .map_err(|e| format!("gunzip: {e}"))?;
+        &raw[..]
+    } else {
+        data
+    };
+    proto::Profile::decode(bytes).map_err(|e| format!("not a pprof profile: {e}"))
+}
+
+/// `p` gzipped, as pprof files are stored.
+#[must_use]
+pub fn encode_gzip(p: &proto::Profile) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    gz.write_all(&p.encode_to_vec())
+        .expect("writing to a Vec cannot fail");
+    gz.finish().expect("writing to a Vec cannot fail")
+}
+
+/// Sum of each sample type over all samples.
+#[must_use]
+pub fn totals(p: &proto::Profile) -> Vec<i64> {
+    let mut t = vec![0i64; p.sample_type.len()];
+    for s in &p.sample {
+        for (acc, v) in t.iter_mut().zip(&s.value) {
+            *acc += v;
+        }
+    }
+    t
 }
 
 fn as_i64(v: u64) -> i64 {
@@ -146,7 +201,7 @@ pub fn build(profile: &Profile) -> proto::Profile {
             ],
         })
         .collect();
-    let mut value_type = |v: &super::ValueType| ValueType {
+    let mut value_type = |v: &crate::profile::ValueType| ValueType {
         r#type: strings.get(&v.kind),
         unit: strings.get(&v.unit),
     };
@@ -166,7 +221,7 @@ pub fn build(profile: &Profile) -> proto::Profile {
         mapping: t.mappings,
         location: locations,
         function: t.functions,
-        string_table: t.strings.table,
+        string_table: t.strings.into_table(),
         time_nanos: as_i64(profile.start_unix_ns),
         duration_nanos: as_i64(profile.duration_ns),
         period_type,
@@ -180,23 +235,21 @@ pub fn build(profile: &Profile) -> proto::Profile {
 /// Gzipped bytes, the form `go tool pprof` and every pprof consumer expect.
 #[must_use]
 pub fn encode(profile: &Profile) -> Vec<u8> {
-    let raw = build(profile).encode_to_vec();
-    let mut gz = GzEncoder::new(Vec::with_capacity(raw.len() / 4), Compression::default());
-    gz.write_all(&raw).expect("writing to a Vec cannot fail");
-    gz.finish().expect("writing to a Vec cannot fail")
+    encode_gzip(&build(profile))
 }
 
 #[cfg(test)]
 mod tests {
     use std::io::Read as _;
 
-    use super::{super::fixtures, *};
+    use super::*;
+    use crate::profile::fixtures;
 
     #[test]
     fn round_trips_and_keeps_totals() {
         let p = fixtures::profile();
         let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(&encode(&p)[..])
+        GzDecoder::new(&encode(&p)[..])
             .read_to_end(&mut raw)
             .unwrap();
         let decoded = proto::Profile::decode(&raw[..]).unwrap();

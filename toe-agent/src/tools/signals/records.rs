@@ -1,174 +1,20 @@
-//! Signal and lifecycle records: the JSON Lines events, the per-process account of how each
-//! target process ended, and the timeline. Pure functions over records the collector decoded.
+//! Signal and lifecycle records: the per-process account of how each target process ended, the
+//! signal counts, and the timeline. Pure functions over records the collector decoded (their
+//! types and the events file are the artifact contract's).
 
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
 };
 
-use serde::{Deserialize, Serialize};
+pub use toe_artifacts::summary::signals::{
+    Actor, Detail, KindAccounting, ProcessEnd, Record, SignalCount, SignalSummary, jsonl,
+};
+use toe_artifacts::{esc, timeline};
 use toe_common::signals::{
     CLD_DUMPED, CLD_EXITED, CLD_KILLED, DefaultAction, SIGCHLD, SIGKILL, SIGTERM, default_action,
     signal_name,
 };
-
-use super::esc;
-
-/// The other party of an event: a signal's sender, a fork's child, whoever moved a task.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Actor {
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    /// cgroup v2 path (relative to the v2 root) when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum Detail {
-    /// A signal generated towards the target task (pid/tid/comm are the receiver's).
-    Signal {
-        signal: String,
-        signo: i32,
-        code: String,
-        /// delivered (queued), ignored, already_pending, overflow, lost_info.
-        result: String,
-        /// process (kill) or thread (tgkill).
-        scope: String,
-        sender: Actor,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        user_stack: Vec<String>,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        kernel_stack: Vec<String>,
-    },
-    /// A target process reported its exit to its parent (its `SIGCHLD`).
-    ExitNotice {
-        code: String,
-        parent: u32,
-    },
-    /// The target task took the signal off its queue to act on it.
-    Delivery {
-        signal: String,
-        signo: i32,
-        code: String,
-        /// default, ignore, or handler.
-        action: String,
-    },
-    Fork {
-        child: Actor,
-    },
-    Exec {
-        filename: String,
-    },
-    Exit {
-        /// The status passed to exit/exit_group, if the process called it.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        exit_code: Option<i32>,
-    },
-    OomKill {
-        victim_comm: String,
-        /// The task whose allocation hit the limit.
-        trigger: Actor,
-        total_vm_kib: u64,
-        anon_rss_kib: u64,
-        file_rss_kib: u64,
-        shmem_rss_kib: u64,
-        oom_score_adj: i64,
-        /// Memory cgroup (v1 or v2 path) of the victim, when it could still be read.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        memory_cgroup: Option<String>,
-    },
-    Joined {
-        by: Actor,
-        cgroup_id: u64,
-    },
-    Left {
-        by: Actor,
-        cgroup_id: u64,
-    },
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Record {
-    /// Milliseconds since the run started.
-    pub t_ms: f64,
-    pub time_unix_ns: u64,
-    /// The process (tgid) and task the event is about; 0 when unknown.
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    #[serde(flatten)]
-    pub detail: Detail,
-}
-
-/// How a target process ended, as far as the events show.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct ProcessEnd {
-    pub pid: u32,
-    pub comm: String,
-    /// "exited", "killed", "dumped core", or "still running".
-    pub how: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    /// The signal that ended it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<String>,
-    /// Who sent that signal (the kernel's OOM killer shows as the task that hit the limit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sent_by: Option<Actor>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oom_killed: Option<bool>,
-    /// Milliseconds from the first SIGTERM to the exit: the graceful-shutdown time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after_first_sigterm_ms: Option<f64>,
-    /// A SIGKILL was sent after a SIGTERM.
-    pub sigkill_followed_sigterm: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exited_at_ms: Option<f64>,
-    /// One line for people.
-    pub explanation: String,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SignalCount {
-    pub signal: String,
-    pub sender: String,
-    pub receiver: String,
-    pub count: u64,
-    /// Count per result (delivered, already_pending, ...).
-    pub results: BTreeMap<String, u64>,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KindAccounting {
-    pub event: String,
-    /// Events the kernel tried to emit.
-    pub emitted: u64,
-    /// Read by TOE.
-    pub recorded: u64,
-    /// Lost because the ring buffer was full.
-    pub lost: u64,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct SignalSummary {
-    pub events: Vec<KindAccounting>,
-    pub lost_total: u64,
-    pub max_lost: u64,
-    /// Signals towards targets left out by --signals/--senders.
-    pub filtered: u64,
-    pub stacks_unwind_failed: u64,
-    pub stacks_map_full: u64,
-    pub stacks_unverified: u64,
-    /// Target tasks the kernel could not follow (tasks map full).
-    pub tasks_missed: u64,
-    /// Tasks found in a target cgroup by the kernel (born there) or by the periodic check.
-    pub late_joins: u64,
-    pub signals: Vec<SignalCount>,
-    pub processes: Vec<ProcessEnd>,
-}
 
 fn fatal_by_default(sig: i32) -> bool {
     matches!(
@@ -416,17 +262,6 @@ pub fn signal_counts(records: &[Record]) -> Vec<SignalCount> {
     v
 }
 
-/// One JSON object per line.
-#[must_use]
-pub fn jsonl(records: &[Record]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for r in records {
-        serde_json::to_writer(&mut out, r).expect("record serializes");
-        out.push(b'\n');
-    }
-    out
-}
-
 const LANE_H: f64 = 34.0;
 const LEFT: f64 = 220.0;
 const PLOT_W: f64 = 900.0;
@@ -485,21 +320,21 @@ fn mark(r: &Record) -> Option<(u8, &'static str, String)> {
 /// The events as a lane of the run's shared timeline (deliveries left out: the signal mark
 /// already says it).
 #[must_use]
-pub fn timeline_lane(records: &[Record]) -> super::timeline::Lane {
-    super::timeline::Lane {
+pub fn timeline_lane(records: &[Record]) -> timeline::Lane {
+    timeline::Lane {
         name: "signals and exits".into(),
         events: records
             .iter()
             .filter_map(|r| {
                 let (class, colour, label) = mark(r)?;
-                (class != 1).then(|| super::timeline::Event {
+                (class != 1).then(|| timeline::Event {
                     t_ms: r.t_ms,
                     label: format!("{} ({}): {label}", r.comm, r.pid),
                     colour: colour.to_owned(),
                 })
             })
             .collect(),
-        ..super::timeline::Lane::default()
+        ..timeline::Lane::default()
     }
 }
 
@@ -645,45 +480,6 @@ pub fn timeline_svg(records: &[Record], duration_ms: f64, title: &str) -> String
     }
     o.push_str("</svg>\n");
     o
-}
-
-/// The signals section of the printed summary.
-pub fn render(o: &mut String, s: &SignalSummary) {
-    for p in &s.processes {
-        let _ = writeln!(o, "  {}", p.explanation);
-    }
-    for c in s.signals.iter().take(10) {
-        let results: Vec<String> = c.results.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        let _ = writeln!(
-            o,
-            "  {} x{}: {} -> {} ({})",
-            c.signal,
-            c.count,
-            c.sender,
-            c.receiver,
-            results.join(", ")
-        );
-    }
-    let recorded: u64 = s.events.iter().map(|e| e.recorded).sum();
-    let _ = writeln!(
-        o,
-        "  events: {recorded} recorded, {} lost (ring buffer full; bound {}), {} filtered out",
-        s.lost_total, s.max_lost, s.filtered
-    );
-    if s.stacks_unwind_failed + s.stacks_map_full + s.stacks_unverified > 0 {
-        let _ = writeln!(
-            o,
-            "  sender stacks missing: {} not unwindable, {} stack map full, {} failed verification",
-            s.stacks_unwind_failed, s.stacks_map_full, s.stacks_unverified
-        );
-    }
-    if s.tasks_missed > 0 {
-        let _ = writeln!(
-            o,
-            "  {} target tasks could not be followed (tasks map full)",
-            s.tasks_missed
-        );
-    }
 }
 
 #[cfg(test)]

@@ -80,16 +80,7 @@ impl Owner {
     }
 }
 
-/// What recovering an abandoned run undid.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Recovered {
-    pub runs: Vec<String>,
-    pub workers_killed: u32,
-    pub files_removed: Vec<PathBuf>,
-    /// Files no way in reaches now; kept in the ledger and tried again by the next cleanup.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub files_unreachable: Vec<PathBuf>,
-}
+pub use toe_artifacts::summary::fault::Recovered;
 
 pub struct Ledger {
     path: PathBuf,

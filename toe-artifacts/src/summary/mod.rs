@@ -1,14 +1,21 @@
-//! The run summary: what was asked, what was measured, every loss, and the hottest functions.
-//! Written as JSON next to the artifacts and printed for the user. Common fields first, then one
-//! section per collector that ran.
+//! The run summary (`summary.json`): what was asked, what was measured, every loss, and the
+//! hottest functions. Common fields first, then one section per tool that ran. The agent writes
+//! it next to the artifacts and prints it for the user; processing reads it back. The store holds
+//! summaries of whatever agent version wrote them, so every struct reads with defaults for what
+//! is missing and ignores what it does not know.
+
+pub mod fault;
+pub mod memory;
+pub mod signals;
 
 use std::{collections::HashMap, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use super::Profile;
+use crate::profile::Profile;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct SampleAccounting {
     /// Samples that hit a target task (kernel counter).
     pub taken: u64,
@@ -30,6 +37,7 @@ pub struct SampleAccounting {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct FrameAccounting {
     /// Frame occurrences, weighted by samples.
     pub total: u64,
@@ -37,7 +45,8 @@ pub struct FrameAccounting {
     pub unresolved_share: f64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct ProcessShare {
     pub pid: u32,
     pub name: String,
@@ -45,7 +54,8 @@ pub struct ProcessShare {
     pub value: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct FunctionShare {
     pub function: String,
     pub value: u64,
@@ -55,6 +65,7 @@ pub struct FunctionShare {
 
 /// Where a profile's weight sits: per process, per function, and how much of it is unsymbolized.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Breakdown {
     pub total: u64,
     pub frames: FrameAccounting,
@@ -66,6 +77,7 @@ pub struct Breakdown {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct CpuSummary {
     pub frequency_hz: u64,
     pub cpus: usize,
@@ -75,6 +87,7 @@ pub struct CpuSummary {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Summary {
     pub run: String,
     pub tool: String,
@@ -94,11 +107,11 @@ pub struct Summary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<super::memory::MemorySummary>,
+    pub memory: Option<memory::MemorySummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signals: Option<super::signals::SignalSummary>,
+    pub signals: Option<signals::SignalSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fault: Option<crate::faults::FaultSummary>,
+    pub fault: Option<fault::FaultSummary>,
     /// Why the run failed although it collected (e.g. more events lost than allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
@@ -107,6 +120,20 @@ pub struct Summary {
     /// Milliseconds from the end of sampling until the artifacts were written.
     pub finalize_ms: u64,
     pub warnings: Vec<String>,
+}
+
+impl Summary {
+    /// When sampling ended, ms since the Unix epoch.
+    #[must_use]
+    pub fn ended_unix_ms(&self) -> u64 {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a run's length in ms, non-negative and far below u64::MAX"
+        )]
+        let ms = (self.sampled_duration_s.max(0.0) * 1000.0) as u64;
+        self.started_unix_ms + ms
+    }
 }
 
 #[expect(clippy::cast_precision_loss, reason = "shares are for display")]
@@ -230,13 +257,13 @@ pub fn render(s: &Summary) -> String {
         render_cpu(&mut o, cpu, s.sampled_duration_s);
     }
     if let Some(m) = &s.memory {
-        super::memory::render(&mut o, m, s.sampled_duration_s);
+        memory::render(&mut o, m, s.sampled_duration_s);
     }
     if let Some(sig) = &s.signals {
-        super::signals::render(&mut o, sig);
+        signals::render(&mut o, sig);
     }
     if let Some(f) = &s.fault {
-        crate::faults::render(&mut o, f);
+        fault::render(&mut o, f);
     }
     if let Some(f) = &s.failed {
         let _ = writeln!(o, "  FAILED: {f}");
@@ -284,7 +311,8 @@ fn render_cpu(o: &mut String, c: &CpuSummary, seconds: f64) {
 
 #[cfg(test)]
 mod tests {
-    use super::{super::fixtures, *};
+    use super::*;
+    use crate::profile::fixtures;
 
     #[test]
     fn self_and_total_time() {

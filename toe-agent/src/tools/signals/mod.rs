@@ -1,5 +1,10 @@
-//! The signal collector's part of a run: what it keeps while events arrive and how they become
-//! records, a summary section and artifacts.
+//! signal-trace: every signal towards a target task (with its sender and the sender's stacks),
+//! every delivery the target acts on, and the target's lifecycle (fork, exec, exit, OOM kill).
+//! What the run keeps while events arrive, and how they become records, a summary section and
+//! artifacts.
+
+pub mod collector;
+pub mod records;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -9,24 +14,68 @@ use std::{
 };
 
 use bytes::Bytes;
+use toe_artifacts::names;
 use toe_common::{
     api::SignalTraceOptions,
     comm_to_string,
     signals::{Counter, Event, EventKind, TASK_EXIT_CALLED, code_name, result_name, signal_name},
 };
 
-use super::{Artifact, Finished};
-use crate::{
-    collectors::signals::{SigCounters, SignalCollector},
-    profile::signals::{self as sigprof, Actor, Detail, KindAccounting, Record, SignalSummary},
-    symbolize::{RawKey, Symbolizer},
-    targets::{self, ResolvedTarget},
+use self::{
+    collector::{SigCounters, SignalCollector},
+    records::{self as sigprof, Actor, Detail, KindAccounting, Record, SignalSummary},
 };
+use super::{Artifact, Attach, Finish, Finished, MapSizes, Prepare, Tick, Tool, ToolRun};
+use crate::{
+    run::RunError,
+    symbolize::{RawKey, Symbolizer},
+    targets::{self, ResolvedTarget, TargetError},
+};
+
+pub struct Signals {
+    opts: SignalTraceOptions,
+}
+
+impl Signals {
+    #[must_use]
+    pub fn new(opts: SignalTraceOptions) -> Self {
+        Self { opts }
+    }
+}
+
+impl Tool for Signals {
+    fn map_sizes(&self, _cpus: u32) -> MapSizes {
+        use toe_common::signals as sig;
+        vec![
+            (sig::STACKS_MAP, sig::MAX_STACKS),
+            (sig::TASKS_MAP, sig::MAX_TASKS),
+            (sig::EVENTS_RING, self.opts.ring_bytes),
+        ]
+    }
+
+    fn prepare(&mut self, cx: &Prepare<'_>) -> Result<(), RunError> {
+        // Signals are followed per task: a target with no task yet has nothing to trace.
+        if cx.target.tgids.is_empty() && cx.target.cgroups.iter().all(cgroup_is_empty) {
+            return Err(RunError::Target(TargetError::Empty(
+                cx.target.description.clone(),
+            )));
+        }
+        Ok(())
+    }
+
+    fn attach(self: Box<Self>, cx: &mut Attach<'_>) -> Result<Box<dyn ToolRun>, RunError> {
+        let mut collector = SignalCollector::attach(cx.loaded, &self.opts, cx.target)?;
+        if let Some(pid) = cx.held_pid {
+            collector.add_process(pid)?;
+        }
+        Ok(Box::new(SignalWork::new(self.opts, collector)))
+    }
+}
 
 /// Stacks of one sender: (process, user stack hash, kernel stack hash).
 type StackKey = (u32, u64, u64);
 
-pub(super) struct SignalWork {
+struct SignalWork {
     pub opts: SignalTraceOptions,
     pub collector: SignalCollector,
     events: Vec<Event>,
@@ -127,7 +176,7 @@ impl SignalWork {
 }
 
 /// Whether a target cgroup (and everything below it) has no task: nothing to trace.
-pub(super) fn cgroup_is_empty(cg: &targets::CgroupTarget) -> bool {
+fn cgroup_is_empty(cg: &targets::CgroupTarget) -> bool {
     targets::cgroup_dirs(&cg.path).iter().all(|(dir, _)| {
         !fs::read_to_string(dir.join("cgroup.threads")).is_ok_and(|s| !s.trim().is_empty())
     })
@@ -332,13 +381,13 @@ fn accounting(c: &SigCounters, received: &HashMap<u32, u64>) -> Vec<KindAccounti
 }
 
 /// Monotonic clock (the kernel's `bpf_ktime_get_ns`) now.
-pub(super) fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     crate::clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// Stops the drain thread (programs are detached by now), decodes everything, writes the
 /// events, the timeline and the summary section.
-pub(super) fn finish(
+fn finish(
     mut work: SignalWork,
     symbolizer: &mut Symbolizer,
     start: (u64, u64),
@@ -380,10 +429,9 @@ pub(super) fn finish(
         warnings.push(format!("{lost_total} events lost (ring buffer full)"));
     }
     let artifacts: Vec<Artifact> = vec![
-        ("events", "events.jsonl", Bytes::from(sigprof::jsonl(&recs))),
+        (names::SIGNAL_EVENTS, Bytes::from(sigprof::jsonl(&recs))),
         (
-            "timeline",
-            "timeline.svg",
+            names::SIGNAL_TIMELINE,
             Bytes::from(sigprof::timeline_svg(
                 &recs,
                 duration_ms,
@@ -398,5 +446,30 @@ pub(super) fn finish(
         warnings,
         lanes: vec![sigprof::timeline_lane(&recs)],
         ..Finished::default()
+    }
+}
+
+impl ToolRun for SignalWork {
+    fn fast_tick(&mut self, cx: &mut Tick<'_>) -> Result<(), RunError> {
+        self.tick(cx.target);
+        Ok(())
+    }
+
+    fn slow_tick(&mut self, cx: &mut Tick<'_>) {
+        self.resolve(cx.symbolizer);
+    }
+
+    fn progress(&self) -> String {
+        SignalWork::progress(self)
+    }
+
+    fn finish(self: Box<Self>, cx: &mut Finish<'_>) -> Result<Finished, RunError> {
+        Ok(finish(
+            *self,
+            cx.symbolizer,
+            (cx.started_ns, cx.span.0),
+            cx.sampled_for.as_secs_f64() * 1000.0,
+            cx.title,
+        ))
     }
 }

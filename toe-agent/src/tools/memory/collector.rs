@@ -16,7 +16,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use serde::{Deserialize, Serialize};
+pub use toe_artifacts::summary::memory::ProcessTracking;
 use toe_common::{
     api::{AllocationMode, MemoryProfileOptions},
     memory::{
@@ -28,25 +28,11 @@ use toe_common::{
 };
 
 use crate::{
-    allocator::{self, Allocator},
     ebpf::{LoadError, Loaded},
     symbolize::RawKey,
     targets::{self, CgroupTarget},
+    tools::memory::allocator::{self, Allocator},
 };
-
-/// One target process as the memory collector saw it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct ProcessTracking {
-    pub pid: u32,
-    pub name: String,
-    /// True when the allocator probes are attached.
-    pub tracked: bool,
-    /// The allocator found, or why allocations of this process are not tracked.
-    pub allocator: String,
-    /// Milliseconds between the process start and its probes being attached: allocations in
-    /// that window are not seen (their frees count as unknown frees).
-    pub attached_after_ms: Option<u64>,
-}
 
 struct ProcessState {
     info: ProcessTracking,
