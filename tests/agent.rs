@@ -144,7 +144,7 @@ fn target_phase(pt: &PowerTool, pod: &str) -> Option<String> {
     targets(pt)
         .iter()
         .find(|t| t.pod == pod)
-        .and_then(|t| t.phase.clone())
+        .and_then(|t| t.phase.map(|p| p.as_str().to_owned()))
 }
 
 fn phase(pt: &PowerTool) -> PowerToolPhase {
@@ -212,7 +212,10 @@ async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples
         .await;
     let t = &targets(&pt)[0];
     assert_eq!(
-        (t.pod.as_str(), t.phase.as_deref()),
+        (
+            t.pod.as_str(),
+            t.phase.map(toe_common::api::TargetPhase::as_str)
+        ),
         ("web-1", Some("Completed")),
         "{t:?}"
     );
@@ -503,7 +506,11 @@ async fn sigterm_to_the_agent_mid_profile_saves_partial_artifacts_and_marks_inte
         })
         .await;
     let t = &targets(&pt)[0];
-    assert_eq!(t.phase.as_deref(), Some("Interrupted"), "{t:?}");
+    assert_eq!(
+        t.phase.map(toe_common::api::TargetPhase::as_str),
+        Some("Interrupted"),
+        "{t:?}"
+    );
     assert!(
         t.message
             .as_deref()
@@ -736,7 +743,10 @@ async fn targets_on_a_node_whose_agent_cannot_run_the_tool_fail_with_its_reason(
         })
         .await;
     let t = &targets(&pt)[0];
-    assert_eq!(t.phase.as_deref(), Some("Failed"));
+    assert_eq!(
+        t.phase.map(toe_common::api::TargetPhase::as_str),
+        Some("Failed")
+    );
     assert!(
         t.message.as_deref().is_some_and(|m| m.contains(
             "node locked-down cannot run cpu-profile: perf_event: Operation not permitted"

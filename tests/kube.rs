@@ -580,7 +580,12 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
         .unwrap();
     let done = reached(&tools, "aperf-web", PowerToolPhase::Completed).await;
     let status = done.status.unwrap();
-    assert_eq!(status.targets[0].phase.as_deref(), Some("Completed"));
+    assert_eq!(
+        status.targets[0]
+            .phase
+            .map(toe_common::api::TargetPhase::as_str),
+        Some("Completed")
+    );
     assert!(status.finish_time.is_some());
     let _ = stop.send(());
     operator.await.unwrap();

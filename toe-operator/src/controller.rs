@@ -24,9 +24,9 @@ use kube::{
     },
 };
 use toe_common::api::{
-    CAPABILITIES_ANNOTATION, Configs, ImageOptions, PowerTool, PowerToolConfig, PowerToolPhase,
-    PowerToolStatus, SelectedTarget, ToolOptions, ValidatedRun, ValidatedTool, run_name,
-    target_finished,
+    CAPABILITIES_ANNOTATION, Capabilities, Configs, ImageOptions, PowerTool, PowerToolConfig,
+    PowerToolPhase, PowerToolStatus, SelectedTarget, TargetPhase, ToolOptions, ValidatedRun,
+    ValidatedTool, run_name, target_finished,
 };
 use url::Url;
 
@@ -236,7 +236,7 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
 /// Why `node` cannot run the run's tools, from the capabilities its agent published
 /// (`toe.run/capabilities`); None when it can, or when no agent has published any yet.
 fn incapable(node: &Node, run: &ValidatedRun) -> Option<String> {
-    let caps: serde_json::Value = serde_json::from_str(
+    let caps: Capabilities = serde_json::from_str(
         node.metadata
             .annotations
             .as_ref()?
@@ -245,8 +245,8 @@ fn incapable(node: &Node, run: &ValidatedRun) -> Option<String> {
     .ok()?;
     std::iter::once(&run.tool)
         .chain(&run.alongside)
-        .find_map(|t| match caps["tools"][t.name.as_str()].as_str() {
-            Some("ok") | None => None,
+        .find_map(|t| match caps.missing(&t.name) {
+            None => None,
             Some(why) => Some(format!(
                 "node {} cannot run {}: {why} (its agent's probe, annotation \
                  {CAPABILITIES_ANNOTATION})",
@@ -274,7 +274,7 @@ async fn refuse_incapable_nodes(
             verdicts.insert(t.node.clone(), why);
         }
         if let Some(Some(why)) = verdicts.get(&t.node) {
-            t.phase = Some("Failed".into());
+            t.phase = Some(TargetPhase::Failed);
             t.message = Some(why.clone());
         }
     }
@@ -344,26 +344,26 @@ async fn start_pending(
     for t in status
         .targets
         .iter_mut()
-        .filter(|t| t.phase.as_deref() == Some("Pending"))
+        .filter(|t| t.phase == Some(TargetPhase::Pending))
     {
         let url = match output_url(pt, t, &ctx.artifacts) {
             Ok(url) => url.to_string(),
             Err(e) => {
-                t.phase = Some("Failed".into());
+                t.phase = Some(TargetPhase::Failed);
                 t.message = Some(e);
                 continue;
             }
         };
         let c = ephemeral::container(&name, opts, &t.container, &url, tool.duration.as_secs());
         if let Err(e) = ephemeral::add(&ctx.client, &t.namespace, &t.pod, &c).await {
-            t.phase = Some("Failed".into());
+            t.phase = Some(TargetPhase::Failed);
             t.message = Some(format!(
                 "adding the ephemeral container failed: {e} (servers before 1.23 need the \
                  EphemeralContainers feature gate)"
             ));
             continue;
         }
-        t.phase = Some("Running".into());
+        t.phase = Some(TargetPhase::Running);
         t.message = Some(format!("ephemeral container {name} in {}", t.pod));
         t.artifacts = vec![url];
     }
@@ -389,16 +389,16 @@ async fn follow(
     for t in status
         .targets
         .iter_mut()
-        .filter(|t| t.phase.as_deref() == Some("Running"))
+        .filter(|t| t.phase == Some(TargetPhase::Running))
     {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &t.namespace);
         let (phase, message) = match pods.get_opt(&t.pod).await? {
-            None => ("Failed", "the pod was deleted".to_owned()),
+            None => (TargetPhase::Failed, "the pod was deleted".to_owned()),
             Some(pod) => match ephemeral::outcome(&pod, &name) {
-                Some((0, _)) => ("Completed", "exited 0".to_owned()),
-                Some((code, reason)) => ("Failed", format!("exited {code} ({reason})")),
+                Some((0, _)) => (TargetPhase::Completed, "exited 0".to_owned()),
+                Some((code, reason)) => (TargetPhase::Failed, format!("exited {code} ({reason})")),
                 None if overdue => (
-                    "Failed",
+                    TargetPhase::Failed,
                     "still running 2 minutes after its duration; ephemeral containers cannot be \
                      stopped through the API"
                         .to_owned(),
@@ -406,7 +406,7 @@ async fn follow(
                 None => continue,
             },
         };
-        t.phase = Some(phase.into());
+        t.phase = Some(phase);
         t.message = Some(message);
     }
     let max = pt.spec.blast_radius.as_ref().and_then(|b| b.max_concurrent);
@@ -422,21 +422,22 @@ async fn follow(
 fn conclude(status: &mut PowerToolStatus, generation: i64) -> bool {
     if status.finish_time.is_some()
         || status.targets.is_empty()
-        || !status
-            .targets
-            .iter()
-            .all(|t| target_finished(t.phase.as_deref()))
+        || !status.targets.iter().all(|t| target_finished(t.phase))
     {
         return false;
     }
-    let count = |phase: &str| {
+    let count = |phase: TargetPhase| {
         status
             .targets
             .iter()
-            .filter(|t| t.phase.as_deref() == Some(phase))
+            .filter(|t| t.phase == Some(phase))
             .count()
     };
-    let (failed, interrupted, all) = (count("Failed"), count("Interrupted"), status.targets.len());
+    let (failed, interrupted, all) = (
+        count(TargetPhase::Failed),
+        count(TargetPhase::Interrupted),
+        status.targets.len(),
+    );
     let (phase, type_, reason, message) = if failed > 0 {
         (
             PowerToolPhase::Failed,
@@ -771,21 +772,22 @@ mod tests {
 
     #[test]
     fn a_run_ends_with_its_last_target_failed_before_interrupted_before_completed() {
-        let with = |phases: &[&str]| PowerToolStatus {
+        use TargetPhase::{Completed, Failed, Interrupted, Running, Uploading, Waiting};
+        let with = |phases: &[TargetPhase]| PowerToolStatus {
             phase: PowerToolPhase::Running,
             targets: phases
                 .iter()
                 .map(|p| SelectedTarget {
-                    phase: Some((*p).into()),
+                    phase: Some(*p),
                     ..SelectedTarget::default()
                 })
                 .collect(),
             ..PowerToolStatus::default()
         };
         for (phases, want) in [
-            (&["Completed", "Completed"][..], PowerToolPhase::Completed),
-            (&["Completed", "Interrupted"], PowerToolPhase::Interrupted),
-            (&["Failed", "Interrupted"], PowerToolPhase::Failed),
+            (&[Completed, Completed][..], PowerToolPhase::Completed),
+            (&[Completed, Interrupted], PowerToolPhase::Interrupted),
+            (&[Failed, Interrupted], PowerToolPhase::Failed),
         ] {
             let mut s = with(phases);
             assert!(conclude(&mut s, 1), "{phases:?}");
@@ -794,12 +796,7 @@ mod tests {
             assert_eq!(s.conditions.len(), 1);
             assert!(!conclude(&mut s, 1), "concluded once");
         }
-        for phases in [
-            &["Completed", "Running"][..],
-            &["Uploading"],
-            &["Waiting"],
-            &[],
-        ] {
+        for phases in [&[Completed, Running][..], &[Uploading], &[Waiting], &[]] {
             let mut s = with(phases);
             assert!(!conclude(&mut s, 1), "{phases:?} is not over");
             assert_eq!(s.phase, PowerToolPhase::Running);

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::Pod;
-use toe_common::api::{BlastRadius, BlastRadiusMode, SelectedTarget};
+use toe_common::api::{BlastRadius, BlastRadiusMode, SelectedTarget, TargetPhase};
 
 /// Why a matched pod or container is not a target (reported in the status message).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,25 +130,26 @@ pub fn blast_radius(
 /// whether any target changed.
 pub fn release_waiting(targets: &mut [SelectedTarget], max_concurrent: Option<u32>) -> bool {
     let pod = |t: &SelectedTarget| (t.namespace.clone(), t.pod.clone());
-    let active = |t: &SelectedTarget| matches!(t.phase.as_deref(), Some("Pending" | "Running"));
+    let active =
+        |t: &SelectedTarget| matches!(t.phase, Some(TargetPhase::Pending | TargetPhase::Running));
     let limit = max_concurrent.map_or(usize::MAX, |m| m as usize);
     let mut busy: BTreeSet<(String, String)> =
         targets.iter().filter(|t| active(t)).map(pod).collect();
     let mut changed = false;
     for t in targets.iter_mut() {
         let p = pod(t);
-        let waiting = matches!(t.phase.as_deref(), None | Some("Waiting"));
+        let waiting = matches!(t.phase, None | Some(TargetPhase::Waiting));
         if !waiting {
             continue;
         }
         let next = if busy.contains(&p) || busy.len() < limit {
             busy.insert(p);
-            "Pending"
+            TargetPhase::Pending
         } else {
-            "Waiting"
+            TargetPhase::Waiting
         };
-        if t.phase.as_deref() != Some(next) {
-            t.phase = Some(next.into());
+        if t.phase != Some(next) {
+            t.phase = Some(next);
             changed = true;
         }
     }
@@ -239,39 +240,39 @@ mod tests {
             .collect();
         let (mut t, _) = containers_of(&pods, &[]);
         assert!(release_waiting(&mut t, Some(2)));
-        let phase = |t: &[SelectedTarget], want: &str| {
+        let phase = |t: &[SelectedTarget], want: TargetPhase| {
             t.iter()
-                .filter(|x| x.phase.as_deref() == Some(want))
+                .filter(|x| x.phase == Some(want))
                 .map(|x| x.pod.clone())
                 .collect::<BTreeSet<_>>()
         };
         assert_eq!(
-            phase(&t, "Pending").len(),
+            phase(&t, TargetPhase::Pending).len(),
             2,
             "two pods, both containers each"
         );
         assert_eq!(
             t.iter()
-                .filter(|x| x.phase.as_deref() == Some("Pending"))
+                .filter(|x| x.phase == Some(TargetPhase::Pending))
                 .count(),
             4
         );
-        assert_eq!(phase(&t, "Waiting").len(), 3);
+        assert_eq!(phase(&t, TargetPhase::Waiting).len(), 3);
         assert!(
             !release_waiting(&mut t, Some(2)),
             "nothing finished, nothing released"
         );
         // One pod finishes: exactly one more is released.
-        let done = phase(&t, "Pending").into_iter().next().unwrap();
+        let done = phase(&t, TargetPhase::Pending).into_iter().next().unwrap();
         for x in t.iter_mut().filter(|x| x.pod == done) {
-            x.phase = Some("Completed".into());
+            x.phase = Some(TargetPhase::Completed);
         }
         assert!(release_waiting(&mut t, Some(2)));
-        assert_eq!(phase(&t, "Pending").len(), 2);
-        assert_eq!(phase(&t, "Waiting").len(), 2);
+        assert_eq!(phase(&t, TargetPhase::Pending).len(), 2);
+        assert_eq!(phase(&t, TargetPhase::Waiting).len(), 2);
         let (mut all, _) = containers_of(&pods, &[]);
         release_waiting(&mut all, None);
-        assert!(all.iter().all(|x| x.phase.as_deref() == Some("Pending")));
+        assert!(all.iter().all(|x| x.phase == Some(TargetPhase::Pending)));
     }
 
     #[test]

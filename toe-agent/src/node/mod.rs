@@ -30,8 +30,8 @@ use kube::{
     },
 };
 use toe_common::api::{
-    self, Configs, Policy, PowerTool, PowerToolConfig, PowerToolPhase, SelectedTarget, ToolOptions,
-    run_name,
+    self, Configs, Policy, PowerTool, PowerToolConfig, PowerToolPhase, SelectedTarget, TargetPhase,
+    ToolOptions, run_name,
 };
 use tokio::sync::{Notify, oneshot, watch};
 use url::Url;
@@ -119,12 +119,12 @@ impl Ctx {
     async fn set(
         &self,
         r: &TargetRef,
-        phase: &str,
+        phase: TargetPhase,
         message: String,
         artifacts: Option<Vec<String>>,
     ) -> bool {
         let result = update_target(&self.api(&r.namespace), &self.manager, r, |t| {
-            t.phase = Some(phase.to_owned());
+            t.phase = Some(phase);
             t.message = Some(message.clone());
             if let Some(a) = &artifacts {
                 t.artifacts.clone_from(a);
@@ -190,11 +190,11 @@ fn remote_dir(default: &Url, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, 
     .map_err(|e| format!("spec.output.url: {e}"))
 }
 
-fn phase_of(o: &Outcome) -> &'static str {
+fn phase_of(o: &Outcome) -> TargetPhase {
     match (&o.ended, &o.summary.failed) {
-        (Ended::Interrupted(_), _) => "Interrupted",
-        (_, Some(_)) => "Failed",
-        _ => "Completed",
+        (Ended::Interrupted(_), _) => TargetPhase::Interrupted,
+        (_, Some(_)) => TargetPhase::Failed,
+        _ => TargetPhase::Completed,
     }
 }
 
@@ -261,14 +261,18 @@ fn prepare(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<Option<plan:
 }
 
 /// A dry run's answer: the fault's exact plan from the target's measured limits.
-async fn dry_run(plan: plan::RunPlan) -> (&'static str, String) {
+async fn dry_run(plan: plan::RunPlan) -> (TargetPhase, String) {
     match tokio::task::spawn_blocking(move || run::describe_fault(&plan)).await {
-        Ok(Ok(lines)) if lines.is_empty() => {
-            ("Completed", "dry run: validated; nothing started".into())
-        }
-        Ok(Ok(lines)) => ("Completed", format!("dry run: would {}", lines.join("; "))),
-        Ok(Err(e)) => ("Failed", format!("dry run: {e}")),
-        Err(e) => ("Failed", format!("dry run: {e}")),
+        Ok(Ok(lines)) if lines.is_empty() => (
+            TargetPhase::Completed,
+            "dry run: validated; nothing started".into(),
+        ),
+        Ok(Ok(lines)) => (
+            TargetPhase::Completed,
+            format!("dry run: would {}", lines.join("; ")),
+        ),
+        Ok(Err(e)) => (TargetPhase::Failed, format!("dry run: {e}")),
+        Err(e) => (TargetPhase::Failed, format!("dry run: {e}")),
     }
 }
 
@@ -284,7 +288,7 @@ async fn run_target(
         Ok(Some(plan)) => plan,
         Ok(None) => return,
         Err(why) => {
-            ctx.set(&r, "Failed", why, None).await;
+            ctx.set(&r, TargetPhase::Failed, why, None).await;
             return;
         }
     };
@@ -306,7 +310,7 @@ async fn run_target(
         Ok(j) => j,
         Err(e) => {
             let msg = format!("the node's spool directory: {e}");
-            ctx.set(&r, "Failed", msg, None).await;
+            ctx.set(&r, TargetPhase::Failed, msg, None).await;
             return;
         }
     };
@@ -325,7 +329,7 @@ async fn run_target(
         outcome = &mut running => outcome,
         Ok(description) = started_rx => {
             let msg = format!("running on {description} ({})", ctx.node);
-            ctx.set(&r, "Running", msg, None).await;
+            ctx.set(&r, TargetPhase::Running, msg, None).await;
             running.await
         }
     };
@@ -342,13 +346,13 @@ async fn deliver(ctx: &Ctx, r: &TargetRef, mut job: JobDir, outcome: &Result<Out
             o.summary.artifacts.iter().map(|(_, u)| u.clone()).collect(),
         ),
         Err(RunError::Stopped(why)) => (
-            "Interrupted",
+            TargetPhase::Interrupted,
             format!("stopped before it started: {why}"),
             Vec::new(),
         ),
-        Err(e) => ("Failed", e.to_string(), Vec::new()),
+        Err(e) => (TargetPhase::Failed, e.to_string(), Vec::new()),
     };
-    job.job.phase = Some(phase.into());
+    job.job.phase = Some(phase);
     job.job.message = Some(message.clone());
     job.job.artifacts.clone_from(&artifacts);
     if let Err(e) = job.save() {
@@ -376,7 +380,8 @@ async fn deliver(ctx: &Ctx, r: &TargetRef, mut job: JobDir, outcome: &Result<Out
                 ctx.node,
                 job.path().display()
             );
-            ctx.set(r, "Uploading", msg, Some(artifacts)).await;
+            ctx.set(r, TargetPhase::Uploading, msg, Some(artifacts))
+                .await;
             ctx.claimed.lock().expect("not poisoned").remove(job.path());
         }
     }
@@ -422,7 +427,7 @@ async fn uploader(ctx: Arc<Ctx>) {
                 Ok(Ok(_)) => {
                     let j = &job.job;
                     let r = job_target(j);
-                    let phase = j.phase.as_deref().unwrap_or("Completed");
+                    let phase = j.phase.unwrap_or(TargetPhase::Completed);
                     let message = j.message.clone().unwrap_or_default();
                     if !ctx.set(&r, phase, message, Some(j.artifacts.clone())).await {
                         let retry = Instant::now() + spool::backoff(attempt);
@@ -523,7 +528,7 @@ fn resume(spool: &Spool, recovered: &ledger::Recovered) -> anyhow::Result<HashSe
     for mut job in spool.jobs() {
         started.insert(Key::of_job(&job.job));
         if job.job.phase.is_none() {
-            job.job.phase = Some("Interrupted".into());
+            job.job.phase = Some(TargetPhase::Interrupted);
             job.job.message = Some(format!(
                 "the node agent stopped during the run (crash or kill); its faults were rolled \
                  back from the ledger when it restarted ({} worker(s) killed, {} file(s) \
@@ -556,20 +561,24 @@ fn sweep(
         let status = pt.status.as_ref().expect("admitted has a status");
         for t in status.targets.iter().filter(|t| t.node == ctx.node) {
             let key = Key::of(pt, t);
-            match t.phase.as_deref() {
-                Some("Pending") if started.insert(key.clone()) => {
+            match t.phase {
+                Some(TargetPhase::Pending) if started.insert(key.clone()) => {
                     let (stop, rx) = watch::channel(None);
                     let handle = tokio::spawn(run_target(ctx.clone(), pt.clone(), t.clone(), rx));
                     active.insert(key, Active { stop, handle });
                 }
-                Some("Running" | "Uploading") if started.insert(key.clone()) => {
+                Some(TargetPhase::Running | TargetPhase::Uploading)
+                    if started.insert(key.clone()) =>
+                {
                     let r = target_ref(pt, t);
                     let msg = "the node agent restarted during the run and has no record of it \
                                (its state directory was lost); faults it started were in that \
                                directory's ledger"
                         .to_owned();
                     let c = ctx.clone();
-                    tokio::spawn(async move { c.set(&r, "Interrupted", msg, None).await });
+                    tokio::spawn(
+                        async move { c.set(&r, TargetPhase::Interrupted, msg, None).await },
+                    );
                 }
                 _ => {}
             }

@@ -2,27 +2,12 @@
 //! the embedded object (the verifier's answer is the only reliable one), and published on the
 //! Node so a user can see why a node cannot run a tool.
 
-use std::collections::BTreeMap;
-
 use aya::programs::Program;
-use serde::Serialize;
 /// The Node annotation the capabilities are published under.
 pub use toe_common::api::CAPABILITIES_ANNOTATION as ANNOTATION;
+pub use toe_common::api::Capabilities;
 
 use crate::{ebpf::Loaded, targets};
-
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Capabilities {
-    pub kernel: String,
-    /// `/sys/kernel/btf/vmlinux` is present.
-    pub btf: bool,
-    /// `v2` (unified), `hybrid` (v1 controllers, v2 for process tracking) or `v1`.
-    pub cgroup: String,
-    /// Program type -> `ok` or why it does not load.
-    pub programs: BTreeMap<String, String>,
-    /// Tool -> `ok` or what it is missing.
-    pub tools: BTreeMap<String, String>,
-}
 
 fn kind(p: &Program) -> &'static str {
     match p {

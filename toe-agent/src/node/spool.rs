@@ -13,6 +13,7 @@ use std::{
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use toe_common::api::TargetPhase;
 use url::Url;
 
 use crate::sink::{ArtifactSink, ObjectStoreSink, SinkError};
@@ -30,7 +31,7 @@ pub struct Job {
     pub remote: String,
     /// The target's final phase, once the run is over; `None` while it runs.
     #[serde(default)]
-    pub phase: Option<String>,
+    pub phase: Option<TargetPhase>,
     #[serde(default)]
     pub message: Option<String>,
     /// Where each artifact goes (remote URLs), in the order the run wrote them.

@@ -11,7 +11,7 @@ use kube::{
     Api, ResourceExt as _,
     api::{Patch, PatchParams},
 };
-use toe_common::api::{PowerTool, PowerToolPhase, PowerToolStatus, SelectedTarget};
+use toe_common::api::{PowerTool, PowerToolPhase, PowerToolStatus, SelectedTarget, TargetPhase};
 
 /// Which PowerTool (by uid: a re-created one of the same name is another run) and which target.
 #[derive(Clone, Debug)]
@@ -66,7 +66,7 @@ pub async fn update_target(
         if *t == before {
             return Ok(true);
         }
-        let started = t.phase.as_deref() != Some("Pending");
+        let started = t.phase != Some(TargetPhase::Pending);
         if started && status.phase == PowerToolPhase::Admitted {
             status.phase = PowerToolPhase::Running;
             status.start_time = Some(Time(Timestamp::now()));

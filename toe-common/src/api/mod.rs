@@ -22,10 +22,10 @@ pub use self::{
     },
     duration::{format_duration, parse_duration},
     resources::{
-        BlastRadius, BlastRadiusMode, CAPABILITIES_ANNOTATION, ModelSpec, OutputSpec, PowerTool,
-        PowerToolPhase, PowerToolProcessing, PowerToolProcessingSpec, PowerToolProcessingStatus,
-        PowerToolSpec, PowerToolStatus, ProcessingOutput, SelectedTarget, Targets, ToolSpec,
-        TypeMeta, run_name, target_finished,
+        BlastRadius, BlastRadiusMode, CAPABILITIES_ANNOTATION, Capabilities, ModelSpec, OutputSpec,
+        PowerTool, PowerToolPhase, PowerToolProcessing, PowerToolProcessingSpec,
+        PowerToolProcessingStatus, PowerToolSpec, PowerToolStatus, ProcessingOutput,
+        SelectedTarget, TargetPhase, Targets, ToolSpec, TypeMeta, run_name, target_finished,
     },
     tools::{
         AllocationMode, CpuProfileOptions, CpuStressOptions, ImageOptions, MemoryProfileOptions,

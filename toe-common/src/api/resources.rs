@@ -181,22 +181,94 @@ pub struct SelectedTarget {
     /// `Waiting` (held back by maxConcurrent), `Pending`, `Running`, `Uploading` (the run is
     /// over; its artifacts wait on the node for the object store), `Completed`, `Failed`,
     /// `Interrupted`.
+    // A string in the schema: an optional enum's schema lists `null` among its values, which
+    // the API server's structural schema check refuses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub phase: Option<TargetPhase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<String>,
 }
 
-/// The Node annotation where each node agent publishes what its kernel lets it run (JSON: kernel,
-/// btf, cgroup, programs, tools -> `ok` or why not).
+/// The Node annotation where each node agent publishes its [`Capabilities`] as JSON.
 pub const CAPABILITIES_ANNOTATION: &str = "toe.run/capabilities";
+
+/// What a node's kernel lets its agent run, measured by the agent at start and read by the
+/// operator before it sends a run to the node.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Capabilities {
+    pub kernel: String,
+    /// `/sys/kernel/btf/vmlinux` is present.
+    pub btf: bool,
+    /// `v2` (unified), `hybrid` (v1 controllers, v2 for process tracking) or `v1`.
+    pub cgroup: String,
+    /// Program type -> `ok` or why it does not load.
+    pub programs: std::collections::BTreeMap<String, String>,
+    /// Tool -> `ok` or what it is missing.
+    pub tools: std::collections::BTreeMap<String, String>,
+}
+
+impl Capabilities {
+    /// Why `tool` cannot run here; `None` when it can, or when the agent did not say.
+    #[must_use]
+    pub fn missing(&self, tool: &str) -> Option<&str> {
+        self.tools
+            .get(tool)
+            .map(String::as_str)
+            .filter(|why| *why != "ok")
+    }
+}
+
+/// How far one target of a run got. Operator and agents write it into `status.targets`, and
+/// both read it back, so it is one type (stored as the variant's name).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+pub enum TargetPhase {
+    /// Held back by `blastRadius.maxConcurrent`.
+    Waiting,
+    /// Released to run; its node's agent (or the operator, for image tools) starts it.
+    Pending,
+    Running,
+    /// The run is over; its artifacts wait on the node for the object store.
+    Uploading,
+    Completed,
+    Failed,
+    Interrupted,
+}
+
+impl TargetPhase {
+    /// A phase that no longer changes.
+    #[must_use]
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Interrupted)
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "Waiting",
+            Self::Pending => "Pending",
+            Self::Running => "Running",
+            Self::Uploading => "Uploading",
+            Self::Completed => "Completed",
+            Self::Failed => "Failed",
+            Self::Interrupted => "Interrupted",
+        }
+    }
+}
+
+impl std::fmt::Display for TargetPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A target phase that no longer changes.
 #[must_use]
-pub fn target_finished(phase: Option<&str>) -> bool {
-    matches!(phase, Some("Completed" | "Failed" | "Interrupted"))
+pub fn target_finished(phase: Option<TargetPhase>) -> bool {
+    phase.is_some_and(TargetPhase::is_finished)
 }
 
 /// The run of a PowerTool generation, as it appears in artifact paths: `g<generation>-<uid[..8]>`.
