@@ -3,8 +3,11 @@
 //! and processing (which reads a PowerTool's runs back).
 //!
 //! In a cluster: `<base>/<namespace>/<powertool>/<run>/<pod>/<container>/`, where `<base>` is the
-//! PowerTool's `spec.output.url`, or else the store the agents were started with. Locally:
-//! `<base>/<run id>/`.
+//! PowerTool's `spec.output.url`, or else the store the agents were started with, and
+//! `<namespace>` the PowerTool's own (every run of a PowerTool is below one directory, which
+//! processing reads). A target in another namespace (a `namespaceSelector`) is
+//! `<its namespace>_<pod>`: `_` appears in no Kubernetes name, so it cannot collide with a pod
+//! of the PowerTool's namespace. Locally: `<base>/<run id>/`.
 
 use std::path::Path;
 
@@ -111,8 +114,11 @@ fn below(base: &Url, parts: &[&str]) -> Result<Url, OutputError> {
 /// One target of a PowerTool's run in a cluster.
 #[derive(Clone, Copy, Debug)]
 pub struct TargetRef<'a> {
+    /// The PowerTool's namespace.
     pub namespace: &'a str,
     pub powertool: &'a str,
+    /// The target pod's namespace.
+    pub target_namespace: &'a str,
     /// The run's name (`g<generation>-<uid prefix>`).
     pub run: &'a str,
     pub pod: &'a str,
@@ -135,9 +141,14 @@ pub fn target_dir(
     default: &Url,
     t: &TargetRef<'_>,
 ) -> Result<Url, OutputError> {
+    let pod = if t.target_namespace == t.namespace {
+        t.pod.to_owned()
+    } else {
+        format!("{}_{}", t.target_namespace, t.pod)
+    };
     below(
         &cluster_base(spec_url, default)?,
-        &[t.namespace, t.powertool, t.run, t.pod, t.container],
+        &[t.namespace, t.powertool, t.run, &pod, t.container],
     )
 }
 
@@ -157,6 +168,7 @@ mod tests {
     const T: TargetRef<'static> = TargetRef {
         namespace: "team-a",
         powertool: "checkout-cpu",
+        target_namespace: "team-a",
         run: "g3-1a2b3c4d",
         pod: "web-0",
         container: "app",
@@ -204,6 +216,20 @@ mod tests {
         }
         let local = output_base("toe-output", Some(Path::new("/work"))).unwrap();
         assert_eq!(local.as_str(), "file:///work/toe-output/");
+    }
+
+    #[test]
+    fn a_target_in_another_namespace_stays_below_the_powertool() {
+        let other = TargetRef {
+            target_namespace: "payments",
+            ..T
+        };
+        let t = target_dir(None, &default(), &other).unwrap();
+        assert!(
+            t.as_str()
+                .ends_with("/team-a/checkout-cpu/g3-1a2b3c4d/payments_web-0/app/"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -48,6 +48,13 @@ fn reason(e: &SpecError) -> &'static str {
 /// user's).
 #[must_use]
 pub fn admit(tool: &PowerTool, configs: &[PowerToolConfig]) -> Verdict {
+    // Where the agents would write is checked first: a location only the agents could refuse
+    // would fail every target after admission.
+    if let Some(url) = tool.spec.output.as_ref().and_then(|o| o.url.as_deref())
+        && let Err(e) = toe_artifacts::layout::output_base(url, None)
+    {
+        return Verdict::rejected("InvalidOutput", format!("spec.output.url: {e}"));
+    }
     let (valid, broken) = usable_configs(configs);
     let configs = match Configs::new(&valid) {
         Ok(c) => c,
@@ -163,5 +170,33 @@ mod tests {
         elsewhere.metadata.namespace = Some("kube-system".into());
         let v = admit(&elsewhere, &configs);
         assert_eq!(v.reason, "NamespaceNotAllowed", "{}", v.message);
+    }
+
+    #[test]
+    fn unusable_output_urls_are_refused_with_the_reason() {
+        let configs = vec![serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+            "metadata": {"name": "cpu-profile"},
+            "spec": {"tool": "cpu-profile"},
+        }))
+        .unwrap()];
+        for (url, why) in [
+            ("toe-output", "relative path"),
+            ("ftp://host/x", "unknown scheme"),
+        ] {
+            let t = tool(&format!(
+                r#"{{"tool": {{"name": "cpu-profile"}}, "output": {{"url": "{url}"}}}}"#
+            ));
+            let v = admit(&t, &configs);
+            assert!(!v.admitted(), "{url}");
+            assert_eq!(v.reason, "InvalidOutput");
+            assert!(v.message.contains(why), "{url}: {}", v.message);
+        }
+        for url in ["/data/toe", "file:///data/toe", "s3://bucket/profiles"] {
+            let t = tool(&format!(
+                r#"{{"tool": {{"name": "cpu-profile"}}, "output": {{"url": "{url}"}}}}"#
+            ));
+            assert!(admit(&t, &configs).admitted(), "{url}");
+        }
     }
 }

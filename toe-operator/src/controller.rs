@@ -298,7 +298,7 @@ fn configs(ctx: &Context) -> Vec<PowerToolConfig> {
 }
 
 /// Where a target's tool writes: the same location the node agents would use.
-fn output_url(pt: &PowerTool, t: &SelectedTarget, artifacts: &Url) -> Result<Url, String> {
+pub fn output_url(pt: &PowerTool, t: &SelectedTarget, artifacts: &Url) -> Result<Url, String> {
     let run = run_name(
         &pt.uid().unwrap_or_default(),
         pt.metadata.generation.unwrap_or(0),
@@ -307,8 +307,9 @@ fn output_url(pt: &PowerTool, t: &SelectedTarget, artifacts: &Url) -> Result<Url
         pt.spec.output.as_ref().and_then(|o| o.url.as_deref()),
         artifacts,
         &toe_artifacts::layout::TargetRef {
-            namespace: &t.namespace,
+            namespace: &pt.namespace().unwrap_or_default(),
             powertool: &pt.name_any(),
+            target_namespace: &t.namespace,
             run: &run,
             pod: &t.pod,
             container: &t.container,

@@ -213,7 +213,7 @@ fn time(t: SystemTime) -> Option<Time> {
 }
 
 /// The directory of a PowerTool's runs, where the agents write them.
-fn runs_url(pt: &PowerTool, artifacts: &Url) -> Result<Url, String> {
+pub fn runs_url(pt: &PowerTool, artifacts: &Url) -> Result<Url, String> {
     toe_artifacts::layout::powertool_dir(
         pt.spec.output.as_ref().and_then(|o| o.url.as_deref()),
         artifacts,

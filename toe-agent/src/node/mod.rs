@@ -163,7 +163,7 @@ fn revalidate(ctx: &Ctx, pt: &PowerTool, t: &SelectedTarget) -> Result<api::Vali
 }
 
 /// The target's directory in the object store.
-fn remote_dir(default: &Url, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, String> {
+pub fn remote_dir(default: &Url, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, String> {
     let out = pt.spec.output.as_ref();
     if out.and_then(|o| o.pvc.as_ref()).is_some() && out.and_then(|o| o.url.as_ref()).is_none() {
         return Err(
@@ -180,8 +180,9 @@ fn remote_dir(default: &Url, pt: &PowerTool, t: &SelectedTarget) -> Result<Url, 
         out.and_then(|o| o.url.as_deref()),
         default,
         &toe_artifacts::layout::TargetRef {
-            namespace: &t.namespace,
+            namespace: &pt.namespace().unwrap_or_default(),
             powertool: &pt.name_any(),
+            target_namespace: &t.namespace,
             run: &run,
             pod: &t.pod,
             container: &t.container,
