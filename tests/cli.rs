@@ -90,6 +90,96 @@ fn bad_input_is_rejected_with_the_reason() {
     );
 }
 
+/// A misspelled field is an error naming the closest known one, not a silently dropped setting;
+/// `--validate=warn` makes it a warning. Run and validate agree.
+#[test]
+fn a_misspelled_field_is_refused_with_the_field_it_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let typo =
+        cpu_spec("2s", &["--frequency=199"]).replace("commandLineArguments", "comandLineArguments");
+    let out = toe(d, Some(&typo), &["--pid", "1"]);
+    assert_rejected(
+        &out,
+        "unknown field spec.tool.comandLineArguments (did you mean commandLineArguments?)",
+    );
+    let validate = |extra: &[&str]| {
+        Command::new(bin("toe"))
+            .args(["validate", "-f"])
+            .arg(d.join("spec.yaml"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert_rejected(&validate(&[]), "did you mean commandLineArguments?");
+    let warned = validate(&["--validate=warn"]);
+    let err = String::from_utf8_lossy(&warned.stderr);
+    assert!(warned.status.success(), "{err}");
+    assert!(err.contains("warning") && err.contains("ignored"), "{err}");
+}
+
+/// `toe validate` says what will run in the words `toe tools` uses, every default included.
+#[test]
+fn validate_prints_the_run_in_the_tools_own_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("spec.yaml");
+    std::fs::write(&spec, cpu_spec("2s", &["--frequency=199"])).unwrap();
+    let out = Command::new(bin("toe"))
+        .args(["validate", "-f"])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "valid: cpu-profile for 2s with --frequency=199 --kernel-stacks=true --user-stacks=true"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("Options {"), "a debug struct: {err}");
+}
+
+/// Every command ends quietly when the reader of its output goes away, as `ls | head` does.
+#[test]
+fn a_closed_output_pipe_ends_quietly() {
+    let mut child = Command::new(bin("toe"))
+        .arg("tools")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before toe writes: every write meets a closed pipe.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked") && err.is_empty(), "{err}");
+}
+
+/// `toe report` over a source that is not there, or holds no run, is an error, not an empty
+/// report.
+#[test]
+fn a_report_over_nothing_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = |source: &Path| {
+        Command::new(bin("toe"))
+            .current_dir(dir.path())
+            .arg("report")
+            .arg(source)
+            .output()
+            .unwrap()
+    };
+    assert_rejected(&report(&dir.path().join("missing")), "no such directory");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_rejected(&report(&empty), "holds no run");
+    assert!(
+        !dir.path().join("toe-output").exists(),
+        "a report was written"
+    );
+}
+
 /// As an unprivileged user, the run fails with one clear line and the command is never started.
 #[test]
 fn without_root_the_error_says_so() {

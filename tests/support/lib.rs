@@ -219,6 +219,7 @@ pub fn profile(spec: &str, target: TargetSpec) -> (Outcome, MemorySink) {
         cwd: std::env::temp_dir(),
         now: SystemTime::now(),
         nonce: 0,
+        validation: plan::FieldValidation::Strict,
     };
     let plan = plan::plan(&req).expect("valid plan");
     let sink = MemorySink::default();

@@ -2,7 +2,7 @@
 
 use std::{
     ffi::OsString,
-    io::{IsTerminal as _, Read as _},
+    io::{IsTerminal as _, Read as _, Write as _},
     path::PathBuf,
     process::ExitCode,
     time::SystemTime,
@@ -40,6 +40,8 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        validation: ValidationArg,
     },
     /// List the built-in tools and their arguments.
     Tools,
@@ -259,7 +261,32 @@ fn report(args: &ReportArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let done = runtime.block_on(toe_report::store::run(&job))?;
+    let done = runtime.block_on(async {
+        // A source that is not there, or holds no run, is a mistake to say so, not an empty
+        // report.
+        let mut captures = Vec::new();
+        for (given, s) in args.sources.iter().zip(&job.sources) {
+            if s.url.scheme() == "file"
+                && let Ok(path) = s.url.to_file_path()
+                && !path.is_dir()
+            {
+                anyhow::bail!("{given}: no such directory");
+            }
+            let found = toe_report::store::read_sources(std::slice::from_ref(s), None, now).await?;
+            if found.is_empty() {
+                anyhow::bail!(
+                    "{given}: holds no run (no summary.json below it); give a run directory or \
+                     the directory runs are written to (e.g. ./toe-output)"
+                );
+            }
+            captures.extend(
+                found
+                    .into_iter()
+                    .filter(|c| toe_report::store::within(c, job.window, now)),
+            );
+        }
+        Ok(toe_report::store::run_over(&job, &captures).await?)
+    })?;
     let o = &done.outcome;
     eprintln!(
         "TOE report over {} capture(s) of {} run(s): {} finding(s)",
@@ -363,9 +390,19 @@ struct RunArgs {
     json: bool,
     #[command(flatten)]
     config: ConfigArg,
+    #[command(flatten)]
+    validation: ValidationArg,
     /// Start this command and profile it from its first instruction until it exits.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct ValidationArg {
+    /// Unknown fields in the spec: `strict` refuses them (naming the closest known field),
+    /// `warn` prints a warning and ignores them.
+    #[arg(long, value_enum, default_value = "strict")]
+    validate: plan::FieldValidation,
 }
 
 fn read_spec(file: &PathBuf) -> Result<(String, String)> {
@@ -398,6 +435,7 @@ fn request(args: &RunArgs) -> Result<RunRequest> {
         cwd: std::env::current_dir().context("current directory")?,
         now: SystemTime::now(),
         nonce: std::process::id(),
+        validation: args.validation.validate,
     })
 }
 
@@ -435,7 +473,9 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
     let outcome = runtime
         .block_on(async { run::execute(&plan, &sink, ui, run::Control::on_signals()?).await })?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&outcome.summary)?);
+        let json = serde_json::to_string_pretty(&outcome.summary)?;
+        // A reader that went away (`| head`) does not change how the run ended.
+        let _ = writeln!(std::io::stdout().lock(), "{json}");
     } else {
         eprint!("{}", toe_artifacts::summary::render(&outcome.summary));
     }
@@ -444,16 +484,25 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
     ))
 }
 
-fn tools() {
+/// Whether `e` is a write to a pipe whose reader has gone.
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn tools(out: &mut impl std::io::Write) -> std::io::Result<()> {
     for t in catalogue() {
-        println!(
+        writeln!(
+            out,
             "{}  ({:?}; default duration {}, max {})",
             t.name,
             t.kind,
             format_duration(t.default_duration),
             format_duration(t.max_duration)
-        );
-        println!("    {}", t.summary);
+        )?;
+        writeln!(out, "    {}", t.summary)?;
         for a in t.args {
             let kind = match &a.kind {
                 ArgKind::Integer { min, max } => format!("integer {min}..={max}"),
@@ -480,14 +529,16 @@ fn tools() {
                     format!("size {}..={}", format_size(*min), format_size(*max))
                 }
             };
-            println!(
+            writeln!(
+                out,
                 "    --{}=<{kind}>  {} (default {})",
                 a.name,
                 a.help,
                 a.default.unwrap_or("none")
-            );
+            )?;
         }
     }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -509,32 +560,40 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(args) => run_cmd(args),
-        Command::Validate { file, config } => read_spec(file).and_then(|(name, yaml)| {
-            let (tool, warnings) = plan::parse_spec(&name, &yaml)?;
+        Command::Validate {
+            file,
+            config,
+            validation,
+        } => read_spec(file).and_then(|(name, yaml)| {
+            let (tool, warnings) = plan::parse_spec_checked(&name, &yaml, validation.validate)?;
             for w in warnings {
                 eprintln!("toe: warning: {w}");
             }
             let v = plan::validate(&name, &tool, config.read()?.as_ref())?;
             for t in std::iter::once(&v.tool).chain(&v.alongside) {
                 eprintln!(
-                    "{name}: valid: {} for {} with {:?}",
+                    "{name}: valid: {} for {}{}{}",
                     t.name,
                     format_duration(t.duration),
-                    t.options
+                    if t.arguments.is_empty() { "" } else { " with " },
+                    t.arguments.join(" ")
                 );
             }
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Tools => {
-            tools();
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Tools => tools(&mut std::io::stdout().lock())
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
         Command::Cleanup => cleanup(),
         Command::Agent(args) => agent(args),
         Command::Tutorial(args) => tutorial(args),
         Command::Report(args) => report(args),
     };
     result.unwrap_or_else(|e| {
+        if closed_pipe(&e) {
+            // The reader went away (`toe tools | head`): end quietly, as `ls | head` does.
+            return ExitCode::SUCCESS;
+        }
         eprintln!("toe: error: {e:#}");
         ExitCode::FAILURE
     })

@@ -30,6 +30,16 @@ pub enum PlanError {
     },
     #[error("--output {given}: {why}")]
     Output { given: String, why: String },
+    /// Fields nobody reads, with the closest known name of each: a typo must not silently drop
+    /// what the user meant (kubectl's strict field validation does the same).
+    #[error(
+        "{source_name}: {}; fix the spelling, or pass --validate=warn to ignore unknown fields",
+        fields.join("; ")
+    )]
+    UnknownFields {
+        source_name: String,
+        fields: Vec<String>,
+    },
     #[error("{source_name}: {message}")]
     Unsupported {
         source_name: String,
@@ -59,6 +69,8 @@ pub struct RunRequest {
     pub now: SystemTime,
     /// Distinguishes runs started in the same second.
     pub nonce: u32,
+    /// Whether unknown fields in the spec are errors or warnings.
+    pub validation: FieldValidation,
 }
 
 #[derive(Clone, Debug)]
@@ -110,18 +122,115 @@ fn parse_document<T: serde::de::DeserializeOwned>(
     let warnings = unknown
         .into_iter()
         .filter(|p| p != "apiVersion" && p != "kind")
-        .map(|p| format!("{source_name}: unknown field {p} ignored"))
+        .map(|p| format!("{source_name}: {}", describe_unknown(kind, &p)))
         .collect();
     Ok((doc, warnings))
 }
 
-/// Parses YAML into a PowerTool, collecting the paths of fields nobody reads.
+/// How unknown fields are treated (kubectl's `--validate`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FieldValidation {
+    /// An unknown field is an error.
+    #[default]
+    Strict,
+    /// An unknown field is a warning, and ignored.
+    Warn,
+}
+
+/// `unknown field spec.tool.comandLineArguments (did you mean commandLineArguments?)`: the
+/// closest name the schema knows at the same place, when one is close.
+fn describe_unknown(kind: &str, path: &str) -> String {
+    let (parent, field) = path.rsplit_once('.').unwrap_or(("", path));
+    let known = known_fields(kind, parent);
+    let closest = known
+        .iter()
+        .map(|k| {
+            (
+                strsim::damerau_levenshtein(&k.to_lowercase(), &field.to_lowercase()),
+                k,
+            )
+        })
+        .filter(|(d, _)| *d <= field.len().div_ceil(3).max(2))
+        .min();
+    match closest {
+        Some((_, k)) => format!("unknown field {path} (did you mean {k}?)"),
+        None if known.is_empty() => format!("unknown field {path}"),
+        None => format!("unknown field {path} (known here: {})", known.join(", ")),
+    }
+}
+
+/// The field names the CRD schema of `kind` has below `parent` (a dotted path; list indices as
+/// numbers, as serde_ignored writes them).
+fn known_fields(kind: &str, parent: &str) -> Vec<String> {
+    use kube::CustomResourceExt as _;
+    let crd = match kind {
+        api::POWER_TOOL_KIND => PowerTool::crd(),
+        api::POWER_TOOL_CONFIG_KIND => PowerToolConfig::crd(),
+        _ => return Vec::new(),
+    };
+    let Some(mut schema) = crd
+        .spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.clone())
+    else {
+        return Vec::new();
+    };
+    for part in parent.split('.').filter(|p| !p.is_empty()) {
+        let next = if part.bytes().all(|b| b.is_ascii_digit()) {
+            schema.items.and_then(|i| match i {
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s) => Some(*s),
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schemas(_) => None,
+            })
+        } else {
+            schema.properties.and_then(|mut p| p.remove(part))
+        };
+        match next {
+            Some(s) => schema = s,
+            None => return Vec::new(),
+        }
+    }
+    schema
+        .properties
+        .map(|p| p.into_keys().collect())
+        .unwrap_or_default()
+}
+
+/// Parses YAML into a PowerTool, describing the fields nobody reads (probably typos).
 pub fn parse_spec(source_name: &str, yaml: &str) -> Result<(PowerTool, Vec<String>), PlanError> {
     let value: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| PlanError::Yaml {
         source_name: source_name.to_owned(),
         message: e.to_string(),
     })?;
     parse_document(source_name, value, api::POWER_TOOL_KIND)
+}
+
+/// [`parse_spec`], with unknown fields an error under [`FieldValidation::Strict`] and warnings
+/// (returned) under [`FieldValidation::Warn`].
+pub fn parse_spec_checked(
+    source_name: &str,
+    yaml: &str,
+    validation: FieldValidation,
+) -> Result<(PowerTool, Vec<String>), PlanError> {
+    let (tool, unknown) = parse_spec(source_name, yaml)?;
+    if validation == FieldValidation::Strict && !unknown.is_empty() {
+        let prefix = format!("{source_name}: ");
+        return Err(PlanError::UnknownFields {
+            source_name: source_name.to_owned(),
+            fields: unknown
+                .iter()
+                .map(|w| w.trim_start_matches(&prefix).to_owned())
+                .collect(),
+        });
+    }
+    Ok((
+        tool,
+        unknown
+            .into_iter()
+            .map(|w| format!("{w}; ignored"))
+            .collect(),
+    ))
 }
 
 /// A directory (relative to `cwd`) or an object store URL, as a directory URL.
@@ -176,7 +285,8 @@ pub fn validate(
 }
 
 pub fn plan(req: &RunRequest) -> Result<RunPlan, PlanError> {
-    let (tool, mut warnings) = parse_spec(&req.source_name, &req.spec_yaml)?;
+    let (tool, mut warnings) =
+        parse_spec_checked(&req.source_name, &req.spec_yaml, req.validation)?;
     let api::ValidatedRun {
         tool: validated,
         alongside,
@@ -279,6 +389,7 @@ mod tests {
             cwd: "/work".into(),
             now: SystemTime::UNIX_EPOCH + Duration::from_hours(500_000),
             nonce: 0xbeef,
+            validation: FieldValidation::Strict,
         }
     }
 
@@ -328,12 +439,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("missing field `tool`"), "{err}");
+        // A typo is an error naming the field it meant; under --validate=warn, a warning.
         let yaml = SPEC.replace("duration: 5s", "duraton: 5s");
-        let p = plan(&req(&yaml, None)).unwrap();
+        let err = plan(&req(&yaml, None)).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown field spec.tool.duraton (did you mean duration?)"),
+            "{err}"
+        );
+        let p = plan(&RunRequest {
+            validation: FieldValidation::Warn,
+            ..req(&yaml, None)
+        })
+        .unwrap();
         assert_eq!(
             p.warnings,
-            vec!["spec.yaml: unknown field spec.tool.duraton ignored".to_owned()]
+            vec![
+                "spec.yaml: unknown field spec.tool.duraton (did you mean duration?); ignored"
+                    .to_owned()
+            ]
         );
+        // A field far from every known one lists what is known at its place.
+        let yaml = SPEC.replace("duration: 5s", "zzzzzzzzzz: 5s");
+        let err = plan(&req(&yaml, None)).unwrap_err().to_string();
+        assert!(err.contains("known here:") && err.contains("name"), "{err}");
     }
 
     #[test]

@@ -174,12 +174,14 @@ mod tests {
 
     #[test]
     fn unusable_output_urls_are_refused_with_the_reason() {
-        let configs = vec![serde_json::from_value(serde_json::json!({
-            "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
-            "metadata": {"name": "cpu-profile"},
-            "spec": {"tool": "cpu-profile"},
-        }))
-        .unwrap()];
+        let configs = vec![
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+                "metadata": {"name": "cpu-profile"},
+                "spec": {"tool": "cpu-profile"},
+            }))
+            .unwrap(),
+        ];
         for (url, why) in [
             ("toe-output", "relative path"),
             ("ftp://host/x", "unknown scheme"),

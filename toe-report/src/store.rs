@@ -75,27 +75,36 @@ pub async fn read_sources(
     window: Option<Duration>,
     now: SystemTime,
 ) -> Result<Vec<Capture>, StoreError> {
-    let since_ms = window.map(|w| {
-        now.checked_sub(w)
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    });
     let mut all = Vec::new();
     for s in sources {
         let (store, base) = open(&s.url)?;
         let caps = capture::load_all(store.as_ref(), &base, &s.label).await?;
-        all.extend(
-            caps.into_iter()
-                .filter(|c| since_ms.is_none_or(|t| c.summary.ended_unix_ms() >= t)),
-        );
+        all.extend(caps.into_iter().filter(|c| within(c, window, now)));
     }
     Ok(all)
+}
+
+/// Whether `c` ended within `window` before `now` (always, without a window).
+#[must_use]
+pub fn within(c: &Capture, window: Option<Duration>, now: SystemTime) -> bool {
+    window.is_none_or(|w| {
+        let since_ms = now
+            .checked_sub(w)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        c.summary.ended_unix_ms() >= since_ms
+    })
 }
 
 /// Runs the job: read, process, write, expire.
 pub async fn run(job: &Job) -> Result<JobOutcome, StoreError> {
     let captures = read_sources(&job.sources, job.window, job.now).await?;
-    let outcome = process::process(&captures, &job.options).await;
+    run_over(job, &captures).await
+}
+
+/// Runs the job over captures already read: process, write, expire.
+pub async fn run_over(job: &Job, captures: &[Capture]) -> Result<JobOutcome, StoreError> {
+    let outcome = process::process(captures, &job.options).await;
     let (store, base) = open(&job.output)?;
     let name = stamp(job.now);
     let dir = base.clone().join(name.as_str());

@@ -90,7 +90,46 @@ pub enum Amount {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParsedArgs(BTreeMap<&'static str, ArgValue>);
 
+impl std::fmt::Display for ArgValue {
+    /// The value as an argument takes it (`--name=<this>`), so what is shown can be given back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Integer(v) => write!(f, "{v}"),
+            Self::Bool(v) => write!(f, "{v}"),
+            Self::Duration(d) => f.write_str(&super::format_duration(*d)),
+            Self::Enum(s) => f.write_str(s),
+            Self::Size(b) | Self::Amount(Amount::Bytes(b)) => f.write_str(&format_size(*b)),
+            Self::Amount(Amount::Percent(p)) => write!(f, "{p}%"),
+            Self::Path(p) => f.write_str(p),
+            Self::Signals(u64::MAX) => f.write_str("all"),
+            Self::Signals(mask) => {
+                let names: Vec<String> = (1..=64)
+                    .filter(|n| mask & (1u64 << (n - 1)) != 0)
+                    .map(|n| {
+                        crate::signals::signal_name(n)
+                            .trim_start_matches("SIG")
+                            .to_owned()
+                    })
+                    .collect();
+                f.write_str(&names.join(","))
+            }
+            Self::Names(v) => f.write_str(&v.join(",")),
+        }
+    }
+}
+
 impl ParsedArgs {
+    /// Every argument as `--name=value`, defaults included, in the schema's words.
+    #[must_use]
+    pub fn describe(&self) -> Vec<String> {
+        self.0
+            .iter()
+            // An empty list is the argument left unset ("any").
+            .filter(|(_, v)| !matches!(v, ArgValue::Names(n) if n.is_empty()))
+            .map(|(k, v)| format!("--{k}={v}"))
+            .collect()
+    }
+
     /// # Panics
     /// If `name` is not an integer argument of the schema: a bug in the tool definition.
     #[must_use]

@@ -176,6 +176,7 @@ pub(super) fn validate(
     Ok(ValidatedTool {
         name: config.spec.tool.clone(),
         duration,
+        arguments: argv.clone(),
         options: ToolOptions::Image(ImageOptions {
             image: config.spec.image.clone().unwrap_or_default(),
             argv,

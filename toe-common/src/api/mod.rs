@@ -82,6 +82,8 @@ pub struct ValidatedTool {
     pub name: String,
     pub duration: Duration,
     pub options: ToolOptions,
+    /// The arguments it runs with, defaults included, as `--name=value` (for people).
+    pub arguments: Vec<String>,
 }
 
 /// A whole PowerTool that passed validation.
@@ -242,6 +244,7 @@ fn validate_tool(
         name: def.name.to_owned(),
         duration,
         options,
+        arguments: parsed.describe(),
     })
 }
 
