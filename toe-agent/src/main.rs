@@ -199,6 +199,36 @@ fn agent(args: &AgentArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The captures `toe report` processes. A source that is not there, or holds no run, is a
+/// mistake to say so, not an empty report.
+async fn report_captures(
+    given: &[String],
+    job: &toe_report::store::Job,
+) -> Result<Vec<toe_report::capture::Capture>> {
+    let mut captures = Vec::new();
+    for (given, s) in given.iter().zip(&job.sources) {
+        if s.url.scheme() == "file"
+            && let Ok(path) = s.url.to_file_path()
+            && !path.is_dir()
+        {
+            anyhow::bail!("{given}: no such directory");
+        }
+        let found = toe_report::store::read_sources(std::slice::from_ref(s), None, job.now).await?;
+        if found.is_empty() {
+            anyhow::bail!(
+                "{given}: holds no run (no summary.json below it); give a run directory or the \
+                 directory runs are written to (e.g. ./toe-output)"
+            );
+        }
+        captures.extend(
+            found
+                .into_iter()
+                .filter(|c| toe_report::store::within(c, job.window, job.now)),
+        );
+    }
+    Ok(captures)
+}
+
 fn report(args: &ReportArgs) -> Result<ExitCode> {
     // Cloud stores and https model endpoints speak TLS through rustls, which leaves the crypto
     // provider to the application.
@@ -262,30 +292,8 @@ fn report(args: &ReportArgs) -> Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let done = runtime.block_on(async {
-        // A source that is not there, or holds no run, is a mistake to say so, not an empty
-        // report.
-        let mut captures = Vec::new();
-        for (given, s) in args.sources.iter().zip(&job.sources) {
-            if s.url.scheme() == "file"
-                && let Ok(path) = s.url.to_file_path()
-                && !path.is_dir()
-            {
-                anyhow::bail!("{given}: no such directory");
-            }
-            let found = toe_report::store::read_sources(std::slice::from_ref(s), None, now).await?;
-            if found.is_empty() {
-                anyhow::bail!(
-                    "{given}: holds no run (no summary.json below it); give a run directory or \
-                     the directory runs are written to (e.g. ./toe-output)"
-                );
-            }
-            captures.extend(
-                found
-                    .into_iter()
-                    .filter(|c| toe_report::store::within(c, job.window, now)),
-            );
-        }
-        Ok(toe_report::store::run_over(&job, &captures).await?)
+        let captures = report_captures(&args.sources, &job).await?;
+        anyhow::Ok(toe_report::store::run_over(&job, &captures).await?)
     })?;
     let o = &done.outcome;
     eprintln!(

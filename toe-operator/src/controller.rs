@@ -245,14 +245,15 @@ fn incapable(node: &Node, run: &ValidatedRun) -> Option<String> {
     .ok()?;
     std::iter::once(&run.tool)
         .chain(&run.alongside)
-        .find_map(|t| match caps.missing(&t.name) {
-            None => None,
-            Some(why) => Some(format!(
-                "node {} cannot run {}: {why} (its agent's probe, annotation \
-                 {CAPABILITIES_ANNOTATION})",
-                node.name_any(),
-                t.name
-            )),
+        .find_map(|t| {
+            caps.missing(&t.name).map(|why| {
+                format!(
+                    "node {} cannot run {}: {why} (its agent's probe, annotation \
+                     {CAPABILITIES_ANNOTATION})",
+                    node.name_any(),
+                    t.name
+                )
+            })
         })
 }
 

@@ -181,7 +181,6 @@ mod tests {
         let c = CpuCounters {
             sampled: 100,
             ring_full: 7,
-            ..CpuCounters::default()
         };
         let a = accounting(&raw, c);
         assert_eq!((a.recorded, a.lost_ring_full, a.unaccounted), (90, 7, 3));

@@ -381,6 +381,7 @@ fn accounting(c: &SigCounters, received: &HashMap<u32, u64>) -> Vec<KindAccounti
 }
 
 /// Monotonic clock (the kernel's `bpf_ktime_get_ns`) now.
+#[must_use]
 pub fn monotonic_ns() -> u64 {
     crate::clock_ns(libc::CLOCK_MONOTONIC)
 }
