@@ -152,6 +152,48 @@ pub fn target_dir(
     )
 }
 
+/// A PowerTool's target as its location: the one call the agents and the operator's image tools
+/// make, so they cannot disagree.
+#[cfg(feature = "api")]
+pub fn of_target(
+    pt: &toe_common::api::PowerTool,
+    t: &toe_common::api::SelectedTarget,
+    default: &Url,
+) -> Result<Url, OutputError> {
+    let run = toe_common::api::run_name(
+        pt.metadata.uid.as_deref().unwrap_or_default(),
+        pt.metadata.generation.unwrap_or(0),
+    );
+    target_dir(
+        spec_url(pt),
+        default,
+        &TargetRef {
+            namespace: pt.metadata.namespace.as_deref().unwrap_or_default(),
+            powertool: pt.metadata.name.as_deref().unwrap_or_default(),
+            target_namespace: &t.namespace,
+            run: &run,
+            pod: &t.pod,
+            container: &t.container,
+        },
+    )
+}
+
+/// Every run of a PowerTool, where processing reads them.
+#[cfg(feature = "api")]
+pub fn of_powertool(pt: &toe_common::api::PowerTool, default: &Url) -> Result<Url, OutputError> {
+    powertool_dir(
+        spec_url(pt),
+        default,
+        pt.metadata.namespace.as_deref().unwrap_or_default(),
+        pt.metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
+#[cfg(feature = "api")]
+fn spec_url(pt: &toe_common::api::PowerTool) -> Option<&str> {
+    pt.spec.output.as_ref().and_then(|o| o.url.as_deref())
+}
+
 /// A local run's directory: `<base>/<run id>/`.
 pub fn local_run_dir(base: &Url, run_id: &str) -> Result<Url, OutputError> {
     below(base, &[run_id])

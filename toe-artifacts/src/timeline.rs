@@ -107,6 +107,23 @@ impl Lane {
     }
 }
 
+/// An SVG document's opening: size, white background, and the title at `title_y`; the timelines
+/// of the agent and of processing start the same way.
+#[must_use]
+pub fn svg_start(width: f64, height: f64, title: &str, title_y: f64) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        o,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="{title_y}" font-size="15">{}</text>"#,
+        esc(title)
+    );
+    o
+}
+
 /// Renders the timeline; hover a mark or a line for its details.
 #[must_use]
 pub fn svg(t: &Timeline, title: &str) -> String {
@@ -116,16 +133,7 @@ pub fn svg(t: &Timeline, title: &str) -> String {
     let height = 50.0 + LANE_H * rows + 30.0;
     let width = LEFT + PLOT_W + 30.0;
     let x_of = |ms: f64| LEFT + (ms / span).clamp(0.0, 1.0) * PLOT_W;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        o,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="22" font-size="15">{}</text>"#,
-        esc(title)
-    );
+    let mut o = svg_start(width, height, title, 22.0);
     for (i, lane) in t.lanes.iter().enumerate() {
         #[expect(clippy::cast_precision_loss, reason = "a handful of lanes")]
         let y0 = 40.0 + LANE_H * i as f64;

@@ -26,7 +26,7 @@ use kube::{
 use toe_common::api::{
     CAPABILITIES_ANNOTATION, Capabilities, Configs, ImageOptions, PowerTool, PowerToolConfig,
     PowerToolPhase, PowerToolStatus, SelectedTarget, TargetPhase, ToolOptions, ValidatedRun,
-    ValidatedTool, run_name, target_finished,
+    ValidatedTool, target_finished,
 };
 use url::Url;
 
@@ -300,23 +300,7 @@ fn configs(ctx: &Context) -> Vec<PowerToolConfig> {
 
 /// Where a target's tool writes: the same location the node agents would use.
 pub fn output_url(pt: &PowerTool, t: &SelectedTarget, artifacts: &Url) -> Result<Url, String> {
-    let run = run_name(
-        &pt.uid().unwrap_or_default(),
-        pt.metadata.generation.unwrap_or(0),
-    );
-    toe_artifacts::layout::target_dir(
-        pt.spec.output.as_ref().and_then(|o| o.url.as_deref()),
-        artifacts,
-        &toe_artifacts::layout::TargetRef {
-            namespace: &pt.namespace().unwrap_or_default(),
-            powertool: &pt.name_any(),
-            target_namespace: &t.namespace,
-            run: &run,
-            pod: &t.pod,
-            container: &t.container,
-        },
-    )
-    .map_err(|e| format!("spec.output.url: {e}"))
+    toe_artifacts::layout::of_target(pt, t, artifacts).map_err(|e| format!("spec.output.url: {e}"))
 }
 
 /// Starts the image tool in every target pod as an ephemeral container; targets that cannot

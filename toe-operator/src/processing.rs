@@ -214,13 +214,8 @@ fn time(t: SystemTime) -> Option<Time> {
 
 /// The directory of a PowerTool's runs, where the agents write them.
 pub fn runs_url(pt: &PowerTool, artifacts: &Url) -> Result<Url, String> {
-    toe_artifacts::layout::powertool_dir(
-        pt.spec.output.as_ref().and_then(|o| o.url.as_deref()),
-        artifacts,
-        &pt.namespace().unwrap_or_default(),
-        &pt.name_any(),
-    )
-    .map_err(|e| format!("{}: {e}", pt.name_any()))
+    toe_artifacts::layout::of_powertool(pt, artifacts)
+        .map_err(|e| format!("{}: {e}", pt.name_any()))
 }
 
 /// The PowerTools a processing selects, and the names it lists that do not exist.

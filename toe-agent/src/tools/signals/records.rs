@@ -405,16 +405,7 @@ pub fn timeline_svg(records: &[Record], duration_ms: f64, title: &str) -> String
     let rows = float(lanes.len().max(1));
     let height = 70.0 + LANE_H * rows + 40.0;
     let width = LEFT + PLOT_W + 30.0;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        o,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="15">{}</text>"#,
-        esc(title)
-    );
+    let mut o = timeline::svg_start(width, height, title, 20.0);
     let legend = [
         ("#d62728", "SIGKILL"),
         ("#ff7f0e", "SIGTERM"),
