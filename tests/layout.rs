@@ -44,7 +44,7 @@ fn agent_image_tools_and_processing_agree_on_every_output_url() {
     ] {
         let pt = powertool(output);
         let agent = toe_agent::node::remote_dir(&default, &pt, &target()).unwrap();
-        let image = toe_operator::controller::output_url(&pt, &target(), &default).unwrap();
+        let image = toe_operator::image_tools::output_url(&pt, &target(), &default).unwrap();
         let runs = toe_operator::processing::runs_url(&pt, &default).unwrap();
         let want = format!("{base}team-a/checkout-cpu/{run}/shop_web-0/app/");
         assert_eq!(agent.as_str(), want, "agent, {output:?}");
@@ -63,7 +63,7 @@ fn unusable_output_urls_fail_the_same_way_everywhere() {
     for output in ["toe-output", "ftp://host/x"] {
         let pt = powertool(Some(output));
         assert!(toe_agent::node::remote_dir(&default, &pt, &target()).is_err());
-        assert!(toe_operator::controller::output_url(&pt, &target(), &default).is_err());
+        assert!(toe_operator::image_tools::output_url(&pt, &target(), &default).is_err());
         assert!(toe_operator::processing::runs_url(&pt, &default).is_err());
     }
 }

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod certs;
 pub mod controller;
 pub mod ephemeral;
+pub mod image_tools;
 pub mod lease;
 pub mod metrics;
 pub mod processing;
