@@ -277,10 +277,14 @@ async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
         "test-replica",
         Duration::from_secs(15),
     );
-    let run =
-        toe_operator::controller::run(operator_client, metrics.clone(), default_store(), async {
+    let run = toe_operator::controller::run(
+        operator_client,
+        metrics.clone(),
+        toe_operator::controller::Options::defaults(),
+        async {
             let _ = stopped.await;
-        });
+        },
+    );
     let operator = tokio::spawn(async move { elector.lead(run).await });
     let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
     apply_powertools(&tools).await;
@@ -415,10 +419,12 @@ async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespa
     install_crds(&client).await;
     seed_cluster(&client).await;
     let apply = PatchParams::apply("toe-test").force();
-    // signal-trace may target any namespace; cpu-profile only `shop` (seed_cluster).
+    // signal-trace may target any namespace, and PowerTools of `shop` may select others;
+    // cpu-profile only `shop` (seed_cluster).
     let trace: PowerToolConfig = serde_json::from_value(serde_json::json!({
         "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
-        "metadata": {"name": "signal-trace"}, "spec": {"tool": "signal-trace"},
+        "metadata": {"name": "signal-trace"},
+        "spec": {"tool": "signal-trace", "crossNamespaceFrom": ["shop"]},
     }))
     .unwrap();
     Api::<PowerToolConfig>::all(client.clone())
@@ -482,6 +488,111 @@ async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespa
     webhook.stop().await;
 }
 
+/// The operator alone (no webhook, as while it is down or disabled) keeps a tenant of `shop` in
+/// `shop`: selecting other namespaces needs an admin's `crossNamespaceFrom`, and no fault
+/// reaches kube-system or TOE's own namespace unless a config names it.
+#[tokio::test]
+async fn with_the_webhook_down_a_tenant_reaches_no_other_namespace() {
+    let Some(server) = ApiServer::start("with_the_webhook_down_a_tenant_reaches_no_other") else {
+        return;
+    };
+    let client = server.client().await;
+    install_crds(&client).await;
+    seed_cluster(&client).await;
+    let apply = PatchParams::apply("toe-test").force();
+    for (name, spec) in [
+        // Every namespace allowed, but other namespaces selectable from none.
+        ("terminate", serde_json::json!({"tool": "terminate"})),
+        // An admin let shop's PowerTools select other namespaces.
+        (
+            "memory-stress",
+            serde_json::json!({"tool": "memory-stress", "crossNamespaceFrom": ["shop"]}),
+        ),
+    ] {
+        let c: PowerToolConfig = serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        Api::<PowerToolConfig>::all(client.clone())
+            .patch(name, &apply, &Patch::Apply(&c))
+            .await
+            .unwrap();
+    }
+    let operator_client = operator_identity(&server, &client).await;
+    // Labelled after operator_identity creates toe-system.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for (ns, team) in [("kube-system", "system"), ("toe-system", "toe")] {
+        let n: Namespace = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": ns, "labels": {"team": team}}}),
+        )
+        .unwrap();
+        namespaces
+            .patch(
+                ns,
+                &PatchParams::apply("toe-test").force(),
+                &Patch::Apply(&n),
+            )
+            .await
+            .unwrap();
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(toe_operator::controller::run(
+        operator_client,
+        std::sync::Arc::default(),
+        toe_operator::controller::Options::defaults(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // alice may create PowerTools in shop only; nothing checks her at apply time.
+    grant_powertools(&client, "shop", "alice").await;
+    let alice = server.client_as(toe_tests::apiserver::ALICE_TOKEN).await;
+    let tools: Api<PowerTool> = Api::namespaced(alice, "shop");
+    for (name, spec, want) in [
+        (
+            "kill-payments",
+            serde_json::json!({"tool": {"name": "terminate"},
+                "targets": {"namespaceSelector": {"matchLabels": {"team": "payments"}}}}),
+            "lets PowerTools select other namespaces only from no namespace",
+        ),
+        (
+            "kill-control-plane",
+            serde_json::json!({"tool": {"name": "terminate"},
+                "targets": {"namespaceSelector": {"matchLabels": {"team": "system"}}}}),
+            "lets PowerTools select other namespaces only from no namespace",
+        ),
+        (
+            "starve-control-plane",
+            serde_json::json!({"tool": {"name": "memory-stress"},
+                "targets": {"namespaceSelector": {"matchLabels": {"team": "system"}}}}),
+            "namespace kube-system is protected from faults",
+        ),
+        (
+            "starve-toe",
+            serde_json::json!({"tool": {"name": "memory-stress"},
+                "targets": {"namespaceSelector": {"matchLabels": {"team": "toe"}}}}),
+            "namespace toe-system is protected from faults",
+        ),
+    ] {
+        tools
+            .create(&PostParams::default(), &powertool(name, &spec))
+            .await
+            .unwrap();
+        let pt = decided(&tools, name).await;
+        let s = pt.status.unwrap();
+        assert_eq!(s.phase, PowerToolPhase::Rejected, "{name}: {s:?}");
+        assert_eq!(
+            s.conditions[0].reason, "NamespaceNotAllowed",
+            "{name}: {s:?}"
+        );
+        assert!(s.conditions[0].message.contains(want), "{name}: {s:?}");
+        assert!(s.targets.is_empty(), "{name}: {s:?}");
+    }
+    let _ = stop.send(());
+    operator.await.unwrap();
+}
+
 /// Waits (up to 30 s) until the PowerTool reaches `phase`.
 async fn reached(api: &Api<PowerTool>, name: &str, phase: PowerToolPhase) -> PowerTool {
     for _ in 0..300 {
@@ -524,7 +635,7 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
     let operator = tokio::spawn(toe_operator::controller::run(
         operator_client,
         std::sync::Arc::default(),
-        default_store(),
+        toe_operator::controller::Options::defaults(),
         async {
             let _ = stopped.await;
         },
@@ -589,9 +700,4 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
     assert!(status.finish_time.is_some());
     let _ = stop.send(());
     operator.await.unwrap();
-}
-
-/// The store the operator's image tools write to when a PowerTool names none.
-fn default_store() -> url::Url {
-    url::Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).expect("a URL")
 }

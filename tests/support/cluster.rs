@@ -173,6 +173,7 @@ impl Webhook {
         let task = tokio::spawn(toe_operator::webhook::serve(
             client.clone(),
             std::sync::Arc::default(),
+            toe_operator::controller::protected_namespaces("toe-system"),
             std::net::SocketAddr::from(([127, 0, 0, 1], port)),
             tls,
             async {
@@ -248,9 +249,12 @@ impl Operator {
         let mut tasks = vec![tokio::spawn(toe_operator::controller::run(
             client.clone(),
             metrics.clone(),
-            artifacts.clone().unwrap_or_else(|| {
-                url::Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).expect("a URL")
-            }),
+            toe_operator::controller::Options {
+                artifacts: artifacts.clone().unwrap_or_else(|| {
+                    url::Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).expect("a URL")
+                }),
+                ..toe_operator::controller::Options::defaults()
+            },
             until_stopped(),
         ))];
         if let Some(artifacts) = artifacts {

@@ -52,6 +52,8 @@ pub struct Context {
     /// The store the node agents write to: image tools without `spec.output.url` write there
     /// too, in the same layout.
     pub artifacts: Url,
+    /// Namespaces faults reach only where a config names them ([`protected_namespaces`]).
+    pub protected: Vec<String>,
     pub configs: Store<PowerToolConfig>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -95,6 +97,26 @@ pub(crate) fn condition(
     }
 }
 
+/// What the controller is started with.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The store the node agents write to (`--artifacts`).
+    pub artifacts: Url,
+    /// The namespace TOE is installed in, protected from faults like `kube-system`.
+    pub release_namespace: String,
+}
+
+impl Options {
+    /// The chart's defaults: the agents' default store, release namespace `toe-system`.
+    #[must_use]
+    pub fn defaults() -> Self {
+        Self {
+            artifacts: Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).expect("a URL"),
+            release_namespace: "toe-system".into(),
+        }
+    }
+}
+
 /// Namespaces the PowerTool targets: its own, or those its namespace selector matches.
 pub async fn target_namespaces(client: &Client, pt: &PowerTool) -> Result<Vec<String>, String> {
     let own = pt.namespace().unwrap_or_else(|| "default".into());
@@ -114,16 +136,37 @@ pub async fn target_namespaces(client: &Client, pt: &PowerTool) -> Result<Vec<St
     Ok(list.items.iter().map(ResourceExt::name_any).collect())
 }
 
-/// Every targeted namespace must be allowed by the config of every tool of the run.
+/// Namespaces no fault reaches unless a PowerToolConfig of the fault names them in
+/// `allowedNamespaces`: the control plane's and the operator's own (where TOE itself runs).
+#[must_use]
+pub fn protected_namespaces(release_namespace: &str) -> Vec<String> {
+    let mut v = vec!["kube-system".to_owned()];
+    if release_namespace != "kube-system" {
+        v.push(release_namespace.to_owned());
+    }
+    v
+}
+
+/// Every targeted namespace must be allowed by the config of every tool of the run; selecting
+/// other namespaces at all must be allowed for the PowerTool's own namespace; and a fault
+/// reaches a `protected` namespace only where its config names it. Pure: the controller applies
+/// it to every PowerTool, so it holds with the webhook down or absent.
 pub fn namespaces_allowed(
     pt: &PowerTool,
     configs: &[PowerToolConfig],
     namespaces: &[String],
+    protected: &[String],
 ) -> Result<(), String> {
     let Ok(checked) = Configs::new(configs) else {
         // Admission already refused a broken set of configs.
         return Ok(());
     };
+    let own = pt.namespace().unwrap_or_else(|| "default".into());
+    let selects_namespaces = pt
+        .spec
+        .targets
+        .as_ref()
+        .is_some_and(|t| t.namespace_selector.is_some());
     for t in std::iter::once(&pt.spec.tool).chain(&pt.spec.alongside) {
         let Some(c) = checked.for_tool(&t.name) else {
             continue;
@@ -132,6 +175,32 @@ pub fn namespaces_allowed(
             return Err(format!(
                 "spec.targets.namespaceSelector: namespace {ns} is not allowed by \
                  PowerToolConfig {} for tool {}",
+                c.name, t.name
+            ));
+        }
+        if selects_namespaces && !c.allows_cross_namespace_from(&own) {
+            return Err(format!(
+                "spec.targets.namespaceSelector: PowerToolConfig {} lets PowerTools select other \
+                 namespaces only from {}; {own} is not one (an admin adds it to \
+                 crossNamespaceFrom)",
+                c.name,
+                if c.spec.cross_namespace_from.is_empty() {
+                    "no namespace".to_owned()
+                } else {
+                    c.spec.cross_namespace_from.join(", ")
+                }
+            ));
+        }
+        let fault = toe_common::api::find_tool(&t.name)
+            .is_some_and(|d| d.kind == toe_common::api::ToolKind::Fault);
+        if fault
+            && let Some(ns) = namespaces
+                .iter()
+                .find(|ns| protected.contains(ns) && !c.names_namespace(ns))
+        {
+            return Err(format!(
+                "namespace {ns} is protected from faults: PowerToolConfig {} must name it in \
+                 allowedNamespaces for {} to reach it",
                 c.name, t.name
             ));
         }
@@ -160,7 +229,7 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
         Ok(n) => n,
         Err(e) => return rejected("InvalidTargets", &e),
     };
-    if let Err(e) = namespaces_allowed(pt, &configs, &namespaces) {
+    if let Err(e) = namespaces_allowed(pt, &configs, &namespaces, &ctx.protected) {
         return rejected("NamespaceNotAllowed", &e);
     }
     let label_selector = pt
@@ -546,7 +615,7 @@ fn error_policy(_: Arc<PowerTool>, error: &Error, ctx: Arc<Context>) -> Action {
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
-    artifacts: Url,
+    opts: Options,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let configs_api: Api<PowerToolConfig> = Api::all(client.clone());
@@ -579,7 +648,8 @@ pub async fn run(
     );
     let ctx = Arc::new(Context {
         client: client.clone(),
-        artifacts,
+        artifacts: opts.artifacts,
+        protected: protected_namespaces(&opts.release_namespace),
         configs: store,
         metrics,
         recorder,
@@ -599,6 +669,118 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(tool: &str, extra: &serde_json::Value) -> PowerToolConfig {
+        let mut spec = serde_json::json!({ "tool": tool });
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+            "metadata": {"name": tool}, "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn tenant_tool(tool: &str, cross: bool) -> PowerTool {
+        let mut spec = serde_json::json!({"tool": {"name": tool}});
+        if cross {
+            spec["targets"] =
+                serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "x"}}});
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+            "metadata": {"name": "t", "namespace": "shop"}, "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn other_namespaces_only_from_namespaces_an_admin_lists() {
+        let protected = protected_namespaces("toe-system");
+        let open = [config("cpu-profile", &serde_json::json!({}))];
+        let err = namespaces_allowed(
+            &tenant_tool("cpu-profile", true),
+            &open,
+            &["payments".into()],
+            &protected,
+        )
+        .unwrap_err();
+        assert!(err.contains("only from no namespace"), "{err}");
+        // Its own namespace needs no permission.
+        assert!(
+            namespaces_allowed(
+                &tenant_tool("cpu-profile", false),
+                &open,
+                &["shop".into()],
+                &protected
+            )
+            .is_ok()
+        );
+        let listed = [config(
+            "cpu-profile",
+            &serde_json::json!({"crossNamespaceFrom": ["shop"]}),
+        )];
+        assert!(
+            namespaces_allowed(
+                &tenant_tool("cpu-profile", true),
+                &listed,
+                &["payments".into()],
+                &protected
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn faults_reach_the_control_plane_and_toe_only_where_named() {
+        let protected = protected_namespaces("toe-system");
+        let open = [config(
+            "terminate",
+            &serde_json::json!({"crossNamespaceFrom": ["shop"]}),
+        )];
+        for ns in ["kube-system", "toe-system"] {
+            let err = namespaces_allowed(
+                &tenant_tool("terminate", true),
+                &open,
+                &[ns.into()],
+                &protected,
+            )
+            .unwrap_err();
+            assert!(
+                err.contains(&format!("namespace {ns} is protected")),
+                "{err}"
+            );
+        }
+        // A collector may look; a fault named by the admin may act.
+        let trace = [config(
+            "signal-trace",
+            &serde_json::json!({"crossNamespaceFrom": ["shop"]}),
+        )];
+        assert!(
+            namespaces_allowed(
+                &tenant_tool("signal-trace", true),
+                &trace,
+                &["kube-system".into()],
+                &protected
+            )
+            .is_ok()
+        );
+        let named = [config(
+            "terminate",
+            &serde_json::json!({"crossNamespaceFrom": ["shop"],
+                                "allowedNamespaces": ["shop", "kube-system"]}),
+        )];
+        assert!(
+            namespaces_allowed(
+                &tenant_tool("terminate", true),
+                &named,
+                &["kube-system".into()],
+                &protected
+            )
+            .is_ok()
+        );
+    }
 
     fn finished(phase: PowerToolPhase, ttl: Option<u64>, at: &str) -> PowerTool {
         let mut pt = PowerTool::new("t", toe_common::api::PowerToolSpec::default());
@@ -731,6 +913,7 @@ mod tests {
             ),
             client,
             artifacts: Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).unwrap(),
+            protected: protected_namespaces("toe-system"),
             configs: store,
             metrics: Arc::default(),
         }

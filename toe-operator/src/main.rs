@@ -47,7 +47,8 @@ struct Cli {
     /// replicas acts at a time. Empty: no election (a single replica).
     #[arg(long, default_value = "toe-operator")]
     lease_name: String,
-    /// The operator's own namespace: its Lease and its webhook Secret live here.
+    /// The operator's own namespace: its Lease and its webhook Secret live here, and faults
+    /// reach it (like kube-system) only where a PowerToolConfig names it.
     #[arg(long, env = "POD_NAMESPACE", default_value = "toe-system")]
     lease_namespace: String,
     /// This replica's identity in the Lease.
@@ -168,6 +169,7 @@ fn main() -> Result<()> {
                 Some(tokio::spawn(webhook::serve(
                     client.clone(),
                     metrics.clone(),
+                    controller::protected_namespaces(&cli.lease_namespace),
                     addr,
                     tls,
                     shutdown_signal(),
@@ -191,6 +193,10 @@ fn main() -> Result<()> {
         let opts = processing::ProcessingOptions {
             artifacts: cli.artifacts.clone(),
         };
+        let controller_opts = controller::Options {
+            artifacts: cli.artifacts.clone(),
+            release_namespace: cli.lease_namespace.clone(),
+        };
         let run = {
             let (client, metrics) = (client.clone(), metrics.clone());
             async move {
@@ -198,7 +204,7 @@ fn main() -> Result<()> {
                     controller::run(
                         client.clone(),
                         metrics.clone(),
-                        cli.artifacts.clone(),
+                        controller_opts,
                         shutdown_signal(),
                     ),
                     processing::run(client, opts, metrics, shutdown_signal()),

@@ -30,6 +30,8 @@ pub const PATH: &str = "/validate-powertool";
 struct WebhookState {
     client: Client,
     metrics: Arc<Metrics>,
+    /// Namespaces faults reach only where a config names them.
+    protected: Vec<String>,
 }
 
 /// Whether `req`'s user may create PowerTools in `namespace`.
@@ -67,7 +69,11 @@ async fn may_create_powertools(
 }
 
 /// The decision for one request: `Err` holds the message the user sees.
-async fn decide(client: &Client, req: &AdmissionRequest<PowerTool>) -> Result<(), String> {
+async fn decide(
+    client: &Client,
+    req: &AdmissionRequest<PowerTool>,
+    protected: &[String],
+) -> Result<(), String> {
     if matches!(req.operation, Operation::Delete | Operation::Connect) {
         return Ok(());
     }
@@ -88,7 +94,7 @@ async fn decide(client: &Client, req: &AdmissionRequest<PowerTool>) -> Result<()
         return Err(format!("{}: {}", verdict.reason, verdict.message));
     }
     let namespaces = controller::target_namespaces(client, &pt).await?;
-    controller::namespaces_allowed(&pt, &configs, &namespaces)?;
+    controller::namespaces_allowed(&pt, &configs, &namespaces, protected)?;
     let own = pt.metadata.namespace.clone().unwrap_or_default();
     for ns in namespaces.iter().filter(|ns| **ns != own) {
         let allowed = may_create_powertools(client, req, ns)
@@ -118,7 +124,7 @@ async fn validate(
         }
     };
     let resp = AdmissionResponse::from(&req);
-    let decision = decide(&state.client, &req).await;
+    let decision = decide(&state.client, &req, &state.protected).await;
     let reason = match &decision {
         Ok(()) => "Allowed".to_owned(),
         // "InvalidArgument: ..." -> "InvalidArgument"; other refusals count as "Denied".
@@ -145,13 +151,18 @@ async fn validate(
 pub async fn serve(
     client: Client,
     metrics: Arc<Metrics>,
+    protected: Vec<String>,
     addr: SocketAddr,
     tls: axum_server::tls_rustls::RustlsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = Router::new()
         .route(PATH, post(validate))
-        .with_state(Arc::new(WebhookState { client, metrics }));
+        .with_state(Arc::new(WebhookState {
+            client,
+            metrics,
+            protected,
+        }));
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
     tokio::spawn(async move {

@@ -47,9 +47,16 @@ pub struct PowerToolConfigSpec {
     /// The image of an image-based tool (engine `ephemeralContainer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// Namespaces whose PowerTools may use the tool; empty: every namespace.
+    /// Namespaces whose PowerTools may use the tool; empty: every namespace. A fault reaches
+    /// `kube-system` and the operator's own namespace only when they are listed here by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_namespaces: Vec<String>,
+    /// Namespaces whose PowerTools may select targets in other namespaces
+    /// (`spec.targets.namespaceSelector`); empty: none. The operator enforces this itself, so
+    /// it holds while the admission webhook is down; the webhook also checks that the creator
+    /// may create PowerTools in every namespace selected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cross_namespace_from: Vec<String>,
     /// Go duration syntax; at most the tool's built-in maximum. Absent: the built-in maximum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration: Option<String>,
@@ -634,8 +641,22 @@ impl CheckedConfig {
 
     #[must_use]
     pub fn allows_namespace(&self, namespace: &str) -> bool {
-        self.spec.allowed_namespaces.is_empty()
-            || self.spec.allowed_namespaces.iter().any(|n| n == namespace)
+        self.spec.allowed_namespaces.is_empty() || self.names_namespace(namespace)
+    }
+
+    /// The admin listed `namespace` by name (an empty list names none).
+    #[must_use]
+    pub fn names_namespace(&self, namespace: &str) -> bool {
+        self.spec.allowed_namespaces.iter().any(|n| n == namespace)
+    }
+
+    /// PowerTools of `namespace` may select targets in other namespaces.
+    #[must_use]
+    pub fn allows_cross_namespace_from(&self, namespace: &str) -> bool {
+        self.spec
+            .cross_namespace_from
+            .iter()
+            .any(|n| n == namespace)
     }
 
     #[must_use]
