@@ -755,3 +755,97 @@ async fn targets_on_a_node_whose_agent_cannot_run_the_tool_fail_with_its_reason(
     );
     operator.stop().await;
 }
+
+/// Whoever can write `powertools/status` must not be able to aim the agent at a container the
+/// PowerTool did not select: the agent looks each target's pod up itself.
+#[tokio::test]
+async fn a_forged_status_cannot_aim_the_agent_at_another_container() {
+    let Some(c) = Cluster::start("a_forged_status_cannot_aim_the_agent_at_another_container").await
+    else {
+        return;
+    };
+    let agent = c.agent();
+    let target = busy("target");
+    let victim = busy("victim");
+    c.pod("web-1", "web", &[("app", &target)]).await;
+    cluster::create_namespace(
+        &c.admin,
+        "payments",
+        &serde_json::json!({"team": "payments"}),
+    )
+    .await;
+    cluster::create_pod(
+        &c.admin,
+        "payments",
+        "db-1",
+        &serde_json::json!({"app": "db"}),
+        &c.node,
+        &[("app", &format!("containerd://{}", victim.id))],
+    )
+    .await;
+    let forged = |namespace: &str, pod: &str, id: &str| {
+        serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+            "status": {"phase": "Admitted", "observedGeneration": 1, "targets": [{
+                "node": c.node, "namespace": namespace, "pod": pod, "container": "app",
+                "containerID": format!("containerd://{id}"), "phase": "Pending"}]},
+        })
+    };
+    let cases = [
+        // The control: the target the PowerTool selects.
+        ("control", forged("shop", "web-1", &target.id)),
+        // Another namespace's pod, from a PowerTool without a namespaceSelector.
+        ("other-namespace", forged("payments", "db-1", &victim.id)),
+        // The PowerTool's own pod, with another namespace's container id.
+        ("other-container", forged("shop", "web-1", &victim.id)),
+        // A pod that does not exist, with that container id.
+        ("no-such-pod", forged("shop", "web-9", &victim.id)),
+    ];
+    for (name, status) in &cases {
+        c.create(
+            name,
+            serde_json::json!({"tool": {"name": "cpu-profile", "duration": "1s"}}),
+        )
+        .await;
+        c.tools()
+            .patch_status(
+                name,
+                &PatchParams::apply("forger").force(),
+                &Patch::Apply(status),
+            )
+            .await
+            .unwrap();
+    }
+    c.wait("control", "run", 60, Some(&agent), |p| {
+        target_phase(p, "web-1").as_deref() == Some("Completed")
+    })
+    .await;
+    for (name, pod, want) in [
+        (
+            "other-namespace",
+            "db-1",
+            "selects only its own namespace shop",
+        ),
+        (
+            "other-container",
+            "web-1",
+            "has no container app with the id in the PowerTool's status",
+        ),
+        ("no-such-pod", "web-9", "pod shop/web-9 does not exist"),
+    ] {
+        let pt = c
+            .wait(name, "refused", 30, Some(&agent), |p| {
+                target_phase(p, pod).as_deref() == Some("Failed")
+            })
+            .await;
+        let msg = targets(&pt)[0].message.clone().unwrap();
+        assert!(
+            msg.contains("refused by the node agent") && msg.contains(want),
+            "{name}: {msg}"
+        );
+        assert!(
+            !c.store().join("shop").join(name).exists(),
+            "{name} wrote artifacts"
+        );
+    }
+}

@@ -110,6 +110,10 @@ struct AgentArgs {
     /// This node's name, as pods' spec.nodeName has it (the downward API's spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node: String,
+    /// The namespace TOE is installed in (the chart passes the agent pod's own): faults reach it,
+    /// like kube-system, only where a PowerToolConfig names it.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "toe-system")]
+    release_namespace: String,
     /// Object store URL for PowerTools that name no spec.output.url.
     #[arg(
         long,
@@ -190,6 +194,7 @@ fn agent(args: &AgentArgs) -> Result<ExitCode> {
             node: args.node.clone(),
             output: args.output.clone(),
             upload_timeout: args.upload_timeout,
+            release_namespace: args.release_namespace.clone(),
         };
         toe_agent::node::run(client, opts, async {
             let _ = stop.await;

@@ -24,7 +24,7 @@ use kube::{
     },
 };
 use toe_common::api::{
-    CAPABILITIES_ANNOTATION, Capabilities, Configs, PowerTool, PowerToolConfig, PowerToolPhase,
+    CAPABILITIES_ANNOTATION, Capabilities, PowerTool, PowerToolConfig, PowerToolPhase,
     PowerToolStatus, SelectedTarget, TargetPhase, ToolOptions, ValidatedRun, target_finished,
 };
 use url::Url;
@@ -136,77 +136,7 @@ pub async fn target_namespaces(client: &Client, pt: &PowerTool) -> Result<Vec<St
     Ok(list.items.iter().map(ResourceExt::name_any).collect())
 }
 
-/// Namespaces no fault reaches unless a PowerToolConfig of the fault names them in
-/// `allowedNamespaces`: the control plane's and the operator's own (where TOE itself runs).
-#[must_use]
-pub fn protected_namespaces(release_namespace: &str) -> Vec<String> {
-    let mut v = vec!["kube-system".to_owned()];
-    if release_namespace != "kube-system" {
-        v.push(release_namespace.to_owned());
-    }
-    v
-}
-
-/// Every targeted namespace must be allowed by the config of every tool of the run; selecting
-/// other namespaces at all must be allowed for the PowerTool's own namespace; and a fault
-/// reaches a `protected` namespace only where its config names it. Pure: the controller applies
-/// it to every PowerTool, so it holds with the webhook down or absent.
-pub fn namespaces_allowed(
-    pt: &PowerTool,
-    configs: &[PowerToolConfig],
-    namespaces: &[String],
-    protected: &[String],
-) -> Result<(), String> {
-    let Ok(checked) = Configs::new(configs) else {
-        // Admission already refused a broken set of configs.
-        return Ok(());
-    };
-    let own = pt.namespace().unwrap_or_else(|| "default".into());
-    let selects_namespaces = pt
-        .spec
-        .targets
-        .as_ref()
-        .is_some_and(|t| t.namespace_selector.is_some());
-    for t in std::iter::once(&pt.spec.tool).chain(&pt.spec.alongside) {
-        let Some(c) = checked.for_tool(&t.name) else {
-            continue;
-        };
-        if let Some(ns) = namespaces.iter().find(|ns| !c.allows_namespace(ns)) {
-            return Err(format!(
-                "spec.targets.namespaceSelector: namespace {ns} is not allowed by \
-                 PowerToolConfig {} for tool {}",
-                c.name, t.name
-            ));
-        }
-        if selects_namespaces && !c.allows_cross_namespace_from(&own) {
-            return Err(format!(
-                "spec.targets.namespaceSelector: PowerToolConfig {} lets PowerTools select other \
-                 namespaces only from {}; {own} is not one (an admin adds it to \
-                 crossNamespaceFrom)",
-                c.name,
-                if c.spec.cross_namespace_from.is_empty() {
-                    "no namespace".to_owned()
-                } else {
-                    c.spec.cross_namespace_from.join(", ")
-                }
-            ));
-        }
-        let fault = toe_common::api::find_tool(&t.name)
-            .is_some_and(|d| d.kind == toe_common::api::ToolKind::Fault);
-        if fault
-            && let Some(ns) = namespaces
-                .iter()
-                .find(|ns| protected.contains(ns) && !c.names_namespace(ns))
-        {
-            return Err(format!(
-                "namespace {ns} is protected from faults: PowerToolConfig {} must name it in \
-                 allowedNamespaces for {} to reach it",
-                c.name, t.name
-            ));
-        }
-    }
-    Ok(())
-}
+pub use toe_common::api::{namespaces_allowed, protected_namespaces};
 
 /// Admission, then target selection: the status to write, and the run when admitted.
 async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<ValidatedRun>) {

@@ -49,6 +49,9 @@ pub struct NodeOptions {
     pub output: Url,
     /// How long an upload attempt may take when a run ends (later attempts back off).
     pub upload_timeout: Duration,
+    /// The namespace TOE is installed in: faults reach it (like kube-system) only where a
+    /// config names it.
+    pub release_namespace: String,
 }
 
 /// Which run of which target: a target is run at most once per PowerTool generation.
@@ -87,6 +90,8 @@ struct Ctx {
     upload_timeout: Duration,
     /// Spool jobs a run task is uploading itself; the background uploader leaves them alone.
     claimed: Mutex<HashSet<PathBuf>>,
+    /// Namespaces faults reach only where a config names them.
+    protected: Vec<String>,
 }
 
 struct Active {
@@ -373,6 +378,7 @@ pub async fn run(
         output: opts.output,
         upload_timeout: opts.upload_timeout,
         claimed: Mutex::new(HashSet::new()),
+        protected: toe_common::api::protected_namespaces(&opts.release_namespace),
     });
     let uploads = tokio::spawn(uploader(ctx.clone()));
     let mut active: BTreeMap<Key, Active> = BTreeMap::new();

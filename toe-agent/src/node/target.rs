@@ -3,7 +3,8 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use kube::ResourceExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, ResourceExt as _};
 use toe_common::api::{
     self, Configs, Policy, PowerTool, PowerToolConfig, SelectedTarget, TargetPhase, ToolOptions,
     run_name,
@@ -22,6 +23,62 @@ use crate::{
     run::{self, Control, Ended, Outcome, RunError, Ui},
     targets::TargetSpec,
 };
+
+/// The agent trusts no status field: whoever can write `powertools/status` could aim it at any
+/// container of the node. It acts only when the target's namespace is one the PowerTool may
+/// reach under the configs as they are now, and when the pod, looked up by the agent itself, is
+/// on this node and runs that container with that id.
+pub(super) async fn verify_target(
+    ctx: &Ctx,
+    pt: &PowerTool,
+    t: &SelectedTarget,
+) -> Result<(), String> {
+    let refused = |why: String| format!("refused by the node agent: {why}");
+    let own = pt.namespace().unwrap_or_default();
+    let selects = pt
+        .spec
+        .targets
+        .as_ref()
+        .is_some_and(|s| s.namespace_selector.is_some());
+    if t.namespace != own && !selects {
+        return Err(refused(format!(
+            "the PowerTool selects only its own namespace {own}, not {}",
+            t.namespace
+        )));
+    }
+    let configs: Vec<PowerToolConfig> = ctx.configs.state().iter().map(|c| (**c).clone()).collect();
+    api::namespaces_allowed(
+        pt,
+        &configs,
+        std::slice::from_ref(&t.namespace),
+        &ctx.protected,
+    )
+    .map_err(refused)?;
+    let pod = Api::<Pod>::namespaced(ctx.client.clone(), &t.namespace)
+        .get_opt(&t.pod)
+        .await
+        .map_err(|e| refused(format!("looking up pod {}/{}: {e}", t.namespace, t.pod)))?
+        .ok_or_else(|| refused(format!("pod {}/{} does not exist", t.namespace, t.pod)))?;
+    let on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    if on != Some(ctx.node.as_str()) {
+        return Err(refused(format!(
+            "pod {}/{} is not on node {}",
+            t.namespace, t.pod, ctx.node
+        )));
+    }
+    let runs = pod
+        .status
+        .iter()
+        .flat_map(|s| s.container_statuses.iter().flatten())
+        .any(|c| c.name == t.container && c.container_id.as_deref() == Some(&t.container_id));
+    if !runs {
+        return Err(refused(format!(
+            "pod {}/{} has no container {} with the id in the PowerTool's status",
+            t.namespace, t.pod, t.container
+        )));
+    }
+    Ok(())
+}
 
 /// The configs that are themselves valid, as one policy set (a broken config enables nothing,
 /// as in admission).
@@ -161,6 +218,11 @@ pub(super) async fn run_target(
     stop: watch::Receiver<Option<&'static str>>,
 ) {
     let r = target_ref(&pt, &t);
+    if let Err(why) = verify_target(&ctx, &pt, &t).await {
+        tracing::warn!(powertool = %r.name, pod = %t.pod, %why, "refused a target");
+        ctx.set(&r, TargetPhase::Failed, why, None).await;
+        return;
+    }
     let plan = match prepare(&ctx, &pt, &t) {
         Ok(Some(plan)) => plan,
         Ok(None) => return,

@@ -116,7 +116,8 @@ pub fn operator_namespace_role(name: &str, namespace: &str) -> Role {
 }
 
 /// What the node agent (`toe agent`) uses, and nothing else: it reads PowerTools and configs,
-/// writes its targets' progress into PowerTool status, and publishes its node's capabilities.
+/// looks up each target's pod, writes its targets' progress into PowerTool status, and publishes
+/// its node's capabilities.
 #[must_use]
 pub fn agent_cluster_role(name: &str) -> ClusterRole {
     ClusterRole {
@@ -128,6 +129,8 @@ pub fn agent_cluster_role(name: &str) -> ClusterRole {
             rule("toe.run", &["powertools"], &["get", "list", "watch"]),
             rule("toe.run", &["powertools/status"], &["get", "patch"]),
             rule("toe.run", &["powertoolconfigs"], &["get", "list", "watch"]),
+            // Each target's pod, looked up before acting: status is not trusted.
+            rule("", &["pods"], &["get"]),
             // The capability probe's annotation on its own Node.
             rule("", &["nodes"], &["get", "patch"]),
         ]),
