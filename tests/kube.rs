@@ -379,6 +379,35 @@ async fn grant_powertools(client: &kube::Client, ns: &str, user: &str) {
         .unwrap();
 }
 
+/// Binds `user` in `ns` to exactly the tenant role the chart aggregates into `edit`.
+async fn grant_tenant(client: &kube::Client, ns: &str, user: &str) {
+    let role: k8s_openapi::api::rbac::v1::ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "toe-tenant-edit"},
+        "rules": toe_common::api::rbac::tenant_edit_rules(),
+    }))
+    .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("toe-tenant-{user}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "toe-tenant-edit"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }))
+    .unwrap();
+    let apply = PatchParams::apply("toe-test").force();
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
+        .patch("toe-tenant-edit", &apply, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .patch(
+            &format!("toe-tenant-{user}"),
+            &apply,
+            &Patch::Apply(&binding),
+        )
+        .await
+        .unwrap();
+}
+
 fn powertool(name: &str, spec: &serde_json::Value) -> PowerTool {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
@@ -545,8 +574,8 @@ async fn with_the_webhook_down_a_tenant_reaches_no_other_namespace() {
             let _ = stopped.await;
         },
     ));
-    // alice may create PowerTools in shop only; nothing checks her at apply time.
-    grant_powertools(&client, "shop", "alice").await;
+    // alice has the chart's tenant role in shop only; nothing checks her at apply time.
+    grant_tenant(&client, "shop", "alice").await;
     let alice = server.client_as(toe_tests::apiserver::ALICE_TOKEN).await;
     let tools: Api<PowerTool> = Api::namespaced(alice, "shop");
     for (name, spec, want) in [
@@ -589,6 +618,20 @@ async fn with_the_webhook_down_a_tenant_reaches_no_other_namespace() {
         assert!(s.conditions[0].message.contains(want), "{name}: {s:?}");
         assert!(s.targets.is_empty(), "{name}: {s:?}");
     }
+    // Nor can she write a status of her own (the agents would refuse it anyway).
+    let forged = serde_json::json!({
+        "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+        "status": {"phase": "Admitted", "observedGeneration": 1},
+    });
+    let err = tools
+        .patch_status(
+            "kill-payments",
+            &PatchParams::apply("alice").force(),
+            &Patch::Apply(forged),
+        )
+        .await
+        .expect_err("a tenant wrote a PowerTool's status");
+    assert!(err.to_string().contains("forbidden"), "{err}");
     let _ = stop.send(());
     operator.await.unwrap();
 }

@@ -29,6 +29,8 @@ pub fn render() -> Result<Vec<(String, String)>> {
             "operator-namespace-rules",
             rbac::operator_namespace_role("toe-operator", "toe-system").rules,
         ),
+        ("tenant-edit-rules", Some(rbac::tenant_edit_rules())),
+        ("tenant-view-rules", Some(rbac::tenant_view_rules())),
         (
             "agent-cluster-rules",
             rbac::agent_cluster_role("toe-agent").rules,

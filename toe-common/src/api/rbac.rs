@@ -137,3 +137,50 @@ pub fn agent_cluster_role(name: &str) -> ClusterRole {
         ..ClusterRole::default()
     }
 }
+
+/// What a namespace tenant gets through the built-in `edit` and `admin` roles (the chart labels
+/// the ClusterRole to aggregate into them): PowerTools and PowerToolProcessings, but never their
+/// `status`, which the operator and the agents write and which no tenant may forge.
+#[must_use]
+pub fn tenant_edit_rules() -> Vec<PolicyRule> {
+    vec![rule(
+        "toe.run",
+        &["powertools", "powertoolprocessings"],
+        &[
+            "get", "list", "watch", "create", "update", "patch", "delete",
+        ],
+    )]
+}
+
+/// What the built-in `view` role gets (aggregated): reading PowerTools, their status included,
+/// and PowerToolProcessings. The configs are the admins'.
+#[must_use]
+pub fn tenant_view_rules() -> Vec<PolicyRule> {
+    vec![rule(
+        "toe.run",
+        &[
+            "powertools",
+            "powertools/status",
+            "powertoolprocessings",
+            "powertoolprocessings/status",
+        ],
+        &["get", "list", "watch"],
+    )]
+}
+
+#[cfg(test)]
+mod tenant_tests {
+    use super::*;
+
+    #[test]
+    fn tenants_never_write_status() {
+        for r in tenant_edit_rules().iter().chain(&tenant_view_rules()) {
+            let writes = r
+                .verbs
+                .iter()
+                .any(|v| v != "get" && v != "list" && v != "watch");
+            let status = r.resources.iter().flatten().any(|x| x.ends_with("/status"));
+            assert!(!(writes && status), "{r:?}");
+        }
+    }
+}
