@@ -801,12 +801,18 @@ async fn a_forged_status_cannot_aim_the_agent_at_another_container() {
         // A pod that does not exist, with that container id.
         ("no-such-pod", forged("shop", "web-9", &victim.id)),
     ];
+    // The right target, but artifacts aimed at the host's filesystem through /proc.
+    let escape = format!("/proc/1/root/tmp/toe-escape-{}", std::process::id());
+    let cases: Vec<(&str, serde_json::Value)> = cases
+        .into_iter()
+        .chain([("proc-root", forged("shop", "web-1", &target.id))])
+        .collect();
     for (name, status) in &cases {
-        c.create(
-            name,
-            serde_json::json!({"tool": {"name": "cpu-profile", "duration": "1s"}}),
-        )
-        .await;
+        let mut spec = serde_json::json!({"tool": {"name": "cpu-profile", "duration": "1s"}});
+        if *name == "proc-root" {
+            spec["output"] = serde_json::json!({ "url": format!("file://{escape}") });
+        }
+        c.create(name, spec).await;
         c.tools()
             .patch_status(
                 name,
@@ -832,6 +838,11 @@ async fn a_forged_status_cannot_aim_the_agent_at_another_container() {
             "has no container app with the id in the PowerTool's status",
         ),
         ("no-such-pod", "web-9", "pod shop/web-9 does not exist"),
+        (
+            "proc-root",
+            "web-1",
+            "spec.output.url is not among the output locations this cluster's admin allows",
+        ),
     ] {
         let pt = c
             .wait(name, "refused", 30, Some(&agent), |p| {

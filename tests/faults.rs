@@ -231,6 +231,18 @@ fn sigterm_rolls_back_and_sigkill_leftovers_are_cleaned_by_the_ledger() {
     // Abort: SIGTERM; TOE exits 143 with a partial summary after every worker is gone.
     let toe = start_toe(dir.path(), &spec, target.pid());
     let workers = wait_for_workers(toe.id(), 2);
+    // Workers are the first the OOM killer picks, whatever score TOE itself runs with.
+    // (A worker sets it as its first act: give a just-started one a moment.)
+    for w in &workers {
+        let adj = || std::fs::read_to_string(format!("/proc/{w}/oom_score_adj")).unwrap();
+        for _ in 0..100 {
+            if adj().trim() == "1000" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(adj().trim(), "1000", "worker {w}");
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(toe.id()).unwrap()),
         nix::sys::signal::SIGTERM,

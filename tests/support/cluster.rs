@@ -368,6 +368,11 @@ impl Agent {
             ])
             .env("KUBECONFIG", server.kubeconfig_as(AGENT_TOKEN))
             .env("TOE_STATE_DIR", state)
+            // A test's other stores sit beside its state directory; nothing else is allowed.
+            .env(
+                "TOE_ALLOWED_OUTPUTS",
+                format!("file://{}/", state.parent().unwrap_or(state).display()),
+            )
             .env("TOE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -114,6 +114,10 @@ struct AgentArgs {
     /// like kube-system, only where a PowerToolConfig names it.
     #[arg(long, env = "POD_NAMESPACE", default_value = "toe-system")]
     release_namespace: String,
+    /// Output locations PowerTools may name in spec.output.url besides --output (comma-separated
+    /// URL prefixes). Anything else is refused: the agent writes as root.
+    #[arg(long, env = "TOE_ALLOWED_OUTPUTS", default_value = "")]
+    allowed_outputs: String,
     /// Object store URL for PowerTools that name no spec.output.url.
     #[arg(
         long,
@@ -195,6 +199,8 @@ fn agent(args: &AgentArgs) -> Result<ExitCode> {
             output: args.output.clone(),
             upload_timeout: args.upload_timeout,
             release_namespace: args.release_namespace.clone(),
+            allowed_outputs: toe_artifacts::layout::allowed_outputs(&args.allowed_outputs)
+                .context("--allowed-outputs")?,
         };
         toe_agent::node::run(client, opts, async {
             let _ = stop.await;

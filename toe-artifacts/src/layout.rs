@@ -194,6 +194,35 @@ fn spec_url(pt: &toe_common::api::PowerTool) -> Option<&str> {
     pt.spec.output.as_ref().and_then(|o| o.url.as_deref())
 }
 
+/// Whether `url` lies at or below one of `allowed` (same scheme and bucket, and a path below,
+/// compared segment by segment after the URL parser has resolved `.` and `..`). The agents run as
+/// root on every node: where a tenant may have them write is the admin's choice, not the
+/// tenant's.
+#[must_use]
+pub fn is_allowed(url: &Url, allowed: &[Url]) -> bool {
+    let segments = |u: &Url| -> Vec<String> {
+        u.path_segments()
+            .map(|s| s.filter(|p| !p.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let path = segments(url);
+    allowed.iter().any(|a| {
+        a.scheme() == url.scheme()
+            && a.host_str() == url.host_str()
+            && a.port() == url.port()
+            && path.starts_with(&segments(a))
+    })
+}
+
+/// Output locations from a comma-separated list (`TOE_ALLOWED_OUTPUTS`), each as a directory.
+pub fn allowed_outputs(list: &str) -> Result<Vec<Url>, OutputError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| output_base(s, None))
+        .collect()
+}
+
 /// A local run's directory: `<base>/<run id>/`.
 pub fn local_run_dir(base: &Url, run_id: &str) -> Result<Url, OutputError> {
     below(base, &[run_id])
@@ -272,6 +301,19 @@ mod tests {
                 .ends_with("/team-a/checkout-cpu/g3-1a2b3c4d/payments_web-0/app/"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn only_allowed_prefixes_are_allowed() {
+        let allowed = allowed_outputs("file:///var/lib/toe/artifacts/, s3://bucket/toe").unwrap();
+        let ok = |u: &str| is_allowed(&Url::parse(u).unwrap(), &allowed);
+        assert!(ok("file:///var/lib/toe/artifacts/shop/p/g1-x/web/app/"));
+        assert!(ok("s3://bucket/toe/shop/"));
+        assert!(!ok("file:///proc/1/root/tmp/x/"));
+        assert!(!ok("file:///var/lib/toe/artifacts/../../../proc/1/root/"));
+        assert!(!ok("file:///var/lib/toe/artifacts-other/"));
+        assert!(!ok("s3://other-bucket/toe/"));
+        assert!(!ok("s3://bucket/toe2/"));
     }
 
     #[test]

@@ -30,6 +30,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "toe.artifactsEnv" -}}
 - name: TOE_OUTPUT
   value: {{ .Values.artifacts.url | quote }}
+- name: TOE_ALLOWED_OUTPUTS
+  value: {{ join "," (.Values.artifacts.allowedUrls | default list) | quote }}
 {{- end }}
 {{- define "toe.artifactsEnvFrom" -}}
 {{- with .Values.artifacts.credentialsSecret }}

@@ -52,6 +52,8 @@ pub struct NodeOptions {
     /// The namespace TOE is installed in: faults reach it (like kube-system) only where a
     /// config names it.
     pub release_namespace: String,
+    /// Where PowerTools may have artifacts written besides `output` (which always is).
+    pub allowed_outputs: Vec<Url>,
 }
 
 /// Which run of which target: a target is run at most once per PowerTool generation.
@@ -92,6 +94,8 @@ struct Ctx {
     claimed: Mutex<HashSet<PathBuf>>,
     /// Namespaces faults reach only where a config names them.
     protected: Vec<String>,
+    /// Output locations a PowerTool may name: the default store and what the admin added.
+    allowed_outputs: Vec<Url>,
 }
 
 struct Active {
@@ -369,6 +373,9 @@ pub async fn run(
 
     let spool = Spool::open(&state).context("opening the spool")?;
     let mut started = resume(&spool, &recovered)?;
+    let allowed_outputs = std::iter::once(toe_artifacts::store::as_dir(&opts.output))
+        .chain(opts.allowed_outputs)
+        .collect();
     let ctx = Arc::new(Ctx {
         manager: status::field_manager(&opts.node),
         node: opts.node,
@@ -379,6 +386,7 @@ pub async fn run(
         upload_timeout: opts.upload_timeout,
         claimed: Mutex::new(HashSet::new()),
         protected: toe_common::api::protected_namespaces(&opts.release_namespace),
+        allowed_outputs,
     });
     let uploads = tokio::spawn(uploader(ctx.clone()));
     let mut active: BTreeMap<Key, Active> = BTreeMap::new();

@@ -183,6 +183,14 @@ pub(super) fn prepare(
         return Ok(None);
     }
     let remote = remote_dir(&ctx.output, pt, t)?;
+    if !toe_artifacts::layout::is_allowed(&remote, &ctx.allowed_outputs) {
+        // Which paths exist, or where they lead, is not the tenant's to learn: no path here.
+        return Err(
+            "refused by the node agent: spec.output.url is not among the output locations \
+             this cluster's admin allows (the chart's artifacts.allowedUrls)"
+                .into(),
+        );
+    }
     let generation = pt.metadata.generation.unwrap_or(0);
     let run_id = format!(
         "{}-{}-{}",

@@ -137,6 +137,15 @@ fn memory(bytes: usize, ramp: Duration) -> ! {
 
 /// `toe __worker --run <id> cpu <duty> | memory <bytes> <ramp_ms>`.
 pub fn main(args: &[OsString]) -> ! {
+    // First in line for the OOM killer, before the target's own processes and the node's: a
+    // worker inherits the agent's score (system-node-critical in a cluster), and the memory it
+    // takes is the fault's, not a reason to kill a neighbour. Raising one's own score needs no
+    // privilege; a worker that cannot (a kernel without the file) is refused rather than left
+    // protected.
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "1000") {
+        eprintln!("toe __worker: setting oom_score_adj: {e}");
+        std::process::exit(2)
+    }
     let args: Vec<String> = args
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
