@@ -214,24 +214,33 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
     for cap in ["BPF", "PERFMON", "SYS_PTRACE", "KILL"] {
         assert!(caps.iter().any(|c| c == cap), "agent lacks {cap}: {caps:?}");
     }
-    let mounts: Vec<String> = container["volumeMounts"]
+    let mounts: Vec<(String, bool)> = container["volumeMounts"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| m["mountPath"].as_str().unwrap().to_owned())
+        .map(|m| {
+            (
+                m["mountPath"].as_str().unwrap().to_owned(),
+                m["readOnly"].as_bool().unwrap_or(false),
+            )
+        })
         .collect();
-    for path in [
-        "/sys/fs/bpf",
-        "/sys/kernel/tracing",
-        "/sys/fs/cgroup",
-        "/host/proc",
-        "/var/lib/toe",
+    // What the agent reads is mounted read-only; what it never uses is not mounted.
+    for (path, read_only) in [
+        ("/sys/kernel/tracing", true),
+        ("/sys/fs/cgroup", false),
+        ("/host/proc", true),
+        ("/var/lib/toe", false),
     ] {
         assert!(
-            mounts.iter().any(|m| m == path),
-            "agent lacks mount {path}: {mounts:?}"
+            mounts.contains(&(path.to_owned(), read_only)),
+            "agent lacks mount {path} (read-only: {read_only}): {mounts:?}"
         );
     }
+    assert!(
+        mounts.iter().all(|(m, _)| m != "/sys/fs/bpf"),
+        "bpffs is mounted but nothing is pinned: {mounts:?}"
+    );
     assert_eq!(pod["nodeSelector"]["kubernetes.io/arch"], "amd64");
     let state = pod["volumes"]
         .as_array()

@@ -239,7 +239,7 @@ fn sigterm_rolls_back_and_sigkill_leftovers_are_cleaned_by_the_ledger() {
             if adj().trim() == "1000" {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(adj().trim(), "1000", "worker {w}");
     }

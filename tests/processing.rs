@@ -368,6 +368,71 @@ async fn bad_processing_specs_get_a_clear_status_error() {
         ready.message.contains("PowerTool shop/gone not found"),
         "{ready:?}"
     );
+
+    // The confused deputy: a Secret's key is never read for an endpoint no admin allowed, and
+    // nothing is sent there; an allowed endpoint gets only a Secret labelled for it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let recorder = format!("http://{}/v1", listener.local_addr().unwrap());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), "shop");
+    for (name, labels) in [
+        (
+            "labelled",
+            serde_json::json!({toe_operator::processing::MODEL_KEY_LABEL: "true"}),
+        ),
+        ("unlabelled", serde_json::json!({})),
+    ] {
+        let secret: k8s_openapi::api::core::v1::Secret =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "labels": labels},
+                "stringData": {"apiKey": "sk-must-not-leak"},
+            }))
+            .unwrap();
+        secrets
+            .create(&kube::api::PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    for (name, url, secret, reason) in [
+        (
+            "exfiltrate",
+            recorder.as_str(),
+            "labelled",
+            "ModelNotAllowed",
+        ),
+        (
+            "borrowed-key",
+            "http://127.0.0.1:9/v1",
+            "unlabelled",
+            "SecretNotOptedIn",
+        ),
+    ] {
+        apply(
+            &api,
+            name,
+            &processing(
+                name,
+                &serde_json::json!({
+                    "names": ["gone"], "schedule": "0 * * * *", "outputs": ["htmlReport"],
+                    "model": {"url": url, "model": "m", "secretName": secret}
+                }),
+            ),
+        )
+        .await
+        .unwrap();
+        let s = wait_status(&api, name, "a report", |s| s.report.is_some()).await;
+        let model = condition(&s, "ModelAvailable").unwrap();
+        assert_eq!(
+            (model.status.as_str(), model.reason.as_str()),
+            ("False", reason),
+            "{name}"
+        );
+        assert!(!model.message.contains("sk-must-not-leak"), "{model:?}");
+    }
+    assert!(
+        listener.accept().is_err(),
+        "the operator connected to an endpoint no admin allowed"
+    );
     operator.stop().await;
 }
 

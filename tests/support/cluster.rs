@@ -260,7 +260,11 @@ impl Operator {
         if let Some(artifacts) = artifacts {
             tasks.push(tokio::spawn(toe_operator::processing::run(
                 client,
-                toe_operator::processing::ProcessingOptions { artifacts },
+                toe_operator::processing::ProcessingOptions {
+                    artifacts,
+                    // The one model endpoint the tests allow: a loopback port nothing serves.
+                    model_endpoints: vec![url::Url::parse("http://127.0.0.1:9/").expect("a URL")],
+                },
                 metrics,
                 until_stopped(),
             )));

@@ -54,6 +54,10 @@ struct Cli {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Model endpoints PowerToolProcessings may send their summaries and keys to (comma-separated
+    /// URL prefixes). Empty: the model step is off everywhere.
+    #[arg(long, env = "TOE_MODEL_ENDPOINTS", default_value = "")]
+    model_endpoints: String,
     /// The object store the node agents write to (their --output): PowerToolProcessings read
     /// runs from it and write reports to `<artifacts>/_reports/` unless they name another URL.
     #[arg(
@@ -192,6 +196,8 @@ fn main() -> Result<()> {
         }
         let opts = processing::ProcessingOptions {
             artifacts: cli.artifacts.clone(),
+            model_endpoints: toe_artifacts::layout::allowed_outputs(&cli.model_endpoints)
+                .context("--model-endpoints")?,
         };
         let controller_opts = controller::Options {
             artifacts: cli.artifacts.clone(),

@@ -194,7 +194,15 @@ pub struct ProcessingOptions {
     /// Where node agents write when a PowerTool names no output URL (the agents' `--output`),
     /// and where reports go when a processing names none.
     pub artifacts: Url,
+    /// Model endpoints an admin allows (URL prefixes); empty: no model step anywhere. A
+    /// processing's author names the URL, and the operator sends it the key of a Secret: only
+    /// where an admin said so.
+    pub model_endpoints: Vec<Url>,
 }
+
+/// The label a Secret needs before the operator reads it for a model step: a Secret that merely
+/// sits in the namespace is not the processing author's to hand out.
+pub const MODEL_KEY_LABEL: &str = "toe.run/model-key";
 
 struct Ctx {
     client: Client,
@@ -263,6 +271,22 @@ async fn endpoint(
                     ),
                 )));
             };
+            let opted_in = secret
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MODEL_KEY_LABEL))
+                .is_some_and(|v| v == "true");
+            if !opted_in {
+                return Ok(Err((
+                    "SecretNotOptedIn".into(),
+                    format!(
+                        "model.secretName: Secret {ns}/{name} is not labelled \
+                         {MODEL_KEY_LABEL}=true; the model step is skipped and findings come \
+                         from the rules alone"
+                    ),
+                )));
+            }
             let Some(key) = secret.data.as_ref().and_then(|d| d.get("apiKey")) else {
                 return Ok(Err((
                     "SecretKeyMissing".into(),
@@ -458,7 +482,20 @@ async fn process(
     let mut options = plan.options.clone();
     options.title = format!("{ns}/{name}");
     if let Some(m) = &plan.model {
-        match endpoint(&ctx.client, &ns, m).await? {
+        let allowed = Url::parse(&m.url)
+            .is_ok_and(|u| toe_artifacts::layout::is_allowed(&u, &ctx.opts.model_endpoints));
+        let found = if allowed {
+            endpoint(&ctx.client, &ns, m).await?
+        } else {
+            Err((
+                "ModelNotAllowed".into(),
+                "model.url is not among the model endpoints this cluster's admin allows \
+                 (the chart's reports.modelEndpoints); the model step is skipped and findings \
+                 come from the rules alone"
+                    .into(),
+            ))
+        };
+        match found {
             Ok(e) => options.model = Some(e),
             Err((reason, message)) => {
                 conditions.push(condition(
