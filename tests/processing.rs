@@ -142,29 +142,77 @@ fn record_runs(store: &Path) {
 }
 
 /// The report server lists the processed report and serves it byte for byte.
-async fn serves_the_report(artifacts: &Url, html: &str) {
-    let app =
-        toe_operator::reports::router(toe_operator::reports::Reports::new(artifacts).unwrap());
+async fn serves_the_report(server: &ApiServer, admin: &kube::Client, artifacts: &Url, html: &str) {
+    // The server authenticates readers as the operator does in a cluster: as the operator's own
+    // identity, with its ClusterRole.
+    let operator = server.client_as(toe_tests::apiserver::OPERATOR_TOKEN).await;
+    let app = toe_operator::reports::router(
+        toe_operator::reports::Reports::new(
+            artifacts,
+            toe_operator::reports::Access::Kubernetes(operator),
+        )
+        .unwrap(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let http = reqwest::Client::new();
-    let index = http
-        .get(format!("http://{addr}/reports/"))
-        .send()
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = http.get(format!("http://{addr}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    let report = "/reports/shop/weekly/latest/report.html";
+    // Nobody unauthenticated reads anything; alice, with no rights in shop, sees nothing of it.
+    assert_eq!(get("/reports/", None).await.unwrap().status(), 401);
+    assert_eq!(get(report, None).await.unwrap().status(), 401);
+    assert_eq!(
+        get(report, Some("not-a-token")).await.unwrap().status(),
+        401
+    );
+    let alice = Some(toe_tests::apiserver::ALICE_TOKEN);
+    let index = get("/reports/", alice).await.unwrap().text().await.unwrap();
+    assert!(!index.contains("<td>shop</td>"), "{index}");
+    assert_eq!(get(report, alice).await.unwrap().status(), 403);
+    // Once RBAC lets her read PowerToolProcessings in shop, she reads shop's reports.
+    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "report-reader"},
+        "rules": [{"apiGroups": ["toe.run"], "resources": ["powertoolprocessings"],
+                   "verbs": ["get"]}],
+    }))
+    .unwrap();
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "report-reader-alice"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                        "name": "report-reader"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                          "name": "alice"}],
+        }))
+        .unwrap();
+    let pp = kube::api::PostParams::default();
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), "shop")
+        .create(&pp, &role)
         .await
         .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), "shop")
+        .create(&pp, &binding)
+        .await
+        .unwrap();
+    let index = get("/reports/", alice).await.unwrap();
     assert_eq!(index.status(), 200);
     let index = index.text().await.unwrap();
     assert!(index.contains("<td>shop</td><td>weekly</td>"), "{index}");
-    let served = http
-        .get(format!(
-            "http://{addr}/reports/shop/weekly/latest/report.html"
-        ))
-        .send()
-        .await
-        .unwrap();
+    let served = get(report, alice).await.unwrap();
     assert_eq!(served.status(), 200);
+    let csp = served.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(!csp.contains("script-src 'unsafe-inline'"), "{csp}");
     assert!(
         served.headers()["content-type"]
             .to_str()
@@ -174,11 +222,7 @@ async fn serves_the_report(artifacts: &Url, html: &str) {
         served.headers()
     );
     assert_eq!(served.text().await.unwrap(), html);
-    let missing = http
-        .get(format!(
-            "http://{addr}/reports/shop/weekly/latest/nothing.html"
-        ))
-        .send()
+    let missing = get("/reports/shop/weekly/latest/nothing.html", alice)
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
@@ -277,7 +321,7 @@ async fn processing_reads_the_window_of_selected_runs_and_serves_the_report() {
         "the run is named in the report"
     );
 
-    serves_the_report(&artifacts, &html).await;
+    serves_the_report(&server, &admin, &artifacts, &html).await;
     operator.stop().await;
 }
 

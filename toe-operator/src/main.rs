@@ -69,6 +69,22 @@ struct Cli {
     /// Serve the processed reports (index at /reports/) here over plain HTTP; empty: off.
     #[arg(long, default_value = "0.0.0.0:8080")]
     report_addr: String,
+    /// Who may read reports: `kubernetes` (a bearer token, and per namespace what RBAC lets the
+    /// reader get of PowerToolProcessings) or `open` (anyone who reaches the server: a
+    /// single-tenant cluster only).
+    #[arg(
+        long,
+        env = "TOE_REPORT_AUTH",
+        value_enum,
+        default_value = "kubernetes"
+    )]
+    report_auth: ReportAuth,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ReportAuth {
+    Kubernetes,
+    Open,
 }
 
 async fn shutdown_signal() {
@@ -92,10 +108,14 @@ async fn serve(addr: SocketAddr, app: Router, flag: &str) -> Result<()> {
     Ok(())
 }
 
-async fn serve_reports(addr: SocketAddr, artifacts: url::Url) -> Result<()> {
+async fn serve_reports(
+    addr: SocketAddr,
+    artifacts: url::Url,
+    access: reports::Access,
+) -> Result<()> {
     serve(
         addr,
-        reports::router(reports::Reports::new(&artifacts)?),
+        reports::router(reports::Reports::new(&artifacts, access)?),
         "--report-addr",
     )
     .await
@@ -188,8 +208,12 @@ fn main() -> Result<()> {
                 .parse()
                 .with_context(|| format!("--report-addr {}", cli.report_addr))?;
             let artifacts = cli.artifacts.clone();
+            let access = match cli.report_auth {
+                ReportAuth::Kubernetes => reports::Access::Kubernetes(client.clone()),
+                ReportAuth::Open => reports::Access::Open,
+            };
             tokio::spawn(async move {
-                if let Err(e) = serve_reports(addr, artifacts).await {
+                if let Err(e) = serve_reports(addr, artifacts, access).await {
                     tracing::error!(error = %format!("{e:#}"), "report server stopped");
                 }
             });

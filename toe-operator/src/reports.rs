@@ -1,16 +1,27 @@
 //! The report server: lists the processed outputs in the object store and serves them, so a
 //! Service (and an optional Ingress) in front of the operator makes every report one link away.
 //! Read-only; paths are checked segment by segment before they reach the store.
+//!
+//! Reports name a namespace's processes, functions and failures: a reader authenticates with a
+//! Kubernetes bearer token (TokenReview) and sees the reports of the namespaces where they may
+//! read PowerToolProcessings (SubjectAccessReview), unless an admin opened the server for a
+//! single-tenant cluster.
 
 use std::{fmt::Write as _, sync::Arc};
 
 use axum::{
     Router,
     extract::{Path, State},
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{Html, IntoResponse, Redirect, Response},
     routing::get,
 };
+use base64::Engine as _;
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec},
+    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+};
+use kube::{Api, api::PostParams};
 use object_store::{ObjectStore, ObjectStoreExt as _, path::Path as StorePath};
 use toe_artifacts::esc;
 use toe_report::store;
@@ -19,21 +30,137 @@ use url::Url;
 /// Where processed outputs live below the store's root, as the processing controller writes them.
 pub const REPORTS_DIR: &str = "_reports";
 
+/// Who may read reports.
+#[derive(Clone)]
+pub enum Access {
+    /// Anyone who reaches the server: only for a single-tenant cluster, by an admin's choice.
+    Open,
+    /// Readers with a bearer token the API server authenticates, per namespace as RBAC allows
+    /// them to read PowerToolProcessings there.
+    Kubernetes(kube::Client),
+}
+
 #[derive(Clone)]
 pub struct Reports {
     store: Arc<dyn ObjectStore>,
     base: StorePath,
+    access: Access,
 }
 
 impl Reports {
-    /// Serves `<artifacts>/_reports/`.
-    pub fn new(artifacts: &Url) -> Result<Self, store::StoreError> {
+    /// Serves `<artifacts>/_reports/` to the readers `access` lets in.
+    pub fn new(artifacts: &Url, access: Access) -> Result<Self, store::StoreError> {
         let (s, root) = toe_artifacts::store::open(artifacts)?;
         Ok(Self {
             store: Arc::from(s),
             base: root.join(REPORTS_DIR),
+            access,
         })
     }
+}
+
+/// A reader the API server authenticated.
+struct Reader {
+    client: kube::Client,
+    user: k8s_openapi::api::authentication::v1::UserInfo,
+}
+
+/// The reader of a request, or the response that refuses it. `None` with open access.
+async fn reader(r: &Reports, headers: &HeaderMap) -> Result<Option<Reader>, Response> {
+    let Access::Kubernetes(client) = &r.access else {
+        return Ok(None);
+    };
+    let unauthorized = || {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"toe reports\"")],
+            "a Kubernetes bearer token is needed (Authorization: Bearer <token>)".to_owned(),
+        )
+            .into_response()
+    };
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    else {
+        return Err(unauthorized());
+    };
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_owned()),
+            ..TokenReviewSpec::default()
+        },
+        ..TokenReview::default()
+    };
+    let done = Api::<TokenReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| error(StatusCode::BAD_GATEWAY, &format!("authenticating: {e}")))?;
+    match done.status {
+        Some(s) if s.authenticated == Some(true) => Ok(Some(Reader {
+            client: client.clone(),
+            user: s.user.unwrap_or_default(),
+        })),
+        _ => Err(unauthorized()),
+    }
+}
+
+/// Whether `reader` may read the reports of `namespace`: as RBAC lets them get
+/// PowerToolProcessings there.
+async fn may_read(reader: &Reader, namespace: &str) -> bool {
+    let u = &reader.user;
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: u.username.clone(),
+            groups: u.groups.clone(),
+            uid: u.uid.clone(),
+            extra: u.extra.clone(),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(namespace.to_owned()),
+                verb: Some("get".into()),
+                group: Some("toe.run".into()),
+                resource: Some("powertoolprocessings".into()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    Api::<SubjectAccessReview>::all(reader.client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .is_ok_and(|d| d.status.is_some_and(|s| s.allowed))
+}
+
+/// The page's CSP: nothing loads or runs but the page's own inline scripts, each pinned by its
+/// SHA-256 (a report whose script was changed in the store does not run).
+fn csp(body: &[u8], html: bool) -> String {
+    let mut hashes = String::new();
+    if html {
+        let text = String::from_utf8_lossy(body);
+        let mut rest = text.as_ref();
+        while let Some(start) = rest.find("<script>") {
+            let after = &rest[start + "<script>".len()..];
+            let Some(end) = after.find("</script>") else {
+                break;
+            };
+            let digest = ring::digest::digest(&ring::digest::SHA256, after[..end].as_bytes());
+            let _ = write!(
+                hashes,
+                " 'sha256-{}'",
+                base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+            );
+            rest = &after[end..];
+        }
+    }
+    let scripts = if hashes.is_empty() {
+        " 'none'".to_owned()
+    } else {
+        hashes
+    };
+    format!("default-src 'none'; script-src{scripts}; style-src 'unsafe-inline'; img-src data:")
 }
 
 /// `/`, `/reports/` (index) and `/reports/<namespace>/<name>/<stamp or latest>/<file>`.
@@ -60,7 +187,11 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, message.to_owned()).into_response()
 }
 
-async fn index(State(r): State<Reports>) -> Response {
+async fn index(State(r): State<Reports>, headers: HeaderMap) -> Response {
+    let reader = match reader(&r, &headers).await {
+        Ok(who) => who,
+        Err(refused) => return refused,
+    };
     let dirs = match store::list_outputs(r.store.as_ref(), &r.base).await {
         Ok(d) => d,
         Err(e) => {
@@ -77,11 +208,20 @@ async fn index(State(r): State<Reports>) -> Response {
     } else {
         h.push_str("<table><tr><th>namespace</th><th>processing</th><th>processed (UTC)</th><th>report</th><th>files</th></tr>");
     }
+    let mut readable: std::collections::BTreeMap<String, bool> = std::collections::BTreeMap::new();
     for (dir, files) in &dirs {
         let parts: Vec<&str> = dir.split('/').collect();
         let [ns, name, stamp] = parts[..] else {
             continue;
         };
+        if let Some(reader) = &reader {
+            if !readable.contains_key(ns) {
+                readable.insert(ns.to_owned(), may_read(reader, ns).await);
+            }
+            if readable.get(ns) != Some(&true) {
+                continue;
+            }
+        }
         let report = if files.iter().any(|f| f == "report.html") {
             format!("<a href=\"/reports/{}/report.html\">report</a>", esc(dir))
         } else {
@@ -124,12 +264,24 @@ fn safe(segment: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-async fn file(State(r): State<Reports>, Path(path): Path<String>) -> Response {
+async fn file(State(r): State<Reports>, headers: HeaderMap, Path(path): Path<String>) -> Response {
+    let reader = match reader(&r, &headers).await {
+        Ok(who) => who,
+        Err(refused) => return refused,
+    };
     let parts: Vec<&str> = path.split('/').collect();
     if parts.len() < 4 || !parts.iter().all(|p| safe(p)) {
         return error(
             StatusCode::NOT_FOUND,
             "no such report: use /reports/<namespace>/<processing>/<stamp or latest>/<file>",
+        );
+    }
+    if let Some(reader) = &reader
+        && !may_read(reader, parts[0]).await
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            &format!("you may not read reports in namespace {}", parts[0]),
         );
     }
     let mut parts: Vec<String> = parts.into_iter().map(str::to_owned).collect();
@@ -158,18 +310,18 @@ async fn file(State(r): State<Reports>, Path(path): Path<String>) -> Response {
         Err(e) => return error(StatusCode::BAD_GATEWAY, &e.to_string()),
     };
     match got.bytes().await {
-        Ok(body) => (
-            [
-                (header::CONTENT_TYPE, content_type(&path)),
-                // Reports embed their own script; nothing else may run or load.
-                (
-                    header::CONTENT_SECURITY_POLICY,
-                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:",
-                ),
-            ],
-            body,
-        )
-            .into_response(),
+        Ok(body) => {
+            let kind = content_type(&path);
+            let policy = csp(&body, kind.starts_with("text/html"));
+            (
+                [
+                    (header::CONTENT_TYPE, kind.to_owned()),
+                    (header::CONTENT_SECURITY_POLICY, policy),
+                ],
+                body,
+            )
+                .into_response()
+        }
         Err(e) => error(StatusCode::BAD_GATEWAY, &e.to_string()),
     }
 }
@@ -177,6 +329,23 @@ async fn file(State(r): State<Reports>, Path(path): Path<String>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_csp_pins_each_inline_script_by_hash() {
+        let page = b"<html><script>let a = 1;</script><p>x</p><script>go()</script></html>";
+        let p = csp(page, true);
+        let sha = |s: &str| {
+            base64::engine::general_purpose::STANDARD
+                .encode(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref())
+        };
+        assert!(
+            p.contains(&format!("'sha256-{}'", sha("let a = 1;"))),
+            "{p}"
+        );
+        assert!(p.contains(&format!("'sha256-{}'", sha("go()"))), "{p}");
+        assert!(!p.contains("script-src 'unsafe-inline'"), "{p}");
+        assert!(csp(b"<svg/>", false).contains("script-src 'none'"));
+    }
 
     #[test]
     fn only_plain_segments_pass() {

@@ -67,12 +67,15 @@ pub fn operator_cluster_role(name: &str) -> ClusterRole {
                 &["pods/ephemeralcontainers"],
                 &["get", "patch", "update"],
             ),
-            // The webhook asks whether the requesting user may act in a targeted namespace.
+            // The webhook asks whether the requesting user may act in a targeted namespace; the
+            // report server, whether a reader may read a namespace's reports.
             rule(
                 "authorization.k8s.io",
                 &["subjectaccessreviews"],
                 &["create"],
             ),
+            // The report server authenticates its readers' bearer tokens.
+            rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
             rule("events.k8s.io", &["events"], &["create", "patch"]),
             // Leader election.
             rule(
