@@ -517,6 +517,22 @@ async fn the_webhook_refuses_at_apply_time_and_checks_access_to_targeted_namespa
     webhook.stop().await;
 }
 
+/// Applies PowerToolConfigs by name and spec.
+async fn apply_configs(client: &kube::Client, configs: &[(&str, serde_json::Value)]) {
+    let apply = PatchParams::apply("toe-test").force();
+    for (name, spec) in configs {
+        let c: PowerToolConfig = serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        Api::<PowerToolConfig>::all(client.clone())
+            .patch(name, &apply, &Patch::Apply(&c))
+            .await
+            .unwrap();
+    }
+}
+
 /// The operator alone (no webhook, as while it is down or disabled) keeps a tenant of `shop` in
 /// `shop`: selecting other namespaces needs an admin's `crossNamespaceFrom`, and no fault
 /// reaches kube-system or TOE's own namespace unless a config names it.
@@ -528,26 +544,19 @@ async fn with_the_webhook_down_a_tenant_reaches_no_other_namespace() {
     let client = server.client().await;
     install_crds(&client).await;
     seed_cluster(&client).await;
-    let apply = PatchParams::apply("toe-test").force();
-    for (name, spec) in [
-        // Every namespace allowed, but other namespaces selectable from none.
-        ("terminate", serde_json::json!({"tool": "terminate"})),
-        // An admin let shop's PowerTools select other namespaces.
-        (
-            "memory-stress",
-            serde_json::json!({"tool": "memory-stress", "crossNamespaceFrom": ["shop"]}),
-        ),
-    ] {
-        let c: PowerToolConfig = serde_json::from_value(serde_json::json!({
-            "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
-            "metadata": {"name": name}, "spec": spec,
-        }))
-        .unwrap();
-        Api::<PowerToolConfig>::all(client.clone())
-            .patch(name, &apply, &Patch::Apply(&c))
-            .await
-            .unwrap();
-    }
+    apply_configs(
+        &client,
+        &[
+            // Every namespace allowed, but other namespaces selectable from none.
+            ("terminate", serde_json::json!({"tool": "terminate"})),
+            // An admin let shop's PowerTools select other namespaces.
+            (
+                "memory-stress",
+                serde_json::json!({"tool": "memory-stress", "crossNamespaceFrom": ["shop"]}),
+            ),
+        ],
+    )
+    .await;
     let operator_client = operator_identity(&server, &client).await;
     // Labelled after operator_identity creates toe-system.
     let namespaces: Api<Namespace> = Api::all(client.clone());

@@ -413,6 +413,24 @@ async fn bad_processing_specs_get_a_clear_status_error() {
         "{ready:?}"
     );
 
+    operator.stop().await;
+}
+
+/// A processing's author names the model URL and the Secret; the operator sends the key only to
+/// endpoints an admin listed, and only from Secrets labelled for it.
+#[tokio::test]
+async fn the_model_step_sends_no_key_where_no_admin_allowed() {
+    let Some(server) = ApiServer::start("the_model_step_sends_no_key_where_no_admin_allowed")
+    else {
+        return;
+    };
+    let admin = server.client().await;
+    install_crds(&admin).await;
+    create_namespace(&admin, "shop", &serde_json::json!({})).await;
+    let store = tempfile::tempdir().unwrap();
+    let artifacts = Url::from_directory_path(store.path()).unwrap();
+    let operator = Operator::start_with(&server, &admin, Some(artifacts)).await;
+    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
     // The confused deputy: a Secret's key is never read for an endpoint no admin allowed, and
     // nothing is sent there; an allowed endpoint gets only a Secret labelled for it.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

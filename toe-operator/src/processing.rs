@@ -253,6 +253,27 @@ async fn selected(
     Ok((out, missing))
 }
 
+/// The model endpoint with its key when an admin allows it, or why the model step is skipped.
+/// A Secret is never read for an endpoint no admin listed.
+async fn allowed_endpoint(
+    ctx: &Ctx,
+    ns: &str,
+    m: &ModelPlan,
+) -> Result<Result<Endpoint, (String, String)>, Error> {
+    let allowed = Url::parse(&m.url)
+        .is_ok_and(|u| toe_artifacts::layout::is_allowed(&u, &ctx.opts.model_endpoints));
+    if !allowed {
+        return Ok(Err((
+            "ModelNotAllowed".into(),
+            "model.url is not among the model endpoints this cluster's admin allows (the \
+             chart's reports.modelEndpoints); the model step is skipped and findings come from \
+             the rules alone"
+                .into(),
+        )));
+    }
+    endpoint(&ctx.client, ns, m).await
+}
+
 /// The model endpoint with its key, or why the model step is skipped.
 async fn endpoint(
     client: &Client,
@@ -482,20 +503,7 @@ async fn process(
     let mut options = plan.options.clone();
     options.title = format!("{ns}/{name}");
     if let Some(m) = &plan.model {
-        let allowed = Url::parse(&m.url)
-            .is_ok_and(|u| toe_artifacts::layout::is_allowed(&u, &ctx.opts.model_endpoints));
-        let found = if allowed {
-            endpoint(&ctx.client, &ns, m).await?
-        } else {
-            Err((
-                "ModelNotAllowed".into(),
-                "model.url is not among the model endpoints this cluster's admin allows \
-                 (the chart's reports.modelEndpoints); the model step is skipped and findings \
-                 come from the rules alone"
-                    .into(),
-            ))
-        };
-        match found {
+        match allowed_endpoint(ctx, &ns, m).await? {
             Ok(e) => options.model = Some(e),
             Err((reason, message)) => {
                 conditions.push(condition(

@@ -146,7 +146,7 @@ fn csp(body: &[u8], html: bool) -> String {
             let Some(end) = after.find("</script>") else {
                 break;
             };
-            let digest = ring::digest::digest(&ring::digest::SHA256, after[..end].as_bytes());
+            let digest = ring::digest::digest(&ring::digest::SHA256, &after.as_bytes()[..end]);
             let _ = write!(
                 hashes,
                 " 'sha256-{}'",
