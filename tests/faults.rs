@@ -386,6 +386,56 @@ spec:
     - {name: frequency, type: integer, max: 199}
 ";
 
+/// Under a PowerToolConfig (as in a cluster), a fault may not starve the node: no fill of a
+/// filesystem the node shares, no memory stress of a target without a limit, unless an admin
+/// allows it by name.
+#[test]
+fn under_a_config_a_fault_cannot_starve_the_node() {
+    if !require_root("under_a_config_a_fault_cannot_starve_the_node") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = |allow: &str| {
+        format!(
+            "apiVersion: toe.run/v1alpha1\nkind: PowerToolConfig\nmetadata: {{name: fill}}\nspec:\n  tool: volume-fill\n  {allow}\n  arguments:\n    - {{name: path, type: path}}\n    - {{name: fill, type: amount}}\n---\napiVersion: toe.run/v1alpha1\nkind: PowerToolConfig\nmetadata: {{name: stress}}\nspec:\n  tool: memory-stress\n  arguments:\n    - {{name: size, type: amount}}\n"
+        )
+    };
+    std::fs::write(dir.path().join("strict.yaml"), config("maxDuration: 10s")).unwrap();
+    // A process of the host: its /tmp is the node's own disk, and it has no memory limit.
+    let target = demo(&["sleep", "60"], None);
+    let pid = target.pid().to_string();
+    let strict = ["--config", "strict.yaml", "--pid", &pid];
+    for (spec, want) in [
+        (
+            tool_spec("volume-fill", "5s", &["--path=/tmp", "--fill=1MiB"]),
+            "/tmp is on a filesystem the node shares with its other pods",
+        ),
+        (
+            tool_spec("memory-stress", "5s", &["--size=16MiB"]),
+            "the target has no memory limit",
+        ),
+    ] {
+        assert_rejected(&toe_run(dir.path(), &spec, &strict), want);
+    }
+    assert!(no_workers_of(&workers_of(std::process::id())));
+    // What an admin allowed by name, a dry run plans.
+    std::fs::write(
+        dir.path().join("allowing.yaml"),
+        config("allowNodeSharedFilesystems: true"),
+    )
+    .unwrap();
+    let mut spec = tool_spec("volume-fill", "5s", &["--path=/tmp", "--fill=1MiB"]);
+    spec.push_str("  dryRun: true\n");
+    let out = toe_run(
+        dir.path(),
+        &spec,
+        &["--config", "allowing.yaml", "--pid", &pid],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("dry run"), "{err}");
+}
+
 #[test]
 fn caps_from_the_config_are_enforced_before_anything_starts() {
     if !require_root("caps_from_the_config_are_enforced_before_anything_starts") {

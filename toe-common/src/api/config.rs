@@ -57,6 +57,15 @@ pub struct PowerToolConfigSpec {
     /// may create PowerTools in every namespace selected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cross_namespace_from: Vec<String>,
+    /// volume-fill may fill filesystems the node shares with every pod (a container's root
+    /// filesystem, an emptyDir or hostPath on the node's disk); default false: only volumes of
+    /// the target's own (a PersistentVolume, a sized tmpfs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_node_shared_filesystems: bool,
+    /// memory-stress may stress targets without a memory limit, whose memory is the node's;
+    /// default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unlimited_targets: bool,
     /// Go duration syntax; at most the tool's built-in maximum. Absent: the built-in maximum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration: Option<String>,
@@ -897,6 +906,8 @@ mod tests {
                 size: Amount::Bytes(512 << 20),
                 ramp: Duration::ZERO,
                 limit_bytes: None,
+                // A config allows unlimited targets only when it says so.
+                allow_unlimited: false,
             })
         );
         // The config's default replaces the tool's.

@@ -236,7 +236,13 @@ fn validate_tool(
         // fault that would ask for more.
         match &mut options {
             ToolOptions::CpuStress(o) => o.limit_millicores = c.limits.0,
-            ToolOptions::MemoryStress(o) => o.limit_bytes = c.limits.1,
+            ToolOptions::MemoryStress(o) => {
+                o.limit_bytes = c.limits.1;
+                o.allow_unlimited = c.spec.allow_unlimited_targets;
+            }
+            ToolOptions::VolumeFill(o) => {
+                o.allow_node_shared = c.spec.allow_node_shared_filesystems;
+            }
             _ => {}
         }
     }

@@ -52,6 +52,10 @@ pub struct VolumeFillOptions {
     pub path: String,
     /// Bytes to write, or the used percentage of the filesystem to reach.
     pub fill: Amount,
+    /// May fill a filesystem the node shares (the container's root, the node's own disk). True
+    /// for the built-in catalogue (`toe run` on one's own machine); under a PowerToolConfig,
+    /// only where an admin set `allowNodeSharedFilesystems`.
+    pub allow_node_shared: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +90,10 @@ pub struct MemoryStressOptions {
     /// `spec.defaultResources.limits.memory` of the tool's PowerToolConfig: the most the
     /// workers may allocate.
     pub limit_bytes: Option<u64>,
+    /// May stress a target without a memory limit (its memory is the node's). True for the
+    /// built-in catalogue; under a PowerToolConfig, only where an admin set
+    /// `allowUnlimitedTargets`.
+    pub allow_unlimited: bool,
 }
 
 impl ToolOptions {
@@ -365,6 +373,7 @@ fn build_memory_stress(args: &ParsedArgs) -> ToolOptions {
         size: args.amount("size"),
         ramp: args.duration("ramp"),
         limit_bytes: None,
+        allow_unlimited: true,
     })
 }
 
@@ -434,6 +443,7 @@ fn build_fill(args: &ParsedArgs) -> ToolOptions {
     ToolOptions::VolumeFill(VolumeFillOptions {
         path: args.path("path").to_owned(),
         fill: args.amount("fill"),
+        allow_node_shared: true,
     })
 }
 

@@ -28,6 +28,9 @@ pub struct FsFacts {
     pub pid: u32,
     pub path: String,
     pub space: fill::FsSpace,
+    /// The filesystem is one the node shares with its other pods: the target's own root
+    /// filesystem, or the node's root or container/kubelet storage.
+    pub node_shared: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -88,6 +91,30 @@ fn is_kernel_thread(pid: u32) -> bool {
     crate::targets::proc_stat(pid)
         .and_then(|f| f.get(6)?.parse::<u64>().ok())
         .is_some_and(|f| f & PF_KTHREAD != 0)
+}
+
+/// Whether `dir` is on a filesystem the node shares with its other pods: the device of the
+/// target's root (a container's overlay lives on the node's disk), of the node's root, or of
+/// where kubelet and the container runtimes keep volumes and layers. A volume of the target's
+/// own (a PersistentVolume, a sized tmpfs) is a device of its own.
+fn node_shared(dir: &std::os::fd::OwnedFd, pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(dev) = nix::sys::stat::fstat(dir).map(|s| s.st_dev) else {
+        return true;
+    };
+    let shared = [
+        format!("/proc/{pid}/root/"),
+        "/proc/1/root/".to_owned(),
+        "/proc/1/root/var".to_owned(),
+        "/proc/1/root/var/lib/kubelet".to_owned(),
+        "/proc/1/root/var/lib/containerd".to_owned(),
+        "/proc/1/root/var/lib/containers".to_owned(),
+        "/proc/1/root/var/lib/docker".to_owned(),
+    ];
+    shared
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .any(|m| m.dev() == dev)
 }
 
 fn host_memory() -> u64 {
@@ -162,6 +189,7 @@ pub fn facts(target: &ResolvedTarget, options: &ToolOptions) -> Result<TargetFac
                 pid,
                 path: o.path.clone(),
                 space: fill::space(&dir)?,
+                node_shared: node_shared(&dir, pid),
             })
         }
         _ => None,

@@ -200,6 +200,15 @@ pub fn plan(options: &ToolOptions, facts: &TargetFacts) -> Result<FaultPlan, Fau
                     format_size(limit)
                 )));
             }
+            if facts.memory_limit.is_none() && !o.allow_unlimited {
+                return Err(FaultError::Refused(
+                    "the target has no memory limit, so the memory this fault takes is the \
+                     node's and every pod of the node would feel it; stress a target with a \
+                     limit, or an admin sets allowUnlimitedTargets in the tool's \
+                     PowerToolConfig"
+                        .into(),
+                ));
+            }
             // Without a cgroup limit, the node itself would run out: never plan for that.
             let ceiling = facts.host_memory / 10 * 9;
             if facts.memory_limit.is_none() && facts.host_memory > 0 && bytes > ceiling {
@@ -267,6 +276,15 @@ fn plan_fill(
         .fs
         .clone()
         .ok_or_else(|| FaultError::Refused("no filesystem measured".into()))?;
+    if fs.node_shared && !o.allow_node_shared {
+        return Err(FaultError::Refused(format!(
+            "{} is on a filesystem the node shares with its other pods (the container's root \
+             filesystem or the node's own disk): filling it would put the whole node under \
+             disk pressure; fill a volume of the target's own (a PersistentVolume, a sized \
+             tmpfs), or an admin sets allowNodeSharedFilesystems in the tool's PowerToolConfig",
+            fs.path
+        )));
+    }
     let sp = fs.space;
     let total = sp.used + sp.avail;
     // Never past 99% of what the filesystem offers.
@@ -342,11 +360,53 @@ mod tests {
     }
 
     #[test]
+    fn under_a_config_node_shared_fills_and_unlimited_targets_are_refused() {
+        let fill = |allow: bool| {
+            ToolOptions::VolumeFill(toe_common::api::VolumeFillOptions {
+                path: "/tmp".into(),
+                fill: Amount::Percent(50),
+                allow_node_shared: allow,
+            })
+        };
+        let shared = TargetFacts {
+            fs: Some(FsFacts {
+                pid: 1,
+                path: "/tmp".into(),
+                space: super::super::fill::FsSpace {
+                    size: 100 << 20,
+                    used: 10 << 20,
+                    avail: 90 << 20,
+                },
+                node_shared: true,
+            }),
+            ..facts(None, None)
+        };
+        let err = plan(&fill(false), &shared).unwrap_err().to_string();
+        assert!(err.contains("filesystem the node shares"), "{err}");
+        assert!(plan(&fill(true), &shared).is_ok());
+        let stress = |allow: bool| {
+            ToolOptions::MemoryStress(MemoryStressOptions {
+                limit_bytes: None,
+                size: Amount::Bytes(64 << 20),
+                ramp: Duration::ZERO,
+                allow_unlimited: allow,
+            })
+        };
+        let err = plan(&stress(false), &facts(None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no memory limit"), "{err}");
+        assert!(plan(&stress(false), &facts(None, Some(1 << 30))).is_ok());
+        assert!(plan(&stress(true), &facts(None, None)).is_ok());
+    }
+
+    #[test]
     fn memory_percent_needs_a_limit_and_the_node_is_protected() {
         let pct = ToolOptions::MemoryStress(MemoryStressOptions {
             limit_bytes: None,
             size: Amount::Percent(50),
             ramp: Duration::ZERO,
+            allow_unlimited: true,
         });
         let FaultPlan::Memory { bytes, .. } = plan(&pct, &facts(None, Some(200 << 20))).unwrap()
         else {
@@ -359,6 +419,7 @@ mod tests {
             limit_bytes: None,
             size: Amount::Bytes(8 << 30),
             ramp: Duration::ZERO,
+            allow_unlimited: true,
         });
         let err = plan(&huge, &facts(None, None)).unwrap_err().to_string();
         assert!(err.contains("whole node"), "{err}");
