@@ -142,6 +142,22 @@ fn validate_image(
 
 /// Checks one tool of a PowerTool (`field` names it in messages). `run_duration`: the duration
 /// an `alongside` tool inherits.
+/// The config's limits and allowances travel with the options into planning, which refuses a
+/// fault that would ask for more.
+fn apply_config(options: &mut ToolOptions, c: &CheckedConfig) {
+    match options {
+        ToolOptions::CpuStress(o) => o.limit_millicores = c.limits.0,
+        ToolOptions::MemoryStress(o) => {
+            o.limit_bytes = c.limits.1;
+            o.allow_unlimited = c.spec.allow_unlimited_targets;
+        }
+        ToolOptions::VolumeFill(o) => {
+            o.allow_node_shared = c.spec.allow_node_shared_filesystems;
+        }
+        _ => {}
+    }
+}
+
 fn validate_tool(
     spec: &ToolSpec,
     field: &str,
@@ -232,19 +248,7 @@ fn validate_tool(
     }
     let mut options = (def.build)(&parsed);
     if let Some(c) = config {
-        // The config's resource limits travel with the options into planning, which refuses a
-        // fault that would ask for more.
-        match &mut options {
-            ToolOptions::CpuStress(o) => o.limit_millicores = c.limits.0,
-            ToolOptions::MemoryStress(o) => {
-                o.limit_bytes = c.limits.1;
-                o.allow_unlimited = c.spec.allow_unlimited_targets;
-            }
-            ToolOptions::VolumeFill(o) => {
-                o.allow_node_shared = c.spec.allow_node_shared_filesystems;
-            }
-            _ => {}
-        }
+        apply_config(&mut options, c);
     }
     Ok(ValidatedTool {
         name: def.name.to_owned(),
