@@ -168,6 +168,41 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
     validate_schemas(&rendered, dir.path(), "default");
     let docs = documents(&rendered);
 
+    // The agents take no connections; the operator takes them on its serving ports only.
+    let agent_policy = &find(&docs, "NetworkPolicy", "toe-agent")["spec"];
+    assert_eq!(agent_policy["policyTypes"], serde_json::json!(["Ingress"]));
+    assert_eq!(agent_policy["ingress"], serde_json::json!([]));
+    let operator_ports: Vec<String> =
+        find(&docs, "NetworkPolicy", "toe-operator")["spec"]["ingress"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_str().unwrap().to_owned())
+            .collect();
+    assert_eq!(operator_ports, ["reports", "metrics", "webhook"]);
+    // An Ingress for reports without a certificate is refused, unless asked for on purpose.
+    let (ok, _, err) = run_helm(
+        &helm,
+        &[
+            "template",
+            "toe",
+            chart.to_str().unwrap(),
+            "--set",
+            "reports.ingress.enabled=true",
+        ],
+    );
+    assert!(!ok && err.contains("reports.ingress.tlsSecret"), "{err}");
+    let plain = render(
+        &helm,
+        &[
+            "--set",
+            "reports.ingress.enabled=true",
+            "--set",
+            "reports.ingress.allowPlainHttp=true",
+        ],
+    );
+    assert!(plain.contains("kind: Ingress"));
+
     // RBAC: exactly the rules the end-to-end tests run the components under, bound to the
     // service accounts the workloads use.
     assert_eq!(
