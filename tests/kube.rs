@@ -645,6 +645,62 @@ async fn with_the_webhook_down_a_tenant_reaches_no_other_namespace() {
     operator.await.unwrap();
 }
 
+/// A namespace gets no more runs of a tool at once than its config allows.
+#[tokio::test]
+async fn a_namespace_cap_admits_no_more_runs_than_it_allows() {
+    let Some(server) = ApiServer::start("a_namespace_cap_admits_no_more_runs_than_it_allows")
+    else {
+        return;
+    };
+    let client = server.client().await;
+    install_crds(&client).await;
+    seed_cluster(&client).await;
+    apply_configs(
+        &client,
+        &[(
+            "cpu-profile",
+            serde_json::json!({"tool": "cpu-profile", "allowedNamespaces": ["shop"],
+                               "maxConcurrentPerNamespace": 1}),
+        )],
+    )
+    .await;
+    let operator_client = operator_identity(&server, &client).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(toe_operator::controller::run(
+        operator_client,
+        std::sync::Arc::default(),
+        toe_operator::controller::Options::defaults(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
+    let spec = serde_json::json!({"tool": {"name": "cpu-profile", "duration": "5m"},
+        "targets": {"labelSelector": {"matchLabels": {"app": "web"}}}});
+    tools
+        .create(&PostParams::default(), &powertool("first", &spec))
+        .await
+        .unwrap();
+    let first = decided(&tools, "first").await.status.unwrap();
+    assert_eq!(first.phase, PowerToolPhase::Admitted, "{first:?}");
+    tools
+        .create(&PostParams::default(), &powertool("second", &spec))
+        .await
+        .unwrap();
+    let second = decided(&tools, "second").await.status.unwrap();
+    assert_eq!(second.phase, PowerToolPhase::Rejected, "{second:?}");
+    assert_eq!(second.conditions[0].reason, "ConcurrencyCapped");
+    assert!(
+        second.conditions[0]
+            .message
+            .contains("allows 1 cpu-profile run(s) at once in namespace shop")
+            && second.conditions[0].message.contains("first"),
+        "{second:?}"
+    );
+    let _ = stop.send(());
+    operator.await.unwrap();
+}
+
 /// Waits (up to 30 s) until the PowerTool reaches `phase`.
 async fn reached(api: &Api<PowerTool>, name: &str, phase: PowerToolPhase) -> PowerTool {
     for _ in 0..300 {

@@ -138,6 +138,66 @@ pub async fn target_namespaces(client: &Client, pt: &PowerTool) -> Result<Vec<St
 
 pub use toe_common::api::{namespaces_allowed, protected_namespaces};
 
+/// Why `pt` would exceed a config's `maxConcurrentPerNamespace`: the other PowerTools of its
+/// namespace that use the same tool and are admitted or running count against it.
+async fn namespace_cap(
+    client: &Client,
+    pt: &PowerTool,
+    configs: &[PowerToolConfig],
+) -> Result<Option<String>, String> {
+    let ns = pt.namespace().unwrap_or_else(|| "default".into());
+    let tools: Vec<&str> = std::iter::once(&pt.spec.tool)
+        .chain(&pt.spec.alongside)
+        .map(|t| t.name.as_str())
+        .collect();
+    let caps: Vec<(&str, u32, &str)> = configs
+        .iter()
+        .filter(|c| tools.contains(&c.spec.tool.as_str()))
+        .filter_map(|c| {
+            c.spec.max_concurrent_per_namespace.map(|n| {
+                (
+                    c.spec.tool.as_str(),
+                    n,
+                    c.metadata.name.as_deref().unwrap_or(""),
+                )
+            })
+        })
+        .collect();
+    if caps.is_empty() {
+        return Ok(None);
+    }
+    let others = Api::<PowerTool>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("listing PowerTools in {ns}: {e}"))?
+        .items;
+    Ok(caps.into_iter().find_map(|(tool, cap, config)| {
+        let busy: Vec<String> = others
+            .iter()
+            .filter(|o| o.uid() != pt.uid())
+            .filter(|o| {
+                std::iter::once(&o.spec.tool)
+                    .chain(&o.spec.alongside)
+                    .any(|t| t.name == tool)
+            })
+            .filter(|o| {
+                o.status.as_ref().is_some_and(|s| {
+                    matches!(s.phase, PowerToolPhase::Admitted | PowerToolPhase::Running)
+                })
+            })
+            .map(ResourceExt::name_any)
+            .collect();
+        (u32::try_from(busy.len()).unwrap_or(u32::MAX) >= cap).then(|| {
+            format!(
+                "PowerToolConfig {config} allows {cap} {tool} run(s) at once in namespace {ns}, \
+                 and {} are admitted or running ({}); change and re-apply it once one has ended",
+                busy.len(),
+                busy.join(", ")
+            )
+        })
+    }))
+}
+
 /// Admission, then target selection: the status to write, and the run when admitted.
 async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<ValidatedRun>) {
     let generation = pt.metadata.generation.unwrap_or(0);
@@ -161,6 +221,11 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
     };
     if let Err(e) = namespaces_allowed(pt, &configs, &namespaces, &ctx.protected) {
         return rejected("NamespaceNotAllowed", &e);
+    }
+    match namespace_cap(&ctx.client, pt, &configs).await {
+        Ok(None) => {}
+        Ok(Some(why)) => return rejected("ConcurrencyCapped", &why),
+        Err(e) => return rejected("ConcurrencyCapped", &e),
     }
     let label_selector = pt
         .spec

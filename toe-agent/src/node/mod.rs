@@ -101,6 +101,33 @@ struct Ctx {
 struct Active {
     stop: watch::Sender<Option<&'static str>>,
     handle: tokio::task::JoinHandle<()>,
+    /// The PowerTool's tools, for the per-node caps.
+    tools: Vec<String>,
+}
+
+/// The tools of a PowerTool: its own and those alongside.
+fn tools_of(pt: &PowerTool) -> Vec<String> {
+    std::iter::once(&pt.spec.tool)
+        .chain(&pt.spec.alongside)
+        .map(|t| t.name.clone())
+        .collect()
+}
+
+/// The first of `tools` whose config caps its runs per node at a number `running` has reached:
+/// that target waits (stays Pending) until one of them ends.
+fn capped<'a>(
+    tools: &'a [String],
+    configs: &[PowerToolConfig],
+    running: &[&[String]],
+) -> Option<(&'a str, u32)> {
+    tools.iter().find_map(|t| {
+        let cap = configs
+            .iter()
+            .filter(|c| c.spec.tool == *t)
+            .find_map(|c| c.spec.max_concurrent_per_node)?;
+        let n = running.iter().filter(|r| r.contains(t)).count();
+        (u32::try_from(n).unwrap_or(u32::MAX) >= cap).then_some((t.as_str(), cap))
+    })
 }
 
 fn target_ref(pt: &PowerTool, t: &SelectedTarget) -> TargetRef {
@@ -313,15 +340,31 @@ fn sweep(
         }
     }
     active.retain(|_, a| !a.handle.is_finished());
+    let configs: Vec<PowerToolConfig> = ctx.configs.state().iter().map(|c| (**c).clone()).collect();
     for pt in pts.iter().filter(|p| admitted(p)) {
         let status = pt.status.as_ref().expect("admitted has a status");
+        let tools = tools_of(pt);
         for t in status.targets.iter().filter(|t| t.node == ctx.node) {
             let key = Key::of(pt, t);
             match t.phase {
-                Some(TargetPhase::Pending) if started.insert(key.clone()) => {
+                Some(TargetPhase::Pending) if !started.contains(&key) => {
+                    let running: Vec<&[String]> =
+                        active.values().map(|a| a.tools.as_slice()).collect();
+                    if let Some((tool, cap)) = capped(&tools, &configs, &running) {
+                        tracing::debug!(tool, cap, pod = %t.pod, "held back by the per-node cap");
+                        continue;
+                    }
+                    started.insert(key.clone());
                     let (stop, rx) = watch::channel(None);
                     let handle = tokio::spawn(run_target(ctx.clone(), pt.clone(), t.clone(), rx));
-                    active.insert(key, Active { stop, handle });
+                    active.insert(
+                        key,
+                        Active {
+                            stop,
+                            handle,
+                            tools: tools.clone(),
+                        },
+                    );
                 }
                 Some(TargetPhase::Running | TargetPhase::Uploading)
                     if started.insert(key.clone()) =>
@@ -418,6 +461,26 @@ mod tests {
     use toe_common::api::{OutputSpec, PowerToolSpec, PowerToolStatus};
 
     use super::{target::*, *};
+
+    #[test]
+    fn a_per_node_cap_holds_targets_back_until_a_run_ends() {
+        let config: PowerToolConfig = serde_json::from_value(serde_json::json!({
+            "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolConfig",
+            "metadata": {"name": "memory-stress"},
+            "spec": {"tool": "memory-stress", "maxConcurrentPerNode": 2},
+        }))
+        .unwrap();
+        let stress = vec!["memory-stress".to_owned()];
+        let profile = vec!["cpu-profile".to_owned()];
+        let configs = [config];
+        assert_eq!(capped(&stress, &configs, &[&stress]), None);
+        assert_eq!(
+            capped(&stress, &configs, &[&stress, &profile, &stress]),
+            Some(("memory-stress", 2))
+        );
+        // Tools without a cap are never held back.
+        assert_eq!(capped(&profile, &configs, &[&profile, &profile]), None);
+    }
 
     fn powertool(output: Option<OutputSpec>) -> PowerTool {
         let mut pt = PowerTool::new(

@@ -66,6 +66,14 @@ pub struct PowerToolConfigSpec {
     /// default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_unlimited_targets: bool,
+    /// At most this many targets of the tool run at once on one node (each agent holds the
+    /// others back until one ends); absent: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_per_node: Option<u32>,
+    /// At most this many PowerTools using the tool are admitted and unfinished at once in one
+    /// namespace; absent: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_per_namespace: Option<u32>,
     /// Go duration syntax; at most the tool's built-in maximum. Absent: the built-in maximum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration: Option<String>,
