@@ -498,6 +498,53 @@ async fn the_model_step_sends_no_key_where_no_admin_allowed() {
     operator.stop().await;
 }
 
+/// A processing writes its reports only to a store an admin allows: not through /proc into the
+/// node's filesystem.
+#[tokio::test]
+async fn a_processing_writes_only_where_an_admin_allows() {
+    let Some(server) = ApiServer::start("a_processing_writes_only_where_an_admin_allows") else {
+        return;
+    };
+    let admin = server.client().await;
+    install_crds(&admin).await;
+    create_namespace(&admin, "shop", &serde_json::json!({})).await;
+    let store = tempfile::tempdir().unwrap();
+    let artifacts = Url::from_directory_path(store.path()).unwrap();
+    let operator = Operator::start_with(&server, &admin, Some(artifacts)).await;
+    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
+    let escape = format!("/proc/1/root/tmp/toe-report-escape-{}", std::process::id());
+    apply(
+        &api,
+        "escape",
+        &processing(
+            "escape",
+            &serde_json::json!({"names": ["x"], "schedule": "1h", "outputs": ["htmlReport"],
+                                "output": {"url": format!("file://{escape}")}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let s = wait_status(&api, "escape", "a Ready condition", |s| {
+        condition(s, "Ready").is_some()
+    })
+    .await;
+    let ready = condition(&s, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    assert!(
+        ready.message.contains("not among the output locations")
+            && !ready.message.contains("/proc"),
+        "{ready:?}"
+    );
+    assert!(
+        !Path::new(&escape).exists(),
+        "a report was written through /proc"
+    );
+    operator.stop().await;
+}
+
 fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"]
         .iter()

@@ -264,6 +264,7 @@ impl Operator {
                     artifacts,
                     // The one model endpoint the tests allow: a loopback port nothing serves.
                     model_endpoints: vec![url::Url::parse("http://127.0.0.1:9/").expect("a URL")],
+                    allowed_outputs: Vec::new(),
                 },
                 metrics,
                 until_stopped(),

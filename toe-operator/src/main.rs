@@ -54,6 +54,10 @@ struct Cli {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Stores besides --artifacts that PowerTools and PowerToolProcessings may name as their
+    /// output (comma-separated URL prefixes); the agents get the same list.
+    #[arg(long, env = "TOE_ALLOWED_OUTPUTS", default_value = "")]
+    allowed_outputs: String,
     /// Model endpoints PowerToolProcessings may send their summaries and keys to (comma-separated
     /// URL prefixes). Empty: the model step is off everywhere.
     #[arg(long, env = "TOE_MODEL_ENDPOINTS", default_value = "")]
@@ -222,6 +226,8 @@ fn main() -> Result<()> {
             artifacts: cli.artifacts.clone(),
             model_endpoints: toe_artifacts::layout::allowed_outputs(&cli.model_endpoints)
                 .context("--model-endpoints")?,
+            allowed_outputs: toe_artifacts::layout::allowed_outputs(&cli.allowed_outputs)
+                .context("--allowed-outputs")?,
         };
         let controller_opts = controller::Options {
             artifacts: cli.artifacts.clone(),

@@ -198,6 +198,18 @@ pub struct ProcessingOptions {
     /// processing's author names the URL, and the operator sends it the key of a Secret: only
     /// where an admin said so.
     pub model_endpoints: Vec<Url>,
+    /// Stores besides `artifacts` that PowerTools and processings may name (the agents' list).
+    pub allowed_outputs: Vec<Url>,
+}
+
+impl ProcessingOptions {
+    /// `artifacts` and every other store an admin allows.
+    #[must_use]
+    pub fn allowed_outputs(&self) -> Vec<Url> {
+        std::iter::once(toe_artifacts::store::as_dir(&self.artifacts))
+            .chain(self.allowed_outputs.iter().cloned())
+            .collect()
+    }
 }
 
 /// The label a Secret needs before the operator reads it for a model step: a Secret that merely
@@ -374,7 +386,7 @@ async fn reconcile(ptp: Arc<PowerToolProcessing>, ctx: Arc<Ctx>) -> Result<Actio
     let generation = ptp.metadata.generation.unwrap_or(0);
     let api: Api<PowerToolProcessing> = Api::namespaced(ctx.client.clone(), &ns);
     let old = ptp.status.as_ref();
-    let plan = match plan(&ptp.spec) {
+    let plan = match plan(&ptp.spec).and_then(|p| output_allowed(p, &ctx.opts)) {
         Ok(p) => p,
         Err(why) => {
             let mut status = old.cloned().unwrap_or_default();
@@ -401,13 +413,26 @@ async fn reconcile(ptp: Arc<PowerToolProcessing>, ctx: Arc<Ctx>) -> Result<Actio
     Ok(next.map_or_else(Action::await_change, |t| Action::requeue(until(t))))
 }
 
+/// Where reports go must be one of the admin's stores: the operator writes with its own
+/// credentials (and as root on a node-local file:// store).
+fn output_allowed(plan: Plan, opts: &ProcessingOptions) -> Result<Plan, String> {
+    match &plan.output {
+        Some(u) if !toe_artifacts::layout::is_allowed(u, &opts.allowed_outputs()) => Err(
+            "output.url is not among the output locations this cluster's admin allows (the \
+             chart's artifacts.allowedUrls)"
+                .into(),
+        ),
+        _ => Ok(plan),
+    }
+}
+
 /// Where each selected PowerTool's runs are, and what could not be read (names not found, bad
 /// output URLs).
 fn sources(
     ns: &str,
     pts: &[PowerTool],
     missing: &[String],
-    artifacts: &Url,
+    opts: &ProcessingOptions,
 ) -> (Vec<Source>, Vec<String>) {
     let mut out = Vec::new();
     let mut problems: Vec<String> = missing
@@ -415,7 +440,16 @@ fn sources(
         .map(|n| format!("PowerTool {ns}/{n} not found"))
         .collect();
     for pt in pts {
-        match runs_url(pt, artifacts) {
+        match runs_url(pt, &opts.artifacts).and_then(|u| {
+            if toe_artifacts::layout::is_allowed(&u, &opts.allowed_outputs()) {
+                Ok(u)
+            } else {
+                Err(format!(
+                    "PowerTool {ns}/{}: its output.url is not among the allowed output locations",
+                    pt.name_any()
+                ))
+            }
+        }) {
             Ok(url) => out.push(Source {
                 url,
                 label: pt.name_any(),
@@ -516,7 +550,7 @@ async fn process(
             }
         }
     }
-    let (sources, mut problems) = sources(&ns, &pts, &missing, &ctx.opts.artifacts);
+    let (sources, mut problems) = sources(&ns, &pts, &missing, &ctx.opts);
     options.meta = format!(
         "processed {} for PowerTools {} (runs that ended in the last {}); schedule {}",
         humantime::format_rfc3339_seconds(now),
