@@ -262,9 +262,22 @@ impl Session {
         Ok(())
     }
 
-    /// Every [`DRAIN_EVERY`]: empty rings, attach to new processes, read RSS when due.
+    /// Every [`DRAIN_EVERY`]: empty rings, attach to new processes, read RSS when due; tools
+    /// that sample on a clock (faults) first.
     fn fast_tick(&mut self, symbolizer: &mut Symbolizer) -> Result<(), RunError> {
-        self.each(symbolizer, |w, cx| w.fast_tick(cx))
+        self.each(symbolizer, |w, cx| {
+            if w.ticks_first() {
+                w.fast_tick(cx)?;
+            }
+            Ok(())
+        })?;
+        self.each(symbolizer, |w, cx| {
+            if w.ticks_first() {
+                Ok(())
+            } else {
+                w.fast_tick(cx)
+            }
+        })
     }
 
     /// Every [`RESOLVE_EVERY`]: symbolize what is new while its processes live.

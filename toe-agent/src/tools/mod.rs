@@ -124,6 +124,12 @@ pub trait ToolRun: Send {
     /// Every drain period (25 ms): empty rings, follow new processes.
     fn fast_tick(&mut self, cx: &mut Tick<'_>) -> Result<(), RunError>;
 
+    /// Ticked before the others: a fault samples what it achieves on a fixed clock, which a
+    /// collector's symbolization (hundreds of milliseconds for a large binary) must not delay.
+    fn ticks_first(&self) -> bool {
+        false
+    }
+
     /// Every resolve period (250 ms): symbolize what is new while its processes live.
     fn slow_tick(&mut self, _cx: &mut Tick<'_>) {}
 

@@ -100,6 +100,10 @@ impl ToolRun for FaultWork {
         Ok(())
     }
 
+    fn ticks_first(&self) -> bool {
+        true
+    }
+
     fn progress(&self) -> String {
         format!("{} running", self.plan.name())
     }
