@@ -26,6 +26,8 @@ use toe_tests::{
 struct Cluster {
     server: ApiServer,
     admin: kube::Client,
+    /// A tenant of `shop` with only the chart's tenant role: PowerTools go in as them.
+    tenant: kube::Client,
     node: String,
     dir: tempfile::TempDir,
 }
@@ -48,9 +50,11 @@ impl Cluster {
         {
             configs.create(&PostParams::default(), &c).await.unwrap();
         }
+        let tenant = cluster::tenant_identity(&server, &admin, "shop").await;
         Some(Self {
             server,
             admin,
+            tenant,
             node,
             dir: tempfile::tempdir().unwrap(),
         })
@@ -97,7 +101,7 @@ impl Cluster {
             "metadata": {"name": name}, "spec": spec,
         }))
         .unwrap();
-        self.tools()
+        Api::<PowerTool>::namespaced(self.tenant.clone(), "shop")
             .create(&PostParams::default(), &pt)
             .await
             .unwrap();

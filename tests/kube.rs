@@ -379,35 +379,6 @@ async fn grant_powertools(client: &kube::Client, ns: &str, user: &str) {
         .unwrap();
 }
 
-/// Binds `user` in `ns` to exactly the tenant role the chart aggregates into `edit`.
-async fn grant_tenant(client: &kube::Client, ns: &str, user: &str) {
-    let role: k8s_openapi::api::rbac::v1::ClusterRole = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "toe-tenant-edit"},
-        "rules": toe_common::api::rbac::tenant_edit_rules(),
-    }))
-    .unwrap();
-    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": format!("toe-tenant-{user}")},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "toe-tenant-edit"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
-    }))
-    .unwrap();
-    let apply = PatchParams::apply("toe-test").force();
-    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
-        .patch("toe-tenant-edit", &apply, &Patch::Apply(&role))
-        .await
-        .unwrap();
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .patch(
-            &format!("toe-tenant-{user}"),
-            &apply,
-            &Patch::Apply(&binding),
-        )
-        .await
-        .unwrap();
-}
-
 fn powertool(name: &str, spec: &serde_json::Value) -> PowerTool {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
@@ -584,8 +555,7 @@ async fn with_the_webhook_down_a_tenant_reaches_no_other_namespace() {
         },
     ));
     // alice has the chart's tenant role in shop only; nothing checks her at apply time.
-    grant_tenant(&client, "shop", "alice").await;
-    let alice = server.client_as(toe_tests::apiserver::ALICE_TOKEN).await;
+    let alice = toe_tests::cluster::tenant_identity(&server, &client, "shop").await;
     let tools: Api<PowerTool> = Api::namespaced(alice, "shop");
     for (name, spec, want) in [
         (

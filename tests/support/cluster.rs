@@ -107,6 +107,35 @@ async fn bind(admin: &kube::Client, role: &ClusterRole, user: &str) {
         .unwrap();
 }
 
+/// A client for a namespace tenant (alice) bound in `ns` to exactly the role the chart
+/// aggregates into `edit`: PowerTools and PowerToolProcessings, never their status.
+pub async fn tenant_identity(server: &ApiServer, admin: &kube::Client, ns: &str) -> kube::Client {
+    let role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "toe-tenant-edit"},
+        "rules": toe_common::api::rbac::tenant_edit_rules(),
+    }))
+    .unwrap();
+    let apply = PatchParams::apply("toe-test").force();
+    Api::<ClusterRole>::all(admin.clone())
+        .patch("toe-tenant-edit", &apply, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let binding: RoleBinding =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "toe-tenant-alice"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "toe-tenant-edit"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                          "name": "alice"}],
+        }))
+        .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .patch("toe-tenant-alice", &apply, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    server.client_as(crate::apiserver::ALICE_TOKEN).await
+}
+
 /// Creates `pt` until the API server refuses it (it picks up a new webhook configuration within
 /// a moment; until then creations pass and are undone), returning the refusal.
 pub async fn first_refusal(api: &Api<PowerTool>, pt: &PowerTool) -> String {
