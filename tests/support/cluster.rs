@@ -120,15 +120,14 @@ pub async fn tenant_identity(server: &ApiServer, admin: &kube::Client, ns: &str)
         .patch("toe-tenant-edit", &apply, &Patch::Apply(&role))
         .await
         .unwrap();
-    let binding: RoleBinding =
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "toe-tenant-alice"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "toe-tenant-edit"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                          "name": "alice"}],
-        }))
-        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "toe-tenant-alice"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "toe-tenant-edit"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                      "name": "alice"}],
+    }))
+    .unwrap();
     Api::<RoleBinding>::namespaced(admin.clone(), ns)
         .patch("toe-tenant-alice", &apply, &Patch::Apply(&binding))
         .await
