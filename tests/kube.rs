@@ -19,7 +19,8 @@ use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase, PowerToolProce
 use toe_tests::{
     apiserver::ApiServer,
     cluster::{
-        Webhook, documents, first_refusal, free_port, install_crds, operator_identity, repo,
+        Operator, Webhook, documents, first_refusal, free_port, install_crds, operator_identity,
+        repo,
     },
 };
 
@@ -634,16 +635,7 @@ async fn a_namespace_cap_admits_no_more_runs_than_it_allows() {
         )],
     )
     .await;
-    let operator_client = operator_identity(&server, &client).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(toe_operator::controller::run(
-        operator_client,
-        std::sync::Arc::default(),
-        toe_operator::controller::Options::defaults(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let operator = Operator::start(&server, &client).await;
     let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
     let spec = serde_json::json!({"tool": {"name": "cpu-profile", "duration": "5m"},
         "targets": {"labelSelector": {"matchLabels": {"app": "web"}}}});
@@ -667,8 +659,7 @@ async fn a_namespace_cap_admits_no_more_runs_than_it_allows() {
             && second.conditions[0].message.contains("first"),
         "{second:?}"
     );
-    let _ = stop.send(());
-    operator.await.unwrap();
+    operator.stop().await;
 }
 
 /// Waits (up to 30 s) until the PowerTool reaches `phase`.
@@ -708,16 +699,7 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
         .patch("aperf", &apply, &Patch::Apply(&aperf))
         .await
         .unwrap();
-    let operator_client = operator_identity(&server, &client).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(toe_operator::controller::run(
-        operator_client,
-        std::sync::Arc::default(),
-        toe_operator::controller::Options::defaults(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let operator = Operator::start(&server, &client).await;
     let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
     let pt = powertool(
         "aperf-web",
@@ -776,6 +758,5 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
         Some("Completed")
     );
     assert!(status.finish_time.is_some());
-    let _ = stop.send(());
-    operator.await.unwrap();
+    operator.stop().await;
 }

@@ -325,18 +325,48 @@ async fn processing_reads_the_window_of_selected_runs_and_serves_the_report() {
     operator.stop().await;
 }
 
+/// An API server with the CRDs and namespace `shop`, the operator's controllers over a fresh
+/// store, and the processings of `shop`.
+struct Processing {
+    server: ApiServer,
+    admin: kube::Client,
+    store: tempfile::TempDir,
+    operator: Operator,
+    api: Api<PowerToolProcessing>,
+}
+
+impl Processing {
+    async fn start(test: &str) -> Option<Self> {
+        let server = ApiServer::start(test)?;
+        let admin = server.client().await;
+        install_crds(&admin).await;
+        create_namespace(&admin, "shop", &serde_json::json!({})).await;
+        let store = tempfile::tempdir().unwrap();
+        let artifacts = Url::from_directory_path(store.path()).unwrap();
+        let operator = Operator::start_with(&server, &admin, Some(artifacts)).await;
+        let api = Api::namespaced(admin.clone(), "shop");
+        Some(Self {
+            server,
+            admin,
+            store,
+            operator,
+            api,
+        })
+    }
+}
+
 #[tokio::test]
 async fn bad_processing_specs_get_a_clear_status_error() {
-    let Some(server) = ApiServer::start("bad_processing_specs_get_a_clear_status_error") else {
+    let Some(Processing {
+        server: _server,
+        admin: _,
+        store: _store,
+        operator,
+        api,
+    }) = Processing::start("bad_processing_specs_get_a_clear_status_error").await
+    else {
         return;
     };
-    let admin = server.client().await;
-    install_crds(&admin).await;
-    create_namespace(&admin, "shop", &serde_json::json!({})).await;
-    let store = tempfile::tempdir().unwrap();
-    let artifacts = Url::from_directory_path(store.path()).unwrap();
-    let operator = Operator::start_with(&server, &admin, Some(artifacts)).await;
-    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
 
     apply(
         &api,
@@ -420,17 +450,16 @@ async fn bad_processing_specs_get_a_clear_status_error() {
 /// endpoints an admin listed, and only from Secrets labelled for it.
 #[tokio::test]
 async fn the_model_step_sends_no_key_where_no_admin_allowed() {
-    let Some(server) = ApiServer::start("the_model_step_sends_no_key_where_no_admin_allowed")
+    let Some(Processing {
+        server: _server,
+        admin,
+        store: _store,
+        operator,
+        api,
+    }) = Processing::start("the_model_step_sends_no_key_where_no_admin_allowed").await
     else {
         return;
     };
-    let admin = server.client().await;
-    install_crds(&admin).await;
-    create_namespace(&admin, "shop", &serde_json::json!({})).await;
-    let store = tempfile::tempdir().unwrap();
-    let artifacts = Url::from_directory_path(store.path()).unwrap();
-    let operator = Operator::start_with(&server, &admin, Some(artifacts)).await;
-    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
     // The confused deputy: a Secret's key is never read for an endpoint no admin allowed, and
     // nothing is sent there; an allowed endpoint gets only a Secret labelled for it.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -502,16 +531,16 @@ async fn the_model_step_sends_no_key_where_no_admin_allowed() {
 /// node's filesystem.
 #[tokio::test]
 async fn a_processing_writes_only_where_an_admin_allows() {
-    let Some(server) = ApiServer::start("a_processing_writes_only_where_an_admin_allows") else {
+    let Some(Processing {
+        server: _server,
+        admin: _,
+        store: _store,
+        operator,
+        api,
+    }) = Processing::start("a_processing_writes_only_where_an_admin_allows").await
+    else {
         return;
     };
-    let admin = server.client().await;
-    install_crds(&admin).await;
-    create_namespace(&admin, "shop", &serde_json::json!({})).await;
-    let store = tempfile::tempdir().unwrap();
-    let artifacts = Url::from_directory_path(store.path()).unwrap();
-    let operator = Operator::start_with(&server, &admin, Some(artifacts)).await;
-    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
     let escape = format!("/proc/1/root/tmp/toe-report-escape-{}", std::process::id());
     apply(
         &api,

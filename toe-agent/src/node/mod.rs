@@ -340,7 +340,8 @@ fn sweep(
         }
     }
     active.retain(|_, a| !a.handle.is_finished());
-    let configs: Vec<PowerToolConfig> = ctx.configs.state().iter().map(|c| (**c).clone()).collect();
+    // Read only when a target is about to start: most sweeps start nothing.
+    let mut configs: Option<Vec<PowerToolConfig>> = None;
     for pt in pts.iter().filter(|p| admitted(p)) {
         let status = pt.status.as_ref().expect("admitted has a status");
         let tools = tools_of(pt);
@@ -350,7 +351,10 @@ fn sweep(
                 Some(TargetPhase::Pending) if !started.contains(&key) => {
                     let running: Vec<&[String]> =
                         active.values().map(|a| a.tools.as_slice()).collect();
-                    if let Some((tool, cap)) = capped(&tools, &configs, &running) {
+                    let configs = configs.get_or_insert_with(|| {
+                        ctx.configs.state().iter().map(|c| (**c).clone()).collect()
+                    });
+                    if let Some((tool, cap)) = capped(&tools, configs, &running) {
                         tracing::debug!(tool, cap, pod = %t.pod, "held back by the per-node cap");
                         continue;
                     }
