@@ -28,7 +28,7 @@ fn the_tutorial_runs_every_step_for_real_and_checks_it() {
     assert_eq!(text.matches("  ✓ ").count(), 6, "{text}");
     assert!(!text.contains("✗"), "{text}");
     // What each step claims, it found in real artifacts.
-    assert!(text.contains("toe_demo::mix is"), "{text}");
+    assert!(text.contains("toe_demo::hot_loop is on"), "{text}");
     assert!(text.contains("naming --frequency"), "{text}");
     assert!(text.contains("killed by SIGKILL"), "{text}");
     assert!(text.contains("leaky_site holds"), "{text}");
