@@ -598,6 +598,28 @@ async fn with_the_webhook_down_a_tenant_reaches_no_other_namespace() {
         assert!(s.conditions[0].message.contains(want), "{name}: {s:?}");
         assert!(s.targets.is_empty(), "{name}: {s:?}");
     }
+    // Nor can she aim the agents' or an image tool's writes at the node, or at a store the
+    // admin did not list; the cluster's own store stays hers to use.
+    for (name, url, refused) in [
+        ("write-host", "file:///proc/1/root/tmp/toe-escape", true),
+        ("write-other-bucket", "s3://someone-elses-bucket/x", true),
+        ("write-store", "file:///var/lib/toe/artifacts/shop-runs", false),
+    ] {
+        let spec = serde_json::json!({"tool": {"name": "terminate"}, "output": {"url": url}});
+        tools
+            .create(&PostParams::default(), &powertool(name, &spec))
+            .await
+            .unwrap();
+        let s = decided(&tools, name).await.status.unwrap();
+        let reason = &s.conditions[0].reason;
+        if refused {
+            assert_eq!(s.phase, PowerToolPhase::Rejected, "{name}: {s:?}");
+            assert_eq!(reason, "OutputNotAllowed", "{name}: {s:?}");
+            assert!(!s.conditions[0].message.contains("/proc"), "{name}: {s:?}");
+        } else {
+            assert_ne!(reason, "OutputNotAllowed", "{name}: {s:?}");
+        }
+    }
     // Nor can she write a status of her own (the agents would refuse it anyway).
     let forged = serde_json::json!({
         "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",

@@ -52,6 +52,8 @@ pub struct Context {
     /// The store the node agents write to: image tools without `spec.output.url` write there
     /// too, in the same layout.
     pub artifacts: Url,
+    /// Every store a PowerTool may write to: `artifacts` and what an admin added.
+    pub allowed_outputs: Vec<Url>,
     /// Namespaces faults reach only where a config names them ([`protected_namespaces`]).
     pub protected: Vec<String>,
     pub configs: Store<PowerToolConfig>,
@@ -104,6 +106,9 @@ pub struct Options {
     pub artifacts: Url,
     /// The namespace TOE is installed in, protected from faults like `kube-system`.
     pub release_namespace: String,
+    /// Stores besides `artifacts` that PowerTools may name in `spec.output.url` (the chart's
+    /// `artifacts.allowedUrls`, the same list the agents are given).
+    pub allowed_outputs: Vec<Url>,
 }
 
 impl Options {
@@ -113,6 +118,7 @@ impl Options {
         Self {
             artifacts: Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).expect("a URL"),
             release_namespace: "toe-system".into(),
+            allowed_outputs: Vec::new(),
         }
     }
 }
@@ -222,6 +228,9 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
     if let Err(e) = namespaces_allowed(pt, &configs, &namespaces, &ctx.protected) {
         return rejected("NamespaceNotAllowed", &e);
     }
+    if let Err(e) = output_allowed(pt, ctx) {
+        return rejected("OutputNotAllowed", &e);
+    }
     match namespace_cap(&ctx.client, pt, &configs).await {
         Ok(None) => {}
         Ok(Some(why)) => return rejected("ConcurrencyCapped", &why),
@@ -295,6 +304,22 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
     // Every target refused by its node's capabilities: the run is over before it starts.
     conclude(&mut status, generation);
     (status, verdict.run)
+}
+
+/// Refuses a `spec.output.url` outside the stores an admin allows, before any agent or image tool
+/// is told to write there (the agents check again: they do not trust what status says).
+pub(crate) fn output_allowed(pt: &PowerTool, ctx: &Context) -> Result<(), String> {
+    let url =
+        toe_artifacts::layout::of_powertool(pt, &ctx.artifacts).map_err(|e| e.to_string())?;
+    if toe_artifacts::layout::is_allowed(&url, &ctx.allowed_outputs) {
+        Ok(())
+    } else {
+        Err(
+            "spec.output.url is not among the output locations this cluster's admin allows \
+             (the chart's artifacts.allowedUrls); leave it out to use the cluster's store"
+                .into(),
+        )
+    }
 }
 
 /// Why `node` cannot run the run's tools, from the capabilities its agent published
@@ -643,6 +668,9 @@ pub async fn run(
     );
     let ctx = Arc::new(Context {
         client: client.clone(),
+        allowed_outputs: std::iter::once(toe_artifacts::store::as_dir(&opts.artifacts))
+            .chain(opts.allowed_outputs)
+            .collect(),
         artifacts: opts.artifacts,
         protected: protected_namespaces(&opts.release_namespace),
         configs: store,
@@ -908,6 +936,7 @@ mod tests {
             ),
             client,
             artifacts: Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).unwrap(),
+            allowed_outputs: vec![Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).unwrap()],
             protected: protected_namespaces("toe-system"),
             configs: store,
             metrics: Arc::default(),

@@ -62,7 +62,8 @@ async fn start_pending(
         .iter_mut()
         .filter(|t| t.phase == Some(TargetPhase::Pending))
     {
-        let url = match output_url(pt, t, &ctx.artifacts) {
+        let allowed = crate::controller::output_allowed(pt, ctx);
+        let url = match allowed.and_then(|()| output_url(pt, t, &ctx.artifacts)) {
             Ok(url) => url.to_string(),
             Err(e) => {
                 t.phase = Some(TargetPhase::Failed);

@@ -232,6 +232,7 @@ fn main() -> Result<()> {
         let controller_opts = controller::Options {
             artifacts: cli.artifacts.clone(),
             release_namespace: cli.lease_namespace.clone(),
+            allowed_outputs: opts.allowed_outputs.clone(),
         };
         let run = {
             let (client, metrics) = (client.clone(), metrics.clone());
