@@ -615,13 +615,14 @@ async fn an_object_store_outage_loses_nothing_even_across_an_agent_restart() {
     else {
         return;
     };
-    let operator = Operator::start(&c.server, &c.admin).await;
+    // The PowerTool's store is a path whose parent is a regular file: unwritable until the
+    // file goes away. The admin allows it, as the agents' TOE_ALLOWED_OUTPUTS does.
+    let blocked = c.dir.path().join("outage");
+    let allowed = vec![url::Url::parse(&url_of(&blocked)).unwrap()];
+    let operator = Operator::start_allowing(&c.server, &c.admin, None, allowed).await;
     let mut agent = c.agent();
     let target = busy("target");
     c.pod("web-1", "web", &[("app", &target)]).await;
-    // The PowerTool's store is a path whose parent is a regular file: unwritable until the
-    // file goes away.
-    let blocked = c.dir.path().join("outage");
     std::fs::write(&blocked, b"in the way").unwrap();
     let store = blocked.join("store");
     c.create(

@@ -209,6 +209,21 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
         find(&docs, "ClusterRole", "toe-operator")["rules"],
         rules_json(rbac::operator_cluster_role("toe-operator").rules)
     );
+    // An admin who enables image tools and a model endpoint grants exactly what each needs.
+    let everything = render(
+        &helm,
+        &[
+            "--set",
+            "imageTools.enabled=true",
+            "--set",
+            "reports.modelEndpoints[0]=https://models.example.com/v1",
+        ],
+    );
+    let everything = documents(&everything);
+    assert_eq!(
+        find(&everything, "ClusterRole", "toe-operator")["rules"],
+        rules_json(rbac::operator_cluster_role_with_everything("toe-operator").rules)
+    );
     assert_eq!(
         find(&docs, "Role", "toe-operator")["rules"],
         rules_json(rbac::operator_namespace_role("toe-operator", NS).rules)
@@ -604,6 +619,25 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
             "update",
             Some("another-webhook"),
             None,
+            "operator",
+        ),
+        // Off by default: image tools (ephemeral containers) and the model step (Secrets).
+        (
+            &operator,
+            "",
+            "pods/ephemeralcontainers",
+            "patch",
+            None,
+            Some("shop"),
+            "operator",
+        ),
+        (
+            &operator,
+            "",
+            "secrets",
+            "get",
+            Some("db-password"),
+            Some("shop"),
             "operator",
         ),
         (&agent, "", "secrets", "get", None, Some("shop"), "agent"),

@@ -598,28 +598,7 @@ async fn with_the_webhook_down_a_tenant_reaches_no_other_namespace() {
         assert!(s.conditions[0].message.contains(want), "{name}: {s:?}");
         assert!(s.targets.is_empty(), "{name}: {s:?}");
     }
-    // Nor can she aim the agents' or an image tool's writes at the node, or at a store the
-    // admin did not list; the cluster's own store stays hers to use.
-    for (name, url, refused) in [
-        ("write-host", "file:///proc/1/root/tmp/toe-escape", true),
-        ("write-other-bucket", "s3://someone-elses-bucket/x", true),
-        ("write-store", "file:///var/lib/toe/artifacts/shop-runs", false),
-    ] {
-        let spec = serde_json::json!({"tool": {"name": "terminate"}, "output": {"url": url}});
-        tools
-            .create(&PostParams::default(), &powertool(name, &spec))
-            .await
-            .unwrap();
-        let s = decided(&tools, name).await.status.unwrap();
-        let reason = &s.conditions[0].reason;
-        if refused {
-            assert_eq!(s.phase, PowerToolPhase::Rejected, "{name}: {s:?}");
-            assert_eq!(reason, "OutputNotAllowed", "{name}: {s:?}");
-            assert!(!s.conditions[0].message.contains("/proc"), "{name}: {s:?}");
-        } else {
-            assert_ne!(reason, "OutputNotAllowed", "{name}: {s:?}");
-        }
-    }
+    tenant_outputs_stay_in_the_admin_stores(&tools).await;
     // Nor can she write a status of her own (the agents would refuse it anyway).
     let forged = serde_json::json!({
         "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
@@ -636,6 +615,35 @@ async fn with_the_webhook_down_a_tenant_reaches_no_other_namespace() {
     assert!(err.to_string().contains("forbidden"), "{err}");
     let _ = stop.send(());
     operator.await.unwrap();
+}
+
+/// A tenant cannot aim the agents' or an image tool's writes at the node, or at a store the admin
+/// did not list; the cluster's own store stays hers to use.
+async fn tenant_outputs_stay_in_the_admin_stores(tools: &Api<PowerTool>) {
+    for (name, url, refused) in [
+        ("write-host", "file:///proc/1/root/tmp/toe-escape", true),
+        ("write-other-bucket", "s3://someone-elses-bucket/x", true),
+        (
+            "write-store",
+            "file:///var/lib/toe/artifacts/shop-runs",
+            false,
+        ),
+    ] {
+        let spec = serde_json::json!({"tool": {"name": "terminate"}, "output": {"url": url}});
+        tools
+            .create(&PostParams::default(), &powertool(name, &spec))
+            .await
+            .unwrap();
+        let s = decided(tools, name).await.status.unwrap();
+        let reason = &s.conditions[0].reason;
+        if refused {
+            assert_eq!(s.phase, PowerToolPhase::Rejected, "{name}: {s:?}");
+            assert_eq!(reason, "OutputNotAllowed", "{name}: {s:?}");
+            assert!(!s.conditions[0].message.contains("/proc"), "{name}: {s:?}");
+        } else {
+            assert_ne!(reason, "OutputNotAllowed", "{name}: {s:?}");
+        }
+    }
 }
 
 /// A namespace gets no more runs of a tool at once than its config allows.
@@ -721,7 +729,10 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
         .patch("aperf", &apply, &Patch::Apply(&aperf))
         .await
         .unwrap();
-    let operator = Operator::start(&server, &client).await;
+    // The cluster's store is the bucket the PowerTool names (a URL outside the admin's stores is
+    // refused before any container is added: `tenant_outputs_stay_in_the_admin_stores`).
+    let store = url::Url::parse("s3://bucket/toe/").unwrap();
+    let operator = Operator::start_with(&server, &client, Some(store)).await;
     let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
     let pt = powertool(
         "aperf-web",

@@ -229,11 +229,12 @@ pub async fn create_namespace(admin: &kube::Client, name: &str, labels: &serde_j
         .unwrap();
 }
 
-/// A client for the operator's own identity, bound to exactly `rbac::operator_cluster_role`.
+/// A client for the operator's own identity, bound to exactly the chart's operator role with image
+/// tools and the model step enabled (the tests exercise both).
 pub async fn operator_identity(server: &ApiServer, admin: &kube::Client) -> kube::Client {
     bind(
         admin,
-        &toe_operator::rbac::operator_cluster_role("toe-operator"),
+        &toe_operator::rbac::operator_cluster_role_with_everything("toe-operator"),
         OPERATOR_USER,
     )
     .await;
@@ -265,6 +266,17 @@ impl Operator {
         admin: &kube::Client,
         artifacts: Option<url::Url>,
     ) -> Self {
+        Self::start_allowing(server, admin, artifacts, Vec::new()).await
+    }
+
+    /// As [`Self::start_with`], with stores besides `artifacts` an admin allows PowerTools to
+    /// name (`--allowed-outputs`).
+    pub async fn start_allowing(
+        server: &ApiServer,
+        admin: &kube::Client,
+        artifacts: Option<url::Url>,
+        allowed_outputs: Vec<url::Url>,
+    ) -> Self {
         let client = operator_identity(server, admin).await;
         let metrics = std::sync::Arc::new(toe_operator::metrics::Metrics::default());
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -281,6 +293,7 @@ impl Operator {
                 artifacts: artifacts.clone().unwrap_or_else(|| {
                     url::Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).expect("a URL")
                 }),
+                allowed_outputs: allowed_outputs.clone(),
                 ..toe_operator::controller::Options::defaults()
             },
             until_stopped(),
@@ -292,7 +305,7 @@ impl Operator {
                     artifacts,
                     // The one model endpoint the tests allow: a loopback port nothing serves.
                     model_endpoints: vec![url::Url::parse("http://127.0.0.1:9/").expect("a URL")],
-                    allowed_outputs: Vec::new(),
+                    allowed_outputs,
                 },
                 metrics,
                 until_stopped(),

@@ -309,8 +309,7 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
 /// Refuses a `spec.output.url` outside the stores an admin allows, before any agent or image tool
 /// is told to write there (the agents check again: they do not trust what status says).
 pub(crate) fn output_allowed(pt: &PowerTool, ctx: &Context) -> Result<(), String> {
-    let url =
-        toe_artifacts::layout::of_powertool(pt, &ctx.artifacts).map_err(|e| e.to_string())?;
+    let url = toe_artifacts::layout::of_powertool(pt, &ctx.artifacts).map_err(|e| e.to_string())?;
     if toe_artifacts::layout::is_allowed(&url, &ctx.allowed_outputs) {
         Ok(())
     } else {

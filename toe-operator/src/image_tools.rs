@@ -75,7 +75,8 @@ async fn start_pending(
         if let Err(e) = ephemeral::add(&ctx.client, &t.namespace, &t.pod, &c).await {
             t.phase = Some(TargetPhase::Failed);
             t.message = Some(format!(
-                "adding the ephemeral container failed: {e} (servers before 1.23 need the \
+                "adding the ephemeral container failed: {e} (the chart grants ephemeral \
+                 containers only with imageTools.enabled=true; servers before 1.23 need the \
                  EphemeralContainers feature gate)"
             ));
             continue;

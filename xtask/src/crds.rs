@@ -29,6 +29,11 @@ pub fn render() -> Result<Vec<(String, String)>> {
             "operator-namespace-rules",
             rbac::operator_namespace_role("toe-operator", "toe-system").rules,
         ),
+        (
+            "operator-image-tool-rules",
+            Some(rbac::operator_image_tool_rules()),
+        ),
+        ("operator-model-rules", Some(rbac::operator_model_rules())),
         ("tenant-edit-rules", Some(rbac::tenant_edit_rules())),
         ("tenant-view-rules", Some(rbac::tenant_view_rules())),
         (

@@ -54,19 +54,10 @@ pub fn operator_cluster_role(name: &str) -> ClusterRole {
                 &["powertoolprocessings/status"],
                 &["get", "patch"],
             ),
-            // The model endpoint's API key, from the Secret a processing names (get by name only:
-            // no list or watch of Secrets).
-            rule("", &["secrets"], &["get"]),
             // Target selection.
             rule("", &["pods", "namespaces"], &["get", "list"]),
             // What each node's agent reported it can run (an annotation).
             rule("", &["nodes"], &["get"]),
-            // Image-based tools: one ephemeral container per target pod.
-            rule(
-                "",
-                &["pods/ephemeralcontainers"],
-                &["get", "patch", "update"],
-            ),
             // The webhook asks whether the requesting user may act in a targeted namespace; the
             // report server, whether a reader may read a namespace's reports.
             rule(
@@ -95,6 +86,40 @@ pub fn operator_cluster_role(name: &str) -> ClusterRole {
         ]),
         ..ClusterRole::default()
     }
+}
+
+/// Added to the operator's cluster role only where an admin enables image-based tools (the chart's
+/// `imageTools.enabled`): one ephemeral container per target pod. Without it a cluster's operator
+/// cannot add a container to any pod.
+#[must_use]
+pub fn operator_image_tool_rules() -> Vec<PolicyRule> {
+    vec![rule(
+        "",
+        &["pods/ephemeralcontainers"],
+        &["get", "patch", "update"],
+    )]
+}
+
+/// Added only where an admin allows model endpoints (the chart's `reports.modelEndpoints`): the
+/// API key of the Secret a processing names (get by name only, no list or watch; the operator
+/// reads only Secrets labelled `toe.run/model-key=true`). Without it the operator reads no Secret
+/// outside its own namespace.
+#[must_use]
+pub fn operator_model_rules() -> Vec<PolicyRule> {
+    vec![rule("", &["secrets"], &["get"])]
+}
+
+/// The operator's cluster role with every optional grant: what it needs with image tools and the
+/// model step both enabled.
+#[must_use]
+pub fn operator_cluster_role_with_everything(name: &str) -> ClusterRole {
+    let mut role = operator_cluster_role(name);
+    role.rules.get_or_insert_with(Vec::new).extend(
+        operator_image_tool_rules()
+            .into_iter()
+            .chain(operator_model_rules()),
+    );
+    role
 }
 
 /// What the operator needs in its own namespace only: the Secret that keeps its self-generated
