@@ -77,6 +77,164 @@ impl ArtifactSink for ObjectStoreSink {
     }
 }
 
+/// Artifacts in a directory of this machine, written only beneath an admin's allowed root: the
+/// node agent's `file://` stores. object_store's local store resolves paths as given and follows
+/// symbolic links, so a link planted in a shared store directory (or a path through
+/// `/proc/<pid>/root`) would turn a tenant's run into a root write anywhere on the node. Here
+/// every directory below the root is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+/// RESOLVE_NO_MAGICLINKS)` from the one before, and each file is created `O_EXCL | O_NOFOLLOW`
+/// and renamed into place, so no path component can lead elsewhere. Hand-written because no
+/// maintained object store crate opens its files beneath a directory descriptor.
+pub struct BeneathSink {
+    /// The admin's allowed directory (trusted as configured).
+    root: std::path::PathBuf,
+    /// The run's directory below it, one name per segment.
+    below: Vec<String>,
+    base: Url,
+}
+
+/// Where a `file://` URL lies below the allowed roots: the longest root that holds it, and the
+/// (decoded) names of the directories from there.
+fn beneath(url: &Url, allowed: &[Url]) -> Option<(std::path::PathBuf, Vec<String>)> {
+    use std::path::Component;
+    let path = url.to_file_path().ok()?;
+    let root = allowed
+        .iter()
+        .filter(|a| a.scheme() == "file")
+        .filter_map(|a| a.to_file_path().ok())
+        .filter(|r| path.starts_with(r))
+        .max_by_key(|r| r.components().count())?;
+    let below = path
+        .strip_prefix(&root)
+        .ok()?
+        .components()
+        .map(|c| match c {
+            Component::Normal(n) => n.to_str().map(str::to_owned),
+            _ => None,
+        })
+        .collect::<Option<Vec<String>>>()?;
+    Some((root, below))
+}
+
+impl BeneathSink {
+    /// `url` (a `file://` run directory) below the longest of `allowed` that holds it.
+    pub fn new(url: &Url, allowed: &[Url]) -> Result<Self, SinkError> {
+        let (root, below) = beneath(url, allowed).ok_or_else(|| SinkError::Url {
+            url: url.to_string(),
+            source: object_store::Error::NotSupported {
+                source: "not below an output location this node allows".into(),
+            },
+        })?;
+        Ok(Self {
+            root,
+            below,
+            base: toe_artifacts::store::as_dir(url),
+        })
+    }
+
+    fn write(&self, name: &str, data: &[u8]) -> Result<(), String> {
+        use nix::{
+            errno::Errno,
+            fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2, renameat},
+            sys::stat::{Mode, mkdirat},
+        };
+        let mut dir = nix::fcntl::open(
+            &self.root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("the store's root directory: {e}"))?;
+        let (parents, leaf) = match name.rsplit_once('/') {
+            Some((p, l)) => (p.split('/').collect::<Vec<_>>(), l),
+            None => (Vec::new(), name),
+        };
+        let parts = self.below.iter().map(String::as_str).chain(parents);
+        for part in parts {
+            if part.is_empty() || part == "." || part == ".." {
+                return Err(format!("{part:?} cannot be a directory name"));
+            }
+            match mkdirat(&dir, part, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(format!("creating a directory: {e}")),
+            }
+            let how = OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+                .resolve(
+                    ResolveFlag::RESOLVE_BENEATH
+                        | ResolveFlag::RESOLVE_NO_SYMLINKS
+                        | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+                );
+            dir = openat2(&dir, part, how).map_err(|e| match e {
+                Errno::ELOOP | Errno::EXDEV | Errno::ENOTDIR => {
+                    "refused: the store's path holds a symbolic link or something that is not \
+                     a directory"
+                        .to_owned()
+                }
+                e => format!("opening a directory: {e}"),
+            })?;
+        }
+        let tmp = format!(".{leaf}.{}.tmp", std::process::id());
+        let fd = openat(
+            &dir,
+            tmp.as_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .or_else(|e| {
+            // A temporary file an interrupted write left behind (ours: the name has our pid).
+            if e != Errno::EEXIST {
+                return Err(e);
+            }
+            nix::unistd::unlinkat(&dir, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir)?;
+            openat(
+                &dir,
+                tmp.as_str(),
+                OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_WRONLY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )
+        })
+        .map_err(|e| format!("creating {leaf}: {e}"))?;
+        let mut file = std::fs::File::from(fd);
+        std::io::Write::write_all(&mut file, data)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("writing {leaf}: {e}"))?;
+        // renameat replaces whatever `leaf` is (a symbolic link included) without following it.
+        renameat(&dir, tmp.as_str(), &dir, leaf).map_err(|e| format!("renaming {leaf}: {e}"))
+    }
+}
+
+impl ArtifactSink for BeneathSink {
+    fn put<'a>(&'a self, name: &'a str, data: Bytes) -> BoxFuture<'a, Result<String, SinkError>> {
+        Box::pin(async move {
+            self.write(name, &data).map_err(|why| SinkError::Put {
+                location: name.to_owned(),
+                source: object_store::Error::Generic {
+                    store: "file",
+                    source: why.into(),
+                },
+            })?;
+            Ok(self
+                .base
+                .join(name)
+                .map_or_else(|_| format!("{}{name}", self.base), |u| u.to_string()))
+        })
+    }
+}
+
+/// The sink a node agent uploads a run to: beneath its allowed root for `file://` stores, the
+/// object store otherwise (a bucket's own permissions bound what the agent's credentials reach).
+pub fn for_node(url: &Url, allowed: &[Url]) -> Result<Box<dyn ArtifactSink>, SinkError> {
+    if url.scheme() == "file" {
+        Ok(Box::new(BeneathSink::new(url, allowed)?))
+    } else {
+        Ok(Box::new(ObjectStoreSink::new(url)?))
+    }
+}
+
 /// Keeps artifacts in memory (tests, dry runs).
 #[derive(Default)]
 pub struct MemorySink {
@@ -113,6 +271,58 @@ mod tests {
             where_.starts_with("file://") && where_.ends_with("/run-1/a.txt"),
             "{where_}"
         );
+    }
+
+    fn dir_url(p: &std::path::Path) -> Url {
+        Url::from_directory_path(p).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_node_store_is_written_beneath_its_root_and_never_through_a_link() {
+        let store = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let allowed = [dir_url(store.path())];
+        // The plain case: directories created, the file in place.
+        let run = store.path().join("shop/cpu/g1-abc/web-1/app");
+        let sink = for_node(&dir_url(&run), &allowed).unwrap();
+        let at = sink
+            .put("summary.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(run.join("summary.json")).unwrap(), b"{}");
+        assert_eq!(at, dir_url(&run).join("summary.json").unwrap().as_str());
+        // A directory of the path replaced by a link to elsewhere: refused, nothing written there.
+        std::os::unix::fs::symlink(elsewhere.path(), store.path().join("team")).unwrap();
+        let linked = store.path().join("team/cpu/run/web-1/app");
+        let err = for_node(&dir_url(&linked), &allowed)
+            .unwrap()
+            .put("summary.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+        // Even a link that stays inside the store: whoever can plant one can re-point it later.
+        std::os::unix::fs::symlink("shop", store.path().join("alias")).unwrap();
+        let aliased = store.path().join("alias/cpu/g1-abc/web-1/app");
+        assert!(
+            for_node(&dir_url(&aliased), &allowed)
+                .unwrap()
+                .put("other.json", Bytes::from_static(b"{}"))
+                .await
+                .is_err()
+        );
+        assert!(!run.join("other.json").exists());
+        // A link where the file goes is replaced, not followed.
+        let victim = elsewhere.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, run.join("stacks.folded")).unwrap();
+        sink.put("stacks.folded", Bytes::from_static(b"a 1\n"))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(std::fs::read(run.join("stacks.folded")).unwrap(), b"a 1\n");
+        // Outside every allowed root: no sink at all.
+        assert!(for_node(&dir_url(elsewhere.path()), &allowed).is_err());
     }
 
     #[test]

@@ -206,7 +206,7 @@ async fn uploader(ctx: Arc<Ctx>) {
             if Instant::now() < due {
                 continue;
             }
-            match tokio::time::timeout(ctx.upload_timeout, job.upload()).await {
+            match tokio::time::timeout(ctx.upload_timeout, job.upload(&ctx.allowed_outputs)).await {
                 Ok(Ok(_)) => {
                     let j = &job.job;
                     let r = job_target(j);

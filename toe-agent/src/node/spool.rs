@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use toe_common::api::TargetPhase;
 use url::Url;
 
-use crate::sink::{ArtifactSink, ObjectStoreSink, SinkError};
+use crate::sink::{ArtifactSink, SinkError};
 
 /// What a spool job is for and how its run ended.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -138,8 +138,9 @@ impl JobDir {
     }
 
     /// Uploads every waiting artifact, each removed from disk once the store has it; stops at
-    /// the first failure (the rest wait for the next attempt).
-    pub async fn upload(&self) -> Result<usize, SinkError> {
+    /// the first failure (the rest wait for the next attempt). `file://` stores are written only
+    /// beneath the one of `allowed` that holds the job's directory.
+    pub async fn upload(&self, allowed: &[Url]) -> Result<usize, SinkError> {
         let url = Url::parse(&self.job.remote).map_err(|e| SinkError::Url {
             url: self.job.remote.clone(),
             source: object_store::Error::Generic {
@@ -147,7 +148,7 @@ impl JobDir {
                 source: Box::new(e),
             },
         })?;
-        let store = ObjectStoreSink::new(&url)?;
+        let store = crate::sink::for_node(&url, allowed)?;
         let mut done = 0;
         for name in self.waiting() {
             let path = self.dir.join("files").join(&name);
@@ -235,10 +236,11 @@ mod tests {
         assert_eq!(url, remote.join("a.txt").unwrap().to_string());
         // A file store whose root is a regular file stands in for an unreachable store.
         fs::write(&missing, b"in the way").unwrap();
-        assert!(d.upload().await.is_err());
+        let allowed = [Url::from_directory_path(store.path()).unwrap()];
+        assert!(d.upload(&allowed).await.is_err());
         assert_eq!(spool.jobs()[0].waiting(), ["a.txt"]);
         fs::remove_file(&missing).unwrap();
-        assert_eq!(d.upload().await.unwrap(), 1);
+        assert_eq!(d.upload(&allowed).await.unwrap(), 1);
         assert!(d.waiting().is_empty());
         assert_eq!(
             fs::read(missing.join("shop/p/run/a.txt")).unwrap(),

@@ -310,13 +310,14 @@ pub(super) async fn deliver(
     if let Err(e) = job.save() {
         tracing::warn!(error = %e, "recording a finished run in the spool");
     }
-    let uploaded = match tokio::time::timeout(ctx.upload_timeout, job.upload()).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "no answer within {}",
-            api::format_duration(ctx.upload_timeout)
-        )),
-    };
+    let uploaded =
+        match tokio::time::timeout(ctx.upload_timeout, job.upload(&ctx.allowed_outputs)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                api::format_duration(ctx.upload_timeout)
+            )),
+        };
     match uploaded {
         Ok(_) => {
             ctx.set(r, phase, message, Some(artifacts)).await;
