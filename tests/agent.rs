@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
@@ -258,14 +258,9 @@ async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples
     );
     assert!(by_pid.values().sum::<u64>() >= 100, "{by_pid:?}");
     // The agent published what this node's kernel can do.
-    let node = Api::<Node>::all(c.admin.clone())
-        .get(&c.node)
+    let caps = cluster::published_capabilities(&c.admin, &c.node)
         .await
         .unwrap();
-    let caps: serde_json::Value = serde_json::from_str(
-        &node.metadata.annotations.unwrap()[toe_agent::node::probe::ANNOTATION],
-    )
-    .unwrap();
     assert_eq!(caps["tools"]["cpu-profile"], "ok", "{caps}");
     assert_eq!(caps["programs"]["perf_event"], "ok", "{caps}");
     operator.stop().await;
@@ -718,11 +713,20 @@ async fn targets_on_a_node_whose_agent_cannot_run_the_tool_fail_with_its_reason(
     let operator = Operator::start(&c.server, &c.admin).await;
     // A node whose agent's probe found no perf events (e.g. a locked-down kernel).
     let caps = r#"{"tools": {"cpu-profile": "perf_event: Operation not permitted"}}"#;
-    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {
-        "name": "locked-down", "annotations": {toe_agent::node::probe::ANNOTATION: caps}}}))
-    .unwrap();
+    let node: Node =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "locked-down"}})).unwrap();
     Api::<Node>::all(c.admin.clone())
         .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+    let name = toe_common::api::capabilities_config_map("locked-down");
+    let published: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "data": {toe_common::api::CAPABILITIES_NODE_KEY: "locked-down",
+                 toe_common::api::CAPABILITIES_KEY: caps}}))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(c.admin.clone(), "toe-system")
+        .create(&PostParams::default(), &published)
         .await
         .unwrap();
     cluster::create_pod(

@@ -14,7 +14,7 @@ use std::{
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingWebhookConfiguration,
     authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
-    core::v1::{Node, Secret},
+    core::v1::Secret,
     rbac::v1::PolicyRule,
 };
 use kube::{
@@ -26,8 +26,8 @@ use toe_tests::{
     apiserver::{AGENT_TOKEN, ApiServer, OPERATOR_TOKEN},
     bin, bootstrapped_tool,
     cluster::{
-        Agent, Webhook, create_namespace, create_node, first_refusal, free_port, install_crds,
-        node_name, repo, yaml_documents,
+        self, Agent, Webhook, create_namespace, create_node, first_refusal, free_port,
+        install_crds, node_name, repo, yaml_documents,
     },
     require_root,
 };
@@ -232,12 +232,17 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
         find(&docs, "ClusterRole", "toe-agent")["rules"],
         rules_json(rbac::agent_cluster_role("toe-agent").rules)
     );
+    assert_eq!(
+        find(&docs, "Role", "toe-agent")["rules"],
+        rules_json(rbac::agent_namespace_role("toe-agent", NS).rules)
+    );
     let operator = find(&docs, "Deployment", "toe-operator");
     let agent = find(&docs, "DaemonSet", "toe-agent");
     for (binding_kind, name, workload) in [
         ("ClusterRoleBinding", "toe-operator", operator),
         ("RoleBinding", "toe-operator", operator),
         ("ClusterRoleBinding", "toe-agent", agent),
+        ("RoleBinding", "toe-agent", agent),
     ] {
         let binding = find(&docs, binding_kind, name);
         assert_eq!(binding["roleRef"]["name"], name);
@@ -584,6 +589,13 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
         "the agent",
     )
     .await;
+    assert_granted(
+        &agent,
+        rbac::agent_namespace_role("x", NS).rules,
+        Some(NS),
+        "the agent",
+    )
+    .await;
     for (client, group, resource, verb, name, ns, who) in [
         (
             &operator,
@@ -641,6 +653,25 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
             "operator",
         ),
         (&agent, "", "secrets", "get", None, Some("shop"), "agent"),
+        // No agent may relabel or taint a node, its own or another.
+        (
+            &agent,
+            "",
+            "nodes",
+            "patch",
+            Some("any-node"),
+            None,
+            "agent",
+        ),
+        (
+            &agent,
+            "",
+            "configmaps",
+            "patch",
+            None,
+            Some("shop"),
+            "agent",
+        ),
         (
             &agent,
             "toe.run",
@@ -720,14 +751,9 @@ async fn the_chart_applies_to_a_real_api_server_and_its_roles_grant_what_the_com
         create_node(&admin, &node).await;
         let state = dir.path().join("agent");
         let mut agent = Agent::start(&server, &node, &state, "file:///tmp/toe-chart-test/");
-        let nodes: Api<Node> = Api::all(admin.clone());
         let mut published = None;
         for _ in 0..300 {
-            let n = nodes.get(&node).await.unwrap();
-            published = n
-                .metadata
-                .annotations
-                .and_then(|a| a.get(toe_common::api::CAPABILITIES_ANNOTATION).cloned());
+            published = cluster::published_capabilities(&admin, &node).await;
             if published.is_some() {
                 break;
             }

@@ -10,7 +10,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Node, Pod},
+        core::v1::{ConfigMap, Namespace, Node, Pod},
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -229,6 +229,20 @@ pub async fn create_namespace(admin: &kube::Client, name: &str, labels: &serde_j
         .unwrap();
 }
 
+/// TOE's own namespace, created once whichever component's identity asks first.
+async fn release_namespace(admin: &kube::Client) {
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "toe-system"}})).unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .patch(
+            "toe-system",
+            &PatchParams::apply("toe-test").force(),
+            &Patch::Apply(&ns),
+        )
+        .await
+        .unwrap();
+}
+
 /// A client for the operator's own identity, bound to exactly the chart's operator role with image
 /// tools and the model step enabled (the tests exercise both).
 pub async fn operator_identity(server: &ApiServer, admin: &kube::Client) -> kube::Client {
@@ -238,7 +252,7 @@ pub async fn operator_identity(server: &ApiServer, admin: &kube::Client) -> kube
         OPERATOR_USER,
     )
     .await;
-    create_namespace(admin, "toe-system", &serde_json::json!({})).await;
+    release_namespace(admin).await;
     bind_in_namespace(
         admin,
         &toe_operator::rbac::operator_namespace_role("toe-operator", "toe-system"),
@@ -372,7 +386,7 @@ pub async fn create_pod(
         .unwrap();
 }
 
-/// `toe agent` for `node`, as its own identity (bound to exactly `rbac::agent_cluster_role`),
+/// `toe agent` for `node`, as its own identity (bound to exactly the agent's roles),
 /// with its own state directory.
 pub struct Agent {
     pub process: TestProcess,
@@ -380,11 +394,32 @@ pub struct Agent {
     pub log: PathBuf,
 }
 
-/// Binds the agent's role to its identity (once per cluster).
+/// What `node`'s agent published about its kernel (its ConfigMap in TOE's namespace), once it has.
+pub async fn published_capabilities(admin: &kube::Client, node: &str) -> Option<serde_json::Value> {
+    let maps: Api<ConfigMap> = Api::namespaced(admin.clone(), "toe-system");
+    let name = toe_common::api::capabilities_config_map(node);
+    let data = maps.get_opt(&name).await.ok()??.data?;
+    assert_eq!(
+        data.get(toe_common::api::CAPABILITIES_NODE_KEY)
+            .map(String::as_str),
+        Some(node)
+    );
+    serde_json::from_str(data.get(toe_common::api::CAPABILITIES_KEY)?).ok()
+}
+
+/// Binds the agent's roles to its identity (once per cluster): the cluster role, and the one in
+/// TOE's namespace where it publishes its node's capabilities.
 pub async fn agent_identity(admin: &kube::Client) {
     bind(
         admin,
         &toe_operator::rbac::agent_cluster_role("toe-agent"),
+        AGENT_USER,
+    )
+    .await;
+    release_namespace(admin).await;
+    bind_in_namespace(
+        admin,
+        &toe_operator::rbac::agent_namespace_role("toe-agent", "toe-system"),
         AGENT_USER,
     )
     .await;

@@ -138,6 +138,9 @@ impl BeneathSink {
             fcntl::{OFlag, OpenHow, ResolveFlag, openat, openat2, renameat},
             sys::stat::{Mode, mkdirat},
         };
+        // The root is the admin's (trusted as configured); the first run on a node creates it.
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| format!("creating the store's root directory: {e}"))?;
         let mut dir = nix::fcntl::open(
             &self.root,
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,

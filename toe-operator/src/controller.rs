@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
 use k8s_openapi::{
-    api::core::v1::{Namespace, Node, Pod},
+    api::core::v1::{ConfigMap, Namespace, Pod},
     apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time},
     jiff::{self, Timestamp},
 };
@@ -24,8 +24,9 @@ use kube::{
     },
 };
 use toe_common::api::{
-    CAPABILITIES_ANNOTATION, Capabilities, PowerTool, PowerToolConfig, PowerToolPhase,
-    PowerToolStatus, SelectedTarget, TargetPhase, ToolOptions, ValidatedRun, target_finished,
+    CAPABILITIES_KEY, CAPABILITIES_NODE_KEY, Capabilities, PowerTool, PowerToolConfig,
+    PowerToolPhase, PowerToolStatus, SelectedTarget, TargetPhase, ToolOptions, ValidatedRun,
+    capabilities_config_map, target_finished,
 };
 use url::Url;
 
@@ -56,6 +57,8 @@ pub struct Context {
     pub allowed_outputs: Vec<Url>,
     /// Namespaces faults reach only where a config names them ([`protected_namespaces`]).
     pub protected: Vec<String>,
+    /// TOE's own namespace, where the agents publish their nodes' capabilities.
+    pub release_namespace: String,
     pub configs: Store<PowerToolConfig>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -277,7 +280,7 @@ async fn decide(pt: &PowerTool, ctx: &Context) -> (PowerToolStatus, Option<Valid
     if let Some(run) = &verdict.run
         && !matches!(run.tool.options, ToolOptions::Image(_))
     {
-        refuse_incapable_nodes(&ctx.client, run, &mut targets).await;
+        refuse_incapable_nodes(ctx, run, &mut targets).await;
     }
     let mut message = format!("{}; {} target container(s)", verdict.message, targets.len());
     if !skipped.is_empty() {
@@ -321,43 +324,38 @@ pub(crate) fn output_allowed(pt: &PowerTool, ctx: &Context) -> Result<(), String
     }
 }
 
-/// Why `node` cannot run the run's tools, from the capabilities its agent published
-/// (`toe.run/capabilities`); None when it can, or when no agent has published any yet.
-fn incapable(node: &Node, run: &ValidatedRun) -> Option<String> {
-    let caps: Capabilities = serde_json::from_str(
-        node.metadata
-            .annotations
-            .as_ref()?
-            .get(CAPABILITIES_ANNOTATION)?,
-    )
-    .ok()?;
+/// Why `node` cannot run the run's tools, from the capabilities its agent published (its
+/// ConfigMap in TOE's namespace); None when it can, or when no agent has published any yet.
+fn incapable(node: &str, published: &ConfigMap, run: &ValidatedRun) -> Option<String> {
+    let data = published.data.as_ref()?;
+    // A shortened name could be another node's: the ConfigMap says which node it describes.
+    if data.get(CAPABILITIES_NODE_KEY).map(String::as_str) != Some(node) {
+        return None;
+    }
+    let caps: Capabilities = serde_json::from_str(data.get(CAPABILITIES_KEY)?).ok()?;
     std::iter::once(&run.tool)
         .chain(&run.alongside)
         .find_map(|t| {
             caps.missing(&t.name).map(|why| {
                 format!(
-                    "node {} cannot run {}: {why} (its agent's probe, annotation \
-                     {CAPABILITIES_ANNOTATION})",
-                    node.name_any(),
-                    t.name
+                    "node {node} cannot run {}: {why} (its agent's probe, ConfigMap {})",
+                    t.name,
+                    capabilities_config_map(node)
                 )
             })
         })
 }
 
 /// Marks targets on nodes whose agent reported they cannot run the tools Failed, with why.
-async fn refuse_incapable_nodes(
-    client: &Client,
-    run: &ValidatedRun,
-    targets: &mut [SelectedTarget],
-) {
-    let nodes: Api<Node> = Api::all(client.clone());
+async fn refuse_incapable_nodes(ctx: &Context, run: &ValidatedRun, targets: &mut [SelectedTarget]) {
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.release_namespace);
     let mut verdicts = std::collections::BTreeMap::<String, Option<String>>::new();
     for t in targets.iter_mut() {
         if !verdicts.contains_key(&t.node) {
-            // A node without a readable Node object has not told us anything: not refused.
-            let why = match nodes.get_opt(&t.node).await {
-                Ok(Some(n)) => incapable(&n, run),
+            // A node whose agent published nothing readable has not told us anything: not
+            // refused (its agent still checks before it runs anything).
+            let why = match maps.get_opt(&capabilities_config_map(&t.node)).await {
+                Ok(Some(published)) => incapable(&t.node, &published, run),
                 _ => None,
             };
             verdicts.insert(t.node.clone(), why);
@@ -672,6 +670,7 @@ pub async fn run(
             .collect(),
         artifacts: opts.artifacts,
         protected: protected_namespaces(&opts.release_namespace),
+        release_namespace: opts.release_namespace,
         configs: store,
         metrics,
         recorder,
@@ -827,16 +826,26 @@ mod tests {
             .unwrap(),
         ];
         let run = admission::admit(&pt, &configs).run.unwrap();
-        let node = |caps: Option<&str>| -> Node {
-            serde_json::from_value(serde_json::json!({"metadata": {"name": "n1",
-                "annotations": caps.map(|c| serde_json::json!({CAPABILITIES_ANNOTATION: c}))}}))
+        let published = |node: &str, caps: Option<&str>| -> ConfigMap {
+            let mut data = serde_json::json!({CAPABILITIES_NODE_KEY: node});
+            if let Some(c) = caps {
+                data[CAPABILITIES_KEY] = c.into();
+            }
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": capabilities_config_map(node)}, "data": data}))
             .unwrap()
         };
-        assert_eq!(incapable(&node(None), &run), None, "no agent report yet");
+        assert_eq!(
+            incapable("n1", &published("n1", None), &run),
+            None,
+            "no agent report yet"
+        );
         let ok = r#"{"tools": {"cpu-profile": "ok"}}"#;
-        assert_eq!(incapable(&node(Some(ok)), &run), None);
+        assert_eq!(incapable("n1", &published("n1", Some(ok)), &run), None);
         let eperm = r#"{"tools": {"cpu-profile": "perf_event: Operation not permitted"}}"#;
-        let why = incapable(&node(Some(eperm)), &run).unwrap();
+        // Another node's report under this node's name says nothing about this node.
+        assert_eq!(incapable("n1", &published("n2", Some(eperm)), &run), None);
+        let why = incapable("n1", &published("n1", Some(eperm)), &run).unwrap();
         assert!(
             why.contains("node n1 cannot run cpu-profile: perf_event: Operation not permitted"),
             "{why}"
@@ -937,6 +946,7 @@ mod tests {
             artifacts: Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).unwrap(),
             allowed_outputs: vec![Url::parse(toe_artifacts::layout::DEFAULT_NODE_STORE).unwrap()],
             protected: protected_namespaces("toe-system"),
+            release_namespace: "toe-system".into(),
             configs: store,
             metrics: Arc::default(),
         }
@@ -965,10 +975,11 @@ mod tests {
                                "state": {"running": {}}}]}}],
             })
             .to_string(),
-            ("GET", "/api/v1/nodes/n1") => serde_json::json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": "n1", "annotations": {
-                    CAPABILITIES_ANNOTATION: r#"{"tools": {"cpu-profile": "ok"}}"#}},
+            ("GET", "/api/v1/namespaces/toe-system/configmaps/toe-node-n1") => serde_json::json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "toe-node-n1", "namespace": "toe-system"},
+                "data": {CAPABILITIES_NODE_KEY: "n1",
+                         CAPABILITIES_KEY: r#"{"tools": {"cpu-profile": "ok"}}"#},
             })
             .to_string(),
             ("PATCH", path) if path.ends_with("/status") => serde_json::json!({
@@ -1005,7 +1016,7 @@ mod tests {
             paths,
             [
                 "GET /api/v1/namespaces/shop/pods",
-                "GET /api/v1/nodes/n1",
+                "GET /api/v1/namespaces/toe-system/configmaps/toe-node-n1",
                 "PATCH /apis/toe.run/v1alpha1/namespaces/shop/powertools/t/status",
                 "POST /apis/events.k8s.io/v1/namespaces/shop/events",
                 "PATCH /apis/toe.run/v1alpha1/namespaces/shop/powertools/t/status",

@@ -40,6 +40,10 @@ pub fn render() -> Result<Vec<(String, String)>> {
             "agent-cluster-rules",
             rbac::agent_cluster_role("toe-agent").rules,
         ),
+        (
+            "agent-namespace-rules",
+            rbac::agent_namespace_role("toe-agent", "toe-system").rules,
+        ),
     ];
     for (name, rules) in rules {
         let yaml =

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client, ResourceExt as _,
     api::{Patch, PatchParams},
@@ -238,16 +238,29 @@ async fn uploader(ctx: Arc<Ctx>) {
     }
 }
 
-/// Publishes the probe on this node's Node object.
-async fn publish(client: &Client, node: &str, caps: &probe::Capabilities) {
+/// Publishes the probe in this node's ConfigMap in TOE's namespace (server-side apply: created
+/// on the first start, replaced on every later one).
+async fn publish(client: &Client, node: &str, namespace: &str, caps: &probe::Capabilities) {
     let json = serde_json::to_string(caps).expect("capabilities serialize");
-    let patch = serde_json::json!({"metadata": {"annotations": {probe::ANNOTATION: json}}});
-    let nodes: Api<Node> = Api::all(client.clone());
-    if let Err(e) = nodes
-        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+    let name = toe_common::api::capabilities_config_map(node);
+    let cm = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/component": "capabilities"}},
+        "data": {
+            toe_common::api::CAPABILITIES_NODE_KEY: node,
+            toe_common::api::CAPABILITIES_KEY: json,
+        },
+    });
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    if let Err(e) = maps
+        .patch(
+            &name,
+            &PatchParams::apply("toe-agent").force(),
+            &Patch::Apply(&cm),
+        )
         .await
     {
-        tracing::warn!(%node, error = %e, "publishing the node's capabilities");
+        tracing::warn!(%node, %namespace, error = %e, "publishing the node's capabilities");
     }
 }
 
@@ -410,7 +423,7 @@ pub async fn run(
     );
     let caps = tokio::task::spawn_blocking(probe::probe).await?;
     tracing::info!(?caps, "kernel capabilities");
-    publish(&client, &opts.node, &caps).await;
+    publish(&client, &opts.node, &opts.release_namespace, &caps).await;
 
     let changed = Arc::new(Notify::new());
     let configs = follow(Api::<PowerToolConfig>::all(client.clone()), changed.clone());

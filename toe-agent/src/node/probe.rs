@@ -3,8 +3,6 @@
 //! Node so a user can see why a node cannot run a tool.
 
 use aya::programs::Program;
-/// The Node annotation the capabilities are published under.
-pub use toe_common::api::CAPABILITIES_ANNOTATION as ANNOTATION;
 pub use toe_common::api::Capabilities;
 
 use crate::{ebpf::Loaded, targets};

@@ -56,8 +56,6 @@ pub fn operator_cluster_role(name: &str) -> ClusterRole {
             ),
             // Target selection.
             rule("", &["pods", "namespaces"], &["get", "list"]),
-            // What each node's agent reported it can run (an annotation).
-            rule("", &["nodes"], &["get"]),
             // The webhook asks whether the requesting user may act in a targeted namespace; the
             // report server, whether a reader may read a namespace's reports.
             rule(
@@ -134,6 +132,8 @@ pub fn operator_namespace_role(name: &str, namespace: &str) -> Role {
             ..ObjectMeta::default()
         },
         rules: Some(vec![
+            // What each node's agent reported it can run (one ConfigMap per node).
+            rule("", &["configmaps"], &["get"]),
             rule("", &["secrets"], &["create"]),
             PolicyRule {
                 resource_names: Some(vec![WEBHOOK_SECRET.to_owned()]),
@@ -144,8 +144,8 @@ pub fn operator_namespace_role(name: &str, namespace: &str) -> Role {
 }
 
 /// What the node agent (`toe agent`) uses, and nothing else: it reads PowerTools and configs,
-/// looks up each target's pod, writes its targets' progress into PowerTool status, and publishes
-/// its node's capabilities.
+/// looks up each target's pod and writes its targets' progress into PowerTool status. It holds no
+/// right on Node objects.
 #[must_use]
 pub fn agent_cluster_role(name: &str) -> ClusterRole {
     ClusterRole {
@@ -159,10 +159,23 @@ pub fn agent_cluster_role(name: &str) -> ClusterRole {
             rule("toe.run", &["powertoolconfigs"], &["get", "list", "watch"]),
             // Each target's pod, looked up before acting: status is not trusted.
             rule("", &["pods"], &["get"]),
-            // The capability probe's annotation on its own Node.
-            rule("", &["nodes"], &["get", "patch"]),
         ]),
         ..ClusterRole::default()
+    }
+}
+
+/// What the node agent needs in TOE's own namespace: the ConfigMap where it publishes its node's
+/// capabilities (`create` cannot be limited to a name, so any agent could write another node's:
+/// at worst TOE itself sends a run to a node that cannot do it, and the agent there refuses it).
+#[must_use]
+pub fn agent_namespace_role(name: &str, namespace: &str) -> Role {
+    Role {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..ObjectMeta::default()
+        },
+        rules: Some(vec![rule("", &["configmaps"], &["get", "create", "patch"])]),
     }
 }
 

@@ -192,8 +192,30 @@ pub struct SelectedTarget {
     pub artifacts: Vec<String>,
 }
 
-/// The Node annotation where each node agent publishes its [`Capabilities`] as JSON.
-pub const CAPABILITIES_ANNOTATION: &str = "toe.run/capabilities";
+/// Where each node agent publishes its [`Capabilities`]: one ConfigMap per node in TOE's own
+/// namespace ([`capabilities_config_map`]), with the JSON under this key. Not a Node annotation:
+/// writing one would need `patch` on every Node of the cluster (labels and taints included),
+/// which no agent should hold.
+pub const CAPABILITIES_KEY: &str = "capabilities.json";
+/// The key that names the node a capabilities ConfigMap describes (its name may be shortened).
+pub const CAPABILITIES_NODE_KEY: &str = "node";
+
+/// The name of `node`'s capabilities ConfigMap: `toe-node-<node>`, or for a node name too long
+/// for that, its first 200 characters and a hash of the whole (FNV-1a: stable across builds and
+/// languages, unlike std's hasher).
+#[must_use]
+pub fn capabilities_config_map(node: &str) -> String {
+    const MAX: usize = 253;
+    let name = format!("toe-node-{node}");
+    if name.len() <= MAX {
+        return name;
+    }
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let head: String = node.chars().take(200).collect();
+    format!("toe-node-{}-{hash:016x}", head.trim_end_matches(['.', '-']))
+}
 
 /// What a node's kernel lets its agent run, measured by the agent at start and read by the
 /// operator before it sends a run to the node.
@@ -394,4 +416,26 @@ pub struct PowerToolProcessingStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::capabilities_config_map;
+
+    #[test]
+    fn every_node_name_gives_a_valid_distinct_config_map_name() {
+        assert_eq!(capabilities_config_map("worker-1"), "toe-node-worker-1");
+        let long = |c: char| format!("{}.example.com", c.to_string().repeat(240));
+        let (a, b) = (
+            capabilities_config_map(&long('a')),
+            capabilities_config_map(&long('b')),
+        );
+        let twin = format!("{}.example.org", "a".repeat(240));
+        for name in [&a, &b] {
+            assert!(name.len() <= 253, "{name}");
+            assert!(!name.contains(".-") && !name.ends_with('-'), "{name}");
+        }
+        assert_ne!(a, capabilities_config_map(&twin));
+        assert_eq!(a, capabilities_config_map(&long('a')), "stable");
+    }
 }
