@@ -200,6 +200,10 @@ async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples
     let other = busy("other");
     c.pod("web-1", "web", &[("app", &target)]).await;
     c.pod("db-1", "db", &[("app", &other)]).await;
+    // The target's CPU rate over the whole run (the busy loop's share of a core on a shared
+    // machine), to know how many samples 199 Hz over the sampled window should give.
+    let main = container_pids(&target)[0];
+    let (t0, cpu0) = (Instant::now(), toe_tests::cpu_seconds(main));
     c.create(
         "profile",
         serde_json::json!({
@@ -256,7 +260,18 @@ async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples
         by_pid.keys().all(|p| inside.contains(p)),
         "samples from outside the target container: {by_pid:?} (target {inside:?}, other {outside:?})"
     );
-    assert!(by_pid.values().sum::<u64>() >= 100, "{by_pid:?}");
+    let rate = (toe_tests::cpu_seconds(main) - cpu0) / t0.elapsed().as_secs_f64();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    let window = summary["sampled_duration_s"].as_f64().unwrap();
+    let expected = 199.0 * rate * window;
+    #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
+    let got = by_pid.values().sum::<u64>() as f64;
+    // 20%: the rate is measured over the whole run, the samples over the sampled window.
+    assert!(
+        (got / expected - 1.0).abs() < 0.2,
+        "{got} samples, expected {expected:.0} (199 Hz x {rate:.2} CPU x {window:.2} s)"
+    );
     // The agent published what this node's kernel can do.
     let caps = cluster::published_capabilities(&c.admin, &c.node)
         .await
@@ -346,25 +361,13 @@ fn workers_alive(state: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// The memory cgroup usage of a container's main process, in bytes.
+/// The memory cgroup usage of a container's main process, in bytes: v1, hybrid or v2, through
+/// the agent's own cgroup reader.
 fn memory_usage(pid: u32) -> u64 {
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let path = cgroups
-        .lines()
-        .find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            controllers
-                .split(',')
-                .any(|c| c == "memory")
-                .then(|| path.to_owned())
-        })
-        .expect("a v1 memory controller (this host is hybrid)");
-    std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/memory.usage_in_bytes"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    toe_agent::tools::faults::cgroups::TargetCgroups::of_pid(pid)
+        .ok()
+        .and_then(|cg| cg.memory_usage())
+        .unwrap_or_else(|| panic!("no memory cgroup usage for pid {pid}"))
 }
 
 /// A 200 MiB container in pod web-1 and PowerTool `squeeze` stressing half its memory, once the

@@ -178,7 +178,16 @@ fn baseline(dir: &Path, out: &Path) {
     for entry in walk(&dir.join("bench/cpu")) {
         if entry.ends_with("stacks.folded") {
             let text = std::fs::read_to_string(&entry).unwrap();
-            lines.extend(text.lines().map(str::to_owned));
+            // The same stacks TOE's merged flamegraph draws: the root frame without the pid
+            // (`app (1042)` -> `app`), as TOE's merge does, so that the processes of one program
+            // are one tower and both sides render the same ~half-million distinct stacks.
+            lines.extend(text.lines().map(|l| match l.split_once(';') {
+                Some((root, rest)) => {
+                    let name = root.rsplit_once(" (").map_or(root, |(name, _)| name);
+                    format!("{name};{rest}")
+                }
+                None => l.to_owned(),
+            }));
         }
     }
     let mut opts = inferno::flamegraph::Options::default();

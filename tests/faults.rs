@@ -17,6 +17,9 @@ use toe_tests::{
 /// `files` written into it; removed on drop.
 struct LimitedCgroup {
     dir: PathBuf,
+    /// A cgroup of the same name in v1 hierarchies that account what `dir`'s does not (a
+    /// separate `cpuacct` beside `cpu`), joined by the same processes.
+    also: Vec<PathBuf>,
 }
 
 impl LimitedCgroup {
@@ -48,7 +51,18 @@ impl LimitedCgroup {
         for (file, value) in if v1 { v1_files } else { v2_files } {
             std::fs::write(dir.join(file), value).unwrap_or_else(|e| panic!("{file}: {e}"));
         }
-        Self { dir }
+        // Where `cpuacct` is a hierarchy of its own, the CPU a v1 `cpu` cgroup's processes use
+        // is counted there: a cgroup of the same name there too, so the cgroup's own counter
+        // can be read.
+        let acct = Path::new("/sys/fs/cgroup/cpuacct");
+        let also = if v1 && controller == "cpu" && acct.join("cpuacct.usage").exists() {
+            let d = acct.join(dir.file_name().expect("a name"));
+            std::fs::create_dir_all(&d).expect("create cpuacct cgroup");
+            vec![d]
+        } else {
+            Vec::new()
+        };
+        Self { dir, also }
     }
 
     /// A memory cgroup limited to `bytes`.
@@ -69,12 +83,15 @@ impl LimitedCgroup {
 
     /// Starts `toe-demo <args>` inside this cgroup.
     fn demo(&self, args: &str) -> toe_tests::TestProcess {
-        let procs = self.dir.join("cgroup.procs");
+        let joins: Vec<String> = std::iter::once(&self.dir)
+            .chain(&self.also)
+            .map(|d| format!("echo $$ > {} && ", d.join("cgroup.procs").display()))
+            .collect();
         let child = Command::new("/bin/sh")
             .arg("-c")
             .arg(format!(
-                "echo $$ > {} && exec {} {args}",
-                procs.display(),
+                "{}exec {} {args}",
+                joins.concat(),
                 bin("toe-demo").display()
             ))
             .stdin(Stdio::null())
@@ -95,11 +112,13 @@ impl LimitedCgroup {
 
 impl Drop for LimitedCgroup {
     fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                break;
+        for dir in std::iter::once(&self.dir).chain(&self.also) {
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -109,6 +128,72 @@ fn no_workers_of(pids: &[u32]) -> bool {
         std::fs::read(format!("/proc/{p}/cmdline"))
             .map_or(true, |c| !c.windows(8).any(|w| w == b"__worker"))
     })
+}
+
+/// No process of the run `run` is left, whatever TOE's own list says: every process on the
+/// machine whose command line is a worker's (`... __worker --run <run> ...`), found by scanning
+/// `/proc` here, not by TOE's code.
+fn no_process_of_run(run: &str) -> bool {
+    let marker = format!("--run\0{run}\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .all(|e| {
+            std::fs::read(e.path().join("cmdline")).map_or(true, |c| {
+                !(c.windows(8).any(|w| w == b"__worker")
+                    && c.windows(marker.len()).any(|w| w == marker.as_bytes()))
+            })
+        })
+}
+
+/// Runs `f` while reading the memory usage of `pid`'s cgroup every 50 ms (the kernel's counter,
+/// not TOE's): `f`'s result, the usage before, and the peak during.
+fn memory_while<T>(pid: u32, f: impl FnOnce() -> T) -> (T, u64, u64) {
+    let cg = toe_agent::tools::faults::cgroups::TargetCgroups::of_pid(pid).unwrap();
+    let usage = move || cg.memory_usage().expect("memory usage");
+    let baseline = usage();
+    let (done, stopped) = std::sync::mpsc::channel::<()>();
+    let watcher = std::thread::spawn(move || {
+        let mut peak = 0;
+        while stopped.recv_timeout(Duration::from_millis(50)).is_err() {
+            peak = peak.max(usage());
+        }
+        peak
+    });
+    let out = f();
+    done.send(()).unwrap();
+    (out, baseline, watcher.join().unwrap())
+}
+
+/// Asserts that the cgroup grew by `asked` bytes within 5% at its peak.
+fn assert_grew_by(baseline: u64, peak: u64, asked: f64) {
+    #[expect(clippy::cast_precision_loss, reason = "bytes of a few hundred MiB")]
+    let added = peak.saturating_sub(baseline) as f64;
+    assert!(
+        (added / asked - 1.0).abs() <= 0.05,
+        "the cgroup grew by {added} bytes at its peak ({baseline} before), asked {asked}"
+    );
+}
+
+/// Every worker gone, by TOE's list (which must name some) and by a scan of the machine.
+fn assert_no_workers_left(outcome: &toe_agent::run::Outcome) {
+    let f = outcome.summary.fault.as_ref().unwrap();
+    assert!(!f.workers.is_empty(), "no workers recorded: {f:?}");
+    assert!(
+        no_workers_of(&f.workers),
+        "workers survived: {:?}",
+        f.workers
+    );
+    assert!(
+        no_process_of_run(&outcome.summary.run),
+        "a worker of run {} is still running",
+        outcome.summary.run
+    );
 }
 
 #[test]
@@ -126,10 +211,13 @@ fn cpu_load_is_relative_to_the_quota_and_achieved_within_5_percent() {
         &[("cpu.max", "50000 100000")],
     );
     let target = cg.sleeper();
+    let before = cgroup_cpu_ns(target.pid());
     let (outcome, sink) = profile(
         &tool_spec("cpu-stress", "6s", &["--workers=2", "--load=60"]),
         TargetSpec::Pid(target.pid()),
     );
+    #[expect(clippy::cast_precision_loss, reason = "nanoseconds of a few seconds")]
+    let used = (cgroup_cpu_ns(target.pid()) - before) as f64 / 1e9;
     let f = outcome.summary.fault.as_ref().expect("fault section");
     // 60% of each worker's half of a 0.5-CPU quota: 0.3 CPU, not 1.2 CPUs of the node.
     assert!((f.asked - 0.3).abs() < 1e-9, "{f:?}");
@@ -139,9 +227,18 @@ fn cpu_load_is_relative_to_the_quota_and_achieved_within_5_percent() {
         f.asked,
         f.achieved
     );
+    // The same, by the target cgroup's own counter (the workers are charged to it; the sleeper
+    // uses nothing) over the fault's window.
+    let rate = used / outcome.summary.sampled_duration_s;
+    assert!(
+        (rate / f.asked - 1.0).abs() <= 0.05,
+        "the cgroup used {used:.3} CPU s in {:.2} s: {rate:.3} CPU, asked {}",
+        outcome.summary.sampled_duration_s,
+        f.asked
+    );
     assert_eq!(f.cpu_limit, Some(0.5));
     assert_eq!(f.leftovers, 0);
-    assert!(no_workers_of(&f.workers));
+    assert_no_workers_left(&outcome);
     assert!(sink.artifacts.lock().unwrap().contains_key("fault.csv"));
 }
 
@@ -154,15 +251,20 @@ fn memory_percent_of_the_limit_is_reached_within_5_percent_and_an_oom_is_reporte
     }
     let cg = LimitedCgroup::memory("limit", 200 << 20);
     let target = cg.sleeper();
-    let (outcome, _) = profile(
-        &tool_spec("memory-stress", "3s", &["--size=50%", "--ramp=500ms"]),
-        TargetSpec::Pid(target.pid()),
-    );
+    // The cgroup's own usage while the fault runs: its peak above the sleeper's is the stress.
+    let (outcome, baseline, peak) = memory_while(target.pid(), || {
+        profile(
+            &tool_spec("memory-stress", "3s", &["--size=50%", "--ramp=500ms"]),
+            TargetSpec::Pid(target.pid()),
+        )
+        .0
+    });
     let f = outcome.summary.fault.as_ref().unwrap();
     assert!((f.asked - f64::from(100u32 << 20)).abs() < 1.0, "{f:?}");
     assert!(f.error_percent.abs() <= 5.0, "{f:?}");
+    assert_grew_by(baseline, peak, f.asked);
     assert_eq!(f.oom_kills, Some(0));
-    assert!(no_workers_of(&f.workers));
+    assert_no_workers_left(&outcome);
     // Beyond the limit: the OOM killer fires, and on the worker.
     let (outcome, _) = profile(
         &tool_spec("memory-stress", "3s", &["--size=300MiB"]),
@@ -541,7 +643,7 @@ fn a_profile_alongside_a_memory_stress_shares_its_timeline() {
     assert_eq!(s.alongside, ["cpu-profile", "signal-trace"]);
     let f = s.fault.as_ref().expect("fault section");
     assert!(f.error_percent.abs() <= 5.0, "{f:?}");
-    assert!(no_workers_of(&f.workers));
+    assert_no_workers_left(&outcome);
     let cpu = s.cpu.as_ref().expect("cpu section");
     assert!(cpu.samples.recorded > 0, "{cpu:?}");
     assert!(s.signals.is_some());
@@ -655,16 +757,29 @@ fn terminate_picks_the_main_process_or_all_of_them() {
         Path::new(&format!("/proc/{child}")).exists(),
         "the child was not a target"
     );
+    // `all` on a fresh target whose main process and child are both alive: both are ended
+    // (`main` would end only the first, and leave the child running). The first target's child
+    // goes first.
+    let _ = Command::new("kill")
+        .args(["-9", &child.to_string()])
+        .status();
+    let cg = toe_tests::TestCgroup::new("terminate-all");
+    let main = demo(
+        &["trap", "60", &file("main2"), "100", &file("child2")],
+        Some(&cg),
+    );
+    let _ = toe_tests::wait_for_pid_file(&dir.path().join("main2"));
+    let child = toe_tests::wait_for_pid_file(&dir.path().join("child2"));
     let (outcome, _) = profile(
         &tool_spec("terminate", "30s", &["--mode=kill", "--scope=all"]),
         TargetSpec::Cgroup(cg.path().to_owned()),
     );
     let f = outcome.summary.fault.as_ref().unwrap();
-    assert_eq!(
-        f.terminated.iter().map(|t| t.pid).collect::<Vec<_>>(),
-        vec![child],
-        "{f:?}"
-    );
+    let mut pids: Vec<u32> = f.terminated.iter().map(|t| t.pid).collect();
+    pids.sort_unstable();
+    let mut want = vec![main.pid(), child];
+    want.sort_unstable();
+    assert_eq!(pids, want, "{f:?}");
     assert!(
         f.terminated
             .iter()
@@ -921,34 +1036,31 @@ fn stress_in_a_real_container_is_relative_to_its_limits_and_charged_to_it() {
         f.asked,
         f.achieved
     );
-    // The workers' CPU time landed in the container's cgroup: at least what they burned after
-    // their first second, at 0.3 CPUs.
+    // The workers' CPU time landed in the container's cgroup, at the asked rate over the
+    // fault's window (the container's own process sleeps).
     #[expect(clippy::cast_precision_loss, reason = "nanoseconds to seconds")]
-    let charged_s = charged as f64 / 1e9;
+    let rate = charged as f64 / 1e9 / outcome.summary.sampled_duration_s;
     assert!(
-        charged_s >= 0.3 * 4.0 * 0.95,
-        "container charged {charged_s} s"
+        (rate / f.asked - 1.0).abs() <= 0.05,
+        "the container's cgroup used {rate:.3} CPU, asked {}",
+        f.asked
     );
-    assert!(no_workers_of(&f.workers));
+    assert_no_workers_left(&outcome);
     // The worker touches its memory under the container's 0.5-CPU quota, while parallel tests
-    // load both CPUs: give it time to get there.
-    let (outcome, _) = profile(
-        &tool_spec("memory-stress", "6s", &["--size=50%"]),
-        TargetSpec::Container(c.id.clone()),
-    );
+    // load both CPUs: give it time to get there. The container's own counter carries it.
+    let (outcome, baseline, peak) = memory_while(pid, || {
+        profile(
+            &tool_spec("memory-stress", "6s", &["--size=50%"]),
+            TargetSpec::Container(c.id.clone()),
+        )
+        .0
+    });
     let f = outcome.summary.fault.as_ref().unwrap();
     assert_eq!(f.memory_limit, Some(200 << 20), "{f:?}");
     assert!((f.asked - f64::from(100u32 << 20)).abs() < 1.0, "{f:?}");
     assert!(f.error_percent.abs() <= 5.0, "{f:?}");
-    // The container's own memory usage carried the workers' memory.
-    let peak = f
-        .samples
-        .iter()
-        .filter_map(|s| s.cgroup_memory)
-        .max()
-        .unwrap_or(0);
-    assert!(peak >= 95 << 20, "container cgroup peaked at {peak} bytes");
-    assert!(no_workers_of(&f.workers));
+    assert_grew_by(baseline, peak, f.asked);
+    assert_no_workers_left(&outcome);
 }
 
 #[test]

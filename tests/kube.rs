@@ -793,3 +793,86 @@ async fn image_tools_run_as_ephemeral_containers_with_the_validated_argv() {
     assert!(status.finish_time.is_some());
     operator.stop().await;
 }
+
+/// Eight agents write their own targets' progress into one PowerTool's status at once, each
+/// read-modify-write under the resourceVersion precondition: every write lands (a 409 redoes it
+/// on the new object), and none undoes another's.
+#[tokio::test]
+async fn concurrent_status_writers_retry_and_never_undo_each_other() {
+    let Some(server) = ApiServer::start("concurrent_status_writers_retry_and_never_undo") else {
+        return;
+    };
+    let client = server.client().await;
+    install_crds(&client).await;
+    toe_tests::cluster::create_namespace(&client, "shop", &serde_json::json!({})).await;
+    let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
+    let pt = tools
+        .create(
+            &PostParams::default(),
+            &powertool(
+                "shared",
+                &serde_json::json!({"tool": {"name": "cpu-profile"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let targets: Vec<serde_json::Value> = (0..8)
+        .map(|i| {
+            serde_json::json!({"node": format!("node-{i}"), "namespace": "shop",
+                "pod": format!("web-{i}"), "container": "app",
+                "containerID": format!("containerd://{i:064x}"), "phase": "Pending"})
+        })
+        .collect();
+    tools
+        .patch_status(
+            "shared",
+            &PatchParams::apply("toe-operator").force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
+                "status": {"phase": "Admitted", "observedGeneration": 1, "targets": targets},
+            })),
+        )
+        .await
+        .unwrap();
+    let status = tools.get("shared").await.unwrap().status.unwrap();
+    let writers = status.targets.iter().enumerate().map(|(i, t)| {
+        let api = tools.clone();
+        let r = toe_agent::node::status::TargetRef {
+            namespace: "shop".into(),
+            name: "shared".into(),
+            uid: pt.metadata.uid.clone().unwrap(),
+            generation: 1,
+            target: t.clone(),
+        };
+        async move {
+            let manager = toe_agent::node::status::field_manager(&format!("node-{i}"));
+            for (phase, message) in [
+                (toe_common::api::TargetPhase::Running, "running"),
+                (toe_common::api::TargetPhase::Completed, "done"),
+            ] {
+                let wrote = toe_agent::node::status::update_target(&api, &manager, &r, |t| {
+                    t.phase = Some(phase);
+                    t.message = Some(format!("{message} on node-{i}"));
+                })
+                .await
+                .unwrap();
+                assert!(wrote, "node-{i}: the target vanished");
+            }
+        }
+    });
+    futures::future::join_all(writers).await;
+    let status = tools.get("shared").await.unwrap().status.unwrap();
+    assert_eq!(status.targets.len(), 8);
+    for (i, t) in status.targets.iter().enumerate() {
+        assert_eq!(
+            (t.phase, t.message.clone()),
+            (
+                Some(toe_common::api::TargetPhase::Completed),
+                Some(format!("done on node-{i}"))
+            ),
+            "an update of {} was undone: {status:?}",
+            t.pod
+        );
+    }
+    assert_eq!(status.phase, PowerToolPhase::Running);
+}

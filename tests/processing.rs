@@ -604,15 +604,54 @@ fn headless(browser: &Path, args: &[&str]) -> std::process::Output {
         .expect("run chromium")
 }
 
+/// From the flamegraph `name`'s embedded tree (`{names, tree: [name, value, [children]]}`): how
+/// many frames the page draws unzoomed, and the percentage of the total under the outermost frames
+/// whose name contains `term` (the page's rules, in report.js).
+fn expected_view(report: &str, name: &str, term: &str) -> (usize, f64) {
+    fn drawn(node: &serde_json::Value, width: f64) -> usize {
+        let value = node[1].as_f64().unwrap();
+        1 + node[2]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| (c, width * c[1].as_f64().unwrap() / value))
+            .filter(|(_, w)| *w >= 0.0005)
+            .map(|(c, w)| drawn(c, w))
+            .sum::<usize>()
+    }
+    fn matched(node: &serde_json::Value, names: &[serde_json::Value], term: &str) -> f64 {
+        let name = names[usize::try_from(node[0].as_u64().unwrap()).unwrap()]
+            .as_str()
+            .unwrap();
+        if name.to_lowercase().contains(term) {
+            return node[1].as_f64().unwrap();
+        }
+        node[2]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| matched(c, names, term))
+            .sum()
+    }
+    let json = report
+        .split(&format!("id=\"flame-{name}\""))
+        .nth(1)
+        .and_then(|s| s.split("<script type=\"application/json\">").nth(1))
+        .and_then(|s| s.split("</script>").next())
+        .unwrap();
+    let data: serde_json::Value = serde_json::from_str(json).unwrap();
+    let names = data["names"].as_array().unwrap();
+    let tree = &data["tree"];
+    let share = 100.0 * matched(tree, names, term) / tree[1].as_f64().unwrap();
+    (drawn(tree, 1.0), share)
+}
+
 #[tokio::test]
 async fn the_report_opens_in_headless_chromium_with_a_searchable_flamegraph() {
     let Some(browser) = chromium() else {
-        assert!(
-            std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
-            "chromium is missing: run `cargo xtask bootstrap --tests`"
-        );
-        eprintln!(
-            "SKIP the_report_opens_in_headless_chromium: no chromium (`cargo xtask bootstrap --tests` installs Debian's)"
+        toe_tests::skip_unbootstrapped(
+            "the_report_opens_in_headless_chromium_with_a_searchable_flamegraph",
+            "chromium",
         );
         return;
     };
@@ -656,13 +695,24 @@ async fn the_report_opens_in_headless_chromium_with_a_searchable_flamegraph() {
         !html.contains("data-js-errors"),
         "script errors in the page"
     );
-    let frames = html.matches("class=\"frame").count();
-    assert!(frames > 50, "only {frames} flamegraph frames drawn");
+    // What the page should show, computed here from the tree the report embeds: every frame at
+    // least MIN_WIDTH (0.05%) of the view drawn, and the share under the outermost matches.
+    let source =
+        std::fs::read_to_string(Url::parse(report).unwrap().to_file_path().unwrap()).unwrap();
+    let (want_frames, want_matched) = expected_view(&source, "cpu", "toe_demo::mix");
+    let cpu = html
+        .split("id=\"flame-cpu\"")
+        .nth(1)
+        .unwrap()
+        .split("id=\"flame-")
+        .next()
+        .unwrap();
+    let frames = cpu.matches("class=\"frame").count();
+    assert_eq!(frames, want_frames, "frames drawn in the CPU flamegraph");
     assert!(
-        html.contains("class=\"frame match\""),
+        cpu.contains("class=\"frame match\""),
         "search highlighted nothing"
     );
-    let cpu = html.split("id=\"flame-cpu\"").nth(1).unwrap();
     let matched: f64 = cpu
         .split("data-matched=\"")
         .nth(1)
@@ -671,8 +721,8 @@ async fn the_report_opens_in_headless_chromium_with_a_searchable_flamegraph() {
         .parse()
         .unwrap();
     assert!(
-        matched > 10.0,
-        "toe_demo::mix matched only {matched}% of CPU samples"
+        (matched - want_matched).abs() < 0.051,
+        "toe_demo::mix matched {matched}% of CPU samples, the data says {want_matched:.2}%"
     );
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("report-chromium.png");
     let _ = std::fs::remove_file(&shot);

@@ -192,8 +192,9 @@ fn signal_and_sender_filters_apply_in_the_kernel_and_are_counted() {
     assert!(signals.iter().all(|e| e["sender"]["comm"] == "chosen"));
     assert_eq!(signals_to(&ev, target, "SIGTERM")[0]["sender"]["pid"], from);
     let s = outcome.summary.signals.as_ref().unwrap();
-    // 2 USR1 and 3 TERM from the wrong sender; USR1 deliveries are filtered as well.
-    assert!(s.filtered >= 5, "{s:?}");
+    // Generated: 2 USR1 (signal not wanted) and 3 TERM (sender not wanted); delivered: the USR1
+    // the handler took (one or two: two USR1 pending at once merge into one delivery).
+    assert!((6..=7).contains(&s.filtered), "{s:?}");
 }
 
 #[test]
@@ -305,53 +306,23 @@ fn a_burst_of_100k_signals_is_recorded_or_counted_as_lost_exactly() {
     assert_eq!(s.lost_total > 0, outcome.exit_code == 3);
 }
 
-/// A v1 memory cgroup with `limit` bytes, removed on drop.
-struct MemoryCgroup(std::path::PathBuf);
-
-impl MemoryCgroup {
-    fn new(limit: u64) -> Option<Self> {
-        let root = Path::new("/sys/fs/cgroup/memory");
-        if !root.join("memory.limit_in_bytes").exists() {
-            return None;
-        }
-        let dir = root.join(format!("toe-test-{}-oom", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create v1 memory cgroup");
-        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).expect("limit");
-        // With swap accounting, swap is limited too, so the OOM killer fires instead of swap.
-        let memsw = dir.join("memory.memsw.limit_in_bytes");
-        if memsw.exists() {
-            std::fs::write(memsw, limit.to_string()).expect("memsw limit");
-        }
-        Some(Self(dir))
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.0).is_ok() {
-                break;
-            }
-            thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-}
-
 #[test]
-fn an_oom_kill_in_a_v1_memory_cgroup_is_recorded() {
-    if !require_root("an_oom_kill_in_a_v1_memory_cgroup_is_recorded") {
+fn an_oom_kill_in_a_memory_cgroup_is_recorded() {
+    let test = "an_oom_kill_in_a_memory_cgroup_is_recorded";
+    if !require_root(test) {
         return;
     }
-    let Some(cg) = MemoryCgroup::new(64 << 20) else {
-        eprintln!(
-            "SKIP an_oom_kill_in_a_v1_memory_cgroup_is_recorded: no cgroup v1 memory controller mounted at /sys/fs/cgroup/memory"
+    let Some(cg) = TestCgroup::with_memory_limit("oom", 64 << 20) else {
+        toe_tests::skip(
+            test,
+            "no memory controller: neither a v1 memory hierarchy nor a v2 tree offering one",
         );
         return;
     };
     // The shell joins the limited cgroup, then becomes the demo, which touches 256 MiB.
     let script = format!(
         "echo $$ > {}/cgroup.procs && exec {} touch 256 5",
-        cg.0.display(),
+        cg.path().display(),
         bin("toe-demo").display()
     );
     let run = trace(&[], vec!["/bin/sh".into(), "-c".into(), script]);

@@ -30,8 +30,17 @@ pub fn require_root(test: &str) -> bool {
         std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
         "{test}: needs root, and TOE_REQUIRE_ROOT_TESTS forbids skipping"
     );
-    eprintln!("SKIP {test}: loading eBPF programs and creating cgroups needs root");
+    skip(
+        test,
+        "loading eBPF programs and creating cgroups needs root",
+    );
     false
+}
+
+/// Skips `test` for a reason the machine gives (a kernel feature or controller it lacks), in the
+/// one format every skip uses, so a run's skips can be counted and read.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIP {test}: {reason}");
 }
 
 /// A tool the bootstrap installs (`cargo xtask bootstrap --tests`): from `env`, else at
@@ -49,16 +58,21 @@ pub fn bootstrapped_tool(test: &str, env: &str, cached: &str) -> Option<PathBuf>
     if path.exists() {
         return Some(path);
     }
+    skip_unbootstrapped(test, &path.display().to_string());
+    None
+}
+
+/// Skips `test` for want of something `cargo xtask bootstrap --tests` installs; where skipping is
+/// forbidden (`TOE_REQUIRE_ROOT_TESTS`, as `cargo xtask test` sets as root) that is a failure.
+pub fn skip_unbootstrapped(test: &str, what: &str) {
     assert!(
         std::env::var_os("TOE_REQUIRE_ROOT_TESTS").is_none(),
-        "{test}: {} is missing: run `cargo xtask bootstrap --tests`",
-        path.display()
+        "{test}: {what} is missing: run `cargo xtask bootstrap --tests`"
     );
-    eprintln!(
-        "SKIP {test}: no {} (`cargo xtask bootstrap --tests` installs it)",
-        path.display()
+    skip(
+        test,
+        &format!("no {what} (`cargo xtask bootstrap --tests` installs it)"),
     );
-    None
 }
 
 /// A binary of this workspace (`toe`, `toe-demo`), from `TOE_BIN_DIR` or the target directory.
@@ -145,6 +159,41 @@ impl TestCgroup {
         let dir = cgroup2_root().join(&unique);
         std::fs::create_dir_all(&dir).expect("create v2 cgroup");
         Self { dirs: vec![dir] }
+    }
+
+    /// A cgroup whose memory (and swap) is limited to `limit` bytes: in the v1 memory hierarchy
+    /// where one is mounted (hybrid hosts), else in the v2 tree with its memory controller
+    /// enabled. `None` when the machine offers neither.
+    #[must_use]
+    pub fn with_memory_limit(name: &str, limit: u64) -> Option<Self> {
+        let unique = format!("toe-test-{}-{name}", std::process::id());
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        if v1.join("memory.limit_in_bytes").exists() {
+            let dir = v1.join(&unique);
+            std::fs::create_dir_all(&dir).expect("create v1 memory cgroup");
+            std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).expect("limit");
+            // With swap accounting, swap is limited too, so the OOM killer fires instead of swap.
+            let memsw = dir.join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                std::fs::write(memsw, limit.to_string()).expect("memsw limit");
+            }
+            return Some(Self { dirs: vec![dir] });
+        }
+        let root = cgroup2_root();
+        let offered = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        if !offered.split_whitespace().any(|c| c == "memory") {
+            return None;
+        }
+        // Usually enabled already (systemd does); children get the controller only if it is.
+        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
+        let dir = root.join(&unique);
+        std::fs::create_dir_all(&dir).expect("create v2 cgroup");
+        std::fs::write(dir.join("memory.max"), limit.to_string()).expect("memory.max");
+        let swap = dir.join("memory.swap.max");
+        if swap.exists() {
+            std::fs::write(swap, "0").expect("memory.swap.max");
+        }
+        Some(Self { dirs: vec![dir] })
     }
 
     /// A child cgroup inside this one.

@@ -489,8 +489,21 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
     let ui = Ui {
         progress: !args.no_progress && std::io::stderr().is_terminal(),
     };
-    let outcome = runtime
-        .block_on(async { run::execute(&plan, &sink, ui, run::Control::on_signals()?).await })?;
+    let outcome = runtime.block_on(async {
+        let mut control = run::Control::on_signals()?;
+        if !ui.progress {
+            // Without a progress bar, one line says when sampling (or the fault) has begun: the
+            // moment a user (or a benchmark) can start the load to observe.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            control.started = Some(tx);
+            tokio::spawn(async move {
+                if let Ok(target) = rx.await {
+                    eprintln!("toe: started on {target}");
+                }
+            });
+        }
+        run::execute(&plan, &sink, ui, control).await
+    })?;
     if args.json {
         let json = serde_json::to_string_pretty(&outcome.summary)?;
         // A reader that went away (`| head`) does not change how the run ended.

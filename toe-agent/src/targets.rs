@@ -218,20 +218,7 @@ pub fn resolve_container(given: &str) -> Result<ResolvedTarget, TargetError> {
         ));
     }
     let root = cgroup2_root().ok_or(TargetError::NoCgroup2)?;
-    let mut found: Vec<PathBuf> = cgroup_dirs(&root)
-        .into_iter()
-        .map(|(d, _)| d)
-        .filter(|d| {
-            d.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| container_id_of(n).starts_with(id))
-        })
-        .collect();
-    // A runtime may nest a cgroup inside the container's own (podman's `container`): keep the
-    // outermost match.
-    found.sort();
-    found.dedup_by(|b, a| b.starts_with(a));
-    match found.as_slice() {
+    match container_dirs(&root, id).as_slice() {
         [] => Err(err(
             "no cgroup of such a container (is it running on this machine?)".into(),
         )),
@@ -245,6 +232,24 @@ pub fn resolve_container(given: &str) -> Result<ResolvedTarget, TargetError> {
             many.len()
         ))),
     }
+}
+
+/// The cgroup directories below `root` of the container whose id starts with `id`: what each
+/// runtime names them (containerd, CRI-O, Docker, podman; systemd or cgroupfs driver). A runtime
+/// may nest a cgroup inside the container's own (podman's `container`): the outermost match.
+fn container_dirs(root: &Path, id: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = cgroup_dirs(root)
+        .into_iter()
+        .map(|(d, _)| d)
+        .filter(|d| {
+            d.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| container_id_of(n).starts_with(id))
+        })
+        .collect();
+    found.sort();
+    found.dedup_by(|b, a| b.starts_with(a));
+    found
 }
 
 /// A cgroup directory and every cgroup below it (parents before children), with their depth
@@ -538,6 +543,67 @@ mod tests {
             PathBuf::from("/var/lib/kubelet/pods/x/volumes/data")
         );
         assert_eq!(m.point, PathBuf::from("/data"));
+    }
+
+    /// The cgroup trees each runtime and driver makes (as recorded from their nodes): the
+    /// container's own cgroup is found by its id, never its runtime's monitor (CRI-O's conmon)
+    /// or a sibling, and a nested cgroup (podman's) resolves to the container's.
+    #[test]
+    fn every_runtime_layout_resolves_to_the_container_cgroup() {
+        let id = "4f1e0a7c2b9d8e3f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f";
+        let other = "9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b";
+        let pod = "kubepods-burstable-pod1b2c3d4e_5f60_7182_93a4_b5c6d7e8f901.slice";
+        let layouts: [(&str, Vec<String>); 6] = [
+            (
+                "containerd, systemd driver",
+                vec![
+                    format!(
+                        "kubepods.slice/kubepods-burstable.slice/{pod}/cri-containerd-{id}.scope"
+                    ),
+                    format!(
+                        "kubepods.slice/kubepods-burstable.slice/{pod}/cri-containerd-{other}.scope"
+                    ),
+                ],
+            ),
+            (
+                "containerd, cgroupfs driver",
+                vec![
+                    format!("kubepods/burstable/pod1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901/{id}"),
+                    format!("kubepods/burstable/pod1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901/{other}"),
+                ],
+            ),
+            (
+                "CRI-O, systemd driver",
+                vec![
+                    format!("kubepods.slice/kubepods-burstable.slice/{pod}/crio-{id}.scope"),
+                    format!("kubepods.slice/kubepods-burstable.slice/{pod}/crio-conmon-{id}.scope"),
+                ],
+            ),
+            (
+                "Docker, systemd driver",
+                vec![format!("system.slice/docker-{id}.scope")],
+            ),
+            ("Docker, cgroupfs driver", vec![format!("docker/{id}")]),
+            (
+                "podman",
+                vec![format!("machine.slice/libpod-{id}.scope/container")],
+            ),
+        ];
+        for (runtime, dirs) in layouts {
+            let root = tempfile::tempdir().unwrap();
+            for d in &dirs {
+                fs::create_dir_all(root.path().join(d)).unwrap();
+            }
+            let want = root
+                .path()
+                .join(dirs[0].strip_suffix("/container").unwrap_or(&dirs[0]));
+            assert_eq!(container_dirs(root.path(), &id[..12]), [want], "{runtime}");
+            assert_eq!(
+                container_dirs(root.path(), "0123456789ab"),
+                Vec::<PathBuf>::new(),
+                "{runtime}"
+            );
+        }
     }
 
     #[test]

@@ -198,62 +198,252 @@ mod tests {
         assert_eq!(alpha["ephemeralContainers"][0], c);
     }
 
-    /// A 1.27 API server, played back from recorded responses: the operator asks the version,
-    /// reads the pod, and patches the Pod-shaped subresource once; a second call finds the
-    /// container and sends nothing.
-    #[tokio::test]
-    async fn a_modern_server_gets_a_pod_patch_once() {
+    /// The ephemeralcontainers subresource of a 1.22+ API server, as its handler and validation
+    /// treat a PATCH (`k8s.io/kubernetes` `pkg/registry/core/pod/storage` and
+    /// `pkg/apis/core/validation` `validateEphemeralContainers`): only the patch media types are
+    /// accepted (415 otherwise); the patch is a Pod, merged into the stored one by container name;
+    /// a name used by any container, or `resources`, `ports` or probes on an ephemeral container,
+    /// or a target container that does not exist, is a 422 with the field named. The pod it holds
+    /// changes only when a patch is valid, so a request of the wrong shape leaves no container.
+    struct Modern {
+        pod: serde_json::Value,
+    }
+
+    impl Modern {
+        fn status(code: u16, reason: &str, message: &str) -> (u16, serde_json::Value) {
+            (
+                code,
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "message": message, "reason": reason, "code": code}),
+            )
+        }
+
+        fn handle(
+            &mut self,
+            method: &http::Method,
+            uri: &str,
+            content_type: &str,
+            body: &[u8],
+        ) -> (u16, serde_json::Value) {
+            match (method.as_str(), uri.split('?').next().unwrap_or_default()) {
+                ("GET", "/version") => (
+                    200,
+                    serde_json::json!({"major": "1", "minor": "27+", "gitVersion": "v1.27.3"}),
+                ),
+                ("GET", "/api/v1/namespaces/shop/pods/web-1") => (200, self.pod.clone()),
+                ("PATCH", "/api/v1/namespaces/shop/pods/web-1/ephemeralcontainers") => {
+                    self.patch(content_type, body)
+                }
+                _ => Self::status(404, "NotFound", "the server could not find the resource"),
+            }
+        }
+
+        fn patch(&mut self, content_type: &str, body: &[u8]) -> (u16, serde_json::Value) {
+            const PATCHES: [&str; 4] = [
+                "application/json-patch+json",
+                "application/merge-patch+json",
+                "application/strategic-merge-patch+json",
+                "application/apply-patch+yaml",
+            ];
+            if !PATCHES.contains(&content_type) {
+                return Self::status(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!(
+                        "the body of the request was in an unknown format - accepted media types include: {}",
+                        PATCHES.join(", ")
+                    ),
+                );
+            }
+            let Ok(patch) = serde_json::from_slice::<serde_json::Value>(body) else {
+                return Self::status(400, "BadRequest", "invalid JSON");
+            };
+            // Fields a Pod does not have are dropped (a strategic merge of an EphemeralContainers
+            // object into a Pod changes nothing).
+            let added = patch["spec"]["ephemeralContainers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let names = |key: &str, pod: &serde_json::Value| -> Vec<String> {
+                pod["spec"][key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["name"].as_str().map(str::to_owned))
+                    .collect()
+            };
+            let containers = names("containers", &self.pod);
+            let mut ephemeral = names("ephemeralContainers", &self.pod);
+            for (i, c) in added.iter().enumerate() {
+                let field = format!("spec.ephemeralContainers[{i}]");
+                let name = c["name"].as_str().unwrap_or_default();
+                if ephemeral.iter().any(|n| n == name) {
+                    // Merged by name: the same container again is no change.
+                    continue;
+                }
+                if containers.iter().any(|n| n == name) {
+                    return Self::status(
+                        422,
+                        "Invalid",
+                        &format!(
+                            "Pod \"web-1\" is invalid: {field}.name: Duplicate value: \"{name}\""
+                        ),
+                    );
+                }
+                for forbidden in ["resources", "ports", "livenessProbe", "readinessProbe"] {
+                    if c.get(forbidden).is_some() {
+                        return Self::status(
+                            422,
+                            "Invalid",
+                            &format!(
+                                "Pod \"web-1\" is invalid: {field}.{forbidden}: Forbidden: cannot be set for an Ephemeral Container"
+                            ),
+                        );
+                    }
+                }
+                let target = c["targetContainerName"].as_str().unwrap_or_default();
+                if !target.is_empty() && !containers.iter().any(|n| n == target) {
+                    return Self::status(
+                        422,
+                        "Invalid",
+                        &format!(
+                            "Pod \"web-1\" is invalid: {field}.targetContainerName: Not found: \"{target}\""
+                        ),
+                    );
+                }
+                ephemeral.push(name.to_owned());
+                let list = self.pod["spec"]["ephemeralContainers"]
+                    .as_array_mut()
+                    .map(std::mem::take)
+                    .unwrap_or_default();
+                let mut list = list;
+                list.push(c.clone());
+                self.pod["spec"]["ephemeralContainers"] = list.into();
+            }
+            (200, self.pod.clone())
+        }
+    }
+
+    fn web_1() -> Modern {
+        Modern {
+            pod: serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-1", "namespace": "shop"},
+                "spec": {"containers": [{"name": "app", "image": "x"}]}}),
+        }
+    }
+
+    /// The server as it ended, and every request it saw.
+    type Served = tokio::task::JoinHandle<(Modern, Vec<(http::Method, String)>)>;
+
+    /// Serves `server` to a kube client until the client goes away.
+    fn serve(mut server: Modern) -> (kube::Client, Served) {
         use http::{Request, Response};
         use kube::client::Body;
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "shop");
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some((req, send)) = handle.next_request().await {
+                let method = req.method().clone();
+                let uri = req.uri().to_string();
+                let content_type = req
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let body = req.into_body().collect_bytes().await.unwrap();
+                let (code, answer) = server.handle(&method, &uri, &content_type, &body);
+                seen.push((method, uri));
+                send.send_response(
+                    Response::builder()
+                        .status(code)
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                        .unwrap(),
+                );
+            }
+            (server, seen)
+        });
+        (kube::Client::new(service, "shop"), task)
+    }
+
+    fn aperf(name: &str) -> serde_json::Value {
         let opts = ImageOptions {
             image: "registry.example/aperf:1.2".into(),
             argv: vec!["--interval=5".into()],
         };
-        let c = container("toe-aperf-1234", &opts, "app", "s3://b/x/", 60);
-        let version = r#"{"major":"1","minor":"27+","gitVersion":"v1.27.3","gitCommit":"","gitTreeState":"","buildDate":"","goVersion":"","compiler":"","platform":""}"#;
-        let pod_without = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web-1","namespace":"shop"},"spec":{"containers":[{"name":"app","image":"x"}]}}"#;
-        let pod_with = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web-1","namespace":"shop"},"spec":{"containers":[{"name":"app","image":"x"}],"ephemeralContainers":[{"name":"toe-aperf-1234","image":"registry.example/aperf:1.2","targetContainerName":"app"}]}}"#;
-        let server = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            for (respond, with) in [
-                (true, version),
-                (true, pod_without),
-                (true, pod_with),
-                (true, version),
-                (true, pod_with),
-            ] {
-                let (req, send) = handle.next_request().await.expect("a request");
-                let method = req.method().clone();
-                let uri = req.uri().to_string();
-                let body = req.into_body().collect_bytes().await.unwrap();
-                seen.push((method, uri, body));
-                if respond {
-                    send.send_response(
-                        Response::builder()
-                            .status(200)
-                            .body(Body::from(with.as_bytes().to_vec()))
-                            .unwrap(),
-                    );
-                }
-            }
-            seen
-        });
+        container(name, &opts, "app", "s3://b/x/", 60)
+    }
+
+    /// Against a 1.22+ server: one PATCH of the Pod-shaped subresource adds the container (the
+    /// server's pod has it afterwards); a second call finds it and sends nothing.
+    #[tokio::test]
+    async fn a_modern_server_gets_one_valid_pod_patch() {
+        let c = aperf("toe-aperf-1234");
+        let (client, server) = serve(web_1());
         add(&client, "shop", "web-1", &c).await.unwrap();
         add(&client, "shop", "web-1", &c).await.unwrap();
-        let seen = server.await.unwrap();
-        let patches: Vec<_> = seen
+        drop(client);
+        let (server, seen) = server.await.unwrap();
+        let patches = seen
             .iter()
-            .filter(|(m, ..)| m == http::Method::PATCH)
-            .collect();
-        assert_eq!(patches.len(), 1, "{seen:?}");
-        let (_, uri, body) = patches[0];
+            .filter(|(m, _)| m == http::Method::PATCH)
+            .count();
+        assert_eq!(patches, 1, "{seen:?}");
         assert_eq!(
-            uri,
-            "/api/v1/namespaces/shop/pods/web-1/ephemeralcontainers"
+            server.pod["spec"]["ephemeralContainers"][0], c,
+            "the server's pod lacks the container"
         );
-        let body: serde_json::Value = serde_json::from_slice(body).unwrap();
-        assert_eq!(body["spec"]["ephemeralContainers"][0], c);
+    }
+
+    /// The mock refuses what a real server refuses, so a wrong request cannot pass the test above.
+    #[tokio::test]
+    async fn what_a_real_server_refuses_is_refused() {
+        let ok = aperf("toe-aperf-1");
+        let wrong = |mut req: http::Request<Vec<u8>>, content_type: &str| {
+            req.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_str(content_type).unwrap(),
+            );
+            req
+        };
+        let mut with_resources = aperf("toe-aperf-2");
+        with_resources["resources"] = serde_json::json!({"limits": {"cpu": "1"}});
+        let cases = [
+            (
+                wrong(
+                    launch_request(Api::Pod, "shop", "web-1", &ok),
+                    "application/json",
+                ),
+                "415",
+            ),
+            (
+                launch_request(Api::Pod, "shop", "web-1", &aperf("app")),
+                "Duplicate value: \"app\"",
+            ),
+            (
+                launch_request(Api::Pod, "shop", "web-1", &with_resources),
+                "resources: Forbidden",
+            ),
+        ];
+        for (req, want) in cases {
+            let (client, server) = serve(web_1());
+            let err = client
+                .request::<serde_json::Value>(req)
+                .await
+                .expect_err(want);
+            assert!(err.to_string().contains(want), "{want}: {err}");
+            drop(client);
+            let (server, _) = server.await.unwrap();
+            assert!(server.pod["spec"]["ephemeralContainers"].is_null());
+        }
+        // The pre-1.22 shape against a modern server: accepted, and nothing is added.
+        let (client, server) = serve(web_1());
+        let _ = client
+            .request::<serde_json::Value>(launch_request(Api::Alpha, "shop", "web-1", &ok))
+            .await;
+        drop(client);
+        let (server, _) = server.await.unwrap();
+        assert!(server.pod["spec"]["ephemeralContainers"].is_null());
     }
 }

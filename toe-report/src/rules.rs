@@ -44,6 +44,7 @@ pub struct Finding {
 
 /// What one rule saw in one capture. `key` groups the same cause across captures (the function,
 /// the process name).
+#[derive(Debug)]
 struct Hit {
     key: String,
     severity: Severity,
@@ -549,6 +550,34 @@ fn data_loss(c: &Capture) -> Vec<Hit> {
             ));
         }
     }
+    if let Some(m) = &c.summary.memory {
+        if let Some(a) = &m.allocations {
+            let lost = a.lost_live_map_full
+                + a.lost_sites_map_full
+                + a.lost_call_table_full
+                + a.stacks_lost;
+            if lost > 0 {
+                evidence.push(format!(
+                    "{lost} of {} allocator calls lost or without a stack ({} live map full, {} \
+                     site map full, {} call table full, {} stacks not stored)",
+                    a.calls,
+                    a.lost_live_map_full,
+                    a.lost_sites_map_full,
+                    a.lost_call_table_full,
+                    a.stacks_lost
+                ));
+            }
+        }
+        if let Some(f) = &m.page_faults {
+            let lost = f.stacks_lost + f.lost_map_full;
+            if lost > 0 {
+                evidence.push(format!(
+                    "{lost} of {} page faults lost or without a stack",
+                    f.faults
+                ));
+            }
+        }
+    }
     if let Some(s) = c.summary.signals.as_ref().filter(|s| s.lost_total > 0) {
         evidence.push(format!("{} signal events lost", s.lost_total));
     }
@@ -609,6 +638,54 @@ mod tests {
         assert_eq!(fires_on("dominant-function"), ["cpu"]);
         assert_eq!(fires_on("lock-contention"), ["contend"]);
         assert_eq!(fires_on("allocator-or-gc-hot"), ["allocs", "gc"]);
+    }
+
+    #[test]
+    fn a_fault_that_missed_its_target_or_left_something_behind_is_a_finding() {
+        assert!(fires_on("fault-missed-target").is_empty());
+        let mut c = capture("stress");
+        let f = c.summary.fault.as_mut().unwrap();
+        f.error_percent = -30.0;
+        let hit = &fault_missed_target(&c)[0];
+        assert_eq!(hit.severity, Severity::Info);
+        assert!(hit.evidence[0].contains("(-30.0%)"), "{hit:?}");
+        // Within 10% but with something left behind after rollback: critical.
+        let f = c.summary.fault.as_mut().unwrap();
+        f.error_percent = 2.0;
+        f.leftovers = 1;
+        let hit = &fault_missed_target(&c)[0];
+        assert_eq!(hit.severity, Severity::Critical);
+        assert!(hit.evidence[1].contains("1 leftover"), "{hit:?}");
+    }
+
+    #[test]
+    fn data_loss_counts_every_collector_including_memory() {
+        let clean: Vec<&str> = fires_on("data-loss");
+        for name in ["leak", "cpu", "term-clean"] {
+            assert!(!clean.contains(&name), "{name} is complete: {clean:?}");
+        }
+        let mut c = capture("leak");
+        let m = c.summary.memory.as_mut().unwrap();
+        m.allocations.as_mut().unwrap().lost_live_map_full = 7;
+        m.page_faults
+            .get_or_insert_with(Default::default)
+            .stacks_lost = 3;
+        let hit = &data_loss(&c)[0];
+        assert!(
+            hit.evidence
+                .iter()
+                .any(|e| e.starts_with("7 of ") && e.contains("7 live map full")),
+            "{hit:?}"
+        );
+        assert!(
+            hit.evidence
+                .iter()
+                .any(|e| e.starts_with("3 of ") && e.contains("page faults")),
+            "{hit:?}"
+        );
+        let mut c = capture("cpu");
+        c.summary.cpu.as_mut().unwrap().samples.lost_ring_full = 5;
+        assert!(data_loss(&c)[0].evidence[0].starts_with("5 of "));
     }
 
     #[test]

@@ -183,17 +183,18 @@ fn once(mode: Mode, work: u64, tmp: &Path) -> Result<Measured> {
     measure(&["work", &work.to_string(), "wait"], &mode.label(), |pid| {
         Ok(match mode {
             Mode::None => None,
-            Mode::Toe(f) => Some(
+            Mode::Toe(f) => Some((
                 Command::new(bin.join("toe"))
                     .args(["run", "--no-progress", "--json", "-f"])
                     .arg(spec(tmp, f, "5m")?)
                     .args(["--pid", pid, "-o"])
                     .arg(&out)
                     .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
+                    .stderr(Stdio::piped())
                     .spawn()?,
-            ),
-            Mode::Perf(f) => Some(
+                Ready::Stderr("toe: started"),
+            )),
+            Mode::Perf(f) => Some((
                 Command::new("perf")
                     .args(["record", "-q", "-g", "-F", &f.to_string(), "-p", pid, "-o"])
                     .arg(tmp.join("perf.data"))
@@ -201,17 +202,61 @@ fn once(mode: Mode, work: u64, tmp: &Path) -> Result<Measured> {
                     .stderr(Stdio::null())
                     .spawn()
                     .context("starting perf (Debian package linux-perf)")?,
-            ),
+                Ready::Settle(Duration::from_secs(1)),
+            )),
         })
     })
 }
 
+/// How a profiler says it has attached, so that the workload starts only then: a tool that
+/// attaches late must not have the start of the work run untraced (and look faster for it).
+#[derive(Clone, Copy)]
+enum Ready {
+    /// A line on its stderr containing this (`toe: started on ...`).
+    Stderr(&'static str),
+    /// A line on its stdout containing this (bpftrace's `Attaching N probes...`).
+    Stdout(&'static str),
+    /// No message: perf attaches before its first read of the counters, within milliseconds;
+    /// a fixed wait well above that.
+    Settle(Duration),
+}
+
+/// Lines of `stream` are read on a thread of their own until one contains `marker` (then the
+/// rest is drained, so the writer never blocks); waits at most two minutes for it.
+fn wait_for_line(stream: impl std::io::Read + Send + 'static, marker: &'static str) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if line.contains(marker)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_mins(2))
+        .map_err(|_| anyhow::anyhow!("the profiler never printed {marker:?}"))
+}
+
+/// Waits until the profiler `child` says it is attached.
+fn attached(child: &mut Child, ready: Ready) -> Result<()> {
+    match ready {
+        Ready::Stderr(m) => wait_for_line(child.stderr.take().context("stderr piped")?, m),
+        Ready::Stdout(m) => wait_for_line(child.stdout.take().context("stdout piped")?, m),
+        Ready::Settle(d) => {
+            std::thread::sleep(d);
+            Ok(())
+        }
+    }
+}
+
 /// Runs the demo with `workload` args (it waits for a line on stdin), starts the profiler that
-/// `profiler` spawns for its pid, lets both settle, then times the workload.
+/// `profiler` spawns for its pid, waits until it has attached, then times the workload.
 fn measure(
     workload: &[&str],
     label: &str,
-    profiler: impl FnOnce(&str) -> Result<Option<Child>>,
+    profiler: impl FnOnce(&str) -> Result<Option<(Child, Ready)>>,
 ) -> Result<Measured> {
     let bin = root().join("target/release");
     let mut demo = Command::new(bin.join("toe-demo"))
@@ -220,9 +265,13 @@ fn measure(
         .stdout(Stdio::piped())
         .spawn()?;
     let pid = demo.id().to_string();
-    let profiler = profiler(&pid)?;
-    // Same settle time for every mode, so attach cost never lands inside the measured work.
-    std::thread::sleep(Duration::from_secs(1));
+    let profiler = match profiler(&pid)? {
+        Some((mut child, ready)) => {
+            attached(&mut child, ready)?;
+            Some(child)
+        }
+        None => None,
+    };
     demo.stdin.take().expect("piped").write_all(b"go\n")?;
     let mut line = String::new();
     BufReader::new(demo.stdout.take().expect("piped")).read_line(&mut line)?;
@@ -411,25 +460,27 @@ fn memory_bench(rounds: usize, allocs: u64, work: u32) -> Result<()> {
             let m = measure(&workload, mode, |pid| {
                 Ok(match mode {
                     "none" => None,
-                    "bpftrace" => Some(
+                    "bpftrace" => Some((
                         Command::new(&bpftrace)
                             .arg("-p")
                             .arg(pid)
                             .arg(&script)
-                            .stdout(Stdio::null())
+                            .stdout(Stdio::piped())
                             .stderr(Stdio::null())
                             .spawn()?,
-                    ),
-                    toe_mode => Some(
+                        Ready::Stdout("Attaching"),
+                    )),
+                    toe_mode => Some((
                         Command::new(root().join("target/release/toe"))
                             .args(["run", "--no-progress", "--json", "-f"])
                             .arg(memory_spec(&tmp, toe_mode)?)
                             .args(["--pid", pid, "-o"])
                             .arg(tmp.join("out"))
                             .stdout(Stdio::piped())
-                            .stderr(Stdio::null())
+                            .stderr(Stdio::piped())
                             .spawn()?,
-                    ),
+                        Ready::Stderr("toe: started"),
+                    )),
                 })
             })?;
             if mode == "none" {
@@ -518,31 +569,40 @@ fn signal_run(
         std::thread::sleep(Duration::from_millis(10));
     }
     let tracer = match mode {
-        "toe" | "toe-nostk" => Some(
+        "toe" | "toe-nostk" => Some((
             Command::new(bin.join("toe"))
                 .args(["run", "--no-progress", "--json", "-f"])
                 .arg(signals_spec(tmp, mode == "toe")?)
                 .args(["--pid", &pid, "-o"])
                 .arg(tmp.join("out"))
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()?,
-        ),
+            Ready::Stderr("toe: started"),
+        )),
         "bpftrace" => {
             let script = tmp.join("signals.bt");
             std::fs::write(&script, SIGNALS_PEER.replace("TARGET", &pid))?;
-            Some(
+            Some((
                 Command::new(bpftrace.context("bpftrace (Debian package bpftrace) is the peer")?)
                     .arg(&script)
-                    .stdout(Stdio::null())
+                    .stdout(Stdio::piped())
                     .stderr(Stdio::null())
                     .spawn()?,
-            )
+                Ready::Stdout("Attaching"),
+            ))
         }
         _ => None,
     };
-    // Same settle time for every mode: attach (and bpftrace's compile) never overlaps sending.
-    std::thread::sleep(Duration::from_secs(3));
+    // Sending starts once the tracer says it is attached (bpftrace after its compile), never
+    // after a fixed wait that a slow attach could overrun.
+    let tracer = match tracer {
+        Some((mut t, ready)) => {
+            attached(&mut t, ready)?;
+            Some(t)
+        }
+        None => None,
+    };
     let args: Vec<&str> = sender
         .iter()
         .map(|a| if *a == "PID" { pid.as_str() } else { a })

@@ -408,20 +408,54 @@ pub fn check(out: &Path) -> Result<()> {
     check_agent_image_profiles(v)
 }
 
-/// The agent's image loads its eBPF programs and profiles for real: `toe run` inside it, with
-/// the host's PIDs and kernel file systems as the DaemonSet mounts them, profiling a `toe tools`
-/// process it starts itself.
+/// The capabilities the chart gives the agent container (its `capabilities.add` list, read from
+/// the template so that this check runs the image exactly as the DaemonSet does).
+fn chart_agent_capabilities() -> Result<Vec<String>> {
+    let template = fs::read_to_string(root().join("charts/toe/templates/agent.yaml"))?;
+    let caps: Vec<String> = template
+        .lines()
+        .skip_while(|l| l.trim() != "add:")
+        .skip(1)
+        .take_while(|l| !l.contains("{{"))
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .map(str::to_owned)
+        .collect();
+    ensure!(
+        caps.iter().any(|c| c == "BPF"),
+        "no capabilities.add list in the agent template: {caps:?}"
+    );
+    Ok(caps)
+}
+
+/// The agent's image loads its eBPF programs and profiles for real: `toe run` inside it, with the
+/// chart's capabilities (not `--privileged`) and the host's PIDs and kernel file systems as the
+/// DaemonSet mounts them, profiling a busy process on the host for a few seconds. The samples
+/// must be at least 80% of frequency x seconds: a profile of nothing would not pass.
 fn check_agent_image_profiles(v: &str) -> Result<()> {
+    const HZ: f64 = 99.0;
     let dir = tempfile_dir()?;
     fs::write(
         dir.join("spec.yaml"),
-        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {name: image-check}\nspec:\n  tool: {name: cpu-profile, duration: 2s}\n",
+        "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {name: image-check}\nspec:\n  tool: {name: cpu-profile, duration: 3s, commandLineArguments: [--frequency=99]}\n",
     )?;
-    let out = output(
+    let mut busy = Command::new(root().join("target/release/toe-demo"))
+        .args(["spin", "30"])
+        .spawn()
+        .context("starting toe-demo spin on the host")?;
+    let caps = chart_agent_capabilities()?;
+    let result = output(
         Command::new("podman")
             .args(PODMAN_RUN)
-            .args(["--privileged", "--pid=host"])
-            .args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing"])
+            // The chart's pod: read-only root with an emptyDir at /tmp.
+            .args([
+                "--pid=host",
+                "--cap-drop=ALL",
+                "--read-only",
+                "--tmpfs=/tmp",
+            ])
+            .arg(format!("--cap-add={}", caps.join(",")))
+            .args(["--security-opt", "no-new-privileges"])
+            .args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing:ro"])
             .args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup"])
             .arg("-v")
             .arg(format!("{}:/work", dir.display()))
@@ -434,12 +468,13 @@ fn check_agent_image_profiles(v: &str) -> Result<()> {
                 "--no-progress",
                 "-o",
                 "/work/out",
-                "--",
-                "/usr/local/bin/toe",
-                "tools",
+                "--pid",
+                &busy.id().to_string(),
             ]),
-    )
-    .context("profiling inside the agent image")?;
+    );
+    let _ = busy.kill();
+    let _ = busy.wait();
+    let out = result.context("profiling inside the agent image with the chart's capabilities")?;
     let summary: serde_json::Value = serde_json::from_str(
         out.lines()
             .skip_while(|l| !l.starts_with('{'))
@@ -448,9 +483,15 @@ fn check_agent_image_profiles(v: &str) -> Result<()> {
             .as_str(),
     )
     .with_context(|| format!("the agent image printed no JSON summary: {out}"))?;
+    let recorded = summary["cpu"]["samples"]["recorded"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let secs = summary["sampled_duration_s"].as_f64().unwrap_or(0.0);
     ensure!(
-        summary.to_string().contains("cpu-profile"),
-        "the agent image's summary names no cpu-profile: {summary}"
+        secs >= 2.5 && recorded >= 0.8 * HZ * secs,
+        "the agent image recorded {recorded} samples of a busy process in {secs:.2} s at 99 Hz \
+         (at least {:.0} expected)",
+        0.8 * HZ * secs
     );
     let runs: Vec<_> = fs::read_dir(dir.join("out"))?.flatten().collect();
     ensure!(
