@@ -872,3 +872,58 @@ async fn a_forged_status_cannot_aim_the_agent_at_another_container() {
         );
     }
 }
+
+/// A node drain during a fault: the agent's SIGTERM rolls the running memory stress back before
+/// it exits (workers gone, the container's memory given back, with no restart needed) and marks
+/// the target Interrupted.
+#[tokio::test]
+async fn sigterm_to_the_agent_mid_fault_rolls_it_back_before_exiting() {
+    let Some(c) =
+        Cluster::start("sigterm_to_the_agent_mid_fault_rolls_it_back_before_exiting").await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let mut agent = c.agent();
+    let (_app, pid, before) = squeeze(&c, &agent).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while memory_usage(pid) < before + 90 * 1024 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "the container's memory never grew"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!workers_alive(&c.state()).is_empty());
+    let status = agent.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}: {}", agent.log_text());
+    // Undone by the time the agent has exited: nothing is left for a restart to clean.
+    assert!(
+        workers_alive(&c.state()).is_empty(),
+        "workers outlived the agent: {:?}",
+        workers_alive(&c.state())
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while memory_usage(pid) > before + 20 * 1024 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "the memory was not given back: {} (before {before})",
+            memory_usage(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pt = c
+        .wait("squeeze", "Interrupted", 30, Some(&agent), |p| {
+            target_phase(p, "web-1").as_deref() == Some("Interrupted")
+        })
+        .await;
+    assert!(
+        targets(&pt)[0]
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("the node agent is stopping")),
+        "{:?}",
+        targets(&pt)[0]
+    );
+    operator.stop().await;
+}

@@ -876,3 +876,46 @@ async fn concurrent_status_writers_retry_and_never_undo_each_other() {
     }
     assert_eq!(status.phase, PowerToolPhase::Running);
 }
+
+/// An admin who tightens a PowerToolConfig re-checks what it admitted and no agent has started
+/// yet: a PowerTool the new rule forbids is Rejected, with the rule, before anything runs.
+#[tokio::test]
+async fn a_config_change_rechecks_admitted_powertools() {
+    let Some(server) = ApiServer::start("a_config_change_rechecks_admitted_powertools") else {
+        return;
+    };
+    let client = server.client().await;
+    install_crds(&client).await;
+    seed_cluster(&client).await;
+    let operator = Operator::start(&server, &client).await;
+    let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
+    let spec = serde_json::json!({"tool": {"name": "cpu-profile", "duration": "5m",
+        "commandLineArguments": ["--frequency=150"]},
+        "targets": {"labelSelector": {"matchLabels": {"app": "db"}}, "containers": ["app"]}});
+    tools
+        .create(&PostParams::default(), &powertool("slow", &spec))
+        .await
+        .unwrap();
+    // No agent runs here: the run stays Admitted, its target Pending.
+    let admitted = reached(&tools, "slow", PowerToolPhase::Admitted).await;
+    assert_eq!(admitted.status.unwrap().targets.len(), 1);
+    apply_configs(
+        &client,
+        &[(
+            "cpu-profile",
+            serde_json::json!({"tool": "cpu-profile", "allowedNamespaces": ["shop"],
+                "maxDuration": "1m",
+                "arguments": [{"name": "frequency", "type": "integer", "max": 199}]}),
+        )],
+    )
+    .await;
+    let rejected = reached(&tools, "slow", PowerToolPhase::Rejected).await;
+    let s = rejected.status.unwrap();
+    assert!(s.targets.is_empty(), "{s:?}");
+    let message = &s.conditions[0].message;
+    assert!(
+        message.contains("1m") && message.contains("cpu-profile"),
+        "{message}"
+    );
+    operator.stop().await;
+}
