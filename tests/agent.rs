@@ -393,17 +393,9 @@ async fn squeeze(c: &Cluster, agent: &Agent) -> (Container, u32, u64) {
     (app, pid, before)
 }
 
-#[tokio::test]
-async fn deleting_a_powertool_mid_run_rolls_back_its_memory_stress() {
-    let Some(c) = Cluster::start("deleting_a_powertool_mid_run_rolls_back_its_memory_stress").await
-    else {
-        return;
-    };
-    let operator = Operator::start(&c.server, &c.admin).await;
-    let agent = c.agent();
-    // Held to the end: dropping the container removes it.
-    let (_app, pid, before) = squeeze(&c, &agent).await;
-    // The stress reaches the container's memory cgroup: 100 MiB of its 200 MiB.
+/// Until the stress reaches the container's memory cgroup (100 MiB of its 200 MiB), with its
+/// workers alive.
+async fn wait_squeezed(c: &Cluster, pid: u32, before: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while memory_usage(pid) < before + 90 * 1024 * 1024 {
         assert!(
@@ -415,6 +407,19 @@ async fn deleting_a_powertool_mid_run_rolls_back_its_memory_stress() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!workers_alive(&c.state()).is_empty());
+}
+
+#[tokio::test]
+async fn deleting_a_powertool_mid_run_rolls_back_its_memory_stress() {
+    let Some(c) = Cluster::start("deleting_a_powertool_mid_run_rolls_back_its_memory_stress").await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let agent = c.agent();
+    // Held to the end: dropping the container removes it.
+    let (_app, pid, before) = squeeze(&c, &agent).await;
+    wait_squeezed(&c, pid, before).await;
     c.tools()
         .delete("squeeze", &DeleteParams::default())
         .await
@@ -886,15 +891,7 @@ async fn sigterm_to_the_agent_mid_fault_rolls_it_back_before_exiting() {
     let operator = Operator::start(&c.server, &c.admin).await;
     let mut agent = c.agent();
     let (_app, pid, before) = squeeze(&c, &agent).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while memory_usage(pid) < before + 90 * 1024 * 1024 {
-        assert!(
-            Instant::now() < deadline,
-            "the container's memory never grew"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!workers_alive(&c.state()).is_empty());
+    wait_squeezed(&c, pid, before).await;
     let status = agent.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status:?}: {}", agent.log_text());
     // Undone by the time the agent has exited: nothing is left for a restart to clean.
