@@ -177,18 +177,7 @@ impl BeneathSink {
             })?;
         }
         let tmp = format!(".{leaf}.{}.tmp", std::process::id());
-        let fd = openat(
-            &dir,
-            tmp.as_str(),
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o644),
-        )
-        .or_else(|e| {
-            // A temporary file an interrupted write left behind (ours: the name has our pid).
-            if e != Errno::EEXIST {
-                return Err(e);
-            }
-            nix::unistd::unlinkat(&dir, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir)?;
+        let create = || {
             openat(
                 &dir,
                 tmp.as_str(),
@@ -199,8 +188,17 @@ impl BeneathSink {
                     | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o644),
             )
-        })
-        .map_err(|e| format!("creating {leaf}: {e}"))?;
+        };
+        let fd = create()
+            .or_else(|e| {
+                // A temporary file an interrupted write left behind (ours: the name has our pid).
+                if e != Errno::EEXIST {
+                    return Err(e);
+                }
+                nix::unistd::unlinkat(&dir, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir)?;
+                create()
+            })
+            .map_err(|e| format!("creating {leaf}: {e}"))?;
         let mut file = std::fs::File::from(fd);
         std::io::Write::write_all(&mut file, data)
             .and_then(|()| file.sync_all())

@@ -57,13 +57,17 @@ async fn start_pending(
     tool: &ValidatedTool,
 ) {
     let name = ephemeral::container_name(&pt.name_any(), &pt.uid().unwrap_or_default());
+    // One answer for the whole PowerTool: its output URL is the same for every target.
+    let allowed = crate::controller::output_allowed(pt, ctx);
     for t in status
         .targets
         .iter_mut()
         .filter(|t| t.phase == Some(TargetPhase::Pending))
     {
-        let allowed = crate::controller::output_allowed(pt, ctx);
-        let url = match allowed.and_then(|()| output_url(pt, t, &ctx.artifacts)) {
+        let url = match allowed
+            .clone()
+            .and_then(|()| output_url(pt, t, &ctx.artifacts))
+        {
             Ok(url) => url.to_string(),
             Err(e) => {
                 t.phase = Some(TargetPhase::Failed);
