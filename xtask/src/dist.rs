@@ -280,11 +280,13 @@ pub fn build(out: &Path) -> Result<Vec<PathBuf>> {
 
 /// `podman run` as it works on hybrid-cgroup hosts: runc (crun fails there) and explicit
 /// rlimits (runc may not raise the defaults it would otherwise copy).
-const PODMAN_RUN: [&str; 8] = [
+const PODMAN_RUN: [&str; 9] = [
     "--runtime",
     "runc",
     "run",
     "--rm",
+    // The checks need no network: nothing they run may reach another address.
+    "--network=none",
     "--ulimit",
     "nofile=1024:1024",
     "--ulimit",
