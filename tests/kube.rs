@@ -919,3 +919,21 @@ async fn a_config_change_rechecks_admitted_powertools() {
     );
     operator.stop().await;
 }
+
+/// A shutdown that comes before the controllers have listed anything (an operator pod deleted as
+/// it starts, or an API server slow to answer) ends them, rather than waiting for the first list
+/// that the shutdown itself cancelled.
+#[tokio::test]
+async fn an_operator_stopped_as_it_starts_stops() {
+    let Some(server) = ApiServer::start("an_operator_stopped_as_it_starts_stops") else {
+        return;
+    };
+    let admin = server.client().await;
+    install_crds(&admin).await;
+    let store = tempfile::tempdir().unwrap();
+    let artifacts = url::Url::from_directory_path(store.path()).unwrap();
+    Operator::start_with(&server, &admin, Some(artifacts))
+        .await
+        .stop()
+        .await;
+}

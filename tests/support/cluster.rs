@@ -328,10 +328,18 @@ impl Operator {
         Self { stop, tasks }
     }
 
+    /// Signals shutdown and waits for every controller to end; one still running well after its
+    /// grace period fails the test instead of hanging it.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
+        let bound = toe_operator::shutdown::GRACE + Duration::from_secs(30);
         for t in self.tasks {
-            t.await.unwrap();
+            tokio::time::timeout(bound, t)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("an operator controller still ran {bound:?} after shutdown")
+                })
+                .unwrap();
         }
     }
 }

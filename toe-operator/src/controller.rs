@@ -633,8 +633,9 @@ pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     opts: Options,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let signal = crate::shutdown::Signal::new(shutdown);
     let configs_api: Api<PowerToolConfig> = Api::all(client.clone());
     let (store, writer) = reflector::store();
     let (changed, config_events) = futures::channel::mpsc::channel::<()>(16);
@@ -653,7 +654,10 @@ pub async fn run(
             }
         }
     });
-    if store.wait_until_ready().await.is_err() {
+    if !matches!(
+        signal.unless_fired(store.wait_until_ready()).await,
+        Some(Ok(()))
+    ) {
         return;
     }
     let recorder = Recorder::new(
@@ -675,10 +679,13 @@ pub async fn run(
         metrics,
         recorder,
     });
-    Controller::new(Api::<PowerTool>::all(client), watcher::Config::default())
+    let controller = Controller::new(Api::<PowerTool>::all(client), watcher::Config::default())
         .reconcile_all_on(config_events)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .graceful_shutdown_on(signal.fired());
+    let powertools = controller.store();
+    let results = controller.run(reconcile, error_policy, ctx);
+    signal
+        .bound(results, move || crate::shutdown::listed(&powertools))
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "reconcile");

@@ -12,4 +12,5 @@ pub mod processing;
 pub use toe_common::api::rbac;
 pub mod reports;
 pub mod selection;
+pub mod shutdown;
 pub mod webhook;

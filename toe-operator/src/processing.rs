@@ -641,27 +641,31 @@ pub async fn run(
     client: Client,
     opts: ProcessingOptions,
     metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let signal = crate::shutdown::Signal::new(shutdown);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         opts,
         metrics,
     });
-    Controller::new(
+    let controller = Controller::new(
         Api::<PowerToolProcessing>::all(client),
         watcher::Config::default(),
     )
     // One processing at a time: each holds a whole window of profiles in memory.
     .with_config(kube::runtime::controller::Config::default().concurrency(1))
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "processing reconcile");
-        }
-    })
-    .await;
+    .graceful_shutdown_on(signal.fired());
+    let processings = controller.store();
+    let results = controller.run(reconcile, error_policy, ctx);
+    signal
+        .bound(results, move || crate::shutdown::listed(&processings))
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "processing reconcile");
+            }
+        })
+        .await;
 }
 
 #[cfg(test)]

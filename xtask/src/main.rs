@@ -147,23 +147,71 @@ fn bootstrap_tests() -> Result<PathBuf> {
     Ok(helm)
 }
 
+/// The wall time of each stage of `cargo xtask test`, printed as each ends and all together when
+/// the run ends (passed or not), so a slow or cut-off CI run shows where its time went.
+struct Stages {
+    start: std::time::Instant,
+    done: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Stages {
+    fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn run<T>(&mut self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let t = std::time::Instant::now();
+        let r = f();
+        let took = t.elapsed();
+        eprintln!("xtask: {name}: {}", minutes(took));
+        self.done.push((name, took));
+        r
+    }
+}
+
+impl Drop for Stages {
+    fn drop(&mut self) {
+        let each: Vec<String> = self
+            .done
+            .iter()
+            .map(|(n, d)| format!("{n} {}", minutes(*d)))
+            .collect();
+        eprintln!(
+            "xtask: {} in all ({})",
+            minutes(self.start.elapsed()),
+            each.join(", ")
+        );
+    }
+}
+
+fn minutes(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m{:02}s", s / 60, s % 60)
+}
+
 fn test(extra: &[String]) -> Result<()> {
-    let helm = bootstrap_tests()?;
-    // rustfmt.toml uses nightly-only options (import grouping), so formatting is nightly's.
-    run(Command::new("rustup")
-        .current_dir(root())
-        .args(["run", "nightly", "cargo", "fmt", "--all", "--check"]))
-    .context("formatting differs: run `cargo +nightly fmt --all`")?;
-    run(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--release",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    build_release()?;
+    let mut stages = Stages::new();
+    let helm = stages.run("bootstrap", bootstrap_tests)?;
+    stages.run("format and lints", || {
+        // rustfmt.toml uses nightly-only options (import grouping), so formatting is nightly's.
+        run(Command::new("rustup")
+            .current_dir(root())
+            .args(["run", "nightly", "cargo", "fmt", "--all", "--check"]))
+        .context("formatting differs: run `cargo +nightly fmt --all`")?;
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    stages.run("release build", build_release)?;
     let mut c = cargo();
     c.args(["test", "--workspace", "--release"]);
     // Root-only tests must not skip in CI: a skip there would hide a broken kernel path.
@@ -183,14 +231,16 @@ fn test(extra: &[String]) -> Result<()> {
     c.env("TOE_HELM", helm);
     c.env("TOE_ACTION_VALIDATOR", bootstrap::action_validator_path());
     c.args(extra);
-    run(&mut c)?;
+    stages.run("tests (build and run)", || run(&mut c))?;
     // The release artifacts, as `cargo xtask dist --check` builds and verifies them (a filtered
     // run is for one test, not for this).
     if extra.is_empty() {
         if is_root() {
             let out = root().join("target/dist-check");
-            dist::build(&out)?;
-            dist::check(&out).context("cargo xtask dist --check")?;
+            stages.run("release artifacts", || {
+                dist::build(&out)?;
+                dist::check(&out).context("cargo xtask dist --check")
+            })?;
         } else {
             eprintln!("xtask: not root: skipping the release artifacts' check (images need root)");
         }

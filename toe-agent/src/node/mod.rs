@@ -428,8 +428,20 @@ pub async fn run(
     let changed = Arc::new(Notify::new());
     let configs = follow(Api::<PowerToolConfig>::all(client.clone()), changed.clone());
     let powertools = follow(Api::<PowerTool>::all(client.clone()), changed.clone());
-    configs.wait_until_ready().await?;
-    powertools.wait_until_ready().await?;
+    tokio::pin!(shutdown);
+    // A SIGTERM before the first lists (an API server that does not answer) ends the agent: it
+    // has started nothing yet.
+    tokio::select! {
+        biased;
+        () = &mut shutdown => {
+            tracing::info!("stopping before the first list of PowerTools");
+            return Ok(());
+        }
+        r = async {
+            configs.wait_until_ready().await?;
+            powertools.wait_until_ready().await
+        } => r?,
+    }
 
     let spool = Spool::open(&state).context("opening the spool")?;
     let mut started = resume(&spool, &recovered)?;
@@ -451,7 +463,6 @@ pub async fn run(
     let uploads = tokio::spawn(uploader(ctx.clone()));
     let mut active: BTreeMap<Key, Active> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
