@@ -15,7 +15,7 @@ use std::{
 /// handed to someone else between choosing it and the server binding it. Each test process gets
 /// its own block (tests of one binary share it through the counter; binaries run one at a time),
 /// and a port something already holds is skipped.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     const BLOCK: u32 = 120;
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let base = 20_000 + (std::process::id() % 100) * BLOCK;

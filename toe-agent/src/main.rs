@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use toe_agent::{
     plan::{self, RunRequest},
     run::{self, Ui},
-    sink::ObjectStoreSink,
+    sink::{ArtifactSink as _, ObjectStoreSink, SpoolingSink},
     targets::TargetSpec,
 };
 use toe_common::api::{ArgKind, catalogue, format_duration, format_size};
@@ -480,7 +480,19 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let sink = ObjectStoreSink::new(&plan.output)?;
+    // Where the artifacts go if the store fails at the end: kept on this machine, never lost.
+    let run_id = plan
+        .output
+        .path_segments()
+        .and_then(|mut s| s.rfind(|p| !p.is_empty()))
+        .unwrap_or("run")
+        .to_owned();
+    let sink = SpoolingSink::new(
+        Box::new(ObjectStoreSink::new(&plan.output)?),
+        toe_agent::tools::faults::ledger::state_dir()
+            .join("local-spool")
+            .join(run_id),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -489,6 +501,14 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
     let ui = Ui {
         progress: !args.no_progress && std::io::stderr().is_terminal(),
     };
+    // Before anything is attached: a run must not collect what it then cannot keep.
+    runtime.block_on(sink.check()).map_err(|e| {
+        anyhow::anyhow!(
+            "the output {} does not take a write: {}; nothing was started",
+            plan.output,
+            e.reason()
+        )
+    })?;
     let outcome = runtime.block_on(async {
         let mut control = run::Control::on_signals()?;
         if !ui.progress {
@@ -510,6 +530,13 @@ fn run_cmd(args: &RunArgs) -> Result<ExitCode> {
         let _ = writeln!(std::io::stdout().lock(), "{json}");
     } else {
         eprint!("{}", toe_artifacts::summary::render(&outcome.summary));
+    }
+    if let Some((dir, why)) = sink.spooled() {
+        eprintln!(
+            "toe: error: the store did not take the artifacts ({why}); they are kept in {}",
+            dir.display()
+        );
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::from(
         u8::try_from(outcome.exit_code.clamp(0, 255)).unwrap_or(1),

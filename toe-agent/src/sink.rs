@@ -9,26 +9,52 @@ use futures::future::BoxFuture;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload, path::Path as StorePath};
 use url::Url;
 
+/// Why an artifact could not be stored, in one line (see [`toe_artifacts::store::explain`]).
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("output URL {url}: {source}")]
-    Url {
-        url: String,
-        #[source]
-        source: object_store::Error,
-    },
-    #[error("writing {location}: {source}")]
-    Put {
-        location: String,
-        #[source]
-        source: object_store::Error,
-    },
+    #[error("output URL {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("writing {location}: {reason}")]
+    Put { location: String, reason: String },
+}
+
+impl SinkError {
+    fn url(url: &Url, e: &object_store::Error) -> Self {
+        Self::Url {
+            url: url.to_string(),
+            reason: toe_artifacts::store::explain(e),
+        }
+    }
+
+    pub(crate) fn put(location: impl std::fmt::Display, reason: impl std::fmt::Display) -> Self {
+        Self::Put {
+            location: location.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The reason alone, without the artifact it was about.
+    #[must_use]
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Url { reason, .. } | Self::Put { reason, .. } => reason,
+        }
+    }
 }
 
 pub trait ArtifactSink: Send + Sync {
     /// Stores `data` as `name` under the run's location; returns where it went.
     fn put<'a>(&'a self, name: &'a str, data: Bytes) -> BoxFuture<'a, Result<String, SinkError>>;
+
+    /// Whether the store takes a write, asked before anything is attached so that a run never
+    /// collects what it then cannot keep.
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
+
+/// The object a write check leaves for a moment in the run's directory.
+const WRITE_CHECK: &str = ".toe-write-check";
 
 /// Artifacts under one prefix of an object store.
 pub struct ObjectStoreSink {
@@ -41,12 +67,8 @@ impl ObjectStoreSink {
     /// `url` is the run's directory, e.g. `file:///work/toe-output/cpu-profile-…/`.
     pub fn new(url: &Url) -> Result<Self, SinkError> {
         let (store, prefix) =
-            object_store::parse_url_opts(url, toe_artifacts::store::env_options()).map_err(
-                |source| SinkError::Url {
-                    url: url.to_string(),
-                    source,
-                },
-            )?;
+            object_store::parse_url_opts(url, toe_artifacts::store::env_options())
+                .map_err(|e| SinkError::url(url, &e))?;
         let base = toe_artifacts::store::as_dir(url);
         Ok(Self {
             store,
@@ -65,15 +87,93 @@ impl ArtifactSink for ObjectStoreSink {
             self.store
                 .put(&location, PutPayload::from_bytes(data))
                 .await
-                .map_err(|source| SinkError::Put {
-                    location: location.to_string(),
-                    source,
+                .map_err(|e| {
+                    tracing::debug!(error = ?e, %location, "store write failed");
+                    SinkError::put(
+                        self.base
+                            .join(name)
+                            .map_or_else(|_| location.to_string(), |u| u.to_string()),
+                        toe_artifacts::store::explain(&e),
+                    )
                 })?;
             Ok(self
                 .base
                 .join(name)
                 .map_or_else(|_| location.to_string(), |u| u.to_string()))
         })
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.put(WRITE_CHECK, Bytes::new()).await?;
+            // A store that lets us write but not delete keeps an empty object; that is all.
+            let _ = self
+                .store
+                .delete(&self.prefix.clone().join(WRITE_CHECK))
+                .await;
+            Ok(())
+        })
+    }
+}
+
+/// Writes to `primary` until a write fails, then keeps that artifact and every later one in a
+/// local directory, so that a store failing at the end of a run loses nothing (the node agent's
+/// spool does the same, and retries).
+pub struct SpoolingSink {
+    primary: Box<dyn ArtifactSink>,
+    dir: std::path::PathBuf,
+    /// Why the primary store failed; from then on every artifact goes to `spool`.
+    failed: Mutex<Option<String>>,
+    spool: std::sync::OnceLock<ObjectStoreSink>,
+}
+
+impl SpoolingSink {
+    #[must_use]
+    pub fn new(primary: Box<dyn ArtifactSink>, dir: std::path::PathBuf) -> Self {
+        Self {
+            primary,
+            dir,
+            failed: Mutex::new(None),
+            spool: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Where the artifacts were kept instead, and why, once the primary store failed.
+    #[must_use]
+    pub fn spooled(&self) -> Option<(std::path::PathBuf, String)> {
+        let why = self.failed.lock().expect("not poisoned").clone()?;
+        Some((self.dir.clone(), why))
+    }
+
+    fn spool(&self) -> Result<&ObjectStoreSink, SinkError> {
+        if let Some(s) = self.spool.get() {
+            return Ok(s);
+        }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| SinkError::put(self.dir.display(), format!("creating the spool: {e}")))?;
+        let url = Url::from_directory_path(&self.dir)
+            .map_err(|()| SinkError::put(self.dir.display(), "not an absolute path"))?;
+        Ok(self
+            .spool
+            .get_or_init(|| ObjectStoreSink::new(&url).expect("file:// opens")))
+    }
+}
+
+impl ArtifactSink for SpoolingSink {
+    fn put<'a>(&'a self, name: &'a str, data: Bytes) -> BoxFuture<'a, Result<String, SinkError>> {
+        Box::pin(async move {
+            if self.failed.lock().expect("not poisoned").is_none() {
+                match self.primary.put(name, data.clone()).await {
+                    Ok(at) => return Ok(at),
+                    Err(e) => *self.failed.lock().expect("not poisoned") = Some(e.to_string()),
+                }
+            }
+            self.spool()?.put(name, data).await
+        })
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        self.primary.check()
     }
 }
 
@@ -121,9 +221,7 @@ impl BeneathSink {
     pub fn new(url: &Url, allowed: &[Url]) -> Result<Self, SinkError> {
         let (root, below) = beneath(url, allowed).ok_or_else(|| SinkError::Url {
             url: url.to_string(),
-            source: object_store::Error::NotSupported {
-                source: "not below an output location this node allows".into(),
-            },
+            reason: "not below an output location this node allows".into(),
         })?;
         Ok(Self {
             root,
@@ -211,13 +309,8 @@ impl BeneathSink {
 impl ArtifactSink for BeneathSink {
     fn put<'a>(&'a self, name: &'a str, data: Bytes) -> BoxFuture<'a, Result<String, SinkError>> {
         Box::pin(async move {
-            self.write(name, &data).map_err(|why| SinkError::Put {
-                location: name.to_owned(),
-                source: object_store::Error::Generic {
-                    store: "file",
-                    source: why.into(),
-                },
-            })?;
+            self.write(name, &data)
+                .map_err(|why| SinkError::put(name, why))?;
             Ok(self
                 .base
                 .join(name)

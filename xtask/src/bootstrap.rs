@@ -134,6 +134,36 @@ pub fn toolchain() -> Result<()> {
     Ok(())
 }
 
+/// The S3-compatible server the tests run on loopback: s3s-fs checks SigV4 signatures (wrong
+/// keys are refused as a real store refuses them) and keeps buckets as directories. 0.14 is the
+/// newest whose rust-version fits the installed stable.
+const S3S_FS_VERSION: &str = "0.14.1";
+
+#[must_use]
+pub fn s3_server_path() -> PathBuf {
+    cache_dir().join("tools/bin/s3s-fs")
+}
+
+/// Builds s3s-fs into the cache once (about 3 minutes).
+pub fn s3_server() -> Result<PathBuf> {
+    let bin = s3_server_path();
+    if !runs(&bin, "--version") {
+        eprintln!("bootstrap: building s3s-fs {S3S_FS_VERSION}, the tests' S3 server (once)");
+        run(Command::new("cargo")
+            .args(["install", "--locked", "--root"])
+            .arg(cache_dir().join("tools"))
+            .args([
+                "s3s-fs",
+                "--version",
+                &format!("={S3S_FS_VERSION}"),
+                "--features",
+                "binary",
+            ]))
+        .context("building s3s-fs failed; it needs crates.io")?;
+    }
+    Ok(bin)
+}
+
 /// Tracepoints attach through tracefs.
 pub fn tracefs() -> Result<()> {
     let dir = Path::new("/sys/kernel/tracing");

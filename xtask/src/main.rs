@@ -27,7 +27,8 @@ enum Task {
     /// Install what building and testing TOE needs (idempotent; fast when done).
     Bootstrap {
         /// Also install what the test suite uses: go (`go tool pprof`), podman, and a
-        /// kube-apiserver with etcd (built once from Debian's source package and cached).
+        /// kube-apiserver with etcd (built once from Debian's source package and cached), and an
+        /// S3-compatible server (s3s-fs, built once).
         #[arg(long)]
         tests: bool,
     },
@@ -143,6 +144,7 @@ fn bootstrap_tests() -> Result<PathBuf> {
     let helm = bootstrap::helm()?;
     bootstrap::action_validator()?;
     bootstrap::manifest_validator()?;
+    bootstrap::s3_server()?;
     apiserver::ensure()?;
     Ok(helm)
 }
@@ -230,6 +232,12 @@ fn test(extra: &[String]) -> Result<()> {
     c.env("TOE_KUBE_APISERVER", apiserver::binary());
     c.env("TOE_HELM", helm);
     c.env("TOE_ACTION_VALIDATOR", bootstrap::action_validator_path());
+    c.env("TOE_S3_SERVER", bootstrap::s3_server_path());
+    // An S3 client without credentials asks the cloud's instance-metadata address; in the tests
+    // that question goes to a loopback port nothing serves (the S3 tests point it at a trap that
+    // counts, and fail if anything knocked).
+    c.env("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9");
+    c.env("AWS_EC2_METADATA_DISABLED", "true");
     c.args(extra);
     stages.run("tests (build and run)", || run(&mut c))?;
     // The release artifacts, as `cargo xtask dist --check` builds and verifies them (a filtered

@@ -143,22 +143,13 @@ impl JobDir {
     pub async fn upload(&self, allowed: &[Url]) -> Result<usize, SinkError> {
         let url = Url::parse(&self.job.remote).map_err(|e| SinkError::Url {
             url: self.job.remote.clone(),
-            source: object_store::Error::Generic {
-                store: "url",
-                source: Box::new(e),
-            },
+            reason: e.to_string(),
         })?;
         let store = crate::sink::for_node(&url, allowed)?;
         let mut done = 0;
         for name in self.waiting() {
             let path = self.dir.join("files").join(&name);
-            let data = fs::read(&path).map_err(|e| SinkError::Put {
-                location: path.display().to_string(),
-                source: object_store::Error::Generic {
-                    store: "spool",
-                    source: Box::new(e),
-                },
-            })?;
+            let data = fs::read(&path).map_err(|e| SinkError::put(path.display(), e))?;
             store.put(&name, Bytes::from(data)).await?;
             // Uploaded twice at worst (a crash right here); never lost.
             let _ = fs::remove_file(&path);
@@ -182,13 +173,7 @@ impl ArtifactSink for SpoolSink {
     fn put<'a>(&'a self, name: &'a str, data: Bytes) -> BoxFuture<'a, Result<String, SinkError>> {
         Box::pin(async move {
             let path = self.files.join(name);
-            write_atomically(&path, &data).map_err(|e| SinkError::Put {
-                location: path.display().to_string(),
-                source: object_store::Error::Generic {
-                    store: "spool",
-                    source: Box::new(e),
-                },
-            })?;
+            write_atomically(&path, &data).map_err(|e| SinkError::put(path.display(), e))?;
             Ok(self
                 .remote
                 .join(name)
