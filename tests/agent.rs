@@ -19,6 +19,7 @@ use toe_tests::{
     apiserver::ApiServer,
     cluster::{self, Agent, Operator},
     require_root,
+    s3::S3Server,
 };
 
 /// A started cluster with the CRDs, the example configs, namespace `shop`, this node, and the
@@ -669,6 +670,82 @@ async fn an_object_store_outage_loses_nothing_even_across_an_agent_restart() {
     }
     // Nothing left waiting on the node.
     assert!(walk(&c.state().join("spool")).is_empty());
+    operator.stop().await;
+}
+
+/// The same outage on a real S3 server (s3s-fs, checking signatures): the agent's credentials
+/// come from its environment, the store is down while the run ends, the agent is killed and
+/// restarted, and once the store is back every artifact is in the bucket.
+#[tokio::test]
+async fn an_s3_outage_loses_nothing_even_across_an_agent_restart() {
+    let test = "an_s3_outage_loses_nothing_even_across_an_agent_restart";
+    let Some(c) = Cluster::start(test).await else {
+        return;
+    };
+    let Some(mut s3) = S3Server::start(test) else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let bucket = s3.url("");
+    let start_agent = |s3: &S3Server| {
+        Agent::start_with_env(&c.server, &c.node, &c.state(), bucket.as_str(), &s3.env())
+    };
+    s3.stop();
+    let mut agent = start_agent(&s3);
+    let target = busy("target");
+    c.pod("web-1", "web", &[("app", &target)]).await;
+    c.create(
+        "profile",
+        serde_json::json!({
+            "tool": {"name": "cpu-profile", "duration": "2s"},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
+        }),
+    )
+    .await;
+    let pt = c
+        .wait("profile", "uploading", 60, Some(&agent), |p| {
+            target_phase(p, "web-1").as_deref() == Some("Uploading")
+        })
+        .await;
+    let msg = targets(&pt)[0].message.clone().unwrap();
+    assert!(
+        msg.contains("kept on node")
+            && msg.contains("retrying")
+            && msg.contains("the store's endpoint cannot be reached"),
+        "{msg}"
+    );
+    agent.process.0.kill().unwrap();
+    agent.process.0.wait().unwrap();
+    let agent = start_agent(&s3);
+    s3.resume();
+    let pt = c
+        .wait("profile", "Completed", 120, Some(&agent), |p| {
+            phase(p) == PowerToolPhase::Completed
+        })
+        .await;
+    let t = &targets(&pt)[0];
+    let objects = s3.objects("");
+    for name in [
+        "flamegraph.svg",
+        "cpu.pb.gz",
+        "stacks.folded",
+        "summary.json",
+    ] {
+        let url = artifact(t, name);
+        let key = url
+            .strip_prefix(bucket.as_str())
+            .unwrap_or_else(|| panic!("{url} is not in the bucket"));
+        assert!(
+            objects.contains(&PathBuf::from(key)),
+            "{name} lost: {objects:?}"
+        );
+    }
+    assert!(walk(&c.state().join("spool")).is_empty());
+    assert_eq!(
+        s3.metadata_knocks(),
+        0,
+        "something asked the metadata address"
+    );
     operator.stop().await;
 }
 

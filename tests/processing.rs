@@ -5,7 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, SystemTime},
 };
 
@@ -16,8 +16,11 @@ use kube::{
 };
 use toe_common::api::{PowerTool, PowerToolProcessing, PowerToolProcessingStatus};
 use toe_tests::{
-    apiserver::ApiServer,
-    cluster::{Operator, create_namespace, install_crds, repo},
+    TestProcess,
+    apiserver::{ApiServer, OPERATOR_TOKEN},
+    bin,
+    cluster::{Operator, create_namespace, free_port, install_crds, operator_identity, repo},
+    s3::S3Server,
 };
 use url::Url;
 
@@ -145,7 +148,7 @@ fn record_runs(store: &Path) {
 async fn serves_the_report(server: &ApiServer, admin: &kube::Client, artifacts: &Url, html: &str) {
     // The server authenticates readers as the operator does in a cluster: as the operator's own
     // identity, with its ClusterRole.
-    let operator = server.client_as(toe_tests::apiserver::OPERATOR_TOKEN).await;
+    let operator = server.client_as(OPERATOR_TOKEN).await;
     let app = toe_operator::reports::router(
         toe_operator::reports::Reports::new(
             artifacts,
@@ -323,6 +326,103 @@ async fn processing_reads_the_window_of_selected_runs_and_serves_the_report() {
 
     serves_the_report(&server, &admin, &artifacts, &html).await;
     operator.stop().await;
+}
+
+/// The operator binary itself, its store a real S3 server (credentials from its environment, as
+/// the chart's `envFrom` gives them): it reads the recorded captures from the bucket, writes the
+/// report there, and its report server serves it from there.
+#[tokio::test]
+async fn the_operator_processes_captures_in_s3_and_serves_the_report_from_it() {
+    let test = "the_operator_processes_captures_in_s3_and_serves_the_report_from_it";
+    let Some(server) = ApiServer::start(test) else {
+        return;
+    };
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let admin = server.client().await;
+    install_crds(&admin).await;
+    create_namespace(&admin, "shop", &serde_json::json!({})).await;
+    record_runs(&s3.path("store"));
+    let tools: Api<PowerTool> = Api::namespaced(admin.clone(), "shop");
+    for (name, team) in [("checkout-cpu", "checkout"), ("checkout-stop", "none")] {
+        apply(
+            &tools,
+            name,
+            &powertool(name, &serde_json::json!({"team": team})),
+        )
+        .await
+        .unwrap();
+    }
+    // The bindings the chart gives the operator's ServiceAccount.
+    let _ = operator_identity(&server, &admin).await;
+    let reports = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut operator = TestProcess(
+        Command::new(bin("toe-operator"))
+            .args(["--artifacts", s3.url("store/").as_str()])
+            .arg(format!("--metrics-addr=127.0.0.1:{}", free_port()))
+            .arg(format!("--report-addr=127.0.0.1:{reports}"))
+            .args(["--report-auth", "open", "--lease-namespace", "toe-system"])
+            .env("KUBECONFIG", server.kubeconfig_as(OPERATOR_TOKEN))
+            .envs(s3.env())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("toe-operator"),
+    );
+    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
+    apply(
+        &api,
+        "weekly",
+        &processing(
+            "weekly",
+            &serde_json::json!({
+                "selector": {"matchLabels": {"team": "checkout"}},
+                "names": ["checkout-stop"],
+                "schedule": "1h", "window": "24h",
+                "outputs": ["mergedPprof", "htmlReport"]
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let status = wait_status(&api, "weekly", "a report", |s| s.report.is_some()).await;
+    let ready = condition(&status, "Ready").unwrap();
+    assert_eq!(
+        (
+            ready.status.as_str(),
+            ready.reason.as_str(),
+            status.captures
+        ),
+        ("True", "Processed", Some(4)),
+        "{ready:?}; the operator's log: {}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
+    let report = status.report.unwrap();
+    let key = report
+        .strip_prefix(s3.url("").as_str())
+        .unwrap_or_else(|| panic!("the report {report} is not in the bucket"));
+    assert!(key.starts_with("store/_reports/shop/weekly/"), "{key}");
+    let stored = String::from_utf8(s3.read(Path::new(key))).unwrap();
+    assert!(stored.contains("checkout-stop/g2-bbbbbbbb"));
+    let served = reqwest::get(format!(
+        "http://127.0.0.1:{reports}/reports/shop/weekly/latest/report.html"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(served.status(), 200);
+    assert_eq!(served.text().await.unwrap(), stored);
+    assert_eq!(
+        s3.metadata_knocks(),
+        0,
+        "something asked the metadata address"
+    );
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(operator.pid()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let _ = operator.0.wait();
 }
 
 /// An API server with the CRDs and namespace `shop`, the operator's controllers over a fresh

@@ -437,6 +437,18 @@ impl Agent {
     /// Starts the agent; `state` survives restarts (the node's `/var/lib/toe`).
     #[must_use]
     pub fn start(server: &ApiServer, node: &str, state: &Path, output: &str) -> Self {
+        Self::start_with_env(server, node, state, output, &[])
+    }
+
+    /// As [`Self::start`], with `env` added to the agent's environment (a store's credentials).
+    #[must_use]
+    pub fn start_with_env(
+        server: &ApiServer,
+        node: &str,
+        state: &Path,
+        output: &str,
+        env: &[(String, String)],
+    ) -> Self {
         std::fs::create_dir_all(state).unwrap();
         let log = state.join(format!(
             "agent-{}.log",
@@ -463,6 +475,7 @@ impl Agent {
                 format!("file://{}/", state.parent().unwrap_or(state).display()),
             )
             .env("TOE_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

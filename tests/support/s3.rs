@@ -126,6 +126,12 @@ impl S3Server {
         rel
     }
 
+    /// Where object `key` of [`BUCKET`] lives on the server's disk (to seed recorded objects).
+    #[must_use]
+    pub fn path(&self, key: &str) -> PathBuf {
+        self.root.path().join(BUCKET).join(key)
+    }
+
     /// The bytes of object `key` of [`BUCKET`].
     #[must_use]
     pub fn read(&self, key: &Path) -> Vec<u8> {
