@@ -96,6 +96,27 @@ impl Cluster {
         .await;
     }
 
+    /// A busy container in pod web-1 (app web) and a cpu-profile PowerTool `name` of it for
+    /// `duration`, `extra` merged into its spec. The container lives as long as it is held.
+    async fn profile_busy_web(
+        &self,
+        name: &str,
+        duration: &str,
+        extra: serde_json::Value,
+    ) -> Container {
+        let target = busy("target");
+        self.pod("web-1", "web", &[("app", &target)]).await;
+        let mut spec = serde_json::json!({
+            "tool": {"name": "cpu-profile", "duration": duration},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
+        });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            spec[k] = v.clone();
+        }
+        self.create(name, spec).await;
+        target
+    }
+
     async fn create(&self, name: &str, spec: serde_json::Value) {
         let pt: PowerTool = serde_json::from_value(serde_json::json!({
             "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
@@ -490,16 +511,9 @@ async fn sigterm_to_the_agent_mid_profile_saves_partial_artifacts_and_marks_inte
     };
     let operator = Operator::start(&c.server, &c.admin).await;
     let mut agent = c.agent();
-    let target = busy("target");
-    c.pod("web-1", "web", &[("app", &target)]).await;
-    c.create(
-        "long-profile",
-        serde_json::json!({
-            "tool": {"name": "cpu-profile", "duration": "5m"},
-            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
-        }),
-    )
-    .await;
+    let _target = c
+        .profile_busy_web("long-profile", "5m", serde_json::json!({}))
+        .await;
     c.wait("long-profile", "running", 60, Some(&agent), |p| {
         target_phase(p, "web-1").as_deref() == Some("Running")
     })
@@ -625,19 +639,15 @@ async fn an_object_store_outage_loses_nothing_even_across_an_agent_restart() {
     let allowed = vec![url::Url::parse(&url_of(&blocked)).unwrap()];
     let operator = Operator::start_allowing(&c.server, &c.admin, None, allowed).await;
     let mut agent = c.agent();
-    let target = busy("target");
-    c.pod("web-1", "web", &[("app", &target)]).await;
     std::fs::write(&blocked, b"in the way").unwrap();
     let store = blocked.join("store");
-    c.create(
-        "profile",
-        serde_json::json!({
-            "tool": {"name": "cpu-profile", "duration": "2s"},
-            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
-            "output": {"url": url_of(&store)},
-        }),
-    )
-    .await;
+    let _target = c
+        .profile_busy_web(
+            "profile",
+            "2s",
+            serde_json::json!({"output": {"url": url_of(&store)}}),
+        )
+        .await;
     let pt = c
         .wait("profile", "uploading", 60, Some(&agent), |p| {
             target_phase(p, "web-1").as_deref() == Some("Uploading")
@@ -692,16 +702,9 @@ async fn an_s3_outage_loses_nothing_even_across_an_agent_restart() {
     };
     s3.stop();
     let mut agent = start_agent(&s3);
-    let target = busy("target");
-    c.pod("web-1", "web", &[("app", &target)]).await;
-    c.create(
-        "profile",
-        serde_json::json!({
-            "tool": {"name": "cpu-profile", "duration": "2s"},
-            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}},
-        }),
-    )
-    .await;
+    let _target = c
+        .profile_busy_web("profile", "2s", serde_json::json!({}))
+        .await;
     let pt = c
         .wait("profile", "uploading", 60, Some(&agent), |p| {
             target_phase(p, "web-1").as_deref() == Some("Uploading")

@@ -73,6 +73,20 @@ fn powertool(name: &str, labels: &serde_json::Value) -> serde_json::Value {
     })
 }
 
+/// PowerTools of `shop`, each labelled `team`, as the recorded runs name them.
+async fn label_powertools(admin: &kube::Client, teams: &[(&str, &str)]) {
+    let tools: Api<PowerTool> = Api::namespaced(admin.clone(), "shop");
+    for (name, team) in teams {
+        apply(
+            &tools,
+            name,
+            &powertool(name, &serde_json::json!({"team": team})),
+        )
+        .await
+        .unwrap();
+    }
+}
+
 fn processing(name: &str, spec: &serde_json::Value) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "toe.run/v1alpha1", "kind": "PowerToolProcessing",
@@ -241,20 +255,15 @@ async fn processing_reads_the_window_of_selected_runs_and_serves_the_report() {
     create_namespace(&admin, "shop", &serde_json::json!({})).await;
     let store = tempfile::tempdir().unwrap();
     record_runs(store.path());
-    let tools: Api<PowerTool> = Api::namespaced(admin.clone(), "shop");
-    for (name, team) in [
-        ("checkout-cpu", "checkout"),
-        ("checkout-stop", "none"),
-        ("other-cpu", "other"),
-    ] {
-        apply(
-            &tools,
-            name,
-            &powertool(name, &serde_json::json!({"team": team})),
-        )
-        .await
-        .unwrap();
-    }
+    label_powertools(
+        &admin,
+        &[
+            ("checkout-cpu", "checkout"),
+            ("checkout-stop", "none"),
+            ("other-cpu", "other"),
+        ],
+    )
+    .await;
     let artifacts = Url::from_directory_path(store.path()).unwrap();
     let operator = Operator::start_with(&server, &admin, Some(artifacts.clone())).await;
     let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
@@ -344,16 +353,11 @@ async fn the_operator_processes_captures_in_s3_and_serves_the_report_from_it() {
     install_crds(&admin).await;
     create_namespace(&admin, "shop", &serde_json::json!({})).await;
     record_runs(&s3.path("store"));
-    let tools: Api<PowerTool> = Api::namespaced(admin.clone(), "shop");
-    for (name, team) in [("checkout-cpu", "checkout"), ("checkout-stop", "none")] {
-        apply(
-            &tools,
-            name,
-            &powertool(name, &serde_json::json!({"team": team})),
-        )
-        .await
-        .unwrap();
-    }
+    label_powertools(
+        &admin,
+        &[("checkout-cpu", "checkout"), ("checkout-stop", "none")],
+    )
+    .await;
     // The bindings the chart gives the operator's ServiceAccount.
     let _ = operator_identity(&server, &admin).await;
     let reports = free_port();
