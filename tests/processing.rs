@@ -353,6 +353,13 @@ async fn the_operator_processes_captures_in_s3_and_serves_the_report_from_it() {
     install_crds(&admin).await;
     create_namespace(&admin, "shop", &serde_json::json!({})).await;
     record_runs(&s3.path("store"));
+    // A report from three days ago, past the 24 h retention: processing deletes it from the bucket.
+    let expired = s3.path(&format!(
+        "store/_reports/shop/weekly/{}/report.html",
+        toe_artifacts::store::stamp(SystemTime::now() - Duration::from_hours(72))
+    ));
+    std::fs::create_dir_all(expired.parent().unwrap()).unwrap();
+    std::fs::write(&expired, "an old report").unwrap();
     label_powertools(
         &admin,
         &[("checkout-cpu", "checkout"), ("checkout-stop", "none")],
@@ -386,7 +393,7 @@ async fn the_operator_processes_captures_in_s3_and_serves_the_report_from_it() {
             &serde_json::json!({
                 "selector": {"matchLabels": {"team": "checkout"}},
                 "names": ["checkout-stop"],
-                "schedule": "1h", "window": "24h",
+                "schedule": "1h", "window": "24h", "retention": "24h",
                 "outputs": ["mergedPprof", "htmlReport"]
             }),
         ),
@@ -419,6 +426,16 @@ async fn the_operator_processes_captures_in_s3_and_serves_the_report_from_it() {
     .unwrap();
     assert_eq!(served.status(), 200);
     assert_eq!(served.text().await.unwrap(), stored);
+    assert!(
+        !expired.exists(),
+        "the expired report is still in the bucket"
+    );
+    assert!(
+        s3.objects("store/_reports/shop/weekly")
+            .iter()
+            .all(|o| o.starts_with(Path::new(key).parent().unwrap())),
+        "only this processing's report remains"
+    );
     assert_eq!(
         s3.metadata_knocks(),
         0,

@@ -105,6 +105,11 @@ impl ArtifactSink for ObjectStoreSink {
 
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
+            if let Ok(dir) = self.base.to_file_path() {
+                // A directory of this machine: asked without creating the run's directory, so a
+                // run refused later (a bad target) leaves nothing behind.
+                return writable_dir(&dir).map_err(|why| SinkError::put(&self.base, why));
+            }
             self.put(WRITE_CHECK, Bytes::new()).await?;
             // A store that lets us write but not delete keeps an empty object; that is all.
             let _ = self
@@ -114,6 +119,20 @@ impl ArtifactSink for ObjectStoreSink {
             Ok(())
         })
     }
+}
+
+/// Whether files can be created in `dir`: the nearest directory of it that exists must be one
+/// this process may write to (on a filesystem mounted read-write).
+fn writable_dir(dir: &std::path::Path) -> Result<(), String> {
+    let existing = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or_else(|| std::path::Path::new("/"));
+    if !existing.is_dir() {
+        return Err(format!("{} is not a directory", existing.display()));
+    }
+    nix::unistd::access(existing, nix::unistd::AccessFlags::W_OK)
+        .map_err(|e| format!("{} cannot be written: {e}", existing.display()))
 }
 
 /// Writes to `primary` until a write fails, then keeps that artifact and every later one in a
@@ -365,6 +384,25 @@ mod tests {
             where_.starts_with("file://") && where_.ends_with("/run-1/a.txt"),
             "{where_}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_local_write_check_creates_nothing_and_names_what_is_in_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("out/run-1");
+        ObjectStoreSink::new(&dir_url(&run))
+            .unwrap()
+            .check()
+            .await
+            .unwrap();
+        assert!(!dir.path().join("out").exists());
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let err = ObjectStoreSink::new(&dir_url(&dir.path().join("file/run-1")))
+            .unwrap()
+            .check()
+            .await
+            .unwrap_err();
+        assert!(err.reason().ends_with("/file is not a directory"), "{err}");
     }
 
     fn dir_url(p: &std::path::Path) -> Url {

@@ -307,7 +307,7 @@ async fn file(State(r): State<Reports>, headers: HeaderMap, Path(path): Path<Str
         Err(object_store::Error::NotFound { .. }) => {
             return error(StatusCode::NOT_FOUND, "no such file");
         }
-        Err(e) => return error(StatusCode::BAD_GATEWAY, &e.to_string()),
+        Err(e) => return error(StatusCode::BAD_GATEWAY, &toe_artifacts::store::explain(&e)),
     };
     match got.bytes().await {
         Ok(body) => {
@@ -322,7 +322,7 @@ async fn file(State(r): State<Reports>, headers: HeaderMap, Path(path): Path<Str
             )
                 .into_response()
         }
-        Err(e) => error(StatusCode::BAD_GATEWAY, &e.to_string()),
+        Err(e) => error(StatusCode::BAD_GATEWAY, &toe_artifacts::store::explain(&e)),
     }
 }
 
