@@ -117,6 +117,17 @@ impl Cluster {
         target
     }
 
+    /// Waits until web-1's run of PowerTool `name` waits on the node for its store; the
+    /// target's status message then.
+    async fn uploading_message(&self, name: &str, agent: &Agent) -> String {
+        let pt = self
+            .wait(name, "uploading", 60, Some(agent), |p| {
+                target_phase(p, "web-1").as_deref() == Some("Uploading")
+            })
+            .await;
+        targets(&pt)[0].message.clone().unwrap()
+    }
+
     async fn create(&self, name: &str, spec: serde_json::Value) {
         let pt: PowerTool = serde_json::from_value(serde_json::json!({
             "apiVersion": "toe.run/v1alpha1", "kind": "PowerTool",
@@ -648,12 +659,7 @@ async fn an_object_store_outage_loses_nothing_even_across_an_agent_restart() {
             serde_json::json!({"output": {"url": url_of(&store)}}),
         )
         .await;
-    let pt = c
-        .wait("profile", "uploading", 60, Some(&agent), |p| {
-            target_phase(p, "web-1").as_deref() == Some("Uploading")
-        })
-        .await;
-    let msg = targets(&pt)[0].message.clone().unwrap();
+    let msg = c.uploading_message("profile", &agent).await;
     assert!(
         msg.contains("kept on node") && msg.contains("retrying"),
         "{msg}"
@@ -705,12 +711,7 @@ async fn an_s3_outage_loses_nothing_even_across_an_agent_restart() {
     let _target = c
         .profile_busy_web("profile", "2s", serde_json::json!({}))
         .await;
-    let pt = c
-        .wait("profile", "uploading", 60, Some(&agent), |p| {
-            target_phase(p, "web-1").as_deref() == Some("Uploading")
-        })
-        .await;
-    let msg = targets(&pt)[0].message.clone().unwrap();
+    let msg = c.uploading_message("profile", &agent).await;
     assert!(
         msg.contains("kept on node")
             && msg.contains("retrying")

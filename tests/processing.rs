@@ -377,7 +377,7 @@ async fn the_operator_processes_captures_in_s3_and_serves_the_report_from_it() {
             .args(["--report-auth", "open", "--lease-namespace", "toe-system"])
             .env("KUBECONFIG", server.kubeconfig_as(OPERATOR_TOKEN))
             .envs(s3.env())
-            .env("RUST_LOG", "info")
+            .env("TOE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
