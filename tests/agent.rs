@@ -715,7 +715,10 @@ async fn an_s3_outage_loses_nothing_even_across_an_agent_restart() {
     assert!(
         msg.contains("kept on node")
             && msg.contains("retrying")
-            && msg.contains("the store's endpoint cannot be reached"),
+            // Refused connections are retried with backoff; on a loaded machine the agent's 3 s
+            // upload timeout can come first, and then that is the reason given.
+            && (msg.contains("the store's endpoint cannot be reached")
+                || msg.contains("no answer within 3s")),
         "{msg}"
     );
     agent.process.0.kill().unwrap();
