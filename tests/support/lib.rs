@@ -197,6 +197,55 @@ impl TestCgroup {
         Some(Self { dirs: vec![dir] })
     }
 
+    /// A cgroup whose CPU is limited to `quota_us` per `period_us`: in the v1 cpu hierarchy at
+    /// the same path where one is mounted (hybrid hosts), else in the v2 tree with its cpu
+    /// controller enabled. `None` when the machine offers neither.
+    #[must_use]
+    pub fn with_cpu_quota(name: &str, quota_us: u64, period_us: u64) -> Option<Self> {
+        let mut cg = Self::new(name);
+        let unique = cg.dirs[0].file_name().expect("name").to_owned();
+        let v1 = Path::new("/sys/fs/cgroup/cpu");
+        if v1.join("cpu.cfs_quota_us").exists() {
+            let dir = v1.join(unique);
+            std::fs::create_dir_all(&dir).expect("create v1 cpu cgroup");
+            std::fs::write(dir.join("cpu.cfs_period_us"), period_us.to_string()).expect("period");
+            std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string()).expect("quota");
+            cg.dirs.push(dir);
+            return Some(cg);
+        }
+        let root = cgroup2_root();
+        let offered = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        if !offered.split_whitespace().any(|c| c == "cpu") {
+            return None;
+        }
+        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+cpu");
+        std::fs::write(
+            cg.dirs[0].join("cpu.max"),
+            format!("{quota_us} {period_us}"),
+        )
+        .expect("cpu.max");
+        Some(cg)
+    }
+
+    /// Periods throttled and nanoseconds throttled so far, from the hierarchy with the quota.
+    #[must_use]
+    pub fn throttled(&self) -> (u64, u64) {
+        let dir = self.dirs.last().expect("a directory");
+        let stat = std::fs::read_to_string(dir.join("cpu.stat")).expect("cpu.stat");
+        let field = |name: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let ns = if dir.join("cpu.cfs_quota_us").exists() {
+            field("throttled_time")
+        } else {
+            field("throttled_usec") * 1000
+        };
+        (field("nr_throttled"), ns)
+    }
+
     /// A child cgroup inside this one.
     #[must_use]
     pub fn child(&self, name: &str) -> Self {

@@ -20,6 +20,15 @@ pub const CPU_FLAMEGRAPH: Name = name("flamegraph", "flamegraph.svg");
 pub const CPU_PPROF: Name = name("pprof", "cpu.pb.gz");
 pub const CPU_FOLDED: Name = name("folded", "stacks.folded");
 
+pub const OFFCPU_FLAMEGRAPH: Name = name("offcpu-flamegraph", "offcpu.svg");
+/// Off-CPU nanoseconds and wait counts.
+pub const OFFCPU_PPROF: Name = name("offcpu-pprof", "offcpu.pb.gz");
+pub const OFFCPU_FOLDED: Name = name("offcpu-folded", "offcpu.folded");
+/// On-CPU samples and off-CPU time on one scale (`--wall`).
+pub const WALL_FLAMEGRAPH: Name = name("wall-flamegraph", "wall.svg");
+pub const WALL_PPROF: Name = name("wall-pprof", "wall.pb.gz");
+pub const WALL_FOLDED: Name = name("wall-folded", "wall.folded");
+
 pub const INUSE_FLAMEGRAPH: Name = name("inuse-flamegraph", "inuse.svg");
 pub const ALLOC_FLAMEGRAPH: Name = name("alloc-flamegraph", "alloc.svg");
 /// In-use and allocated together, as Go's heap profiles are.
@@ -43,4 +52,10 @@ pub const RUN_TIMELINE: Name = name("run-timeline", "run-timeline.svg");
 pub const RUN_TIMELINE_JSON: Name = name("run-timeline-json", "run-timeline.json");
 
 /// The pprof files processing merges.
-pub const PPROF_FILES: [Name; 3] = [CPU_PPROF, HEAP_PPROF, GROWTH_PPROF];
+pub const PPROF_FILES: [Name; 5] = [
+    CPU_PPROF,
+    HEAP_PPROF,
+    GROWTH_PPROF,
+    OFFCPU_PPROF,
+    WALL_PPROF,
+];

@@ -89,6 +89,7 @@ pub fn format_value(v: f64, unit: &str) -> String {
         )]
         "bytes" => crate::bytes(v.max(0.0) as u64),
         "CPUs" => format!("{v:.2} CPUs"),
+        "threads" => format!("{v:.2} threads"),
         "percent" => format!("{v:.1}%"),
         _ => format!("{v:.0} {unit}"),
     }

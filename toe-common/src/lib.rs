@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod memory;
+pub mod offcpu;
 pub mod signals;
 pub mod stacks;
 pub mod targets;

@@ -12,6 +12,8 @@ mod cpu;
 #[cfg(target_arch = "bpf")]
 mod memory;
 #[cfg(target_arch = "bpf")]
+mod offcpu;
+#[cfg(target_arch = "bpf")]
 mod signals;
 #[cfg(target_arch = "bpf")]
 mod stacks;
@@ -46,6 +48,12 @@ mod entries {
     #[tracepoint]
     pub fn toe_mem_fault(ctx: TracePointContext) -> u32 {
         crate::memory::try_fault(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_offcpu_switch(ctx: TracePointContext) -> u32 {
+        crate::offcpu::try_switch(&ctx);
         0
     }
 

@@ -2,8 +2,6 @@
 //! process ever hits them) aggregate into per-site totals in the kernel; a page-fault tracepoint
 //! samples the stacks that fault memory in.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
@@ -25,7 +23,7 @@ use toe_common::{
 
 use crate::{
     stacks,
-    targets::{bump, current_is_target},
+    targets::{add_to, atomic_add, bump, current_is_target},
 };
 
 #[map(name = "TOE_MEM_CONFIG")]
@@ -62,16 +60,6 @@ static EXP: Array<u32> = Array::with_max_entries(EXP_TABLE_LEN, 0);
 #[map(name = "TOE_MEM_COUNTDOWN")]
 static COUNTDOWN: PerCpuArray<i64> = PerCpuArray::with_max_entries(2, 0);
 
-/// `lock *(u64 *)(dst) += v`. The BPF target does not expose `AtomicU64::fetch_add` (it lacks
-/// compare-and-swap in its baseline), but the add itself is a plain BPF atomic instruction.
-///
-/// # Safety
-/// `dst` must be a valid, 8-byte aligned map value.
-#[inline(always)]
-unsafe fn atomic_add(dst: *mut u64, v: u64) {
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dst, v) };
-}
-
 #[inline(always)]
 fn count(c: Counter) {
     bump(&COUNTERS, c as u32);
@@ -79,10 +67,7 @@ fn count(c: Counter) {
 
 #[inline(always)]
 fn add(c: Counter, n: u64) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(c as u32) {
-        // Per-CPU slot: no other writer can race this add.
-        unsafe { *slot += n };
-    }
+    add_to(&COUNTERS, c as u32, n);
 }
 
 fn config() -> MemConfig {

@@ -1,5 +1,7 @@
 //! Shared target maps and the in-kernel target test used by every collector.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
@@ -28,10 +30,25 @@ static FILTER_CONFIG: Array<FilterConfig> = Array::with_max_entries(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TARGET_COUNTER_COUNT, 0);
 
 pub fn bump(map: &PerCpuArray<u64>, index: u32) {
+    add_to(map, index, 1);
+}
+
+#[inline(always)]
+pub fn add_to(map: &PerCpuArray<u64>, index: u32, n: u64) {
     if let Some(slot) = map.get_ptr_mut(index) {
-        // Per-CPU slot: no other writer can race this increment.
-        unsafe { *slot += 1 };
+        // Per-CPU slot: no other writer can race this add.
+        unsafe { *slot += n };
     }
+}
+
+/// `lock *(u64 *)(dst) += v`. The BPF target does not expose `AtomicU64::fetch_add` (it lacks
+/// compare-and-swap in its baseline), but the add itself is a plain BPF atomic instruction.
+///
+/// # Safety
+/// `dst` must be a valid, 8-byte aligned map value.
+#[inline(always)]
+pub unsafe fn atomic_add(dst: *mut u64, v: u64) {
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dst, v) };
 }
 
 /// Whether `id` (a cgroup v2 id) is one of the target cgroups. Descendants count only when user

@@ -20,12 +20,16 @@
 //! `toe-demo contend [SECONDS] [THREADS]`: THREADS (default 4) threads fight over one mutex held
 //! for a short burst of work at `locked_section`: a workload that spends its time in lock and
 //! futex paths.
+//! `toe-demo waits SECONDS OUTFILE`: threads that wait in known ways (sleep, a held lock, a pipe,
+//! vfork's uninterruptible wait, and one that alternates CPU and sleep), each timing its waits;
+//! see `waits.rs`.
 //! `toe-demo send NAME PID SIGNAL COUNT`: renames itself NAME and sends SIGNAL to PID COUNT times;
 //! prints the count sent and the seconds taken.
 //! `toe-demo sendrate NAME PID SIGNAL RATE SECONDS`: the same, paced at RATE per second.
 
 mod memory;
 mod signals;
+mod waits;
 
 use std::{
     hint::black_box,
@@ -187,10 +191,14 @@ fn main() {
             println!("{secs:.6} {rate:.0}");
         }
         Some(mode @ ("trap" | "send" | "sendrate")) => signals::main(mode, &args),
+        Some("waits") => waits::main(
+            arg_secs(&args, 3.0),
+            args.get(3).map_or("waits.json", String::as_str),
+        ),
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
         Some(other) => {
             eprintln!(
-                "toe-demo: unknown mode {other}; use spin|fork|contend|work|sleep|leak|forkleak|touch|allocs|trap|send|sendrate [ARGS]"
+                "toe-demo: unknown mode {other}; use spin|fork|contend|work|sleep|waits|leak|forkleak|touch|allocs|trap|send|sendrate [ARGS]"
             );
             std::process::exit(2);
         }

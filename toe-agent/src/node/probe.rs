@@ -68,8 +68,10 @@ pub fn probe() -> Capabilities {
             }
         }
     }
-    let needs: [(&str, &[&str]); 7] = [
+    let needs: [(&str, &[&str]); 8] = [
         ("cpu-profile", &["perf_event"]),
+        // sched_switch; --wall also samples with a perf_event program.
+        ("offcpu-profile", &["tracepoint", "perf_event"]),
         ("memory-profile", &["uprobe", "tracepoint"]),
         ("signal-trace", &["tracepoint"]),
         // The terminate fault reports its victims through the signal trace.

@@ -553,6 +553,7 @@ pub async fn execute(
         requested_duration_s: plan.tool.duration.as_secs_f64(),
         sampled_duration_s: sampled_for.as_secs_f64(),
         cpu: finished.cpu,
+        offcpu: finished.offcpu,
         memory: finished.memory,
         signals: finished.signals,
         failed: finished.failed,

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod faults;
 pub mod memory;
+pub mod offcpu;
 pub mod signals;
 
 use std::time::Duration;
@@ -12,7 +13,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use toe_artifacts::{
     names::Name,
-    summary::{CpuSummary, fault::FaultSummary, memory::MemorySummary, signals::SignalSummary},
+    summary::{
+        CpuSummary, fault::FaultSummary, memory::MemorySummary, offcpu::OffcpuSummary,
+        signals::SignalSummary,
+    },
     timeline,
 };
 use toe_common::api::ToolOptions;
@@ -31,6 +35,7 @@ pub type Artifact = (Name, Bytes);
 #[derive(Default)]
 pub struct Finished {
     pub cpu: Option<CpuSummary>,
+    pub offcpu: Option<OffcpuSummary>,
     pub memory: Option<MemorySummary>,
     pub signals: Option<SignalSummary>,
     /// The run collected but must report failure (e.g. losses beyond the allowed bound).
@@ -46,6 +51,7 @@ impl Finished {
     /// Adds another tool's results; each tool fills its own parts.
     pub fn merge(&mut self, other: Self) {
         self.cpu = self.cpu.take().or(other.cpu);
+        self.offcpu = self.offcpu.take().or(other.offcpu);
         self.memory = self.memory.take().or(other.memory);
         self.signals = self.signals.take().or(other.signals);
         self.fault = self.fault.take().or(other.fault);
@@ -156,6 +162,7 @@ pub trait ToolRun: Send {
 pub fn tool(options: &ToolOptions) -> Option<Box<dyn Tool>> {
     match options {
         ToolOptions::CpuProfile(o) => Some(Box::new(cpu::Cpu::new(*o))),
+        ToolOptions::OffcpuProfile(o) => Some(Box::new(offcpu::Offcpu::new(*o))),
         ToolOptions::MemoryProfile(o) => Some(Box::new(memory::Memory::new(*o))),
         ToolOptions::SignalTrace(o) => Some(Box::new(signals::Signals::new(o.clone()))),
         ToolOptions::CpuStress(_)
@@ -170,7 +177,7 @@ pub fn tool(options: &ToolOptions) -> Option<Box<dyn Tool>> {
 /// and a node agent holds one object per concurrent run, so a collector that does not run gets
 /// the least of its maps.
 fn smallest_maps(target: &ResolvedTarget) -> MapSizes {
-    use toe_common::{cpu, memory, signals as sig, targets};
+    use toe_common::{cpu, memory, offcpu, signals as sig, targets};
     let mut sizes = vec![
         (cpu::SAMPLES_RING, 4096),
         (sig::EVENTS_RING, 4096),
@@ -182,6 +189,9 @@ fn smallest_maps(target: &ResolvedTarget) -> MapSizes {
         (memory::FAULTS_MAP, 1),
         (sig::STACKS_MAP, 1),
         (sig::TASKS_MAP, 1),
+        (offcpu::STARTS_MAP, 1),
+        (offcpu::WAITS_MAP, 1),
+        (offcpu::STACKS_MAP, 1),
     ];
     if !target.cgroups.is_empty() || target.tgids.is_empty() {
         // Processes are followed by cgroup; the process map stays empty.

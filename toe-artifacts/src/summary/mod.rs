@@ -6,6 +6,7 @@
 
 pub mod fault;
 pub mod memory;
+pub mod offcpu;
 pub mod signals;
 
 use std::{collections::HashMap, fmt::Write as _};
@@ -106,6 +107,8 @@ pub struct Summary {
     pub sampled_duration_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offcpu: Option<offcpu::OffcpuSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<memory::MemorySummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +258,9 @@ pub fn render(s: &Summary) -> String {
     );
     if let Some(cpu) = &s.cpu {
         render_cpu(&mut o, cpu, s.sampled_duration_s);
+    }
+    if let Some(off) = &s.offcpu {
+        offcpu::render(&mut o, off);
     }
     if let Some(m) = &s.memory {
         memory::render(&mut o, m, s.sampled_duration_s);

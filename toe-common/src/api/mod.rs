@@ -30,8 +30,8 @@ pub use self::{
     },
     tools::{
         AllocationMode, CpuProfileOptions, CpuStressOptions, ImageOptions, MemoryProfileOptions,
-        MemoryStressOptions, SignalTraceOptions, TerminateOptions, ToolKind, ToolOptions,
-        VolumeFillOptions, catalogue, default_options, find_tool,
+        MemoryStressOptions, OffcpuProfileOptions, SignalTraceOptions, TerminateOptions, ToolKind,
+        ToolOptions, VolumeFillOptions, catalogue, default_options, find_tool,
     },
 };
 
@@ -248,6 +248,7 @@ fn validate_tool(
         c.admits(&parsed).map_err(arg_err)?;
     }
     let mut options = (def.build)(&parsed);
+    options.check().map_err(arg_err)?;
     if let Some(c) = config {
         apply_config(&mut options, c);
     }
@@ -293,6 +294,17 @@ pub fn validate(tool: &PowerTool, policy: Policy<'_>) -> Result<ValidatedRun, Sp
             )));
         }
         alongside.push(v);
+    }
+    let all = || std::iter::once(&primary).chain(&alongside);
+    if all().any(|t| matches!(t.options, ToolOptions::OffcpuProfile(o) if o.wall))
+        && all().any(|t| matches!(t.options, ToolOptions::CpuProfile(_)))
+    {
+        return Err(SpecError::Alongside(
+            "offcpu-profile --wall=true samples on-CPU stacks itself, with the one CPU sampler \
+             cpu-profile needs: drop cpu-profile (the wall profile holds its samples) or set \
+             --wall=false"
+                .into(),
+        ));
     }
     let faults: Vec<&str> = std::iter::once(&primary)
         .chain(&alongside)

@@ -27,6 +27,7 @@ pub struct ToolDef {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ToolOptions {
     CpuProfile(CpuProfileOptions),
+    OffcpuProfile(OffcpuProfileOptions),
     MemoryProfile(MemoryProfileOptions),
     SignalTrace(SignalTraceOptions),
     CpuStress(CpuStressOptions),
@@ -97,6 +98,21 @@ pub struct MemoryStressOptions {
 }
 
 impl ToolOptions {
+    /// Checks between arguments that each passed alone; the message names them.
+    pub fn check(&self) -> Result<(), String> {
+        if let Self::OffcpuProfile(o) = self
+            && let Some(max) = o.max_block
+            && o.min_block >= max
+        {
+            return Err(format!(
+                "--min-block ({}) must be below --max-block ({}): no wait would be recorded",
+                super::format_duration(o.min_block),
+                super::format_duration(max)
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the tool changes the target (and must be rolled back) rather than observe it.
     #[must_use]
     pub fn is_fault(&self) -> bool {
@@ -145,6 +161,22 @@ pub struct MemoryProfileOptions {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffcpuProfileOptions {
+    /// Waits shorter than this are counted with their time, not recorded per stack.
+    pub min_block: Duration,
+    /// Waits longer than this are counted, not recorded; `None`: no bound.
+    pub max_block: Option<Duration>,
+    /// Also sample on-CPU stacks and write the wall-clock profile (on-CPU plus off-CPU time).
+    pub wall: bool,
+    /// On-CPU sampling frequency of the wall-clock profile.
+    pub frequency_hz: u64,
+    pub kernel_stacks: bool,
+    pub user_stacks: bool,
+    /// Capacity of the kernel's table of per-stack totals.
+    pub max_waits: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuProfileOptions {
     pub frequency_hz: u64,
     pub kernel_stacks: bool,
@@ -181,6 +213,82 @@ fn build_cpu(args: &ParsedArgs) -> ToolOptions {
         frequency_hz: args.integer("frequency").unsigned_abs(),
         kernel_stacks: args.bool("kernel-stacks"),
         user_stacks: args.bool("user-stacks"),
+    })
+}
+
+#[expect(clippy::cast_possible_wrap, reason = "small compile-time constants")]
+const OFFCPU_ARGS: &[ArgSpec] = &[
+    ArgSpec {
+        name: "min-block",
+        kind: ArgKind::Duration {
+            min: Duration::ZERO,
+            max: Duration::from_secs(10),
+        },
+        // bcc's offcputime uses 1us too: below it a switch is scheduler noise (a wakeup on the
+        // same CPU), and the time of shorter waits is still counted in the summary.
+        default: Some("1us"),
+        help: "waits shorter than this are counted (number and time), not recorded per stack",
+    },
+    ArgSpec {
+        name: "max-block",
+        kind: ArgKind::Duration {
+            min: Duration::ZERO,
+            max: Duration::from_hours(24),
+        },
+        default: Some("0s"),
+        help: "waits longer than this are counted, not recorded (e.g. to leave idle pools \
+               out); 0s: no bound",
+    },
+    ArgSpec {
+        name: "wall",
+        kind: ArgKind::Bool,
+        default: Some("false"),
+        help: "also sample on-CPU stacks and write a wall-clock profile: on-CPU and off-CPU \
+               time in one flamegraph",
+    },
+    ArgSpec {
+        name: "frequency",
+        kind: ArgKind::Integer {
+            min: cpu::MIN_FREQUENCY_HZ as i64,
+            max: cpu::MAX_FREQUENCY_HZ as i64,
+        },
+        default: Some("99"),
+        help: "with --wall: on-CPU samples per second per CPU",
+    },
+    ArgSpec {
+        name: "kernel-stacks",
+        kind: ArgKind::Bool,
+        default: Some("true"),
+        help: "include kernel frames (they name what a thread waits in: futex, pipe, disk)",
+    },
+    ArgSpec {
+        name: "user-stacks",
+        kind: ArgKind::Bool,
+        default: Some("true"),
+        help: "include user-space frames",
+    },
+    ArgSpec {
+        name: "max-waits",
+        kind: ArgKind::Integer {
+            min: 1024,
+            max: 1 << 20,
+        },
+        default: Some("16384"),
+        help: "distinct (process, thread, stack, reason) totals the kernel keeps; waits beyond \
+               are counted as lost",
+    },
+];
+
+fn build_offcpu(args: &ParsedArgs) -> ToolOptions {
+    let max = args.duration("max-block");
+    ToolOptions::OffcpuProfile(OffcpuProfileOptions {
+        min_block: args.duration("min-block"),
+        max_block: (!max.is_zero()).then_some(max),
+        wall: args.bool("wall"),
+        frequency_hz: args.integer("frequency").unsigned_abs(),
+        kernel_stacks: args.bool("kernel-stacks"),
+        user_stacks: args.bool("user-stacks"),
+        max_waits: u32::try_from(args.integer("max-waits")).unwrap_or(1 << 20),
     })
 }
 
@@ -447,7 +555,7 @@ fn build_fill(args: &ParsedArgs) -> ToolOptions {
     })
 }
 
-static CATALOGUE: [ToolDef; 7] = [
+static CATALOGUE: [ToolDef; 8] = [
     ToolDef {
         name: "cpu-profile",
         kind: ToolKind::Collector,
@@ -456,6 +564,17 @@ static CATALOGUE: [ToolDef; 7] = [
         default_duration: Duration::from_secs(30),
         max_duration: Duration::from_hours(1),
         build: build_cpu,
+    },
+    ToolDef {
+        name: "offcpu-profile",
+        kind: ToolKind::Collector,
+        summary: "measure where the target's threads wait off CPU (blocked, in uninterruptible \
+                  I/O, or runnable but starved of CPU), per stack; with --wall, one wall-clock \
+                  profile of on-CPU and off-CPU time",
+        args: OFFCPU_ARGS,
+        default_duration: Duration::from_secs(30),
+        max_duration: Duration::from_hours(1),
+        build: build_offcpu,
     },
     ToolDef {
         name: "memory-profile",

@@ -155,7 +155,7 @@ impl ToolRun for CpuRun {
 }
 
 /// Every sample the kernel took, by what became of it.
-fn accounting(raw: &RawProfile, c: CpuCounters) -> SampleAccounting {
+pub(crate) fn accounting(raw: &RawProfile, c: CpuCounters) -> SampleAccounting {
     SampleAccounting {
         taken: c.sampled,
         recorded: raw.received,

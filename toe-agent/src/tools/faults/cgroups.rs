@@ -188,6 +188,42 @@ impl TargetCgroups {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// The cgroup's own CPU quota (µs per period; `None`: none) and period, and its throttling
+    /// counters so far (periods throttled, ns throttled), from the hierarchy that has the cpu
+    /// controller: `cpu.cfs_quota_us`/`cpu.stat` in v1, `cpu.max`/`cpu.stat` in v2.
+    #[must_use]
+    pub fn cpu_throttling(&self) -> Option<(PathBuf, Option<u64>, u64, u64, u64)> {
+        let (dir, v1) = self.dir("cpu")?;
+        let (quota, period) = if v1 {
+            let q = read_trim(&dir.join("cpu.cfs_quota_us"))?
+                .parse::<i64>()
+                .ok()?;
+            let p = read_trim(&dir.join("cpu.cfs_period_us"))?
+                .parse::<u64>()
+                .ok()?;
+            (u64::try_from(q).ok(), p)
+        } else {
+            let text = read_trim(&dir.join("cpu.max"))?;
+            let mut it = text.split_whitespace();
+            let q = it.next()?;
+            let p = it.next()?.parse::<u64>().ok()?;
+            (q.parse::<u64>().ok(), p)
+        };
+        let stat = fs::read_to_string(dir.join("cpu.stat")).ok()?;
+        let field = |name: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let periods = field("nr_throttled").unwrap_or(0);
+        let ns = if v1 {
+            field("throttled_time").unwrap_or(0)
+        } else {
+            field("throttled_usec").unwrap_or(0).saturating_mul(1000)
+        };
+        Some((dir.to_owned(), quota, period, periods, ns))
+    }
+
     /// Whether the target sits in the root of the hierarchy that accounts `controller` (its
     /// usage counters are then the whole machine's).
     #[must_use]

@@ -1,0 +1,269 @@
+//! The off-CPU collector against the real scheduler: a workload whose threads wait in known ways
+//! and time every wait themselves, a cgroup starved by its CPU quota, a busy bystander, the
+//! wall-clock profile, and bad input.
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde_json::Value;
+use toe_agent::{run::Ended, sink::MemorySink, targets::TargetSpec};
+use toe_artifacts::summary::offcpu::OffcpuSummary;
+use toe_tests::{
+    TestCgroup, assert_rejected, bin, demo, folded_file, profile, require_root, samples_by_pid,
+    toe_run, tool_spec,
+};
+
+/// Runs `toe-demo waits SECONDS` as a command target (held until every program is attached, so
+/// no wait begins unseen) under offcpu-profile with `args`; returns what the demo measured
+/// itself, the summary and the artifacts.
+fn profile_waits(secs: &str, args: &[&str]) -> (Value, OffcpuSummary, MemorySink) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("waits.json");
+    let (outcome, sink) = profile(
+        &tool_spec("offcpu-profile", "60s", args),
+        TargetSpec::Command(vec![
+            bin("toe-demo").into(),
+            "waits".into(),
+            secs.into(),
+            out.clone().into(),
+        ]),
+    );
+    assert_eq!(outcome.ended, Ended::CommandExited(0));
+    let truth: Value =
+        serde_json::from_slice(&std::fs::read(&out).expect("the demo's result")).expect("json");
+    let summary = outcome.summary.offcpu.expect("an off-CPU section");
+    (truth, summary, sink)
+}
+
+/// Off-CPU nanoseconds per reason frame of the folded lines through `function`.
+fn by_reason(lines: &[(String, u64)], function: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (stack, ns) in lines {
+        if stack
+            .split(';')
+            .any(|f| f.trim_end_matches("_[i]") == function)
+        {
+            let reason = stack.split(';').nth(1).expect("reason frame").to_owned();
+            *out.entry(reason).or_insert(0) += ns;
+        }
+    }
+    out
+}
+
+fn within(measured: u64, truth: u64, tolerance: f64, what: &str) {
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let error = (measured as f64 - truth as f64).abs() / truth as f64;
+    assert!(
+        error <= tolerance,
+        "{what}: measured {measured} ns, truth {truth} ns ({:.1}% off)",
+        error * 100.0
+    );
+}
+
+#[test]
+fn each_wait_is_timed_per_function_with_its_reason() {
+    if !require_root("each_wait_is_timed_per_function_with_its_reason") {
+        return;
+    }
+    let (truth, s, sink) = profile_waits("3", &[]);
+    let lines = folded_file(&sink, "offcpu.folded");
+    let cases = [
+        ("toe_demo::waits::sleep_waits", "sleep_waits", "blocked"),
+        ("toe_demo::waits::lock_waits", "lock_waits", "blocked"),
+        ("toe_demo::waits::pipe_waits", "pipe_waits", "blocked"),
+        (
+            "toe_demo::waits::vfork_waits",
+            "vfork_waits",
+            "uninterruptible",
+        ),
+    ];
+    for (function, key, reason) in cases {
+        let waited = truth[key]["waited_ns"].as_u64().expect("waited_ns");
+        let reasons = by_reason(&lines, function);
+        let total: u64 = reasons.values().sum();
+        within(total, waited, 0.05, function);
+        // Nearly all of it in the expected state: the rest is the moments after each wakeup
+        // spent waiting for a CPU, which are runnable.
+        let main = reasons
+            .get(&format!("[off-CPU: {reason}]"))
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            main * 100 >= total * 95,
+            "{function} waited as {reasons:?}, expected {reason}"
+        );
+    }
+    // Every switch-out is accounted for: recorded, too short, too long, still open, or lost.
+    let a = &s.switches;
+    assert!(a.switches > 100, "{a:?}");
+    assert_eq!(
+        a.recorded
+            + a.short
+            + a.long
+            + a.lost_totals_full
+            + a.lost_thread_table_full
+            + a.open_at_end,
+        a.switches,
+        "{a:?}"
+    );
+    assert_eq!(
+        (
+            a.lost_thread_table_full,
+            a.lost_totals_full,
+            a.stacks_lost_map_full
+        ),
+        (0, 0, 0)
+    );
+    let folded_total: u64 = lines.iter().map(|l| l.1).sum();
+    assert_eq!(folded_total, s.off_cpu_ns);
+    let by: BTreeMap<&str, u64> = s
+        .reasons
+        .iter()
+        .map(|r| (r.reason.as_str(), r.ns))
+        .collect();
+    assert_eq!(by.values().sum::<u64>(), s.off_cpu_ns);
+    assert!(
+        by["uninterruptible"] > 0 && by["blocked"] > by["uninterruptible"],
+        "{by:?}"
+    );
+    // The summary names the waits: the sleeper's is among the top ones.
+    assert!(
+        s.top_waits
+            .iter()
+            .any(|w| w.function.ends_with("sleep_waits") && w.reason == "blocked"),
+        "{:?}",
+        s.top_waits
+    );
+    assert!(s.wall.is_none());
+    for file in ["offcpu.svg", "offcpu.pb.gz"] {
+        assert!(
+            sink.artifacts.lock().expect("lock").contains_key(file),
+            "{file}"
+        );
+    }
+}
+
+#[test]
+fn on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time() {
+    if !require_root("on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time") {
+        return;
+    }
+    let (truth, s, sink) = profile_waits("3", &["--wall=true", "--frequency=999"]);
+    let lines = folded_file(&sink, "wall.folded");
+    // The `mixed` thread burns CPU in mixed_burn and sleeps in mixed_sleep, nothing else.
+    let mixed: u64 = lines
+        .iter()
+        .filter(|(stack, _)| {
+            stack
+                .split(';')
+                .any(|f| f.starts_with("toe_demo::waits::mixed_"))
+        })
+        .map(|l| l.1)
+        .sum();
+    let life = truth["mixed_sleep"]["life_ns"].as_u64().expect("life_ns");
+    within(mixed, life, 0.05, "mixed thread's on-CPU + off-CPU time");
+    // Both halves are there, each near what the thread did (20 ms of CPU per 50 ms).
+    let on: u64 = lines
+        .iter()
+        .filter(|(stack, _)| stack.contains("mixed_burn") && !stack.contains("[off-CPU"))
+        .map(|l| l.1)
+        .sum();
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let on_share = on as f64 / life as f64;
+    assert!((0.3..0.5).contains(&on_share), "on-CPU share {on_share}");
+    let w = s.wall.as_ref().expect("wall section");
+    assert_eq!((w.samples.lost_ring_full, w.samples.unaccounted), (0, 0));
+    assert_eq!(w.off_cpu_ns, s.off_cpu_ns);
+    let total: u64 = lines.iter().map(|l| l.1).sum();
+    assert_eq!(total, w.on_cpu_ns + w.off_cpu_ns);
+}
+
+#[test]
+fn a_cpu_quota_shows_as_runnable_time_equal_to_the_throttled_time() {
+    if !require_root("a_cpu_quota_shows_as_runnable_time_equal_to_the_throttled_time") {
+        return;
+    }
+    // Two busy processes share 20 ms of CPU per 100 ms: throttled most of each period.
+    let Some(starved) = TestCgroup::with_cpu_quota("starved", 20_000, 100_000) else {
+        toe_tests::skip(
+            "a_cpu_quota_shows_as_runnable_time_equal_to_the_throttled_time",
+            "no cpu controller in either cgroup hierarchy",
+        );
+        return;
+    };
+    let a = demo(&["spin", "30"], Some(&starved));
+    let b = demo(&["spin", "30"], Some(&starved));
+    let other = TestCgroup::new("bystander");
+    let bystander = demo(&["spin", "30"], Some(&other));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = starved.throttled();
+    let (outcome, sink) = profile(
+        &tool_spec("offcpu-profile", "3s", &[]),
+        TargetSpec::Cgroup(starved.path().to_owned()),
+    );
+    let after = starved.throttled();
+    let s = outcome.summary.offcpu.expect("an off-CPU section");
+    let runnable = s
+        .reasons
+        .iter()
+        .find(|r| r.reason == "runnable")
+        .expect("runnable")
+        .ns;
+    let t = s.throttling.first().expect("the quota is reported");
+    assert_eq!((t.quota_us, t.period_us), (Some(20_000), 100_000), "{t:?}");
+    assert!(t.throttled_periods >= 20, "{t:?}");
+    // The kernel's own throttling counter over the run, read by the test around it.
+    assert!(
+        t.throttled_ns <= after.1 - before.1,
+        "{t:?} vs {before:?}..{after:?}"
+    );
+    within(
+        runnable,
+        t.throttled_ns,
+        0.10,
+        "runnable time vs throttled time",
+    );
+    let by_pid = samples_by_pid(&folded_file(&sink, "offcpu.folded"));
+    assert!(
+        by_pid.contains_key(&a.pid()) && by_pid.contains_key(&b.pid()),
+        "{by_pid:?}"
+    );
+    assert_eq!(
+        by_pid.get(&bystander.pid()),
+        None,
+        "the bystander contributed"
+    );
+    assert_eq!(by_pid.len(), 2, "{by_pid:?}");
+}
+
+#[test]
+fn bad_arguments_are_refused_before_anything_is_attached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d: &Path = dir.path();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--min-block=soon"],
+            "--min-block: \"soon\" is not a duration",
+        ),
+        (
+            &["--max-block=-1s"],
+            "--max-block: \"-1s\" is not a duration (negative)",
+        ),
+        (&["--min-block=20s"], "--min-block: 20s is out of range"),
+        (
+            &["--min-block=2s", "--max-block=1s"],
+            "--min-block (2s) must be below --max-block (1s)",
+        ),
+        (&["--max-waits=10"], "--max-waits: 10 is out of range"),
+    ];
+    for (args, want) in cases {
+        let out = toe_run(d, &tool_spec("offcpu-profile", "5s", args), &["--pid", "1"]);
+        assert_rejected(&out, want);
+    }
+    let both = "apiVersion: toe.run/v1alpha1\nkind: PowerTool\nmetadata: {name: t}\nspec:\n  \
+                tool: {name: offcpu-profile, commandLineArguments: [--wall=true]}\n  \
+                alongside: [{name: cpu-profile}]\n";
+    assert_rejected(
+        &toe_run(d, both, &["--pid", "1"]),
+        "offcpu-profile --wall=true samples on-CPU stacks itself",
+    );
+}

@@ -1,0 +1,246 @@
+//! Off-CPU collector, user side: checks the tracepoint layout, configures and attaches the
+//! `sched_switch` program, and reads the kernel's per-stack totals (and the waits still open).
+
+use std::collections::HashMap;
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::TracePoint,
+};
+use toe_common::{
+    api::OffcpuProfileOptions,
+    offcpu::{
+        CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACKS, COUNTER_COUNT, COUNTERS_MAP, Counter,
+        OffConfig, OffStart, PROGRAM, STACKS_MAP, STARTS_MAP, SWITCH_NEXT_PID, SWITCH_PREV_STATE,
+        WAITS_MAP, WaitKey, WaitStats,
+    },
+    stacks::StoredStack,
+};
+
+use crate::{
+    ebpf::{LoadError, Loaded},
+    symbolize::RawKey,
+    tracefs,
+};
+
+/// The record layout the kernel side reads.
+const FIELDS: &[(&str, &str, &str, usize, usize)] = &[
+    ("sched", "sched_switch", "prev_state", SWITCH_PREV_STATE, 8),
+    ("sched", "sched_switch", "next_pid", SWITCH_NEXT_PID, 4),
+];
+
+/// Kernel counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCounters(pub [u64; COUNTER_COUNT as usize]);
+
+impl OffCounters {
+    #[must_use]
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
+    move |source| LoadError::Map { name, source }
+}
+
+/// The kernel's monotonic clock, which `bpf_ktime_get_ns` reads.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+pub struct OffcpuCollector {
+    opts: OffcpuProfileOptions,
+    starts: BpfHashMap<MapData, u32, OffStart>,
+    waits: BpfHashMap<MapData, WaitKey, WaitStats>,
+    stacks: BpfHashMap<MapData, u64, StoredStack>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Each kernel key with its stacks read, so a stack is read (and verified) once.
+    keys: HashMap<WaitKey, RawKey>,
+    pub stacks_unverified: u64,
+}
+
+impl OffcpuCollector {
+    /// Checks the kernel's tracepoint layout, configures and attaches. Target maps must already
+    /// be set.
+    pub fn attach(loaded: &mut Loaded, opts: &OffcpuProfileOptions) -> Result<Self, LoadError> {
+        tracefs::check_fields(FIELDS).map_err(LoadError::Layout)?;
+        {
+            let mut flags = 0;
+            if opts.user_stacks {
+                flags |= CONFIG_USER_STACKS;
+            }
+            if opts.kernel_stacks {
+                flags |= CONFIG_KERNEL_STACKS;
+            }
+            let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            let mut config: Array<&mut MapData, OffConfig> =
+                Array::try_from(loaded.map_mut(CONFIG_MAP)?).map_err(map_err(CONFIG_MAP))?;
+            config
+                .set(
+                    0,
+                    OffConfig {
+                        flags,
+                        reserved: 0,
+                        min_block_ns: ns(opts.min_block),
+                        max_block_ns: opts.max_block.map_or(0, ns),
+                    },
+                    0,
+                )
+                .map_err(map_err(CONFIG_MAP))?;
+        }
+        let take = |loaded: &mut Loaded, name| loaded.take_map(name);
+        let starts =
+            BpfHashMap::try_from(take(loaded, STARTS_MAP)?).map_err(map_err(STARTS_MAP))?;
+        let waits = BpfHashMap::try_from(take(loaded, WAITS_MAP)?).map_err(map_err(WAITS_MAP))?;
+        let stacks =
+            BpfHashMap::try_from(take(loaded, STACKS_MAP)?).map_err(map_err(STACKS_MAP))?;
+        let counters =
+            PerCpuArray::try_from(take(loaded, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
+        let prog: &mut TracePoint =
+            loaded
+                .program_mut(PROGRAM)?
+                .try_into()
+                .map_err(|source| LoadError::Program {
+                    name: PROGRAM,
+                    source,
+                })?;
+        prog.load().map_err(|source| LoadError::Program {
+            name: PROGRAM,
+            source,
+        })?;
+        prog.attach("sched", "sched_switch")
+            .map_err(LoadError::Tracefs)?;
+        Ok(Self {
+            opts: *opts,
+            starts,
+            waits,
+            stacks,
+            counters,
+            keys: HashMap::new(),
+            stacks_unverified: 0,
+        })
+    }
+
+    #[must_use]
+    pub fn counters(&self) -> OffCounters {
+        let mut out = OffCounters::default();
+        for (i, slot) in (0u32..).zip(out.0.iter_mut()) {
+            *slot = self.counters.get(&i, 0).map_or(0, |v| v.iter().sum());
+        }
+        out
+    }
+
+    fn stack(&mut self, hash: u64) -> Box<[u64]> {
+        if hash == 0 {
+            return Box::default();
+        }
+        match self.stacks.get(&hash, 0) {
+            Ok(st) => {
+                if let Some(f) = st.verified(hash) {
+                    f.into()
+                } else {
+                    self.stacks_unverified += 1;
+                    Box::default()
+                }
+            }
+            Err(_) => Box::default(),
+        }
+    }
+
+    fn raw_key(&mut self, k: &WaitKey) -> (RawKey, bool) {
+        if let Some(r) = self.keys.get(k) {
+            return (r.clone(), false);
+        }
+        let r = RawKey {
+            pid: k.tgid,
+            thread: k.comm,
+            kstack: self.stack(k.kstack),
+            ustack: self.stack(k.ustack),
+            // Taken where the thread called into the kernel and stopped: the user leaf is the
+            // instruction after the system call, a return address.
+            user_leaf_is_return: true,
+        };
+        self.keys.insert(*k, r.clone());
+        (r, true)
+    }
+
+    /// Every per-stack total so far, and the keys first seen (to symbolize while their
+    /// processes live).
+    pub fn totals(&mut self) -> (Vec<(WaitKey, RawKey, WaitStats)>, Vec<RawKey>) {
+        let entries: Vec<(WaitKey, WaitStats)> = self.waits.iter().filter_map(Result::ok).collect();
+        let mut out = Vec::with_capacity(entries.len());
+        let mut new = Vec::new();
+        for (k, v) in entries {
+            let (raw, fresh) = self.raw_key(&k);
+            if fresh {
+                new.push(raw.clone());
+            }
+            out.push((k, raw, v));
+        }
+        (out, new)
+    }
+
+    /// Waits still going at `now`, as totals of their time so far (within the bounds, as the
+    /// kernel would have recorded them had they ended now), plus on-CPU stints still running.
+    pub fn open_waits(&mut self, now: u64) -> OpenWaits {
+        let entries: Vec<(u32, OffStart)> = self.starts.iter().filter_map(Result::ok).collect();
+        let min = u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
+        let max = self
+            .opts
+            .max_block
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let mut out = OpenWaits::default();
+        for (tid, s) in entries {
+            // A thread whose exit the kernel side did not see is neither waiting nor running.
+            if !std::path::Path::new(&format!("/proc/{tid}")).exists() {
+                continue;
+            }
+            if s.ts == 0 {
+                if s.on_since != 0 {
+                    out.on_cpu_ns += now.saturating_sub(s.on_since);
+                }
+                continue;
+            }
+            let waited = now.saturating_sub(s.ts);
+            if waited < min {
+                out.short += 1;
+                out.short_ns += waited;
+                continue;
+            }
+            if max.is_some_and(|m| waited > m) {
+                out.long += 1;
+                out.long_ns += waited;
+                continue;
+            }
+            let key = WaitKey {
+                tgid: s.tgid,
+                reason: s.reason,
+                ustack: s.ustack,
+                kstack: s.kstack,
+                comm: s.comm,
+            };
+            let (raw, _) = self.raw_key(&key);
+            out.waits.push((key, raw, waited));
+        }
+        out
+    }
+}
+
+/// What [`OffcpuCollector::open_waits`] found.
+#[derive(Default)]
+pub struct OpenWaits {
+    pub waits: Vec<(WaitKey, RawKey, u64)>,
+    pub short: u64,
+    pub short_ns: u64,
+    pub long: u64,
+    pub long_ns: u64,
+    pub on_cpu_ns: u64,
+}
