@@ -19,10 +19,19 @@ pub enum ProfileKind {
     InUse,
     Alloc,
     Growth,
+    OffCpu,
+    Wall,
 }
 
 impl ProfileKind {
-    pub const ALL: [Self; 4] = [Self::Cpu, Self::InUse, Self::Alloc, Self::Growth];
+    pub const ALL: [Self; 6] = [
+        Self::Cpu,
+        Self::OffCpu,
+        Self::Wall,
+        Self::InUse,
+        Self::Alloc,
+        Self::Growth,
+    ];
 
     #[must_use]
     pub fn folded_file(self) -> &'static str {
@@ -31,6 +40,8 @@ impl ProfileKind {
             Self::InUse => names::INUSE_FOLDED.file,
             Self::Alloc => names::ALLOC_FOLDED.file,
             Self::Growth => names::GROWTH_FOLDED.file,
+            Self::OffCpu => names::OFFCPU_FOLDED.file,
+            Self::Wall => names::WALL_FOLDED.file,
         }
     }
 
@@ -41,6 +52,8 @@ impl ProfileKind {
             Self::Cpu => names::CPU_PPROF.file,
             Self::InUse | Self::Alloc => names::HEAP_PPROF.file,
             Self::Growth => names::GROWTH_PPROF.file,
+            Self::OffCpu => names::OFFCPU_PPROF.file,
+            Self::Wall => names::WALL_PPROF.file,
         }
     }
 
@@ -52,6 +65,8 @@ impl ProfileKind {
             Self::InUse => "inuse",
             Self::Alloc => "alloc",
             Self::Growth => "growth",
+            Self::OffCpu => "offcpu",
+            Self::Wall => "wall",
         }
     }
 
@@ -62,6 +77,8 @@ impl ProfileKind {
             Self::InUse => "Memory in use at the end",
             Self::Alloc => "Memory allocated",
             Self::Growth => "Memory faulted in (growth)",
+            Self::OffCpu => "Off-CPU time (where threads wait, by reason)",
+            Self::Wall => "Wall-clock time (on-CPU and off-CPU)",
         }
     }
 
@@ -71,6 +88,7 @@ impl ProfileKind {
             Self::Cpu => "samples",
             Self::Growth => "pages",
             Self::InUse | Self::Alloc => "bytes",
+            Self::OffCpu | Self::Wall => "ns",
         }
     }
 }
@@ -81,6 +99,7 @@ pub use toe_artifacts::{
         CpuSummary, FrameAccounting, SampleAccounting, Summary,
         fault::{FaultSummary, Termination},
         memory::{HeapTotals, MemorySummary},
+        offcpu::OffcpuSummary,
         signals::{Event, ProcessEnd, Sender, SignalSummary},
     },
 };

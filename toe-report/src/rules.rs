@@ -9,7 +9,10 @@ use std::{collections::BTreeMap, sync::LazyLock};
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
-use toe_artifacts::folded::{Folded, function_name};
+use toe_artifacts::{
+    folded::{Folded, function_name},
+    summary::offcpu::{OffcpuSummary, frame_reason},
+};
 
 use crate::capture::{Capture, ProfileKind};
 
@@ -62,6 +65,9 @@ const RULES: &[(&str, Rule)] = &[
     ("memory-leak-site", memory_leak_site),
     ("dominant-function", dominant_function),
     ("lock-contention", lock_contention),
+    ("cpu-starvation", cpu_starvation),
+    ("lock-wait", lock_wait),
+    ("io-wait", io_wait),
     ("allocator-or-gc-hot", allocator_hot),
     ("fault-missed-target", fault_missed_target),
     ("data-loss", data_loss),
@@ -472,6 +478,240 @@ fn lock_contention(c: &Capture) -> Vec<Hit> {
     }]
 }
 
+// ---- off-CPU ------------------------------------------------------------------------------
+
+/// Less recorded off-CPU time than this in a capture is too little to judge.
+const OFFCPU_MIN_NS: u64 = 100_000_000;
+
+fn offcpu(c: &Capture) -> Option<(&OffcpuSummary, &Folded)> {
+    let s = c.summary.offcpu.as_ref()?;
+    let f = c.profiles.get(&ProfileKind::OffCpu)?;
+    (s.off_cpu_ns >= OFFCPU_MIN_NS).then_some((s, f))
+}
+
+fn reason_ns(s: &OffcpuSummary, reason: &str) -> u64 {
+    s.reasons
+        .iter()
+        .filter(|r| r.reason == reason)
+        .map(|r| r.ns)
+        .sum()
+}
+
+#[expect(clippy::cast_precision_loss, reason = "for display")]
+fn secs(ns: u64) -> String {
+    format!("{:.2} s", ns as f64 / 1e9)
+}
+
+/// The reason a folded off-CPU line carries (its frame after the process).
+fn line_reason(stack: &str) -> Option<&str> {
+    frame_reason(stack.split(';').nth(1)?)
+}
+
+/// The kernel function a wait sits in: the deepest kernel frame that is not the scheduler
+/// itself (`wait_for_completion_io_timeout`, `futex_wait_queue`, `pipe_read`).
+fn kernel_wait_site(stack: &str) -> Option<&str> {
+    stack
+        .split(';')
+        .filter_map(|f| f.strip_suffix("_[k]"))
+        .rfind(|f| {
+            !(f.contains("schedule")
+                || f.starts_with("__traceiter")
+                || f.starts_with("finish_task"))
+        })
+}
+
+/// Off-CPU time by a key of each line of one reason, heaviest first.
+fn top_by(
+    f: &Folded,
+    reason: &str,
+    key: impl Fn(&str) -> Option<String>,
+    n: usize,
+) -> Vec<(String, u64)> {
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for (stack, &ns) in &f.stacks {
+        if line_reason(stack) == Some(reason)
+            && let Some(k) = key(stack)
+        {
+            *by.entry(k).or_insert(0) += ns;
+        }
+    }
+    let mut v: Vec<(String, u64)> = by.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
+}
+
+fn lock_wait(c: &Capture) -> Vec<Hit> {
+    let Some((_, f)) = offcpu(c) else {
+        return Vec::new();
+    };
+    let (mut locked, mut waiting) = (0, 0);
+    let mut by: BTreeMap<&str, u64> = BTreeMap::new();
+    for (stack, &ns) in &f.stacks {
+        if !matches!(line_reason(stack), Some("blocked" | "uninterruptible")) {
+            continue;
+        }
+        waiting += ns;
+        // The outermost lock frame names the lock's user; the futex below it is the mechanism.
+        if let Some(fr) = stack
+            .split(';')
+            .skip(2)
+            .map(function_name)
+            .find(|n| LOCKS.is_match(n))
+        {
+            locked += ns;
+            *by.entry(fr).or_insert(0) += ns;
+        }
+    }
+    if waiting < OFFCPU_MIN_NS || share(locked, waiting) < 0.3 {
+        return Vec::new();
+    }
+    let mut evidence = vec![format!(
+        "{} of the {} threads spent blocked ({:.0}%) was in lock or futex waits",
+        secs(locked),
+        secs(waiting),
+        share(locked, waiting) * 100.0
+    )];
+    let mut v: Vec<(&str, u64)> = by.into_iter().collect();
+    v.sort_by_key(|x| std::cmp::Reverse(x.1));
+    evidence.extend(
+        v.into_iter()
+            .take(3)
+            .map(|(n, ns)| format!("waiting under {n}: {}", secs(ns))),
+    );
+    vec![Hit {
+        key: "lock-wait".into(),
+        severity: Severity::Warning,
+        title: format!(
+            "lock wait: threads spend {:.0}% of their blocked time waiting for locks held by \
+             other threads",
+            share(locked, waiting) * 100.0
+        ),
+        evidence,
+    }]
+}
+
+fn io_wait(c: &Capture) -> Vec<Hit> {
+    let Some((s, f)) = offcpu(c) else {
+        return Vec::new();
+    };
+    let d = reason_ns(s, "uninterruptible");
+    if d < OFFCPU_MIN_NS || share(d, s.off_cpu_ns) < 0.25 {
+        return Vec::new();
+    }
+    let mut evidence = vec![format!(
+        "{} of {} off CPU ({:.0}%) in uninterruptible sleep (D state): disk or similar I/O, or \
+         a kernel lock",
+        secs(d),
+        secs(s.off_cpu_ns),
+        share(d, s.off_cpu_ns) * 100.0
+    )];
+    evidence.extend(
+        top_by(
+            f,
+            "uninterruptible",
+            |l| kernel_wait_site(l).map(str::to_owned),
+            3,
+        )
+        .into_iter()
+        .map(|(site, ns)| format!("waiting in the kernel at {site}: {}", secs(ns))),
+    );
+    vec![Hit {
+        key: "io-wait".into(),
+        severity: Severity::Warning,
+        title: format!(
+            "I/O wait: {:.0}% of the off-CPU time is uninterruptible (D state)",
+            share(d, s.off_cpu_ns) * 100.0
+        ),
+        evidence,
+    }]
+}
+
+fn cpu_starvation(c: &Capture) -> Vec<Hit> {
+    let Some(s) = c.summary.offcpu.as_ref() else {
+        return Vec::new();
+    };
+    let r = reason_ns(s, "runnable");
+    let part = share(r, s.thread_ns);
+    if r < OFFCPU_MIN_NS || part < 0.1 {
+        return Vec::new();
+    }
+    let mut evidence = vec![format!(
+        "threads were runnable but not running for {} ({:.0}% of their {} thread-time)",
+        secs(r),
+        part * 100.0,
+        secs(s.thread_ns)
+    )];
+    let mut quota = false;
+    for t in &s.throttling {
+        if let Some(q) = t.quota_us {
+            quota = true;
+            #[expect(clippy::cast_precision_loss, reason = "a CPU count")]
+            let cpus = q as f64 / t.period_us.max(1) as f64;
+            evidence.push(format!(
+                "cgroup {} has a CPU quota of {cpus:.2} CPUs ({q}us per {}us) and was throttled \
+                 in {} periods, {} in total during the run ({:.0}% of the runnable time)",
+                t.cgroup,
+                t.period_us,
+                t.throttled_periods,
+                secs(t.throttled_ns),
+                share(t.throttled_ns, r) * 100.0
+            ));
+        } else {
+            evidence.push(format!(
+                "cgroup {} has no CPU quota: the wait is for CPUs that other work on the node \
+                 holds",
+                t.cgroup
+            ));
+        }
+    }
+    let stress = c
+        .summary
+        .fault
+        .as_ref()
+        .filter(|f| f.fault == "cpu-stress" || c.summary.tool == "cpu-stress");
+    if let Some(f) = stress {
+        evidence.push(format!(
+            "a cpu-stress fault ran alongside over the same window ({:.2} CPUs asked, {:.2} \
+             achieved{}): its workers compete for the same CPU, so this is the fault's effect \
+             on the target",
+            f.asked,
+            f.achieved,
+            f.cpu_limit
+                .map_or_else(String::new, |l| format!(", against a limit of {l:.2} CPUs"))
+        ));
+    }
+    evidence.extend(
+        s.top_waits
+            .iter()
+            .filter(|w| w.reason == "runnable")
+            .take(3)
+            .map(|w| format!("preempted in {}: {}", w.function, secs(w.ns))),
+    );
+    let cause = if stress.is_some() {
+        "during a cpu-stress fault"
+    } else if quota {
+        "throttled by the cgroup's CPU quota"
+    } else {
+        "CPUs busy with other work"
+    };
+    vec![Hit {
+        key: "starved".into(),
+        severity: if stress.is_some() {
+            Severity::Info
+        } else if part >= 0.3 {
+            Severity::Critical
+        } else {
+            Severity::Warning
+        },
+        title: format!(
+            "CPU starvation: threads waited {:.0}% of their time for a CPU ({cause})",
+            part * 100.0
+        ),
+        evidence,
+    }]
+}
+
 fn allocator_hot(c: &Capture) -> Vec<Hit> {
     let Some(f) = cpu(c) else {
         return Vec::new();
@@ -578,6 +818,20 @@ fn data_loss(c: &Capture) -> Vec<Hit> {
             }
         }
     }
+    if let Some(o) = &c.summary.offcpu {
+        let a = &o.switches;
+        let lost = a.lost_thread_table_full + a.lost_totals_full;
+        if lost > 0 {
+            evidence.push(format!(
+                "{lost} of {} off-CPU waits lost ({} thread table full, {} totals table full)",
+                a.switches, a.lost_thread_table_full, a.lost_totals_full
+            ));
+        }
+        let stacks = a.user_stacks_lost + a.kernel_stacks_lost + a.stacks_lost_map_full;
+        if stacks > 0 {
+            evidence.push(format!("{stacks} off-CPU waits without a stack"));
+        }
+    }
     if let Some(s) = c.summary.signals.as_ref().filter(|s| s.lost_total > 0) {
         evidence.push(format!("{} signal events lost", s.lost_total));
     }
@@ -615,6 +869,11 @@ mod tests {
         "fill-quiet",
         "gc",
         "leak",
+        "offcpu-contend",
+        "offcpu-io",
+        "offcpu-starved",
+        "offcpu-stress",
+        "offcpu-waits",
         "oom",
         "stress",
         "term-clean",
@@ -638,11 +897,64 @@ mod tests {
         assert_eq!(fires_on("dominant-function"), ["cpu"]);
         assert_eq!(fires_on("lock-contention"), ["contend"]);
         assert_eq!(fires_on("allocator-or-gc-hot"), ["allocs", "gc"]);
+        assert_eq!(fires_on("lock-wait"), ["offcpu-contend"]);
+        assert_eq!(fires_on("io-wait"), ["offcpu-io"]);
+        assert_eq!(
+            fires_on("cpu-starvation"),
+            ["offcpu-contend", "offcpu-starved", "offcpu-stress"]
+        );
+    }
+
+    #[test]
+    fn off_cpu_findings_name_the_wait_and_what_explains_it() {
+        let find = |capture_name: &str, rule: &str| {
+            evaluate(&[capture(capture_name)])
+                .into_iter()
+                .find(|f| f.rule == rule)
+                .unwrap_or_else(|| panic!("{rule} on {capture_name}"))
+        };
+        let lock = find("offcpu-contend", "lock-wait");
+        assert!(
+            lock.evidence.iter().any(|e| e.contains("Mutex")),
+            "{lock:?}"
+        );
+        let io = find("offcpu-io", "io-wait");
+        assert!(
+            io.evidence
+                .iter()
+                .any(|e| e.contains("waiting in the kernel at")),
+            "{io:?}"
+        );
+        // A quota explains the starvation: its numbers are in the evidence, and the critical
+        // severity says so without a fault to blame.
+        let starved = find("offcpu-starved", "cpu-starvation");
+        assert_eq!(starved.severity, Severity::Critical, "{starved:?}");
+        assert!(starved.title.contains("quota"), "{starved:?}");
+        assert!(
+            starved
+                .evidence
+                .iter()
+                .any(|e| e.contains("CPU quota of 0.20 CPUs") && e.contains("throttled in")),
+            "{starved:?}"
+        );
+        // With a cpu-stress fault alongside, the starvation is the fault's expected effect.
+        let stress = find("offcpu-stress", "cpu-starvation");
+        assert_eq!(stress.severity, Severity::Info, "{stress:?}");
+        assert!(stress.title.contains("cpu-stress"), "{stress:?}");
+        assert!(
+            stress
+                .evidence
+                .iter()
+                .any(|e| e.contains("cpu-stress fault ran alongside")),
+            "{stress:?}"
+        );
     }
 
     #[test]
     fn a_fault_that_missed_its_target_or_left_something_behind_is_a_finding() {
-        assert!(fires_on("fault-missed-target").is_empty());
+        // The recorded stress with a quota the workers share with the target reaches half of
+        // what it asked: a true finding.
+        assert_eq!(fires_on("fault-missed-target"), ["offcpu-stress"]);
         let mut c = capture("stress");
         let f = c.summary.fault.as_mut().unwrap();
         f.error_percent = -30.0;

@@ -278,7 +278,7 @@ mod tests {
             },
         };
         let done = run(&job).await.unwrap();
-        assert_eq!(done.outcome.captures, 12);
+        assert_eq!(done.outcome.captures, 17);
         assert_eq!(done.expired, [stamp(old)]);
         assert!(
             !out.path()
@@ -329,6 +329,6 @@ mod tests {
             .unwrap();
         assert!(none.is_empty());
         let all = read_sources(&src, None, far_future).await.unwrap();
-        assert_eq!(all.len(), 12);
+        assert_eq!(all.len(), 17);
     }
 }

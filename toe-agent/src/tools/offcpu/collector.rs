@@ -172,6 +172,12 @@ impl OffcpuCollector {
         (r, true)
     }
 
+    /// Per-stack totals seen so far.
+    #[must_use]
+    pub fn known(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Every per-stack total so far, and the keys first seen (to symbolize while their
     /// processes live).
     pub fn totals(&mut self) -> (Vec<(WaitKey, RawKey, WaitStats)>, Vec<RawKey>) {

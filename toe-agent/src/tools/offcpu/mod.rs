@@ -34,8 +34,11 @@ use crate::{
     symbolize::{RawKey, Symbolizer},
 };
 
-/// Slow ticks between two reads of the kernel's totals: each read walks the whole table.
+/// Slow ticks between two reads of the kernel's totals once the table is large: each read walks
+/// the whole table (two system calls per entry). A small table is read every slow tick, so the
+/// stacks of short-lived processes are symbolized while they still exist.
 const SCAN_EVERY: u32 = 4;
+const SMALL_TABLE: usize = 2048;
 
 pub struct Offcpu {
     opts: OffcpuProfileOptions,
@@ -176,7 +179,7 @@ impl ToolRun for OffcpuRun {
 
     fn slow_tick(&mut self, cx: &mut Tick<'_>) {
         self.ticks += 1;
-        if self.ticks.is_multiple_of(SCAN_EVERY) {
+        if self.collector.known() < SMALL_TABLE || self.ticks.is_multiple_of(SCAN_EVERY) {
             self.scan(cx.symbolizer, cx.elapsed_ms);
         }
     }
