@@ -83,6 +83,15 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         aborts: usize,
     },
+    /// Off-CPU profiling of a context-switch-heavy target versus none and a bpftrace
+    /// equivalent of offcputime, and the cost to a non-target.
+    Offcpu {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Round trips of the ping-pong workload (four context switches each).
+        #[arg(long, default_value_t = 400_000)]
+        trips: u64,
+    },
     /// Per-signal overhead versus no tracing and bpftrace; loss-free event rate.
     Signals {
         #[arg(long, default_value_t = 5)]
@@ -121,15 +130,15 @@ impl Mode {
 }
 
 #[derive(Default, Clone)]
-struct Measured {
+pub(crate) struct Measured {
     /// Workload wall time as the workload measured it.
-    secs: f64,
+    pub(crate) secs: f64,
     /// Profiler peak RSS (KiB) and CPU seconds, from wait4.
-    maxrss_kib: i64,
-    cpu_secs: f64,
-    finalize_ms: u64,
+    pub(crate) maxrss_kib: i64,
+    pub(crate) cpu_secs: f64,
+    pub(crate) finalize_ms: u64,
     /// The profiler's `--json` summary, when it is TOE.
-    summary: serde_json::Value,
+    pub(crate) summary: serde_json::Value,
 }
 
 /// A PowerTool running `tool` for `duration` with `args`.
@@ -142,7 +151,7 @@ pub(crate) fn powertool(tool: &str, duration: &str, args: &[&str]) -> String {
 }
 
 /// [`powertool`] written to `dir/<name>.yaml`.
-fn spec_file(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
+pub(crate) fn spec_file(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
     let p = dir.join(format!("{name}.yaml"));
     std::fs::write(&p, text)?;
     Ok(p)
@@ -211,7 +220,7 @@ fn once(mode: Mode, work: u64, tmp: &Path) -> Result<Measured> {
 /// How a profiler says it has attached, so that the workload starts only then: a tool that
 /// attaches late must not have the start of the work run untraced (and look faster for it).
 #[derive(Clone, Copy)]
-enum Ready {
+pub(crate) enum Ready {
     /// A line on its stderr containing this (`toe: started on ...`).
     Stderr(&'static str),
     /// A line on its stdout containing this (bpftrace's `Attaching N probes...`).
@@ -240,7 +249,7 @@ fn wait_for_line(stream: impl std::io::Read + Send + 'static, marker: &'static s
 }
 
 /// Waits until the profiler `child` says it is attached.
-fn attached(child: &mut Child, ready: Ready) -> Result<()> {
+pub(crate) fn attached(child: &mut Child, ready: Ready) -> Result<()> {
     match ready {
         Ready::Stderr(m) => wait_for_line(child.stderr.take().context("stderr piped")?, m),
         Ready::Stdout(m) => wait_for_line(child.stdout.take().context("stdout piped")?, m),
@@ -253,7 +262,7 @@ fn attached(child: &mut Child, ready: Ready) -> Result<()> {
 
 /// Runs the demo with `workload` args (it waits for a line on stdin), starts the profiler that
 /// `profiler` spawns for its pid, waits until it has attached, then times the workload.
-fn measure(
+pub(crate) fn measure(
     workload: &[&str],
     label: &str,
     profiler: impl FnOnce(&str) -> Result<Option<(Child, Ready)>>,
@@ -303,7 +312,7 @@ fn measure(
     Ok(m)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         f64::NAN
@@ -314,7 +323,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Per mode: median workload seconds, median per-round slowdown against mode 0 (percent), peak
 /// profiler RSS (MB) and mean profiler CPU seconds.
-fn columns(results: &[Vec<Measured>], i: usize) -> (f64, f64, f64, f64) {
+pub(crate) fn columns(results: &[Vec<Measured>], i: usize) -> (f64, f64, f64, f64) {
     let ratios: Vec<f64> = results[i]
         .iter()
         .zip(&results[0])
@@ -779,6 +788,7 @@ pub fn run(which: &Which) -> Result<()> {
             rates,
             secs,
         } => signals_bench(*rounds, *count, rates, *secs),
+        Which::Offcpu { rounds, trips } => crate::bench_offcpu::offcpu_bench(*rounds, *trips),
     }
 }
 

@@ -3,6 +3,7 @@
 mod apiserver;
 mod bench;
 mod bench_faults;
+mod bench_offcpu;
 mod bootstrap;
 mod crds;
 mod dist;

@@ -23,6 +23,8 @@
 //! `toe-demo waits SECONDS OUTFILE`: threads that wait in known ways (sleep, a held lock, a pipe,
 //! vfork's uninterruptible wait, and one that alternates CPU and sleep), each timing its waits;
 //! see `waits.rs`.
+//! `toe-demo pingpong N [wait]`: two threads pass a byte over pipes N times (context-switch
+//! heavy); prints seconds and round trips per second. The off-CPU benchmark's workload.
 //! `toe-demo send NAME PID SIGNAL COUNT`: renames itself NAME and sends SIGNAL to PID COUNT times;
 //! prints the count sent and the seconds taken.
 //! `toe-demo sendrate NAME PID SIGNAL RATE SECONDS`: the same, paced at RATE per second.
@@ -195,10 +197,14 @@ fn main() {
             arg_secs(&args, 3.0),
             args.get(3).map_or("waits.json", String::as_str),
         ),
+        Some("pingpong") => waits::pingpong(
+            args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000),
+            args.get(3).is_some_and(|a| a == "wait"),
+        ),
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
         Some(other) => {
             eprintln!(
-                "toe-demo: unknown mode {other}; use spin|fork|contend|work|sleep|waits|leak|forkleak|touch|allocs|trap|send|sendrate [ARGS]"
+                "toe-demo: unknown mode {other}; use spin|fork|contend|work|sleep|waits|pingpong|leak|forkleak|touch|allocs|trap|send|sendrate [ARGS]"
             );
             std::process::exit(2);
         }

@@ -205,3 +205,55 @@ pub fn main(secs: f64, out: &str) {
     json.push('}');
     std::fs::write(out, json).expect("write result");
 }
+
+/// `toe-demo pingpong N [wait]`: two threads pass one byte back and forth over two pipes N
+/// times, each blocking in read between turns; prints the seconds taken and round trips per
+/// second. The off-CPU benchmark's workload. Both threads share one CPU, so every turn is a
+/// direct switch from one to the other (two per round trip): on two CPUs the time would be
+/// wakeup latency out of idle, which tracing can even shorten.
+pub fn pingpong(n: u64, wait: bool) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; affinity of this thread,
+    // inherited by the thread it spawns.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+    let pipe = || {
+        let mut fds = [0; 2];
+        // SAFETY: valid out-array of two fds.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+        // SAFETY: fresh fds we own.
+        unsafe {
+            use std::os::fd::FromRawFd as _;
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        }
+    };
+    let ((mut a_rd, mut b_wr), (mut b_rd, mut a_wr)) = (pipe(), pipe());
+    if wait {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).expect("stdin");
+    }
+    let t = Instant::now();
+    let pong = spawn("pong", move || {
+        let mut b = [0u8; 1];
+        for _ in 0..n {
+            if a_rd.read_exact(&mut b).is_err() || a_wr.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let mut b = [1u8; 1];
+    for _ in 0..n {
+        b_wr.write_all(&b).expect("write");
+        b_rd.read_exact(&mut b).expect("read");
+    }
+    pong.join().expect("pong");
+    let secs = t.elapsed().as_secs_f64();
+    #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
+    let rate = n as f64 / secs;
+    println!("{secs:.6} {rate:.0}");
+}

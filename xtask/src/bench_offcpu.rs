@@ -1,0 +1,171 @@
+//! `cargo xtask bench offcpu`: what off-CPU profiling costs a context-switch-heavy target (two
+//! threads passing a byte over pipes), and what it costs a process that is not the target, side
+//! by side and interleaved.
+//!
+//! The peer is a bpftrace program doing what bcc's `offcputime` does (time from switch-out to
+//! switch-in per kernel and user stack, for one process) on the `sched_switch` tracepoint:
+//! `offcputime` itself attaches a kprobe to `finish_task_switch`, and kernels without kprobes
+//! (this machine's) cannot run it.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    bench::{Measured, Ready, attached, columns, measure, median, powertool, spec_file},
+    is_root, root,
+};
+
+/// offcputime's method on the tracepoint: stacks kept at switch-out, time summed at switch-in.
+/// The program exits when the target's main thread does.
+const PEER: &str = r"
+tracepoint:sched:sched_switch
+{
+  if (pid == $1) {
+    @start[tid] = nsecs;
+    @ks[tid] = kstack;
+    @us[tid] = ustack;
+  }
+  $s = @start[args->next_pid];
+  if ($s) {
+    @off[@ks[args->next_pid], @us[args->next_pid]] = sum(nsecs - $s);
+    delete(@start[args->next_pid]);
+  }
+}
+tracepoint:sched:sched_process_exit /pid == $1 && tid == $1/ { exit(); }
+";
+
+fn toe(spec: &Path, pid: &str, out: &Path) -> Result<Child> {
+    Ok(Command::new(root().join("target/release/toe"))
+        .args(["run", "--no-progress", "--json", "-f"])
+        .arg(spec)
+        .args(["--pid", pid, "-o"])
+        .arg(out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
+/// The workload alone while TOE profiles another process (a sleeping one): the cost every
+/// context switch of the node pays for TOE's program, which runs on every switch.
+fn bystander_round(trips: &str, spec: &Path, out: &Path) -> Result<Measured> {
+    let bin = root().join("target/release");
+    let mut sleeper = Command::new(bin.join("toe-demo"))
+        .args(["sleep", "600"])
+        .spawn()?;
+    let mut profiler = toe(spec, &sleeper.id().to_string(), out)?;
+    attached(&mut profiler, Ready::Stderr("toe: started"))?;
+    let run = Command::new(bin.join("toe-demo"))
+        .args(["pingpong", trips])
+        .stderr(Stdio::inherit())
+        .output()?;
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let status = profiler.wait()?;
+    if !run.status.success() || !status.success() {
+        bail!("bystander round failed");
+    }
+    let line = String::from_utf8_lossy(&run.stdout);
+    let secs = line
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("pingpong printed {line:?}"))?;
+    Ok(Measured {
+        secs,
+        ..Measured::default()
+    })
+}
+
+pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads eBPF programs and runs bpftrace: run it as root");
+    }
+    let bpftrace = which::which("bpftrace").ok();
+    let tmp = std::env::temp_dir().join(format!("toe-bench-offcpu-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let spec = spec_file(&tmp, "offcpu", &powertool("offcpu-profile", "5m", &[]))?;
+    let peer = tmp.join("offcputime.bt");
+    std::fs::write(&peer, PEER)?;
+    let out = tmp.join("out");
+    let mut modes = vec!["none", "toe", "bystander"];
+    if bpftrace.is_some() {
+        modes.push("bpftrace");
+    } else {
+        eprintln!("bpftrace not installed (apt-get install bpftrace): no peer column");
+    }
+    let n = trips.to_string();
+    let mut results: Vec<Vec<Measured>> = vec![Vec::new(); modes.len()];
+    let mut recorded = Vec::new();
+    for round in 0..rounds {
+        for k in 0..modes.len() {
+            let i = (k + round) % modes.len();
+            let m = match modes[i] {
+                "bystander" => bystander_round(&n, &spec, &out)?,
+                mode => measure(&["pingpong", &n, "wait"], mode, |pid| {
+                    Ok(match mode {
+                        "toe" => Some((toe(&spec, pid, &out)?, Ready::Stderr("toe: started"))),
+                        "bpftrace" => Some((
+                            Command::new(bpftrace.as_deref().context("bpftrace")?)
+                                .arg(&peer)
+                                .arg(pid)
+                                .stdout(Stdio::piped())
+                                .stderr(Stdio::null())
+                                .spawn()?,
+                            Ready::Stdout("Attaching"),
+                        )),
+                        _ => None,
+                    })
+                })?,
+            };
+            if modes[i] == "toe" {
+                recorded.push(m.summary["offcpu"]["switches"].clone());
+            }
+            eprintln!(
+                "round {}/{rounds} {:<9} {:.3}s",
+                round + 1,
+                modes[i],
+                m.secs
+            );
+            results[i].push(m);
+        }
+    }
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let rate = trips as f64 * 2.0 / median(results[0].iter().map(|m| m.secs).collect());
+    println!(
+        "\nOff-CPU profiling overhead: {trips} pipe round trips between two threads (about \
+         {:.0}k context switches/s unprofiled), median over {rounds} interleaved rounds",
+        rate / 1000.0
+    );
+    println!(
+        "{:<10} {:>9} {:>10} {:>9} {:>8}",
+        "mode", "median s", "slowdown", "peak MB", "CPU s"
+    );
+    for (i, mode) in modes.iter().enumerate() {
+        let (secs, slowdown, rss, cpu) = columns(&results, i);
+        println!("{mode:<10} {secs:>9.3} {slowdown:>+9.1}% {rss:>9.1} {cpu:>8.2}");
+    }
+    if let Some(p) = modes.iter().position(|m| *m == "bpftrace") {
+        let ratio = median(
+            results[1]
+                .iter()
+                .zip(&results[p])
+                .map(|(t, b)| t.secs / b.secs)
+                .collect(),
+        );
+        println!(
+            "toe / bpftrace (offcputime's method) target time: {ratio:.4} (median per-round \
+             ratio; < 1 means TOE slows the target less)"
+        );
+    }
+    println!("(bystander: the same workload, not a target, while TOE profiles a sleeping process)");
+    if let Some(s) = recorded.last() {
+        println!("toe's last accounting: {s}");
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}
