@@ -101,6 +101,7 @@ fn each_wait_is_timed_per_function_with_its_reason() {
             + a.long
             + a.lost_totals_full
             + a.lost_thread_table_full
+            + a.unmatched
             + a.open_at_end,
         a.switches,
         "{a:?}"

@@ -14,11 +14,17 @@
 
 use crate::TASK_COMM_LEN;
 
+/// On `sched:sched_switch` as a classic tracepoint (reads the trace record).
 pub const PROGRAM: &str = "toe_offcpu_switch";
+/// On `sched_switch` as a raw tracepoint (reads the tracepoint's arguments): no trace record is
+/// built, which is most of what every other switch on the node pays. Needs the `prev_state`
+/// argument, added in Linux 5.18.
+pub const RAW_PROGRAM: &str = "toe_offcpu_switch_raw";
 /// `Array<OffConfig>` with one entry.
 pub const CONFIG_MAP: &str = "TOE_OFF_CONFIG";
-/// `HashMap<u32 tid, OffStart>`: target threads off CPU now (and the on-CPU stint of those that
-/// came back).
+/// `HashMap<u64, OffStart>`: target threads off CPU now (and the on-CPU stint of those that
+/// came back), by thread id (classic program) or by task pointer (raw program, which gets the
+/// next task as a pointer and so needs no field offset to recognise it).
 pub const STARTS_MAP: &str = "TOE_OFF_STARTS";
 /// `HashMap<WaitKey, WaitStats>`: per stack and reason totals.
 pub const WAITS_MAP: &str = "TOE_OFF_WAITS";
@@ -111,6 +117,32 @@ impl Reason {
         }
     }
 
+    /// The reason for the raw tracepoint's `preempt` and `prev_state` (the task's `__state`, not
+    /// the record's report bits); `None` for a task making its last switch (`TASK_DEAD`).
+    #[must_use]
+    pub const fn from_raw_state(preempt: bool, state: u64) -> Option<Self> {
+        const TASK_DEAD: u64 = 0x80;
+        const TASK_NOLOAD: u64 = 0x400;
+        if state & TASK_DEAD != 0 {
+            None
+        } else if preempt || state == 0 {
+            Some(Self::Runnable)
+        } else if state & STATE_UNINTERRUPTIBLE != 0 {
+            // TASK_IDLE (uninterruptible without load) is an idle kernel thread, not I/O.
+            if state & TASK_NOLOAD != 0 {
+                Some(Self::Blocked)
+            } else {
+                Some(Self::Uninterruptible)
+            }
+        } else if state & STATE_INTERRUPTIBLE != 0 {
+            Some(Self::Blocked)
+        } else if state & STATE_STOPPED != 0 {
+            Some(Self::Stopped)
+        } else {
+            Some(Self::Blocked)
+        }
+    }
+
     #[must_use]
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
@@ -147,9 +179,11 @@ pub struct OffStart {
     pub tgid: u32,
     /// [`Reason`].
     pub reason: u32,
+    pub tid: u32,
+    pub reserved: u32,
     pub comm: [u8; TASK_COMM_LEN],
 }
-const _: () = assert!(size_of::<OffStart>() == 56);
+const _: () = assert!(size_of::<OffStart>() == 64);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -200,8 +234,11 @@ pub enum Counter {
     OnCpuNs = 12,
     /// Target threads that exited (their start entries were removed).
     Exited = 13,
+    /// Waits whose end was never seen: the thread went off CPU again first, or came back with
+    /// a clock reading before its start.
+    Unmatched = 14,
 }
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 15;
 
 #[cfg(feature = "user")]
 mod user {
@@ -230,6 +267,17 @@ mod tests {
         assert_eq!(Reason::from_state(0x80), Some(Reason::Blocked)); // I
         assert_eq!(Reason::from_state(0x10), None); // X
         assert_eq!(Reason::from_state(0x20), None); // Z
+        assert_eq!(Reason::from_raw_state(true, 0x01), Some(Reason::Runnable));
+        assert_eq!(Reason::from_raw_state(false, 0), Some(Reason::Runnable));
+        assert_eq!(Reason::from_raw_state(false, 0x01), Some(Reason::Blocked));
+        assert_eq!(
+            Reason::from_raw_state(false, 0x102),
+            Some(Reason::Uninterruptible)
+        );
+        assert_eq!(Reason::from_raw_state(false, 0x402), Some(Reason::Blocked));
+        assert_eq!(Reason::from_raw_state(false, 0x2001), Some(Reason::Blocked));
+        assert_eq!(Reason::from_raw_state(false, 0x04), Some(Reason::Stopped));
+        assert_eq!(Reason::from_raw_state(false, 0x80), None);
         for r in Reason::ALL {
             assert_eq!(Reason::from_u32(r as u32), Some(r));
         }

@@ -23,8 +23,11 @@ mod targets;
 #[cfg(target_arch = "bpf")]
 mod entries {
     use aya_ebpf::{
-        macros::{perf_event, tracepoint, uprobe, uretprobe},
-        programs::{PerfEventContext, ProbeContext, RetProbeContext, TracePointContext},
+        macros::{perf_event, raw_tracepoint, tracepoint, uprobe, uretprobe},
+        programs::{
+            PerfEventContext, ProbeContext, RawTracePointContext, RetProbeContext,
+            TracePointContext,
+        },
     };
 
     #[perf_event]
@@ -54,6 +57,12 @@ mod entries {
     #[tracepoint]
     pub fn toe_offcpu_switch(ctx: TracePointContext) -> u32 {
         crate::offcpu::try_switch(&ctx);
+        0
+    }
+
+    #[raw_tracepoint(tracepoint = "sched_switch")]
+    pub fn toe_offcpu_switch_raw(ctx: RawTracePointContext) -> i32 {
+        crate::offcpu::try_switch_raw(&ctx);
         0
     }
 

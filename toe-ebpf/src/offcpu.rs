@@ -2,12 +2,12 @@
 //! stack and reason, aggregated in the kernel (see `toe_common::offcpu`).
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use toe_common::{
     offcpu::{
@@ -29,7 +29,7 @@ static CONFIG: Array<OffConfig> = Array::with_max_entries(1, 0);
 /// Preallocated: entries are inserted from inside the scheduler, where an allocation that can
 /// fail under pressure would lose the wait.
 #[map(name = "TOE_OFF_STARTS")]
-static STARTS: HashMap<u32, OffStart> = HashMap::with_max_entries(MAX_THREADS, 0);
+static STARTS: HashMap<u64, OffStart> = HashMap::with_max_entries(MAX_THREADS, 0);
 
 #[map(name = "TOE_OFF_WAITS")]
 static WAITS: HashMap<WaitKey, WaitStats> =
@@ -47,32 +47,57 @@ fn add(c: Counter, n: u64) {
     add_to(&COUNTERS, c as u32, n);
 }
 
-/// Runs in the task going off CPU (`current` is `prev`).
+/// Classic tracepoint: runs in the task going off CPU (`current` is `prev`); threads are keyed
+/// by thread id.
 pub fn try_switch(ctx: &TracePointContext) {
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: offsets checked against the kernel's format file before attaching.
     if let Ok(next) = unsafe { ctx.read_at::<i32>(SWITCH_NEXT_PID) }
         && next > 0
     {
         #[expect(clippy::cast_sign_loss, reason = "checked positive")]
-        switch_in(next as u32, now);
+        switch_in(u64::from(next as u32));
     }
-    switch_out(ctx, now);
+    // SAFETY: as above.
+    let state = unsafe { ctx.read_at::<i64>(SWITCH_PREV_STATE) }.unwrap_or(0);
+    #[expect(clippy::cast_sign_loss, reason = "a bit set")]
+    let reason = Reason::from_state(state as u64);
+    switch_out(ctx, u64::from(ctx.pid()), reason);
+}
+
+/// Raw tracepoint `sched_switch(bool preempt, struct task_struct *prev, struct task_struct
+/// *next, unsigned int prev_state)`: threads are keyed by their task pointer, so the next task
+/// is recognised without reading it.
+pub fn try_switch_raw(ctx: &RawTracePointContext) {
+    let preempt: u64 = ctx.arg(0);
+    let prev: u64 = ctx.arg(1);
+    let next: u64 = ctx.arg(2);
+    let state: u64 = ctx.arg(3);
+    if next != 0 {
+        switch_in(next);
+    }
+    let reason = Reason::from_raw_state(preempt & 0xff != 0, state & 0xffff_ffff);
+    switch_out(ctx, prev, reason);
 }
 
 /// The next task comes back: if it is a target thread that waited, its wait ends now.
 #[inline(always)]
-fn switch_in(tid: u32, now: u64) {
-    let Some(start) = STARTS.get_ptr_mut(&tid) else {
+fn switch_in(key: u64) {
+    let Some(start) = STARTS.get_ptr_mut(&key) else {
         return;
     };
+    // The clock is read only for target threads: every other switch pays one lookup.
+    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a thread's entry is written only when it switches out or in, both on the CPU
     // that runs this program for it, never concurrently.
     let s = unsafe { &mut *start };
     let began = s.ts;
     s.ts = 0;
     s.on_since = now;
-    if began == 0 || now <= began {
+    if began == 0 {
+        return;
+    }
+    if now <= began {
+        add(Counter::Unmatched, 1);
         return;
     }
     let waited = now - began;
@@ -132,7 +157,7 @@ fn record(key: &WaitKey, waited: u64) -> bool {
 }
 
 #[inline(always)]
-fn stack(ctx: &TracePointContext, user: bool) -> u64 {
+fn stack<C: EbpfContext>(ctx: &C, user: bool) -> u64 {
     match stacks::store(ctx, &STACKS, user) {
         Ok(h) => h,
         Err(StackError::Unwind) => {
@@ -153,24 +178,29 @@ fn stack(ctx: &TracePointContext, user: bool) -> u64 {
     }
 }
 
-/// The task going off CPU: if it is a target thread, its wait starts now.
+/// The task going off CPU: if it is a target thread, its wait starts now. `reason` is `None`
+/// for its last switch (it is exiting).
 #[inline(always)]
-fn switch_out(ctx: &TracePointContext, now: u64) {
-    // SAFETY: offset checked against the kernel's format file before attaching.
-    let state = unsafe { ctx.read_at::<i64>(SWITCH_PREV_STATE) }.unwrap_or(0);
-    let tid = ctx.pid();
-    #[expect(clippy::cast_sign_loss, reason = "a bit set")]
-    let Some(reason) = Reason::from_state(state as u64) else {
+fn switch_out<C: EbpfContext>(ctx: &C, key: u64, reason: Option<Reason>) {
+    let Some(reason) = reason else {
         // Exiting: it never comes back. Checked before the target test, which a process's last
         // thread no longer passes (its tgid left the target map when it began to exit).
-        if STARTS.remove(&tid).is_ok() {
-            add(Counter::Exited, 1);
+        if let Some(e) = STARTS.get_ptr(&key) {
+            // SAFETY: a live map value, read before it is removed.
+            if unsafe { (*e).ts } != 0 {
+                // It ran and now exits, but its return to a CPU was not seen.
+                add(Counter::Unmatched, 1);
+            }
+            if STARTS.remove(&key).is_ok() {
+                add(Counter::Exited, 1);
+            }
         }
         return;
     };
     if !current_is_target() {
         return;
     }
+    let now = unsafe { bpf_ktime_get_ns() };
     add(Counter::Switches, 1);
     let cfg = CONFIG.get(0).copied().unwrap_or_default();
     let ustack = if cfg.flags & CONFIG_USER_STACKS != 0 {
@@ -184,17 +214,21 @@ fn switch_out(ctx: &TracePointContext, now: u64) {
         0
     };
     let comm = bpf_get_current_comm().unwrap_or_default();
-    if let Some(e) = STARTS.get_ptr_mut(&tid) {
+    if let Some(e) = STARTS.get_ptr_mut(&key) {
         // SAFETY: see `switch_in`.
         let e = unsafe { &mut *e };
         if e.on_since != 0 && now > e.on_since {
             add(Counter::OnCpuNs, now - e.on_since);
+        }
+        if e.ts != 0 {
+            add(Counter::Unmatched, 1);
         }
         e.ts = now;
         e.on_since = 0;
         e.ustack = ustack;
         e.kstack = kstack;
         e.tgid = ctx.tgid();
+        e.tid = ctx.pid();
         e.reason = reason as u32;
         e.comm = comm;
         return;
@@ -206,9 +240,11 @@ fn switch_out(ctx: &TracePointContext, now: u64) {
         kstack,
         tgid: ctx.tgid(),
         reason: reason as u32,
+        tid: ctx.pid(),
+        reserved: 0,
         comm,
     };
-    if STARTS.insert(&tid, &start, 0).is_err() {
+    if STARTS.insert(&key, &start, 0).is_err() {
         add(Counter::StartsFull, 1);
     }
 }

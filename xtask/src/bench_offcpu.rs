@@ -51,13 +51,34 @@ fn toe(spec: &Path, pid: &str, out: &Path) -> Result<Child> {
 
 /// The workload alone while TOE profiles another process (a sleeping one): the cost every
 /// context switch of the node pays for TOE's program, which runs on every switch.
-fn bystander_round(trips: &str, spec: &Path, out: &Path) -> Result<Measured> {
+fn bystander_round(
+    trips: &str,
+    spec: &Path,
+    out: &Path,
+    peer: Option<(&Path, &Path)>,
+) -> Result<Measured> {
     let bin = root().join("target/release");
     let mut sleeper = Command::new(bin.join("toe-demo"))
         .args(["sleep", "600"])
         .spawn()?;
-    let mut profiler = toe(spec, &sleeper.id().to_string(), out)?;
-    attached(&mut profiler, Ready::Stderr("toe: started"))?;
+    let pid = sleeper.id().to_string();
+    let mut profiler = match peer {
+        None => {
+            let mut p = toe(spec, &pid, out)?;
+            attached(&mut p, Ready::Stderr("toe: started"))?;
+            p
+        }
+        Some((bpftrace, script)) => {
+            let mut p = Command::new(bpftrace)
+                .arg(script)
+                .arg(&pid)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            attached(&mut p, Ready::Stdout("Attaching"))?;
+            p
+        }
+    };
     let run = Command::new(bin.join("toe-demo"))
         .args(["pingpong", trips])
         .stderr(Stdio::inherit())
@@ -94,7 +115,7 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
     let out = tmp.join("out");
     let mut modes = vec!["none", "toe", "bystander"];
     if bpftrace.is_some() {
-        modes.push("bpftrace");
+        modes.extend(["bpftrace", "bt-bystand"]);
     } else {
         eprintln!("bpftrace not installed (apt-get install bpftrace): no peer column");
     }
@@ -105,7 +126,13 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
         for k in 0..modes.len() {
             let i = (k + round) % modes.len();
             let m = match modes[i] {
-                "bystander" => bystander_round(&n, &spec, &out)?,
+                "bystander" => bystander_round(&n, &spec, &out, None)?,
+                "bt-bystand" => bystander_round(
+                    &n,
+                    &spec,
+                    &out,
+                    Some((bpftrace.as_deref().context("bpftrace")?, &peer)),
+                )?,
                 mode => measure(&["pingpong", &n, "wait"], mode, |pid| {
                     Ok(match mode {
                         "toe" => Some((toe(&spec, pid, &out)?, Ready::Stderr("toe: started"))),
@@ -142,12 +169,18 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
         rate / 1000.0
     );
     println!(
-        "{:<10} {:>9} {:>10} {:>9} {:>8}",
-        "mode", "median s", "slowdown", "peak MB", "CPU s"
+        "{:<10} {:>9} {:>10} {:>11} {:>9} {:>8}",
+        "mode", "median s", "slowdown", "ns/switch", "peak MB", "CPU s"
     );
+    let base = median(results[0].iter().map(|m| m.secs).collect());
     for (i, mode) in modes.iter().enumerate() {
         let (secs, slowdown, rss, cpu) = columns(&results, i);
-        println!("{mode:<10} {secs:>9.3} {slowdown:>+9.1}% {rss:>9.1} {cpu:>8.2}");
+        // What each of the workload's switches paid, on the one CPU they share.
+        #[expect(clippy::cast_precision_loss, reason = "display")]
+        let per_switch = (secs - base) * 1e9 / (trips as f64 * 2.0);
+        println!(
+            "{mode:<10} {secs:>9.3} {slowdown:>+9.1}% {per_switch:>11.0} {rss:>9.1} {cpu:>8.2}"
+        );
     }
     if let Some(p) = modes.iter().position(|m| *m == "bpftrace") {
         let ratio = median(
@@ -162,7 +195,10 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
              ratio; < 1 means TOE slows the target less)"
         );
     }
-    println!("(bystander: the same workload, not a target, while TOE profiles a sleeping process)");
+    println!(
+        "(bystander, bt-bystand: the same workload, not a target, while TOE or the bpftrace \
+         program profiles a sleeping process: what every other switch on the node pays)"
+    );
     if let Some(s) = recorded.last() {
         println!("toe's last accounting: {s}");
     }

@@ -11,6 +11,7 @@ fn kind(p: &Program) -> &'static str {
     match p {
         Program::PerfEvent(_) => "perf_event",
         Program::TracePoint(_) => "tracepoint",
+        Program::RawTracePoint(_) => "raw_tracepoint",
         Program::UProbe(_) => "uprobe",
         _ => "other",
     }
@@ -20,6 +21,7 @@ fn load(p: &mut Program) -> Result<(), String> {
     let r = match p {
         Program::PerfEvent(p) => p.load(),
         Program::TracePoint(p) => p.load(),
+        Program::RawTracePoint(p) => p.load(),
         Program::UProbe(p) => p.load(),
         _ => return Ok(()),
     };
@@ -63,14 +65,15 @@ pub fn probe() -> Capabilities {
             }
         }
         Err(e) => {
-            for k in ["perf_event", "tracepoint", "uprobe"] {
+            for k in ["perf_event", "tracepoint", "raw_tracepoint", "uprobe"] {
                 caps.programs.insert(k.into(), e.to_string());
             }
         }
     }
     let needs: [(&str, &[&str]); 8] = [
         ("cpu-profile", &["perf_event"]),
-        // sched_switch; --wall also samples with a perf_event program.
+        // sched_switch (raw where the kernel passes prev_state, else classic); --wall also
+        // samples with a perf_event program.
         ("offcpu-profile", &["tracepoint", "perf_event"]),
         ("memory-profile", &["uprobe", "tracepoint"]),
         ("signal-trace", &["tracepoint"]),

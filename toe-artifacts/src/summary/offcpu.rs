@@ -36,6 +36,8 @@ pub struct SwitchAccounting {
     pub stacks_unverified: u64,
     /// Target threads that exited during the run.
     pub threads_exited: u64,
+    /// Waits whose end was never seen (the thread went off CPU again first, or is gone).
+    pub unmatched: u64,
 }
 
 /// Off-CPU time of one reason.
@@ -91,6 +93,8 @@ pub struct WallSummary {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct OffcpuSummary {
+    /// How switches were traced (`raw tracepoint sched_switch`, or the classic tracepoint).
+    pub mechanism: String,
     pub min_block_ns: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_block_ns: Option<u64>,
@@ -196,6 +200,7 @@ fn secs(ns: u64) -> String {
 
 pub(super) fn render(o: &mut String, s: &OffcpuSummary) {
     let a = &s.switches;
+    let _ = writeln!(o, "  traced with the {}", s.mechanism);
     let _ = writeln!(
         o,
         "  off-CPU: {} of {} thread-time ({:.1}%), {} waits recorded of {} switches ({} still \
@@ -210,7 +215,7 @@ pub(super) fn render(o: &mut String, s: &OffcpuSummary) {
     let _ = writeln!(
         o,
         "  not recorded: {} waits under min-block ({}), {} over max-block ({}); lost: {} (thread \
-         table full), {} ({}) totals table full; stacks lost: {} user, {} kernel, {} map full, {} \
+         table full), {} ({}) totals table full, {} unmatched; stacks lost: {} user, {} kernel, {} map full, {} \
          unverified",
         a.short,
         secs(a.short_ns),
@@ -219,6 +224,7 @@ pub(super) fn render(o: &mut String, s: &OffcpuSummary) {
         a.lost_thread_table_full,
         a.lost_totals_full,
         secs(a.lost_totals_full_ns),
+        a.unmatched,
         a.user_stacks_lost,
         a.kernel_stacks_lost,
         a.stacks_lost_map_full,

@@ -5,14 +5,14 @@ use std::collections::HashMap;
 
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
 use toe_common::{
     api::OffcpuProfileOptions,
     offcpu::{
         CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACKS, COUNTER_COUNT, COUNTERS_MAP, Counter,
-        OffConfig, OffStart, PROGRAM, STACKS_MAP, STARTS_MAP, SWITCH_NEXT_PID, SWITCH_PREV_STATE,
-        WAITS_MAP, WaitKey, WaitStats,
+        OffConfig, OffStart, PROGRAM, RAW_PROGRAM, STACKS_MAP, STARTS_MAP, SWITCH_NEXT_PID,
+        SWITCH_PREV_STATE, WAITS_MAP, WaitKey, WaitStats,
     },
     stacks::StoredStack,
 };
@@ -56,9 +56,22 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
+/// Whether this kernel's raw `sched_switch` tracepoint passes `prev_state` (Linux 5.18+).
+fn raw_switch_has_state() -> bool {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    matches!((it.next(), it.next()), (Some(major), Some(minor)) if (major, minor) >= (5, 18))
+}
+
 pub struct OffcpuCollector {
     opts: OffcpuProfileOptions,
-    starts: BpfHashMap<MapData, u32, OffStart>,
+    /// How the switches are traced, for the summary.
+    pub mechanism: &'static str,
+    starts: BpfHashMap<MapData, u64, OffStart>,
     waits: BpfHashMap<MapData, WaitKey, WaitStats>,
     stacks: BpfHashMap<MapData, u64, StoredStack>,
     counters: PerCpuArray<MapData, u64>,
@@ -68,10 +81,10 @@ pub struct OffcpuCollector {
 }
 
 impl OffcpuCollector {
-    /// Checks the kernel's tracepoint layout, configures and attaches. Target maps must already
-    /// be set.
+    /// Configures and attaches: the raw tracepoint program where the kernel passes the state it
+    /// needs, else the classic one after checking the record layout. Target maps must already be
+    /// set.
     pub fn attach(loaded: &mut Loaded, opts: &OffcpuProfileOptions) -> Result<Self, LoadError> {
-        tracefs::check_fields(FIELDS).map_err(LoadError::Layout)?;
         {
             let mut flags = 0;
             if opts.user_stacks {
@@ -104,22 +117,45 @@ impl OffcpuCollector {
             BpfHashMap::try_from(take(loaded, STACKS_MAP)?).map_err(map_err(STACKS_MAP))?;
         let counters =
             PerCpuArray::try_from(take(loaded, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
-        let prog: &mut TracePoint =
-            loaded
-                .program_mut(PROGRAM)?
-                .try_into()
-                .map_err(|source| LoadError::Program {
+        let mechanism =
+            if raw_switch_has_state() {
+                let prog: &mut RawTracePoint = loaded
+                    .program_mut(RAW_PROGRAM)?
+                    .try_into()
+                    .map_err(|source| LoadError::Program {
+                        name: RAW_PROGRAM,
+                        source,
+                    })?;
+                prog.load().map_err(|source| LoadError::Program {
+                    name: RAW_PROGRAM,
+                    source,
+                })?;
+                prog.attach("sched_switch")
+                    .map_err(|source| LoadError::Program {
+                        name: RAW_PROGRAM,
+                        source,
+                    })?;
+                "raw tracepoint sched_switch"
+            } else {
+                tracefs::check_fields(FIELDS).map_err(LoadError::Layout)?;
+                let prog: &mut TracePoint =
+                    loaded.program_mut(PROGRAM)?.try_into().map_err(|source| {
+                        LoadError::Program {
+                            name: PROGRAM,
+                            source,
+                        }
+                    })?;
+                prog.load().map_err(|source| LoadError::Program {
                     name: PROGRAM,
                     source,
                 })?;
-        prog.load().map_err(|source| LoadError::Program {
-            name: PROGRAM,
-            source,
-        })?;
-        prog.attach("sched", "sched_switch")
-            .map_err(LoadError::Tracefs)?;
+                prog.attach("sched", "sched_switch")
+                    .map_err(LoadError::Tracefs)?;
+                "tracepoint sched:sched_switch"
+            };
         Ok(Self {
             opts: *opts,
+            mechanism,
             starts,
             waits,
             stacks,
@@ -197,16 +233,17 @@ impl OffcpuCollector {
     /// Waits still going at `now`, as totals of their time so far (within the bounds, as the
     /// kernel would have recorded them had they ended now), plus on-CPU stints still running.
     pub fn open_waits(&mut self, now: u64) -> OpenWaits {
-        let entries: Vec<(u32, OffStart)> = self.starts.iter().filter_map(Result::ok).collect();
+        let entries: Vec<(u64, OffStart)> = self.starts.iter().filter_map(Result::ok).collect();
         let min = u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
         let max = self
             .opts
             .max_block
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut out = OpenWaits::default();
-        for (tid, s) in entries {
+        for (_, s) in entries {
             // A thread whose exit the kernel side did not see is neither waiting nor running.
-            if !std::path::Path::new(&format!("/proc/{tid}")).exists() {
+            if !std::path::Path::new(&format!("/proc/{}", s.tid)).exists() {
+                out.gone += u64::from(s.ts != 0);
                 continue;
             }
             if s.ts == 0 {
@@ -249,4 +286,6 @@ pub struct OpenWaits {
     pub long: u64,
     pub long_ns: u64,
     pub on_cpu_ns: u64,
+    /// Waits of threads that are gone although their exit was not seen.
+    pub gone: u64,
 }

@@ -271,6 +271,7 @@ impl ToolRun for OffcpuRun {
         let warnings = warnings(off_cpu_ns, &accounting);
         let throttling = self.throttling_during();
         let summary = OffcpuSummary {
+            mechanism: self.collector.mechanism.into(),
             min_block_ns: u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX),
             max_block_ns: self
                 .opts
@@ -507,6 +508,7 @@ fn switch_accounting(c: OffCounters, open: &OpenWaits, unverified: u64) -> Switc
         stacks_lost_map_full: c.get(Counter::StacksFull),
         stacks_unverified: unverified,
         threads_exited: c.get(Counter::Exited),
+        unmatched: c.get(Counter::Unmatched) + open.gone,
     }
 }
 
