@@ -35,10 +35,12 @@ async fn crds_install_and_their_schemas_accept_the_examples_and_refuse_bad_field
     let apply = PatchParams::apply("toe-test").force();
     // Every example config and PowerTool is accepted as written.
     let configs: Api<PowerToolConfig> = Api::all(client.clone());
-    for c in documents::<PowerToolConfig>(&repo().join("examples/config.yaml")) {
+    let examples = documents::<PowerToolConfig>(&repo().join("examples/config.yaml"));
+    assert!(examples.len() >= 7, "{} example configs", examples.len());
+    for c in &examples {
         let name = c.metadata.name.clone().unwrap();
         configs
-            .patch(&name, &apply, &Patch::Apply(&c))
+            .patch(&name, &apply, &Patch::Apply(c))
             .await
             .unwrap_or_else(|e| panic!("PowerToolConfig {name}: {e}"));
     }
@@ -49,7 +51,7 @@ async fn crds_install_and_their_schemas_accept_the_examples_and_refuse_bad_field
             .unwrap()
             .items
             .len(),
-        7
+        examples.len()
     );
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "shop"}}))
