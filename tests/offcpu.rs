@@ -178,15 +178,26 @@ fn on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time() {
     assert_eq!(total, w.on_cpu_ns + w.off_cpu_ns);
 }
 
+/// Nanoseconds `pid` has run on a CPU, from `/proc/<pid>/schedstat` (exact, unlike the tick
+/// counts of `stat`).
+fn ran_ns(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .expect("schedstat")
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("run time")
+}
+
 #[test]
-fn a_cpu_quota_shows_as_runnable_time_equal_to_the_throttled_time() {
-    if !require_root("a_cpu_quota_shows_as_runnable_time_equal_to_the_throttled_time") {
+fn a_cpu_quota_shows_as_runnable_time_that_the_cgroup_did_not_run() {
+    if !require_root("a_cpu_quota_shows_as_runnable_time_that_the_cgroup_did_not_run") {
         return;
     }
     // Two busy processes share 20 ms of CPU per 100 ms: throttled most of each period.
     let Some(starved) = TestCgroup::with_cpu_quota("starved", 20_000, 100_000) else {
         toe_tests::skip(
-            "a_cpu_quota_shows_as_runnable_time_equal_to_the_throttled_time",
+            "a_cpu_quota_shows_as_runnable_time_that_the_cgroup_did_not_run",
             "no cpu controller in either cgroup hierarchy",
         );
         return;
@@ -196,12 +207,13 @@ fn a_cpu_quota_shows_as_runnable_time_equal_to_the_throttled_time() {
     let other = TestCgroup::new("bystander");
     let bystander = demo(&["spin", "30"], Some(&other));
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let before = starved.throttled();
+    let (t0, ran0) = (std::time::Instant::now(), ran_ns(a.pid()) + ran_ns(b.pid()));
     let (outcome, sink) = profile(
         &tool_spec("offcpu-profile", "3s", &[]),
         TargetSpec::Cgroup(starved.path().to_owned()),
     );
-    let after = starved.throttled();
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let ran = (ran_ns(a.pid()) + ran_ns(b.pid()) - ran0) as f64;
     let s = outcome.summary.offcpu.expect("an off-CPU section");
     let runnable = s
         .reasons
@@ -209,20 +221,20 @@ fn a_cpu_quota_shows_as_runnable_time_equal_to_the_throttled_time() {
         .find(|r| r.reason == "runnable")
         .expect("runnable")
         .ns;
+    // The truth from the scheduler's own account of the two processes: the share of their
+    // thread-time they did not run (they never sleep, so all of it was waiting for a CPU).
+    // Read around the run, so as a share, which a steady quota keeps the same in any window.
+    let truth = 1.0 - ran / (2.0 * t0.elapsed().as_secs_f64() * 1e9);
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let measured = runnable as f64 / (2.0 * outcome.summary.sampled_duration_s * 1e9);
+    assert!(
+        (measured / truth - 1.0).abs() <= 0.10,
+        "runnable share {measured:.3}, not running per schedstat {truth:.3}"
+    );
+    // The quota and the throttling that explains it are reported with it.
     let t = s.throttling.first().expect("the quota is reported");
     assert_eq!((t.quota_us, t.period_us), (Some(20_000), 100_000), "{t:?}");
-    assert!(t.throttled_periods >= 20, "{t:?}");
-    // The kernel's own throttling counter over the run, read by the test around it.
-    assert!(
-        t.throttled_ns <= after.1 - before.1,
-        "{t:?} vs {before:?}..{after:?}"
-    );
-    within(
-        runnable,
-        t.throttled_ns,
-        0.10,
-        "runnable time vs throttled time",
-    );
+    assert!(t.throttled_periods >= 20 && t.throttled_ns > 0, "{t:?}");
     let by_pid = samples_by_pid(&folded_file(&sink, "offcpu.folded"));
     assert!(
         by_pid.contains_key(&a.pid()) && by_pid.contains_key(&b.pid()),
@@ -234,6 +246,43 @@ fn a_cpu_quota_shows_as_runnable_time_equal_to_the_throttled_time() {
         "the bystander contributed"
     );
     assert_eq!(by_pid.len(), 2, "{by_pid:?}");
+}
+
+#[test]
+fn a_thread_asleep_since_before_the_run_shows_for_the_whole_run() {
+    if !require_root("a_thread_asleep_since_before_the_run_shows_for_the_whole_run") {
+        return;
+    }
+    // One long sleep that began before the run and ends after it: the kernel side sees neither
+    // its start nor its end. A hung service looks like this.
+    let sleeper = demo(&["sleep", "30"], None);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (outcome, sink) = profile(
+        &tool_spec("offcpu-profile", "2s", &[]),
+        TargetSpec::Pid(sleeper.pid()),
+    );
+    let s = outcome.summary.offcpu.expect("an off-CPU section");
+    assert_eq!(s.switches.asleep_whole_run, 1, "{:?}", s.switches);
+    let lines = folded_file(&sink, "offcpu.folded");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let (stack, ns) = &lines[0];
+    assert!(
+        stack.contains("[off-CPU: blocked]") && stack.contains("nanosleep"),
+        "{stack}"
+    );
+    // The whole window, as the run measured it.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "seconds of a short run in ns"
+    )]
+    let window = (outcome.summary.sampled_duration_s * 1e9) as u64;
+    within(*ns, window, 0.05, "asleep through the run");
+    assert!(
+        s.top_waits[0].function.contains("nanosleep"),
+        "{:?}",
+        s.top_waits
+    );
 }
 
 #[test]

@@ -227,25 +227,6 @@ impl TestCgroup {
         Some(cg)
     }
 
-    /// Periods throttled and nanoseconds throttled so far, from the hierarchy with the quota.
-    #[must_use]
-    pub fn throttled(&self) -> (u64, u64) {
-        let dir = self.dirs.last().expect("a directory");
-        let stat = std::fs::read_to_string(dir.join("cpu.stat")).expect("cpu.stat");
-        let field = |name: &str| {
-            stat.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let ns = if dir.join("cpu.cfs_quota_us").exists() {
-            field("throttled_time")
-        } else {
-            field("throttled_usec") * 1000
-        };
-        (field("nr_throttled"), ns)
-    }
-
     /// A child cgroup inside this one.
     #[must_use]
     pub fn child(&self, name: &str) -> Self {

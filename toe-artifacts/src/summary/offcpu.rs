@@ -38,6 +38,9 @@ pub struct SwitchAccounting {
     pub threads_exited: u64,
     /// Waits whose end was never seen (the thread went off CPU again first, or is gone).
     pub unmatched: u64,
+    /// Threads asleep through the whole run (their wait began before it): recorded for the
+    /// whole window with the kernel stack procfs shows.
+    pub asleep_whole_run: u64,
 }
 
 /// Off-CPU time of one reason.
@@ -158,9 +161,10 @@ pub fn top_waits(profile: &Profile, ns: usize, count: usize, of: u64, n: usize) 
         else {
             continue;
         };
-        let user = frames
-            .iter()
-            .filter(|f| !f.kernel && frame_reason(&f.function).is_none());
+        // Synthetic frames (the reason, "asleep since before the run") name no place.
+        let user = frames.iter().filter(|f| {
+            !f.kernel && frame_reason(&f.function).is_none() && !f.function.starts_with("[asleep")
+        });
         let own = user.clone().rfind(|f| {
             f.module
                 .as_deref()
@@ -204,13 +208,14 @@ pub(super) fn render(o: &mut String, s: &OffcpuSummary) {
     let _ = writeln!(
         o,
         "  off-CPU: {} of {} thread-time ({:.1}%), {} waits recorded of {} switches ({} still \
-         waiting at the end)",
+         waiting at the end, {} threads asleep through the whole run)",
         secs(s.off_cpu_ns),
         secs(s.thread_ns),
         share(s.off_cpu_ns, s.thread_ns) * 100.0,
         a.recorded,
         a.switches,
-        a.open_at_end
+        a.open_at_end,
+        a.asleep_whole_run
     );
     let _ = writeln!(
         o,

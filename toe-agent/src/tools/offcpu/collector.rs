@@ -241,6 +241,7 @@ impl OffcpuCollector {
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut out = OpenWaits::default();
         for (_, s) in entries {
+            out.seen.insert(s.tid);
             // A thread whose exit the kernel side did not see is neither waiting nor running.
             if !std::path::Path::new(&format!("/proc/{}", s.tid)).exists() {
                 out.gone += u64::from(s.ts != 0);
@@ -288,4 +289,6 @@ pub struct OpenWaits {
     pub on_cpu_ns: u64,
     /// Waits of threads that are gone although their exit was not seen.
     pub gone: u64,
+    /// Threads the kernel side saw switch during the run.
+    pub seen: std::collections::HashSet<u32>,
 }

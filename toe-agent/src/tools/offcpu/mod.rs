@@ -1,6 +1,7 @@
 //! offcpu-profile: where the target's threads wait off CPU, per stack and reason, measured in the
 //! kernel; with `--wall`, on-CPU samples and off-CPU time in one wall-clock profile.
 
+pub mod before;
 pub mod collector;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +33,7 @@ use super::{
 use crate::{
     run::{RunError, flamegraph},
     symbolize::{RawKey, Symbolizer},
+    targets::ResolvedTarget,
 };
 
 /// Slow ticks between two reads of the kernel's totals once the table is large: each read walks
@@ -43,6 +45,7 @@ const SMALL_TABLE: usize = 2048;
 pub struct Offcpu {
     opts: OffcpuProfileOptions,
     cgroups: Vec<TargetCgroups>,
+    target: ResolvedTarget,
 }
 
 impl Offcpu {
@@ -51,6 +54,7 @@ impl Offcpu {
         Self {
             opts,
             cgroups: Vec::new(),
+            target: ResolvedTarget::default(),
         }
     }
 
@@ -107,6 +111,7 @@ impl Tool for Offcpu {
                 .collect()
         };
         self.cgroups.dedup();
+        self.target = cx.target.clone();
         Ok(())
     }
 
@@ -121,6 +126,7 @@ impl Tool for Offcpu {
             throttled_before: throttling(&self.cgroups),
             opts: self.opts,
             cgroups: self.cgroups,
+            target: self.target,
             collector,
             sampler,
             on_cpu: RawProfile::default(),
@@ -135,6 +141,7 @@ impl Tool for Offcpu {
 struct OffcpuRun {
     opts: OffcpuProfileOptions,
     cgroups: Vec<TargetCgroups>,
+    target: ResolvedTarget,
     throttled_before: ThrottleSnapshot,
     collector: OffcpuCollector,
     /// The on-CPU sampler of `--wall`.
@@ -199,25 +206,22 @@ impl ToolRun for OffcpuRun {
     }
 
     fn finish(mut self: Box<Self>, cx: &mut Finish<'_>) -> Result<Finished, RunError> {
-        let now = self.stopped_ns.unwrap_or_else(monotonic_ns);
-        let (totals, new) = self.collector.totals();
-        let open = self.collector.open_waits(now);
-        let counters = self.collector.counters();
         let symbolizer = &mut *cx.symbolizer;
-        symbolizer.resolve(&new);
-        let open_new: Vec<RawKey> = open.waits.iter().map(|w| w.1.clone()).collect();
-        symbolizer.resolve(&open_new);
-        if let Some(s) = &mut self.sampler {
-            s.drain(&mut self.on_cpu);
-            symbolizer.resolve(&self.on_cpu.take_new());
-        }
-
+        let (totals, open, counters) = self.read_kernel(symbolizer);
         let waits = per_reason(totals, &open);
         let period = 1_000_000_000 / self.opts.frequency_hz.max(1);
-        let (frames, off_stacks, reasons, on_stacks) = symbolized(
+        let (mut frames, mut off_stacks, mut reasons, on_stacks) = symbolized(
             symbolizer,
             &waits,
             self.sampler.as_ref().map(|_| (&self.on_cpu, period)),
+        );
+        let sleepers = before::sleepers(&self.target, &open.seen);
+        add_sleepers(
+            &mut frames,
+            &mut off_stacks,
+            &mut reasons,
+            &sleepers,
+            cx.span.1,
         );
         let off_ns = ValueType::new("off_cpu", "nanoseconds");
         let profile = Profile {
@@ -231,7 +235,8 @@ impl ToolRun for OffcpuRun {
             comment: "toe offcpu-profile".into(),
         };
         let off_cpu_ns = profile.total(0);
-        let accounting = switch_accounting(counters, &open, self.collector.stacks_unverified);
+        let mut accounting = switch_accounting(counters, &open, self.collector.stacks_unverified);
+        accounting.asleep_whole_run = sleepers.len() as u64;
         let on_cpu_ns = counters.get(Counter::OnCpuNs) + open.on_cpu_ns;
         let thread_ns = on_cpu_ns + off_cpu_ns + accounting.short_ns + accounting.long_ns;
         let reasons = reasons
@@ -298,6 +303,23 @@ impl ToolRun for OffcpuRun {
 }
 
 impl OffcpuRun {
+    /// Everything the kernel side holds, its new stacks symbolized: the totals, the waits still
+    /// open at the end of recording, the counters.
+    fn read_kernel(&mut self, symbolizer: &mut Symbolizer) -> (Totals, OpenWaits, OffCounters) {
+        let now = self.stopped_ns.unwrap_or_else(monotonic_ns);
+        let (totals, new) = self.collector.totals();
+        let open = self.collector.open_waits(now);
+        let counters = self.collector.counters();
+        symbolizer.resolve(&new);
+        let open_new: Vec<RawKey> = open.waits.iter().map(|w| w.1.clone()).collect();
+        symbolizer.resolve(&open_new);
+        if let Some(s) = &mut self.sampler {
+            s.drain(&mut self.on_cpu);
+            symbolizer.resolve(&self.on_cpu.take_new());
+        }
+        (totals, open, counters)
+    }
+
     /// The wall-clock profile's artifacts and summary.
     fn wall(
         &self,
@@ -447,6 +469,58 @@ fn symbolized(
     (frames, off_stacks, reasons, on_stacks)
 }
 
+/// Threads asleep through the whole window go in with the window as their wait: the reason at
+/// the root as for every wait, a frame saying the user stack was not read, then the kernel
+/// functions procfs names.
+fn add_sleepers(
+    frames: &mut Vec<Frame>,
+    stacks: &mut Vec<Stack>,
+    reasons: &mut [(Reason, u64, u64)],
+    sleepers: &[before::Sleeper],
+    window_ns: u64,
+) {
+    let intern = |frames: &mut Vec<Frame>, function: String, kernel: bool| -> FrameId {
+        let found = frames
+            .iter()
+            .position(|f| f.function == function && f.kernel == kernel && !f.inlined);
+        let i = found.unwrap_or_else(|| {
+            frames.push(Frame {
+                function,
+                module: kernel.then(|| "[kernel]".to_owned()),
+                file: None,
+                line: None,
+                kernel,
+                resolved: true,
+                inlined: false,
+            });
+            frames.len() - 1
+        });
+        FrameId::try_from(i).expect("fewer than 2^32 frames")
+    };
+    for s in sleepers {
+        let mut ids = vec![
+            intern(frames, reason_frame(s.reason.label()), false),
+            intern(
+                frames,
+                "[asleep since before the run: user stack not read]".into(),
+                false,
+            ),
+        ];
+        ids.extend(s.kernel.iter().map(|k| intern(frames, k.clone(), true)));
+        stacks.push(Stack {
+            pid: s.pid,
+            process: s.process.clone(),
+            thread: s.thread.clone(),
+            frames: ids,
+            values: vec![window_ns, 1],
+        });
+        if let Some(r) = reasons.iter_mut().find(|r| r.0 == s.reason) {
+            r.1 += window_ns;
+            r.2 += 1;
+        }
+    }
+}
+
 fn warnings(off_cpu_ns: u64, accounting: &SwitchAccounting) -> Vec<String> {
     let mut warnings = Vec::new();
     if off_cpu_ns == 0 {
@@ -509,6 +583,7 @@ fn switch_accounting(c: OffCounters, open: &OpenWaits, unverified: u64) -> Switc
         stacks_unverified: unverified,
         threads_exited: c.get(Counter::Exited),
         unmatched: c.get(Counter::Unmatched) + open.gone,
+        asleep_whole_run: 0,
     }
 }
 
