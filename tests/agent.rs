@@ -314,6 +314,88 @@ async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples
     operator.stop().await;
 }
 
+/// An off-CPU profile of a container whose shell waits on a sleeping child: where it waits, only
+/// from that container, with the wall-clock profile beside it.
+#[tokio::test]
+async fn an_offcpu_profile_of_one_container_shows_where_it_waits() {
+    let Some(c) = Cluster::start("an_offcpu_profile_of_one_container_shows_where_it_waits").await
+    else {
+        return;
+    };
+    let operator = Operator::start(&c.server, &c.admin).await;
+    let agent = c.agent();
+    let target = Container::run("waiter", &["sh", "-c", "while :; do sleep 0.2; done"]);
+    let other = busy("other");
+    c.pod("web-1", "web", &[("app", &target)]).await;
+    c.pod("db-1", "db", &[("app", &other)]).await;
+    c.create(
+        "waits",
+        serde_json::json!({
+            "tool": {"name": "offcpu-profile", "duration": "3s",
+                     "commandLineArguments": ["--wall=true"]},
+            "targets": {"labelSelector": {"matchLabels": {"app": "web"}}, "containers": ["app"]},
+        }),
+    )
+    .await;
+    let pt = c
+        .wait("waits", "Completed", 60, Some(&agent), |p| {
+            phase(p) == PowerToolPhase::Completed
+        })
+        .await;
+    let t = &targets(&pt)[0];
+    let dir = local(artifact(t, "summary.json"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    for name in [
+        "offcpu.svg",
+        "offcpu.pb.gz",
+        "offcpu.folded",
+        "wall.svg",
+        "wall.pb.gz",
+    ] {
+        assert!(
+            dir.join(name).is_file(),
+            "{name} missing in {}",
+            dir.display()
+        );
+    }
+    let text = std::fs::read_to_string(dir.join("offcpu.folded")).unwrap();
+    let folded: Vec<(String, u64)> = text
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(s, n)| (s.to_owned(), n.parse().unwrap()))
+        .collect();
+    let by_pid = toe_tests::samples_by_pid(&folded);
+    let outside = container_pids(&other);
+    assert!(
+        by_pid.keys().all(|p| !outside.contains(p)),
+        "waits from the other container: {by_pid:?} (other {outside:?})"
+    );
+    // The shell waits for its child the whole time: nearly all of the window is off CPU.
+    let shell = container_pids(&target)[0];
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    let window = summary["sampled_duration_s"].as_f64().unwrap() * 1e9;
+    #[expect(clippy::cast_precision_loss, reason = "nanoseconds of a short run")]
+    let waited = by_pid.get(&shell).copied().unwrap_or(0) as f64;
+    assert!(
+        waited > 0.9 * window,
+        "the shell waited {waited} ns of a {window} ns window: {by_pid:?}"
+    );
+    assert!(
+        folded
+            .iter()
+            .any(|(s, _)| s.contains("[off-CPU: blocked]") && s.contains("wait")),
+        "{text}"
+    );
+    let caps = cluster::published_capabilities(&c.admin, &c.node)
+        .await
+        .unwrap();
+    assert_eq!(caps["tools"]["offcpu-profile"], "ok", "{caps}");
+    operator.stop().await;
+}
+
 #[tokio::test]
 async fn a_sigterm_fault_on_a_sidecar_is_traced_with_its_graceful_exit() {
     let Some(c) =
