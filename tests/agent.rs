@@ -206,6 +206,17 @@ fn busy(name: &str) -> Container {
     Container::run(name, &["sh", "-c", "while :; do :; done"])
 }
 
+/// A folded-stacks file of the store: its text and its (stack, value) lines.
+fn read_folded(path: &Path) -> (String, Vec<(String, u64)>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let folded = text
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(s, n)| (s.to_owned(), n.parse().unwrap()))
+        .collect();
+    (text, folded)
+}
+
 /// Processes of a container's cgroup, as the host sees them.
 fn container_pids(c: &Container) -> Vec<u32> {
     let out = std::process::Command::new("podman")
@@ -279,12 +290,7 @@ async fn a_cpu_profile_of_one_container_lands_in_the_store_with_only_its_samples
         );
     }
     // Only the target container's process was sampled, and it was sampled a lot.
-    let text = std::fs::read_to_string(dir.join("stacks.folded")).unwrap();
-    let folded: Vec<(String, u64)> = text
-        .lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .map(|(s, n)| (s.to_owned(), n.parse().unwrap()))
-        .collect();
+    let (_, folded) = read_folded(&dir.join("stacks.folded"));
     let by_pid = toe_tests::samples_by_pid(&folded);
     let inside = container_pids(&target);
     let outside = container_pids(&other);
@@ -360,12 +366,7 @@ async fn an_offcpu_profile_of_one_container_shows_where_it_waits() {
             dir.display()
         );
     }
-    let text = std::fs::read_to_string(dir.join("offcpu.folded")).unwrap();
-    let folded: Vec<(String, u64)> = text
-        .lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .map(|(s, n)| (s.to_owned(), n.parse().unwrap()))
-        .collect();
+    let (text, folded) = read_folded(&dir.join("offcpu.folded"));
     let by_pid = toe_tests::samples_by_pid(&folded);
     let outside = container_pids(&other);
     assert!(

@@ -106,14 +106,8 @@ impl Reason {
             } else {
                 Some(Self::Runnable)
             }
-        } else if state & STATE_UNINTERRUPTIBLE != 0 {
-            Some(Self::Uninterruptible)
-        } else if state & STATE_INTERRUPTIBLE != 0 {
-            Some(Self::Blocked)
-        } else if state & STATE_STOPPED != 0 {
-            Some(Self::Stopped)
         } else {
-            Some(Self::Blocked)
+            Some(Self::asleep(state, false))
         }
     }
 
@@ -127,19 +121,22 @@ impl Reason {
             None
         } else if preempt || state == 0 {
             Some(Self::Runnable)
-        } else if state & STATE_UNINTERRUPTIBLE != 0 {
-            // TASK_IDLE (uninterruptible without load) is an idle kernel thread, not I/O.
-            if state & TASK_NOLOAD != 0 {
-                Some(Self::Blocked)
-            } else {
-                Some(Self::Uninterruptible)
-            }
-        } else if state & STATE_INTERRUPTIBLE != 0 {
-            Some(Self::Blocked)
-        } else if state & STATE_STOPPED != 0 {
-            Some(Self::Stopped)
         } else {
-            Some(Self::Blocked)
+            // TASK_IDLE (uninterruptible without load) is an idle kernel thread, not I/O.
+            Some(Self::asleep(state, state & TASK_NOLOAD != 0))
+        }
+    }
+
+    /// A thread that went to sleep, by its state bits (the same in both encodings).
+    const fn asleep(state: u64, idle: bool) -> Self {
+        if state & STATE_UNINTERRUPTIBLE != 0 && !idle {
+            Self::Uninterruptible
+        } else if state & (STATE_INTERRUPTIBLE | STATE_UNINTERRUPTIBLE) != 0 {
+            Self::Blocked
+        } else if state & STATE_STOPPED != 0 {
+            Self::Stopped
+        } else {
+            Self::Blocked
         }
     }
 
@@ -197,6 +194,20 @@ pub struct WaitKey {
     pub comm: [u8; TASK_COMM_LEN],
 }
 const _: () = assert!(size_of::<WaitKey>() == 40);
+
+impl WaitKey {
+    /// The total a wait that began at `start` is added to.
+    #[must_use]
+    pub const fn of(start: &OffStart) -> Self {
+        Self {
+            tgid: start.tgid,
+            reason: start.reason,
+            ustack: start.ustack,
+            kstack: start.kstack,
+            comm: start.comm,
+        }
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -112,14 +112,7 @@ fn switch_in(key: u64) {
         add(Counter::LongNs, waited);
         return;
     }
-    let key = WaitKey {
-        tgid: s.tgid,
-        reason: s.reason,
-        ustack: s.ustack,
-        kstack: s.kstack,
-        comm: s.comm,
-    };
-    if record(&key, waited) {
+    if record(&WaitKey::of(s), waited) {
         add(Counter::Recorded, 1);
     } else {
         add(Counter::WaitsFull, 1);

@@ -264,13 +264,7 @@ impl OffcpuCollector {
                 out.long_ns += waited;
                 continue;
             }
-            let key = WaitKey {
-                tgid: s.tgid,
-                reason: s.reason,
-                ustack: s.ustack,
-                kstack: s.kstack,
-                comm: s.comm,
-            };
+            let key = WaitKey::of(&s);
             let (raw, _) = self.raw_key(&key);
             out.waits.push((key, raw, waited));
         }
