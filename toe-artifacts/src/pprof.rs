@@ -147,7 +147,8 @@ impl Tables {
 }
 
 /// Builds the uncompressed message: one location per distinct frame, samples leaf first,
-/// labelled with pid, process and thread.
+/// labelled with pid, process and thread, and an off-CPU wait also with its reason (`pprof
+/// -tagfocus reason=runnable`).
 #[must_use]
 pub fn build(profile: &Profile) -> proto::Profile {
     let mut t = Tables {
@@ -171,10 +172,11 @@ pub fn build(profile: &Profile) -> proto::Profile {
         })
         .collect();
     let strings = &mut t.strings;
-    let (pid_key, process_key, thread_key) = (
+    let (pid_key, process_key, thread_key, reason_key) = (
         strings.get("pid"),
         strings.get("process"),
         strings.get("thread"),
+        strings.get("reason"),
     );
     let sample = profile
         .stacks
@@ -198,7 +200,14 @@ pub fn build(profile: &Profile) -> proto::Profile {
                     str: strings.get(&s.thread),
                     ..Label::default()
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(reason(profile, s).map(|r| Label {
+                key: reason_key,
+                str: strings.get(r),
+                ..Label::default()
+            }))
+            .collect(),
         })
         .collect();
     let mut value_type = |v: &crate::profile::ValueType| ValueType {
@@ -230,6 +239,16 @@ pub fn build(profile: &Profile) -> proto::Profile {
         default_sample_type,
         ..proto::Profile::default()
     }
+}
+
+/// The reason an off-CPU stack carries in its reason frame.
+fn reason<'a>(profile: &'a Profile, s: &crate::profile::Stack) -> Option<&'a str> {
+    s.frames.iter().find_map(|&id| {
+        profile
+            .frames
+            .get(id as usize)
+            .and_then(|f| crate::summary::offcpu::frame_reason(&f.function))
+    })
 }
 
 /// Gzipped bytes, the form `go tool pprof` and every pprof consumer expect.
@@ -266,5 +285,37 @@ mod tests {
             decoded.string_table[usize::try_from(func.name).unwrap()],
             "hot"
         );
+        // No reason frame, no reason label.
+        let reason_key = decoded.string_table.iter().position(|s| s == "reason");
+        assert!(decoded.sample.iter().all(|s| {
+            s.label
+                .iter()
+                .all(|l| Some(l.key) != reason_key.map(|k| k as i64))
+        }));
+    }
+
+    #[test]
+    fn an_off_cpu_wait_is_labelled_with_its_reason() {
+        let mut p = fixtures::profile();
+        p.frames.push(crate::profile::Frame {
+            function: crate::summary::offcpu::reason_frame("runnable"),
+            module: None,
+            file: None,
+            line: None,
+            kernel: false,
+            resolved: true,
+            inlined: false,
+        });
+        let id = u32::try_from(p.frames.len() - 1).unwrap();
+        p.stacks[0].frames.insert(0, id);
+        let decoded = build(&p);
+        let label = |s: &Sample| {
+            s.label
+                .iter()
+                .find(|l| decoded.string_table[usize::try_from(l.key).unwrap()] == "reason")
+                .map(|l| decoded.string_table[usize::try_from(l.str).unwrap()].clone())
+        };
+        assert_eq!(label(&decoded.sample[0]).as_deref(), Some("runnable"));
+        assert!(decoded.sample[1..].iter().all(|s| label(s).is_none()));
     }
 }
