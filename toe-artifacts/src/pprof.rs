@@ -286,12 +286,17 @@ mod tests {
             "hot"
         );
         // No reason frame, no reason label.
-        let reason_key = decoded.string_table.iter().position(|s| s == "reason");
-        assert!(decoded.sample.iter().all(|s| {
-            s.label
+        let reason_key = decoded
+            .string_table
+            .iter()
+            .position(|s| s == "reason")
+            .and_then(|k| i64::try_from(k).ok());
+        assert!(
+            decoded
+                .sample
                 .iter()
-                .all(|l| Some(l.key) != reason_key.map(|k| k as i64))
-        }));
+                .all(|s| s.label.iter().all(|l| Some(l.key) != reason_key))
+        );
     }
 
     #[test]
