@@ -302,15 +302,10 @@ mod tests {
     #[test]
     fn an_off_cpu_wait_is_labelled_with_its_reason() {
         let mut p = fixtures::profile();
-        p.frames.push(crate::profile::Frame {
-            function: crate::summary::offcpu::reason_frame("runnable"),
-            module: None,
-            file: None,
-            line: None,
-            kernel: false,
-            resolved: true,
-            inlined: false,
-        });
+        p.frames.push(crate::profile::Frame::named(
+            crate::summary::offcpu::reason_frame("runnable"),
+            false,
+        ));
         let id = u32::try_from(p.frames.len() - 1).unwrap();
         p.stacks[0].frames.insert(0, id);
         let decoded = build(&p);

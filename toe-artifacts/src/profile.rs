@@ -16,6 +16,23 @@ pub struct Frame {
     pub inlined: bool,
 }
 
+impl Frame {
+    /// A frame known by name only (a synthetic one, or a kernel function procfs named): no
+    /// file or line, counted as resolved.
+    #[must_use]
+    pub fn named(function: String, kernel: bool) -> Self {
+        Self {
+            function,
+            module: kernel.then(|| "[kernel]".to_owned()),
+            file: None,
+            line: None,
+            kernel,
+            resolved: true,
+            inlined: false,
+        }
+    }
+}
+
 pub type FrameId = u32;
 
 /// Values sharing a process, thread name and symbolized stack; one value per sample type.

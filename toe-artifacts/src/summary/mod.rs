@@ -140,7 +140,9 @@ impl Summary {
 }
 
 #[expect(clippy::cast_precision_loss, reason = "shares are for display")]
-pub(crate) fn share(n: u64, of: u64) -> f64 {
+/// `n` as a share of `of` (0 when `of` is 0).
+#[must_use]
+pub fn share(n: u64, of: u64) -> f64 {
     if of == 0 { 0.0 } else { n as f64 / of as f64 }
 }
 

@@ -16,6 +16,7 @@ use toe_artifacts::{
             OffcpuSummary, ReasonTime, SwitchAccounting, Throttling, WallSummary, reason_frame,
             top_waits, user_view,
         },
+        share,
     },
     timeline,
 };
@@ -484,15 +485,7 @@ fn add_sleepers(
             .iter()
             .position(|f| f.function == function && f.kernel == kernel && !f.inlined);
         let i = found.unwrap_or_else(|| {
-            frames.push(Frame {
-                function,
-                module: kernel.then(|| "[kernel]".to_owned()),
-                file: None,
-                line: None,
-                kernel,
-                resolved: true,
-                inlined: false,
-            });
+            frames.push(Frame::named(function, kernel));
             frames.len() - 1
         });
         FrameId::try_from(i).expect("fewer than 2^32 frames")
@@ -541,15 +534,7 @@ fn warnings(off_cpu_ns: u64, accounting: &SwitchAccounting) -> Vec<String> {
 }
 
 fn intern_reason(frames: &mut Vec<Frame>, label: &str) -> FrameId {
-    frames.push(Frame {
-        function: reason_frame(label),
-        module: None,
-        file: None,
-        line: None,
-        kernel: false,
-        resolved: true,
-        inlined: false,
-    });
+    frames.push(Frame::named(reason_frame(label), false));
     FrameId::try_from(frames.len() - 1).expect("fewer than 2^32 frames")
 }
 
@@ -557,11 +542,6 @@ fn fmt_secs(ns: u64) -> String {
     #[expect(clippy::cast_precision_loss, reason = "for display")]
     let s = ns as f64 / 1e9;
     format!("{s:.2}")
-}
-
-#[expect(clippy::cast_precision_loss, reason = "shares are for display")]
-fn share(n: u64, of: u64) -> f64 {
-    if of == 0 { 0.0 } else { n as f64 / of as f64 }
 }
 
 /// Every switch-out of a target thread, by what became of it.
