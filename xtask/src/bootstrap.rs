@@ -209,6 +209,11 @@ pub fn test_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    apt_install(&missing)
+}
+
+/// Installs Debian packages, or says how when this is not root.
+pub fn apt_install(missing: &[&str]) -> Result<()> {
     if !is_root() {
         bail!(
             "the tests need Debian packages {}: run `sudo apt-get install {}`",
@@ -222,7 +227,7 @@ pub fn test_packages() -> Result<()> {
     run(Command::new("apt-get")
         // With recommends: podman needs its runtime helpers (conmon, networking) from them.
         .args(["install", "-y", "-qq"])
-        .args(&missing)
+        .args(missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .with_context(|| format!("apt-get install {} failed", missing.join(" ")))
 }

@@ -7,6 +7,7 @@ mod bench_offcpu;
 mod bootstrap;
 mod crds;
 mod dist;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -54,6 +55,16 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// The kernel test suites (collectors, faults) on other kernels with pure cgroup v2, each
+    /// booted in an emulated VM (Debian's kernel packages, downloaded once and cached).
+    VmTest {
+        /// Which kernels; all by default.
+        #[arg(long, value_enum)]
+        kernel: Vec<vm::Series>,
+        /// A test name filter, as for `cargo test`.
+        #[arg(last = true)]
+        filter: Vec<String>,
+    },
     /// Benchmarks; ratios are measured side by side, interleaved, in one run.
     Bench {
         #[command(subcommand)]
@@ -84,13 +95,13 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
     c
 }
 
-fn build_release() -> Result<()> {
+pub(crate) fn build_release() -> Result<()> {
     run(cargo().args([
         "build",
         "--release",
@@ -190,7 +201,7 @@ impl Drop for Stages {
     }
 }
 
-fn minutes(d: std::time::Duration) -> String {
+pub(crate) fn minutes(d: std::time::Duration) -> String {
     let s = d.as_secs();
     format!("{}m{:02}s", s / 60, s % 60)
 }
@@ -283,6 +294,15 @@ fn main() -> Result<()> {
                 );
             }
             Ok(())
+        }
+        Task::VmTest { kernel, filter } => {
+            bootstrap::toolchain()?;
+            let series = if kernel.is_empty() {
+                vm::Series::ALL.to_vec()
+            } else {
+                kernel
+            };
+            vm::test(&vm::Options { series, filter })
         }
         Task::Bench { which } => {
             bootstrap::toolchain()?;

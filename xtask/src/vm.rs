@@ -1,0 +1,636 @@
+//! `cargo xtask vm-test`: the kernel test suites on the kernels production nodes run (Debian's 6.1
+//! and 6.12), each booted with a pure cgroup v2 layout under QEMU's emulation (TCG: this machine
+//! kind cannot use KVM for a stock kernel).
+//!
+//! The guest is an initramfs with a static busybox and the kernel's own 9p modules. It mounts the
+//! host's `/` read-only over 9p and chroots into it, so the test binaries built on the host run
+//! unchanged against the guest's kernel; one more 9p share, writable, is the only place the guest
+//! writes (its logs and results). The guest has no network device.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{bootstrap, root, run};
+
+/// A kernel series the matrix boots: the newest Debian package of the series is downloaded once
+/// and cached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Series {
+    #[value(name = "6.1")]
+    V6_1,
+    #[value(name = "6.12")]
+    V6_12,
+}
+
+impl Series {
+    pub const ALL: [Self; 2] = [Self::V6_1, Self::V6_12];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::V6_1 => "6.1",
+            Self::V6_12 => "6.12",
+        }
+    }
+
+    /// The ABI number of a package of this series (`linux-image-6.1.0-51-amd64-unsigned` → 51,
+    /// `linux-image-6.12.113+deb12-amd64-unsigned` → 113), so the newest can be picked.
+    fn abi(self, package: &str) -> Option<u32> {
+        let rest = match self {
+            Self::V6_1 => package
+                .strip_prefix("linux-image-6.1.0-")?
+                .strip_suffix("-amd64-unsigned")?,
+            Self::V6_12 => package
+                .strip_prefix("linux-image-6.12.")?
+                .strip_suffix("+deb12-amd64-unsigned")?,
+        };
+        rest.parse().ok()
+    }
+}
+
+/// The test targets whose tests touch the kernel: collectors, faults, and the command line's
+/// root-only paths; and the agent's unit tests, which read this kernel's cgroup and proc files.
+const SUITES: &[&str] = &["cpu", "memory", "signals", "offcpu", "faults", "cli"];
+
+/// The modules the guest loads before it can mount the host's files: virtio over MMIO (the
+/// `microvm` machine has no PCI), 9p over virtio, and what these depend on.
+const MODULES: &[&str] = &["virtio_mmio", "9pnet_virtio", "9p"];
+
+/// The longest a guest may run before it counts as hung (the whole suite, emulated).
+const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+pub struct Options {
+    pub series: Vec<Series>,
+    pub filter: Vec<String>,
+}
+
+/// Builds what the guest runs, boots each kernel in turn, and fails unless every suite passed on
+/// every kernel.
+pub fn test(options: &Options) -> Result<()> {
+    ensure_qemu()?;
+    let binaries = test_binaries()?;
+    let mut failed = Vec::new();
+    for &series in &options.series {
+        let kernel = kernel(series)?;
+        let started = Instant::now();
+        let outcome = boot_and_test(&kernel, &binaries, &options.filter);
+        let took = crate::minutes(started.elapsed());
+        match outcome {
+            Ok(summary) => {
+                eprintln!("xtask: vm {} ({}): {summary} in {took}", series.name(), kernel.release);
+                if !summary.passed() {
+                    failed.push(format!("{}: {summary}", series.name()));
+                }
+            }
+            Err(e) => {
+                eprintln!("xtask: vm {} ({}): {e:#}", series.name(), kernel.release);
+                failed.push(format!("{}: {e}", series.name()));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the kernel suites failed in the VMs: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+fn ensure_qemu() -> Result<()> {
+    if which::which("qemu-system-x86_64").is_ok() {
+        return Ok(());
+    }
+    bootstrap::apt_install(&["qemu-system-x86"])
+}
+
+/// A test executable and the directory `cargo test` would run it in.
+struct TestBinary {
+    name: String,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+/// Builds the suites' test executables (as `cargo test` would) and returns where they are.
+fn test_binaries() -> Result<Vec<TestBinary>> {
+    crate::build_release()?;
+    // The whole workspace, as `cargo xtask test` builds it, so the two share one build (naming
+    // packages would unify features differently and rebuild).
+    let mut cmd = crate::cargo();
+    cmd.args(["test", "--workspace", "--release", "--no-run", "--message-format=json"]);
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the test executables failed");
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(exe), Some(target), Some(manifest)) = (
+            msg["executable"].as_str(),
+            msg["target"]["name"].as_str(),
+            msg["manifest_path"].as_str(),
+        ) else {
+            continue;
+        };
+        if msg["profile"]["test"] != true {
+            continue;
+        }
+        let dir = Path::new(manifest)
+            .parent()
+            .context("manifest path")?
+            .to_owned();
+        let wanted = if msg["target"]["kind"][0] == "lib" {
+            target == "toe_agent"
+        } else {
+            msg["target"]["kind"][0] == "test" && SUITES.contains(&target)
+        };
+        if !wanted {
+            continue;
+        }
+        let name = if msg["target"]["kind"][0] == "lib" {
+            format!("{target}-unit")
+        } else {
+            target.to_owned()
+        };
+        found.push(TestBinary {
+            name,
+            path: PathBuf::from(exe),
+            dir,
+        });
+    }
+    if found.len() != SUITES.len() + 1 {
+        bail!(
+            "expected {} test executables from cargo, found {}",
+            SUITES.len() + 1,
+            found.len()
+        );
+    }
+    Ok(found)
+}
+
+/// A kernel ready to boot: its uncompressed image and an initramfs with its 9p modules.
+struct Kernel {
+    release: String,
+    vmlinux: PathBuf,
+    initrd: PathBuf,
+}
+
+/// Downloads (once) the newest Debian package of `series` and prepares it to boot.
+fn kernel(series: Series) -> Result<Kernel> {
+    let dir = bootstrap::cache_dir().join("vm").join(series.name());
+    let ready = dir.join("release");
+    if let Ok(release) = std::fs::read_to_string(&ready) {
+        let k = Kernel {
+            release: release.trim().to_owned(),
+            vmlinux: dir.join("vmlinux"),
+            initrd: dir.join("initrd.cpio"),
+        };
+        if k.vmlinux.is_file() && k.initrd.is_file() {
+            return Ok(k);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let package = newest_package(series)?;
+    eprintln!("xtask: vm {}: downloading {package}", series.name());
+    run(Command::new("apt-get")
+        .current_dir(&dir)
+        .args(["download", "-q", &package]))
+    .with_context(|| format!("apt-get download {package} (is a Debian mirror reachable?)"))?;
+    let deb = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download wrote no .deb")?;
+    let unpacked = dir.join("package");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let modules_root = unpacked.join("lib/modules");
+    let release = std::fs::read_dir(&modules_root)
+        .with_context(|| format!("{} has no kernel modules", package))?
+        .flatten()
+        .next()
+        .context("no module directory")?
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let vmlinuz = unpacked.join("boot").join(format!("vmlinuz-{release}"));
+    decompress_kernel(&vmlinuz, &dir.join("vmlinux"))?;
+    let modules = modules_in_order(&modules_root.join(&release), MODULES)?;
+    write_initrd(&dir.join("initrd.cpio"), &modules)?;
+    // Only the image, the initramfs and the release are kept; the package is 400 MiB unpacked.
+    std::fs::remove_dir_all(&unpacked)?;
+    std::fs::remove_file(&deb)?;
+    std::fs::write(&ready, &release)?;
+    Ok(Kernel {
+        release,
+        vmlinux: dir.join("vmlinux"),
+        initrd: dir.join("initrd.cpio"),
+    })
+}
+
+fn newest_package(series: Series) -> Result<String> {
+    let list = || -> Result<Option<String>> {
+        let names = bootstrap::output(Command::new("apt-cache").args(["pkgnames", "linux-image-6."]))?;
+        Ok(names
+            .lines()
+            .filter_map(|n| series.abi(n).map(|abi| (abi, n.to_owned())))
+            .max()
+            .map(|(_, n)| n))
+    };
+    if let Some(p) = list()? {
+        return Ok(p);
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    list()?.with_context(|| {
+        format!(
+            "no Debian package of Linux {} (linux-image-{}*-amd64-unsigned) is known to apt",
+            series.name(),
+            series.name()
+        )
+    })
+}
+
+/// Writes the uncompressed ELF image inside `vmlinuz`: QEMU's `microvm` machine boots it
+/// directly through its PVH entry, skipping firmware and the kernel's own decompressor.
+fn decompress_kernel(vmlinuz: &Path, out: &Path) -> Result<()> {
+    let data = std::fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
+    let magic = b"\xfd7zXZ\x00";
+    let at = data
+        .windows(magic.len())
+        .position(|w| w == magic)
+        .with_context(|| format!("{} holds no xz-compressed kernel", vmlinuz.display()))?;
+    let mut child = Command::new("xz")
+        .args(["--decompress", "--stdout", "--single-stream"])
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(out)?)
+        .spawn()
+        .context("starting xz")?;
+    let mut stdin = child.stdin.take().context("xz stdin")?;
+    let payload = data[at..].to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &payload));
+    let status = child.wait()?;
+    // xz stops reading after the stream, so a broken pipe for the trailing bytes is expected.
+    let _ = writer.join();
+    if !status.success() {
+        bail!("xz could not decompress {}", vmlinuz.display());
+    }
+    Ok(())
+}
+
+/// The modules `wanted` needs, dependencies first, with their contents (decompressed: busybox's
+/// insmod takes plain modules only). A Debian kernel package ships no `modules.dep` (the
+/// package's install runs depmod), so each module's dependencies come from its own `.modinfo`
+/// section; modules built into the kernel (`modules.builtin`) need no file.
+fn modules_in_order(dir: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.join("kernel")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().contains(".ko") {
+                files.insert(module_name(&p.to_string_lossy()), p);
+            }
+        }
+    }
+    let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
+    let builtin: Vec<String> = builtin.lines().map(module_name).collect();
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut pending: Vec<(String, bool)> = wanted.iter().rev().map(|w| (w.replace('-', "_"), false)).collect();
+    // Depth first: a module is pushed again after its dependencies, and emitted then.
+    while let Some((name, deps_done)) = pending.pop() {
+        if order.iter().any(|(n, _)| *n == name) || builtin.contains(&name) {
+            continue;
+        }
+        let file = files
+            .get(&name)
+            .with_context(|| format!("the kernel has no module {name}, built in or loadable"))?;
+        let data = read_module(file)?;
+        if deps_done {
+            order.push((name, data));
+            continue;
+        }
+        pending.push((name, true));
+        for dep in modinfo(&data, "depends").split(',').filter(|d| !d.is_empty()) {
+            pending.push((dep.replace('-', "_"), false));
+        }
+    }
+    Ok(order)
+}
+
+fn read_module(file: &Path) -> Result<Vec<u8>> {
+    if file.extension().is_some_and(|e| e == "xz") {
+        let out = Command::new("xz")
+            .args(["--decompress", "--stdout"])
+            .arg(file)
+            .output()
+            .context("xz")?;
+        if !out.status.success() {
+            bail!("xz could not decompress {}", file.display());
+        }
+        return Ok(out.stdout);
+    }
+    Ok(std::fs::read(file)?)
+}
+
+/// A `key=value` string of a module's `.modinfo` section (NUL-separated strings).
+fn modinfo(module: &[u8], key: &str) -> String {
+    let needle = format!("\0{key}=");
+    module
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .map(|at| {
+            let rest = &module[at + needle.len()..];
+            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            String::from_utf8_lossy(&rest[..end]).into_owned()
+        })
+        .unwrap_or_default()
+}
+
+/// `kernel/net/9p/9pnet_virtio.ko.xz` → `9pnet_virtio` (modules' names use `_` for `-`).
+fn module_name(file: &str) -> String {
+    let base = file.rsplit('/').next().unwrap_or(file);
+    let base = base.split(".ko").next().unwrap_or(base);
+    base.replace('-', "_")
+}
+
+/// The guest's `/init`: mount the host's files and the kernel's file systems into one tree,
+/// chroot into it and run the script the host wrote into the results share, then power off.
+const INIT: &str = r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in $($B cat /modules/order); do $B insmod /modules/$m || echo "TOE-VM insmod $m failed"; done
+R=/host
+OPTS=trans=virtio,version=9p2000.L,msize=262144
+$B mount -t 9p -o $OPTS,ro host $R || { echo "TOE-VM cannot mount the host's files"; $B poweroff -f; }
+OUT=$TOE_OUT
+$B mount -t 9p -o $OPTS out $R$OUT || { echo "TOE-VM cannot mount the results share"; $B poweroff -f; }
+$B mount -t proc proc $R/proc
+$B mount -t sysfs sys $R/sys
+$B mount -t devtmpfs dev $R/dev
+$B mkdir -p $R/dev/pts $R/dev/shm
+$B mount -t devpts devpts $R/dev/pts
+$B mount -t tmpfs shm $R/dev/shm
+$B mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
+$B mount -t tracefs tracefs $R/sys/kernel/tracing
+$B mount -t debugfs debugfs $R/sys/kernel/debug
+$B mount -t bpf bpf $R/sys/fs/bpf
+for d in /tmp /run /var/tmp /var/lib/containers /var/cache /root; do $B mount -t tmpfs tmp $R$d; done
+$B chmod 1777 $R/tmp $R/var/tmp
+$B ip link set lo up
+$B chroot $R /bin/sh $OUT/guest.sh
+echo "TOE-VM guest script exited: $?"
+$B sync
+$B poweroff -f
+"#;
+
+/// Writes a `newc` cpio archive, the format the kernel unpacks an initramfs from.
+/// Hand-written because the format is a fixed ASCII header per file (the kernel's own
+/// `usr/gen_init_cpio.c` does the same) and no `cpio` tool is on a minimal Debian.
+fn write_initrd(out: &Path, modules: &[(String, Vec<u8>)]) -> Result<()> {
+    let mut archive = Vec::new();
+    let mut ino = 1;
+    let mut entry = |archive: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]| {
+        let name_len = name.len() + 1;
+        write!(
+            HexSink(archive),
+            "070701{ino:08X}{mode:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{name_len:08X}{:08X}",
+            0, 0, 1, 0, data.len(), 0, 0, 0, 0, 0
+        )
+        .expect("writing to memory");
+        ino += 1;
+        archive.extend_from_slice(name.as_bytes());
+        archive.push(0);
+        pad4(archive);
+        archive.extend_from_slice(data);
+        pad4(archive);
+    };
+    for d in ["bin", "proc", "sys", "dev", "host", "modules"] {
+        entry(&mut archive, d, 0o040_755, &[]);
+    }
+    entry(&mut archive, "init", 0o100_755, INIT.as_bytes());
+    let busybox = std::fs::read("/bin/busybox")
+        .context("/bin/busybox (Debian busybox-static; `cargo xtask bootstrap --tests`)")?;
+    entry(&mut archive, "bin/busybox", 0o100_755, &busybox);
+    let mut order = String::new();
+    for (name, data) in modules {
+        let name = format!("{name}.ko");
+        entry(&mut archive, &format!("modules/{name}"), 0o100_644, data);
+        order.push_str(&name);
+        order.push('\n');
+    }
+    entry(&mut archive, "modules/order", 0o100_644, order.as_bytes());
+    entry(&mut archive, "TRAILER!!!", 0, &[]);
+    std::fs::write(out, archive)?;
+    Ok(())
+}
+
+struct HexSink<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for HexSink<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+fn pad4(v: &mut Vec<u8>) {
+    while v.len() % 4 != 0 {
+        v.push(0);
+    }
+}
+
+/// What one kernel's run came to, from the suites' own output.
+struct Summary {
+    passed: usize,
+    failed: Vec<String>,
+    skipped: Vec<String>,
+    /// Suites whose executable did not end with a result line (crashed, killed, hung).
+    broken: Vec<String>,
+}
+
+impl Summary {
+    fn passed(&self) -> bool {
+        self.failed.is_empty() && self.broken.is_empty()
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} passed, {} failed, {} skipped",
+            self.passed,
+            self.failed.len(),
+            self.skipped.len()
+        )?;
+        if !self.failed.is_empty() {
+            write!(f, " (failed: {})", self.failed.join(", "))?;
+        }
+        if !self.broken.is_empty() {
+            write!(f, " (no result from: {})", self.broken.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// The script the guest runs inside the host's tree: each suite's executable in turn, as
+/// `cargo xtask test` runs it on the host, its output kept in the results share.
+fn guest_script(out: &Path, binaries: &[TestBinary], filter: &[String], series: Series) -> String {
+    let out = out.display();
+    let mut s = String::from("set -u\n");
+    let release = root().join("target/release");
+    let _ = writeln!(
+        s,
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+         TOE_BIN_DIR={} TOE_REQUIRE_ROOT_TESTS=1 TOE_VM_KERNEL={} RUST_BACKTRACE=1 \
+         CONTAINERS_CONF={out}/containers.conf AWS_EC2_METADATA_DISABLED=true",
+        release.display(),
+        series.name()
+    );
+    let _ = writeln!(
+        s,
+        "echo \"TOE-VM kernel $(uname -r); cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers)\""
+    );
+    let filter: Vec<String> = filter.iter().map(|f| shell_quote(f)).collect();
+    for b in binaries {
+        let _ = writeln!(
+            s,
+            "echo \"TOE-VM suite {name}\"; cd {dir} && {exe} --test-threads=2 --show-output {filter} > {out}/{name}.log 2>&1; \
+             echo $? > {out}/{name}.rc; echo \"TOE-VM suite {name} exited $(cat {out}/{name}.rc)\"",
+            name = b.name,
+            dir = shell_quote(&b.dir.to_string_lossy()),
+            exe = shell_quote(&b.path.to_string_lossy()),
+            filter = filter.join(" "),
+        );
+    }
+    s.push_str("echo TOE-VM-DONE\n");
+    s
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Without systemd in the guest, podman manages container cgroups itself (`cgroupfs`), as it
+/// does on nodes whose runtime is configured that way, and logs events to a file.
+const CONTAINERS_CONF: &str = "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+                               [containers]\nlog_driver = \"k8s-file\"\n";
+
+fn boot_and_test(kernel: &Kernel, binaries: &[TestBinary], filter: &[String]) -> Result<Summary> {
+    let series = Series::ALL
+        .into_iter()
+        .find(|s| kernel.release.starts_with(&format!("{}.", s.name())))
+        .context("kernel series")?;
+    let out = root().join("target/vm").join(series.name());
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("guest.sh"), guest_script(&out, binaries, filter, series))?;
+    std::fs::write(out.join("containers.conf"), CONTAINERS_CONF)?;
+    let console = out.join("console.log");
+    eprintln!(
+        "xtask: vm {}: booting {} with pure cgroup v2 (console: {})",
+        series.name(),
+        kernel.release,
+        console.display()
+    );
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-M", "microvm,x-option-roms=off,rtc=on"])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "4096"])
+        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinux)
+        .arg("-initrd")
+        .arg(&kernel.initrd)
+        .args([
+            "-fsdev",
+            "local,id=host,path=/,security_model=none,multidevs=remap,readonly=on",
+            "-device",
+            "virtio-9p-device,fsdev=host,mount_tag=host",
+        ])
+        .arg("-fsdev")
+        .arg(format!(
+            "local,id=out,path={},security_model=none,multidevs=remap",
+            out.display()
+        ))
+        .args(["-device", "virtio-9p-device,fsdev=out,mount_tag=out"])
+        .arg("-append")
+        // Unknown `NAME=value` parameters reach /init as its environment.
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet systemd.unified_cgroup_hierarchy=1 TOE_OUT={}",
+            out.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&console)?)
+        .stderr(Stdio::inherit());
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > GUEST_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    let tail = || {
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    match status {
+        None => bail!(
+            "the guest did not finish within {} min; console's end:\n{}",
+            GUEST_TIMEOUT.as_secs() / 60,
+            tail()
+        ),
+        Some(s) if !log.contains("TOE-VM-DONE") => {
+            bail!("the guest stopped ({s}) before the suites ended; console's end:\n{}", tail())
+        }
+        Some(_) => {}
+    }
+    Ok(summarize(&out, binaries))
+}
+
+/// Counts each suite's results from libtest's lines and the suites' own `SKIP test: reason`.
+fn summarize(out: &Path, binaries: &[TestBinary]) -> Summary {
+    let mut summary = Summary {
+        passed: 0,
+        failed: Vec::new(),
+        skipped: Vec::new(),
+        broken: Vec::new(),
+    };
+    for b in binaries {
+        let log = std::fs::read_to_string(out.join(format!("{}.log", b.name))).unwrap_or_default();
+        if !log.contains("test result:") {
+            summary.broken.push(b.name.clone());
+        }
+        for line in log.lines() {
+            if let Some(rest) = line.strip_prefix("test ") {
+                if rest.ends_with(" ... ok") {
+                    summary.passed += 1;
+                } else if rest.ends_with(" ... FAILED") {
+                    let name = rest.trim_end_matches(" ... FAILED");
+                    summary.failed.push(format!("{}::{name}", b.name));
+                }
+            } else if let Some(rest) = line.strip_prefix("SKIP ") {
+                summary.skipped.push(format!("{}::{rest}", b.name));
+            }
+        }
+    }
+    summary
+}
