@@ -4,7 +4,9 @@
 use std::{io::Read as _, process::Command, time::Duration};
 
 use toe_agent::{run::Ended, targets::TargetSpec};
-use toe_tests::{TestCgroup, cpu_spec, demo, folded, profile, require_root, samples_by_pid};
+use toe_tests::{
+    TestCgroup, cpu_seconds, cpu_spec, demo, folded, profile, require_root, samples_by_pid,
+};
 
 #[test]
 fn only_the_target_cgroup_and_its_descendants_are_sampled() {
@@ -18,19 +20,26 @@ fn only_the_target_cgroup_and_its_descendants_are_sampled() {
     let deeper = demo(&["spin", "30"], Some(&nested));
     let bystander = demo(&["spin", "30"], Some(&bystander_cg));
     let outside = demo(&["spin", "30"], None);
+    let before = [cpu_seconds(inside.pid()), cpu_seconds(deeper.pid())];
     let (outcome, sink) = profile(
         &cpu_spec("3s", &["--frequency=199"]),
         TargetSpec::Cgroup(target.path().to_owned()),
     );
     let by_pid = samples_by_pid(&folded(&sink));
-    assert!(
-        by_pid.get(&inside.pid()).copied().unwrap_or(0) > 100,
-        "target barely sampled: {by_pid:?}"
-    );
-    assert!(
-        by_pid.get(&deeper.pid()).copied().unwrap_or(0) > 100,
-        "descendant cgroup not sampled: {by_pid:?}"
-    );
+    // Each is sampled in proportion to the CPU time it had: at most 199 samples per CPU second
+    // around the run (which also covers loading, when nothing samples), and not far below.
+    for (what, pid, before) in [
+        ("target", inside.pid(), before[0]),
+        ("descendant", deeper.pid(), before[1]),
+    ] {
+        let used = cpu_seconds(pid) - before;
+        #[expect(clippy::cast_precision_loss, reason = "sample counts are small")]
+        let samples = by_pid.get(&pid).copied().unwrap_or(0) as f64;
+        assert!(
+            samples > 0.0 && samples <= used * 199.0 * 1.1 + 5.0 && samples >= used * 199.0 * 0.25,
+            "{what}: {samples} samples for {used:.2} CPU seconds: {by_pid:?}"
+        );
+    }
     assert_eq!(
         by_pid.get(&bystander.pid()),
         None,

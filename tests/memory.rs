@@ -5,7 +5,8 @@ use std::{process::Command, time::Duration};
 
 use toe_agent::{run::Ended, targets::TargetSpec};
 use toe_tests::{
-    assert_rejected, bin, demo, folded_file, profile, require_root, toe_run, tool_spec,
+    assert_rejected, bin, demo, folded_file, loaded_toe_programs, profile, require_root, toe_run,
+    tool_spec,
 };
 
 /// Sum of the values of folded lines whose stack contains `function` (and, if given, whose root
@@ -119,11 +120,37 @@ fn a_child_forked_during_the_run_is_tracked() {
     if !require_root("a_child_forked_during_the_run_is_tracked") {
         return;
     }
-    let parent = demo(&["forkleak", "3000", "1024"], None);
+    // The fork waits for the run's programs to be in the kernel, and the child leaks 1.5 s
+    // later: attaching takes seconds on a slow (emulated) machine, and the child must be
+    // probed before it allocates.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let go = dir.path().join("go");
+    let parent = demo(
+        &[
+            "forkleak",
+            "3000",
+            "1024",
+            "1500",
+            go.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    let starter = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        while !loaded_toe_programs()
+            .iter()
+            .any(|p| p.starts_with("toe_mem"))
+            && t.elapsed() < Duration::from_mins(1)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::write(go, b"").expect("go file");
+    });
     let (outcome, sink) = profile(
         &tool_spec("memory-profile", "30s", &["--mode=exact"]),
         TargetSpec::Pid(parent.pid()),
     );
+    starter.join().expect("starter");
     assert_eq!(outcome.ended, Ended::TargetExited);
     let m = outcome.summary.memory.as_ref().unwrap();
     let child = m

@@ -45,6 +45,9 @@ enum Command {
     },
     /// List the built-in tools and their arguments.
     Tools,
+    /// What this machine's kernel lets TOE do: each program type loaded for real, each tool's
+    /// verdict, and the kernel mechanisms each tool uses here (needs root to load programs).
+    Probe,
     /// Undo what faults of crashed runs left behind (every fault run also does this first).
     Cleanup,
     /// "Hello PowerTool": a guided walkthrough that profiles, refuses, terminates, finds a leak
@@ -643,6 +646,12 @@ fn main() -> ExitCode {
         Command::Tools => tools(&mut std::io::stdout().lock())
             .map(|()| ExitCode::SUCCESS)
             .map_err(Into::into),
+        Command::Probe => {
+            let caps = toe_agent::node::probe::probe();
+            serde_yaml::to_writer(std::io::stdout().lock(), &caps)
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into)
+        }
         Command::Cleanup => cleanup(),
         Command::Agent(args) => agent(args),
         Command::Tutorial(args) => tutorial(args),

@@ -49,13 +49,10 @@ pub fn check_fields(fields: &[(&str, &str, &str, usize, usize)]) -> Result<(), S
             ));
             continue;
         };
-        let text = fs::read_to_string(&path).unwrap_or_default();
-        match field_in(&text, field) {
-            Some(found) if found == (offset, size) => {}
-            Some((o, s)) => problems.push(format!(
-                "{category}:{event} field {field} is at offset {o} size {s}, expected {offset}/{size}"
-            )),
-            None => problems.push(format!("{category}:{event} has no field {field}")),
+        match field_at(&path, (category, event, field, offset, size)) {
+            Ok(true) => {}
+            Ok(false) => problems.push(format!("{category}:{event} has no field {field}")),
+            Err(e) => problems.push(e),
         }
     }
     problems.dedup();
@@ -63,6 +60,29 @@ pub fn check_fields(fields: &[(&str, &str, &str, usize, usize)]) -> Result<(), S
         Ok(())
     } else {
         Err(problems.join("; "))
+    }
+}
+
+/// Whether a field some kernels lack is there, at the expected place; an error when the
+/// tracepoint is missing or the field is elsewhere.
+pub fn has_field(field: (&str, &str, &str, usize, usize)) -> Result<bool, String> {
+    let (category, event, ..) = field;
+    let path = format_path(category, event)
+        .ok_or_else(|| format!("tracepoint {category}:{event} is missing"))?;
+    field_at(&path, field)
+}
+
+fn field_at(
+    path: &std::path::Path,
+    (category, event, field, offset, size): (&str, &str, &str, usize, usize),
+) -> Result<bool, String> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    match field_in(&text, field) {
+        Some(found) if found == (offset, size) => Ok(true),
+        Some((o, s)) => Err(format!(
+            "{category}:{event} field {field} is at offset {o} size {s}, expected {offset}/{size}"
+        )),
+        None => Ok(false),
     }
 }
 

@@ -63,7 +63,6 @@ pub const FIELDS: &[(&str, &str, &str, usize, usize)] = &[
     ("task", "task_newtask", "pid", 8, 4),
     ("task", "task_newtask", "comm", 12, 16),
     ("task", "task_newtask", "clone_flags", 32, 8),
-    ("sched", "sched_process_exit", "group_dead", 32, 1),
     ("sched", "sched_process_exec", "filename", 8, 4),
     ("sched", "sched_process_exec", "pid", 12, 4),
     ("sched", "sched_process_exec", "old_pid", 16, 4),
@@ -82,6 +81,12 @@ pub const FIELDS: &[(&str, &str, &str, usize, usize)] = &[
     ("cgroup", "cgroup_attach_task", "dst_id", 16, 8),
     ("cgroup", "cgroup_attach_task", "pid", 24, 4),
 ];
+
+/// `sched:sched_process_exit`'s `group_dead` (Linux 6.16 and later): whether the exiting thread
+/// is the process's last. Older kernels lack it, and the program then takes the leader's exit for
+/// the process's ([`CONFIG_LEADER_EXIT_ENDS_PROCESS`]).
+pub const GROUP_DEAD_FIELD: (&str, &str, &str, usize, usize) =
+    ("sched", "sched_process_exit", "group_dead", 32, 1);
 
 /// [`TaskInfo::flags`]: the process called `exit`/`exit_group`; `exit_code` holds its argument.
 pub const TASK_EXIT_CALLED: u32 = 1 << 0;
@@ -108,6 +113,10 @@ pub const CONFIG_USER_STACKS: u32 = 1 << 0;
 pub const CONFIG_KERNEL_STACKS: u32 = 1 << 1;
 /// [`SigConfig::flags`]: membership follows cgroup moves (the target is a cgroup).
 pub const CONFIG_FOLLOW_CGROUP_MOVES: u32 = 1 << 2;
+/// [`SigConfig::flags`]: the kernel has no [`GROUP_DEAD_FIELD`]; the process's exit is its
+/// leader thread's, as bcc's `exitsnoop` counts it (a leader that leaves by `pthread_exit` while
+/// other threads run ends the process early in the record).
+pub const CONFIG_LEADER_EXIT_ENDS_PROCESS: u32 = 1 << 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

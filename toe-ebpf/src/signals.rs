@@ -15,9 +15,9 @@ use toe_common::{
     TASK_COMM_LEN,
     signals::{
         CLD_DUMPED, CLD_EXITED, CONFIG_FOLLOW_CGROUP_MOVES, CONFIG_KERNEL_STACKS,
-        CONFIG_USER_STACKS, COUNTER_COUNT, Counter, Event, EventKind, MAX_SENDERS, MAX_STACKS,
-        MAX_TASKS, RING_BYTES, SIGCHLD, SigConfig, TASK_DEAD, TASK_EXIT_CALLED, TASK_TGID_UNKNOWN,
-        TEXT_LEN, TaskInfo, counter_index,
+        CONFIG_LEADER_EXIT_ENDS_PROCESS, CONFIG_USER_STACKS, COUNTER_COUNT, Counter, Event,
+        EventKind, MAX_SENDERS, MAX_STACKS, MAX_TASKS, RING_BYTES, SIGCHLD, SigConfig, TASK_DEAD,
+        TASK_EXIT_CALLED, TASK_TGID_UNKNOWN, TEXT_LEN, TaskInfo, counter_index,
     },
     stacks::StoredStack,
 };
@@ -322,7 +322,12 @@ pub fn try_exit(ctx: &TracePointContext) {
     if current_task(tgid, tid).is_none() {
         return;
     }
-    let group_dead = read::<u8>(ctx, 32).unwrap_or(0) != 0;
+    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    let group_dead = if cfg.flags & CONFIG_LEADER_EXIT_ENDS_PROCESS == 0 {
+        read::<u8>(ctx, 32).unwrap_or(0) != 0
+    } else {
+        tid == tgid
+    };
     if tid != tgid {
         let _ = TASKS.remove(&tid);
     }

@@ -61,6 +61,10 @@ enum Task {
         /// Which kernels; all by default.
         #[arg(long, value_enum)]
         kernel: Vec<vm::Series>,
+        /// Only this suite (a test target: cpu, memory, signals, offcpu, faults, cli,
+        /// toe_agent-unit); repeat for more. All by default.
+        #[arg(long)]
+        suite: Vec<String>,
         /// A test name filter, as for `cargo test`.
         #[arg(last = true)]
         filter: Vec<String>,
@@ -295,14 +299,22 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::VmTest { kernel, filter } => {
+        Task::VmTest {
+            kernel,
+            suite,
+            filter,
+        } => {
             bootstrap::toolchain()?;
             let series = if kernel.is_empty() {
                 vm::Series::ALL.to_vec()
             } else {
                 kernel
             };
-            vm::test(&vm::Options { series, filter })
+            vm::test(&vm::Options {
+                series,
+                suites: suite,
+                filter,
+            })
         }
         Task::Bench { which } => {
             bootstrap::toolchain()?;

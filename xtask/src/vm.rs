@@ -60,13 +60,18 @@ const SUITES: &[&str] = &["cpu", "memory", "signals", "offcpu", "faults", "cli"]
 
 /// The modules the guest loads before it can mount the host's files: virtio over MMIO (the
 /// `microvm` machine has no PCI), 9p over virtio, and what these depend on.
-const MODULES: &[&str] = &["virtio_mmio", "9pnet_virtio", "9p"];
+const MODULES: &[&str] = &["virtio_mmio", "9pnet_virtio", "9p", "overlay"];
+
+/// The longest one suite may run in the guest before it is killed (and counted as broken).
+const SUITE_TIMEOUT: Duration = Duration::from_mins(15);
 
 /// The longest a guest may run before it counts as hung (the whole suite, emulated).
-const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+const GUEST_TIMEOUT: Duration = Duration::from_mins(40);
 
 pub struct Options {
     pub series: Vec<Series>,
+    /// Only these suites (test targets); all when empty.
+    pub suites: Vec<String>,
     pub filter: Vec<String>,
 }
 
@@ -74,7 +79,10 @@ pub struct Options {
 /// every kernel.
 pub fn test(options: &Options) -> Result<()> {
     ensure_qemu()?;
-    let binaries = test_binaries()?;
+    let mut binaries = test_binaries()?;
+    if !options.suites.is_empty() {
+        binaries.retain(|b| options.suites.contains(&b.name));
+    }
     let mut failed = Vec::new();
     for &series in &options.series {
         let kernel = kernel(series)?;
@@ -83,7 +91,20 @@ pub fn test(options: &Options) -> Result<()> {
         let took = crate::minutes(started.elapsed());
         match outcome {
             Ok(summary) => {
-                eprintln!("xtask: vm {} ({}): {summary} in {took}", series.name(), kernel.release);
+                let probe = root()
+                    .join("target/vm")
+                    .join(series.name())
+                    .join("probe.yaml");
+                eprintln!(
+                    "xtask: vm {}: the capability probe says:\n{}",
+                    series.name(),
+                    std::fs::read_to_string(&probe).unwrap_or_else(|e| format!("  (none: {e})"))
+                );
+                eprintln!(
+                    "xtask: vm {} ({}): {summary} in {took}",
+                    series.name(),
+                    kernel.release
+                );
                 if !summary.passed() {
                     failed.push(format!("{}: {summary}", series.name()));
                 }
@@ -120,7 +141,13 @@ fn test_binaries() -> Result<Vec<TestBinary>> {
     // The whole workspace, as `cargo xtask test` builds it, so the two share one build (naming
     // packages would unify features differently and rebuild).
     let mut cmd = crate::cargo();
-    cmd.args(["test", "--workspace", "--release", "--no-run", "--message-format=json"]);
+    cmd.args([
+        "test",
+        "--workspace",
+        "--release",
+        "--no-run",
+        "--message-format=json",
+    ]);
     let out = cmd
         .stderr(Stdio::inherit())
         .output()
@@ -186,35 +213,48 @@ struct Kernel {
 /// Downloads (once) the newest Debian package of `series` and prepares it to boot.
 fn kernel(series: Series) -> Result<Kernel> {
     let dir = bootstrap::cache_dir().join("vm").join(series.name());
-    let ready = dir.join("release");
-    if let Ok(release) = std::fs::read_to_string(&ready) {
-        let k = Kernel {
+    // The initramfs is rebuilt from the kept package whenever what goes into it changes.
+    let initrd = dir.join(format!("initrd-{:016x}.cpio", initrd_version()));
+    let vmlinux = dir.join("vmlinux");
+    let deb = std::fs::read_dir(&dir).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+    });
+    if let (Ok(release), Some(_)) = (std::fs::read_to_string(dir.join("release")), &deb)
+        && vmlinux.is_file()
+        && initrd.is_file()
+    {
+        return Ok(Kernel {
             release: release.trim().to_owned(),
-            vmlinux: dir.join("vmlinux"),
-            initrd: dir.join("initrd.cpio"),
-        };
-        if k.vmlinux.is_file() && k.initrd.is_file() {
-            return Ok(k);
-        }
+            vmlinux,
+            initrd,
+        });
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let package = newest_package(series)?;
-    eprintln!("xtask: vm {}: downloading {package}", series.name());
-    run(Command::new("apt-get")
-        .current_dir(&dir)
-        .args(["download", "-q", &package]))
-    .with_context(|| format!("apt-get download {package} (is a Debian mirror reachable?)"))?;
-    let deb = std::fs::read_dir(&dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("apt-get download wrote no .deb")?;
+    let deb = if let Some(deb) = deb {
+        deb
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let package = newest_package(series)?;
+        eprintln!("xtask: vm {}: downloading {package}", series.name());
+        run(Command::new("apt-get")
+            .current_dir(&dir)
+            .args(["download", "-q", &package]))
+        .with_context(|| format!("apt-get download {package} (is a Debian mirror reachable?)"))?;
+        std::fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .context("apt-get download wrote no .deb")?
+    };
     let unpacked = dir.join("package");
+    let _ = std::fs::remove_dir_all(&unpacked);
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
     let modules_root = unpacked.join("lib/modules");
     let release = std::fs::read_dir(&modules_root)
-        .with_context(|| format!("{} has no kernel modules", package))?
+        .with_context(|| format!("{} has no kernel modules", deb.display()))?
         .flatten()
         .next()
         .context("no module directory")?
@@ -222,23 +262,36 @@ fn kernel(series: Series) -> Result<Kernel> {
         .to_string_lossy()
         .into_owned();
     let vmlinuz = unpacked.join("boot").join(format!("vmlinuz-{release}"));
-    decompress_kernel(&vmlinuz, &dir.join("vmlinux"))?;
+    decompress_kernel(&vmlinuz, &vmlinux)?;
     let modules = modules_in_order(&modules_root.join(&release), MODULES)?;
-    write_initrd(&dir.join("initrd.cpio"), &modules)?;
-    // Only the image, the initramfs and the release are kept; the package is 400 MiB unpacked.
+    for old in std::fs::read_dir(&dir)?.flatten() {
+        if old.file_name().to_string_lossy().starts_with("initrd-") {
+            std::fs::remove_file(old.path())?;
+        }
+    }
+    write_initrd(&initrd, &modules)?;
+    // The package (70 MiB) is kept; unpacked it is 400 MiB.
     std::fs::remove_dir_all(&unpacked)?;
-    std::fs::remove_file(&deb)?;
-    std::fs::write(&ready, &release)?;
+    std::fs::write(dir.join("release"), &release)?;
     Ok(Kernel {
         release,
-        vmlinux: dir.join("vmlinux"),
-        initrd: dir.join("initrd.cpio"),
+        vmlinux,
+        initrd,
     })
+}
+
+/// Changes when the guest's `/init` or its module list does.
+fn initrd_version() -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (INIT, MODULES).hash(&mut h);
+    h.finish()
 }
 
 fn newest_package(series: Series) -> Result<String> {
     let list = || -> Result<Option<String>> {
-        let names = bootstrap::output(Command::new("apt-cache").args(["pkgnames", "linux-image-6."]))?;
+        let names =
+            bootstrap::output(Command::new("apt-cache").args(["pkgnames", "linux-image-6."]))?;
         Ok(names
             .lines()
             .filter_map(|n| series.abi(n).map(|abi| (abi, n.to_owned())))
@@ -305,7 +358,11 @@ fn modules_in_order(dir: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u8>)
     let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
     let builtin: Vec<String> = builtin.lines().map(module_name).collect();
     let mut order: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut pending: Vec<(String, bool)> = wanted.iter().rev().map(|w| (w.replace('-', "_"), false)).collect();
+    let mut pending: Vec<(String, bool)> = wanted
+        .iter()
+        .rev()
+        .map(|w| (w.replace('-', "_"), false))
+        .collect();
     // Depth first: a module is pushed again after its dependencies, and emitted then.
     while let Some((name, deps_done)) = pending.pop() {
         if order.iter().any(|(n, _)| *n == name) || builtin.contains(&name) {
@@ -320,7 +377,10 @@ fn modules_in_order(dir: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u8>)
             continue;
         }
         pending.push((name, true));
-        for dep in modinfo(&data, "depends").split(',').filter(|d| !d.is_empty()) {
+        for dep in modinfo(&data, "depends")
+            .split(',')
+            .filter(|d| !d.is_empty())
+        {
             pending.push((dep.replace('-', "_"), false));
         }
     }
@@ -371,9 +431,17 @@ $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
 $B mount -t devtmpfs dev /dev
 for m in $($B cat /modules/order); do $B insmod /modules/$m || echo "TOE-VM insmod $m failed"; done
-R=/host
 OPTS=trans=virtio,version=9p2000.L,msize=262144
-$B mount -t 9p -o $OPTS,ro host $R || { echo "TOE-VM cannot mount the host's files"; $B poweroff -f; }
+# The host's files, read-only, under an overlay whose changes stay in the guest's memory: the
+# tests write where they would on a node (/var/lib/toe, /etc/containers, /tmp, the repository),
+# and nothing reaches the host.
+$B mkdir -p /lower /changes /host
+$B mount -t 9p -o $OPTS,ro host /lower || { echo "TOE-VM cannot mount the host's files"; $B poweroff -f; }
+$B mount -t tmpfs changes /changes
+$B mkdir -p /changes/up /changes/work
+R=/host
+$B mount -t overlay overlay -o lowerdir=/lower,upperdir=/changes/up,workdir=/changes/work $R \
+  || { echo "TOE-VM cannot overlay the host's files"; $B poweroff -f; }
 OUT=$TOE_OUT
 $B mount -t 9p -o $OPTS out $R$OUT || { echo "TOE-VM cannot mount the results share"; $B poweroff -f; }
 $B mount -t proc proc $R/proc
@@ -386,7 +454,7 @@ $B mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
 $B mount -t tracefs tracefs $R/sys/kernel/tracing
 $B mount -t debugfs debugfs $R/sys/kernel/debug
 $B mount -t bpf bpf $R/sys/fs/bpf
-for d in /tmp /run /var/tmp /var/lib/containers /var/cache /root; do $B mount -t tmpfs tmp $R$d; done
+for d in /tmp /run; do $B mount -t tmpfs tmp $R$d; done
 $B chmod 1777 $R/tmp $R/var/tmp
 $B ip link set lo up
 $B chroot $R /bin/sh $OUT/guest.sh
@@ -416,7 +484,7 @@ fn write_initrd(out: &Path, modules: &[(String, Vec<u8>)]) -> Result<()> {
         archive.extend_from_slice(data);
         pad4(archive);
     };
-    for d in ["bin", "proc", "sys", "dev", "host", "modules"] {
+    for d in ["bin", "proc", "sys", "dev", "modules"] {
         entry(&mut archive, d, 0o040_755, &[]);
     }
     entry(&mut archive, "init", 0o100_755, INIT.as_bytes());
@@ -446,7 +514,7 @@ impl std::fmt::Write for HexSink<'_> {
 }
 
 fn pad4(v: &mut Vec<u8>) {
-    while v.len() % 4 != 0 {
+    while !v.len().is_multiple_of(4) {
         v.push(0);
     }
 }
@@ -503,18 +571,27 @@ fn guest_script(out: &Path, binaries: &[TestBinary], filter: &[String], series: 
         s,
         "echo \"TOE-VM kernel $(uname -r); cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers)\""
     );
+    // What the capability probe finds on this kernel, printed with the results.
+    let _ = writeln!(
+        s,
+        "{}/toe probe > {out}/probe.yaml 2> {out}/probe.err",
+        release.display()
+    );
     let filter: Vec<String> = filter.iter().map(|f| shell_quote(f)).collect();
     for b in binaries {
         let _ = writeln!(
             s,
-            "echo \"TOE-VM suite {name}\"; cd {dir} && {exe} --test-threads=2 --show-output {filter} > {out}/{name}.log 2>&1; \
+            "echo \"TOE-VM suite {name}\"; cd {dir} && timeout -s KILL {limit} {exe} --test-threads=2 --show-output {filter} > {out}/{name}.log 2>&1; \
              echo $? > {out}/{name}.rc; echo \"TOE-VM suite {name} exited $(cat {out}/{name}.rc)\"",
             name = b.name,
             dir = shell_quote(&b.dir.to_string_lossy()),
             exe = shell_quote(&b.path.to_string_lossy()),
             filter = filter.join(" "),
+            limit = SUITE_TIMEOUT.as_secs(),
         );
     }
+    // The kernel's own account (perf throttling, OOM kills, warnings), for reading failures.
+    let _ = writeln!(s, "dmesg > {out}/dmesg.log 2>&1");
     s.push_str("echo TOE-VM-DONE\n");
     s
 }
@@ -536,7 +613,10 @@ fn boot_and_test(kernel: &Kernel, binaries: &[TestBinary], filter: &[String]) ->
     let out = root().join("target/vm").join(series.name());
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("guest.sh"), guest_script(&out, binaries, filter, series))?;
+    std::fs::write(
+        out.join("guest.sh"),
+        guest_script(&out, binaries, filter, series),
+    )?;
     std::fs::write(out.join("containers.conf"), CONTAINERS_CONF)?;
     let console = out.join("console.log");
     eprintln!(
@@ -547,7 +627,16 @@ fn boot_and_test(kernel: &Kernel, binaries: &[TestBinary], filter: &[String]) ->
     );
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-M", "microvm,x-option-roms=off,rtc=on"])
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "4096"])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "4096",
+        ])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
         .arg(&kernel.vmlinux)
@@ -568,7 +657,7 @@ fn boot_and_test(kernel: &Kernel, binaries: &[TestBinary], filter: &[String]) ->
         .arg("-append")
         // Unknown `NAME=value` parameters reach /init as its environment.
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet systemd.unified_cgroup_hierarchy=1 TOE_OUT={}",
+            "console=ttyS0 panic=-1 quiet TOE_OUT={}",
             out.display()
         ))
         .stdin(Stdio::null())
@@ -599,7 +688,10 @@ fn boot_and_test(kernel: &Kernel, binaries: &[TestBinary], filter: &[String]) ->
             tail()
         ),
         Some(s) if !log.contains("TOE-VM-DONE") => {
-            bail!("the guest stopped ({s}) before the suites ended; console's end:\n{}", tail())
+            bail!(
+                "the guest stopped ({s}) before the suites ended; console's end:\n{}",
+                tail()
+            )
         }
         Some(_) => {}
     }

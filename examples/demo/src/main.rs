@@ -10,7 +10,8 @@
 //! `toe-demo leak [COUNT] [SIZE]`: leaks COUNT blocks of SIZE bytes at `leaky_site`, balances
 //! 20000 allocations at `balanced_site` (another thread) and grows buffers at `realloc_site`,
 //! prints what it did as JSON, and stays alive a second.
-//! `toe-demo forkleak [COUNT] [SIZE]`: forks after 300 ms; the child runs `leak`.
+//! `toe-demo forkleak [COUNT] [SIZE] [DELAY_MS] [GOFILE]`: forks after DELAY_MS (300), or once
+//! GOFILE exists and DELAY_MS more; the child waits DELAY_MS, then runs `leak`.
 //! `toe-demo touch [MIB] [SECONDS]`: faults MIB MiB in at `touch_pages`, then stays alive.
 //! `toe-demo allocs N [ROUNDS] [wait]`: N malloc/free iterations with ROUNDS of arithmetic each
 //! (the memory benchmark's workload); prints seconds taken and allocations per second.
@@ -168,7 +169,13 @@ fn main() {
         Some("forkleak") => {
             let count = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5_000);
             let size = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1024);
-            memory::fork_leak(count, size, Duration::from_millis(300));
+            let delay = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(300);
+            memory::fork_leak(
+                count,
+                size,
+                Duration::from_millis(delay),
+                args.get(5).map(std::path::Path::new),
+            );
         }
         Some("touch") => {
             let mib = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);

@@ -110,8 +110,15 @@ pub fn leak(count: usize, size: usize, settle: Duration) {
     black_box(keep);
 }
 
-/// Forks after `delay`; the child waits `delay` more, then runs `leak`.
-pub fn fork_leak(count: usize, size: usize, delay: Duration) {
+/// Forks after `delay` (counted from when `go` exists, if given; at most a minute's wait); the
+/// child waits `delay` more, then runs `leak`.
+pub fn fork_leak(count: usize, size: usize, delay: Duration, go: Option<&std::path::Path>) {
+    if let Some(go) = go {
+        let t = Instant::now();
+        while !go.exists() && t.elapsed() < Duration::from_mins(1) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     std::thread::sleep(delay);
     // SAFETY: single-threaded here; the child only sleeps, allocates and exits.
     let child = unsafe { libc::fork() };

@@ -101,5 +101,52 @@ pub fn probe() -> Capabilities {
         };
         caps.tools.insert(tool.into(), verdict);
     }
+    caps.features = features(&caps.cgroup);
     caps
+}
+
+/// The kernel mechanisms whose presence changes how a tool works here.
+fn features(cgroup: &str) -> std::collections::BTreeMap<String, String> {
+    let mut f = std::collections::BTreeMap::new();
+    let kprobes = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .any(|t| std::path::Path::new(t).join("kprobe_events").exists());
+    f.insert(
+        "kprobes".into(),
+        if kprobes {
+            "present; unused (every tool runs on tracepoints, perf events and uprobes)"
+        } else {
+            "absent (no kprobe_events in tracefs); no tool needs them"
+        }
+        .into(),
+    );
+    f.insert(
+        "sched_switch".into(),
+        if crate::tools::offcpu::collector::raw_switch_has_state() {
+            "raw tracepoint with prev_state (Linux 5.18+): off-CPU profiles read no trace record"
+        } else {
+            "classic tracepoint (the raw one has no prev_state before Linux 5.18)"
+        }
+        .into(),
+    );
+    let exit = match crate::tracefs::has_field(toe_common::signals::GROUP_DEAD_FIELD) {
+        Ok(true) => "sched_process_exit's group_dead marks a process's last thread".to_owned(),
+        Ok(false) => "no group_dead in sched_process_exit (before Linux 6.16): a process \
+                      ends when its leader thread exits, as bcc's exitsnoop counts it"
+            .to_owned(),
+        Err(e) => format!("unusable: {e}"),
+    };
+    f.insert("process exit".into(), exit);
+    let ids = match (cgroup, targets::cgroup2_root()) {
+        ("v2", _) => {
+            "cgroup v2 ids of /sys/fs/cgroup (pure v2: limits in cpu.max, memory.max)".to_owned()
+        }
+        (_, Some(root)) => format!(
+            "cgroup v2 ids of {} (hybrid: limits in the v1 controllers)",
+            root.display()
+        ),
+        _ => "none: no cgroup v2 mount".to_owned(),
+    };
+    f.insert("cgroup ids".into(), ids);
+    f
 }

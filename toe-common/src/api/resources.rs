@@ -231,6 +231,8 @@ pub struct Capabilities {
     pub programs: std::collections::BTreeMap<String, String>,
     /// Tool -> `ok` or what it is missing.
     pub tools: std::collections::BTreeMap<String, String>,
+    /// Kernel mechanism -> what TOE uses of it here, or that it is absent and what stands in.
+    pub features: std::collections::BTreeMap<String, String>,
 }
 
 impl Capabilities {

@@ -1,7 +1,15 @@
 //! CPU sampler: a perf_event program on the software cpu-clock of every online CPU. Samples
 //! arrive through a ring buffer and are aggregated by (process, thread name, stacks).
 
-use std::{collections::HashMap, ptr};
+use std::{
+    collections::HashMap,
+    ptr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -69,6 +77,96 @@ impl RawProfile {
     pub fn take_new(&mut self) -> Vec<RawKey> {
         std::mem::take(&mut self.new_keys)
     }
+
+    /// Adds what another collection received after this one's.
+    fn merge(&mut self, other: Self) {
+        self.received += other.received;
+        self.kstack_truncated += other.kstack_truncated;
+        self.ustack_truncated += other.ustack_truncated;
+        self.kstack_errors += other.kstack_errors;
+        self.ustack_errors += other.ustack_errors;
+        if self.first_ns.is_none() {
+            self.first_ns = other.first_ns;
+        }
+        self.last_ns = other.last_ns.or(self.last_ns);
+        for (key, n) in other.counts {
+            if let Some(c) = self.counts.get_mut(&key) {
+                *c += n;
+            } else {
+                self.new_keys.push(key.clone());
+                self.counts.insert(key, n);
+            }
+        }
+    }
+}
+
+/// How often the reader thread empties the ring buffer ([`ring_bytes`] leaves a second of slack).
+///
+/// [`ring_bytes`]: toe_common::cpu::ring_bytes
+const READ_EVERY: Duration = Duration::from_millis(25);
+
+/// The ring buffer's reader: a thread of its own that only moves records into a small profile,
+/// so nothing the run loop does (symbolizing a large binary read for the first time takes
+/// seconds) stops the ring from being emptied while the kernel fills it.
+struct Reader {
+    received: Arc<Mutex<RawProfile>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reader {
+    fn spawn(mut ring: RingBuf<MapData>) -> Self {
+        let received = Arc::new(Mutex::new(RawProfile::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (received, stop) = (Arc::clone(&received), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("toe-cpu-ring".into())
+                .spawn(move || {
+                    loop {
+                        // Read the flag first: the last pass then drains what was there when
+                        // the owner asked to stop.
+                        let last = stop.load(Ordering::Acquire);
+                        drain_ring(&mut ring, &mut lock(&received));
+                        if last {
+                            break;
+                        }
+                        std::thread::park_timeout(READ_EVERY);
+                    }
+                })
+                .expect("spawning a thread")
+        };
+        Self {
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Moves what was read since the last call into `profile`.
+    fn take_into(&self, profile: &mut RawProfile) {
+        let got = std::mem::take(&mut *lock(&self.received));
+        profile.merge(got);
+    }
+
+    /// Stops the thread after a last pass over the ring.
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn lock(m: &Mutex<RawProfile>) -> std::sync::MutexGuard<'_, RawProfile> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Kernel-side counts: every sample that hit a target, and those the ring buffer had no room for.
@@ -79,7 +177,7 @@ pub struct CpuCounters {
 }
 
 pub struct CpuCollector {
-    ring: RingBuf<MapData>,
+    reader: Reader,
     counters: PerCpuArray<MapData, u64>,
     pub cpus: Vec<u32>,
 }
@@ -138,15 +236,22 @@ impl CpuCollector {
             })?;
         }
         Ok(Self {
-            ring,
+            reader: Reader::spawn(ring),
             counters,
             cpus,
         })
     }
 
-    /// Moves every record waiting in the ring buffer into `profile`; returns how many.
-    pub fn drain(&mut self, profile: &mut RawProfile) -> usize {
-        drain_ring(&mut self.ring, profile)
+    /// Moves every record read from the ring buffer so far into `profile`.
+    pub fn drain(&self, profile: &mut RawProfile) {
+        self.reader.take_into(profile);
+    }
+
+    /// Moves every record into `profile` after a last read of the ring buffer, once the kernel
+    /// stopped sampling (the programs are detached before tools finish).
+    pub fn drain_last(&mut self, profile: &mut RawProfile) {
+        self.reader.stop();
+        self.reader.take_into(profile);
     }
 
     #[must_use]

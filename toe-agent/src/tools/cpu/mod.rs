@@ -80,7 +80,7 @@ impl ToolRun for CpuRun {
     }
 
     fn finish(mut self: Box<Self>, cx: &mut Finish<'_>) -> Result<Finished, RunError> {
-        self.collector.drain(&mut self.raw);
+        self.collector.drain_last(&mut self.raw);
         let counters = self.collector.counters();
         let symbolizer = &mut *cx.symbolizer;
         symbolizer.resolve(&self.raw.take_new());

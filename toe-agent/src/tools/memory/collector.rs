@@ -292,9 +292,22 @@ impl MemoryCollector {
         match found {
             Allocator::Glibc { attach_path, path } => {
                 if !state.info.tracked {
-                    state.links = attach_probes(loaded, pid, &attach_path)?;
-                    state.info.tracked = true;
-                    state.info.attached_after_ms = process_age_ms(pid);
+                    match attach_probes(loaded, pid, &attach_path) {
+                        Ok(links) => {
+                            state.links = links;
+                            state.info.tracked = true;
+                            state.info.attached_after_ms = process_age_ms(pid);
+                        }
+                        // A short-lived child can exit between being found and being probed:
+                        // that is the process's end, not the run's.
+                        Err(_) if fs::read_link(format!("/proc/{pid}/exe")).is_err() => {
+                            state.info.allocator =
+                                "not tracked: it exited before its probes were attached".into();
+                            self.processes.insert(pid, state);
+                            return Ok(());
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 state.info.allocator = format!("glibc ({path})");
             }

@@ -57,7 +57,8 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Whether this kernel's raw `sched_switch` tracepoint passes `prev_state` (Linux 5.18+).
-fn raw_switch_has_state() -> bool {
+#[must_use]
+pub fn raw_switch_has_state() -> bool {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();

@@ -315,7 +315,7 @@ impl OffcpuRun {
         let open_new: Vec<RawKey> = open.waits.iter().map(|w| w.1.clone()).collect();
         symbolizer.resolve(&open_new);
         if let Some(s) = &mut self.sampler {
-            s.drain(&mut self.on_cpu);
+            s.drain_last(&mut self.on_cpu);
             symbolizer.resolve(&self.on_cpu.take_new());
         }
         (totals, open, counters)

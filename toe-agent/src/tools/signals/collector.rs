@@ -24,9 +24,10 @@ use toe_common::{
     TASK_COMM_LEN,
     api::SignalTraceOptions,
     signals::{
-        CONFIG_FOLLOW_CGROUP_MOVES, CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACKS,
-        COUNTER_COUNT, COUNTERS_MAP, Counter, EVENTS_RING, Event, EventKind, FIELDS, MAX_SENDERS,
-        PROGRAMS, STACKS_MAP, SigConfig, TASK_TGID_UNKNOWN, TASKS_MAP, TaskInfo, counter_index,
+        CONFIG_FOLLOW_CGROUP_MOVES, CONFIG_KERNEL_STACKS, CONFIG_LEADER_EXIT_ENDS_PROCESS,
+        CONFIG_MAP, CONFIG_USER_STACKS, COUNTER_COUNT, COUNTERS_MAP, Counter, EVENTS_RING, Event,
+        EventKind, FIELDS, GROUP_DEAD_FIELD, MAX_SENDERS, PROGRAMS, STACKS_MAP, SigConfig,
+        TASK_TGID_UNKNOWN, TASKS_MAP, TaskInfo, counter_index,
     },
     stacks::StoredStack,
 };
@@ -166,6 +167,13 @@ impl SignalCollector {
         target: &ResolvedTarget,
     ) -> Result<Self, LoadError> {
         tracefs::check_fields(FIELDS).map_err(LoadError::Layout)?;
+        let group_dead = tracefs::has_field(GROUP_DEAD_FIELD).map_err(LoadError::Layout)?;
+        if !group_dead {
+            tracing::info!(
+                "this kernel's sched_process_exit has no group_dead (Linux < 6.16): a process's \
+                 exit is recorded when its leader thread exits"
+            );
+        }
         let tree = cgroup_tree(&target.cgroups);
         // Below a target cgroup every cgroup is a target too; the kernel's move check matches
         // ids exactly, so it needs them all.
@@ -186,6 +194,9 @@ impl SignalCollector {
             }
             if target.tgids.is_empty() {
                 flags |= CONFIG_FOLLOW_CGROUP_MOVES;
+            }
+            if !group_dead {
+                flags |= CONFIG_LEADER_EXIT_ENDS_PROCESS;
             }
             let mut config: Array<&mut MapData, SigConfig> =
                 Array::try_from(loaded.map_mut(CONFIG_MAP)?).map_err(map_err(CONFIG_MAP))?;
