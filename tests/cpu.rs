@@ -101,7 +101,8 @@ fn a_child_started_during_the_run_is_followed() {
     }
     // `sh` starts the demo as its child (no `exec`: the shell stays, waits, and the demo is a
     // process of its own) only after sampling has begun.
-    let spec = cpu_spec("3s", &["--frequency=199"]);
+    // The run ends when the command does; its duration is only a bound.
+    let spec = cpu_spec("30s", &["--frequency=199"]);
     let demo_bin = toe_tests::bin("toe-demo");
     let cmd = format!("sleep 1; {} spin 1.5; true", demo_bin.display());
     let (outcome, sink) = profile(

@@ -44,6 +44,14 @@ pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIP {test}: {reason}");
 }
 
+/// Whether the tests run in an emulated VM (`cargo xtask vm-test` sets `TOE_VM_KERNEL`): there
+/// memory-heavy work runs about 17 times slower than on the host, so a test whose workload must
+/// outlast the agent's own pauses stretches it (never its assertions).
+#[must_use]
+pub fn emulated() -> bool {
+    std::env::var_os("TOE_VM_KERNEL").is_some()
+}
+
 /// A tool the bootstrap installs (`cargo xtask bootstrap --tests`): from `env`, else at
 /// `~/.cache/toe/<cached>`. `None`, with the reason printed, when it is missing and skipping is
 /// allowed; in CI (`TOE_REQUIRE_ROOT_TESTS`) a missing tool is a failure.

@@ -211,8 +211,15 @@ impl Loaded {
     }
 
     /// Number of target processes the kernel still tracks (0 once they have all exited).
+    /// Target processes alive now. The kernel drops a process's entry at its exit; one that
+    /// exited before the programs were attached (a zombie its parent has not reaped yet, or
+    /// gone) has an entry no exit will remove, so procfs decides.
     pub fn live_tgids(&mut self) -> Result<usize, LoadError> {
-        Ok(self.tgids()?.len())
+        Ok(self
+            .tgids()?
+            .into_iter()
+            .filter(|&pid| crate::targets::running(pid))
+            .count())
     }
 
     /// Target processes the kernel tracks by process id (given ones and their children).

@@ -271,6 +271,18 @@ pub fn cgroup_dirs(root: &Path) -> Vec<(PathBuf, u32)> {
     out
 }
 
+/// Whether process `pid` exists and has not exited (a zombie has: only its parent's wait is
+/// left).
+#[must_use]
+pub fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the parenthesised name, which may itself hold ") ".
+        stat.rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| !matches!(state, 'Z' | 'X'))
+    })
+}
+
 /// Where the cgroup v2 hierarchy is mounted, if it is.
 #[must_use]
 pub fn cgroup2_root() -> Option<PathBuf> {

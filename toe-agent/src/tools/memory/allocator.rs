@@ -82,6 +82,8 @@ fn is_musl(path: &str) -> bool {
 struct ElfFacts {
     defines_malloc: bool,
     go: bool,
+    /// Has a program interpreter (`PT_INTERP`): linked dynamically, so libc will be mapped.
+    dynamic: bool,
 }
 
 fn elf_facts(path: &Path) -> Option<ElfFacts> {
@@ -95,7 +97,12 @@ fn elf_facts(path: &Path) -> Option<ElfFacts> {
     };
     let defines_malloc =
         elf.dynamic_symbols().any(|s| is_malloc(&s)) || elf.symbols().any(|s| is_malloc(&s));
-    Some(ElfFacts { defines_malloc, go })
+    let dynamic = elf.section_by_name(".interp").is_some();
+    Some(ElfFacts {
+        defines_malloc,
+        go,
+        dynamic,
+    })
 }
 
 fn allocator_name(path: &str) -> &'static str {
@@ -170,10 +177,13 @@ pub fn detect(pid: u32) -> std::io::Result<Allocator> {
             path: m.path.clone(),
         });
     }
-    // The kernel maps the interpreter at exec; libc follows when the loader runs.
-    if mapped
-        .iter()
-        .any(|m| basename(&m.path).starts_with("ld-linux") || basename(&m.path).starts_with("ld-"))
+    // The kernel maps the interpreter at exec (a read during the exec itself can see the
+    // executable alone); libc follows when the loader runs.
+    let exe_is_dynamic = exe_map.is_some_and(|m| elf_facts(&m.map_file).is_some_and(|f| f.dynamic));
+    if exe_is_dynamic
+        || mapped.iter().any(|m| {
+            basename(&m.path).starts_with("ld-linux") || basename(&m.path).starts_with("ld-")
+        })
     {
         return Ok(Allocator::Loading);
     }
