@@ -188,8 +188,8 @@ pub fn tracefs() -> Result<()> {
 /// Debian packages the tests use: go (for `go tool pprof` reading TOE's pprof output),
 /// podman with runc and a static busybox (real containers from a directory rootfs, no registry),
 /// chromium (the HTML report is opened in a real headless browser), buildah (the release images,
-/// built from scratch without a registry), tmux (the tutorial's interactive path) and npm/pip
-/// for helm and the manifest validator.
+/// built from scratch without a registry), tmux (the tutorial's interactive path), npm/pip
+/// for helm and the manifest validator, and QEMU (the kernel suites on other kernels, emulated).
 pub fn test_packages() -> Result<()> {
     let missing: Vec<&str> = [
         ("go", "golang-go"),
@@ -201,6 +201,7 @@ pub fn test_packages() -> Result<()> {
         ("tmux", "tmux"),
         ("npm", "npm"),
         ("pip3", "python3-pip"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
     ]
     .into_iter()
     .filter(|(bin, _)| !runs("which", bin))

@@ -256,6 +256,23 @@ fn test(extra: &[String]) -> Result<()> {
     c.env("AWS_EC2_METADATA_DISABLED", "true");
     c.args(extra);
     stages.run("tests (build and run)", || run(&mut c))?;
+    // The kernel suites again on the kernels production nodes run, with pure cgroup v2, each in
+    // an emulated VM (a filtered run is for one test on this machine, not for this).
+    if extra.is_empty() {
+        if is_root() {
+            stages.run("kernel VMs (6.1, 6.12; pure cgroup v2)", || {
+                vm::test(&vm::Options {
+                    series: vm::Series::ALL.to_vec(),
+                    suites: Vec::new(),
+                    filter: Vec::new(),
+                })
+            })?;
+        } else {
+            eprintln!(
+                "xtask: not root: skipping the kernel VMs (the host's files are shared read-only as root)"
+            );
+        }
+    }
     // The release artifacts, as `cargo xtask dist --check` builds and verifies them (a filtered
     // run is for one test, not for this).
     if extra.is_empty() {

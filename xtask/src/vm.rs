@@ -60,7 +60,7 @@ const SUITES: &[&str] = &["cpu", "memory", "signals", "offcpu", "faults", "cli"]
 
 /// The modules the guest loads before it can mount the host's files: virtio over MMIO (the
 /// `microvm` machine has no PCI), 9p over virtio, and what these depend on.
-const MODULES: &[&str] = &["virtio_mmio", "9pnet_virtio", "9p", "overlay"];
+const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 
 /// The longest one suite may run in the guest before it is killed (and counted as broken).
 const SUITE_TIMEOUT: Duration = Duration::from_mins(15);
@@ -569,7 +569,8 @@ fn guest_script(out: &Path, binaries: &[TestBinary], filter: &[String], series: 
     );
     let _ = writeln!(
         s,
-        "echo \"TOE-VM kernel $(uname -r); cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers)\""
+        "echo \"TOE-VM kernel $(uname -r); cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers); \
+         clock: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)\""
     );
     // What the capability probe finds on this kernel, printed with the results.
     let _ = writeln!(
@@ -626,7 +627,7 @@ fn boot_and_test(kernel: &Kernel, binaries: &[TestBinary], filter: &[String]) ->
         console.display()
     );
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-M", "microvm,x-option-roms=off,rtc=on"])
+    qemu.args(["-M", "pc,hpet=on"])
         .args([
             "-accel",
             "tcg,thread=multi",
@@ -646,21 +647,21 @@ fn boot_and_test(kernel: &Kernel, binaries: &[TestBinary], filter: &[String]) ->
             "-fsdev",
             "local,id=host,path=/,security_model=none,multidevs=remap,readonly=on",
             "-device",
-            "virtio-9p-device,fsdev=host,mount_tag=host",
+            "virtio-9p-pci,fsdev=host,mount_tag=host",
         ])
         .arg("-fsdev")
         .arg(format!(
             "local,id=out,path={},security_model=none,multidevs=remap",
             out.display()
         ))
-        .args(["-device", "virtio-9p-device,fsdev=out,mount_tag=out"])
+        .args(["-device", "virtio-9p-pci,fsdev=out,mount_tag=out"])
         .arg("-append")
         // Unknown `NAME=value` parameters reach /init as its environment. Under emulation the
         // guest finds its CPUs' TSCs unsynchronized and falls back to jiffies, without
         // high-resolution timers, so perf's cpu-clock would sample at a fraction of the asked
         // frequency: the emulated TSC follows the host's clock, so it is declared reliable.
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet tsc=reliable TOE_OUT={}",
+            "console=ttyS0 panic=-1 quiet TOE_OUT={}",
             out.display()
         ))
         .stdin(Stdio::null())
