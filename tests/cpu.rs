@@ -312,7 +312,11 @@ fn a_target_that_exits_mid_run_keeps_its_samples() {
     if !require_root("a_target_that_exits_mid_run_keeps_its_samples") {
         return;
     }
-    let target = demo(&["spin", "1"], None);
+    // It must outlive attaching, which takes seconds on an emulated machine.
+    let target = demo(
+        &["spin", if toe_tests::emulated() { "6" } else { "1" }],
+        None,
+    );
     let (outcome, sink) = profile(
         &cpu_spec("20s", &["--frequency=199"]),
         TargetSpec::Pid(target.pid()),

@@ -177,9 +177,10 @@ pub fn detect(pid: u32) -> std::io::Result<Allocator> {
             path: m.path.clone(),
         });
     }
-    // The kernel maps the interpreter at exec (a read during the exec itself can see the
-    // executable alone); libc follows when the loader runs.
-    let exe_is_dynamic = exe_map.is_some_and(|m| elf_facts(&m.map_file).is_some_and(|f| f.dynamic));
+    // The kernel maps the executable and its interpreter at exec (a read during the exec itself
+    // can see neither, or the executable alone); libc follows when the loader runs. Only a
+    // mapped executable without an interpreter is a static one.
+    let exe_is_dynamic = exe_map.is_none_or(|m| elf_facts(&m.map_file).is_some_and(|f| f.dynamic));
     if exe_is_dynamic
         || mapped.iter().any(|m| {
             basename(&m.path).starts_with("ld-linux") || basename(&m.path).starts_with("ld-")
