@@ -101,8 +101,11 @@ fn a_child_started_during_the_run_is_followed() {
     }
     // `sh` starts the demo as its child (no `exec`: the shell stays, waits, and the demo is a
     // process of its own) only after sampling has begun.
-    // The run ends when the command does; its duration is only a bound.
-    let spec = cpu_spec("30s", &["--frequency=199"]);
+    // The run ends when the command does; its duration is only a bound. The demo splits 10 ms
+    // cycles of its CPU time 70/25/5: at 199 Hz two samples fall in each cycle, at phases that
+    // drift through less than one cycle in its 1.5 s, so the shares would depend on the phase
+    // the samples started at. At 997 Hz ten samples a cycle cover it evenly.
+    let spec = cpu_spec("30s", &["--frequency=997"]);
     let demo_bin = toe_tests::bin("toe-demo");
     let cmd = format!("sleep 1; {} spin 1.5; true", demo_bin.display());
     let (outcome, sink) = profile(
