@@ -131,8 +131,9 @@ pub fn detect(pid: u32) -> std::io::Result<Allocator> {
     let exe_map = mapped
         .iter()
         .find(|m| m.path == exe.trim_end_matches(" (deleted)"));
-    if let Some(m) = exe_map {
-        let facts = elf_facts(&m.map_file).unwrap_or_default();
+    // Read once: the executable can be large, and its facts decide twice below.
+    let exe_facts = exe_map.map(|m| elf_facts(&m.map_file).unwrap_or_default());
+    if let (Some(m), Some(facts)) = (exe_map, &exe_facts) {
         if facts.go {
             return Ok(Allocator::Unsupported(format!(
                 "{} is a Go binary: the Go runtime allocates without malloc (use Go's own heap \
@@ -180,7 +181,7 @@ pub fn detect(pid: u32) -> std::io::Result<Allocator> {
     // The kernel maps the executable and its interpreter at exec (a read during the exec itself
     // can see neither, or the executable alone); libc follows when the loader runs. Only a
     // mapped executable without an interpreter is a static one.
-    let exe_is_dynamic = exe_map.is_none_or(|m| elf_facts(&m.map_file).is_some_and(|f| f.dynamic));
+    let exe_is_dynamic = exe_facts.as_ref().is_none_or(|f| f.dynamic);
     if exe_is_dynamic
         || mapped.iter().any(|m| {
             basename(&m.path).starts_with("ld-linux") || basename(&m.path).starts_with("ld-")
