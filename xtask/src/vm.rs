@@ -121,14 +121,11 @@ pub fn test(options: &Options) -> Result<()> {
             }
         };
         let started = Instant::now();
-        let outcome = boot_and_test(&kernel, &binaries, &options.filter);
+        let outcome = boot_and_test(series, &kernel, &binaries, &options.filter);
         let took = crate::minutes(started.elapsed());
         match outcome {
             Ok(summary) => {
-                let probe = root()
-                    .join("target/vm")
-                    .join(series.name())
-                    .join("probe.yaml");
+                let probe = out_dir(series).join("probe.yaml");
                 eprintln!(
                     "xtask: vm {}: the capability probe says:\n{}",
                     series.name(),
@@ -250,12 +247,7 @@ fn kernel(series: Series) -> Result<Kernel> {
     // The initramfs is rebuilt from the kept package whenever what goes into it changes.
     let initrd = dir.join(format!("initrd-{:016x}.cpio", initrd_version()));
     let image = dir.join("vmlinuz");
-    let deb = std::fs::read_dir(&dir).ok().and_then(|entries| {
-        entries
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-    });
+    let deb = kept_deb(&dir);
     if let (Ok(release), Some(_)) = (std::fs::read_to_string(dir.join("release")), &deb)
         && image.is_file()
         && initrd.is_file()
@@ -277,11 +269,7 @@ fn kernel(series: Series) -> Result<Kernel> {
             .current_dir(&dir)
             .args(["download", "-q", &package]))
         .with_context(|| format!("apt-get download {package} (is a Debian mirror reachable?)"))?;
-        std::fs::read_dir(&dir)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .context("apt-get download wrote no .deb")?
+        kept_deb(&dir).context("apt-get download wrote no .deb")?
     };
     let unpacked = dir.join("package");
     let _ = std::fs::remove_dir_all(&unpacked);
@@ -324,6 +312,20 @@ fn initrd_version() -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (INIT, MODULES).hash(&mut h);
     h.finish()
+}
+
+/// The kernel package downloaded into `dir`, if any.
+fn kept_deb(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+}
+
+/// Where the guest of `series` writes its logs, results and probe.
+fn out_dir(series: Series) -> PathBuf {
+    root().join("target/vm").join(series.name())
 }
 
 fn newest_package(series: Series) -> Result<String> {
@@ -626,12 +628,13 @@ fn shell_quote(s: &str) -> String {
 const CONTAINERS_CONF: &str = "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
                                [containers]\nlog_driver = \"k8s-file\"\n";
 
-fn boot_and_test(kernel: &Kernel, binaries: &[TestBinary], filter: &[String]) -> Result<Summary> {
-    let series = Series::ALL
-        .into_iter()
-        .find(|s| kernel.release.starts_with(&format!("{}.", s.name())))
-        .context("kernel series")?;
-    let out = root().join("target/vm").join(series.name());
+fn boot_and_test(
+    series: Series,
+    kernel: &Kernel,
+    binaries: &[TestBinary],
+    filter: &[String],
+) -> Result<Summary> {
+    let out = out_dir(series);
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
     std::fs::write(
