@@ -3,6 +3,7 @@
 
 use std::{
     io,
+    os::fd::AsFd as _,
     sync::{OnceLock, mpsc},
 };
 
@@ -220,6 +221,24 @@ impl Loaded {
             .into_iter()
             .filter(|&pid| crate::targets::running(pid))
             .count())
+    }
+
+    /// A handle of its own on the map of target process ids, for a thread that reads it while
+    /// the run goes on (the kernel adds the children it follows).
+    pub fn tgids_handle(&mut self) -> Result<HashMap<MapData, u32, u32>, LoadError> {
+        let name = TARGET_TGIDS_MAP;
+        let map_err = move |source| LoadError::Map { name, source };
+        let aya::maps::Map::HashMap(data) = self.map_mut(name)? else {
+            return Err(LoadError::Layout(format!("{name} is not a hash map")));
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+            map_err(MapError::from(aya::sys::SyscallError {
+                call: "dup",
+                io_error,
+            }))
+        })?;
+        let data = MapData::from_fd(fd).map_err(map_err)?;
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)
     }
 
     /// Target processes the kernel tracks by process id (given ones and their children).

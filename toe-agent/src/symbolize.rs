@@ -1,12 +1,15 @@
 //! Symbolization. User addresses are resolved through blazesym while their process lives (it reads
 //! `/proc/<pid>/maps` and the mapped files through `/proc/<pid>/map_files`, so containers work
-//! without entering their mount namespace); kernel addresses through kallsyms. An address that
-//! does not resolve keeps `module+0xoffset` and is counted as unresolved.
+//! without entering their mount namespace), and from the files and offsets [`images`] kept once
+//! it has exited; kernel addresses through kallsyms. An address that does not resolve keeps
+//! `module+0xoffset` and is counted as unresolved.
+
+pub mod images;
 
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
-    sync::{OnceLock, mpsc},
+    sync::{Arc, OnceLock, mpsc},
 };
 
 use blazesym::{
@@ -15,11 +18,13 @@ use blazesym::{
     symbolize::{
         CodeInfo, Symbolized, Symbolizer as Blaze,
         evict::{self, Evict},
-        source::{Kernel, Process, Source},
+        source::{Elf, Kernel, Process, Source},
     },
 };
 use toe_artifacts::profile::{Frame, FrameId, Stack};
 use toe_common::comm_to_string;
+
+use self::images::{Images, MappedFile, image_of};
 
 /// A stack as a collector reports it, before symbolization.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -136,15 +141,9 @@ pub struct Symbolizer {
     /// The executable (device, inode) each process had when its addresses were last
     /// resolved: an exec replaces the image under the same pid, and everything learned about
     /// the old one must go.
-    images: HashMap<u32, (u64, u64)>,
-}
-
-/// Device and inode of the file `/proc/<pid>/exe` points at.
-fn image_of(pid: u32) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+    exes: HashMap<u32, (u64, u64)>,
+    /// What target processes mapped, for those that exit before their addresses are resolved.
+    images: Arc<Images>,
 }
 
 impl Default for Symbolizer {
@@ -166,8 +165,16 @@ impl Symbolizer {
             user: HashMap::new(),
             kernel: HashMap::new(),
             process_names: HashMap::new(),
-            images: HashMap::new(),
+            exes: HashMap::new(),
+            images: Arc::default(),
         }
+    }
+
+    /// The mappings kept for this symbolizer; a [`images::Watcher`] fills them as processes
+    /// start.
+    #[must_use]
+    pub fn images(&self) -> Arc<Images> {
+        Arc::clone(&self.images)
     }
 }
 
@@ -178,11 +185,11 @@ fn chain_from(
     module: Option<String>,
 ) -> Option<Chain> {
     let sym = sym.as_sym()?;
-    let module = sym
-        .module
-        .as_ref()
-        .map(|m| m.to_string_lossy().into_owned())
-        .or(module);
+    let module = module.or_else(|| {
+        sym.module
+            .as_ref()
+            .map(|m| m.to_string_lossy().into_owned())
+    });
     let mut out = Vec::with_capacity(1 + sym.inlined.len());
     let (file, line) = file_of(sym.code_info.as_deref());
     out.push(frames.id(Frame {
@@ -209,6 +216,15 @@ fn chain_from(
     Some(out.into_boxed_slice())
 }
 
+/// How an address that did not resolve is named: its file's base name and the file offset,
+/// which `addr2line` or a later symbolization can take.
+fn offset_name(path: &str, offset: u64) -> String {
+    let base = Path::new(path)
+        .file_name()
+        .map_or_else(|| path.to_owned(), |b| b.to_string_lossy().into_owned());
+    format!("{base}+{offset:#x}")
+}
+
 fn unresolved(
     frames: &mut Interner,
     function: String,
@@ -227,7 +243,8 @@ fn unresolved(
 }
 
 impl Symbolizer {
-    /// Resolves the user addresses of `pid` not seen before. Must run while the process lives.
+    /// Resolves the user addresses of `pid` not seen before: through the process while it
+    /// lives, from its kept mappings once it has exited.
     fn resolve_user(&mut self, pid: u32, addrs: &[u64]) {
         let todo: Vec<u64> = addrs
             .iter()
@@ -235,6 +252,10 @@ impl Symbolizer {
             .filter(|a| !self.user.contains_key(&(pid, *a)))
             .collect();
         if todo.is_empty() {
+            return;
+        }
+        if !crate::targets::running(pid) {
+            self.resolve_exited(pid, &todo);
             return;
         }
         let src = Source::Process(Process::new(Pid::from(pid)));
@@ -281,16 +302,58 @@ impl Symbolizer {
                     _ => None,
                 }
             }) {
-                Some((off, path)) => {
-                    let base = Path::new(&path)
-                        .file_name()
-                        .map_or(path.clone(), |b| b.to_string_lossy().into_owned());
-                    (format!("{base}+{off:#x}"), Some(path))
-                }
+                Some((off, path)) => (offset_name(&path, off), Some(path)),
                 None => (format!("[unknown] {addr:#x}"), None),
             };
             let chain = unresolved(frames, name, module, false);
             user.insert((pid, addr), chain);
+        }
+    }
+
+    /// Resolves addresses of a process that has exited, from the files it had mapped.
+    fn resolve_exited(&mut self, pid: u32, addrs: &[u64]) {
+        /// (address, file offset) pairs found in one file.
+        type InFile = (Arc<MappedFile>, Vec<(u64, u64)>);
+        let mut per_file: HashMap<*const MappedFile, InFile> = HashMap::new();
+        for &addr in addrs {
+            if let Some((file, offset)) = self.images.locate(pid, addr) {
+                per_file
+                    .entry(Arc::as_ptr(&file))
+                    .or_insert_with(|| (file, Vec::new()))
+                    .1
+                    .push((addr, offset));
+            } else {
+                let chain = unresolved(
+                    &mut self.frames,
+                    format!("[unknown] {addr:#x}"),
+                    None,
+                    false,
+                );
+                self.user.insert((pid, addr), chain);
+            }
+        }
+        for (file, found) in per_file.into_values() {
+            let offsets: Vec<u64> = found.iter().map(|&(_, o)| o).collect();
+            let src = Source::Elf(Elf::new(file.open_path()));
+            let syms = self
+                .blaze
+                .symbolize(&src, blazesym::symbolize::Input::FileOffset(&offsets))
+                .ok();
+            for (i, &(addr, offset)) in found.iter().enumerate() {
+                let chain = syms
+                    .as_ref()
+                    .and_then(|s| s.get(i))
+                    .and_then(|s| chain_from(&mut self.frames, s, false, Some(file.path.clone())))
+                    .unwrap_or_else(|| {
+                        unresolved(
+                            &mut self.frames,
+                            offset_name(&file.path, offset),
+                            Some(file.path.clone()),
+                            false,
+                        )
+                    });
+                self.user.insert((pid, addr), chain);
+            }
         }
     }
 
@@ -344,11 +407,9 @@ impl Symbolizer {
             if let Some(name) = crate::targets::process_name(pid) {
                 self.process_names.insert(pid, name);
             }
+            self.images.observe(pid);
             if let Some(image) = image_of(pid)
-                && self
-                    .images
-                    .insert(pid, image)
-                    .is_some_and(|old| old != image)
+                && self.exes.insert(pid, image).is_some_and(|old| old != image)
             {
                 self.forget_process(pid);
             }
@@ -498,5 +559,54 @@ mod tests {
         );
         assert!(names[0].starts_with("[unknown]"), "{names:?}");
         assert_eq!(p.frame_counts(), (6, 3));
+    }
+
+    #[test]
+    fn a_process_that_exited_is_symbolized_from_what_it_had_mapped() {
+        // A forked copy of this test process: the same mappings, so this binary's functions
+        // are at the same addresses in it. It only sleeps (async-signal-safe) and is gone before
+        // its addresses are resolved.
+        // SAFETY: the child calls only async-signal-safe functions before `_exit`.
+        let child = match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => unsafe {
+                libc::sleep(30);
+                libc::_exit(0)
+            },
+            nix::unistd::ForkResult::Parent { child } => child,
+        };
+        let pid = u32::try_from(child.as_raw()).unwrap();
+        let mut s = Symbolizer::new();
+        s.images().observe(pid);
+        nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).expect("kill");
+        nix::sys::wait::waitpid(child, None).expect("wait");
+        assert!(!crate::targets::running(pid));
+        let addr = marker_function_for_symbolization as *const () as u64;
+        let key = RawKey {
+            pid,
+            thread: [0; 16],
+            kstack: Box::new([]),
+            ustack: vec![addr + 1, 0x10].into(),
+            user_leaf_is_return: false,
+        };
+        s.resolve(std::slice::from_ref(&key));
+        let stacks = s.stacks([(&key, vec![1])]);
+        let frames = s.frames();
+        let named: Vec<(&str, Option<&str>)> = stacks[0]
+            .frames
+            .iter()
+            .map(|&f| {
+                let f = &frames[f as usize];
+                (f.function.as_str(), f.module.as_deref())
+            })
+            .collect();
+        let (leaf, module) = named.last().copied().unwrap();
+        assert!(
+            leaf.contains("marker_function_for_symbolization"),
+            "{named:?}"
+        );
+        // Named by the path the process saw, not the descriptor it was read through.
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        assert_eq!(module, exe.to_str(), "{named:?}");
+        assert!(named[0].0.starts_with("[unknown]"), "{named:?}");
     }
 }

@@ -271,6 +271,15 @@ pub fn cgroup_dirs(root: &Path) -> Vec<(PathBuf, u32)> {
     out
 }
 
+/// Adds the processes of the cgroup `root` and of every cgroup below it (any cgroup version).
+pub fn cgroup_pids(root: &Path, out: &mut Vec<u32>) {
+    for (dir, _) in cgroup_dirs(root) {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+    }
+}
+
 /// Whether process `pid` exists and has not exited (a zombie has: only its parent's wait is
 /// left).
 #[must_use]

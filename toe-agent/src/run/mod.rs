@@ -2,7 +2,10 @@
 //! the target is gone or the user interrupts, then detach and write every artifact, including on
 //! an interruption (marked partial).
 
-use std::time::{Duration, Instant, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -17,7 +20,10 @@ use crate::{
     ebpf::{LoadError, Loaded},
     plan::RunPlan,
     sink::{ArtifactSink, SinkError},
-    symbolize::Symbolizer,
+    symbolize::{
+        Symbolizer,
+        images::{self, Images},
+    },
     targets::{self, HeldChild, ResolvedTarget, TargetError, TargetSpec},
     tools::{
         self, Artifact, Attach, Finish, Finished, Prepare, Tick, ToolRun,
@@ -142,6 +148,9 @@ struct Session {
     started: Instant,
     /// The kernel's monotonic clock at the start, which event timestamps use.
     started_ns: u64,
+    /// Keeps the mappings of target processes as they start, for those that exit before their
+    /// stacks are symbolized.
+    watcher: images::Watcher,
 }
 
 /// The tools a run drives: the PowerTool's own, then those alongside it; a terminate fault also
@@ -185,7 +194,7 @@ pub fn describe_fault(plan: &RunPlan) -> Result<Vec<String>, RunError> {
 }
 
 /// Resolves the target and attaches; the command (if any) runs from here on.
-fn start(plan: &RunPlan) -> Result<Session, RunError> {
+fn start(plan: &RunPlan, images: Arc<Images>) -> Result<Session, RunError> {
     // Everything that can be rejected is checked before anything is loaded or attached.
     let (target, child) = resolve_target(&plan.target)?;
     let cpus = aya::util::online_cpus().map_or(1, |c| u32::try_from(c.len()).unwrap_or(u32::MAX));
@@ -210,6 +219,15 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
             loaded.add_tgid(pid)?;
         }
     }
+    // Watching starts before the command is released, so its first image is seen.
+    let watcher = images::Watcher::spawn(
+        images,
+        images::Targets {
+            tgids: Some(loaded.tgids_handle()?),
+            cgroups: target.cgroups.iter().map(|c| c.path.clone()).collect(),
+        },
+    )
+    .map_err(LoadError::Thread)?;
     let mut attach = Attach {
         loaded: &mut loaded,
         target: &target,
@@ -240,6 +258,7 @@ fn start(plan: &RunPlan) -> Result<Session, RunError> {
         started_at: SystemTime::now(),
         started: Instant::now(),
         started_ns,
+        watcher,
     })
 }
 
@@ -497,11 +516,11 @@ pub async fn execute(
     if let Some(why) = *control.stop.borrow() {
         return Err(RunError::Stopped(why));
     }
-    let mut session = start(plan)?;
+    let mut symbolizer = Symbolizer::new();
+    let mut session = start(plan, symbolizer.images())?;
     if let Some(tx) = control.started.take() {
         let _ = tx.send(session.target.description.clone());
     }
-    let mut symbolizer = Symbolizer::new();
     let (ended, command_status) = sample(
         &mut session,
         &mut symbolizer,
@@ -520,9 +539,11 @@ pub async fn execute(
         started_at,
         started,
         started_ns,
+        watcher,
     } = session;
     // Stop collecting: dropping the object detaches every program and closes the perf events.
     drop(loaded);
+    drop(watcher);
     let stopped = Instant::now();
     let sampled_for = started.elapsed();
     let title = format!(

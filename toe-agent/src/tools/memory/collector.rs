@@ -3,7 +3,7 @@
 //! totals into heap and growth profiles.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     fs,
     num::NonZeroU32,
     path::{Path, PathBuf},
@@ -120,28 +120,6 @@ fn process_age_ms(pid: u32) -> Option<u64> {
     )]
     let now_ms = (uptime * 1000.0) as u64;
     Some(now_ms.saturating_sub(start_ticks * 1000 / hz))
-}
-
-/// Processes in `cgroups` and their descendant cgroups (any cgroup version).
-fn cgroup_pids(cgroups: &[CgroupTarget], out: &mut HashSet<u32>) {
-    fn walk(dir: &Path, out: &mut HashSet<u32>, depth: u32) {
-        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-            out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-        }
-        if depth > 32 {
-            return;
-        }
-        if let Ok(entries) = fs::read_dir(dir) {
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    walk(&e.path(), out, depth + 1);
-                }
-            }
-        }
-    }
-    for cg in cgroups {
-        walk(&cg.path, out, 0);
-    }
 }
 
 impl MemoryCollector {
@@ -498,10 +476,12 @@ fn detach_probes(loaded: &mut Loaded, links: Vec<(bool, UProbeLinkId)>) {
 /// The target's processes right now, for callers that need a list (RSS).
 #[must_use]
 pub fn target_pids(tgids: &[u32], cgroups: &[CgroupTarget]) -> Vec<u32> {
-    let mut set: HashSet<u32> = tgids.iter().copied().collect();
-    cgroup_pids(cgroups, &mut set);
-    let mut v: Vec<u32> = set.into_iter().collect();
+    let mut v = tgids.to_vec();
+    for cg in cgroups {
+        targets::cgroup_pids(&cg.path, &mut v);
+    }
     v.sort_unstable();
+    v.dedup();
     v
 }
 

@@ -1,0 +1,397 @@
+//! What each target process has mapped, kept after it exits.
+//!
+//! blazesym reads a process's mappings and files from procfs, which is gone once the process
+//! exits: a short-lived process (a shell's child, a job that runs a second) whose stacks reach
+//! the symbolizer after its exit would have only `[unknown]` frames. perf avoids this by
+//! recording every `mmap` in its event stream; TOE keeps the part it needs instead. A watcher
+//! thread looks at the target processes every [`WATCH_EVERY`] and, for one it has not seen (or
+//! one that has exec'd since), reads `/proc/<pid>/maps` and keeps each executable file mapping
+//! with the file itself held open (through `/proc/<pid>/map_files`, so a container's files are
+//! reached without entering its mount namespace, and a file deleted or replaced since stays
+//! the one that ran). Addresses of an exited process are then symbolized from its file and file
+//! offset.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+
+/// How often the watcher looks for new processes and execs.
+pub const WATCH_EVERY: Duration = Duration::from_millis(20);
+
+/// A process younger than this is checked for an exec at every look (a shell's child execs
+/// right after its fork); an older one every [`RECHECK_EVERY`], which bounds the cost per
+/// process on a node with many.
+const YOUNG: Duration = Duration::from_secs(2);
+const RECHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Bounds on what one run keeps: distinct files held open, and processes remembered. A
+/// process over the bound is symbolized while it lives, as without this cache.
+const MAX_FILES: usize = 4096;
+const MAX_PROCESSES: usize = 16_384;
+
+/// A file some target mapped executable, held open for as long as the run's symbolizer lives.
+#[derive(Debug)]
+pub struct MappedFile {
+    /// The path the process saw (inside its mount namespace): what the profile names.
+    pub path: String,
+    file: File,
+}
+
+impl MappedFile {
+    /// A path that opens the very file that was mapped, while this is held.
+    #[must_use]
+    pub fn open_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// One executable mapping: `[start, end)` maps the file from `offset` on.
+#[derive(Debug)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    file: Arc<MappedFile>,
+}
+
+/// A process's executable mappings at one moment, sorted by address.
+#[derive(Debug, Default)]
+struct Snapshot {
+    mappings: Vec<Mapping>,
+}
+
+impl Snapshot {
+    fn find(&self, addr: u64) -> Option<&Mapping> {
+        let i = self.mappings.partition_point(|m| m.start <= addr);
+        let m = self.mappings.get(i.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
+    }
+}
+
+/// One line of `/proc/<pid>/maps` that maps a file executable.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct MapsLine {
+    start: u64,
+    end: u64,
+    offset: u64,
+    /// (device, inode) of the file, as the kernel prints them.
+    file: (u64, u64),
+    path: String,
+}
+
+/// Parses the executable file mappings of a `maps` text. Anonymous, special (`[vdso]`) and
+/// non-executable mappings are left out: code addresses never fall in them, or blazesym has no
+/// file to read for them.
+fn parse_maps(text: &str) -> Vec<MapsLine> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(6, ' ');
+            let (range, perms, offset, dev, inode) = (
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+            );
+            let path = fields.next()?.trim_start();
+            if perms.as_bytes().get(2) != Some(&b'x') || !path.starts_with('/') {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            let (major, minor) = dev.split_once(':')?;
+            let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+            let dev = (hex(major)? << 20) | hex(minor)?;
+            let inode: u64 = inode.parse().ok()?;
+            (inode != 0).then_some(())?;
+            Some(MapsLine {
+                start: hex(start)?,
+                end: hex(end)?,
+                offset: hex(offset)?,
+                file: (dev, inode),
+                path: path.strip_suffix(" (deleted)").unwrap_or(path).to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Device and inode of the file `/proc/<pid>/exe` points at.
+#[must_use]
+pub fn image_of(pid: u32) -> Option<(u64, u64)> {
+    std::fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+#[derive(Debug)]
+struct Process {
+    /// Oldest first; an exec adds one, and stacks sampled before it still find theirs.
+    snapshots: Vec<Arc<Snapshot>>,
+    image: Option<(u64, u64)>,
+    first_seen: Instant,
+    checked: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    processes: HashMap<u32, Process>,
+    files: HashMap<(u64, u64), Arc<MappedFile>>,
+    /// Identical mappings (a forked child that has not exec'd) share one snapshot.
+    snapshots: HashMap<Vec<MapsLine>, Arc<Snapshot>>,
+}
+
+/// The mappings of every target process seen during one run. Shared between the watcher thread
+/// and the symbolizer.
+#[derive(Debug, Default)]
+pub struct Images {
+    state: Mutex<State>,
+}
+
+impl Images {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads `pid`'s mappings if it is new, or if it may have exec'd since they were read.
+    pub fn observe(&self, pid: u32) {
+        let now = Instant::now();
+        let image = {
+            let mut state = self.state();
+            let known = state.processes.len();
+            match state.processes.get_mut(&pid) {
+                Some(p) => {
+                    let young = now.duration_since(p.first_seen) < YOUNG;
+                    if !young && now.duration_since(p.checked) < RECHECK_EVERY {
+                        return;
+                    }
+                    p.checked = now;
+                    let image = image_of(pid);
+                    if image.is_none() || image == p.image {
+                        return;
+                    }
+                    image
+                }
+                None if known >= MAX_PROCESSES => return,
+                None => image_of(pid),
+            }
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            return;
+        };
+        let lines = parse_maps(&text);
+        if lines.is_empty() {
+            // A zombie, or a kernel thread: nothing to keep.
+            return;
+        }
+        let mut state = self.state();
+        let snapshot = if let Some(s) = state.snapshots.get(&lines) {
+            Arc::clone(s)
+        } else {
+            let mut mappings = Vec::with_capacity(lines.len());
+            for l in &lines {
+                if let Some(file) = state.file(pid, l) {
+                    mappings.push(Mapping {
+                        start: l.start,
+                        end: l.end,
+                        offset: l.offset,
+                        file,
+                    });
+                }
+            }
+            mappings.sort_by_key(|m| m.start);
+            let s = Arc::new(Snapshot { mappings });
+            state.snapshots.insert(lines, Arc::clone(&s));
+            s
+        };
+        let p = state.processes.entry(pid).or_insert_with(|| Process {
+            snapshots: Vec::new(),
+            image: None,
+            first_seen: now,
+            checked: now,
+        });
+        p.image = image;
+        p.checked = now;
+        if !p
+            .snapshots
+            .last()
+            .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
+        {
+            p.snapshots.push(snapshot);
+        }
+    }
+
+    /// The file and file offset `addr` had in `pid`, from the newest mappings that hold it.
+    #[must_use]
+    pub fn locate(&self, pid: u32, addr: u64) -> Option<(Arc<MappedFile>, u64)> {
+        let state = self.state();
+        let p = state.processes.get(&pid)?;
+        p.snapshots.iter().rev().find_map(|s| {
+            let m = s.find(addr)?;
+            Some((Arc::clone(&m.file), addr - m.start + m.offset))
+        })
+    }
+
+    /// Processes whose mappings are kept.
+    #[must_use]
+    pub fn processes(&self) -> usize {
+        self.state().processes.len()
+    }
+}
+
+impl State {
+    /// The open file behind one mapping, opened once per (device, inode) for the whole run.
+    fn file(&mut self, pid: u32, l: &MapsLine) -> Option<Arc<MappedFile>> {
+        if let Some(f) = self.files.get(&l.file) {
+            return Some(Arc::clone(f));
+        }
+        if self.files.len() >= MAX_FILES {
+            return None;
+        }
+        // map_files needs CAP_SYS_ADMIN (the agent has it); the root path is a fallback that
+        // reaches the same file unless it was replaced since.
+        let file = File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", l.start, l.end))
+            .or_else(|_| {
+                File::open(
+                    Path::new(&format!("/proc/{pid}/root")).join(l.path.trim_start_matches('/')),
+                )
+            })
+            .ok()?;
+        let f = Arc::new(MappedFile {
+            path: l.path.clone(),
+            file,
+        });
+        self.files.insert(l.file, Arc::clone(&f));
+        Some(f)
+    }
+}
+
+/// Looks at a run's target processes every [`WATCH_EVERY`] until dropped.
+pub struct Watcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Where the watcher finds the target processes: the kernel's own set of target process ids
+/// (given ones and the children it followed), and the processes of the target cgroups.
+pub struct Targets {
+    pub tgids: Option<BpfHashMap<MapData, u32, u32>>,
+    pub cgroups: Vec<PathBuf>,
+}
+
+impl Targets {
+    fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .tgids
+            .as_ref()
+            .map(|m| m.keys().flatten().collect())
+            .unwrap_or_default();
+        for root in &self.cgroups {
+            crate::targets::cgroup_pids(root, &mut pids);
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+}
+
+impl Watcher {
+    /// Starts watching `targets`; fails only when the thread cannot be started.
+    pub fn spawn(images: Arc<Images>, targets: Targets) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("toe-images".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        for pid in targets.pids() {
+                            images.observe(pid);
+                        }
+                        std::thread::park_timeout(WATCH_EVERY);
+                    }
+                })?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_keep_executable_files_only() {
+        let text = "\
+55d5c6a00000-55d5c6a2a000 r--p 00000000 fd:01 1311 /usr/bin/demo
+55d5c6a2a000-55d5c6b00000 r-xp 0002a000 fd:01 1311 /usr/bin/demo
+7f0000000000-7f0000021000 rw-p 00000000 00:00 0 
+7f1000000000-7f1000200000 r-xp 00028000 103:02 77 /lib/x86_64-linux-gnu/libc.so.6 (deleted)
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0                          [vdso]
+7f2000000000-7f2000001000 r-xp 00000000 00:05 12 /memfd:jit (deleted)
+";
+        let lines = parse_maps(text);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(lines[0].start, 0x55d5_c6a2_a000);
+        assert_eq!(lines[0].offset, 0x2a000);
+        assert_eq!(lines[0].file, ((0xfd << 20) | 1, 1311));
+        assert_eq!(lines[1].path, "/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!(lines[1].file, ((0x103 << 20) | 2, 77));
+        assert_eq!(lines[2].path, "/memfd:jit");
+    }
+
+    #[test]
+    fn an_exited_process_keeps_its_files_and_offsets() {
+        // A child that execs `sleep` and is gone before it is looked up.
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        let images = Images::default();
+        // Until the exec, the child is a copy of this test binary.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while image_of(pid) == image_of(std::process::id()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        images.observe(pid);
+        let maps = parse_maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap());
+        let text = maps
+            .iter()
+            .find(|l| l.offset > 0 && l.path.ends_with("sleep"))
+            .expect("sleep's code is mapped");
+        child.wait().expect("wait");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        let (file, off) = images
+            .locate(pid, text.start + 0x10)
+            .expect("kept after exit");
+        assert_eq!(off, text.offset + 0x10);
+        assert_eq!(file.path, text.path);
+        let held = std::fs::metadata(file.open_path()).expect("still open");
+        assert_eq!((held.ino(), held.len() > 0), (text.file.1, true));
+        assert!(images.locate(pid, 0x10).is_none());
+    }
+}
