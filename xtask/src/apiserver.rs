@@ -1,6 +1,9 @@
-//! A real kube-apiserver for the Kubernetes tests, built once per machine and cached.
+//! Real Kubernetes binaries for the tests, built once per machine and cached: kube-apiserver
+//! (the API server tests), and the rest of a node and control plane for `cargo xtask cluster`
+//! (kubelet, kube-controller-manager, kube-scheduler, kube-proxy, a matching kubectl, and the
+//! pause container's source).
 //!
-//! No registry reachable here ships kube-apiserver binaries, so it is built from Debian
+//! No registry reachable here ships Kubernetes binaries, so they are built from Debian
 //! bookworm's `kubernetes` source package (1.20, vendored, builds offline) with Debian's Go.
 //! Two vendored libraries crash under Go >= 1.18 on the first custom-object write; they are
 //! replaced by the fixed versions Debian packages. etcd is Debian's `etcd-server`.
@@ -13,12 +16,41 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{bootstrap::cache_dir, is_root, run};
+use crate::{
+    bootstrap::{cache_dir, installed},
+    is_root, run,
+};
 
 /// The built binary; the tests find it here (or through `TOE_KUBE_APISERVER`).
 #[must_use]
 pub fn binary() -> PathBuf {
-    cache_dir().join("kube/bin/kube-apiserver")
+    bin_dir().join("kube-apiserver")
+}
+
+/// Where every built binary is cached.
+#[must_use]
+pub fn bin_dir() -> PathBuf {
+    cache_dir().join("kube/bin")
+}
+
+/// What one `make` builds, all from the same tree.
+pub const BINARIES: &[&str] = &[
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
+    "kubectl",
+];
+
+/// Kubernetes' pause program (the sandbox container of every pod), kept from the source tree.
+#[must_use]
+pub fn pause_source() -> PathBuf {
+    bin_dir().join("pause.c")
+}
+
+fn all_built() -> bool {
+    BINARIES.iter().all(|b| bin_dir().join(b).exists()) && pause_source().exists()
 }
 
 const PACKAGES: &[&str] = &[
@@ -41,13 +73,6 @@ const REPLACED: &[(&str, &str)] = &[
         "/usr/share/gocode/src/github.com/json-iterator/go",
     ),
 ];
-
-fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-}
 
 /// A `deb-src` entry for the mirror the machine already uses for bookworm.
 fn ensure_deb_src() -> Result<()> {
@@ -81,11 +106,10 @@ fn ensure_deb_src() -> Result<()> {
         .context("apt-get update with the deb-src entry failed")
 }
 
-/// Builds and caches kube-apiserver unless it is there; installs etcd.
+/// Builds and caches the binaries unless they are there; installs etcd.
 pub fn ensure() -> Result<()> {
-    let bin = binary();
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if bin.exists() && missing.is_empty() {
+    if all_built() && missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
@@ -103,7 +127,7 @@ pub fn ensure() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))
         .with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
     }
-    if bin.exists() {
+    if all_built() {
         return Ok(());
     }
     ensure_deb_src()?;
@@ -112,9 +136,10 @@ pub fn ensure() -> Result<()> {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     eprintln!(
-        "bootstrap: building kube-apiserver 1.20 from Debian's kubernetes source package (once \
-         per machine, ~6 min; cached in {})",
-        bin.display()
+        "bootstrap: building Kubernetes 1.20 ({}) from Debian's kubernetes source package (once \
+         per machine, 5-9 min; cached in {})",
+        BINARIES.join(" "),
+        bin_dir().display()
     );
     run(Command::new("apt-get")
         .current_dir(&work)
@@ -132,27 +157,31 @@ pub fn ensure() -> Result<()> {
             .arg(tree.join(vendored)))
         .with_context(|| format!("replacing {vendored} with {fixed}"))?;
     }
-    run(Command::new("make")
+    let what: Vec<String> = BINARIES.iter().map(|b| format!("cmd/{b}")).collect();
+    run(Command::new("nice")
         .current_dir(&tree)
-        .arg("WHAT=cmd/kube-apiserver")
+        .args(["-n", "19", "make"])
+        .arg(format!("WHAT={}", what.join(" ")))
         .env("CGO_ENABLED", "0")
         .env("GOFLAGS", "-mod=vendor")
         .env("GOPROXY", "off")
         .env("GOCACHE", cache_dir().join("kube/gocache")))
-    .context("building kube-apiserver failed")?;
-    let built = [
-        "_output/bin/kube-apiserver",
-        "_output/local/bin/linux/amd64/kube-apiserver",
-    ]
-    .iter()
-    .map(|p| tree.join(p))
-    .find(|p| p.exists())
-    .context("make finished without a kube-apiserver binary")?;
-    fs::create_dir_all(bin.parent().expect("has a parent"))?;
-    let tmp = bin.with_extension("tmp");
-    fs::copy(&built, &tmp)?;
-    fs::rename(&tmp, &bin)?;
-    // 1.4 GB of sources and objects: only the binary is kept.
+    .context("building Kubernetes failed")?;
+    fs::create_dir_all(bin_dir())?;
+    for b in BINARIES {
+        let built = ["_output/bin", "_output/local/bin/linux/amd64"]
+            .iter()
+            .map(|d| tree.join(d).join(b))
+            .find(|p| p.exists())
+            .with_context(|| format!("make finished without a {b} binary"))?;
+        let bin = bin_dir().join(b);
+        let tmp = bin.with_extension("tmp");
+        fs::copy(&built, &tmp)?;
+        fs::rename(&tmp, &bin)?;
+    }
+    fs::copy(tree.join("build/pause/linux/pause.c"), pause_source())
+        .context("the source tree has no build/pause/linux/pause.c")?;
+    // ~3 GB of sources and objects: only the binaries are kept.
     let _ = fs::remove_dir_all(&work);
     let _ = fs::remove_dir_all(cache_dir().join("kube/gocache"));
     Ok(())

@@ -213,6 +213,15 @@ pub fn test_packages() -> Result<()> {
     apt_install(&missing)
 }
 
+/// Whether the Debian package `pkg` is installed.
+#[must_use]
+pub fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
 /// Installs Debian packages, or says how when this is not root.
 pub fn apt_install(missing: &[&str]) -> Result<()> {
     if !is_root() {

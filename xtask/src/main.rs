@@ -5,6 +5,7 @@ mod bench;
 mod bench_faults;
 mod bench_offcpu;
 mod bootstrap;
+mod cluster;
 mod crds;
 mod dist;
 mod vm;
@@ -55,6 +56,12 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// A real single-node Kubernetes 1.20 cluster (kubelet, containerd) on this machine, for
+    /// the tests that need one.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// The kernel test suites (collectors, faults) on other kernels with pure cgroup v2, each
     /// booted in an emulated VM (Debian's kernel packages, downloaded once and cached).
     VmTest {
@@ -74,6 +81,19 @@ enum Task {
         #[command(subcommand)]
         which: bench::Which,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Start it (building what it needs once) and wait until the node is Ready; fast and
+    /// harmless when it is already up.
+    Up,
+    /// Stop it and remove everything it made.
+    Down,
+    /// Each component's state and the node's; fails unless all are up.
+    Status,
+    /// Import OCI image archives into its containerd (no registry is involved).
+    Import { archives: Vec<PathBuf> },
 }
 
 #[must_use]
@@ -161,7 +181,8 @@ fn bootstrap_tests() -> Result<PathBuf> {
     bootstrap::action_validator()?;
     bootstrap::manifest_validator()?;
     bootstrap::s3_server()?;
-    apiserver::ensure()?;
+    // The API server tests' kube-apiserver, and everything the real cluster needs.
+    cluster::prepare()?;
     Ok(helm)
 }
 
@@ -317,6 +338,12 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::Cluster { action } => match action {
+            ClusterAction::Up => cluster::up(),
+            ClusterAction::Down => cluster::down(),
+            ClusterAction::Status => cluster::status(),
+            ClusterAction::Import { archives } => cluster::import(&archives),
+        },
         Task::VmTest {
             kernel,
             suite,

@@ -59,31 +59,13 @@ impl Series {
 /// root-only paths; and the agent's unit tests, which read this kernel's cgroup and proc files.
 const SUITES: &[&str] = &["cpu", "memory", "signals", "offcpu", "faults", "cli"];
 
-/// Tests that do not pass in the emulated VMs yet, each with why; the VM runs skip them by exact
-/// name (`cargo xtask vm-test -- NAME` still runs one). Everything else must pass there.
-const NOT_YET_IN_VMS: &[(&str, &str)] = &[
-    (
-        "a_child_started_during_the_run_is_followed",
-        "a child that lives 1.5 s exits before its stacks are symbolized when the run loop is held \
-         by a slow first symbolization (seconds under emulation): symbolization still needs the \
-         live process",
-    ),
-    (
-        "on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time",
-        "at 999 Hz the emulated timer delivers about 7% fewer cpu-clock samples than CPU time; \
-         the test allows 5%",
-    ),
-    (
-        "a_target_that_exits_mid_run_keeps_its_samples",
-        "its target spun 1 s, less than attaching takes under emulation; now 6 s in a VM, not \
-         yet seen passing there",
-    ),
-    (
-        "exact_mode_measures_the_leak_and_balances_the_rest",
-        "the allocator was read mid-exec and taken for a static binary; fixed on the host, not \
-         yet seen passing in a VM",
-    ),
-];
+/// Tests whose measurement the emulation itself distorts, each with why; the VM runs skip them
+/// by exact name (`cargo xtask vm-test -- NAME` still runs one). Everything else must pass there.
+const NOT_UNDER_EMULATION: &[(&str, &str)] = &[(
+    "on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time",
+    "at 999 Hz the emulated timer delivers about 7% fewer cpu-clock samples than CPU time; \
+     the test allows 5%",
+)];
 
 /// The modules the guest loads before it can mount the host's files: virtio over PCI, 9p over
 /// virtio, the overlay file system, and what these depend on.
@@ -596,7 +578,7 @@ fn guest_script(out: &Path, binaries: &[TestBinary], filter: &[String], series: 
     );
     let mut filter: Vec<String> = filter.iter().map(|f| shell_quote(f)).collect();
     if filter.is_empty() {
-        for (name, _) in NOT_YET_IN_VMS {
+        for (name, _) in NOT_UNDER_EMULATION {
             filter.extend(["--skip".into(), (*name).to_owned()]);
         }
         filter.push("--exact".into());
@@ -725,7 +707,7 @@ fn boot_and_test(
     let mut summary = summarize(&out, binaries);
     if filter.is_empty() {
         summary.skipped.extend(
-            NOT_YET_IN_VMS
+            NOT_UNDER_EMULATION
                 .iter()
                 .map(|(name, why)| format!("{name}: not yet in the VMs: {why}")),
         );
