@@ -131,7 +131,17 @@ fn a_child_started_during_the_run_is_followed() {
         .iter()
         .find(|(l, _)| l.contains("hot_loop") && !l.starts_with(&format!("sh ({shell})")))
         .and_then(|(l, _)| l.split(';').next())
-        .unwrap_or_else(|| panic!("the demo, a child of the command, was not followed: {by_pid:?}"))
+        .unwrap_or_else(|| {
+            let others: Vec<&(String, u64)> = lines
+                .iter()
+                .filter(|(l, _)| !l.starts_with(&format!("sh ({shell})")))
+                .take(8)
+                .collect();
+            panic!(
+                "the demo, a child of the command, was not followed: {by_pid:?}; stacks of \
+                 other processes: {others:#?}"
+            )
+        })
         .to_owned();
     let of_demo = |f: &str| -> u64 {
         lines
@@ -269,7 +279,15 @@ fn artifacts_agree_and_go_pprof_reads_them() {
     let folded_total: u64 = folded(&sink).iter().map(|(_, n)| n).sum();
     let map = sink.artifacts.lock().unwrap();
     let svg = std::str::from_utf8(&map["flamegraph.svg"]).unwrap();
-    let needle = format!("all ({folded_total} samples, 100%)");
+    // inferno groups digits by thousands ("1,049 samples").
+    let digits = folded_total.to_string();
+    let grouped: Vec<&str> = (0..digits.len())
+        .rev()
+        .step_by(3)
+        .map(|end| &digits[end.saturating_sub(2)..=end])
+        .collect();
+    let grouped: Vec<&str> = grouped.into_iter().rev().collect();
+    let needle = format!("all ({} samples, 100%)", grouped.join(","));
     assert!(
         svg.contains(&needle),
         "SVG total differs from folded total {folded_total}"
