@@ -6,6 +6,7 @@ use std::{io::Read as _, process::Command, time::Duration};
 use toe_agent::{run::Ended, targets::TargetSpec};
 use toe_tests::{
     TestCgroup, cpu_seconds, cpu_spec, demo, folded, profile, require_root, samples_by_pid,
+    target_pid,
 };
 
 #[test]
@@ -112,12 +113,7 @@ fn a_child_started_during_the_run_is_followed() {
         &spec,
         TargetSpec::Command(vec!["sh".into(), "-c".into(), cmd.into()]),
     );
-    let shell: u32 = outcome
-        .summary
-        .target
-        .rsplit_once("(pid ")
-        .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {:?}", outcome.summary.target));
+    let shell = target_pid(&outcome.summary.target);
     let lines = folded(&sink);
     let by_pid = samples_by_pid(&lines);
     assert!(

@@ -8,14 +8,14 @@ use serde_json::Value;
 use toe_agent::{run::Ended, sink::MemorySink, targets::TargetSpec};
 use toe_artifacts::summary::offcpu::OffcpuSummary;
 use toe_tests::{
-    TestCgroup, assert_rejected, bin, demo, folded_file, profile, require_root, samples_by_pid,
-    toe_run, tool_spec,
+    TestCgroup, assert_rejected, bin, demo, folded_file, profile, require_root, root_pid,
+    samples_by_pid, target_pid, toe_run, tool_spec,
 };
 
 /// Runs `toe-demo waits SECONDS` as a command target (held until every program is attached, so
 /// no wait begins unseen) under offcpu-profile with `args`; returns what the demo measured
-/// itself, the summary and the artifacts.
-fn profile_waits(secs: &str, args: &[&str]) -> (Value, OffcpuSummary, MemorySink) {
+/// itself, its pid, the summary and the artifacts.
+fn profile_waits(secs: &str, args: &[&str]) -> (Value, u32, OffcpuSummary, MemorySink) {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("waits.json");
     let (outcome, sink) = profile(
@@ -30,17 +30,21 @@ fn profile_waits(secs: &str, args: &[&str]) -> (Value, OffcpuSummary, MemorySink
     assert_eq!(outcome.ended, Ended::CommandExited(0));
     let truth: Value =
         serde_json::from_slice(&std::fs::read(&out).expect("the demo's result")).expect("json");
+    let pid = target_pid(&outcome.summary.target);
     let summary = outcome.summary.offcpu.expect("an off-CPU section");
-    (truth, summary, sink)
+    (truth, pid, summary, sink)
 }
 
-/// Off-CPU nanoseconds per reason frame of the folded lines through `function`.
-fn by_reason(lines: &[(String, u64)], function: &str) -> BTreeMap<String, u64> {
+/// Off-CPU nanoseconds per reason frame of the folded lines of process `pid` through
+/// `function`. Only the demo's own threads: a vfork child runs in its parent's memory, so its
+/// stack passes through the parent's function too, but its wait is its own.
+fn by_reason(lines: &[(String, u64)], pid: u32, function: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for (stack, ns) in lines {
-        if stack
-            .split(';')
-            .any(|f| f.trim_end_matches("_[i]") == function)
+        if root_pid(stack) == Some(pid)
+            && stack
+                .split(';')
+                .any(|f| f.trim_end_matches("_[i]") == function)
         {
             let reason = stack.split(';').nth(1).expect("reason frame").to_owned();
             *out.entry(reason).or_insert(0) += ns;
@@ -64,7 +68,7 @@ fn each_wait_is_timed_per_function_with_its_reason() {
     if !require_root("each_wait_is_timed_per_function_with_its_reason") {
         return;
     }
-    let (truth, s, sink) = profile_waits("3", &[]);
+    let (truth, pid, s, sink) = profile_waits("3", &[]);
     let lines = folded_file(&sink, "offcpu.folded");
     let cases = [
         ("toe_demo::waits::sleep_waits", "sleep_waits", "blocked"),
@@ -78,7 +82,7 @@ fn each_wait_is_timed_per_function_with_its_reason() {
     ];
     for (function, key, reason) in cases {
         let waited = truth[key]["waited_ns"].as_u64().expect("waited_ns");
-        let reasons = by_reason(&lines, function);
+        let reasons = by_reason(&lines, pid, function);
         let total: u64 = reasons.values().sum();
         within(total, waited, 0.05, function);
         // Nearly all of it in the expected state: the rest is the moments after each wakeup
@@ -148,7 +152,7 @@ fn on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time() {
     if !require_root("on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time") {
         return;
     }
-    let (truth, s, sink) = profile_waits("3", &["--wall=true", "--frequency=999"]);
+    let (truth, _, s, sink) = profile_waits("3", &["--wall=true", "--frequency=999"]);
     let lines = folded_file(&sink, "wall.folded");
     // The `mixed` thread burns CPU in mixed_burn and sleeps in mixed_sleep, nothing else.
     let mixed: u64 = lines

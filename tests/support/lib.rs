@@ -346,16 +346,31 @@ pub fn folded_file(sink: &MemorySink, file: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The process id in a run's target description (`... (pid N)`).
+#[must_use]
+pub fn target_pid(description: &str) -> u32 {
+    description
+        .rsplit_once("(pid ")
+        .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {description:?}"))
+}
+
+/// The pid of a folded line's root frame `name (pid)`.
+#[must_use]
+pub fn root_pid(stack: &str) -> Option<u32> {
+    stack
+        .split(';')
+        .next()?
+        .rsplit_once('(')
+        .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
+}
+
 /// Samples per pid, from the folded root frames `name (pid)`.
 #[must_use]
 pub fn samples_by_pid(folded: &[(String, u64)]) -> std::collections::BTreeMap<u32, u64> {
     let mut out = std::collections::BTreeMap::new();
     for (stack, n) in folded {
-        let root = stack.split(';').next().expect("root");
-        let pid = root
-            .rsplit_once('(')
-            .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
-            .expect("pid in root");
+        let pid = root_pid(stack).expect("pid in root");
         *out.entry(pid).or_insert(0) += n;
     }
     out
