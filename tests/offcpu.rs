@@ -135,8 +135,14 @@ fn each_wait_is_timed_per_function_with_its_reason() {
         s.top_waits
             .iter()
             .any(|w| w.function.ends_with("sleep_waits") && w.reason == "blocked"),
-        "{:?}",
-        s.top_waits
+        "{:?}\nheaviest stacks: {:#?}",
+        s.top_waits,
+        {
+            let mut heavy = lines.clone();
+            heavy.sort_by_key(|l| std::cmp::Reverse(l.1));
+            heavy.truncate(8);
+            heavy
+        }
     );
     assert!(s.wall.is_none());
     for file in ["offcpu.svg", "offcpu.pb.gz"] {

@@ -264,6 +264,7 @@ impl Symbolizer {
             frames,
             user,
             normalizer,
+            images,
             ..
         } = self;
         let syms = blaze
@@ -271,10 +272,14 @@ impl Symbolizer {
             .ok();
         let mut failed = Vec::new();
         for (i, &addr) in todo.iter().enumerate() {
+            // The path the process mapped, as kept: blazesym caches one parser per file, and
+            // names the module after whichever path opened it first (a descriptor path, when
+            // an exited process's addresses were resolved first).
+            let module = images.locate(pid, addr).map(|(f, _)| f.path.clone());
             let chain = syms
                 .as_ref()
                 .and_then(|s| s.get(i))
-                .and_then(|s| chain_from(frames, s, false, None));
+                .and_then(|s| chain_from(frames, s, false, module));
             match chain {
                 Some(c) => {
                     user.insert((pid, addr), c);
@@ -608,5 +613,15 @@ mod tests {
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
         assert_eq!(module, exe.to_str(), "{named:?}");
         assert!(named[0].0.starts_with("[unknown]"), "{named:?}");
+        // The same file in a live process (this one) keeps its own path, though blazesym's
+        // parser of it was opened through a descriptor path above.
+        let me = std::process::id();
+        s.images().observe(me);
+        let live = RawKey { pid: me, ..key };
+        s.resolve(std::slice::from_ref(&live));
+        let stacks = s.stacks([(&live, vec![1])]);
+        let frames = s.frames();
+        let leaf = &frames[*stacks[0].frames.last().unwrap() as usize];
+        assert_eq!(leaf.module.as_deref(), exe.to_str(), "{leaf:?}");
     }
 }

@@ -107,11 +107,11 @@ const PACKAGES: &[&str] = &[
     "buildah",
 ];
 
-/// Where the cluster keeps its state (`TOE_CLUSTER_DIR`, default `/tmp/toe-cluster`).
+/// Where the cluster keeps its state (`TOE_CLUSTER_DIR`, default `/var/tmp/toe-cluster`).
 #[must_use]
 pub fn state_dir() -> PathBuf {
     std::env::var_os("TOE_CLUSTER_DIR")
-        .map_or_else(|| PathBuf::from("/tmp/toe-cluster"), PathBuf::from)
+        .map_or_else(|| PathBuf::from("/var/tmp/toe-cluster"), PathBuf::from)
 }
 
 /// The administrator's kubeconfig while the cluster is up.
@@ -1193,6 +1193,39 @@ fn remove_empty_dirs(dir: &Path) {
         }
     }
     let _ = fs::remove_dir(dir);
+}
+
+/// Runs the cluster suite (`tests/cluster.rs`, ignored in the ordinary run) on a cluster
+/// started for it, with the release images and chart from `dist`; takes the cluster down after,
+/// whatever the result.
+pub fn test(dist: &Path, helm: &Path) -> Result<()> {
+    up()?;
+    let result = (|| {
+        let v = crate::dist::version();
+        import(&[
+            dist.join(format!("toe-operator-{v}.oci.tar")),
+            dist.join(format!("toe-agent-{v}.oci.tar")),
+        ])?;
+        run(Command::new("cargo")
+            .current_dir(crate::root())
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "toe-tests",
+                "--test",
+                "cluster",
+                "--",
+                "--ignored",
+            ])
+            .env("TOE_CLUSTER_KUBECONFIG", kubeconfig())
+            .env("TOE_KUBECTL", kubectl())
+            .env("TOE_HELM", helm)
+            .env("TOE_REQUIRE_ROOT_TESTS", "1"))
+        .context("the cluster suite failed")
+    })();
+    let down = down();
+    result.and(down)
 }
 
 /// Prints each component's state and the node's; fails unless all are up.

@@ -267,7 +267,7 @@ fn test(extra: &[String]) -> Result<()> {
     }
     c.env("TOE_BIN_DIR", root().join("target/release"));
     c.env("TOE_KUBE_APISERVER", apiserver::binary());
-    c.env("TOE_HELM", helm);
+    c.env("TOE_HELM", &helm);
     c.env("TOE_ACTION_VALIDATOR", bootstrap::action_validator_path());
     c.env("TOE_S3_SERVER", bootstrap::s3_server_path());
     // An S3 client without credentials asks the cloud's instance-metadata address; in the tests
@@ -304,6 +304,9 @@ fn test(extra: &[String]) -> Result<()> {
                 dist::build(&out)?;
                 dist::check(&out).context("cargo xtask dist --check")
             })?;
+            // TOE as a cluster runs it: the packaged chart and the release images just
+            // checked, on a real kubelet and containerd node.
+            stages.run("real cluster", || cluster::test(&out, &helm))?;
         } else {
             eprintln!("xtask: not root: skipping the release artifacts' check (images need root)");
         }
