@@ -185,10 +185,12 @@ fn chain_from(
     module: Option<String>,
 ) -> Option<Chain> {
     let sym = sym.as_sym()?;
+    // A descriptor path is how this process opened a kept file, not a name for it.
     let module = module.or_else(|| {
         sym.module
             .as_ref()
             .map(|m| m.to_string_lossy().into_owned())
+            .filter(|m| !m.starts_with("/proc/self/fd/"))
     });
     let mut out = Vec::with_capacity(1 + sym.inlined.len());
     let (file, line) = file_of(sym.code_info.as_deref());
@@ -257,6 +259,9 @@ impl Symbolizer {
         if !crate::targets::running(pid) {
             self.resolve_exited(pid, &todo);
             return;
+        }
+        if todo.iter().any(|&a| self.images.locate(pid, a).is_none()) {
+            self.images.refresh(pid);
         }
         let src = Source::Process(Process::new(Pid::from(pid)));
         let Self {

@@ -28,9 +28,10 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 /// How often the watcher looks for new processes and execs.
 pub const WATCH_EVERY: Duration = Duration::from_millis(20);
 
-/// A process younger than this is checked for an exec at every look (a shell's child execs
-/// right after its fork); an older one every [`RECHECK_EVERY`], which bounds the cost per
-/// process on a node with many.
+/// A process whose mappings changed less than this ago has them read again at every look (a
+/// shell's child execs right after its fork, and the dynamic loader then maps its libraries);
+/// one settled longer is checked for an exec every [`RECHECK_EVERY`], which bounds the cost
+/// per process on a node with many.
 const YOUNG: Duration = Duration::from_secs(2);
 const RECHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -38,6 +39,9 @@ const RECHECK_EVERY: Duration = Duration::from_millis(500);
 /// process over the bound is symbolized while it lives, as without this cache.
 const MAX_FILES: usize = 4096;
 const MAX_PROCESSES: usize = 16_384;
+/// Distinct mapping sets shared between processes, and snapshots kept per process.
+const MAX_SNAPSHOTS: usize = 65_536;
+const HISTORY: usize = 32;
 
 /// A file some target mapped executable, held open for as long as the run's symbolizer lives.
 #[derive(Debug)]
@@ -137,7 +141,8 @@ struct Process {
     /// Oldest first; an exec adds one, and stacks sampled before it still find theirs.
     snapshots: Vec<Arc<Snapshot>>,
     image: Option<(u64, u64)>,
-    first_seen: Instant,
+    /// When its mappings were last found changed (or first read).
+    changed: Instant,
     checked: Instant,
 }
 
@@ -163,21 +168,33 @@ impl Images {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Reads `pid`'s mappings if it is new, or if it may have exec'd since they were read.
+    /// Reads `pid`'s mappings if it is new, if they changed lately (a process that has just
+    /// exec'd is still mapping its libraries), or if it may have exec'd since they were read.
     pub fn observe(&self, pid: u32) {
+        self.look(pid, false);
+    }
+
+    /// Reads `pid`'s mappings now: an address of it fell outside every mapping kept (a
+    /// library loaded since, or mappings read mid-exec).
+    pub fn refresh(&self, pid: u32) {
+        self.look(pid, true);
+    }
+
+    fn look(&self, pid: u32, now_please: bool) {
         let now = Instant::now();
         let image = {
             let mut state = self.state();
             let known = state.processes.len();
             match state.processes.get_mut(&pid) {
                 Some(p) => {
-                    let young = now.duration_since(p.first_seen) < YOUNG;
-                    if !young && now.duration_since(p.checked) < RECHECK_EVERY {
+                    // Young: its mappings changed less than YOUNG ago, so they may still.
+                    let young = now.duration_since(p.changed) < YOUNG;
+                    if !now_please && !young && now.duration_since(p.checked) < RECHECK_EVERY {
                         return;
                     }
                     p.checked = now;
                     let image = image_of(pid);
-                    if image.is_none() || image == p.image {
+                    if image.is_none() || (!now_please && !young && image == p.image) {
                         return;
                     }
                     image
@@ -211,13 +228,15 @@ impl Images {
             }
             mappings.sort_by_key(|m| m.start);
             let s = Arc::new(Snapshot { mappings });
-            state.snapshots.insert(lines, Arc::clone(&s));
+            if state.snapshots.len() < MAX_SNAPSHOTS {
+                state.snapshots.insert(lines, Arc::clone(&s));
+            }
             s
         };
         let p = state.processes.entry(pid).or_insert_with(|| Process {
             snapshots: Vec::new(),
             image: None,
-            first_seen: now,
+            changed: now,
             checked: now,
         });
         p.image = image;
@@ -227,6 +246,11 @@ impl Images {
             .last()
             .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
         {
+            p.changed = now;
+            if p.snapshots.len() >= HISTORY {
+                // The first (what it started as) and the newest stay.
+                p.snapshots.remove(1);
+            }
             p.snapshots.push(snapshot);
         }
     }

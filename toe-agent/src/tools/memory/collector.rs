@@ -243,8 +243,9 @@ impl MemoryCollector {
         {
             return Ok(());
         }
-        if exe.is_none() && !self.processes.contains_key(&pid) {
-            // Gone already, or a kernel thread.
+        if exe.is_none() {
+            // Gone already, exiting (a zombie has no exe either), or a kernel thread: what was
+            // found about it stays as it was; an exiting process did not stop being tracked.
             return Ok(());
         }
         let name = targets::process_name(pid).unwrap_or_default();
