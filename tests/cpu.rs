@@ -128,11 +128,12 @@ fn a_child_started_during_the_run_is_followed() {
         .find(|(l, _)| l.contains("hot_loop") && !l.starts_with(&format!("sh ({shell})")))
         .and_then(|(l, _)| l.split(';').next())
         .unwrap_or_else(|| {
-            let others: Vec<&(String, u64)> = lines
+            let mut others: Vec<&(String, u64)> = lines
                 .iter()
                 .filter(|(l, _)| !l.starts_with(&format!("sh ({shell})")))
-                .take(8)
                 .collect();
+            others.sort_by_key(|l| std::cmp::Reverse(l.1));
+            others.truncate(8);
             panic!(
                 "the demo, a child of the command, was not followed: {by_pid:?}; stacks of \
                  other processes: {others:#?}"

@@ -158,7 +158,15 @@ fn on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time() {
     if !require_root("on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time") {
         return;
     }
-    let (truth, _, s, sink) = profile_waits("3", &["--wall=true", "--frequency=999"]);
+    // An emulated CPU's timer fires late, and a cpu-clock event that fires once for several of
+    // its periods records one sample: at 999 Hz about 7% of the on-CPU time goes missing there.
+    // 199 Hz has periods long enough for the lateness, and the same claim holds.
+    let frequency = if toe_tests::emulated() {
+        "--frequency=199"
+    } else {
+        "--frequency=999"
+    };
+    let (truth, _, s, sink) = profile_waits("3", &["--wall=true", frequency]);
     let lines = folded_file(&sink, "wall.folded");
     // The `mixed` thread burns CPU in mixed_burn and sleeps in mixed_sleep, nothing else.
     let mixed: u64 = lines

@@ -194,7 +194,7 @@ pub fn describe_fault(plan: &RunPlan) -> Result<Vec<String>, RunError> {
 }
 
 /// Resolves the target and attaches; the command (if any) runs from here on.
-fn start(plan: &RunPlan, images: Arc<Images>) -> Result<Session, RunError> {
+fn start(plan: &RunPlan, images: &Arc<Images>) -> Result<Session, RunError> {
     // Everything that can be rejected is checked before anything is loaded or attached.
     let (target, child) = resolve_target(&plan.target)?;
     let cpus = aya::util::online_cpus().map_or(1, |c| u32::try_from(c.len()).unwrap_or(u32::MAX));
@@ -221,7 +221,7 @@ fn start(plan: &RunPlan, images: Arc<Images>) -> Result<Session, RunError> {
     }
     // Watching starts before the command is released, so its first image is seen.
     let watcher = images::Watcher::spawn(
-        images,
+        Arc::clone(images),
         images::Targets {
             tgids: Some(loaded.tgids_handle()?),
             cgroups: target.cgroups.iter().map(|c| c.path.clone()).collect(),
@@ -233,6 +233,7 @@ fn start(plan: &RunPlan, images: Arc<Images>) -> Result<Session, RunError> {
         target: &target,
         held_pid: child.as_ref().map(|c| c.pid),
         run_id: &plan.run_id,
+        images,
     };
     let mut works = Vec::new();
     for tool in tools {
@@ -517,7 +518,7 @@ pub async fn execute(
         return Err(RunError::Stopped(why));
     }
     let mut symbolizer = Symbolizer::new();
-    let mut session = start(plan, symbolizer.images())?;
+    let mut session = start(plan, &symbolizer.images())?;
     if let Some(tx) = control.started.take() {
         let _ = tx.send(session.target.description.clone());
     }

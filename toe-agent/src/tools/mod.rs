@@ -8,7 +8,7 @@ pub mod memory;
 pub mod offcpu;
 pub mod signals;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use toe_artifacts::{
@@ -24,7 +24,7 @@ use toe_common::api::ToolOptions;
 use crate::{
     ebpf::Loaded,
     run::RunError,
-    symbolize::Symbolizer,
+    symbolize::{Symbolizer, images::Images},
     targets::{ResolvedTarget, TargetSpec},
 };
 
@@ -76,6 +76,9 @@ pub struct Attach<'a> {
     /// A command TOE started and holds until every tool is attached.
     pub held_pid: Option<u32>,
     pub run_id: &'a str,
+    /// The run's kept mappings: a collector that sees processes first (a ring reader) has
+    /// them read at first sight.
+    pub images: &'a Arc<Images>,
 }
 
 /// What a tool sees on every tick of the sampling loop.

@@ -28,8 +28,11 @@ use toe_common::{
     },
 };
 
-use crate::ebpf::{LoadError, Loaded};
 pub use crate::symbolize::RawKey;
+use crate::{
+    ebpf::{LoadError, Loaded},
+    symbolize::images::Images,
+};
 
 /// What the collector received, before symbolization.
 #[derive(Debug, Default)]
@@ -115,7 +118,7 @@ struct Reader {
 }
 
 impl Reader {
-    fn spawn(mut ring: RingBuf<MapData>) -> Self {
+    fn spawn(mut ring: RingBuf<MapData>, images: Arc<Images>) -> Self {
         let received = Arc::new(Mutex::new(RawProfile::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -127,7 +130,21 @@ impl Reader {
                         // Read the flag first: the last pass then drains what was there when
                         // the owner asked to stop.
                         let last = stop.load(Ordering::Acquire);
-                        drain_ring(&mut ring, &mut lock(&received));
+                        let mut seen = Vec::new();
+                        {
+                            let mut received = lock(&received);
+                            let before = received.new_keys.len();
+                            drain_ring(&mut ring, &mut received);
+                            seen.extend(received.new_keys[before..].iter().map(|k| k.pid));
+                        }
+                        // A process seen in a sample has its mappings read now, while it
+                        // surely lives: the watcher may be late on a busy machine, and a
+                        // short-lived process can be gone before the run loop symbolizes it.
+                        seen.sort_unstable();
+                        seen.dedup();
+                        for pid in seen {
+                            images.observe(pid);
+                        }
                         if last {
                             break;
                         }
@@ -184,7 +201,11 @@ pub struct CpuCollector {
 
 impl CpuCollector {
     /// Loads the sampler and attaches it to every online CPU. Target maps must already be set.
-    pub fn attach(loaded: &mut Loaded, opts: &CpuProfileOptions) -> Result<Self, LoadError> {
+    pub fn attach(
+        loaded: &mut Loaded,
+        opts: &CpuProfileOptions,
+        images: &Arc<Images>,
+    ) -> Result<Self, LoadError> {
         let map_err = |name| move |source| LoadError::Map { name, source };
         {
             let mut config: Array<&mut MapData, CpuConfig> =
@@ -236,7 +257,7 @@ impl CpuCollector {
             })?;
         }
         Ok(Self {
-            reader: Reader::spawn(ring),
+            reader: Reader::spawn(ring, Arc::clone(images)),
             counters,
             cpus,
         })

@@ -38,7 +38,7 @@ impl Tool for Cpu {
     fn attach(self: Box<Self>, cx: &mut Attach<'_>) -> Result<Box<dyn ToolRun>, RunError> {
         Ok(Box::new(CpuRun {
             opts: self.opts,
-            collector: CpuCollector::attach(cx.loaded, &self.opts)?,
+            collector: CpuCollector::attach(cx.loaded, &self.opts, cx.images)?,
             raw: RawProfile::default(),
             received: Vec::new(),
         }))

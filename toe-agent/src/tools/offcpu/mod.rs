@@ -118,7 +118,11 @@ impl Tool for Offcpu {
 
     fn attach(self: Box<Self>, cx: &mut Attach<'_>) -> Result<Box<dyn ToolRun>, RunError> {
         let sampler = if self.opts.wall {
-            Some(CpuCollector::attach(cx.loaded, &self.cpu_options())?)
+            Some(CpuCollector::attach(
+                cx.loaded,
+                &self.cpu_options(),
+                cx.images,
+            )?)
         } else {
             None
         };
