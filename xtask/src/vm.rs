@@ -60,9 +60,12 @@ impl Series {
 const SUITES: &[&str] = &["cpu", "memory", "signals", "offcpu", "faults", "cli"];
 
 /// Tests whose measurement the emulation itself distorts, each with why; the VM runs skip them
-/// by exact name (`cargo xtask vm-test -- NAME` still runs one). None today: a test whose
-/// workload is too slow under emulation stretches it there instead.
-const NOT_UNDER_EMULATION: &[(&str, &str)] = &[];
+/// by exact name (`cargo xtask vm-test -- NAME` still runs one). Everything else must pass there.
+const NOT_UNDER_EMULATION: &[(&str, &str)] = &[(
+    "on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time",
+    "its thread burns 20 ms per 50 ms by the clock; two emulated CPUs shared with the other \
+     tests' workloads sometimes give it under 30% of its wall time, below the test's bound",
+)];
 
 /// The modules the guest loads before it can mount the host's files: virtio over PCI, 9p over
 /// virtio, the overlay file system, and what these depend on.
