@@ -43,7 +43,7 @@ const NO_EGRESS: &str = "toe-cluster-no-egress";
 /// Not etcd's usual 2379/2380: a system etcd (or the API server tests') may hold those.
 const ETCD_PORT: u16 = 12379;
 const ETCD_PEER_PORT: u16 = 12380;
-pub const API_PORT: u16 = 6443;
+const API_PORT: u16 = 6443;
 /// Every port a component listens on; `up` refuses to start when one is taken.
 const PORTS: &[u16] = &[
     API_PORT,
@@ -59,8 +59,8 @@ const PORTS: &[u16] = &[
 /// 1.20 serves `pods/ephemeralcontainers` only behind this gate.
 const FEATURES: &str = "EphemeralContainers=true";
 /// Names under `localhost/` are never pulled: both images are built here.
-pub const PAUSE_IMAGE: &str = "localhost/pause:3.4";
-pub const BUSYBOX_IMAGE: &str = "localhost/busybox:1.35";
+const PAUSE_IMAGE: &str = "localhost/pause:3.4";
+const BUSYBOX_IMAGE: &str = "localhost/busybox:1.35";
 /// The components, in start order; `down` stops them in the order that lets kubelet tear its
 /// pods down first.
 const COMPONENTS: &[&str] = &[

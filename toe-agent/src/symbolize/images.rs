@@ -265,12 +265,6 @@ impl Images {
             Some((Arc::clone(&m.file), addr - m.start + m.offset))
         })
     }
-
-    /// Processes whose mappings are kept.
-    #[must_use]
-    pub fn processes(&self) -> usize {
-        self.state().processes.len()
-    }
 }
 
 impl State {
