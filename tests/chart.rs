@@ -269,6 +269,19 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
     for cap in ["BPF", "PERFMON", "SYS_PTRACE", "KILL"] {
         assert!(caps.iter().any(|c| c == cap), "agent lacks {cap}: {caps:?}");
     }
+    // RLIMIT_MEMLOCK matters only before Linux 5.11, and some runtimes refuse SYS_RESOURCE:
+    // an admin adds it for old kernels.
+    assert!(!caps.iter().any(|c| c == "SYS_RESOURCE"), "{caps:?}");
+    let old_kernels = documents(&render(
+        &helm,
+        &["--set", "agent.extraCapabilities={SYS_RESOURCE}"],
+    ));
+    let added = strings(
+        &find(&old_kernels, "DaemonSet", "toe-agent")["spec"]["template"]["spec"]["containers"][0]
+            ["securityContext"]["capabilities"]["add"],
+    );
+    assert_eq!(added.len(), caps.len() + 1);
+    assert_eq!(added.last().map(String::as_str), Some("SYS_RESOURCE"));
     let mounts: Vec<(String, bool)> = container["volumeMounts"]
         .as_array()
         .unwrap()
@@ -430,6 +443,10 @@ fn the_chart_lints_renders_and_validates_with_default_and_test_values() {
         ),
         ("configs.nosuch.enabled=true", "configs"),
         ("agent.uploadTimeout=soon", "agent.uploadTimeout"),
+        (
+            "agent.extraCapabilities={sys_resource}",
+            "agent.extraCapabilities.0: Does not match pattern",
+        ),
     ] {
         let (ok, _, err) = run_helm(
             &helm,

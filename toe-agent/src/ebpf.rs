@@ -54,6 +54,63 @@ pub enum LoadError {
     Layout(String),
     #[error("starting a collector thread: {0}")]
     Thread(#[source] io::Error),
+    #[error(
+        "this kernel ({kernel}) charges eBPF maps to RLIMIT_MEMLOCK and the limit could not be \
+         raised ({why}); grant CAP_SYS_RESOURCE (the chart's agent.extraCapabilities: \
+         [SYS_RESOURCE]) or raise the limit before starting toe"
+    )]
+    Memlock { kernel: String, why: String },
+}
+
+/// How this kernel accounts eBPF map memory, and what was done about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Memlock {
+    /// Linux 5.11+ charges maps to the memory cgroup; RLIMIT_MEMLOCK plays no part, so the
+    /// agent needs no CAP_SYS_RESOURCE.
+    Cgroup,
+    /// An older kernel counts map memory against RLIMIT_MEMLOCK, whose default (8 MiB or
+    /// less) is smaller than a profile's ring buffers; the limit was raised to unlimited.
+    Raised,
+    /// An older kernel, and raising the limit was refused (no CAP_SYS_RESOURCE).
+    Refused(String),
+}
+
+/// Whether kernel `release` (as `uname -r` prints it) counts eBPF memory against
+/// RLIMIT_MEMLOCK: every kernel before 5.11 does. An unparsable release is taken as new: the
+/// limit is then left alone and a refusal still names the limit.
+#[must_use]
+pub fn charges_memlock(release: &str) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < (5, 11),
+        _ => false,
+    }
+}
+
+#[must_use]
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// This process's memlock situation, settled once (raising the limit if the kernel needs it)
+/// before the first load.
+pub fn memlock() -> &'static Memlock {
+    static STATE: OnceLock<Memlock> = OnceLock::new();
+    STATE.get_or_init(|| {
+        if !charges_memlock(&kernel_release()) {
+            return Memlock::Cgroup;
+        }
+        let inf = nix::sys::resource::RLIM_INFINITY;
+        match nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK, inf, inf)
+        {
+            Ok(()) => Memlock::Raised,
+            Err(e) => Memlock::Refused(e.desc().to_owned()),
+        }
+    })
 }
 
 fn is_eperm(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -113,9 +170,15 @@ impl Loaded {
             // Checked up front so the user gets one clear line instead of a verifier log.
             return Err(LoadError::NotPermitted);
         }
+        let memlock = memlock();
         let sizes: Vec<(String, u32)> = sizes.iter().map(|&(n, s)| (n.to_owned(), s)).collect();
         let ebpf = on_loader_thread(sizes).map_err(|e| {
-            if is_eperm(&e) {
+            if let (true, Memlock::Refused(why)) = (is_eperm(&e), memlock) {
+                LoadError::Memlock {
+                    kernel: kernel_release(),
+                    why: why.clone(),
+                }
+            } else if is_eperm(&e) {
                 LoadError::NotPermitted
             } else {
                 LoadError::Object(e)
@@ -278,5 +341,27 @@ impl Loaded {
             prog.attach(category, event).map_err(LoadError::Tracefs)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::charges_memlock;
+
+    #[test]
+    fn kernels_before_5_11_charge_memlock() {
+        for old in ["4.19.0-27-amd64", "5.4.0", "5.10.209-1", "5.10"] {
+            assert!(charges_memlock(old), "{old}");
+        }
+        for new in [
+            "5.11.0",
+            "5.15.0-91-generic",
+            "6.1.0-28-amd64",
+            "6.18.0",
+            "10.0",
+            "",
+        ] {
+            assert!(!charges_memlock(new), "{new}");
+        }
     }
 }

@@ -40,6 +40,11 @@ const BRIDGE: &str = "toe-cni0";
 const SVC_LINK: &str = "toe-svc0";
 /// The FORWARD rule that keeps pods from reaching anything off this node.
 const NO_EGRESS: &str = "toe-cluster-no-egress";
+/// The OUTPUT rule that keeps the node's own processes from the cloud metadata address.
+const NO_METADATA: &str = "toe-cluster-no-metadata";
+/// Where cloud SDKs (kubelet's credential provider, an S3 client without credentials) look for
+/// instance credentials.
+const METADATA_IP: &str = "169.254.169.254";
 /// Not etcd's usual 2379/2380: a system etcd (or the API server tests') may hold those.
 const ETCD_PORT: u16 = 12379;
 const ETCD_PEER_PORT: u16 = 12380;
@@ -58,9 +63,14 @@ const PORTS: &[u16] = &[
 ];
 /// 1.20 serves `pods/ephemeralcontainers` only behind this gate.
 const FEATURES: &str = "EphemeralContainers=true";
-/// Names under `localhost/` are never pulled: both images are built here.
+/// Names under `localhost/` are never pulled: every image is built here.
 const PAUSE_IMAGE: &str = "localhost/pause:3.4";
 const BUSYBOX_IMAGE: &str = "localhost/busybox:1.35";
+/// An image-based tool for the suite: busybox whose entrypoint says what it was given (its
+/// arguments and TOE's environment), so a test sees that the ephemeral container ran as asked.
+const PROBE_IMAGE: &str = "localhost/toe-probe:1";
+/// The images' archives under [`images_dir`], all imported by `up`.
+const ARCHIVES: [&str; 3] = ["pause.oci.tar", "busybox.oci.tar", "toe-probe.oci.tar"];
 /// The components, in start order; `down` stops them in the order that lets kubelet tear its
 /// pods down first.
 const COMPONENTS: &[&str] = &[
@@ -302,15 +312,15 @@ pub fn prepare() -> Result<()> {
     build_images()
 }
 
-/// The pause image (Kubernetes' own pause.c, static) and a busybox image (Debian's static
-/// busybox and one link per applet), built from scratch with buildah and kept as OCI archives
-/// that `ctr images import` reads.
+/// The pause image (Kubernetes' own pause.c, static), a busybox image (Debian's static
+/// busybox and one link per applet) and the probe tool on busybox, built from scratch with
+/// buildah and kept as OCI archives that `ctr images import` reads.
 fn build_images() -> Result<()> {
     let dir = images_dir();
-    let (pause, busybox) = (dir.join("pause.oci.tar"), dir.join("busybox.oci.tar"));
-    if pause.exists() && busybox.exists() {
+    if ARCHIVES.iter().all(|a| dir.join(a).exists()) {
         return Ok(());
     }
+    let [pause, busybox, probe] = ARCHIVES.map(|a| dir.join(a));
     fs::create_dir_all(&dir)?;
     let work = dir.join("work");
     let _ = fs::remove_dir_all(&work);
@@ -339,6 +349,17 @@ fn build_images() -> Result<()> {
         BUSYBOX_IMAGE,
         &["--env", "PATH=/bin", "--cmd", "sh"],
         &busybox,
+    )?;
+    image(
+        &bb_root,
+        PROBE_IMAGE,
+        &[
+            "--env",
+            "PATH=/bin",
+            "--entrypoint",
+            r#"["/bin/sh", "-c", "echo \"toe-probe: $* output=$TOE_OUTPUT_URL\"; sleep 1", "toe-probe"]"#,
+        ],
+        &probe,
     )?;
     let _ = fs::remove_dir_all(&work);
     Ok(())
@@ -623,10 +644,11 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
 
 fn start_all(s: &Path, ip: &str, node: &str) -> Result<()> {
     credentials(s, ip, node)?;
+    // Before anything that might try to leave: kubelet asks the metadata address at start.
+    isolate(s)?;
     start_containerd(s)?;
     start_control_plane(s, ip)?;
     start_node(s, ip, node)?;
-    isolate()?;
     wait_for(Duration::from_mins(2), &format!("node {node}"), ready)
 }
 
@@ -690,10 +712,7 @@ state = "{sd}/containerd/state"
     wait_for(Duration::from_secs(30), "containerd", || {
         quietly(ctr().arg("version"))
     })?;
-    import(&[
-        images_dir().join("pause.oci.tar"),
-        images_dir().join("busybox.oci.tar"),
-    ])
+    import(&ARCHIVES.map(|a| images_dir().join(a)))
 }
 
 fn start_control_plane(s: &Path, ip: &str) -> Result<()> {
@@ -866,7 +885,7 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
     )
 }
 
-fn isolate() -> Result<()> {
+fn isolate(s: &Path) -> Result<()> {
     // ClusterIPs are virtual: until kube-proxy has redirected one (or for one without
     // endpoints) a packet to it would follow the default route off this machine. A route to a
     // link that drops everything keeps it here. This kernel has no dummy links; an ifb link
@@ -875,8 +894,17 @@ fn isolate() -> Result<()> {
     run(Command::new("ip").args(["link", "add", SVC_LINK, "type", "ifb"]))?;
     run(Command::new("ip").args(["link", "set", SVC_LINK, "up"]))?;
     run(Command::new("ip").args(["route", "add", SVC_CIDR, "dev", SVC_LINK]))?;
-    // The bridge plugin turns forwarding on; pods still must not reach past the node.
-    run(Command::new("iptables").args(no_egress_rule("-I")))
+    // The bridge plugin turns forwarding on; pods still must not reach past the node. Both
+    // rules count what they drop, and the cluster suite requires both counts to stay zero: a
+    // drop means something tried to leave.
+    run(Command::new("iptables").args(no_egress_rule("-I")))?;
+    run(Command::new("iptables").args(no_metadata_rule("-I")))?;
+    // The suite reads which rules to check (chain, comment) from here.
+    fs::write(
+        s.join("guards"),
+        format!("FORWARD {NO_EGRESS}\nOUTPUT {NO_METADATA}\n"),
+    )?;
+    Ok(())
 }
 
 fn no_egress_rule(op: &str) -> Vec<&str> {
@@ -893,6 +921,22 @@ fn no_egress_rule(op: &str) -> Vec<&str> {
         "comment",
         "--comment",
         NO_EGRESS,
+        "-j",
+        "DROP",
+    ]
+}
+
+fn no_metadata_rule(op: &str) -> Vec<&str> {
+    vec![
+        "-w",
+        op,
+        "OUTPUT",
+        "-d",
+        METADATA_IP,
+        "-m",
+        "comment",
+        "--comment",
+        NO_METADATA,
         "-j",
         "DROP",
     ]
@@ -1035,11 +1079,12 @@ fn unmount_under(dir: &Path) {
     }
 }
 
-/// The egress rule, then every rule that jumps to a `KUBE-*` chain, then those chains
+/// The egress and metadata rules, then every rule that jumps to a `KUBE-*` chain, then those chains
 /// (kubelet's and kube-proxy's). `CNI-*` chains are left alone: this cluster's bridge makes
 /// none, podman's networks do. Tables iptables-nft created for the cluster go if empty.
 fn remove_iptables(s: &Path) {
     let _ = quietly(Command::new("iptables").args(no_egress_rule("-D")));
+    let _ = quietly(Command::new("iptables").args(no_metadata_rule("-D")));
     for ipt in ["iptables", "ip6tables"] {
         for table in ["filter", "nat", "mangle", "raw"] {
             let saved = lines_of(Command::new(format!("{ipt}-save")).args(["-t", table]));
@@ -1217,6 +1262,9 @@ pub fn test(dist: &Path, helm: &Path) -> Result<()> {
                 "cluster",
                 "--",
                 "--ignored",
+                // One node, one chart: the tests share both, and one of them deletes the
+                // agent's pod, so they run one at a time.
+                "--test-threads=1",
             ])
             .env("TOE_CLUSTER_KUBECONFIG", kubeconfig())
             .env("TOE_KUBECTL", kubectl())

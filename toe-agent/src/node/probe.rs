@@ -43,9 +43,7 @@ fn cgroup_layout() -> String {
 #[must_use]
 pub fn probe() -> Capabilities {
     let mut caps = Capabilities {
-        kernel: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        kernel: crate::ebpf::kernel_release(),
         btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
         cgroup: cgroup_layout(),
         ..Capabilities::default()
@@ -148,5 +146,18 @@ fn features(cgroup: &str) -> std::collections::BTreeMap<String, String> {
         _ => "none: no cgroup v2 mount".to_owned(),
     };
     f.insert("cgroup ids".into(), ids);
+    let memlock = match crate::ebpf::memlock() {
+        crate::ebpf::Memlock::Cgroup => {
+            "maps charged to the memory cgroup (Linux 5.11+): no CAP_SYS_RESOURCE needed".to_owned()
+        }
+        crate::ebpf::Memlock::Raised => {
+            "maps charged to RLIMIT_MEMLOCK (before Linux 5.11): raised to unlimited".to_owned()
+        }
+        crate::ebpf::Memlock::Refused(why) => format!(
+            "maps charged to RLIMIT_MEMLOCK (before Linux 5.11), which could not be raised \
+             ({why}): add SYS_RESOURCE with the chart's agent.extraCapabilities"
+        ),
+    };
+    f.insert("bpf memory".into(), memlock);
     f
 }
