@@ -1113,8 +1113,12 @@ spec:
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    // Every run the ledger opened, it closed; nothing waits in the upload spool.
-    let state = c.dir.join("node/state");
+    assert_runs_closed(&c.dir.join("node/state"));
+    c.assert_nothing_left_the_node();
+}
+
+/// Every run the agent's fault ledger opened, it closed; nothing waits in its upload spool.
+fn assert_runs_closed(state: &Path) {
     let ledger = std::fs::read_to_string(state.join("ledger.jsonl")).unwrap_or_default();
     let mut open = std::collections::BTreeMap::new();
     for line in ledger.lines() {
@@ -1133,7 +1137,6 @@ spec:
     assert!(open.is_empty(), "runs the ledger never closed: {open:?}");
     let spooled: Vec<_> = walk_files(&state.join("spool"));
     assert!(spooled.is_empty(), "left in the upload spool: {spooled:?}");
-    c.assert_nothing_left_the_node();
 }
 
 fn walk_files(dir: &Path) -> Vec<PathBuf> {
