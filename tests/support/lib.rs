@@ -19,6 +19,7 @@ use toe_agent::{
 
 pub mod apiserver;
 pub mod cluster;
+pub mod node;
 pub mod s3;
 
 /// True when the test may proceed; prints why and returns false when it must skip.
