@@ -8,16 +8,15 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
-use futures::StreamExt as _;
 use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
-    runtime::{WatchStreamExt as _, watcher},
 };
-use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase};
+use toe_common::api::{PowerTool, PowerToolConfig};
 use toe_tests::{
     Container,
     apiserver::ApiServer,
+    bench,
     cluster::{self, Agent, Operator},
 };
 
@@ -30,12 +29,7 @@ fn arg(name: &str, default: &str) -> String {
 
 /// (peak RSS in KiB, CPU ticks user + system) of a live process.
 fn usage(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
+    let (_, hwm) = bench::rss_kib(pid);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -62,15 +56,6 @@ fn bpf_map_kib(pid: u32) -> u64 {
         })
         .sum::<u64>()
         / 1024
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NAN, f64::max)
 }
 
 struct Round {
@@ -111,53 +96,18 @@ async fn round(
         }))?;
         let at = SystemTime::now();
         api.create(&PostParams::default(), &pt).await?;
-        created.push((pt.metadata.name.unwrap(), at, None, None));
+        created.push((pt.metadata.name.unwrap(), at));
     }
-    let duration = Duration::from_secs(secs);
-    // A watch sees each status change as it happens, whatever the number of PowerTools.
-    let events = watcher(api.clone(), watcher::Config::default()).applied_objects();
-    let mut events = std::pin::pin!(events);
-    let deadline = began + duration + Duration::from_mins(5);
     let mut map_kib = 0;
-    let mut sample = tokio::time::interval(Duration::from_millis(250));
-    while created.iter().any(|c| c.3.is_none()) {
-        let next = tokio::select! {
-            next = tokio::time::timeout_at(deadline.into(), events.next()) => next,
-            _ = sample.tick() => {
-                map_kib = map_kib.max(bpf_map_kib(agent.process.pid()));
-                continue;
-            }
-        };
-        let Ok(Some(pt)) = next else {
-            bail!("not all Completed within 5 minutes past the duration");
-        };
-        let pt = pt?;
-        let Some((name, _, summary, done)) = created
-            .iter_mut()
-            .find(|c| Some(&c.0) == pt.metadata.name.as_ref())
-        else {
-            continue;
-        };
-        let status = pt.status.unwrap_or_default();
-        match status.phase {
-            PowerToolPhase::Completed => {
-                *done = Some(SystemTime::now());
-                let url = status.targets[0]
-                    .artifacts
-                    .iter()
-                    .find(|a| a.ends_with("/summary.json"))
-                    .context("no summary.json among the artifacts")?;
-                let path = url.strip_prefix("file://").context("a file:// store")?;
-                *summary = Some(serde_json::from_slice::<serde_json::Value>(
-                    &std::fs::read(path)?,
-                )?);
-            }
-            PowerToolPhase::Failed | PowerToolPhase::Interrupted => {
-                bail!("{name}: {:?}\n{}", status.targets, agent.log_text())
-            }
-            _ => {}
-        }
-    }
+    let pid = agent.process.pid();
+    let latencies = bench::until_completed(
+        &api,
+        &created,
+        Duration::from_secs(secs) + Duration::from_mins(5),
+        || map_kib = map_kib.max(bpf_map_kib(pid)),
+        || agent.log_text(),
+    )
+    .await?;
     let wall = began.elapsed();
     let (rss_kib, cpu_after) = usage(agent.process.pid());
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
@@ -168,38 +118,18 @@ async fn round(
     agent.terminate(Duration::from_mins(1));
     api.delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
-    // All on the wall clock of this one machine: created (before the create call), sampling
-    // start and length (the run's summary), Completed seen (the watch).
-    let ms = |t: SystemTime| {
-        t.duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64()
-            * 1000.0
-    };
-    let window = |s: &serde_json::Value| {
-        let start = s["started_unix_ms"].as_f64().unwrap_or(f64::NAN);
-        (
-            start,
-            start + s["sampled_duration_s"].as_f64().unwrap_or(f64::NAN) * 1000.0,
-        )
-    };
     Ok(Round {
         tools,
-        to_running: created
-            .iter()
-            .map(|c| window(c.2.as_ref().unwrap()).0 - ms(c.1))
-            .collect(),
-        to_done: created
-            .iter()
-            .map(|c| ms(c.3.unwrap()) - window(c.2.as_ref().unwrap()).1)
-            .collect(),
+        to_running: latencies.iter().map(|l| l.to_sampling_ms).collect(),
+        to_done: latencies.iter().map(|l| l.to_completed_ms).collect(),
         rss_kib,
         map_kib,
         cpu_percent,
     })
 }
 
-async fn bench(counts: &[usize], secs: u64, pods: usize) -> Result<()> {
+/// `json`: one line per round for another bench to read (`bench cluster` sets it).
+async fn bench(counts: &[usize], secs: u64, pods: usize, json: bool) -> Result<()> {
     let Some(server) = ApiServer::start("bench agent") else {
         bail!("no kube-apiserver: run `cargo xtask bootstrap --tests`");
     };
@@ -231,12 +161,14 @@ async fn bench(counts: &[usize], secs: u64, pods: usize) -> Result<()> {
     let operator = Operator::start(&server, &admin).await;
     let dir = tempfile::tempdir().context("temp dir")?;
     let store = format!("file://{}/", dir.path().join("store").display());
-    println!(
-        "agent: cpu-profile {secs}s on {pods} busy container(s); latencies median / max over the round's PowerTools"
-    );
-    println!(
-        "PowerTools   created -> sampling     sampling end -> Completed   agent peak RSS   eBPF maps (kernel)   agent CPU"
-    );
+    if !json {
+        println!(
+            "agent: cpu-profile {secs}s on {pods} busy container(s); latencies median / max over the round's PowerTools"
+        );
+        println!(
+            "PowerTools   created -> sampling     sampling end -> Completed   agent peak RSS   eBPF maps (kernel)   agent CPU"
+        );
+    }
     for &n in counts {
         let r = round(
             &server,
@@ -248,6 +180,16 @@ async fn bench(counts: &[usize], secs: u64, pods: usize) -> Result<()> {
             pods,
         )
         .await?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "tools": r.tools, "to_sampling_ms": r.to_running,
+                    "to_completed_ms": r.to_done, "rss_kib": r.rss_kib,
+                })
+            );
+            continue;
+        }
         #[expect(clippy::cast_precision_loss, reason = "display")]
         let rss_mib = r.rss_kib as f64 / 1024.0;
         #[expect(clippy::cast_precision_loss, reason = "display")]
@@ -255,10 +197,10 @@ async fn bench(counts: &[usize], secs: u64, pods: usize) -> Result<()> {
         println!(
             "{:>10} {:>9.0} / {:>6.0} ms {:>15.0} / {:>6.0} ms {:>12.1} MiB {:>16.1} MiB {:>10.1}%",
             r.tools,
-            median(r.to_running.clone()),
-            max(&r.to_running),
-            median(r.to_done.clone()),
-            max(&r.to_done),
+            bench::median(r.to_running.clone()),
+            bench::max(&r.to_running),
+            bench::median(r.to_done.clone()),
+            bench::max(&r.to_done),
             rss_mib,
             maps_mib,
             r.cpu_percent
@@ -280,5 +222,10 @@ fn main() -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(bench(&counts, secs, pods))
+        .block_on(bench(
+            &counts,
+            secs,
+            pods,
+            std::env::args().any(|a| a == "--json"),
+        ))
 }

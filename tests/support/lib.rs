@@ -18,6 +18,7 @@ use toe_agent::{
 };
 
 pub mod apiserver;
+pub mod bench;
 pub mod cluster;
 pub mod node;
 pub mod s3;

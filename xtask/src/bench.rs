@@ -63,6 +63,16 @@ pub enum Which {
         #[arg(long, default_value_t = 2)]
         pods: usize,
     },
+    /// The chart on a real kubelet + containerd node (`cargo xtask cluster`): PowerTool
+    /// creation to first sample, end of sampling to Completed, the agent pod's resident memory;
+    /// each round followed by a one-PowerTool round of `bench agent`. Needs root.
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds each PowerTool profiles.
+        #[arg(long, default_value_t = 10)]
+        secs: u32,
+    },
     /// Processing: time and peak memory to merge many profiles and render the report, beside
     /// inferno alone rendering the same stacks concatenated.
     Processing {
@@ -777,6 +787,7 @@ pub fn run(which: &Which) -> Result<()> {
         Which::Faults { secs, aborts } => crate::bench_faults::faults_bench(*secs, *aborts),
         Which::Operator { powertools, pods } => operator_bench(*powertools, *pods),
         Which::Agent { counts, secs, pods } => agent_bench(counts, *secs, *pods),
+        Which::Cluster { rounds, secs } => cluster_bench(*rounds, *secs),
         Which::Processing {
             rounds,
             profiles,
@@ -821,6 +832,40 @@ fn agent_bench(counts: &str, secs: u32, pods: usize) -> Result<()> {
         pods.to_string(),
     ];
     api_server_bench("toe-agent", &["toe"], "bench-agent", &args)
+}
+
+fn cluster_bench(rounds: usize, secs: u32) -> Result<()> {
+    if !is_root() {
+        bail!("bench cluster needs root (it starts a kubelet and containerd)");
+    }
+    let helm = crate::bootstrap::helm()?;
+    let dist = root().join("target/dist-check");
+    crate::dist::build(&dist)?;
+    crate::run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(root())
+            .args(["build", "--release", "-p", "toe-agent", "-p", "toe-tests"])
+            .args([
+                "--bin",
+                "toe",
+                "--bin",
+                "bench-agent",
+                "--bin",
+                "bench-cluster",
+            ]),
+    )?;
+    let bin = root().join("target/release");
+    crate::cluster::with_release(&dist, || {
+        crate::run(
+            Command::new(bin.join("bench-cluster"))
+                .args(["--rounds", &rounds.to_string(), "--secs", &secs.to_string()])
+                .env("TOE_CLUSTER_KUBECONFIG", crate::cluster::kubeconfig())
+                .env("TOE_KUBECTL", crate::cluster::kubectl())
+                .env("TOE_HELM", &helm)
+                .env("TOE_BENCH_AGENT", bin.join("bench-agent"))
+                .env("TOE_KUBE_APISERVER", crate::apiserver::binary()),
+        )
+    })
 }
 
 fn operator_bench(powertools: usize, pods: usize) -> Result<()> {

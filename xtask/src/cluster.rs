@@ -1240,10 +1240,9 @@ fn remove_empty_dirs(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
-/// Runs the cluster suite (`tests/cluster.rs`, ignored in the ordinary run) on a cluster
-/// started for it, with the release images and chart from `dist`; takes the cluster down after,
-/// whatever the result.
-pub fn test(dist: &Path, helm: &Path) -> Result<()> {
+/// Starts the cluster, imports the release images of `dist` into it, runs `work`, and takes
+/// the cluster down after, whatever the result.
+pub fn with_release(dist: &Path, work: impl FnOnce() -> Result<()>) -> Result<()> {
     up()?;
     let result = (|| {
         let v = crate::dist::version();
@@ -1251,6 +1250,16 @@ pub fn test(dist: &Path, helm: &Path) -> Result<()> {
             dist.join(format!("toe-operator-{v}.oci.tar")),
             dist.join(format!("toe-agent-{v}.oci.tar")),
         ])?;
+        work()
+    })();
+    let down = down();
+    result.and(down)
+}
+
+/// Runs the cluster suite (`tests/cluster.rs`, ignored in the ordinary run) on a cluster
+/// started for it, with the release images and chart from `dist`.
+pub fn test(dist: &Path, helm: &Path) -> Result<()> {
+    with_release(dist, || {
         run(Command::new("cargo")
             .current_dir(crate::root())
             .args([
@@ -1271,9 +1280,7 @@ pub fn test(dist: &Path, helm: &Path) -> Result<()> {
             .env("TOE_HELM", helm)
             .env("TOE_REQUIRE_ROOT_TESTS", "1"))
         .context("the cluster suite failed")
-    })();
-    let down = down();
-    result.and(down)
+    })
 }
 
 /// Prints each component's state and the node's; fails unless all are up.
