@@ -13,7 +13,10 @@ use std::{
 };
 
 use toe_tests::{
-    node::{APP_MEMORY, Cluster, NAMESPACE, WORKLOAD_NAMESPACE, folded_of, summary_of, workload},
+    node::{
+        APP_MEMORY, Cluster, NAMESPACE, WORKLOAD_NAMESPACE, folded_of, powertool, summary_of,
+        workload,
+    },
     root_pid,
 };
 
@@ -24,19 +27,12 @@ fn a_cpu_profile_of_one_container_of_a_real_pod_samples_only_that_container() {
     c.install_toe();
     let pod = workload(&c);
     let name = "profile-app";
-    c.apply(&format!(
-        r"apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata: {{name: {name}, namespace: {WORKLOAD_NAMESPACE}}}
-spec:
-  targets:
-    labelSelector: {{matchLabels: {{app: burn}}}}
-    containers: [app]
-  tool:
-    name: cpu-profile
-    duration: 5s
-    commandLineArguments: [--frequency=99]
-"
+    c.apply(&powertool(
+        name,
+        "app",
+        ("cpu-profile", "5s"),
+        &["--frequency=99"],
+        &[],
     ));
     let phase = c.wait_for(
         &["-n", WORKLOAD_NAMESPACE, "powertool", name],
@@ -84,14 +80,12 @@ spec:
     // failurePolicy is Ignore, so an unreachable webhook would let this through).
     let (ok, out) = c.run(
         Command::new(&c.kubectl).args(["apply", "-f", "-"]),
-        Some(&format!(
-            r"apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata: {{name: too-fast, namespace: {WORKLOAD_NAMESPACE}}}
-spec:
-  targets: {{labelSelector: {{matchLabels: {{app: burn}}}}}}
-  tool: {{name: cpu-profile, duration: 5s, commandLineArguments: [--frequency=1000000]}}
-"
+        Some(&powertool(
+            "too-fast",
+            "app",
+            ("cpu-profile", "5s"),
+            &["--frequency=1000000"],
+            &[],
         )),
     );
     assert!(
@@ -117,20 +111,12 @@ fn terminating_a_sidecar_that_ignores_sigterm_escalates_and_the_report_served_th
     };
     let (sidecar_before, app_before) = (restarts("sidecar"), restarts("app"));
     let name = "stop-sidecar";
-    c.apply(&format!(
-        r"apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata: {{name: {name}, namespace: {WORKLOAD_NAMESPACE}}}
-spec:
-  targets:
-    labelSelector: {{matchLabels: {{app: burn}}}}
-    containers: [sidecar]
-  tool:
-    name: terminate
-    duration: 30s
-    commandLineArguments: [--mode=graceful, --grace=5s, --scope=main]
-  alongside: [{{name: signal-trace}}]
-"
+    c.apply(&powertool(
+        name,
+        "sidecar",
+        ("terminate", "30s"),
+        &["--mode=graceful", "--grace=5s", "--scope=main"],
+        &["signal-trace"],
     ));
     let phase = c.finished(name, Duration::from_mins(2));
     assert_eq!(phase, "Completed", "{}", c.diagnostics());
@@ -267,19 +253,12 @@ fn memory_stress_at_half_the_limit_is_charged_to_the_container_and_deleting_the_
     );
     let baseline = read_u64(&usage);
     let name = "squeeze-app";
-    c.apply(&format!(
-        r"apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata: {{name: {name}, namespace: {WORKLOAD_NAMESPACE}}}
-spec:
-  targets:
-    labelSelector: {{matchLabels: {{app: burn}}}}
-    containers: [app]
-  tool:
-    name: memory-stress
-    duration: 3m
-    commandLineArguments: [--size=50%]
-"
+    c.apply(&powertool(
+        name,
+        "app",
+        ("memory-stress", "3m"),
+        &["--size=50%"],
+        &[],
     ));
     #[expect(clippy::cast_precision_loss, reason = "bytes of a few hundred MiB")]
     let (asked, added) = ((APP_MEMORY / 2) as f64, |now: u64| {
@@ -360,19 +339,12 @@ fn a_volume_fill_of_a_real_persistent_volume_is_undone_by_the_next_agent_when_it
     let volume = c.volume_dir();
     let before = entries(&volume);
     let name = "fill-data";
-    c.apply(&format!(
-        r"apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata: {{name: {name}, namespace: {WORKLOAD_NAMESPACE}}}
-spec:
-  targets:
-    labelSelector: {{matchLabels: {{app: burn}}}}
-    containers: [app]
-  tool:
-    name: volume-fill
-    duration: 5m
-    commandLineArguments: [--path=/data, --fill=80%]
-"
+    c.apply(&powertool(
+        name,
+        "app",
+        ("volume-fill", "5m"),
+        &["--path=/data", "--fill=80%"],
+        &[],
     ));
     let t = Instant::now();
     while used_share(&volume) < 0.79 {
@@ -468,19 +440,12 @@ spec:
 ",
     );
     let name = "probe-app";
-    c.apply(&format!(
-        r"apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata: {{name: {name}, namespace: {WORKLOAD_NAMESPACE}}}
-spec:
-  targets:
-    labelSelector: {{matchLabels: {{app: burn}}}}
-    containers: [app]
-  tool:
-    name: toe-probe
-    duration: 20s
-    commandLineArguments: [--seconds=2]
-"
+    c.apply(&powertool(
+        name,
+        "app",
+        ("toe-probe", "20s"),
+        &["--seconds=2"],
+        &[],
     ));
     let phase = c.finished(name, Duration::from_mins(2));
     assert_eq!(phase, "Completed", "{}", c.diagnostics());
@@ -569,20 +534,10 @@ fn uninstalling_the_chart_after_its_powertools_leaves_nothing_on_the_node() {
     // Two faults running when the PowerTools are deleted: a worker in the app's cgroup and a
     // file on its volume.
     for (name, tool, args) in [
-        ("last-squeeze", "memory-stress", "[--size=16MiB]"),
-        ("last-fill", "volume-fill", "[--path=/data, --fill=50%]"),
+        ("last-squeeze", "memory-stress", &["--size=16MiB"][..]),
+        ("last-fill", "volume-fill", &["--path=/data", "--fill=50%"]),
     ] {
-        c.apply(&format!(
-            r"apiVersion: toe.run/v1alpha1
-kind: PowerTool
-metadata: {{name: {name}, namespace: {WORKLOAD_NAMESPACE}}}
-spec:
-  targets:
-    labelSelector: {{matchLabels: {{app: burn}}}}
-    containers: [app]
-  tool: {{name: {tool}, duration: 5m, commandLineArguments: {args}}}
-"
-        ));
+        c.apply(&powertool(name, "app", (tool, "5m"), args, &[]));
         c.wait_for(
             &["-n", WORKLOAD_NAMESPACE, "powertool", name],
             "{.status.phase}",

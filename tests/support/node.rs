@@ -448,6 +448,40 @@ fn is_mount_point(dir: &Path) -> bool {
         .any(|l| l.split(' ').nth(4).is_some_and(|m| m == dir))
 }
 
+/// A PowerTool over one container of the workload's pod: `tool` for `duration` with `args`,
+/// and `alongside` tools by name.
+#[must_use]
+pub fn powertool(
+    name: &str,
+    container: &str,
+    (tool, duration): (&str, &str),
+    args: &[&str],
+    alongside: &[&str],
+) -> String {
+    let list = |items: &[&str]| {
+        items
+            .iter()
+            .map(|i| serde_json::Value::from(*i).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let alongside: Vec<String> = alongside.iter().map(|a| format!("{{name: {a}}}")).collect();
+    format!(
+        r"apiVersion: toe.run/v1alpha1
+kind: PowerTool
+metadata: {{name: {name}, namespace: {WORKLOAD_NAMESPACE}}}
+spec:
+  targets:
+    labelSelector: {{matchLabels: {{app: burn}}}}
+    containers: [{container}]
+  tool: {{name: {tool}, duration: {duration}, commandLineArguments: [{args}]}}
+  alongside: [{alongside}]
+",
+        args = list(args),
+        alongside = alongside.join(", ")
+    )
+}
+
 /// The local path of a finished PowerTool's first target's artifact named `file`.
 #[must_use]
 pub fn artifact_of(c: &Cluster, powertool: &str, file: &str) -> PathBuf {
