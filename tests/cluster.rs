@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use toe_agent::tools::faults::ledger::WORKER_ARG;
 use toe_tests::{
     node::{
         APP_MEMORY, Cluster, NAMESPACE, WORKLOAD_NAMESPACE, folded_of, powertool, summary_of,
@@ -189,22 +190,6 @@ spec:
 /// The memory usage file of a container's memory cgroup, found by its id below the kubelet's
 /// `kubepods` (cgroup v1's memory hierarchy, or the unified tree on a pure v2 node).
 fn memory_usage_file(container_id: &str) -> PathBuf {
-    fn find(dir: &Path, name: &str, depth: u32) -> Option<PathBuf> {
-        for e in std::fs::read_dir(dir).ok()?.flatten() {
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            if e.file_name() == name {
-                return Some(e.path());
-            }
-            if depth > 0
-                && let Some(p) = find(&e.path(), name, depth - 1)
-            {
-                return Some(p);
-            }
-        }
-        None
-    }
     let id = container_id
         .strip_prefix("containerd://")
         .unwrap_or(container_id);
@@ -212,7 +197,9 @@ fn memory_usage_file(container_id: &str) -> PathBuf {
         ("/sys/fs/cgroup/memory/kubepods", "memory.usage_in_bytes"),
         ("/sys/fs/cgroup/kubepods", "memory.current"),
     ] {
-        if let Some(dir) = find(Path::new(root), id, 3) {
+        let mut found = Vec::new();
+        dirs_named(Path::new(root), id, 3, &mut found);
+        if let Some(dir) = found.first() {
             return dir.join(file);
         }
     }
@@ -236,7 +223,7 @@ fn stress_workers() -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"__worker".as_slice()))
+                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(WORKER_ARG.as_bytes()))
         })
         .collect()
 }
@@ -482,18 +469,6 @@ spec:
 /// (On a hybrid node kubelet 1.20 leaves the `pod<uid>` directories runc made in the unified
 /// tree after every pod's deletion, TOE's or not; it never manages that tree.)
 fn cgroups_named(name: &str) -> Vec<PathBuf> {
-    fn walk(dir: &Path, name: &str, depth: u32, out: &mut Vec<PathBuf>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            if e.file_name() == name {
-                out.push(e.path());
-            } else if depth > 0 {
-                walk(&e.path(), name, depth - 1, out);
-            }
-        }
-    }
     let mut out = Vec::new();
     for root in std::fs::read_dir("/sys/fs/cgroup")
         .into_iter()
@@ -501,11 +476,26 @@ fn cgroups_named(name: &str) -> Vec<PathBuf> {
         .flatten()
     {
         if root.file_name() != "unified" {
-            walk(&root.path().join("kubepods"), name, 2, &mut out);
+            dirs_named(&root.path().join("kubepods"), name, 2, &mut out);
         }
     }
-    walk(Path::new("/sys/fs/cgroup/kubepods"), name, 2, &mut out);
+    dirs_named(Path::new("/sys/fs/cgroup/kubepods"), name, 2, &mut out);
     out
+}
+
+/// Adds the directories named `name` at most `depth` levels below `dir` to `out` (not looking
+/// inside a match).
+fn dirs_named(dir: &Path, name: &str, depth: u32, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if e.file_name() == name {
+            out.push(e.path());
+        } else if depth > 0 {
+            dirs_named(&e.path(), name, depth - 1, out);
+        }
+    }
 }
 
 /// Processes of TOE's own programs on this node, by their command name.

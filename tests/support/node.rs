@@ -237,40 +237,22 @@ subjects:
             Duration::from_secs(30),
             |s| !s.is_empty(),
         );
-        let decoded = Command::new("base64")
-            .arg("-d")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                child
-                    .stdin
-                    .take()
-                    .expect("stdin")
-                    .write_all(encoded.as_bytes())?;
-                child.wait_with_output()
-            })
-            .expect("base64 -d");
-        String::from_utf8(decoded.stdout).expect("a token is text")
+        let (ok, token) = self.run(Command::new("base64").arg("-d"), Some(&encoded));
+        assert!(ok, "base64 -d: {token}");
+        token
     }
 
     /// GET `path` from the report Service's ClusterIP (kube-proxy's rules on this node take it
     /// to the operator pod), retried while kube-proxy has not synced the Service yet.
     #[must_use]
     pub fn get_report(&self, path: &str, token: Option<&str>) -> (u16, String) {
-        let ip = self.wait_for(
+        let address = self.wait_for(
             &["-n", NAMESPACE, "service", "toe-reports"],
-            "{.spec.clusterIP}",
+            "{.spec.clusterIP}:{.spec.ports[0].port}",
             Duration::from_secs(10),
-            |s| !s.is_empty(),
+            |s| !s.starts_with(':') && !s.ends_with(':'),
         );
-        let port = self.wait_for(
-            &["-n", NAMESPACE, "service", "toe-reports"],
-            "{.spec.ports[0].port}",
-            Duration::from_secs(10),
-            |s| !s.is_empty(),
-        );
-        let url = format!("http://{ip}:{port}{path}");
+        let url = format!("http://{address}{path}");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
