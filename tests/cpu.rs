@@ -364,3 +364,172 @@ fn maximum_frequency_on_all_cpus_loses_nothing() {
     assert_eq!(s.taken, s.recorded, "{s:?}");
     drop(busy);
 }
+
+/// A program of `tests/workloads`, built without frame pointers by the test crate's build script.
+fn workload(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("TOE_WORKLOAD_DIR")).join(name)
+}
+
+/// The functions a user stack's root frame is when it was walked to the program's entry: the
+/// main thread's `_start` (and glibc's `__libc_start_*` below it), a thread's `clone3`/`clone`.
+const ENTRIES: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_call_main",
+    "clone3",
+    "__clone",
+    "__clone3",
+    "start_thread",
+];
+
+/// Whether a folded stack's user part starts at a program entry: its first frame after the
+/// process root (`name (pid)`) and the thread frame, if any.
+fn reaches_entry(stack: &str) -> bool {
+    stack.split(';').skip(1).take(3).any(|f| {
+        ENTRIES
+            .iter()
+            .any(|e| f == *e || f.starts_with(&format!("{e} ")))
+    })
+}
+
+/// Of the samples whose leaf part contains `leaf`: (all, those with at least `depth` frames of
+/// `recursive` and `main` above them).
+fn recursion_reached(
+    lines: &[(String, u64)],
+    leaf: &str,
+    recursive: &str,
+    depth: usize,
+) -> (u64, u64) {
+    let mut all = 0;
+    let mut complete = 0;
+    for (stack, n) in lines {
+        let frames: Vec<&str> = stack.split(';').collect();
+        if !frames.iter().any(|f| f.contains(leaf)) {
+            continue;
+        }
+        all += n;
+        let deep = frames.iter().filter(|f| f.contains(recursive)).count() >= depth;
+        let main = frames.iter().any(|f| *f == "main" || f.ends_with("::main"));
+        if deep && main && reaches_entry(stack) {
+            complete += n;
+        }
+    }
+    (all, complete)
+}
+
+/// A C program built `-O2 -fomit-frame-pointer` burns CPU 100 calls deep: its stacks reach
+/// `main` and the entry with every one of the 101 frames of the recursion, from the unwind
+/// tables (a frame-pointer walk stops after a frame or two).
+#[test]
+fn stacks_of_a_c_program_without_frame_pointers_reach_main() {
+    if !require_root("stacks_of_a_c_program_without_frame_pointers_reach_main") {
+        return;
+    }
+    let target = toe_tests::TestProcess(
+        Command::new(workload("deep-c"))
+            .args(["100", "30"])
+            .spawn()
+            .expect("start deep-c"),
+    );
+    let (_, sink) = profile(
+        &cpu_spec("3s", &["--frequency=199"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let lines = folded(&sink);
+    let (all, complete) = recursion_reached(&lines, "burn", "descend", 101);
+    assert!(all >= 100, "only {all} samples in burn: {lines:?}");
+    assert!(
+        complete * 100 >= all * 99,
+        "{complete} of {all} samples reach main through 101 descend frames; first: {:?}",
+        lines.first()
+    );
+}
+
+/// The same for a Rust release binary without frame pointers.
+#[test]
+fn stacks_of_a_rust_program_without_frame_pointers_reach_main() {
+    if !require_root("stacks_of_a_rust_program_without_frame_pointers_reach_main") {
+        return;
+    }
+    let target = toe_tests::TestProcess(
+        Command::new(workload("deep-rust"))
+            .args(["100", "30"])
+            .spawn()
+            .expect("start deep-rust"),
+    );
+    let (_, sink) = profile(
+        &cpu_spec("3s", &["--frequency=199"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let lines = folded(&sink);
+    let (all, complete) = recursion_reached(&lines, "burn", "descend", 101);
+    assert!(all >= 100, "only {all} samples in burn: {lines:?}");
+    assert!(
+        complete * 100 >= all * 99,
+        "{complete} of {all} samples reach main through 101 descend frames; first: {:?}",
+        lines.first()
+    );
+}
+
+/// Packaged binaries of this machine, not built by us and without frame pointers (Debian's
+/// xz with liblzma, Python 3.11, coreutils' sha256sum reading through the kernel): at least 95%
+/// of their samples have a user stack that reaches the program's entry.
+#[test]
+fn stacks_of_packaged_binaries_reach_their_entry() {
+    if !require_root("stacks_of_packaged_binaries_reach_their_entry") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Compressible but not trivial input for xz: a text of pseudo-random words.
+    let input = dir.path().join("input");
+    let mut text = String::new();
+    let mut x: u64 = 1;
+    while text.len() < 16 << 20 {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        text.push_str(["alpha ", "beta ", "gamma ", "delta\n"][(x >> 62) as usize]);
+        text.push_str(&format!("{} ", x >> 50));
+    }
+    std::fs::write(&input, text).unwrap();
+    let python = "import time\nend = time.time() + 30\nwhile time.time() < end:\n    sorted(str(i * 7919 % 1000) for i in range(2000))\n";
+    let cases: [(&str, Vec<&str>); 3] = [
+        ("xz", vec!["/usr/bin/xz", "-9", "-T1", "-c", "-k"]),
+        ("python3.11", vec!["/usr/bin/python3.11", "-c", python]),
+        ("sha256sum", vec!["/usr/bin/sha256sum", "/dev/zero"]),
+    ];
+    for (name, argv) in cases {
+        if !std::path::Path::new(argv[0]).exists() {
+            toe_tests::skip(
+                "stacks_of_packaged_binaries_reach_their_entry",
+                &format!("{} is not installed", argv[0]),
+            );
+            continue;
+        }
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]).stdout(std::process::Stdio::null());
+        if name == "xz" {
+            cmd.arg(&input);
+        }
+        let target = toe_tests::TestProcess(cmd.spawn().expect("start the packaged binary"));
+        let (_, sink) = profile(
+            &cpu_spec("3s", &["--frequency=199"]),
+            TargetSpec::Pid(target.pid()),
+        );
+        let lines = folded(&sink);
+        let all: u64 = lines.iter().map(|(_, n)| n).sum();
+        let complete: u64 = lines
+            .iter()
+            .filter(|(s, _)| reaches_entry(s))
+            .map(|(_, n)| n)
+            .sum();
+        let worst = lines
+            .iter()
+            .filter(|(s, _)| !reaches_entry(s))
+            .max_by_key(|(_, n)| *n);
+        eprintln!("{name}: {complete} of {all} samples reach the entry");
+        assert!(all >= 100, "{name}: only {all} samples");
+        assert!(
+            complete * 100 >= all * 95,
+            "{name}: {complete} of {all} samples reach the entry; heaviest that does not: {worst:?}"
+        );
+    }
+}

@@ -5,6 +5,7 @@
 //! `module+0xoffset` and is counted as unresolved.
 
 pub mod images;
+pub mod unwind;
 
 use std::{
     collections::{HashMap, HashSet},

@@ -16,13 +16,14 @@ pub const MAX_STACK_DEPTH: usize = 127;
 /// Compiled-in ring size; user space resizes it at load time with [`ring_bytes`].
 pub const RING_BYTES: u32 = 1 << 20;
 
-/// Ring-buffer size for a run: one second of every CPU sampling a target at `frequency_hz`, the
-/// worst case, rounded up to a power of two (a kernel requirement). User space drains every
-/// 25 ms, so a full second is slack for a stalled agent, while the buffer (kernel memory, mapped
-/// into the agent) stays small at the default frequency: 512 KiB for 2 CPUs at 99 Hz.
+/// Ring-buffer size for a run: a quarter second of every CPU sampling a target at
+/// `frequency_hz`, the worst case, rounded up to a power of two (a kernel requirement). User
+/// space drains every 25 ms, so that is ten reads of slack for a stalled agent, while the buffer
+/// (kernel memory, mapped into the agent) stays small at the default frequency: 1 MiB for 2 CPUs
+/// at 99 Hz, although each record carries a copy of the top of the user stack.
 #[must_use]
 pub const fn ring_bytes(cpus: u32, frequency_hz: u64) -> u32 {
-    let want = (cpus as u64) * frequency_hz * (size_of::<Sample>() as u64);
+    let want = (cpus as u64) * frequency_hz * (size_of::<Sample>() as u64) / 4;
     let min = 256 << 10;
     let max = 64 << 20;
     let clamped = if want < min {
@@ -53,6 +54,20 @@ pub const FLAG_KSTACK_ERROR: u32 = 1 << 3;
 pub const CONFIG_KERNEL_STACKS: u32 = 1 << 0;
 /// `CpuConfig::flags`: collect user stacks.
 pub const CONFIG_USER_STACKS: u32 = 1 << 1;
+/// `CpuConfig::flags`: copy the user registers and the top of the user stack into each sample,
+/// for unwinding from the binaries' unwind tables in user space.
+pub const CONFIG_USER_STACK_COPY: u32 = 1 << 2;
+
+/// `Sample::flags`: the user registers or the top of the user stack could not be read.
+pub const FLAG_USTACK_COPY_ERROR: u32 = 1 << 4;
+
+/// Bytes of user stack copied per sample, from the stack pointer up: twice perf's default
+/// `--call-graph dwarf` size, enough for the 100-deep recursion of a C program without frame
+/// pointers and the frames of an interpreter's loop, at 18 KiB per record.
+pub const STACK_COPY_BYTES: usize = 16 << 10;
+/// The copy goes by chunks and stops at the first that cannot be read (the top of the stack's
+/// mapping), so a stack with less above its pointer than the whole copy still gets what there is.
+pub const STACK_COPY_CHUNK: usize = 1 << 10;
 /// `Array<CpuConfig>` with one entry.
 pub const CONFIG_MAP: &str = "TOE_CPU_CONFIG";
 
@@ -84,8 +99,14 @@ pub struct Sample {
     pub kstack: [u64; MAX_STACK_DEPTH],
     /// Leaf first.
     pub ustack: [u64; MAX_STACK_DEPTH],
+    /// User `ip`, `sp` and `bp` where the task left user mode (or was interrupted in it).
+    pub uregs: [u64; 3],
+    /// Bytes of `ustack_copy` that were read, from `uregs[1]` up.
+    pub ustack_copy_len: u32,
+    pub reserved: u32,
+    pub ustack_copy: [u8; STACK_COPY_BYTES],
 }
-const _: () = assert!(size_of::<Sample>() == 48 + 2 * 8 * MAX_STACK_DEPTH);
+const _: () = assert!(size_of::<Sample>() == 48 + 2 * 8 * MAX_STACK_DEPTH + 32 + STACK_COPY_BYTES);
 
 /// Indices into [`COUNTERS_MAP`]. Together they account for every sample taken in a target:
 /// `Sampled = delivered records + RingFull`.
@@ -111,10 +132,10 @@ mod tests {
 
     #[test]
     fn ring_is_a_power_of_two_within_bounds() {
-        assert_eq!(ring_bytes(2, 99), 512 << 10);
+        assert_eq!(ring_bytes(2, 99), 1 << 20);
         assert_eq!(ring_bytes(1, 1), 256 << 10);
         assert_eq!(ring_bytes(512, 1000), 64 << 20);
         let r = ring_bytes(2, 1000);
-        assert!(r.is_power_of_two() && u64::from(r) >= 2 * 1000 * size_of::<Sample>() as u64);
+        assert!(r.is_power_of_two() && u64::from(r) >= 2 * 1000 * size_of::<Sample>() as u64 / 4);
     }
 }

@@ -17,13 +17,17 @@ use std::{
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
+
+use super::unwind::{
+    self, FileTables, MappingTables, Miss, Outcome, ProcessUnwinder, StackCopy, UnwindCache,
+};
 
 /// How often the watcher looks for new processes and execs.
 pub const WATCH_EVERY: Duration = Duration::from_millis(20);
@@ -49,9 +53,18 @@ pub struct MappedFile {
     /// The path the process saw (inside its mount namespace): what the profile names.
     pub path: String,
     file: File,
+    /// Its unwind tables, read the first time a sample needs them.
+    tables: OnceLock<Result<Arc<FileTables>, Miss>>,
 }
 
 impl MappedFile {
+    fn tables(&self) -> Result<&FileTables, Miss> {
+        self.tables
+            .get_or_init(|| unwind::tables_of(&self.open_path()))
+            .as_deref()
+            .map_err(|m| *m)
+    }
+
     /// A path that opens the very file that was mapped, while this is held.
     #[must_use]
     pub fn open_path(&self) -> PathBuf {
@@ -72,9 +85,25 @@ struct Mapping {
 #[derive(Debug, Default)]
 struct Snapshot {
     mappings: Vec<Mapping>,
+    /// Built the first time a sample of a process with these mappings is unwound.
+    unwinder: OnceLock<ProcessUnwinder>,
 }
 
 impl Snapshot {
+    fn unwinder(&self) -> &ProcessUnwinder {
+        self.unwinder.get_or_init(|| {
+            ProcessUnwinder::new(self.mappings.iter().filter_map(|m| {
+                Some(MappingTables {
+                    name: &m.file.path,
+                    start: m.start,
+                    end: m.end,
+                    offset: m.offset,
+                    tables: m.file.tables().ok()?,
+                })
+            }))
+        })
+    }
+
     fn find(&self, addr: u64) -> Option<&Mapping> {
         let i = self.mappings.partition_point(|m| m.start <= addr);
         let m = self.mappings.get(i.checked_sub(1)?)?;
@@ -227,7 +256,10 @@ impl Images {
                 }
             }
             mappings.sort_by_key(|m| m.start);
-            let s = Arc::new(Snapshot { mappings });
+            let s = Arc::new(Snapshot {
+                mappings,
+                unwinder: OnceLock::new(),
+            });
             if state.snapshots.len() < MAX_SNAPSHOTS {
                 state.snapshots.insert(lines, Arc::clone(&s));
             }
@@ -267,6 +299,62 @@ impl Images {
     }
 }
 
+/// How one sample's user stack was unwound, and why its leaf had no tables if it had none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unwound {
+    pub outcome: Outcome,
+    pub leaf_miss: Option<Miss>,
+}
+
+impl Images {
+    /// The newest mappings of `pid` that hold `addr`, or its newest mappings if none does.
+    fn snapshot_for(&self, pid: u32, addr: u64) -> Option<(Arc<Snapshot>, bool)> {
+        let state = self.state();
+        let p = state.processes.get(&pid)?;
+        p.snapshots
+            .iter()
+            .rev()
+            .find(|s| s.find(addr).is_some())
+            .map(|s| (Arc::clone(s), true))
+            .or_else(|| p.snapshots.last().map(|s| (Arc::clone(s), false)))
+    }
+
+    /// Unwinds one sample of `pid` from its stack copy into `out` (leaf first, at most `max`
+    /// frames), with the kernel's frame-pointer walk `fp` as the fallback.
+    pub fn unwind(
+        &self,
+        pid: u32,
+        copy: &StackCopy<'_>,
+        fp: &[u64],
+        max: usize,
+        cache: &mut UnwindCache,
+        out: &mut Vec<u64>,
+    ) -> Unwound {
+        let mut found = self.snapshot_for(pid, copy.ip);
+        if !found.as_ref().is_some_and(|(_, holds)| *holds) {
+            // New to us, or its leaf is in a library mapped since its mappings were read
+            // (or in JIT code, which no file holds: the look is cheap when nothing changed).
+            self.observe(pid);
+            found = self.snapshot_for(pid, copy.ip);
+        }
+        let Some((snapshot, holds)) = found else {
+            out.clear();
+            out.extend_from_slice(fp);
+            return Unwound {
+                outcome: Outcome::FramePointers,
+                leaf_miss: Some(Miss::NotMapped),
+            };
+        };
+        let leaf_miss = if holds {
+            snapshot.find(copy.ip).and_then(|m| m.file.tables().err())
+        } else {
+            Some(Miss::NotMapped)
+        };
+        let outcome = unwind::unwind(snapshot.unwinder(), cache, copy, fp, max, out);
+        Unwound { outcome, leaf_miss }
+    }
+}
+
 impl State {
     /// The open file behind one mapping, opened once per (device, inode) for the whole run.
     fn file(&mut self, pid: u32, l: &MapsLine) -> Option<Arc<MappedFile>> {
@@ -288,6 +376,7 @@ impl State {
         let f = Arc::new(MappedFile {
             path: l.path.clone(),
             file,
+            tables: OnceLock::new(),
         });
         self.files.insert(l.file, Arc::clone(&f));
         Some(f)

@@ -35,6 +35,48 @@ pub struct SampleAccounting {
     pub children_followed: u64,
     /// Child processes not followed because the target map was full.
     pub children_missed: u64,
+    pub unwind: UnwindAccounting,
+}
+
+/// How the user stacks of the recorded samples were unwound, and for those whose leaf had no
+/// unwind tables, why.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct UnwindAccounting {
+    /// Unwound from the binaries' unwind tables to a root frame.
+    pub tables: u64,
+    /// Unwound from tables over the copied stack, continued on the frame-pointer walk.
+    pub joined: u64,
+    /// The frame-pointer walk was kept: the tables gave no more frames.
+    pub frame_pointers: u64,
+    /// No user registers or stack could be read for the sample.
+    pub copy_errors: u64,
+    /// Samples whose leaf lay in a file without unwind tables (e.g. Go binaries).
+    pub leaf_no_unwind_info: u64,
+    /// ... in a file that could not be read.
+    pub leaf_unreadable: u64,
+    /// ... in a file whose tables did not fit the agent's table memory cap.
+    pub leaf_memory_full: u64,
+    /// ... in no mapped file (JIT code, or a process gone before its mappings were read).
+    pub leaf_not_mapped: u64,
+    /// Unwind-table memory the agent held at the end of the run (shared by concurrent runs).
+    pub table_memory_bytes: u64,
+}
+
+impl UnwindAccounting {
+    /// Adds another collection's counts (the table memory is a reading, not a count: the
+    /// newer one is kept).
+    pub fn add(&mut self, o: &Self) {
+        self.tables += o.tables;
+        self.joined += o.joined;
+        self.frame_pointers += o.frame_pointers;
+        self.copy_errors += o.copy_errors;
+        self.leaf_no_unwind_info += o.leaf_no_unwind_info;
+        self.leaf_unreadable += o.leaf_unreadable;
+        self.leaf_memory_full += o.leaf_memory_full;
+        self.leaf_not_mapped += o.leaf_not_mapped;
+        self.table_memory_bytes = self.table_memory_bytes.max(o.table_memory_bytes);
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -314,7 +356,33 @@ fn render_cpu(o: &mut String, c: &CpuSummary, seconds: f64) {
             a.children_followed, a.children_missed
         );
     }
+    render_unwind(o, &a.unwind);
     render_breakdown(o, &c.breakdown, "CPU", &|v| format!("{v}"));
+}
+
+fn render_unwind(o: &mut String, u: &UnwindAccounting) {
+    if u.tables + u.joined + u.frame_pointers + u.copy_errors == 0 {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "  user stacks: {} unwound from tables to their root, {} continued by frame pointers past \
+         the copied stack, {} by frame pointers only, {} without registers; unwind tables {} KiB",
+        u.tables,
+        u.joined,
+        u.frame_pointers,
+        u.copy_errors,
+        u.table_memory_bytes / 1024
+    );
+    let misses = u.leaf_no_unwind_info + u.leaf_unreadable + u.leaf_memory_full + u.leaf_not_mapped;
+    if misses > 0 {
+        let _ = writeln!(
+            o,
+            "  leaf without tables: {} in files without unwind info, {} unreadable, {} over the \
+             table memory cap, {} in no file (JIT code)",
+            u.leaf_no_unwind_info, u.leaf_unreadable, u.leaf_memory_full, u.leaf_not_mapped
+        );
+    }
 }
 
 #[cfg(test)]

@@ -19,20 +19,84 @@ use aya::{
     },
     util::online_cpus,
 };
+use toe_artifacts::summary::UnwindAccounting;
 use toe_common::{
     api::CpuProfileOptions,
     cpu::{
-        CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACKS, COUNTERS_MAP, Counter, CpuConfig,
-        FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED,
-        PROGRAM, SAMPLES_RING, Sample,
+        CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACK_COPY, CONFIG_USER_STACKS, COUNTERS_MAP,
+        Counter, CpuConfig, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_USTACK_COPY_ERROR,
+        FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED, MAX_STACK_DEPTH, PROGRAM, SAMPLES_RING, Sample,
     },
 };
 
 pub use crate::symbolize::RawKey;
 use crate::{
     ebpf::{LoadError, Loaded},
-    symbolize::images::Images,
+    symbolize::{
+        images::Images,
+        unwind::{Miss, Outcome, StackCopy, UnwindCache},
+    },
 };
+
+/// Turns the stack copy a sample carries into its user stack, with the mappings and files
+/// the run keeps for its target processes.
+pub struct UserStacks {
+    images: Arc<Images>,
+    cache: UnwindCache,
+    out: Vec<u64>,
+}
+
+impl UserStacks {
+    #[must_use]
+    pub fn new(images: Arc<Images>) -> Self {
+        Self {
+            images,
+            cache: UnwindCache::default(),
+            out: Vec::with_capacity(MAX_STACK_DEPTH),
+        }
+    }
+
+    /// The sample's user stack, leaf first: unwound from its copy when it has one, else the
+    /// kernel's frame-pointer walk.
+    fn of<'a>(&'a mut self, s: &'a Sample, counts: &mut UnwindAccounting) -> &'a [u64] {
+        let fp = &s.ustack[..(s.ustack_len as usize).min(s.ustack.len())];
+        let len = (s.ustack_copy_len as usize).min(s.ustack_copy.len());
+        if s.flags & FLAG_USTACK_COPY_ERROR != 0 {
+            counts.copy_errors += 1;
+            return fp;
+        }
+        if len == 0 {
+            return fp;
+        }
+        let copy = StackCopy {
+            ip: s.uregs[0],
+            sp: s.uregs[1],
+            bp: s.uregs[2],
+            bytes: &s.ustack_copy[..len],
+        };
+        let u = self.images.unwind(
+            s.pid,
+            &copy,
+            fp,
+            MAX_STACK_DEPTH,
+            &mut self.cache,
+            &mut self.out,
+        );
+        match u.outcome {
+            Outcome::Tables => counts.tables += 1,
+            Outcome::Joined => counts.joined += 1,
+            Outcome::FramePointers => counts.frame_pointers += 1,
+        }
+        match u.leaf_miss {
+            Some(Miss::NoUnwindInfo) => counts.leaf_no_unwind_info += 1,
+            Some(Miss::Unreadable) => counts.leaf_unreadable += 1,
+            Some(Miss::MemoryFull) => counts.leaf_memory_full += 1,
+            Some(Miss::NotMapped) => counts.leaf_not_mapped += 1,
+            None => {}
+        }
+        &self.out
+    }
+}
 
 /// What the collector received, before symbolization.
 #[derive(Debug, Default)]
@@ -46,12 +110,14 @@ pub struct RawProfile {
     pub ustack_truncated: u64,
     pub kstack_errors: u64,
     pub ustack_errors: u64,
+    pub unwind: UnwindAccounting,
     pub first_ns: Option<u64>,
     pub last_ns: Option<u64>,
 }
 
 impl RawProfile {
-    pub fn add(&mut self, s: &Sample) {
+    /// Adds one sample whose user stack is `ustack` (see [`UserStacks`]).
+    pub fn add(&mut self, s: &Sample, ustack: &[u64]) {
         self.received += 1;
         let flag = |f: u32| u64::from(s.flags & f != 0);
         self.kstack_truncated += flag(FLAG_KSTACK_TRUNCATED);
@@ -61,12 +127,11 @@ impl RawProfile {
         self.first_ns.get_or_insert(s.time_ns);
         self.last_ns = Some(s.time_ns);
         let klen = (s.kstack_len as usize).min(s.kstack.len());
-        let ulen = (s.ustack_len as usize).min(s.ustack.len());
         let key = RawKey {
             pid: s.pid,
             thread: s.comm,
             kstack: s.kstack[..klen].into(),
-            ustack: s.ustack[..ulen].into(),
+            ustack: ustack.into(),
             user_leaf_is_return: false,
         };
         if let Some(c) = self.counts.get_mut(&key) {
@@ -88,6 +153,7 @@ impl RawProfile {
         self.ustack_truncated += other.ustack_truncated;
         self.kstack_errors += other.kstack_errors;
         self.ustack_errors += other.ustack_errors;
+        self.unwind.add(&other.unwind);
         if self.first_ns.is_none() {
             self.first_ns = other.first_ns;
         }
@@ -119,6 +185,7 @@ struct Reader {
 
 impl Reader {
     fn spawn(mut ring: RingBuf<MapData>, images: Arc<Images>) -> Self {
+        let mut stacks = UserStacks::new(Arc::clone(&images));
         let received = Arc::new(Mutex::new(RawProfile::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -134,7 +201,7 @@ impl Reader {
                         {
                             let mut received = lock(&received);
                             let before = received.new_keys.len();
-                            drain_ring(&mut ring, &mut received);
+                            drain_ring(&mut ring, &mut received, &mut stacks);
                             seen.extend(received.new_keys[before..].iter().map(|k| k.pid));
                         }
                         // A process seen in a sample has its mappings read now, while it
@@ -215,7 +282,7 @@ impl CpuCollector {
                 flags |= CONFIG_KERNEL_STACKS;
             }
             if opts.user_stacks {
-                flags |= CONFIG_USER_STACKS;
+                flags |= CONFIG_USER_STACKS | CONFIG_USER_STACK_COPY;
             }
             config
                 .set(0, CpuConfig { flags, reserved: 0 }, 0)
@@ -289,14 +356,30 @@ impl CpuCollector {
     }
 }
 
-pub fn drain_ring(ring: &mut RingBuf<MapData>, profile: &mut RawProfile) -> usize {
+pub fn drain_ring(
+    ring: &mut RingBuf<MapData>,
+    profile: &mut RawProfile,
+    stacks: &mut UserStacks,
+) -> usize {
     let mut n = 0;
+    // One record at a time, boxed: a sample is 18 KiB, too much for the reader's stack to copy
+    // around.
+    let mut sample: Box<std::mem::MaybeUninit<Sample>> = Box::new_uninit();
     while let Some(item) = ring.next() {
         if item.len() >= size_of::<Sample>() {
-            // SAFETY: the kernel wrote a whole `Sample` (same repr(C) layout via toe-common);
-            // ring records are only 8-byte aligned, hence read_unaligned.
-            let sample = unsafe { ptr::read_unaligned(item.as_ptr().cast::<Sample>()) };
-            profile.add(&sample);
+            // SAFETY: the kernel wrote a whole `Sample` (same repr(C) layout via toe-common,
+            // every bit pattern valid); ring records are only 8-byte aligned, so the bytes are
+            // copied rather than referenced.
+            let s = unsafe {
+                ptr::copy_nonoverlapping(
+                    item.as_ptr(),
+                    sample.as_mut_ptr().cast::<u8>(),
+                    size_of::<Sample>(),
+                );
+                sample.assume_init_ref()
+            };
+            let ustack = stacks.of(s, &mut profile.unwind);
+            profile.add(s, ustack);
             n += 1;
         }
     }
@@ -307,19 +390,16 @@ pub fn drain_ring(ring: &mut RingBuf<MapData>, profile: &mut RawProfile) -> usiz
 mod tests {
     use super::*;
 
-    fn sample(pid: u32, k: &[u64], u: &[u64], flags: u32) -> Sample {
-        let mut s = Sample {
-            time_ns: 1,
-            tid: pid,
-            pid,
-            cpu: 0,
-            flags,
-            kstack_len: u32::try_from(k.len()).unwrap(),
-            ustack_len: u32::try_from(u.len()).unwrap(),
-            comm: *b"demo\0\0\0\0\0\0\0\0\0\0\0\0",
-            kstack: [0; toe_common::cpu::MAX_STACK_DEPTH],
-            ustack: [0; toe_common::cpu::MAX_STACK_DEPTH],
-        };
+    fn sample(pid: u32, k: &[u64], u: &[u64], flags: u32) -> Box<Sample> {
+        // SAFETY: every field of Sample is an integer or an array of them.
+        let mut s: Box<Sample> = unsafe { Box::new_zeroed().assume_init() };
+        s.time_ns = 1;
+        s.tid = pid;
+        s.pid = pid;
+        s.flags = flags;
+        s.kstack_len = u32::try_from(k.len()).unwrap();
+        s.ustack_len = u32::try_from(u.len()).unwrap();
+        s.comm = *b"demo\0\0\0\0\0\0\0\0\0\0\0\0";
         s.kstack[..k.len()].copy_from_slice(k);
         s.ustack[..u.len()].copy_from_slice(u);
         s
@@ -328,15 +408,26 @@ mod tests {
     #[test]
     fn identical_stacks_merge_and_flags_count() {
         let mut p = RawProfile::default();
-        p.add(&sample(1, &[10], &[20, 21], 0));
-        p.add(&sample(1, &[10], &[20, 21], FLAG_USTACK_TRUNCATED));
-        p.add(&sample(2, &[10], &[20, 21], FLAG_KSTACK_ERROR));
-        assert_eq!(p.received, 3);
+        let mut stacks = UserStacks::new(Arc::default());
+        let mut add = |p: &mut RawProfile, s: &Sample| {
+            let u = stacks.of(s, &mut p.unwind);
+            p.add(s, u);
+        };
+        add(&mut p, &sample(1, &[10], &[20, 21], 0));
+        add(&mut p, &sample(1, &[10], &[20, 21], FLAG_USTACK_TRUNCATED));
+        add(&mut p, &sample(2, &[10], &[20, 21], FLAG_KSTACK_ERROR));
+        let mut copy_failed = sample(2, &[10], &[20, 21], FLAG_USTACK_COPY_ERROR);
+        copy_failed.ustack_copy_len = 0;
+        add(&mut p, &copy_failed);
+        assert_eq!(p.received, 4);
         assert_eq!(p.counts.len(), 2);
         assert_eq!(p.ustack_truncated, 1);
         assert_eq!(p.kstack_errors, 1);
+        // Without a copy the frame-pointer walk is the stack; a failed copy is counted.
+        assert_eq!(p.unwind.copy_errors, 1);
+        assert_eq!(p.unwind.frame_pointers, 0);
         assert_eq!(p.take_new().len(), 2);
         assert!(p.take_new().is_empty());
-        assert_eq!(p.counts.values().sum::<u64>(), 3);
+        assert_eq!(p.counts.values().sum::<u64>(), 4);
     }
 }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use toe_artifacts::{
     folded, names, pprof,
     profile::{Profile, ValueType},
-    summary::{self, CpuSummary, SampleAccounting},
+    summary::{self, CpuSummary, SampleAccounting, UnwindAccounting},
     timeline,
 };
 use toe_common::api::CpuProfileOptions;
@@ -167,6 +167,10 @@ pub(crate) fn accounting(raw: &RawProfile, c: CpuCounters) -> SampleAccounting {
         user_stack_errors: raw.ustack_errors,
         children_followed: 0,
         children_missed: 0,
+        unwind: UnwindAccounting {
+            table_memory_bytes: crate::symbolize::unwind::table_memory() as u64,
+            ..raw.unwind.clone()
+        },
     }
 }
 
