@@ -1,7 +1,7 @@
 //! The CPU sampler against the real kernel: in-kernel filtering, attribution, sample counts and
 //! artifact consistency.
 
-use std::{io::Read as _, process::Command, time::Duration};
+use std::{fmt::Write as _, io::Read as _, process::Command, time::Duration};
 
 use toe_agent::{run::Ended, targets::TargetSpec};
 use toe_tests::{
@@ -486,8 +486,8 @@ fn stacks_of_packaged_binaries_reach_their_entry() {
     let mut x: u64 = 1;
     while text.len() < 16 << 20 {
         x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        text.push_str(["alpha ", "beta ", "gamma ", "delta\n"][(x >> 62) as usize]);
-        text.push_str(&format!("{} ", x >> 50));
+        text.push_str(["alpha ", "beta ", "gamma ", "delta\n"][usize::try_from(x >> 62).unwrap()]);
+        write!(text, "{} ", x >> 50).unwrap();
     }
     std::fs::write(&input, text).unwrap();
     let python = "import time\nend = time.time() + 30\nwhile time.time() < end:\n    sorted(str(i * 7919 % 1000) for i in range(2000))\n";

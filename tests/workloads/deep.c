@@ -1,12 +1,14 @@
 /* A CPU-bound program built without frame pointers (-O2 -fomit-frame-pointer): a 100-deep
- * recursion under `descend`, then a hot loop in `burn`, for as many seconds as asked. Only unwind
- * tables (.eh_frame) can walk its stacks back to `main`. */
+ * recursion under `descend`, then a hot loop in `burn`, for as many seconds as asked, or for a
+ * fixed number of `burn` calls (`deep-c DEPTH 0 CALLS`, for benchmarks). Only unwind tables
+ * (.eh_frame) can walk its stacks back to `main`. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
 
 volatile uint64_t sink;
 static time_t deadline;
+static long calls;
 
 __attribute__((noipa)) uint64_t burn(uint64_t x) {
     for (int i = 0; i < 100000; i++)
@@ -16,8 +18,12 @@ __attribute__((noipa)) uint64_t burn(uint64_t x) {
 
 __attribute__((noipa)) uint64_t descend(int depth, uint64_t acc) {
     if (depth == 0) {
-        while (time(NULL) < deadline)
-            sink += burn(acc);
+        if (calls > 0)
+            for (long i = 0; i < calls; i++)
+                sink += burn(acc + (uint64_t)i);
+        else
+            while (time(NULL) < deadline)
+                sink += burn(acc);
         return acc;
     }
     uint64_t r = descend(depth - 1, acc + (uint64_t)depth);
@@ -29,6 +35,7 @@ __attribute__((noipa)) uint64_t descend(int depth, uint64_t acc) {
 int main(int argc, char **argv) {
     int depth = argc > 1 ? atoi(argv[1]) : 100;
     int seconds = argc > 2 ? atoi(argv[2]) : 5;
+    calls = argc > 3 ? atol(argv[3]) : 0;
     deadline = time(NULL) + seconds;
     return (int)(descend(depth, 1) & 1);
 }

@@ -10,6 +10,9 @@ pub const SAMPLES_RING: &str = "TOE_CPU_SAMPLES";
 /// `PerCpuArray<u64>` indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "TOE_CPU_COUNTERS";
 pub const PROGRAM: &str = "toe_cpu_sample";
+/// The same sampler without stack copies: kernels before 5.15 have no `bpf_task_pt_regs`, and
+/// refuse [`PROGRAM`].
+pub const PROGRAM_FP: &str = "toe_cpu_sample_fp";
 
 /// `PERF_MAX_STACK_DEPTH`, the kernel's default `kernel.perf_event_max_stack`.
 pub const MAX_STACK_DEPTH: usize = 127;

@@ -110,7 +110,7 @@ unsafe fn copy_user_stack(s: *mut Sample) -> u32 {
     }
 }
 
-pub fn try_sample(ctx: &PerfEventContext) {
+pub fn try_sample<const COPY: bool>(ctx: &PerfEventContext) {
     if !current_is_target() {
         return;
     }
@@ -141,7 +141,7 @@ pub fn try_sample(ctx: &PerfEventContext) {
             ulen = n;
             flags |= f;
         }
-        if cfg.flags & CONFIG_USER_STACK_COPY != 0 {
+        if COPY && cfg.flags & CONFIG_USER_STACK_COPY != 0 {
             flags |= copy_user_stack(s);
         } else {
             (*s).ustack_copy_len = 0;

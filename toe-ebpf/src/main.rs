@@ -32,7 +32,14 @@ mod entries {
 
     #[perf_event]
     pub fn toe_cpu_sample(ctx: PerfEventContext) -> u32 {
-        crate::cpu::try_sample(&ctx);
+        crate::cpu::try_sample::<true>(&ctx);
+        0
+    }
+
+    /// The sampler without stack copies, for kernels before 5.15 (no `bpf_task_pt_regs`).
+    #[perf_event]
+    pub fn toe_cpu_sample_fp(ctx: PerfEventContext) -> u32 {
+        crate::cpu::try_sample::<false>(&ctx);
         0
     }
 

@@ -102,6 +102,16 @@ pub enum Which {
         #[arg(long, default_value_t = 400_000)]
         trips: u64,
     },
+    /// Stacks of software without frame pointers: complete-stack share, slowdown, CPU per
+    /// sample, memory and time to output; TOE with unwind tables, TOE with frame pointers only,
+    /// and `perf record --call-graph dwarf`, at 99 and 999 Hz.
+    Unwind {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds of work per workload run (about).
+        #[arg(long, default_value_t = 3)]
+        secs: u64,
+    },
     /// Per-signal overhead versus no tracing and bpftrace; loss-free event rate.
     Signals {
         #[arg(long, default_value_t = 5)]
@@ -177,7 +187,7 @@ fn spec(dir: &Path, freq: u64, duration: &str) -> Result<std::path::PathBuf> {
 }
 
 /// Waits for `child` with wait4, returning (success, peak RSS KiB, CPU seconds) of that process.
-fn wait4(child: &Child) -> Result<(bool, i64, f64)> {
+pub(crate) fn wait4(child: &Child) -> Result<(bool, i64, f64)> {
     let mut status = 0;
     // SAFETY: zeroed rusage is a valid out-parameter.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -800,6 +810,7 @@ pub fn run(which: &Which) -> Result<()> {
             secs,
         } => signals_bench(*rounds, *count, rates, *secs),
         Which::Offcpu { rounds, trips } => crate::bench_offcpu::offcpu_bench(*rounds, *trips),
+        Which::Unwind { rounds, secs } => crate::bench_unwind::unwind_bench(*rounds, *secs),
     }
 }
 

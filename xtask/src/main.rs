@@ -4,6 +4,7 @@ mod apiserver;
 mod bench;
 mod bench_faults;
 mod bench_offcpu;
+mod bench_unwind;
 mod bootstrap;
 mod cluster;
 mod crds;

@@ -181,6 +181,9 @@ pub struct CpuProfileOptions {
     pub frequency_hz: u64,
     pub kernel_stacks: bool,
     pub user_stacks: bool,
+    /// Walk user stacks with the binaries' unwind tables (a stack copy per sample), not by
+    /// frame pointers only.
+    pub unwind_tables: bool,
 }
 
 #[expect(clippy::cast_possible_wrap, reason = "small compile-time constants")]
@@ -206,6 +209,14 @@ const CPU_ARGS: &[ArgSpec] = &[
         default: Some("true"),
         help: "include user-space frames",
     },
+    ArgSpec {
+        name: "unwind",
+        kind: ArgKind::Enum(&["tables", "frame-pointers"]),
+        default: Some("tables"),
+        help: "how user stacks are walked: with the binaries' unwind tables (.eh_frame; copies \
+               16 KiB of stack per sample), or by frame pointers only (cheaper; stacks of code \
+               built without them stop after a frame or two)",
+    },
 ];
 
 fn build_cpu(args: &ParsedArgs) -> ToolOptions {
@@ -213,6 +224,7 @@ fn build_cpu(args: &ParsedArgs) -> ToolOptions {
         frequency_hz: args.integer("frequency").unsigned_abs(),
         kernel_stacks: args.bool("kernel-stacks"),
         user_stacks: args.bool("user-stacks"),
+        unwind_tables: args.choice("unwind") == "tables",
     })
 }
 

@@ -25,7 +25,8 @@ use toe_common::{
     cpu::{
         CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACK_COPY, CONFIG_USER_STACKS, COUNTERS_MAP,
         Counter, CpuConfig, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_USTACK_COPY_ERROR,
-        FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED, MAX_STACK_DEPTH, PROGRAM, SAMPLES_RING, Sample,
+        FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED, MAX_STACK_DEPTH, PROGRAM, PROGRAM_FP,
+        SAMPLES_RING, Sample,
     },
 };
 
@@ -264,6 +265,17 @@ pub struct CpuCollector {
     reader: Reader,
     counters: PerCpuArray<MapData, u64>,
     pub cpus: Vec<u32>,
+    /// Why user stacks are walked by frame pointers only although tables were asked for.
+    pub fallback: Option<String>,
+}
+
+fn load_sampler(loaded: &mut Loaded, name: &'static str) -> Result<(), LoadError> {
+    let prog: &mut PerfEvent = loaded
+        .program_mut(name)?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| LoadError::Program { name, source })
 }
 
 impl CpuCollector {
@@ -282,7 +294,10 @@ impl CpuCollector {
                 flags |= CONFIG_KERNEL_STACKS;
             }
             if opts.user_stacks {
-                flags |= CONFIG_USER_STACKS | CONFIG_USER_STACK_COPY;
+                flags |= CONFIG_USER_STACKS;
+                if opts.unwind_tables {
+                    flags |= CONFIG_USER_STACK_COPY;
+                }
             }
             config
                 .set(0, CpuConfig { flags, reserved: 0 }, 0)
@@ -299,18 +314,29 @@ impl CpuCollector {
                 io_error: e,
             }),
         })?;
-        let prog: &mut PerfEvent =
-            loaded
-                .program_mut(PROGRAM)?
-                .try_into()
-                .map_err(|source| LoadError::Program {
-                    name: PROGRAM,
-                    source,
-                })?;
-        prog.load().map_err(|source| LoadError::Program {
-            name: PROGRAM,
-            source,
-        })?;
+        // Stack copies need `bpf_task_pt_regs` (Linux 5.15): an older kernel refuses that
+        // sampler, and gets the one that walks frame pointers only, with a warning.
+        let mut fallback = None;
+        let name = if opts.user_stacks && opts.unwind_tables {
+            match load_sampler(loaded, PROGRAM) {
+                Ok(()) => PROGRAM,
+                Err(e) => {
+                    fallback = Some(format!(
+                        "user stacks walked by frame pointers only: this kernel refused the \
+                         sampler that copies stacks for unwind tables (it needs Linux 5.15+): {e}"
+                    ));
+                    load_sampler(loaded, PROGRAM_FP)?;
+                    PROGRAM_FP
+                }
+            }
+        } else {
+            load_sampler(loaded, PROGRAM_FP)?;
+            PROGRAM_FP
+        };
+        let prog: &mut PerfEvent = loaded
+            .program_mut(name)?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
         for &cpu in &cpus {
             prog.attach(
                 PerfEventConfig::Software(SoftwareEvent::CpuClock),
@@ -318,15 +344,13 @@ impl CpuCollector {
                 SamplePolicy::Frequency(opts.frequency_hz),
                 false,
             )
-            .map_err(|source| LoadError::Program {
-                name: PROGRAM,
-                source,
-            })?;
+            .map_err(|source| LoadError::Program { name, source })?;
         }
         Ok(Self {
             reader: Reader::spawn(ring, Arc::clone(images)),
             counters,
             cpus,
+            fallback,
         })
     }
 

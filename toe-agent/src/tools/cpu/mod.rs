@@ -104,7 +104,7 @@ impl ToolRun for CpuRun {
             comment: format!("toe cpu-profile at {} Hz", opts.frequency_hz),
         };
         let breakdown = summary::analyse(&profile);
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = self.collector.fallback.iter().cloned().collect();
         if breakdown.total == 0 {
             warnings.push(
                 "no samples: the target did not run on a CPU while sampling (idle, or exited at \

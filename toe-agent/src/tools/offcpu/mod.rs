@@ -64,6 +64,9 @@ impl Offcpu {
             frequency_hz: self.opts.frequency_hz,
             kernel_stacks: self.opts.kernel_stacks,
             user_stacks: self.opts.user_stacks,
+            // Off-CPU stacks are walked by frame pointer in the kernel: on-CPU stacks walked
+            // the same way keep one wall-clock flamegraph consistent.
+            unwind_tables: false,
         }
     }
 }
