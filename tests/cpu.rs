@@ -533,3 +533,74 @@ fn stacks_of_packaged_binaries_reach_their_entry() {
         );
     }
 }
+
+/// A process that becomes the program without frame pointers mid-run (a shell that execs it)
+/// is unwound from the new program's tables, read once its mappings change.
+#[test]
+fn a_program_exec_d_mid_run_is_unwound() {
+    if !require_root("a_program_exec_d_mid_run_is_unwound") {
+        return;
+    }
+    let script = format!("sleep 1; exec {} 100 30", workload("deep-c").display());
+    let target = toe_tests::TestProcess(
+        Command::new("sh")
+            .args(["-c", &script])
+            .spawn()
+            .expect("start sh"),
+    );
+    let (_, sink) = profile(
+        &cpu_spec("4s", &["--frequency=199"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let lines = folded(&sink);
+    let (all, complete) = recursion_reached(&lines, "burn", "descend", 101);
+    assert!(all >= 100, "only {all} samples in burn: {lines:?}");
+    assert!(
+        complete * 100 >= all * 99,
+        "{complete} of {all} samples reach main through 101 descend frames; first: {:?}",
+        lines.first()
+    );
+}
+
+/// A library `dlopen`ed after the run started (Python's `_lzma` extension, with Debian's
+/// liblzma behind it, imported a second in) is unwound through: the samples in liblzma reach
+/// the interpreter's entry.
+#[test]
+fn a_library_dlopened_mid_run_is_unwound() {
+    if !require_root("a_library_dlopened_mid_run_is_unwound") {
+        return;
+    }
+    let python = "/usr/bin/python3.11";
+    if !std::path::Path::new(python).exists() {
+        toe_tests::skip(
+            "a_library_dlopened_mid_run_is_unwound",
+            &format!("{python} is not installed"),
+        );
+        return;
+    }
+    let script = "import time, sys\nassert '_lzma' not in sys.modules\ntime.sleep(1)\nimport lzma\ndata = bytes(range(256)) * 4096\nend = time.time() + 30\nwhile time.time() < end:\n    lzma.compress(data, preset=1)\n";
+    let target = toe_tests::TestProcess(
+        Command::new(python)
+            .args(["-c", script])
+            .spawn()
+            .expect("start python"),
+    );
+    let (_, sink) = profile(
+        &cpu_spec("4s", &["--frequency=199"]),
+        TargetSpec::Pid(target.pid()),
+    );
+    let lines = folded(&sink);
+    let in_lzma: Vec<&(String, u64)> = lines.iter().filter(|(s, _)| s.contains("lzma_")).collect();
+    let all: u64 = in_lzma.iter().map(|(_, n)| n).sum();
+    let complete: u64 = in_lzma
+        .iter()
+        .filter(|(s, _)| reaches_entry(s))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(all >= 100, "only {all} samples in liblzma: {lines:?}");
+    assert!(
+        complete * 100 >= all * 95,
+        "{complete} of {all} samples in liblzma reach the entry; first: {:?}",
+        in_lzma.first()
+    );
+}

@@ -8,13 +8,13 @@
 //! stack deeper than the copy continues on the kernel's frame-pointer walk when the two meet.
 //!
 //! Why a stack copy and not an unwinder in the kernel (the OpenTelemetry profiler's and
-//! lightswitch's design): measured here, a copy costs the target about as much as perf's
-//! `--call-graph dwarf` (one bounded copy per sample, no table lookups in the kernel), needs no
-//! table memory in the kernel, no verifier-bound walk over `bpf_loop`, and unwinds a process
-//! whose tables are read after the sample was taken: a short-lived process or a library it
-//! `dlopen`ed a moment ago unwinds like the rest, which an in-kernel walker misses until its
-//! tables are loaded. Only target samples are copied (the target filter runs first), so the cost
-//! of moving the copies to user space stays with the run that asked for them.
+//! lightswitch's design): a copy is one bounded read per sample (perf's `--call-graph dwarf`
+//! does the same), needs no table memory in the kernel and no verifier-bounded walk over
+//! `bpf_loop`, and unwinds a process whose tables are read after the sample was taken: a
+//! short-lived process or a library it `dlopen`ed a moment ago unwinds like the rest, where an
+//! in-kernel walker misses every sample until its tables are loaded. Only target samples are
+//! copied (the target filter runs first). `cargo xtask bench unwind` measures the cost beside
+//! perf's.
 //!
 //! Tables are read once per file (device, inode, size and change time) for the whole agent:
 //! libc's are shared by every process and every concurrent run, and dropped when the last run
