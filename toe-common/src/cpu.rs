@@ -4,7 +4,7 @@
 //! id: stack-map ids are hash buckets that collide and get reused once drained, which either loses
 //! stacks or mislabels them. A record is self-contained, so draining can never race the sampler.
 
-use crate::TASK_COMM_LEN;
+use crate::{TASK_COMM_LEN, stacks::UserStackCopy};
 
 pub const SAMPLES_RING: &str = "TOE_CPU_SAMPLES";
 /// `PerCpuArray<u64>` indexed by [`Counter`].
@@ -64,13 +64,6 @@ pub const CONFIG_USER_STACK_COPY: u32 = 1 << 2;
 /// `Sample::flags`: the user registers or the top of the user stack could not be read.
 pub const FLAG_USTACK_COPY_ERROR: u32 = 1 << 4;
 
-/// Bytes of user stack copied per sample, from the stack pointer up: twice perf's default
-/// `--call-graph dwarf` size, enough for the 100-deep recursion of a C program without frame
-/// pointers and the frames of an interpreter's loop, at 18 KiB per record.
-pub const STACK_COPY_BYTES: usize = 16 << 10;
-/// The copy goes by chunks and stops at the first that cannot be read (the top of the stack's
-/// mapping), so a stack with less above its pointer than the whole copy still gets what there is.
-pub const STACK_COPY_CHUNK: usize = 1 << 10;
 /// `Array<CpuConfig>` with one entry.
 pub const CONFIG_MAP: &str = "TOE_CPU_CONFIG";
 
@@ -102,14 +95,11 @@ pub struct Sample {
     pub kstack: [u64; MAX_STACK_DEPTH],
     /// Leaf first.
     pub ustack: [u64; MAX_STACK_DEPTH],
-    /// User `ip`, `sp` and `bp` where the task left user mode (or was interrupted in it).
-    pub uregs: [u64; 3],
-    /// Bytes of `ustack_copy` that were read, from `uregs[1]` up.
-    pub ustack_copy_len: u32,
-    pub reserved: u32,
-    pub ustack_copy: [u8; STACK_COPY_BYTES],
+    /// For unwinding with tables, when [`CONFIG_USER_STACK_COPY`] is set.
+    pub ucopy: UserStackCopy,
 }
-const _: () = assert!(size_of::<Sample>() == 48 + 2 * 8 * MAX_STACK_DEPTH + 32 + STACK_COPY_BYTES);
+const _: () =
+    assert!(size_of::<Sample>() == 48 + 2 * 8 * MAX_STACK_DEPTH + size_of::<UserStackCopy>());
 
 /// Indices into [`COUNTERS_MAP`]. Together they account for every sample taken in a target:
 /// `Sampled = delivered records + RingFull`.

@@ -26,6 +26,29 @@ pub struct StoredStack {
 }
 const _: () = assert!(size_of::<StoredStack>() == 1024);
 
+/// Bytes of user stack copied per [`UserStackCopy`], from the stack pointer up: twice perf's
+/// default `--call-graph dwarf` size, enough for the 100-deep recursion of a C program without
+/// frame pointers and the frames of an interpreter's loop.
+pub const STACK_COPY_BYTES: usize = 16 << 10;
+/// The copy goes by chunks and stops at the first that cannot be read (the top of the stack's
+/// mapping), so a stack with less above its pointer than the whole copy still gets what there is.
+pub const STACK_COPY_CHUNK: usize = 1 << 10;
+
+/// A task's user registers where it left user mode (or was interrupted in it) and the top of
+/// its user stack, copied in the kernel for unwinding with the binaries' unwind tables in user
+/// space (`.eh_frame`), where frame pointers are missing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UserStackCopy {
+    /// `ip`, `sp` and `bp`.
+    pub regs: [u64; 3],
+    /// Bytes of `bytes` that were read, from `regs[1]` up; 0 when nothing could be.
+    pub len: u32,
+    pub reserved: u32,
+    pub bytes: [u8; STACK_COPY_BYTES],
+}
+const _: () = assert!(size_of::<UserStackCopy>() == 32 + STACK_COPY_BYTES);
+
 /// Start value of [`stack_hash`].
 pub const STACK_HASH_SEED: u64 = 0x243f_6a88_85a3_08d3;
 const HASH_MUL: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -3,12 +3,9 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_USER_STACK, BPF_RB_NO_WAKEUP, pt_regs},
+    bindings::{BPF_F_USER_STACK, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::{
-            bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs,
-        },
+        bpf_get_current_comm, bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_get_stack,
     },
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
@@ -17,10 +14,13 @@ use aya_ebpf::{
 use toe_common::cpu::{
     CONFIG_KERNEL_STACKS, CONFIG_USER_STACK_COPY, CONFIG_USER_STACKS, COUNTER_COUNT, Counter,
     CpuConfig, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_USTACK_COPY_ERROR, FLAG_USTACK_ERROR,
-    FLAG_USTACK_TRUNCATED, MAX_STACK_DEPTH, RING_BYTES, STACK_COPY_BYTES, STACK_COPY_CHUNK, Sample,
+    FLAG_USTACK_TRUNCATED, MAX_STACK_DEPTH, RING_BYTES, Sample,
 };
 
-use crate::targets::{bump, current_is_target};
+use crate::{
+    stacks,
+    targets::{bump, current_is_target},
+};
 
 #[map(name = "TOE_CPU_SAMPLES")]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
@@ -62,54 +62,6 @@ fn stack(ctx: &PerfEventContext, buf: &mut [u64; MAX_STACK_DEPTH], user: bool) -
     )
 }
 
-/// Copies the task's user registers and the top of its user stack into the sample; returns
-/// `FLAG_USTACK_COPY_ERROR` when there is nothing to unwind from.
-///
-/// The registers are those saved when the task entered the kernel (`task_pt_regs`), not the
-/// perf context's: a sample that interrupts a system call has kernel registers in its context,
-/// while the user stack to unwind is where the task left user mode.
-#[inline(always)]
-unsafe fn copy_user_stack(s: *mut Sample) -> u32 {
-    // SAFETY (whole body): `s` is a reserved record; every read of foreign memory goes through
-    // a probe-read helper, which fails instead of faulting.
-    unsafe {
-        (*s).ustack_copy_len = 0;
-        #[expect(clippy::cast_sign_loss, reason = "a kernel pointer returned as a long")]
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64 as *const pt_regs;
-        let (Ok(ip), Ok(sp), Ok(bp)) = (
-            bpf_probe_read_kernel(&raw const (*regs).rip),
-            bpf_probe_read_kernel(&raw const (*regs).rsp),
-            bpf_probe_read_kernel(&raw const (*regs).rbp),
-        ) else {
-            return FLAG_USTACK_COPY_ERROR;
-        };
-        (*s).uregs = [ip, sp, bp];
-        if sp == 0 {
-            return FLAG_USTACK_COPY_ERROR;
-        }
-        let dst = (&raw mut (*s).ustack_copy).cast::<u8>();
-        let mut len = 0;
-        for i in 0..STACK_COPY_BYTES / STACK_COPY_CHUNK {
-            let off = i * STACK_COPY_CHUNK;
-            #[expect(clippy::cast_possible_truncation, reason = "one KiB")]
-            let ret = bpf_probe_read_user(
-                dst.add(off).cast(),
-                STACK_COPY_CHUNK as u32,
-                (sp + off as u64) as *const _,
-            );
-            if ret != 0 {
-                break;
-            }
-            len = off + STACK_COPY_CHUNK;
-        }
-        #[expect(clippy::cast_possible_truncation, reason = "at most STACK_COPY_BYTES")]
-        {
-            (*s).ustack_copy_len = len as u32;
-        }
-        if len == 0 { FLAG_USTACK_COPY_ERROR } else { 0 }
-    }
-}
-
 pub fn try_sample<const COPY: bool>(ctx: &PerfEventContext) {
     if !current_is_target() {
         return;
@@ -142,9 +94,11 @@ pub fn try_sample<const COPY: bool>(ctx: &PerfEventContext) {
             flags |= f;
         }
         if COPY && cfg.flags & CONFIG_USER_STACK_COPY != 0 {
-            flags |= copy_user_stack(s);
+            if !stacks::copy_user(&raw mut (*s).ucopy) {
+                flags |= FLAG_USTACK_COPY_ERROR;
+            }
         } else {
-            (*s).ustack_copy_len = 0;
+            (*s).ucopy.len = 0;
         }
         (*s).kstack_len = klen;
         (*s).ustack_len = ulen;

@@ -1,14 +1,21 @@
-//! Stacks stored once under a hash of their frames (see `toe_common::stacks`).
+//! Stacks stored once under a hash of their frames, and copies of the top of a user stack for
+//! unwinding with tables in user space (see `toe_common::stacks`).
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::generated::bpf_get_stack,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{
+            bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs,
+        },
+    },
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
 use toe_common::stacks::{
-    MAX_FRAMES, STACK_HASH_SEED, StoredStack, stack_hash_finish, stack_hash_step,
+    MAX_FRAMES, STACK_COPY_BYTES, STACK_COPY_CHUNK, STACK_HASH_SEED, StoredStack, UserStackCopy,
+    stack_hash_finish, stack_hash_step,
 };
 
 #[map(name = "TOE_STACK_SCRATCH")]
@@ -65,4 +72,56 @@ pub fn store<C: EbpfContext>(
         }
     }
     Ok(h)
+}
+
+/// Copies the current task's user registers and the top of its user stack into `dst`; false
+/// when there is nothing to unwind from.
+///
+/// The registers are those saved when the task entered the kernel (`task_pt_regs`), not a
+/// program context's: a perf sample that interrupts a system call, or a tracepoint, has kernel
+/// registers in its context, while the user stack to unwind is where the task left user mode.
+/// `bpf_task_pt_regs` needs Linux 5.15; a program calling this is refused before.
+///
+/// # Safety
+/// `dst` must point at writable memory for one `UserStackCopy` (a ring-buffer reservation).
+#[inline(always)]
+pub unsafe fn copy_user(dst: *mut UserStackCopy) -> bool {
+    // SAFETY (whole body): `dst` is writable (caller); every read of foreign memory goes
+    // through a probe-read helper, which fails instead of faulting.
+    unsafe {
+        (*dst).len = 0;
+        #[expect(clippy::cast_sign_loss, reason = "a kernel pointer returned as a long")]
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64 as *const pt_regs;
+        let (Ok(ip), Ok(sp), Ok(bp)) = (
+            bpf_probe_read_kernel(&raw const (*regs).rip),
+            bpf_probe_read_kernel(&raw const (*regs).rsp),
+            bpf_probe_read_kernel(&raw const (*regs).rbp),
+        ) else {
+            return false;
+        };
+        (*dst).regs = [ip, sp, bp];
+        if sp == 0 {
+            return false;
+        }
+        let bytes = (&raw mut (*dst).bytes).cast::<u8>();
+        let mut len = 0;
+        for i in 0..STACK_COPY_BYTES / STACK_COPY_CHUNK {
+            let off = i * STACK_COPY_CHUNK;
+            #[expect(clippy::cast_possible_truncation, reason = "one KiB")]
+            let ret = bpf_probe_read_user(
+                bytes.add(off).cast(),
+                STACK_COPY_CHUNK as u32,
+                (sp + off as u64) as *const _,
+            );
+            if ret != 0 {
+                break;
+            }
+            len = off + STACK_COPY_CHUNK;
+        }
+        #[expect(clippy::cast_possible_truncation, reason = "at most STACK_COPY_BYTES")]
+        {
+            (*dst).len = len as u32;
+        }
+        len != 0
+    }
 }

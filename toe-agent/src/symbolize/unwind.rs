@@ -38,6 +38,7 @@ use framehop::{
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, SegmentFlags};
+use toe_common::stacks::UserStackCopy;
 
 /// Unwind-table memory the agent keeps at most, for every run together. libc's tables are
 /// about 80 KiB and a large C++ binary's a few MiB, so this holds the files of many processes.
@@ -249,6 +250,20 @@ pub struct StackCopy<'a> {
     pub sp: u64,
     pub bp: u64,
     pub bytes: &'a [u8],
+}
+
+impl<'a> StackCopy<'a> {
+    /// The registers and bytes the kernel copied; None when it copied nothing.
+    #[must_use]
+    pub fn of(c: &'a UserStackCopy) -> Option<Self> {
+        let len = (c.len as usize).min(c.bytes.len());
+        (len > 0).then(|| Self {
+            ip: c.regs[0],
+            sp: c.regs[1],
+            bp: c.regs[2],
+            bytes: &c.bytes[..len],
+        })
+    }
 }
 
 /// Per-thread state of the unwinder (framehop's rule cache).

@@ -61,19 +61,12 @@ impl UserStacks {
     /// kernel's frame-pointer walk.
     fn of<'a>(&'a mut self, s: &'a Sample, counts: &mut UnwindAccounting) -> &'a [u64] {
         let fp = &s.ustack[..(s.ustack_len as usize).min(s.ustack.len())];
-        let len = (s.ustack_copy_len as usize).min(s.ustack_copy.len());
         if s.flags & FLAG_USTACK_COPY_ERROR != 0 {
             counts.copy_errors += 1;
             return fp;
         }
-        if len == 0 {
+        let Some(copy) = StackCopy::of(&s.ucopy) else {
             return fp;
-        }
-        let copy = StackCopy {
-            ip: s.uregs[0],
-            sp: s.uregs[1],
-            bp: s.uregs[2],
-            bytes: &s.ustack_copy[..len],
         };
         let u = self.images.unwind(
             s.pid,
@@ -440,8 +433,7 @@ mod tests {
         add(&mut p, &sample(1, &[10], &[20, 21], 0));
         add(&mut p, &sample(1, &[10], &[20, 21], FLAG_USTACK_TRUNCATED));
         add(&mut p, &sample(2, &[10], &[20, 21], FLAG_KSTACK_ERROR));
-        let mut copy_failed = sample(2, &[10], &[20, 21], FLAG_USTACK_COPY_ERROR);
-        copy_failed.ustack_copy_len = 0;
+        let copy_failed = sample(2, &[10], &[20, 21], FLAG_USTACK_COPY_ERROR);
         add(&mut p, &copy_failed);
         assert_eq!(p.received, 4);
         assert_eq!(p.counts.len(), 2);
