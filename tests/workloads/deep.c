@@ -37,5 +37,6 @@ int main(int argc, char **argv) {
     int seconds = argc > 2 ? atoi(argv[2]) : 5;
     calls = argc > 3 ? atol(argv[3]) : 0;
     deadline = time(NULL) + seconds;
-    return (int)(descend(depth, 1) & 1);
+    sink += descend(depth, 1);
+    return 0;
 }

@@ -61,6 +61,9 @@ struct Run {
     maxrss_kib: i64,
     to_output_ms: f64,
     table_kib: u64,
+    /// Files whose tables TOE read, and how long that took.
+    table_files: u64,
+    table_ms: f64,
 }
 
 /// Functions a stack walked to the program's entry has at its root (the main thread's `_start`
@@ -97,17 +100,18 @@ pub fn unwind_bench(rounds: usize, secs: u64) -> Result<()> {
     let input = tmp.join("input");
     let mut text = String::new();
     let mut x: u64 = 1;
-    while text.len() < 3 << 20 {
+    while text.len() < usize::try_from(secs)? << 21 {
         x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
         text.push_str(["alpha ", "beta ", "gamma ", "delta\n"][usize::try_from(x >> 62)?]);
         write!(text, "{} ", x >> 50)?;
     }
     std::fs::write(&input, text)?;
-    // Fixed work sized to about `secs` seconds each on these machines.
-    let calls = (secs * 4000).to_string();
+    // Fixed work sized to about `secs` seconds each on these machines (xz: 2 MiB of input
+    // per second).
+    let calls = (secs * 9000).to_string();
     let python = format!(
         "for _ in range({}):\n    sorted(str(i * 7919 % 1000) for i in range(2000))\n",
-        secs * 400
+        secs * 4000
     );
     let workloads: Vec<(&str, Vec<String>)> = vec![
         (
@@ -219,6 +223,17 @@ fn report(name: &str, rounds: usize, results: &[Vec<Run>]) {
             complete * 100.0,
         );
     }
+    let tables = PROFILERS
+        .iter()
+        .position(|p| matches!(p, Profiler::Tables(_)))
+        .expect("a tables profiler");
+    let files = results[tables]
+        .iter()
+        .map(|r| r.table_files)
+        .max()
+        .unwrap_or(0);
+    let ms = median(results[tables].iter().map(|r| r.table_ms).collect());
+    println!("unwind tables read by TOE: {files} files in {ms:.1} ms (median)");
 }
 
 /// The workload, held by a shell until a line arrives on its stdin, then exec'd in the same
@@ -314,10 +329,10 @@ fn once(p: Profiler, argv: &[String], tmp: &Path) -> Result<Run> {
         {
             r.to_output_ms = v["finalize_ms"].as_u64().unwrap_or(0) as f64;
         }
-        r.table_kib = v["cpu"]["samples"]["unwind"]["table_memory_bytes"]
-            .as_u64()
-            .unwrap_or(0)
-            / 1024;
+        let unwind = &v["cpu"]["samples"]["unwind"];
+        r.table_kib = unwind["table_memory_bytes"].as_u64().unwrap_or(0) / 1024;
+        r.table_files = unwind["table_files_read"].as_u64().unwrap_or(0);
+        r.table_ms = unwind["table_read_ms"].as_f64().unwrap_or(0.0);
         let (samples, complete) = toe_complete(&out)?;
         r.samples = samples;
         r.complete = complete;

@@ -45,6 +45,9 @@ use toe_common::stacks::UserStackCopy;
 pub const TABLE_MEMORY_CAP: usize = 256 << 20;
 
 static TABLE_MEMORY: AtomicUsize = AtomicUsize::new(0);
+/// Files whose tables were read, and the time reading them took, since the agent started.
+static FILES_READ: AtomicUsize = AtomicUsize::new(0);
+static READ_MICROS: AtomicUsize = AtomicUsize::new(0);
 
 /// Why a file mapped by a target has no tables to unwind with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,7 +114,14 @@ pub fn tables_of(path: &Path) -> Result<Arc<FileTables>, Miss> {
         return Ok(t);
     }
     shared.retain(|_, w| w.strong_count() > 0);
-    let tables = Arc::new(read_tables(file)?);
+    let start = std::time::Instant::now();
+    let read = read_tables(file);
+    FILES_READ.fetch_add(1, Ordering::Relaxed);
+    READ_MICROS.fetch_add(
+        usize::try_from(start.elapsed().as_micros()).unwrap_or(usize::MAX),
+        Ordering::Relaxed,
+    );
+    let tables = Arc::new(read?);
     shared.insert(key, Arc::downgrade(&tables));
     Ok(tables)
 }
@@ -179,6 +189,14 @@ fn read_tables(file: File) -> Result<FileTables, Miss> {
 #[must_use]
 pub fn table_memory() -> usize {
     TABLE_MEMORY.load(Ordering::Relaxed)
+}
+
+/// Files whose tables the agent has read, and the milliseconds that took, since it started.
+#[must_use]
+pub fn tables_read() -> (u64, f64) {
+    #[expect(clippy::cast_precision_loss, reason = "milliseconds for display")]
+    let ms = READ_MICROS.load(Ordering::Relaxed) as f64 / 1000.0;
+    (FILES_READ.load(Ordering::Relaxed) as u64, ms)
 }
 
 /// One process's view for unwinding: a module per executable mapping with tables.

@@ -61,6 +61,10 @@ pub struct UnwindAccounting {
     pub leaf_not_mapped: u64,
     /// Unwind-table memory the agent held at the end of the run (shared by concurrent runs).
     pub table_memory_bytes: u64,
+    /// Files whose unwind tables the agent had read by the end of the run, and the time that
+    /// took (agent-wide: a file is read once for every run).
+    pub table_files_read: u64,
+    pub table_read_ms: f64,
 }
 
 impl UnwindAccounting {
@@ -76,6 +80,8 @@ impl UnwindAccounting {
         self.leaf_memory_full += o.leaf_memory_full;
         self.leaf_not_mapped += o.leaf_not_mapped;
         self.table_memory_bytes = self.table_memory_bytes.max(o.table_memory_bytes);
+        self.table_files_read = self.table_files_read.max(o.table_files_read);
+        self.table_read_ms = self.table_read_ms.max(o.table_read_ms);
     }
 }
 
@@ -367,12 +373,15 @@ fn render_unwind(o: &mut String, u: &UnwindAccounting) {
     let _ = writeln!(
         o,
         "  user stacks: {} unwound from tables to their root, {} continued by frame pointers past \
-         the copied stack, {} by frame pointers only, {} without registers; unwind tables {} KiB",
+         the copied stack, {} by frame pointers only, {} without registers; unwind tables {} KiB \
+         from {} files read in {:.1} ms",
         u.tables,
         u.joined,
         u.frame_pointers,
         u.copy_errors,
-        u.table_memory_bytes / 1024
+        u.table_memory_bytes / 1024,
+        u.table_files_read,
+        u.table_read_ms
     );
     let misses = u.leaf_no_unwind_info + u.leaf_unreadable + u.leaf_memory_full + u.leaf_not_mapped;
     if misses > 0 {

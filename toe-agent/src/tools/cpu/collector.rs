@@ -163,7 +163,7 @@ impl RawProfile {
     }
 }
 
-/// How often the reader thread empties the ring buffer ([`ring_bytes`] leaves a second of slack).
+/// How often the reader thread empties the ring buffer ([`ring_bytes`] leaves five periods of slack).
 ///
 /// [`ring_bytes`]: toe_common::cpu::ring_bytes
 const READ_EVERY: Duration = Duration::from_millis(25);

@@ -167,9 +167,14 @@ pub(crate) fn accounting(raw: &RawProfile, c: CpuCounters) -> SampleAccounting {
         user_stack_errors: raw.ustack_errors,
         children_followed: 0,
         children_missed: 0,
-        unwind: UnwindAccounting {
-            table_memory_bytes: crate::symbolize::unwind::table_memory() as u64,
-            ..raw.unwind.clone()
+        unwind: {
+            let (table_files_read, table_read_ms) = crate::symbolize::unwind::tables_read();
+            UnwindAccounting {
+                table_memory_bytes: crate::symbolize::unwind::table_memory() as u64,
+                table_files_read,
+                table_read_ms,
+                ..raw.unwind.clone()
+            }
         },
     }
 }
