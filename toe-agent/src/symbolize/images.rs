@@ -320,7 +320,14 @@ impl Images {
     }
 
     /// Unwinds one sample of `pid` from its stack copy into `out` (leaf first, at most `max`
-    /// frames), with the kernel's frame-pointer walk `fp` as the fallback.
+    /// frames), with the kernel's frame-pointer walk `fp` as the fallback. `may_look`: the
+    /// process's mappings may be read again when no kept mapping holds the leaf (a library
+    /// mapped since); the caller rate-limits it, as leaves in the vDSO or JIT code are never in
+    /// a file and would have the mappings read for every sample.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one sample's inputs and the unwinder's state"
+    )]
     pub fn unwind(
         &self,
         pid: u32,
@@ -329,11 +336,11 @@ impl Images {
         max: usize,
         cache: &mut UnwindCache,
         out: &mut Vec<u64>,
+        may_look: bool,
     ) -> Unwound {
         let mut found = self.snapshot_for(pid, copy.ip);
-        if !found.as_ref().is_some_and(|(_, holds)| *holds) {
-            // New to us, or its leaf is in a library mapped since its mappings were read
-            // (or in JIT code, which no file holds: the look is cheap when nothing changed).
+        let holds = found.as_ref().is_some_and(|(_, holds)| *holds);
+        if found.is_none() || (!holds && may_look) {
             self.observe(pid);
             found = self.snapshot_for(pid, copy.ip);
         }

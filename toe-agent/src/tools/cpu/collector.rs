@@ -45,7 +45,13 @@ pub struct UserStacks {
     images: Arc<Images>,
     cache: UnwindCache,
     out: Vec<u64>,
+    /// When each process last had its mappings looked at for a leaf no kept mapping held.
+    looked: HashMap<u32, std::time::Instant>,
 }
+
+/// A process whose sampled leaf lies in no kept mapping has its mappings read again at most
+/// this often (leaves in the vDSO or in JIT code are in no file, sample after sample).
+const LOOK_AGAIN: Duration = Duration::from_millis(100);
 
 impl UserStacks {
     #[must_use]
@@ -54,6 +60,7 @@ impl UserStacks {
             images,
             cache: UnwindCache::default(),
             out: Vec::with_capacity(MAX_STACK_DEPTH),
+            looked: HashMap::new(),
         }
     }
 
@@ -68,6 +75,11 @@ impl UserStacks {
         let Some(copy) = StackCopy::of(&s.ucopy) else {
             return fp;
         };
+        let now = std::time::Instant::now();
+        let may_look = self
+            .looked
+            .get(&s.pid)
+            .is_none_or(|t| now.duration_since(*t) >= LOOK_AGAIN);
         let u = self.images.unwind(
             s.pid,
             &copy,
@@ -75,7 +87,11 @@ impl UserStacks {
             MAX_STACK_DEPTH,
             &mut self.cache,
             &mut self.out,
+            may_look,
         );
+        if may_look {
+            self.looked.insert(s.pid, now);
+        }
         match u.outcome {
             Outcome::Tables => counts.tables += 1,
             Outcome::Joined => counts.joined += 1,
@@ -191,13 +207,12 @@ impl Reader {
                         // Read the flag first: the last pass then drains what was there when
                         // the owner asked to stop.
                         let last = stop.load(Ordering::Acquire);
-                        let mut seen = Vec::new();
-                        {
-                            let mut received = lock(&received);
-                            let before = received.new_keys.len();
-                            drain_ring(&mut ring, &mut received, &mut stacks);
-                            seen.extend(received.new_keys[before..].iter().map(|k| k.pid));
-                        }
+                        // Unwinding takes time: the run loop's share of what was read is
+                        // only locked to move the batch over.
+                        let mut batch = RawProfile::default();
+                        drain_ring(&mut ring, &mut batch, &mut stacks);
+                        let mut seen: Vec<u32> = batch.new_keys.iter().map(|k| k.pid).collect();
+                        lock(&received).merge(batch);
                         // A process seen in a sample has its mappings read now, while it
                         // surely lives: the watcher may be late on a busy machine, and a
                         // short-lived process can be gone before the run loop symbolizes it.
