@@ -417,22 +417,13 @@ fn recursion_reached(
     (all, complete)
 }
 
-/// A C program built `-O2 -fomit-frame-pointer` burns CPU 100 calls deep: its stacks reach
-/// `main` and the entry with every one of the 101 frames of the recursion, from the unwind
-/// tables (a frame-pointer walk stops after a frame or two).
-#[test]
-fn stacks_of_a_c_program_without_frame_pointers_reach_main() {
-    if !require_root("stacks_of_a_c_program_without_frame_pointers_reach_main") {
-        return;
-    }
-    let target = toe_tests::TestProcess(
-        Command::new(workload("deep-c"))
-            .args(["100", "30"])
-            .spawn()
-            .expect("start deep-c"),
-    );
+/// Profiles `cmd` (which runs a `deep` workload: `burn` under 100 calls of `descend`) for
+/// `duration` and checks that at least 99% of the samples in `burn` reach `main` and the entry
+/// through all 101 `descend` frames.
+fn assert_deep_stacks_complete(mut cmd: Command, duration: &str) {
+    let target = toe_tests::TestProcess(cmd.spawn().expect("start the workload"));
     let (_, sink) = profile(
-        &cpu_spec("3s", &["--frequency=199"]),
+        &cpu_spec(duration, &["--frequency=199"]),
         TargetSpec::Pid(target.pid()),
     );
     let lines = folded(&sink);
@@ -445,30 +436,28 @@ fn stacks_of_a_c_program_without_frame_pointers_reach_main() {
     );
 }
 
+/// A C program built `-O2 -fomit-frame-pointer` burns CPU 100 calls deep: its stacks reach
+/// `main` and the entry with every one of the 101 frames of the recursion, from the unwind
+/// tables (a frame-pointer walk stops after a frame or two).
+#[test]
+fn stacks_of_a_c_program_without_frame_pointers_reach_main() {
+    if !require_root("stacks_of_a_c_program_without_frame_pointers_reach_main") {
+        return;
+    }
+    let mut cmd = Command::new(workload("deep-c"));
+    cmd.args(["100", "30"]);
+    assert_deep_stacks_complete(cmd, "3s");
+}
+
 /// The same for a Rust release binary without frame pointers.
 #[test]
 fn stacks_of_a_rust_program_without_frame_pointers_reach_main() {
     if !require_root("stacks_of_a_rust_program_without_frame_pointers_reach_main") {
         return;
     }
-    let target = toe_tests::TestProcess(
-        Command::new(workload("deep-rust"))
-            .args(["100", "30"])
-            .spawn()
-            .expect("start deep-rust"),
-    );
-    let (_, sink) = profile(
-        &cpu_spec("3s", &["--frequency=199"]),
-        TargetSpec::Pid(target.pid()),
-    );
-    let lines = folded(&sink);
-    let (all, complete) = recursion_reached(&lines, "burn", "descend", 101);
-    assert!(all >= 100, "only {all} samples in burn: {lines:?}");
-    assert!(
-        complete * 100 >= all * 99,
-        "{complete} of {all} samples reach main through 101 descend frames; first: {:?}",
-        lines.first()
-    );
+    let mut cmd = Command::new(workload("deep-rust"));
+    cmd.args(["100", "30"]);
+    assert_deep_stacks_complete(cmd, "3s");
 }
 
 /// Packaged binaries of this machine, not built by us and without frame pointers (Debian's
@@ -542,24 +531,9 @@ fn a_program_exec_d_mid_run_is_unwound() {
         return;
     }
     let script = format!("sleep 1; exec {} 100 30", workload("deep-c").display());
-    let target = toe_tests::TestProcess(
-        Command::new("sh")
-            .args(["-c", &script])
-            .spawn()
-            .expect("start sh"),
-    );
-    let (_, sink) = profile(
-        &cpu_spec("4s", &["--frequency=199"]),
-        TargetSpec::Pid(target.pid()),
-    );
-    let lines = folded(&sink);
-    let (all, complete) = recursion_reached(&lines, "burn", "descend", 101);
-    assert!(all >= 100, "only {all} samples in burn: {lines:?}");
-    assert!(
-        complete * 100 >= all * 99,
-        "{complete} of {all} samples reach main through 101 descend frames; first: {:?}",
-        lines.first()
-    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script]);
+    assert_deep_stacks_complete(cmd, "4s");
 }
 
 /// A library `dlopen`ed after the run started (Python's `_lzma` extension, with Debian's
