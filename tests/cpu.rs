@@ -9,6 +9,15 @@ use toe_tests::{
     target_pid,
 };
 
+/// Tests that burn CPU with workloads of their own, and tests whose checks need the CPU time
+/// they ask for, take turns: on two CPUs (CI machines, the kernel VMs) one of each at once
+/// leaves the other too little.
+fn cpu_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn only_the_target_cgroup_and_its_descendants_are_sampled() {
     if !require_root("only_the_target_cgroup_and_its_descendants_are_sampled") {
@@ -181,6 +190,7 @@ fn hot_function_carries_its_share() {
     if !require_root("hot_function_carries_its_share") {
         return;
     }
+    let _turn = cpu_turn();
     let target = demo(&["spin", "60"], None);
     let (_, sink) = profile(
         &cpu_spec("8s", &["--frequency=999"]),
@@ -226,6 +236,7 @@ fn sample_count_matches_frequency_times_busy_cpu_time() {
     if !require_root("sample_count_matches_frequency_times_busy_cpu_time") {
         return;
     }
+    let _turn = cpu_turn();
     let dir = tempfile::tempdir().unwrap();
     let times = dir.path().join("times");
     let cmd = format!(
@@ -421,6 +432,7 @@ fn recursion_reached(
 /// `duration` and checks that at least 99% of the samples in `burn` reach `main` and the entry
 /// through all 101 `descend` frames.
 fn assert_deep_stacks_complete(mut cmd: Command, duration: &str) {
+    let _turn = cpu_turn();
     let target = toe_tests::TestProcess(cmd.spawn().expect("start the workload"));
     let (_, sink) = profile(
         &cpu_spec(duration, &["--frequency=199"]),
@@ -468,6 +480,7 @@ fn stacks_of_packaged_binaries_reach_their_entry() {
     if !require_root("stacks_of_packaged_binaries_reach_their_entry") {
         return;
     }
+    let _turn = cpu_turn();
     let dir = tempfile::tempdir().unwrap();
     // Compressible but not trivial input for xz: a text of pseudo-random words.
     let input = dir.path().join("input");
@@ -544,6 +557,7 @@ fn a_library_dlopened_mid_run_is_unwound() {
     if !require_root("a_library_dlopened_mid_run_is_unwound") {
         return;
     }
+    let _turn = cpu_turn();
     let python = "/usr/bin/python3.11";
     if !std::path::Path::new(python).exists() {
         toe_tests::skip(
