@@ -486,9 +486,11 @@ mod tests {
             .expect("sleep");
         let pid = child.id();
         let images = Images::default();
-        // Until the exec, the child is a copy of this test binary.
+        // Until the exec, the child is a copy of this test binary (and while it execs, its
+        // image cannot be read at all): wait for sleep's own image.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while image_of(pid) == image_of(std::process::id()) && Instant::now() < deadline {
+        let me = image_of(std::process::id());
+        while !image_of(pid).is_some_and(|i| Some(i) != me) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         images.observe(pid);
