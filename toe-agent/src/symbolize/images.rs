@@ -490,7 +490,7 @@ mod tests {
         // image cannot be read at all): wait for sleep's own image.
         let deadline = Instant::now() + Duration::from_secs(5);
         let me = image_of(std::process::id());
-        while !image_of(pid).is_some_and(|i| Some(i) != me) && Instant::now() < deadline {
+        while image_of(pid).is_none_or(|i| Some(i) == me) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         images.observe(pid);
