@@ -458,9 +458,12 @@ for m in $($B cat /modules/order); do $B insmod /modules/$m || echo "TOE-VM insm
 OPTS=trans=virtio,version=9p2000.L,msize=262144
 # The host's files, read-only, under an overlay whose changes stay in the guest's memory: the
 # tests write where they would on a node (/var/lib/toe, /etc/containers, /tmp, the repository),
-# and nothing reaches the host.
+# and nothing reaches the host. The host's files do not change while the guest runs, so the
+# guest keeps what it read in its page cache (`cache=loose`): every symbolization and unwind-table
+# read of a large binary would otherwise cross 9p again, and the emulator serves 9p under the lock
+# its vCPUs need to take interrupts.
 $B mkdir -p /lower /changes /host
-$B mount -t 9p -o $OPTS,ro host /lower || { echo "TOE-VM cannot mount the host's files"; $B poweroff -f; }
+$B mount -t 9p -o $OPTS,ro,cache=loose host /lower || { echo "TOE-VM cannot mount the host's files"; $B poweroff -f; }
 $B mount -t tmpfs changes /changes
 $B mkdir -p /changes/up /changes/work
 R=/host
@@ -698,7 +701,9 @@ fn boot_and_test(
         .arg("-append")
         // Unknown `NAME=value` parameters reach /init as its environment.
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet TOE_OUT={}",
+            // `loglevel=5`, not `quiet`: a soft lockup's backtrace is printed at the default
+            // level, which `quiet` hides.
+            "console=ttyS0 panic=-1 loglevel=5 TOE_OUT={}",
             out.display()
         ))
         .stdin(Stdio::null())
@@ -706,13 +711,20 @@ fn boot_and_test(
         .stderr(Stdio::inherit());
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
     let started = Instant::now();
+    let mut locked_up_at = None;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break Some(status);
         }
-        // A guest whose CPUs are locked up never finishes: stop it now, not at the timeout.
+        // A guest whose CPUs are locked up never finishes: stop it now, not at the timeout,
+        // once the watchdog has had time to print where each CPU is stuck.
+        if locked_up_at.is_none()
+            && std::fs::read_to_string(&console).is_ok_and(|log| log.contains(LOCKUP))
+        {
+            locked_up_at = Some(Instant::now());
+        }
         if started.elapsed() > GUEST_TIMEOUT
-            || std::fs::read_to_string(&console).is_ok_and(|log| log.contains(LOCKUP))
+            || locked_up_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5))
         {
             let _ = child.kill();
             let _ = child.wait();
@@ -726,11 +738,17 @@ fn boot_and_test(
         lines[lines.len().saturating_sub(40)..].join("\n")
     };
     match status {
-        None if log.contains(LOCKUP) => bail!(
-            "the guest's CPUs locked up after {}; console's end:\n{}",
-            crate::minutes(started.elapsed()),
-            tail()
-        ),
+        None if log.contains(LOCKUP) => {
+            // From the first report on: each stuck CPU's backtrace says what it was doing.
+            let lines: Vec<&str> = log.lines().collect();
+            let first = lines.iter().position(|l| l.contains(LOCKUP)).unwrap_or(0);
+            let from = first.saturating_sub(10);
+            bail!(
+                "the guest's CPUs locked up after {}; console from the first report:\n{}",
+                crate::minutes(started.elapsed()),
+                lines[from..lines.len().min(from + 200)].join("\n")
+            )
+        }
         None => bail!(
             "the guest did not finish within {} min; console's end:\n{}",
             GUEST_TIMEOUT.as_secs() / 60,
