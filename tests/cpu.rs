@@ -1,9 +1,10 @@
 //! The CPU sampler against the real kernel: in-kernel filtering, attribution, sample counts and
 //! artifact consistency.
 
-use std::{fmt::Write as _, io::Read as _, process::Command, time::Duration};
+use std::{io::Read as _, process::Command, time::Duration};
 
 use toe_agent::{run::Ended, targets::TargetSpec};
+use toe_common::stacks::folded_reaches_entry;
 use toe_tests::{
     TestCgroup, cpu_seconds, cpu_spec, demo, folded, profile, require_root, samples_by_pid,
     target_pid,
@@ -381,28 +382,6 @@ fn workload(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("TOE_WORKLOAD_DIR")).join(name)
 }
 
-/// The functions a user stack's root frame is when it was walked to the program's entry: the
-/// main thread's `_start` (and glibc's `__libc_start_*` below it), a thread's `clone3`/`clone`.
-const ENTRIES: &[&str] = &[
-    "_start",
-    "__libc_start_main",
-    "__libc_start_call_main",
-    "clone3",
-    "__clone",
-    "__clone3",
-    "start_thread",
-];
-
-/// Whether a folded stack's user part starts at a program entry: its first frame after the
-/// process root (`name (pid)`) and the thread frame, if any.
-fn reaches_entry(stack: &str) -> bool {
-    stack.split(';').skip(1).take(3).any(|f| {
-        ENTRIES
-            .iter()
-            .any(|e| f == *e || f.starts_with(&format!("{e} ")))
-    })
-}
-
 /// Of the samples whose leaf part contains `leaf`: (all, those with at least `depth` frames of
 /// `recursive` and `main` above them).
 fn recursion_reached(
@@ -421,7 +400,7 @@ fn recursion_reached(
         all += n;
         let deep = frames.iter().filter(|f| f.contains(recursive)).count() >= depth;
         let main = frames.iter().any(|f| *f == "main" || f.ends_with("::main"));
-        if deep && main && reaches_entry(stack) {
+        if deep && main && folded_reaches_entry(stack) {
             complete += n;
         }
     }
@@ -484,14 +463,12 @@ fn stacks_of_packaged_binaries_reach_their_entry() {
     let dir = tempfile::tempdir().unwrap();
     // Compressible but not trivial input for xz: a text of pseudo-random words.
     let input = dir.path().join("input");
-    let mut text = String::new();
-    let mut x: u64 = 1;
-    while text.len() < 16 << 20 {
-        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        text.push_str(["alpha ", "beta ", "gamma ", "delta\n"][usize::try_from(x >> 62).unwrap()]);
-        write!(text, "{} ", x >> 50).unwrap();
-    }
-    std::fs::write(&input, text).unwrap();
+    let made = Command::new(toe_tests::bin("toe-demo"))
+        .args(["words", &(16u32 << 20).to_string()])
+        .stdout(std::fs::File::create(&input).unwrap())
+        .status()
+        .unwrap();
+    assert!(made.success(), "toe-demo words: {made}");
     let python = "import time\nend = time.time() + 30\nwhile time.time() < end:\n    sorted(str(i * 7919 % 1000) for i in range(2000))\n";
     let cases: [(&str, Vec<&str>); 3] = [
         ("xz", vec!["/usr/bin/xz", "-9", "-T1", "-c", "-k"]),
@@ -520,12 +497,12 @@ fn stacks_of_packaged_binaries_reach_their_entry() {
         let all: u64 = lines.iter().map(|(_, n)| n).sum();
         let complete: u64 = lines
             .iter()
-            .filter(|(s, _)| reaches_entry(s))
+            .filter(|(s, _)| folded_reaches_entry(s))
             .map(|(_, n)| n)
             .sum();
         let worst = lines
             .iter()
-            .filter(|(s, _)| !reaches_entry(s))
+            .filter(|(s, _)| !folded_reaches_entry(s))
             .max_by_key(|(_, n)| *n);
         eprintln!("{name}: {complete} of {all} samples reach the entry");
         assert!(all >= 100, "{name}: only {all} samples");
@@ -582,7 +559,7 @@ fn a_library_dlopened_mid_run_is_unwound() {
     let all: u64 = in_lzma.iter().map(|(_, n)| n).sum();
     let complete: u64 = in_lzma
         .iter()
-        .filter(|(s, _)| reaches_entry(s))
+        .filter(|(s, _)| folded_reaches_entry(s))
         .map(|(_, n)| n)
         .sum();
     assert!(all >= 100, "only {all} samples in liblzma: {lines:?}");

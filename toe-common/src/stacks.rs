@@ -26,6 +26,35 @@ pub struct StoredStack {
 }
 const _: () = assert!(size_of::<StoredStack>() == 1024);
 
+/// Functions at the root of a user stack walked all the way to its program's entry: the main
+/// thread's `_start` (and glibc's `__libc_start_*` above it, when `_start` is a tail call), a
+/// thread's `clone` / `clone3` / `start_thread`. A stack that ends elsewhere was cut short.
+pub const ENTRY_FUNCTIONS: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_main_impl",
+    "__libc_start_call_main",
+    "clone3",
+    "__clone3",
+    "__clone",
+    "start_thread",
+];
+
+/// Whether a symbolized frame (`name`, `name+0x12`, `name (file)`, as folded stacks and
+/// `perf script` print them) is one of [`ENTRY_FUNCTIONS`].
+#[must_use]
+pub fn is_entry_frame(frame: &str) -> bool {
+    let name = frame.split([' ', '+']).next().unwrap_or(frame);
+    ENTRY_FUNCTIONS.contains(&name)
+}
+
+/// Whether a folded stack as TOE writes it (`process (pid);[thread;]root;...;leaf`) reaches a
+/// program entry: its first user frames after the process frame.
+#[must_use]
+pub fn folded_reaches_entry(stack: &str) -> bool {
+    stack.split(';').skip(1).take(3).any(is_entry_frame)
+}
+
 /// Bytes of user stack copied per [`UserStackCopy`], from the stack pointer up: twice perf's
 /// default `--call-graph dwarf` size, enough for the 100-deep recursion of a C program without
 /// frame pointers and the frames of an interpreter's loop.
@@ -99,7 +128,26 @@ mod user {
 
 #[cfg(test)]
 mod tests {
-    use super::stack_hash;
+    use super::{folded_reaches_entry, is_entry_frame, stack_hash};
+
+    #[test]
+    fn entry_frames_are_named_as_folded_stacks_and_perf_print_them() {
+        assert!(is_entry_frame("_start"));
+        assert!(is_entry_frame("__libc_start_main+0x80"));
+        assert!(is_entry_frame("start_thread (libc.so.6)"));
+        assert!(!is_entry_frame("_start_impl"));
+        assert!(!is_entry_frame("main"));
+        assert!(folded_reaches_entry(
+            "xz (41);_start;__libc_start_main;main;lzma_code"
+        ));
+        assert!(folded_reaches_entry(
+            "app (7);worker-1;clone3;start_thread;run"
+        ));
+        // Cut short: the root is a frame in the middle of the program.
+        assert!(!folded_reaches_entry("xz (41);lzma_code;lz_encode;bt_find"));
+        // An entry deep in the stack does not count: it is not where the walk ended.
+        assert!(!folded_reaches_entry("xz (41);a;b;c;_start"));
+    }
 
     #[test]
     fn stack_hash_depends_on_every_frame_their_order_and_count() {

@@ -170,6 +170,19 @@ pub(crate) fn powertool(tool: &str, duration: &str, args: &[&str]) -> String {
     )
 }
 
+/// `toe run` of the spec file `spec` against `pid`, writing to `out`: its JSON summary on stdout,
+/// its progress messages (`toe: started`) on stderr.
+pub(crate) fn toe(spec: &Path, pid: &str, out: &Path) -> Result<Child> {
+    Ok(Command::new(root().join("target/release/toe"))
+        .args(["run", "--no-progress", "--json", "-f"])
+        .arg(spec)
+        .args(["--pid", pid, "-o"])
+        .arg(out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
 /// [`powertool`] written to `dir/<name>.yaml`.
 pub(crate) fn spec_file(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
     let p = dir.join(format!("{name}.yaml"));

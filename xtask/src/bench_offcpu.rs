@@ -9,13 +9,13 @@
 
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    bench::{Measured, Ready, attached, columns, measure, median, powertool, spec_file},
+    bench::{Measured, Ready, attached, columns, measure, median, powertool, spec_file, toe},
     is_root, root,
 };
 
@@ -37,17 +37,6 @@ tracepoint:sched:sched_switch
 }
 tracepoint:sched:sched_process_exit /pid == $1 && tid == $1/ { exit(); }
 ";
-
-fn toe(spec: &Path, pid: &str, out: &Path) -> Result<Child> {
-    Ok(Command::new(root().join("target/release/toe"))
-        .args(["run", "--no-progress", "--json", "-f"])
-        .arg(spec)
-        .args(["--pid", pid, "-o"])
-        .arg(out)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?)
-}
 
 /// The workload alone while TOE profiles another process (a sleeping one): the cost every
 /// context switch of the node pays for TOE's program, which runs on every switch.

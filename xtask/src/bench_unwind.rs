@@ -8,7 +8,6 @@
 //! configuration rotates), because these machines drift 10-20% between runs.
 
 use std::{
-    fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -16,9 +15,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use toe_common::stacks::{folded_reaches_entry, is_entry_frame};
 
 use crate::{
-    bench::{Ready, attached, median, powertool, spec_file},
+    bench::{Ready, attached, median, powertool, spec_file, toe},
     is_root, root, run,
 };
 
@@ -66,25 +66,6 @@ struct Run {
     table_ms: f64,
 }
 
-/// Functions a stack walked to the program's entry has at its root (the main thread's `_start`
-/// and glibc's `__libc_start_*`; a thread's `clone3` / `start_thread`).
-const ENTRIES: &[&str] = &[
-    "_start",
-    "__libc_start_main",
-    "__libc_start_main_impl",
-    "__libc_start_call_main",
-    "clone3",
-    "__clone3",
-    "__clone",
-    "start_thread",
-];
-
-fn is_entry(function: &str) -> bool {
-    let name = function.split(' ').next().unwrap_or(function);
-    let name = name.split('+').next().unwrap_or(name);
-    ENTRIES.contains(&name)
-}
-
 pub fn unwind_bench(rounds: usize, secs: u64) -> Result<()> {
     if !is_root() {
         bail!("the benchmark loads eBPF programs and runs perf: run it as root");
@@ -98,14 +79,9 @@ pub fn unwind_bench(rounds: usize, secs: u64) -> Result<()> {
         .arg("-o")
         .arg(&deep))?;
     let input = tmp.join("input");
-    let mut text = String::new();
-    let mut x: u64 = 1;
-    while text.len() < usize::try_from(secs)? << 21 {
-        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        text.push_str(["alpha ", "beta ", "gamma ", "delta\n"][usize::try_from(x >> 62)?]);
-        write!(text, "{} ", x >> 50)?;
-    }
-    std::fs::write(&input, text)?;
+    run(Command::new(root().join("target/release/toe-demo"))
+        .args(["words", &(secs << 21).to_string()])
+        .stdout(std::fs::File::create(&input)?))?;
     // Fixed work sized to about `secs` seconds each on these machines (xz: 2 MiB of input
     // per second).
     let calls = (secs * 9000).to_string();
@@ -267,14 +243,7 @@ fn once(p: Profiler, argv: &[String], tmp: &Path) -> Result<Run> {
                 "unwind",
                 &powertool("cpu-profile", "10m", &[&freq, unwind]),
             )?;
-            let mut child = Command::new(root().join("target/release/toe"))
-                .args(["run", "--no-progress", "--json", "-f"])
-                .arg(spec)
-                .args(["--pid", &pid, "-o"])
-                .arg(&out)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
+            let mut child = toe(&spec, &pid, &out)?;
             attached(&mut child, Ready::Stderr("toe: started"))?;
             Some(child)
         }
@@ -358,7 +327,7 @@ fn toe_complete(out: &Path) -> Result<(u64, u64)> {
         let n: u64 = n.parse()?;
         all += n;
         // After the process root frame (and a thread frame, when there is one).
-        if stack.split(';').skip(1).take(3).any(is_entry) {
+        if folded_reaches_entry(stack) {
             complete += n;
         }
     }
@@ -396,7 +365,7 @@ fn perf_complete(data: &Path) -> Result<(u64, u64)> {
         if t.is_empty() {
             if in_sample {
                 all += 1;
-                if last.as_deref().is_some_and(is_entry) {
+                if last.as_deref().is_some_and(is_entry_frame) {
                     complete += 1;
                 }
             }
@@ -412,7 +381,7 @@ fn perf_complete(data: &Path) -> Result<(u64, u64)> {
     }
     if in_sample {
         all += 1;
-        if last.as_deref().is_some_and(is_entry) {
+        if last.as_deref().is_some_and(is_entry_frame) {
             complete += 1;
         }
     }

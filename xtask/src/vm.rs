@@ -709,7 +709,22 @@ fn boot_and_test(
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&console)?)
         .stderr(Stdio::inherit());
-    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    watch(child, &console)?;
+    let mut summary = summarize(&out, binaries);
+    if filter.is_empty() {
+        summary.skipped.extend(
+            NOT_UNDER_EMULATION
+                .iter()
+                .map(|(name, why)| format!("{name}: distorted by the emulation: {why}")),
+        );
+    }
+    Ok(summary)
+}
+
+/// Waits for the guest `child` to power off and fails unless its suites all ran to the end
+/// (whatever their results): a lockup, a hang or an early stop is an error with the console.
+fn watch(mut child: std::process::Child, console: &Path) -> Result<()> {
     let started = Instant::now();
     let mut locked_up_at = None;
     let status = loop {
@@ -719,7 +734,7 @@ fn boot_and_test(
         // A guest whose CPUs are locked up never finishes: stop it now, not at the timeout,
         // once the watchdog has had time to print where each CPU is stuck.
         if locked_up_at.is_none()
-            && std::fs::read_to_string(&console).is_ok_and(|log| log.contains(LOCKUP))
+            && std::fs::read_to_string(console).is_ok_and(|log| log.contains(LOCKUP))
         {
             locked_up_at = Some(Instant::now());
         }
@@ -732,7 +747,7 @@ fn boot_and_test(
         }
         std::thread::sleep(Duration::from_secs(1));
     };
-    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    let log = std::fs::read_to_string(console).unwrap_or_default();
     let tail = || {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
@@ -762,15 +777,7 @@ fn boot_and_test(
         }
         Some(_) => {}
     }
-    let mut summary = summarize(&out, binaries);
-    if filter.is_empty() {
-        summary.skipped.extend(
-            NOT_UNDER_EMULATION
-                .iter()
-                .map(|(name, why)| format!("{name}: distorted by the emulation: {why}")),
-        );
-    }
-    Ok(summary)
+    Ok(())
 }
 
 /// Counts each suite's results from libtest's lines and the suites' own `SKIP test: reason`.

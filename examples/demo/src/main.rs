@@ -29,6 +29,8 @@
 //! `toe-demo send NAME PID SIGNAL COUNT`: renames itself NAME and sends SIGNAL to PID COUNT times;
 //! prints the count sent and the seconds taken.
 //! `toe-demo sendrate NAME PID SIGNAL RATE SECONDS`: the same, paced at RATE per second.
+//! `toe-demo words BYTES`: writes BYTES of pseudo-random words to stdout, the same every time:
+//! input a compressor works hard on but does compress.
 
 mod memory;
 mod signals;
@@ -128,6 +130,25 @@ fn fixed_work(million_rounds: u64) -> u64 {
     x
 }
 
+/// Four words and numbers drawn by a linear congruential generator (Knuth's MMIX constants):
+/// fixed, so a benchmark's input is the same on every run.
+fn words(bytes: usize) {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut written = 0;
+    let mut x: u64 = 1;
+    while written < bytes {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let word = ["alpha ", "beta ", "gamma ", "delta\n"][usize::try_from(x >> 62).unwrap_or(0)];
+        let number = format!("{} ", x >> 50);
+        out.write_all(word.as_bytes())
+            .and_then(|()| out.write_all(number.as_bytes()))
+            .expect("stdout");
+        written += word.len() + number.len();
+    }
+    out.flush().expect("stdout");
+}
+
 fn arg_secs(args: &[String], default: f64) -> f64 {
     args.get(2).and_then(|s| s.parse().ok()).unwrap_or(default)
 }
@@ -209,9 +230,10 @@ fn main() {
             args.get(3).is_some_and(|a| a == "wait"),
         ),
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
+        Some("words") => words(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1 << 20)),
         Some(other) => {
             eprintln!(
-                "toe-demo: unknown mode {other}; use spin|fork|contend|work|sleep|waits|pingpong|leak|forkleak|touch|allocs|trap|send|sendrate [ARGS]"
+                "toe-demo: unknown mode {other}; use spin|fork|contend|work|sleep|waits|pingpong|leak|forkleak|touch|allocs|trap|send|sendrate|words [ARGS]"
             );
             std::process::exit(2);
         }
