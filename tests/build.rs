@@ -14,11 +14,16 @@ fn run(cmd: &mut Command) {
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     println!("cargo::rerun-if-changed=workloads");
-    run(Command::new("gcc")
-        .args(["-O2", "-fomit-frame-pointer", "-fno-optimize-sibling-calls"])
-        .arg("workloads/deep.c")
-        .arg("-o")
-        .arg(out.join("deep-c")));
+    for (source, name) in [
+        ("workloads/deep.c", "deep-c"),
+        ("workloads/sender.c", "sender-c"),
+    ] {
+        run(Command::new("gcc")
+            .args(["-O2", "-fomit-frame-pointer", "-fno-optimize-sibling-calls"])
+            .arg(source)
+            .arg("-o")
+            .arg(out.join(name)));
+    }
     run(
         Command::new(env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
             .args([

@@ -7,7 +7,7 @@ use toe_agent::{run::Ended, targets::TargetSpec};
 use toe_common::stacks::folded_reaches_entry;
 use toe_tests::{
     TestCgroup, cpu_seconds, cpu_spec, demo, folded, profile, require_root, samples_by_pid,
-    target_pid,
+    target_pid, workload,
 };
 
 /// Tests that burn CPU with workloads of their own, and tests whose checks need the CPU time
@@ -375,11 +375,6 @@ fn maximum_frequency_on_all_cpus_loses_nothing() {
     assert_eq!(s.lost_ring_full, 0, "{s:?}");
     assert_eq!(s.taken, s.recorded, "{s:?}");
     drop(busy);
-}
-
-/// A program of `tests/workloads`, built without frame pointers by the test crate's build script.
-fn workload(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("TOE_WORKLOAD_DIR")).join(name)
 }
 
 /// Of the samples whose leaf part contains `leaf`: (all, those with at least `depth` frames of

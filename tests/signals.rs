@@ -13,9 +13,10 @@ use std::{
 
 use serde_json::Value;
 use toe_agent::{run::Outcome, sink::MemorySink, targets::TargetSpec};
+use toe_common::stacks::is_entry_frame;
 use toe_tests::{
     TestCgroup, assert_rejected, bin, demo, profile, require_root, toe_run, tool_spec,
-    wait_for_pid_file, wait_for_signal_target,
+    wait_for_pid_file, wait_for_signal_target, workload,
 };
 
 const SIGUSR1: i32 = 10;
@@ -84,6 +85,52 @@ fn signals_to(ev: &[Value], pid: u32, signal: &str) -> Vec<Value> {
         .filter(|e| e["event"] == "signal" && e["pid"] == pid && e["signal"] == signal)
         .cloned()
         .collect()
+}
+
+/// A sender built without frame pointers (`main` -> `send_all` -> `send_one` -> glibc's `kill`):
+/// its user stack is unwound from the binary's and glibc's tables, through every one of its
+/// frames, to the program's entry. By frame pointers it is `kill` alone.
+#[test]
+fn a_senders_stack_without_frame_pointers_reaches_its_main() {
+    if !require_root("a_senders_stack_without_frame_pointers_reaches_its_main") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let run = trace(&[], trap_command(&ready, None));
+    let target = wait_for_pid_file(&ready);
+    let out = Command::new(workload("sender-c"))
+        .args([&target.to_string(), &SIGUSR1.to_string(), "3"])
+        .output()
+        .expect("start sender-c");
+    assert!(out.status.success(), "{out:?}");
+    let _ = send("bystander", target, SIGKILL, 1);
+    let (outcome, sink) = run.join().unwrap();
+    let got = signals_to(&events(&sink), target, "SIGUSR1");
+    assert_eq!(got.len(), 3, "{got:?}");
+    for e in &got {
+        assert_eq!(e["sender"]["comm"], "sender-c", "{e}");
+        let user: Vec<&str> = e["user_stack"]
+            .as_array()
+            .expect("user_stack")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let at = |f: &str| user.iter().position(|u| u.split(' ').next() == Some(f));
+        let (Some(one), Some(all), Some(main)) = (at("send_one"), at("send_all"), at("main"))
+        else {
+            panic!("sender frames missing: {user:?}");
+        };
+        // Leaf first, and nothing skipped between the program's own frames.
+        assert_eq!((all - one, main - all), (1, 1), "{user:?}");
+        assert!(
+            user.iter().rev().take(3).any(|f| is_entry_frame(f)),
+            "does not reach the entry: {user:?}"
+        );
+    }
+    let unwind = &outcome.summary.signals.as_ref().unwrap().unwind;
+    assert!(unwind.tables >= 3, "{unwind:?}");
+    assert_eq!(unwind.copy_errors + unwind.copies_lost, 0, "{unwind:?}");
 }
 
 #[test]

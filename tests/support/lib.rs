@@ -86,6 +86,12 @@ pub fn skip_unbootstrapped(test: &str, what: &str) {
     );
 }
 
+/// A program of `tests/workloads`, built without frame pointers by the test crate's build script.
+#[must_use]
+pub fn workload(name: &str) -> PathBuf {
+    Path::new(env!("TOE_WORKLOAD_DIR")).join(name)
+}
+
 /// A binary of this workspace (`toe`, `toe-demo`), from `TOE_BIN_DIR` or the target directory.
 #[must_use]
 pub fn bin(name: &str) -> PathBuf {

@@ -6,6 +6,7 @@
 
 pub mod images;
 pub mod unwind;
+pub mod user_stacks;
 
 use std::{
     collections::{HashMap, HashSet},

@@ -18,6 +18,15 @@ pub const EVENTS_RING: &str = "TOE_SIG_EVENTS";
 pub const STACKS_MAP: &str = "TOE_SIG_STACKS";
 /// `Array<SigConfig>` with one entry.
 pub const CONFIG_MAP: &str = "TOE_SIG_CONFIG";
+/// `RingBuf` of [`SenderCopy`]: the sender's user stack for unwinding with unwind tables, apart
+/// from the events so that copies the ring cannot hold never cost an event.
+pub const COPIES_RING: &str = "TOE_SIG_COPIES";
+/// Size of [`COPIES_RING`] when sender stacks are copied: 56 copies in flight, plenty for
+/// signals (a burst beyond it keeps its events and falls back to frame pointers, counted).
+pub const COPIES_RING_BYTES: u32 = 1 << 20;
+/// The `signal_generate` program that also copies the sender's stack (needs
+/// `bpf_task_pt_regs`, Linux 5.15); [`PROGRAMS`]' own one walks frame pointers only.
+pub const GENERATE_COPY_PROGRAM: &str = "toe_sig_generate_copy";
 /// `PerCpuArray<u64>` indexed by [`counter_index`] and [`Counter`].
 pub const COUNTERS_MAP: &str = "TOE_SIG_COUNTERS";
 
@@ -117,6 +126,22 @@ pub const CONFIG_FOLLOW_CGROUP_MOVES: u32 = 1 << 2;
 /// leader thread's, as bcc's `exitsnoop` counts it (a leader that leaves by `pthread_exit` while
 /// other threads run ends the process early in the record).
 pub const CONFIG_LEADER_EXIT_ENDS_PROCESS: u32 = 1 << 3;
+/// [`SigConfig::flags`]: copy the sender's user registers and stack into [`COPIES_RING`].
+pub const CONFIG_USER_STACK_COPY: u32 = 1 << 4;
+
+/// A sender's stack copy, for the `Generate` event of the same `time_ns` and `actor_tid`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SenderCopy {
+    pub time_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// 1 when the registers or the stack could not be read.
+    pub failed: u32,
+    pub reserved: u32,
+    pub copy: crate::stacks::UserStackCopy,
+}
+const _: () = assert!(size_of::<SenderCopy>() == 24 + size_of::<crate::stacks::UserStackCopy>());
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -253,8 +278,11 @@ pub enum Counter {
     /// Tasks found by the kernel in a target cgroup that were missing from the map (started in
     /// the cgroup directly, e.g. `clone3(CLONE_INTO_CGROUP)`).
     LateJoins = EVENT_KINDS * 2 + 4,
+    /// Sender stack copies lost because [`COPIES_RING`] was full (the event keeps its
+    /// frame-pointer stack).
+    CopiesLost = EVENT_KINDS * 2 + 5,
 }
-pub const COUNTER_COUNT: u32 = EVENT_KINDS * 2 + 5;
+pub const COUNTER_COUNT: u32 = EVENT_KINDS * 2 + 6;
 
 /// `TRACE_SIGNAL_*` from include/trace/events/signal.h.
 #[must_use]

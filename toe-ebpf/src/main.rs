@@ -87,7 +87,14 @@ mod entries {
 
     #[tracepoint]
     pub fn toe_sig_generate(ctx: TracePointContext) -> u32 {
-        crate::signals::try_generate(&ctx);
+        crate::signals::try_generate::<false>(&ctx);
+        0
+    }
+
+    /// `toe_sig_generate` that also copies the sender's stack for unwind tables (Linux 5.15+).
+    #[tracepoint]
+    pub fn toe_sig_generate_copy(ctx: TracePointContext) -> u32 {
+        crate::signals::try_generate::<true>(&ctx);
         0
     }
 

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         bpf_probe_read_kernel_str_bytes, generated::bpf_get_current_cgroup_id,
@@ -15,9 +15,10 @@ use toe_common::{
     TASK_COMM_LEN,
     signals::{
         CLD_DUMPED, CLD_EXITED, CONFIG_FOLLOW_CGROUP_MOVES, CONFIG_KERNEL_STACKS,
-        CONFIG_LEADER_EXIT_ENDS_PROCESS, CONFIG_USER_STACKS, COUNTER_COUNT, Counter, Event,
-        EventKind, MAX_SENDERS, MAX_STACKS, MAX_TASKS, RING_BYTES, SIGCHLD, SigConfig, TASK_DEAD,
-        TASK_EXIT_CALLED, TASK_TGID_UNKNOWN, TEXT_LEN, TaskInfo, counter_index,
+        CONFIG_LEADER_EXIT_ENDS_PROCESS, CONFIG_USER_STACK_COPY, CONFIG_USER_STACKS, COUNTER_COUNT,
+        Counter, Event, EventKind, MAX_SENDERS, MAX_STACKS, MAX_TASKS, RING_BYTES, SIGCHLD,
+        SenderCopy, SigConfig, TASK_DEAD, TASK_EXIT_CALLED, TASK_TGID_UNKNOWN, TEXT_LEN, TaskInfo,
+        counter_index,
     },
     stacks::StoredStack,
 };
@@ -32,6 +33,11 @@ static TASKS: HashMap<u32, TaskInfo> = HashMap::with_max_entries(MAX_TASKS, 0);
 
 #[map(name = "TOE_SIG_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// Sized at load: [`toe_common::signals::COPIES_RING_BYTES`] when sender stacks are copied,
+/// one page when not.
+#[map(name = "TOE_SIG_COPIES")]
+static COPIES: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 #[map(name = "TOE_SIG_STACKS")]
 /// Preallocated: a stack value is over 1 KiB, and the kernel's allocator keeps only one such
@@ -174,8 +180,31 @@ fn stack(ctx: &TracePointContext, user: bool) -> u64 {
     }
 }
 
-/// `signal:signal_generate`, in the sender's context.
-pub fn try_generate(ctx: &TracePointContext) {
+/// Copies the sender's registers and user stack for the event stamped `time_ns`; a full ring
+/// is counted and leaves the event its frame-pointer stack.
+#[inline(always)]
+fn copy_sender(time_ns: u64, pid: u32, tid: u32) {
+    let Some(mut entry) = COPIES.reserve::<SenderCopy>(0) else {
+        count(Counter::CopiesLost);
+        return;
+    };
+    let c = entry.as_mut_ptr();
+    // SAFETY: `c` is an exclusively owned, reserved SenderCopy-sized record; `copy_user`
+    // writes the copy's registers and length, and only `len` bytes are read from it.
+    unsafe {
+        (*c).time_ns = time_ns;
+        (*c).pid = pid;
+        (*c).tid = tid;
+        (*c).reserved = 0;
+        (*c).failed = u32::from(!stacks::copy_user(&raw mut (*c).copy));
+    }
+    // The event that follows wakes the reader.
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+}
+
+/// `signal:signal_generate`, in the sender's context. `COPY`: also copy the sender's stack
+/// when asked (the program variant for Linux 5.15+).
+pub fn try_generate<const COPY: bool>(ctx: &TracePointContext) {
     let Some(receiver) = read::<i32>(ctx, 36) else {
         return;
     };
@@ -208,6 +237,11 @@ pub fn try_generate(ctx: &TracePointContext) {
     } else {
         0
     };
+    // SAFETY: a helper without arguments.
+    let time_ns = unsafe { bpf_ktime_get_ns() };
+    if COPY && cfg.flags & CONFIG_USER_STACK_COPY != 0 && !exit_notice {
+        copy_sender(time_ns, tgid, tid);
+    }
     let receiver_tgid = target.map_or(0, |t| t.tgid);
     let kind = if exit_notice {
         EventKind::ExitNotice
@@ -215,6 +249,8 @@ pub fn try_generate(ctx: &TracePointContext) {
         EventKind::Generate
     };
     emit(kind, |e| unsafe {
+        // The stamp the stack copy carries, so user space pairs the two.
+        (*e).time_ns = time_ns;
         (*e).sig = sig;
         (*e).code = code;
         (*e).errno = read::<i32>(ctx, 12).unwrap_or(0);

@@ -51,6 +51,9 @@ pub struct UnwindAccounting {
     pub frame_pointers: u64,
     /// No user registers or stack could be read for the sample.
     pub copy_errors: u64,
+    /// Copies the kernel's ring could not hold (a collector that keeps them apart from its
+    /// events): those stacks were walked by frame pointers.
+    pub copies_lost: u64,
     /// Samples whose leaf lay in a file without unwind tables (e.g. Go binaries).
     pub leaf_no_unwind_info: u64,
     /// ... in a file that could not be read.
@@ -75,6 +78,7 @@ impl UnwindAccounting {
         self.joined += o.joined;
         self.frame_pointers += o.frame_pointers;
         self.copy_errors += o.copy_errors;
+        self.copies_lost += o.copies_lost;
         self.leaf_no_unwind_info += o.leaf_no_unwind_info;
         self.leaf_unreadable += o.leaf_unreadable;
         self.leaf_memory_full += o.leaf_memory_full;
@@ -362,19 +366,25 @@ fn render_cpu(o: &mut String, c: &CpuSummary, seconds: f64) {
             a.children_followed, a.children_missed
         );
     }
-    render_unwind(o, &a.unwind);
+    render_unwind(o, "user stacks", &a.unwind);
     render_breakdown(o, &c.breakdown, "CPU", &|v| format!("{v}"));
 }
 
-fn render_unwind(o: &mut String, u: &UnwindAccounting) {
-    if u.tables + u.joined + u.frame_pointers + u.copy_errors == 0 {
+/// How `what` (user stacks, sender stacks) were unwound, and why a leaf had no tables.
+pub(crate) fn render_unwind(o: &mut String, what: &str, u: &UnwindAccounting) {
+    if u.tables + u.joined + u.frame_pointers + u.copy_errors + u.copies_lost == 0 {
         return;
     }
+    let lost = if u.copies_lost > 0 {
+        format!(", {} copies lost (ring full)", u.copies_lost)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         o,
-        "  user stacks: {} unwound from tables to their root, {} continued by frame pointers past \
-         the copied stack, {} by frame pointers only, {} without registers; unwind tables {} KiB \
-         from {} files read in {:.1} ms",
+        "  {what}: {} unwound from tables to their root, {} continued by frame pointers past \
+         the copied stack, {} by frame pointers only, {} without registers{lost}; unwind tables \
+         {} KiB from {} files read in {:.1} ms",
         u.tables,
         u.joined,
         u.frame_pointers,

@@ -159,6 +159,8 @@ pub struct SignalSummary {
     pub stacks_unwind_failed: u64,
     pub stacks_map_full: u64,
     pub stacks_unverified: u64,
+    /// How sender user stacks were unwound (with `--unwind=tables`).
+    pub unwind: super::UnwindAccounting,
     /// Target tasks the kernel could not follow (tasks map full).
     pub tasks_missed: u64,
     /// Tasks found in a target cgroup by the kernel (born there) or by the periodic check.
@@ -233,6 +235,7 @@ pub fn render(o: &mut String, s: &SignalSummary) {
             s.stacks_unwind_failed, s.stacks_map_full, s.stacks_unverified
         );
     }
+    super::render_unwind(o, "sender stacks", &s.unwind);
     if s.tasks_missed > 0 {
         let _ = writeln!(
             o,

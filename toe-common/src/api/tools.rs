@@ -130,6 +130,9 @@ pub struct SignalTraceOptions {
     /// Sender process names (comm); empty: any sender.
     pub senders: Vec<String>,
     pub user_stacks: bool,
+    /// Walk the sender's user stack with the binaries' unwind tables (a stack copy per
+    /// signal), not by frame pointers only.
+    pub unwind_tables: bool,
     pub kernel_stacks: bool,
     /// Ring buffer bytes (a power of two).
     pub ring_bytes: u32,
@@ -209,15 +212,18 @@ const CPU_ARGS: &[ArgSpec] = &[
         default: Some("true"),
         help: "include user-space frames",
     },
-    ArgSpec {
-        name: "unwind",
-        kind: ArgKind::Enum(&["tables", "frame-pointers"]),
-        default: Some("tables"),
-        help: "how user stacks are walked: with the binaries' unwind tables (.eh_frame; copies \
-               16 KiB of stack per sample), or by frame pointers only (cheaper; stacks of code \
-               built without them stop after a frame or two)",
-    },
+    UNWIND_ARG,
 ];
+
+/// How user stacks are walked, for every collector that records them.
+const UNWIND_ARG: ArgSpec = ArgSpec {
+    name: "unwind",
+    kind: ArgKind::Enum(&["tables", "frame-pointers"]),
+    default: Some("tables"),
+    help: "how user stacks are walked: with the binaries' unwind tables (.eh_frame; copies \
+           16 KiB of stack per sample or signal), or by frame pointers only (cheaper; stacks of \
+           code built without them stop after a frame or two)",
+};
 
 fn build_cpu(args: &ParsedArgs) -> ToolOptions {
     ToolOptions::CpuProfile(CpuProfileOptions {
@@ -404,6 +410,7 @@ const SIGNAL_ARGS: &[ArgSpec] = &[
         default: Some("true"),
         help: "record the sender's user stack",
     },
+    UNWIND_ARG,
     ArgSpec {
         name: "kernel-stacks",
         kind: ArgKind::Bool,
@@ -436,6 +443,7 @@ fn build_signals(args: &ParsedArgs) -> ToolOptions {
         signals: args.signals("signals"),
         senders: args.names("senders").to_vec(),
         user_stacks: args.bool("user-stacks"),
+        unwind_tables: args.choice("unwind") == "tables",
         kernel_stacks: args.bool("kernel-stacks"),
         ring_bytes: u32::try_from(ring).unwrap_or(1 << 30),
         max_lost: args.integer("max-lost").unsigned_abs(),

@@ -25,88 +25,15 @@ use toe_common::{
     cpu::{
         CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACK_COPY, CONFIG_USER_STACKS, COUNTERS_MAP,
         Counter, CpuConfig, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_USTACK_COPY_ERROR,
-        FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED, MAX_STACK_DEPTH, PROGRAM, PROGRAM_FP,
-        SAMPLES_RING, Sample,
+        FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED, PROGRAM, PROGRAM_FP, SAMPLES_RING, Sample,
     },
 };
 
 pub use crate::symbolize::RawKey;
 use crate::{
     ebpf::{LoadError, Loaded},
-    symbolize::{
-        images::Images,
-        unwind::{Miss, Outcome, StackCopy, UnwindCache},
-    },
+    symbolize::{images::Images, user_stacks::UserStacks},
 };
-
-/// Turns the stack copy a sample carries into its user stack, with the mappings and files
-/// the run keeps for its target processes.
-pub struct UserStacks {
-    images: Arc<Images>,
-    cache: UnwindCache,
-    out: Vec<u64>,
-    /// When each process last had its mappings looked at for a leaf no kept mapping held.
-    looked: HashMap<u32, std::time::Instant>,
-}
-
-/// A process whose sampled leaf lies in no kept mapping has its mappings read again at most
-/// this often (leaves in the vDSO or in JIT code are in no file, sample after sample).
-const LOOK_AGAIN: Duration = Duration::from_millis(100);
-
-impl UserStacks {
-    #[must_use]
-    pub fn new(images: Arc<Images>) -> Self {
-        Self {
-            images,
-            cache: UnwindCache::default(),
-            out: Vec::with_capacity(MAX_STACK_DEPTH),
-            looked: HashMap::new(),
-        }
-    }
-
-    /// The sample's user stack, leaf first: unwound from its copy when it has one, else the
-    /// kernel's frame-pointer walk.
-    fn of<'a>(&'a mut self, s: &'a Sample, counts: &mut UnwindAccounting) -> &'a [u64] {
-        let fp = &s.ustack[..(s.ustack_len as usize).min(s.ustack.len())];
-        if s.flags & FLAG_USTACK_COPY_ERROR != 0 {
-            counts.copy_errors += 1;
-            return fp;
-        }
-        let Some(copy) = StackCopy::of(&s.ucopy) else {
-            return fp;
-        };
-        let now = std::time::Instant::now();
-        let may_look = self
-            .looked
-            .get(&s.pid)
-            .is_none_or(|t| now.duration_since(*t) >= LOOK_AGAIN);
-        let u = self.images.unwind(
-            s.pid,
-            &copy,
-            fp,
-            MAX_STACK_DEPTH,
-            &mut self.cache,
-            &mut self.out,
-            may_look,
-        );
-        if may_look {
-            self.looked.insert(s.pid, now);
-        }
-        match u.outcome {
-            Outcome::Tables => counts.tables += 1,
-            Outcome::Joined => counts.joined += 1,
-            Outcome::FramePointers => counts.frame_pointers += 1,
-        }
-        match u.leaf_miss {
-            Some(Miss::NoUnwindInfo) => counts.leaf_no_unwind_info += 1,
-            Some(Miss::Unreadable) => counts.leaf_unreadable += 1,
-            Some(Miss::MemoryFull) => counts.leaf_memory_full += 1,
-            Some(Miss::NotMapped) => counts.leaf_not_mapped += 1,
-            None => {}
-        }
-        &self.out
-    }
-}
 
 /// What the collector received, before symbolization.
 #[derive(Debug, Default)]
@@ -388,6 +315,18 @@ impl CpuCollector {
     }
 }
 
+/// The sample's user stack, leaf first: unwound from its copy when it has one, else the
+/// kernel's frame-pointer walk.
+fn cpu_user_stack<'a>(
+    stacks: &'a mut UserStacks,
+    s: &'a Sample,
+    counts: &mut UnwindAccounting,
+) -> &'a [u64] {
+    let fp = &s.ustack[..(s.ustack_len as usize).min(s.ustack.len())];
+    let failed = s.flags & FLAG_USTACK_COPY_ERROR != 0;
+    stacks.of(s.pid, &s.ucopy, failed, fp, counts)
+}
+
 pub fn drain_ring(
     ring: &mut RingBuf<MapData>,
     profile: &mut RawProfile,
@@ -410,7 +349,7 @@ pub fn drain_ring(
                 );
                 sample.assume_init_ref()
             };
-            let ustack = stacks.of(s, &mut profile.unwind);
+            let ustack = cpu_user_stack(stacks, s, &mut profile.unwind);
             profile.add(s, ustack);
             n += 1;
         }
@@ -442,7 +381,7 @@ mod tests {
         let mut p = RawProfile::default();
         let mut stacks = UserStacks::new(Arc::default());
         let mut add = |p: &mut RawProfile, s: &Sample| {
-            let u = stacks.of(s, &mut p.unwind);
+            let u = cpu_user_stack(&mut stacks, s, &mut p.unwind);
             p.add(s, u);
         };
         add(&mut p, &sample(1, &[10], &[20, 21], 0));

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use toe_artifacts::{
     folded, names, pprof,
     profile::{Profile, ValueType},
-    summary::{self, CpuSummary, SampleAccounting, UnwindAccounting},
+    summary::{self, CpuSummary, SampleAccounting},
     timeline,
 };
 use toe_common::api::CpuProfileOptions;
@@ -167,15 +167,7 @@ pub(crate) fn accounting(raw: &RawProfile, c: CpuCounters) -> SampleAccounting {
         user_stack_errors: raw.ustack_errors,
         children_followed: 0,
         children_missed: 0,
-        unwind: {
-            let (table_files_read, table_read_ms) = crate::symbolize::unwind::tables_read();
-            UnwindAccounting {
-                table_memory_bytes: crate::symbolize::unwind::table_memory() as u64,
-                table_files_read,
-                table_read_ms,
-                ..raw.unwind.clone()
-            }
-        },
+        unwind: crate::symbolize::user_stacks::with_table_readings(&raw.unwind),
     }
 }
 

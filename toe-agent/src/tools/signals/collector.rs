@@ -25,8 +25,9 @@ use toe_common::{
     api::SignalTraceOptions,
     signals::{
         CONFIG_FOLLOW_CGROUP_MOVES, CONFIG_KERNEL_STACKS, CONFIG_LEADER_EXIT_ENDS_PROCESS,
-        CONFIG_MAP, CONFIG_USER_STACKS, COUNTER_COUNT, COUNTERS_MAP, Counter, EVENTS_RING, Event,
-        EventKind, FIELDS, GROUP_DEAD_FIELD, MAX_SENDERS, PROGRAMS, STACKS_MAP, SigConfig,
+        CONFIG_MAP, CONFIG_USER_STACK_COPY, CONFIG_USER_STACKS, COPIES_RING, COUNTER_COUNT,
+        COUNTERS_MAP, Counter, EVENTS_RING, Event, EventKind, FIELDS, GENERATE_COPY_PROGRAM,
+        GROUP_DEAD_FIELD, MAX_SENDERS, PROGRAMS, STACKS_MAP, SenderCopy, SigConfig,
         TASK_TGID_UNKNOWN, TASKS_MAP, TaskInfo, counter_index,
     },
     stacks::StoredStack,
@@ -34,6 +35,7 @@ use toe_common::{
 
 use crate::{
     ebpf::{LoadError, Loaded},
+    symbolize::images::Images,
     targets::{self, CgroupTarget, ResolvedTarget},
     tracefs,
 };
@@ -64,10 +66,14 @@ impl SigCounters {
     }
 }
 
+/// Sender stack copies by (`time_ns`, sender tid), the stamp of their `Generate` event.
+pub type Copies = HashMap<(u64, u32), Box<SenderCopy>>;
+
 /// Events read from the ring, shared with the drain thread.
 #[derive(Default)]
 struct Inbox {
     events: Vec<Event>,
+    copies: Copies,
     received: u64,
 }
 
@@ -82,6 +88,8 @@ pub struct SignalCollector {
     pub reconciled: u64,
     /// Stored stacks whose frames failed verification.
     pub stacks_unverified: u64,
+    /// Why sender stacks are walked by frame pointers only although tables were asked for.
+    pub fallback: Option<String>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
@@ -158,6 +166,60 @@ fn target_tasks(target: &ResolvedTarget, tree: &[CgroupTarget]) -> BTreeMap<u32,
     out
 }
 
+fn tracepoint<'a>(
+    loaded: &'a mut Loaded,
+    name: &'static str,
+) -> Result<&'a mut TracePoint, LoadError> {
+    loaded
+        .program_mut(name)?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+fn load_tracepoint(loaded: &mut Loaded, name: &'static str) -> Result<(), LoadError> {
+    tracepoint(loaded, name)?
+        .load()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+/// Loads and attaches every program; returns why sender stacks are walked by frame pointers
+/// although tables were asked for, if they are.
+fn attach_programs(
+    loaded: &mut Loaded,
+    opts: &SignalTraceOptions,
+) -> Result<Option<String>, LoadError> {
+    // Stack copies need `bpf_task_pt_regs` (Linux 5.15): an older kernel refuses that
+    // program, and senders' stacks are walked by frame pointers, with a warning.
+    let mut fallback = None;
+    let mut generate = PROGRAMS[0].0;
+    if opts.user_stacks && opts.unwind_tables {
+        match load_tracepoint(loaded, GENERATE_COPY_PROGRAM) {
+            Ok(()) => generate = GENERATE_COPY_PROGRAM,
+            Err(e) => {
+                fallback = Some(format!(
+                    "sender stacks walked by frame pointers only: this kernel refused the \
+                     program that copies them for unwind tables (it needs Linux 5.15+): {e}"
+                ));
+            }
+        }
+    }
+    let mut attached = BTreeSet::new();
+    for &(name, category, event) in PROGRAMS {
+        let name = if event == "signal_generate" {
+            generate
+        } else {
+            name
+        };
+        if attached.insert(name) && name != GENERATE_COPY_PROGRAM {
+            load_tracepoint(loaded, name)?;
+        }
+        tracepoint(loaded, name)?
+            .attach(category, event)
+            .map_err(LoadError::Tracefs)?;
+    }
+    Ok(fallback)
+}
+
 impl SignalCollector {
     /// Checks the kernel's tracepoint layouts, loads and attaches every program, and seeds the
     /// tasks map. Target maps must already be set.
@@ -165,6 +227,7 @@ impl SignalCollector {
         loaded: &mut Loaded,
         opts: &SignalTraceOptions,
         target: &ResolvedTarget,
+        images: &Arc<Images>,
     ) -> Result<Self, LoadError> {
         tracefs::check_fields(FIELDS).map_err(LoadError::Layout)?;
         let group_dead = tracefs::has_field(GROUP_DEAD_FIELD).map_err(LoadError::Layout)?;
@@ -188,6 +251,9 @@ impl SignalCollector {
             let mut flags = 0;
             if opts.user_stacks {
                 flags |= CONFIG_USER_STACKS;
+                if opts.unwind_tables {
+                    flags |= CONFIG_USER_STACK_COPY;
+                }
             }
             if opts.kernel_stacks {
                 flags |= CONFIG_KERNEL_STACKS;
@@ -218,18 +284,9 @@ impl SignalCollector {
             BpfHashMap::try_from(loaded.take_map(TASKS_MAP)?).map_err(map_err(TASKS_MAP))?;
         let ring: RingBuf<MapData> =
             RingBuf::try_from(loaded.take_map(EVENTS_RING)?).map_err(map_err(EVENTS_RING))?;
-        let mut attached = BTreeSet::new();
-        for &(name, category, event) in PROGRAMS {
-            let prog: &mut TracePoint = loaded
-                .program_mut(name)?
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            if attached.insert(name) {
-                prog.load()
-                    .map_err(|source| LoadError::Program { name, source })?;
-            }
-            prog.attach(category, event).map_err(LoadError::Tracefs)?;
-        }
+        let copies: RingBuf<MapData> =
+            RingBuf::try_from(loaded.take_map(COPIES_RING)?).map_err(map_err(COPIES_RING))?;
+        let fallback = attach_programs(loaded, opts)?;
         // Seeded after the programs are attached: a task created meanwhile is added by the
         // kernel (its parent is a target) or is found here, never missed in between.
         for (tid, tgid) in target_tasks(target, &tree) {
@@ -242,11 +299,12 @@ impl SignalCollector {
         let inbox = Arc::new(Mutex::new(Inbox::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let drainer = {
+            let images = Arc::clone(images);
             let inbox = Arc::clone(&inbox);
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("toe-signals".into())
-                .spawn(move || drain_loop(ring, &inbox, &stop))
+                .spawn(move || drain_loop(ring, copies, &images, &inbox, &stop))
                 .map_err(LoadError::Thread)?
         };
         Ok(Self {
@@ -258,6 +316,7 @@ impl SignalCollector {
             inbox,
             stop,
             drainer: Some(drainer),
+            fallback,
             reconciled: 0,
             stacks_unverified: 0,
         })
@@ -315,10 +374,15 @@ impl SignalCollector {
         }
     }
 
-    /// Events received since the last call.
+    /// Events received since the last call, and the sender stack copies received with them
+    /// (and any not paired yet).
     #[must_use]
-    pub fn take_events(&self) -> Vec<Event> {
-        std::mem::take(&mut self.inbox.lock().expect("inbox lock").events)
+    pub fn take_events(&self) -> (Vec<Event>, Copies) {
+        let mut inbox = self.inbox.lock().expect("inbox lock");
+        (
+            std::mem::take(&mut inbox.events),
+            std::mem::take(&mut inbox.copies),
+        )
     }
 
     #[must_use]
@@ -365,11 +429,21 @@ impl Drop for SignalCollector {
     }
 }
 
-/// Reads the ring until told to stop, then once more to empty it. Waits in poll(2) between
-/// bursts: the kernel wakes it when a record lands in an empty ring.
-fn drain_loop(mut ring: RingBuf<MapData>, inbox: &Mutex<Inbox>, stop: &AtomicBool) {
+/// Reads the rings until told to stop, then once more to empty them. Waits in poll(2) between
+/// bursts: the kernel wakes it when an event lands in an empty ring. Copies are read after the
+/// events: the kernel submits a copy before its event, so every event read has its copy read by
+/// the same pass (or, when the copy was lost, never). A sender's mappings are read as soon as
+/// its copy arrives: a process that signals and exits is gone by the run loop's next tick.
+fn drain_loop(
+    mut ring: RingBuf<MapData>,
+    mut copies: RingBuf<MapData>,
+    images: &Images,
+    inbox: &Mutex<Inbox>,
+    stop: &AtomicBool,
+) {
     let fd = ring.as_raw_fd();
     let mut batch = Vec::with_capacity(4096);
+    let mut copied = HashMap::new();
     loop {
         let stopping = stop.load(Ordering::Acquire);
         while let Some(item) = ring.next() {
@@ -379,10 +453,18 @@ fn drain_loop(mut ring: RingBuf<MapData>, inbox: &Mutex<Inbox>, stop: &AtomicBoo
                 batch.push(unsafe { ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
             }
             if batch.len() == batch.capacity() {
-                flush(inbox, &mut batch);
+                drain_copies(&mut copies, &mut copied);
+                flush(inbox, &mut batch, &mut copied);
             }
         }
-        flush(inbox, &mut batch);
+        drain_copies(&mut copies, &mut copied);
+        let mut senders: Vec<u32> = copied.values().map(|c| c.pid).collect();
+        senders.sort_unstable();
+        senders.dedup();
+        for pid in senders {
+            images.observe(pid);
+        }
+        flush(inbox, &mut batch, &mut copied);
         if stopping {
             return;
         }
@@ -396,11 +478,32 @@ fn drain_loop(mut ring: RingBuf<MapData>, inbox: &Mutex<Inbox>, stop: &AtomicBoo
     }
 }
 
-fn flush(inbox: &Mutex<Inbox>, batch: &mut Vec<Event>) {
-    if batch.is_empty() {
+fn drain_copies(ring: &mut RingBuf<MapData>, out: &mut Copies) {
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<SenderCopy>() {
+            // SAFETY: the kernel wrote a whole SenderCopy (same repr(C) layout via toe-common,
+            // every bit pattern valid); copied byte-wise into a heap slot, as records are only
+            // 8-byte aligned and 16 KiB is too much for this thread's stack.
+            let copy = unsafe {
+                let mut slot: Box<std::mem::MaybeUninit<SenderCopy>> = Box::new_uninit();
+                ptr::copy_nonoverlapping(
+                    item.as_ptr(),
+                    slot.as_mut_ptr().cast::<u8>(),
+                    size_of::<SenderCopy>(),
+                );
+                slot.assume_init()
+            };
+            out.insert((copy.time_ns, copy.tid), copy);
+        }
+    }
+}
+
+fn flush(inbox: &Mutex<Inbox>, batch: &mut Vec<Event>, copies: &mut Copies) {
+    if batch.is_empty() && copies.is_empty() {
         return;
     }
     let mut i = inbox.lock().expect("inbox lock");
     i.received += batch.len() as u64;
     i.events.append(batch);
+    i.copies.extend(copies.drain());
 }

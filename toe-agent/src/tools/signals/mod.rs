@@ -11,24 +11,32 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::Path,
+    sync::Arc,
 };
 
 use bytes::Bytes;
-use toe_artifacts::names;
+use toe_artifacts::{names, summary::UnwindAccounting};
 use toe_common::{
     api::SignalTraceOptions,
     comm_to_string,
-    signals::{Counter, Event, EventKind, TASK_EXIT_CALLED, code_name, result_name, signal_name},
+    signals::{
+        COPIES_RING, COPIES_RING_BYTES, Counter, Event, EventKind, TASK_EXIT_CALLED, code_name,
+        result_name, signal_name,
+    },
+    stacks::stack_hash,
 };
 
 use self::{
-    collector::{SigCounters, SignalCollector},
+    collector::{Copies, SigCounters, SignalCollector},
     records::{self as sigprof, Actor, Detail, KindAccounting, Record, SignalSummary},
 };
 use super::{Artifact, Attach, Finish, Finished, MapSizes, Prepare, Tick, Tool, ToolRun};
 use crate::{
     run::RunError,
-    symbolize::{RawKey, Symbolizer},
+    symbolize::{
+        RawKey, Symbolizer,
+        user_stacks::{UserStacks, with_table_readings},
+    },
     targets::{self, ResolvedTarget, TargetError},
 };
 
@@ -50,6 +58,14 @@ impl Tool for Signals {
             (sig::STACKS_MAP, sig::MAX_STACKS),
             (sig::TASKS_MAP, sig::MAX_TASKS),
             (sig::EVENTS_RING, self.opts.ring_bytes),
+            (
+                COPIES_RING,
+                if self.opts.user_stacks && self.opts.unwind_tables {
+                    COPIES_RING_BYTES
+                } else {
+                    4096
+                },
+            ),
         ]
     }
 
@@ -64,11 +80,15 @@ impl Tool for Signals {
     }
 
     fn attach(self: Box<Self>, cx: &mut Attach<'_>) -> Result<Box<dyn ToolRun>, RunError> {
-        let mut collector = SignalCollector::attach(cx.loaded, &self.opts, cx.target)?;
+        let mut collector = SignalCollector::attach(cx.loaded, &self.opts, cx.target, cx.images)?;
         if let Some(pid) = cx.held_pid {
             collector.add_process(pid)?;
         }
-        Ok(Box::new(SignalWork::new(self.opts, collector)))
+        Ok(Box::new(SignalWork::new(
+            self.opts,
+            collector,
+            UserStacks::new(Arc::clone(cx.images)),
+        )))
     }
 }
 
@@ -82,6 +102,11 @@ struct SignalWork {
     /// Sender stacks read from the kernel map, split so each side symbolizes on its own.
     stacks: HashMap<StackKey, (RawKey, RawKey)>,
     new_keys: Vec<RawKey>,
+    /// Senders' user stacks unwound from their copies (`--unwind=tables`).
+    user_stacks: UserStacks,
+    unwind: UnwindAccounting,
+    /// Copies whose event has not been read yet, by (`time_ns`, sender tid).
+    copies: Copies,
     /// Memory cgroup of OOM victims, read as soon as the event arrives.
     oom_cgroups: HashMap<u32, String>,
     ticks: u64,
@@ -102,12 +127,19 @@ fn memory_cgroup(tid: u32) -> Option<String> {
 }
 
 impl SignalWork {
-    pub fn new(opts: SignalTraceOptions, collector: SignalCollector) -> Self {
+    pub fn new(
+        opts: SignalTraceOptions,
+        collector: SignalCollector,
+        user_stacks: UserStacks,
+    ) -> Self {
         Self {
             opts,
             collector,
             events: Vec::new(),
             stacks: HashMap::new(),
+            user_stacks,
+            unwind: UnwindAccounting::default(),
+            copies: HashMap::new(),
             new_keys: Vec::new(),
             oom_cgroups: HashMap::new(),
             ticks: 0,
@@ -124,13 +156,32 @@ impl SignalWork {
     }
 
     fn absorb(&mut self) {
-        let events = self.collector.take_events();
-        for e in &events {
+        let (mut events, copies) = self.collector.take_events();
+        self.copies.extend(copies);
+        for e in &mut events {
             if e.kind == EventKind::Oom as u32
                 && let Some(cg) = memory_cgroup(e.tid)
             {
                 self.oom_cgroups.insert(e.tid, cg);
             }
+            let fp = self.collector.stack(e.ustack).unwrap_or_default();
+            // A sender's copy replaces its frame-pointer stack by the stack unwound from it,
+            // and the event is keyed by that stack's hash from here on.
+            let ustack = match self.copies.remove(&(e.time_ns, e.actor_tid)) {
+                Some(c) if e.kind == EventKind::Generate as u32 => {
+                    let frames: Box<[u64]> = self
+                        .user_stacks
+                        .of(e.actor_pid, &c.copy, c.failed != 0, &fp, &mut self.unwind)
+                        .into();
+                    e.ustack = if frames.is_empty() {
+                        0
+                    } else {
+                        stack_hash(&frames).max(1)
+                    };
+                    frames
+                }
+                _ => fp,
+            };
             if e.ustack == 0 && e.kstack == 0 {
                 continue;
             }
@@ -145,10 +196,7 @@ impl SignalWork {
                 ustack,
                 user_leaf_is_return: false,
             };
-            let user = raw(
-                Box::new([]),
-                self.collector.stack(e.ustack).unwrap_or_default(),
-            );
+            let user = raw(Box::new([]), ustack);
             let kernel = raw(
                 self.collector.stack(e.kstack).unwrap_or_default(),
                 Box::new([]),
@@ -156,6 +204,12 @@ impl SignalWork {
             self.new_keys.push(user.clone());
             self.new_keys.push(kernel.clone());
             self.stacks.insert(key, (user, kernel));
+        }
+        // A copy is read in the same pass as its event, or its event was lost: what is left
+        // after a second has no event to come.
+        if let Some(last) = events.last().map(|e| e.time_ns) {
+            self.copies
+                .retain(|&(t, _), _| t.saturating_add(1_000_000_000) > last);
         }
         self.events.extend(events);
     }
@@ -413,12 +467,16 @@ fn finish(
         stacks_unwind_failed: counters.get(Counter::StackUnwind),
         stacks_map_full: counters.get(Counter::StackMapFull),
         stacks_unverified: work.collector.stacks_unverified,
+        unwind: with_table_readings(&UnwindAccounting {
+            copies_lost: counters.get(Counter::CopiesLost),
+            ..work.unwind.clone()
+        }),
         tasks_missed: counters.get(Counter::TasksMapFull),
         late_joins: counters.get(Counter::LateJoins) + work.collector.reconciled,
         signals: sigprof::signal_counts(&recs),
         processes: sigprof::endings(&recs),
     };
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<String> = work.collector.fallback.iter().cloned().collect();
     let failed = (lost_total > work.opts.max_lost).then(|| {
         format!(
             "{lost_total} events lost (ring buffer full), more than --max-lost={}; raise \
