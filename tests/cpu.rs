@@ -240,10 +240,13 @@ fn sample_count_matches_frequency_times_busy_cpu_time() {
     let _turn = cpu_turn();
     let dir = tempfile::tempdir().unwrap();
     let times = dir.path().join("times");
+    // Two processes with a fixed amount of work each (about 2.5 CPU s here), not a fixed
+    // time: on two shared CPUs a timed spin gets whatever CPU the other tests leave it.
+    let units = if toe_tests::emulated() { 800 } else { 1600 };
     let cmd = format!(
-        "{} fork 2.5; times > {}",
-        toe_tests::bin("toe-demo").display(),
-        times.display()
+        "{demo} work {units} & {demo} work {units}; wait; times > {}",
+        times.display(),
+        demo = toe_tests::bin("toe-demo").display(),
     );
     let (outcome, _) = profile(
         &cpu_spec("20s", &["--frequency=199"]),
