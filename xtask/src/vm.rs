@@ -71,6 +71,21 @@ const NOT_UNDER_EMULATION: &[(&str, &str)] = &[(
 /// virtio, the overlay file system, and what these depend on.
 const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 
+/// Tracepoints the tools attach to, held enabled in the guest (see `guest_script`).
+/// `raw_syscalls/sys_enter` holds the tracepoint under every `syscalls/sys_enter_*` event.
+const HELD_TRACEPOINTS: &[&str] = &[
+    "signal/signal_generate",
+    "signal/signal_deliver",
+    "task/task_newtask",
+    "sched/sched_process_exit",
+    "sched/sched_process_exec",
+    "sched/sched_switch",
+    "raw_syscalls/sys_enter",
+    "oom/mark_victim",
+    "cgroup/cgroup_attach_task",
+    "exceptions/page_fault_user",
+];
+
 /// The longest one suite may run in the guest before it is killed (and counted as broken).
 const SUITE_TIMEOUT: Duration = Duration::from_mins(15);
 
@@ -145,19 +160,17 @@ pub fn test(options: &Options) -> Result<()> {
 /// The guest's console says its CPUs have stopped making progress: no suite can end.
 const LOCKUP: &str = "watchdog: BUG: soft lockup";
 
-/// How the last boot of `series` died, when it looks like the emulator's doing.
-/// - `Oops: int3`: QEMU's multi-threaded TCG can let one vCPU run code another has just
-///   patched back (the kernel's int3-based live patching of jump labels, which turning
-///   tracepoints on and off does), and the guest kernel dies on the stray int3.
-/// - A soft lockup of every vCPU at once, with RCU reporting that timer wakeups did not happen:
-///   interrupts the emulator did not deliver (seen once on 6.1, during a test that kills a
-///   cgroup's processes while TOE reads their mappings).
+/// How the last boot of `series` died, when it looks like the emulator's doing: QEMU's
+/// multi-threaded TCG can let one vCPU run kernel code another has just live-patched (jump
+/// labels flipped when tracepoints are turned on and off; `guest_script` holds the tools' ones
+/// on to avoid it). Seen as `Oops: int3` (6.12), and as every vCPU in a soft lockup on the
+/// patched site (6.1).
 fn emulator_fault(series: Series) -> Option<&'static str> {
     let log = std::fs::read_to_string(out_dir(series).join("console.log")).unwrap_or_default();
     if log.contains("Oops: int3") {
         Some("the guest kernel died on a stray int3 (the emulator's race when vCPUs patch code)")
     } else if log.contains(LOCKUP) {
-        Some("the guest's CPUs locked up (soft lockup; timer interrupts not delivered)")
+        Some("the guest's CPUs locked up (soft lockup, as in the emulator's code-patching race)")
     } else {
         None
     }
@@ -601,6 +614,18 @@ fn guest_script(out: &Path, binaries: &[TestBinary], filter: &[String], series: 
         s,
         "echo \"TOE-VM kernel $(uname -r); cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers); \
          clock: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)\""
+    );
+    // QEMU's multi-threaded TCG can keep running stale code on one vCPU while another
+    // live-patches the kernel's text, which the kernel does when a tracepoint's first probe
+    // attaches or its last detaches (its static key flips). Seen as both vCPUs spinning on the
+    // jump-label site in `syscall_trace_enter` (6.1) and as a stray `int3` (6.12). Every
+    // tracepoint the tools attach to is held enabled as an ftrace event, with tracing off so
+    // nothing is recorded: the keys stay on for the whole boot, and no test patches kernel text.
+    let _ = writeln!(
+        s,
+        "T=/sys/kernel/tracing; echo 0 > $T/tracing_on; for e in {}; do echo 1 > $T/events/$e/enable \
+         || echo \"TOE-VM cannot hold $e enabled\"; done",
+        HELD_TRACEPOINTS.join(" ")
     );
     // What the capability probe finds on this kernel, printed with the results.
     let _ = writeln!(
