@@ -473,8 +473,7 @@ OPTS=trans=virtio,version=9p2000.L,msize=262144
 # tests write where they would on a node (/var/lib/toe, /etc/containers, /tmp, the repository),
 # and nothing reaches the host. The host's files do not change while the guest runs, so the
 # guest keeps what it read in its page cache (`cache=loose`): every symbolization and unwind-table
-# read of a large binary would otherwise cross 9p again, and the emulator serves 9p under the lock
-# its vCPUs need to take interrupts.
+# read of a large binary would otherwise cross 9p again, which is slow under emulation.
 $B mkdir -p /lower /changes /host
 $B mount -t 9p -o $OPTS,ro,cache=loose host /lower || { echo "TOE-VM cannot mount the host's files"; $B poweroff -f; }
 $B mount -t tmpfs changes /changes
