@@ -481,24 +481,26 @@ mod tests {
     fn an_exited_process_keeps_its_files_and_offsets() {
         // A child that execs `sleep` and is gone before it is looked up.
         let mut child = std::process::Command::new("sleep")
-            .arg("0.3")
+            .arg("1")
             .spawn()
             .expect("sleep");
         let pid = child.id();
         let images = Images::default();
-        // Until the exec, the child is a copy of this test binary (and while it execs, its
-        // image cannot be read at all): wait for sleep's own image.
+        // Until the exec, the child is a copy of this test binary, and the exec names the new
+        // executable before it maps it: wait until sleep's code is in its mappings.
         let deadline = Instant::now() + Duration::from_secs(5);
-        let me = image_of(std::process::id());
-        while image_of(pid).is_none_or(|i| Some(i) == me) && Instant::now() < deadline {
+        let text = loop {
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            if let Some(l) = parse_maps(&maps)
+                .into_iter()
+                .find(|l| l.offset > 0 && l.path.ends_with("sleep"))
+            {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "sleep's code never mapped");
             std::thread::sleep(Duration::from_millis(5));
-        }
+        };
         images.observe(pid);
-        let maps = parse_maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap());
-        let text = maps
-            .iter()
-            .find(|l| l.offset > 0 && l.path.ends_with("sleep"))
-            .expect("sleep's code is mapped");
         child.wait().expect("wait");
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
         let (file, off) = images
