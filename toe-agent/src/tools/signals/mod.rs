@@ -164,24 +164,25 @@ impl SignalWork {
             {
                 self.oom_cgroups.insert(e.tid, cg);
             }
-            let fp = self.collector.stack(e.ustack).unwrap_or_default();
             // A sender's copy replaces its frame-pointer stack by the stack unwound from it,
-            // and the event is keyed by that stack's hash from here on.
-            let ustack = match self.copies.remove(&(e.time_ns, e.actor_tid)) {
-                Some(c) if e.kind == EventKind::Generate as u32 => {
-                    let frames: Box<[u64]> = self
-                        .user_stacks
-                        .of(e.actor_pid, &c.copy, c.failed != 0, &fp, &mut self.unwind)
-                        .into();
-                    e.ustack = if frames.is_empty() {
-                        0
-                    } else {
-                        stack_hash(&frames).max(1)
-                    };
-                    frames
-                }
-                _ => fp,
-            };
+            // and the event is keyed by that stack's hash from here on. Without a copy the
+            // stored stack is read only for a key not seen before (one map lookup each).
+            let copy = (e.kind == EventKind::Generate as u32)
+                .then(|| self.copies.remove(&(e.time_ns, e.actor_tid)))
+                .flatten();
+            let unwound: Option<Box<[u64]>> = copy.map(|c| {
+                let fp = self.collector.stack(e.ustack).unwrap_or_default();
+                let frames: Box<[u64]> = self
+                    .user_stacks
+                    .of(e.actor_pid, &c.copy, c.failed != 0, &fp, &mut self.unwind)
+                    .into();
+                e.ustack = if frames.is_empty() {
+                    0
+                } else {
+                    stack_hash(&frames).max(1)
+                };
+                frames
+            });
             if e.ustack == 0 && e.kstack == 0 {
                 continue;
             }
@@ -196,6 +197,8 @@ impl SignalWork {
                 ustack,
                 user_leaf_is_return: false,
             };
+            let ustack =
+                unwound.unwrap_or_else(|| self.collector.stack(e.ustack).unwrap_or_default());
             let user = raw(Box::new([]), ustack);
             let kernel = raw(
                 self.collector.stack(e.kstack).unwrap_or_default(),
