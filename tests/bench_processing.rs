@@ -159,13 +159,8 @@ fn toe(dir: &Path, out: &Path) {
         .enable_all()
         .build()
         .unwrap();
-    let done = rt.block_on(toe_report::store::run(&job)).unwrap();
-    let html = done
-        .outcome
-        .files
-        .iter()
-        .find(|(n, _)| n == "report.html")
-        .map_or(0, |(_, b)| b.len());
+    let mut done = rt.block_on(toe_report::store::run(&job)).unwrap();
+    let html = done.outcome.file("report.html").map_or(0, |b| b.len());
     println!(
         "{} {} {html}",
         done.outcome.captures,

@@ -213,13 +213,9 @@ fn agent(args: &AgentArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The captures `toe report` processes. A source that is not there, or holds no run, is a
-/// mistake to say so, not an empty report.
-async fn report_captures(
-    given: &[String],
-    job: &toe_report::store::Job,
-) -> Result<Vec<toe_report::capture::Capture>> {
-    let mut captures = Vec::new();
+/// Checks that every source `toe report` is given holds a run: a source that is not there, or
+/// holds no run, is a mistake to say so, not an empty report.
+async fn check_sources(given: &[String], job: &toe_report::store::Job) -> Result<()> {
     for (given, s) in given.iter().zip(&job.sources) {
         if s.url.scheme() == "file"
             && let Ok(path) = s.url.to_file_path()
@@ -227,20 +223,14 @@ async fn report_captures(
         {
             anyhow::bail!("{given}: no such directory");
         }
-        let found = toe_report::store::read_sources(std::slice::from_ref(s), None, job.now).await?;
-        if found.is_empty() {
+        if toe_report::store::count_captures(s).await? == 0 {
             anyhow::bail!(
                 "{given}: holds no run (no summary.json below it); give a run directory or the \
                  directory runs are written to (e.g. ./toe-output)"
             );
         }
-        captures.extend(
-            found
-                .into_iter()
-                .filter(|c| toe_report::store::within(c, job.window, job.now)),
-        );
     }
-    Ok(captures)
+    Ok(())
 }
 
 fn report(args: &ReportArgs) -> Result<ExitCode> {
@@ -306,8 +296,8 @@ fn report(args: &ReportArgs) -> Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let done = runtime.block_on(async {
-        let captures = report_captures(&args.sources, &job).await?;
-        anyhow::Ok(toe_report::store::run_over(&job, &captures).await?)
+        check_sources(&args.sources, &job).await?;
+        anyhow::Ok(toe_report::store::run(&job).await?)
     })?;
     let o = &done.outcome;
     eprintln!(

@@ -209,6 +209,14 @@ pub fn differential(
         ..inferno::differential::Options::default()
     };
     inferno::differential::from_readers(opts, b.as_bytes(), a.as_bytes(), &mut diff)?;
+    let text = String::from_utf8_lossy(&diff).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    differential_of_lines(&lines, graph)
+}
+
+/// The differential flamegraph of `stack before after` lines, `before` already normalised to the
+/// scale of `after`.
+pub fn differential_of_lines(lines: &[&str], graph: &Graph<'_>) -> std::io::Result<Vec<u8>> {
     let mut fg = inferno::flamegraph::Options::default();
     graph.title.clone_into(&mut fg.title);
     fg.count_name = graph.count_name.into();
@@ -216,9 +224,8 @@ pub fn differential(
         "{}; width: after, colour: change from before (red more, blue less)",
         graph.subtitle
     ));
-    let text = String::from_utf8_lossy(&diff).into_owned();
     let mut out = Vec::new();
-    inferno::flamegraph::from_lines(&mut fg, text.lines(), &mut out)?;
+    inferno::flamegraph::from_lines(&mut fg, lines.iter().copied(), &mut out)?;
     Ok(out)
 }
 

@@ -653,7 +653,7 @@ pub async fn run(
         Api::<PowerToolProcessing>::all(client),
         watcher::Config::default(),
     )
-    // One processing at a time: each holds a whole window of profiles in memory.
+    // One processing at a time: each may use its whole merge budget and scratch space.
     .with_config(kube::runtime::controller::Config::default().concurrency(1))
     .graceful_shutdown_on(signal.fired());
     let processings = controller.store();

@@ -123,9 +123,70 @@ pub struct Capture {
     pub rss: Vec<RssSeries>,
     /// The agent's own run timeline (signals, exits, fault level) as SVG, shown inline.
     pub timeline_svg: Option<Bytes>,
+    /// Each profile's total and heaviest functions, kept when a processing pass lets the
+    /// profiles themselves go ([`Capture::lighten`]).
+    pub digests: BTreeMap<ProfileKind, Digest>,
+    /// Events let go by [`Capture::lighten`] beyond the ones a report shows.
+    pub events_more: u64,
 }
 
+/// A profile's total and its heaviest functions by self count.
+#[derive(Clone, Debug, Default)]
+pub struct Digest {
+    pub total: u64,
+    pub top_self: Vec<(String, u64)>,
+}
+
+/// Functions a [`Digest`] keeps.
+const DIGEST_TOP: usize = 5;
+
+/// Events a lightened capture keeps: what a report shows of one capture.
+pub const KEPT_EVENTS: usize = 200;
+
 impl Capture {
+    /// Each profile's digest: from the profiles while they are held, else the kept ones.
+    #[must_use]
+    pub fn digests(&self) -> BTreeMap<ProfileKind, Digest> {
+        if self.profiles.is_empty() {
+            return self.digests.clone();
+        }
+        self.profiles
+            .iter()
+            .map(|(k, f)| {
+                let mut top_self = f.self_by_function();
+                top_self.truncate(DIGEST_TOP);
+                (
+                    *k,
+                    Digest {
+                        total: f.total(),
+                        top_self,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Whether it holds a non-empty `kind` profile (held or digested).
+    #[must_use]
+    pub fn has_profile(&self, kind: ProfileKind) -> bool {
+        self.profiles.get(&kind).is_some_and(|f| !f.is_empty())
+            || self.digests.get(&kind).is_some_and(|d| d.total > 0)
+    }
+
+    /// Lets go of what a processing pass has merged already (profiles, pprof bytes, events
+    /// beyond those a report shows), keeping digests: what is left is small, whatever the run
+    /// recorded, so a pass can keep every capture's metadata for the report.
+    pub fn lighten(&mut self) {
+        self.digests = self.digests();
+        self.profiles.clear();
+        self.pprof.clear();
+        if self.events.len() > KEPT_EVENTS {
+            self.events_more += (self.events.len() - KEPT_EVENTS) as u64;
+            self.events.truncate(KEPT_EVENTS);
+            self.events.shrink_to_fit();
+        }
+    }
+
     /// Which run and target a capture directory names. In the cluster layout
     /// (`[<namespace>/<powertool>/]<run>/<pod>/<container>`) the target is the last two parts and
     /// the run the rest; a local run directory (`cpu-profile-<stamp>-<id>`) is a run of one target.
@@ -159,13 +220,19 @@ pub enum ReadError {
     Parse { path: String, message: String },
 }
 
-/// Loads every capture below `base`: each directory holding a `summary.json`. `label` (e.g. the
-/// PowerTool's `namespace/name` when `base` is its directory) is put before each run's name.
-pub async fn load_all(
+/// A capture directory's files: name and size.
+pub type Files = Vec<(String, u64)>;
+
+/// The largest capture file read. A capture is untrusted input (any node may have written it)
+/// and is read whole, so a file beyond this is skipped with its reason instead of read.
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// The capture directories below `base` (each directory holding a `summary.json`) with their
+/// files, in order.
+pub async fn list(
     store: &dyn ObjectStore,
     base: &StorePath,
-    label: &str,
-) -> Result<Vec<Capture>, ReadError> {
+) -> Result<Vec<(StorePath, Files)>, ReadError> {
     let objects: Vec<object_store::ObjectMeta> = store
         .list(Some(base))
         .try_collect()
@@ -175,24 +242,46 @@ pub async fn load_all(
             source,
         })?;
     // Files by directory; a directory with a summary.json is a capture.
-    let mut dirs: BTreeMap<StorePath, Vec<String>> = BTreeMap::new();
+    let mut dirs: BTreeMap<StorePath, Files> = BTreeMap::new();
     for o in &objects {
         let parts: Vec<_> = o.location.parts().collect();
         if let Some((file, parent)) = parts.split_last() {
             dirs.entry(parent.iter().cloned().collect::<StorePath>())
                 .or_default()
-                .push(file.as_ref().to_owned());
+                .push((file.as_ref().to_owned(), o.size));
         }
     }
+    Ok(dirs
+        .into_iter()
+        .filter(|(_, files)| files.iter().any(|f| f.0 == names::SUMMARY.file))
+        .collect())
+}
+
+/// Loads the capture in `dir` (listed by [`list`] with its `files`). `label` (e.g. the
+/// PowerTool's `namespace/name` when `base` is its directory) is put before its run's name.
+pub async fn load_one(
+    store: &dyn ObjectStore,
+    base: &StorePath,
+    dir: &StorePath,
+    files: &[(String, u64)],
+    label: &str,
+) -> Result<Capture, ReadError> {
+    let mut c = load(store, base, dir, files).await?;
+    if !label.is_empty() {
+        c.run = format!("{label}/{}", c.run);
+    }
+    Ok(c)
+}
+
+/// Loads every capture below `base`; see [`list`] and [`load_one`].
+pub async fn load_all(
+    store: &dyn ObjectStore,
+    base: &StorePath,
+    label: &str,
+) -> Result<Vec<Capture>, ReadError> {
     let mut out = Vec::new();
-    for (dir, files) in &dirs {
-        if files.iter().any(|f| f == names::SUMMARY.file) {
-            let mut c = load(store, base, dir, files).await?;
-            if !label.is_empty() {
-                c.run = format!("{label}/{}", c.run);
-            }
-            out.push(c);
-        }
+    for (dir, files) in list(store, base).await? {
+        out.push(load_one(store, base, &dir, &files, label).await?);
     }
     Ok(out)
 }
@@ -212,13 +301,19 @@ async fn load(
     store: &dyn ObjectStore,
     base: &StorePath,
     dir: &StorePath,
-    present: &[String],
+    present: &[(String, u64)],
 ) -> Result<Capture, ReadError> {
-    let has = |name: &str| present.iter().any(|f| f == name);
     let parse_err = |name: &str, message: String| ReadError::Parse {
         path: dir.clone().join(name).to_string(),
         message,
     };
+    if let Some((name, size)) = present.iter().find(|f| f.1 > MAX_FILE_BYTES) {
+        return Err(parse_err(
+            name,
+            format!("{size} bytes, more than the {MAX_FILE_BYTES} a capture file may have"),
+        ));
+    }
+    let has = |name: &str| present.iter().any(|f| f.0 == name);
     let raw = get(store, &dir.clone().join(names::SUMMARY.file)).await?;
     let summary: Summary =
         serde_json::from_slice(&raw).map_err(|e| parse_err(names::SUMMARY.file, e.to_string()))?;

@@ -33,7 +33,7 @@ pub struct Report<'a> {
 const PRUNE_SHARE: f64 = 0.0002;
 
 /// Events shown per capture; the rest are counted (they stay in the capture's events.jsonl).
-const MAX_EVENTS: usize = 200;
+const MAX_EVENTS: usize = crate::capture::KEPT_EVENTS;
 
 #[derive(Default)]
 struct Node {
@@ -279,11 +279,11 @@ fn timelines(h: &mut String, caps: &[Capture]) {
                 );
             }
             h.push_str("</table>");
-            if c.events.len() > MAX_EVENTS {
+            let more = c.events.len().saturating_sub(MAX_EVENTS) as u64 + c.events_more;
+            if more > 0 {
                 let _ = write!(
                     h,
-                    "<p class=\"note\">{} more events in {}/events.jsonl</p>",
-                    c.events.len() - MAX_EVENTS,
+                    "<p class=\"note\">{more} more events in {}/events.jsonl</p>",
                     esc(&c.dir)
                 );
             }

@@ -7,6 +7,7 @@
 
 pub mod capture;
 pub mod html;
+pub mod merge;
 pub mod model;
 pub mod pprof;
 pub mod process;

@@ -172,13 +172,12 @@ pub fn prompt(captures: &[Capture], findings: &[Finding], max_chars: usize) -> S
             c.summary.ended,
             c.summary.sampled_duration_s
         );
-        for (kind, f) in &c.profiles {
-            let total = f.total();
-            let top: Vec<String> = f
-                .self_by_function()
-                .into_iter()
-                .take(5)
-                .map(|(func, n)| format!("{func} {:.1}%", pct(n, total)))
+        for (kind, d) in c.digests() {
+            let total = d.total;
+            let top: Vec<String> = d
+                .top_self
+                .iter()
+                .map(|(func, n)| format!("{func} {:.1}%", pct(*n, total)))
                 .collect();
             let _ = writeln!(
                 s,
@@ -541,14 +540,10 @@ mod tests {
             note.contains("timed out") || note.contains("timeout"),
             "{note}"
         );
-        let html = &out
-            .files
-            .iter()
-            .find(|(n, _)| n == "report.html")
-            .unwrap()
-            .1;
+        let mut out = out;
+        let html = out.file("report.html").unwrap();
         assert!(
-            std::str::from_utf8(html)
+            std::str::from_utf8(&html)
                 .unwrap()
                 .contains("model step failed")
         );

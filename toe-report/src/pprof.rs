@@ -1,9 +1,21 @@
 //! Merging pprof profiles of many targets and runs into one, the way `pprof -proto a b` does:
 //! strings, mappings, functions and locations are re-interned into one table and samples keep
 //! their stacks and labels, plus `target` and `run` labels so `pprof -tagfocus` can split again.
+//!
+//! The merge streams: each input's samples are encoded and compressed as soon as it is read, and
+//! only the tables (which grow with distinct code locations, not with samples or inputs) stay in
+//! memory. A protobuf message may carry its fields in any order and repeated fields concatenate,
+//! so the samples written first and the tables written last decode as one `Profile`, by pprof's
+//! reader and by prost alike. No two inputs' samples are summed: each carries its own `target`
+//! and `run` labels, so only samples of one input can share a key.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    io::{self, Read as _, Seek as _, Write as _},
+};
 
+use flate2::{Compression, write::GzEncoder};
+use prost::Message as _;
 pub use toe_artifacts::pprof::{decode, encode_gzip, totals};
 use toe_artifacts::{
     pprof::Strings,
@@ -28,15 +40,44 @@ type LabelKey = (i64, i64, i64, i64);
 /// A location's identity: mapping, address, and (function, line, column) of each line.
 type LocationKey = (u64, u64, Vec<(u64, i64, i64)>);
 
-#[derive(Default)]
-struct Merger {
+/// Merged pprof bytes stay in memory up to this size, then go to a temporary file.
+pub const SPOOL_IN_MEMORY: usize = 8 << 20;
+
+/// Samples encoded per write.
+const BATCH: usize = 4096;
+
+/// A merge in progress; see the module docs.
+pub struct Merger {
     strings: Strings,
     sample_types: Vec<(String, String)>,
+    /// Everything but the samples, which go to `gz` as they come.
     out: Profile,
     functions: HashMap<(i64, i64, i64, i64), u64>,
     mappings: HashMap<(u64, u64, u64, i64, i64), u64>,
     locations: HashMap<LocationKey, u64>,
-    samples: HashMap<(Vec<u64>, Vec<LabelKey>), usize>,
+    gz: GzEncoder<tempfile::SpooledTempFile>,
+    inputs: usize,
+    /// Why each left-out input was left out.
+    pub skipped: Vec<String>,
+}
+
+impl Default for Merger {
+    fn default() -> Self {
+        Self {
+            strings: Strings::default(),
+            sample_types: Vec::new(),
+            out: Profile::default(),
+            functions: HashMap::new(),
+            mappings: HashMap::new(),
+            locations: HashMap::new(),
+            gz: GzEncoder::new(
+                tempfile::spooled_tempfile(SPOOL_IN_MEMORY),
+                Compression::default(),
+            ),
+            inputs: 0,
+            skipped: Vec::new(),
+        }
+    }
 }
 
 fn string(p: &Profile, i: i64) -> &str {
@@ -103,6 +144,8 @@ impl Merger {
             .collect();
         let (target_key, run_key) = (self.strings.get("target"), self.strings.get("run"));
         let (target, run) = (self.strings.get(target), self.strings.get(run));
+        let mut samples: Vec<Sample> = Vec::new();
+        let mut index: HashMap<(Vec<u64>, Vec<LabelKey>), usize> = HashMap::new();
         for s in &p.sample {
             let stack: Vec<u64> = s
                 .location_id
@@ -123,13 +166,10 @@ impl Merger {
                 .collect();
             labels.push((target_key, target, 0, 0));
             labels.push((run_key, run, 0, 0));
-            let next = self.out.sample.len();
-            let i = *self
-                .samples
-                .entry((stack.clone(), labels.clone()))
-                .or_insert(next);
+            let next = samples.len();
+            let i = *index.entry((stack.clone(), labels.clone())).or_insert(next);
             if i == next {
-                self.out.sample.push(Sample {
+                samples.push(Sample {
                     location_id: stack,
                     value: vec![0; self.sample_types.len()],
                     label: labels
@@ -143,9 +183,18 @@ impl Merger {
                         .collect(),
                 });
             }
-            for (acc, v) in self.out.sample[i].value.iter_mut().zip(&s.value) {
+            for (acc, v) in samples[i].value.iter_mut().zip(&s.value) {
                 *acc = acc.saturating_add(*v);
             }
+        }
+        for batch in samples.chunks(BATCH) {
+            let part = Profile {
+                sample: batch.to_vec(),
+                ..Profile::default()
+            };
+            self.gz
+                .write_all(&part.encode_to_vec())
+                .map_err(|e| format!("writing the merged profile: {e}"))?;
         }
         Ok(())
     }
@@ -234,27 +283,49 @@ impl Merger {
     }
 }
 
-/// Merges every input whose sample types match the first readable one's.
+impl Merger {
+    /// Adds one input (gzipped or plain pprof bytes); an input that cannot be read or whose
+    /// sample types differ from the first readable one's is left out, with its reason.
+    pub fn push(&mut self, input: &Input<'_>) {
+        let res = decode(input.data).and_then(|p| self.add(&p, input.target, input.run));
+        match res {
+            Ok(()) => self.inputs += 1,
+            Err(why) => self
+                .skipped
+                .push(format!("{} ({}): {why}", input.target, input.run)),
+        }
+    }
+
+    /// The merged profile, gzipped: in memory when small, else in a temporary file.
+    pub fn finish(mut self) -> io::Result<tempfile::SpooledTempFile> {
+        let comment = self
+            .strings
+            .get(&format!("merged by TOE from {} profiles", self.inputs));
+        self.out.comment = vec![comment];
+        self.out.string_table = std::mem::take(&mut self.strings).into_table();
+        self.gz.write_all(&self.out.encode_to_vec())?;
+        let mut file = self.gz.finish()?;
+        file.rewind()?;
+        Ok(file)
+    }
+}
+
+/// Merges every input whose sample types match the first readable one's, in memory.
 #[must_use]
 pub fn merge(inputs: &[Input<'_>]) -> Merged {
     let mut m = Merger::default();
-    let mut skipped = Vec::new();
     for i in inputs {
-        let res = decode(i.data).and_then(|p| m.add(&p, i.target, i.run));
-        if let Err(why) = res {
-            skipped.push(format!("{} ({}): {why}", i.target, i.run));
-        }
+        m.push(i);
     }
-    let comment = m.strings.get(&format!(
-        "merged by TOE from {} profiles",
-        inputs.len() - skipped.len()
-    ));
-    m.out.comment = vec![comment];
-    m.out.string_table = std::mem::take(&mut m.strings).into_table();
-    Merged {
-        profile: m.out,
-        skipped,
-    }
+    let skipped = std::mem::take(&mut m.skipped);
+    let mut bytes = Vec::new();
+    let profile = m
+        .finish()
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())
+        .and_then(|_| decode(&bytes))
+        .expect("a merge written to memory reads back");
+    Merged { profile, skipped }
 }
 
 #[cfg(test)]

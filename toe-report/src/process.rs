@@ -1,16 +1,32 @@
 //! One processing pass over a set of captures: merged and differential flamegraphs, merged pprof,
 //! findings (rules, then the optional model), and the HTML report, as named files ready to store.
+//!
+//! A pass takes captures one at a time ([`Pass::add`]): each is evaluated by the rules, its
+//! stacks go to a bounded [`Sorter`] per profile kind and its pprof files to a streaming
+//! [`pprof::Merger`], and only its metadata is kept. [`Pass::finish`] walks each kind's merged
+//! stacks once, in frame order, writing the exact merged folded file and feeding the pruned
+//! flamegraphs (merged, per run, differential) side by side. Memory is bounded by the sorter's
+//! budget, the pprof tables and the frames a flamegraph can draw, not by the number of captures.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    io::{self, Read as _, Seek as _, Write as _},
+    path::PathBuf,
+};
 
 use bytes::Bytes;
 use toe_artifacts::folded::{self, Folded, Graph};
 
 use crate::{
     capture::{Capture, ProfileKind},
-    html, model, pprof,
+    html,
+    merge::{Counts, Pruned, Pruner, Sorter},
+    model, pprof,
     rules::{self, Finding},
 };
+
+/// Memory a pass gives each profile kind's merge before it spills sorted runs to disk.
+pub const DEFAULT_MEMORY_BUDGET: usize = 128 << 20;
 
 /// What to produce.
 #[derive(Clone, Debug, Default)]
@@ -28,12 +44,46 @@ pub struct Options {
     /// When and over which window, for the report's header.
     pub meta: String,
     pub model: Option<model::Endpoint>,
+    /// Bytes of stacks each profile kind's merge holds in memory (0: [`DEFAULT_MEMORY_BUDGET`]).
+    pub memory_budget: usize,
+    /// Where merges spill and large outputs wait to be stored (the system's temporary directory
+    /// when `None`).
+    pub scratch: Option<PathBuf>,
+}
+
+/// An output's bytes: small ones in memory, large ones (the exact merged folded and pprof files)
+/// in memory up to a size and in a temporary file beyond it.
+#[derive(Debug)]
+pub enum Content {
+    Bytes(Bytes),
+    Spooled(tempfile::SpooledTempFile),
+}
+
+impl Content {
+    /// Every byte, read into memory: for small outputs and tests.
+    pub fn bytes(&mut self) -> io::Result<Bytes> {
+        match self {
+            Self::Bytes(b) => Ok(b.clone()),
+            Self::Spooled(f) => {
+                f.rewind()?;
+                let mut v = Vec::new();
+                f.read_to_end(&mut v)?;
+                Ok(Bytes::from(v))
+            }
+        }
+    }
+}
+
+impl From<Vec<u8>> for Content {
+    fn from(v: Vec<u8>) -> Self {
+        Self::Bytes(Bytes::from(v))
+    }
 }
 
 /// Files produced (name relative to the output directory, content) and what was found.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    pub files: Vec<(String, Bytes)>,
+    pub files: Vec<(String, Content)>,
     pub findings: Vec<Finding>,
     /// What the reader must know: inputs skipped, the model step failed.
     pub notes: Vec<String>,
@@ -41,6 +91,20 @@ pub struct Outcome {
     pub model_error: Option<String>,
     pub runs: usize,
     pub captures: usize,
+}
+
+impl Outcome {
+    /// The bytes of the output named `name`.
+    pub fn file(&mut self, name: &str) -> Option<Bytes> {
+        self.files
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, c)| c.bytes().ok())
+    }
+
+    fn push(&mut self, name: String, content: impl Into<Content>) {
+        self.files.push((name, content.into()));
+    }
 }
 
 /// The runs of `captures` in the order they started.
@@ -55,16 +119,6 @@ fn runs_in_order<'a>(captures: impl IntoIterator<Item = &'a Capture>) -> Vec<Str
     v.into_iter().map(|(r, _)| r.to_owned()).collect()
 }
 
-fn merge<'a>(captures: impl Iterator<Item = &'a Capture>, kind: ProfileKind) -> Folded {
-    let mut m = Folded::default();
-    for c in captures {
-        if let Some(f) = c.profiles.get(&kind) {
-            m.merge(f, None);
-        }
-    }
-    m
-}
-
 /// Which captures holding a `kind` profile are the baseline and which the comparison of a
 /// differential flamegraph: runs without a fault against runs with one when both are present
 /// (baseline window vs fault window), else the earlier runs against the latest. The reason when
@@ -73,10 +127,7 @@ fn split_for_diff(
     captures: &[Capture],
     kind: ProfileKind,
 ) -> Result<(Vec<&Capture>, Vec<&Capture>, String), String> {
-    let with: Vec<&Capture> = captures
-        .iter()
-        .filter(|c| c.profiles.get(&kind).is_some_and(|f| !f.is_empty()))
-        .collect();
+    let with: Vec<&Capture> = captures.iter().filter(|c| c.has_profile(kind)).collect();
     let (faulted, quiet): (Vec<&Capture>, Vec<&Capture>) =
         with.iter().partition(|c| c.summary.fault.is_some());
     if !faulted.is_empty() && !quiet.is_empty() {
@@ -113,175 +164,348 @@ fn file_name(run: &str) -> String {
         .collect()
 }
 
-/// Runs one processing pass.
-pub async fn process(captures: &[Capture], opts: &Options) -> Outcome {
-    let runs = runs_in_order(captures);
-    let mut out = Outcome {
-        captures: captures.len(),
-        runs: runs.len(),
-        ..Outcome::default()
-    };
-    let kinds: Vec<ProfileKind> = ProfileKind::ALL
-        .into_iter()
-        .filter(|k| captures.iter().any(|c| c.profiles.contains_key(k)))
-        .collect();
-    let merged: Vec<(ProfileKind, Folded)> = kinds
-        .iter()
-        .map(|&k| (k, merge(captures.iter(), k)))
-        .collect();
-    if opts.merged_flamegraph {
-        merged_flamegraphs(captures, &runs, &merged, &mut out);
-    }
-    if opts.differential_flamegraph {
-        differential_flamegraphs(captures, &kinds, &mut out);
-    }
-    if opts.merged_pprof {
-        merged_pprof(captures, &mut out);
-    }
-    out.findings = rules::evaluate(captures);
-    if let Some(endpoint) = &opts.model {
-        match model::ask(endpoint, captures, &out.findings).await {
-            Ok(more) => out.findings.extend(more),
-            Err(e) => {
-                out.model_error = Some(e.to_string());
-                out.notes.push(format!(
-                    "the model step failed, so every finding below comes from the rules alone: {e}"
-                ));
-            }
-        }
-    }
-    out.files.push((
-        "findings.json".into(),
-        Bytes::from(serde_json::to_vec_pretty(&out.findings).expect("findings serialize")),
-    ));
-    if opts.html_report {
-        let files: Vec<(String, String)> = out
-            .files
-            .iter()
-            .map(|(name, _)| (name.clone(), name.clone()))
-            .collect();
-        let page = html::render(&html::Report {
-            title: &opts.title,
-            meta: &format!(
-                "{}; {} run(s), {} capture(s)",
-                opts.meta, out.runs, out.captures
-            ),
-            captures,
-            merged: &merged,
-            findings: &out.findings,
-            notes: &out.notes,
-            files: &files,
-        });
-        out.files.push(("report.html".into(), Bytes::from(page)));
-    }
-    out
+/// A capture's group in the merges: its run, and whether it ran under a fault (what per-run and
+/// differential flamegraphs select by).
+type Group = (String, bool);
+
+fn group_of(c: &Capture) -> Group {
+    (c.run.clone(), c.summary.fault.is_some())
 }
 
-fn svg(folded: &Folded, title: &str, subtitle: &str, unit: &str) -> Result<Bytes, String> {
-    folded::flamegraph(
-        folded,
+/// A processing pass in progress; see the module docs.
+pub struct Pass {
+    opts: Options,
+    scratch: tempfile::TempDir,
+    sorters: BTreeMap<ProfileKind, Sorter>,
+    pprof: BTreeMap<String, pprof::Merger>,
+    rules: rules::Evaluator,
+    captures: Vec<Capture>,
+    groups: HashMap<Group, u32>,
+    notes: Vec<String>,
+    /// The first error writing a merge to scratch space, if any.
+    failed: Option<String>,
+}
+
+impl Pass {
+    /// A pass producing what `opts` asks for.
+    pub fn new(opts: &Options) -> io::Result<Self> {
+        let scratch = match &opts.scratch {
+            Some(dir) => tempfile::Builder::new()
+                .prefix("toe-processing-")
+                .tempdir_in(dir)?,
+            None => tempfile::Builder::new()
+                .prefix("toe-processing-")
+                .tempdir()?,
+        };
+        Ok(Self {
+            opts: opts.clone(),
+            scratch,
+            sorters: BTreeMap::new(),
+            pprof: BTreeMap::new(),
+            rules: rules::Evaluator::default(),
+            captures: Vec::new(),
+            groups: HashMap::new(),
+            notes: Vec::new(),
+            failed: None,
+        })
+    }
+
+    /// Merges one capture and keeps its metadata.
+    pub fn add(&mut self, mut c: Capture) {
+        self.rules.add(&c);
+        let next = u32::try_from(self.groups.len()).unwrap_or(u32::MAX);
+        let group = *self.groups.entry(group_of(&c)).or_insert(next);
+        let budget = match self.opts.memory_budget {
+            0 => DEFAULT_MEMORY_BUDGET,
+            b => b,
+        };
+        for (kind, f) in &c.profiles {
+            let sorter = self
+                .sorters
+                .entry(*kind)
+                .or_insert_with(|| Sorter::new(budget, self.scratch.path()));
+            for (stack, &count) in &f.stacks {
+                if let Err(e) = sorter.add(stack, group, count) {
+                    self.failed.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+        if self.opts.merged_pprof {
+            for (name, data) in &c.pprof {
+                self.pprof
+                    .entry(name.clone())
+                    .or_default()
+                    .push(&pprof::Input {
+                        data,
+                        target: &c.target,
+                        run: &c.run,
+                    });
+            }
+        }
+        c.lighten();
+        self.captures.push(c);
+    }
+
+    /// Leaves a capture out, with the reason (it could not be read).
+    pub fn skip(&mut self, why: &str) {
+        self.notes.push(format!("left out a capture: {why}"));
+    }
+
+    /// The captures added so far, without their profiles.
+    #[must_use]
+    pub fn captures(&self) -> &[Capture] {
+        &self.captures
+    }
+
+    /// Produces every output.
+    pub async fn finish(mut self) -> Outcome {
+        let runs = runs_in_order(&self.captures);
+        let mut out = Outcome {
+            captures: self.captures.len(),
+            runs: runs.len(),
+            notes: std::mem::take(&mut self.notes),
+            ..Outcome::default()
+        };
+        let mut merged: Vec<(ProfileKind, Folded)> = Vec::new();
+        for (kind, sorter) in std::mem::take(&mut self.sorters) {
+            match self.walk(kind, sorter, &runs, &mut out) {
+                Ok(pruned) => merged.push((kind, pruned.folded())),
+                Err(e) => out
+                    .notes
+                    .push(format!("merging the {} profiles: {e}", kind.name())),
+            }
+        }
+        for (name, m) in std::mem::take(&mut self.pprof) {
+            out.notes
+                .extend(m.skipped.iter().map(|s| format!("{name}: left out {s}")));
+            match m.finish() {
+                Ok(file) => out.push(name, Content::Spooled(file)),
+                Err(e) => out.notes.push(format!("merging {name}: {e}")),
+            }
+        }
+        if let Some(e) = &self.failed {
+            out.notes.push(format!(
+                "the merge's scratch space failed, so the merged profiles may miss stacks: {e}"
+            ));
+        }
+        out.findings = std::mem::take(&mut self.rules).finish();
+        let captures = &self.captures;
+        if let Some(endpoint) = &self.opts.model {
+            match model::ask(endpoint, captures, &out.findings).await {
+                Ok(more) => out.findings.extend(more),
+                Err(e) => {
+                    out.model_error = Some(e.to_string());
+                    out.notes.push(format!(
+                        "the model step failed, so every finding below comes from the rules alone: {e}"
+                    ));
+                }
+            }
+        }
+        out.push(
+            "findings.json".into(),
+            serde_json::to_vec_pretty(&out.findings).expect("findings serialize"),
+        );
+        if self.opts.html_report {
+            let files: Vec<(String, String)> = out
+                .files
+                .iter()
+                .map(|(name, _)| (name.clone(), name.clone()))
+                .collect();
+            let page = html::render(&html::Report {
+                title: &self.opts.title,
+                meta: &format!(
+                    "{}; {} run(s), {} capture(s)",
+                    self.opts.meta, out.runs, out.captures
+                ),
+                captures,
+                merged: &merged,
+                findings: &out.findings,
+                notes: &out.notes,
+                files: &files,
+            });
+            out.push("report.html".into(), page.into_bytes());
+        }
+        out
+    }
+
+    /// Walks `kind`'s merged stacks once: the exact merged folded file, and the merged, per-run
+    /// and differential flamegraphs from pruners fed side by side. Returns the merged pruning
+    /// (what the HTML report draws).
+    fn walk(
+        &self,
+        kind: ProfileKind,
+        sorter: Sorter,
+        runs: &[String],
+        out: &mut Outcome,
+    ) -> io::Result<Pruned> {
+        let group_total = |groups: &[u32]| -> u64 {
+            groups
+                .iter()
+                .filter_map(|g| sorter.totals.get(g))
+                .sum::<u64>()
+        };
+        let groups_where = |keep: &dyn Fn(&Group) -> bool| -> Vec<u32> {
+            let mut v: Vec<u32> = self
+                .groups
+                .iter()
+                .filter(|(g, _)| keep(g))
+                .map(|(_, &id)| id)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let total: u64 = sorter.totals.values().sum();
+        let mut all = Pruner::new(total);
+        let mut per_run: Vec<(String, Vec<u32>, Pruner)> = Vec::new();
+        if self.opts.merged_flamegraph && runs.len() >= 2 {
+            for run in runs {
+                let groups = groups_where(&|g: &Group| &g.0 == run);
+                let t = group_total(&groups);
+                if t > 0 {
+                    per_run.push((run.clone(), groups, Pruner::new(t)));
+                }
+            }
+        }
+        let mut diff = None;
+        if self.opts.differential_flamegraph {
+            match split_for_diff(&self.captures, kind) {
+                Ok((before, after, how)) => {
+                    let pick = |cs: Vec<&Capture>| {
+                        let set: BTreeSet<Group> = cs.into_iter().map(group_of).collect();
+                        groups_where(&|g: &Group| set.contains(g))
+                    };
+                    let (b, a) = (pick(before), pick(after));
+                    let (tb, ta) = (group_total(&b), group_total(&a));
+                    diff = Some((b, a, tb, ta, how, Pruner::new(ta)));
+                }
+                Err(why) => out.notes.push(why),
+            }
+        }
+        let mut folded_out = if self.opts.merged_flamegraph {
+            Some(io::BufWriter::new(tempfile::spooled_tempfile(
+                pprof::SPOOL_IN_MEMORY,
+            )))
+        } else {
+            None
+        };
+        let sum_of = |counts: &Counts, groups: &[u32]| -> u64 {
+            counts
+                .iter()
+                .filter(|(g, _)| groups.binary_search(g).is_ok())
+                .map(|x| x.1)
+                .sum()
+        };
+        let mut merged = sorter.finish()?;
+        while let Some((stack, counts)) = merged.next_stack()? {
+            let sum: u64 = counts.iter().map(|x| x.1).sum();
+            if let Some(w) = &mut folded_out {
+                writeln!(w, "{stack} {sum}")?;
+            }
+            all.add(&stack, [sum, 0]);
+            for (_, groups, p) in &mut per_run {
+                p.add(&stack, [sum_of(&counts, groups), 0]);
+            }
+            if let Some((b, a, tb, ta, _, p)) = &mut diff {
+                let before = scale(sum_of(&counts, b), *ta, *tb);
+                p.add(&stack, [sum_of(&counts, a), before]);
+            }
+        }
+        let all = all.finish();
+        if let Some(w) = folded_out {
+            let mut file = w.into_inner().map_err(io::IntoInnerError::into_error)?;
+            file.rewind()?;
+            let subtitle = format!(
+                "{} {} over {} capture(s) of {} run(s){}",
+                all.total,
+                kind.unit(),
+                out.captures,
+                out.runs,
+                all.note(kind.unit())
+            );
+            match svg(&all, kind.title(), &subtitle, kind.unit()) {
+                Ok(b) => out.push(format!("{}.svg", kind.name()), b),
+                Err(e) => out.notes.push(e),
+            }
+            out.push(format!("{}.folded", kind.name()), Content::Spooled(file));
+        }
+        for (run, _, p) in per_run {
+            let p = p.finish();
+            let sub = format!(
+                "{} {} in run {run}{}",
+                p.total,
+                kind.unit(),
+                p.note(kind.unit())
+            );
+            match svg(&p, kind.title(), &sub, kind.unit()) {
+                Ok(b) => out.push(format!("runs/{}/{}.svg", file_name(&run), kind.name()), b),
+                Err(e) => out.notes.push(e),
+            }
+        }
+        if let Some((_, _, tb, ta, how, p)) = diff {
+            let p = p.finish();
+            let subtitle = format!("{how}: {tb} -> {ta} {}{}", kind.unit(), p.note(kind.unit()));
+            let graph = Graph {
+                title: kind.title(),
+                subtitle: &subtitle,
+                count_name: kind.unit(),
+            };
+            let lines: Vec<String> = p
+                .lines
+                .iter()
+                .map(|(s, v)| format!("{s} {} {}", v[1], v[0]))
+                .collect();
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+            match folded::differential_of_lines(&lines, &graph) {
+                Ok(svg) => out.push(format!("{}.diff.svg", kind.name()), svg),
+                Err(e) => out.notes.push(format!("differential {}: {e}", kind.name())),
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// `value` of a baseline totalling `from`, on the scale of a comparison totalling `to` (the
+/// normalisation of a differential flamegraph, so runs of different lengths compare).
+fn scale(value: u64, to: u64, from: u64) -> u64 {
+    if from == 0 {
+        return 0;
+    }
+    let v = (u128::from(value) * u128::from(to) + u128::from(from) / 2) / u128::from(from);
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+/// Runs one processing pass over captures already read.
+pub async fn process(captures: &[Capture], opts: &Options) -> Outcome {
+    let mut pass = match Pass::new(opts) {
+        Ok(p) => p,
+        Err(e) => {
+            return Outcome {
+                notes: vec![format!("no scratch space for the merge: {e}")],
+                ..Outcome::default()
+            };
+        }
+    };
+    for c in captures {
+        pass.add(c.clone());
+    }
+    pass.finish().await
+}
+
+fn svg(p: &Pruned, title: &str, subtitle: &str, unit: &str) -> Result<Vec<u8>, String> {
+    let lines: Vec<String> = p
+        .lines
+        .iter()
+        .map(|(s, v)| format!("{s} {}", v[0]))
+        .collect();
+    folded::flamegraph_of_lines(
+        &lines,
         &Graph {
             title,
             subtitle,
             count_name: unit,
         },
     )
-    .map(Bytes::from)
     .map_err(|e| format!("rendering {title}: {e}"))
-}
-
-fn merged_flamegraphs(
-    captures: &[Capture],
-    runs: &[String],
-    merged: &[(ProfileKind, Folded)],
-    out: &mut Outcome,
-) {
-    for (kind, f) in merged {
-        let subtitle = format!(
-            "{} {} over {} capture(s) of {} run(s)",
-            f.total(),
-            kind.unit(),
-            out.captures,
-            out.runs
-        );
-        match svg(f, kind.title(), &subtitle, kind.unit()) {
-            Ok(b) => out.files.push((format!("{}.svg", kind.name()), b)),
-            Err(e) => out.notes.push(e),
-        }
-        out.files
-            .push((format!("{}.folded", kind.name()), Bytes::from(f.encode())));
-        if runs.len() < 2 {
-            continue;
-        }
-        for run in runs {
-            let per = merge(captures.iter().filter(|c| &c.run == run), *kind);
-            if per.is_empty() {
-                continue;
-            }
-            let sub = format!("{} {} in run {run}", per.total(), kind.unit());
-            match svg(&per, kind.title(), &sub, kind.unit()) {
-                Ok(b) => out
-                    .files
-                    .push((format!("runs/{}/{}.svg", file_name(run), kind.name()), b)),
-                Err(e) => out.notes.push(e),
-            }
-        }
-    }
-}
-
-fn differential_flamegraphs(captures: &[Capture], kinds: &[ProfileKind], out: &mut Outcome) {
-    for &kind in kinds {
-        let (before, after, how) = match split_for_diff(captures, kind) {
-            Ok(split) => split,
-            Err(why) => {
-                out.notes.push(why);
-                continue;
-            }
-        };
-        let (b, a) = (
-            merge(before.into_iter(), kind),
-            merge(after.into_iter(), kind),
-        );
-        let subtitle = format!("{how}: {} -> {} {}", b.total(), a.total(), kind.unit());
-        let graph = Graph {
-            title: kind.title(),
-            subtitle: &subtitle,
-            count_name: kind.unit(),
-        };
-        match folded::differential(&b, &a, &graph) {
-            Ok(svg) => out
-                .files
-                .push((format!("{}.diff.svg", kind.name()), Bytes::from(svg))),
-            Err(e) => out.notes.push(format!("differential {}: {e}", kind.name())),
-        }
-    }
-}
-
-fn merged_pprof(captures: &[Capture], out: &mut Outcome) {
-    let names: BTreeSet<&String> = captures.iter().flat_map(|c| c.pprof.keys()).collect();
-    for name in names {
-        let inputs: Vec<pprof::Input<'_>> = captures
-            .iter()
-            .filter_map(|c| {
-                c.pprof.get(name).map(|data| pprof::Input {
-                    data,
-                    target: &c.target,
-                    run: &c.run,
-                })
-            })
-            .collect();
-        let merged = pprof::merge(&inputs);
-        out.notes.extend(
-            merged
-                .skipped
-                .iter()
-                .map(|s| format!("{name}: left out {s}")),
-        );
-        out.files.push((
-            name.clone(),
-            Bytes::from(pprof::encode_gzip(&merged.profile)),
-        ));
-    }
 }
 
 #[cfg(test)]
@@ -297,7 +521,7 @@ mod tests {
             html_report: true,
             title: "t".into(),
             meta: "m".into(),
-            model: None,
+            ..Options::default()
         }
     }
 
@@ -311,7 +535,7 @@ mod tests {
         // The contended run under a fault: the baseline is the run without one.
         b.summary.fault.clone_from(&stress.summary.fault);
         let caps = vec![a, b, stress];
-        let out = process(&caps, &all()).await;
+        let mut out = process(&caps, &all()).await;
         let names: Vec<&str> = out.files.iter().map(|(n, _)| n.as_str()).collect();
         for want in [
             "cpu.svg",
@@ -324,15 +548,15 @@ mod tests {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
         assert!(names.iter().any(|n| n.starts_with("runs/")), "{names:?}");
-        let folded = &out.files.iter().find(|(n, _)| n == "cpu.folded").unwrap().1;
-        let merged = Folded::parse(std::str::from_utf8(folded).unwrap()).unwrap();
+        let folded = out.file("cpu.folded").unwrap();
+        let merged = Folded::parse(std::str::from_utf8(&folded).unwrap()).unwrap();
         let sum: u64 = caps
             .iter()
             .map(|c| c.profiles[&ProfileKind::Cpu].total())
             .sum();
         assert_eq!(merged.total(), sum);
-        let pb = &out.files.iter().find(|(n, _)| n == "cpu.pb.gz").unwrap().1;
-        let p = pprof::decode(pb).unwrap();
+        let pb = out.file("cpu.pb.gz").unwrap();
+        let p = pprof::decode(&pb).unwrap();
         assert_eq!(u64::try_from(pprof::totals(&p)[0]).unwrap(), sum);
         assert!(out.findings.iter().any(|f| f.rule == "dominant-function"));
         assert!(out.findings.iter().any(|f| f.rule == "lock-contention"));
@@ -348,6 +572,126 @@ mod tests {
                 .any(|n| n.contains("needs two runs with a cpu profile")),
             "{:?}",
             out.notes
+        );
+    }
+
+    /// The root's total an inferno SVG shows (`all (1,234 samples, 100%)`).
+    fn svg_total(svg: &[u8]) -> u64 {
+        let text = std::str::from_utf8(svg).unwrap();
+        let at = text.find("<title>all (").expect("a root frame") + "<title>all (".len();
+        let digits: String = text[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == ',')
+            .filter(char::is_ascii_digit)
+            .collect();
+        digits.parse().unwrap()
+    }
+
+    /// Two runs of many captures whose stacks are mostly too narrow to draw.
+    fn wide_and_narrow() -> Vec<Capture> {
+        (0..12u64)
+            .map(|i| {
+                let mut c = capture("cpu");
+                c.run = format!("r{}", i % 2);
+                c.target = format!("pod-{i}/app");
+                c.summary.started_unix_ms = i % 2;
+                let mut f = Folded::default();
+                f.add("app;main;hot".into(), 50_000 + i);
+                for n in 0..2000 {
+                    f.add(
+                        format!("app;main;cold;c{};c{}", n % 40, n * 7 + i),
+                        1 + n % 3,
+                    );
+                }
+                c.profiles.insert(ProfileKind::Cpu, f);
+                c.pprof.clear();
+                c
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn pruned_flamegraphs_keep_the_totals_of_the_unpruned_ones() {
+        let caps = wide_and_narrow();
+        let mut out = process(&caps, &all()).await;
+        let exact =
+            Folded::parse(std::str::from_utf8(&out.file("cpu.folded").unwrap()).unwrap()).unwrap();
+        let want: u64 = caps
+            .iter()
+            .map(|c| c.profiles[&ProfileKind::Cpu].total())
+            .sum();
+        assert_eq!(exact.total(), want);
+        assert_eq!(
+            exact.stacks.len(),
+            1 + 12 * 2000 - 0,
+            "every distinct stack, exactly"
+        );
+        let graph = Graph {
+            title: "t",
+            subtitle: "s",
+            count_name: "samples",
+        };
+        let unpruned = folded::flamegraph(&exact, &graph).unwrap();
+        let pruned = out.file("cpu.svg").unwrap();
+        assert_eq!(svg_total(&pruned), svg_total(&unpruned));
+        assert_eq!(svg_total(&pruned), want);
+        let text = std::str::from_utf8(&pruned).unwrap();
+        assert!(
+            text.contains("too narrow to draw"),
+            "the SVG says what it folded"
+        );
+        for run in ["r0", "r1"] {
+            let per = out.file(&format!("runs/{run}/cpu.svg")).unwrap();
+            let run_total: u64 = caps
+                .iter()
+                .filter(|c| c.run == run)
+                .map(|c| c.profiles[&ProfileKind::Cpu].total())
+                .sum();
+            assert_eq!(svg_total(&per), run_total, "{run}");
+        }
+        let diff = out.file("cpu.diff.svg").unwrap();
+        let after: u64 = caps
+            .iter()
+            .filter(|c| c.run == "r1")
+            .map(|c| c.profiles[&ProfileKind::Cpu].total())
+            .sum();
+        assert_eq!(
+            svg_total(&diff),
+            after,
+            "a differential's width is the later run"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_merge_that_spills_to_disk_writes_the_same_outputs() {
+        let caps = wide_and_narrow();
+        let scratch = tempfile::tempdir().unwrap();
+        let small = Options {
+            memory_budget: 64 << 10,
+            scratch: Some(scratch.path().to_owned()),
+            ..all()
+        };
+        let mut spilled = process(&caps, &small).await;
+        let mut in_memory = process(&caps, &all()).await;
+        assert_eq!(spilled.file("cpu.folded"), in_memory.file("cpu.folded"));
+        // inferno picks colours at random: the frames and their widths must agree.
+        let frames = |svg: Bytes| {
+            let text = String::from_utf8(svg.to_vec()).unwrap();
+            let mut v: Vec<String> = text
+                .split("<title>")
+                .skip(1)
+                .map(|t| t.split("</title>").next().unwrap().to_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        for name in ["cpu.svg", "runs/r0/cpu.svg", "cpu.diff.svg"] {
+            let (a, b) = (spilled.file(name).unwrap(), in_memory.file(name).unwrap());
+            assert_eq!(frames(a), frames(b), "{name}");
+        }
+        assert!(
+            std::fs::read_dir(scratch.path()).unwrap().next().is_none(),
+            "scratch space is removed"
         );
     }
 }

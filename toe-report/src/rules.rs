@@ -85,12 +85,28 @@ const MAX_EVIDENCE: usize = 8;
 /// Runs every rule over every capture and groups the hits.
 #[must_use]
 pub fn evaluate(captures: &[Capture]) -> Vec<Finding> {
-    let mut grouped: BTreeMap<(usize, String), Finding> = BTreeMap::new();
+    let mut e = Evaluator::default();
     for c in captures {
+        e.add(c);
+    }
+    e.finish()
+}
+
+/// The rules run capture by capture, so a processing pass need not hold every capture's
+/// profiles at once: each capture is evaluated as it is read and its hits grouped here.
+#[derive(Default)]
+pub struct Evaluator {
+    grouped: BTreeMap<(usize, String), Finding>,
+}
+
+impl Evaluator {
+    /// Runs every rule over `c`.
+    pub fn add(&mut self, c: &Capture) {
         let place = format!("{} {}", c.run, c.target);
         for (order, (id, rule)) in RULES.iter().enumerate() {
             for hit in rule(c) {
-                let f = grouped
+                let f = self
+                    .grouped
                     .entry((order, hit.key.clone()))
                     .or_insert_with(|| Finding {
                         rule: (*id).to_owned(),
@@ -112,14 +128,19 @@ pub fn evaluate(captures: &[Capture]) -> Vec<Finding> {
             }
         }
     }
-    let mut out: Vec<Finding> = grouped.into_values().collect();
-    for f in &mut out {
-        if f.seen_in.len() > 1 {
-            f.title = format!("{} (in {} captures)", f.title, f.seen_in.len());
+
+    /// The findings, most severe first; a cause seen in several captures is one finding.
+    #[must_use]
+    pub fn finish(self) -> Vec<Finding> {
+        let mut out: Vec<Finding> = self.grouped.into_values().collect();
+        for f in &mut out {
+            if f.seen_in.len() > 1 {
+                f.title = format!("{} (in {} captures)", f.title, f.seen_in.len());
+            }
         }
+        out.sort_by_key(|f| f.severity);
+        out
     }
-    out.sort_by_key(|f| f.severity);
-    out
 }
 
 #[expect(clippy::cast_precision_loss, reason = "shares for display")]

@@ -1,17 +1,22 @@
 //! Processing against object stores: open a URL, read the captures of every source within the
 //! window, process them, write the outputs under a timestamped directory, and expire old ones.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    io::{Read as _, Seek as _},
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
-use futures::TryStreamExt as _;
-use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload, path::Path as StorePath};
+use futures::{StreamExt as _, TryStreamExt as _};
+use object_store::{
+    ObjectStore, ObjectStoreExt as _, PutPayload, WriteMultipart, path::Path as StorePath,
+};
 use toe_artifacts::store::{OpenError, as_dir, open, parse_stamp, stamp};
 use url::Url;
 
 use crate::{
     capture::{self, Capture},
-    process::{self, Options, Outcome},
+    process::{self, Content, Options, Outcome, Pass},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,14 @@ pub enum StoreError {
     },
     #[error("processing stopped: {0}")]
     Aborted(String),
+    #[error("scratch space for the merge: {0}")]
+    Scratch(#[source] std::io::Error),
+    #[error("reading the output {name} back: {source}")]
+    Spool {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("expiring {path}: {source}")]
     Delete {
         path: String,
@@ -84,6 +97,12 @@ pub async fn read_sources(
     Ok(all)
 }
 
+/// How many captures `source` holds (listing only, nothing is read).
+pub async fn count_captures(source: &Source) -> Result<usize, StoreError> {
+    let (store, base) = open(&source.url)?;
+    Ok(capture::list(store.as_ref(), &base).await?.len())
+}
+
 /// Whether `c` ended within `window` before `now` (always, without a window).
 #[must_use]
 pub fn within(c: &Capture, window: Option<Duration>, now: SystemTime) -> bool {
@@ -96,15 +115,43 @@ pub fn within(c: &Capture, window: Option<Duration>, now: SystemTime) -> bool {
     })
 }
 
-/// Runs the job: read, process, write, expire.
+/// Captures read ahead while the one before is merged: store latency overlaps merging, and at
+/// most this many captures are in memory at once.
+const READ_AHEAD: usize = 4;
+
+/// Runs the job: read the captures one by one into a processing pass, then write and expire.
+/// Memory holds a few captures at a time, whatever the number of captures.
 pub async fn run(job: &Job) -> Result<JobOutcome, StoreError> {
-    let captures = read_sources(&job.sources, job.window, job.now).await?;
-    run_over(job, &captures).await
+    let mut pass = Pass::new(&job.options).map_err(StoreError::Scratch)?;
+    for s in &job.sources {
+        let (store, base) = open(&s.url)?;
+        let dirs = capture::list(store.as_ref(), &base).await?;
+        let (store, base) = (&store, &base);
+        let mut loads = futures::stream::iter(dirs)
+            .map(|(dir, files)| async move {
+                capture::load_one(store.as_ref(), base, &dir, &files, &s.label).await
+            })
+            .buffered(READ_AHEAD);
+        while let Some(loaded) = loads.next().await {
+            match loaded {
+                Ok(c) if within(&c, job.window, job.now) => pass.add(c),
+                Ok(_) => {}
+                // A capture is untrusted input: one that cannot be read is left out, with its
+                // reason in the report and the status, and the others are processed.
+                Err(e) => pass.skip(&e.to_string()),
+            }
+        }
+    }
+    write(job, pass.finish().await).await
 }
 
 /// Runs the job over captures already read: process, write, expire.
 pub async fn run_over(job: &Job, captures: &[Capture]) -> Result<JobOutcome, StoreError> {
-    let outcome = process::process(captures, &job.options).await;
+    write(job, process::process(captures, &job.options).await).await
+}
+
+/// Writes a pass's outputs under `<output>/<stamp>/`, then expires old output directories.
+async fn write(job: &Job, mut outcome: Outcome) -> Result<JobOutcome, StoreError> {
     let (store, base) = open(&job.output)?;
     let name = stamp(job.now);
     let dir = base.clone().join(name.as_str());
@@ -112,12 +159,12 @@ pub async fn run_over(job: &Job, captures: &[Capture]) -> Result<JobOutcome, Sto
         .join(&format!("{name}/"))
         .map_or_else(|_| dir.to_string(), |u| u.to_string());
     let mut written = Vec::new();
-    for (file, data) in &outcome.files {
+    for (file, content) in &mut outcome.files {
         let path: StorePath = dir
             .parts()
             .chain(file.split('/').map(object_store::path::PathPart::from))
             .collect();
-        put(store.as_ref(), &path, data.clone()).await?;
+        put_content(store.as_ref(), &path, file, content).await?;
         written.push(format!("{dir_url}{file}"));
     }
     let expired = match job.retention {
@@ -137,6 +184,55 @@ pub async fn run_over(job: &Job, captures: &[Capture]) -> Result<JobOutcome, Sto
         written,
         expired,
     })
+}
+
+/// Bytes per part of a multipart upload, and parts in flight: a large output is read from its
+/// temporary file and sent in parts, never held whole.
+const PART: usize = 8 << 20;
+const PARTS_IN_FLIGHT: usize = 2;
+
+async fn put_content(
+    store: &dyn ObjectStore,
+    path: &StorePath,
+    name: &str,
+    content: &mut Content,
+) -> Result<(), StoreError> {
+    let spool = |source| StoreError::Spool {
+        name: name.to_owned(),
+        source,
+    };
+    let put_err = |source| StoreError::Put {
+        path: path.to_string(),
+        source,
+    };
+    let file = match content {
+        Content::Bytes(b) => return put(store, path, b.clone()).await,
+        Content::Spooled(f) => f,
+    };
+    file.rewind().map_err(spool)?;
+    if !file.is_rolled() {
+        let mut v = Vec::new();
+        file.read_to_end(&mut v).map_err(spool)?;
+        return put(store, path, Bytes::from(v)).await;
+    }
+    let mut upload = WriteMultipart::new_with_chunk_size(
+        store.put_multipart(path).await.map_err(put_err)?,
+        PART,
+    );
+    let mut buf = vec![0u8; PART];
+    loop {
+        let n = file.read(&mut buf).map_err(spool)?;
+        if n == 0 {
+            break;
+        }
+        upload
+            .wait_for_capacity(PARTS_IN_FLIGHT)
+            .await
+            .map_err(put_err)?;
+        upload.write(&buf[..n]);
+    }
+    upload.finish().await.map_err(put_err)?;
+    Ok(())
 }
 
 async fn put(store: &dyn ObjectStore, path: &StorePath, data: Bytes) -> Result<(), StoreError> {
