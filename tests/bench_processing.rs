@@ -2,8 +2,9 @@
 //! - `generate DIR PROFILES STACKS`: synthetic captures in the agents' layout, each with STACKS
 //!   distinct CPU stacks (half shared with every other profile, half its own) as folded stacks,
 //!   pprof and a summary;
-//! - `toe DIR OUT`: TOE's whole processing pass (merged flamegraph, differential, merged pprof,
-//!   rules, HTML report);
+//! - `toe SOURCE OUT`: TOE's whole processing pass (merged flamegraph, differential, merged pprof,
+//!   rules, HTML report) over the captures below SOURCE into OUT, each a directory or a store URL
+//!   (`s3://...`, with the store's credentials in the environment);
 //! - `inferno DIR OUT`: the hand-made baseline, every stacks.folded concatenated into one inferno
 //!   flamegraph (`cat */stacks.folded | inferno-flamegraph`).
 
@@ -136,15 +137,25 @@ fn generate(dir: &Path, profiles: u64, stacks: u64) {
     }
 }
 
-fn toe(dir: &Path, out: &Path) {
+/// A directory or a URL, as a directory URL.
+fn dir_url(given: &str) -> url::Url {
+    if given.contains("://") {
+        url::Url::parse(given).unwrap()
+    } else {
+        url::Url::from_directory_path(given).unwrap()
+    }
+}
+
+fn toe(source: &str, out: &str) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let job = toe_report::store::Job {
         sources: vec![toe_report::store::Source {
-            url: url::Url::from_directory_path(dir.join("bench/cpu")).unwrap(),
+            url: dir_url(source),
             label: "cpu".into(),
         }],
         window: None,
         now: SystemTime::now(),
-        output: url::Url::from_directory_path(out).unwrap(),
+        output: dir_url(out),
         retention: None,
         options: toe_report::process::Options {
             merged_flamegraph: true,
@@ -170,7 +181,7 @@ fn toe(dir: &Path, out: &Path) {
 
 fn baseline(dir: &Path, out: &Path) {
     let mut lines = Vec::new();
-    for entry in walk(&dir.join("bench/cpu")) {
+    for entry in walk(dir) {
         if entry.ends_with("stacks.folded") {
             let text = std::fs::read_to_string(&entry).unwrap();
             // The same stacks TOE's merged flamegraph draws: the root frame without the pid
@@ -215,7 +226,7 @@ fn main() {
             arg(3).parse().unwrap(),
             arg(4).parse().unwrap(),
         ),
-        "toe" => toe(Path::new(arg(2)), Path::new(arg(3))),
+        "toe" => toe(arg(2), arg(3)),
         "inferno" => baseline(Path::new(arg(2)), Path::new(arg(3))),
         other => {
             eprintln!("bench-processing: unknown mode {other:?}; use generate|toe|inferno");

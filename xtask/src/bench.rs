@@ -7,6 +7,7 @@
 //! script on the same tracepoints), and the highest signal rate TOE records without loss.
 
 use std::{
+    fmt::Write as _,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     path::Path,
     process::{Child, Command, Stdio},
@@ -78,8 +79,9 @@ pub enum Which {
     Processing {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        #[arg(long, default_value_t = 100)]
-        profiles: u64,
+        /// Numbers of profiles (captures), each measured on its own data.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        profiles: Vec<u64>,
         /// Distinct stacks per profile.
         #[arg(long, default_value_t = 10_000)]
         stacks: u64,
@@ -815,7 +817,12 @@ pub fn run(which: &Which) -> Result<()> {
             rounds,
             profiles,
             stacks,
-        } => processing_bench(*rounds, *profiles, *stacks),
+        } => {
+            for &p in profiles {
+                processing_bench(*rounds, p, *stacks)?;
+            }
+            Ok(())
+        }
         Which::Signals {
             rounds,
             count,
@@ -903,13 +910,19 @@ fn operator_bench(powertools: usize, pods: usize) -> Result<()> {
 }
 
 /// One processing bench run as its own process: wall seconds, peak RSS (KiB) and what it printed.
-fn processing_once(mode: &str, data: &Path, out: &Path) -> Result<(f64, i64, String)> {
-    let _ = std::fs::remove_dir_all(out);
+fn processing_once(
+    mode: &str,
+    data: &str,
+    out: &str,
+    env: &[(String, String)],
+) -> Result<(f64, i64, String)> {
+    if !out.contains("://") {
+        let _ = std::fs::remove_dir_all(out);
+    }
     let start = std::time::Instant::now();
     let mut child = Command::new(root().join("target/release/bench-processing"))
-        .arg(mode)
-        .arg(data)
-        .arg(out)
+        .args([mode, data, out])
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .spawn()?;
     let mut stdout = String::new();
@@ -921,10 +934,71 @@ fn processing_once(mode: &str, data: &Path, out: &Path) -> Result<(f64, i64, Str
     let (ok, rss, _) = wait4(&child)?;
     let secs = start.elapsed().as_secs_f64();
     if !ok {
-        bail!("bench-processing {mode} failed");
+        bail!("bench-processing {mode} {data} failed");
     }
     Ok((secs, rss, stdout))
 }
+
+/// s3s-fs serving `root` (each directory a bucket) on a loopback port, with the environment a
+/// client needs; `None` when it is not bootstrapped.
+struct S3 {
+    child: Child,
+    env: Vec<(String, String)>,
+}
+
+impl S3 {
+    const BUCKET: &str = "toe-artifacts";
+
+    fn start(root: &Path) -> Result<Option<Self>> {
+        let bin = crate::bootstrap::s3_server_path();
+        if !bin.exists() {
+            return Ok(None);
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let (key, secret) = ("toe-bench-access-key", "toe-bench-secret-key");
+        let child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", key, "--secret-key", secret])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        // Bounded: s3s-fs listens within a second here.
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                let env = [
+                    ("AWS_ACCESS_KEY_ID", key.to_owned()),
+                    ("AWS_SECRET_ACCESS_KEY", secret.to_owned()),
+                    ("AWS_ENDPOINT", format!("http://127.0.0.1:{port}")),
+                    ("AWS_ALLOW_HTTP", "true".to_owned()),
+                    ("AWS_REGION", "us-east-1".to_owned()),
+                    // Never the cloud's metadata address: a closed loopback port.
+                    ("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9".to_owned()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+                return Ok(Some(Self { child, env }));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("s3s-fs did not listen on 127.0.0.1:{port} within 10 s")
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Above this many profiles inferno alone is not run: it holds every line of every profile in
+/// memory at once (about 13 GiB at 1000 profiles of 10k stacks), which is the point of the
+/// comparison at 100 and no longer a useful baseline beyond.
+const INFERNO_UP_TO: u64 = 100;
 
 fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
     crate::run(
@@ -940,7 +1014,8 @@ fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
             ]),
     )?;
     let tmp = tempfile_dir("toe-bench-processing")?;
-    let data = tmp.join("data");
+    // The bucket's directory is the file:// data too, so both stores serve the same bytes.
+    let data = tmp.join("s3").join(S3::BUCKET);
     eprintln!("bench processing: generating {profiles} profiles of {stacks} distinct stacks");
     crate::run(
         Command::new(root().join("target/release/bench-processing"))
@@ -948,22 +1023,43 @@ fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
             .arg(&data)
             .args([profiles.to_string(), stacks.to_string()]),
     )?;
+    let s3 = S3::start(&tmp.join("s3"))?;
+    if s3.is_none() {
+        eprintln!("bench processing: no S3 server (run `cargo xtask bootstrap --tests`): file:// only");
+    }
+    let file_src = data.join("bench/cpu").display().to_string();
+    let file_out = tmp.join("out-toe").display().to_string();
+    let s3_src = format!("s3://{}/bench/cpu/", S3::BUCKET);
+    let s3_out = format!("s3://{}/out-toe/", S3::BUCKET);
     let mut toe = Vec::new();
+    let mut on_s3 = Vec::new();
     let mut inferno = Vec::new();
     for round in 0..rounds {
-        // Interleaved, so drift in the machine's speed hits both alike.
-        let t = processing_once("toe", &data, &tmp.join("out-toe"))?;
-        let i = processing_once("inferno", &data, &tmp.join("out-inferno"))?;
-        eprintln!(
-            "round {}: toe {:.2} s {:.1} MiB | inferno alone {:.2} s {:.1} MiB",
+        // Interleaved, so drift in the machine's speed hits every side alike.
+        let t = processing_once("toe", &file_src, &file_out, &[])?;
+        let mut line = format!(
+            "round {}: toe file:// {:.2} s {:.1} MiB",
             round + 1,
             t.0,
-            kib_to_mib(t.1),
-            i.0,
-            kib_to_mib(i.1)
+            kib_to_mib(t.1)
         );
         toe.push(t);
-        inferno.push(i);
+        if let Some(s3) = &s3 {
+            let t = processing_once("toe", &s3_src, &s3_out, &s3.env)?;
+            let _ = write!(line, " | toe s3:// {:.2} s {:.1} MiB", t.0, kib_to_mib(t.1));
+            on_s3.push(t);
+        }
+        if profiles <= INFERNO_UP_TO {
+            let i = processing_once(
+                "inferno",
+                &file_src,
+                &tmp.join("out-inferno").display().to_string(),
+                &[],
+            )?;
+            let _ = write!(line, " | inferno alone {:.2} s {:.1} MiB", i.0, kib_to_mib(i.1));
+            inferno.push(i);
+        }
+        eprintln!("{line}");
     }
     let med = |v: &[(f64, i64, String)]| median(v.iter().map(|x| x.0).collect());
     let peak = |v: &[(f64, i64, String)]| v.iter().map(|x| x.1).max().unwrap_or(0);
@@ -978,21 +1074,34 @@ fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
     println!("| | median time | peak RSS |");
     println!("| --- | --- | --- |");
     println!(
-        "| toe: merged + differential flamegraphs, merged pprof, rules, HTML report ({report_bytes} bytes) | {:.2} s | {:.1} MiB |",
+        "| toe, file://: merged + differential flamegraphs, merged pprof, rules, HTML report ({report_bytes} bytes) | {:.2} s | {:.1} MiB |",
         med(&toe),
         kib_to_mib(peak(&toe))
     );
-    println!(
-        "| inferno alone: one flamegraph of the concatenated folded stacks | {:.2} s | {:.1} MiB |",
-        med(&inferno),
-        kib_to_mib(peak(&inferno))
-    );
-    #[expect(clippy::cast_precision_loss, reason = "ratio for display")]
-    let rss_ratio = peak(&toe) as f64 / peak(&inferno).max(1) as f64;
-    println!(
-        "ratio toe / inferno alone: time {:.2}x, peak RSS {rss_ratio:.2}x",
-        med(&toe) / med(&inferno)
-    );
+    if !on_s3.is_empty() {
+        println!(
+            "| toe, s3:// (s3s-fs on loopback): the same | {:.2} s | {:.1} MiB |",
+            med(&on_s3),
+            kib_to_mib(peak(&on_s3))
+        );
+    }
+    if !inferno.is_empty() {
+        println!(
+            "| inferno alone: one flamegraph of the concatenated folded stacks | {:.2} s | {:.1} MiB |",
+            med(&inferno),
+            kib_to_mib(peak(&inferno))
+        );
+        #[expect(clippy::cast_precision_loss, reason = "ratio for display")]
+        let rss_ratio = peak(&toe) as f64 / peak(&inferno).max(1) as f64;
+        println!(
+            "ratio toe / inferno alone: time {:.2}x, peak RSS {rss_ratio:.2}x",
+            med(&toe) / med(&inferno)
+        );
+    }
+    if !on_s3.is_empty() {
+        println!("ratio s3:// / file://: time {:.2}x", med(&on_s3) / med(&toe));
+    }
+    drop(s3);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
