@@ -868,3 +868,148 @@ async fn the_report_opens_in_headless_chromium_with_a_searchable_flamegraph() {
     );
     eprintln!("screenshot: {}", shot.display());
 }
+
+/// Captures whose merge does not fit a small memory budget, in the agents' layout below `base`:
+/// `captures` targets over two runs, each with `stacks` stacks (half shared, half its own) as
+/// folded stacks, pprof and a summary. Returns the total of samples.
+fn record_many(base: &Path, captures: u64, stacks: u64) -> u64 {
+    use toe_artifacts::profile::{Frame, Profile, Stack, ValueType};
+    let mut total = 0;
+    for p in 0..captures {
+        let dir = base.join(format!("g{}-aaaaaaaa/pod-{p}/app", 1 + p % 2));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut profile = Profile {
+            sample_types: vec![ValueType::new("samples", "count")],
+            ..Profile::default()
+        };
+        let mut frame = |name: String| {
+            profile.frames.push(Frame::named(name, false));
+            u32::try_from(profile.frames.len() - 1).unwrap()
+        };
+        let main = frame("main".into());
+        let mut list = Vec::new();
+        for n in 0..stacks {
+            let own = if n % 2 == 0 { 0 } else { p + 1 };
+            let frames = vec![
+                main,
+                frame(format!("app::service::handler_{}", n % 16)),
+                frame(format!("app::storage::engine::lookup_{}_{own}", n % 97)),
+                frame(format!("app::codec::decode_record_{n}_{own}")),
+            ];
+            let count = 1 + (n * 7 + p) % 50;
+            total += count;
+            list.push(Stack {
+                pid: 1000 + u32::try_from(p).unwrap(),
+                process: "app".into(),
+                thread: "app".into(),
+                frames,
+                values: vec![count],
+            });
+        }
+        profile.stacks = list;
+        std::fs::write(
+            dir.join("stacks.folded"),
+            toe_artifacts::folded::encode(&profile, 0),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("cpu.pb.gz"),
+            toe_artifacts::pprof::encode(&profile),
+        )
+        .unwrap();
+        let summary = serde_json::json!({
+            "run": "big", "tool": "cpu-profile", "target": format!("pod-{p}/app"),
+            "complete": true, "ended": "duration reached",
+            "started_unix_ms": now_ms() - 60_000 + (p % 2) * 30_000,
+            "sampled_duration_s": 10.0,
+        });
+        std::fs::write(dir.join("summary.json"), summary.to_string()).unwrap();
+    }
+    total
+}
+
+/// The root total an inferno SVG shows (`all (1,234 samples, 100%)`).
+fn svg_total(svg: &[u8]) -> u64 {
+    let text = String::from_utf8_lossy(svg);
+    let at = text.find("<title>all (").expect("a root frame") + "<title>all (".len();
+    text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == ',')
+        .filter(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_processing_larger_than_its_memory_budget_spills_and_streams_its_outputs_through_s3() {
+    let test =
+        "a_processing_larger_than_its_memory_budget_spills_and_streams_its_outputs_through_s3";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let (captures, stacks) = (24, 4000);
+    let want = record_many(&s3.path("big"), captures, stacks);
+    let out = Command::new(bin("toe"))
+        .args(["report", s3.url("big/").as_str()])
+        .args(["-o", s3.url("reports/").as_str()])
+        .args([
+            "--outputs",
+            "mergedFlamegraph,differentialFlamegraph,mergedPprof,htmlReport",
+        ])
+        // 1 MiB: the merge spills sorted runs many times over.
+        .args(["--merge-memory-mib", "1"])
+        .envs(s3.env())
+        .output()
+        .expect("toe report");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("over {captures} capture(s) of 2 run(s)")),
+        "{stderr}"
+    );
+    let objects = s3.objects("reports");
+    let find = |name: &str| {
+        let key = objects
+            .iter()
+            .find(|k| k.to_string_lossy().ends_with(&format!("/{name}")))
+            .unwrap_or_else(|| panic!("{name} not in {objects:?}"));
+        s3.read(key)
+    };
+    let folded = find("cpu.folded");
+    // Larger than a part of a multipart upload (8 MiB): it was streamed, not put whole.
+    assert!(folded.len() > 8 << 20, "{} bytes", folded.len());
+    let merged =
+        toe_artifacts::folded::Folded::parse(std::str::from_utf8(&folded).unwrap()).unwrap();
+    assert_eq!(merged.total(), want);
+    // Even stacks are shared by every capture, odd ones are each capture's own.
+    assert_eq!(
+        merged.stacks.len() as u64,
+        stacks / 2 + captures * stacks / 2
+    );
+    let pprof = toe_artifacts::pprof::decode(&find("cpu.pb.gz")).unwrap();
+    assert_eq!(
+        u64::try_from(toe_artifacts::pprof::totals(&pprof)[0]).unwrap(),
+        want
+    );
+    assert_eq!(
+        svg_total(&find("cpu.svg")),
+        want,
+        "the pruned SVG keeps the total"
+    );
+    let later: u64 = merged.total() - {
+        // The diff's width is the later run (g2: odd captures).
+        let mut earlier = 0;
+        for p in (0..captures).step_by(2) {
+            earlier += (0..stacks).map(|n| 1 + (n * 7 + p) % 50).sum::<u64>();
+        }
+        earlier
+    };
+    assert_eq!(svg_total(&find("cpu.diff.svg")), later);
+    assert!(String::from_utf8_lossy(&find("report.html")).contains("flame-cpu"));
+    assert_eq!(
+        s3.metadata_knocks(),
+        0,
+        "nothing asked the instance-metadata address"
+    );
+}

@@ -93,6 +93,10 @@ struct ReportArgs {
     /// Tokens for the whole model exchange (prompt and answer).
     #[arg(long, default_value_t = 4000)]
     model_token_budget: u32,
+    /// MiB of stacks each profile kind's merge holds in memory; beyond it, sorted runs go to the
+    /// temporary directory and are merged from there (the outputs are the same).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    merge_memory_mib: u64,
 }
 
 #[derive(Args)]
@@ -242,6 +246,7 @@ fn report(args: &ReportArgs) -> Result<ExitCode> {
         |given: &str| plan::output_base(given, &cwd).map_err(|e| anyhow::anyhow!("{given}: {e}"));
     let mut options = toe_report::process::Options {
         title: "TOE report".into(),
+        memory_budget: usize::try_from(args.merge_memory_mib << 20).unwrap_or(usize::MAX),
         ..toe_report::process::Options::default()
     };
     for o in &args.outputs {

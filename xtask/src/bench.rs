@@ -1025,7 +1025,9 @@ fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
     )?;
     let s3 = S3::start(&tmp.join("s3"))?;
     if s3.is_none() {
-        eprintln!("bench processing: no S3 server (run `cargo xtask bootstrap --tests`): file:// only");
+        eprintln!(
+            "bench processing: no S3 server (run `cargo xtask bootstrap --tests`): file:// only"
+        );
     }
     let file_src = data.join("bench/cpu").display().to_string();
     let file_out = tmp.join("out-toe").display().to_string();
@@ -1056,7 +1058,12 @@ fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
                 &tmp.join("out-inferno").display().to_string(),
                 &[],
             )?;
-            let _ = write!(line, " | inferno alone {:.2} s {:.1} MiB", i.0, kib_to_mib(i.1));
+            let _ = write!(
+                line,
+                " | inferno alone {:.2} s {:.1} MiB",
+                i.0,
+                kib_to_mib(i.1)
+            );
             inferno.push(i);
         }
         eprintln!("{line}");
@@ -1099,7 +1106,10 @@ fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
         );
     }
     if !on_s3.is_empty() {
-        println!("ratio s3:// / file://: time {:.2}x", med(&on_s3) / med(&toe));
+        println!(
+            "ratio s3:// / file://: time {:.2}x",
+            med(&on_s3) / med(&toe)
+        );
     }
     drop(s3);
     let _ = std::fs::remove_dir_all(&tmp);
