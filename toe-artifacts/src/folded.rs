@@ -2,10 +2,7 @@
 //! from a [`Profile`] by the agent, read back and merged across targets and runs by processing,
 //! and turned into flamegraphs (inferno) on both sides.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt::Write as _,
-};
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::profile::{Frame, Profile};
 
@@ -13,7 +10,7 @@ use crate::profile::{Frame, Profile};
 /// it); [`Folded::parse`] drops the pid so the same program merges across pods and runs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Folded {
-    pub stacks: HashMap<String, u64>,
+    pub stacks: foldhash::HashMap<String, u64>,
 }
 
 /// A line that is not `stack count`.
@@ -114,7 +111,7 @@ impl Folded {
     /// Count whose leaf frame is each function (self time), largest first.
     #[must_use]
     pub fn self_by_function(&self) -> Vec<(String, u64)> {
-        let mut by: HashMap<&str, u64> = HashMap::new();
+        let mut by: foldhash::HashMap<&str, u64> = foldhash::HashMap::default();
         for (stack, &count) in &self.stacks {
             let leaf = stack.rsplit(';').next().unwrap_or(stack);
             *by.entry(function_name(leaf)).or_insert(0) += count;
@@ -127,7 +124,7 @@ impl Folded {
     /// Count of stacks with at least one frame (after the process) that `matches`. Each distinct
     /// frame is asked once: profiles repeat a few thousand names across millions of frames.
     pub fn count_matching(&self, mut matches: impl FnMut(&str) -> bool) -> u64 {
-        let mut known: HashMap<&str, bool> = HashMap::new();
+        let mut known: foldhash::HashMap<&str, bool> = foldhash::HashMap::default();
         self.stacks
             .iter()
             .filter(|(stack, _)| {

@@ -19,14 +19,14 @@ use crate::{
 #[derive(Debug)]
 pub struct Strings {
     table: Vec<String>,
-    index: HashMap<String, i64>,
+    index: foldhash::HashMap<String, i64>,
 }
 
 impl Default for Strings {
     fn default() -> Self {
         let mut s = Self {
             table: Vec::new(),
-            index: HashMap::new(),
+            index: foldhash::HashMap::default(),
         };
         s.get("");
         s

@@ -45,13 +45,25 @@ pub fn frame_order(a: &str, b: &str) -> Ordering {
     a.bytes().map(key).cmp(b.bytes().map(key))
 }
 
+/// A stack as the sorter keeps it: separators as NUL bytes, so plain byte order (memcmp) is
+/// [`frame_order`]. A NUL inside a frame name (possible only in a hostile capture) becomes U+2400
+/// first, so it cannot split a frame.
+fn sort_key(stack: &str) -> String {
+    let stack = if stack.contains('\0') {
+        std::borrow::Cow::Owned(stack.replace('\0', "\u{2400}"))
+    } else {
+        std::borrow::Cow::Borrowed(stack)
+    };
+    stack.replace(';', "\0")
+}
+
 /// Approximate heap cost of one distinct stack in memory: its bytes, the box, the map slot and
 /// the counts vector.
 const ENTRY_OVERHEAD: usize = 96;
 
 /// Sums stacks per group within a memory budget, spilling sorted runs to disk beyond it.
 pub struct Sorter {
-    mem: HashMap<Box<str>, Counts>,
+    mem: foldhash::HashMap<Box<str>, Counts>,
     bytes: usize,
     budget: usize,
     dir: std::path::PathBuf,
@@ -65,7 +77,7 @@ impl Sorter {
     #[must_use]
     pub fn new(budget: usize, dir: &Path) -> Self {
         Self {
-            mem: HashMap::new(),
+            mem: foldhash::HashMap::default(),
             bytes: 0,
             budget,
             dir: dir.to_owned(),
@@ -80,11 +92,12 @@ impl Sorter {
             return Ok(());
         }
         *self.totals.entry(group).or_insert(0) += count;
-        let counts = if let Some(c) = self.mem.get_mut(stack) {
+        let key = sort_key(stack);
+        let counts = if let Some(c) = self.mem.get_mut(key.as_str()) {
             c
         } else {
-            self.bytes += stack.len() + ENTRY_OVERHEAD;
-            self.mem.entry(stack.into()).or_default()
+            self.bytes += key.len() + ENTRY_OVERHEAD;
+            self.mem.entry(key.into_boxed_str()).or_default()
         };
         match counts.binary_search_by_key(&group, |&(g, _)| g) {
             Ok(i) => counts[i].1 = counts[i].1.saturating_add(count),
@@ -112,7 +125,7 @@ impl Sorter {
     fn sorted(&mut self) -> Vec<(Box<str>, Counts)> {
         let mut v: Vec<(Box<str>, Counts)> = self.mem.drain().collect();
         self.bytes = 0;
-        v.sort_unstable_by(|a, b| frame_order(&a.0, &b.0));
+        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
@@ -223,7 +236,10 @@ impl PartialOrd for Head {
 impl Ord for Head {
     // Reversed: BinaryHeap pops the greatest, the merge wants the first in frame order.
     fn cmp(&self, other: &Self) -> Ordering {
-        frame_order(&other.stack, &self.stack).then(other.source.cmp(&self.source))
+        other
+            .stack
+            .cmp(&self.stack)
+            .then(other.source.cmp(&self.source))
     }
 }
 
@@ -252,7 +268,7 @@ impl Merged {
             }
             self.refill(same.source)?;
         }
-        Ok(Some((stack, counts)))
+        Ok(Some((stack.replace('\0', ";").into_boxed_str(), counts)))
     }
 
     fn refill(&mut self, source: usize) -> io::Result<()> {
@@ -368,9 +384,8 @@ impl Pruner {
             if node.own != [0, 0] {
                 self.lines.push((path, node.own));
             }
-            match self.open.last_mut() {
-                Some(parent) => add2(&mut parent.children, total),
-                None => {}
+            if let Some(parent) = self.open.last_mut() {
+                add2(&mut parent.children, total);
             }
         } else {
             self.folded_frames += 1;

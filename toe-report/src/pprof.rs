@@ -52,9 +52,9 @@ pub struct Merger {
     sample_types: Vec<(String, String)>,
     /// Everything but the samples, which go to `gz` as they come.
     out: Profile,
-    functions: HashMap<(i64, i64, i64, i64), u64>,
-    mappings: HashMap<(u64, u64, u64, i64, i64), u64>,
-    locations: HashMap<LocationKey, u64>,
+    functions: foldhash::HashMap<(i64, i64, i64, i64), u64>,
+    mappings: foldhash::HashMap<(u64, u64, u64, i64, i64), u64>,
+    locations: foldhash::HashMap<LocationKey, u64>,
     gz: GzEncoder<tempfile::SpooledTempFile>,
     inputs: usize,
     /// Why each left-out input was left out.
@@ -67,12 +67,14 @@ impl Default for Merger {
             strings: Strings::default(),
             sample_types: Vec::new(),
             out: Profile::default(),
-            functions: HashMap::new(),
-            mappings: HashMap::new(),
-            locations: HashMap::new(),
+            functions: foldhash::HashMap::default(),
+            mappings: foldhash::HashMap::default(),
+            locations: foldhash::HashMap::default(),
+            // Level 1: a merged profile is several times larger than any input, and the levels
+            // above cost more time than the bytes they save are worth here.
             gz: GzEncoder::new(
                 tempfile::spooled_tempfile(SPOOL_IN_MEMORY),
-                Compression::default(),
+                Compression::fast(),
             ),
             inputs: 0,
             skipped: Vec::new(),
@@ -142,10 +144,33 @@ impl Merger {
             .iter()
             .map(|l| (l.id, self.location(l, &functions, &mappings)))
             .collect();
+        let samples = self.samples(p, &locations, target, run);
+        for batch in samples.chunks(BATCH) {
+            let part = Profile {
+                sample: batch.to_vec(),
+                ..Profile::default()
+            };
+            self.gz
+                .write_all(&part.encode_to_vec())
+                .map_err(|e| format!("writing the merged profile: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// `p`'s samples on the merged tables, with `target` and `run` labels; samples of `p` with
+    /// the same stack and labels summed.
+    fn samples(
+        &mut self,
+        p: &Profile,
+        locations: &HashMap<u64, u64>,
+        target: &str,
+        run: &str,
+    ) -> Vec<Sample> {
         let (target_key, run_key) = (self.strings.get("target"), self.strings.get("run"));
         let (target, run) = (self.strings.get(target), self.strings.get(run));
         let mut samples: Vec<Sample> = Vec::new();
-        let mut index: HashMap<(Vec<u64>, Vec<LabelKey>), usize> = HashMap::new();
+        let mut index: foldhash::HashMap<(Vec<u64>, Vec<LabelKey>), usize> =
+            foldhash::HashMap::default();
         for s in &p.sample {
             let stack: Vec<u64> = s
                 .location_id
@@ -187,16 +212,7 @@ impl Merger {
                 *acc = acc.saturating_add(*v);
             }
         }
-        for batch in samples.chunks(BATCH) {
-            let part = Profile {
-                sample: batch.to_vec(),
-                ..Profile::default()
-            };
-            self.gz
-                .write_all(&part.encode_to_vec())
-                .map_err(|e| format!("writing the merged profile: {e}"))?;
-        }
-        Ok(())
+        samples
     }
 
     fn function(&mut self, p: &Profile, f: &Function) -> u64 {

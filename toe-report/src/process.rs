@@ -428,39 +428,48 @@ impl Pass {
             }
             out.push(format!("{}.folded", kind.name()), Content::Spooled(file));
         }
-        for (run, _, p) in per_run {
-            let p = p.finish();
-            let sub = format!(
-                "{} {} in run {run}{}",
-                p.total,
-                kind.unit(),
-                p.note(kind.unit())
-            );
-            match svg(&p, kind.title(), &sub, kind.unit()) {
-                Ok(b) => out.push(format!("runs/{}/{}.svg", file_name(&run), kind.name()), b),
-                Err(e) => out.notes.push(e),
-            }
-        }
+        render_runs(kind, per_run, out);
         if let Some((_, _, tb, ta, how, p)) = diff {
-            let p = p.finish();
-            let subtitle = format!("{how}: {tb} -> {ta} {}{}", kind.unit(), p.note(kind.unit()));
-            let graph = Graph {
-                title: kind.title(),
-                subtitle: &subtitle,
-                count_name: kind.unit(),
-            };
-            let lines: Vec<String> = p
-                .lines
-                .iter()
-                .map(|(s, v)| format!("{s} {} {}", v[1], v[0]))
-                .collect();
-            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-            match folded::differential_of_lines(&lines, &graph) {
-                Ok(svg) => out.push(format!("{}.diff.svg", kind.name()), svg),
-                Err(e) => out.notes.push(format!("differential {}: {e}", kind.name())),
-            }
+            render_diff(kind, &p.finish(), &format!("{how}: {tb} -> {ta}"), out);
         }
         Ok(all)
+    }
+}
+
+/// The per-run flamegraphs of one kind.
+fn render_runs(kind: ProfileKind, per_run: Vec<(String, Vec<u32>, Pruner)>, out: &mut Outcome) {
+    for (run, _, p) in per_run {
+        let p = p.finish();
+        let sub = format!(
+            "{} {} in run {run}{}",
+            p.total,
+            kind.unit(),
+            p.note(kind.unit())
+        );
+        match svg(&p, kind.title(), &sub, kind.unit()) {
+            Ok(b) => out.push(format!("runs/{}/{}.svg", file_name(&run), kind.name()), b),
+            Err(e) => out.notes.push(e),
+        }
+    }
+}
+
+/// The differential flamegraph of one kind from its pruned `[after, before]` lines.
+fn render_diff(kind: ProfileKind, p: &Pruned, how: &str, out: &mut Outcome) {
+    let subtitle = format!("{how} {}{}", kind.unit(), p.note(kind.unit()));
+    let graph = Graph {
+        title: kind.title(),
+        subtitle: &subtitle,
+        count_name: kind.unit(),
+    };
+    let lines: Vec<String> = p
+        .lines
+        .iter()
+        .map(|(s, v)| format!("{s} {} {}", v[1], v[0]))
+        .collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    match folded::differential_of_lines(&lines, &graph) {
+        Ok(svg) => out.push(format!("{}.diff.svg", kind.name()), svg),
+        Err(e) => out.notes.push(format!("differential {}: {e}", kind.name())),
     }
 }
 
@@ -623,7 +632,7 @@ mod tests {
         assert_eq!(exact.total(), want);
         assert_eq!(
             exact.stacks.len(),
-            1 + 12 * 2000 - 0,
+            1 + 12 * 2000,
             "every distinct stack, exactly"
         );
         let graph = Graph {

@@ -1000,6 +1000,60 @@ impl Drop for S3 {
 /// comparison at 100 and no longer a useful baseline beyond.
 const INFERNO_UP_TO: u64 = 100;
 
+/// One run's measurements: wall seconds, peak RSS (KiB), what it printed.
+type Run = (f64, i64, String);
+
+/// The processing bench's table and ratios.
+fn print_processing(
+    profiles: u64,
+    stacks: u64,
+    rounds: usize,
+    toe: &[Run],
+    on_s3: &[Run],
+    inferno: &[Run],
+) {
+    let med = |v: &[(f64, i64, String)]| median(v.iter().map(|x| x.0).collect());
+    let peak = |v: &[(f64, i64, String)]| v.iter().map(|x| x.1).max().unwrap_or(0);
+    let report_bytes = toe
+        .last()
+        .and_then(|t| t.2.split_whitespace().nth(2))
+        .unwrap_or("?")
+        .to_owned();
+    println!(
+        "processing {profiles} profiles x {stacks} distinct stacks ({rounds} rounds, interleaved)"
+    );
+    println!("| | median time | peak RSS |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| toe, file://: merged + differential flamegraphs, merged pprof, rules, HTML report ({report_bytes} bytes) | {:.2} s | {:.1} MiB |",
+        med(toe),
+        kib_to_mib(peak(toe))
+    );
+    if !on_s3.is_empty() {
+        println!(
+            "| toe, s3:// (s3s-fs on loopback): the same | {:.2} s | {:.1} MiB |",
+            med(on_s3),
+            kib_to_mib(peak(on_s3))
+        );
+    }
+    if !inferno.is_empty() {
+        println!(
+            "| inferno alone: one flamegraph of the concatenated folded stacks | {:.2} s | {:.1} MiB |",
+            med(inferno),
+            kib_to_mib(peak(inferno))
+        );
+        #[expect(clippy::cast_precision_loss, reason = "ratio for display")]
+        let rss_ratio = peak(toe) as f64 / peak(inferno).max(1) as f64;
+        println!(
+            "ratio toe / inferno alone: time {:.2}x, peak RSS {rss_ratio:.2}x",
+            med(toe) / med(inferno)
+        );
+    }
+    if !on_s3.is_empty() {
+        println!("ratio s3:// / file://: time {:.2}x", med(on_s3) / med(toe));
+    }
+}
+
 fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
     crate::run(
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
@@ -1068,49 +1122,7 @@ fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
         }
         eprintln!("{line}");
     }
-    let med = |v: &[(f64, i64, String)]| median(v.iter().map(|x| x.0).collect());
-    let peak = |v: &[(f64, i64, String)]| v.iter().map(|x| x.1).max().unwrap_or(0);
-    let report_bytes = toe
-        .last()
-        .and_then(|t| t.2.split_whitespace().nth(2))
-        .unwrap_or("?")
-        .to_owned();
-    println!(
-        "processing {profiles} profiles x {stacks} distinct stacks ({rounds} rounds, interleaved)"
-    );
-    println!("| | median time | peak RSS |");
-    println!("| --- | --- | --- |");
-    println!(
-        "| toe, file://: merged + differential flamegraphs, merged pprof, rules, HTML report ({report_bytes} bytes) | {:.2} s | {:.1} MiB |",
-        med(&toe),
-        kib_to_mib(peak(&toe))
-    );
-    if !on_s3.is_empty() {
-        println!(
-            "| toe, s3:// (s3s-fs on loopback): the same | {:.2} s | {:.1} MiB |",
-            med(&on_s3),
-            kib_to_mib(peak(&on_s3))
-        );
-    }
-    if !inferno.is_empty() {
-        println!(
-            "| inferno alone: one flamegraph of the concatenated folded stacks | {:.2} s | {:.1} MiB |",
-            med(&inferno),
-            kib_to_mib(peak(&inferno))
-        );
-        #[expect(clippy::cast_precision_loss, reason = "ratio for display")]
-        let rss_ratio = peak(&toe) as f64 / peak(&inferno).max(1) as f64;
-        println!(
-            "ratio toe / inferno alone: time {:.2}x, peak RSS {rss_ratio:.2}x",
-            med(&toe) / med(&inferno)
-        );
-    }
-    if !on_s3.is_empty() {
-        println!(
-            "ratio s3:// / file://: time {:.2}x",
-            med(&on_s3) / med(&toe)
-        );
-    }
+    print_processing(profiles, stacks, rounds, &toe, &on_s3, &inferno);
     drop(s3);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
