@@ -948,7 +948,7 @@ fn a_processing_larger_than_its_memory_budget_spills_and_streams_its_outputs_thr
     let Some(s3) = S3Server::start(test) else {
         return;
     };
-    let (captures, stacks) = (24, 4000);
+    let (captures, stacks) = (24, 8000);
     let want = record_many(&s3.path("big"), captures, stacks);
     let out = Command::new(bin("toe"))
         .args(["report", s3.url("big/").as_str()])
