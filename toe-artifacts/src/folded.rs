@@ -123,19 +123,44 @@ impl Folded {
 
     /// Count of stacks with at least one frame (after the process) that `matches`. Each distinct
     /// frame is asked once: profiles repeat a few thousand names across millions of frames.
-    pub fn count_matching(&self, mut matches: impl FnMut(&str) -> bool) -> u64 {
-        let mut known: foldhash::HashMap<&str, bool> = foldhash::HashMap::default();
-        self.stacks
-            .iter()
-            .filter(|(stack, _)| {
-                stack.split(';').skip(1).any(|frame| {
-                    *known
-                        .entry(frame)
-                        .or_insert_with(|| matches(function_name(frame)))
-                })
-            })
-            .map(|(_, &c)| c)
-            .sum()
+    pub fn count_matching(&self, matches: impl Fn(&str) -> bool) -> u64 {
+        self.count_matching_each(&[&matches])[0]
+    }
+
+    /// [`Self::count_matching`] for several tests (at most 64) in one walk of the stacks: each
+    /// distinct frame is looked up once for all of them.
+    #[must_use]
+    pub fn count_matching_each(&self, tests: &[&dyn Fn(&str) -> bool]) -> Vec<u64> {
+        assert!(tests.len() <= 64, "at most 64 tests in one walk");
+        let all = if tests.len() == 64 {
+            u64::MAX
+        } else {
+            (1u64 << tests.len()) - 1
+        };
+        let mut known: foldhash::HashMap<&str, u64> = foldhash::HashMap::default();
+        let mut counts = vec![0u64; tests.len()];
+        for (stack, &count) in &self.stacks {
+            let mut seen = 0u64;
+            for frame in stack.split(';').skip(1) {
+                seen |= *known.entry(frame).or_insert_with(|| {
+                    let name = function_name(frame);
+                    tests
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| t(name))
+                        .fold(0, |m, (i, _)| m | 1 << i)
+                });
+                if seen == all {
+                    break;
+                }
+            }
+            for (i, c) in counts.iter_mut().enumerate() {
+                if seen & 1 << i != 0 {
+                    *c += count;
+                }
+            }
+        }
+        counts
     }
 
     /// The heaviest stack whose leaf is `function`, as the evidence of where it is called from.

@@ -45,16 +45,21 @@ pub fn frame_order(a: &str, b: &str) -> Ordering {
     a.bytes().map(key).cmp(b.bytes().map(key))
 }
 
-/// A stack as the sorter keeps it: separators as NUL bytes, so plain byte order (memcmp) is
-/// [`frame_order`]. A NUL inside a frame name (possible only in a hostile capture) becomes U+2400
-/// first, so it cannot split a frame.
-fn sort_key(stack: &str) -> String {
-    let stack = if stack.contains('\0') {
-        std::borrow::Cow::Owned(stack.replace('\0', "\u{2400}"))
-    } else {
-        std::borrow::Cow::Borrowed(stack)
-    };
-    stack.replace(';', "\0")
+/// A stack as the sorter keeps it, written into `key`: separators as NUL bytes, so plain byte
+/// order (memcmp) is [`frame_order`]. A NUL inside a frame name (possible only in a hostile
+/// capture) becomes U+2400 first, so it cannot split a frame.
+fn sort_key(stack: &str, key: &mut String) {
+    key.clear();
+    for (i, frame) in stack.split(';').enumerate() {
+        if i > 0 {
+            key.push('\0');
+        }
+        if frame.contains('\0') {
+            key.push_str(&frame.replace('\0', "\u{2400}"));
+        } else {
+            key.push_str(frame);
+        }
+    }
 }
 
 /// Approximate heap cost of one distinct stack in memory: its bytes, the box, the map slot and
@@ -68,6 +73,7 @@ pub struct Sorter {
     budget: usize,
     dir: std::path::PathBuf,
     runs: Vec<tempfile::NamedTempFile>,
+    key: String,
     /// Sum of every count added, per group.
     pub totals: HashMap<u32, u64>,
 }
@@ -82,6 +88,7 @@ impl Sorter {
             budget,
             dir: dir.to_owned(),
             runs: Vec::new(),
+            key: String::new(),
             totals: HashMap::new(),
         }
     }
@@ -92,12 +99,12 @@ impl Sorter {
             return Ok(());
         }
         *self.totals.entry(group).or_insert(0) += count;
-        let key = sort_key(stack);
-        let counts = if let Some(c) = self.mem.get_mut(key.as_str()) {
+        sort_key(stack, &mut self.key);
+        let counts = if let Some(c) = self.mem.get_mut(self.key.as_str()) {
             c
         } else {
-            self.bytes += key.len() + ENTRY_OVERHEAD;
-            self.mem.entry(key.into_boxed_str()).or_default()
+            self.bytes += self.key.len() + ENTRY_OVERHEAD;
+            self.mem.entry(self.key.as_str().into()).or_default()
         };
         match counts.binary_search_by_key(&group, |&(g, _)| g) {
             Ok(i) => counts[i].1 = counts[i].1.saturating_add(count),
@@ -337,15 +344,20 @@ impl Pruner {
     /// Adds one stack (frames separated by `;`), which must not come before the previous one in
     /// [`frame_order`].
     pub fn add(&mut self, stack: &str, values: [u64; 2]) {
-        if values == [0, 0] || stack.is_empty() {
+        let frames: Vec<&str> = stack.split(';').collect();
+        self.add_frames(&frames, values);
+    }
+
+    /// [`Self::add`] of a stack already split into its frames.
+    pub fn add_frames(&mut self, frames: &[&str], values: [u64; 2]) {
+        if values == [0, 0] || frames.is_empty() {
             return;
         }
         self.total = self.total.saturating_add(values[0]);
-        let frames: Vec<&str> = stack.split(';').collect();
         let common = self
             .open
             .iter()
-            .zip(&frames)
+            .zip(frames)
             .take_while(|(o, f)| o.name == **f)
             .count();
         while self.open.len() > common {

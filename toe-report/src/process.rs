@@ -172,13 +172,49 @@ fn group_of(c: &Capture) -> Group {
     (c.run.clone(), c.summary.fault.is_some())
 }
 
+/// What a pass does with each capture besides merging its stacks: the rules, the pprof merge,
+/// and keeping its metadata. It runs on a thread of its own, beside the reading and the stack
+/// merge, so a pass uses two cores.
+#[derive(Default)]
+struct Side {
+    merged_pprof: bool,
+    pprof: BTreeMap<String, pprof::Merger>,
+    rules: rules::Evaluator,
+    captures: Vec<Capture>,
+}
+
+impl Side {
+    fn take(&mut self, mut c: Capture) {
+        self.rules.add(&c);
+        if self.merged_pprof {
+            for (name, data) in &c.pprof {
+                self.pprof
+                    .entry(name.clone())
+                    .or_default()
+                    .push(&pprof::Input {
+                        data,
+                        target: &c.target,
+                        run: &c.run,
+                    });
+            }
+        }
+        c.lighten();
+        self.captures.push(c);
+    }
+}
+
+/// Captures waiting for the side thread: a bound on the captures in memory at once.
+const SIDE_QUEUE: usize = 2;
+
 /// A processing pass in progress; see the module docs.
 pub struct Pass {
     opts: Options,
     scratch: tempfile::TempDir,
     sorters: BTreeMap<ProfileKind, Sorter>,
-    pprof: BTreeMap<String, pprof::Merger>,
-    rules: rules::Evaluator,
+    side: Option<(
+        std::sync::mpsc::SyncSender<Capture>,
+        std::thread::JoinHandle<Side>,
+    )>,
     captures: Vec<Capture>,
     groups: HashMap<Group, u32>,
     notes: Vec<String>,
@@ -197,12 +233,24 @@ impl Pass {
                 .prefix("toe-processing-")
                 .tempdir()?,
         };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Capture>(SIDE_QUEUE);
+        let mut side = Side {
+            merged_pprof: opts.merged_pprof,
+            ..Side::default()
+        };
+        let worker = std::thread::Builder::new()
+            .name("toe-processing".into())
+            .spawn(move || {
+                for c in rx {
+                    side.take(c);
+                }
+                side
+            })?;
         Ok(Self {
             opts: opts.clone(),
             scratch,
             sorters: BTreeMap::new(),
-            pprof: BTreeMap::new(),
-            rules: rules::Evaluator::default(),
+            side: Some((tx, worker)),
             captures: Vec::new(),
             groups: HashMap::new(),
             notes: Vec::new(),
@@ -211,8 +259,7 @@ impl Pass {
     }
 
     /// Merges one capture and keeps its metadata.
-    pub fn add(&mut self, mut c: Capture) {
-        self.rules.add(&c);
+    pub fn add(&mut self, c: Capture) {
         let next = u32::try_from(self.groups.len()).unwrap_or(u32::MAX);
         let group = *self.groups.entry(group_of(&c)).or_insert(next);
         let budget = match self.opts.memory_budget {
@@ -230,20 +277,11 @@ impl Pass {
                 }
             }
         }
-        if self.opts.merged_pprof {
-            for (name, data) in &c.pprof {
-                self.pprof
-                    .entry(name.clone())
-                    .or_default()
-                    .push(&pprof::Input {
-                        data,
-                        target: &c.target,
-                        run: &c.run,
-                    });
-            }
+        if let Some((tx, _)) = &self.side {
+            // The side thread ends only when the pass does, so the send fails only if it
+            // panicked; finish() reports that.
+            let _ = tx.send(c);
         }
-        c.lighten();
-        self.captures.push(c);
     }
 
     /// Leaves a capture out, with the reason (it could not be read).
@@ -251,14 +289,21 @@ impl Pass {
         self.notes.push(format!("left out a capture: {why}"));
     }
 
-    /// The captures added so far, without their profiles.
-    #[must_use]
-    pub fn captures(&self) -> &[Capture] {
-        &self.captures
-    }
-
     /// Produces every output.
     pub async fn finish(mut self) -> Outcome {
+        let side = match self.side.take() {
+            Some((tx, worker)) => {
+                drop(tx);
+                worker.join().unwrap_or_else(|_| {
+                    self.notes.push(
+                        "the rules and the pprof merge stopped on an internal error: their results are missing".into(),
+                    );
+                    Side::default()
+                })
+            }
+            None => Side::default(),
+        };
+        self.captures = side.captures;
         let runs = runs_in_order(&self.captures);
         let mut out = Outcome {
             captures: self.captures.len(),
@@ -275,7 +320,7 @@ impl Pass {
                     .push(format!("merging the {} profiles: {e}", kind.name())),
             }
         }
-        for (name, m) in std::mem::take(&mut self.pprof) {
+        for (name, m) in side.pprof {
             out.notes
                 .extend(m.skipped.iter().map(|s| format!("{name}: left out {s}")));
             match m.finish() {
@@ -288,7 +333,7 @@ impl Pass {
                 "the merge's scratch space failed, so the merged profiles may miss stacks: {e}"
             ));
         }
-        out.findings = std::mem::take(&mut self.rules).finish();
+        out.findings = side.rules.finish();
         let captures = &self.captures;
         if let Some(endpoint) = &self.opts.model {
             match model::ask(endpoint, captures, &out.findings).await {
@@ -399,15 +444,17 @@ impl Pass {
         while let Some((stack, counts)) = merged.next_stack()? {
             let sum: u64 = counts.iter().map(|x| x.1).sum();
             if let Some(w) = &mut folded_out {
-                writeln!(w, "{stack} {sum}")?;
+                w.write_all(stack.as_bytes())?;
+                writeln!(w, " {sum}")?;
             }
-            all.add(&stack, [sum, 0]);
+            let frames: Vec<&str> = stack.split(';').collect();
+            all.add_frames(&frames, [sum, 0]);
             for (_, groups, p) in &mut per_run {
-                p.add(&stack, [sum_of(&counts, groups), 0]);
+                p.add_frames(&frames, [sum_of(&counts, groups), 0]);
             }
             if let Some((b, a, tb, ta, _, p)) = &mut diff {
                 let before = scale(sum_of(&counts, b), *ta, *tb);
-                p.add(&stack, [sum_of(&counts, a), before]);
+                p.add_frames(&frames, [sum_of(&counts, a), before]);
             }
         }
         let all = all.finish();

@@ -55,7 +55,7 @@ struct Hit {
     evidence: Vec<String>,
 }
 
-type Rule = fn(&Capture) -> Vec<Hit>;
+type Rule = fn(&Capture, &Facts) -> Vec<Hit>;
 
 /// Every rule with its id, in report order.
 const RULES: &[(&str, Rule)] = &[
@@ -103,8 +103,9 @@ impl Evaluator {
     /// Runs every rule over `c`.
     pub fn add(&mut self, c: &Capture) {
         let place = format!("{} {}", c.run, c.target);
+        let facts = Facts::default();
         for (order, (id, rule)) in RULES.iter().enumerate() {
-            for hit in rule(c) {
+            for hit in rule(c, &facts) {
                 let f = self
                     .grouped
                     .entry((order, hit.key.clone()))
@@ -174,7 +175,7 @@ fn tail(stack: &str, frames: usize) -> String {
 
 // ---- process ends -------------------------------------------------------------------------
 
-fn oom_kill(c: &Capture) -> Vec<Hit> {
+fn oom_kill(c: &Capture, _: &Facts) -> Vec<Hit> {
     let mut hits = Vec::new();
     for e in c.events.iter().filter(|e| e.event == "oom_kill") {
         let victim = e.victim_comm.clone().unwrap_or_else(|| e.comm.clone());
@@ -218,7 +219,7 @@ fn oom_kill(c: &Capture) -> Vec<Hit> {
     hits
 }
 
-fn sigterm_unhandled(c: &Capture) -> Vec<Hit> {
+fn sigterm_unhandled(c: &Capture, _: &Facts) -> Vec<Hit> {
     let Some(s) = &c.summary.signals else {
         return Vec::new();
     };
@@ -257,7 +258,7 @@ fn sigterm_unhandled(c: &Capture) -> Vec<Hit> {
         .collect()
 }
 
-fn volume_fill_errors(c: &Capture) -> Vec<Hit> {
+fn volume_fill_errors(c: &Capture, _: &Facts) -> Vec<Hit> {
     let (Some(f), Some(s)) = (&c.summary.fault, &c.summary.signals) else {
         return Vec::new();
     };
@@ -308,7 +309,7 @@ fn volume_fill_errors(c: &Capture) -> Vec<Hit> {
 /// buffers look the same.
 const LEAK_MIN_BYTES: u64 = 4 << 20;
 
-fn memory_leak_site(c: &Capture) -> Vec<Hit> {
+fn memory_leak_site(c: &Capture, _: &Facts) -> Vec<Hit> {
     let Some(inuse) = c.profiles.get(&ProfileKind::InUse) else {
         return Vec::new();
     };
@@ -387,7 +388,7 @@ fn cpu(c: &Capture) -> Option<&Folded> {
         .filter(|f| f.total() >= CPU_MIN_SAMPLES)
 }
 
-fn dominant_function(c: &Capture) -> Vec<Hit> {
+fn dominant_function(c: &Capture, _: &Facts) -> Vec<Hit> {
     let Some(f) = cpu(c) else {
         return Vec::new();
     };
@@ -448,9 +449,25 @@ static GC: LazyLock<Regex> = LazyLock::new(|| {
     .expect("valid pattern")
 });
 
-/// Share of CPU samples whose stack passes through frames matching `pattern`.
-fn path_share(f: &Folded, pattern: &Regex) -> (u64, u64) {
-    (f.count_matching(|name| pattern.is_match(name)), f.total())
+/// What several rules ask of one capture, computed once for all of them.
+#[derive(Default)]
+pub(crate) struct Facts {
+    /// CPU samples whose stack passes through lock, allocator and GC frames.
+    under: std::cell::OnceCell<[u64; 3]>,
+}
+
+impl Facts {
+    /// CPU samples under frames matching [`LOCKS`], [`ALLOCATOR`] and [`GC`], in one walk of `f`.
+    fn under(&self, f: &Folded) -> [u64; 3] {
+        *self.under.get_or_init(|| {
+            let counts = f.count_matching_each(&[
+                &|n: &str| LOCKS.is_match(n),
+                &|n: &str| ALLOCATOR.is_match(n),
+                &|n: &str| GC.is_match(n),
+            ]);
+            [counts[0], counts[1], counts[2]]
+        })
+    }
 }
 
 /// The frames matching `pattern` that samples spend the most time under, for evidence.
@@ -475,11 +492,11 @@ fn top_matching(f: &Folded, pattern: &Regex) -> Vec<String> {
         .collect()
 }
 
-fn lock_contention(c: &Capture) -> Vec<Hit> {
+fn lock_contention(c: &Capture, facts: &Facts) -> Vec<Hit> {
     let Some(f) = cpu(c) else {
         return Vec::new();
     };
-    let (n, total) = path_share(f, &LOCKS);
+    let (n, total) = (facts.under(f)[0], f.total());
     if share(n, total) < 0.2 {
         return Vec::new();
     }
@@ -562,7 +579,7 @@ fn top_by(
     v
 }
 
-fn lock_wait(c: &Capture) -> Vec<Hit> {
+fn lock_wait(c: &Capture, _: &Facts) -> Vec<Hit> {
     let Some((_, f)) = offcpu(c) else {
         return Vec::new();
     };
@@ -612,7 +629,7 @@ fn lock_wait(c: &Capture) -> Vec<Hit> {
     }]
 }
 
-fn io_wait(c: &Capture) -> Vec<Hit> {
+fn io_wait(c: &Capture, _: &Facts) -> Vec<Hit> {
     let Some((s, f)) = offcpu(c) else {
         return Vec::new();
     };
@@ -648,7 +665,7 @@ fn io_wait(c: &Capture) -> Vec<Hit> {
     }]
 }
 
-fn cpu_starvation(c: &Capture) -> Vec<Hit> {
+fn cpu_starvation(c: &Capture, _: &Facts) -> Vec<Hit> {
     let Some(s) = c.summary.offcpu.as_ref() else {
         return Vec::new();
     };
@@ -733,20 +750,22 @@ fn cpu_starvation(c: &Capture) -> Vec<Hit> {
     }]
 }
 
-fn allocator_hot(c: &Capture) -> Vec<Hit> {
+fn allocator_hot(c: &Capture, facts: &Facts) -> Vec<Hit> {
     let Some(f) = cpu(c) else {
         return Vec::new();
     };
     let mut hits = Vec::new();
-    for (key, pattern, what) in [
+    let under = facts.under(f);
+    for (key, pattern, n, what) in [
         (
             "allocator",
             &*ALLOCATOR,
+            under[1],
             "the memory allocator (malloc/free)",
         ),
-        ("gc", &*GC, "garbage collection"),
+        ("gc", &*GC, under[2], "garbage collection"),
     ] {
-        let (n, total) = path_share(f, pattern);
+        let total = f.total();
         if share(n, total) < 0.2 {
             continue;
         }
@@ -767,7 +786,7 @@ fn allocator_hot(c: &Capture) -> Vec<Hit> {
 
 // ---- the engine's own honesty ---------------------------------------------------------------
 
-fn fault_missed_target(c: &Capture) -> Vec<Hit> {
+fn fault_missed_target(c: &Capture, _: &Facts) -> Vec<Hit> {
     let Some(f) = &c.summary.fault else {
         return Vec::new();
     };
@@ -793,7 +812,7 @@ fn fault_missed_target(c: &Capture) -> Vec<Hit> {
     }]
 }
 
-fn data_loss(c: &Capture) -> Vec<Hit> {
+fn data_loss(c: &Capture, _: &Facts) -> Vec<Hit> {
     let mut evidence = Vec::new();
     if let Some(cpu) = &c.summary.cpu {
         let lost = cpu.samples.lost_ring_full + cpu.samples.unaccounted;
@@ -979,14 +998,14 @@ mod tests {
         let mut c = capture("stress");
         let f = c.summary.fault.as_mut().unwrap();
         f.error_percent = -30.0;
-        let hit = &fault_missed_target(&c)[0];
+        let hit = &fault_missed_target(&c, &Facts::default())[0];
         assert_eq!(hit.severity, Severity::Info);
         assert!(hit.evidence[0].contains("(-30.0%)"), "{hit:?}");
         // Within 10% but with something left behind after rollback: critical.
         let f = c.summary.fault.as_mut().unwrap();
         f.error_percent = 2.0;
         f.leftovers = 1;
-        let hit = &fault_missed_target(&c)[0];
+        let hit = &fault_missed_target(&c, &Facts::default())[0];
         assert_eq!(hit.severity, Severity::Critical);
         assert!(hit.evidence[1].contains("1 leftover"), "{hit:?}");
     }
@@ -1003,7 +1022,7 @@ mod tests {
         m.page_faults
             .get_or_insert_with(Default::default)
             .stacks_lost = 3;
-        let hit = &data_loss(&c)[0];
+        let hit = &data_loss(&c, &Facts::default())[0];
         assert!(
             hit.evidence
                 .iter()
@@ -1018,7 +1037,7 @@ mod tests {
         );
         let mut c = capture("cpu");
         c.summary.cpu.as_mut().unwrap().samples.lost_ring_full = 5;
-        assert!(data_loss(&c)[0].evidence[0].starts_with("5 of "));
+        assert!(data_loss(&c, &Facts::default())[0].evidence[0].starts_with("5 of "));
     }
 
     #[test]
