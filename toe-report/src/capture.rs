@@ -144,10 +144,11 @@ const DIGEST_TOP: usize = 5;
 pub const KEPT_EVENTS: usize = 200;
 
 impl Capture {
-    /// Each profile's digest: from the profiles while they are held, else the kept ones.
+    /// Each profile's digest: the kept ones once made ([`Self::keep_digests`]), else from the
+    /// profiles.
     #[must_use]
     pub fn digests(&self) -> BTreeMap<ProfileKind, Digest> {
-        if self.profiles.is_empty() {
+        if !self.digests.is_empty() || self.profiles.is_empty() {
             return self.digests.clone();
         }
         self.profiles
@@ -166,6 +167,13 @@ impl Capture {
             .collect()
     }
 
+    /// Makes and keeps the profiles' digests (what rules and the model read of them).
+    pub fn keep_digests(&mut self) {
+        if self.digests.is_empty() {
+            self.digests = self.digests();
+        }
+    }
+
     /// Whether it holds a non-empty `kind` profile (held or digested).
     #[must_use]
     pub fn has_profile(&self, kind: ProfileKind) -> bool {
@@ -177,7 +185,7 @@ impl Capture {
     /// beyond those a report shows), keeping digests: what is left is small, whatever the run
     /// recorded, so a pass can keep every capture's metadata for the report.
     pub fn lighten(&mut self) {
-        self.digests = self.digests();
+        self.keep_digests();
         self.profiles.clear();
         self.pprof.clear();
         if self.events.len() > KEPT_EVENTS {

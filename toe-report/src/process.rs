@@ -172,35 +172,73 @@ fn group_of(c: &Capture) -> Group {
     (c.run.clone(), c.summary.fault.is_some())
 }
 
-/// What a pass does with each capture besides merging its stacks: the rules, the pprof merge,
-/// and keeping its metadata. It runs on a thread of its own, beside the reading and the stack
-/// merge, so a pass uses two cores.
+/// What a pass does with each capture besides merging its stacks: the rules and keeping its
+/// metadata on one thread, the pprof merge on another, beside the reading and the stack merge.
 #[derive(Default)]
 struct Side {
-    merged_pprof: bool,
-    pprof: BTreeMap<String, pprof::Merger>,
     rules: rules::Evaluator,
     captures: Vec<Capture>,
 }
 
 impl Side {
     fn take(&mut self, mut c: Capture) {
+        c.keep_digests();
         self.rules.add(&c);
-        if self.merged_pprof {
-            for (name, data) in &c.pprof {
-                self.pprof
-                    .entry(name.clone())
-                    .or_default()
-                    .push(&pprof::Input {
-                        data,
-                        target: &c.target,
-                        run: &c.run,
-                    });
-            }
-        }
         c.lighten();
         self.captures.push(c);
     }
+}
+
+/// A capture's pprof files, with where they came from.
+struct PprofFiles {
+    files: BTreeMap<String, Bytes>,
+    target: String,
+    run: String,
+}
+
+fn merge_pprof(rx: std::sync::mpsc::Receiver<PprofFiles>) -> BTreeMap<String, pprof::Merger> {
+    let mut mergers: BTreeMap<String, pprof::Merger> = BTreeMap::new();
+    for p in rx {
+        for (name, data) in &p.files {
+            mergers
+                .entry(name.clone())
+                .or_default()
+                .push(&pprof::Input {
+                    data,
+                    target: &p.target,
+                    run: &p.run,
+                });
+        }
+    }
+    mergers
+}
+
+/// A worker thread fed through a bounded queue.
+type Worker<T, R> = (std::sync::mpsc::SyncSender<T>, std::thread::JoinHandle<R>);
+
+fn worker<T: Send + 'static, R: Send + 'static>(
+    name: &str,
+    work: impl FnOnce(std::sync::mpsc::Receiver<T>) -> R + Send + 'static,
+) -> io::Result<Worker<T, R>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<T>(SIDE_QUEUE);
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || work(rx))?;
+    Ok((tx, handle))
+}
+
+/// Joins a worker, or says in `notes` that it failed.
+fn join<T, R: Default>(w: Option<Worker<T, R>>, what: &str, notes: &mut Vec<String>) -> R {
+    let Some((tx, handle)) = w else {
+        return R::default();
+    };
+    drop(tx);
+    handle.join().unwrap_or_else(|_| {
+        notes.push(format!(
+            "{what} stopped on an internal error: its results are missing"
+        ));
+        R::default()
+    })
 }
 
 /// Captures waiting for the side thread: a bound on the captures in memory at once.
@@ -211,10 +249,8 @@ pub struct Pass {
     opts: Options,
     scratch: tempfile::TempDir,
     sorters: BTreeMap<ProfileKind, Sorter>,
-    side: Option<(
-        std::sync::mpsc::SyncSender<Capture>,
-        std::thread::JoinHandle<Side>,
-    )>,
+    side: Option<Worker<Capture, Side>>,
+    pprof: Option<Worker<PprofFiles, BTreeMap<String, pprof::Merger>>>,
     captures: Vec<Capture>,
     groups: HashMap<Group, u32>,
     notes: Vec<String>,
@@ -233,24 +269,24 @@ impl Pass {
                 .prefix("toe-processing-")
                 .tempdir()?,
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Capture>(SIDE_QUEUE);
-        let mut side = Side {
-            merged_pprof: opts.merged_pprof,
-            ..Side::default()
+        let side = worker("toe-rules", |rx| {
+            let mut side = Side::default();
+            for c in rx {
+                side.take(c);
+            }
+            side
+        })?;
+        let pprof = if opts.merged_pprof {
+            Some(worker("toe-pprof", merge_pprof)?)
+        } else {
+            None
         };
-        let worker = std::thread::Builder::new()
-            .name("toe-processing".into())
-            .spawn(move || {
-                for c in rx {
-                    side.take(c);
-                }
-                side
-            })?;
         Ok(Self {
             opts: opts.clone(),
             scratch,
             sorters: BTreeMap::new(),
-            side: Some((tx, worker)),
+            side: Some(side),
+            pprof,
             captures: Vec::new(),
             groups: HashMap::new(),
             notes: Vec::new(),
@@ -259,7 +295,7 @@ impl Pass {
     }
 
     /// Merges one capture and keeps its metadata.
-    pub fn add(&mut self, c: Capture) {
+    pub fn add(&mut self, mut c: Capture) {
         let next = u32::try_from(self.groups.len()).unwrap_or(u32::MAX);
         let group = *self.groups.entry(group_of(&c)).or_insert(next);
         let budget = match self.opts.memory_budget {
@@ -277,9 +313,19 @@ impl Pass {
                 }
             }
         }
+        // The workers end only when the pass does, so a send fails only if one panicked;
+        // finish() reports that.
+        let files = std::mem::take(&mut c.pprof);
+        if let Some((tx, _)) = &self.pprof
+            && !files.is_empty()
+        {
+            let _ = tx.send(PprofFiles {
+                files,
+                target: c.target.clone(),
+                run: c.run.clone(),
+            });
+        }
         if let Some((tx, _)) = &self.side {
-            // The side thread ends only when the pass does, so the send fails only if it
-            // panicked; finish() reports that.
             let _ = tx.send(c);
         }
     }
@@ -291,18 +337,8 @@ impl Pass {
 
     /// Produces every output.
     pub async fn finish(mut self) -> Outcome {
-        let side = match self.side.take() {
-            Some((tx, worker)) => {
-                drop(tx);
-                worker.join().unwrap_or_else(|_| {
-                    self.notes.push(
-                        "the rules and the pprof merge stopped on an internal error: their results are missing".into(),
-                    );
-                    Side::default()
-                })
-            }
-            None => Side::default(),
-        };
+        let side = join(self.side.take(), "the rules", &mut self.notes);
+        let merged_pprof = join(self.pprof.take(), "the pprof merge", &mut self.notes);
         self.captures = side.captures;
         let runs = runs_in_order(&self.captures);
         let mut out = Outcome {
@@ -320,7 +356,7 @@ impl Pass {
                     .push(format!("merging the {} profiles: {e}", kind.name())),
             }
         }
-        for (name, m) in side.pprof {
+        for (name, m) in merged_pprof {
             out.notes
                 .extend(m.skipped.iter().map(|s| format!("{name}: left out {s}")));
             match m.finish() {

@@ -393,7 +393,11 @@ fn dominant_function(c: &Capture, _: &Facts) -> Vec<Hit> {
         return Vec::new();
     };
     let total = f.total();
-    let top = f.self_by_function();
+    let top = c
+        .digests()
+        .remove(&ProfileKind::Cpu)
+        .map(|d| d.top_self)
+        .unwrap_or_default();
     let Some((func, n)) = top.first() else {
         return Vec::new();
     };
