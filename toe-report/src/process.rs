@@ -348,14 +348,16 @@ impl Pass {
             ..Outcome::default()
         };
         let mut merged: Vec<(ProfileKind, Folded)> = Vec::new();
+        let mut drawings = Vec::new();
         for (kind, sorter) in std::mem::take(&mut self.sorters) {
-            match self.walk(kind, sorter, &runs, &mut out) {
+            match self.walk(kind, sorter, &runs, &mut out, &mut drawings) {
                 Ok(pruned) => merged.push((kind, pruned.folded())),
                 Err(e) => out
                     .notes
                     .push(format!("merging the {} profiles: {e}", kind.name())),
             }
         }
+        draw_all(&drawings, &mut out);
         for (name, m) in merged_pprof {
             out.notes
                 .extend(m.skipped.iter().map(|s| format!("{name}: left out {s}")));
@@ -418,6 +420,7 @@ impl Pass {
         sorter: Sorter,
         runs: &[String],
         out: &mut Outcome,
+        drawings: &mut Vec<Drawing>,
     ) -> io::Result<Pruned> {
         let group_total = |groups: &[u32]| -> u64 {
             groups
@@ -505,54 +508,116 @@ impl Pass {
                 out.runs,
                 all.note(kind.unit())
             );
-            match svg(&all, kind.title(), &subtitle, kind.unit()) {
-                Ok(b) => out.push(format!("{}.svg", kind.name()), b),
-                Err(e) => out.notes.push(e),
-            }
+            drawings.push(Drawing::of(
+                format!("{}.svg", kind.name()),
+                kind,
+                subtitle,
+                &all,
+            ));
             out.push(format!("{}.folded", kind.name()), Content::Spooled(file));
         }
-        render_runs(kind, per_run, out);
+        for (run, _, p) in per_run {
+            let p = p.finish();
+            let sub = format!(
+                "{} {} in run {run}{}",
+                p.total,
+                kind.unit(),
+                p.note(kind.unit())
+            );
+            let name = format!("runs/{}/{}.svg", file_name(&run), kind.name());
+            drawings.push(Drawing::of(name, kind, sub, &p));
+        }
         if let Some((_, _, tb, ta, how, p)) = diff {
-            render_diff(kind, &p.finish(), &format!("{how}: {tb} -> {ta}"), out);
+            let p = p.finish();
+            let sub = format!("{how}: {tb} -> {ta} {}{}", kind.unit(), p.note(kind.unit()));
+            drawings.push(Drawing {
+                file: format!("{}.diff.svg", kind.name()),
+                kind,
+                subtitle: sub,
+                lines: p
+                    .lines
+                    .iter()
+                    .map(|(s, v)| format!("{s} {} {}", v[1], v[0]))
+                    .collect(),
+                differential: true,
+            });
         }
         Ok(all)
     }
 }
 
-/// The per-run flamegraphs of one kind.
-fn render_runs(kind: ProfileKind, per_run: Vec<(String, Vec<u32>, Pruner)>, out: &mut Outcome) {
-    for (run, _, p) in per_run {
-        let p = p.finish();
-        let sub = format!(
-            "{} {} in run {run}{}",
-            p.total,
-            kind.unit(),
-            p.note(kind.unit())
-        );
-        match svg(&p, kind.title(), &sub, kind.unit()) {
-            Ok(b) => out.push(format!("runs/{}/{}.svg", file_name(&run), kind.name()), b),
-            Err(e) => out.notes.push(e),
+/// A flamegraph to draw: its file, titles and folded lines (`stack count`, or `stack before
+/// after` when differential).
+struct Drawing {
+    file: String,
+    kind: ProfileKind,
+    subtitle: String,
+    lines: Vec<String>,
+    differential: bool,
+}
+
+impl Drawing {
+    fn of(file: String, kind: ProfileKind, subtitle: String, p: &Pruned) -> Self {
+        Self {
+            file,
+            kind,
+            subtitle,
+            lines: p
+                .lines
+                .iter()
+                .map(|(s, v)| format!("{s} {}", v[0]))
+                .collect(),
+            differential: false,
         }
+    }
+
+    fn draw(&self) -> Result<Vec<u8>, String> {
+        let graph = Graph {
+            title: self.kind.title(),
+            subtitle: &self.subtitle,
+            count_name: self.kind.unit(),
+        };
+        let drawn = if self.differential {
+            let lines: Vec<&str> = self.lines.iter().map(String::as_str).collect();
+            folded::differential_of_lines(&lines, &graph)
+        } else {
+            folded::flamegraph_of_lines(&self.lines, &graph)
+        };
+        drawn.map_err(|e| format!("rendering {}: {e}", self.file))
     }
 }
 
-/// The differential flamegraph of one kind from its pruned `[after, before]` lines.
-fn render_diff(kind: ProfileKind, p: &Pruned, how: &str, out: &mut Outcome) {
-    let subtitle = format!("{how} {}{}", kind.unit(), p.note(kind.unit()));
-    let graph = Graph {
-        title: kind.title(),
-        subtitle: &subtitle,
-        count_name: kind.unit(),
-    };
-    let lines: Vec<String> = p
-        .lines
-        .iter()
-        .map(|(s, v)| format!("{s} {} {}", v[1], v[0]))
-        .collect();
-    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-    match folded::differential_of_lines(&lines, &graph) {
-        Ok(svg) => out.push(format!("{}.diff.svg", kind.name()), svg),
-        Err(e) => out.notes.push(format!("differential {}: {e}", kind.name())),
+/// Draws every flamegraph, on as many threads as there are cores (each is independent), and
+/// adds them to `out` in order.
+fn draw_all(drawings: &[Drawing], out: &mut Outcome) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(drawings.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, Result<Vec<u8>, String>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(d) = drawings.get(i) else { break done };
+                        done.push((i, d.draw()));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    results.sort_by_key(|r| r.0);
+    for (i, r) in results {
+        match r {
+            Ok(svg) => out.push(drawings[i].file.clone(), svg),
+            Err(e) => out.notes.push(e),
+        }
     }
 }
 
@@ -581,23 +646,6 @@ pub async fn process(captures: &[Capture], opts: &Options) -> Outcome {
         pass.add(c.clone());
     }
     pass.finish().await
-}
-
-fn svg(p: &Pruned, title: &str, subtitle: &str, unit: &str) -> Result<Vec<u8>, String> {
-    let lines: Vec<String> = p
-        .lines
-        .iter()
-        .map(|(s, v)| format!("{s} {}", v[0]))
-        .collect();
-    folded::flamegraph_of_lines(
-        &lines,
-        &Graph {
-            title,
-            subtitle,
-            count_name: unit,
-        },
-    )
-    .map_err(|e| format!("rendering {title}: {e}"))
 }
 
 #[cfg(test)]
