@@ -45,21 +45,23 @@ pub fn frame_order(a: &str, b: &str) -> Ordering {
     a.bytes().map(key).cmp(b.bytes().map(key))
 }
 
-/// A stack as the sorter keeps it, written into `key`: separators as NUL bytes, so plain byte
+/// A stack as the sorter keeps it, written into `key`: bytes, separators as NUL, so plain byte
 /// order (memcmp) is [`frame_order`]. A NUL inside a frame name (possible only in a hostile
-/// capture) becomes U+2400 first, so it cannot split a frame.
-fn sort_key(stack: &str, key: &mut String) {
+/// capture) becomes U+0001 first, so it cannot split a frame.
+fn sort_key(stack: &str, key: &mut Vec<u8>) {
     key.clear();
-    for (i, frame) in stack.split(';').enumerate() {
-        if i > 0 {
-            key.push('\0');
-        }
-        if frame.contains('\0') {
-            key.push_str(&frame.replace('\0', "\u{2400}"));
-        } else {
-            key.push_str(frame);
-        }
-    }
+    key.extend(stack.bytes().map(|b| match b {
+        b';' => 0,
+        0 => 1,
+        b => b,
+    }));
+}
+
+/// The stack a sort key stands for.
+fn stack_of(key: &[u8]) -> String {
+    let bytes: Vec<u8> = key.iter().map(|&b| if b == 0 { b';' } else { b }).collect();
+    // Keys are made from `&str`s and only ASCII bytes were swapped: always UTF-8.
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Approximate heap cost of one distinct stack in memory: its bytes, the box, the map slot and
@@ -68,12 +70,12 @@ const ENTRY_OVERHEAD: usize = 96;
 
 /// Sums stacks per group within a memory budget, spilling sorted runs to disk beyond it.
 pub struct Sorter {
-    mem: foldhash::HashMap<Box<str>, Counts>,
+    mem: foldhash::HashMap<Box<[u8]>, Counts>,
     bytes: usize,
     budget: usize,
     dir: std::path::PathBuf,
     runs: Vec<tempfile::NamedTempFile>,
-    key: String,
+    key: Vec<u8>,
     /// Sum of every count added, per group.
     pub totals: HashMap<u32, u64>,
 }
@@ -88,7 +90,7 @@ impl Sorter {
             budget,
             dir: dir.to_owned(),
             runs: Vec::new(),
-            key: String::new(),
+            key: Vec::new(),
             totals: HashMap::new(),
         }
     }
@@ -100,11 +102,11 @@ impl Sorter {
         }
         *self.totals.entry(group).or_insert(0) += count;
         sort_key(stack, &mut self.key);
-        let counts = if let Some(c) = self.mem.get_mut(self.key.as_str()) {
+        let counts = if let Some(c) = self.mem.get_mut(self.key.as_slice()) {
             c
         } else {
             self.bytes += self.key.len() + ENTRY_OVERHEAD;
-            self.mem.entry(self.key.as_str().into()).or_default()
+            self.mem.entry(self.key.as_slice().into()).or_default()
         };
         match counts.binary_search_by_key(&group, |&(g, _)| g) {
             Ok(i) => counts[i].1 = counts[i].1.saturating_add(count),
@@ -129,8 +131,8 @@ impl Sorter {
             .sum()
     }
 
-    fn sorted(&mut self) -> Vec<(Box<str>, Counts)> {
-        let mut v: Vec<(Box<str>, Counts)> = self.mem.drain().collect();
+    fn sorted(&mut self) -> Vec<(Box<[u8]>, Counts)> {
+        let mut v: Vec<(Box<[u8]>, Counts)> = self.mem.drain().collect();
         self.bytes = 0;
         v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         v
@@ -176,10 +178,10 @@ impl Sorter {
     }
 }
 
-fn write_record(w: &mut impl Write, stack: &str, counts: &Counts) -> io::Result<()> {
+fn write_record(w: &mut impl Write, stack: &[u8], counts: &Counts) -> io::Result<()> {
     let len = u32::try_from(stack.len()).map_err(|_| io::Error::other("stack too long"))?;
     w.write_all(&len.to_le_bytes())?;
-    w.write_all(stack.as_bytes())?;
+    w.write_all(stack)?;
     let n = u32::try_from(counts.len()).map_err(|_| io::Error::other("too many groups"))?;
     w.write_all(&n.to_le_bytes())?;
     for &(g, c) in counts {
@@ -190,12 +192,12 @@ fn write_record(w: &mut impl Write, stack: &str, counts: &Counts) -> io::Result<
 }
 
 enum Source {
-    Mem(std::vec::IntoIter<(Box<str>, Counts)>),
+    Mem(std::vec::IntoIter<(Box<[u8]>, Counts)>),
     File(BufReader<File>),
 }
 
 impl Source {
-    fn next(&mut self) -> io::Result<Option<(Box<str>, Counts)>> {
+    fn next(&mut self) -> io::Result<Option<(Box<[u8]>, Counts)>> {
         match self {
             Self::Mem(it) => Ok(it.next()),
             Self::File(r) => {
@@ -206,7 +208,6 @@ impl Source {
                 }
                 let mut stack = vec![0u8; u32::from_le_bytes(len) as usize];
                 r.read_exact(&mut stack)?;
-                let stack = String::from_utf8(stack).map_err(io::Error::other)?;
                 r.read_exact(&mut len)?;
                 let n = u32::from_le_bytes(len) as usize;
                 let mut counts = Vec::with_capacity(n);
@@ -217,14 +218,14 @@ impl Source {
                     r.read_exact(&mut c)?;
                     counts.push((u32::from_le_bytes(g), u64::from_le_bytes(c)));
                 }
-                Ok(Some((stack.into_boxed_str(), counts)))
+                Ok(Some((stack.into_boxed_slice(), counts)))
             }
         }
     }
 }
 
 struct Head {
-    stack: Box<str>,
+    stack: Box<[u8]>,
     counts: Counts,
     source: usize,
 }
@@ -259,7 +260,7 @@ pub struct Merged {
 
 impl Merged {
     /// The next distinct stack, or `None` at the end.
-    pub fn next_stack(&mut self) -> io::Result<Option<(Box<str>, Counts)>> {
+    pub fn next_stack(&mut self) -> io::Result<Option<(String, Counts)>> {
         let Some(first) = self.heap.pop() else {
             return Ok(None);
         };
@@ -275,7 +276,7 @@ impl Merged {
             }
             self.refill(same.source)?;
         }
-        Ok(Some((stack.replace('\0', ";").into_boxed_str(), counts)))
+        Ok(Some((stack_of(&stack), counts)))
     }
 
     fn refill(&mut self, source: usize) -> io::Result<()> {
@@ -476,7 +477,7 @@ mod tests {
         let mut m = sorter.finish().unwrap();
         let mut out = Vec::new();
         while let Some((s, c)) = m.next_stack().unwrap() {
-            out.push((s.into(), c));
+            out.push((s, c));
         }
         out
     }

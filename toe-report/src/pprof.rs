@@ -169,8 +169,19 @@ impl Merger {
         let (target_key, run_key) = (self.strings.get("target"), self.strings.get("run"));
         let (target, run) = (self.strings.get(target), self.strings.get(run));
         let mut samples: Vec<Sample> = Vec::new();
-        let mut index: foldhash::HashMap<(Vec<u64>, Vec<LabelKey>), usize> =
-            foldhash::HashMap::default();
+        // Samples by the hash of their stack and labels (keys are not cloned per sample); the
+        // rare different sample with the same hash goes to `collided`, keyed in full.
+        let hasher = foldhash::fast::RandomState::default();
+        let mut index: foldhash::HashMap<u64, usize> = foldhash::HashMap::default();
+        let mut collided: HashMap<(Vec<u64>, Vec<LabelKey>), usize> = HashMap::new();
+        let same = |s: &Sample, stack: &[u64], labels: &[LabelKey]| {
+            s.location_id == stack
+                && s.label.len() == labels.len()
+                && s.label
+                    .iter()
+                    .zip(labels)
+                    .all(|(l, k)| (l.key, l.str, l.num, l.num_unit) == *k)
+        };
         for s in &p.sample {
             let stack: Vec<u64> = s
                 .location_id
@@ -192,7 +203,17 @@ impl Merger {
             labels.push((target_key, target, 0, 0));
             labels.push((run_key, run, 0, 0));
             let next = samples.len();
-            let i = *index.entry((stack.clone(), labels.clone())).or_insert(next);
+            let hash = std::hash::BuildHasher::hash_one(&hasher, (&stack, &labels));
+            let i = match index.get(&hash) {
+                Some(&i) if same(&samples[i], &stack, &labels) => i,
+                Some(_) => *collided
+                    .entry((stack.clone(), labels.clone()))
+                    .or_insert(next),
+                None => {
+                    index.insert(hash, next);
+                    next
+                }
+            };
             if i == next {
                 samples.push(Sample {
                     location_id: stack,
