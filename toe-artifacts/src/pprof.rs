@@ -57,13 +57,24 @@ impl Strings {
     }
 }
 
+/// The most bytes a gzipped profile may inflate to. Profiles are read from stores any node may
+/// write to, and a few hundred kilobytes of gzip can inflate to gigabytes.
+pub const MAX_INFLATED: u64 = 256 << 20;
+
 /// A pprof profile from gzipped or plain bytes.
 pub fn decode(data: &[u8]) -> Result<proto::Profile, String> {
     let mut raw = Vec::new();
     let bytes = if data.starts_with(&[0x1f, 0x8b]) {
         GzDecoder::new(data)
+            .take(MAX_INFLATED + 1)
             .read_to_end(&mut raw)
             .map_err(|e| format!("gunzip: {e}"))?;
+        if raw.len() as u64 > MAX_INFLATED {
+            return Err(format!(
+                "it inflates to more than {MAX_INFLATED} bytes (from {} gzipped)",
+                data.len()
+            ));
+        }
         &raw[..]
     } else {
         data

@@ -5,6 +5,7 @@
 //! saying what and why, and nothing runs.
 
 use std::{
+    fmt::Write as _,
     str::FromStr as _,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -498,6 +499,32 @@ fn record(status: &mut PowerToolProcessingStatus, done: &toe_report::store::JobO
 }
 
 /// Whether the model answered.
+/// The Ready condition's message after a processing that ran.
+fn processed_message(
+    o: &toe_report::process::Outcome,
+    powertools: usize,
+    problems: &[String],
+) -> String {
+    let mut message = format!(
+        "{} capture(s) of {} run(s) from {powertools} PowerTool(s); {} finding(s)",
+        o.captures,
+        o.runs,
+        o.findings.len()
+    );
+    for p in problems {
+        message.push_str("; ");
+        message.push_str(p);
+    }
+    if let Some(first) = o.skipped.first() {
+        let _ = write!(
+            message,
+            "; {} capture(s) left out as unreadable (the report lists each), first: {first}",
+            o.skipped.len()
+        );
+    }
+    message
+}
+
 fn model_condition(error: Option<&str>, generation: i64) -> Condition {
     match error {
         Some(e) => condition(
@@ -587,17 +614,7 @@ async fn process(
             if asked_model {
                 conditions.push(model_condition(o.model_error.as_deref(), generation));
             }
-            let mut message = format!(
-                "{} capture(s) of {} run(s) from {} PowerTool(s); {} finding(s)",
-                o.captures,
-                o.runs,
-                pts.len(),
-                o.findings.len()
-            );
-            for p in &problems {
-                message.push_str("; ");
-                message.push_str(p);
-            }
+            let message = processed_message(o, pts.len(), &problems);
             conditions.insert(
                 0,
                 condition("Ready", true, "Processed", &message, generation),

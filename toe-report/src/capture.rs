@@ -231,6 +231,29 @@ pub enum ReadError {
 /// A capture directory's files: name and size.
 pub type Files = Vec<(String, u64)>;
 
+/// Frames kept of one stack. The agent records at most a few hundred; a deeper stack is a
+/// hostile or broken capture, and drawing it would make a flamegraph as tall as the stack.
+pub const MAX_DEPTH: usize = 1024;
+
+/// The frame that ends a stack cut at [`MAX_DEPTH`].
+pub const CUT_FRAME: &str = "[deeper frames cut]";
+
+/// Cuts the stacks of `f` deeper than [`MAX_DEPTH`]; returns how many were cut.
+fn limit_depth(f: &mut Folded) -> usize {
+    let deep: Vec<String> = f
+        .stacks
+        .keys()
+        .filter(|s| s.bytes().filter(|&b| b == b';').count() >= MAX_DEPTH)
+        .cloned()
+        .collect();
+    for stack in &deep {
+        let count = f.stacks.remove(stack).unwrap_or(0);
+        let kept: Vec<&str> = stack.split(';').take(MAX_DEPTH).collect();
+        f.add(format!("{};{CUT_FRAME}", kept.join(";")), count);
+    }
+    deep.len()
+}
+
 /// The largest capture file read. A capture is untrusted input (any node may have written it)
 /// and is read whole, so a file beyond this is skipped with its reason instead of read.
 pub const MAX_FILE_BYTES: u64 = 256 << 20;
@@ -341,8 +364,15 @@ async fn load(
     for kind in ProfileKind::ALL {
         if has(kind.folded_file()) {
             let raw = get(store, &dir.clone().join(kind.folded_file())).await?;
-            let folded = Folded::parse(&String::from_utf8_lossy(&raw))
+            let mut folded = Folded::parse(&String::from_utf8_lossy(&raw))
                 .map_err(|e| parse_err(kind.folded_file(), e.to_string()))?;
+            let cut = limit_depth(&mut folded);
+            if cut > 0 {
+                c.summary.warnings.push(format!(
+                    "{}: {cut} stack(s) deeper than {MAX_DEPTH} frames were cut there",
+                    kind.folded_file()
+                ));
+            }
             c.profiles.insert(kind, folded);
         }
     }

@@ -91,6 +91,9 @@ pub struct Outcome {
     pub model_error: Option<String>,
     pub runs: usize,
     pub captures: usize,
+    /// Captures left out because they could not be read, each with its reason (also among the
+    /// notes).
+    pub skipped: Vec<String>,
 }
 
 impl Outcome {
@@ -254,6 +257,7 @@ pub struct Pass {
     captures: Vec<Capture>,
     groups: HashMap<Group, u32>,
     notes: Vec<String>,
+    skipped: Vec<String>,
     /// The first error writing a merge to scratch space, if any.
     failed: Option<String>,
 }
@@ -290,6 +294,7 @@ impl Pass {
             captures: Vec::new(),
             groups: HashMap::new(),
             notes: Vec::new(),
+            skipped: Vec::new(),
             failed: None,
         })
     }
@@ -333,6 +338,7 @@ impl Pass {
     /// Leaves a capture out, with the reason (it could not be read).
     pub fn skip(&mut self, why: &str) {
         self.notes.push(format!("left out a capture: {why}"));
+        self.skipped.push(why.to_owned());
     }
 
     /// Produces every output.
@@ -345,6 +351,7 @@ impl Pass {
             captures: self.captures.len(),
             runs: runs.len(),
             notes: std::mem::take(&mut self.notes),
+            skipped: std::mem::take(&mut self.skipped),
             ..Outcome::default()
         };
         let mut merged: Vec<(ProfileKind, Folded)> = Vec::new();
@@ -516,35 +523,49 @@ impl Pass {
             ));
             out.push(format!("{}.folded", kind.name()), Content::Spooled(file));
         }
-        for (run, _, p) in per_run {
-            let p = p.finish();
-            let sub = format!(
-                "{} {} in run {run}{}",
-                p.total,
-                kind.unit(),
-                p.note(kind.unit())
-            );
-            let name = format!("runs/{}/{}.svg", file_name(&run), kind.name());
-            drawings.push(Drawing::of(name, kind, sub, &p));
-        }
-        if let Some((_, _, tb, ta, how, p)) = diff {
-            let p = p.finish();
-            let sub = format!("{how}: {tb} -> {ta} {}{}", kind.unit(), p.note(kind.unit()));
-            drawings.push(Drawing {
-                file: format!("{}.diff.svg", kind.name()),
-                kind,
-                subtitle: sub,
-                lines: p
-                    .lines
-                    .iter()
-                    .map(|(s, v)| format!("{s} {} {}", v[1], v[0]))
-                    .collect(),
-                differential: true,
-            });
-        }
+        run_and_diff_drawings(kind, per_run, diff, drawings);
         Ok(all)
     }
 }
+
+/// The per-run and differential flamegraphs of one kind, from their pruners.
+fn run_and_diff_drawings(
+    kind: ProfileKind,
+    per_run: Vec<(String, Vec<u32>, Pruner)>,
+    diff: Option<Diff>,
+    drawings: &mut Vec<Drawing>,
+) {
+    for (run, _, p) in per_run {
+        let p = p.finish();
+        let sub = format!(
+            "{} {} in run {run}{}",
+            p.total,
+            kind.unit(),
+            p.note(kind.unit())
+        );
+        let name = format!("runs/{}/{}.svg", file_name(&run), kind.name());
+        drawings.push(Drawing::of(name, kind, sub, &p));
+    }
+    if let Some((_, _, tb, ta, how, p)) = diff {
+        let p = p.finish();
+        let sub = format!("{how}: {tb} -> {ta} {}{}", kind.unit(), p.note(kind.unit()));
+        drawings.push(Drawing {
+            file: format!("{}.diff.svg", kind.name()),
+            kind,
+            subtitle: sub,
+            lines: p
+                .lines
+                .iter()
+                .map(|(s, v)| format!("{s} {} {}", v[1], v[0]))
+                .collect(),
+            differential: true,
+        });
+    }
+}
+
+/// A differential flamegraph in progress: the groups before and after, their totals, how they
+/// were split, and its pruner.
+type Diff = (Vec<u32>, Vec<u32>, u64, u64, String, Pruner);
 
 /// A flamegraph to draw: its file, titles and folded lines (`stack count`, or `stack before
 /// after` when differential).

@@ -427,4 +427,105 @@ mod tests {
         let all = read_sources(&src, None, far_future).await.unwrap();
         assert_eq!(all.len(), 17);
     }
+
+    /// Untrusted captures: each kind of hostile one is left out (or cut) with its reason, and the
+    /// good capture beside them is processed.
+    #[tokio::test]
+    async fn hostile_captures_are_left_out_with_their_reason() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/cpu");
+        let put = |capture: &str, name: &str, data: &[u8]| {
+            let d = dir.path().join(capture);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(name), data).unwrap();
+        };
+        let good = std::fs::read(fixtures.join("summary.json")).unwrap();
+        // A good capture.
+        for f in std::fs::read_dir(&fixtures).unwrap() {
+            let f = f.unwrap();
+            put(
+                "g1-good/web-0/app",
+                &f.file_name().to_string_lossy(),
+                &std::fs::read(f.path()).unwrap(),
+            );
+        }
+        // A summary nested far deeper than any real one: read without recursing (serde_json skips
+        // unknown values iteratively and limits the depth of known ones).
+        let nested = format!(
+            "{{\"tool\": \"cpu-profile\", \"extra\": {}1{}}}",
+            "{\"a\": ".repeat(100_000),
+            "}".repeat(100_000)
+        );
+        put("g1-nested/web-1/app", "summary.json", nested.as_bytes());
+        // A folded file that is not one.
+        put("g1-folded/web-2/app", "summary.json", &good);
+        put(
+            "g1-folded/web-2/app",
+            "stacks.folded",
+            b"main;work no-count-here\n",
+        );
+        // A pprof that is not one, and one that inflates to more than 256 MiB (a gzip bomb).
+        put("g1-notpprof/web-3/app", "summary.json", &good);
+        put(
+            "g1-notpprof/web-3/app",
+            "cpu.pb.gz",
+            b"this is not a profile",
+        );
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..300 {
+            gz.write_all(&zeros).unwrap();
+        }
+        put("g1-bomb/web-4/app", "summary.json", &good);
+        put("g1-bomb/web-4/app", "cpu.pb.gz", &gz.finish().unwrap());
+        // A stack 5000 frames deep.
+        let deep = format!("app (1);{} 7\n", vec!["f"; 5000].join(";"));
+        put("g1-deep/web-5/app", "summary.json", &good);
+        put("g1-deep/web-5/app", "stacks.folded", deep.as_bytes());
+        let out = tempfile::tempdir().unwrap();
+        let job = Job {
+            sources: vec![Source {
+                url: Url::from_directory_path(dir.path()).unwrap(),
+                label: String::new(),
+            }],
+            window: None,
+            now: SystemTime::now(),
+            output: Url::from_directory_path(out.path()).unwrap(),
+            retention: None,
+            options: Options {
+                merged_flamegraph: true,
+                merged_pprof: true,
+                html_report: true,
+                ..Options::default()
+            },
+        };
+        let mut done = run(&job).await.unwrap();
+        let o = &mut done.outcome;
+        assert_eq!(o.skipped.len(), 1, "{:?}", o.skipped);
+        assert!(
+            o.skipped[0].contains("g1-folded") && o.skipped[0].contains("not `frames count`"),
+            "{:?}",
+            o.skipped
+        );
+        assert_eq!(o.captures, 5, "every capture but the unreadable folded one");
+        let notes = o.notes.join("\n");
+        assert!(
+            notes.contains("web-3/app") && notes.contains("not a pprof profile"),
+            "{notes}"
+        );
+        assert!(
+            notes.contains("web-4/app") && notes.contains("inflates to more than"),
+            "{notes}"
+        );
+        let folded = o.file("cpu.folded").unwrap();
+        let text = String::from_utf8_lossy(&folded);
+        let deep_line = text
+            .lines()
+            .find(|l| l.contains(capture::CUT_FRAME))
+            .unwrap();
+        assert_eq!(deep_line.split(';').count(), capture::MAX_DEPTH + 1);
+        let report = String::from_utf8(o.file("report.html").unwrap().to_vec()).unwrap();
+        assert!(report.contains("g1-folded") && report.contains("deeper than 1024 frames"));
+    }
 }
