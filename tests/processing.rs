@@ -1013,3 +1013,76 @@ fn a_processing_larger_than_its_memory_budget_spills_and_streams_its_outputs_thr
         "nothing asked the instance-metadata address"
     );
 }
+
+#[tokio::test]
+async fn a_processing_writing_to_its_own_store_has_its_reports_listed_and_served() {
+    let test = "a_processing_writing_to_its_own_store_has_its_reports_listed_and_served";
+    let Some(server) = ApiServer::start(test) else {
+        return;
+    };
+    let admin = server.client().await;
+    install_crds(&admin).await;
+    create_namespace(&admin, "shop", &serde_json::json!({})).await;
+    let store = tempfile::tempdir().unwrap();
+    record_runs(store.path());
+    label_powertools(&admin, &[("checkout-cpu", "checkout")]).await;
+    let artifacts = Url::from_directory_path(store.path()).unwrap();
+    let own = tempfile::tempdir().unwrap();
+    let own_url = Url::from_directory_path(own.path()).unwrap();
+    let operator = Operator::start_allowing(
+        &server,
+        &admin,
+        Some(artifacts.clone()),
+        vec![own_url.clone()],
+    )
+    .await;
+    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
+    apply(
+        &api,
+        "own",
+        &processing(
+            "own",
+            &serde_json::json!({
+                "selector": {"matchLabels": {"team": "checkout"}},
+                "schedule": "1h", "outputs": ["mergedFlamegraph", "htmlReport"],
+                "output": {"url": own_url.as_str()}
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let status = wait_status(&api, "own", "a report", |s| s.report.is_some()).await;
+    let dir = status.output_dir.clone().unwrap();
+    assert!(dir.starts_with(own_url.as_str()), "{dir}");
+    let report = Url::parse(status.report.as_ref().unwrap())
+        .unwrap()
+        .to_file_path()
+        .unwrap();
+    assert!(report.starts_with(own.path()), "{}", report.display());
+    let html = std::fs::read_to_string(&report).unwrap();
+    // The report server is given only the agents' store; it finds the processing's own from
+    // the status the operator wrote.
+    let operator_client = server.client_as(OPERATOR_TOKEN).await;
+    let app = toe_operator::reports::router(
+        toe_operator::reports::Reports::new(&artifacts, toe_operator::reports::Access::Open)
+            .unwrap()
+            .with_processings(operator_client),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let index = reqwest::get(format!("http://{addr}/reports/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(index.contains("<td>shop</td><td>own</td>"), "{index}");
+    assert!(index.contains("/reports/shop/own/"), "{index}");
+    let served = reqwest::get(format!("http://{addr}/reports/shop/own/latest/report.html"))
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    assert_eq!(served.text().await.unwrap(), html);
+    operator.stop().await;
+}

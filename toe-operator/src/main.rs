@@ -116,10 +116,11 @@ async fn serve_reports(
     addr: SocketAddr,
     artifacts: url::Url,
     access: reports::Access,
+    client: kube::Client,
 ) -> Result<()> {
     serve(
         addr,
-        reports::router(reports::Reports::new(&artifacts, access)?),
+        reports::router(reports::Reports::new(&artifacts, access)?.with_processings(client)),
         "--report-addr",
     )
     .await
@@ -216,8 +217,9 @@ fn main() -> Result<()> {
                 ReportAuth::Kubernetes => reports::Access::Kubernetes(client.clone()),
                 ReportAuth::Open => reports::Access::Open,
             };
+            let own = client.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_reports(addr, artifacts, access).await {
+                if let Err(e) = serve_reports(addr, artifacts, access, own).await {
                     tracing::error!(error = %format!("{e:#}"), "report server stopped");
                 }
             });

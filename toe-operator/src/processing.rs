@@ -599,6 +599,7 @@ async fn process(
         retention: Some(plan.retention),
         options,
     };
+    status.output_dir = Some(job.output.to_string());
     let next = plan.schedule.next_after(now);
     let asked_model = job.options.model.is_some();
     // Merging and rendering are CPU-bound for seconds on large windows: off the async workers,

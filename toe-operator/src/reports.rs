@@ -21,9 +21,13 @@ use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec},
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
 };
-use kube::{Api, api::PostParams};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
 use object_store::{ObjectStore, ObjectStoreExt as _, path::Path as StorePath};
 use toe_artifacts::esc;
+use toe_common::api::PowerToolProcessing;
 use toe_report::store;
 use url::Url;
 
@@ -45,7 +49,15 @@ pub struct Reports {
     store: Arc<dyn ObjectStore>,
     base: StorePath,
     access: Access,
+    artifacts: Url,
+    /// The operator's own client, to find processings that write to their own `output.url`.
+    processings: Option<kube::Client>,
+    /// Stores opened for such processings, by their directory's URL (one per processing).
+    opened: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<dyn ObjectStore>>>>,
 }
+
+/// Where one processing's report directories are: a store and the processing's directory in it.
+type Place = (Arc<dyn ObjectStore>, StorePath);
 
 impl Reports {
     /// Serves `<artifacts>/_reports/` to the readers `access` lets in.
@@ -55,7 +67,90 @@ impl Reports {
             store: Arc::from(s),
             base: root.join(REPORTS_DIR),
             access,
+            artifacts: artifacts.clone(),
+            processings: None,
+            opened: Arc::default(),
         })
+    }
+
+    /// Also serves the reports of processings that write to their own `output.url`: `client`
+    /// (the operator's own) reads where each writes from its status, which only the operator
+    /// writes.
+    #[must_use]
+    pub fn with_processings(mut self, client: kube::Client) -> Self {
+        self.processings = Some(client);
+        self
+    }
+
+    /// The directory `<artifacts>/_reports/<namespace>/<name>/`, as the processing controller
+    /// names it when a processing has no `output.url`.
+    fn default_dir(&self, namespace: &str, name: &str) -> String {
+        toe_artifacts::store::as_dir(&self.artifacts)
+            .join(&format!("{REPORTS_DIR}/{namespace}/{name}/"))
+            .map_or_else(|_| String::new(), |u| u.to_string())
+    }
+
+    /// Where `p` writes when it is somewhere else than the default directory.
+    fn own_place(&self, p: &PowerToolProcessing) -> Option<Place> {
+        let dir = p.status.as_ref()?.output_dir.as_ref()?;
+        let (ns, name) = (
+            p.metadata.namespace.as_deref()?,
+            p.metadata.name.as_deref()?,
+        );
+        if *dir == self.default_dir(ns, name) {
+            return None;
+        }
+        let url = Url::parse(dir).ok()?;
+        let (store, path) = toe_artifacts::store::open(&url).ok()?;
+        let mut opened = self
+            .opened
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let store = opened
+            .entry(dir.clone())
+            .or_insert_with(|| Arc::from(store))
+            .clone();
+        Some((store, path))
+    }
+
+    /// Every processing with its own output place: namespace, name, place.
+    async fn own_places(&self) -> Vec<(String, String, Place)> {
+        let Some(client) = &self.processings else {
+            return Vec::new();
+        };
+        let Ok(list) = Api::<PowerToolProcessing>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+        else {
+            return Vec::new();
+        };
+        list.items
+            .iter()
+            .filter_map(|p| {
+                let place = self.own_place(p)?;
+                Some((
+                    p.metadata.namespace.clone()?,
+                    p.metadata.name.clone()?,
+                    place,
+                ))
+            })
+            .collect()
+    }
+
+    /// Where the reports of processing `namespace/name` are.
+    async fn place(&self, namespace: &str, name: &str) -> Place {
+        if let Some(client) = &self.processings
+            && let Ok(Some(p)) = Api::<PowerToolProcessing>::namespaced(client.clone(), namespace)
+                .get_opt(name)
+                .await
+            && let Some(place) = self.own_place(&p)
+        {
+            return place;
+        }
+        (
+            self.store.clone(),
+            self.base.clone().join(namespace).join(name),
+        )
     }
 }
 
@@ -192,12 +287,29 @@ async fn index(State(r): State<Reports>, headers: HeaderMap) -> Response {
         Ok(who) => who,
         Err(refused) => return refused,
     };
-    let dirs = match store::list_outputs(r.store.as_ref(), &r.base).await {
+    let mut dirs = match store::list_outputs(r.store.as_ref(), &r.base).await {
         Ok(d) => d,
         Err(e) => {
             return error(StatusCode::BAD_GATEWAY, &format!("listing reports: {e}"));
         }
     };
+    // Processings that write to their own output.url: listed beside the others, served through
+    // the same paths.
+    let mut unreachable = Vec::new();
+    for (ns, name, (s, dir)) in r.own_places().await {
+        match store::list_outputs(s.as_ref(), &dir).await {
+            Ok(found) => dirs.extend(
+                found
+                    .into_iter()
+                    .map(|(stamp, files)| (format!("{ns}/{name}/{stamp}"), files)),
+            ),
+            Err(e) => unreachable.push(format!("{ns}/{name}: {e}")),
+        }
+    }
+    dirs.sort_by(|a, b| {
+        let stamp = |d: &str| d.rsplit('/').next().unwrap_or_default().to_owned();
+        stamp(&b.0).cmp(&stamp(&a.0)).then_with(|| a.0.cmp(&b.0))
+    });
     let mut h = String::from(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>TOE reports</title><style>body{font:14px system-ui,sans-serif;margin:24px}table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}</style></head><body><h1>TOE reports</h1>",
     );
@@ -249,7 +361,11 @@ async fn index(State(r): State<Reports>, headers: HeaderMap) -> Response {
             esc(stamp)
         );
     }
-    h.push_str("</table></body></html>");
+    h.push_str("</table>");
+    for u in &unreachable {
+        let _ = write!(h, "<p>Not listed, its store did not answer: {}</p>", esc(u));
+    }
+    h.push_str("</body></html>");
     Html(h).into_response()
 }
 
@@ -285,24 +401,19 @@ async fn file(State(r): State<Reports>, headers: HeaderMap, Path(path): Path<Str
         );
     }
     let mut parts: Vec<String> = parts.into_iter().map(str::to_owned).collect();
+    let (store, dir) = r.place(&parts[0], &parts[1]).await;
     if parts[2] == "latest" {
-        let dir = r
-            .base
-            .clone()
-            .join(parts[0].as_str())
-            .join(parts[1].as_str());
-        match store::list_outputs(r.store.as_ref(), &dir).await {
+        match store::list_outputs(store.as_ref(), &dir).await {
             Ok(d) if !d.is_empty() => d[0].0.clone_into(&mut parts[2]),
             Ok(_) => return error(StatusCode::NOT_FOUND, "no report processed yet"),
             Err(e) => return error(StatusCode::BAD_GATEWAY, &e.to_string()),
         }
     }
-    let location: StorePath = r
-        .base
+    let location: StorePath = dir
         .parts()
-        .chain(parts.iter().map(|p| p.as_str().into()))
+        .chain(parts[2..].iter().map(|p| p.as_str().into()))
         .collect();
-    let got = match r.store.get(&location).await {
+    let got = match store.get(&location).await {
         Ok(g) => g,
         Err(object_store::Error::NotFound { .. }) => {
             return error(StatusCode::NOT_FOUND, "no such file");

@@ -405,6 +405,10 @@ pub struct PowerToolProcessingStatus {
     /// URL of the last HTML report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<String>,
+    /// Where this processing writes its outputs (`<store>/_reports/<namespace>/<name>/`), set
+    /// by the operator; the report server serves reports from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<String>,
     /// Captures (one target's artifacts of one run) and runs the last processing read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub captures: Option<u32>,
