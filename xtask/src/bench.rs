@@ -988,6 +988,29 @@ impl S3 {
     }
 }
 
+impl S3 {
+    /// CPU seconds the server has used so far (user and system, from /proc).
+    fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at ") ".
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map_or(Vec::new(), |(_, rest)| rest.split(' ').collect());
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "ticks per second, a small number"
+        )]
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        ticks / hz.max(1.0)
+    }
+}
+
 impl Drop for S3 {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -1101,8 +1124,15 @@ fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
         );
         toe.push(t);
         if let Some(s3) = &s3 {
+            let before = s3.cpu_secs();
             let t = processing_once("toe", &s3_src, &s3_out, &s3.env)?;
-            let _ = write!(line, " | toe s3:// {:.2} s {:.1} MiB", t.0, kib_to_mib(t.1));
+            let server = s3.cpu_secs() - before;
+            let _ = write!(
+                line,
+                " | toe s3:// {:.2} s {:.1} MiB (the server used {server:.2} CPU s)",
+                t.0,
+                kib_to_mib(t.1)
+            );
             on_s3.push(t);
         }
         if profiles <= INFERNO_UP_TO {
