@@ -430,12 +430,10 @@ async fn the_operator_processes_captures_in_s3_and_serves_the_report_from_it() {
         !expired.exists(),
         "the expired report is still in the bucket"
     );
-    assert!(
-        s3.objects("store/_reports/shop/weekly")
-            .iter()
-            .all(|o| o.starts_with(Path::new(key).parent().unwrap())),
-        "only this processing's report remains"
-    );
+    // Only this processing's report (and its record) remains.
+    let report_dir = Path::new(key).parent().unwrap();
+    let kept = |o: &PathBuf| o.starts_with(report_dir) || o.ends_with("processing.json");
+    assert!(s3.objects("store/_reports/shop/weekly").iter().all(kept));
     assert_eq!(
         s3.metadata_knocks(),
         0,
@@ -1084,5 +1082,97 @@ async fn a_processing_writing_to_its_own_store_has_its_reports_listed_and_served
         .unwrap();
     assert_eq!(served.status(), 200);
     assert_eq!(served.text().await.unwrap(), html);
+    operator.stop().await;
+}
+
+/// The stamp directories below `dir` that hold files (what a processing wrote, one per pass; a
+/// file:// store leaves a directory behind, empty, when its files are deleted).
+fn passes(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| std::fs::read_dir(e.path()).is_ok_and(|mut files| files.next().is_some()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_deleted_processing_leaves_its_outputs_as_its_spec_said() {
+    let test = "a_deleted_processing_leaves_its_outputs_as_its_spec_said";
+    let Some(server) = ApiServer::start(test) else {
+        return;
+    };
+    let admin = server.client().await;
+    install_crds(&admin).await;
+    create_namespace(&admin, "shop", &serde_json::json!({})).await;
+    let store = tempfile::tempdir().unwrap();
+    record_runs(store.path());
+    label_powertools(&admin, &[("checkout-cpu", "checkout")]).await;
+    let artifacts = Url::from_directory_path(store.path()).unwrap();
+    let operator = Operator::start_with(&server, &admin, Some(artifacts)).await;
+    let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
+    for (name, on_delete) in [("now", Some("now")), ("kept", None)] {
+        let mut spec = serde_json::json!({
+            "selector": {"matchLabels": {"team": "checkout"}},
+            "schedule": "1h", "retention": "48h", "outputs": ["htmlReport"],
+        });
+        if let Some(p) = on_delete {
+            spec["outputsOnDelete"] = p.into();
+        }
+        apply(&api, name, &processing(name, &spec)).await.unwrap();
+    }
+    let now = wait_status(&api, "now", "a report", |s| s.report.is_some()).await;
+    let kept = wait_status(&api, "kept", "a report", |s| s.report.is_some()).await;
+    assert!(
+        now.outputs_on_delete
+            .as_deref()
+            .unwrap()
+            .contains("removed within a minute"),
+        "{now:?}"
+    );
+    assert!(
+        kept.outputs_on_delete
+            .as_deref()
+            .unwrap()
+            .contains("older than 2days"),
+        "{kept:?}"
+    );
+    let (now_dir, kept_dir) = (
+        store.path().join("_reports/shop/now"),
+        store.path().join("_reports/shop/kept"),
+    );
+    assert_eq!(passes(&now_dir).len(), 1);
+    let fresh = passes(&kept_dir);
+    assert_eq!(fresh.len(), 1);
+    // A pass from three days ago, past the 48 h retention, left behind by an earlier operator.
+    let old = toe_artifacts::store::stamp(SystemTime::now() - Duration::from_hours(72));
+    std::fs::create_dir_all(kept_dir.join(&old)).unwrap();
+    std::fs::write(kept_dir.join(&old).join("report.html"), "old").unwrap();
+    for name in ["now", "kept"] {
+        api.delete(name, &kube::api::DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    // Bounded: the sweeper looks every second here.
+    for _ in 0..300 {
+        if passes(&now_dir).is_empty() && passes(&kept_dir).len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(passes(&now_dir).is_empty(), "{:?}", passes(&now_dir));
+    assert!(
+        !now_dir.join("processing.json").exists(),
+        "its record goes with its outputs"
+    );
+    assert_eq!(
+        passes(&kept_dir),
+        fresh,
+        "the expired pass goes, the fresh one stays"
+    );
+    assert!(kept_dir.join("processing.json").exists());
     operator.stop().await;
 }

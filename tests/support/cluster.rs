@@ -320,6 +320,8 @@ impl Operator {
                     // The one model endpoint the tests allow: a loopback port nothing serves.
                     model_endpoints: vec![url::Url::parse("http://127.0.0.1:9/").expect("a URL")],
                     allowed_outputs,
+                    // Deleted processings' outputs are looked at every second here.
+                    sweep_every: Duration::from_secs(1),
                 },
                 metrics,
                 until_stopped(),

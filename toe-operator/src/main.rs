@@ -230,6 +230,7 @@ fn main() -> Result<()> {
                 .context("--model-endpoints")?,
             allowed_outputs: toe_artifacts::layout::allowed_outputs(&cli.allowed_outputs)
                 .context("--allowed-outputs")?,
+            sweep_every: processing::SWEEP_EVERY,
         };
         let controller_opts = controller::Options {
             artifacts: cli.artifacts.clone(),

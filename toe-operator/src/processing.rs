@@ -23,8 +23,8 @@ use kube::{
     runtime::{Controller, controller::Action, watcher},
 };
 use toe_common::api::{
-    PowerTool, PowerToolProcessing, PowerToolProcessingSpec, PowerToolProcessingStatus,
-    ProcessingOutput, parse_duration,
+    OutputsOnDelete, PowerTool, PowerToolProcessing, PowerToolProcessingSpec,
+    PowerToolProcessingStatus, ProcessingOutput, parse_duration,
 };
 use toe_report::{
     model::Endpoint,
@@ -105,6 +105,7 @@ pub struct Plan {
     pub options: Options,
     pub output: Option<Url>,
     pub model: Option<ModelPlan>,
+    pub on_delete: OutputsOnDelete,
 }
 
 #[derive(Clone, Debug)]
@@ -186,6 +187,7 @@ pub fn plan(spec: &PowerToolProcessingSpec) -> Result<Plan, String> {
         options,
         output,
         model,
+        on_delete: spec.outputs_on_delete.unwrap_or_default(),
     })
 }
 
@@ -201,6 +203,172 @@ pub struct ProcessingOptions {
     pub model_endpoints: Vec<Url>,
     /// Stores besides `artifacts` that PowerTools and processings may name (the agents' list).
     pub allowed_outputs: Vec<Url>,
+    /// How often the outputs of deleted processings are looked at ([`OutputsOnDelete`]).
+    pub sweep_every: Duration,
+}
+
+/// The default of [`ProcessingOptions::sweep_every`]: "within a minute" for
+/// [`OutputsOnDelete::Now`].
+pub const SWEEP_EVERY: Duration = Duration::from_mins(1);
+
+/// The record a processing keeps beside its outputs (`<artifacts>/_reports/<namespace>/<name>/
+/// processing.json`), read back once the processing is deleted: it outlives the object, so the
+/// operator needs no finalizer (which would leave processings undeletable while it is down).
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Record {
+    output_dir: String,
+    retention_seconds: u64,
+    outputs_on_delete: OutputsOnDelete,
+}
+
+const RECORD: &str = "processing.json";
+
+/// What the status says will happen to the outputs.
+fn on_delete_message(plan: &Plan) -> String {
+    match plan.on_delete {
+        OutputsOnDelete::AfterRetention => format!(
+            "kept after this processing is deleted, each until it is older than {}",
+            humantime::format_duration(plan.retention)
+        ),
+        OutputsOnDelete::Now => "removed within a minute once this processing is deleted".into(),
+    }
+}
+
+/// Writes `record` beside the processing's outputs in the artifacts store.
+async fn keep_record(
+    opts: &ProcessingOptions,
+    ns: &str,
+    name: &str,
+    record: &Record,
+) -> Result<(), String> {
+    let (store, root) = toe_artifacts::store::open(&opts.artifacts).map_err(|e| e.to_string())?;
+    let path = root
+        .join(crate::reports::REPORTS_DIR)
+        .join(ns)
+        .join(name)
+        .join(RECORD);
+    let body = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    object_store::ObjectStoreExt::put(store.as_ref(), &path, object_store::PutPayload::from(body))
+        .await
+        .map(|_| ())
+        .map_err(|e| toe_artifacts::store::explain(&e))
+}
+
+/// Says in `status` where the outputs go and what happens to them on deletion, and keeps the
+/// record the sweeper reads after a deletion.
+async fn note_outputs(
+    opts: &ProcessingOptions,
+    plan: &Plan,
+    output: &Url,
+    status: &mut PowerToolProcessingStatus,
+    (ns, name): (&str, &str),
+) -> Result<(), String> {
+    status.output_dir = Some(output.to_string());
+    status.outputs_on_delete = Some(on_delete_message(plan));
+    let kept = Record {
+        output_dir: output.to_string(),
+        retention_seconds: plan.retention.as_secs(),
+        outputs_on_delete: plan.on_delete,
+    };
+    keep_record(opts, ns, name, &kept).await.map_err(|e| {
+        format!(
+            "the record of where outputs go could not be written, so they stay if this processing is deleted: {e}"
+        )
+    })
+}
+
+/// Applies each deleted processing's [`OutputsOnDelete`] to its outputs; a record is removed
+/// once no output is left. Returns the processings whose outputs are all gone.
+pub async fn sweep(
+    opts: &ProcessingOptions,
+    exists: impl Fn(&str, &str) -> bool,
+    now: SystemTime,
+) -> Result<Vec<String>, String> {
+    use futures::TryStreamExt as _;
+    use object_store::ObjectStoreExt as _;
+    let (store, root) = toe_artifacts::store::open(&opts.artifacts).map_err(|e| e.to_string())?;
+    let base = root.join(crate::reports::REPORTS_DIR);
+    let objects: Vec<object_store::ObjectMeta> = store
+        .list(Some(&base))
+        .try_collect()
+        .await
+        .map_err(|e| toe_artifacts::store::explain(&e))?;
+    let mut gone = Vec::new();
+    for o in objects {
+        let rel: Vec<String> = o
+            .location
+            .prefix_match(&base)
+            .map(|p| p.map(|x| x.as_ref().to_owned()).collect())
+            .unwrap_or_default();
+        let [ns, name, file] = &rel[..] else { continue };
+        if file != RECORD || exists(ns, name) {
+            continue;
+        }
+        let Ok(got) = store.get(&o.location).await else {
+            continue;
+        };
+        let Ok(body) = got.bytes().await else {
+            continue;
+        };
+        let Ok(record) = serde_json::from_slice::<Record>(&body) else {
+            continue;
+        };
+        let Ok(url) = Url::parse(&record.output_dir) else {
+            continue;
+        };
+        let Ok((out, dir)) = toe_artifacts::store::open(&url) else {
+            continue;
+        };
+        let before = match record.outputs_on_delete {
+            OutputsOnDelete::Now => now + Duration::from_secs(1),
+            OutputsOnDelete::AfterRetention => now
+                .checked_sub(Duration::from_secs(record.retention_seconds))
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        };
+        toe_report::store::expire(out.as_ref(), &dir, before)
+            .await
+            .map_err(|e| e.to_string())?;
+        let left = toe_report::store::list_outputs(out.as_ref(), &dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        if left.is_empty() {
+            let _ = store.delete(&o.location).await;
+            gone.push(format!("{ns}/{name}"));
+        }
+    }
+    Ok(gone)
+}
+
+/// Sweeps every `opts.sweep_every` once the controller's view of the processings is complete (an
+/// incomplete one would take live processings for deleted ones), until `stop`.
+async fn sweep_loop(
+    opts: ProcessingOptions,
+    live: kube::runtime::reflector::Store<PowerToolProcessing>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    tokio::select! {
+        r = live.wait_until_ready() => if r.is_err() { return },
+        () = &mut stop => return,
+    }
+    loop {
+        let exists = |ns: &str, name: &str| {
+            live.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
+                .is_some()
+        };
+        match sweep(&opts, exists, SystemTime::now()).await {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::info!(processings = ?gone, "outputs of deleted processings removed");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweeping the outputs of deleted processings"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(opts.sweep_every) => {}
+            () = &mut stop => return,
+        }
+    }
 }
 
 impl ProcessingOptions {
@@ -599,7 +767,9 @@ async fn process(
         retention: Some(plan.retention),
         options,
     };
-    status.output_dir = Some(job.output.to_string());
+    if let Err(e) = note_outputs(&ctx.opts, plan, &job.output, &mut status, (&ns, &name)).await {
+        problems.push(e);
+    }
     let next = plan.schedule.next_after(now);
     let asked_model = job.options.model.is_some();
     // Merging and rendering are CPU-bound for seconds on large windows: off the async workers,
@@ -675,15 +845,21 @@ pub async fn run(
     .with_config(kube::runtime::controller::Config::default().concurrency(1))
     .graceful_shutdown_on(signal.fired());
     let processings = controller.store();
+    // Boxed: the callers' futures hold this one, and the sweeper's is large.
+    let sweeper = Box::pin(sweep_loop(
+        ctx.opts.clone(),
+        processings.clone(),
+        signal.fired(),
+    ));
     let results = controller.run(reconcile, error_policy, ctx);
-    signal
+    let reconciles = signal
         .bound(results, move || crate::shutdown::listed(&processings))
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "processing reconcile");
             }
-        })
-        .await;
+        });
+    tokio::join!(reconciles, sweeper);
 }
 
 #[cfg(test)]
@@ -746,5 +922,64 @@ mod tests {
         let p = plan(&spec("1h")).unwrap();
         assert_eq!((p.window, p.retention), (DEFAULT_WINDOW, DEFAULT_RETENTION));
         assert!(p.options.html_report && !p.options.merged_pprof);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_applies_each_deleted_processings_choice() {
+        let store = tempfile::tempdir().unwrap();
+        let artifacts = Url::from_directory_path(store.path()).unwrap();
+        let opts = ProcessingOptions {
+            artifacts: artifacts.clone(),
+            model_endpoints: Vec::new(),
+            allowed_outputs: Vec::new(),
+            sweep_every: SWEEP_EVERY,
+        };
+        let now = SystemTime::now();
+        let (fresh, old) = (
+            toe_artifacts::store::stamp(now),
+            toe_artifacts::store::stamp(now - Duration::from_hours(72)),
+        );
+        for (name, on_delete) in [
+            ("now", OutputsOnDelete::Now),
+            ("kept", OutputsOnDelete::AfterRetention),
+            ("live", OutputsOnDelete::Now),
+        ] {
+            let dir = store.path().join("_reports/shop").join(name);
+            for stamp in [&fresh, &old] {
+                std::fs::create_dir_all(dir.join(stamp)).unwrap();
+                std::fs::write(dir.join(stamp).join("report.html"), "r").unwrap();
+            }
+            let record = Record {
+                output_dir: Url::from_directory_path(&dir).unwrap().to_string(),
+                retention_seconds: 48 * 3600,
+                outputs_on_delete: on_delete,
+            };
+            keep_record(&opts, "shop", name, &record).await.unwrap();
+        }
+        let gone = sweep(&opts, |_, name| name == "live", now).await.unwrap();
+        assert_eq!(gone, ["shop/now"]);
+        // What is left with files in it (a file:// store leaves emptied directories behind).
+        let left = |name: &str| {
+            let mut v: Vec<String> =
+                std::fs::read_dir(store.path().join("_reports/shop").join(name))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| {
+                        !e.path().is_dir()
+                            || std::fs::read_dir(e.path()).is_ok_and(|mut f| f.next().is_some())
+                    })
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(left("now"), Vec::<String>::new());
+        assert_eq!(left("kept"), [fresh.clone(), RECORD.to_owned()]);
+        assert_eq!(
+            left("live").len(),
+            3,
+            "a processing that exists is not touched"
+        );
     }
 }

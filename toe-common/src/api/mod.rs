@@ -23,7 +23,7 @@ pub use self::{
     duration::{format_duration, parse_duration},
     resources::{
         BlastRadius, BlastRadiusMode, CAPABILITIES_KEY, CAPABILITIES_NODE_KEY, Capabilities,
-        ModelSpec, OutputSpec, PowerTool, PowerToolPhase, PowerToolProcessing,
+        ModelSpec, OutputSpec, OutputsOnDelete, PowerTool, PowerToolPhase, PowerToolProcessing,
         PowerToolProcessingSpec, PowerToolProcessingStatus, PowerToolSpec, PowerToolStatus,
         ProcessingOutput, SelectedTarget, TargetPhase, Targets, ToolSpec, TypeMeta,
         capabilities_config_map, run_name, target_finished,

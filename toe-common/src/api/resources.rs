@@ -323,6 +323,17 @@ pub enum ProcessingOutput {
     HtmlReport,
 }
 
+/// What happens to a processing's outputs once the processing is deleted.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum OutputsOnDelete {
+    /// Each output is removed when it is older than `retention`, as while the processing exists.
+    #[default]
+    AfterRetention,
+    /// Every output is removed within a minute of the deletion.
+    Now,
+}
+
 /// Which PowerTools to process, how often, into what.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
@@ -364,6 +375,9 @@ pub struct PowerToolProcessingSpec {
     /// operator's artifact store, where its report server lists them. `pvc` is not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputSpec>,
+    /// What happens to the outputs once this processing is deleted (default `afterRetention`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_on_delete: Option<OutputsOnDelete>,
     /// An OpenAI-compatible chat-completions endpoint for the optional model step of the
     /// root-cause analysis; absent: rules only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -409,6 +423,9 @@ pub struct PowerToolProcessingStatus {
     /// by the operator; the report server serves reports from there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_dir: Option<String>,
+    /// What will happen to the outputs once this processing is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_on_delete: Option<String>,
     /// Captures (one target's artifacts of one run) and runs the last processing read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub captures: Option<u32>,
