@@ -108,6 +108,15 @@ fn a_senders_stack_without_frame_pointers_reaches_its_main() {
     let (outcome, sink) = run.join().unwrap();
     let got = signals_to(&events(&sink), target, "SIGUSR1");
     assert_eq!(got.len(), 3, "{got:?}");
+    // What the run says of its sender stacks, for a failure to name the cause.
+    let accounting = {
+        let map = sink.artifacts.lock().unwrap();
+        let s: Value = serde_json::from_slice(&map["summary.json"]).unwrap_or_default();
+        format!(
+            "sender stacks {}; warnings {}",
+            s["signals"]["unwind"], s["warnings"]
+        )
+    };
     for e in &got {
         assert_eq!(e["sender"]["comm"], "sender-c", "{e}");
         let user: Vec<&str> = e["user_stack"]
@@ -119,7 +128,7 @@ fn a_senders_stack_without_frame_pointers_reaches_its_main() {
         let at = |f: &str| user.iter().position(|u| u.split(' ').next() == Some(f));
         let (Some(one), Some(all), Some(main)) = (at("send_one"), at("send_all"), at("main"))
         else {
-            panic!("sender frames missing: {user:?}");
+            panic!("sender frames missing: {user:?}; {accounting}");
         };
         // Leaf first, and nothing skipped between the program's own frames.
         assert_eq!((all - one, main - all), (1, 1), "{user:?}");
