@@ -1012,12 +1012,10 @@ fn a_processing_larger_than_its_memory_budget_spills_and_streams_its_outputs_thr
     );
 }
 
-#[tokio::test]
-async fn a_processing_writing_to_its_own_store_has_its_reports_listed_and_served() {
-    let test = "a_processing_writing_to_its_own_store_has_its_reports_listed_and_served";
-    let Some(server) = ApiServer::start(test) else {
-        return;
-    };
+/// An API server with namespace `shop`, recorded runs in a file:// store (its URL) and the
+/// PowerTool `checkout-cpu` labelled `team: checkout`; None where the test skips.
+async fn checkout_shop(test: &str) -> Option<(ApiServer, kube::Client, tempfile::TempDir, Url)> {
+    let server = ApiServer::start(test)?;
     let admin = server.client().await;
     install_crds(&admin).await;
     create_namespace(&admin, "shop", &serde_json::json!({})).await;
@@ -1025,6 +1023,15 @@ async fn a_processing_writing_to_its_own_store_has_its_reports_listed_and_served
     record_runs(store.path());
     label_powertools(&admin, &[("checkout-cpu", "checkout")]).await;
     let artifacts = Url::from_directory_path(store.path()).unwrap();
+    Some((server, admin, store, artifacts))
+}
+
+#[tokio::test]
+async fn a_processing_writing_to_its_own_store_has_its_reports_listed_and_served() {
+    let test = "a_processing_writing_to_its_own_store_has_its_reports_listed_and_served";
+    let Some((server, admin, _store, artifacts)) = checkout_shop(test).await else {
+        return;
+    };
     let own = tempfile::tempdir().unwrap();
     let own_url = Url::from_directory_path(own.path()).unwrap();
     let operator = Operator::start_allowing(
@@ -1102,16 +1109,9 @@ fn passes(dir: &Path) -> Vec<String> {
 #[tokio::test]
 async fn a_deleted_processing_leaves_its_outputs_as_its_spec_said() {
     let test = "a_deleted_processing_leaves_its_outputs_as_its_spec_said";
-    let Some(server) = ApiServer::start(test) else {
+    let Some((server, admin, store, artifacts)) = checkout_shop(test).await else {
         return;
     };
-    let admin = server.client().await;
-    install_crds(&admin).await;
-    create_namespace(&admin, "shop", &serde_json::json!({})).await;
-    let store = tempfile::tempdir().unwrap();
-    record_runs(store.path());
-    label_powertools(&admin, &[("checkout-cpu", "checkout")]).await;
-    let artifacts = Url::from_directory_path(store.path()).unwrap();
     let operator = Operator::start_with(&server, &admin, Some(artifacts)).await;
     let api: Api<PowerToolProcessing> = Api::namespaced(admin.clone(), "shop");
     for (name, on_delete) in [("now", Some("now")), ("kept", None)] {
