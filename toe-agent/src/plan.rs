@@ -1,8 +1,11 @@
 //! Pure planning: PowerTool YAML + command-line choices -> a validated [`RunPlan`]. No side
 //! effects beyond reading nothing at all; everything here is unit-tested without root.
 
-use std::{path::Path, time::SystemTime};
+use std::{path::Path, sync::OnceLock, time::SystemTime};
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    JSONSchemaProps, JSONSchemaPropsOrArray,
+};
 use serde::Deserialize as _;
 use toe_common::api::{self, Configs, Policy, PowerTool, PowerToolConfig, ValidatedTool};
 use url::Url;
@@ -159,32 +162,43 @@ fn describe_unknown(kind: &str, path: &str) -> String {
     }
 }
 
+/// The open API schema of `kind`'s CRD, made once: generating it walks every type of the
+/// resource, which a spec with many unknown fields would otherwise pay per field.
+fn crd_schema(kind: &str) -> Option<&'static JSONSchemaProps> {
+    use kube::CustomResourceExt as _;
+    static POWER_TOOL: OnceLock<Option<JSONSchemaProps>> = OnceLock::new();
+    static POWER_TOOL_CONFIG: OnceLock<Option<JSONSchemaProps>> = OnceLock::new();
+    let of = |crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition| {
+        crd.spec
+            .versions
+            .into_iter()
+            .next()
+            .and_then(|v| v.schema)
+            .and_then(|s| s.open_api_v3_schema)
+    };
+    match kind {
+        api::POWER_TOOL_KIND => POWER_TOOL.get_or_init(|| of(PowerTool::crd())).as_ref(),
+        api::POWER_TOOL_CONFIG_KIND => POWER_TOOL_CONFIG
+            .get_or_init(|| of(PowerToolConfig::crd()))
+            .as_ref(),
+        _ => None,
+    }
+}
+
 /// The field names the CRD schema of `kind` has below `parent` (a dotted path; list indices as
 /// numbers, as serde_ignored writes them).
 fn known_fields(kind: &str, parent: &str) -> Vec<String> {
-    use kube::CustomResourceExt as _;
-    let crd = match kind {
-        api::POWER_TOOL_KIND => PowerTool::crd(),
-        api::POWER_TOOL_CONFIG_KIND => PowerToolConfig::crd(),
-        _ => return Vec::new(),
-    };
-    let Some(mut schema) = crd
-        .spec
-        .versions
-        .first()
-        .and_then(|v| v.schema.as_ref())
-        .and_then(|s| s.open_api_v3_schema.clone())
-    else {
+    let Some(mut schema) = crd_schema(kind) else {
         return Vec::new();
     };
     for part in parent.split('.').filter(|p| !p.is_empty()) {
         let next = if part.bytes().all(|b| b.is_ascii_digit()) {
-            schema.items.and_then(|i| match i {
-                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s) => Some(*s),
-                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schemas(_) => None,
-            })
+            match &schema.items {
+                Some(JSONSchemaPropsOrArray::Schema(s)) => Some(&**s),
+                _ => None,
+            }
         } else {
-            schema.properties.and_then(|mut p| p.remove(part))
+            schema.properties.as_ref().and_then(|p| p.get(part))
         };
         match next {
             Some(s) => schema = s,
@@ -193,7 +207,8 @@ fn known_fields(kind: &str, parent: &str) -> Vec<String> {
     }
     schema
         .properties
-        .map(|p| p.into_keys().collect())
+        .as_ref()
+        .map(|p| p.keys().cloned().collect())
         .unwrap_or_default()
 }
 

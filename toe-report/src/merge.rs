@@ -46,21 +46,33 @@ pub fn frame_order(a: &str, b: &str) -> Ordering {
 }
 
 /// A stack as the sorter keeps it, written into `key`: bytes, separators as NUL, so plain byte
-/// order (memcmp) is [`frame_order`]. A NUL inside a frame name (possible only in a hostile
-/// capture) becomes U+0001 first, so it cannot split a frame.
+/// order (memcmp) is [`frame_order`]. The bytes 0 and 1 inside a frame name (possible only in a
+/// hostile capture) are escaped as `1 1` and `1 2`: the encoding keeps their order and stays
+/// one-to-one, so no two stacks merge into one.
 fn sort_key(stack: &str, key: &mut Vec<u8>) {
     key.clear();
-    key.extend(stack.bytes().map(|b| match b {
-        b';' => 0,
-        0 => 1,
-        b => b,
-    }));
+    for b in stack.bytes() {
+        match b {
+            b';' => key.push(0),
+            0 => key.extend_from_slice(&[1, 1]),
+            1 => key.extend_from_slice(&[1, 2]),
+            b => key.push(b),
+        }
+    }
 }
 
 /// The stack a sort key stands for.
 fn stack_of(key: &[u8]) -> String {
-    let bytes: Vec<u8> = key.iter().map(|&b| if b == 0 { b';' } else { b }).collect();
-    // Keys are made from `&str`s and only ASCII bytes were swapped: always UTF-8.
+    let mut bytes = Vec::with_capacity(key.len());
+    let mut it = key.iter();
+    while let Some(&b) = it.next() {
+        bytes.push(match b {
+            0 => b';',
+            1 => it.next().map_or(1, |&e| e - 1),
+            b => b,
+        });
+    }
+    // Keys are made from `&str`s and only ASCII bytes were changed: always UTF-8.
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
@@ -465,6 +477,29 @@ impl Pruned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_bytes_in_frames_neither_split_nor_merge_stacks() {
+        let stacks = ["a;b", "a\0;b", "a\u{1};b", "a\0\u{1}", "a;\u{1}\0", "a"];
+        let dir = tempfile::tempdir().unwrap();
+        // A budget of one byte spills every stack, so the file round trip runs too.
+        let mut s = Sorter::new(1, dir.path());
+        for (i, st) in stacks.iter().enumerate() {
+            s.add(st, 0, i as u64 + 1).unwrap();
+        }
+        let mut m = s.finish().unwrap();
+        let mut got = Vec::new();
+        while let Some((st, counts)) = m.next_stack().unwrap() {
+            got.push((st, counts[0].1));
+        }
+        let mut want: Vec<(String, u64)> = stacks
+            .iter()
+            .enumerate()
+            .map(|(i, st)| ((*st).to_owned(), i as u64 + 1))
+            .collect();
+        want.sort_by(|x, y| frame_order(&x.0, &y.0));
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn frame_order_keeps_every_subtree_together() {

@@ -114,6 +114,21 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         secs: u64,
     },
+    /// Fuzzing: each harness of `fuzz/` (specs, arguments, configs, captures, pprof merges) run
+    /// under libFuzzer for a number of executions; fails on any crash.
+    Fuzz {
+        /// Targets to run (all when none): spec, config, args, capture, pprof_merge.
+        targets: Vec<String>,
+        /// Executions per target.
+        #[arg(long, default_value_t = 10_000_000)]
+        runs: u64,
+        /// Fuzzing processes per target, sharing its corpus.
+        #[arg(long, default_value_t = 2)]
+        jobs: u64,
+        /// Upper bound on each process's time, in seconds, whatever its executions.
+        #[arg(long, default_value_t = 14_400)]
+        max_secs: u64,
+    },
     /// Per-signal overhead versus no tracing and bpftrace; loss-free event rate.
     Signals {
         #[arg(long, default_value_t = 5)]
@@ -831,6 +846,12 @@ pub fn run(which: &Which) -> Result<()> {
         } => signals_bench(*rounds, *count, rates, *secs),
         Which::Offcpu { rounds, trips } => crate::bench_offcpu::offcpu_bench(*rounds, *trips),
         Which::Unwind { rounds, secs } => crate::bench_unwind::unwind_bench(*rounds, *secs),
+        Which::Fuzz {
+            targets,
+            runs,
+            jobs,
+            max_secs,
+        } => crate::bench_fuzz::fuzz_bench(targets, *runs, *jobs, *max_secs),
     }
 }
 

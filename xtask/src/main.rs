@@ -3,6 +3,7 @@
 mod apiserver;
 mod bench;
 mod bench_faults;
+mod bench_fuzz;
 mod bench_offcpu;
 mod bench_unwind;
 mod bootstrap;
