@@ -19,6 +19,7 @@ use toe_tests::{
         workload,
     },
     root_pid,
+    s3::{S3Server, SECRET_KEY},
 };
 
 #[test]
@@ -185,6 +186,148 @@ spec:
     ]);
     let _ = c.kubectl(&["-n", WORKLOAD_NAMESPACE, "delete", "powertool", name]);
     c.assert_nothing_left_the_node();
+}
+
+/// The store a multi-node cluster needs: an S3 server (s3s-fs, checking every signature) on the
+/// pods' bridge, its keys given to the agent and the operator by a Secret through the chart's
+/// `artifacts.credentialsSecret` (envFrom). The agent writes a profile there, the operator reads
+/// it back for a processing, and the report Service serves the report from there.
+#[test]
+#[ignore = "needs the real cluster: `cargo xtask test` runs it in its own stage"]
+fn with_s3_keys_from_a_secret_the_agent_writes_and_the_operator_reads_and_serves_through_a_real_s3_store()
+ {
+    let c = Cluster::get();
+    c.install_toe();
+    workload(&c);
+    let Some(s3) = S3Server::start_on("cluster s3", &c.bridge_ip()) else {
+        return;
+    };
+    let secret = "toe-s3-keys";
+    let url = "s3://toe-artifacts/cluster/";
+    install_with_keys_from_a_secret(&c, &s3, secret, url);
+
+    let name = "profile-to-s3";
+    c.apply(&powertool(
+        name,
+        "app",
+        ("cpu-profile", "5s"),
+        &["--frequency=99"],
+        &[],
+    ));
+    let phase = c.finished(name, Duration::from_mins(2));
+    assert_eq!(phase, "Completed", "{}", c.diagnostics());
+    let artifacts = c.wait_for(
+        &["-n", WORKLOAD_NAMESPACE, "powertool", name],
+        "{.status.targets[0].artifacts}",
+        Duration::from_secs(5),
+        |s| !s.is_empty(),
+    );
+    let urls: Vec<String> = serde_json::from_str(&artifacts).expect("a list of URLs");
+    assert!(
+        urls.iter().all(|u| u.starts_with(url)),
+        "artifacts outside the store: {urls:?}"
+    );
+    let folded = urls
+        .iter()
+        .find(|u| u.ends_with("/stacks.folded"))
+        .unwrap_or_else(|| panic!("no stacks.folded among {urls:?}"));
+    let key = folded
+        .strip_prefix("s3://toe-artifacts/")
+        .expect("in the bucket");
+    let text = String::from_utf8(s3.read(Path::new(key))).expect("UTF-8");
+    let samples: Vec<&str> = text.lines().collect();
+    assert!(!samples.is_empty(), "an empty profile in the store");
+    assert!(
+        samples.iter().all(|l| l.starts_with("md5sum")),
+        "samples from outside the app container: {samples:?}"
+    );
+    let stored = s3.objects("cluster");
+    for file in ["summary.json", "stacks.folded", "cpu.pb.gz"] {
+        assert!(
+            stored.iter().any(|p| p.ends_with(file)),
+            "{file} not in the store: {stored:?}"
+        );
+    }
+
+    // The operator reads the run back from the store and serves the report it wrote there.
+    let processing = "profile-to-s3-report";
+    c.apply(&format!(
+        r"apiVersion: toe.run/v1alpha1
+kind: PowerToolProcessing
+metadata: {{name: {processing}, namespace: {WORKLOAD_NAMESPACE}}}
+spec:
+  names: [{name}]
+  schedule: 1h
+  window: 24h
+  outputs: [htmlReport, mergedPprof]
+"
+    ));
+    c.wait_for(
+        &["-n", WORKLOAD_NAMESPACE, "powertoolprocessing", processing],
+        "{.status.report}",
+        Duration::from_mins(2),
+        |s| !s.is_empty(),
+    );
+    let stored = s3.objects("cluster");
+    assert!(
+        stored.iter().any(|p| p.ends_with("report.html")),
+        "no report.html in the store: {stored:?}"
+    );
+    let path = format!("/reports/{WORKLOAD_NAMESPACE}/{processing}/latest/report.html");
+    let token = c.report_reader_token();
+    let (status, html) = c.get_report(&path, Some(&token));
+    assert_eq!(status, 200, "{html}");
+    assert!(
+        html.contains("md5sum"),
+        "the report lacks the profile: {html}"
+    );
+    assert_eq!(
+        s3.metadata_knocks(),
+        0,
+        "something asked for instance credentials"
+    );
+
+    for (kind, n) in [("powertoolprocessing", processing), ("powertool", name)] {
+        let _ = c.kubectl(&["-n", WORKLOAD_NAMESPACE, "delete", kind, n]);
+    }
+    // Back to the node's own store for the other tests.
+    c.install_toe();
+    let _ = c.kubectl(&["-n", NAMESPACE, "delete", "secret", secret]);
+    c.assert_nothing_left_the_node();
+}
+
+/// The chart with `url` as its store and `s3`'s keys in a Secret named `secret`, given to the
+/// pods by `artifacts.credentialsSecret`.
+fn install_with_keys_from_a_secret(c: &Cluster, s3: &S3Server, secret: &str, url: &str) {
+    let keys: serde_json::Map<String, serde_json::Value> =
+        s3.env().into_iter().map(|(k, v)| (k, v.into())).collect();
+    c.apply(
+        &serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": secret, "namespace": NAMESPACE},
+            "stringData": keys,
+        })
+        .to_string(),
+    );
+    c.install_toe_with(&[
+        &format!("artifacts.url={url}"),
+        &format!("artifacts.credentialsSecret={secret}"),
+    ]);
+    // The keys reach the pods from the Secret, not written into their specs.
+    let (_, specs) = c.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "daemonsets,deployments",
+        "-o",
+        "yaml",
+    ]);
+    assert!(specs.contains(secret), "no envFrom of {secret}: {specs}");
+    assert!(
+        !specs.contains(SECRET_KEY),
+        "the secret key is in a pod spec"
+    );
 }
 
 /// The memory usage file of a container's memory cgroup, found by its id below the kubelet's

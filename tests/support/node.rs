@@ -284,7 +284,29 @@ subjects:
     }
 
     /// Installs the packaged chart with the release images, and waits for its pods.
+    /// The node's address on the pods' bridge (made by `cargo xtask cluster`): a server a test
+    /// starts there is reachable from pods and from nothing off this machine.
+    #[must_use]
+    pub fn bridge_ip(&self) -> String {
+        let (ok, out) = self.run(
+            Command::new("ip").args(["-4", "-o", "addr", "show", "dev", BRIDGE]),
+            None,
+        );
+        assert!(ok, "ip addr show {BRIDGE}: {out}");
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_else(|| panic!("{BRIDGE} has no IPv4 address (no pod started yet?): {out}"))
+            .to_owned()
+    }
+
     pub fn install_toe(&self) {
+        self.install_toe_with(&[]);
+    }
+
+    /// [`Self::install_toe`] with more `--set` values, which win over the defaults above.
+    pub fn install_toe_with(&self, extra: &[&str]) {
         let v = env!("CARGO_PKG_VERSION");
         let chart = crate::cluster::repo().join(format!("target/dist-check/toe-{v}.tgz"));
         assert!(chart.exists(), "{} (cargo xtask dist)", chart.display());
@@ -301,7 +323,9 @@ subjects:
             // The operator may add ephemeral containers (the image-tool test).
             "imageTools.enabled=true".into(),
             format!("artifacts.url={artifacts}"),
-        ];
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|&e| e.to_owned()));
         let mut args: Vec<String> = [
             "upgrade",
             "--install",
@@ -324,6 +348,9 @@ subjects:
         assert!(ok, "helm install: {out}\n{}", self.diagnostics());
     }
 }
+
+/// The pods' bridge, as `cargo xtask cluster` names it.
+pub const BRIDGE: &str = "toe-cni0";
 
 /// The size of the volume the workload's PVC binds: a tmpfs of its own, so filling it costs
 /// the node nothing and its usage is the fill's alone.

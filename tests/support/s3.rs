@@ -24,6 +24,8 @@ pub const BUCKET: &str = "toe-artifacts";
 
 pub struct S3Server {
     bin: PathBuf,
+    /// The address it listens on: loopback, or a link the harness made (the pods' bridge).
+    host: String,
     root: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
@@ -34,15 +36,23 @@ impl S3Server {
     /// A server with [`BUCKET`], or None where the test skips (not bootstrapped, outside CI).
     #[must_use]
     pub fn start(test: &str) -> Option<Self> {
+        Self::start_on(test, "127.0.0.1")
+    }
+
+    /// [`Self::start`], listening on `host` (with its metadata stand-in), which must be an
+    /// address of a link the harness made.
+    #[must_use]
+    pub fn start_on(test: &str, host: &str) -> Option<Self> {
         let bin = crate::bootstrapped_tool(test, "TOE_S3_SERVER", "tools/bin/s3s-fs")?;
         let root = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir(root.path().join(BUCKET)).expect("bucket directory");
         let mut s = Self {
             bin,
+            host: host.to_owned(),
             root,
             port: crate::apiserver::free_port(),
             child: None,
-            trap: MetadataTrap::start(),
+            trap: MetadataTrap::start_on(host),
         };
         s.resume();
         Some(s)
@@ -59,7 +69,7 @@ impl S3Server {
     /// Starts the server again on the same port and data.
     pub fn resume(&mut self) {
         let child = Command::new(&self.bin)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--host", &self.host, "--port", &self.port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
             .arg(self.root.path())
             .stdout(Stdio::null())
@@ -68,20 +78,20 @@ impl S3Server {
             .expect("s3s-fs");
         self.child = Some(child);
         for _ in 0..200 {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if TcpStream::connect((self.host.as_str(), self.port)).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!(
-            "s3s-fs did not listen on 127.0.0.1:{} within 10 s",
-            self.port
+            "s3s-fs did not listen on {}:{} within 10 s",
+            self.host, self.port
         );
     }
 
     #[must_use]
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// `s3://<BUCKET>/<path>`.
@@ -169,6 +179,7 @@ impl Drop for S3Server {
 /// A loopback listener standing in for the instance-metadata address: it accepts and counts
 /// connections and answers none of them.
 pub struct MetadataTrap {
+    host: String,
     port: u16,
     knocks: Arc<AtomicUsize>,
 }
@@ -176,7 +187,13 @@ pub struct MetadataTrap {
 impl MetadataTrap {
     #[must_use]
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        Self::start_on("127.0.0.1")
+    }
+
+    /// A trap listening on `host`, an address of a link the harness made.
+    #[must_use]
+    pub fn start_on(host: &str) -> Self {
+        let listener = TcpListener::bind((host, 0)).expect("a port for the metadata trap");
         let port = listener.local_addr().expect("bound").port();
         let knocks = Arc::new(AtomicUsize::new(0));
         let counter = knocks.clone();
@@ -188,12 +205,16 @@ impl MetadataTrap {
                 }
             }
         });
-        Self { port, knocks }
+        Self {
+            host: host.to_owned(),
+            port,
+            knocks,
+        }
     }
 
     #[must_use]
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     #[must_use]

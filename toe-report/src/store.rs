@@ -16,7 +16,7 @@ use url::Url;
 
 use crate::{
     capture::{self, Capture},
-    process::{self, Content, Options, Outcome, Pass},
+    process::{Content, Options, Outcome, Pass},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -82,21 +82,6 @@ pub struct JobOutcome {
     pub expired: Vec<String>,
 }
 
-/// Reads the captures of every source that ended within the window.
-pub async fn read_sources(
-    sources: &[Source],
-    window: Option<Duration>,
-    now: SystemTime,
-) -> Result<Vec<Capture>, StoreError> {
-    let mut all = Vec::new();
-    for s in sources {
-        let (store, base) = open(&s.url)?;
-        let caps = capture::load_all(store.as_ref(), &base, &s.label).await?;
-        all.extend(caps.into_iter().filter(|c| within(c, window, now)));
-    }
-    Ok(all)
-}
-
 /// How many captures `source` holds (listing only, nothing is read).
 pub async fn count_captures(source: &Source) -> Result<usize, StoreError> {
     let (store, base) = open(&source.url)?;
@@ -143,11 +128,6 @@ pub async fn run(job: &Job) -> Result<JobOutcome, StoreError> {
         }
     }
     write(job, pass.finish().await).await
-}
-
-/// Runs the job over captures already read: process, write, expire.
-pub async fn run_over(job: &Job, captures: &[Capture]) -> Result<JobOutcome, StoreError> {
-    write(job, process::process(captures, &job.options).await).await
 }
 
 /// Writes a pass's outputs under `<output>/<stamp>/`, then expires old output directories.
@@ -416,16 +396,16 @@ mod tests {
     #[tokio::test]
     async fn the_window_leaves_out_older_captures() {
         let far_future = SystemTime::now() + Duration::from_hours(10 * 365 * 24);
-        let src = [Source {
-            url: fixtures_url(),
-            label: String::new(),
-        }];
-        let none = read_sources(&src, Some(Duration::from_hours(1)), far_future)
-            .await
-            .unwrap();
-        assert!(none.is_empty());
-        let all = read_sources(&src, None, far_future).await.unwrap();
-        assert_eq!(all.len(), 17);
+        let (store, base) = open(&fixtures_url()).unwrap();
+        let captures = capture::load_all(store.as_ref(), &base, "").await.unwrap();
+        let kept = |window| {
+            captures
+                .iter()
+                .filter(|c| within(c, window, far_future))
+                .count()
+        };
+        assert_eq!(kept(Some(Duration::from_hours(1))), 0);
+        assert_eq!(kept(None), 17);
     }
 
     /// Untrusted captures: each kind of hostile one is left out (or cut) with its reason, and the

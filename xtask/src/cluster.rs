@@ -1257,8 +1257,8 @@ pub fn with_release(dist: &Path, work: impl FnOnce() -> Result<()>) -> Result<()
 }
 
 /// Runs the cluster suite (`tests/cluster.rs`, ignored in the ordinary run) on a cluster
-/// started for it, with the release images and chart from `dist`.
-pub fn test(dist: &Path, helm: &Path) -> Result<()> {
+/// started for it, with the release images and chart from `dist`; `filter` as cargo test's.
+pub fn test(dist: &Path, helm: &Path, filter: &[String]) -> Result<()> {
     with_release(dist, || {
         run(Command::new("cargo")
             .current_dir(crate::root())
@@ -1275,6 +1275,7 @@ pub fn test(dist: &Path, helm: &Path) -> Result<()> {
                 // agent's pod, so they run one at a time.
                 "--test-threads=1",
             ])
+            .args(filter)
             .env("TOE_CLUSTER_KUBECONFIG", kubeconfig())
             .env("TOE_KUBECTL", kubectl())
             .env("TOE_HELM", helm)

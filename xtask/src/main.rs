@@ -96,6 +96,12 @@ enum ClusterAction {
     Status,
     /// Import OCI image archives into its containerd (no registry is involved).
     Import { archives: Vec<PathBuf> },
+    /// The cluster suite alone, as `cargo xtask test` runs it: release artifacts built and
+    /// checked into target/dist-check, a cluster started for them and taken down after.
+    Test {
+        /// Only the tests whose names contain one of these.
+        filter: Vec<String>,
+    },
 }
 
 #[must_use]
@@ -307,7 +313,7 @@ fn test(extra: &[String]) -> Result<()> {
             })?;
             // TOE as a cluster runs it: the packaged chart and the release images just
             // checked, on a real kubelet and containerd node.
-            stages.run("real cluster", || cluster::test(&out, &helm))?;
+            stages.run("real cluster", || cluster::test(&out, &helm, &[]))?;
         } else {
             eprintln!("xtask: not root: skipping the release artifacts' check (images need root)");
         }
@@ -347,6 +353,14 @@ fn main() -> Result<()> {
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => cluster::status(),
             ClusterAction::Import { archives } => cluster::import(&archives),
+            ClusterAction::Test { filter } => {
+                let helm = bootstrap_tests()?;
+                build_release()?;
+                let out = root().join("target/dist-check");
+                dist::build(&out)?;
+                dist::check(&out).context("cargo xtask dist --check")?;
+                cluster::test(&out, &helm, &filter)
+            }
         },
         Task::VmTest {
             kernel,
