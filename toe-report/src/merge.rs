@@ -51,7 +51,13 @@ pub fn frame_order(a: &str, b: &str) -> Ordering {
 /// one-to-one, so no two stacks merge into one.
 fn sort_key(stack: &str, key: &mut Vec<u8>) {
     key.clear();
-    for b in stack.bytes() {
+    let bytes = stack.as_bytes();
+    // The common case, no byte to escape, as one vectorisable pass.
+    if memchr::memchr2(0, 1, bytes).is_none() {
+        key.extend(bytes.iter().map(|&b| if b == b';' { 0 } else { b }));
+        return;
+    }
+    for &b in bytes {
         match b {
             b';' => key.push(0),
             0 => key.extend_from_slice(&[1, 1]),
@@ -63,15 +69,20 @@ fn sort_key(stack: &str, key: &mut Vec<u8>) {
 
 /// The stack a sort key stands for.
 fn stack_of(key: &[u8]) -> String {
-    let mut bytes = Vec::with_capacity(key.len());
-    let mut it = key.iter();
-    while let Some(&b) = it.next() {
-        bytes.push(match b {
-            0 => b';',
-            1 => it.next().map_or(1, |&e| e - 1),
-            b => b,
-        });
-    }
+    let bytes: Vec<u8> = if memchr::memchr(1, key).is_none() {
+        key.iter().map(|&b| if b == 0 { b';' } else { b }).collect()
+    } else {
+        let mut bytes = Vec::with_capacity(key.len());
+        let mut it = key.iter();
+        while let Some(&b) = it.next() {
+            bytes.push(match b {
+                0 => b';',
+                1 => it.next().map_or(1, |&e| e - 1),
+                b => b,
+            });
+        }
+        bytes
+    };
     // Keys are made from `&str`s and only ASCII bytes were changed: always UTF-8.
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }

@@ -138,15 +138,24 @@ async fn write(job: &Job, mut outcome: Outcome) -> Result<JobOutcome, StoreError
     let dir_url = as_dir(&job.output)
         .join(&format!("{name}/"))
         .map_or_else(|_| dir.to_string(), |u| u.to_string());
-    let mut written = Vec::new();
-    for (file, content) in &mut outcome.files {
-        let path: StorePath = dir
-            .parts()
-            .chain(file.split('/').map(object_store::path::PathPart::from))
-            .collect();
-        put_content(store.as_ref(), &path, file, content).await?;
-        written.push(format!("{dir_url}{file}"));
-    }
+    let written: Vec<String> = outcome
+        .files
+        .iter()
+        .map(|(file, _)| format!("{dir_url}{file}"))
+        .collect();
+    // Several outputs in flight: against a remote store each upload is mostly waiting.
+    let (store_ref, dir_ref) = (store.as_ref(), &dir);
+    futures::stream::iter(outcome.files.iter_mut())
+        .map(|(file, content)| async move {
+            let path: StorePath = dir_ref
+                .parts()
+                .chain(file.split('/').map(object_store::path::PathPart::from))
+                .collect();
+            put_content(store_ref, &path, file, content).await
+        })
+        .buffer_unordered(UPLOADS_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
     let expired = match job.retention {
         Some(keep) => {
             expire(
@@ -170,6 +179,8 @@ async fn write(job: &Job, mut outcome: Outcome) -> Result<JobOutcome, StoreError
 /// temporary file and sent in parts, never held whole.
 const PART: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 2;
+/// Output files uploaded at once.
+const UPLOADS_IN_FLIGHT: usize = 4;
 
 async fn put_content(
     store: &dyn ObjectStore,
