@@ -226,10 +226,12 @@ fn process(captures: &mut [Capture], tagged: bool) {
         notes: &[],
         files: &[],
     });
-    if tagged {
-        assert!(
-            !page.contains(TAG),
-            "a capture's text reached the report unescaped"
+    if tagged && let Some(at) = page.find(TAG) {
+        let from = page.floor_char_boundary(at.saturating_sub(300));
+        let to = page.ceil_char_boundary((at + 100).min(page.len()));
+        panic!(
+            "a capture's text reached the report unescaped: …{}…",
+            &page[from..to]
         );
     }
 }
@@ -360,6 +362,19 @@ fn shorten(file: &str, body: Vec<u8>) -> Vec<u8> {
     }
 }
 
+/// `data` with every `from` replaced by `to`.
+fn replace(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut rest = data;
+    while let Some(at) = memchr::memmem::find(rest, from) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(to);
+        rest = &rest[at + from.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
 /// Starting inputs for `target`, built from the project's own examples and recorded captures:
 /// the fuzzer mutates real specs and real artifacts instead of searching from nothing.
 pub fn seeds(target: &str) -> std::io::Result<Vec<(String, Vec<u8>)>> {
@@ -436,6 +451,13 @@ pub fn seeds(target: &str) -> std::io::Result<Vec<(String, Vec<u8>)>> {
                     chunk.extend_from_slice(&body);
                     chunks.push(chunk);
                 }
+                // The same capture with a tag in its process names, so the escaping check
+                // runs from the first input instead of waiting for a mutation to spell it.
+                let tagged: Vec<Vec<u8>> = chunks
+                    .iter()
+                    .map(|c| replace(c, b"toe-demo", format!("{TAG}-demo>").as_bytes()))
+                    .collect();
+                out.push((format!("{name}-tagged"), join(tagged)));
                 out.push((name, join(chunks)));
             }
             if target == "pprof_merge" {

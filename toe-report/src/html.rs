@@ -189,8 +189,12 @@ fn flamegraphs(h: &mut String, r: &Report<'_>) {
         h.push_str("<p>No profile was collected in these captures.</p>");
     }
     for (kind, f) in r.merged {
-        // `</` inside a script element would end it early.
-        let data = tree_json(f).replace("</", "<\\/");
+        // Inside a script element nothing of a capture may read as markup: '<', '>' and '&' as
+        // JSON escapes (the parsed strings are the same), so no `</script>` or `<!--` appears.
+        let data = tree_json(f)
+            .replace('<', "\\u003c")
+            .replace('>', "\\u003e")
+            .replace('&', "\\u0026");
         let _ = write!(
             h,
             "<div class=\"flame\" id=\"flame-{name}\" data-unit=\"{unit}\"><div class=\"flame-bar\"><h3>{title}: {total} {unit}, merged over every capture</h3><input class=\"flame-search\" type=\"search\" placeholder=\"search functions\" aria-label=\"search {name}\"><button class=\"flame-reset\" type=\"button\">reset zoom</button></div><div class=\"flame-status\"></div><div class=\"flame-frames\"></div><script type=\"application/json\">{data}</script></div>",
@@ -372,6 +376,41 @@ mod tests {
         assert_eq!(json["tree"][1], 10_001);
         assert_eq!(json["hidden"], 1);
         assert_eq!(json["names"][0], "all");
+    }
+
+    /// A frame name from a hostile capture cannot end the script element its flamegraph's data
+    /// sits in, and the data still parses to the same name.
+    #[test]
+    fn frame_names_in_the_embedded_data_cannot_read_as_markup() {
+        let hostile = "</script><img src=x onerror=alert(1)><!--&";
+        let mut f = Folded::default();
+        f.add(format!("p;{hostile}"), 5);
+        let page = render(&Report {
+            title: "t",
+            meta: "m",
+            captures: &[],
+            merged: &[(ProfileKind::Cpu, f)],
+            findings: &[],
+            notes: &[],
+            files: &[],
+        });
+        assert!(
+            !page.contains("<img"),
+            "markup from a frame name in the page"
+        );
+        assert!(!page.contains("<!--&"));
+        let start = page.find("<script type=\"application/json\">").unwrap();
+        let data = &page[start..];
+        let data = &data[data.find('>').unwrap() + 1..data.find("</script>").unwrap()];
+        let json: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert!(
+            json["names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n == hostile),
+            "{json}"
+        );
     }
 
     #[test]

@@ -190,9 +190,19 @@ fn fuzz_one(
             );
         }
     }
+    // libFuzzer also writes `slow-unit-*` files: inputs slower than a few seconds, worth a
+    // look but not failures (a loaded machine makes them).
     let found: Vec<PathBuf> = files(crashes)?
         .into_iter()
         .filter(|p| !before.contains(p))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                ["crash-", "timeout-", "oom-", "leak-"]
+                    .iter()
+                    .any(|k| n.starts_with(k))
+            })
+        })
         .collect();
     Ok(Outcome {
         target: target.to_owned(),
