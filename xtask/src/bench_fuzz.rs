@@ -111,17 +111,18 @@ pub fn fuzz_bench(targets: &[String], runs: u64, jobs: u64, max_secs: u64) -> Re
             .arg(t)
             .arg(&corpus))
         .with_context(|| format!("writing the seed inputs of {t}"))?;
-        outcomes.push(fuzz_one(
-            &bins.join(t),
-            t,
-            &corpus,
-            &crashes,
-            runs,
-            jobs,
-            max_secs,
-        )?);
+        let o = fuzz_one(&bins.join(t), t, &corpus, &crashes, runs, jobs, max_secs)?;
+        if outcomes.is_empty() {
+            print_header(runs);
+        }
+        print_row(&o);
+        outcomes.push(o);
     }
-    print(&outcomes, runs);
+    for o in &outcomes {
+        for c in &o.crashes {
+            println!("crash in {}: {}", o.target, c.display());
+        }
+    }
     let crashed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.crashes.is_empty()).collect();
     if !crashed.is_empty() {
         bail!(
@@ -155,7 +156,10 @@ fn fuzz_one(
         let share = runs / jobs + u64::from(job < runs % jobs);
         let mut prefix = crashes.as_os_str().to_owned();
         prefix.push("/");
-        children.push(
+        // libFuzzer's own output, to follow a long run (`tail -f`) and read its stats after.
+        let log = crashes.with_file_name(format!("{target}-{job}.log"));
+        eprintln!("bench fuzz: {target}: job {job} logs to {}", log.display());
+        children.push((
             Command::new(bin)
                 .arg(corpus)
                 .arg(format!("-runs={share}"))
@@ -167,25 +171,25 @@ fn fuzz_one(
                 .arg("-print_final_stats=1")
                 .arg(format!("-seed={}", 1 + job))
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
+                .stderr(std::fs::File::create(&log)?)
                 .spawn()
                 .with_context(|| format!("starting {}", bin.display()))?,
-        );
+            log,
+        ));
     }
     let mut executed = 0;
-    for child in children {
-        let out = child.wait_with_output()?;
-        let text = String::from_utf8_lossy(&out.stderr);
+    for (mut child, log) in children {
+        let status = child.wait()?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
         executed += text
             .lines()
             .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0);
-        if !out.status.success() {
+        if !status.success() {
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
             eprintln!(
-                "bench fuzz: {target} stopped with {}:\n{}",
-                out.status,
+                "bench fuzz: {target} stopped with {status}:\n{}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
@@ -224,25 +228,23 @@ fn files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-#[allow(clippy::cast_precision_loss)] // counts far below 2^52
-fn print(outcomes: &[Outcome], asked: u64) {
+fn print_header(asked: u64) {
     println!("\n## fuzzing, {asked} executions asked per target\n");
     println!("| target | executions | time | executions/s | corpus inputs | crashes |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    for o in outcomes {
-        println!(
-            "| {} | {} | {:.0} s | {:.0} | {} | {} |",
-            o.target,
-            o.runs,
-            o.secs,
-            o.runs as f64 / o.secs.max(0.001),
-            o.corpus,
-            o.crashes.len()
-        );
-    }
-    for o in outcomes {
-        for c in &o.crashes {
-            println!("crash in {}: {}", o.target, c.display());
-        }
-    }
+}
+
+/// One target's row, printed as soon as it is done (a long run stopped early keeps the rows of
+/// the targets before).
+#[allow(clippy::cast_precision_loss)] // counts far below 2^52
+fn print_row(o: &Outcome) {
+    println!(
+        "| {} | {} | {:.0} s | {:.0} | {} | {} |",
+        o.target,
+        o.runs,
+        o.secs,
+        o.runs as f64 / o.secs.max(0.001),
+        o.corpus,
+        o.crashes.len()
+    );
 }
