@@ -60,6 +60,15 @@ pub fn output_base(given: &str, cwd: Option<&Path>) -> Result<Url, OutputError> 
         if url.scheme() != "file" && url.host_str().unwrap_or_default().is_empty() {
             return Err(refuse(given, "no bucket or container named"));
         }
+        // A location is a path: a `?query` or `#fragment` would be dropped by the stores, so
+        // the files would land elsewhere than the URL (and its allowed prefix) says.
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(refuse(
+                given,
+                "it has a ?query or #fragment, which no store location has; write '?' as %3F \
+                 and '#' as %23 if the path holds them",
+            ));
+        }
         return Ok(as_dir(&url));
     }
     let path = Path::new(given);
@@ -281,12 +290,17 @@ mod tests {
             ("ftp://host/x", "unknown scheme"),
             ("s3:///prefix", "no bucket"),
             ("", "empty"),
+            ("file:///tmp/out#frag", "?query or #fragment"),
+            ("s3://bucket/allowed?x=/elsewhere", "?query or #fragment"),
         ] {
             let err = output_base(given, None).unwrap_err().to_string();
             assert!(err.contains(why), "{given}: {err}");
         }
         let local = output_base("toe-output", Some(Path::new("/work"))).unwrap();
         assert_eq!(local.as_str(), "file:///work/toe-output/");
+        // A plain path keeps '?' and '#' as parts of its names.
+        let odd = output_base("/tmp/a?b#c", None).unwrap();
+        assert_eq!(odd.as_str(), "file:///tmp/a%3Fb%23c/");
     }
 
     #[test]

@@ -156,7 +156,11 @@ pub fn plan(spec: &PowerToolProcessingSpec) -> Result<Plan, String> {
         }
         Some(o) => match &o.url {
             None => None,
-            Some(u) => Some(Url::parse(u).map_err(|e| format!("output.url {u:?}: {e}"))?),
+            // The same checks as a PowerTool's output: a known store, a bucket, a plain path.
+            Some(u) => Some(
+                toe_artifacts::layout::output_base(u, None)
+                    .map_err(|e| format!("output.url: {e}"))?,
+            ),
         },
     };
     let model = match &spec.model {
