@@ -362,6 +362,16 @@ fn shorten(file: &str, body: Vec<u8>) -> Vec<u8> {
     }
 }
 
+/// The entries of `dir`, in name order (seeds must not depend on the file system's order).
+fn sorted_entries(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// `data` with every `from` replaced by `to`.
 fn replace(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len());
@@ -409,12 +419,10 @@ pub fn seeds(target: &str) -> std::io::Result<Vec<(String, Vec<u8>)>> {
         }
         "capture" | "pprof_merge" => {
             let fixtures = root.join("toe-report/fixtures");
-            let mut dirs: Vec<_> = std::fs::read_dir(&fixtures)?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
+            let dirs: Vec<_> = sorted_entries(&fixtures)?
+                .into_iter()
                 .filter(|p| p.is_dir())
                 .collect();
-            dirs.sort();
             let mut profiles = Vec::new();
             for dir in dirs {
                 let name = dir
@@ -422,13 +430,8 @@ pub fn seeds(target: &str) -> std::io::Result<Vec<(String, Vec<u8>)>> {
                     .unwrap_or_default()
                     .to_string_lossy()
                     .into_owned();
-                let mut files: Vec<_> = std::fs::read_dir(&dir)?
-                    .filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .collect();
-                files.sort();
                 let mut chunks = Vec::new();
-                for f in files {
+                for f in sorted_entries(&dir)? {
                     let file = f
                         .file_name()
                         .unwrap_or_default()
