@@ -293,10 +293,8 @@ fn check_merge(c: &Capture) {
 /// pprof files (gzipped or not) merged as a processing pass merges them; the merged profile
 /// is readable and its totals are the sums of the inputs it did not leave out.
 pub fn pprof_merge(data: &[u8]) {
-    let names: Vec<String> = (0..parts(data).len())
-        .map(|i| format!("input-{i}"))
-        .collect();
     let parts = parts(data);
+    let names: Vec<String> = (0..parts.len()).map(|i| format!("input-{i}")).collect();
     let inputs: Vec<pprof::Input<'_>> = parts
         .iter()
         .zip(&names)
