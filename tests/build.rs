@@ -24,6 +24,26 @@ fn main() {
             .arg("-o")
             .arg(out.join(name)));
     }
+    // The same C program as a distribution ships it: static (it runs in a bare container),
+    // stripped of every symbol, its symbols and DWARF in a separate debug file that its build-id
+    // and debug link name.
+    let full = out.join("deep-c-full");
+    run(Command::new("gcc")
+        .args(["-O2", "-g", "-static", "-fomit-frame-pointer"])
+        .args(["-fno-optimize-sibling-calls", "-Wl,--build-id"])
+        .arg("workloads/deep.c")
+        .arg("-o")
+        .arg(&full));
+    let debug = out.join("deep-c-split.debug");
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&full)
+        .arg(&debug));
+    run(Command::new("objcopy")
+        .arg("--strip-all")
+        .arg(format!("--add-gnu-debuglink={}", debug.display()))
+        .arg(&full)
+        .arg(out.join("deep-c-split")));
     run(
         Command::new(env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
             .args([
@@ -38,5 +58,17 @@ fn main() {
             .arg("-o")
             .arg(out.join("deep-rust")),
     );
+    // The Go workload twice: stripped as Go binaries ship, and with symbols to compare names.
+    // Offline (GOPROXY=off): it uses the standard library only.
+    for (name, flags) in [("go-hot", ""), ("go-hot-stripped", "-s -w")] {
+        run(Command::new("go")
+            .args(["build", "-trimpath", "-ldflags", flags, "-o"])
+            .arg(out.join(name))
+            .arg("workloads/hot.go")
+            .env("GOCACHE", out.join("go-cache"))
+            .env("GOPATH", out.join("go-path"))
+            .env("GOPROXY", "off")
+            .env("CGO_ENABLED", "0"));
+    }
     println!("cargo::rustc-env=TOE_WORKLOAD_DIR={}", out.display());
 }

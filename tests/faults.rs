@@ -226,13 +226,7 @@ fn cpu_load_is_relative_to_the_quota_and_achieved_within_5_percent() {
         f.asked,
         f.achieved
     );
-    // The same, by the target cgroup's own counter (the workers are charged to it; the sleeper
-    // uses nothing) while the workers run.
-    assert!(
-        (rate / f.asked - 1.0).abs() <= 0.05,
-        "the cgroup used {rate:.3} CPU, asked {}",
-        f.asked
-    );
+    assert_charged_to_the_cgroup(rate, f);
     assert_eq!(f.cpu_limit, Some(0.5));
     assert_eq!(f.leftovers, 0);
     assert_no_workers_left(&outcome);
@@ -1016,9 +1010,23 @@ fn cpu_rate_while<T>(pid: u32, f: impl FnOnce() -> T) -> (T, f64) {
         .expect("samples");
     let span = to.0.duration_since(from.0).as_secs_f64();
     assert!(span >= 2.0, "the workers ran a steady {span:.2} s only");
+
     #[expect(clippy::cast_precision_loss, reason = "nanoseconds of a few seconds")]
     let rate = (to.1 - from.1) as f64 / 1e9 / span;
     (out, rate)
+}
+
+/// The workers' CPU time landed in the target's cgroup: while they ran, its own counter rose by
+/// what the workers' clocks measured (the target itself sleeps). Held to `achieved`, not
+/// `asked`: the cgroup's window is the test's, not the agent's, and on a loaded machine (two
+/// emulated CPUs shared with other tests) a duty cycle overshoots by a few percent in both;
+/// `error_percent` holds the rate to what was asked.
+fn assert_charged_to_the_cgroup(rate: f64, f: &toe_artifacts::summary::fault::FaultSummary) {
+    assert!(
+        (rate / f.achieved - 1.0).abs() <= 0.05,
+        "the target's cgroup used {rate:.3} CPU while the workers measured {:.3}: {f:?}",
+        f.achieved
+    );
 }
 
 fn cgroup_cpu_ns(pid: u32) -> u64 {
@@ -1078,13 +1086,7 @@ fn stress_in_a_real_container_is_relative_to_its_limits_and_charged_to_it() {
         f.asked,
         f.achieved
     );
-    // The workers' CPU time landed in the container's cgroup, at the asked rate while they
-    // ran (the container's own process sleeps).
-    assert!(
-        (rate / f.asked - 1.0).abs() <= 0.05,
-        "the container's cgroup used {rate:.3} CPU, asked {}",
-        f.asked
-    );
+    assert_charged_to_the_cgroup(rate, f);
     assert_no_workers_left(&outcome);
     // The worker touches its memory under the container's 0.5-CPU quota, while parallel tests
     // load both CPUs: give it time to get there. The container's own counter carries it.

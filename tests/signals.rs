@@ -220,7 +220,8 @@ fn a_named_bystanders_signals_are_recorded_and_sigkill_is_the_exit_cause() {
     let svg = std::str::from_utf8(&art["timeline.svg"]).unwrap();
     assert!(
         svg.contains("SIGKILL from bystander"),
-        "timeline lacks the SIGKILL"
+        "timeline lacks the SIGKILL: {:?}",
+        svg.split("<title>").skip(1).collect::<Vec<_>>()
     );
     assert!(art.contains_key("summary.json"));
 }

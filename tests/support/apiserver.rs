@@ -265,7 +265,7 @@ impl ApiServer {
                 .expect("client config");
         let client = kube::Client::try_from(config).expect("client");
         for _ in 0..600 {
-            if client.apiserver_version().await.is_ok() {
+            if client.apiserver_version().await.is_ok() && ready(&client).await {
                 return client;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -275,6 +275,20 @@ impl ApiServer {
             std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default()
         );
     }
+}
+
+/// Whether `/readyz` answers `ok`: the server's start-up hooks have run, among them the one
+/// that creates the default RBAC roles. `/version` answers before that, and until then a
+/// SelfSubjectAccessReview (which every authenticated user may create once the roles exist) is
+/// refused.
+async fn ready(client: &kube::Client) -> bool {
+    let Ok(request) = http::Request::get("/readyz").body(Vec::new()) else {
+        return false;
+    };
+    client
+        .request_text(request)
+        .await
+        .is_ok_and(|text| text.trim() == "ok")
 }
 
 impl Drop for ApiServer {

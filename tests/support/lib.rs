@@ -92,6 +92,14 @@ pub fn workload(name: &str) -> PathBuf {
     Path::new(env!("TOE_WORKLOAD_DIR")).join(name)
 }
 
+/// A workload's source in `tests/workloads`, for those a runtime runs from source (Java).
+#[must_use]
+pub fn workload_source(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("workloads")
+        .join(name)
+}
+
 /// A binary of this workspace (`toe`, `toe-demo`), from `TOE_BIN_DIR` or the target directory.
 #[must_use]
 pub fn bin(name: &str) -> PathBuf {
@@ -492,6 +500,12 @@ impl Container {
     /// [`Container::run`] with more `podman run` options (limits: `--cpus`, `--memory`).
     #[must_use]
     pub fn run_with(name: &str, options: &[&str], argv: &[&str]) -> Self {
+        Self::run_in(name, options, |_| {}, argv)
+    }
+
+    /// [`Container::run_with`], with `setup` adding files to the rootfs (its path) first.
+    #[must_use]
+    pub fn run_in(name: &str, options: &[&str], setup: impl FnOnce(&Path), argv: &[&str]) -> Self {
         // Tests of one binary run in parallel and may reuse a name.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let rootfs = tempfile::tempdir().expect("rootfs dir");
@@ -505,6 +519,7 @@ impl Container {
         for applet in ["sh", "sleep", "cat", "trap"] {
             let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
         }
+        setup(rootfs.path());
         let unique = format!(
             "toe-test-{}-{}-{name}",
             std::process::id(),

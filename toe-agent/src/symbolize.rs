@@ -4,13 +4,16 @@
 //! it has exited; kernel addresses through kallsyms. An address that does not resolve keeps
 //! `module+0xoffset` and is counted as unresolved.
 
+pub mod debuginfo;
+pub mod go;
 pub mod images;
+pub mod jit;
 pub mod unwind;
 pub mod user_stacks;
 
 use std::{
     collections::{HashMap, HashSet},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, OnceLock, mpsc},
 };
 
@@ -23,7 +26,10 @@ use blazesym::{
         source::{Elf, Kernel, Process, Source},
     },
 };
-use toe_artifacts::profile::{Frame, FrameId, Stack};
+use toe_artifacts::{
+    profile::{Frame, FrameId, Stack},
+    summary::JitCode,
+};
 use toe_common::comm_to_string;
 
 use self::images::{Images, MappedFile, image_of};
@@ -146,6 +152,11 @@ pub struct Symbolizer {
     exes: HashMap<u32, (u64, u64)>,
     /// What target processes mapped, for those that exit before their addresses are resolved.
     images: Arc<Images>,
+    /// Addresses of live processes that lay in no file and no perf map named: generated code,
+    /// named again at the end of the run ([`Symbolizer::name_generated_code`]).
+    generated: HashMap<u32, HashSet<u64>>,
+    /// Each live process's perf map, as last read.
+    perf_maps: HashMap<u32, jit::PerfMap>,
 }
 
 impl Default for Symbolizer {
@@ -158,9 +169,12 @@ impl Symbolizer {
     #[must_use]
     pub fn new() -> Self {
         Self {
+            // No debug directories: blazesym would look for debug files by host path, and a
+            // container's binary has its debug file in its own root ([`debuginfo`]).
             blaze: Blaze::builder()
                 .enable_inlined_fns(true)
                 .enable_code_info(true)
+                .set_debug_dirs(Some::<[&Path; 0]>([]))
                 .build(),
             normalizer: Normalizer::new(),
             frames: Interner::default(),
@@ -169,6 +183,8 @@ impl Symbolizer {
             process_names: HashMap::new(),
             exes: HashMap::new(),
             images: Arc::default(),
+            generated: HashMap::new(),
+            perf_maps: HashMap::new(),
         }
     }
 
@@ -180,15 +196,70 @@ impl Symbolizer {
     }
 }
 
+/// Where a user frame lies: the file as the process named it, which build of that file, and,
+/// for an address no symbol covers, its ELF virtual address there (what a later symbolization
+/// looks up).
+#[derive(Clone, Debug, Default)]
+struct Origin {
+    module: Option<String>,
+    build_id: Option<String>,
+    address: Option<u64>,
+}
+
+impl Origin {
+    fn file(file: &MappedFile) -> Self {
+        Self {
+            module: Some(file.path.clone()),
+            build_id: file.elf.build_id_hex(),
+            address: None,
+        }
+    }
+
+    fn at(file: &MappedFile, offset: u64) -> Self {
+        Self {
+            address: file.elf.virtual_address(offset),
+            ..Self::file(file)
+        }
+    }
+
+    fn module(module: &str) -> Self {
+        Self {
+            module: Some(module.to_owned()),
+            ..Self::default()
+        }
+    }
+}
+
+/// blazesym's answers for one file's addresses (file offsets, or ELF virtual addresses with
+/// `virtual_addresses`), in order; `None` when it cannot read the file.
+fn symbolize_file<'a>(
+    blaze: &'a Blaze,
+    path: PathBuf,
+    found: &[(u64, u64, u64)],
+    virtual_addresses: bool,
+) -> Option<Vec<Symbolized<'a>>> {
+    let at: Vec<u64> = found.iter().map(|&(_, _, at)| at).collect();
+    let input = if virtual_addresses {
+        blazesym::symbolize::Input::VirtOffset(at.as_slice())
+    } else {
+        blazesym::symbolize::Input::FileOffset(at.as_slice())
+    };
+    blaze.symbolize(&Source::Elf(Elf::new(path)), input).ok()
+}
+
+/// One kept file and the addresses found in it: (address, file offset, the address its
+/// symbolizer takes).
+type InFile = (Arc<MappedFile>, Vec<(u64, u64, u64)>);
+
 fn chain_from(
     frames: &mut Interner,
     sym: &Symbolized<'_>,
     kernel: bool,
-    module: Option<String>,
+    origin: Origin,
 ) -> Option<Chain> {
     let sym = sym.as_sym()?;
     // A descriptor path is how this process opened a kept file, not a name for it.
-    let module = module.or_else(|| {
+    let module = origin.module.or_else(|| {
         sym.module
             .as_ref()
             .map(|m| m.to_string_lossy().into_owned())
@@ -199,25 +270,50 @@ fn chain_from(
     out.push(frames.id(Frame {
         function: sym.name.clone().into_owned(),
         module: module.clone(),
+        build_id: origin.build_id.clone(),
         file,
         line,
         kernel,
         resolved: true,
-        inlined: false,
+        ..Frame::default()
     }));
     for inl in &sym.inlined {
         let (file, line) = file_of(inl.code_info.as_ref());
         out.push(frames.id(Frame {
             function: inl.name.clone().into_owned(),
             module: module.clone(),
+            build_id: origin.build_id.clone(),
             file,
             line,
             kernel,
             resolved: true,
             inlined: true,
+            ..Frame::default()
         }));
     }
     Some(out.into_boxed_slice())
+}
+
+/// Frames for `offset` in `file` from its Go function table: a Go binary without ELF symbols.
+fn go_chain(frames: &mut Interner, file: &MappedFile, offset: u64) -> Option<Chain> {
+    let f = file.go_table()?.lookup(offset)?;
+    Some(Box::new([frames.id(Frame {
+        function: f.function,
+        file: f.file,
+        line: f.line,
+        resolved: true,
+        ..frame_in(Origin::file(file))
+    })]))
+}
+
+/// A user frame's fields from where it lies.
+fn frame_in(origin: Origin) -> Frame {
+    Frame {
+        module: origin.module,
+        build_id: origin.build_id,
+        address: origin.address,
+        ..Frame::default()
+    }
 }
 
 /// How an address that did not resolve is named: its file's base name and the file offset,
@@ -229,20 +325,11 @@ fn offset_name(path: &str, offset: u64) -> String {
     format!("{base}+{offset:#x}")
 }
 
-fn unresolved(
-    frames: &mut Interner,
-    function: String,
-    module: Option<String>,
-    kernel: bool,
-) -> Chain {
+fn unresolved(frames: &mut Interner, function: String, origin: Origin, kernel: bool) -> Chain {
     Box::new([frames.id(Frame {
         function,
-        module,
-        file: None,
-        line: None,
         kernel,
-        resolved: false,
-        inlined: false,
+        ..frame_in(origin)
     })])
 }
 
@@ -259,13 +346,21 @@ impl Symbolizer {
             return;
         }
         if !crate::targets::running(pid) {
-            self.resolve_exited(pid, &todo);
+            let rest = self.resolve_from_debug_files(pid, &todo);
+            self.resolve_exited(pid, &rest);
             return;
         }
         if todo.iter().any(|&a| self.images.locate(pid, a).is_none()) {
             self.images.refresh(pid);
         }
-        let src = Source::Process(Process::new(Pid::from(pid)));
+        let todo = self.resolve_from_debug_files(pid, &todo);
+        if todo.is_empty() {
+            return;
+        }
+        let mut process = Process::new(Pid::from(pid));
+        // Perf maps are read by `name_from_perf_map` (see `jit`).
+        process.perf_map = false;
+        let src = Source::Process(process);
         let Self {
             blaze,
             frames,
@@ -282,11 +377,19 @@ impl Symbolizer {
             // The path the process mapped, as kept: blazesym caches one parser per file, and
             // names the module after whichever path opened it first (a descriptor path, when
             // an exited process's addresses were resolved first).
-            let module = images.locate(pid, addr).map(|(f, _)| f.path.clone());
+            let located = images.locate(pid, addr);
+            let origin = located
+                .as_ref()
+                .map(|(f, _)| Origin::file(f))
+                .unwrap_or_default();
             let chain = syms
                 .as_ref()
                 .and_then(|s| s.get(i))
-                .and_then(|s| chain_from(frames, s, false, module));
+                .and_then(|s| chain_from(frames, s, false, origin))
+                .or_else(|| {
+                    let (file, offset) = located?;
+                    go_chain(frames, &file, offset)
+                });
             match chain {
                 Some(c) => {
                     user.insert((pid, addr), c);
@@ -306,64 +409,142 @@ impl Symbolizer {
         let normalized = normalizer
             .normalize_user_addrs_opts(Pid::from(pid), &failed, &opts)
             .ok();
+        let mut in_no_file = Vec::new();
         for (i, &addr) in failed.iter().enumerate() {
-            let (name, module) = match normalized.as_ref().and_then(|n| {
+            if let Some((file, off)) = images.locate(pid, addr) {
+                let name = offset_name(&file.path, off);
+                let chain = unresolved(frames, name, Origin::at(&file, off), false);
+                user.insert((pid, addr), chain);
+                continue;
+            }
+            // A file the run does not keep (over its bound, or unreadable): named by path.
+            let in_file = normalized.as_ref().and_then(|n| {
                 let (off, meta) = *n.outputs.get(i)?;
                 match n.meta.get(meta)? {
                     UserMeta::Elf(elf) => Some((off, elf.path.to_string_lossy().into_owned())),
                     _ => None,
                 }
-            }) {
-                Some((off, path)) => (offset_name(&path, off), Some(path)),
-                None => (format!("[unknown] {addr:#x}"), None),
+            });
+            let Some((off, path)) = in_file else {
+                in_no_file.push(addr);
+                continue;
             };
-            let chain = unresolved(frames, name, module, false);
+            let name = offset_name(&path, off);
+            let chain = unresolved(frames, name, Origin::module(&path), false);
             user.insert((pid, addr), chain);
         }
+        if !in_no_file.is_empty() {
+            self.name_from_perf_map(pid, &in_no_file, false);
+        }
+    }
+
+    /// Names addresses of `pid` that lie in no file from its perf map, read again when it
+    /// changed (`now`: whatever the time since the last read); the others become `[unknown]`
+    /// and wait for [`Self::name_generated_code`].
+    fn name_from_perf_map(&mut self, pid: u32, addrs: &[u64], now: bool) {
+        let map = self.perf_maps.entry(pid).or_default();
+        map.refresh(pid, now);
+        for &addr in addrs {
+            let chain = if let Some(name) = map.lookup(addr) {
+                Box::new([self.frames.id(Frame {
+                    function: name.to_string(),
+                    resolved: true,
+                    ..frame_in(Origin::module("[jit]"))
+                })]) as Chain
+            } else {
+                self.generated.entry(pid).or_default().insert(addr);
+                unresolved(
+                    &mut self.frames,
+                    format!("[unknown] {addr:#x}"),
+                    Origin::default(),
+                    false,
+                )
+            };
+            self.user.insert((pid, addr), chain);
+        }
+    }
+
+    /// `addrs` of `pid` grouped by the kept file they lie in, each as (address, file offset,
+    /// what `lookup` makes of the two: the address the file's symbolizer takes); the addresses
+    /// in no kept file, or that `lookup` refuses, apart.
+    fn by_file(
+        &self,
+        pid: u32,
+        addrs: &[u64],
+        lookup: impl Fn(&MappedFile, u64) -> Option<u64>,
+    ) -> (Vec<InFile>, Vec<u64>) {
+        let mut per_file: HashMap<*const MappedFile, InFile> = HashMap::new();
+        let mut apart = Vec::new();
+        for &addr in addrs {
+            let located = self.images.locate(pid, addr).and_then(|(file, offset)| {
+                let at = lookup(&file, offset)?;
+                Some((file, offset, at))
+            });
+            match located {
+                Some((file, offset, at)) => per_file
+                    .entry(Arc::as_ptr(&file))
+                    .or_insert_with(|| (file, Vec::new()))
+                    .1
+                    .push((addr, offset, at)),
+                None => apart.push(addr),
+            }
+        }
+        (per_file.into_values().collect(), apart)
+    }
+
+    /// Resolves the addresses of `pid` that lie in a file with a separate debug file from that
+    /// file (symbols, lines and inlined frames a stripped binary lacks); returns the others.
+    fn resolve_from_debug_files(&mut self, pid: u32, addrs: &[u64]) -> Vec<u64> {
+        let (files, mut left) = self.by_file(pid, addrs, |file, offset| {
+            file.debug.as_ref()?;
+            file.elf.virtual_address(offset)
+        });
+        for (file, found) in files {
+            let Some(debug) = &file.debug else { continue };
+            let syms = symbolize_file(&self.blaze, debug.open_path(), &found, true);
+            let chains: Vec<Option<Chain>> = (0..found.len())
+                .map(|i| {
+                    let s = syms.as_ref()?.get(i)?;
+                    chain_from(&mut self.frames, s, false, Origin::file(&file))
+                })
+                .collect();
+            for (&(addr, _, _), chain) in found.iter().zip(chains) {
+                match chain {
+                    Some(c) => {
+                        self.user.insert((pid, addr), c);
+                    }
+                    None => left.push(addr),
+                }
+            }
+        }
+        left
     }
 
     /// Resolves addresses of a process that has exited, from the files it had mapped.
     fn resolve_exited(&mut self, pid: u32, addrs: &[u64]) {
-        /// (address, file offset) pairs found in one file.
-        type InFile = (Arc<MappedFile>, Vec<(u64, u64)>);
-        let mut per_file: HashMap<*const MappedFile, InFile> = HashMap::new();
-        for &addr in addrs {
-            if let Some((file, offset)) = self.images.locate(pid, addr) {
-                per_file
-                    .entry(Arc::as_ptr(&file))
-                    .or_insert_with(|| (file, Vec::new()))
-                    .1
-                    .push((addr, offset));
-            } else {
-                let chain = unresolved(
-                    &mut self.frames,
-                    format!("[unknown] {addr:#x}"),
-                    None,
-                    false,
-                );
-                self.user.insert((pid, addr), chain);
-            }
+        let (files, nowhere) = self.by_file(pid, addrs, |_, offset| Some(offset));
+        for addr in nowhere {
+            let name = format!("[unknown] {addr:#x}");
+            let chain = unresolved(&mut self.frames, name, Origin::default(), false);
+            self.user.insert((pid, addr), chain);
         }
-        for (file, found) in per_file.into_values() {
-            let offsets: Vec<u64> = found.iter().map(|&(_, o)| o).collect();
-            let src = Source::Elf(Elf::new(file.open_path()));
-            let syms = self
-                .blaze
-                .symbolize(&src, blazesym::symbolize::Input::FileOffset(&offsets))
-                .ok();
-            for (i, &(addr, offset)) in found.iter().enumerate() {
-                let chain = syms
-                    .as_ref()
-                    .and_then(|s| s.get(i))
-                    .and_then(|s| chain_from(&mut self.frames, s, false, Some(file.path.clone())))
-                    .unwrap_or_else(|| {
-                        unresolved(
-                            &mut self.frames,
-                            offset_name(&file.path, offset),
-                            Some(file.path.clone()),
-                            false,
-                        )
-                    });
+        for (file, found) in files {
+            let syms = symbolize_file(&self.blaze, file.open_path(), &found, false);
+            let chains: Vec<Chain> = found
+                .iter()
+                .enumerate()
+                .map(|(i, &(_, offset, _))| {
+                    syms.as_ref()
+                        .and_then(|s| s.get(i))
+                        .and_then(|s| chain_from(&mut self.frames, s, false, Origin::file(&file)))
+                        .or_else(|| go_chain(&mut self.frames, &file, offset))
+                        .unwrap_or_else(|| {
+                            let name = offset_name(&file.path, offset);
+                            unresolved(&mut self.frames, name, Origin::at(&file, offset), false)
+                        })
+                })
+                .collect();
+            for (&(addr, _, _), chain) in found.iter().zip(chains) {
                 self.user.insert((pid, addr), chain);
             }
         }
@@ -384,16 +565,14 @@ impl Symbolizer {
                 Some((function, module)) => Box::new([self.frames.id(Frame {
                     function,
                     module: Some(module.unwrap_or_else(|| "[kernel]".into())),
-                    file: None,
-                    line: None,
                     kernel: true,
                     resolved: true,
-                    inlined: false,
+                    ..Frame::default()
                 })]) as Chain,
                 None => unresolved(
                     &mut self.frames,
                     format!("[kernel] {addr:#x}"),
-                    Some("[kernel]".into()),
+                    Origin::module("[kernel]"),
                     true,
                 ),
             };
@@ -432,10 +611,97 @@ impl Symbolizer {
         self.resolve_kernel(&kernel);
     }
 
+    /// Says, for each binary a profile of `summary` lists, where its names came from or why it
+    /// had none.
+    pub fn describe_binaries(&self, summary: &mut toe_artifacts::summary::Summary) {
+        let mut known: HashMap<String, String> = HashMap::new();
+        for b in summary.binary_frames_mut() {
+            let symbols =
+                known
+                    .entry(b.module.clone())
+                    .or_insert_with(|| match b.module.as_str() {
+                        "[unknown]" => {
+                            "in no file: generated code (see the generated-code lines)".to_owned()
+                        }
+                        "[jit]" => "a perf map".to_owned(),
+                        path => self.images.file_at(path).map_or_else(
+                            || "blazesym, from the live process (the file was not kept)".to_owned(),
+                            |f| f.symbol_source(),
+                        ),
+                    });
+            b.symbols.clone_from(symbols);
+        }
+    }
+
+    /// Names the generated code (JIT output) of the live processes whose addresses lay in no
+    /// file, once more at the end of the run: a runtime's perf map grows while it compiles,
+    /// and a HotSpot JVM is asked to write one (`Compiler.perfmap`) now, when its code cache
+    /// holds what the run saw. Call it once, before the stacks are made; it reports, per
+    /// process, how many addresses were named and how.
+    pub fn name_generated_code(&mut self) -> Vec<JitCode> {
+        let mut pending: Vec<(u32, HashSet<u64>)> =
+            std::mem::take(&mut self.generated).into_iter().collect();
+        pending.sort_unstable_by_key(|(pid, _)| *pid);
+        let mut out = Vec::with_capacity(pending.len());
+        for (pid, addrs) in pending {
+            let process = self.process_names.get(&pid).cloned().unwrap_or_default();
+            let addresses = addrs.len() as u64;
+            if !crate::targets::running(pid) {
+                out.push(JitCode {
+                    pid,
+                    process,
+                    runtime: String::new(),
+                    addresses,
+                    named: 0,
+                    source: "the process exited before its generated code was named".into(),
+                    hint: None,
+                });
+                continue;
+            }
+            let runtime = jit::Runtime::detect(pid);
+            let asked = (runtime == jit::Runtime::Jvm).then(|| jit::request_jvm_perf_map(pid));
+            let addrs: Vec<u64> = addrs.into_iter().collect();
+            self.name_from_perf_map(pid, &addrs, true);
+            let unnamed = self.generated.remove(&pid).map_or(0, |s| s.len() as u64);
+            let map = self.perf_maps.get(&pid);
+            let has_map = map.is_some_and(|m| !m.is_empty());
+            let map_error = map.and_then(|m| m.error.clone());
+            let mut source = match (asked, has_map) {
+                (Some(Ok(took)), _) => format!(
+                    "perf map written by the JVM on request (Compiler.perfmap, {} ms)",
+                    took.as_millis()
+                ),
+                (Some(Err(why)), true) => {
+                    format!("the JVM's own perf map; asking it for a fresh one failed: {why}")
+                }
+                (Some(Err(why)), false) => format!("no perf map: asking the JVM failed: {why}"),
+                (None, true) => "the process's perf map".into(),
+                (None, false) => "no perf map".into(),
+            };
+            if let Some(why) = map_error {
+                source = format!("{source} ({why})");
+            }
+            out.push(JitCode {
+                pid,
+                process,
+                runtime: runtime.name().into(),
+                addresses,
+                named: addresses - unnamed,
+                // With a map, what it does not name is code the runtime did not list (or an
+                // address a broken frame-pointer walk produced): no flag would change that.
+                hint: (unnamed > 0 && !has_map).then(|| runtime.hint().into()),
+                source,
+            });
+        }
+        out
+    }
+
     /// Drops what the symbolizers cached about `pid`'s previous image (after an exec).
     /// Addresses already resolved stay: stacks sampled before the exec still need them, and an
     /// address of the new image equal to one of the old is improbable (both are randomized).
     fn forget_process(&mut self, pid: u32) {
+        // The new image's runtime writes a new map under the same pid.
+        self.perf_maps.remove(&pid);
         let _ = self
             .blaze
             .evict(&Evict::Process(evict::Process::new(Pid::from(pid))));
@@ -467,7 +733,7 @@ impl Symbolizer {
                     let c = unresolved(
                         &mut self.frames,
                         format!("[unknown] {addr:#x}"),
-                        None,
+                        Origin::default(),
                         false,
                     );
                     self.user.insert((key.pid, addr), c.clone());
@@ -483,7 +749,7 @@ impl Symbolizer {
                     let c = unresolved(
                         &mut self.frames,
                         format!("[kernel] {addr:#x}"),
-                        Some("[kernel]".into()),
+                        Origin::module("[kernel]"),
                         true,
                     );
                     frames.extend_from_slice(&c);

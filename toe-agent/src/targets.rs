@@ -349,6 +349,32 @@ pub fn resolve_cgroup(path: &Path) -> Result<ResolvedTarget, TargetError> {
     })
 }
 
+/// Opens `path` as process `pid` sees it, with `flags`: resolved inside the process's root
+/// (`openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`), so neither `..` nor a symlink the
+/// process planted, absolute or relative, reaches a file of the node.
+pub fn open_in_root(
+    pid: u32,
+    path: &str,
+    flags: nix::fcntl::OFlag,
+    mode: nix::sys::stat::Mode,
+) -> io::Result<OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    let root = open(
+        format!("/proc/{pid}/root").as_str(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let rel = match path.trim_start_matches('/') {
+        "" => ".",
+        rel => rel,
+    };
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC)
+        .mode(mode)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    Ok(openat2(&root, rel, how)?)
+}
+
 /// `/proc/<pid>/comm`, if the process still exists.
 #[must_use]
 pub fn process_name(pid: u32) -> Option<String> {

@@ -107,34 +107,57 @@ fn as_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Deduplicated mappings (one per module) and functions (one per name + file).
+/// Deduplicated mappings (one per module and build) and functions (one per name + file).
 #[derive(Default)]
 struct Tables {
     strings: Strings,
     mappings: Vec<Mapping>,
-    mapping_ids: HashMap<String, u64>,
+    /// (module, build-id) to the mapping's index.
+    mapping_ids: HashMap<(String, Option<String>), usize>,
     functions: Vec<Function>,
     function_ids: HashMap<(String, String), u64>,
 }
 
+/// A module that names a file, not a pseudo-module (`[kernel]`, `[jit]`, `[unknown]`).
+fn is_file(module: &str) -> bool {
+    module.starts_with('/')
+}
+
 impl Tables {
-    fn mapping(&mut self, module: &str) -> u64 {
-        if let Some(&id) = self.mapping_ids.get(module) {
-            return id;
+    /// The mapping of `f`'s module. A file's mapping spans the whole address space from 0
+    /// (pprof's convention for addresses already relative to the file), so a location's address
+    /// is the ELF virtual address a symbolizer looks up; its build-id lets `go tool pprof` find
+    /// the matching binary or debug file (`PPROF_BINARY_PATH`). A mapping any of whose frames
+    /// went unresolved says it has no functions, which is what makes pprof symbolize it.
+    fn mapping(&mut self, f: &crate::profile::Frame) -> u64 {
+        let module = f.module.as_deref().unwrap_or("[unknown]");
+        let key = (module.to_owned(), f.build_id.clone());
+        let next = self.mappings.len();
+        let index = *self.mapping_ids.entry(key).or_insert(next);
+        if index == next {
+            let filename = self.strings.get(module);
+            let build_id = f.build_id.as_deref().map_or(0, |b| self.strings.get(b));
+            self.mappings.push(Mapping {
+                id: next as u64 + 1,
+                memory_start: 0,
+                memory_limit: if is_file(module) { u64::MAX } else { 0 },
+                file_offset: 0,
+                filename,
+                build_id,
+                has_functions: true,
+                has_filenames: true,
+                has_line_numbers: true,
+                has_inline_frames: true,
+            });
         }
-        let id = self.mappings.len() as u64 + 1;
-        let filename = self.strings.get(module);
-        self.mappings.push(Mapping {
-            id,
-            filename,
-            has_functions: true,
-            has_filenames: true,
-            has_line_numbers: true,
-            has_inline_frames: true,
-            ..Mapping::default()
-        });
-        self.mapping_ids.insert(module.to_owned(), id);
-        id
+        let m = &mut self.mappings[index];
+        if !f.resolved {
+            m.has_functions = false;
+            m.has_filenames = false;
+            m.has_line_numbers = false;
+            m.has_inline_frames = false;
+        }
+        m.id
     }
 
     fn function(&mut self, name: &str, file: &str) -> u64 {
@@ -172,8 +195,8 @@ pub fn build(profile: &Profile) -> proto::Profile {
         .enumerate()
         .map(|(i, f)| Location {
             id: i as u64 + 1,
-            mapping_id: t.mapping(f.module.as_deref().unwrap_or("[unknown]")),
-            address: 0,
+            mapping_id: t.mapping(f),
+            address: f.address.unwrap_or(0),
             line: vec![Line {
                 function_id: t.function(&f.function, f.file.as_deref().unwrap_or_default()),
                 line: i64::from(f.line.unwrap_or(0)),
@@ -328,5 +351,66 @@ mod tests {
         };
         assert_eq!(label(&decoded.sample[0]).as_deref(), Some("runnable"));
         assert!(decoded.sample[1..].iter().all(|s| label(s).is_none()));
+    }
+
+    #[test]
+    fn mappings_carry_build_ids_and_unresolved_frames_their_addresses() {
+        use crate::profile::Frame;
+        let mut p = fixtures::profile();
+        let lib = |build: &str, function: &str, resolved: bool, address| Frame {
+            function: function.into(),
+            module: Some("/usr/lib/libc.so.6".into()),
+            build_id: Some(build.into()),
+            address,
+            resolved,
+            ..Frame::default()
+        };
+        // Two builds of one path (two containers' libc): two mappings. One has an unresolved
+        // frame, so pprof is told to symbolize it; the other is complete.
+        p.frames
+            .push(lib("aa11", "libc.so.6+0x1234", false, Some(0x1234)));
+        p.frames.push(lib("aa11", "memcpy", true, None));
+        p.frames.push(lib("bb22", "memcpy", true, None));
+        for (stack, frame) in [(0, 6), (1, 7), (2, 8)] {
+            p.stacks[stack].frames.push(frame);
+        }
+        let decoded = build(&p);
+        let text = |i: i64| decoded.string_table[usize::try_from(i).unwrap()].as_str();
+        let libc: Vec<&Mapping> = decoded
+            .mapping
+            .iter()
+            .filter(|m| text(m.filename) == "/usr/lib/libc.so.6")
+            .collect();
+        assert_eq!(libc.len(), 2, "{:?}", decoded.mapping);
+        let (a, b) = (libc[0], libc[1]);
+        assert_eq!((text(a.build_id), text(b.build_id)), ("aa11", "bb22"));
+        assert!(!a.has_functions && b.has_functions, "{libc:?}");
+        assert_eq!(
+            (a.memory_start, a.memory_limit, a.file_offset),
+            (0, u64::MAX, 0)
+        );
+        let at = |address| {
+            decoded
+                .location
+                .iter()
+                .filter(|l| l.address == address)
+                .count()
+        };
+        assert_eq!(at(0x1234), 1);
+        // Resolved frames keep address 0: pprof leaves a location it cannot look up alone.
+        assert_eq!(at(0), decoded.location.len() - 1);
+        // The demo's own frames are all resolved but one: its mapping asks for symbols too.
+        let demo = decoded
+            .mapping
+            .iter()
+            .find(|m| text(m.filename) == "/bin/demo")
+            .unwrap();
+        assert!(!demo.has_functions);
+        let kernel = decoded
+            .mapping
+            .iter()
+            .find(|m| text(m.filename) == "[kernel]")
+            .unwrap();
+        assert_eq!((kernel.memory_limit, kernel.build_id), (0, 0));
     }
 }

@@ -3,11 +3,17 @@
 //! a kernel.
 
 /// One frame after symbolization. Unresolved frames keep their module and offset in `function`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Frame {
     pub function: String,
     /// Path of the ELF file, `[kernel]`, or `None` when even the mapping is unknown.
     pub module: Option<String>,
+    /// The module's GNU build-id, in hex: which build of the file at that path (two containers'
+    /// `libc.so.6` are different files), and the key debug files are found by.
+    pub build_id: Option<String>,
+    /// An unresolved frame's ELF virtual address in its module: what a symbolizer given the
+    /// module or its debug file looks up later (`go tool pprof` with `PPROF_BINARY_PATH`).
+    pub address: Option<u64>,
     pub file: Option<String>,
     pub line: Option<u32>,
     pub kernel: bool,
@@ -24,11 +30,9 @@ impl Frame {
         Self {
             function,
             module: kernel.then(|| "[kernel]".to_owned()),
-            file: None,
-            line: None,
             kernel,
             resolved: true,
-            inlined: false,
+            ..Self::default()
         }
     }
 }
@@ -124,11 +128,9 @@ pub(crate) mod fixtures {
             } else {
                 "/bin/demo".into()
             }),
-            file: None,
-            line: None,
             kernel,
             resolved,
-            inlined: false,
+            ..Frame::default()
         }
     }
 

@@ -50,6 +50,8 @@ const BATCH: usize = 4096;
 pub struct Merger {
     strings: Strings,
     sample_types: Vec<(String, String)>,
+    /// The merged totals per sample type, to refuse a profile that would overflow them.
+    totals: Vec<i128>,
     /// Everything but the samples, which go to `gz` as they come.
     out: Profile,
     functions: foldhash::HashMap<(i64, i64, i64, i64), u64>,
@@ -66,6 +68,7 @@ impl Default for Merger {
         Self {
             strings: Strings::default(),
             sample_types: Vec::new(),
+            totals: Vec::new(),
             out: Profile::default(),
             functions: foldhash::HashMap::default(),
             mappings: foldhash::HashMap::default(),
@@ -80,6 +83,11 @@ impl Default for Merger {
             skipped: Vec::new(),
         }
     }
+}
+
+/// The index in a table of the entry with pprof id `id` (ids count from 1).
+fn index(id: u64) -> usize {
+    usize::try_from(id.wrapping_sub(1)).unwrap_or(usize::MAX)
 }
 
 fn string(p: &Profile, i: i64) -> &str {
@@ -99,6 +107,51 @@ impl Merger {
 
     fn add(&mut self, p: &Profile, target: &str, run: &str) -> Result<(), String> {
         let types = Self::types(p);
+        // Checked before anything is taken from the profile: a sample whose values do not
+        // match the types cannot be summed (go tool pprof refuses such profiles too), and a
+        // profile without types would leave the merge without any.
+        if types.is_empty() {
+            return Err("it declares no sample types".into());
+        }
+        if let Some((i, s)) = p
+            .sample
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.value.len() != types.len())
+        {
+            return Err(format!(
+                "its sample {i} has {} values for {} sample types",
+                s.value.len(),
+                types.len()
+            ));
+        }
+        if !self.sample_types.is_empty() && types != self.sample_types {
+            return Err(format!(
+                "its sample types {types:?} differ from the first profile's {:?}",
+                self.sample_types
+            ));
+        }
+        // Captures count, they never subtract: with every value non-negative, no merged sample
+        // can exceed the merged total, and a total that would not fit leaves the profile out
+        // instead of saturating (the totals must stay the inputs' sums).
+        let mut sums = vec![0i128; types.len()];
+        for s in &p.sample {
+            for (acc, &v) in sums.iter_mut().zip(&s.value) {
+                if v < 0 {
+                    return Err(format!("it has a negative sample value ({v})"));
+                }
+                *acc += i128::from(v);
+            }
+        }
+        let totals: Vec<i128> = sums
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + self.totals.get(i).copied().unwrap_or(0))
+            .collect();
+        if totals.iter().any(|&t| t > i128::from(i64::MAX)) {
+            return Err("its values would overflow the merged totals".into());
+        }
+        self.totals = totals;
         if self.sample_types.is_empty() {
             self.sample_types.clone_from(&types);
             self.out.sample_type = types
@@ -117,11 +170,6 @@ impl Merger {
             }
             self.out.default_sample_type = self.strings.get(string(p, p.default_sample_type));
             self.out.time_nanos = p.time_nanos;
-        } else if types != self.sample_types {
-            return Err(format!(
-                "its sample types {types:?} differ from the first profile's {:?}",
-                self.sample_types
-            ));
         }
         if p.time_nanos > 0 && (self.out.time_nanos == 0 || p.time_nanos < self.out.time_nanos) {
             self.out.time_nanos = p.time_nanos;
@@ -230,7 +278,8 @@ impl Merger {
                 });
             }
             for (acc, v) in samples[i].value.iter_mut().zip(&s.value) {
-                *acc = acc.saturating_add(*v);
+                // Cannot overflow: checked against the merged totals above.
+                *acc += *v;
             }
         }
         samples
@@ -274,6 +323,13 @@ impl Merger {
                 build_id: key.4,
                 ..*m
             });
+        } else if let Some(kept) = self.out.mapping.get_mut(index(id)) {
+            // Complete only if complete in every profile: a mapping with unsymbolized
+            // locations anywhere says so, or pprof would not symbolize them later.
+            kept.has_functions &= m.has_functions;
+            kept.has_filenames &= m.has_filenames;
+            kept.has_line_numbers &= m.has_line_numbers;
+            kept.has_inline_frames &= m.has_inline_frames;
         }
         id
     }
@@ -370,6 +426,61 @@ mod tests {
     use super::*;
     use crate::capture::fixtures;
 
+    /// Profiles whose values cannot be summed into the merge are left out with the reason;
+    /// the others' totals stay exact (the fuzzer found a profile without sample types that
+    /// reset the merge's types and lost its values).
+    #[test]
+    fn profiles_that_cannot_be_summed_are_left_out_and_totals_stay_exact() {
+        let profile = |types: usize, values: &[&[i64]]| {
+            let mut p = Profile {
+                string_table: vec![String::new(), "samples".into(), "count".into()],
+                ..Profile::default()
+            };
+            p.sample_type = (0..types)
+                .map(|_| ValueType { r#type: 1, unit: 2 })
+                .collect();
+            p.sample = values
+                .iter()
+                .map(|v| Sample {
+                    value: v.to_vec(),
+                    ..Sample::default()
+                })
+                .collect();
+            p.encode_to_vec()
+        };
+        let cases = [
+            ("no types", profile(0, &[&[220]])),
+            ("good", profile(1, &[&[5], &[7]])),
+            ("short", profile(1, &[&[1, 2]])),
+            ("negative", profile(1, &[&[-3]])),
+            ("huge", profile(1, &[&[i64::MAX]])),
+            ("also good", profile(1, &[&[30]])),
+        ];
+        let inputs: Vec<Input<'_>> = cases
+            .iter()
+            .map(|(name, data)| Input {
+                data,
+                target: name,
+                run: "r",
+            })
+            .collect();
+        let merged = merge(&inputs);
+        let skipped: Vec<&str> = merged
+            .skipped
+            .iter()
+            .map(|s| s.split(" (").next().unwrap())
+            .collect();
+        assert_eq!(
+            skipped,
+            ["no types", "short", "negative", "huge"],
+            "{merged:?}"
+        );
+        assert_eq!(
+            totals(&decode(&encode_gzip(&merged.profile)).unwrap()),
+            [42]
+        );
+    }
+
     #[test]
     fn merge_preserves_totals_and_labels_targets() {
         let a = fixtures::capture("cpu");
@@ -430,5 +541,34 @@ mod tests {
                 assert!(p.location.iter().any(|l| l.id == *id));
             }
         }
+    }
+
+    #[test]
+    fn a_mapping_unsymbolized_in_any_profile_stays_so_in_the_merge() {
+        let a = fixtures::capture("cpu");
+        let complete = decode(&a.pprof["cpu.pb.gz"]).unwrap();
+        let mut partial = complete.clone();
+        for m in &mut partial.mapping {
+            m.has_functions = false;
+        }
+        let (ca, cb) = (encode_gzip(&complete), encode_gzip(&partial));
+        let inputs = [
+            Input {
+                data: &ca,
+                target: "web-0/app",
+                run: "r1",
+            },
+            Input {
+                data: &cb,
+                target: "web-1/app",
+                run: "r1",
+            },
+        ];
+        let merged = merge(&inputs).profile;
+        assert_eq!(merged.mapping.len(), complete.mapping.len());
+        assert!(
+            merged.mapping.iter().all(|m| !m.has_functions),
+            "{merged:?}"
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! A demo workload with a known CPU profile, for TOE's README run, tests and benchmarks.
 //!
-//! `toe-demo spin [SECONDS]`: one thread repeats a 10 ms cycle that spends 70% of its CPU time in
-//! `hot_loop`, 25% in `warm_loop` and 5% in `cold_loop`, split by the thread's own CPU clock, so the
-//! shares hold whatever the machine's speed or load.
+//! `toe-demo spin [SECONDS]`: one thread repeats a cycle that spends 70% of its CPU time in
+//! `hot_loop`, 25% in `warm_loop` and 5% in `cold_loop`, split by counts of the same unit of
+//! work, so the shares hold whatever the machine's speed or load.
+//! `toe-demo spincpu CPU_SECONDS`: the same cycle until the process has used CPU_SECONDS of CPU
+//! time: a fixed number of samples at a given frequency, however busy the machine is.
 //! `toe-demo fork [SECONDS]`: starts a child that runs `spin` too (for "children are followed").
 //! `toe-demo work N [wait]`: a fixed amount of work (N units of `mix`), then prints how long it
 //! took; with `wait`, starts after a line on stdin. The benchmark's workload.
@@ -41,16 +43,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 /// Busy arithmetic that the optimizer cannot remove, in rounds of a fixed size.
 #[inline(never)]
 pub(crate) fn mix(mut x: u64, rounds: u32) -> u64 {
@@ -63,12 +55,14 @@ pub(crate) fn mix(mut x: u64, rounds: u32) -> u64 {
     x
 }
 
-/// Burns `budget_ns` of this thread's CPU time (attributed to whichever loop calls it).
+/// Burns `rounds` fixed-size rounds of arithmetic (attributed to whichever loop calls it). A
+/// count, not a CPU-time budget: each round costs the same wherever it runs, so the loops'
+/// shares are their rounds' shares however coarse the kernel's thread CPU clock is (on some
+/// virtual machines it moves in whole ticks, which made a 0.5 ms budget cost a full 1 ms tick).
 #[inline(never)]
-fn burn(budget_ns: u64, seed: u64) -> u64 {
-    let end = thread_cpu_ns() + budget_ns;
+fn burn(rounds: u64, seed: u64) -> u64 {
     let mut x = seed;
-    while thread_cpu_ns() < end {
+    for _ in 0..rounds {
         x = mix(x, 2_000);
     }
     x
@@ -76,23 +70,47 @@ fn burn(budget_ns: u64, seed: u64) -> u64 {
 
 #[inline(never)]
 fn hot_loop(seed: u64) -> u64 {
-    black_box(burn(7_000_000, seed))
+    black_box(burn(700, seed))
 }
 
 #[inline(never)]
 fn warm_loop(seed: u64) -> u64 {
-    black_box(burn(2_500_000, seed))
+    black_box(burn(250, seed))
 }
 
 #[inline(never)]
 fn cold_loop(seed: u64) -> u64 {
-    black_box(burn(500_000, seed))
+    black_box(burn(50, seed))
 }
 
 fn spin(secs: f64) {
     let end = Instant::now() + Duration::from_secs_f64(secs);
+    spin_while(|| Instant::now() < end);
+}
+
+/// CPU time this process has used (all threads), from `CLOCK_PROCESS_CPUTIME_ID`.
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec and the clock id is a constant the kernel knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
+fn spin_cpu(secs: f64) {
+    let budget = Duration::from_secs_f64(secs);
+    spin_while(|| process_cpu_time() < budget);
+}
+
+fn spin_while(mut go_on: impl FnMut() -> bool) {
     let mut x = 1;
-    while Instant::now() < end {
+    while go_on() {
         x = hot_loop(x);
         x = warm_loop(x);
         x = cold_loop(x);
@@ -157,6 +175,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("spin") | None => spin(arg_secs(&args, 10.0)),
+        Some("spincpu") => spin_cpu(arg_secs(&args, 5.0)),
         Some("fork") => {
             let secs = arg_secs(&args, 10.0);
             let me = std::env::current_exe().expect("own path");

@@ -547,6 +547,7 @@ pub async fn execute(
     drop(watcher);
     let stopped = Instant::now();
     let sampled_for = started.elapsed();
+    let jit = symbolizer.name_generated_code();
     let title = format!(
         "{} — {}",
         plan.name.as_deref().unwrap_or(&plan.tool.name),
@@ -580,10 +581,12 @@ pub async fn execute(
         signals: finished.signals,
         failed: finished.failed,
         fault: finished.fault,
+        jit,
         warnings: plan.warnings.clone(),
         ..Summary::default()
     };
     summary.warnings.extend(finished.warnings);
+    symbolizer.describe_binaries(&mut summary);
     write_artifacts(finished.artifacts, &mut summary, sink, stopped).await?;
 
     let exit_code = match (

@@ -25,8 +25,12 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
-use super::unwind::{
-    self, FileTables, MappingTables, Miss, Outcome, ProcessUnwinder, StackCopy, UnwindCache,
+use super::{
+    debuginfo::{self, DebugFile, ElfFacts, Matched},
+    go::GoTable,
+    unwind::{
+        self, FileTables, MappingTables, Miss, Outcome, ProcessUnwinder, StackCopy, UnwindCache,
+    },
 };
 
 /// How often the watcher looks for new processes and execs.
@@ -55,6 +59,12 @@ pub struct MappedFile {
     file: File,
     /// Its unwind tables, read the first time a sample needs them.
     tables: OnceLock<Result<Arc<FileTables>, Miss>>,
+    /// Its Go function table, read the first time an address in it has no ELF symbol.
+    go: OnceLock<Option<GoTable>>,
+    /// Its build-id and segments, read when it was first kept.
+    pub elf: ElfFacts,
+    /// Its separate debug file, found inside the root of the process that mapped it.
+    pub debug: Option<DebugFile>,
 }
 
 impl MappedFile {
@@ -63,6 +73,44 @@ impl MappedFile {
             .get_or_init(|| unwind::tables_of(&self.open_path()))
             .as_deref()
             .map_err(|m| *m)
+    }
+
+    /// The Go function table of a Go binary (see [`super::go`]).
+    pub fn go_table(&self) -> Option<&GoTable> {
+        self.go
+            .get_or_init(|| GoTable::read(&self.open_path()))
+            .as_ref()
+    }
+
+    /// Where the names of this file's frames come from, or why it has none, for the summary.
+    #[must_use]
+    pub fn symbol_source(&self) -> String {
+        use object::Object as _;
+        const NO_DEBUG_FILE: &str = "and no debug file in the target's root (by build-id or \
+                                     debug link; install the -dbgsym package in the image)";
+        if let Some(d) = &self.debug {
+            let how = match d.matched {
+                Matched::BuildId => "build-id",
+                Matched::DebugLink => "debug link",
+            };
+            return format!("debug file {} (matched by {how})", d.path);
+        }
+        let cache = object::ReadCache::new(&self.file);
+        let Ok(obj) = object::File::parse(&cache) else {
+            return "not an ELF file this reader knows".to_owned();
+        };
+        let has = |name: &str| obj.section_by_name(name).is_some();
+        if has(".debug_info") {
+            "its own symbols and DWARF".to_owned()
+        } else if has(".symtab") {
+            "its own symbol table (no DWARF: no lines)".to_owned()
+        } else if self.go_table().is_some() {
+            "the Go function table (.gopclntab)".to_owned()
+        } else if has(".dynsym") {
+            format!("exported symbols only (.dynsym): stripped, {NO_DEBUG_FILE}")
+        } else {
+            format!("none: stripped, {NO_DEBUG_FILE}")
+        }
     }
 
     /// A path that opens the very file that was mapped, while this is held.
@@ -287,6 +335,16 @@ impl Images {
         }
     }
 
+    /// A file some target mapped at `path` (the first found when several files had that path).
+    #[must_use]
+    pub fn file_at(&self, path: &str) -> Option<Arc<MappedFile>> {
+        self.state()
+            .files
+            .values()
+            .find(|f| f.path == path)
+            .map(Arc::clone)
+    }
+
     /// The file and file offset `addr` had in `pid`, from the newest mappings that hold it.
     #[must_use]
     pub fn locate(&self, pid: u32, addr: u64) -> Option<(Arc<MappedFile>, u64)> {
@@ -358,7 +416,35 @@ impl Images {
             Some(Miss::NotMapped)
         };
         let outcome = unwind::unwind(snapshot.unwinder(), cache, copy, fp, max, out);
+        // Go binaries with DWARF carry it compressed, which the tables do not read.
+        if holds && let Some(m) = snapshot.find(copy.ip) {
+            go_leaf_caller(m, copy, out, max);
+        }
         Unwound { outcome, leaf_miss }
+    }
+}
+
+/// A Go leaf function without a frame of its own leaves the frame pointer to its caller's
+/// frame, so the walk goes from the leaf straight to the caller's caller. The function table
+/// says where the return address lies (`sp` plus the function's stack delta at the leaf's
+/// pc); when the walk's next frame is not it, it is put in.
+fn go_leaf_caller(m: &Mapping, copy: &StackCopy<'_>, out: &mut Vec<u64>, max: usize) {
+    let Some(go) = m.file.go_table() else {
+        return;
+    };
+    let Some(delta) = go.sp_delta(copy.ip - m.start + m.offset) else {
+        return;
+    };
+    let Some(at) = usize::try_from(delta)
+        .ok()
+        .filter(|d| d + 8 <= copy.bytes.len())
+    else {
+        return;
+    };
+    let ra = u64::from_le_bytes(copy.bytes[at..at + 8].try_into().expect("8 bytes"));
+    if out.first() == Some(&copy.ip) && out.get(1) != Some(&ra) && ra != 0 {
+        out.insert(1, ra);
+        out.truncate(max);
     }
 }
 
@@ -371,6 +457,7 @@ impl State {
         if self.files.len() >= MAX_FILES {
             return None;
         }
+        raise_open_files_limit();
         // map_files needs CAP_SYS_ADMIN (the agent has it); the root path is a fallback that
         // reaches the same file unless it was replaced since.
         let file = File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", l.start, l.end))
@@ -380,14 +467,38 @@ impl State {
                 )
             })
             .ok()?;
+        // Looked for now, while the process (and so its root) exists.
+        let elf = ElfFacts::read(&file);
+        let debug = debuginfo::find(pid, &l.path, &elf);
         let f = Arc::new(MappedFile {
             path: l.path.clone(),
             file,
             tables: OnceLock::new(),
+            go: OnceLock::new(),
+            elf,
+            debug,
         });
         self.files.insert(l.file, Arc::clone(&f));
         Some(f)
     }
+}
+
+/// Every kept file holds a descriptor, and so does its debug file: up to twice [`MAX_FILES`],
+/// more than the soft limit most services start with (1024). The soft limit is raised to the
+/// hard one, once per process, which needs no privilege. Where the hard limit is lower, a file
+/// that cannot be opened is not kept and its addresses resolve while the process lives, as
+/// without the cache.
+fn raise_open_files_limit() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+            && soft < hard
+            && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        {
+            tracing::debug!("raising the open files limit from {soft} to {hard}: {e}");
+        }
+    });
 }
 
 /// Looks at a run's target processes every [`WATCH_EVERY`] until dropped.

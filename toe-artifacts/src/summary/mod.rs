@@ -96,6 +96,83 @@ pub struct FrameAccounting {
     pub total: u64,
     pub unresolved: u64,
     pub unresolved_share: f64,
+    /// The same per user-space binary, those with the most unsymbolized frames first
+    /// ([`MAX_BINARIES`] at most).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binaries: Vec<BinaryFrames>,
+}
+
+/// Binaries listed per profile in [`FrameAccounting::binaries`].
+pub const MAX_BINARIES: usize = 12;
+
+/// One binary's frames in a profile, and where its names came from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct BinaryFrames {
+    /// Its path as the process saw it; `[unknown]` for code in no file.
+    pub module: String,
+    pub frames: u64,
+    pub unresolved: u64,
+    pub unresolved_share: f64,
+    /// Where its symbols came from, or why there were none (filled in by the agent, which
+    /// has the file).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub symbols: String,
+}
+
+impl Summary {
+    /// Every per-binary frame list of the summary's profiles.
+    pub fn binary_frames_mut(&mut self) -> impl Iterator<Item = &mut BinaryFrames> {
+        let cpu = self.cpu.as_mut().map(|c| &mut c.breakdown);
+        let offcpu = self.offcpu.as_mut().map(|o| &mut o.breakdown);
+        let (inuse, growth) = match self.memory.as_mut() {
+            Some(m) => (m.inuse.as_mut(), m.growth.as_mut()),
+            None => (None, None),
+        };
+        [cpu, offcpu, inuse, growth]
+            .into_iter()
+            .flatten()
+            .flat_map(|b| b.frames.binaries.iter_mut())
+    }
+}
+
+/// Per user-space binary: (frames, unresolved), weighted by the default sample type.
+fn binary_frames(profile: &Profile) -> Vec<BinaryFrames> {
+    let mut per: HashMap<&str, (u64, u64)> = HashMap::new();
+    for s in &profile.stacks {
+        let v = s.values.get(profile.default_type).copied().unwrap_or(0);
+        if v == 0 {
+            continue;
+        }
+        for &f in &s.frames {
+            let frame = &profile.frames[f as usize];
+            if frame.kernel {
+                continue;
+            }
+            let e = per
+                .entry(frame.module.as_deref().unwrap_or("[unknown]"))
+                .or_default();
+            e.0 += v;
+            if !frame.resolved {
+                e.1 += v;
+            }
+        }
+    }
+    let mut out: Vec<BinaryFrames> = per
+        .into_iter()
+        .map(|(module, (frames, unresolved))| BinaryFrames {
+            module: module.to_owned(),
+            frames,
+            unresolved,
+            unresolved_share: share(unresolved, frames),
+            symbols: String::new(),
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (b.unresolved, b.frames, &a.module).cmp(&(a.unresolved, a.frames, &b.module))
+    });
+    out.truncate(MAX_BINARIES);
+    out
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -174,7 +251,29 @@ pub struct Summary {
     pub artifacts: Vec<(String, String)>,
     /// Milliseconds from the end of sampling until the artifacts were written.
     pub finalize_ms: u64,
+    /// Target processes with frames in code no file holds (JIT output), and how it was named.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jit: Vec<JitCode>,
     pub warnings: Vec<String>,
+}
+
+/// One process's frames in generated code (outside any mapped file): how many distinct
+/// addresses its stacks held there, how many a perf map named, and where the names came from
+/// or how to get them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct JitCode {
+    pub pid: u32,
+    pub process: String,
+    /// `JVM`, `Node.js`, `Python` or `unknown runtime`.
+    pub runtime: String,
+    pub addresses: u64,
+    pub named: u64,
+    /// Where the names came from, or why there were none.
+    pub source: String,
+    /// How to get a perf map when addresses stayed unnamed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
 }
 
 impl Summary {
@@ -251,6 +350,7 @@ pub fn analyse(profile: &Profile) -> Breakdown {
             total: frames,
             unresolved,
             unresolved_share: share(unresolved, frames),
+            binaries: binary_frames(profile),
         },
         processes: procs,
         top_self: top(self_time, total, 10),
@@ -272,6 +372,20 @@ pub(crate) fn render_breakdown(
         b.frames.unresolved,
         b.frames.total
     );
+    for bin in b.frames.binaries.iter().filter(|b| b.unresolved > 0) {
+        let why = if bin.symbols.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", bin.symbols)
+        };
+        let _ = writeln!(
+            o,
+            "    {}: {:.1}% of its {} frames{why}",
+            bin.module,
+            bin.unresolved_share * 100.0,
+            bin.frames,
+        );
+    }
     if b.processes.len() > 1 {
         let list: Vec<String> = b
             .processes
@@ -327,6 +441,17 @@ pub fn render(s: &Summary) -> String {
     }
     if let Some(f) = &s.failed {
         let _ = writeln!(o, "  FAILED: {f}");
+    }
+    for j in &s.jit {
+        let hint = j
+            .hint
+            .as_ref()
+            .map_or_else(String::new, |h| format!("; {h}"));
+        let _ = writeln!(
+            o,
+            "  generated code of {} ({}, {}): {} of {} addresses named; {}{hint}",
+            j.process, j.pid, j.runtime, j.named, j.addresses, j.source
+        );
     }
     for w in &s.warnings {
         let _ = writeln!(o, "  warning: {w}");
@@ -425,14 +550,32 @@ mod tests {
             }]
         );
         assert_eq!(b.frames.unresolved, 20);
-        let s = Summary {
+        // Per binary, user frames only: the kernel's ksys_write is not a binary's.
+        assert_eq!(
+            b.frames.binaries,
+            vec![BinaryFrames {
+                module: "/bin/demo".into(),
+                frames: 220,
+                unresolved: 20,
+                unresolved_share: share(20, 220),
+                symbols: String::new(),
+            }]
+        );
+        let mut s = Summary {
             cpu: Some(CpuSummary {
                 breakdown: b,
                 ..CpuSummary::default()
             }),
             ..Summary::default()
         };
+        for bin in s.binary_frames_mut() {
+            bin.symbols = "none: stripped".into();
+        }
         let text = render(&s);
         assert!(text.contains("70.0%          70  hot"), "{text}");
+        assert!(
+            text.contains("/bin/demo: 9.1% of its 220 frames: none: stripped"),
+            "{text}"
+        );
     }
 }

@@ -68,47 +68,20 @@ pub fn check_path(path: &str) -> Result<(), FaultError> {
 /// Opens directory `path` as process `pid` sees it, never resolving outside its root.
 pub fn open_dir(pid: u32, path: &str) -> Result<OwnedFd, FaultError> {
     check_path(path)?;
-    let root = CString::new(format!("/proc/{pid}/root")).expect("no NUL");
-    // SAFETY: a NUL-terminated path; the returned fd is owned below.
-    let rfd = unsafe {
-        libc::open(
-            root.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if rfd < 0 {
-        return Err(FaultError::Io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: rfd is a fresh descriptor we own.
-    let root = unsafe { OwnedFd::from_raw_fd(rfd) };
-    let rel = CString::new(path.trim_start_matches('/')).expect("checked for NUL");
-    let rel = if rel.as_bytes().is_empty() {
-        CString::new(".").expect("no NUL")
-    } else {
-        rel
-    };
-    // SAFETY: open_how is plain integers; all-zero is its documented default.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: valid dirfd, NUL-terminated path, open_how of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            rel.as_ptr(),
-            &raw const how,
-            size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(FaultError::Refused(format!(
+    let root_dir = crate::targets::open_in_root(
+        pid,
+        path,
+        nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    );
+    root_dir.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound && !crate::targets::running(pid) {
+            return FaultError::Io(e);
+        }
+        FaultError::Refused(format!(
             "--path {path}: cannot open it as a directory inside the target ({e})"
-        )));
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap_or(-1)) })
+        ))
+    })
 }
 
 /// Creates `name` in `dir` (refusing an existing file or a symlink) and gives it `bytes` of

@@ -353,10 +353,15 @@ fn marks(records: &[Record], lanes: &[(u32, String)], span: f64) -> Marks {
             reason = "clamped to the plot"
         )]
         let col = ((r.t_ms / span).clamp(0.0, 1.0) * COLUMNS) as u32;
-        let m = out.entry((lane, col, class)).or_insert((0, label, colour));
+        let first = out.entry((lane, col, class));
+        let fresh = matches!(first, std::collections::btree_map::Entry::Vacant(_));
+        let m = first.or_insert((0, label.clone(), colour));
         m.0 += 1;
-        // A SIGKILL among merged signals gives the mark its colour.
-        if colour == "#d62728" {
+        // A SIGKILL among merged signals gives the mark its colour and its label: on a long
+        // run a SIGTERM and the SIGKILL after its grace period share a pixel column, and the
+        // kill is what ended the process.
+        if colour == "#d62728" && !fresh && m.2 != colour {
+            m.1 = label;
             m.2 = colour;
         }
     }
@@ -587,6 +592,18 @@ mod tests {
         let e = &endings(&recs)[0];
         assert_eq!(e.how, "dumped core");
         assert_eq!(e.signal.as_deref(), Some("SIGSEGV"));
+    }
+
+    #[test]
+    fn a_sigkill_merged_with_earlier_signals_names_the_mark() {
+        // A 60 s run: the SIGTERM and the SIGKILL 300 ms later share a pixel column.
+        let recs = [
+            rec(30_000.0, 3, signal(15, "bystander", "delivered")),
+            rec(30_300.0, 3, signal(9, "bystander", "delivered")),
+        ];
+        let svg = timeline_svg(&recs, 60_000.0, "t");
+        assert!(svg.contains("SIGKILL from bystander"), "{svg}");
+        assert!(svg.contains("#d62728"), "{svg}");
     }
 
     #[test]
