@@ -876,8 +876,9 @@ fn node_jit_frames_are_named_from_its_perf_map_or_the_summary_says_how() {
 
 /// A Go binary built with `-ldflags "-s -w"` (no ELF symbols, as Go binaries ship) is named
 /// from its `.gopclntab`: at least 95% of its frames are symbolized, its hot stack has the
-/// same names as the build with symbols, and the pprof carries Go's file and line. The hot
-/// leaf's caller is in its stacks although the leaf sets no frame pointer.
+/// same names as the build with symbols (inlined functions included), and the pprof carries
+/// Go's file and line. The hot leaf's caller is in its stacks although the leaf sets no frame
+/// pointer.
 #[test]
 fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
     let test = "a_stripped_go_binary_is_symbolized_from_its_function_table";
@@ -922,9 +923,19 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
     }
     assert_eq!(hottest[0], hottest[1], "stripped vs. with symbols");
     // hotLoop keeps no frame of its own: its caller comes from the function table's stack
-    // deltas, not the frame-pointer walk.
+    // deltas, not the frame-pointer walk. mix was inlined into it (the build with symbols has
+    // no function of that name), and its frame comes from the function table's inline tree.
+    let nm = Command::new("nm")
+        .arg(workload("go-hot"))
+        .output()
+        .expect("run nm");
+    let symbols = String::from_utf8_lossy(&nm.stdout);
     assert!(
-        hottest[0].contains("main.main;main.work;main.hotLoop"),
+        symbols.contains("main.hotLoop") && !symbols.contains("main.mix"),
+        "main.mix was not inlined: {symbols:.2000}"
+    );
+    assert!(
+        hottest[0].ends_with("main.main;main.work;main.hotLoop;main.mix"),
         "{}",
         hottest[0]
     );

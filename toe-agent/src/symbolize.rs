@@ -294,16 +294,27 @@ fn chain_from(
     Some(out.into_boxed_slice())
 }
 
-/// Frames for `offset` in `file` from its Go function table: a Go binary without ELF symbols.
+/// Frames for `offset` in `file` from its Go function table (a Go binary without ELF
+/// symbols): the function, then the functions inlined into it, innermost last.
 fn go_chain(frames: &mut Interner, file: &MappedFile, offset: u64) -> Option<Chain> {
-    let f = file.go_table()?.lookup(offset)?;
-    Some(Box::new([frames.id(Frame {
-        function: f.function,
-        file: f.file,
-        line: f.line,
-        resolved: true,
-        ..frame_in(Origin::file(file))
-    })]))
+    let origin = Origin::file(file);
+    let chain = file.go_table()?.lookup(offset)?;
+    Some(
+        chain
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                frames.id(Frame {
+                    function: f.function,
+                    file: f.file,
+                    line: f.line,
+                    resolved: true,
+                    inlined: i > 0,
+                    ..frame_in(origin.clone())
+                })
+            })
+            .collect(),
+    )
 }
 
 /// A user frame's fields from where it lies.
