@@ -58,9 +58,16 @@ impl DebugFile {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ElfFacts {
     pub build_id: Option<Vec<u8>>,
+    /// The same in hex, as frames carry it.
+    build_id_hex: Option<String>,
     link: Option<(String, u32)>,
+    /// It is an ELF file this reader knows.
+    pub elf: bool,
     /// It carries its own DWARF, so it needs no debug file.
-    own_dwarf: bool,
+    pub own_dwarf: bool,
+    /// It has a full symbol table, or the exported symbols only.
+    pub symtab: bool,
+    pub dynsym: bool,
     /// Loadable segments: (file offset, virtual address, file size).
     loads: Vec<(u64, u64, u64)>,
 }
@@ -73,19 +80,25 @@ impl ElfFacts {
         let Ok(obj) = object::File::parse(&cache) else {
             return Self::default();
         };
+        let build_id = obj
+            .build_id()
+            .ok()
+            .flatten()
+            .filter(|b| b.len() >= 2)
+            .map(<[u8]>::to_vec);
+        let has = |name: &str| obj.section_by_name(name).is_some();
         Self {
-            build_id: obj
-                .build_id()
-                .ok()
-                .flatten()
-                .filter(|b| b.len() >= 2)
-                .map(<[u8]>::to_vec),
+            build_id_hex: build_id.as_deref().map(hex),
+            build_id,
             link: obj
                 .gnu_debuglink()
                 .ok()
                 .flatten()
                 .and_then(|(name, crc)| Some((link_name(name)?, crc))),
-            own_dwarf: obj.section_by_name(".debug_info").is_some(),
+            elf: true,
+            own_dwarf: has(".debug_info"),
+            symtab: has(".symtab"),
+            dynsym: has(".dynsym"),
             loads: obj
                 .segments()
                 .map(|s| {
@@ -109,7 +122,7 @@ impl ElfFacts {
     /// The build-id in lower-case hex, as `readelf -n` and pprof write it.
     #[must_use]
     pub fn build_id_hex(&self) -> Option<String> {
-        Some(hex(self.build_id.as_deref()?))
+        self.build_id_hex.clone()
     }
 }
 
@@ -272,20 +285,22 @@ mod tests {
     #[test]
     fn file_offsets_become_the_binarys_virtual_addresses() {
         let f = ElfFacts {
-            build_id: Some(vec![0x0a, 0xbc]),
             loads: vec![(0, 0, 0x1000), (0x1000, 0x40_1000, 0x2000)],
             ..ElfFacts::default()
         };
         assert_eq!(f.virtual_address(0x1500), Some(0x40_1500));
         assert_eq!(f.virtual_address(0x10), Some(0x10));
         assert_eq!(f.virtual_address(0x3000), None);
-        assert_eq!(f.build_id_hex().as_deref(), Some("0abc"));
+        assert_eq!(hex(&[0x0a, 0xbc]), "0abc");
     }
 
     #[test]
     fn the_agents_own_binary_has_its_facts_read() {
         let f = ElfFacts::read(&File::open("/proc/self/exe").unwrap());
         assert!(!f.loads.is_empty(), "{f:?}");
+        // A test binary keeps its symbols.
+        assert!(f.elf && f.symtab && f.dynsym, "{f:?}");
+        assert_eq!(f.build_id_hex(), f.build_id.as_deref().map(hex));
         let not_elf = ElfFacts::read(&File::open("/proc/self/status").unwrap());
         assert_eq!(not_elf, ElfFacts::default());
     }

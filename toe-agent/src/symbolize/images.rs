@@ -85,7 +85,6 @@ impl MappedFile {
     /// Where the names of this file's frames come from, or why it has none, for the summary.
     #[must_use]
     pub fn symbol_source(&self) -> String {
-        use object::Object as _;
         const NO_DEBUG_FILE: &str = "and no debug file in the target's root (by build-id or \
                                      debug link; install the -dbgsym package in the image)";
         if let Some(d) = &self.debug {
@@ -95,18 +94,16 @@ impl MappedFile {
             };
             return format!("debug file {} (matched by {how})", d.path);
         }
-        let cache = object::ReadCache::new(&self.file);
-        let Ok(obj) = object::File::parse(&cache) else {
-            return "not an ELF file this reader knows".to_owned();
-        };
-        let has = |name: &str| obj.section_by_name(name).is_some();
-        if has(".debug_info") {
+        let elf = &self.elf;
+        if !elf.elf {
+            "not an ELF file this reader knows".to_owned()
+        } else if elf.own_dwarf {
             "its own symbols and DWARF".to_owned()
-        } else if has(".symtab") {
+        } else if elf.symtab {
             "its own symbol table (no DWARF: no lines)".to_owned()
         } else if self.go_table().is_some() {
             "the Go function table (.gopclntab)".to_owned()
-        } else if has(".dynsym") {
+        } else if elf.dynsym {
             format!("exported symbols only (.dynsym): stripped, {NO_DEBUG_FILE}")
         } else {
             format!("none: stripped, {NO_DEBUG_FILE}")
