@@ -580,10 +580,18 @@ fn a_library_dlopened_mid_run_is_unwound() {
 
 /// Profiles `cmd` for 3 s once it has burnt `warm` seconds of CPU (a runtime compiles its hot
 /// code first) and returns the folded stacks and the summary's account of generated code.
+/// A CPU profile (with `args`) of the runtime `cmd` starts, once it has burnt `warm` CPU
+/// seconds: its folded stacks, its generated-code accounting, and whether a perf map of the
+/// process existed at the end.
 fn profile_runtime(
     mut cmd: Command,
     warm: f64,
-) -> (Vec<(String, u64)>, Vec<toe_artifacts::summary::JitCode>) {
+    args: &[&str],
+) -> (
+    Vec<(String, u64)>,
+    Vec<toe_artifacts::summary::JitCode>,
+    bool,
+) {
     struct Gone(String);
     impl Drop for Gone {
         fn drop(&mut self) {
@@ -599,7 +607,7 @@ fn profile_runtime(
             .expect("start the runtime"),
     );
     // The perf map the runtime wrote (under its own pid: no pid namespace here) goes too.
-    let _map = Gone(format!("/tmp/perf-{}.map", target.pid()));
+    let map = Gone(format!("/tmp/perf-{}.map", target.pid()));
     // Bounded: a runtime that burns no CPU in 30 s fails below with its (empty) profile.
     for _ in 0..300 {
         if cpu_seconds(target.pid()) >= warm {
@@ -607,11 +615,10 @@ fn profile_runtime(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (outcome, sink) = profile(
-        &cpu_spec("3s", &["--frequency=199"]),
-        TargetSpec::Pid(target.pid()),
-    );
-    (folded(&sink), outcome.summary.jit)
+    let args: Vec<&str> = ["--frequency=199"].iter().chain(args).copied().collect();
+    let (outcome, sink) = profile(&cpu_spec("3s", &args), TargetSpec::Pid(target.pid()));
+    let written = std::path::Path::new(&map.0).exists();
+    (folded(&sink), outcome.summary.jit, written)
 }
 
 /// Whether a JIT runtime's test runs here: as root, and not in the kernel VMs, where a JIT
@@ -810,7 +817,9 @@ fn a_stripped_binary_is_symbolized_from_its_debug_file_inside_the_container() {
 
 /// A JVM started without any flag has no perf map; TOE asks it for one at the end of the run
 /// (`Compiler.perfmap` through its attach mechanism, as `jcmd` does), so the hot loop's
-/// samples are named after the Java method instead of `[unknown]` addresses.
+/// samples are named after the Java method instead of `[unknown]` addresses. With
+/// `--jit-names=read` (what an admin can pin) the JVM is not asked: no map is written, and the
+/// summary says why the code is unnamed and how to get names.
 #[test]
 fn a_running_jvm_gets_its_jit_frames_named_without_a_restart() {
     if !runtime_test_runs("a_running_jvm_gets_its_jit_frames_named_without_a_restart") {
@@ -818,9 +827,30 @@ fn a_running_jvm_gets_its_jit_frames_named_without_a_restart() {
     }
     let _turn = cpu_turn();
     let source = workload_source("Hot.java");
-    let mut cmd = Command::new("java");
-    cmd.arg(&source).arg("30");
-    let (lines, jit) = profile_runtime(cmd, 2.0);
+    let java = || {
+        let mut cmd = Command::new("java");
+        cmd.arg(&source).arg("30");
+        cmd
+    };
+    let (lines, jit, written) = profile_runtime(java(), 2.0, &["--jit-names=read"]);
+    let unasked = jit
+        .iter()
+        .find(|j| j.runtime == "JVM")
+        .expect("the JVM's generated code is accounted");
+    eprintln!("java, --jit-names=read: {unasked:?}");
+    assert!(!written, "a perf map was written: {unasked:?}");
+    assert_eq!(share_in(&lines, "Hot.spin").0, 0, "{lines:?}");
+    assert!(unasked.source.contains("--jit-names=read"), "{unasked:?}");
+    assert_eq!(unasked.named, 0, "{unasked:?}");
+    assert!(
+        unasked
+            .hint
+            .as_deref()
+            .is_some_and(|h| h.contains("Compiler.perfmap")),
+        "{unasked:?}"
+    );
+    let (lines, jit, written) = profile_runtime(java(), 2.0, &[]);
+    assert!(written, "the JVM wrote no perf map");
     let (hot, all) = share_in(&lines, "Hot.spin");
     assert!(all >= 100, "only {all} samples: {lines:?}");
     assert!(
@@ -848,7 +878,7 @@ fn node_jit_frames_are_named_from_its_perf_map_or_the_summary_says_how() {
     let script = "function hotLoop(n) { let a = 0; for (let i = 0; i < n; i++) { a = (a * 31 + (i ^ (a >>> 7))) | 0; } return a; }\nconst end = Date.now() + 30000; let s = 0;\nwhile (Date.now() < end) { s += hotLoop(1e7); }\nconsole.log(s);\n";
     let mut cmd = Command::new("node");
     cmd.args(["--perf-basic-prof", "-e", script]);
-    let (lines, jit) = profile_runtime(cmd, 1.0);
+    let (lines, jit, _) = profile_runtime(cmd, 1.0, &[]);
     let (hot, all) = share_in(&lines, "hotLoop");
     assert!(all >= 100, "only {all} samples: {lines:?}");
     assert!(
@@ -859,7 +889,7 @@ fn node_jit_frames_are_named_from_its_perf_map_or_the_summary_says_how() {
     eprintln!("node --perf-basic-prof: {hot} of {all} samples in hotLoop");
     let mut cmd = Command::new("node");
     cmd.args(["-e", script]);
-    let (lines, jit) = profile_runtime(cmd, 1.0);
+    let (lines, jit, _) = profile_runtime(cmd, 1.0, &[]);
     assert_eq!(share_in(&lines, "hotLoop").0, 0, "{lines:?}");
     let node = jit
         .iter()

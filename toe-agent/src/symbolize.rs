@@ -30,7 +30,7 @@ use toe_artifacts::{
     profile::{Frame, FrameId, Stack},
     summary::JitCode,
 };
-use toe_common::comm_to_string;
+use toe_common::{api::JitNames, comm_to_string};
 
 use self::images::{Images, MappedFile, image_of};
 
@@ -157,6 +157,8 @@ pub struct Symbolizer {
     generated: HashMap<u32, HashSet<u64>>,
     /// Each live process's perf map, as last read.
     perf_maps: HashMap<u32, jit::PerfMap>,
+    /// Whether perf maps are read, and a JVM asked for one.
+    jit_names: JitNames,
 }
 
 impl Default for Symbolizer {
@@ -185,7 +187,13 @@ impl Symbolizer {
             images: Arc::default(),
             generated: HashMap::new(),
             perf_maps: HashMap::new(),
+            jit_names: JitNames::default(),
         }
+    }
+
+    /// How generated code is named (`--jit-names`; the most restrictive of the run's tools).
+    pub fn set_jit_names(&mut self, how: JitNames) {
+        self.jit_names = how;
     }
 
     /// The mappings kept for this symbolizer; a [`images::Watcher`] fills them as processes
@@ -454,9 +462,12 @@ impl Symbolizer {
     /// and wait for [`Self::name_generated_code`].
     fn name_from_perf_map(&mut self, pid: u32, addrs: &[u64], now: bool) {
         let map = self.perf_maps.entry(pid).or_default();
-        map.refresh(pid, now);
+        let read = self.jit_names != JitNames::Off;
+        if read {
+            map.refresh(pid, now);
+        }
         for &addr in addrs {
-            let chain = if let Some(name) = map.lookup(addr) {
+            let chain = if let Some(name) = map.lookup(addr).filter(|_| read) {
                 Box::new([self.frames.id(Frame {
                     function: name.to_string(),
                     resolved: true,
@@ -670,7 +681,8 @@ impl Symbolizer {
                 continue;
             }
             let runtime = jit::Runtime::detect(pid);
-            let asked = (runtime == jit::Runtime::Jvm).then(|| jit::request_jvm_perf_map(pid));
+            let asked = (runtime == jit::Runtime::Jvm && self.jit_names == JitNames::Ask)
+                .then(|| jit::request_jvm_perf_map(pid));
             let addrs: Vec<u64> = addrs.into_iter().collect();
             self.name_from_perf_map(pid, &addrs, true);
             let unnamed = self.generated.remove(&pid).map_or(0, |s| s.len() as u64);
@@ -687,7 +699,13 @@ impl Symbolizer {
                 }
                 (Some(Err(why)), false) => format!("no perf map: asking the JVM failed: {why}"),
                 (None, true) => "the process's perf map".into(),
-                (None, false) => "no perf map".into(),
+                (None, false) => match (self.jit_names, runtime) {
+                    (JitNames::Off, _) => "not named: --jit-names=off reads no perf map".into(),
+                    (JitNames::Read, jit::Runtime::Jvm) => {
+                        "no perf map (the JVM was not asked for one: --jit-names=read)".into()
+                    }
+                    _ => "no perf map".into(),
+                },
             };
             if let Some(why) = map_error {
                 source = format!("{source} ({why})");
@@ -700,7 +718,8 @@ impl Symbolizer {
                 named: addresses - unnamed,
                 // With a map, what it does not name is code the runtime did not list (or an
                 // address a broken frame-pointer walk produced): no flag would change that.
-                hint: (unnamed > 0 && !has_map).then(|| runtime.hint().into()),
+                hint: (unnamed > 0 && !has_map && self.jit_names != JitNames::Off)
+                    .then(|| runtime.hint().into()),
                 source,
             });
         }

@@ -518,6 +518,14 @@ pub async fn execute(
         return Err(RunError::Stopped(why));
     }
     let mut symbolizer = Symbolizer::new();
+    // Tools run together share one symbolizer: the most restrictive `--jit-names` holds.
+    if let Some(how) = std::iter::once(&plan.tool)
+        .chain(&plan.alongside)
+        .filter_map(|t| t.options.jit_names())
+        .max()
+    {
+        symbolizer.set_jit_names(how);
+    }
     let mut session = start(plan, &symbolizer.images())?;
     if let Some(tx) = control.started.take() {
         let _ = tx.send(session.target.description.clone());

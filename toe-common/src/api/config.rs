@@ -1082,6 +1082,64 @@ mod tests {
     }
 
     #[test]
+    fn an_admin_can_forbid_asking_a_jvm_for_its_perf_map() {
+        use crate::api::JitNames;
+        let body = |tool: &str, default: &str| {
+            format!(
+                "  tool: {tool}\n  arguments:\n    - {{name: jit-names, type: enum, values: [read, \
+                 off]{default}}}\n"
+            )
+        };
+        let cfg = configs(
+            &[
+                "cpu-profile",
+                "offcpu-profile",
+                "memory-profile",
+                "signal-trace",
+            ]
+            .map(|t| config_doc(t, &body(t, ", default: read")))
+            .join("---\n"),
+        )
+        .unwrap();
+        for tool in [
+            "cpu-profile",
+            "offcpu-profile",
+            "memory-profile",
+            "signal-trace",
+        ] {
+            let jit = |args: &str| {
+                run(
+                    &format!("  tool: {{name: {tool}, commandLineArguments: [{args}]}}\n"),
+                    &cfg,
+                    None,
+                )
+                .map(|r| r.tool.options.jit_names())
+            };
+            assert_eq!(jit(""), Ok(Some(JitNames::Read)), "{tool}");
+            assert_eq!(jit("--jit-names=off"), Ok(Some(JitNames::Off)), "{tool}");
+            let e = jit("--jit-names=ask").unwrap_err().to_string();
+            assert!(
+                e.contains("--jit-names") && e.contains("ask"),
+                "{tool}: {e}"
+            );
+        }
+        // Without a default of its own, the built-in `ask` is not allowed: said at once.
+        let e = configs(&config_doc("c", &body("cpu-profile", "")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("jit-names"), "{e}");
+        // Without a config, asking is the default, and tools without user stacks have none.
+        assert_eq!(
+            crate::api::default_options("cpu-profile").and_then(|o| o.jit_names()),
+            Some(JitNames::Ask)
+        );
+        assert_eq!(
+            crate::api::default_options("cpu-stress").and_then(|o| o.jit_names()),
+            None
+        );
+    }
+
+    #[test]
     fn image_tools_get_typed_arguments_and_a_plain_argv() {
         let cfg = configs(&config_doc(
             "aperf",

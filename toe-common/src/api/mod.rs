@@ -29,9 +29,10 @@ pub use self::{
         capabilities_config_map, run_name, target_finished,
     },
     tools::{
-        AllocationMode, CpuProfileOptions, CpuStressOptions, ImageOptions, MemoryProfileOptions,
-        MemoryStressOptions, OffcpuProfileOptions, SignalTraceOptions, TerminateOptions, ToolKind,
-        ToolOptions, VolumeFillOptions, catalogue, default_options, find_tool,
+        AllocationMode, CpuProfileOptions, CpuStressOptions, ImageOptions, JitNames,
+        MemoryProfileOptions, MemoryStressOptions, OffcpuProfileOptions, SignalTraceOptions,
+        TerminateOptions, ToolKind, ToolOptions, VolumeFillOptions, catalogue, default_options,
+        find_tool,
     },
 };
 

@@ -113,6 +113,19 @@ impl ToolOptions {
         Ok(())
     }
 
+    /// How the tool's stacks name generated code; `None` for a tool that records no user
+    /// stacks.
+    #[must_use]
+    pub fn jit_names(&self) -> Option<JitNames> {
+        match self {
+            Self::CpuProfile(o) => o.user_stacks.then_some(o.jit_names),
+            Self::OffcpuProfile(o) => o.user_stacks.then_some(o.jit_names),
+            Self::MemoryProfile(o) => Some(o.jit_names),
+            Self::SignalTrace(o) => o.user_stacks.then_some(o.jit_names),
+            _ => None,
+        }
+    }
+
     /// Whether the tool changes the target (and must be rolled back) rather than observe it.
     #[must_use]
     pub fn is_fault(&self) -> bool {
@@ -122,6 +135,53 @@ impl ToolOptions {
         )
     }
 }
+
+/// How names of generated (JIT-compiled) code in user stacks are found. Ordered from most to
+/// least reach into the target: tools run together use the most restrictive of theirs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum JitNames {
+    /// Read the perf maps runtimes write, and ask a HotSpot JVM to write one.
+    #[default]
+    Ask,
+    /// Read the perf maps runtimes already write; never ask a process for one.
+    Read,
+    /// Read no perf map: generated code stays unnamed.
+    Off,
+}
+
+impl JitNames {
+    fn parse(args: &ParsedArgs) -> Self {
+        match args.choice("jit-names") {
+            "read" => Self::Read,
+            "off" => Self::Off,
+            _ => Self::Ask,
+        }
+    }
+
+    /// As the argument is written.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ask => "ask",
+            Self::Read => "read",
+            Self::Off => "off",
+        }
+    }
+}
+
+/// How generated code is named, for every collector that records user stacks. An admin who
+/// must not have the agent act on a target process (the JVM's attach mechanism makes the JVM
+/// run a diagnostic command and write a file in the container) narrows it in PowerToolConfig
+/// with an enum rule: `values: [read, off]`.
+const JIT_ARG: ArgSpec = ArgSpec {
+    name: "jit-names",
+    kind: ArgKind::Enum(&["ask", "read", "off"]),
+    default: Some("ask"),
+    help: "names of JIT-compiled code: `ask` reads the perf maps runtimes write \
+           (/tmp/perf-<pid>.map in the target's root) and asks a HotSpot JVM to write one (its \
+           Compiler.perfmap diagnostic command, through its attach socket, as jcmd does); \
+           `read` reads existing maps only; `off` reads none",
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignalTraceOptions {
@@ -138,6 +198,7 @@ pub struct SignalTraceOptions {
     pub ring_bytes: u32,
     /// Events lost beyond this fail the run.
     pub max_lost: u64,
+    pub jit_names: JitNames,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +222,7 @@ pub struct MemoryProfileOptions {
     pub rss_interval: Duration,
     /// Capacity of the kernel's table of live tracked blocks.
     pub max_tracked: u32,
+    pub jit_names: JitNames,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,6 +239,7 @@ pub struct OffcpuProfileOptions {
     pub user_stacks: bool,
     /// Capacity of the kernel's table of per-stack totals.
     pub max_waits: u32,
+    pub jit_names: JitNames,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +250,7 @@ pub struct CpuProfileOptions {
     /// Walk user stacks with the binaries' unwind tables (a stack copy per sample), not by
     /// frame pointers only.
     pub unwind_tables: bool,
+    pub jit_names: JitNames,
 }
 
 #[expect(clippy::cast_possible_wrap, reason = "small compile-time constants")]
@@ -213,6 +277,7 @@ const CPU_ARGS: &[ArgSpec] = &[
         help: "include user-space frames",
     },
     UNWIND_ARG,
+    JIT_ARG,
 ];
 
 /// How user stacks are walked, for every collector that records them.
@@ -231,6 +296,7 @@ fn build_cpu(args: &ParsedArgs) -> ToolOptions {
         kernel_stacks: args.bool("kernel-stacks"),
         user_stacks: args.bool("user-stacks"),
         unwind_tables: args.choice("unwind") == "tables",
+        jit_names: JitNames::parse(args),
     })
 }
 
@@ -295,6 +361,7 @@ const OFFCPU_ARGS: &[ArgSpec] = &[
         help: "distinct (process, thread, stack, reason) totals the kernel keeps; waits beyond \
                are counted as lost",
     },
+    JIT_ARG,
 ];
 
 fn build_offcpu(args: &ParsedArgs) -> ToolOptions {
@@ -307,6 +374,7 @@ fn build_offcpu(args: &ParsedArgs) -> ToolOptions {
         kernel_stacks: args.bool("kernel-stacks"),
         user_stacks: args.bool("user-stacks"),
         max_waits: u32::try_from(args.integer("max-waits")).unwrap_or(1 << 20),
+        jit_names: JitNames::parse(args),
     })
 }
 
@@ -369,6 +437,7 @@ const MEMORY_ARGS: &[ArgSpec] = &[
         default: Some("524288"),
         help: "live blocks the kernel can track at once; more are counted as lost",
     },
+    JIT_ARG,
 ];
 
 fn build_memory(args: &ParsedArgs) -> ToolOptions {
@@ -385,6 +454,7 @@ fn build_memory(args: &ParsedArgs) -> ToolOptions {
         fault_period: u32::try_from(args.integer("fault-period")).unwrap_or(1),
         rss_interval: args.duration("rss-interval"),
         max_tracked: u32::try_from(args.integer("max-tracked")).unwrap_or(u32::MAX),
+        jit_names: JitNames::parse(args),
     })
 }
 
@@ -435,6 +505,7 @@ const SIGNAL_ARGS: &[ArgSpec] = &[
         default: Some("0"),
         help: "the run fails when more events than this are lost (all are counted either way)",
     },
+    JIT_ARG,
 ];
 
 fn build_signals(args: &ParsedArgs) -> ToolOptions {
@@ -447,6 +518,7 @@ fn build_signals(args: &ParsedArgs) -> ToolOptions {
         kernel_stacks: args.bool("kernel-stacks"),
         ring_bytes: u32::try_from(ring).unwrap_or(1 << 30),
         max_lost: args.integer("max-lost").unsigned_abs(),
+        jit_names: JitNames::parse(args),
     })
 }
 

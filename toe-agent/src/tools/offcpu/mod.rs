@@ -67,6 +67,7 @@ impl Offcpu {
             // Off-CPU stacks are walked by frame pointer in the kernel: on-CPU stacks walked
             // the same way keep one wall-clock flamegraph consistent.
             unwind_tables: false,
+            jit_names: self.opts.jit_names,
         }
     }
 }
