@@ -507,6 +507,19 @@ fn exit_code(ended: &Ended, failed: bool, command_status: Option<i32>) -> Option
     }
 }
 
+/// The run's symbolizer. Tools run together share it: the most restrictive `--jit-names` holds.
+fn symbolizer_for(plan: &RunPlan) -> Symbolizer {
+    let mut symbolizer = Symbolizer::new();
+    if let Some(how) = std::iter::once(&plan.tool)
+        .chain(&plan.alongside)
+        .filter_map(|t| t.options.jit_names())
+        .max()
+    {
+        symbolizer.set_jit_names(how);
+    }
+    symbolizer
+}
+
 /// Runs the plan to the end and writes its artifacts to `sink`.
 pub async fn execute(
     plan: &RunPlan,
@@ -517,15 +530,7 @@ pub async fn execute(
     if let Some(why) = *control.stop.borrow() {
         return Err(RunError::Stopped(why));
     }
-    let mut symbolizer = Symbolizer::new();
-    // Tools run together share one symbolizer: the most restrictive `--jit-names` holds.
-    if let Some(how) = std::iter::once(&plan.tool)
-        .chain(&plan.alongside)
-        .filter_map(|t| t.options.jit_names())
-        .max()
-    {
-        symbolizer.set_jit_names(how);
-    }
+    let mut symbolizer = symbolizer_for(plan);
     let mut session = start(plan, &symbolizer.images())?;
     if let Some(tx) = control.started.take() {
         let _ = tx.send(session.target.description.clone());

@@ -52,6 +52,22 @@ impl DebugFile {
     }
 }
 
+/// The fullest names an ELF file carries itself, best last.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OwnNames {
+    /// Not an ELF file this reader knows.
+    #[default]
+    NotElf,
+    /// Stripped of every symbol table.
+    Nothing,
+    /// The exported symbols (`.dynsym`) only.
+    Exported,
+    /// A full symbol table, no DWARF: no lines.
+    Symbols,
+    /// Its own DWARF, so it needs no debug file.
+    Dwarf,
+}
+
 /// What the agent keeps of a mapped ELF file's headers: which build it is, where its loadable
 /// segments sit (file offsets become the virtual addresses symbolizers and debug files take),
 /// and what it says about its debug file.
@@ -61,13 +77,8 @@ pub struct ElfFacts {
     /// The same in hex, as frames carry it.
     build_id_hex: Option<String>,
     link: Option<(String, u32)>,
-    /// It is an ELF file this reader knows.
-    pub elf: bool,
-    /// It carries its own DWARF, so it needs no debug file.
-    pub own_dwarf: bool,
-    /// It has a full symbol table, or the exported symbols only.
-    pub symtab: bool,
-    pub dynsym: bool,
+    /// The fullest names it carries itself.
+    pub names: OwnNames,
     /// Loadable segments: (file offset, virtual address, file size).
     loads: Vec<(u64, u64, u64)>,
 }
@@ -95,10 +106,15 @@ impl ElfFacts {
                 .ok()
                 .flatten()
                 .and_then(|(name, crc)| Some((link_name(name)?, crc))),
-            elf: true,
-            own_dwarf: has(".debug_info"),
-            symtab: has(".symtab"),
-            dynsym: has(".dynsym"),
+            names: if has(".debug_info") {
+                OwnNames::Dwarf
+            } else if has(".symtab") {
+                OwnNames::Symbols
+            } else if has(".dynsym") {
+                OwnNames::Exported
+            } else {
+                OwnNames::Nothing
+            },
             loads: obj
                 .segments()
                 .map(|s| {
@@ -219,7 +235,7 @@ fn verified(candidate: &File, w: &ElfFacts) -> bool {
 /// candidates is the one it names.
 #[must_use]
 pub fn find(pid: u32, path: &str, w: &ElfFacts) -> Option<DebugFile> {
-    if w.own_dwarf || (w.build_id.is_none() && w.link.is_none()) {
+    if w.names == OwnNames::Dwarf || (w.build_id.is_none() && w.link.is_none()) {
         return None;
     }
     candidates(path, w).into_iter().find_map(|c| {
@@ -299,7 +315,7 @@ mod tests {
         let f = ElfFacts::read(&File::open("/proc/self/exe").unwrap());
         assert!(!f.loads.is_empty(), "{f:?}");
         // A test binary keeps its symbols.
-        assert!(f.elf && f.symtab && f.dynsym, "{f:?}");
+        assert!(f.names >= OwnNames::Symbols, "{f:?}");
         assert_eq!(f.build_id_hex(), f.build_id.as_deref().map(hex));
         let not_elf = ElfFacts::read(&File::open("/proc/self/status").unwrap());
         assert_eq!(not_elf, ElfFacts::default());

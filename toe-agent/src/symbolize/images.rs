@@ -26,7 +26,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use super::{
-    debuginfo::{self, DebugFile, ElfFacts, Matched},
+    debuginfo::{self, DebugFile, ElfFacts, Matched, OwnNames},
     go::GoTable,
     unwind::{
         self, FileTables, MappingTables, Miss, Outcome, ProcessUnwinder, StackCopy, UnwindCache,
@@ -94,19 +94,15 @@ impl MappedFile {
             };
             return format!("debug file {} (matched by {how})", d.path);
         }
-        let elf = &self.elf;
-        if !elf.elf {
-            "not an ELF file this reader knows".to_owned()
-        } else if elf.own_dwarf {
-            "its own symbols and DWARF".to_owned()
-        } else if elf.symtab {
-            "its own symbol table (no DWARF: no lines)".to_owned()
-        } else if self.go_table().is_some() {
-            "the Go function table (.gopclntab)".to_owned()
-        } else if elf.dynsym {
-            format!("exported symbols only (.dynsym): stripped, {NO_DEBUG_FILE}")
-        } else {
-            format!("none: stripped, {NO_DEBUG_FILE}")
+        match self.elf.names {
+            OwnNames::NotElf => "not an ELF file this reader knows".to_owned(),
+            OwnNames::Dwarf => "its own symbols and DWARF".to_owned(),
+            OwnNames::Symbols => "its own symbol table (no DWARF: no lines)".to_owned(),
+            _ if self.go_table().is_some() => "the Go function table (.gopclntab)".to_owned(),
+            OwnNames::Exported => {
+                format!("exported symbols only (.dynsym): stripped, {NO_DEBUG_FILE}")
+            }
+            OwnNames::Nothing => format!("none: stripped, {NO_DEBUG_FILE}"),
         }
     }
 

@@ -1130,11 +1130,11 @@ mod tests {
         assert!(e.contains("jit-names"), "{e}");
         // Without a config, asking is the default, and tools without user stacks have none.
         assert_eq!(
-            crate::api::default_options("cpu-profile").and_then(|o| o.jit_names()),
+            default_options("cpu-profile").and_then(|o| o.jit_names()),
             Some(JitNames::Ask)
         );
         assert_eq!(
-            crate::api::default_options("cpu-stress").and_then(|o| o.jit_names()),
+            default_options("cpu-stress").and_then(|o| o.jit_names()),
             None
         );
     }
