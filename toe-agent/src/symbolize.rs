@@ -462,7 +462,7 @@ impl Symbolizer {
     /// and wait for [`Self::name_generated_code`].
     fn name_from_perf_map(&mut self, pid: u32, addrs: &[u64], now: bool) {
         let map = self.perf_maps.entry(pid).or_default();
-        let read = self.jit_names != JitNames::Off;
+        let read = self.jit_names != JitNames::Ignore;
         if read {
             map.refresh(pid, now);
         }
@@ -700,7 +700,9 @@ impl Symbolizer {
                 (Some(Err(why)), false) => format!("no perf map: asking the JVM failed: {why}"),
                 (None, true) => "the process's perf map".into(),
                 (None, false) => match (self.jit_names, runtime) {
-                    (JitNames::Off, _) => "not named: --jit-names=off reads no perf map".into(),
+                    (JitNames::Ignore, _) => {
+                        "not named: --jit-names=ignore reads no perf map".into()
+                    }
                     (JitNames::Read, jit::Runtime::Jvm) => {
                         "no perf map (the JVM was not asked for one: --jit-names=read)".into()
                     }
@@ -718,7 +720,7 @@ impl Symbolizer {
                 named: addresses - unnamed,
                 // With a map, what it does not name is code the runtime did not list (or an
                 // address a broken frame-pointer walk produced): no flag would change that.
-                hint: (unnamed > 0 && !has_map && self.jit_names != JitNames::Off)
+                hint: (unnamed > 0 && !has_map && self.jit_names != JitNames::Ignore)
                     .then(|| runtime.hint().into()),
                 source,
             });

@@ -1087,7 +1087,7 @@ mod tests {
         let body = |tool: &str, default: &str| {
             format!(
                 "  tool: {tool}\n  arguments:\n    - {{name: jit-names, type: enum, values: [read, \
-                 off]{default}}}\n"
+                 ignore]{default}}}\n"
             )
         };
         let cfg = configs(
@@ -1116,7 +1116,11 @@ mod tests {
                 .map(|r| r.tool.options.jit_names())
             };
             assert_eq!(jit(""), Ok(Some(JitNames::Read)), "{tool}");
-            assert_eq!(jit("--jit-names=off"), Ok(Some(JitNames::Off)), "{tool}");
+            assert_eq!(
+                jit("--jit-names=ignore"),
+                Ok(Some(JitNames::Ignore)),
+                "{tool}"
+            );
             let e = jit("--jit-names=ask").unwrap_err().to_string();
             assert!(
                 e.contains("--jit-names") && e.contains("ask"),

@@ -146,14 +146,14 @@ pub enum JitNames {
     /// Read the perf maps runtimes already write; never ask a process for one.
     Read,
     /// Read no perf map: generated code stays unnamed.
-    Off,
+    Ignore,
 }
 
 impl JitNames {
     fn parse(args: &ParsedArgs) -> Self {
         match args.choice("jit-names") {
             "read" => Self::Read,
-            "off" => Self::Off,
+            "ignore" => Self::Ignore,
             _ => Self::Ask,
         }
     }
@@ -164,7 +164,7 @@ impl JitNames {
         match self {
             Self::Ask => "ask",
             Self::Read => "read",
-            Self::Off => "off",
+            Self::Ignore => "ignore",
         }
     }
 }
@@ -172,15 +172,16 @@ impl JitNames {
 /// How generated code is named, for every collector that records user stacks. An admin who
 /// must not have the agent act on a target process (the JVM's attach mechanism makes the JVM
 /// run a diagnostic command and write a file in the container) narrows it in PowerToolConfig
-/// with an enum rule: `values: [read, off]`.
+/// with an enum rule: `values: [read, ignore]`. No value is a YAML 1.1 boolean (`off`, `no`):
+/// helm and kubectl would read it as `false`.
 const JIT_ARG: ArgSpec = ArgSpec {
     name: "jit-names",
-    kind: ArgKind::Enum(&["ask", "read", "off"]),
+    kind: ArgKind::Enum(&["ask", "read", "ignore"]),
     default: Some("ask"),
     help: "names of JIT-compiled code: `ask` reads the perf maps runtimes write \
            (/tmp/perf-<pid>.map in the target's root) and asks a HotSpot JVM to write one (its \
            Compiler.perfmap diagnostic command, through its attach socket, as jcmd does); \
-           `read` reads existing maps only; `off` reads none",
+           `read` reads existing maps only; `ignore` reads none",
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
