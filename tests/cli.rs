@@ -133,7 +133,8 @@ fn validate_prints_the_run_in_the_tools_own_words() {
     assert!(out.status.success(), "{err}");
     assert!(
         err.contains(
-            "valid: cpu-profile for 2s with --frequency=199 --kernel-stacks=true --unwind=tables --user-stacks=true"
+            "valid: cpu-profile for 2s with --frequency=199 --jit-names=ask --kernel-stacks=true \
+             --unwind=tables --user-stacks=true"
         ),
         "{err}"
     );
