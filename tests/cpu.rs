@@ -973,15 +973,23 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
         symbols.contains("main.hotLoop") && !symbols.contains("main.mix"),
         "main.mix was not inlined: {symbols:.2000}"
     );
-    // Both builds have samples in it (how many against hotLoop's own loop varies: under
-    // emulation a sample lands where a translated block starts, which favours the loop's head).
+    // Both builds have samples in it, on the host. Under emulation a sample lands where a
+    // translated block starts, which is always the loop's head (hotLoop's own line): the kernel
+    // VMs saw none in mix with either build, so there this part says so instead.
     assert!(
         hottest[0].contains("main.main;main.work;main.hotLoop"),
         "{}",
         hottest[0]
     );
-    assert!(
-        through_mix.iter().all(|&n| n > 0),
-        "samples through the inlined main.mix (stripped, with symbols): {through_mix:?}"
-    );
+    if toe_tests::emulated() {
+        eprintln!(
+            "inlined frames not checked under emulation (samples only at block starts): \
+             {through_mix:?} samples through main.mix"
+        );
+    } else {
+        assert!(
+            through_mix.iter().all(|&n| n > 0),
+            "samples through the inlined main.mix (stripped, with symbols): {through_mix:?}"
+        );
+    }
 }
