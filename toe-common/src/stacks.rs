@@ -59,8 +59,9 @@ pub fn folded_reaches_entry(stack: &str) -> bool {
 /// default `--call-graph dwarf` size, enough for the 100-deep recursion of a C program without
 /// frame pointers and the frames of an interpreter's loop.
 pub const STACK_COPY_BYTES: usize = 16 << 10;
-/// The copy goes by chunks and stops at the first that cannot be read (the top of the stack's
-/// mapping), so a stack with less above its pointer than the whole copy still gets what there is.
+/// The copy goes by chunks up to the first that cannot be read (it holds the top of the stack's
+/// mapping), then reads what it can of that one in halves down to a word: a stack with less
+/// above its pointer than the whole copy still gets all there is.
 pub const STACK_COPY_CHUNK: usize = 1 << 10;
 
 /// A task's user registers where it left user mode (or was interrupted in it) and the top of

@@ -118,6 +118,29 @@ pub unsafe fn copy_user(dst: *mut UserStackCopy) -> bool {
             }
             len = off + STACK_COPY_CHUNK;
         }
+        // The chunk that failed held the top of the stack's mapping: its readable part is taken
+        // in halves, down to one word. Where the top lies depends on the stack's random offset
+        // (up to 8 KiB), so without this the outermost frames (`main`, the C runtime's entry)
+        // would be cut now and then, for a process with little above its `main`.
+        if len < STACK_COPY_BYTES {
+            let mut part = STACK_COPY_CHUNK / 2;
+            while part >= 8 {
+                // Bounds the verifier can see: the part read lies inside `bytes`.
+                if len > STACK_COPY_BYTES - part {
+                    break;
+                }
+                #[expect(clippy::cast_possible_truncation, reason = "under one KiB")]
+                let ret = bpf_probe_read_user(
+                    bytes.add(len).cast(),
+                    part as u32,
+                    (sp + len as u64) as *const _,
+                );
+                if ret == 0 {
+                    len += part;
+                }
+                part /= 2;
+            }
+        }
         #[expect(clippy::cast_possible_truncation, reason = "at most STACK_COPY_BYTES")]
         {
             (*dst).len = len as u32;

@@ -570,6 +570,9 @@ struct Summary {
     skipped: Vec<String>,
     /// Suites whose executable did not end with a result line (crashed, killed, hung).
     broken: Vec<String>,
+    /// What each failed test printed (libtest's `---- name stdout ----` section), cut to its
+    /// end: the CI log keeps the cause, where the guest's own logs are gone with the run.
+    failures: Vec<String>,
 }
 
 impl Summary {
@@ -595,6 +598,9 @@ impl std::fmt::Display for Summary {
         }
         for s in &self.skipped {
             write!(f, "\n  skipped {s}")?;
+        }
+        for s in &self.failures {
+            write!(f, "\n{s}")?;
         }
         Ok(())
     }
@@ -809,6 +815,50 @@ fn watch(mut child: std::process::Child, console: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Lines kept of each failed test's output: its panic message and the lines before it.
+const FAILURE_LINES: usize = 40;
+
+/// The output libtest prints for each failed test once the suite ends (between
+/// `---- name stdout ----` and the next such header or the `failures:` list), each cut to its
+/// last [`FAILURE_LINES`] lines.
+fn failure_sections(suite: &str, log: &str) -> Vec<String> {
+    // The suites run with `--show-output`: passing tests have such sections too.
+    let failed: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED"))
+        .collect();
+    let mut out = Vec::new();
+    let mut current: Option<(String, Vec<&str>)> = None;
+    let mut finish = |c: Option<(String, Vec<&str>)>| {
+        if let Some((name, lines)) = c.filter(|(name, _)| failed.contains(&name.as_str())) {
+            let skip = lines.len().saturating_sub(FAILURE_LINES);
+            let mut s = format!("  --- {suite}::{name} printed:");
+            if skip > 0 {
+                let _ = write!(s, "\n    ({skip} lines before)");
+            }
+            for l in &lines[skip..] {
+                let _ = write!(s, "\n    {l}");
+            }
+            out.push(s);
+        }
+    };
+    for line in log.lines() {
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|r| r.strip_suffix(" stdout ----"))
+        {
+            finish(current.take());
+            current = Some((name.to_owned(), Vec::new()));
+        } else if line == "failures:" || line.starts_with("test result:") {
+            finish(current.take());
+        } else if let Some((_, lines)) = current.as_mut() {
+            lines.push(line);
+        }
+    }
+    finish(current);
+    out
+}
+
 /// Counts each suite's results from libtest's lines and the suites' own `SKIP test: reason`.
 fn summarize(out: &Path, binaries: &[TestBinary]) -> Summary {
     let mut summary = Summary {
@@ -816,12 +866,14 @@ fn summarize(out: &Path, binaries: &[TestBinary]) -> Summary {
         failed: Vec::new(),
         skipped: Vec::new(),
         broken: Vec::new(),
+        failures: Vec::new(),
     };
     for b in binaries {
         let log = std::fs::read_to_string(out.join(format!("{}.log", b.name))).unwrap_or_default();
         if !log.contains("test result:") {
             summary.broken.push(b.name.clone());
         }
+        summary.failures.extend(failure_sections(&b.name, &log));
         for line in log.lines() {
             if let Some(rest) = line.strip_prefix("test ") {
                 if rest.ends_with(" ... ok") {
@@ -836,4 +888,42 @@ fn summarize(out: &Path, binaries: &[TestBinary]) -> Summary {
         }
     }
     summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_sections;
+
+    #[test]
+    fn only_failed_tests_output_is_kept() {
+        let log = "\
+running 2 tests
+test a ... ok
+test b ... FAILED
+
+successes:
+
+---- a stdout ----
+fine
+
+successes:
+    a
+
+failures:
+
+---- b stdout ----
+sender frames missing
+thread 'b' panicked at tests/signals.rs:130:13
+
+failures:
+    b
+
+test result: FAILED. 1 passed; 1 failed
+";
+        let got = failure_sections("signals", log);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].starts_with("  --- signals::b printed:"), "{got:?}");
+        assert!(got[0].contains("    sender frames missing"), "{got:?}");
+        assert!(!got[0].contains("fine"), "{got:?}");
+    }
 }
