@@ -17,6 +17,7 @@ fn main() {
     for (source, name) in [
         ("workloads/deep.c", "deep-c"),
         ("workloads/sender.c", "sender-c"),
+        ("workloads/leak.c", "leak-c"),
     ] {
         run(Command::new("gcc")
             .args(["-O2", "-fomit-frame-pointer", "-fno-optimize-sibling-calls"])

@@ -4,9 +4,10 @@
 use std::{process::Command, time::Duration};
 
 use toe_agent::{run::Ended, targets::TargetSpec};
+use toe_common::stacks::folded_reaches_entry;
 use toe_tests::{
     assert_rejected, bin, demo, folded_file, loaded_toe_programs, profile, require_root, toe_run,
-    tool_spec,
+    tool_spec, workload,
 };
 
 /// Sum of the values of folded lines whose stack contains `function` (and, if given, whose root
@@ -92,6 +93,62 @@ fn exact_mode_measures_the_leak_and_balances_the_rest() {
     ] {
         assert!(art.contains_key(f), "{f} missing");
     }
+}
+
+/// A leak in a program built without frame pointers (`main` -> `grow` -> `grow_more` -> `keep`
+/// -> malloc, beside a `churn` that frees all it allocates) is attributed to its whole call
+/// chain up to `main` and the C runtime's entry: tracked allocations reach user space with a
+/// copy of their stack, unwound there with the binary's and glibc's tables. By frame pointers
+/// the same leak is `keep` with no caller.
+#[test]
+fn a_leak_without_frame_pointers_is_attributed_to_its_call_chain_up_to_main() {
+    let test = "a_leak_without_frame_pointers_is_attributed_to_its_call_chain_up_to_main";
+    if !require_root(test) {
+        return;
+    }
+    let (count, size) = (1500u64, 4096u64);
+    let run = |unwind: &str| {
+        profile(
+            &tool_spec("memory-profile", "60s", &["--mode=exact", unwind]),
+            TargetSpec::Command(vec![
+                workload("leak-c").into_os_string(),
+                count.to_string().into(),
+                size.to_string().into(),
+            ]),
+        )
+    };
+    let (outcome, sink) = run("--unwind=tables");
+    assert_eq!(outcome.ended, Ended::CommandExited(0));
+    let m = outcome.summary.memory.as_ref().expect("memory section");
+    let a = m.allocations.as_ref().expect("allocation accounting");
+    let unwind = m.unwind.as_ref().expect("unwind accounting");
+    let inuse = folded_file(&sink, "inuse.folded");
+    let leaked = count * size;
+    let at_keep = site_total(&inuse, "keep", None);
+    // Exact mode: every byte the leak left is in the profile, by tables or (a copy the ring
+    // could not hold) by frame pointers.
+    assert_eq!(at_keep, leaked, "{inuse:?}; {a:?}");
+    assert!(site_total(&inuse, "churn", None) == 0, "{inuse:?}");
+    let whole: u64 = inuse
+        .iter()
+        .filter(|(s, _)| s.contains(";main;grow;grow_more;keep") && folded_reaches_entry(s))
+        .map(|(_, v)| v)
+        .sum();
+    eprintln!(
+        "{whole} of {leaked} leaked bytes through main;grow;grow_more;keep to the entry; \
+         copies lost {}; {unwind:?}",
+        a.copies_lost
+    );
+    // The ring holds 180 copies and is read every 25 ms; the leak allocates one per
+    // millisecond, so only a stalled reader loses copies (counted, walked by frame pointers).
+    assert!(whole * 100 >= leaked * 95, "{inuse:?}; {a:?}; {unwind:?}");
+    assert_eq!(a.free_events_lost, 0, "{a:?}");
+    assert!(unwind.tables > 0 && unwind.copy_errors == 0, "{unwind:?}");
+    // The same leak by frame pointers: its chain is not there.
+    let (_, sink) = run("--unwind=frame-pointers");
+    let inuse = folded_file(&sink, "inuse.folded");
+    assert_eq!(site_total(&inuse, "keep", None), leaked, "{inuse:?}");
+    assert_eq!(site_total(&inuse, "grow_more", None), 0, "{inuse:?}");
 }
 
 #[test]

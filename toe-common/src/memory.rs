@@ -6,6 +6,13 @@
 //! objects and bytes, so in-use = allocated - freed. Nothing is streamed per allocation: an
 //! allocation-heavy target costs one map update per tracked call, never a ring-buffer record and
 //! a user-space wakeup, which is where bcc's memleak spends much of its overhead.
+//!
+//! The exception is a tracked allocation whose stack is to be unwound with unwind tables
+//! (`--unwind=tables`): a frame-pointer hash cannot tell its call chains apart where the code
+//! has no frame pointers, so the kernel sends it to user space with a copy of its stack
+//! ([`AllocCopy`] in [`ALLOCS_RING`]), user space keeps its site, and its free follows it there
+//! ([`HeapEvent`] of kind [`HEAP_FREE`]). Sampling keeps those records few: one per
+//! `sample_bytes` allocated on average.
 
 pub const CONFIG_MAP: &str = "TOE_MEM_CONFIG";
 /// `HashMap<u64 pid_tgid, InFlight>`: allocator calls between entry and return, per thread.
@@ -27,10 +34,23 @@ pub const COUNTERS_MAP: &str = "TOE_MEM_COUNTERS";
 pub const EXP_TABLE_MAP: &str = "TOE_MEM_EXP";
 /// `PerCpuArray<i64>` of bytes until the next sampled allocation.
 pub const COUNTDOWN_MAP: &str = "TOE_MEM_COUNTDOWN";
+/// `RingBuf` of [`AllocCopy`] and [`HeapEvent`] records, in the order the kernel made them (one
+/// ring for both, so a block's free never overtakes its allocation).
+pub const ALLOCS_RING: &str = "TOE_MEM_ALLOCS";
+/// Size of [`ALLOCS_RING`] when stacks are copied: 180 allocations in flight, each with its
+/// 16 KiB stack copy, and room for frees. A burst beyond it is attributed by frame pointers,
+/// counted.
+pub const ALLOCS_RING_BYTES: u32 = 4 << 20;
+/// Room in [`ALLOCS_RING`] no stack copy may take: it is kept for frees (40 bytes each), which
+/// must reach user space or leave their block in use.
+pub const ALLOCS_FREE_HEADROOM: u64 = 1 << 20;
 pub const EXP_TABLE_LEN: u32 = 1024;
 
 pub const ENTER_PROGRAM: &str = "toe_mem_enter";
 pub const RETURN_PROGRAM: &str = "toe_mem_return";
+/// The return probe that also copies the caller's stack for unwind tables (needs
+/// `bpf_task_pt_regs`, Linux 5.15); [`RETURN_PROGRAM`] walks frame pointers only.
+pub const RETURN_COPY_PROGRAM: &str = "toe_mem_return_copy";
 pub const FAULT_PROGRAM: &str = "toe_mem_fault";
 
 /// Compiled-in capacity of [`LIVE_MAP`]; user space sets the real one at load time.
@@ -108,6 +128,8 @@ impl Func {
 pub const TRACK_ALLOCATIONS: u32 = 1 << 0;
 /// `MemConfig::flags`: sample page faults.
 pub const TRACK_FAULTS: u32 = 1 << 1;
+/// `MemConfig::flags`: tracked allocations go to user space with a stack copy ([`AllocCopy`]).
+pub const COPY_STACKS: u32 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -161,6 +183,39 @@ pub struct SiteKey {
     pub stack: u64,
 }
 const _: () = assert!(size_of::<SiteKey>() == 16);
+
+/// [`SiteKey::reserved`] of a block whose allocation went to user space with its stack copy:
+/// its free goes there too, not to [`SITES_MAP`].
+pub const SITE_IN_USER_SPACE: u32 = 1;
+
+/// [`HeapEvent::kind`]: a tracked allocation, followed by its stack copy ([`AllocCopy`]).
+pub const HEAP_ALLOC: u32 = 1;
+/// [`HeapEvent::kind`]: the free of a block whose allocation went to user space.
+pub const HEAP_FREE: u32 = 2;
+
+/// One record of [`ALLOCS_RING`]: a free as it is, an allocation at the head of an
+/// [`AllocCopy`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub addr: u64,
+    pub size: u64,
+    /// 1 when the registers or the stack could not be read (allocations only).
+    pub failed: u32,
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<HeapEvent>() == 32);
+
+/// A tracked allocation with the caller's user stack, copied at the allocator's return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AllocCopy {
+    pub event: HeapEvent,
+    pub copy: crate::stacks::UserStackCopy,
+}
+const _: () = assert!(size_of::<AllocCopy>() == 32 + size_of::<crate::stacks::UserStackCopy>());
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -228,8 +283,14 @@ pub enum Counter {
     FaultStackLost = 17,
     /// The faults map was full.
     FaultsMapFull = 18,
+    /// [`ALLOCS_RING`] was full: a tracked allocation was attributed by its frame-pointer
+    /// stack in the kernel instead.
+    CopiesLost = 19,
+    /// [`ALLOCS_RING`] was full when a block whose allocation went to user space was freed:
+    /// the block stays in use in the profile.
+    FreeEventsLost = 20,
 }
-pub const COUNTER_COUNT: u32 = 19;
+pub const COUNTER_COUNT: u32 = 21;
 
 #[cfg(feature = "user")]
 mod user {

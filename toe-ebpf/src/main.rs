@@ -51,7 +51,14 @@ mod entries {
 
     #[uretprobe]
     pub fn toe_mem_return(ctx: RetProbeContext) -> u32 {
-        crate::memory::try_return(&ctx);
+        crate::memory::try_return::<false>(&ctx);
+        0
+    }
+
+    /// `toe_mem_return` that may also copy the caller's stack for unwind tables (Linux 5.15+).
+    #[uretprobe]
+    pub fn toe_mem_return_copy(ctx: RetProbeContext) -> u32 {
+        crate::memory::try_return::<true>(&ctx);
         0
     }
 

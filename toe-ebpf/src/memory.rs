@@ -4,19 +4,24 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::{
+        BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP,
+        BPF_RB_RING_SIZE,
+    },
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use toe_common::{
     memory::{
-        COUNTER_COUNT, Counter, DEFAULT_MAX_LIVE, EXP_TABLE_LEN, Func, INFLIGHT_TRACK, InFlight,
-        LiveBlock, LiveKey, MAX_INFLIGHT, MAX_SITES, MAX_STACKS, MemConfig, SiteKey, SiteStats,
+        ALLOCS_FREE_HEADROOM, AllocCopy, COPY_STACKS, COUNTER_COUNT, Counter, DEFAULT_MAX_LIVE,
+        EXP_TABLE_LEN, Func, HEAP_ALLOC, HEAP_FREE, HeapEvent, INFLIGHT_TRACK, InFlight, LiveBlock,
+        LiveKey, MAX_INFLIGHT, MAX_SITES, MAX_STACKS, MemConfig, SITE_IN_USER_SPACE, SiteKey,
+        SiteStats,
     },
     stacks::StoredStack,
 };
@@ -49,6 +54,10 @@ static FAULTS: HashMap<SiteKey, u64> = HashMap::with_max_entries(MAX_SITES, BPF_
 /// element ready per CPU for maps that are not, so a second new stack in quick succession would
 /// fail. Sized at load (1 entry when the collector is not used).
 static STACKS: HashMap<u64, StoredStack> = HashMap::with_max_entries(MAX_STACKS, 0);
+
+/// Sized at load: a page unless stacks are copied.
+#[map(name = "TOE_MEM_ALLOCS")]
+static ALLOCS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 #[map(name = "TOE_MEM_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
@@ -193,8 +202,9 @@ pub fn try_enter(ctx: &ProbeContext) {
     }
 }
 
-/// Return of every probed allocating function.
-pub fn try_return(ctx: &RetProbeContext) {
+/// Return of every probed allocating function. `COPY`: tracked allocations may go to user space
+/// with a copy of the caller's stack (the program variant for Linux 5.15+).
+pub fn try_return<const COPY: bool>(ctx: &RetProbeContext) {
     let id = bpf_get_current_pid_tgid();
     let Some(slot) = INFLIGHT.get_ptr_mut(id) else {
         return;
@@ -250,7 +260,11 @@ pub fn try_return(ctx: &RetProbeContext) {
         ret
     };
     if track {
-        record(ctx, tgid, addr, call.size);
+        if COPY && config().flags & COPY_STACKS != 0 {
+            record_copied(ctx, tgid, addr, call.size);
+        } else {
+            record(ctx, tgid, addr, call.size);
+        }
     }
 }
 
@@ -315,7 +329,7 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
             count(Counter::LiveMapFull);
             return;
         };
-        site_add(&old.site, false, old.size);
+        release(tgid, addr, &old);
         count(Counter::Reused);
         if LIVE.insert(&key, &block, u64::from(BPF_ANY)).is_err() {
             count(Counter::LiveMapFull);
@@ -324,6 +338,90 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
     }
     site_add(&site, true, size);
     count(Counter::Tracked);
+}
+
+/// A tracked allocation sent to user space with its stack copy; its block is marked so its free
+/// follows it there. When the ring is full it is recorded by frame pointers instead (counted).
+fn record_copied(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
+    // Copies leave room for the frees that must follow them: a free that finds the ring full
+    // leaves its block in use in the profile, while an allocation not copied is only walked
+    // by frame pointers.
+    let free = ALLOCS
+        .query(u64::from(BPF_RB_RING_SIZE))
+        .saturating_sub(ALLOCS.query(u64::from(BPF_RB_AVAIL_DATA)));
+    let room = free > ALLOCS_FREE_HEADROOM + size_of::<AllocCopy>() as u64;
+    let Some(mut entry) = room.then(|| ALLOCS.reserve::<AllocCopy>(0)).flatten() else {
+        count(Counter::CopiesLost);
+        record(ctx, tgid, addr, size);
+        return;
+    };
+    let key = LiveKey {
+        tgid,
+        reserved: 0,
+        addr,
+    };
+    let block = LiveBlock {
+        size,
+        site: SiteKey {
+            tgid,
+            reserved: SITE_IN_USER_SPACE,
+            stack: 0,
+        },
+    };
+    if LIVE.insert(&key, &block, u64::from(BPF_NOEXIST)).is_err() {
+        let Some(old) = (unsafe { LIVE.get(&key) }).copied() else {
+            count(Counter::LiveMapFull);
+            entry.discard(0);
+            return;
+        };
+        release(tgid, addr, &old);
+        count(Counter::Reused);
+        if LIVE.insert(&key, &block, u64::from(BPF_ANY)).is_err() {
+            count(Counter::LiveMapFull);
+            entry.discard(0);
+            return;
+        }
+    }
+    let c = entry.as_mut_ptr();
+    // SAFETY: `c` is an exclusively owned, reserved AllocCopy-sized record; `copy_user` writes
+    // the copy's registers and length, and only `len` bytes are read from it.
+    unsafe {
+        (*c).event = HeapEvent {
+            kind: HEAP_ALLOC,
+            tgid,
+            addr,
+            size,
+            failed: 0,
+            reserved: 0,
+        };
+        (*c).event.failed = u32::from(!stacks::copy_user(&raw mut (*c).copy));
+    }
+    // User space reads the ring on its own clock (every few tens of milliseconds).
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+    count(Counter::Tracked);
+}
+
+/// Accounts a tracked block as freed: in its site's totals, or, for a block whose allocation
+/// went to user space, by telling user space.
+#[inline(always)]
+fn release(tgid: u32, addr: u64, block: &LiveBlock) {
+    if block.site.reserved & SITE_IN_USER_SPACE == 0 {
+        site_add(&block.site, false, block.size);
+        return;
+    }
+    let Some(mut entry) = ALLOCS.reserve::<HeapEvent>(0) else {
+        count(Counter::FreeEventsLost);
+        return;
+    };
+    entry.write(HeapEvent {
+        kind: HEAP_FREE,
+        tgid,
+        addr,
+        size: block.size,
+        failed: 0,
+        reserved: 0,
+    });
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
 }
 
 fn free_block(tgid: u32, addr: u64) {
@@ -342,7 +440,7 @@ fn free_block(tgid: u32, addr: u64) {
         count(Counter::FreesUnknown);
         return;
     }
-    site_add(&block.site, false, block.size);
+    release(tgid, addr, &block);
     count(Counter::FreesMatched);
 }
 

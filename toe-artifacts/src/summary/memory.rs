@@ -45,6 +45,12 @@ pub struct AllocationAccounting {
     pub frees_null: u64,
     /// A tracked address came back from the allocator before its free was seen.
     pub reused_without_free: u64,
+    /// Tracked allocations whose stack copy the kernel's ring could not hold: walked by frame
+    /// pointers instead (`--unwind=tables`).
+    pub copies_lost: u64,
+    /// Frees of blocks whose allocation was unwound from its copy that the ring could not hold:
+    /// those blocks stay in use in the profile.
+    pub free_events_lost: u64,
 }
 
 /// Page faults (memory growth), not chaos faults.
@@ -94,6 +100,8 @@ pub struct MemorySummary {
     /// What was and was not tracked, in words.
     pub coverage: Vec<String>,
     pub allocations: Option<AllocationAccounting>,
+    /// How allocation stacks were unwound from their copies (`--unwind=tables`).
+    pub unwind: Option<super::UnwindAccounting>,
     pub heap: Option<HeapTotals>,
     /// Where in-use bytes sit (leaf = the function that called the allocator).
     pub inuse: Option<Breakdown>,
@@ -178,6 +186,17 @@ pub fn render(o: &mut String, m: &MemorySummary, seconds: f64) {
             a.stacks_lost,
             a.reused_without_free
         );
+        if a.copies_lost + a.free_events_lost > 0 {
+            let _ = writeln!(
+                o,
+                "  ring full: {} allocation stacks walked by frame pointers instead of tables, {} \
+                 frees lost (their blocks stay in use)",
+                a.copies_lost, a.free_events_lost
+            );
+        }
+    }
+    if let Some(u) = &m.unwind {
+        super::render_unwind(o, "allocation stacks", u);
     }
     if let Some(b) = &m.inuse {
         render_breakdown(o, b, "in-use bytes", &bytes);

@@ -223,6 +223,9 @@ pub struct MemoryProfileOptions {
     pub rss_interval: Duration,
     /// Capacity of the kernel's table of live tracked blocks.
     pub max_tracked: u32,
+    /// Walk allocation stacks with the binaries' unwind tables (a stack copy per tracked
+    /// allocation), not by frame pointers only.
+    pub unwind_tables: bool,
     pub jit_names: JitNames,
 }
 
@@ -287,8 +290,8 @@ const UNWIND_ARG: ArgSpec = ArgSpec {
     kind: ArgKind::Enum(&["tables", "frame-pointers"]),
     default: Some("tables"),
     help: "how user stacks are walked: with the binaries' unwind tables (.eh_frame; copies \
-           16 KiB of stack per sample or signal), or by frame pointers only (cheaper; stacks of \
-           code built without them stop after a frame or two)",
+           16 KiB of stack per sample, signal or tracked allocation), or by frame pointers only \
+           (cheaper; stacks of code built without them stop after a frame or two)",
 };
 
 fn build_cpu(args: &ParsedArgs) -> ToolOptions {
@@ -438,6 +441,7 @@ const MEMORY_ARGS: &[ArgSpec] = &[
         default: Some("524288"),
         help: "live blocks the kernel can track at once; more are counted as lost",
     },
+    UNWIND_ARG,
     JIT_ARG,
 ];
 
@@ -455,6 +459,7 @@ fn build_memory(args: &ParsedArgs) -> ToolOptions {
         fault_period: u32::try_from(args.integer("fault-period")).unwrap_or(1),
         rss_interval: args.duration("rss-interval"),
         max_tracked: u32::try_from(args.integer("max-tracked")).unwrap_or(u32::MAX),
+        unwind_tables: args.choice("unwind") == "tables",
         jit_names: JitNames::parse(args),
     })
 }

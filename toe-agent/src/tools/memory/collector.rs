@@ -7,10 +7,11 @@ use std::{
     fs,
     num::NonZeroU32,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         ProgramError, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
@@ -20,18 +21,22 @@ pub use toe_artifacts::summary::memory::ProcessTracking;
 use toe_common::{
     api::{AllocationMode, MemoryProfileOptions},
     memory::{
-        CONFIG_MAP, COUNTDOWN_MAP, COUNTER_COUNT, COUNTERS_MAP, Counter, ENTER_PROGRAM,
-        EXP_TABLE_LEN, EXP_TABLE_MAP, FAULT_PROGRAM, FAULTS_MAP, Func, MemConfig, RETURN_PROGRAM,
-        SITES_MAP, STACKS_MAP, SiteKey, SiteStats, TRACK_ALLOCATIONS, TRACK_FAULTS,
+        ALLOCS_RING, CONFIG_MAP, COPY_STACKS, COUNTDOWN_MAP, COUNTER_COUNT, COUNTERS_MAP, Counter,
+        ENTER_PROGRAM, EXP_TABLE_LEN, EXP_TABLE_MAP, FAULT_PROGRAM, FAULTS_MAP, Func, MemConfig,
+        RETURN_COPY_PROGRAM, RETURN_PROGRAM, SITES_MAP, STACKS_MAP, SiteKey, SiteStats,
+        TRACK_ALLOCATIONS, TRACK_FAULTS,
     },
     stacks::StoredStack,
 };
 
 use crate::{
     ebpf::{LoadError, Loaded},
-    symbolize::RawKey,
+    symbolize::{RawKey, images::Images, user_stacks::UserStacks},
     targets::{self, CgroupTarget},
-    tools::memory::allocator::{self, Allocator},
+    tools::memory::{
+        allocator::{self, Allocator},
+        copied::CopiedSites,
+    },
 };
 
 struct ProcessState {
@@ -70,6 +75,12 @@ pub struct MemoryCollector {
     processes: BTreeMap<u32, ProcessState>,
     alloc_keys: HashMap<SiteKey, RawKey>,
     fault_keys: HashMap<SiteKey, RawKey>,
+    /// The return probe attached to each process: the one that copies stacks, or not.
+    return_program: &'static str,
+    /// Allocations unwound from their stack copies (`--unwind=tables`).
+    copied: Option<CopiedSites>,
+    /// Why allocation stacks are walked by frame pointers although tables were asked for.
+    pub fallback: Option<String>,
 }
 
 fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
@@ -125,8 +136,14 @@ fn process_age_ms(pid: u32) -> Option<u64> {
 impl MemoryCollector {
     /// Configures the kernel side and attaches the page-fault tracepoint. Allocator probes are
     /// attached per process with [`MemoryCollector::track`].
-    pub fn attach(loaded: &mut Loaded, opts: &MemoryProfileOptions) -> Result<Self, LoadError> {
+    pub fn attach(
+        loaded: &mut Loaded,
+        opts: &MemoryProfileOptions,
+        images: &Arc<Images>,
+    ) -> Result<Self, LoadError> {
         let track_allocs = opts.allocations != AllocationMode::Off;
+        let (return_program, fallback) = load_allocator_probes(loaded, opts)?;
+        let copies = return_program == RETURN_COPY_PROGRAM;
         {
             let mut config: Array<&mut MapData, MemConfig> =
                 Array::try_from(loaded.map_mut(CONFIG_MAP)?).map_err(map_err(CONFIG_MAP))?;
@@ -136,6 +153,9 @@ impl MemoryCollector {
             }
             if opts.faults {
                 flags |= TRACK_FAULTS;
+            }
+            if copies {
+                flags |= COPY_STACKS;
             }
             let cfg = MemConfig {
                 flags,
@@ -156,55 +176,7 @@ impl MemoryCollector {
                 exp.set(i, v, 0).map_err(map_err(EXP_TABLE_MAP))?;
             }
         }
-        {
-            // Each CPU starts at its own random point of the sampling process, as if it had
-            // been running; starting all at 0 would sample every CPU's first allocation.
-            let mut countdown: PerCpuArray<&mut MapData, i64> =
-                PerCpuArray::try_from(loaded.map_mut(COUNTDOWN_MAP)?)
-                    .map_err(map_err(COUNTDOWN_MAP))?;
-            let cpus = aya::util::nr_cpus().map_err(|(_, e)| LoadError::Map {
-                name: COUNTDOWN_MAP,
-                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                    call: "nr_cpus",
-                    io_error: e,
-                }),
-            })?;
-            let table = exp_table();
-            let seed = u64::from(std::process::id())
-                ^ std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| u64::from(d.subsec_nanos()));
-            let first: Vec<i64> = (0..cpus)
-                .map(|c| {
-                    let idx = (seed
-                        .wrapping_mul(6_364_136_223_846_793_005)
-                        .wrapping_add(c as u64 * 1_442_695_040_888_963_407)
-                        >> 33)
-                        % u64::from(EXP_TABLE_LEN);
-                    let e = u64::from(table[usize::try_from(idx).unwrap_or(0)]);
-                    i64::try_from(opts.sample_bytes.saturating_mul(e) >> 16).unwrap_or(i64::MAX)
-                })
-                .collect();
-            let values = PerCpuValues::try_from(first).map_err(|e| LoadError::Map {
-                name: COUNTDOWN_MAP,
-                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                    call: "per-cpu values",
-                    io_error: e,
-                }),
-            })?;
-            countdown
-                .set(0, values, 0)
-                .map_err(map_err(COUNTDOWN_MAP))?;
-        }
-        if track_allocs {
-            for name in [ENTER_PROGRAM, RETURN_PROGRAM] {
-                let prog: &mut UProbe = loaded
-                    .program_mut(name)?
-                    .try_into()
-                    .map_err(prog_err(name))?;
-                prog.load().map_err(prog_err(name))?;
-            }
-        }
+        seed_countdown(loaded, opts)?;
         if opts.faults {
             let prog: &mut TracePoint = loaded
                 .program_mut(FAULT_PROGRAM)?
@@ -227,6 +199,36 @@ impl MemoryCollector {
             processes: BTreeMap::new(),
             alloc_keys: HashMap::new(),
             fault_keys: HashMap::new(),
+            return_program,
+            copied: if copies {
+                let ring = RingBuf::try_from(loaded.take_map(ALLOCS_RING)?)
+                    .map_err(map_err(ALLOCS_RING))?;
+                Some(CopiedSites::new(ring, UserStacks::new(Arc::clone(images))))
+            } else {
+                None
+            },
+            fallback,
+        })
+    }
+
+    /// Reads the allocations and frees the kernel sent with stack copies.
+    pub fn drain_copies(&mut self) {
+        if let Some(c) = &mut self.copied {
+            c.drain();
+        }
+    }
+
+    /// How allocation stacks were unwound from their copies, when they were copied.
+    #[must_use]
+    pub fn unwind(&self) -> Option<toe_artifacts::summary::UnwindAccounting> {
+        self.copied.as_ref().map(|c| {
+            if c.frees_unknown() > 0 {
+                tracing::debug!(
+                    "{} frees of copied blocks had no allocation",
+                    c.frees_unknown()
+                );
+            }
+            crate::symbolize::user_stacks::with_table_readings(c.unwind())
         })
     }
 
@@ -271,7 +273,7 @@ impl MemoryCollector {
         match found {
             Allocator::Glibc { attach_path, path } => {
                 if !state.info.tracked {
-                    match attach_probes(loaded, pid, &attach_path) {
+                    match attach_probes(loaded, pid, &attach_path, self.return_program) {
                         Ok(links) => {
                             state.links = links;
                             state.info.tracked = true;
@@ -298,7 +300,11 @@ impl MemoryCollector {
             }
             Allocator::Unsupported(why) => {
                 // After an exec into a binary without glibc the old probes are useless.
-                detach_probes(loaded, std::mem::take(&mut state.links));
+                detach_probes(
+                    loaded,
+                    std::mem::take(&mut state.links),
+                    self.return_program,
+                );
                 state.info.tracked = false;
                 state.info.allocator = format!("not tracked: {why}");
             }
@@ -367,7 +373,11 @@ impl MemoryCollector {
     /// Reads sites first seen since the last call, so their stacks are symbolized while the
     /// processes live. Returns them for the symbolizer.
     pub fn take_new(&mut self) -> Vec<RawKey> {
-        let mut new = Vec::new();
+        let mut new = self
+            .copied
+            .as_mut()
+            .map(CopiedSites::take_new)
+            .unwrap_or_default();
         let alloc_sites: Vec<SiteKey> = self.sites.keys().flatten().collect();
         let fault_sites: Vec<SiteKey> = self.faults.keys().flatten().collect();
         for (sites, is_return) in [(alloc_sites, true), (fault_sites, false)] {
@@ -394,13 +404,17 @@ impl MemoryCollector {
 
     /// Final per-site values. Call after the probes are detached.
     pub fn finish(&mut self) -> (RawSites, Vec<RawKey>) {
+        self.drain_copies();
         let new = self.take_new();
-        let allocations = self
+        let mut allocations: Vec<(RawKey, SiteStats)> = self
             .sites
             .iter()
             .flatten()
             .filter_map(|(site, stats)| Some((self.alloc_keys.get(&site)?.clone(), stats)))
             .collect();
+        if let Some(c) = &self.copied {
+            allocations.extend(c.sites());
+        }
         let faults = self
             .faults
             .iter()
@@ -418,17 +432,99 @@ impl MemoryCollector {
     }
 }
 
+/// Starts each CPU at its own random point of the sampling process, as if it had been
+/// running: starting all at 0 would sample every CPU's first allocation.
+fn seed_countdown(loaded: &mut Loaded, opts: &MemoryProfileOptions) -> Result<(), LoadError> {
+    let mut countdown: PerCpuArray<&mut MapData, i64> =
+        PerCpuArray::try_from(loaded.map_mut(COUNTDOWN_MAP)?).map_err(map_err(COUNTDOWN_MAP))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| LoadError::Map {
+        name: COUNTDOWN_MAP,
+        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        }),
+    })?;
+    let table = exp_table();
+    let seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()));
+    let first: Vec<i64> = (0..cpus)
+        .map(|c| {
+            let idx = (seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(c as u64 * 1_442_695_040_888_963_407)
+                >> 33)
+                % u64::from(EXP_TABLE_LEN);
+            let e = u64::from(table[usize::try_from(idx).unwrap_or(0)]);
+            i64::try_from(opts.sample_bytes.saturating_mul(e) >> 16).unwrap_or(i64::MAX)
+        })
+        .collect();
+    let values = PerCpuValues::try_from(first).map_err(|e| LoadError::Map {
+        name: COUNTDOWN_MAP,
+        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "per-cpu values",
+            io_error: e,
+        }),
+    })?;
+    countdown
+        .set(0, values, 0)
+        .map_err(map_err(COUNTDOWN_MAP))?;
+    Ok(())
+}
+
+/// Loads the allocator probes (attached per process later): the return probe that copies
+/// stacks when tables are asked for and the kernel takes it. Returns the return probe loaded,
+/// and why stacks are walked by frame pointers although tables were asked for, if they are.
+fn load_allocator_probes(
+    loaded: &mut Loaded,
+    opts: &MemoryProfileOptions,
+) -> Result<(&'static str, Option<String>), LoadError> {
+    if opts.allocations == AllocationMode::Off {
+        return Ok((RETURN_PROGRAM, None));
+    }
+    // Stack copies need `bpf_task_pt_regs` (Linux 5.15): an older kernel refuses that return
+    // probe, and allocation stacks are walked by frame pointers, with a warning.
+    let mut fallback = None;
+    if opts.unwind_tables {
+        match load_uprobe(loaded, RETURN_COPY_PROGRAM) {
+            Ok(()) => {
+                load_uprobe(loaded, ENTER_PROGRAM)?;
+                return Ok((RETURN_COPY_PROGRAM, None));
+            }
+            Err(e) => {
+                fallback = Some(format!(
+                    "allocation stacks walked by frame pointers only: this kernel refused the \
+                     probe that copies them for unwind tables (it needs Linux 5.15+): {e}"
+                ));
+            }
+        }
+    }
+    load_uprobe(loaded, ENTER_PROGRAM)?;
+    load_uprobe(loaded, RETURN_PROGRAM)?;
+    Ok((RETURN_PROGRAM, fallback))
+}
+
+fn load_uprobe(loaded: &mut Loaded, name: &'static str) -> Result<(), LoadError> {
+    let prog: &mut UProbe = loaded
+        .program_mut(name)?
+        .try_into()
+        .map_err(prog_err(name))?;
+    prog.load().map_err(prog_err(name))
+}
+
 fn attach_probes(
     loaded: &mut Loaded,
     pid: u32,
     libc: &Path,
+    return_program: &'static str,
 ) -> Result<Vec<(bool, UProbeLinkId)>, LoadError> {
     let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
         return Ok(Vec::new());
     };
     let mut links = Vec::new();
     for func in Func::ALL {
-        for (is_return, name) in [(false, ENTER_PROGRAM), (true, RETURN_PROGRAM)] {
+        for (is_return, name) in [(false, ENTER_PROGRAM), (true, return_program)] {
             if is_return && func == Func::Free {
                 continue;
             }
@@ -449,7 +545,7 @@ fn attach_probes(
                     break;
                 }
                 Err(source) => {
-                    detach_probes(loaded, links);
+                    detach_probes(loaded, links, return_program);
                     return Err(LoadError::Program { name, source });
                 }
             }
@@ -458,10 +554,14 @@ fn attach_probes(
     Ok(links)
 }
 
-fn detach_probes(loaded: &mut Loaded, links: Vec<(bool, UProbeLinkId)>) {
+fn detach_probes(
+    loaded: &mut Loaded,
+    links: Vec<(bool, UProbeLinkId)>,
+    return_program: &'static str,
+) {
     for (is_return, id) in links {
         let name = if is_return {
-            RETURN_PROGRAM
+            return_program
         } else {
             ENTER_PROGRAM
         };

@@ -3,6 +3,7 @@
 
 pub mod allocator;
 pub mod collector;
+pub mod copied;
 pub mod profile;
 pub mod rss;
 
@@ -50,6 +51,14 @@ impl Tool for Memory {
             (memory::SITES_MAP, memory::MAX_SITES),
             (memory::FAULTS_MAP, memory::MAX_SITES),
             (memory::LIVE_MAP, self.opts.max_tracked),
+            (
+                memory::ALLOCS_RING,
+                if self.opts.allocations != AllocationMode::Off && self.opts.unwind_tables {
+                    memory::ALLOCS_RING_BYTES
+                } else {
+                    4096
+                },
+            ),
         ]
     }
 
@@ -61,7 +70,7 @@ impl Tool for Memory {
     }
 
     fn attach(self: Box<Self>, cx: &mut Attach<'_>) -> Result<Box<dyn ToolRun>, RunError> {
-        let mut collector = MemoryCollector::attach(cx.loaded, &self.opts)?;
+        let mut collector = MemoryCollector::attach(cx.loaded, &self.opts, cx.images)?;
         // Attached before a held command is released, so its first allocation is seen.
         let pids = collector.discover(cx.loaded, &cx.target.cgroups)?;
         if let Some(pid) = cx.held_pid {
@@ -151,6 +160,7 @@ impl ToolRun for MemoryRun {
         if self.ticks.is_multiple_of(every) {
             self.discover(cx)?;
         }
+        self.collector.drain_copies();
         Ok(())
     }
 
@@ -285,6 +295,13 @@ fn heap_artifacts(
     m.inuse = Some(summary::analyse(&heap));
     m.heap = Some(totals);
     let acc = profile::allocation_accounting(counters);
+    if acc.free_events_lost > 0 {
+        out.warnings.push(format!(
+            "{} frees lost (the kernel's ring was full): their blocks stay in use in the heap \
+             profile",
+            acc.free_events_lost
+        ));
+    }
     if acc.lost_live_map_full + acc.lost_sites_map_full + acc.lost_call_table_full > 0 {
         out.warnings.push(format!(
             "allocations lost: {} (live map full: raise --max-tracked), {} (site map full), {} \
@@ -306,6 +323,7 @@ fn finish(
     cx.symbolizer.resolve(&new);
     let counters = collector.counters();
     let mut m = MemorySummary {
+        unwind: collector.unwind(),
         mode: match opts.allocations {
             AllocationMode::Exact => "exact",
             AllocationMode::Sampled => "sampled",
@@ -321,6 +339,7 @@ fn finish(
     };
     m.coverage = coverage(&opts, &m);
     let mut out = Finished::default();
+    out.warnings.extend(collector.fallback.take());
     if sites.stacks_unverified > 0 {
         out.warnings.push(format!(
             "{} call sites shown without a stack: their stored frames failed verification",

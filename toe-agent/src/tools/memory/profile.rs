@@ -125,6 +125,8 @@ pub fn allocation_accounting(c: &MemCounters) -> AllocationAccounting {
         frees_untracked: c.get(Counter::FreesUnknown),
         frees_null: c.get(Counter::FreeNull),
         reused_without_free: c.get(Counter::Reused),
+        copies_lost: c.get(Counter::CopiesLost),
+        free_events_lost: c.get(Counter::FreeEventsLost),
     }
 }
 

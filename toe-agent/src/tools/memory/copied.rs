@@ -1,0 +1,153 @@
+//! Allocation sites kept in user space: tracked allocations the kernel sent with a copy of
+//! their caller's stack (`--unwind=tables`), unwound with the binaries' unwind tables, and the
+//! frees of those blocks. A frame-pointer hash in the kernel cannot tell the call chains of
+//! code without frame pointers apart, so these sites are keyed by the unwound stack here.
+
+use std::{collections::HashMap, mem::MaybeUninit, ptr};
+
+use aya::maps::{MapData, RingBuf};
+use toe_artifacts::summary::UnwindAccounting;
+use toe_common::{
+    memory::{AllocCopy, HEAP_ALLOC, HEAP_FREE, HeapEvent, SiteStats},
+    stacks::stack_hash,
+};
+
+use crate::symbolize::{RawKey, user_stacks::UserStacks};
+
+/// (process, hash of the unwound stack).
+type Site = (u32, u64);
+
+pub struct CopiedSites {
+    ring: RingBuf<MapData>,
+    state: State,
+}
+
+struct State {
+    stacks: UserStacks,
+    unwind: UnwindAccounting,
+    sites: HashMap<Site, (RawKey, SiteStats)>,
+    /// Blocks not freed yet: (process, address) -> (site, size).
+    live: HashMap<(u32, u64), (Site, u64)>,
+    /// Sites first seen since the last [`CopiedSites::take_new`].
+    new: Vec<RawKey>,
+    /// Frees whose allocation was never read: none unless records were reordered.
+    frees_unknown: u64,
+}
+
+impl CopiedSites {
+    #[must_use]
+    pub fn new(ring: RingBuf<MapData>, stacks: UserStacks) -> Self {
+        Self {
+            ring,
+            state: State {
+                stacks,
+                unwind: UnwindAccounting::default(),
+                sites: HashMap::new(),
+                live: HashMap::new(),
+                new: Vec::new(),
+                frees_unknown: 0,
+            },
+        }
+    }
+
+    /// Reads every record the kernel submitted, in order: a block's free always follows its
+    /// allocation in the one ring.
+    pub fn drain(&mut self) {
+        // A heap slot for one record: 16 KiB is too much to copy through the stack each time,
+        // and ring records are only 8-byte aligned.
+        let mut slot: Box<MaybeUninit<AllocCopy>> = Box::new_uninit();
+        while let Some(item) = self.ring.next() {
+            if item.len() < size_of::<HeapEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote at least a whole HeapEvent (same repr(C) layout via
+            // toe-common, every bit pattern valid); read_unaligned as records are only 8-byte
+            // aligned.
+            let event = unsafe { ptr::read_unaligned(item.as_ptr().cast::<HeapEvent>()) };
+            match event.kind {
+                HEAP_ALLOC if item.len() >= size_of::<AllocCopy>() => {
+                    // SAFETY: a whole AllocCopy (checked above), every bit pattern valid,
+                    // copied byte-wise into the slot.
+                    let copy = unsafe {
+                        ptr::copy_nonoverlapping(
+                            item.as_ptr(),
+                            slot.as_mut_ptr().cast::<u8>(),
+                            size_of::<AllocCopy>(),
+                        );
+                        slot.assume_init_ref()
+                    };
+                    self.state.alloc(copy);
+                }
+                HEAP_FREE => self.state.free(&event),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sites first seen since the last call, for the symbolizer while their processes live.
+    pub fn take_new(&mut self) -> Vec<RawKey> {
+        std::mem::take(&mut self.state.new)
+    }
+
+    /// Every site with its totals.
+    pub fn sites(&self) -> impl Iterator<Item = (RawKey, SiteStats)> + '_ {
+        self.state.sites.values().map(|(k, s)| (k.clone(), *s))
+    }
+
+    /// How the stacks were unwound.
+    #[must_use]
+    pub fn unwind(&self) -> &UnwindAccounting {
+        &self.state.unwind
+    }
+
+    #[must_use]
+    pub fn frees_unknown(&self) -> u64 {
+        self.state.frees_unknown
+    }
+}
+
+impl State {
+    fn alloc(&mut self, c: &AllocCopy) {
+        let e = &c.event;
+        // At the allocator's return the registers are its caller's: the leaf is a return
+        // address, as the frame-pointer sites' are.
+        let frames: Box<[u64]> = self
+            .stacks
+            .of(e.tgid, &c.copy, e.failed != 0, &[], &mut self.unwind)
+            .into();
+        let hash = if frames.is_empty() {
+            0
+        } else {
+            stack_hash(&frames).max(1)
+        };
+        let site = (e.tgid, hash);
+        let new = &mut self.new;
+        let (_, stats) = self.sites.entry(site).or_insert_with(|| {
+            let key = RawKey {
+                pid: e.tgid,
+                thread: [0; toe_common::TASK_COMM_LEN],
+                kstack: Box::new([]),
+                ustack: frames,
+                user_leaf_is_return: true,
+            };
+            new.push(key.clone());
+            (key, SiteStats::default())
+        });
+        stats.alloc_objects += 1;
+        stats.alloc_bytes += e.size;
+        // The kernel sends the free of an address reused before its free was seen (counted
+        // there), so an entry left here is a block still in use.
+        self.live.insert((e.tgid, e.addr), (site, e.size));
+    }
+
+    fn free(&mut self, e: &HeapEvent) {
+        let Some((site, size)) = self.live.remove(&(e.tgid, e.addr)) else {
+            self.frees_unknown += 1;
+            return;
+        };
+        if let Some((_, stats)) = self.sites.get_mut(&site) {
+            stats.free_objects += 1;
+            stats.free_bytes += size;
+        }
+    }
+}
