@@ -59,11 +59,24 @@ fn main() {
             .arg("-o")
             .arg(out.join("deep-rust")),
     );
-    // The Go workload twice: stripped as Go binaries ship, and with symbols to compare names.
-    // Offline (GOPROXY=off): it uses the standard library only.
-    for (name, flags) in [("go-hot", ""), ("go-hot-stripped", "-s -w")] {
+    // The Go workload three times: stripped as Go binaries ship (also position-independent,
+    // as distributions build them), and with symbols to compare names. Offline (GOPROXY=off):
+    // it uses the standard library only.
+    for (name, flags, mode) in [
+        ("go-hot", "", "exe"),
+        ("go-hot-stripped", "-s -w", "exe"),
+        ("go-hot-pie-stripped", "-s -w", "pie"),
+    ] {
         run(Command::new("go")
-            .args(["build", "-trimpath", "-ldflags", flags, "-o"])
+            .args([
+                "build",
+                "-trimpath",
+                "-buildmode",
+                mode,
+                "-ldflags",
+                flags,
+                "-o",
+            ])
             .arg(out.join(name))
             .arg("workloads/hot.go")
             .env("GOCACHE", out.join("go-cache"))

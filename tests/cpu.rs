@@ -908,7 +908,8 @@ fn node_jit_frames_are_named_from_its_perf_map_or_the_summary_says_how() {
 /// from its `.gopclntab`: at least 95% of its frames are symbolized, its hot stack has the
 /// same names as the build with symbols (inlined functions included), and the pprof carries
 /// Go's file and line. The hot leaf's caller is in its stacks although the leaf sets no frame
-/// pointer.
+/// pointer. The same holds for the position-independent build distributions make, whose table
+/// sits in `.data.rel.ro.gopclntab`.
 #[test]
 fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
     let test = "a_stripped_go_binary_is_symbolized_from_its_function_table";
@@ -918,7 +919,7 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
     let _turn = cpu_turn();
     let mut hottest = Vec::new();
     let mut through_mix = Vec::new();
-    for build in ["go-hot-stripped", "go-hot"] {
+    for build in ["go-hot-stripped", "go-hot", "go-hot-pie-stripped"] {
         let target = toe_tests::TestProcess(
             Command::new(workload(build))
                 .arg("30")
@@ -951,7 +952,7 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
                 .map(|(_, n)| n)
                 .sum::<u64>(),
         );
-        if build == "go-hot-stripped" {
+        if build != "go-hot" {
             let text = pprof_top_lines(&sink);
             assert!(
                 text.lines()
@@ -961,6 +962,10 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
         }
     }
     assert_eq!(hottest[0], hottest[1], "stripped vs. with symbols");
+    assert_eq!(
+        hottest[2], hottest[1],
+        "stripped position-independent vs. with symbols"
+    );
     // hotLoop keeps no frame of its own: its caller comes from the function table's stack
     // deltas, not the frame-pointer walk. mix was inlined into it (the build with symbols has
     // no function of that name), and its frame comes from the function table's inline tree.
@@ -989,7 +994,8 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
     } else {
         assert!(
             through_mix.iter().all(|&n| n > 0),
-            "samples through the inlined main.mix (stripped, with symbols): {through_mix:?}"
+            "samples through the inlined main.mix (stripped, with symbols, stripped PIE): \
+             {through_mix:?}"
         );
     }
 }

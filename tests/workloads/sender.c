@@ -1,7 +1,8 @@
 /* Signals a process through glibc's kill(2) from a call chain built without frame pointers
  * (-O2 -fomit-frame-pointer): main -> send_all -> send_one -> kill. `sender-c PID SIGNAL COUNT`
- * prints how many it sent, then stays a second (as a service's process would: one that exits
- * within a millisecond of signalling can be gone before its mappings are read). Only unwind
+ * prints how many it sent, then stays three seconds (as a service's process would: one that exits
+ * within a millisecond of signalling can be gone before its mappings are read, and under
+ * instruction emulation beside other tests that reading can take a second). Only unwind
  * tables (.eh_frame) walk its stack back to `main`. */
 #include <signal.h>
 #include <stdio.h>
@@ -33,6 +34,6 @@ int main(int argc, char **argv) {
     send_all((pid_t)atoi(argv[1]), atoi(argv[2]), atol(argv[3]));
     printf("%ld\n", sent);
     fflush(stdout);
-    sleep(1);
+    sleep(3);
     return 0;
 }

@@ -79,8 +79,50 @@ pub struct ElfFacts {
     link: Option<(String, u32)>,
     /// The fullest names it carries itself.
     pub names: OwnNames,
-    /// Loadable segments: (file offset, virtual address, file size).
-    loads: Vec<(u64, u64, u64)>,
+    loads: Segments,
+}
+
+/// An ELF file's loadable segments: (file offset, virtual address, file size) each, to turn
+/// file offsets (what a process's mappings give) into the addresses its tables speak of, and
+/// back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Segments(Vec<(u64, u64, u64)>);
+
+impl Segments {
+    #[must_use]
+    pub fn of<'d, R: object::ReadRef<'d>>(obj: &object::File<'d, R>) -> Self {
+        Self(
+            obj.segments()
+                .map(|s| {
+                    let (off, size) = s.file_range();
+                    (off, s.address(), size)
+                })
+                .collect(),
+        )
+    }
+
+    /// The virtual address of file offset `offset`.
+    #[must_use]
+    pub fn address(&self, offset: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|&&(off, _, size)| offset >= off && offset - off < size)
+            .map(|&(off, vaddr, _)| vaddr + (offset - off))
+    }
+
+    /// The file offset of virtual address `address`.
+    #[must_use]
+    pub fn offset(&self, address: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|&&(_, a, size)| address >= a && address - a < size)
+            .map(|&(o, a, _)| o + (address - a))
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl ElfFacts {
@@ -115,13 +157,7 @@ impl ElfFacts {
             } else {
                 OwnNames::Nothing
             },
-            loads: obj
-                .segments()
-                .map(|s| {
-                    let (off, size) = s.file_range();
-                    (off, s.address(), size)
-                })
-                .collect(),
+            loads: Segments::of(&obj),
         }
     }
 
@@ -129,10 +165,7 @@ impl ElfFacts {
     /// its debug file's speak of).
     #[must_use]
     pub fn virtual_address(&self, offset: u64) -> Option<u64> {
-        self.loads
-            .iter()
-            .find(|&&(off, _, size)| offset >= off && offset - off < size)
-            .map(|&(off, vaddr, _)| vaddr + (offset - off))
+        self.loads.address(offset)
     }
 
     /// The build-id in lower-case hex, as `readelf -n` and pprof write it.
@@ -301,7 +334,7 @@ mod tests {
     #[test]
     fn file_offsets_become_the_binarys_virtual_addresses() {
         let f = ElfFacts {
-            loads: vec![(0, 0, 0x1000), (0x1000, 0x40_1000, 0x2000)],
+            loads: Segments(vec![(0, 0, 0x1000), (0x1000, 0x40_1000, 0x2000)]),
             ..ElfFacts::default()
         };
         assert_eq!(f.virtual_address(0x1500), Some(0x40_1500));

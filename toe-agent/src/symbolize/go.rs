@@ -13,7 +13,9 @@
 
 use std::{fs::File, os::unix::fs::FileExt, path::Path};
 
-use object::{Object, ObjectSection, ObjectSegment};
+use object::{Object, ObjectSection};
+
+use super::debuginfo::Segments;
 
 /// Header magics: Go 1.16-1.17, 1.18-1.19, 1.20 and later.
 const GO116: u32 = 0xffff_fffa;
@@ -71,13 +73,12 @@ pub struct GoTable {
     /// Each function's entry address and its record's offset (from `pcln`), sorted, ending
     /// with the end of the last function.
     entries: Vec<(u64, u64)>,
-    /// Loaded segments: (file offset, address, file size), to turn file offsets into
-    /// addresses.
-    loads: Vec<(u64, u64, u64)>,
+    loads: Segments,
     /// The address func-data offsets are relative to (the module data's `gofunc`, Go 1.18 and
     /// later; func data are absolute addresses before): where inline trees are found. `None`
-    /// when the module data was not found (a position-independent binary keeps its pointers in
-    /// relocations), and inlined frames are then not expanded.
+    /// when the module data was not found, and inlined frames are then not expanded. (A
+    /// position-independent binary from Go's own linker has its link-time addresses written in
+    /// place as well as in its relocations, so it is found there too.)
     gofunc: Option<u64>,
 }
 
@@ -147,8 +148,8 @@ fn decode_pcvalue(table: &[u8], entry: u64, pc: u64, quantum: u64) -> Decoded {
     }
 }
 
-/// Where the table starts in `data`: at 0 for a `.gopclntab` section; searched for in
-/// `.data.rel.ro`, where position-independent Go binaries keep it.
+/// Where the table starts in `data`: at 0 for a section of its own; searched for in
+/// `.data.rel.ro`, where an external linker puts it in a position-independent Go binary.
 fn find_header(data: &[u8], search: bool) -> Option<usize> {
     let valid = |at: usize| {
         let h = data.get(at..at + 8)?;
@@ -173,19 +174,18 @@ impl GoTable {
         let (base, len, loads, text, noptrdata) = {
             let cache = object::ReadCache::new(&file);
             let obj = object::File::parse(&cache).ok()?;
-            let loads: Vec<(u64, u64, u64)> = obj
-                .segments()
-                .map(|s| {
-                    let (off, size) = s.file_range();
-                    (off, s.address(), size)
-                })
-                .collect();
+            let loads = Segments::of(&obj);
             let text = obj.section_by_name(".text").map(|s| s.address());
             // Where the linker puts the module data, which says where inline trees are.
             let noptrdata = obj
                 .section_by_name(".noptrdata")
                 .and_then(|s| s.file_range());
-            let (section, search) = match obj.section_by_name(".gopclntab") {
+            // Position-independent builds name it `.data.rel.ro.gopclntab` (Go's own linker)
+            // or merge it into `.data.rel.ro` (an external linker).
+            let own = obj
+                .section_by_name(".gopclntab")
+                .or_else(|| obj.section_by_name(".data.rel.ro.gopclntab"));
+            let (section, search) = match own {
                 Some(s) => (s, false),
                 // A Go binary says so in a section of its own; only then is the search worth it.
                 None if obj.section_by_name(".go.buildinfo").is_some() => {
@@ -297,11 +297,7 @@ impl GoTable {
     /// The address of file offset `offset`, the entry of the function holding it, and that
     /// function's record.
     fn function_at(&self, offset: u64) -> Option<(u64, u64, Vec<u8>)> {
-        let &(seg_off, seg_addr, _) = self
-            .loads
-            .iter()
-            .find(|&&(o, _, size)| offset >= o && offset - o < size)?;
-        let pc = (offset - seg_off).checked_add(seg_addr)?;
+        let pc = self.loads.address(offset)?;
         let i = self.entries.partition_point(|e| e.0 <= pc);
         if i == 0 || i >= self.entries.len() {
             return None;
@@ -353,15 +349,7 @@ impl GoTable {
             }
             gofunc.checked_add(u64::from(off))?
         };
-        self.file_offset(address)
-    }
-
-    /// The file offset of a loaded address.
-    fn file_offset(&self, address: u64) -> Option<u64> {
-        self.loads
-            .iter()
-            .find(|&&(_, a, size)| address >= a && address - a < size)
-            .map(|&(o, a, _)| o + (address - a))
+        self.loads.offset(address)
     }
 
     /// Entry `index` of the inline tree at `tree`: the called function's name offset and the
