@@ -139,9 +139,18 @@ fn a_leak_without_frame_pointers_is_attributed_to_its_call_chain_up_to_main() {
          copies lost {}; {unwind:?}",
         a.copies_lost
     );
-    // The ring holds 180 copies and is read every 25 ms; the leak allocates one per
-    // millisecond, so only a stalled reader loses copies (counted, walked by frame pointers).
-    assert!(whole * 100 >= leaked * 95, "{inuse:?}; {a:?}; {unwind:?}");
+    // Every leaked block is attributed through the whole chain unless its copy found the ring
+    // full, which is counted (each lost copy is one block of `keep` or `churn`; on the host none
+    // is lost and the two are equal). The ring holds 180 copies and is read every 25 ms, and
+    // the workload makes two per millisecond: only a stalled reader loses copies, which under
+    // instruction emulation beside other tests happens (11% lost in the 6.12 VM once).
+    assert!(
+        leaked - whole <= a.copies_lost * size,
+        "{} leaked bytes not through the chain, {} copies lost: {inuse:?}; {a:?}; {unwind:?}",
+        leaked - whole,
+        a.copies_lost
+    );
+    assert!(whole * 2 >= leaked, "{inuse:?}; {a:?}; {unwind:?}");
     assert_eq!(a.free_events_lost, 0, "{a:?}");
     assert!(unwind.tables > 0 && unwind.copy_errors == 0, "{unwind:?}");
     // The same leak by frame pointers: its chain is not there.
