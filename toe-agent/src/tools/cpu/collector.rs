@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    ptr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -337,18 +336,8 @@ pub fn drain_ring(
     // around.
     let mut sample: Box<std::mem::MaybeUninit<Sample>> = Box::new_uninit();
     while let Some(item) = ring.next() {
-        if item.len() >= size_of::<Sample>() {
-            // SAFETY: the kernel wrote a whole `Sample` (same repr(C) layout via toe-common,
-            // every bit pattern valid); ring records are only 8-byte aligned, so the bytes are
-            // copied rather than referenced.
-            let s = unsafe {
-                ptr::copy_nonoverlapping(
-                    item.as_ptr(),
-                    sample.as_mut_ptr().cast::<u8>(),
-                    size_of::<Sample>(),
-                );
-                sample.assume_init_ref()
-            };
+        // SAFETY: `Sample` is the kernel's repr(C) record, every bit pattern valid.
+        if let Some(s) = unsafe { crate::ebpf::record_into(&item, &mut sample) } {
             let ustack = cpu_user_stack(stacks, s, &mut profile.unwind);
             profile.add(s, ustack);
             n += 1;

@@ -53,8 +53,6 @@ impl CopiedSites {
     /// Reads every record the kernel submitted, in order: a block's free always follows its
     /// allocation in the one ring.
     pub fn drain(&mut self) {
-        // A heap slot for one record: 16 KiB is too much to copy through the stack each time,
-        // and ring records are only 8-byte aligned.
         let mut slot: Box<MaybeUninit<AllocCopy>> = Box::new_uninit();
         while let Some(item) = self.ring.next() {
             if item.len() < size_of::<HeapEvent>() {
@@ -65,18 +63,12 @@ impl CopiedSites {
             // aligned.
             let event = unsafe { ptr::read_unaligned(item.as_ptr().cast::<HeapEvent>()) };
             match event.kind {
-                HEAP_ALLOC if item.len() >= size_of::<AllocCopy>() => {
-                    // SAFETY: a whole AllocCopy (checked above), every bit pattern valid,
-                    // copied byte-wise into the slot.
-                    let copy = unsafe {
-                        ptr::copy_nonoverlapping(
-                            item.as_ptr(),
-                            slot.as_mut_ptr().cast::<u8>(),
-                            size_of::<AllocCopy>(),
-                        );
-                        slot.assume_init_ref()
-                    };
-                    self.state.alloc(copy);
+                HEAP_ALLOC => {
+                    // SAFETY: `AllocCopy` is the kernel's repr(C) record, every bit pattern
+                    // valid.
+                    if let Some(copy) = unsafe { crate::ebpf::record_into(&item, &mut slot) } {
+                        self.state.alloc(copy);
+                    }
                 }
                 HEAP_FREE => self.state.free(&event),
                 _ => {}
