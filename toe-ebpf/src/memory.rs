@@ -343,6 +343,20 @@ fn record(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
 /// A tracked allocation sent to user space with its stack copy; its block is marked so its free
 /// follows it there. When the ring is full it is recorded by frame pointers instead (counted).
 fn record_copied(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
+    let key = LiveKey {
+        tgid,
+        reserved: 0,
+        addr,
+    };
+    // An address still tracked (its free went by a path without a probe, or the process
+    // re-executed) is replaced by `record`, which releases the old block before anything of the
+    // new one is in the ring: a copy reserved first would reach user space before the old
+    // block's free, which would then be matched to the new block.
+    // SAFETY: only the presence of the entry is read.
+    if unsafe { LIVE.get(&key) }.is_some() {
+        record(ctx, tgid, addr, size);
+        return;
+    }
     // Copies leave room for the frees that must follow them: a free that finds the ring full
     // leaves its block in use in the profile, while an allocation not copied is only walked
     // by frame pointers.
@@ -355,11 +369,6 @@ fn record_copied(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
         record(ctx, tgid, addr, size);
         return;
     };
-    let key = LiveKey {
-        tgid,
-        reserved: 0,
-        addr,
-    };
     let block = LiveBlock {
         size,
         site: SiteKey {
@@ -369,18 +378,12 @@ fn record_copied(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
         },
     };
     if LIVE.insert(&key, &block, u64::from(BPF_NOEXIST)).is_err() {
-        let Some(old) = (unsafe { LIVE.get(&key) }).copied() else {
-            count(Counter::LiveMapFull);
-            entry.discard(0);
-            return;
-        };
-        release(tgid, addr, &old);
-        count(Counter::Reused);
-        if LIVE.insert(&key, &block, u64::from(BPF_ANY)).is_err() {
-            count(Counter::LiveMapFull);
-            entry.discard(0);
-            return;
-        }
+        // Full, or another thread tracked the address since the look-up above (the allocator
+        // handed it out twice at once, which only a broken target does): the frame-pointer
+        // path counts either case.
+        entry.discard(0);
+        record(ctx, tgid, addr, size);
+        return;
     }
     let c = entry.as_mut_ptr();
     // SAFETY: `c` is an exclusively owned, reserved AllocCopy-sized record; `copy_user` writes
