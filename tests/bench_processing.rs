@@ -5,6 +5,8 @@
 //! - `toe SOURCE OUT`: TOE's whole processing pass (merged flamegraph, differential, merged pprof,
 //!   rules, HTML report) over the captures below SOURCE into OUT, each a directory or a store URL
 //!   (`s3://...`, with the store's credentials in the environment);
+//! - `upload DIR URL`: every file below DIR written to the store at URL (an `s3://` bucket) by
+//!   its API, as agents write their captures;
 //! - `inferno DIR OUT`: the hand-made baseline, every stacks.folded concatenated into one inferno
 //!   flamegraph (`cat */stacks.folded | inferno-flamegraph`).
 
@@ -166,11 +168,17 @@ fn toe(source: &str, out: &str) {
             ..toe_report::process::Options::default()
         },
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // As the operator runs a processing: on a blocking thread of a multi-threaded runtime, whose
+    // workers drive the store's connections.
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let mut done = rt.block_on(toe_report::store::run(&job)).unwrap();
+    let handle = rt.handle().clone();
+    let mut done = rt
+        .block_on(rt.spawn_blocking(move || handle.block_on(toe_report::store::run(&job))))
+        .unwrap()
+        .unwrap();
     let html = done.outcome.file("report.html").map_or(0, |b| b.len());
     println!(
         "{} {} {html}",
@@ -217,6 +225,47 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Writes every file below `dir` to `url` through the store's API. A store that serves files
+/// it did not write itself has none of its metadata: s3s-fs then hashes a whole object on every
+/// read to make its ETag, which no store does for objects uploaded to it, as agents' captures are.
+fn upload(dir: &Path, url: &str) {
+    use futures::StreamExt as _;
+    use object_store::ObjectStoreExt as _;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (store, base) = toe_artifacts::store::open(&dir_url(url)).unwrap();
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (store, base) = (&store, &base);
+    rt.block_on(
+        futures::stream::iter(files)
+            .map(|p| async move {
+                let rel = p.strip_prefix(dir).unwrap().to_str().unwrap().to_owned();
+                let path: object_store::path::Path = base
+                    .parts()
+                    .chain(rel.split('/').map(object_store::path::PathPart::from))
+                    .collect();
+                let data = std::fs::read(&p).unwrap();
+                store.put(&path, data.into()).await.unwrap();
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<()>>(),
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
@@ -227,9 +276,10 @@ fn main() {
             arg(4).parse().unwrap(),
         ),
         "toe" => toe(arg(2), arg(3)),
+        "upload" => upload(Path::new(arg(2)), arg(3)),
         "inferno" => baseline(Path::new(arg(2)), Path::new(arg(3))),
         other => {
-            eprintln!("bench-processing: unknown mode {other:?}; use generate|toe|inferno");
+            eprintln!("bench-processing: unknown mode {other:?}; use generate|upload|toe|inferno");
             std::process::exit(2);
         }
     }

@@ -297,11 +297,8 @@ pub async fn load_one(
     files: &[(String, u64)],
     label: &str,
 ) -> Result<Capture, ReadError> {
-    let mut c = load(store, base, dir, files).await?;
-    if !label.is_empty() {
-        c.run = format!("{label}/{}", c.run);
-    }
-    Ok(c)
+    let fetched = fetch(store, dir, files).await?;
+    parse(base, dir, fetched, label)
 }
 
 /// Loads every capture below `base`; see [`list`] and [`load_one`].
@@ -328,24 +325,69 @@ async fn get(store: &dyn ObjectStore, path: &StorePath) -> Result<Bytes, ReadErr
     })
 }
 
-async fn load(
+/// A capture's files as read from the store, by name, before any is parsed.
+pub type Fetched = BTreeMap<&'static str, Bytes>;
+
+/// The files of a capture that are read: the summary (which every capture has: its absence is
+/// the read's error), and of those `present`, every folded profile and pprof file, signal
+/// events, the RSS series and the first timeline.
+fn wanted(present: &[(String, u64)]) -> Vec<&'static str> {
+    let has = |name: &str| present.iter().any(|f| f.0 == name);
+    let timeline = [names::RUN_TIMELINE, names::SIGNAL_TIMELINE]
+        .into_iter()
+        .map(|t| t.file)
+        .find(|f| has(f));
+    let optional = ProfileKind::ALL
+        .map(ProfileKind::folded_file)
+        .into_iter()
+        .chain(names::PPROF_FILES.map(|n| n.file))
+        .chain([names::SIGNAL_EVENTS.file, names::RSS_JSON.file])
+        .filter(|f| has(f));
+    std::iter::once(names::SUMMARY.file)
+        .chain(optional)
+        .chain(timeline)
+        .collect()
+}
+
+/// Reads the files of the capture in `dir` that [`parse`] uses, all at once: against a remote
+/// store each read is mostly waiting. Refuses a capture with a file over [`MAX_FILE_BYTES`]
+/// before reading anything.
+pub async fn fetch(
     store: &dyn ObjectStore,
-    base: &StorePath,
     dir: &StorePath,
     present: &[(String, u64)],
+) -> Result<Fetched, ReadError> {
+    if let Some((name, size)) = present.iter().find(|f| f.1 > MAX_FILE_BYTES) {
+        return Err(ReadError::Parse {
+            path: dir.clone().join(name.as_str()).to_string(),
+            message: format!(
+                "{size} bytes, more than the {MAX_FILE_BYTES} a capture file may have"
+            ),
+        });
+    }
+    futures::future::try_join_all(
+        wanted(present)
+            .into_iter()
+            .map(|name| async move { Ok((name, get(store, &dir.clone().join(name)).await?)) }),
+    )
+    .await
+    .map(|files| files.into_iter().collect())
+}
+
+/// Parses the files [`fetch`] read from the capture in `dir` (below `base`); `label` as in
+/// [`load_one`]. CPU-bound (a folded profile of megabytes), so callers that read many
+/// captures run it beside the reads of the next ones.
+pub fn parse(
+    base: &StorePath,
+    dir: &StorePath,
+    mut fetched: Fetched,
+    label: &str,
 ) -> Result<Capture, ReadError> {
     let parse_err = |name: &str, message: String| ReadError::Parse {
         path: dir.clone().join(name).to_string(),
         message,
     };
-    if let Some((name, size)) = present.iter().find(|f| f.1 > MAX_FILE_BYTES) {
-        return Err(parse_err(
-            name,
-            format!("{size} bytes, more than the {MAX_FILE_BYTES} a capture file may have"),
-        ));
-    }
-    let has = |name: &str| present.iter().any(|f| f.0 == name);
-    let raw = get(store, &dir.clone().join(names::SUMMARY.file)).await?;
+    let raw = fetched.remove(names::SUMMARY.file).unwrap_or_default();
     let summary: Summary =
         serde_json::from_slice(&raw).map_err(|e| parse_err(names::SUMMARY.file, e.to_string()))?;
     let rel: Vec<String> = match dir.prefix_match(base) {
@@ -362,8 +404,7 @@ async fn load(
         ..Capture::default()
     };
     for kind in ProfileKind::ALL {
-        if has(kind.folded_file()) {
-            let raw = get(store, &dir.clone().join(kind.folded_file())).await?;
+        if let Some(raw) = fetched.remove(kind.folded_file()) {
             let mut folded = Folded::parse(&String::from_utf8_lossy(&raw))
                 .map_err(|e| parse_err(kind.folded_file(), e.to_string()))?;
             let cut = limit_depth(&mut folded);
@@ -377,13 +418,11 @@ async fn load(
         }
     }
     for name in names::PPROF_FILES.map(|n| n.file) {
-        if has(name) {
-            c.pprof
-                .insert(name.to_owned(), get(store, &dir.clone().join(name)).await?);
+        if let Some(raw) = fetched.remove(name) {
+            c.pprof.insert(name.to_owned(), raw);
         }
     }
-    if has(names::SIGNAL_EVENTS.file) {
-        let raw = get(store, &dir.clone().join(names::SIGNAL_EVENTS.file)).await?;
+    if let Some(raw) = fetched.remove(names::SIGNAL_EVENTS.file) {
         for line in String::from_utf8_lossy(&raw)
             .lines()
             .filter(|l| !l.is_empty())
@@ -394,16 +433,15 @@ async fn load(
             }
         }
     }
-    if has(names::RSS_JSON.file) {
-        let raw = get(store, &dir.clone().join(names::RSS_JSON.file)).await?;
+    if let Some(raw) = fetched.remove(names::RSS_JSON.file) {
         c.rss = serde_json::from_slice(&raw)
             .map_err(|e| parse_err(names::RSS_JSON.file, e.to_string()))?;
     }
-    for timeline in [names::RUN_TIMELINE, names::SIGNAL_TIMELINE] {
-        if has(timeline.file) {
-            c.timeline_svg = Some(get(store, &dir.clone().join(timeline.file)).await?);
-            break;
-        }
+    c.timeline_svg = [names::RUN_TIMELINE, names::SIGNAL_TIMELINE]
+        .into_iter()
+        .find_map(|t| fetched.remove(t.file));
+    if !label.is_empty() {
+        c.run = format!("{label}/{}", c.run);
     }
     Ok(c)
 }

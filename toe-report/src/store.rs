@@ -114,7 +114,16 @@ pub async fn run(job: &Job) -> Result<JobOutcome, StoreError> {
         let (store, base) = (&store, &base);
         let mut loads = futures::stream::iter(dirs)
             .map(|(dir, files)| async move {
-                capture::load_one(store.as_ref(), base, &dir, &files, &s.label).await
+                let fetched = capture::fetch(store.as_ref(), &dir, &files).await?;
+                // Parsed off this task, beside the merge of the capture before and the reads
+                // of the ones after.
+                let (base, label, path) = (base.clone(), s.label.clone(), dir.to_string());
+                tokio::task::spawn_blocking(move || capture::parse(&base, &dir, fetched, &label))
+                    .await
+                    .map_err(|e| capture::ReadError::Parse {
+                        path,
+                        message: format!("parsing stopped: {e}"),
+                    })?
             })
             .buffered(READ_AHEAD);
         while let Some(loaded) = loads.next().await {

@@ -1122,10 +1122,20 @@ fn processing_bench(rounds: usize, profiles: u64, stacks: u64) -> Result<()> {
             .args([profiles.to_string(), stacks.to_string()]),
     )?;
     let s3 = S3::start(&tmp.join("s3"))?;
-    if s3.is_none() {
-        eprintln!(
+    match &s3 {
+        None => eprintln!(
             "bench processing: no S3 server (run `cargo xtask bootstrap --tests`): file:// only"
-        );
+        ),
+        // Written again through the server's API, as agents write captures: objects the
+        // server did not write carry none of its metadata, and it would hash each one whole on
+        // every read (work no store does on objects it holds).
+        Some(s3) => crate::run(
+            Command::new(root().join("target/release/bench-processing"))
+                .arg("upload")
+                .arg(data.join("bench"))
+                .arg(format!("s3://{}/bench/", S3::BUCKET))
+                .envs(s3.env.iter().map(|(k, v)| (k, v))),
+        )?,
     }
     let file_src = data.join("bench/cpu").display().to_string();
     let file_out = tmp.join("out-toe").display().to_string();
