@@ -482,12 +482,18 @@ uretprobe:LIBC:malloc /@req[tid]/ { @sz[retval] = @req[tid]; @site[ustack] = sum
 uprobe:LIBC:free /@sz[arg0]/ { delete(@sz[arg0]); }
 ";
 
+/// A memory-profile spec for a bench mode: a `--mode` value, or `exact-fp` (exact, its stacks
+/// walked by frame pointers instead of copied and unwound with tables, the default).
 fn memory_spec(dir: &Path, mode: &str) -> Result<std::path::PathBuf> {
-    let m = format!("--mode={mode}");
+    let args = match mode.strip_suffix("-fp") {
+        Some(m) => vec![format!("--mode={m}"), "--unwind=frame-pointers".to_owned()],
+        None => vec![format!("--mode={mode}")],
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     spec_file(
         dir,
         &format!("memory-{mode}"),
-        &powertool("memory-profile", "5m", &[&m]),
+        &powertool("memory-profile", "5m", &args),
     )
 }
 
@@ -502,7 +508,7 @@ fn memory_bench(rounds: usize, allocs: u64, work: u32) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     let script = tmp.join("peer.bt");
     std::fs::write(&script, BPFTRACE_PEER.replace("LIBC", libc))?;
-    let modes = ["none", "exact", "sampled", "growth", "bpftrace"];
+    let modes = ["none", "exact", "exact-fp", "sampled", "growth", "bpftrace"];
     let workload = [
         "allocs".to_owned(),
         allocs.to_string(),
