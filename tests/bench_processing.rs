@@ -233,18 +233,7 @@ fn upload(dir: &Path, url: &str) {
     use object_store::ObjectStoreExt as _;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (store, base) = toe_artifacts::store::open(&dir_url(url)).unwrap();
-    let mut files = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                files.push(p);
-            }
-        }
-    }
+    let files = walk(dir);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -28,6 +28,25 @@ fn site_total(lines: &[(String, u64)], function: &str, pid: Option<u32>) -> u64 
         .sum()
 }
 
+/// A memory profile of `leak-c COUNT SIZE [extra...]` with the tool arguments `args`.
+fn leak_c(
+    args: &[&str],
+    count: u64,
+    size: u64,
+    extra: &[&str],
+) -> (toe_agent::run::Outcome, toe_agent::sink::MemorySink) {
+    let mut command = vec![
+        workload("leak-c").into_os_string(),
+        count.to_string().into(),
+        size.to_string().into(),
+    ];
+    command.extend(extra.iter().map(Into::into));
+    profile(
+        &tool_spec("memory-profile", "60s", args),
+        TargetSpec::Command(command),
+    )
+}
+
 fn leak_command(
     mode_args: &[&str],
     count: &str,
@@ -107,16 +126,7 @@ fn a_leak_without_frame_pointers_is_attributed_to_its_call_chain_up_to_main() {
         return;
     }
     let (count, size) = (1500u64, 4096u64);
-    let run = |unwind: &str| {
-        profile(
-            &tool_spec("memory-profile", "60s", &["--mode=exact", unwind]),
-            TargetSpec::Command(vec![
-                workload("leak-c").into_os_string(),
-                count.to_string().into(),
-                size.to_string().into(),
-            ]),
-        )
-    };
+    let run = |unwind: &str| leak_c(&["--mode=exact", unwind], count, size, &[]);
     let (outcome, sink) = run("--unwind=tables");
     assert_eq!(outcome.ended, Ended::CommandExited(0));
     let m = outcome.summary.memory.as_ref().expect("memory section");
@@ -172,19 +182,7 @@ fn an_address_reused_after_exec_frees_the_old_block_before_the_new_one_is_tracke
         return;
     }
     let (count, size) = (500u64, 4096u64);
-    let (outcome, sink) = profile(
-        &tool_spec(
-            "memory-profile",
-            "60s",
-            &["--mode=exact", "--unwind=tables"],
-        ),
-        TargetSpec::Command(vec![
-            workload("leak-c").into_os_string(),
-            count.to_string().into(),
-            size.to_string().into(),
-            "exec".into(),
-        ]),
-    );
+    let (outcome, sink) = leak_c(&["--mode=exact", "--unwind=tables"], count, size, &["exec"]);
     assert_eq!(outcome.ended, Ended::CommandExited(0));
     let m = outcome.summary.memory.as_ref().expect("memory section");
     let a = m.allocations.as_ref().expect("allocation accounting");
