@@ -53,6 +53,18 @@ fn by_reason(lines: &[(String, u64)], pid: u32, function: &str) -> BTreeMap<Stri
     out
 }
 
+/// Every kernel the suite runs on has BTF: the program runs on the target's own perf events,
+/// not on every switch of the node.
+fn assert_own_events(s: &OffcpuSummary) {
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        assert!(
+            s.mechanism.starts_with("context-switch perf events"),
+            "{}",
+            s.mechanism
+        );
+    }
+}
+
 fn within(measured: u64, truth: u64, tolerance: f64, what: &str) {
     #[expect(clippy::cast_precision_loss, reason = "a ratio")]
     let error = (measured as f64 - truth as f64).abs() / truth as f64;
@@ -69,6 +81,7 @@ fn each_wait_is_timed_per_function_with_its_reason() {
         return;
     }
     let (truth, pid, s, sink) = profile_waits("3", &[]);
+    assert_own_events(&s);
     let lines = folded_file(&sink, "offcpu.folded");
     let cases = [
         ("toe_demo::waits::sleep_waits", "sleep_waits", "blocked"),
@@ -153,6 +166,80 @@ fn each_wait_is_timed_per_function_with_its_reason() {
     }
 }
 
+/// Where the perf events cannot be used (no BTF, no perf events for the cgroup), every switch
+/// is traced on `sched_switch`: the same waits, timed the same way.
+#[test]
+fn the_tracepoint_fallback_times_the_same_waits() {
+    if !require_root("the_tracepoint_fallback_times_the_same_waits") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let truth_file = dir.path().join("waits.json");
+    let out_dir = dir.path().join("out");
+    let (demo, out_arg) = (bin("toe-demo"), out_dir.to_str().expect("utf-8"));
+    std::fs::write(
+        dir.path().join("spec.yaml"),
+        tool_spec("offcpu-profile", "60s", &[]),
+    )
+    .expect("spec");
+    let out = std::process::Command::new(bin("toe"))
+        .current_dir(dir.path())
+        .env(toe_agent::tools::offcpu::collector::TRACEPOINT_ENV, "1")
+        .args([
+            "run",
+            "--no-progress",
+            "--json",
+            "-f",
+            "spec.yaml",
+            "--output",
+            out_arg,
+            "--",
+        ])
+        .arg(&demo)
+        .args(["waits", "2"])
+        .arg(&truth_file)
+        .output()
+        .expect("run toe");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let mechanism = summary["offcpu"]["mechanism"].as_str().expect("mechanism");
+    assert!(mechanism.contains("tracepoint"), "{mechanism}");
+    let truth: Value =
+        serde_json::from_slice(&std::fs::read(&truth_file).expect("truth")).expect("json");
+    let run_dir = std::fs::read_dir(&out_dir)
+        .expect("output")
+        .flatten()
+        .next()
+        .expect("a run directory")
+        .path();
+    let lines: Vec<(String, u64)> = std::fs::read_to_string(run_dir.join("offcpu.folded"))
+        .expect("folded")
+        .lines()
+        .map(|l| {
+            let (stack, n) = l.rsplit_once(' ').expect("value");
+            (stack.to_owned(), n.parse().expect("number"))
+        })
+        .collect();
+    let pid = target_pid(summary["target"].as_str().expect("target"));
+    for (function, key) in [
+        ("toe_demo::waits::sleep_waits", "sleep_waits"),
+        ("toe_demo::waits::pipe_waits", "pipe_waits"),
+    ] {
+        let total: u64 = by_reason(&lines, pid, function).values().sum();
+        within(
+            total,
+            truth[key]["waited_ns"].as_u64().expect("waited_ns"),
+            0.05,
+            function,
+        );
+    }
+}
+
 #[test]
 fn on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time() {
     if !require_root("on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time") {
@@ -233,6 +320,8 @@ fn a_cpu_quota_shows_as_runnable_time_that_the_cgroup_did_not_run() {
     #[expect(clippy::cast_precision_loss, reason = "a ratio")]
     let ran = (ran_ns(a.pid()) + ran_ns(b.pid()) - ran0) as f64;
     let s = outcome.summary.offcpu.expect("an off-CPU section");
+    // A cgroup target: one event per CPU for the cgroup.
+    assert_own_events(&s);
     let runnable = s
         .reasons
         .iter()

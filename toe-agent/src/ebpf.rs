@@ -54,6 +54,8 @@ pub enum LoadError {
     Layout(String),
     #[error("starting a collector thread: {0}")]
     Thread(#[source] io::Error),
+    #[error("opening perf events: {0}")]
+    PerfEvent(#[source] io::Error),
     #[error(
         "this kernel ({kernel}) charges eBPF maps to RLIMIT_MEMLOCK and the limit could not be \
          raised ({why}); grant CAP_SYS_RESOURCE (the chart's agent.extraCapabilities: \

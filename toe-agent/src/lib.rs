@@ -2,6 +2,7 @@
 //! [`tools`]) -> artifacts ([`sink`], in the formats of `toe_artifacts`). Local mode (`toe run`)
 //! and node mode ([`node`]) share this path.
 
+pub mod btf;
 pub mod ebpf;
 pub mod node;
 pub mod plan;

@@ -20,6 +20,15 @@ pub const PROGRAM: &str = "toe_offcpu_switch";
 /// built, which is most of what every other switch on the node pays. Needs the `prev_state`
 /// argument, added in Linux 5.18.
 pub const RAW_PROGRAM: &str = "toe_offcpu_switch_raw";
+/// On a software `context-switches` perf event opened per target thread (inherited by the
+/// threads and processes it starts) or per target cgroup and CPU: the kernel runs it only for
+/// a target's own switches, so every other switch on the node pays no program at all. A wait's
+/// end is not traced: it is the next switch-out's time less the CPU time the thread used since
+/// (`se.sum_exec_runtime`, which the scheduler brings up to date before the switch).
+pub const PERF_PROGRAM: &str = "toe_offcpu_perf";
+/// With [`PERF_PROGRAM`], on `sched:sched_process_exit`: a thread's last wait ends when it
+/// runs its exit, and a per-thread event is gone before its last switch.
+pub const EXIT_PROGRAM: &str = "toe_offcpu_exit";
 /// `Array<OffConfig>` with one entry.
 pub const CONFIG_MAP: &str = "TOE_OFF_CONFIG";
 /// `HashMap<u64, OffStart>`: target threads off CPU now (and the on-CPU stint of those that
@@ -54,8 +63,24 @@ pub struct OffConfig {
     pub min_block_ns: u64,
     /// Waits longer than this are counted, not recorded; 0: no bound.
     pub max_block_ns: u64,
+    /// For [`PERF_PROGRAM`]: offsets in this kernel's `struct task_struct` (from its BTF).
+    pub task: TaskOffsets,
 }
-const _: () = assert!(size_of::<OffConfig>() == 24);
+const _: () = assert!(size_of::<OffConfig>() == 40);
+
+/// Where [`PERF_PROGRAM`] reads a task's state, CPU time and switch counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `__state` (`state` before Linux 5.14; its low 32 bits on little-endian).
+    pub state: u32,
+    /// `se.sum_exec_runtime`: CPU time in ns, updated when the task leaves the CPU.
+    pub runtime: u32,
+    /// `nvcsw` and `nivcsw`, counted before the switch's events fire: two firings that see
+    /// the same sum are one switch (a thread whose event was also inherited).
+    pub nvcsw: u32,
+    pub nivcsw: u32,
+}
 
 // `sched:sched_switch` record layout (include/trace/events/sched.h, unchanged since 4.x);
 // user space checks it against the running kernel's format file before attaching.
@@ -170,6 +195,7 @@ pub struct OffStart {
     /// When it went off CPU (kernel monotonic ns); 0 while it runs.
     pub ts: u64,
     /// When it came back on CPU (for the on-CPU time of target threads); 0 when unknown.
+    /// With [`PERF_PROGRAM`], which never sees a switch-in: its CPU time at the switch-out.
     pub on_since: u64,
     pub ustack: u64,
     pub kstack: u64,
@@ -179,8 +205,10 @@ pub struct OffStart {
     pub tid: u32,
     pub reserved: u32,
     pub comm: [u8; TASK_COMM_LEN],
+    /// With [`PERF_PROGRAM`]: the thread's switch count at the switch-out.
+    pub switches: u64,
 }
-const _: () = assert!(size_of::<OffStart>() == 64);
+const _: () = assert!(size_of::<OffStart>() == 72);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

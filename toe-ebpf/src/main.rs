@@ -80,6 +80,18 @@ mod entries {
         0
     }
 
+    #[perf_event]
+    pub fn toe_offcpu_perf(ctx: PerfEventContext) -> u32 {
+        crate::offcpu::try_switch_perf(&ctx);
+        0
+    }
+
+    #[tracepoint]
+    pub fn toe_offcpu_exit(ctx: TracePointContext) -> u32 {
+        crate::offcpu::try_exit(&ctx);
+        0
+    }
+
     #[tracepoint]
     pub fn toe_task_newtask(ctx: TracePointContext) -> u32 {
         crate::targets::try_task_newtask(&ctx);

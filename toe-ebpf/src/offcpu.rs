@@ -4,16 +4,18 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{PerfEventContext, RawTracePointContext, TracePointContext},
 };
 use toe_common::{
     offcpu::{
         CONFIG_KERNEL_STACKS, CONFIG_USER_STACKS, COUNTER_COUNT, Counter, DEFAULT_MAX_WAITS,
         MAX_STACKS, MAX_THREADS, OffConfig, OffStart, Reason, SWITCH_NEXT_PID, SWITCH_PREV_STATE,
-        WaitKey, WaitStats,
+        TaskOffsets, WaitKey, WaitStats,
     },
     stacks::StoredStack,
 };
@@ -100,7 +102,12 @@ fn switch_in(key: u64) {
         add(Counter::Unmatched, 1);
         return;
     }
-    let waited = now - began;
+    account(s, now - began);
+}
+
+/// A wait of `waited` ns that began at `s`: recorded, or counted as too short or too long.
+#[inline(always)]
+fn account(s: &OffStart, waited: u64) {
     let cfg = CONFIG.get(0).copied().unwrap_or_default();
     if waited < cfg.min_block_ns {
         add(Counter::Short, 1);
@@ -193,7 +200,13 @@ fn switch_out<C: EbpfContext>(ctx: &C, key: u64, reason: Option<Reason>) {
     if !current_is_target() {
         return;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    start_wait(ctx, key, reason, unsafe { bpf_ktime_get_ns() }, (0, 0));
+}
+
+/// A target thread goes off CPU at `now`. `perf` is its (CPU time, switch count) for
+/// [`try_switch_perf`], else zeros.
+#[inline(always)]
+fn start_wait<C: EbpfContext>(ctx: &C, key: u64, reason: Reason, now: u64, perf: (u64, u64)) {
     add(Counter::Switches, 1);
     let cfg = CONFIG.get(0).copied().unwrap_or_default();
     let ustack = if cfg.flags & CONFIG_USER_STACKS != 0 {
@@ -210,14 +223,19 @@ fn switch_out<C: EbpfContext>(ctx: &C, key: u64, reason: Option<Reason>) {
     if let Some(e) = STARTS.get_ptr_mut(&key) {
         // SAFETY: see `switch_in`.
         let e = unsafe { &mut *e };
-        if e.on_since != 0 && now > e.on_since {
-            add(Counter::OnCpuNs, now - e.on_since);
-        }
-        if e.ts != 0 {
-            add(Counter::Unmatched, 1);
+        if perf.1 == 0 {
+            if e.on_since != 0 && now > e.on_since {
+                add(Counter::OnCpuNs, now - e.on_since);
+            }
+            if e.ts != 0 {
+                add(Counter::Unmatched, 1);
+            }
+            e.on_since = 0;
+        } else {
+            e.on_since = perf.0;
         }
         e.ts = now;
-        e.on_since = 0;
+        e.switches = perf.1;
         e.ustack = ustack;
         e.kstack = kstack;
         e.tgid = ctx.tgid();
@@ -228,7 +246,7 @@ fn switch_out<C: EbpfContext>(ctx: &C, key: u64, reason: Option<Reason>) {
     }
     let start = OffStart {
         ts: now,
-        on_since: 0,
+        on_since: perf.0,
         ustack,
         kstack,
         tgid: ctx.tgid(),
@@ -236,8 +254,102 @@ fn switch_out<C: EbpfContext>(ctx: &C, key: u64, reason: Option<Reason>) {
         tid: ctx.pid(),
         reserved: 0,
         comm,
+        switches: perf.1,
     };
     if STARTS.insert(&key, &start, 0).is_err() {
         add(Counter::StartsFull, 1);
+    }
+}
+
+/// A field of the task at `task`, `off` bytes in.
+#[inline(always)]
+fn task_field<T>(task: u64, off: u32) -> Option<T> {
+    // SAFETY: a fault-safe kernel read; the offset comes from this kernel's BTF.
+    unsafe { bpf_probe_read_kernel((task + u64::from(off)) as *const T) }.ok()
+}
+
+/// The current task's CPU time (ns) and switch count.
+#[inline(always)]
+fn runtime_and_switches(task: u64, off: &TaskOffsets) -> Option<(u64, u64)> {
+    let runtime = task_field::<u64>(task, off.runtime)?;
+    let voluntary = task_field::<u64>(task, off.nvcsw)?;
+    let involuntary = task_field::<u64>(task, off.nivcsw)?;
+    Some((runtime, voluntary.wrapping_add(involuntary)))
+}
+
+/// The wait that began at `s` ended when the thread came back, which is `now` less the CPU
+/// time it has used since (`runtime` against the value kept at the switch-out).
+#[inline(always)]
+fn close_wait(s: &mut OffStart, now: u64, runtime: u64) {
+    let began = s.ts;
+    if began == 0 {
+        return;
+    }
+    s.ts = 0;
+    let ran = runtime.saturating_sub(s.on_since);
+    add(Counter::OnCpuNs, ran);
+    match (now - began.min(now)).checked_sub(ran) {
+        Some(waited) => account(s, waited),
+        None => add(Counter::Unmatched, 1),
+    }
+}
+
+/// The software `context-switches` event of a target thread (or target cgroup): runs in the
+/// thread going off CPU, before the switch, and only for target threads.
+pub fn try_switch_perf(ctx: &PerfEventContext) {
+    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let (Some(state), Some((runtime, switches))) = (
+        task_field::<u32>(task, cfg.task.state),
+        runtime_and_switches(task, &cfg.task),
+    ) else {
+        add(Counter::Unmatched, 1);
+        return;
+    };
+    let key = u64::from(ctx.pid());
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(e) = STARTS.get_ptr_mut(&key) {
+        // SAFETY: a thread's entry is written only by its own switches and exit, which run on
+        // the CPU it is on, one at a time.
+        let e = unsafe { &mut *e };
+        if e.switches == switches {
+            // A second event for this one switch (a thread that both inherited an event and
+            // got its own, or a cgroup inside another target cgroup).
+            return;
+        }
+        close_wait(e, now, runtime);
+    }
+    // The event cannot tell preemption from a switch with the state already set to sleep
+    // (rare: the few instructions between setting it and calling the scheduler): that wait is
+    // counted as a sleep.
+    let Some(reason) = Reason::from_raw_state(false, u64::from(state)) else {
+        if STARTS.remove(&key).is_ok() {
+            add(Counter::Exited, 1);
+        }
+        return;
+    };
+    if !current_is_target() {
+        return;
+    }
+    start_wait(ctx, key, reason, now, (runtime, switches));
+}
+
+/// `sched:sched_process_exit`, in the exiting thread: its last wait is over (it is running its
+/// exit), and a per-thread event is removed before the thread's last switch.
+pub fn try_exit(ctx: &TracePointContext) {
+    let key = u64::from(ctx.pid());
+    let Some(e) = STARTS.get_ptr_mut(&key) else {
+        return;
+    };
+    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    // SAFETY: helper without arguments; the entry as in `try_switch_perf`.
+    let task = unsafe { bpf_get_current_task() };
+    let e = unsafe { &mut *e };
+    if let Some((runtime, _)) = runtime_and_switches(task, &cfg.task) {
+        close_wait(e, unsafe { bpf_ktime_get_ns() }, runtime);
+    }
+    if STARTS.remove(&key).is_ok() {
+        add(Counter::Exited, 1);
     }
 }

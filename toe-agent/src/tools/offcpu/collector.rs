@@ -1,25 +1,28 @@
 //! Off-CPU collector, user side: checks the tracepoint layout, configures and attaches the
 //! `sched_switch` program, and reads the kernel's per-stack totals (and the waits still open).
 
-use std::collections::HashMap;
+use std::{collections::HashMap, os::fd::AsFd as _};
 
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{RawTracePoint, TracePoint},
+    programs::{PerfEvent, RawTracePoint, TracePoint},
 };
 use toe_common::{
     api::OffcpuProfileOptions,
     offcpu::{
         CONFIG_KERNEL_STACKS, CONFIG_MAP, CONFIG_USER_STACKS, COUNTER_COUNT, COUNTERS_MAP, Counter,
-        OffConfig, OffStart, PROGRAM, RAW_PROGRAM, STACKS_MAP, STARTS_MAP, SWITCH_NEXT_PID,
-        SWITCH_PREV_STATE, WAITS_MAP, WaitKey, WaitStats,
+        EXIT_PROGRAM, OffConfig, OffStart, PERF_PROGRAM, PROGRAM, RAW_PROGRAM, STACKS_MAP,
+        STARTS_MAP, SWITCH_NEXT_PID, SWITCH_PREV_STATE, TaskOffsets, WAITS_MAP, WaitKey, WaitStats,
     },
     stacks::StoredStack,
 };
 
+use super::perf::SwitchEvents;
 use crate::{
+    btf::Btf,
     ebpf::{LoadError, Loaded},
     symbolize::RawKey,
+    targets::ResolvedTarget,
     tracefs,
 };
 
@@ -68,10 +71,34 @@ pub fn raw_switch_has_state() -> bool {
     matches!((it.next(), it.next()), (Some(major), Some(minor)) if (major, minor) >= (5, 18))
 }
 
+/// Where the program reads a task's fields, from this kernel's BTF.
+fn task_offsets() -> Result<TaskOffsets, String> {
+    let btf = Btf::kernel()?;
+    let task = |path: &[&str]| btf.offset("task_struct", path);
+    Ok(TaskOffsets {
+        state: task(&["__state"]).or_else(|_| task(&["state"]))?,
+        runtime: task(&["se", "sum_exec_runtime"])?,
+        nvcsw: task(&["nvcsw"])?,
+        nivcsw: task(&["nivcsw"])?,
+    })
+}
+
+/// Set (to anything) to trace every switch on the `sched_switch` tracepoint, as kernels that
+/// cannot open the perf events do (for comparing the two).
+pub const TRACEPOINT_ENV: &str = "TOE_OFFCPU_TRACEPOINT";
+
+fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> LoadError {
+    move |source| LoadError::Program { name, source }
+}
+
 pub struct OffcpuCollector {
     opts: OffcpuProfileOptions,
     /// How the switches are traced, for the summary.
-    pub mechanism: &'static str,
+    pub mechanism: String,
+    /// The perf events the program runs on (with the perf-event mechanism).
+    events: Option<SwitchEvents>,
+    /// With the perf events: each thread's CPU time when recording stopped (see `stop`).
+    runtimes: HashMap<u32, u64>,
     starts: BpfHashMap<MapData, u64, OffStart>,
     waits: BpfHashMap<MapData, WaitKey, WaitStats>,
     stacks: BpfHashMap<MapData, u64, StoredStack>,
@@ -82,10 +109,22 @@ pub struct OffcpuCollector {
 }
 
 impl OffcpuCollector {
-    /// Configures and attaches: the raw tracepoint program where the kernel passes the state it
-    /// needs, else the classic one after checking the record layout. Target maps must already be
-    /// set.
-    pub fn attach(loaded: &mut Loaded, opts: &OffcpuProfileOptions) -> Result<Self, LoadError> {
+    /// Configures and attaches: on the target's own context-switch perf events where this
+    /// kernel's BTF gives the task fields the program reads and the events open, else the raw
+    /// tracepoint where the kernel passes the state it needs, else the classic one after
+    /// checking the record layout. Target maps must already be set; `tgids` are the target
+    /// processes now.
+    pub fn attach(
+        loaded: &mut Loaded,
+        opts: &OffcpuProfileOptions,
+        target: &ResolvedTarget,
+        tgids: &[u32],
+    ) -> Result<Self, LoadError> {
+        let offsets = if std::env::var_os(TRACEPOINT_ENV).is_some() {
+            Err(format!("{TRACEPOINT_ENV} is set"))
+        } else {
+            task_offsets()
+        };
         {
             let mut flags = 0;
             if opts.user_stacks {
@@ -105,6 +144,7 @@ impl OffcpuCollector {
                         reserved: 0,
                         min_block_ns: ns(opts.min_block),
                         max_block_ns: opts.max_block.map_or(0, ns),
+                        task: offsets.clone().unwrap_or_default(),
                     },
                     0,
                 )
@@ -118,51 +158,84 @@ impl OffcpuCollector {
             BpfHashMap::try_from(take(loaded, STACKS_MAP)?).map_err(map_err(STACKS_MAP))?;
         let counters =
             PerCpuArray::try_from(take(loaded, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
-        let mechanism =
-            if raw_switch_has_state() {
-                let prog: &mut RawTracePoint = loaded
-                    .program_mut(RAW_PROGRAM)?
-                    .try_into()
-                    .map_err(|source| LoadError::Program {
-                        name: RAW_PROGRAM,
-                        source,
-                    })?;
-                prog.load().map_err(|source| LoadError::Program {
-                    name: RAW_PROGRAM,
-                    source,
-                })?;
-                prog.attach("sched_switch")
-                    .map_err(|source| LoadError::Program {
-                        name: RAW_PROGRAM,
-                        source,
-                    })?;
-                "raw tracepoint sched_switch"
-            } else {
-                tracefs::check_fields(FIELDS).map_err(LoadError::Layout)?;
-                let prog: &mut TracePoint =
-                    loaded.program_mut(PROGRAM)?.try_into().map_err(|source| {
-                        LoadError::Program {
-                            name: PROGRAM,
-                            source,
-                        }
-                    })?;
-                prog.load().map_err(|source| LoadError::Program {
-                    name: PROGRAM,
-                    source,
-                })?;
-                prog.attach("sched", "sched_switch")
-                    .map_err(LoadError::Tracefs)?;
-                "tracepoint sched:sched_switch"
-            };
+        let (mechanism, events) = match offsets
+            .and_then(|_| Self::attach_events(loaded, target, tgids).map_err(|e| e.to_string()))
+        {
+            Ok(events) => (
+                format!(
+                    "context-switch perf events of the target ({} events; other switches run no \
+                     program)",
+                    events.len()
+                ),
+                Some(events),
+            ),
+            Err(why) => {
+                tracing::info!(
+                    "off-CPU: tracing every switch on sched_switch (the target's own perf \
+                     events: {why})"
+                );
+                (Self::attach_tracepoint(loaded)?.to_owned(), None)
+            }
+        };
         Ok(Self {
             opts: *opts,
             mechanism,
+            events,
+            runtimes: HashMap::new(),
             starts,
             waits,
             stacks,
             counters,
             keys: HashMap::new(),
             stacks_unverified: 0,
+        })
+    }
+
+    fn attach_events(
+        loaded: &mut Loaded,
+        target: &ResolvedTarget,
+        tgids: &[u32],
+    ) -> Result<SwitchEvents, LoadError> {
+        let prog: &mut PerfEvent = loaded
+            .program_mut(PERF_PROGRAM)?
+            .try_into()
+            .map_err(prog_err(PERF_PROGRAM))?;
+        prog.load().map_err(prog_err(PERF_PROGRAM))?;
+        let fd = prog.fd().map_err(prog_err(PERF_PROGRAM))?;
+        let cpus = aya::util::online_cpus().map_err(|(_, e)| LoadError::PerfEvent(e))?;
+        let events =
+            SwitchEvents::attach(target, tgids, fd.as_fd(), &cpus).map_err(LoadError::PerfEvent)?;
+        // Before the events start: no wait is left open by a thread's exit.
+        let exit: &mut TracePoint = loaded
+            .program_mut(EXIT_PROGRAM)?
+            .try_into()
+            .map_err(prog_err(EXIT_PROGRAM))?;
+        exit.load().map_err(prog_err(EXIT_PROGRAM))?;
+        exit.attach("sched", "sched_process_exit")
+            .map_err(LoadError::Tracefs)?;
+        events.enable().map_err(LoadError::PerfEvent)?;
+        Ok(events)
+    }
+
+    fn attach_tracepoint(loaded: &mut Loaded) -> Result<&'static str, LoadError> {
+        Ok(if raw_switch_has_state() {
+            let prog: &mut RawTracePoint = loaded
+                .program_mut(RAW_PROGRAM)?
+                .try_into()
+                .map_err(prog_err(RAW_PROGRAM))?;
+            prog.load().map_err(prog_err(RAW_PROGRAM))?;
+            prog.attach("sched_switch").map_err(prog_err(RAW_PROGRAM))?;
+            "raw tracepoint sched_switch"
+        } else {
+            tracefs::check_fields(FIELDS).map_err(LoadError::Layout)?;
+            let prog: &mut TracePoint = loaded
+                .program_mut(PROGRAM)?
+                .try_into()
+                .map_err(prog_err(PROGRAM))?;
+            prog.load().map_err(prog_err(PROGRAM))?;
+            prog.attach("sched", "sched_switch")
+                .map_err(LoadError::Tracefs)?;
+            "tracepoint sched:sched_switch"
         })
     }
 
@@ -231,8 +304,29 @@ impl OffcpuCollector {
         (out, new)
     }
 
+    /// Recording stops now: with the perf events, which see no switch-in, the CPU time each
+    /// thread with an open wait has used so far tells whether and when that wait ended.
+    pub fn stop(&mut self) {
+        if self.events.is_none() {
+            return;
+        }
+        let tids: Vec<u32> = self
+            .starts
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, s)| s.ts != 0)
+            .map(|(_, s)| s.tid)
+            .collect();
+        self.runtimes = tids
+            .into_iter()
+            .filter_map(|tid| Some((tid, schedstat_runtime(tid)?)))
+            .collect();
+    }
+
     /// Waits still going at `now`, as totals of their time so far (within the bounds, as the
     /// kernel would have recorded them had they ended now), plus on-CPU stints still running.
+    /// With the perf events, a wait whose thread came back since is closed here as the kernel
+    /// would have closed it at the thread's next switch.
     pub fn open_waits(&mut self, now: u64) -> OpenWaits {
         let entries: Vec<(u64, OffStart)> = self.starts.iter().filter_map(Result::ok).collect();
         let min = u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
@@ -240,21 +334,28 @@ impl OffcpuCollector {
             .opts
             .max_block
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let perf = self.events.is_some();
         let mut out = OpenWaits::default();
         for (_, s) in entries {
             out.seen.insert(s.tid);
             // A thread whose exit the kernel side did not see is neither waiting nor running.
-            if !std::path::Path::new(&format!("/proc/{}", s.tid)).exists() {
+            let runtime = self.runtimes.get(&s.tid).copied();
+            if (perf && s.ts != 0 && runtime.is_none())
+                || !std::path::Path::new(&format!("/proc/{}", s.tid)).exists()
+            {
                 out.gone += u64::from(s.ts != 0);
                 continue;
             }
             if s.ts == 0 {
-                if s.on_since != 0 {
+                if s.on_since != 0 && !perf {
                     out.on_cpu_ns += now.saturating_sub(s.on_since);
                 }
                 continue;
             }
-            let waited = now.saturating_sub(s.ts);
+            let ran = runtime.map_or(0, |r| r.saturating_sub(s.on_since));
+            out.on_cpu_ns += ran;
+            let waited = now.saturating_sub(s.ts).saturating_sub(ran);
+            let ended = ran > 0;
             if waited < min {
                 out.short += 1;
                 out.short_ns += waited;
@@ -265,6 +366,7 @@ impl OffcpuCollector {
                 out.long_ns += waited;
                 continue;
             }
+            out.ended += u64::from(ended);
             let key = WaitKey::of(&s);
             let (raw, _) = self.raw_key(&key);
             out.waits.push((key, raw, waited));
@@ -273,10 +375,25 @@ impl OffcpuCollector {
     }
 }
 
+/// A thread's CPU time in ns (`se.sum_exec_runtime`, with the stint it is running now): the
+/// first field of `/proc/<tid>/schedstat`.
+fn schedstat_runtime(tid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{tid}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// What [`OffcpuCollector::open_waits`] found.
 #[derive(Default)]
 pub struct OpenWaits {
+    /// Waits still open, and (with the perf events) those that ended after the thread's last
+    /// switch the kernel saw.
     pub waits: Vec<(WaitKey, RawKey, u64)>,
+    /// Of `waits`, those that ended.
+    pub ended: u64,
     pub short: u64,
     pub short_ns: u64,
     pub long: u64,

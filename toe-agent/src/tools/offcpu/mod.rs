@@ -3,6 +3,7 @@
 
 pub mod before;
 pub mod collector;
+pub mod perf;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -130,7 +131,8 @@ impl Tool for Offcpu {
         } else {
             None
         };
-        let collector = OffcpuCollector::attach(cx.loaded, &self.opts)?;
+        let tgids = cx.loaded.tgids()?;
+        let collector = OffcpuCollector::attach(cx.loaded, &self.opts, cx.target, &tgids)?;
         Ok(Box::new(OffcpuRun {
             throttled_before: throttling(&self.cgroups),
             opts: self.opts,
@@ -210,6 +212,7 @@ impl ToolRun for OffcpuRun {
         // The last totals while the programs still run and the processes still live, so new
         // stacks are symbolized before the processes can go.
         self.stopped_ns = Some(monotonic_ns());
+        self.collector.stop();
         self.scan(cx.symbolizer, cx.elapsed_ms);
         Ok(())
     }
@@ -285,7 +288,7 @@ impl ToolRun for OffcpuRun {
         let warnings = warnings(off_cpu_ns, &accounting);
         let throttling = self.throttling_during();
         let summary = OffcpuSummary {
-            mechanism: self.collector.mechanism.into(),
+            mechanism: self.collector.mechanism.clone(),
             min_block_ns: u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX),
             max_block_ns: self
                 .opts
@@ -556,8 +559,8 @@ fn fmt_secs(ns: u64) -> String {
 fn switch_accounting(c: OffCounters, open: &OpenWaits, unverified: u64) -> SwitchAccounting {
     SwitchAccounting {
         switches: c.get(Counter::Switches),
-        recorded: c.get(Counter::Recorded),
-        open_at_end: open.waits.len() as u64,
+        recorded: c.get(Counter::Recorded) + open.ended,
+        open_at_end: open.waits.len() as u64 - open.ended,
         short: c.get(Counter::Short) + open.short,
         short_ns: c.get(Counter::ShortNs) + open.short_ns,
         long: c.get(Counter::Long) + open.long,
