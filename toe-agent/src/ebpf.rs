@@ -288,13 +288,13 @@ impl Loaded {
             .count())
     }
 
-    /// A handle of its own on the map of target process ids, for a thread that reads it while
-    /// the run goes on (the kernel adds the children it follows).
-    pub fn tgids_handle(&mut self) -> Result<HashMap<MapData, u32, u32>, LoadError> {
-        let name = TARGET_TGIDS_MAP;
+    /// A descriptor of its own on map `name`, for a thread that reads it while the run goes on.
+    fn own_map(&mut self, name: &'static str) -> Result<MapData, LoadError> {
         let map_err = move |source| LoadError::Map { name, source };
-        let aya::maps::Map::HashMap(data) = self.map_mut(name)? else {
-            return Err(LoadError::Layout(format!("{name} is not a hash map")));
+        let (aya::maps::Map::HashMap(data) | aya::maps::Map::PerCpuArray(data)) =
+            self.map_mut(name)?
+        else {
+            return Err(LoadError::Layout(format!("{name}: unexpected map type")));
         };
         let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
             map_err(MapError::from(aya::sys::SyscallError {
@@ -302,8 +302,27 @@ impl Loaded {
                 io_error,
             }))
         })?;
-        let data = MapData::from_fd(fd).map_err(map_err)?;
-        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)
+        MapData::from_fd(fd).map_err(map_err)
+    }
+
+    /// A handle of its own on the map of target process ids, for a thread that reads it while
+    /// the run goes on (the kernel adds the children it follows).
+    pub fn tgids_handle(&mut self) -> Result<HashMap<MapData, u32, u32>, LoadError> {
+        let name = TARGET_TGIDS_MAP;
+        let data = self.own_map(name)?;
+        HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|source| LoadError::Map { name, source })
+    }
+
+    /// A handle of its own on the target counters, whose count of children followed tells a
+    /// reader of [`Self::tgids_handle`] when the set has grown.
+    pub fn target_counters_handle(
+        &mut self,
+    ) -> Result<aya::maps::PerCpuArray<MapData, u64>, LoadError> {
+        let name = toe_common::targets::TARGET_COUNTERS_MAP;
+        let data = self.own_map(name)?;
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(|source| LoadError::Map { name, source })
     }
 
     /// Target processes the kernel tracks by process id (given ones and their children).

@@ -1,13 +1,17 @@
 //! Off-CPU collector: where target threads wait, and why.
 //!
-//! One program on the `sched:sched_switch` tracepoint. It runs in the task going off CPU, so the
-//! target test (the shared cgroup / tgid maps) comes first and the stacks are that task's own,
-//! unwound with the same helper as every other collector. A target thread's switch-out stores its
-//! start time, stacks and reason in [`STARTS_MAP`] under its thread id; its switch-in (the same
-//! tracepoint, for the next task: one lookup in that map, the whole cost of a non-target switch)
-//! adds the elapsed time to a per-(process, thread name, stacks, reason) total in [`WAITS_MAP`].
-//! Nothing is streamed per switch: a switch-heavy target costs map updates, never ring-buffer
-//! records and user-space wakeups.
+//! [`PERF_PROGRAM`] runs on software `context-switches` perf events that belong to the target:
+//! one per target thread (inherited by the threads and processes it starts) or one per CPU for
+//! each target cgroup. The kernel fires them only when a target thread leaves a CPU, so no other
+//! switch on the node runs a program. At a switch-out the program keeps the time, the thread's
+//! CPU time, its stacks and the reason in [`STARTS_MAP`] under its thread id; at its next
+//! switch-out (or its exit) the wait that began at the last one ended at "now less the CPU time
+//! used since", and is added to a per-(process, thread name, stacks, reason) total in
+//! [`WAITS_MAP`]. Nothing is streamed per switch.
+//!
+//! Where the events cannot be used (no BTF to find the task's fields, no perf events for the
+//! cgroup), [`RAW_PROGRAM`] or [`PROGRAM`] on the `sched_switch` tracepoint does the same with
+//! the switch-in seen directly, at the cost of a program run on every switch of the node.
 //!
 //! Waits still open at the end (a thread blocked for the whole run: a deadlock, an idle pool) are
 //! read from [`STARTS_MAP`] by user space and added up to the end of the run.

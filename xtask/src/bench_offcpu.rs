@@ -38,26 +38,37 @@ tracepoint:sched:sched_switch
 tracepoint:sched:sched_process_exit /pid == $1 && tid == $1/ { exit(); }
 ";
 
-/// The workload alone while TOE profiles another process (a sleeping one): the cost every
-/// context switch of the node pays for TOE's program, which runs on every switch.
+/// Who watches the sleeping process while the bystander runs.
+enum Watcher<'a> {
+    Toe,
+    /// bpftrace with the peer script.
+    Bpftrace(&'a Path, &'a Path),
+    /// `perf stat -e context-switches -p PID`: a counting event of the same kind TOE attaches
+    /// to, with no program: the scheduler's perf hook alone, the floor for any tool that sees
+    /// a target's switches without a program on every switch.
+    PerfFloor(&'a Path),
+}
+
+/// The workload alone while a tool profiles another process (a sleeping one): what every other
+/// context switch of the node pays for it.
 fn bystander_round(
     trips: &str,
     spec: &Path,
     out: &Path,
-    peer: Option<(&Path, &Path)>,
+    watcher: &Watcher<'_>,
 ) -> Result<Measured> {
     let bin = root().join("target/release");
     let mut sleeper = Command::new(bin.join("toe-demo"))
         .args(["sleep", "600"])
         .spawn()?;
     let pid = sleeper.id().to_string();
-    let mut profiler = match peer {
-        None => {
+    let mut profiler = match watcher {
+        Watcher::Toe => {
             let mut p = toe(spec, &pid, out)?;
             attached(&mut p, Ready::Stderr("toe: started"))?;
             p
         }
-        Some((bpftrace, script)) => {
+        Watcher::Bpftrace(bpftrace, script) => {
             let mut p = Command::new(bpftrace)
                 .arg(script)
                 .arg(&pid)
@@ -67,6 +78,24 @@ fn bystander_round(
             attached(&mut p, Ready::Stdout("Attaching"))?;
             p
         }
+        Watcher::PerfFloor(perf) => {
+            // perf stat prints nothing until it ends: it has opened its event once it sleeps.
+            let p = Command::new(perf)
+                .args([
+                    "stat",
+                    "-e",
+                    "context-switches",
+                    "-p",
+                    &pid,
+                    "-o",
+                    "/dev/null",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            p
+        }
     };
     let run = Command::new(bin.join("toe-demo"))
         .args(["pingpong", trips])
@@ -74,6 +103,7 @@ fn bystander_round(
         .output()?;
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+    // perf stat ends when its target does.
     let status = profiler.wait()?;
     if !run.status.success() || !status.success() {
         bail!("bystander round failed");
@@ -102,7 +132,13 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
     let peer = tmp.join("offcputime.bt");
     std::fs::write(&peer, PEER)?;
     let out = tmp.join("out");
+    let perf = which::which("perf").ok();
     let mut modes = vec!["none", "toe", "bystander"];
+    if perf.is_some() {
+        modes.push("perf-floor");
+    } else {
+        eprintln!("perf not installed (apt-get install linux-perf): no floor column");
+    }
     if bpftrace.is_some() {
         modes.extend(["bpftrace", "bt-bystand"]);
     } else {
@@ -115,12 +151,18 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
         for k in 0..modes.len() {
             let i = (k + round) % modes.len();
             let m = match modes[i] {
-                "bystander" => bystander_round(&n, &spec, &out, None)?,
+                "bystander" => bystander_round(&n, &spec, &out, &Watcher::Toe)?,
+                "perf-floor" => bystander_round(
+                    &n,
+                    &spec,
+                    &out,
+                    &Watcher::PerfFloor(perf.as_deref().context("perf")?),
+                )?,
                 "bt-bystand" => bystander_round(
                     &n,
                     &spec,
                     &out,
-                    Some((bpftrace.as_deref().context("bpftrace")?, &peer)),
+                    &Watcher::Bpftrace(bpftrace.as_deref().context("bpftrace")?, &peer),
                 )?,
                 mode => measure(&["pingpong", &n, "wait"], mode, |pid| {
                     Ok(match mode {
@@ -150,6 +192,16 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
             results[i].push(m);
         }
     }
+    report(&modes, &results, trips, rounds);
+    if let Some(s) = recorded.last() {
+        println!("toe's last accounting: {s}");
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}
+
+/// The table of one run of the benchmark.
+fn report(modes: &[&str], results: &[Vec<Measured>], trips: u64, rounds: usize) {
     #[expect(clippy::cast_precision_loss, reason = "display")]
     let rate = trips as f64 * 2.0 / median(results[0].iter().map(|m| m.secs).collect());
     println!(
@@ -163,10 +215,11 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
     );
     let base = median(results[0].iter().map(|m| m.secs).collect());
     for (i, mode) in modes.iter().enumerate() {
-        let (secs, slowdown, rss, cpu) = columns(&results, i);
-        // What each of the workload's switches paid, on the one CPU they share.
+        let (secs, slowdown, rss, cpu) = columns(results, i);
+        // What each of the workload's switches paid, on the one CPU they share (from the
+        // per-round slowdown, which pairs each round with its own baseline).
         #[expect(clippy::cast_precision_loss, reason = "display")]
-        let per_switch = (secs - base) * 1e9 / (trips as f64 * 2.0);
+        let per_switch = slowdown / 100.0 * base * 1e9 / (trips as f64 * 2.0);
         println!(
             "{mode:<10} {secs:>9.3} {slowdown:>+9.1}% {per_switch:>11.0} {rss:>9.1} {cpu:>8.2}"
         );
@@ -186,11 +239,8 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
     }
     println!(
         "(bystander, bt-bystand: the same workload, not a target, while TOE or the bpftrace \
-         program profiles a sleeping process: what every other switch on the node pays)"
+         program profiles a sleeping process: what every other switch on the node pays; \
+         perf-floor: the same with only a perf context-switch counter on the sleeping process, \
+         the scheduler's perf hook that TOE's events enable)"
     );
-    if let Some(s) = recorded.last() {
-        println!("toe's last accounting: {s}");
-    }
-    std::fs::remove_dir_all(&tmp).ok();
-    Ok(())
 }

@@ -70,8 +70,8 @@ pub fn probe() -> Capabilities {
     }
     let needs: [(&str, &[&str]); 8] = [
         ("cpu-profile", &["perf_event"]),
-        // sched_switch (raw where the kernel passes prev_state, else classic); --wall also
-        // samples with a perf_event program.
+        // The target's context-switch perf events (or sched_switch where they cannot be
+        // used), and the exit tracepoint; --wall also samples with a perf_event program.
         ("offcpu-profile", &["tracepoint", "perf_event"]),
         ("memory-profile", &["uprobe", "tracepoint"]),
         ("signal-trace", &["tracepoint"]),
@@ -118,14 +118,20 @@ fn features(cgroup: &str) -> std::collections::BTreeMap<String, String> {
         }
         .into(),
     );
+    let tracepoint = if crate::tools::offcpu::collector::raw_switch_has_state() {
+        "the raw sched_switch tracepoint with prev_state (Linux 5.18+)"
+    } else {
+        "the classic sched_switch tracepoint (the raw one has no prev_state before Linux 5.18)"
+    };
     f.insert(
-        "sched_switch".into(),
-        if crate::tools::offcpu::collector::raw_switch_has_state() {
-            "raw tracepoint with prev_state (Linux 5.18+): off-CPU profiles read no trace record"
-        } else {
-            "classic tracepoint (the raw one has no prev_state before Linux 5.18)"
-        }
-        .into(),
+        "off-CPU switches".into(),
+        match crate::tools::offcpu::collector::task_offsets() {
+            Ok(_) => format!(
+                "the target's own context-switch perf events (task fields from BTF): other \
+                 switches run no program; else {tracepoint}"
+            ),
+            Err(e) => format!("{tracepoint}, on every switch of the node (no task fields: {e})"),
+        },
     );
     let exit = match crate::tracefs::has_field(toe_common::signals::GROUP_DEAD_FIELD) {
         Ok(true) => "sched_process_exit's group_dead marks a process's last thread".to_owned(),

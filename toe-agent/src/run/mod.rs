@@ -224,6 +224,7 @@ fn start(plan: &RunPlan, images: &Arc<Images>) -> Result<Session, RunError> {
         Arc::clone(images),
         images::Targets {
             tgids: Some(loaded.tgids_handle()?),
+            counters: Some(loaded.target_counters_handle()?),
             cgroups: target.cgroups.iter().map(|c| c.path.clone()).collect(),
         },
     )

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 
 use super::{
     debuginfo::{self, DebugFile, ElfFacts, Matched, OwnNames},
@@ -477,11 +477,12 @@ impl State {
 }
 
 /// Every kept file holds a descriptor, and so does its debug file: up to twice [`MAX_FILES`],
-/// more than the soft limit most services start with (1024). The soft limit is raised to the
+/// more than the soft limit most services start with (1024); the off-CPU collector holds one
+/// per target thread too. The soft limit is raised to the
 /// hard one, once per process, which needs no privilege. Where the hard limit is lower, a file
 /// that cannot be opened is not kept and its addresses resolve while the process lives, as
 /// without the cache.
-fn raise_open_files_limit() {
+pub(crate) fn raise_open_files_limit() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -504,16 +505,46 @@ pub struct Watcher {
 /// (given ones and the children it followed), and the processes of the target cgroups.
 pub struct Targets {
     pub tgids: Option<BpfHashMap<MapData, u32, u32>>,
+    /// The kernel's target counters: the set is read again when its count of children followed
+    /// moves, or after [`REREAD_EVERY`] looks (for the processes that left it). Reading a hash
+    /// map walks every bucket of it, 65536 for the process set, and a look every
+    /// [`WATCH_EVERY`] made that most of the agent's CPU while nothing changed.
+    pub counters: Option<PerCpuArray<MapData, u64>>,
     pub cgroups: Vec<PathBuf>,
 }
 
+/// Looks between two full reads of an unchanged process set.
+const REREAD_EVERY: u32 = 50;
+
+/// What a watcher last read of its [`Targets`].
+#[derive(Default)]
+struct Known {
+    tgids: Vec<u32>,
+    followed: Option<u64>,
+    looks: u32,
+}
+
 impl Targets {
-    fn pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self
-            .tgids
-            .as_ref()
-            .map(|m| m.keys().flatten().collect())
-            .unwrap_or_default();
+    fn followed(&self) -> Option<u64> {
+        let c = self.counters.as_ref()?;
+        c.get(&(toe_common::targets::Counter::ChildrenFollowed as u32), 0)
+            .ok()
+            .map(|v| v.iter().sum())
+    }
+
+    fn pids(&self, known: &mut Known) -> Vec<u32> {
+        let followed = self.followed();
+        known.looks += 1;
+        if followed.is_none() || followed != known.followed || known.looks >= REREAD_EVERY {
+            known.tgids = self
+                .tgids
+                .as_ref()
+                .map(|m| m.keys().flatten().collect())
+                .unwrap_or_default();
+            known.followed = followed;
+            known.looks = 0;
+        }
+        let mut pids = known.tgids.clone();
         for root in &self.cgroups {
             crate::targets::cgroup_pids(root, &mut pids);
         }
@@ -532,8 +563,9 @@ impl Watcher {
             std::thread::Builder::new()
                 .name("toe-images".into())
                 .spawn(move || {
+                    let mut known = Known::default();
                     while !stop.load(Ordering::Acquire) {
-                        for pid in targets.pids() {
+                        for pid in targets.pids(&mut known) {
                             images.observe(pid);
                         }
                         std::thread::park_timeout(WATCH_EVERY);

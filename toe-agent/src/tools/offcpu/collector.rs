@@ -72,7 +72,7 @@ pub fn raw_switch_has_state() -> bool {
 }
 
 /// Where the program reads a task's fields, from this kernel's BTF.
-fn task_offsets() -> Result<TaskOffsets, String> {
+pub fn task_offsets() -> Result<TaskOffsets, String> {
     let btf = Btf::kernel()?;
     let task = |path: &[&str]| btf.offset("task_struct", path);
     Ok(TaskOffsets {

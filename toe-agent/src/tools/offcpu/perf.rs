@@ -89,6 +89,8 @@ impl SwitchEvents {
         prog: BorrowedFd<'_>,
         cpus: &[u32],
     ) -> io::Result<Self> {
+        // One descriptor per thread of the target: a thread pool can pass the soft limit.
+        crate::symbolize::images::raise_open_files_limit();
         let mut fds = Vec::new();
         // Cgroups inside another target cgroup are already under its events.
         let cgroups: Vec<&Path> = target.cgroups.iter().map(|c| c.path.as_path()).collect();
