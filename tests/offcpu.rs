@@ -8,8 +8,8 @@ use serde_json::Value;
 use toe_agent::{run::Ended, sink::MemorySink, targets::TargetSpec};
 use toe_artifacts::summary::offcpu::OffcpuSummary;
 use toe_tests::{
-    TestCgroup, assert_rejected, bin, demo, folded_file, profile, require_root, root_pid,
-    samples_by_pid, target_pid, toe_run, tool_spec,
+    TestCgroup, assert_rejected, bin, demo, folded_file, parse_folded, profile, require_root,
+    root_pid, samples_by_pid, target_pid, toe_run, tool_spec,
 };
 
 /// Runs `toe-demo waits SECONDS` as a command target (held until every program is attached, so
@@ -217,14 +217,8 @@ fn the_tracepoint_fallback_times_the_same_waits() {
         .next()
         .expect("a run directory")
         .path();
-    let lines: Vec<(String, u64)> = std::fs::read_to_string(run_dir.join("offcpu.folded"))
-        .expect("folded")
-        .lines()
-        .map(|l| {
-            let (stack, n) = l.rsplit_once(' ').expect("value");
-            (stack.to_owned(), n.parse().expect("number"))
-        })
-        .collect();
+    let lines =
+        parse_folded(&std::fs::read_to_string(run_dir.join("offcpu.folded")).expect("folded"));
     let pid = target_pid(summary["target"].as_str().expect("target"));
     for (function, key) in [
         ("toe_demo::waits::sleep_waits", "sleep_waits"),

@@ -353,7 +353,12 @@ pub fn folded(sink: &MemorySink) -> Vec<(String, u64)> {
 #[must_use]
 pub fn folded_file(sink: &MemorySink, file: &str) -> Vec<(String, u64)> {
     let map = sink.artifacts.lock().expect("lock");
-    let text = std::str::from_utf8(&map[file]).expect("utf-8").to_owned();
+    parse_folded(std::str::from_utf8(&map[file]).expect("utf-8"))
+}
+
+/// Folded stacks text parsed into (line, value).
+#[must_use]
+pub fn parse_folded(text: &str) -> Vec<(String, u64)> {
     text.lines()
         .map(|l| {
             let (stack, n) = l.rsplit_once(' ').expect("count");

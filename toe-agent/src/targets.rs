@@ -101,6 +101,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TargetError + '_ {
     }
 }
 
+/// CPU time in ns of a process or thread (`se.sum_exec_runtime`, with the stint it is running
+/// now): the first field of `/proc/<id>/schedstat`, which also exists (hidden) for thread ids.
+pub(crate) fn cpu_ns(id: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{id}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The tgid of `/proc/<pid>`, which also exists (hidden) for thread ids.
 pub(crate) fn tgid_of(pid: u32) -> Result<Option<u32>, TargetError> {
     let path = PathBuf::from(format!("/proc/{pid}/status"));

@@ -16,16 +16,6 @@ use super::{
     worker,
 };
 
-/// Per-process CPU time in ns (`/proc/<pid>/schedstat`, first field).
-fn cpu_ns(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// Anonymous resident bytes of a process.
 fn rss_anon(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -210,7 +200,10 @@ impl FaultWork {
     }
 
     fn workers_cpu_ns(&self) -> u64 {
-        self.pids.iter().filter_map(|&p| cpu_ns(p)).sum()
+        self.pids
+            .iter()
+            .filter_map(|&p| crate::targets::cpu_ns(p))
+            .sum()
     }
 
     /// A terminate fault is done when every victim has exited.

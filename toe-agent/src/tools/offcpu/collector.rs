@@ -319,7 +319,7 @@ impl OffcpuCollector {
             .collect();
         self.runtimes = tids
             .into_iter()
-            .filter_map(|tid| Some((tid, schedstat_runtime(tid)?)))
+            .filter_map(|tid| Some((tid, crate::targets::cpu_ns(tid)?)))
             .collect();
     }
 
@@ -373,17 +373,6 @@ impl OffcpuCollector {
         }
         out
     }
-}
-
-/// A thread's CPU time in ns (`se.sum_exec_runtime`, with the stint it is running now): the
-/// first field of `/proc/<tid>/schedstat`.
-fn schedstat_runtime(tid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{tid}/schedstat"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// What [`OffcpuCollector::open_waits`] found.

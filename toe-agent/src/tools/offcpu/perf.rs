@@ -60,10 +60,6 @@ fn ioctl(event: &OwnedFd, request: u32, arg: i32) -> io::Result<()> {
     Ok(())
 }
 
-fn attach(event: &OwnedFd, prog: BorrowedFd<'_>) -> io::Result<()> {
-    ioctl(event, PERF_EVENT_IOC_SET_BPF, prog.as_raw_fd())
-}
-
 fn threads(tgid: u32) -> BTreeSet<u32> {
     fs::read_dir(format!("/proc/{tgid}/task"))
         .map(|d| {
@@ -106,7 +102,7 @@ impl SwitchEvents {
                     false,
                     PERF_FLAG_PID_CGROUP,
                 )?;
-                attach(&fd, prog)?;
+                ioctl(&fd, PERF_EVENT_IOC_SET_BPF, prog.as_raw_fd())?;
                 fds.push(fd);
             }
         }
@@ -121,7 +117,7 @@ impl SwitchEvents {
                     done.insert(tid);
                     match open(i32::try_from(tid).unwrap_or(0), -1, true, 0) {
                         Ok(fd) => {
-                            attach(&fd, prog)?;
+                            ioctl(&fd, PERF_EVENT_IOC_SET_BPF, prog.as_raw_fd())?;
                             fds.push(fd);
                         }
                         // Exited since the scan.
