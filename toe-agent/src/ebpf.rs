@@ -210,7 +210,9 @@ impl Loaded {
             .ok_or(LoadError::MissingProgram { name })
     }
 
-    /// Writes the target set into the kernel maps and starts following the target's children.
+    /// Writes the target set into the kernel maps and starts following the target's processes:
+    /// the children of a target by process id join it, and every new or exec'd target process
+    /// is told to the image watcher ([`Self::news`]).
     pub fn install_targets(&mut self, target: &ResolvedTarget) -> Result<(), LoadError> {
         let map_err = |name| move |source| LoadError::Map { name, source };
         let mut mode = 0;
@@ -227,9 +229,9 @@ impl Loaded {
                 mode |= FILTER_BY_CGROUP;
             }
         }
+        self.follow_processes()?;
         if !target.tgids.is_empty() {
             mode |= FILTER_BY_TGID;
-            self.follow_children()?;
             for &pid in &target.tgids {
                 self.add_tgid(pid)?;
             }
@@ -348,9 +350,18 @@ impl Loaded {
         Ok((sum(Counter::ChildrenFollowed), sum(Counter::TgidMapFull)))
     }
 
-    fn follow_children(&mut self) -> Result<(), LoadError> {
+    /// The target processes' news: forks and execs, for a thread that waits on them (the image
+    /// watcher; taken once).
+    pub fn news(&mut self) -> Result<aya::maps::RingBuf<MapData>, LoadError> {
+        let name = toe_common::targets::TARGET_NEWS_RING;
+        aya::maps::RingBuf::try_from(self.take_map(name)?)
+            .map_err(|source| LoadError::Map { name, source })
+    }
+
+    fn follow_processes(&mut self) -> Result<(), LoadError> {
         for (name, category, event) in [
             ("toe_task_newtask", "task", "task_newtask"),
+            ("toe_process_exec", "sched", "sched_process_exec"),
             ("toe_process_exit", "sched", "sched_process_exit"),
         ] {
             let prog: &mut TracePoint = self

@@ -13,6 +13,7 @@ pub mod targets;
 pub mod tools;
 pub mod tracefs;
 pub mod tutorial;
+pub mod wake;
 
 /// `clock` (a `libc::CLOCK_*` id) in nanoseconds.
 #[must_use]

@@ -6,6 +6,10 @@ pub const TARGET_CGROUPS_MAP: &str = "TOE_TARGET_CGROUPS";
 /// `HashMap<u32 tgid, u32 reserved>`: target processes. Kept current by the kernel side: a
 /// non-thread clone of a target process is inserted, a target's group leader exit removes it.
 pub const TARGET_TGIDS_MAP: &str = "TOE_TARGET_TGIDS";
+/// `RingBuf` of `u32` process ids: a target process forked or exec'd (see the image watcher).
+pub const TARGET_NEWS_RING: &str = "TOE_TARGET_NEWS";
+/// One page: notices are 16 bytes with their header, and the reader wakes at the first.
+pub const NEWS_RING_BYTES: u32 = 4096;
 /// `Array<FilterConfig>` with one entry.
 pub const FILTER_CONFIG_MAP: &str = "TOE_FILTER_CONFIG";
 /// `PerCpuArray<u64>` indexed by [`Counter`].

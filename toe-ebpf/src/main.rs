@@ -99,6 +99,12 @@ mod entries {
     }
 
     #[tracepoint]
+    pub fn toe_process_exec(ctx: TracePointContext) -> u32 {
+        crate::targets::try_process_exec(&ctx);
+        0
+    }
+
+    #[tracepoint]
     pub fn toe_process_exit(ctx: TracePointContext) -> u32 {
         crate::targets::try_process_exit(&ctx);
         0

@@ -9,12 +9,12 @@ use aya_ebpf::{
         generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use toe_common::targets::{
     Counter, FILTER_BY_CGROUP, FILTER_BY_TGID, FilterConfig, MAX_CGROUP_LEVEL, MAX_TARGET_CGROUPS,
-    MAX_TARGET_TGIDS, TARGET_COUNTER_COUNT,
+    MAX_TARGET_TGIDS, NEWS_RING_BYTES, TARGET_COUNTER_COUNT,
 };
 
 #[map(name = "TOE_TARGET_CGROUPS")]
@@ -28,6 +28,9 @@ static FILTER_CONFIG: Array<FilterConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "TOE_TARGET_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TARGET_COUNTER_COUNT, 0);
+
+#[map(name = "TOE_TARGET_NEWS")]
+static NEWS: RingBuf = RingBuf::with_byte_size(NEWS_RING_BYTES, 0);
 
 pub fn bump(map: &PerCpuArray<u64>, index: u32) {
     add_to(map, index, 1);
@@ -113,8 +116,12 @@ const NEWTASK_CLONE_FLAGS: usize = 32;
 
 /// `task:task_newtask` runs in the parent: a new process (not thread) of a target process
 /// becomes a target before it can run, so a `--pid` target's children are followed race-free.
+/// A new process of a target (by process or by cgroup: the child starts in its parent's
+/// cgroup) is also told to user space, whose image watcher then reads its mappings at once.
 pub fn try_task_newtask(ctx: &TracePointContext) {
-    if config().mode & FILTER_BY_TGID == 0 || !tgid_is_target(ctx.tgid()) {
+    let cfg = config();
+    let by_tgid = cfg.mode & FILTER_BY_TGID != 0 && tgid_is_target(ctx.tgid());
+    if !by_tgid && !(cfg.mode & FILTER_BY_CGROUP != 0 && cgroup_is_target(cfg.cgroup_level_mask)) {
         return;
     }
     let Ok(flags) = (unsafe { ctx.read_at::<u64>(NEWTASK_CLONE_FLAGS) }) else {
@@ -128,11 +135,31 @@ pub fn try_task_newtask(ctx: &TracePointContext) {
     };
     #[expect(clippy::cast_sign_loss, reason = "pids are positive")]
     let child = child as u32;
-    if TARGET_TGIDS.insert(&child, &0, 0).is_ok() {
-        bump(&COUNTERS, Counter::ChildrenFollowed as u32);
-    } else {
-        bump(&COUNTERS, Counter::TgidMapFull as u32);
+    if by_tgid {
+        if TARGET_TGIDS.insert(&child, &0, 0).is_ok() {
+            bump(&COUNTERS, Counter::ChildrenFollowed as u32);
+        } else {
+            bump(&COUNTERS, Counter::TgidMapFull as u32);
+            return;
+        }
     }
+    tell(child);
+}
+
+/// `sched:sched_process_exec` runs in the task that exec'd, with its new image mapped: a target
+/// process that changed its program (or a process that entered a target cgroup and exec'd
+/// there, as `kubectl exec` does) is told to user space.
+pub fn try_process_exec(ctx: &TracePointContext) {
+    if current_is_target() {
+        tell(ctx.tgid());
+    }
+}
+
+/// A process user space should look at now. The record only wakes the watcher early: when the
+/// ring is full, the watcher is awake and behind, and its next full look of the target set
+/// finds the process anyway, so a failed output loses nothing worth counting.
+fn tell(tgid: u32) {
+    let _ = NEWS.output::<u32>(tgid, 0);
 }
 
 /// `sched:sched_process_exit` runs in the exiting task: when a target's group leader exits, its

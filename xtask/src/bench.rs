@@ -100,9 +100,14 @@ pub enum Which {
     Offcpu {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Round trips of the ping-pong workload (four context switches each).
+        /// Round trips of the ping-pong workload (two context switches each).
         #[arg(long, default_value_t = 400_000)]
         trips: u64,
+        /// Microseconds each thread works on the CPU before it passes the byte on: 0 switches
+        /// as fast as the machine can (about a million a second here), 4 about 200k a second,
+        /// a heavy but realistic rate.
+        #[arg(long, default_value_t = 0.0)]
+        spin_us: f64,
     },
     /// Stacks of software without frame pointers: complete-stack share, slowdown, CPU per
     /// sample, memory and time to output; TOE with unwind tables, TOE with frame pointers only,
@@ -176,6 +181,8 @@ pub(crate) struct Measured {
     pub(crate) finalize_ms: u64,
     /// The profiler's `--json` summary, when it is TOE.
     pub(crate) summary: serde_json::Value,
+    /// How often the profiler's threads woke per second while the workload ran, where measured.
+    pub(crate) wakeups_per_s: Option<f64>,
 }
 
 /// A PowerTool running `tool` for `duration` with `args`.
@@ -850,7 +857,11 @@ pub fn run(which: &Which) -> Result<()> {
             rates,
             secs,
         } => signals_bench(*rounds, *count, rates, *secs),
-        Which::Offcpu { rounds, trips } => crate::bench_offcpu::offcpu_bench(*rounds, *trips),
+        Which::Offcpu {
+            rounds,
+            trips,
+            spin_us,
+        } => crate::bench_offcpu::offcpu_bench(*rounds, *trips, *spin_us),
         Which::Unwind { rounds, secs } => crate::bench_unwind::unwind_bench(*rounds, *secs),
         Which::Fuzz {
             targets,

@@ -52,7 +52,7 @@ enum Watcher<'a> {
 /// The workload alone while a tool profiles another process (a sleeping one): what every other
 /// context switch of the node pays for it.
 fn bystander_round(
-    trips: &str,
+    workload: &[&str],
     spec: &Path,
     out: &Path,
     watcher: &Watcher<'_>,
@@ -97,10 +97,12 @@ fn bystander_round(
             p
         }
     };
+    let woke = wakeups(profiler.id());
     let run = Command::new(bin.join("toe-demo"))
-        .args(["pingpong", trips])
+        .args(workload)
         .stderr(Stdio::inherit())
         .output()?;
+    let woke = wakeups(profiler.id()) - woke;
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     // perf stat ends when its target does.
@@ -115,13 +117,34 @@ fn bystander_round(
         .unwrap_or_default()
         .parse()
         .with_context(|| format!("pingpong printed {line:?}"))?;
+    #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
+    let wakeups_per_s = Some(woke as f64 / secs);
     Ok(Measured {
         secs,
+        wakeups_per_s,
         ..Measured::default()
     })
 }
 
-pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
+/// How many times the threads of `pid` have gone to sleep so far (their voluntary context
+/// switches): each is a wake-up later, a context switch on some CPU a workload may be using.
+fn wakeups(pid: u32) -> i64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        })
+        .sum()
+}
+
+pub fn offcpu_bench(rounds: usize, trips: u64, spin_us: f64) -> Result<()> {
     if !is_root() {
         bail!("the benchmark loads eBPF programs and runs bpftrace: run it as root");
     }
@@ -145,26 +168,30 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
         eprintln!("bpftrace not installed (apt-get install bpftrace): no peer column");
     }
     let n = trips.to_string();
+    let spin = spin_us.to_string();
+    // Released by a line on stdin (target modes), or at once (bystanders).
+    let target = ["pingpong", &n, "wait", &spin];
+    let bystander = ["pingpong", &n, "go", &spin];
     let mut results: Vec<Vec<Measured>> = vec![Vec::new(); modes.len()];
     let mut recorded = Vec::new();
     for round in 0..rounds {
         for k in 0..modes.len() {
             let i = (k + round) % modes.len();
             let m = match modes[i] {
-                "bystander" => bystander_round(&n, &spec, &out, &Watcher::Toe)?,
+                "bystander" => bystander_round(&bystander, &spec, &out, &Watcher::Toe)?,
                 "perf-floor" => bystander_round(
-                    &n,
+                    &bystander,
                     &spec,
                     &out,
                     &Watcher::PerfFloor(perf.as_deref().context("perf")?),
                 )?,
                 "bt-bystand" => bystander_round(
-                    &n,
+                    &bystander,
                     &spec,
                     &out,
                     &Watcher::Bpftrace(bpftrace.as_deref().context("bpftrace")?, &peer),
                 )?,
-                mode => measure(&["pingpong", &n, "wait"], mode, |pid| {
+                mode => measure(&target, mode, |pid| {
                     Ok(match mode {
                         "toe" => Some((toe(&spec, pid, &out)?, Ready::Stderr("toe: started"))),
                         "bpftrace" => Some((
@@ -192,7 +219,7 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
             results[i].push(m);
         }
     }
-    report(&modes, &results, trips, rounds);
+    report(&modes, &results, trips, rounds, spin_us);
     if let Some(s) = recorded.last() {
         println!("toe's last accounting: {s}");
     }
@@ -201,17 +228,18 @@ pub fn offcpu_bench(rounds: usize, trips: u64) -> Result<()> {
 }
 
 /// The table of one run of the benchmark.
-fn report(modes: &[&str], results: &[Vec<Measured>], trips: u64, rounds: usize) {
+fn report(modes: &[&str], results: &[Vec<Measured>], trips: u64, rounds: usize, spin_us: f64) {
     #[expect(clippy::cast_precision_loss, reason = "display")]
     let rate = trips as f64 * 2.0 / median(results[0].iter().map(|m| m.secs).collect());
     println!(
-        "\nOff-CPU profiling overhead: {trips} pipe round trips between two threads (about \
-         {:.0}k context switches/s unprofiled), median over {rounds} interleaved rounds",
+        "\nOff-CPU profiling overhead: {trips} pipe round trips between two threads, each \
+         working {spin_us} us before passing on (about {:.0}k context switches/s unprofiled), \
+         median over {rounds} interleaved rounds",
         rate / 1000.0
     );
     println!(
-        "{:<10} {:>9} {:>10} {:>11} {:>9} {:>8}",
-        "mode", "median s", "slowdown", "ns/switch", "peak MB", "CPU s"
+        "{:<10} {:>9} {:>10} {:>11} {:>9} {:>8} {:>8}",
+        "mode", "median s", "slowdown", "ns/switch", "peak MB", "CPU s", "wake/s"
     );
     let base = median(results[0].iter().map(|m| m.secs).collect());
     for (i, mode) in modes.iter().enumerate() {
@@ -220,8 +248,15 @@ fn report(modes: &[&str], results: &[Vec<Measured>], trips: u64, rounds: usize) 
         // per-round slowdown, which pairs each round with its own baseline).
         #[expect(clippy::cast_precision_loss, reason = "display")]
         let per_switch = slowdown / 100.0 * base * 1e9 / (trips as f64 * 2.0);
+        let woke: Vec<f64> = results[i].iter().filter_map(|m| m.wakeups_per_s).collect();
+        let woke = if woke.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.0}", median(woke))
+        };
         println!(
-            "{mode:<10} {secs:>9.3} {slowdown:>+9.1}% {per_switch:>11.0} {rss:>9.1} {cpu:>8.2}"
+            "{mode:<10} {secs:>9.3} {slowdown:>+9.1}% {per_switch:>11.0} {rss:>9.1} {cpu:>8.2} \
+             {woke:>8}"
         );
     }
     if let Some(p) = modes.iter().position(|m| *m == "bpftrace") {
@@ -241,6 +276,7 @@ fn report(modes: &[&str], results: &[Vec<Measured>], trips: u64, rounds: usize) 
         "(bystander, bt-bystand: the same workload, not a target, while TOE or the bpftrace \
          program profiles a sleeping process: what every other switch on the node pays; \
          perf-floor: the same with only a perf context-switch counter on the sleeping process, \
-         the scheduler's perf hook that TOE's events enable)"
+         the scheduler's perf hook that TOE's events enable; wake/s: how often the profiler's \
+         threads woke meanwhile, each a context switch on a CPU of the node)"
     );
 }

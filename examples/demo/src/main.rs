@@ -26,8 +26,9 @@
 //! `toe-demo waits SECONDS OUTFILE`: threads that wait in known ways (sleep, a held lock, a pipe,
 //! vfork's uninterruptible wait, and one that alternates CPU and sleep), each timing its waits;
 //! see `waits.rs`.
-//! `toe-demo pingpong N [wait]`: two threads pass a byte over pipes N times (context-switch
-//! heavy); prints seconds and round trips per second. The off-CPU benchmark's workload.
+//! `toe-demo pingpong N [wait|go] [SPIN_US]`: two threads pass a byte over pipes N times
+//! (context-switch heavy), each working SPIN_US microseconds (default 0) on the CPU before it
+//! passes it on; prints seconds and round trips per second. The off-CPU benchmark's workload.
 //! `toe-demo send NAME PID SIGNAL COUNT`: renames itself NAME and sends SIGNAL to PID COUNT times;
 //! prints the count sent and the seconds taken.
 //! `toe-demo sendrate NAME PID SIGNAL RATE SECONDS`: the same, paced at RATE per second.
@@ -247,6 +248,12 @@ fn main() {
         Some("pingpong") => waits::pingpong(
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000),
             args.get(3).is_some_and(|a| a == "wait"),
+            Duration::from_secs_f64(
+                args.get(4)
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+                    / 1e6,
+            ),
         ),
         Some("sleep") => std::thread::sleep(Duration::from_secs_f64(arg_secs(&args, 10.0))),
         Some("words") => words(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1 << 20)),

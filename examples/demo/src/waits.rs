@@ -211,7 +211,18 @@ pub fn main(secs: f64, out: &str) {
 /// second. The off-CPU benchmark's workload. Both threads share one CPU, so every turn is a
 /// direct switch from one to the other (two per round trip): on two CPUs the time would be
 /// wakeup latency out of idle, which tracing can even shorten.
-pub fn pingpong(n: u64, wait: bool) {
+/// Work on the CPU for `d` (nothing when zero): what a workload does between two switches.
+fn busy(d: Duration) {
+    if d.is_zero() {
+        return;
+    }
+    let t = Instant::now();
+    while t.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
+pub fn pingpong(n: u64, wait: bool, spin: Duration) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; affinity of this thread,
     // inherited by the thread it spawns.
     unsafe {
@@ -241,13 +252,18 @@ pub fn pingpong(n: u64, wait: bool) {
     let pong = spawn("pong", move || {
         let mut b = [0u8; 1];
         for _ in 0..n {
-            if a_rd.read_exact(&mut b).is_err() || a_wr.write_all(&b).is_err() {
+            if a_rd.read_exact(&mut b).is_err() {
+                break;
+            }
+            busy(spin);
+            if a_wr.write_all(&b).is_err() {
                 break;
             }
         }
     });
     let mut b = [1u8; 1];
     for _ in 0..n {
+        busy(spin);
         b_wr.write_all(&b).expect("write");
         b_rd.read_exact(&mut b).expect("read");
     }

@@ -226,6 +226,7 @@ fn start(plan: &RunPlan, images: &Arc<Images>) -> Result<Session, RunError> {
             tgids: Some(loaded.tgids_handle()?),
             counters: Some(loaded.target_counters_handle()?),
             cgroups: target.cgroups.iter().map(|c| c.path.clone()).collect(),
+            news: Some(loaded.news()?),
         },
     )
     .map_err(LoadError::Thread)?;
@@ -309,6 +310,10 @@ impl Session {
         });
     }
 
+    fn needs_fast_tick(&self) -> bool {
+        self.works.iter().any(|w| w.needs_fast_tick())
+    }
+
     fn fault_done(&self) -> bool {
         self.works.iter().any(|w| w.done())
     }
@@ -385,6 +390,7 @@ async fn sample(
     let mut resolve = tokio::time::interval(RESOLVE_EVERY);
     let mut command_status = None;
     let by_pid = !s.target.tgids.is_empty() && s.target.cgroups.is_empty();
+    let fast = s.needs_fast_tick();
     let ended = loop {
         tokio::select! {
             () = &mut deadline => break Ended::Duration,
@@ -397,7 +403,7 @@ async fn sample(
                     break Ended::CommandExited(code);
                 }
             }
-            _ = drain.tick() => {
+            _ = drain.tick(), if fast => {
                 s.fast_tick(symbolizer)?;
                 if s.fault_done() {
                     break Ended::FaultDone;

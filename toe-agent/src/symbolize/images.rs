@@ -4,8 +4,9 @@
 //! exits: a short-lived process (a shell's child, a job that runs a second) whose stacks reach
 //! the symbolizer after its exit would have only `[unknown]` frames. perf avoids this by
 //! recording every `mmap` in its event stream; TOE keeps the part it needs instead. A watcher
-//! thread looks at the target processes every [`WATCH_EVERY`] and, for one it has not seen (or
-//! one that has exec'd since), reads `/proc/<pid>/maps` and keeps each executable file mapping
+//! thread looks at a target process as soon as the kernel tells it forked or exec'd (and at
+//! all of them now and then, see [`Watcher`]) and, for one it has not seen (or one that has
+//! exec'd since), reads `/proc/<pid>/maps` and keeps each executable file mapping
 //! with the file itself held open (through `/proc/<pid>/map_files`, so a container's files are
 //! reached without entering its mount namespace, and a file deleted or replaced since stays
 //! the one that ran). Addresses of an exited process are then symbolized from its file and file
@@ -14,16 +15,16 @@
 use std::{
     collections::HashMap,
     fs::File,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, Ordering},
+    os::{
+        fd::{AsFd, AsRawFd as _},
+        unix::fs::MetadataExt as _,
     },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 
 use super::{
     debuginfo::{self, DebugFile, ElfFacts, Matched, OwnNames},
@@ -222,6 +223,9 @@ struct State {
     files: HashMap<(u64, u64), Arc<MappedFile>>,
     /// Identical mappings (a forked child that has not exec'd) share one snapshot.
     snapshots: HashMap<Vec<MapsLine>, Arc<Snapshot>>,
+    /// When some process's mappings were last found changed: while that is less than
+    /// [`YOUNG`] ago, the watcher looks every [`WATCH_EVERY`].
+    last_change: Option<Instant>,
 }
 
 /// The mappings of every target process seen during one run. Shared between the watcher thread
@@ -325,7 +329,15 @@ impl Images {
                 p.snapshots.remove(1);
             }
             p.snapshots.push(snapshot);
+            state.last_change = Some(now);
         }
+    }
+
+    /// Whether some process's mappings changed less than [`YOUNG`] ago, and so may still.
+    fn settling(&self) -> bool {
+        self.state()
+            .last_change
+            .is_some_and(|t| t.elapsed() < YOUNG)
     }
 
     /// A file some target mapped at `path` (the first found when several files had that path).
@@ -495,33 +507,44 @@ pub(crate) fn raise_open_files_limit() {
     });
 }
 
-/// Looks at a run's target processes every [`WATCH_EVERY`] until dropped.
+/// Looks at a run's target processes until dropped: at once for a process the kernel tells of
+/// (a target's fork or exec), every [`WATCH_EVERY`] while some process's mappings are settling,
+/// and every [`IDLE_LOOK`] otherwise. An idle run so wakes its node about once a second, not
+/// fifty times.
 pub struct Watcher {
-    stop: Arc<AtomicBool>,
+    stop: Arc<crate::wake::Stop>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Where the watcher finds the target processes: the kernel's own set of target process ids
-/// (given ones and the children it followed), and the processes of the target cgroups.
+/// (given ones and the children it followed), the processes of the target cgroups, and the
+/// kernel's news of target processes that forked or exec'd.
 pub struct Targets {
     pub tgids: Option<BpfHashMap<MapData, u32, u32>>,
     /// The kernel's target counters: the set is read again when its count of children followed
-    /// moves, or after [`REREAD_EVERY`] looks (for the processes that left it). Reading a hash
-    /// map walks every bucket of it, 65536 for the process set, and a look every
-    /// [`WATCH_EVERY`] made that most of the agent's CPU while nothing changed.
+    /// moves, or [`REREAD_AFTER`] after it was last read (for the processes that left it).
+    /// Reading a hash map walks every bucket of it, 65536 for the process set, which at every
+    /// look was most of the agent's CPU while nothing changed.
     pub counters: Option<PerCpuArray<MapData, u64>>,
     pub cgroups: Vec<PathBuf>,
+    /// Process ids of new and exec'd target processes, as the kernel saw them. Without it
+    /// (never in practice: it is part of the object) every look is [`WATCH_EVERY`] apart.
+    pub news: Option<RingBuf<MapData>>,
 }
 
-/// Looks between two full reads of an unchanged process set.
-const REREAD_EVERY: u32 = 50;
+/// The longest a look waits while nothing settles: a process that joined a target cgroup
+/// without forking or exec'ing there, and a missed notice, are found by then.
+const IDLE_LOOK: Duration = Duration::from_secs(1);
+
+/// Time between two full reads of an unchanged process set.
+const REREAD_AFTER: Duration = Duration::from_secs(1);
 
 /// What a watcher last read of its [`Targets`].
 #[derive(Default)]
 struct Known {
     tgids: Vec<u32>,
     followed: Option<u64>,
-    looks: u32,
+    read_at: Option<Instant>,
 }
 
 impl Targets {
@@ -534,15 +557,17 @@ impl Targets {
 
     fn pids(&self, known: &mut Known) -> Vec<u32> {
         let followed = self.followed();
-        known.looks += 1;
-        if followed.is_none() || followed != known.followed || known.looks >= REREAD_EVERY {
+        if followed.is_none()
+            || followed != known.followed
+            || known.read_at.is_none_or(|t| t.elapsed() >= REREAD_AFTER)
+        {
             known.tgids = self
                 .tgids
                 .as_ref()
                 .map(|m| m.keys().flatten().collect())
                 .unwrap_or_default();
             known.followed = followed;
-            known.looks = 0;
+            known.read_at = Some(Instant::now());
         }
         let mut pids = known.tgids.clone();
         for root in &self.cgroups {
@@ -552,23 +577,54 @@ impl Targets {
         pids.dedup();
         pids
     }
+
+    /// The process ids the kernel told of since the last call, without repeats.
+    fn told(&mut self) -> Vec<u32> {
+        let mut told = Vec::new();
+        if let Some(ring) = &mut self.news {
+            while let Some(item) = ring.next() {
+                if let Some(b) = item.first_chunk::<4>() {
+                    told.push(u32::from_ne_bytes(*b));
+                }
+            }
+        }
+        told.sort_unstable();
+        told.dedup();
+        told
+    }
 }
 
 impl Watcher {
-    /// Starts watching `targets`; fails only when the thread cannot be started.
-    pub fn spawn(images: Arc<Images>, targets: Targets) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+    /// Starts watching `targets`; fails only when the thread or its stop signal cannot be made.
+    pub fn spawn(images: Arc<Images>, mut targets: Targets) -> std::io::Result<Self> {
+        let stop = Arc::new(crate::wake::Stop::new()?);
         let thread = {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("toe-images".into())
                 .spawn(move || {
                     let mut known = Known::default();
-                    while !stop.load(Ordering::Acquire) {
-                        for pid in targets.pids(&mut known) {
-                            images.observe(pid);
+                    let mut next_look = Instant::now();
+                    while !stop.asked() {
+                        if Instant::now() >= next_look {
+                            for pid in targets.pids(&mut known) {
+                                images.observe(pid);
+                            }
+                            let pause = if images.settling() || targets.news.is_none() {
+                                WATCH_EVERY
+                            } else {
+                                IDLE_LOOK
+                            };
+                            next_look = Instant::now() + pause;
                         }
-                        std::thread::park_timeout(WATCH_EVERY);
+                        let fd = targets.news.as_ref().map(AsFd::as_fd);
+                        if stop.wait(fd, next_look.saturating_duration_since(Instant::now())) {
+                            for pid in targets.told() {
+                                images.observe(pid);
+                            }
+                            // What it told of is settling now: look again soon.
+                            next_look = next_look.min(Instant::now() + WATCH_EVERY);
+                        }
                     }
                 })?
         };
@@ -582,8 +638,7 @@ impl Watcher {
 impl Drop for Watcher {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
-            self.stop.store(true, Ordering::Release);
-            t.thread().unpark();
+            self.stop.ask();
             let _ = t.join();
         }
     }

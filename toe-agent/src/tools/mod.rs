@@ -133,6 +133,12 @@ pub trait ToolRun: Send {
     /// Every drain period (25 ms): empty rings, follow new processes.
     fn fast_tick(&mut self, cx: &mut Tick<'_>) -> Result<(), RunError>;
 
+    /// Whether [`Self::fast_tick`] has work at all. A run none of whose tools has skips the
+    /// drain period's 40 wake-ups a second: each is a context switch on some workload's CPU.
+    fn needs_fast_tick(&self) -> bool {
+        true
+    }
+
     /// Ticked before the others: a fault samples what it achieves on a fixed clock, which a
     /// collector's symbolization (hundreds of milliseconds for a large binary) must not delay.
     fn ticks_first(&self) -> bool {

@@ -195,6 +195,12 @@ impl ToolRun for OffcpuRun {
         Ok(())
     }
 
+    /// Off-CPU time is summed in the kernel and read by the slow tick; only `--wall`'s on-CPU
+    /// samples arrive through a ring.
+    fn needs_fast_tick(&self) -> bool {
+        self.sampler.is_some()
+    }
+
     fn slow_tick(&mut self, cx: &mut Tick<'_>) {
         self.ticks += 1;
         if self.collector.known() < SMALL_TABLE || self.ticks.is_multiple_of(SCAN_EVERY) {

@@ -6,14 +6,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs,
-    os::fd::AsRawFd,
+    os::fd::AsFd as _,
     path::Path,
     ptr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     thread::JoinHandle,
+    time::Duration,
 };
 
 use aya::{
@@ -38,6 +36,7 @@ use crate::{
     symbolize::images::Images,
     targets::{self, CgroupTarget, ResolvedTarget},
     tracefs,
+    wake::Stop,
 };
 
 /// Kernel counters, summed over CPUs.
@@ -82,7 +81,7 @@ pub struct SignalCollector {
     stacks: BpfHashMap<MapData, u64, StoredStack>,
     counters: PerCpuArray<MapData, u64>,
     inbox: Arc<Mutex<Inbox>>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     drainer: Option<JoinHandle<()>>,
     /// Tasks user space added after the start because the kernel had not seen them join.
     pub reconciled: u64,
@@ -297,7 +296,7 @@ impl SignalCollector {
             tasks.insert(tid, info, 0).map_err(map_err(TASKS_MAP))?;
         }
         let inbox = Arc::new(Mutex::new(Inbox::default()));
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(Stop::new().map_err(LoadError::Thread)?);
         let drainer = {
             let images = Arc::clone(images);
             let inbox = Arc::clone(&inbox);
@@ -416,7 +415,7 @@ impl SignalCollector {
     /// Stops the drain thread after it has read everything the kernel submitted. Call after the
     /// programs are detached.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.ask();
         if let Some(t) = self.drainer.take() {
             let _ = t.join();
         }
@@ -430,22 +429,26 @@ impl Drop for SignalCollector {
 }
 
 /// Reads the rings until told to stop, then once more to empty them. Waits in poll(2) between
-/// bursts: the kernel wakes it when an event lands in an empty ring. Copies are read after the
+/// bursts: the kernel wakes it when an event lands in an empty ring, and a stop at once, so
+/// between events it does not wake at all. Copies are read after the
 /// events: the kernel submits a copy before its event, so every event read has its copy read by
 /// the same pass (or, when the copy was lost, never). A sender's mappings are read as soon as
 /// its copy arrives: a process that signals and exits is gone by the run loop's next tick.
+/// The longest the drain thread sleeps without an event. Nothing needs it to wake: the bound
+/// only caps what a wake-up the kernel never sent would delay.
+const QUIET_WAIT: Duration = Duration::from_secs(1);
+
 fn drain_loop(
     mut ring: RingBuf<MapData>,
     mut copies: RingBuf<MapData>,
     images: &Images,
     inbox: &Mutex<Inbox>,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) {
-    let fd = ring.as_raw_fd();
     let mut batch = Vec::with_capacity(4096);
     let mut copied = HashMap::new();
     loop {
-        let stopping = stop.load(Ordering::Acquire);
+        let stopping = stop.asked();
         while let Some(item) = ring.next() {
             if item.len() >= size_of::<Event>() {
                 // SAFETY: the kernel wrote a whole Event (same repr(C) layout via toe-common);
@@ -468,13 +471,7 @@ fn drain_loop(
         if stopping {
             return;
         }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; a timeout bounds how long a stop request waits.
-        unsafe { libc::poll(&raw mut pfd, 1, 50) };
+        stop.wait(Some(ring.as_fd()), QUIET_WAIT);
     }
 }
 
