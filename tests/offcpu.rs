@@ -386,6 +386,37 @@ fn a_thread_asleep_since_before_the_run_shows_for_the_whole_run() {
     );
 }
 
+/// A process started after the run has gone quiet, that waits and exits before any periodic
+/// look could find it, is symbolized from its own binary: the kernel tells the image watcher of
+/// the fork and the exec, and its mappings are read at once. Its off-CPU stack reaches the
+/// symbolizer only after it exited (its last wait closes at its exit).
+#[test]
+fn a_short_lived_process_started_late_is_symbolized() {
+    if !require_root("a_short_lived_process_started_late_is_symbolized") {
+        return;
+    }
+    // 3.5 s in, every process seen so far has settled and the watcher looks only
+    // once a second on its own, and the run loop reads the kernel's totals every 250 ms; the
+    // demo lives 20 ms.
+    let cmd = format!("sleep 3.5; {} sleep 0.02; true", bin("toe-demo").display());
+    let (outcome, sink) = profile(
+        &tool_spec("offcpu-profile", "30s", &[]),
+        TargetSpec::Command(vec!["sh".into(), "-c".into(), cmd.into()]),
+    );
+    assert_eq!(outcome.ended, Ended::CommandExited(0));
+    let shell = target_pid(&outcome.summary.target);
+    let lines = folded_file(&sink, "offcpu.folded");
+    let demo: Vec<&(String, u64)> = lines
+        .iter()
+        .filter(|(stack, _)| root_pid(stack) != Some(shell) && stack.contains("toe_demo::main"))
+        .collect();
+    let waited: u64 = demo.iter().map(|(_, ns)| ns).sum();
+    assert!(
+        waited >= 15_000_000,
+        "the demo's 20 ms sleep under its own symbols: {waited} ns in {demo:?}; all: {lines:?}"
+    );
+}
+
 #[test]
 fn bad_arguments_are_refused_before_anything_is_attached() {
     let dir = tempfile::tempdir().expect("tempdir");
