@@ -402,6 +402,30 @@ pub fn proc_stat(pid: u32) -> Option<Vec<String>> {
     stat_fields_of(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// How long ago `pid` started, in milliseconds (field 22 of its stat, clock ticks since boot,
+/// against the uptime).
+#[must_use]
+pub fn process_age_ms(pid: u32) -> Option<u64> {
+    let start_ticks: u64 = proc_stat(pid)?.get(19)?.parse().ok()?;
+    let uptime: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&h| h > 0)?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "uptime in ms fits u64"
+    )]
+    let now_ms = (uptime * 1000.0) as u64;
+    Some(now_ms.saturating_sub(start_ticks * 1000 / hz))
+}
+
 fn stat_fields_of(stat: &str) -> Option<Vec<String>> {
     let after = &stat[stat.rfind(')')? + 1..];
     Some(after.split_whitespace().map(str::to_owned).collect())

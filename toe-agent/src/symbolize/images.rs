@@ -256,7 +256,10 @@ impl Images {
 
     fn look(&self, pid: u32, now_please: bool) {
         let now = Instant::now();
-        let image = {
+        // A process first seen when it has run for longer than YOUNG (one that was there when
+        // the run started) has mapped what it maps at start: it does not make the watcher look
+        // at the fast pace.
+        let (image, settled) = {
             let mut state = self.state();
             let known = state.processes.len();
             match state.processes.get_mut(&pid) {
@@ -271,10 +274,15 @@ impl Images {
                     if image.is_none() || (!now_please && !young && image == p.image) {
                         return;
                     }
-                    image
+                    (image, false)
                 }
                 None if known >= MAX_PROCESSES => return,
-                None => image_of(pid),
+                None => {
+                    drop(state);
+                    let old = crate::targets::process_age_ms(pid)
+                        .is_some_and(|ms| u128::from(ms) >= YOUNG.as_millis());
+                    (image_of(pid), old)
+                }
             }
         };
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
@@ -310,10 +318,11 @@ impl Images {
             }
             s
         };
+        let settled_since = now.checked_sub(YOUNG).unwrap_or(now);
         let p = state.processes.entry(pid).or_insert_with(|| Process {
             snapshots: Vec::new(),
             image: None,
-            changed: now,
+            changed: if settled { settled_since } else { now },
             checked: now,
         });
         p.image = image;
@@ -323,13 +332,16 @@ impl Images {
             .last()
             .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
         {
-            p.changed = now;
+            let first_of_settled = settled && p.snapshots.is_empty();
             if p.snapshots.len() >= HISTORY {
                 // The first (what it started as) and the newest stay.
                 p.snapshots.remove(1);
             }
             p.snapshots.push(snapshot);
-            state.last_change = Some(now);
+            if !first_of_settled {
+                p.changed = now;
+                state.last_change = Some(now);
+            }
         }
     }
 

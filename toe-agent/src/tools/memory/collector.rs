@@ -108,31 +108,6 @@ fn exp_table() -> Vec<u32> {
         .collect()
 }
 
-/// Seconds since boot at which `pid` started, and now, from procfs.
-fn process_age_ms(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (starttime, clock ticks since boot) counted after the `comm` in parentheses.
-    let after = stat.rsplit_once(") ")?.1;
-    let start_ticks: u64 = after.split_ascii_whitespace().nth(19)?.parse().ok()?;
-    let uptime: f64 = fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split_ascii_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .ok()
-        .filter(|&h| h > 0)?;
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "uptime in ms fits u64"
-    )]
-    let now_ms = (uptime * 1000.0) as u64;
-    Some(now_ms.saturating_sub(start_ticks * 1000 / hz))
-}
-
 impl MemoryCollector {
     /// Configures the kernel side and attaches the page-fault tracepoint. Allocator probes are
     /// attached per process with [`MemoryCollector::track`].
@@ -203,7 +178,10 @@ impl MemoryCollector {
             copied: if copies {
                 let ring = RingBuf::try_from(loaded.take_map(ALLOCS_RING)?)
                     .map_err(map_err(ALLOCS_RING))?;
-                Some(CopiedSites::new(ring, UserStacks::new(Arc::clone(images))))
+                Some(
+                    CopiedSites::spawn(ring, UserStacks::new(Arc::clone(images)))
+                        .map_err(LoadError::Thread)?,
+                )
             } else {
                 None
             },
@@ -211,10 +189,11 @@ impl MemoryCollector {
         })
     }
 
-    /// Reads the allocations and frees the kernel sent with stack copies.
-    pub fn drain_copies(&mut self) {
+    /// Reads the last allocations and frees the kernel sent with stack copies, and stops their
+    /// reader. Call after the probes are detached.
+    fn stop_copies(&mut self) {
         if let Some(c) = &mut self.copied {
-            c.drain();
+            c.stop();
         }
     }
 
@@ -228,7 +207,7 @@ impl MemoryCollector {
                     c.frees_unknown()
                 );
             }
-            crate::symbolize::user_stacks::with_table_readings(c.unwind())
+            crate::symbolize::user_stacks::with_table_readings(&c.unwind())
         })
     }
 
@@ -277,7 +256,7 @@ impl MemoryCollector {
                         Ok(links) => {
                             state.links = links;
                             state.info.tracked = true;
-                            state.info.attached_after_ms = process_age_ms(pid);
+                            state.info.attached_after_ms = targets::process_age_ms(pid);
                         }
                         // A short-lived child can exit between being found and being probed:
                         // that is the process's end, not the run's.
@@ -404,7 +383,7 @@ impl MemoryCollector {
 
     /// Final per-site values. Call after the probes are detached.
     pub fn finish(&mut self) -> (RawSites, Vec<RawKey>) {
-        self.drain_copies();
+        self.stop_copies();
         let new = self.take_new();
         let mut allocations: Vec<(RawKey, SiteStats)> = self
             .sites
@@ -601,6 +580,6 @@ mod tests {
 
     #[test]
     fn own_age_is_known() {
-        assert!(process_age_ms(std::process::id()).is_some());
+        assert!(targets::process_age_ms(std::process::id()).is_some());
     }
 }

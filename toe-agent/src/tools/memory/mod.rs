@@ -160,7 +160,6 @@ impl ToolRun for MemoryRun {
         if self.ticks.is_multiple_of(every) {
             self.discover(cx)?;
         }
-        self.collector.drain_copies();
         Ok(())
     }
 
