@@ -261,15 +261,17 @@ fn on_cpu_and_off_cpu_time_of_a_thread_sum_to_its_wall_time() {
         .sum();
     let life = truth["mixed_sleep"]["life_ns"].as_u64().expect("life_ns");
     within(mixed, life, 0.05, "mixed thread's on-CPU + off-CPU time");
-    // Both halves are there, each near what the thread did (20 ms of CPU per 50 ms).
+    // The on-CPU half is the CPU time the thread used (20 ms of burning per 50 ms, less what
+    // it waited runnable on a busy machine), as the thread itself measured it.
     let on: u64 = lines
         .iter()
         .filter(|(stack, _)| stack.contains("mixed_burn") && !stack.contains("[off-CPU"))
         .map(|l| l.1)
         .sum();
-    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
-    let on_share = on as f64 / life as f64;
-    assert!((0.3..0.5).contains(&on_share), "on-CPU share {on_share}");
+    let cpu = truth["mixed_sleep"]["cpu_ns"].as_u64().expect("cpu_ns");
+    // One sample per period of CPU time: at 199 Hz (emulated) a few hundred in all.
+    let tolerance = if toe_tests::emulated() { 0.15 } else { 0.1 };
+    within(on, cpu, tolerance, "mixed thread's on-CPU time");
     let w = s.wall.as_ref().expect("wall section");
     assert_eq!((w.samples.lost_ring_full, w.samples.unaccounted), (0, 0));
     assert_eq!(w.off_cpu_ns, s.off_cpu_ns);

@@ -7,7 +7,7 @@
 //! every 80 ms; thread `vforker` waits in `vfork_waits` (uninterruptible, `D`) for a vfork child
 //! that sleeps 50 ms; thread `mixed` burns 20 ms of CPU in `mixed_burn` and sleeps 30 ms in
 //! `mixed_sleep`. Then writes, per function, the total nanoseconds spent in its waits, and per
-//! thread its lifetime, as JSON to OUTFILE.
+//! thread its lifetime and the CPU time it used, as JSON to OUTFILE.
 
 use std::{
     fmt::Write as _,
@@ -103,8 +103,9 @@ fn mixed_sleep() -> Duration {
     t.elapsed()
 }
 
-/// Runs `f` until `until`, summing the waits it reports; returns (total, thread lifetime).
-fn timed_loop(until: Instant, mut f: impl FnMut() -> Option<Duration>) -> (u128, u128) {
+/// Runs `f` until `until`, summing the waits it reports; returns (total, thread lifetime, CPU
+/// time the thread used).
+fn timed_loop(until: Instant, mut f: impl FnMut() -> Option<Duration>) -> (u128, u128, u128) {
     let born = Instant::now();
     let mut total = 0u128;
     while Instant::now() < until {
@@ -112,7 +113,19 @@ fn timed_loop(until: Instant, mut f: impl FnMut() -> Option<Duration>) -> (u128,
             total += d.as_nanos();
         }
     }
-    (total, born.elapsed().as_nanos())
+    (total, born.elapsed().as_nanos(), thread_cpu_ns())
+}
+
+/// The calling thread's CPU time so far. A thread that burns for a wall-clock time on a busy
+/// machine gets less than that on a CPU: the rest it waits runnable.
+fn thread_cpu_ns() -> u128 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut t) };
+    u128::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u128::try_from(t.tv_nsec).unwrap_or(0)
 }
 
 pub fn main(secs: f64, out: &str) {
@@ -162,7 +175,7 @@ pub fn main(secs: f64, out: &str) {
         ("vfork_waits", "vforker"),
         ("mixed_sleep", "mixed"),
     ];
-    let handles: Vec<thread::JoinHandle<(u128, u128)>> = waiters
+    let handles: Vec<thread::JoinHandle<(u128, u128, u128)>> = waiters
         .iter()
         .map(|&(function, name)| {
             let lock = Arc::clone(&lock);
@@ -184,7 +197,7 @@ pub fn main(secs: f64, out: &str) {
             })
         })
         .collect();
-    let results: Vec<(u128, u128)> = handles
+    let results: Vec<(u128, u128, u128)> = handles
         .into_iter()
         .map(|h| h.join().expect("waiter"))
         .collect();
@@ -193,13 +206,14 @@ pub fn main(secs: f64, out: &str) {
     writer.join().expect("writer");
     drop(rd.read(&mut [0u8; 0]));
     let mut json = String::from("{");
-    for (i, ((function, thread), (waited, life))) in waiters.iter().zip(results).enumerate() {
+    for (i, ((function, thread), (waited, life, cpu))) in waiters.iter().zip(results).enumerate() {
         if i > 0 {
             json.push(',');
         }
         let _ = write!(
             json,
-            "\"{function}\":{{\"thread\":\"{thread}\",\"waited_ns\":{waited},\"life_ns\":{life}}}"
+            "\"{function}\":{{\"thread\":\"{thread}\",\"waited_ns\":{waited},\"life_ns\":{life},\
+             \"cpu_ns\":{cpu}}}"
         );
     }
     json.push('}');

@@ -245,16 +245,23 @@ impl Images {
     /// Reads `pid`'s mappings if it is new, if they changed lately (a process that has just
     /// exec'd is still mapping its libraries), or if it may have exec'd since they were read.
     pub fn observe(&self, pid: u32) {
-        self.look(pid, false);
+        self.look(pid, false, false);
+    }
+
+    /// Reads the mappings of a process the kernel just saw fork or exec, now: however long ago
+    /// it started, they have changed or are about to (the loader maps an exec'd program's
+    /// libraries after the exec, and a program that exec'd itself has the same image).
+    fn told(&self, pid: u32) {
+        self.look(pid, true, true);
     }
 
     /// Reads `pid`'s mappings now: an address of it fell outside every mapping kept (a
     /// library loaded since, or mappings read mid-exec).
     pub fn refresh(&self, pid: u32) {
-        self.look(pid, true);
+        self.look(pid, true, false);
     }
 
-    fn look(&self, pid: u32, now_please: bool) {
+    fn look(&self, pid: u32, now_please: bool, told: bool) {
         let now = Instant::now();
         // A process first seen when it has run for longer than YOUNG (one that was there when
         // the run started) has mapped what it maps at start: it does not make the watcher look
@@ -279,8 +286,9 @@ impl Images {
                 None if known >= MAX_PROCESSES => return,
                 None => {
                     drop(state);
-                    let old = crate::targets::process_age_ms(pid)
-                        .is_some_and(|ms| u128::from(ms) >= YOUNG.as_millis());
+                    let old = !told
+                        && crate::targets::process_age_ms(pid)
+                            .is_some_and(|ms| u128::from(ms) >= YOUNG.as_millis());
                     (image_of(pid), old)
                 }
             }
@@ -632,7 +640,7 @@ impl Watcher {
                         let fd = targets.news.as_ref().map(AsFd::as_fd);
                         if stop.wait(fd, next_look.saturating_duration_since(Instant::now())) {
                             for pid in targets.told() {
-                                images.observe(pid);
+                                images.told(pid);
                             }
                             // What it told of is settling now: look again soon.
                             next_look = next_look.min(Instant::now() + WATCH_EVERY);
