@@ -402,11 +402,16 @@ pub fn proc_stat(pid: u32) -> Option<Vec<String>> {
     stat_fields_of(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// How long ago `pid` started, in milliseconds (field 22 of its stat, clock ticks since boot,
-/// against the uptime).
+/// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
+#[must_use]
+pub fn start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid)?.get(19)?.parse().ok()
+}
+
+/// How long ago `pid` started, in milliseconds ([`start_time`] against the uptime).
 #[must_use]
 pub fn process_age_ms(pid: u32) -> Option<u64> {
-    let start_ticks: u64 = proc_stat(pid)?.get(19)?.parse().ok()?;
+    let start_ticks = start_time(pid)?;
     let uptime: f64 = fs::read_to_string("/proc/uptime")
         .ok()?
         .split_ascii_whitespace()

@@ -58,25 +58,19 @@ pub struct Owner {
     pub start: u64,
 }
 
-/// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
-#[must_use]
-pub fn start_time(pid: u32) -> Option<u64> {
-    crate::targets::proc_stat(pid)?.get(19)?.parse().ok()
-}
-
 impl Owner {
     #[must_use]
     pub fn current() -> Self {
         let pid = std::process::id();
         Self {
             pid,
-            start: start_time(pid).unwrap_or(0),
+            start: crate::targets::start_time(pid).unwrap_or(0),
         }
     }
 
     #[must_use]
     pub fn alive(&self) -> bool {
-        start_time(self.pid) == Some(self.start)
+        crate::targets::start_time(self.pid) == Some(self.start)
     }
 }
 
