@@ -262,11 +262,17 @@ spec:
   outputs: [htmlReport, mergedPprof]
 "
     ));
-    c.wait_for(
+    let report = c.wait_for(
         &["-n", WORKLOAD_NAMESPACE, "powertoolprocessing", processing],
         "{.status.report}",
         Duration::from_mins(2),
         |s| !s.is_empty(),
+    );
+    // Written by the operator configured with the S3 store, not by the replica it replaced.
+    assert!(
+        report.starts_with(url),
+        "the report is outside the store: {report}\n{}",
+        c.diagnostics()
     );
     let stored = s3.objects("cluster");
     assert!(

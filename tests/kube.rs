@@ -19,8 +19,8 @@ use toe_common::api::{PowerTool, PowerToolConfig, PowerToolPhase, PowerToolProce
 use toe_tests::{
     apiserver::ApiServer,
     cluster::{
-        Operator, Webhook, documents, first_refusal, free_port, install_crds, operator_identity,
-        repo,
+        Operator, OperatorProcess, Webhook, documents, first_refusal, free_port, install_crds,
+        operator_identity, repo,
     },
 };
 
@@ -280,15 +280,16 @@ async fn the_operator_admits_or_rejects_with_the_rule_and_selects_targets() {
         "test-replica",
         Duration::from_secs(15),
     );
+    let signal = toe_operator::shutdown::Signal::new(async {
+        let _ = stopped.await;
+    });
     let run = toe_operator::controller::run(
         operator_client,
         metrics.clone(),
         toe_operator::controller::Options::defaults(),
-        async {
-            let _ = stopped.await;
-        },
+        signal.fired(),
     );
-    let operator = tokio::spawn(async move { elector.lead(run).await });
+    let operator = tokio::spawn(async move { elector.lead(run, &signal).await });
     let tools: Api<PowerTool> = Api::namespaced(client.clone(), "shop");
     apply_powertools(&tools).await;
     let ok = decided(&tools, "web-sidecar").await;
@@ -938,4 +939,83 @@ async fn an_operator_stopped_as_it_starts_stops() {
         .await
         .stop()
         .await;
+}
+
+/// Who holds the operator's Lease now (None when nobody does).
+async fn lease_holder(admin: &kube::Client) -> Option<String> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(admin.clone(), "toe-system")
+        .get_opt("toe-operator")
+        .await
+        .unwrap()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+/// Polls `check` every 100 ms for at most `within`; whether it came true.
+async fn eventually<F: Future<Output = bool>>(
+    within: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A rolling update's two replicas, as real `toe-operator` processes: the old one leads; the new
+/// one waits for the lease. The old one's configuration (its store, its allowed outputs) is the
+/// one being replaced, so once told to stop it must never lead again: a replica stopped while it
+/// waits exits without leading, and a leader that stops gives the lease up rather than leaving
+/// the next replica a lease duration without an operator.
+#[tokio::test]
+async fn a_replica_stopped_while_it_waits_never_leads_and_a_stopped_leader_gives_the_lease_up() {
+    let Some(server) = ApiServer::start("a_replica_stopped_while_it_waits_never_leads") else {
+        return;
+    };
+    let admin = server.client().await;
+    install_crds(&admin).await;
+    let _ = operator_identity(&server, &admin).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = OperatorProcess::start(&server, "replica-old", dir.path());
+    assert!(
+        eventually(Duration::from_mins(1), || async {
+            lease_holder(&admin).await.as_deref() == Some("replica-old")
+        })
+        .await,
+        "the first replica never led: {}",
+        old.log_text()
+    );
+    let mut new = OperatorProcess::start(&server, "replica-new", dir.path());
+    assert!(
+        eventually(Duration::from_mins(1), || async {
+            new.log_text().contains("another replica leads")
+        })
+        .await,
+        "the second replica never waited for the lease: {}",
+        new.log_text()
+    );
+    // The waiting replica is told to stop: it exits at once, without ever leading.
+    let status = new.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {}", new.log_text());
+    let log = new.log_text();
+    assert!(log.contains("stopped before leading"), "{log}");
+    assert!(
+        !log.contains("\"leading\"") && !log.contains(" leading "),
+        "{log}"
+    );
+    assert_eq!(lease_holder(&admin).await.as_deref(), Some("replica-old"));
+    // The leader is told to stop: its controllers end, and it gives the lease up on its way out.
+    let status = old.terminate(toe_operator::shutdown::GRACE + Duration::from_secs(30));
+    assert!(status.success(), "{status}: {}", old.log_text());
+    assert!(
+        old.log_text().contains("gave the lease up"),
+        "{}",
+        old.log_text()
+    );
+    assert_eq!(lease_holder(&admin).await, None, "{}", old.log_text());
 }

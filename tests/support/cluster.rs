@@ -492,24 +492,86 @@ impl Agent {
 
     /// Sends SIGTERM and waits for the agent to exit (at most `within`); its exit status.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.process.pid()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.process.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the agent did not exit within {within:?} of SIGTERM; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        terminate(&mut self.process, within, &self.log)
+    }
+
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Sends SIGTERM to `process` and waits for it to exit (at most `within`, else the test fails
+/// with the process's `log`); its exit status.
+pub fn terminate(
+    process: &mut TestProcess,
+    within: Duration,
+    log: &Path,
+) -> std::process::ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(process.pid()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = process.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process logging to {} did not exit within {within:?} of SIGTERM; log:\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `toe-operator` as a process of its own, as its own identity, with leader election over the
+/// `toe-operator` Lease in `toe-system` as `identity`; its output goes to `log`.
+pub struct OperatorProcess {
+    pub process: TestProcess,
+    pub log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts it; [`operator_identity`] must have set its identity up. `dir` holds its store and
+    /// its log.
+    #[must_use]
+    pub fn start(server: &ApiServer, identity: &str, dir: &Path) -> Self {
+        let log = dir.join(format!("operator-{identity}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin("toe-operator"))
+            .args([
+                "--identity",
+                identity,
+                "--lease-namespace",
+                "toe-system",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--report-addr",
+                "",
+                "--artifacts",
+            ])
+            .arg(format!("file://{}/", dir.display()))
+            .env("KUBECONFIG", server.kubeconfig_as(OPERATOR_TOKEN))
+            .env("TOE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("toe-operator (cargo build --release -p toe-operator)");
+        Self {
+            process: TestProcess(child),
+            log,
         }
     }
 
     #[must_use]
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for it to exit (at most `within`); its exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        terminate(&mut self.process, within, &self.log)
     }
 }

@@ -12,6 +12,8 @@ use k8s_openapi::{
 };
 use kube::{Api, Client, api::PostParams};
 
+use crate::shutdown::Signal;
+
 pub struct Elector {
     api: Api<Lease>,
     name: String,
@@ -107,17 +109,34 @@ impl Elector {
         }
     }
 
-    /// Waits until this candidate leads, then keeps renewing; returns when leadership is lost
-    /// (the caller must stop reconciling at once).
-    pub async fn lead<F: Future<Output = ()>>(&self, work: F) {
+    /// Waits until this candidate leads, then runs `work` while renewing the lease. Returns when
+    /// `work` ends, when leadership is lost (the caller must stop reconciling at once), or,
+    /// without ever leading, when `stop` fires while it waits: a replica told to stop (the old
+    /// one in a rolling update) must not start leading later with what may be an old
+    /// configuration. `work` must end by itself once `stop` fires; a leader that ends that way
+    /// gives the lease up, so the next replica leads at once rather than a lease duration later.
+    pub async fn lead<F: Future<Output = ()>>(&self, work: F, stop: &Signal) {
         let retry = self.duration / 3;
-        loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election"),
-            }
-            tokio::time::sleep(retry).await;
+        let waited = stop
+            .unless_fired(async {
+                let mut told = false;
+                loop {
+                    match self.try_acquire_or_renew().await {
+                        Ok(true) => break,
+                        Ok(false) if !told => {
+                            tracing::info!(lease = %self.name, "another replica leads; waiting");
+                            told = true;
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "leader election"),
+                    }
+                    tokio::time::sleep(retry).await;
+                }
+            })
+            .await;
+        if waited.is_none() {
+            tracing::info!("stopped before leading");
+            return;
         }
         tracing::info!(identity = %self.identity, lease = %self.name, "leading");
         let renew = async {
@@ -132,8 +151,39 @@ impl Elector {
             }
         };
         tokio::select! {
-            () = work => {}
+            () = work => self.release().await,
             () = renew => tracing::warn!("lost the lease; stopping"),
+        }
+    }
+
+    /// Gives the lease up if this candidate still holds it, as client-go's `ReleaseOnCancel`
+    /// does: no holder and a one-second duration. Written with the resourceVersion just read, so
+    /// a lease another replica took meanwhile is left alone.
+    async fn release(&self) {
+        let released = async {
+            let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+                return Ok(false);
+            };
+            let spec = lease.spec.get_or_insert_default();
+            if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+                return Ok(false);
+            }
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+            spec.renew_time = Some(MicroTime(Timestamp::now()));
+            self.api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await
+                .map(|_| true)
+        }
+        .await;
+        match released {
+            Ok(true) => tracing::info!(lease = %self.name, "gave the lease up"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "giving the lease up (the next replica leads once it expires)"
+            ),
         }
     }
 }

@@ -9,7 +9,8 @@ use axum::{Router, routing::get};
 use axum_server::tls_rustls::RustlsConfig;
 use clap::Parser;
 use toe_operator::{
-    certs, controller, lease::Elector, metrics::Metrics, processing, reports, webhook,
+    certs, controller, lease::Elector, metrics::Metrics, processing, reports, shutdown::Signal,
+    webhook,
 };
 
 #[derive(Parser)]
@@ -91,42 +92,44 @@ enum ReportAuth {
     Open,
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-/// Serves `app` on `addr` (plain HTTP) until SIGTERM or Ctrl-C; `flag` names the address in
-/// errors.
-async fn serve(addr: SocketAddr, app: Router, flag: &str) -> Result<()> {
+/// Serves `app` on `addr` (plain HTTP) until `stop` fires; `flag` names the address in errors.
+async fn serve(addr: SocketAddr, app: Router, flag: &str, stop: Signal) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("{flag} {addr}"))?;
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(stop.fired())
         .await?;
     Ok(())
 }
 
-async fn serve_reports(
-    addr: SocketAddr,
-    artifacts: url::Url,
-    access: reports::Access,
-    client: kube::Client,
-) -> Result<()> {
-    serve(
-        addr,
-        reports::router(reports::Reports::new(&artifacts, access)?.with_processings(client)),
-        "--report-addr",
-    )
-    .await
+/// Serves the reports on `--report-addr` in a task of its own; an address that does not parse is
+/// an error here, one that cannot be bound is logged by the task.
+fn spawn_report_server(cli: &Cli, client: kube::Client, stop: Signal) -> Result<()> {
+    let addr: SocketAddr = cli
+        .report_addr
+        .parse()
+        .with_context(|| format!("--report-addr {}", cli.report_addr))?;
+    let access = match cli.report_auth {
+        ReportAuth::Kubernetes => reports::Access::Kubernetes(client.clone()),
+        ReportAuth::Open => reports::Access::Open,
+    };
+    let artifacts = cli.artifacts.clone();
+    tokio::spawn(async move {
+        let served = async {
+            let app = reports::router(
+                reports::Reports::new(&artifacts, access)?.with_processings(client),
+            );
+            serve(addr, app, "--report-addr", stop).await
+        };
+        if let Err(e) = served.await {
+            tracing::error!(error = %format!("{e:#}"), "report server stopped");
+        }
+    });
+    Ok(())
 }
 
-async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>, stop: Signal) -> Result<()> {
     let app = Router::new()
         .route(
             "/metrics",
@@ -136,7 +139,7 @@ async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
             }),
         )
         .route("/healthz", get(|| async { "ok" }));
-    serve(addr, app, "--metrics-addr").await
+    serve(addr, app, "--metrics-addr", stop).await
 }
 
 /// The webhook's TLS: from files, or self-generated and kept in step with the cluster.
@@ -186,11 +189,17 @@ fn main() -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
+        // One signal for every part, listened for before anything starts.
+        let stop = Signal::from_os().context("listening for SIGTERM")?;
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
         let metrics = Arc::new(Metrics::default());
-        tokio::spawn(serve_metrics(cli.metrics_addr, metrics.clone()));
+        tokio::spawn(serve_metrics(
+            cli.metrics_addr,
+            metrics.clone(),
+            stop.clone(),
+        ));
         // Every replica answers the webhook; only the leader reconciles.
         let webhook = match cli.webhook_addr {
             Some(addr) => {
@@ -201,28 +210,14 @@ fn main() -> Result<()> {
                     controller::protected_namespaces(&cli.lease_namespace),
                     addr,
                     tls,
-                    shutdown_signal(),
+                    stop.fired(),
                 )))
             }
             None => None,
         };
         // Every replica serves reports; only the leader reconciles and processes.
         if !cli.report_addr.is_empty() {
-            let addr: SocketAddr = cli
-                .report_addr
-                .parse()
-                .with_context(|| format!("--report-addr {}", cli.report_addr))?;
-            let artifacts = cli.artifacts.clone();
-            let access = match cli.report_auth {
-                ReportAuth::Kubernetes => reports::Access::Kubernetes(client.clone()),
-                ReportAuth::Open => reports::Access::Open,
-            };
-            let own = client.clone();
-            tokio::spawn(async move {
-                if let Err(e) = serve_reports(addr, artifacts, access, own).await {
-                    tracing::error!(error = %format!("{e:#}"), "report server stopped");
-                }
-            });
+            spawn_report_server(&cli, client.clone(), stop.clone())?;
         }
         let opts = processing::ProcessingOptions {
             artifacts: cli.artifacts.clone(),
@@ -238,16 +233,16 @@ fn main() -> Result<()> {
             allowed_outputs: opts.allowed_outputs.clone(),
         };
         let run = {
-            let (client, metrics) = (client.clone(), metrics.clone());
+            let (client, metrics, stop) = (client.clone(), metrics.clone(), stop.clone());
             async move {
                 futures::join!(
                     controller::run(
                         client.clone(),
                         metrics.clone(),
                         controller_opts,
-                        shutdown_signal(),
+                        stop.fired(),
                     ),
-                    processing::run(client, opts, metrics, shutdown_signal()),
+                    processing::run(client, opts, metrics, stop.fired()),
                 );
             }
         };
@@ -265,7 +260,7 @@ fn main() -> Result<()> {
                 &identity,
                 Duration::from_secs(15),
             )
-            .lead(run)
+            .lead(run, &stop)
             .await;
         }
         if let Some(w) = webhook {

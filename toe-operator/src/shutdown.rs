@@ -24,6 +24,25 @@ pub const GRACE: Duration = Duration::from_secs(20);
 pub struct Signal(Shared<BoxFuture<'static, ()>>);
 
 impl Signal {
+    /// SIGTERM or SIGINT (Ctrl-C), listened for from this call on. The handlers are registered
+    /// here, not when something first awaits the signal: tokio only reports a signal that comes
+    /// after its listener exists, and a part started late (the controllers, once this replica
+    /// leads) must still see a SIGTERM that came while it waited.
+    ///
+    /// # Errors
+    /// When a handler cannot be registered (outside a tokio runtime with signals enabled).
+    pub fn from_os() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(Self::new(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }))
+    }
+
     #[must_use]
     pub fn new(shutdown: impl Future<Output = ()> + Send + 'static) -> Self {
         Self(shutdown.boxed().shared())
