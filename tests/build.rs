@@ -59,13 +59,20 @@ fn main() {
             .arg("-o")
             .arg(out.join("deep-rust")),
     );
-    // The Go workload three times: stripped as Go binaries ship (also position-independent,
-    // as distributions build them), and with symbols to compare names. Offline (GOPROXY=off):
-    // it uses the standard library only.
-    for (name, flags, mode) in [
-        ("go-hot", "", "exe"),
-        ("go-hot-stripped", "-s -w", "exe"),
-        ("go-hot-pie-stripped", "-s -w", "pie"),
+    // The Go workload four times: stripped as Go binaries ship (also position-independent, as
+    // distributions build them, once by Go's own linker and once by the system's, as cgo
+    // programs are linked), and with symbols to compare names. Offline (GOPROXY=off): it uses
+    // the standard library only.
+    for (name, flags, mode, cgo) in [
+        ("go-hot", "", "exe", "0"),
+        ("go-hot-stripped", "-s -w", "exe", "0"),
+        ("go-hot-pie-stripped", "-s -w", "pie", "0"),
+        (
+            "go-hot-pie-external-stripped",
+            "-s -w -linkmode=external",
+            "pie",
+            "1",
+        ),
     ] {
         run(Command::new("go")
             .args([
@@ -82,7 +89,7 @@ fn main() {
             .env("GOCACHE", out.join("go-cache"))
             .env("GOPATH", out.join("go-path"))
             .env("GOPROXY", "off")
-            .env("CGO_ENABLED", "0"));
+            .env("CGO_ENABLED", cgo));
     }
     println!("cargo::rustc-env=TOE_WORKLOAD_DIR={}", out.display());
 }

@@ -920,8 +920,9 @@ fn node_jit_frames_are_named_from_its_perf_map_or_the_summary_says_how() {
 /// from its `.gopclntab`: at least 95% of its frames are symbolized, its hot stack has the
 /// same names as the build with symbols (inlined functions included), and the pprof carries
 /// Go's file and line. The hot leaf's caller is in its stacks although the leaf sets no frame
-/// pointer. The same holds for the position-independent build distributions make, whose table
-/// sits in `.data.rel.ro.gopclntab`.
+/// pointer. The same holds for the position-independent builds distributions make: linked by
+/// Go's own linker, the table sits in `.data.rel.ro.gopclntab`; by the system's (`-linkmode
+/// external`, as every cgo program is), it is merged into `.data.rel.ro` and found by its header.
 #[test]
 fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
     let test = "a_stripped_go_binary_is_symbolized_from_its_function_table";
@@ -931,7 +932,12 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
     let _turn = cpu_turn();
     let mut hottest = Vec::new();
     let mut through_mix = Vec::new();
-    for build in ["go-hot-stripped", "go-hot", "go-hot-pie-stripped"] {
+    for build in [
+        "go-hot-stripped",
+        "go-hot",
+        "go-hot-pie-stripped",
+        "go-hot-pie-external-stripped",
+    ] {
         let target = toe_tests::TestProcess(
             Command::new(workload(build))
                 .arg("30")
@@ -978,6 +984,21 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
         hottest[2], hottest[1],
         "stripped position-independent vs. with symbols"
     );
+    assert_eq!(
+        hottest[3], hottest[1],
+        "stripped position-independent, linked by the system's linker, vs. with symbols"
+    );
+    // That build has no section of the table's own: only the search for its header found it.
+    let sections = Command::new("readelf")
+        .arg("-SW")
+        .arg(workload("go-hot-pie-external-stripped"))
+        .output()
+        .expect("readelf (binutils)");
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    assert!(
+        sections.contains(".data.rel.ro") && !sections.contains("gopclntab"),
+        "{sections}"
+    );
     // hotLoop keeps no frame of its own: its caller comes from the function table's stack
     // deltas, not the frame-pointer walk. mix was inlined into it (the build with symbols has
     // no function of that name), and its frame comes from the function table's inline tree.
@@ -1006,7 +1027,7 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
     } else {
         assert!(
             through_mix.iter().all(|&n| n > 0),
-            "samples through the inlined main.mix (stripped, with symbols, stripped PIE): \
+            "samples through the inlined main.mix (stripped, with symbols, stripped PIE, stripped PIE linked externally): \
              {through_mix:?}"
         );
     }

@@ -118,6 +118,9 @@ pub enum Which {
         /// Seconds of work per workload run (about).
         #[arg(long, default_value_t = 3)]
         secs: u64,
+        /// Only the workloads whose name contains this (`deep-c`, `xz`, `python`); all by default.
+        #[arg(long, default_value = "")]
+        workload: String,
     },
     /// Fuzzing: each harness of `fuzz/` (specs, arguments, configs, captures, pprof merges) run
     /// under libFuzzer for a number of executions; fails on any crash.
@@ -862,7 +865,11 @@ pub fn run(which: &Which) -> Result<()> {
             trips,
             spin_us,
         } => crate::bench_offcpu::offcpu_bench(*rounds, *trips, *spin_us),
-        Which::Unwind { rounds, secs } => crate::bench_unwind::unwind_bench(*rounds, *secs),
+        Which::Unwind {
+            rounds,
+            secs,
+            workload,
+        } => crate::bench_unwind::unwind_bench(*rounds, *secs, workload),
         Which::Fuzz {
             targets,
             runs,

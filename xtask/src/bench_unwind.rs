@@ -66,7 +66,7 @@ struct Run {
     table_ms: f64,
 }
 
-pub fn unwind_bench(rounds: usize, secs: u64) -> Result<()> {
+pub fn unwind_bench(rounds: usize, secs: u64, only: &str) -> Result<()> {
     if !is_root() {
         bail!("the benchmark loads eBPF programs and runs perf: run it as root");
     }
@@ -110,7 +110,7 @@ pub fn unwind_bench(rounds: usize, secs: u64) -> Result<()> {
             vec!["/usr/bin/python3.11".into(), "-c".into(), python],
         ),
     ];
-    for (name, argv) in &workloads {
+    for (name, argv) in workloads.iter().filter(|(n, _)| n.contains(only)) {
         if !Path::new(&argv[0]).exists() {
             eprintln!("skipping {name}: {} is not installed", argv[0]);
             continue;
