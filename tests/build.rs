@@ -2,7 +2,15 @@
 //! here rather than by cargo so that the workspace's `force-frame-pointers` does not apply.
 //! Their paths reach the tests as `TOE_WORKLOAD_DIR`.
 
-use std::{env, path::PathBuf, process::Command};
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// Where the dwz'd debug files say their supplementary file is: a path no host has, so only
+/// the copy inside a test's container can be it.
+const DWZ_COMMON: &str = "/usr/lib/debug/.dwz/toe-tests-workloads.debug";
 
 fn run(cmd: &mut Command) {
     let status = cmd
@@ -45,6 +53,7 @@ fn main() {
         .arg(format!("--add-gnu-debuglink={}", debug.display()))
         .arg(&full)
         .arg(out.join("deep-c-split")));
+    dwz_workloads(&out);
     run(
         Command::new(env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
             .args([
@@ -92,4 +101,49 @@ fn main() {
             .env("CGO_ENABLED", cgo));
     }
     println!("cargo::rustc-env=TOE_WORKLOAD_DIR={}", out.display());
+}
+
+/// The C workloads again as Debian and Fedora ship debug files: compressed with dwz, which
+/// moves what several programs' DWARF shares (here deep.c's and leak.c's) into one
+/// supplementary file that each debug file names by absolute path and build-id in
+/// `.gnu_debugaltlink`. The debug link is added after dwz, whose rewrite changes the CRC it
+/// carries.
+fn dwz_workloads(out: &Path) {
+    let mut dwz_debug = Vec::new();
+    for (source, name) in [
+        ("workloads/deep.c", "deep-c-dwz"),
+        ("workloads/leak.c", "leak-c-dwz"),
+    ] {
+        let full = out.join(format!("{name}-full"));
+        run(Command::new("gcc")
+            .args(["-O2", "-g", "-static", "-fomit-frame-pointer"])
+            .args(["-fno-optimize-sibling-calls", "-Wl,--build-id"])
+            .arg(source)
+            .arg("-o")
+            .arg(&full));
+        let debug = out.join(format!("{name}.debug"));
+        run(Command::new("objcopy")
+            .arg("--only-keep-debug")
+            .arg(&full)
+            .arg(&debug));
+        dwz_debug.push((full, debug, out.join(name)));
+    }
+    let common = out.join("dwz-common.debug");
+    assert!(
+        Command::new("dwz").arg("--version").output().is_ok(),
+        "dwz is not installed: `cargo xtask bootstrap --tests` installs it (Debian package dwz)"
+    );
+    run(Command::new("dwz")
+        .arg("-m")
+        .arg(&common)
+        .args(["-M", DWZ_COMMON])
+        .args(dwz_debug.iter().map(|(_, debug, _)| debug)));
+    for (full, debug, stripped) in &dwz_debug {
+        run(Command::new("objcopy")
+            .arg("--strip-all")
+            .arg(format!("--add-gnu-debuglink={}", debug.display()))
+            .arg(full)
+            .arg(stripped));
+    }
+    println!("cargo::rustc-env=TOE_DWZ_COMMON={DWZ_COMMON}");
 }

@@ -1,7 +1,7 @@
 //! The CPU sampler against the real kernel: in-kernel filtering, attribution, sample counts and
 //! artifact consistency.
 
-use std::{io::Read as _, process::Command, time::Duration};
+use std::{io::Read as _, path::PathBuf, process::Command, time::Duration};
 
 use toe_agent::{run::Ended, targets::TargetSpec};
 use toe_common::stacks::folded_reaches_entry;
@@ -771,60 +771,145 @@ fn a_stripped_binary_is_symbolized_from_its_debug_file_inside_the_container() {
             "none: stripped, and no debug file in the target's root",
         ),
     ] {
-        let container = toe_tests::Container::run_in(
-            "debugfile",
-            &[],
-            |root| {
-                std::fs::copy(workload("deep-c-split"), root.join("bin/deep")).unwrap();
-                if let Some(place) = place {
-                    let at = root.join(place);
-                    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
-                    std::fs::copy(&debug, at).unwrap();
-                }
-            },
-            &["/bin/deep", "20", "60"],
-        );
-        let (outcome, sink) = profile(
-            &cpu_spec("3s", &["--frequency=199"]),
-            TargetSpec::Pid(container.pid()),
-        );
-        let frames = outcome.summary.cpu.expect("a CPU summary").breakdown.frames;
-        // The path as the agent's mount namespace shows the container's file (the whole path
-        // inside the container only where the two share their view of it).
-        let deep = frames
-            .binaries
-            .iter()
-            .find(|b| b.module.ends_with("/bin/deep"))
-            .unwrap_or_else(|| panic!("{place:?}: /bin/deep is not listed: {frames:?}"));
+        let files: Vec<(PathBuf, &str)> = place.map(|p| (debug.clone(), p)).into_iter().collect();
+        let (frames, sink) = profile_stripped_deep_in_container("deep-c-split", &files);
+        let deep = deep_binary(&frames);
         assert!(deep.symbols.contains(source), "{place:?}: {deep:?}");
-        let lines = folded(&sink);
-        let (hot, all) = share_in(&lines, "burn");
-        eprintln!("{place:?}: {hot} of {all} samples in burn; frames {frames:?}");
-        assert!(all >= 50, "{place:?}: only {all} samples: {lines:?}");
         if place.is_none() {
+            let lines = folded(&sink);
+            let (hot, _) = share_in(&lines, "burn");
             assert_eq!(hot, 0, "named without a debug file: {lines:?}");
             assert!(deep.unresolved * 10 >= deep.frames * 9, "{deep:?}");
             assert_symbolizable_later(&sink, &id, &workload("deep-c-full"));
             continue;
         }
-        assert!(hot * 100 >= all * 90, "{place:?}: {lines:?}");
-        assert!(
-            frames.unresolved * 100 <= frames.total * 5,
-            "{place:?}: {frames:?}; {lines:?}"
-        );
-        assert!(
-            lines
-                .iter()
-                .any(|(l, _)| l.contains("main;descend;descend;") && l.ends_with(";burn")),
-            "{place:?}: no stack from main through descend to burn: {lines:?}"
-        );
-        let text = pprof_top_lines(&sink);
-        assert!(
-            text.lines()
-                .any(|l| l.contains("burn") && l.contains("deep.c:")),
-            "{place:?}: no file and line for burn:\n{text}"
-        );
+        assert_named_with_lines(&format!("{place:?}"), &frames, &sink);
     }
+}
+
+/// A debug file as Debian and Fedora ship them, compressed with dwz: much of its DWARF (names
+/// shared with other programs among them) lives in a supplementary file that it names by an
+/// absolute path and a build-id. In a container that path is the container's: the host has no
+/// such file here, so names, inlined frames and lines come out complete only when that file is
+/// read from the target's root. Without it in the root, the debug file's symbol table still
+/// names every function and the summary says what was missing.
+#[test]
+fn a_debug_file_compressed_with_dwz_is_read_with_its_supplementary_file_from_the_container() {
+    let test =
+        "a_debug_file_compressed_with_dwz_is_read_with_its_supplementary_file_from_the_container";
+    if !require_root(test) {
+        return;
+    }
+    let _turn = cpu_turn();
+    let common = env!("TOE_DWZ_COMMON");
+    assert!(
+        !std::path::Path::new(common).exists(),
+        "{common} exists on this host: the test could not tell the container's from it"
+    );
+    let id = build_id(&workload("deep-c-dwz"));
+    let by_build_id = format!("usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
+    let debug = (workload("deep-c-dwz.debug"), by_build_id.as_str());
+    let supplementary = (workload("dwz-common.debug"), common.trim_start_matches('/'));
+    let (frames, sink) =
+        profile_stripped_deep_in_container("deep-c-dwz", &[debug.clone(), supplementary]);
+    let deep = deep_binary(&frames);
+    assert!(deep.symbols.contains("(matched by build-id)"), "{deep:?}");
+    assert_named_with_lines("dwz", &frames, &sink);
+
+    let (frames, sink) = profile_stripped_deep_in_container("deep-c-dwz", &[debug]);
+    let deep = deep_binary(&frames);
+    assert!(
+        deep.symbols.contains("supplementary") && deep.symbols.contains(common),
+        "the summary does not say the dwz file is missing: {deep:?}"
+    );
+    let lines = folded(&sink);
+    let (hot, all) = share_in(&lines, "burn");
+    assert!(
+        hot * 100 >= all * 90,
+        "dwz, no supplementary file: {lines:?}"
+    );
+    // `main`'s name is one dwz moved to the supplementary file (both programs have a main).
+    assert!(
+        lines
+            .iter()
+            .any(|(l, _)| l.contains(";main;descend;") && l.ends_with(";burn")),
+        "dwz, no supplementary file: no stack from main through descend to burn: {lines:?}"
+    );
+}
+
+/// `/bin/deep` (the workload `binary`) burning CPU in a container whose root also holds each
+/// (file, path inside the root) of `files`, profiled for 3 s: its frames summary and sink.
+fn profile_stripped_deep_in_container(
+    binary: &str,
+    files: &[(PathBuf, &str)],
+) -> (
+    toe_artifacts::summary::FrameAccounting,
+    toe_agent::sink::MemorySink,
+) {
+    let container = toe_tests::Container::run_in(
+        "debugfile",
+        &[],
+        |root| {
+            std::fs::copy(workload(binary), root.join("bin/deep")).unwrap();
+            for (file, place) in files {
+                let at = root.join(place);
+                std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+                std::fs::copy(file, at).unwrap();
+            }
+        },
+        &["/bin/deep", "20", "60"],
+    );
+    let (outcome, sink) = profile(
+        &cpu_spec("3s", &["--frequency=199"]),
+        TargetSpec::Pid(container.pid()),
+    );
+    let frames = outcome.summary.cpu.expect("a CPU summary").breakdown.frames;
+    let lines = folded(&sink);
+    let (hot, all) = share_in(&lines, "burn");
+    eprintln!("{binary} with {files:?}: {hot} of {all} samples in burn; frames {frames:?}");
+    assert!(all >= 50, "{binary}: only {all} samples: {lines:?}");
+    (frames, sink)
+}
+
+/// The summary's line for `/bin/deep`. The path is as the agent's mount namespace shows the
+/// container's file (the whole path inside the container only where the two share their view
+/// of it).
+fn deep_binary(
+    frames: &toe_artifacts::summary::FrameAccounting,
+) -> &toe_artifacts::summary::BinaryFrames {
+    frames
+        .binaries
+        .iter()
+        .find(|b| b.module.ends_with("/bin/deep"))
+        .unwrap_or_else(|| panic!("/bin/deep is not listed: {frames:?}"))
+}
+
+/// The deep workload's samples named from its debug file: in `burn`, under `main` through
+/// `descend`, with burn's file and line in the pprof.
+fn assert_named_with_lines(
+    case: &str,
+    frames: &toe_artifacts::summary::FrameAccounting,
+    sink: &toe_agent::sink::MemorySink,
+) {
+    let lines = folded(sink);
+    let (hot, all) = share_in(&lines, "burn");
+    assert!(hot * 100 >= all * 90, "{case}: {lines:?}");
+    assert!(
+        frames.unresolved * 100 <= frames.total * 5,
+        "{case}: {frames:?}; {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|(l, _)| l.contains("main;descend;descend;") && l.ends_with(";burn")),
+        "{case}: no stack from main through descend to burn: {lines:?}"
+    );
+    let text = pprof_top_lines(sink);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("burn") && l.contains("deep.c:")),
+        "{case}: no file and line for burn:\n{text}"
+    );
 }
 
 /// A JVM started without any flag has no perf map; TOE asks it for one at the end of the run

@@ -32,7 +32,10 @@ use toe_artifacts::{
 };
 use toe_common::{api::JitNames, comm_to_string};
 
-use self::images::{Images, MappedFile, image_of};
+use self::{
+    debuginfo::Supplementary,
+    images::{Images, MappedFile, image_of},
+};
 
 /// A stack as a collector reports it, before symbolization.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -159,6 +162,10 @@ pub struct Symbolizer {
     perf_maps: HashMap<u32, jit::PerfMap>,
     /// Whether perf maps are read, and a JVM asked for one.
     jit_names: JitNames,
+    /// The DWARF of debug files whose dwz supplementary file was found in the target's root,
+    /// opened with it, per kept file (held, so its address stays its key); None where that
+    /// failed.
+    dwz: HashMap<*const MappedFile, (Arc<MappedFile>, Option<addr2line::Loader>)>,
 }
 
 impl Default for Symbolizer {
@@ -188,6 +195,7 @@ impl Symbolizer {
             generated: HashMap::new(),
             perf_maps: HashMap::new(),
             jit_names: JitNames::default(),
+            dwz: HashMap::new(),
         }
     }
 
@@ -266,6 +274,11 @@ fn chain_from(
     origin: Origin,
 ) -> Option<Chain> {
     let sym = sym.as_sym()?;
+    // A symbol without a name (DWARF whose name string is in a file that was not read) names
+    // nothing: the address is resolved another way, or counted as unresolved.
+    if sym.name.is_empty() {
+        return None;
+    }
     // A descriptor path is how this process opened a kept file, not a name for it.
     let module = origin.module.or_else(|| {
         sym.module
@@ -300,6 +313,54 @@ fn chain_from(
         }));
     }
     Some(out.into_boxed_slice())
+}
+
+/// Frames for ELF virtual address `at` from DWARF read with its dwz supplementary file: the
+/// function, then the functions inlined into it, innermost last, each with its own file and
+/// line. The symbol table names the function where the DWARF has no name for it.
+fn dwarf_chain(
+    frames: &mut Interner,
+    loader: &addr2line::Loader,
+    at: u64,
+    origin: &Origin,
+) -> Option<Chain> {
+    let mut found = Vec::new();
+    if let Ok(mut iter) = loader.find_frames(at) {
+        while let Ok(Some(f)) = iter.next() {
+            let name = f
+                .function
+                .as_ref()
+                .and_then(|n| n.demangle().ok())
+                .map(std::borrow::Cow::into_owned)
+                .filter(|n| !n.is_empty());
+            let (file, line) = f
+                .location
+                .map_or((None, None), |l| (l.file.map(str::to_owned), l.line));
+            found.push((name, file, line));
+        }
+    }
+    // addr2line gives the innermost first.
+    found.reverse();
+    match found.first_mut() {
+        Some((name @ None, _, _)) => *name = Some(loader.find_symbol(at)?.to_owned()),
+        Some(_) => {}
+        None => found.push((Some(loader.find_symbol(at)?.to_owned()), None, None)),
+    }
+    let chain: Vec<u32> = found
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, (name, file, line))| {
+            Some(frames.id(Frame {
+                function: name?,
+                file,
+                line,
+                resolved: true,
+                inlined: i > 0,
+                ..frame_in(origin.clone())
+            }))
+        })
+        .collect();
+    Some(chain.into_boxed_slice())
 }
 
 /// Frames for `offset` in `file` from its Go function table (a Go binary without ELF
@@ -523,13 +584,61 @@ impl Symbolizer {
         });
         for (file, found) in files {
             let Some(debug) = &file.debug else { continue };
-            let syms = symbolize_file(&self.blaze, debug.open_path(), &found, true);
-            let chains: Vec<Option<Chain>> = (0..found.len())
-                .map(|i| {
-                    let s = syms.as_ref()?.get(i)?;
-                    chain_from(&mut self.frames, s, false, Origin::file(&file))
-                })
-                .collect();
+            let chains: Vec<Option<Chain>> = match &debug.supplementary {
+                Some(sup @ Supplementary::Found { .. }) => {
+                    let (_, loader) = self.dwz.entry(Arc::as_ptr(&file)).or_insert_with(|| {
+                        let loader =
+                            addr2line::Loader::new_with_sup(debug.open_path(), sup.open_path());
+                        if let Err(e) = &loader {
+                            let path = &debug.path;
+                            tracing::debug!(file = %path, error = %e, "reading DWARF");
+                        }
+                        (file.clone(), loader.ok())
+                    });
+                    found
+                        .iter()
+                        .map(|&(_, _, at)| {
+                            dwarf_chain(
+                                &mut self.frames,
+                                loader.as_ref()?,
+                                at,
+                                &Origin::file(&file),
+                            )
+                        })
+                        .collect()
+                }
+                // Without that file the DWARF is partial (names moved there come out empty):
+                // the debug file's symbol table names every function, without lines.
+                Some(Supplementary::Missing(_)) => {
+                    let at: Vec<u64> = found.iter().map(|&(_, _, at)| at).collect();
+                    let elf = Elf {
+                        debug_syms: false,
+                        ..Elf::new(debug.open_path())
+                    };
+                    let syms = self
+                        .blaze
+                        .symbolize(
+                            &Source::Elf(elf),
+                            blazesym::symbolize::Input::VirtOffset(&at),
+                        )
+                        .ok();
+                    (0..found.len())
+                        .map(|i| {
+                            let s = syms.as_ref()?.get(i)?;
+                            chain_from(&mut self.frames, s, false, Origin::file(&file))
+                        })
+                        .collect()
+                }
+                None => {
+                    let syms = symbolize_file(&self.blaze, debug.open_path(), &found, true);
+                    (0..found.len())
+                        .map(|i| {
+                            let s = syms.as_ref()?.get(i)?;
+                            chain_from(&mut self.frames, s, false, Origin::file(&file))
+                        })
+                        .collect()
+                }
+            };
             for (&(addr, _, _), chain) in found.iter().zip(chains) {
                 match chain {
                     Some(c) => {

@@ -188,7 +188,8 @@ pub fn tracefs() -> Result<()> {
 /// Debian packages the tests use: go (for `go tool pprof` reading TOE's pprof output),
 /// podman with runc and a static busybox (real containers from a directory rootfs, no registry),
 /// chromium (the HTML report is opened in a real headless browser), buildah (the release images,
-/// built from scratch without a registry), tmux (the tutorial's interactive path), npm/pip
+/// built from scratch without a registry), tmux (the tutorial's interactive path), dwz (debug
+/// files compressed as distributions ship them), npm/pip
 /// for helm and the manifest validator, and QEMU (the kernel suites on other kernels, emulated).
 pub fn test_packages() -> Result<()> {
     let missing: Vec<&str> = [
@@ -199,6 +200,7 @@ pub fn test_packages() -> Result<()> {
         ("chromium", "chromium"),
         ("buildah", "buildah"),
         ("tmux", "tmux"),
+        ("dwz", "dwz"),
         ("npm", "npm"),
         ("pip3", "python3-pip"),
         ("qemu-system-x86_64", "qemu-system-x86"),

@@ -42,14 +42,80 @@ pub struct DebugFile {
     /// Where it was found, inside the target's root.
     pub path: String,
     pub matched: Matched,
+    /// The dwz file it names, when it names one.
+    pub supplementary: Option<Supplementary>,
 }
 
 impl DebugFile {
     /// A path that opens the debug file while this is held.
     #[must_use]
     pub fn open_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        fd_path(&self.file)
     }
+}
+
+fn fd_path(file: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// The supplementary file a debug file compressed with dwz names in `.gnu_debugaltlink` (an
+/// absolute path and a build-id): dwz moves what several programs' DWARF shares into it, names
+/// of functions among them, so without it some frames have no name and none has a line from
+/// the shared part. Debian and Fedora ship most debug files so.
+#[derive(Debug)]
+pub enum Supplementary {
+    /// Found inside the target's root with the build-id the debug file names, held open.
+    Found { file: File, path: String },
+    /// Not in the target's root: the path the debug file names.
+    Missing(String),
+}
+
+impl Supplementary {
+    /// A path that opens the file while this is held; None when it was not found.
+    #[must_use]
+    pub fn open_path(&self) -> Option<PathBuf> {
+        match self {
+            Self::Found { file, .. } => Some(fd_path(file)),
+            Self::Missing(_) => None,
+        }
+    }
+}
+
+/// The supplementary file `debug` (found at `debug_path` inside `pid`'s root) names, looked
+/// for inside the same root (blazesym would look by the host's path, and a container's debug
+/// file belongs with the container's): at the path it names, then under the build-id it names,
+/// and used only when that build-id matches.
+fn supplementary(pid: u32, debug: &File, debug_path: &str) -> Option<Supplementary> {
+    let cache = object::ReadCache::new(debug);
+    let obj = object::File::parse(&cache).ok()?;
+    let (name, id) = obj.gnu_debugaltlink().ok().flatten()?;
+    let name = String::from_utf8_lossy(name).into_owned();
+    let mut places = Vec::new();
+    if name.starts_with('/') {
+        places.push(name.clone());
+    } else {
+        let dir = Path::new(debug_path).parent().unwrap_or(Path::new("/"));
+        places.push(dir.join(&name).to_string_lossy().into_owned());
+    }
+    if id.len() >= 2 {
+        places.push(format!(
+            "/usr/lib/debug/.build-id/{:02x}/{}.debug",
+            id[0],
+            hex(&id[1..])
+        ));
+    }
+    let found = places.into_iter().find_map(|place| {
+        let fd = crate::targets::open_in_root(pid, &place, OFlag::O_RDONLY, Mode::empty()).ok()?;
+        let file = File::from(fd);
+        let cache = object::ReadCache::new(&file);
+        let matches = object::File::parse(&cache)
+            .ok()
+            .and_then(|o| o.build_id().ok().flatten().map(<[u8]>::to_vec))
+            .is_some_and(|b| b == id);
+        drop(cache);
+        matches.then_some(Supplementary::Found { file, path: place })
+    });
+    Some(found.unwrap_or(Supplementary::Missing(name)))
 }
 
 /// The fullest names an ELF file carries itself, best last.
@@ -274,7 +340,11 @@ pub fn find(pid: u32, path: &str, w: &ElfFacts) -> Option<DebugFile> {
     candidates(path, w).into_iter().find_map(|c| {
         let fd = crate::targets::open_in_root(pid, &c, OFlag::O_RDONLY, Mode::empty()).ok()?;
         let file = File::from(fd);
-        verified(&file, w).then(|| DebugFile {
+        if !verified(&file, w) {
+            return None;
+        }
+        Some(DebugFile {
+            supplementary: supplementary(pid, &file, &c),
             file,
             path: c,
             matched: if w.build_id.is_some() {

@@ -14,6 +14,7 @@
 
 use std::{
     collections::HashMap,
+    fmt::Write as _,
     fs::File,
     os::{
         fd::{AsFd, AsRawFd as _},
@@ -27,7 +28,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 
 use super::{
-    debuginfo::{self, DebugFile, ElfFacts, Matched, OwnNames},
+    debuginfo::{self, DebugFile, ElfFacts, Matched, OwnNames, Supplementary},
     go::GoTable,
     unwind::{
         self, FileTables, MappingTables, Miss, Outcome, ProcessUnwinder, StackCopy, UnwindCache,
@@ -93,7 +94,21 @@ impl MappedFile {
                 Matched::BuildId => "build-id",
                 Matched::DebugLink => "debug link",
             };
-            return format!("debug file {} (matched by {how})", d.path);
+            let mut source = format!("debug file {} (matched by {how})", d.path);
+            match &d.supplementary {
+                Some(Supplementary::Found { path, .. }) => {
+                    let _ = write!(source, ", with its dwz supplementary file {path}");
+                }
+                Some(Supplementary::Missing(path)) => {
+                    let _ = write!(
+                        source,
+                        "; its dwz supplementary file {path} is not in the target's root: names \
+                         from its symbol table, without lines or inlined frames"
+                    );
+                }
+                None => {}
+            }
+            return source;
         }
         match self.elf.names {
             OwnNames::NotElf => "not an ELF file this reader knows".to_owned(),
