@@ -326,6 +326,89 @@ fn growth_profile_blames_the_function_that_touches_memory() {
     );
 }
 
+/// The growth profile of a program without frame pointers: its page faults (most in `memset`
+/// under `churn` and `keep`) are unwound from copies of the faulting task's stack, so they come
+/// through their callers to `main` and the program's entry; by frame pointers those callers are
+/// not there.
+#[test]
+fn page_faults_without_frame_pointers_are_attributed_to_their_call_chain_up_to_main() {
+    let test = "page_faults_without_frame_pointers_are_attributed_to_their_call_chain_up_to_main";
+    if !require_root(test) {
+        return;
+    }
+    // 2000 blocks of 64 KiB, one a millisecond, and as many touched and freed: 16 new pages a
+    // millisecond, every 8th fault unwound, so about 2,000 copies a second, well within what
+    // the ring's reader keeps up with.
+    let run = |unwind: &str| {
+        leak_c(
+            &["--mode=growth", "--fault-period=8", unwind],
+            2000,
+            64 << 10,
+            &[],
+        )
+    };
+    let (outcome, sink) = run("--unwind=tables");
+    assert_eq!(outcome.ended, Ended::CommandExited(0));
+    let m = outcome.summary.memory.as_ref().expect("memory section");
+    let f = m.page_faults.as_ref().expect("page-fault accounting");
+    let unwind = m
+        .fault_unwind
+        .as_ref()
+        .expect("page-fault unwind accounting");
+    let growth = folded_file(&sink, "growth.folded");
+    // libc's memset (an ifunc: `__memset_<cpu variant>`), not the loader's own.
+    let libc_memset = |s: &str| {
+        s.rsplit(';')
+            .next()
+            .is_some_and(|l| l.starts_with("__memset"))
+    };
+    let in_memset: u64 = growth
+        .iter()
+        .filter(|(s, _)| libc_memset(s))
+        .map(|(_, v)| v)
+        .sum();
+    let through: u64 = growth
+        .iter()
+        .filter(|(s, _)| {
+            libc_memset(s)
+                && (s.contains(";main;churn;") || s.contains(";main;grow;grow_more;keep;"))
+                && folded_reaches_entry(s)
+        })
+        .map(|(_, v)| v)
+        .sum();
+    eprintln!(
+        "{through} of {in_memset} faults in memset through their callers to the entry; {f:?}; \
+         {unwind:?}"
+    );
+    // 2000 blocks of 16 pages, every 8th fault unwound and weighted by 8.
+    assert!(in_memset >= 2000 * 16 / 2, "{in_memset}: {growth:?}; {f:?}");
+    // Every fault in memset comes through its callers unless its copy found the ring full,
+    // which is counted.
+    assert!(
+        in_memset - through <= f.copies_lost * 8,
+        "{} faults in memset not through their callers, {} copies lost: {growth:?}; {f:?}; \
+         {unwind:?}",
+        in_memset - through,
+        f.copies_lost
+    );
+    assert!(through * 2 >= in_memset, "{growth:?}; {f:?}; {unwind:?}");
+    // A fault that grows the stack has the page at its stack pointer missing, so its copy can
+    // fail (counted): a few at the start, never many.
+    assert!(
+        unwind.tables > 0 && unwind.copy_errors * 100 <= unwind.tables,
+        "{unwind:?}"
+    );
+    // The same by frame pointers: the callers are not there.
+    let (_, sink) = run("--unwind=frame-pointers");
+    let growth = folded_file(&sink, "growth.folded");
+    assert!(growth.iter().any(|(s, _)| libc_memset(s)), "{growth:?}");
+    assert_eq!(
+        site_total(&growth, "churn", None) + site_total(&growth, "grow_more", None),
+        0,
+        "{growth:?}"
+    );
+}
+
 #[test]
 fn rss_series_matches_vmrss() {
     if !require_root("rss_series_matches_vmrss") {

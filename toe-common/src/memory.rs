@@ -52,6 +52,10 @@ pub const RETURN_PROGRAM: &str = "toe_mem_return";
 /// `bpf_task_pt_regs`, Linux 5.15); [`RETURN_PROGRAM`] walks frame pointers only.
 pub const RETURN_COPY_PROGRAM: &str = "toe_mem_return_copy";
 pub const FAULT_PROGRAM: &str = "toe_mem_fault";
+/// The page-fault tracepoint that copies the faulting task's stack for unwind tables (Linux
+/// 5.15+), sending each unwound fault to user space through [`ALLOCS_RING`]; [`FAULT_PROGRAM`]
+/// walks frame pointers only.
+pub const FAULT_COPY_PROGRAM: &str = "toe_mem_fault_copy";
 
 /// Compiled-in capacity of [`LIVE_MAP`]; user space sets the real one at load time.
 pub const DEFAULT_MAX_LIVE: u32 = 1 << 19;
@@ -192,6 +196,8 @@ pub const SITE_IN_USER_SPACE: u32 = 1;
 pub const HEAP_ALLOC: u32 = 1;
 /// [`HeapEvent::kind`]: the free of a block whose allocation went to user space.
 pub const HEAP_FREE: u32 = 2;
+/// [`HeapEvent::kind`]: an unwound page fault with its stack copy ([`AllocCopy`]); `size` is 1.
+pub const HEAP_FAULT: u32 = 3;
 
 /// One record of [`ALLOCS_RING`]: a free as it is, an allocation at the head of an
 /// [`AllocCopy`].
@@ -289,8 +295,11 @@ pub enum Counter {
     /// [`ALLOCS_RING`] was full when a block whose allocation went to user space was freed:
     /// the block stays in use in the profile.
     FreeEventsLost = 20,
+    /// [`ALLOCS_RING`] had no room for an unwound page fault's stack copy: its stack was walked
+    /// by frame pointers in the kernel instead.
+    FaultCopiesLost = 21,
 }
-pub const COUNTER_COUNT: u32 = 21;
+pub const COUNTER_COUNT: u32 = 22;
 
 #[cfg(feature = "user")]
 mod user {

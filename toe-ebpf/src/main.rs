@@ -64,7 +64,14 @@ mod entries {
 
     #[tracepoint]
     pub fn toe_mem_fault(ctx: TracePointContext) -> u32 {
-        crate::memory::try_fault(&ctx);
+        crate::memory::try_fault::<false>(&ctx);
+        0
+    }
+
+    /// `toe_mem_fault` that copies the faulting task's stack for unwind tables (Linux 5.15+).
+    #[tracepoint]
+    pub fn toe_mem_fault_copy(ctx: TracePointContext) -> u32 {
+        crate::memory::try_fault::<true>(&ctx);
         0
     }
 

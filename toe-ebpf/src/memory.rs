@@ -13,15 +13,15 @@ use aya_ebpf::{
         generated::bpf_get_attach_cookie,
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use toe_common::{
     memory::{
         ALLOCS_FREE_HEADROOM, AllocCopy, COPY_STACKS, COUNTER_COUNT, Counter, DEFAULT_MAX_LIVE,
-        EXP_TABLE_LEN, Func, HEAP_ALLOC, HEAP_FREE, HeapEvent, INFLIGHT_TRACK, InFlight, LiveBlock,
-        LiveKey, MAX_INFLIGHT, MAX_SITES, MAX_STACKS, MemConfig, SITE_IN_USER_SPACE, SiteKey,
-        SiteStats,
+        EXP_TABLE_LEN, Func, HEAP_ALLOC, HEAP_FAULT, HEAP_FREE, HeapEvent, INFLIGHT_TRACK,
+        InFlight, LiveBlock, LiveKey, MAX_INFLIGHT, MAX_SITES, MAX_STACKS, MemConfig,
+        SITE_IN_USER_SPACE, SiteKey, SiteStats,
     },
     stacks::StoredStack,
 };
@@ -357,14 +357,7 @@ fn record_copied(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
         record(ctx, tgid, addr, size);
         return;
     }
-    // Copies leave room for the frees that must follow them: a free that finds the ring full
-    // leaves its block in use in the profile, while an allocation not copied is only walked
-    // by frame pointers.
-    let free = ALLOCS
-        .query(u64::from(BPF_RB_RING_SIZE))
-        .saturating_sub(ALLOCS.query(u64::from(BPF_RB_AVAIL_DATA)));
-    let room = free > ALLOCS_FREE_HEADROOM + size_of::<AllocCopy>() as u64;
-    let Some(mut entry) = room.then(|| ALLOCS.reserve::<AllocCopy>(0)).flatten() else {
+    let Some(entry) = reserve_copy() else {
         count(Counter::CopiesLost);
         record(ctx, tgid, addr, size);
         return;
@@ -385,23 +378,67 @@ fn record_copied(ctx: &RetProbeContext, tgid: u32, addr: u64, size: u64) {
         record(ctx, tgid, addr, size);
         return;
     }
-    let c = entry.as_mut_ptr();
-    // SAFETY: `c` is an exclusively owned, reserved AllocCopy-sized record; `copy_user` writes
-    // the copy's registers and length, and only `len` bytes are read from it.
-    unsafe {
-        (*c).event = HeapEvent {
+    send_copy(
+        entry,
+        HeapEvent {
             kind: HEAP_ALLOC,
             tgid,
             addr,
             size,
             failed: 0,
             reserved: 0,
-        };
+        },
+    );
+    count(Counter::Tracked);
+}
+
+/// A ring record for a stack copy, when the ring has room for one beyond [`ALLOCS_FREE_HEADROOM`]:
+/// copies leave room for the frees that must follow them, since a free that finds the ring
+/// full leaves its block in use in the profile, while a stack not copied is only walked by
+/// frame pointers.
+#[inline(always)]
+fn reserve_copy() -> Option<RingBufEntry<AllocCopy>> {
+    let free = ALLOCS
+        .query(u64::from(BPF_RB_RING_SIZE))
+        .saturating_sub(ALLOCS.query(u64::from(BPF_RB_AVAIL_DATA)));
+    let room = free > ALLOCS_FREE_HEADROOM + size_of::<AllocCopy>() as u64;
+    room.then(|| ALLOCS.reserve::<AllocCopy>(0)).flatten()
+}
+
+/// Sends `event` in `entry` with a copy of the current task's registers and stack.
+#[inline(always)]
+fn send_copy(mut entry: RingBufEntry<AllocCopy>, event: HeapEvent) {
+    let c = entry.as_mut_ptr();
+    // SAFETY: `c` is an exclusively owned, reserved AllocCopy-sized record; `copy_user` writes
+    // the copy's registers and length, and only `len` bytes are read from it.
+    unsafe {
+        (*c).event = event;
         (*c).event.failed = u32::from(!stacks::copy_user(&raw mut (*c).copy));
     }
     // User space reads the ring on its own clock (every few tens of milliseconds).
     entry.submit(u64::from(BPF_RB_NO_WAKEUP));
-    count(Counter::Tracked);
+}
+
+/// Sends an unwound fault of `tgid` to user space with a copy of the faulting task's stack;
+/// false (counted) when the ring has no room for it.
+#[inline(always)]
+fn copy_fault(tgid: u32) -> bool {
+    let Some(entry) = reserve_copy() else {
+        count(Counter::FaultCopiesLost);
+        return false;
+    };
+    send_copy(
+        entry,
+        HeapEvent {
+            kind: HEAP_FAULT,
+            tgid,
+            addr: 0,
+            size: 1,
+            failed: 0,
+            reserved: 0,
+        },
+    );
+    true
 }
 
 /// Accounts a tracked block as freed: in its site's totals, or, for a block whose allocation
@@ -448,8 +485,11 @@ fn free_block(tgid: u32, addr: u64) {
 }
 
 /// `exceptions:page_fault_user`: runs in the faulting task, so the cgroup/tgid filter applies
-/// directly; every `fault_period`-th target fault per CPU is unwound.
-pub fn try_fault(ctx: &TracePointContext) {
+/// directly; every `fault_period`-th target fault per CPU is unwound. `COPY`: that fault goes to
+/// user space with a copy of the task's stack, unwound there with unwind tables (the program
+/// variant for Linux 5.15+); when the ring has no room its stack is walked by frame pointers
+/// here, counted.
+pub fn try_fault<const COPY: bool>(ctx: &TracePointContext) {
     if !current_is_target() {
         return;
     }
@@ -464,6 +504,10 @@ pub fn try_fault(ctx: &TracePointContext) {
             }
             *left = period;
         }
+    }
+    if COPY && copy_fault(ctx.tgid()) {
+        count(Counter::FaultsSampled);
+        return;
     }
     let site = SiteKey {
         tgid: ctx.tgid(),

@@ -61,6 +61,9 @@ pub struct PageFaultAccounting {
     pub unwound: u64,
     pub stacks_lost: u64,
     pub lost_map_full: u64,
+    /// Unwound faults whose stack copy found the ring full (`--unwind=tables`): walked by frame
+    /// pointers instead.
+    pub copies_lost: u64,
 }
 
 /// Totals of the heap profile (scaled estimates in sampled mode).
@@ -108,6 +111,8 @@ pub struct MemorySummary {
     /// Page faults behind memory growth (`faults` before it was renamed).
     #[serde(alias = "faults")]
     pub page_faults: Option<PageFaultAccounting>,
+    /// How page-fault stacks were unwound from their copies (`--unwind=tables`).
+    pub fault_unwind: Option<super::UnwindAccounting>,
     pub growth: Option<Breakdown>,
     pub rss: RssSummary,
 }
@@ -201,12 +206,30 @@ pub fn render(o: &mut String, m: &MemorySummary, seconds: f64) {
     if let Some(b) = &m.inuse {
         render_breakdown(o, b, "in-use bytes", &bytes);
     }
+    render_page_faults(o, m);
+    crate::rss::render(o, &m.rss);
+}
+
+/// The page faults counted and unwound, how their stacks were unwound, and the functions that
+/// faulted the most.
+fn render_page_faults(o: &mut String, m: &MemorySummary) {
     if let Some(f) = &m.page_faults {
         let _ = writeln!(
             o,
             "  page faults: {} in targets, {} unwound, {} stacks lost, {} lost (map full)",
             f.faults, f.unwound, f.stacks_lost, f.lost_map_full
         );
+        if f.copies_lost > 0 {
+            let _ = writeln!(
+                o,
+                "  ring full: {} page-fault stacks walked by frame pointers instead of tables \
+                 (a higher --fault-period copies fewer)",
+                f.copies_lost
+            );
+        }
+    }
+    if let Some(u) = &m.fault_unwind {
+        super::render_unwind(o, "page-fault stacks", u);
     }
     if let Some(b) = &m.growth
         && !b.top_self.is_empty()
@@ -222,7 +245,6 @@ pub fn render(o: &mut String, m: &MemorySummary, seconds: f64) {
             );
         }
     }
-    crate::rss::render(o, &m.rss);
 }
 
 #[cfg(test)]

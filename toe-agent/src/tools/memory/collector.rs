@@ -22,9 +22,9 @@ use toe_common::{
     api::{AllocationMode, MemoryProfileOptions},
     memory::{
         ALLOCS_RING, CONFIG_MAP, COPY_STACKS, COUNTDOWN_MAP, COUNTER_COUNT, COUNTERS_MAP, Counter,
-        ENTER_PROGRAM, EXP_TABLE_LEN, EXP_TABLE_MAP, FAULT_PROGRAM, FAULTS_MAP, Func, MemConfig,
-        RETURN_COPY_PROGRAM, RETURN_PROGRAM, SITES_MAP, STACKS_MAP, SiteKey, SiteStats,
-        TRACK_ALLOCATIONS, TRACK_FAULTS,
+        ENTER_PROGRAM, EXP_TABLE_LEN, EXP_TABLE_MAP, FAULT_COPY_PROGRAM, FAULT_PROGRAM, FAULTS_MAP,
+        Func, MemConfig, RETURN_COPY_PROGRAM, RETURN_PROGRAM, SITES_MAP, STACKS_MAP, SiteKey,
+        SiteStats, TRACK_ALLOCATIONS, TRACK_FAULTS,
     },
     stacks::StoredStack,
 };
@@ -77,7 +77,10 @@ pub struct MemoryCollector {
     fault_keys: HashMap<SiteKey, RawKey>,
     /// The return probe attached to each process: the one that copies stacks, or not.
     return_program: &'static str,
-    /// Allocations unwound from their stack copies (`--unwind=tables`).
+    /// Whether allocation and page-fault stacks are copied (`--unwind=tables`).
+    alloc_copies: bool,
+    fault_copies: bool,
+    /// Allocations and page faults unwound from their stack copies (`--unwind=tables`).
     copied: Option<CopiedSites>,
     /// Why allocation stacks are walked by frame pointers although tables were asked for.
     pub fallback: Option<String>,
@@ -152,12 +155,18 @@ impl MemoryCollector {
             }
         }
         seed_countdown(loaded, opts)?;
+        let mut fault_copies = false;
+        let mut fallback = fallback;
         if opts.faults {
+            let (program, refused) = load_fault_program(loaded, opts)?;
+            fault_copies = program == FAULT_COPY_PROGRAM;
+            if let Some(why) = refused {
+                fallback = Some(fallback.map_or_else(|| why.clone(), |f| format!("{f}; {why}")));
+            }
             let prog: &mut TracePoint = loaded
-                .program_mut(FAULT_PROGRAM)?
+                .program_mut(program)?
                 .try_into()
-                .map_err(prog_err(FAULT_PROGRAM))?;
-            prog.load().map_err(prog_err(FAULT_PROGRAM))?;
+                .map_err(prog_err(program))?;
             prog.attach("exceptions", "page_fault_user")
                 .map_err(LoadError::Tracefs)?;
         }
@@ -175,7 +184,9 @@ impl MemoryCollector {
             alloc_keys: HashMap::new(),
             fault_keys: HashMap::new(),
             return_program,
-            copied: if copies {
+            alloc_copies: copies,
+            fault_copies,
+            copied: if copies || fault_copies {
                 let ring = RingBuf::try_from(loaded.take_map(ALLOCS_RING)?)
                     .map_err(map_err(ALLOCS_RING))?;
                 Some(
@@ -200,7 +211,7 @@ impl MemoryCollector {
     /// How allocation stacks were unwound from their copies, when they were copied.
     #[must_use]
     pub fn unwind(&self) -> Option<toe_artifacts::summary::UnwindAccounting> {
-        self.copied.as_ref().map(|c| {
+        self.copied.as_ref().filter(|_| self.alloc_copies).map(|c| {
             if c.frees_unknown() > 0 {
                 tracing::debug!(
                     "{} frees of copied blocks had no allocation",
@@ -209,6 +220,15 @@ impl MemoryCollector {
             }
             crate::symbolize::user_stacks::with_table_readings(&c.unwind())
         })
+    }
+
+    /// How page-fault stacks were unwound from their copies, when they were copied.
+    #[must_use]
+    pub fn fault_unwind(&self) -> Option<toe_artifacts::summary::UnwindAccounting> {
+        self.copied
+            .as_ref()
+            .filter(|_| self.fault_copies)
+            .map(|c| crate::symbolize::user_stacks::with_table_readings(&c.fault_unwind()))
     }
 
     fn tracks_allocations(&self) -> bool {
@@ -394,12 +414,15 @@ impl MemoryCollector {
         if let Some(c) = &self.copied {
             allocations.extend(c.sites());
         }
-        let faults = self
+        let mut faults: Vec<(RawKey, u64)> = self
             .faults
             .iter()
             .flatten()
             .filter_map(|(site, n)| Some((self.fault_keys.get(&site)?.clone(), n)))
             .collect();
+        if let Some(c) = &self.copied {
+            faults.extend(c.faults());
+        }
         (
             RawSites {
                 allocations,
@@ -482,6 +505,36 @@ fn load_allocator_probes(
     load_uprobe(loaded, ENTER_PROGRAM)?;
     load_uprobe(loaded, RETURN_PROGRAM)?;
     Ok((RETURN_PROGRAM, fallback))
+}
+
+/// Loads the page-fault program: the one that copies stacks for unwind tables
+/// (`--unwind=tables`), or the frame-pointer one, with why when a kernel before 5.15 refused
+/// the first.
+fn load_fault_program(
+    loaded: &mut Loaded,
+    opts: &MemoryProfileOptions,
+) -> Result<(&'static str, Option<String>), LoadError> {
+    let load = |loaded: &mut Loaded, name: &'static str| -> Result<(), LoadError> {
+        let prog: &mut TracePoint = loaded
+            .program_mut(name)?
+            .try_into()
+            .map_err(prog_err(name))?;
+        prog.load().map_err(prog_err(name))
+    };
+    let mut refused = None;
+    if opts.unwind_tables {
+        match load(loaded, FAULT_COPY_PROGRAM) {
+            Ok(()) => return Ok((FAULT_COPY_PROGRAM, None)),
+            Err(e) => {
+                refused = Some(format!(
+                    "page-fault stacks walked by frame pointers only: this kernel refused the \
+                     program that copies them for unwind tables (it needs Linux 5.15+): {e}"
+                ));
+            }
+        }
+    }
+    load(loaded, FAULT_PROGRAM)?;
+    Ok((FAULT_PROGRAM, refused))
 }
 
 fn load_uprobe(loaded: &mut Loaded, name: &'static str) -> Result<(), LoadError> {

@@ -1,7 +1,8 @@
-//! Allocation sites kept in user space: tracked allocations the kernel sent with a copy of
-//! their caller's stack (`--unwind=tables`), unwound with the binaries' unwind tables, and the
-//! frees of those blocks. A frame-pointer hash in the kernel cannot tell the call chains of
-//! code without frame pointers apart, so these sites are keyed by the unwound stack here.
+//! Allocation and page-fault sites kept in user space: tracked allocations and unwound page
+//! faults the kernel sent with a copy of their task's stack (`--unwind=tables`), unwound with
+//! the binaries' unwind tables, and the frees of those blocks. A frame-pointer hash in the
+//! kernel cannot tell the call chains of code without frame pointers apart, so these sites are
+//! keyed by the unwound stack here.
 
 use std::{
     collections::HashMap,
@@ -14,7 +15,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use toe_artifacts::summary::UnwindAccounting;
 use toe_common::{
-    memory::{AllocCopy, HEAP_ALLOC, HEAP_FREE, HeapEvent, SiteStats},
+    memory::{AllocCopy, HEAP_ALLOC, HEAP_FAULT, HEAP_FREE, HeapEvent, SiteStats},
     stacks::stack_hash,
 };
 
@@ -41,8 +42,14 @@ const READ_EVERY: Duration = Duration::from_millis(25);
 
 struct State {
     stacks: UserStacks,
+    /// How allocation stacks were unwound, and page-fault stacks: a fault that grows the stack
+    /// has the page at its stack pointer missing, so its copy can fail where an allocation's
+    /// does not.
     unwind: UnwindAccounting,
+    fault_unwind: UnwindAccounting,
     sites: HashMap<Site, (RawKey, SiteStats)>,
+    /// Unwound page faults per faulting stack.
+    faults: HashMap<Site, (RawKey, u64)>,
     /// Blocks not freed yet: (process, address) -> (site, size).
     live: HashMap<(u32, u64), (Site, u64)>,
     /// Sites first seen since the last [`CopiedSites::take_new`].
@@ -60,7 +67,9 @@ impl CopiedSites {
         let state = Arc::new(Mutex::new(State {
             stacks,
             unwind: UnwindAccounting::default(),
+            fault_unwind: UnwindAccounting::default(),
             sites: HashMap::new(),
+            faults: HashMap::new(),
             live: HashMap::new(),
             new: Vec::new(),
             frees_unknown: 0,
@@ -107,10 +116,26 @@ impl CopiedSites {
             .collect()
     }
 
-    /// How the stacks were unwound.
+    /// Every faulting stack with its unwound faults.
+    #[must_use]
+    pub fn faults(&self) -> Vec<(RawKey, u64)> {
+        self.state()
+            .faults
+            .values()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect()
+    }
+
+    /// How allocation stacks were unwound.
     #[must_use]
     pub fn unwind(&self) -> UnwindAccounting {
         self.state().unwind.clone()
+    }
+
+    /// How page-fault stacks were unwound.
+    #[must_use]
+    pub fn fault_unwind(&self) -> UnwindAccounting {
+        self.state().fault_unwind.clone()
     }
 
     #[must_use]
@@ -150,6 +175,12 @@ fn read_loop(mut ring: RingBuf<MapData>, state: &Mutex<State>, stop: &Stop) {
                         state.alloc(copy);
                     }
                 }
+                HEAP_FAULT => {
+                    // SAFETY: as above.
+                    if let Some(copy) = unsafe { crate::ebpf::record_into(&item, &mut slot) } {
+                        state.fault(copy);
+                    }
+                }
                 HEAP_FREE => state.free(&event),
                 _ => {}
             }
@@ -162,29 +193,43 @@ fn read_loop(mut ring: RingBuf<MapData>, state: &Mutex<State>, stop: &Stop) {
 }
 
 impl State {
-    fn alloc(&mut self, c: &AllocCopy) {
+    /// The site of a copied stack (of a page fault, or else of an allocation): its process and
+    /// the hash of the unwound stack (0 when nothing unwound), and the key the symbolizer gets
+    /// the first time the site is seen.
+    fn site_of(&mut self, c: &AllocCopy, fault: bool) -> (Site, RawKey) {
         let e = &c.event;
-        // At the allocator's return the registers are its caller's: the leaf is a return
-        // address, as the frame-pointer sites' are.
+        let accounting = if fault {
+            &mut self.fault_unwind
+        } else {
+            &mut self.unwind
+        };
         let frames: Box<[u64]> = self
             .stacks
-            .of(e.tgid, &c.copy, e.failed != 0, &[], &mut self.unwind)
+            .of(e.tgid, &c.copy, e.failed != 0, &[], accounting)
             .into();
         let hash = if frames.is_empty() {
             0
         } else {
             stack_hash(&frames).max(1)
         };
-        let site = (e.tgid, hash);
+        let key = RawKey {
+            pid: e.tgid,
+            thread: [0; toe_common::TASK_COMM_LEN],
+            kstack: Box::new([]),
+            ustack: frames,
+            // At the allocator's return the registers are its caller's: the leaf is a return
+            // address, as the frame-pointer sites' are. At a fault it is the faulting
+            // instruction.
+            user_leaf_is_return: !fault,
+        };
+        ((e.tgid, hash), key)
+    }
+
+    fn alloc(&mut self, c: &AllocCopy) {
+        let e = &c.event;
+        let (site, key) = self.site_of(c, false);
         let new = &mut self.new;
         let (_, stats) = self.sites.entry(site).or_insert_with(|| {
-            let key = RawKey {
-                pid: e.tgid,
-                thread: [0; toe_common::TASK_COMM_LEN],
-                kstack: Box::new([]),
-                ustack: frames,
-                user_leaf_is_return: true,
-            };
             new.push(key.clone());
             (key, SiteStats::default())
         });
@@ -193,6 +238,16 @@ impl State {
         // The kernel sends the free of an address reused before its free was seen (counted
         // there), so an entry left here is a block still in use.
         self.live.insert((e.tgid, e.addr), (site, e.size));
+    }
+
+    fn fault(&mut self, c: &AllocCopy) {
+        let (site, key) = self.site_of(c, true);
+        let new = &mut self.new;
+        let (_, n) = self.faults.entry(site).or_insert_with(|| {
+            new.push(key.clone());
+            (key, 0)
+        });
+        *n += c.event.size;
     }
 
     fn free(&mut self, e: &HeapEvent) {

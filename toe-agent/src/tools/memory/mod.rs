@@ -53,7 +53,9 @@ impl Tool for Memory {
             (memory::LIVE_MAP, self.opts.max_tracked),
             (
                 memory::ALLOCS_RING,
-                if self.opts.allocations != AllocationMode::Off && self.opts.unwind_tables {
+                if (self.opts.allocations != AllocationMode::Off || self.opts.faults)
+                    && self.opts.unwind_tables
+                {
                     memory::ALLOCS_RING_BYTES
                 } else {
                     4096
@@ -323,6 +325,7 @@ fn finish(
     let counters = collector.counters();
     let mut m = MemorySummary {
         unwind: collector.unwind(),
+        fault_unwind: collector.fault_unwind(),
         mode: match opts.allocations {
             AllocationMode::Exact => "exact",
             AllocationMode::Sampled => "sampled",

@@ -138,6 +138,7 @@ pub fn page_fault_accounting(c: &MemCounters) -> PageFaultAccounting {
         unwound: c.get(Counter::FaultsSampled),
         stacks_lost: c.get(Counter::FaultStackLost),
         lost_map_full: c.get(Counter::FaultsMapFull),
+        copies_lost: c.get(Counter::FaultCopiesLost),
     }
 }
 
