@@ -136,6 +136,8 @@ impl Elector {
             .await;
         if waited.is_none() {
             tracing::info!("stopped before leading");
+            // The signal may have come as the lease was taken: it is not kept.
+            self.release().await;
             return;
         }
         tracing::info!(identity = %self.identity, lease = %self.name, "leading");
