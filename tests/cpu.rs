@@ -859,16 +859,31 @@ fn profile_stripped_deep_in_container(
         },
         &["/bin/deep", "20", "60"],
     );
-    let (outcome, sink) = profile(
-        &cpu_spec("3s", &["--frequency=199"]),
-        TargetSpec::Pid(container.pid()),
-    );
+    let what = format!("{binary} with {files:?}");
+    let (frames, _, sink) = profile_hot_pid(container.pid(), &what, "burn", 50);
+    (frames, sink)
+}
+
+/// `pid` profiled for 3 s at 199 Hz, with at least `min_samples` samples (`what` names it in
+/// messages): its frames summary, its folded stacks and its sink. Prints how many samples were
+/// in `function`.
+fn profile_hot_pid(
+    pid: u32,
+    what: &str,
+    function: &str,
+    min_samples: u64,
+) -> (
+    toe_artifacts::summary::FrameAccounting,
+    Vec<(String, u64)>,
+    toe_agent::sink::MemorySink,
+) {
+    let (outcome, sink) = profile(&cpu_spec("3s", &["--frequency=199"]), TargetSpec::Pid(pid));
     let frames = outcome.summary.cpu.expect("a CPU summary").breakdown.frames;
     let lines = folded(&sink);
-    let (hot, all) = share_in(&lines, "burn");
-    eprintln!("{binary} with {files:?}: {hot} of {all} samples in burn; frames {frames:?}");
-    assert!(all >= 50, "{binary}: only {all} samples: {lines:?}");
-    (frames, sink)
+    let (hot, all) = share_in(&lines, function);
+    eprintln!("{what}: {hot} of {all} samples in {function}; frames {frames:?}");
+    assert!(all >= min_samples, "{what}: only {all} samples: {lines:?}");
+    (frames, lines, sink)
 }
 
 /// The summary's line for `/bin/deep`. The path is as the agent's mount namespace shows the
@@ -1030,15 +1045,8 @@ fn a_stripped_go_binary_is_symbolized_from_its_function_table() {
                 .spawn()
                 .expect("start the Go workload"),
         );
-        let (outcome, sink) = profile(
-            &cpu_spec("3s", &["--frequency=199"]),
-            TargetSpec::Pid(target.pid()),
-        );
-        let frames = outcome.summary.cpu.expect("a CPU summary").breakdown.frames;
-        let lines = folded(&sink);
+        let (frames, lines, sink) = profile_hot_pid(target.pid(), build, "main.hotLoop", 100);
         let (hot, all) = share_in(&lines, "main.hotLoop");
-        eprintln!("{build}: {hot} of {all} samples in main.hotLoop; frames {frames:?}");
-        assert!(all >= 100, "{build}: only {all} samples: {lines:?}");
         assert!(hot * 100 >= all * 90, "{build}: {lines:?}");
         assert!(
             frames.unresolved * 100 <= frames.total * 5,

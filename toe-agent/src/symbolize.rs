@@ -247,12 +247,14 @@ impl Origin {
 }
 
 /// blazesym's answers for one file's addresses (file offsets, or ELF virtual addresses with
-/// `virtual_addresses`), in order; `None` when it cannot read the file.
+/// `virtual_addresses`), in order; `None` when it cannot read the file. `dwarf`: from its DWARF
+/// where it has some, else from its symbol table only.
 fn symbolize_file<'a>(
     blaze: &'a Blaze,
     path: PathBuf,
     found: &[(u64, u64, u64)],
     virtual_addresses: bool,
+    dwarf: bool,
 ) -> Option<Vec<Symbolized<'a>>> {
     let at: Vec<u64> = found.iter().map(|&(_, _, at)| at).collect();
     let input = if virtual_addresses {
@@ -260,7 +262,11 @@ fn symbolize_file<'a>(
     } else {
         blazesym::symbolize::Input::FileOffset(at.as_slice())
     };
-    blaze.symbolize(&Source::Elf(Elf::new(path)), input).ok()
+    let elf = Elf {
+        debug_syms: dwarf,
+        ..Elf::new(path)
+    };
+    blaze.symbolize(&Source::Elf(elf), input).ok()
 }
 
 /// One kept file and the addresses found in it: (address, file offset, the address its
@@ -609,28 +615,9 @@ impl Symbolizer {
                 }
                 // Without that file the DWARF is partial (names moved there come out empty):
                 // the debug file's symbol table names every function, without lines.
-                Some(Supplementary::Missing(_)) => {
-                    let at: Vec<u64> = found.iter().map(|&(_, _, at)| at).collect();
-                    let elf = Elf {
-                        debug_syms: false,
-                        ..Elf::new(debug.open_path())
-                    };
-                    let syms = self
-                        .blaze
-                        .symbolize(
-                            &Source::Elf(elf),
-                            blazesym::symbolize::Input::VirtOffset(&at),
-                        )
-                        .ok();
-                    (0..found.len())
-                        .map(|i| {
-                            let s = syms.as_ref()?.get(i)?;
-                            chain_from(&mut self.frames, s, false, Origin::file(&file))
-                        })
-                        .collect()
-                }
-                None => {
-                    let syms = symbolize_file(&self.blaze, debug.open_path(), &found, true);
+                sup => {
+                    let dwarf = sup.is_none();
+                    let syms = symbolize_file(&self.blaze, debug.open_path(), &found, true, dwarf);
                     (0..found.len())
                         .map(|i| {
                             let s = syms.as_ref()?.get(i)?;
@@ -660,7 +647,7 @@ impl Symbolizer {
             self.user.insert((pid, addr), chain);
         }
         for (file, found) in files {
-            let syms = symbolize_file(&self.blaze, file.open_path(), &found, false);
+            let syms = symbolize_file(&self.blaze, file.open_path(), &found, false, true);
             let chains: Vec<Chain> = found
                 .iter()
                 .enumerate()

@@ -77,8 +77,8 @@ pub struct MemoryCollector {
     fault_keys: HashMap<SiteKey, RawKey>,
     /// The return probe attached to each process: the one that copies stacks, or not.
     return_program: &'static str,
-    /// Whether allocation and page-fault stacks are copied (`--unwind=tables`).
-    alloc_copies: bool,
+    /// Whether page-fault stacks are copied (`--unwind=tables`); allocation stacks are when
+    /// `return_program` is the copying one.
     fault_copies: bool,
     /// Allocations and page faults unwound from their stack copies (`--unwind=tables`).
     copied: Option<CopiedSites>,
@@ -184,7 +184,6 @@ impl MemoryCollector {
             alloc_keys: HashMap::new(),
             fault_keys: HashMap::new(),
             return_program,
-            alloc_copies: copies,
             fault_copies,
             copied: if copies || fault_copies {
                 let ring = RingBuf::try_from(loaded.take_map(ALLOCS_RING)?)
@@ -211,7 +210,8 @@ impl MemoryCollector {
     /// How allocation stacks were unwound from their copies, when they were copied.
     #[must_use]
     pub fn unwind(&self) -> Option<toe_artifacts::summary::UnwindAccounting> {
-        self.copied.as_ref().filter(|_| self.alloc_copies).map(|c| {
+        let copies = self.return_program == RETURN_COPY_PROGRAM;
+        self.copied.as_ref().filter(|_| copies).map(|c| {
             if c.frees_unknown() > 0 {
                 tracing::debug!(
                     "{} frees of copied blocks had no allocation",
