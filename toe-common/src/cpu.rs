@@ -19,15 +19,16 @@ pub const MAX_STACK_DEPTH: usize = 127;
 /// Compiled-in ring size; user space resizes it at load time with [`ring_bytes`].
 pub const RING_BYTES: u32 = 1 << 20;
 
-/// Ring-buffer size for a run: an eighth of a second of every CPU sampling a target at
-/// `frequency_hz`, the worst case, rounded up to a power of two (a kernel requirement). User
-/// space drains every 25 ms, so that is five reads of slack for a stalled agent, while the
-/// buffer (kernel memory, mapped twice into the agent so records can wrap) stays small although
-/// each record carries a copy of the top of the user stack: 512 KiB for 2 CPUs at 99 Hz, 8 MiB
-/// at 999 Hz. A record the ring has no room for is counted as lost.
+/// Ring-buffer size for a run: 25 ms of every CPU sampling a target at `frequency_hz`, the
+/// worst case, rounded up to a power of two (a kernel requirement). A thread that does nothing
+/// else drains it every 4 ms into the agent's own queue, so that is six reads of slack, while the
+/// buffer (kernel memory, mapped twice into the agent so records can wrap, and touched whole as
+/// they do) stays small although each record has room for a copy of the top of the user stack:
+/// 256 KiB for 2 CPUs at 99 Hz, 1 MiB at 999 Hz. A record the ring has no room for is counted
+/// as lost.
 #[must_use]
 pub const fn ring_bytes(cpus: u32, frequency_hz: u64) -> u32 {
-    let want = (cpus as u64) * frequency_hz * (size_of::<Sample>() as u64) / 8;
+    let want = (cpus as u64) * frequency_hz * (size_of::<Sample>() as u64) / 40;
     let min = 256 << 10;
     let max = 64 << 20;
     let clamped = if want < min {
@@ -126,11 +127,12 @@ mod tests {
 
     #[test]
     fn ring_is_a_power_of_two_within_bounds() {
-        assert_eq!(ring_bytes(2, 99), 512 << 10);
-        assert_eq!(ring_bytes(2, 999), 8 << 20);
+        assert_eq!(ring_bytes(2, 99), 256 << 10);
+        assert_eq!(ring_bytes(2, 999), 1 << 20);
+        assert_eq!(ring_bytes(64, 999), 32 << 20);
         assert_eq!(ring_bytes(1, 1), 256 << 10);
         assert_eq!(ring_bytes(512, 1000), 64 << 20);
         let r = ring_bytes(2, 1000);
-        assert!(r.is_power_of_two() && u64::from(r) >= 2 * 1000 * size_of::<Sample>() as u64 / 8);
+        assert!(r.is_power_of_two() && u64::from(r) >= 2 * 1000 * size_of::<Sample>() as u64 / 40);
     }
 }

@@ -332,11 +332,7 @@ fn captures(h: &mut String, r: &Report<'_>) {
     for c in r.captures {
         let s = &c.summary;
         let cpu = s.cpu.as_ref().map_or_else(String::new, |cpu| {
-            format!(
-                "{} ({})",
-                cpu.samples.recorded,
-                cpu.samples.lost_ring_full + cpu.samples.unaccounted
-            )
+            format!("{} ({})", cpu.samples.recorded, cpu.samples.lost())
         });
         let lost = s
             .signals

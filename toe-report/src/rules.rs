@@ -819,7 +819,7 @@ fn fault_missed_target(c: &Capture, _: &Facts) -> Vec<Hit> {
 fn data_loss(c: &Capture, _: &Facts) -> Vec<Hit> {
     let mut evidence = Vec::new();
     if let Some(cpu) = &c.summary.cpu {
-        let lost = cpu.samples.lost_ring_full + cpu.samples.unaccounted;
+        let lost = cpu.samples.lost();
         if lost > 0 {
             evidence.push(format!(
                 "{lost} of {} CPU samples lost ({:.1}%)",

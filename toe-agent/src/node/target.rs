@@ -137,8 +137,9 @@ pub(super) fn message_of(o: &Outcome) -> String {
     }
     if let Some(cpu) = &s.cpu {
         parts.push(format!(
-            "{} samples, {} lost to a full ring buffer",
-            cpu.samples.recorded, cpu.samples.lost_ring_full
+            "{} samples, {} lost",
+            cpu.samples.recorded,
+            cpu.samples.lost()
         ));
     }
     if let Some(sig) = &s.signals {

@@ -278,7 +278,7 @@ pub(super) fn render(o: &mut String, s: &OffcpuSummary) {
             secs(w.on_cpu_ns),
             w.samples.recorded,
             w.frequency_hz,
-            w.samples.lost_ring_full,
+            w.samples.lost(),
             secs(w.off_cpu_ns)
         );
     }

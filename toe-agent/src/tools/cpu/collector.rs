@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -26,6 +26,7 @@ use toe_common::{
         Counter, CpuConfig, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_USTACK_COPY_ERROR,
         FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED, PROGRAM, PROGRAM_FP, SAMPLES_RING, Sample,
     },
+    stacks::{STACK_COPY_BYTES, UserStackCopy},
 };
 
 pub use crate::symbolize::RawKey;
@@ -42,6 +43,8 @@ pub struct RawProfile {
     /// symbolizing while the process lives.
     new_keys: Vec<RawKey>,
     pub received: u64,
+    /// Records drained from the ring that the agent's queue had no room for.
+    pub backlog_full: u64,
     pub kstack_truncated: u64,
     pub ustack_truncated: u64,
     pub kstack_errors: u64,
@@ -85,6 +88,7 @@ impl RawProfile {
     /// Adds what another collection received after this one's.
     fn merge(&mut self, other: Self) {
         self.received += other.received;
+        self.backlog_full += other.backlog_full;
         self.kstack_truncated += other.kstack_truncated;
         self.ustack_truncated += other.ustack_truncated;
         self.kstack_errors += other.kstack_errors;
@@ -105,74 +109,82 @@ impl RawProfile {
     }
 }
 
-/// How often the reader thread empties the ring buffer ([`ring_bytes`] leaves five periods of slack).
+/// How often the drain thread empties the ring buffer; [`ring_bytes`] holds about six periods
+/// of samples, so the ring (mapped twice into the agent, and touched whole as it wraps) stays
+/// small: 1 MiB for 2 CPUs at 999 Hz.
 ///
 /// [`ring_bytes`]: toe_common::cpu::ring_bytes
-const READ_EVERY: Duration = Duration::from_millis(25);
+const DRAIN_EVERY: Duration = Duration::from_millis(4);
 
-/// The ring buffer's reader: a thread of its own that only moves records into a small profile,
-/// so nothing the run loop does (symbolizing a large binary read for the first time takes
-/// seconds) stops the ring from being emptied while the kernel fills it.
+/// Records drained but not yet unwound that the agent holds at most: the unwinder stalls while
+/// it reads a new file's tables, and this absorbs the stall where a larger ring would cost its
+/// whole size for the whole run. Past it records are dropped and counted.
+fn backlog_cap(ring_bytes: usize) -> usize {
+    (16 << 20).max(4 * ring_bytes)
+}
+
+/// The ring buffer's reader: two threads of their own. One only drains the ring into a queue
+/// (copying the part of each record that was written: a stack copy is mostly shorter than its
+/// 16 KiB slot); the other unwinds what was queued into a small profile. So nothing the run
+/// loop or the unwinder does (symbolizing a large binary read for the first time takes seconds,
+/// reading its tables milliseconds) stops the ring from being emptied while the kernel fills it.
 struct Reader {
     received: Arc<Mutex<RawProfile>>,
+    /// Records the queue had no room for, since the last [`Reader::take_into`].
+    dropped: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    drain: Option<std::thread::JoinHandle<()>>,
+    unwind: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Reader {
-    fn spawn(mut ring: RingBuf<MapData>, images: Arc<Images>) -> Self {
-        let mut stacks = UserStacks::new(Arc::clone(&images));
+    fn spawn(ring: RingBuf<MapData>, ring_bytes: usize, images: Arc<Images>) -> Self {
         let received = Arc::new(Mutex::new(RawProfile::default()));
+        let dropped = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (received, stop) = (Arc::clone(&received), Arc::clone(&stop));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<Box<[u8]>>>();
+        let drain = {
+            let (dropped, stop, queued) =
+                (Arc::clone(&dropped), Arc::clone(&stop), Arc::clone(&queued));
+            let cap = backlog_cap(ring_bytes);
             std::thread::Builder::new()
                 .name("toe-cpu-ring".into())
-                .spawn(move || {
-                    loop {
-                        // Read the flag first: the last pass then drains what was there when
-                        // the owner asked to stop.
-                        let last = stop.load(Ordering::Acquire);
-                        // Unwinding takes time: the run loop's share of what was read is
-                        // only locked to move the batch over.
-                        let mut batch = RawProfile::default();
-                        drain_ring(&mut ring, &mut batch, &mut stacks);
-                        let mut seen: Vec<u32> = batch.new_keys.iter().map(|k| k.pid).collect();
-                        lock(&received).merge(batch);
-                        // A process seen in a sample has its mappings read now, while it
-                        // surely lives: the watcher may be late on a busy machine, and a
-                        // short-lived process can be gone before the run loop symbolizes it.
-                        seen.sort_unstable();
-                        seen.dedup();
-                        for pid in seen {
-                            images.observe(pid);
-                        }
-                        if last {
-                            break;
-                        }
-                        std::thread::park_timeout(READ_EVERY);
-                    }
-                })
+                .spawn(move || drain_loop(ring, &tx, &queued, cap, &dropped, &stop))
+                .expect("spawning a thread")
+        };
+        let unwind = {
+            let received = Arc::clone(&received);
+            std::thread::Builder::new()
+                .name("toe-cpu-unwind".into())
+                .spawn(move || unwind_loop(&rx, &queued, &received, &images))
                 .expect("spawning a thread")
         };
         Self {
             received,
+            dropped,
             stop,
-            thread: Some(thread),
+            drain: Some(drain),
+            unwind: Some(unwind),
         }
     }
 
     /// Moves what was read since the last call into `profile`.
     fn take_into(&self, profile: &mut RawProfile) {
-        let got = std::mem::take(&mut *lock(&self.received));
+        let mut got = std::mem::take(&mut *lock(&self.received));
+        got.backlog_full += self.dropped.swap(0, Ordering::Relaxed);
         profile.merge(got);
     }
 
-    /// Stops the thread after a last pass over the ring.
+    /// Stops both threads after a last pass over the ring, once everything read is unwound.
     fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = self.drain.take() {
             self.stop.store(true, Ordering::Release);
             t.thread().unpark();
+            let _ = t.join();
+        }
+        // The drain thread dropped its end of the queue: the unwinder ends after the last batch.
+        if let Some(t) = self.unwind.take() {
             let _ = t.join();
         }
     }
@@ -182,6 +194,118 @@ impl Drop for Reader {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The drain thread: every [`DRAIN_EVERY`], the ring's records into one batch for the unwinder.
+fn drain_loop(
+    mut ring: RingBuf<MapData>,
+    tx: &std::sync::mpsc::Sender<Vec<Box<[u8]>>>,
+    queued: &AtomicUsize,
+    cap: usize,
+    dropped: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    loop {
+        // Read the flag first: the last pass then drains what was there when the owner asked
+        // to stop.
+        let last = stop.load(Ordering::Acquire);
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            let record = written(&item);
+            if admit(queued, cap, record.len()) {
+                batch.push(Box::from(record));
+            } else {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !batch.is_empty() && tx.send(batch).is_err() {
+            return;
+        }
+        if last {
+            return;
+        }
+        std::thread::park_timeout(DRAIN_EVERY);
+    }
+}
+
+/// Whether `len` more bytes fit in the queue under `cap`; if so they are counted in `queued`
+/// (the unwinder takes them off).
+fn admit(queued: &AtomicUsize, cap: usize, len: usize) -> bool {
+    if queued.fetch_add(len, Ordering::Relaxed) + len > cap {
+        queued.fetch_sub(len, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
+/// The part of a sample record the kernel wrote: everything up to the end of its stack copy.
+fn written(item: &[u8]) -> &[u8] {
+    const LEN_AT: usize =
+        std::mem::offset_of!(Sample, ucopy) + std::mem::offset_of!(UserStackCopy, len);
+    const BYTES_AT: usize =
+        std::mem::offset_of!(Sample, ucopy) + std::mem::offset_of!(UserStackCopy, bytes);
+    let Some(len) = item.get(LEN_AT..LEN_AT + 4) else {
+        return item;
+    };
+    let len = u32::from_ne_bytes(len.try_into().expect("four bytes")) as usize;
+    &item[..item.len().min(BYTES_AT + len.min(STACK_COPY_BYTES))]
+}
+
+/// The unwinder thread: each batch into the run loop's share of what was read.
+fn unwind_loop(
+    rx: &std::sync::mpsc::Receiver<Vec<Box<[u8]>>>,
+    queued: &AtomicUsize,
+    received: &Mutex<RawProfile>,
+    images: &Arc<Images>,
+) {
+    let mut stacks = UserStacks::new(Arc::clone(images));
+    // One record at a time, boxed (a sample is 18 KiB, too much for a thread's stack to copy
+    // around), zeroed once: a record fills it up to its copy's end, and what lies beyond is
+    // never read.
+    // SAFETY: every field of Sample is an integer or an array of them.
+    let mut sample: Box<Sample> = unsafe { Box::new_zeroed().assume_init() };
+    for batch in rx {
+        let mut got = RawProfile::default();
+        for record in batch {
+            queued.fetch_sub(record.len(), Ordering::Relaxed);
+            add_record(&mut sample, &record, &mut got, &mut stacks);
+        }
+        let mut seen: Vec<u32> = got.new_keys.iter().map(|k| k.pid).collect();
+        lock(received).merge(got);
+        // A process seen in a sample has its mappings read now, while it surely lives: the
+        // watcher may be late on a busy machine, and a short-lived process can be gone before
+        // the run loop symbolizes it.
+        seen.sort_unstable();
+        seen.dedup();
+        for pid in seen {
+            images.observe(pid);
+        }
+    }
+}
+
+/// One record (a [`written`] prefix of a [`Sample`]) into `profile`, through `sample`.
+fn add_record(
+    sample: &mut Sample,
+    record: &[u8],
+    profile: &mut RawProfile,
+    stacks: &mut UserStacks,
+) {
+    const HEADER: usize =
+        std::mem::offset_of!(Sample, ucopy) + size_of::<UserStackCopy>() - STACK_COPY_BYTES;
+    if record.len() < HEADER || record.len() > size_of::<Sample>() {
+        return;
+    }
+    // SAFETY: `record` is no longer than a Sample, whose every bit pattern is valid (the
+    // kernel's repr(C) record of integers).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            record.as_ptr(),
+            std::ptr::from_mut(sample).cast::<u8>(),
+            record.len(),
+        );
+    }
+    let ustack = cpu_user_stack(stacks, sample, &mut profile.unwind);
+    profile.add(sample, ustack);
 }
 
 fn lock(m: &Mutex<RawProfile>) -> std::sync::MutexGuard<'_, RawProfile> {
@@ -281,7 +405,14 @@ impl CpuCollector {
             .map_err(|source| LoadError::Program { name, source })?;
         }
         Ok(Self {
-            reader: Reader::spawn(ring, Arc::clone(images)),
+            reader: Reader::spawn(
+                ring,
+                toe_common::cpu::ring_bytes(
+                    u32::try_from(cpus.len()).unwrap_or(u32::MAX),
+                    opts.frequency_hz,
+                ) as usize,
+                Arc::clone(images),
+            ),
             counters,
             cpus,
             fallback,
@@ -326,26 +457,6 @@ fn cpu_user_stack<'a>(
     stacks.of(s.pid, &s.ucopy, failed, fp, counts)
 }
 
-pub fn drain_ring(
-    ring: &mut RingBuf<MapData>,
-    profile: &mut RawProfile,
-    stacks: &mut UserStacks,
-) -> usize {
-    let mut n = 0;
-    // One record at a time, boxed: a sample is 18 KiB, too much for the reader's stack to copy
-    // around.
-    let mut sample: Box<std::mem::MaybeUninit<Sample>> = Box::new_uninit();
-    while let Some(item) = ring.next() {
-        // SAFETY: `Sample` is the kernel's repr(C) record, every bit pattern valid.
-        if let Some(s) = unsafe { crate::ebpf::record_into(&item, &mut sample) } {
-            let ustack = cpu_user_stack(stacks, s, &mut profile.unwind);
-            profile.add(s, ustack);
-            n += 1;
-        }
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +474,55 @@ mod tests {
         s.kstack[..k.len()].copy_from_slice(k);
         s.ustack[..u.len()].copy_from_slice(u);
         s
+    }
+
+    fn as_bytes(s: &Sample) -> &[u8] {
+        // SAFETY: a Sample is plain integers, all of it initialized (zeroed, then written).
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(s).cast::<u8>(), size_of::<Sample>())
+        }
+    }
+
+    #[test]
+    fn a_record_is_queued_up_to_the_end_of_its_stack_copy_and_read_back_whole() {
+        let mut s = sample(7, &[10, 11], &[20, 21, 22], 0);
+        s.ucopy.len = 100;
+        s.ucopy.bytes[..100].fill(0xab);
+        let record = written(as_bytes(&s));
+        let header = size_of::<Sample>() - STACK_COPY_BYTES;
+        assert_eq!(record.len(), header + 100);
+        // A length past the copy's slot (never written by the kernel) keeps to the record.
+        let mut long = sample(7, &[], &[], 0);
+        long.ucopy.len = u32::MAX;
+        assert_eq!(written(as_bytes(&long)).len(), size_of::<Sample>());
+        // Read back into a slot that held a longer record: the copy's length bounds what counts.
+        let mut slot = sample(1, &[1; 50], &[2; 60], 0);
+        slot.ucopy.len = u32::try_from(STACK_COPY_BYTES).unwrap();
+        let (mut p, mut stacks) = (RawProfile::default(), UserStacks::new(Arc::default()));
+        add_record(&mut slot, record, &mut p, &mut stacks);
+        assert_eq!(
+            (slot.pid, slot.ucopy.len, slot.ucopy.bytes[99]),
+            (7, 100, 0xab)
+        );
+        let key = p.counts.keys().next().expect("one stack");
+        assert_eq!(
+            (&*key.kstack, &*key.ustack),
+            (&[10, 11][..], &[20, 21, 22][..])
+        );
+        // Too short to hold the header: not a sample.
+        add_record(&mut slot, &record[..header - 1], &mut p, &mut stacks);
+        assert_eq!(p.received, 1);
+    }
+
+    #[test]
+    fn the_queue_admits_records_up_to_its_cap_and_takes_them_back() {
+        let queued = AtomicUsize::new(0);
+        assert!(admit(&queued, 100, 60));
+        assert!(!admit(&queued, 100, 41));
+        assert!(admit(&queued, 100, 40));
+        assert_eq!(queued.load(Ordering::Relaxed), 100);
+        assert_eq!(backlog_cap(1 << 20), 16 << 20);
+        assert_eq!(backlog_cap(32 << 20), 128 << 20);
     }
 
     #[test]
