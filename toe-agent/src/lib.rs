@@ -3,6 +3,7 @@
 //! and node mode ([`node`]) share this path.
 
 pub mod btf;
+pub mod drain;
 pub mod ebpf;
 pub mod node;
 pub mod plan;

@@ -3,11 +3,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-    },
-    time::Duration,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
@@ -26,11 +22,12 @@ use toe_common::{
         Counter, CpuConfig, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_USTACK_COPY_ERROR,
         FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED, PROGRAM, PROGRAM_FP, SAMPLES_RING, Sample,
     },
-    stacks::{STACK_COPY_BYTES, UserStackCopy},
+    stacks::UserStackCopy,
 };
 
 pub use crate::symbolize::RawKey;
 use crate::{
+    drain::{self, Batches, Drain, Keep},
     ebpf::{LoadError, Loaded},
     symbolize::{images::Images, user_stacks::UserStacks},
 };
@@ -109,62 +106,42 @@ impl RawProfile {
     }
 }
 
-/// How often the drain thread empties the ring buffer; [`ring_bytes`] holds about six periods
-/// of samples, so the ring (mapped twice into the agent, and touched whole as it wraps) stays
-/// small: 1 MiB for 2 CPUs at 999 Hz.
-///
-/// [`ring_bytes`]: toe_common::cpu::ring_bytes
-const DRAIN_EVERY: Duration = Duration::from_millis(4);
-
-/// Records drained but not yet unwound that the agent holds at most: the unwinder stalls while
-/// it reads a new file's tables, and this absorbs the stall where a larger ring would cost its
-/// whole size for the whole run. Past it records are dropped and counted.
-fn backlog_cap(ring_bytes: usize) -> usize {
-    (16 << 20).max(4 * ring_bytes)
-}
-
-/// The ring buffer's reader: two threads of their own. One only drains the ring into a queue
-/// (copying the part of each record that was written: a stack copy is mostly shorter than its
-/// 16 KiB slot); the other unwinds what was queued into a small profile. So nothing the run
+/// The ring buffer's reader: a [`Drain`] thread moves records out every
+/// [`DRAIN_EVERY`](crate::drain::DRAIN_EVERY) (the ring holds about six of those periods; see
+/// [`ring_bytes`]), and a thread of its own unwinds them into a small profile. So nothing the run
 /// loop or the unwinder does (symbolizing a large binary read for the first time takes seconds,
 /// reading its tables milliseconds) stops the ring from being emptied while the kernel fills it.
+///
+/// [`ring_bytes`]: toe_common::cpu::ring_bytes
 struct Reader {
     received: Arc<Mutex<RawProfile>>,
-    /// Records the queue had no room for, since the last [`Reader::take_into`].
-    dropped: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    drain: Option<std::thread::JoinHandle<()>>,
+    drain: Drain,
     unwind: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Reader {
     fn spawn(ring: RingBuf<MapData>, ring_bytes: usize, images: Arc<Images>) -> Self {
         let received = Arc::new(Mutex::new(RawProfile::default()));
-        let dropped = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let queued = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<Box<[u8]>>>();
-        let drain = {
-            let (dropped, stop, queued) =
-                (Arc::clone(&dropped), Arc::clone(&stop), Arc::clone(&queued));
-            let cap = backlog_cap(ring_bytes);
-            std::thread::Builder::new()
-                .name("toe-cpu-ring".into())
-                .spawn(move || drain_loop(ring, &tx, &queued, cap, &dropped, &stop))
-                .expect("spawning a thread")
-        };
+        let (drain, batches) = Drain::spawn(
+            "toe-cpu-ring",
+            ring,
+            drain::backlog_cap(ring_bytes),
+            |record| Keep::Droppable {
+                len: drain::up_to_copy_end(record, UCOPY_AT),
+                class: 0,
+            },
+        )
+        .expect("spawning a thread");
         let unwind = {
             let received = Arc::clone(&received);
             std::thread::Builder::new()
                 .name("toe-cpu-unwind".into())
-                .spawn(move || unwind_loop(&rx, &queued, &received, &images))
+                .spawn(move || unwind_loop(batches, &received, &images))
                 .expect("spawning a thread")
         };
         Self {
             received,
-            dropped,
-            stop,
-            drain: Some(drain),
+            drain,
             unwind: Some(unwind),
         }
     }
@@ -172,18 +149,13 @@ impl Reader {
     /// Moves what was read since the last call into `profile`.
     fn take_into(&self, profile: &mut RawProfile) {
         let mut got = std::mem::take(&mut *lock(&self.received));
-        got.backlog_full += self.dropped.swap(0, Ordering::Relaxed);
+        got.backlog_full += self.drain.take_dropped(0);
         profile.merge(got);
     }
 
     /// Stops both threads after a last pass over the ring, once everything read is unwound.
     fn stop(&mut self) {
-        if let Some(t) = self.drain.take() {
-            self.stop.store(true, Ordering::Release);
-            t.thread().unpark();
-            let _ = t.join();
-        }
-        // The drain thread dropped its end of the queue: the unwinder ends after the last batch.
+        self.drain.stop();
         if let Some(t) = self.unwind.take() {
             let _ = t.join();
         }
@@ -196,78 +168,20 @@ impl Drop for Reader {
     }
 }
 
-/// The drain thread: every [`DRAIN_EVERY`], the ring's records into one batch for the unwinder.
-fn drain_loop(
-    mut ring: RingBuf<MapData>,
-    tx: &std::sync::mpsc::Sender<Vec<Box<[u8]>>>,
-    queued: &AtomicUsize,
-    cap: usize,
-    dropped: &AtomicU64,
-    stop: &AtomicBool,
-) {
-    loop {
-        // Read the flag first: the last pass then drains what was there when the owner asked
-        // to stop.
-        let last = stop.load(Ordering::Acquire);
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            let record = written(&item);
-            if admit(queued, cap, record.len()) {
-                batch.push(Box::from(record));
-            } else {
-                dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if !batch.is_empty() && tx.send(batch).is_err() {
-            return;
-        }
-        if last {
-            return;
-        }
-        std::thread::park_timeout(DRAIN_EVERY);
-    }
-}
-
-/// Whether `len` more bytes fit in the queue under `cap`; if so they are counted in `queued`
-/// (the unwinder takes them off).
-fn admit(queued: &AtomicUsize, cap: usize, len: usize) -> bool {
-    if queued.fetch_add(len, Ordering::Relaxed) + len > cap {
-        queued.fetch_sub(len, Ordering::Relaxed);
-        return false;
-    }
-    true
-}
-
-/// The part of a sample record the kernel wrote: everything up to the end of its stack copy.
-fn written(item: &[u8]) -> &[u8] {
-    const LEN_AT: usize =
-        std::mem::offset_of!(Sample, ucopy) + std::mem::offset_of!(UserStackCopy, len);
-    const BYTES_AT: usize =
-        std::mem::offset_of!(Sample, ucopy) + std::mem::offset_of!(UserStackCopy, bytes);
-    let Some(len) = item.get(LEN_AT..LEN_AT + 4) else {
-        return item;
-    };
-    let len = u32::from_ne_bytes(len.try_into().expect("four bytes")) as usize;
-    &item[..item.len().min(BYTES_AT + len.min(STACK_COPY_BYTES))]
-}
+/// Where a sample's stack copy starts.
+const UCOPY_AT: usize = std::mem::offset_of!(Sample, ucopy);
 
 /// The unwinder thread: each batch into the run loop's share of what was read.
-fn unwind_loop(
-    rx: &std::sync::mpsc::Receiver<Vec<Box<[u8]>>>,
-    queued: &AtomicUsize,
-    received: &Mutex<RawProfile>,
-    images: &Arc<Images>,
-) {
+fn unwind_loop(batches: Batches, received: &Mutex<RawProfile>, images: &Arc<Images>) {
     let mut stacks = UserStacks::new(Arc::clone(images));
     // One record at a time, boxed (a sample is 18 KiB, too much for a thread's stack to copy
     // around), zeroed once: a record fills it up to its copy's end, and what lies beyond is
     // never read.
     // SAFETY: every field of Sample is an integer or an array of them.
     let mut sample: Box<Sample> = unsafe { Box::new_zeroed().assume_init() };
-    for batch in rx {
+    for batch in batches {
         let mut got = RawProfile::default();
         for record in batch {
-            queued.fetch_sub(record.len(), Ordering::Relaxed);
             add_record(&mut sample, &record, &mut got, &mut stacks);
         }
         let mut seen: Vec<u32> = got.new_keys.iter().map(|k| k.pid).collect();
@@ -283,29 +197,19 @@ fn unwind_loop(
     }
 }
 
-/// One record (a [`written`] prefix of a [`Sample`]) into `profile`, through `sample`.
+/// One record (a sample up to its copy's end) into `profile`, through `sample`.
 fn add_record(
     sample: &mut Sample,
     record: &[u8],
     profile: &mut RawProfile,
     stacks: &mut UserStacks,
 ) {
-    const HEADER: usize =
-        std::mem::offset_of!(Sample, ucopy) + size_of::<UserStackCopy>() - STACK_COPY_BYTES;
-    if record.len() < HEADER || record.len() > size_of::<Sample>() {
-        return;
+    const HEADER: usize = UCOPY_AT + std::mem::offset_of!(UserStackCopy, bytes);
+    // SAFETY: `Sample` is the kernel's repr(C) record, every bit pattern valid.
+    if let Some(s) = unsafe { drain::read_prefix(record, sample, HEADER) } {
+        let ustack = cpu_user_stack(stacks, s, &mut profile.unwind);
+        profile.add(s, ustack);
     }
-    // SAFETY: `record` is no longer than a Sample, whose every bit pattern is valid (the
-    // kernel's repr(C) record of integers).
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            record.as_ptr(),
-            std::ptr::from_mut(sample).cast::<u8>(),
-            record.len(),
-        );
-    }
-    let ustack = cpu_user_stack(stacks, sample, &mut profile.unwind);
-    profile.add(sample, ustack);
 }
 
 fn lock(m: &Mutex<RawProfile>) -> std::sync::MutexGuard<'_, RawProfile> {
@@ -488,16 +392,13 @@ mod tests {
         let mut s = sample(7, &[10, 11], &[20, 21, 22], 0);
         s.ucopy.len = 100;
         s.ucopy.bytes[..100].fill(0xab);
-        let record = written(as_bytes(&s));
-        let header = size_of::<Sample>() - STACK_COPY_BYTES;
+        let bytes = as_bytes(&s);
+        let record = &bytes[..drain::up_to_copy_end(bytes, UCOPY_AT)];
+        let header = size_of::<Sample>() - toe_common::stacks::STACK_COPY_BYTES;
         assert_eq!(record.len(), header + 100);
-        // A length past the copy's slot (never written by the kernel) keeps to the record.
-        let mut long = sample(7, &[], &[], 0);
-        long.ucopy.len = u32::MAX;
-        assert_eq!(written(as_bytes(&long)).len(), size_of::<Sample>());
         // Read back into a slot that held a longer record: the copy's length bounds what counts.
         let mut slot = sample(1, &[1; 50], &[2; 60], 0);
-        slot.ucopy.len = u32::try_from(STACK_COPY_BYTES).unwrap();
+        slot.ucopy.len = 16 << 10;
         let (mut p, mut stacks) = (RawProfile::default(), UserStacks::new(Arc::default()));
         add_record(&mut slot, record, &mut p, &mut stacks);
         assert_eq!(
@@ -512,17 +413,6 @@ mod tests {
         // Too short to hold the header: not a sample.
         add_record(&mut slot, &record[..header - 1], &mut p, &mut stacks);
         assert_eq!(p.received, 1);
-    }
-
-    #[test]
-    fn the_queue_admits_records_up_to_its_cap_and_takes_them_back() {
-        let queued = AtomicUsize::new(0);
-        assert!(admit(&queued, 100, 60));
-        assert!(!admit(&queued, 100, 41));
-        assert!(admit(&queued, 100, 40));
-        assert_eq!(queued.load(Ordering::Relaxed), 100);
-        assert_eq!(backlog_cap(1 << 20), 16 << 20);
-        assert_eq!(backlog_cap(32 << 20), 128 << 20);
     }
 
     #[test]

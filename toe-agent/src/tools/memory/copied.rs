@@ -6,39 +6,40 @@
 
 use std::{
     collections::HashMap,
-    mem::MaybeUninit,
     ptr,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
 use toe_artifacts::summary::UnwindAccounting;
 use toe_common::{
     memory::{AllocCopy, HEAP_ALLOC, HEAP_FAULT, HEAP_FREE, HeapEvent, SiteStats},
-    stacks::stack_hash,
+    stacks::{UserStackCopy, stack_hash},
 };
 
 use crate::{
+    drain::{self, Batches, Drain, Keep},
     symbolize::{RawKey, user_stacks::UserStacks},
-    wake::Stop,
 };
 
 /// (process, hash of the unwound stack).
 type Site = (u32, u64);
 
-/// The ring's reader: a thread of its own, so the run loop (which can spend seconds symbolizing
-/// a large binary read for the first time) never leaves the ring full while allocations are
-/// copied into it; a copy that finds no room falls back to a frame-pointer stack.
+/// The ring's reader: a [`Drain`] thread empties it every few milliseconds (the ring holds
+/// about 190 copies of 16 KiB, so this keeps up with tens of thousands of copied allocations a
+/// second), and a thread of its own unwinds what was drained. So neither the run loop (which
+/// can spend seconds symbolizing a large binary read for the first time) nor the unwinder
+/// leaves the ring full while allocations are copied into it; a copy that finds no room falls
+/// back to a frame-pointer stack in the kernel.
 pub struct CopiedSites {
     state: Arc<Mutex<State>>,
-    stop: Arc<Stop>,
+    drain: Drain,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
-/// How often the reader empties the ring: it holds about 190 copies of 16 KiB, so this keeps
-/// up with about 7,000 copied allocations a second, far more than sampling sends.
-const READ_EVERY: Duration = Duration::from_millis(25);
+/// [`drain`] classes of the records dropped when the agent's queue is full.
+const ALLOC_CLASS: usize = 0;
+const FAULT_CLASS: usize = 1;
 
 struct State {
     stacks: UserStacks,
@@ -54,15 +55,19 @@ struct State {
     live: HashMap<(u32, u64), (Site, u64)>,
     /// Sites first seen since the last [`CopiedSites::take_new`].
     new: Vec<RawKey>,
-    /// Frees whose allocation was never read: none unless records were reordered.
+    /// Frees whose allocation was never read: none unless records were reordered or the
+    /// allocation was dropped from a full queue.
     frees_unknown: u64,
+    /// Copied allocations and page faults the agent's queue had no room for.
+    allocs_dropped: u64,
+    faults_dropped: u64,
 }
 
 impl CopiedSites {
     /// Starts reading `ring`.
     ///
     /// # Errors
-    /// When the thread or its stop signal cannot be made.
+    /// When a thread cannot be started.
     pub fn spawn(ring: RingBuf<MapData>, stacks: UserStacks) -> std::io::Result<Self> {
         let state = Arc::new(Mutex::new(State {
             stacks,
@@ -73,32 +78,50 @@ impl CopiedSites {
             live: HashMap::new(),
             new: Vec::new(),
             frees_unknown: 0,
+            allocs_dropped: 0,
+            faults_dropped: 0,
         }));
-        let stop = Arc::new(Stop::new()?);
+        let (drain, batches) = Drain::spawn(
+            "toe-mem-ring",
+            ring,
+            drain::backlog_cap(toe_common::memory::ALLOCS_RING_BYTES as usize),
+            keep,
+        )?;
         let reader = {
-            let (state, stop) = (Arc::clone(&state), Arc::clone(&stop));
+            let state = Arc::clone(&state);
             std::thread::Builder::new()
-                .name("toe-mem-ring".into())
-                .spawn(move || read_loop(ring, &state, &stop))?
+                .name("toe-mem-unwind".into())
+                .spawn(move || read_loop(batches, &state))?
         };
         Ok(Self {
             state,
-            stop,
+            drain,
             reader: Some(reader),
         })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.allocs_dropped += self.drain.take_dropped(ALLOC_CLASS);
+        state.faults_dropped += self.drain.take_dropped(FAULT_CLASS);
+        state
     }
 
     /// Stops the reader after a last pass over the ring. Call after the probes are detached:
     /// everything they sent is then read.
     pub fn stop(&mut self) {
+        self.drain.stop();
         if let Some(t) = self.reader.take() {
-            self.stop.ask();
             let _ = t.join();
         }
+    }
+
+    /// Copied allocations and page faults the agent's queue had no room for: not in the
+    /// profile at all.
+    #[must_use]
+    pub fn dropped(&self) -> (u64, u64) {
+        let state = self.state();
+        (state.allocs_dropped, state.faults_dropped)
     }
 
     /// Sites first seen since the last call, for the symbolizer while their processes live.
@@ -150,45 +173,59 @@ impl Drop for CopiedSites {
     }
 }
 
-/// Reads every record the kernel submitted, in order (a block's free always follows its
-/// allocation in the one ring), until told to stop, then once more.
-fn read_loop(mut ring: RingBuf<MapData>, state: &Mutex<State>, stop: &Stop) {
-    let mut slot: Box<MaybeUninit<AllocCopy>> = Box::new_uninit();
-    loop {
-        // Read the flag first: the last pass then drains what was there when asked to stop.
-        let last = stop.asked();
-        while let Some(item) = ring.next() {
-            if item.len() < size_of::<HeapEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote at least a whole HeapEvent (same repr(C) layout via
-            // toe-common, every bit pattern valid); read_unaligned as records are only 8-byte
-            // aligned.
-            let event = unsafe { ptr::read_unaligned(item.as_ptr().cast::<HeapEvent>()) };
-            // Locked per record: the run loop's reads wait for one unwinding at most.
-            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
-            match event.kind {
-                HEAP_ALLOC => {
-                    // SAFETY: `AllocCopy` is the kernel's repr(C) record, every bit pattern
-                    // valid.
-                    if let Some(copy) = unsafe { crate::ebpf::record_into(&item, &mut slot) } {
+/// What the queue keeps of a record: copies up to their stack's end, frees always (a lost free
+/// would leave its block in use).
+fn keep(record: &[u8]) -> Keep {
+    const COPY_AT: usize = std::mem::offset_of!(AllocCopy, copy);
+    let kind = record
+        .get(..4)
+        .map_or(0, |k| u32::from_ne_bytes(k.try_into().expect("four bytes")));
+    let len = drain::up_to_copy_end(record, COPY_AT);
+    match kind {
+        HEAP_ALLOC => Keep::Droppable {
+            len,
+            class: ALLOC_CLASS,
+        },
+        HEAP_FAULT => Keep::Droppable {
+            len,
+            class: FAULT_CLASS,
+        },
+        _ => Keep::Always(record.len().min(size_of::<HeapEvent>())),
+    }
+}
+
+/// Reads every record drained, in order (a block's free always follows its allocation in the
+/// one ring), until the drain stops.
+fn read_loop(batches: Batches, state: &Mutex<State>) {
+    const HEADER: usize =
+        std::mem::offset_of!(AllocCopy, copy) + std::mem::offset_of!(UserStackCopy, bytes);
+    // Zeroed once: a record fills it up to its copy's end, and what lies beyond is never read.
+    // SAFETY: every field of AllocCopy is an integer or an array of them.
+    let mut slot: Box<AllocCopy> = unsafe { Box::new_zeroed().assume_init() };
+    for item in batches.flatten() {
+        if item.len() < size_of::<HeapEvent>() {
+            continue;
+        }
+        // SAFETY: the kernel wrote at least a whole HeapEvent (same repr(C) layout via
+        // toe-common, every bit pattern valid); read_unaligned as records are only 8-byte
+        // aligned.
+        let event = unsafe { ptr::read_unaligned(item.as_ptr().cast::<HeapEvent>()) };
+        // Locked per record: the run loop's reads wait for one unwinding at most.
+        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        match event.kind {
+            HEAP_ALLOC | HEAP_FAULT => {
+                // SAFETY: `AllocCopy` is the kernel's repr(C) record, every bit pattern valid.
+                if let Some(copy) = unsafe { drain::read_prefix(&item, &mut *slot, HEADER) } {
+                    if event.kind == HEAP_ALLOC {
                         state.alloc(copy);
-                    }
-                }
-                HEAP_FAULT => {
-                    // SAFETY: as above.
-                    if let Some(copy) = unsafe { crate::ebpf::record_into(&item, &mut slot) } {
+                    } else {
                         state.fault(copy);
                     }
                 }
-                HEAP_FREE => state.free(&event),
-                _ => {}
             }
+            HEAP_FREE => state.free(&event),
+            _ => {}
         }
-        if last {
-            return;
-        }
-        stop.wait(None, READ_EVERY);
     }
 }
 
