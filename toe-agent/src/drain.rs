@@ -7,13 +7,15 @@
 //! too. Here a thread only moves records out, every few milliseconds, keeping the part of each
 //! that the kernel wrote (a stack copy is mostly shorter than its slot); the ring then only
 //! needs to hold a few of those periods, and the queue takes the stalls, costing memory only
-//! while it is not empty. The queue has a cap: a record past it is dropped and counted, unless
-//! losing it would corrupt what the consumer keeps (a free), which is small and always kept.
+//! while it is not empty. The queue has a cap: past it the drain pauses and the ring fills, so
+//! what is lost is lost in the kernel, where each program counts it and falls back as it always
+//! did (a sample is counted lost; an allocation keeps its frame-pointer stack), and nothing
+//! the kernel sent is dropped in between.
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -26,21 +28,7 @@ use toe_common::stacks::{STACK_COPY_BYTES, UserStackCopy};
 /// How often the drain thread empties its ring.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(4);
 
-/// Kinds of records whose drops are counted apart.
-pub const CLASSES: usize = 2;
-
-/// What to keep of a record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Keep {
-    /// Its first bytes; dropped when the queue is full, and counted in its class (below
-    /// [`CLASSES`]).
-    Droppable { len: usize, class: usize },
-    /// Its first bytes, whatever the queue holds: records whose loss would make the consumer
-    /// wrong rather than incomplete. They must be small.
-    Always(usize),
-}
-
-/// Records drained but not yet consumed that the agent holds at most, for a ring of
+/// Bytes of records drained but not yet consumed past which the drain pauses, for a ring of
 /// `ring_bytes`: many rings' worth, at least 16 MiB.
 #[must_use]
 pub fn backlog_cap(ring_bytes: usize) -> usize {
@@ -63,7 +51,6 @@ pub fn up_to_copy_end(record: &[u8], at: usize) -> usize {
 /// The drain thread of one ring.
 pub struct Drain {
     stop: Arc<AtomicBool>,
-    dropped: Arc<[AtomicU64; CLASSES]>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -86,8 +73,8 @@ impl Iterator for Batches {
 }
 
 impl Drain {
-    /// Starts draining `ring` on a thread named `name`, keeping of each record what `keep`
-    /// says, up to `cap` bytes queued.
+    /// Starts draining `ring` on a thread named `name`, keeping of each record the first bytes
+    /// `keep` says, while fewer than `cap` bytes are queued.
     ///
     /// # Errors
     /// When the thread cannot be started.
@@ -95,10 +82,9 @@ impl Drain {
         name: &str,
         ring: RingBuf<MapData>,
         cap: usize,
-        keep: fn(&[u8]) -> Keep,
+        keep: fn(&[u8]) -> usize,
     ) -> std::io::Result<(Self, Batches)> {
         let stop = Arc::new(AtomicBool::new(false));
-        let dropped = Arc::new([const { AtomicU64::new(0) }; CLASSES]);
         let queued = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
         let thread = {
@@ -106,7 +92,6 @@ impl Drain {
                 tx,
                 queued: Arc::clone(&queued),
                 cap,
-                dropped: Arc::clone(&dropped),
             };
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
@@ -116,17 +101,10 @@ impl Drain {
         Ok((
             Self {
                 stop,
-                dropped,
                 thread: Some(thread),
             },
             Batches { rx, queued },
         ))
-    }
-
-    /// Records of `class` dropped for want of room since the last call.
-    #[must_use]
-    pub fn take_dropped(&self, class: usize) -> u64 {
-        self.dropped[class].swap(0, Ordering::Relaxed)
     }
 
     /// Stops the thread after a last pass over the ring; the [`Batches`] end after what it
@@ -151,48 +129,39 @@ struct Queue {
     tx: mpsc::Sender<Vec<Box<[u8]>>>,
     queued: Arc<AtomicUsize>,
     cap: usize,
-    dropped: Arc<[AtomicU64; CLASSES]>,
 }
 
 impl Queue {
-    /// Whether `len` more bytes may be queued; if so they are counted as queued.
-    fn admit(&self, keep: Keep) -> Option<usize> {
-        match keep {
-            Keep::Always(len) => {
-                self.queued.fetch_add(len, Ordering::Relaxed);
-                Some(len)
-            }
-            Keep::Droppable { len, class } => {
-                if self.queued.fetch_add(len, Ordering::Relaxed) + len > self.cap {
-                    self.queued.fetch_sub(len, Ordering::Relaxed);
-                    self.dropped[class.min(CLASSES - 1)].fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
-                Some(len)
-            }
+    fn has_room(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) < self.cap
+    }
+
+    /// Moves records from `ring` into one batch while the queue has room (or, on the `last`
+    /// pass, whatever it holds: the programs are detached and nothing else will drain it).
+    fn fill(&self, ring: &mut RingBuf<MapData>, keep: fn(&[u8]) -> usize, last: bool) -> bool {
+        let mut batch = Vec::new();
+        while last || self.has_room() {
+            let Some(item) = ring.next() else {
+                break;
+            };
+            let len = keep(&item).min(item.len());
+            self.queued.fetch_add(len, Ordering::Relaxed);
+            batch.push(Box::from(&item[..len]));
         }
+        batch.is_empty() || self.tx.send(batch).is_ok()
     }
 }
 
 fn drain_loop(
     mut ring: RingBuf<MapData>,
     queue: &Queue,
-    keep: fn(&[u8]) -> Keep,
+    keep: fn(&[u8]) -> usize,
     stop: &AtomicBool,
 ) {
     loop {
         // Read the flag first: the last pass then drains what was there when asked to stop.
         let last = stop.load(Ordering::Acquire);
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            if let Some(len) = queue.admit(keep(&item)) {
-                batch.push(Box::from(&item[..len.min(item.len())]));
-            }
-        }
-        if !batch.is_empty() && queue.tx.send(batch).is_err() {
-            return;
-        }
-        if last {
+        if !queue.fill(&mut ring, keep, last) || last {
             return;
         }
         std::thread::park_timeout(DRAIN_EVERY);
@@ -224,47 +193,34 @@ pub unsafe fn read_prefix<'a, T>(record: &[u8], slot: &'a mut T, min: usize) -> 
 mod tests {
     use super::*;
 
-    fn queue(cap: usize) -> (Queue, mpsc::Receiver<Vec<Box<[u8]>>>) {
+    fn queue(cap: usize) -> (Queue, Batches) {
         let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let q = Queue {
             tx,
-            queued: Arc::default(),
+            queued: Arc::clone(&queued),
             cap,
-            dropped: Arc::default(),
         };
-        (q, rx)
+        (q, Batches { rx, queued })
     }
 
     #[test]
-    fn droppable_records_fill_the_queue_up_to_its_cap_and_the_rest_are_counted() {
-        let (q, _rx) = queue(100);
-        assert_eq!(q.admit(Keep::Droppable { len: 60, class: 0 }), Some(60));
-        assert_eq!(q.admit(Keep::Droppable { len: 41, class: 0 }), None);
-        assert_eq!(q.admit(Keep::Droppable { len: 40, class: 0 }), Some(40));
-        // A record that must not be lost is queued past the cap.
-        assert_eq!(q.admit(Keep::Always(32)), Some(32));
-        assert_eq!(q.queued.load(Ordering::Relaxed), 132);
-        assert_eq!(q.admit(Keep::Droppable { len: 1, class: 1 }), None);
-        assert_eq!(q.dropped[0].load(Ordering::Relaxed), 1);
-        assert_eq!(q.dropped[1].load(Ordering::Relaxed), 1);
+    fn the_queue_has_room_until_its_cap_and_taking_a_batch_frees_it() {
+        let (q, mut batches) = queue(100);
+        assert!(q.has_room());
+        q.queued.fetch_add(80, Ordering::Relaxed);
+        q.tx.send(vec![vec![0; 80].into()]).unwrap();
+        assert!(q.has_room());
+        q.queued.fetch_add(20, Ordering::Relaxed);
+        q.tx.send(vec![vec![0; 20].into()]).unwrap();
+        assert!(!q.has_room());
+        assert_eq!(batches.next().map(|b| b[0].len()), Some(80));
+        assert!(q.has_room());
+        drop(q);
+        assert_eq!(batches.next().map(|b| b[0].len()), Some(20));
+        assert!(batches.next().is_none());
         assert_eq!(backlog_cap(1 << 20), 16 << 20);
         assert_eq!(backlog_cap(32 << 20), 128 << 20);
-    }
-
-    #[test]
-    fn taking_a_batch_frees_its_room() {
-        let (q, rx) = queue(100);
-        let mut batches = Batches {
-            rx,
-            queued: Arc::clone(&q.queued),
-        };
-        let len = q.admit(Keep::Droppable { len: 80, class: 0 }).unwrap();
-        q.tx.send(vec![vec![0; len].into()]).unwrap();
-        assert_eq!(q.admit(Keep::Droppable { len: 40, class: 0 }), None);
-        assert_eq!(batches.next().map(|b| b.len()), Some(1));
-        assert_eq!(q.admit(Keep::Droppable { len: 40, class: 0 }), Some(40));
-        drop(q);
-        assert!(batches.next().is_none());
     }
 
     #[test]

@@ -48,9 +48,6 @@ pub struct AllocationAccounting {
     /// Tracked allocations whose stack copy the kernel's ring could not hold: walked by frame
     /// pointers instead (`--unwind=tables`).
     pub copies_lost: u64,
-    /// Tracked allocations sent with their stack copy that the agent, fallen behind, had no
-    /// room to queue: not in the profile (their frees find no block).
-    pub copies_dropped: u64,
     /// Frees of blocks whose allocation was unwound from its copy that the ring could not hold:
     /// those blocks stay in use in the profile.
     pub free_events_lost: u64,
@@ -67,9 +64,6 @@ pub struct PageFaultAccounting {
     /// Unwound faults whose stack copy found the ring full (`--unwind=tables`): walked by frame
     /// pointers instead.
     pub copies_lost: u64,
-    /// Unwound faults sent with their stack copy that the agent, fallen behind, had no room
-    /// to queue: counted, not in the growth profile.
-    pub copies_dropped: u64,
 }
 
 /// Totals of the heap profile (scaled estimates in sampled mode).
@@ -205,13 +199,6 @@ pub fn render(o: &mut String, m: &MemorySummary, seconds: f64) {
                 a.copies_lost, a.free_events_lost
             );
         }
-        if a.copies_dropped > 0 {
-            let _ = writeln!(
-                o,
-                "  agent behind: {} copied allocations dropped (not in the profile)",
-                a.copies_dropped
-            );
-        }
     }
     if let Some(u) = &m.unwind {
         super::render_unwind(o, "allocation stacks", u);
@@ -238,13 +225,6 @@ fn render_page_faults(o: &mut String, m: &MemorySummary) {
                 "  ring full: {} page-fault stacks walked by frame pointers instead of tables \
                  (a higher --fault-period copies fewer)",
                 f.copies_lost
-            );
-        }
-        if f.copies_dropped > 0 {
-            let _ = writeln!(
-                o,
-                "  agent behind: {} copied page faults dropped (not in the growth profile)",
-                f.copies_dropped
             );
         }
     }

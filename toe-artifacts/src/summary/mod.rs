@@ -24,10 +24,7 @@ pub struct SampleAccounting {
     pub recorded: u64,
     /// Lost because the ring buffer was full.
     pub lost_ring_full: u64,
-    /// Lost because the agent fell behind: drained from the ring buffer, but its queue of
-    /// records waiting to be unwound was full.
-    pub lost_backlog_full: u64,
-    /// taken - recorded - lost_ring_full - lost_backlog_full: records the kernel had not yet submitted when
+    /// taken - recorded - lost_ring_full: records the kernel had not yet submitted when
     /// sampling stopped (normally 0).
     pub unaccounted: u64,
     pub kernel_stack_truncated: u64,
@@ -45,7 +42,7 @@ impl SampleAccounting {
     /// Samples taken that are not in the profile, whatever the reason.
     #[must_use]
     pub fn lost(&self) -> u64 {
-        self.lost_ring_full + self.lost_backlog_full + self.unaccounted
+        self.lost_ring_full + self.unaccounted
     }
 }
 
@@ -487,9 +484,8 @@ fn render_cpu(o: &mut String, c: &CpuSummary, seconds: f64) {
     );
     let _ = writeln!(
         o,
-        "  lost: {} (ring buffer full), {} (agent behind), {} unaccounted; truncated stacks: {} kernel, {} user; stack errors: {} kernel, {} user",
+        "  lost: {} (ring buffer full), {} unaccounted; truncated stacks: {} kernel, {} user; stack errors: {} kernel, {} user",
         a.lost_ring_full,
-        a.lost_backlog_full,
         a.unaccounted,
         a.kernel_stack_truncated,
         a.user_stack_truncated,

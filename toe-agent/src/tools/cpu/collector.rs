@@ -27,7 +27,7 @@ use toe_common::{
 
 pub use crate::symbolize::RawKey;
 use crate::{
-    drain::{self, Batches, Drain, Keep},
+    drain::{self, Batches, Drain},
     ebpf::{LoadError, Loaded},
     symbolize::{images::Images, user_stacks::UserStacks},
 };
@@ -40,8 +40,6 @@ pub struct RawProfile {
     /// symbolizing while the process lives.
     new_keys: Vec<RawKey>,
     pub received: u64,
-    /// Records drained from the ring that the agent's queue had no room for.
-    pub backlog_full: u64,
     pub kstack_truncated: u64,
     pub ustack_truncated: u64,
     pub kstack_errors: u64,
@@ -85,7 +83,6 @@ impl RawProfile {
     /// Adds what another collection received after this one's.
     fn merge(&mut self, other: Self) {
         self.received += other.received;
-        self.backlog_full += other.backlog_full;
         self.kstack_truncated += other.kstack_truncated;
         self.ustack_truncated += other.ustack_truncated;
         self.kstack_errors += other.kstack_errors;
@@ -126,10 +123,7 @@ impl Reader {
             "toe-cpu-ring",
             ring,
             drain::backlog_cap(ring_bytes),
-            |record| Keep::Droppable {
-                len: drain::up_to_copy_end(record, UCOPY_AT),
-                class: 0,
-            },
+            |record| drain::up_to_copy_end(record, UCOPY_AT),
         )
         .expect("spawning a thread");
         let unwind = {
@@ -148,8 +142,7 @@ impl Reader {
 
     /// Moves what was read since the last call into `profile`.
     fn take_into(&self, profile: &mut RawProfile) {
-        let mut got = std::mem::take(&mut *lock(&self.received));
-        got.backlog_full += self.drain.take_dropped(0);
+        let got = std::mem::take(&mut *lock(&self.received));
         profile.merge(got);
     }
 

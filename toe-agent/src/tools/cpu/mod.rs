@@ -75,7 +75,7 @@ impl ToolRun for CpuRun {
         format!(
             "{} samples, {} lost",
             self.raw.received,
-            self.collector.counters().ring_full + self.raw.backlog_full
+            self.collector.counters().ring_full
         )
     }
 
@@ -160,10 +160,7 @@ pub(crate) fn accounting(raw: &RawProfile, c: CpuCounters) -> SampleAccounting {
         taken: c.sampled,
         recorded: raw.received,
         lost_ring_full: c.ring_full,
-        lost_backlog_full: raw.backlog_full,
-        unaccounted: c
-            .sampled
-            .saturating_sub(raw.received + c.ring_full + raw.backlog_full),
+        unaccounted: c.sampled.saturating_sub(raw.received + c.ring_full),
         kernel_stack_truncated: raw.kstack_truncated,
         user_stack_truncated: raw.ustack_truncated,
         kernel_stack_errors: raw.kstack_errors,
@@ -181,22 +178,13 @@ mod tests {
     #[test]
     fn every_sample_is_recorded_lost_or_unaccounted() {
         let mut raw = RawProfile::default();
-        raw.received = 88;
-        raw.backlog_full = 2;
+        raw.received = 90;
         let c = CpuCounters {
             sampled: 100,
             ring_full: 7,
         };
         let a = accounting(&raw, c);
-        assert_eq!(
-            (
-                a.recorded,
-                a.lost_ring_full,
-                a.lost_backlog_full,
-                a.unaccounted
-            ),
-            (88, 7, 2, 3)
-        );
+        assert_eq!((a.recorded, a.lost_ring_full, a.unaccounted), (90, 7, 3));
         // More received than taken (counters read a moment apart) never underflows.
         raw.received = 120;
         let a = accounting(&raw, c);

@@ -45,20 +45,14 @@ struct ProcessState {
     links: Vec<(bool, UProbeLinkId)>,
 }
 
-/// Kernel counters, summed over CPUs, and the copies the agent dropped.
+/// Kernel counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemCounters {
-    pub kernel: [u64; COUNTER_COUNT as usize],
-    /// Copied allocations the agent's queue had no room for.
-    pub allocs_dropped: u64,
-    /// Copied page faults the agent's queue had no room for.
-    pub faults_dropped: u64,
-}
+pub struct MemCounters(pub [u64; COUNTER_COUNT as usize]);
 
 impl MemCounters {
     #[must_use]
     pub fn get(&self, c: Counter) -> u64 {
-        self.kernel[c as usize]
+        self.0[c as usize]
     }
 }
 
@@ -350,11 +344,8 @@ impl MemoryCollector {
     #[must_use]
     pub fn counters(&self) -> MemCounters {
         let mut out = MemCounters::default();
-        for (i, slot) in (0u32..).zip(out.kernel.iter_mut()) {
+        for (i, slot) in (0u32..).zip(out.0.iter_mut()) {
             *slot = self.counters.get(&i, 0).map_or(0, |v| v.iter().sum());
-        }
-        if let Some(c) = &self.copied {
-            (out.allocs_dropped, out.faults_dropped) = c.dropped();
         }
         out
     }

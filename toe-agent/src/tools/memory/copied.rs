@@ -18,7 +18,7 @@ use toe_common::{
 };
 
 use crate::{
-    drain::{self, Batches, Drain, Keep},
+    drain::{self, Batches, Drain},
     symbolize::{RawKey, user_stacks::UserStacks},
 };
 
@@ -37,10 +37,6 @@ pub struct CopiedSites {
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
-/// [`drain`] classes of the records dropped when the agent's queue is full.
-const ALLOC_CLASS: usize = 0;
-const FAULT_CLASS: usize = 1;
-
 struct State {
     stacks: UserStacks,
     /// How allocation stacks were unwound, and page-fault stacks: a fault that grows the stack
@@ -55,12 +51,8 @@ struct State {
     live: HashMap<(u32, u64), (Site, u64)>,
     /// Sites first seen since the last [`CopiedSites::take_new`].
     new: Vec<RawKey>,
-    /// Frees whose allocation was never read: none unless records were reordered or the
-    /// allocation was dropped from a full queue.
+    /// Frees whose allocation was never read: none unless records were reordered.
     frees_unknown: u64,
-    /// Copied allocations and page faults the agent's queue had no room for.
-    allocs_dropped: u64,
-    faults_dropped: u64,
 }
 
 impl CopiedSites {
@@ -78,8 +70,6 @@ impl CopiedSites {
             live: HashMap::new(),
             new: Vec::new(),
             frees_unknown: 0,
-            allocs_dropped: 0,
-            faults_dropped: 0,
         }));
         let (drain, batches) = Drain::spawn(
             "toe-mem-ring",
@@ -101,10 +91,7 @@ impl CopiedSites {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.allocs_dropped += self.drain.take_dropped(ALLOC_CLASS);
-        state.faults_dropped += self.drain.take_dropped(FAULT_CLASS);
-        state
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Stops the reader after a last pass over the ring. Call after the probes are detached:
@@ -114,14 +101,6 @@ impl CopiedSites {
         if let Some(t) = self.reader.take() {
             let _ = t.join();
         }
-    }
-
-    /// Copied allocations and page faults the agent's queue had no room for: not in the
-    /// profile at all.
-    #[must_use]
-    pub fn dropped(&self) -> (u64, u64) {
-        let state = self.state();
-        (state.allocs_dropped, state.faults_dropped)
     }
 
     /// Sites first seen since the last call, for the symbolizer while their processes live.
@@ -173,24 +152,15 @@ impl Drop for CopiedSites {
     }
 }
 
-/// What the queue keeps of a record: copies up to their stack's end, frees always (a lost free
-/// would leave its block in use).
-fn keep(record: &[u8]) -> Keep {
-    const COPY_AT: usize = std::mem::offset_of!(AllocCopy, copy);
+/// What the queue keeps of a record: a copy up to its stack's end, the event of a free.
+fn keep(record: &[u8]) -> usize {
     let kind = record
         .get(..4)
         .map_or(0, |k| u32::from_ne_bytes(k.try_into().expect("four bytes")));
-    let len = drain::up_to_copy_end(record, COPY_AT);
-    match kind {
-        HEAP_ALLOC => Keep::Droppable {
-            len,
-            class: ALLOC_CLASS,
-        },
-        HEAP_FAULT => Keep::Droppable {
-            len,
-            class: FAULT_CLASS,
-        },
-        _ => Keep::Always(record.len().min(size_of::<HeapEvent>())),
+    if matches!(kind, HEAP_ALLOC | HEAP_FAULT) {
+        drain::up_to_copy_end(record, std::mem::offset_of!(AllocCopy, copy))
+    } else {
+        size_of::<HeapEvent>()
     }
 }
 

@@ -303,13 +303,6 @@ fn heap_artifacts(
             acc.free_events_lost
         ));
     }
-    if acc.copies_dropped > 0 {
-        out.warnings.push(format!(
-            "{} copied allocations dropped: the agent fell behind unwinding them (sampled mode, \
-             or a larger --sample-bytes, copies fewer)",
-            acc.copies_dropped
-        ));
-    }
     if acc.lost_live_map_full + acc.lost_sites_map_full + acc.lost_call_table_full > 0 {
         out.warnings.push(format!(
             "allocations lost: {} (live map full: raise --max-tracked), {} (site map full), {} \

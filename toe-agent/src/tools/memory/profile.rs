@@ -126,7 +126,6 @@ pub fn allocation_accounting(c: &MemCounters) -> AllocationAccounting {
         frees_null: c.get(Counter::FreeNull),
         reused_without_free: c.get(Counter::Reused),
         copies_lost: c.get(Counter::CopiesLost),
-        copies_dropped: c.allocs_dropped,
         free_events_lost: c.get(Counter::FreeEventsLost),
     }
 }
@@ -140,7 +139,6 @@ pub fn page_fault_accounting(c: &MemCounters) -> PageFaultAccounting {
         stacks_lost: c.get(Counter::FaultStackLost),
         lost_map_full: c.get(Counter::FaultsMapFull),
         copies_lost: c.get(Counter::FaultCopiesLost),
-        copies_dropped: c.faults_dropped,
     }
 }
 
