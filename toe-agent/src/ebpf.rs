@@ -376,31 +376,6 @@ impl Loaded {
     }
 }
 
-/// One ring-buffer record read as a `T`, copied into `slot`; `None` when it is shorter than a
-/// `T`. Records are only 8-byte aligned, and large ones (stack copies) are too big to copy
-/// through a reader's stack, hence one reused heap slot.
-///
-/// # Safety
-/// `T` must be a `repr(C)` record the kernel writes (its layout shared through toe-common)
-/// for which every bit pattern is valid.
-pub unsafe fn record_into<'a, T>(
-    item: &[u8],
-    slot: &'a mut Box<std::mem::MaybeUninit<T>>,
-) -> Option<&'a T> {
-    if item.len() < size_of::<T>() {
-        return None;
-    }
-    // SAFETY: `item` holds at least a whole `T`, and every bit pattern is a valid `T` (caller).
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            item.as_ptr(),
-            slot.as_mut_ptr().cast::<u8>(),
-            size_of::<T>(),
-        );
-        Some(slot.assume_init_ref())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::charges_memlock;
