@@ -35,6 +35,13 @@ pub fn backlog_cap(ring_bytes: usize) -> usize {
     (16 << 20).max(4 * ring_bytes)
 }
 
+/// Where the stack bytes of a [`UserStackCopy`] at byte `at` of a record start: the shortest
+/// record that holds its registers and length.
+#[must_use]
+pub const fn copied_bytes_at(at: usize) -> usize {
+    at + std::mem::offset_of!(UserStackCopy, bytes)
+}
+
 /// The bytes of a record the kernel wrote, when a [`UserStackCopy`] at byte `at` ends it: up
 /// to the end of the copied stack.
 #[must_use]
@@ -44,7 +51,7 @@ pub fn up_to_copy_end(record: &[u8], at: usize) -> usize {
         return record.len();
     };
     let len = u32::from_ne_bytes(len.try_into().expect("four bytes")) as usize;
-    let end = at + std::mem::offset_of!(UserStackCopy, bytes) + len.min(STACK_COPY_BYTES);
+    let end = copied_bytes_at(at) + len.min(STACK_COPY_BYTES);
     record.len().min(end)
 }
 
@@ -228,7 +235,7 @@ mod tests {
         let mut copy = vec![0u8; 8 + size_of::<UserStackCopy>()];
         let len_at = 8 + std::mem::offset_of!(UserStackCopy, len);
         copy[len_at..len_at + 4].copy_from_slice(&100u32.to_ne_bytes());
-        let header = 8 + std::mem::offset_of!(UserStackCopy, bytes);
+        let header = copied_bytes_at(8);
         assert_eq!(up_to_copy_end(&copy, 8), header + 100);
         // A length past the slot (never written by the kernel) keeps to the record.
         copy[len_at..len_at + 4].copy_from_slice(&u32::MAX.to_ne_bytes());

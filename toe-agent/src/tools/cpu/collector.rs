@@ -22,7 +22,6 @@ use toe_common::{
         Counter, CpuConfig, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_USTACK_COPY_ERROR,
         FLAG_USTACK_ERROR, FLAG_USTACK_TRUNCATED, PROGRAM, PROGRAM_FP, SAMPLES_RING, Sample,
     },
-    stacks::UserStackCopy,
 };
 
 pub use crate::symbolize::RawKey;
@@ -197,7 +196,7 @@ fn add_record(
     profile: &mut RawProfile,
     stacks: &mut UserStacks,
 ) {
-    const HEADER: usize = UCOPY_AT + std::mem::offset_of!(UserStackCopy, bytes);
+    const HEADER: usize = drain::copied_bytes_at(UCOPY_AT);
     // SAFETY: `Sample` is the kernel's repr(C) record, every bit pattern valid.
     if let Some(s) = unsafe { drain::read_prefix(record, sample, HEADER) } {
         let ustack = cpu_user_stack(stacks, s, &mut profile.unwind);

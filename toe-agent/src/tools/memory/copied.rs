@@ -14,7 +14,7 @@ use aya::maps::{MapData, RingBuf};
 use toe_artifacts::summary::UnwindAccounting;
 use toe_common::{
     memory::{AllocCopy, HEAP_ALLOC, HEAP_FAULT, HEAP_FREE, HeapEvent, SiteStats},
-    stacks::{UserStackCopy, stack_hash},
+    stacks::stack_hash,
 };
 
 use crate::{
@@ -152,13 +152,16 @@ impl Drop for CopiedSites {
     }
 }
 
+/// Where an allocation's or a fault's stack copy starts in its record.
+const COPY_AT: usize = std::mem::offset_of!(AllocCopy, copy);
+
 /// What the queue keeps of a record: a copy up to its stack's end, the event of a free.
 fn keep(record: &[u8]) -> usize {
     let kind = record
         .get(..4)
         .map_or(0, |k| u32::from_ne_bytes(k.try_into().expect("four bytes")));
     if matches!(kind, HEAP_ALLOC | HEAP_FAULT) {
-        drain::up_to_copy_end(record, std::mem::offset_of!(AllocCopy, copy))
+        drain::up_to_copy_end(record, COPY_AT)
     } else {
         size_of::<HeapEvent>()
     }
@@ -167,8 +170,7 @@ fn keep(record: &[u8]) -> usize {
 /// Reads every record drained, in order (a block's free always follows its allocation in the
 /// one ring), until the drain stops.
 fn read_loop(batches: Batches, state: &Mutex<State>) {
-    const HEADER: usize =
-        std::mem::offset_of!(AllocCopy, copy) + std::mem::offset_of!(UserStackCopy, bytes);
+    const HEADER: usize = drain::copied_bytes_at(COPY_AT);
     // Zeroed once: a record fills it up to its copy's end, and what lies beyond is never read.
     // SAFETY: every field of AllocCopy is an integer or an array of them.
     let mut slot: Box<AllocCopy> = unsafe { Box::new_zeroed().assume_init() };
